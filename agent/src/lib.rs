@@ -1,0 +1,1 @@
+//! Alki agent library.

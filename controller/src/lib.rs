@@ -1,0 +1,1 @@
+//! Alki Fleet control plane library.

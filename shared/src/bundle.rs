@@ -1,0 +1,248 @@
+//! The bundle format: ModelPack media types, `ai.alki.` annotations, the runtime layer, and choosing a variant.
+//!
+//! A bundle is an OCI image index with one ModelPack manifest per variant (quantization). Each variant
+//! manifest carries the GGUF files as raw layers (digest = the file's sha256) and a small runtime layer.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::oci::{Descriptor, ImageIndex, ImageManifest};
+
+pub const ARTIFACT_TYPE_MODEL: &str = "application/vnd.cncf.model.manifest.v1+json";
+pub const MEDIA_TYPE_MODEL_CONFIG: &str = "application/vnd.cncf.model.config.v1+json";
+pub const MEDIA_TYPE_WEIGHT_RAW: &str = "application/vnd.cncf.model.weight.v1.raw";
+pub const MEDIA_TYPE_WEIGHT_CONFIG_RAW: &str = "application/vnd.cncf.model.weight.config.v1.raw";
+pub const MEDIA_TYPE_DOC_RAW: &str = "application/vnd.cncf.model.doc.v1.raw";
+pub const MEDIA_TYPE_RUNTIME: &str = "application/vnd.alki.runtime.v1+json";
+
+pub const ANNOTATION_FILEPATH: &str = "org.cncf.model.filepath";
+pub const ANNOTATION_QUANTIZATION: &str = "ai.alki.quantization";
+pub const ANNOTATION_ARCHITECTURE: &str = "ai.alki.architecture";
+pub const ANNOTATION_PARAMETERS: &str = "ai.alki.parameters";
+pub const ANNOTATION_CONTEXT_LENGTH: &str = "ai.alki.context-length";
+pub const ANNOTATION_WEIGHTS_BYTES: &str = "ai.alki.weights-bytes";
+/// Memory needed for the weights plus the KV cache at the runtime layer's default context.
+pub const ANNOTATION_MEMORY_BYTES: &str = "ai.alki.memory-bytes";
+pub const ANNOTATION_MODEL_NAME: &str = "ai.alki.model-name";
+
+/// ModelPack's model config (`application/vnd.cncf.model.config.v1+json`), the fields we write and read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelConfig {
+    pub descriptor: ModelDescriptor,
+    pub config: ModelFormat,
+    pub modelfs: ModelFs,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelDescriptor {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub licenses: Vec<String>,
+    #[serde(default, rename = "createdAt", skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelFormat {
+    pub format: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param_size: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelFs {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub diff_ids: Vec<crate::digest::Digest>,
+}
+
+/// The runtime layer (`application/vnd.alki.runtime.v1+json`): how to run the variant by default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeDefaults {
+    /// Context size passed to llama-server (`-c`).
+    pub context_size: u32,
+    /// CPU threads (`-t`); 0 lets llama-server decide.
+    #[serde(default)]
+    pub threads: u32,
+    /// Layers offloaded to a GPU (`-ngl`); 0 on CPU-only devices.
+    #[serde(default)]
+    pub gpu_layers: i32,
+    /// Parallel slots (`-np`).
+    #[serde(default = "default_slots")]
+    pub parallel_slots: u32,
+    /// Chat template override; empty uses the one inside the GGUF.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
+    /// Path polled for readiness.
+    #[serde(default = "default_health_path")]
+    pub health_path: String,
+}
+
+fn default_slots() -> u32 {
+    1
+}
+
+fn default_health_path() -> String {
+    "/health".to_owned()
+}
+
+impl Default for RuntimeDefaults {
+    fn default() -> Self {
+        RuntimeDefaults {
+            context_size: 2048,
+            threads: 0,
+            gpu_layers: 0,
+            parallel_slots: default_slots(),
+            chat_template: None,
+            health_path: default_health_path(),
+        }
+    }
+}
+
+/// What the agent needs to know about one variant to choose it, read from the index entry's annotations.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct VariantInfo {
+    pub descriptor: Descriptor,
+    pub quantization: String,
+    pub architecture: String,
+    pub model_name: String,
+    pub weights_bytes: u64,
+    pub memory_bytes: u64,
+}
+
+impl VariantInfo {
+    pub fn from_descriptor(d: &Descriptor) -> VariantInfo {
+        let number = |key| d.annotation(key).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let text = |key| d.annotation(key).unwrap_or_default().to_owned();
+        VariantInfo {
+            descriptor: d.clone(),
+            quantization: text(ANNOTATION_QUANTIZATION),
+            architecture: text(ANNOTATION_ARCHITECTURE),
+            model_name: text(ANNOTATION_MODEL_NAME),
+            weights_bytes: number(ANNOTATION_WEIGHTS_BYTES),
+            memory_bytes: number(ANNOTATION_MEMORY_BYTES),
+        }
+    }
+}
+
+/// The variants an index offers, in index order.
+pub fn variants(index: &ImageIndex) -> Vec<VariantInfo> {
+    index.manifests.iter().map(VariantInfo::from_descriptor).collect()
+}
+
+/// Chooses the variant to run: the largest (most faithful) whose memory need fits `memory_available`.
+/// A variant that does not state its memory need is taken to need its weights' size.
+/// Returns `None` when nothing fits.
+pub fn choose_variant(index: &ImageIndex, memory_available: u64) -> Option<VariantInfo> {
+    variants(index)
+        .into_iter()
+        .filter(|v| v.memory_bytes.max(v.weights_bytes) <= memory_available)
+        .max_by_key(|v| (v.weights_bytes, std::cmp::Reverse(v.descriptor.digest.clone())))
+}
+
+/// The GGUF layers of a variant manifest, in order (split files come in their file order).
+pub fn weight_layers(manifest: &ImageManifest) -> Vec<&Descriptor> {
+    manifest.layers.iter().filter(|l| l.media_type == MEDIA_TYPE_WEIGHT_RAW).collect()
+}
+
+/// The runtime layer's descriptor, if the variant has one.
+pub fn runtime_layer(manifest: &ImageManifest) -> Option<&Descriptor> {
+    manifest.layers.iter().find(|l| l.media_type == MEDIA_TYPE_RUNTIME)
+}
+
+/// A file name from a layer's annotations that is safe to create inside a bundle directory:
+/// one plain path component, no separators, no `..`, no leading dot.
+pub fn safe_file_name(layer: &Descriptor) -> Option<&str> {
+    let name = layer.annotation(crate::oci::ANNOTATION_TITLE).or(layer.annotation(ANNOTATION_FILEPATH))?;
+    let plain = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && !name.contains(['/', '\\', '\0'])
+        && name != "..";
+    plain.then_some(name)
+}
+
+/// Annotations for an index entry describing a variant.
+pub fn variant_annotations(
+    quantization: &str,
+    architecture: &str,
+    model_name: &str,
+    parameters: u64,
+    context_length: u64,
+    weights_bytes: u64,
+    memory_bytes: u64,
+) -> BTreeMap<String, String> {
+    [
+        (ANNOTATION_QUANTIZATION, quantization.to_owned()),
+        (ANNOTATION_ARCHITECTURE, architecture.to_owned()),
+        (ANNOTATION_MODEL_NAME, model_name.to_owned()),
+        (ANNOTATION_PARAMETERS, parameters.to_string()),
+        (ANNOTATION_CONTEXT_LENGTH, context_length.to_string()),
+        (ANNOTATION_WEIGHTS_BYTES, weights_bytes.to_string()),
+        (ANNOTATION_MEMORY_BYTES, memory_bytes.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::Digest;
+    use crate::oci::MEDIA_TYPE_IMAGE_MANIFEST;
+
+    fn entry(name: &str, weights: u64, memory: u64) -> Descriptor {
+        let mut d = Descriptor::new(MEDIA_TYPE_IMAGE_MANIFEST, Digest::of(name.as_bytes()), 100);
+        d.annotations = variant_annotations(name, "llama", "tiny", 1, 2048, weights, memory);
+        d
+    }
+
+    fn index(entries: Vec<Descriptor>) -> ImageIndex {
+        ImageIndex {
+            schema_version: 2,
+            media_type: None,
+            artifact_type: None,
+            manifests: entries,
+            subject: None,
+            annotations: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn chooses_the_largest_variant_that_fits() {
+        let idx = index(vec![entry("Q4_K_M", 400, 600), entry("Q8_0", 800, 1000), entry("F16", 1600, 1800)]);
+        assert_eq!(choose_variant(&idx, 1200).map(|v| v.quantization), Some("Q8_0".to_owned()));
+        assert_eq!(choose_variant(&idx, 10_000).map(|v| v.quantization), Some("F16".to_owned()));
+        assert_eq!(choose_variant(&idx, 599), None);
+    }
+
+    #[test]
+    fn file_names_that_leave_the_bundle_are_refused() {
+        let mut layer = Descriptor::new(MEDIA_TYPE_WEIGHT_RAW, Digest::of(b"x"), 1);
+        for bad in ["../evil.gguf", "/etc/passwd", "a/b.gguf", "..", ".hidden", ""] {
+            layer.annotations.insert(crate::oci::ANNOTATION_TITLE.to_owned(), bad.to_owned());
+            assert_eq!(safe_file_name(&layer), None, "{bad}");
+        }
+        layer.annotations.insert(crate::oci::ANNOTATION_TITLE.to_owned(), "model-q4.gguf".to_owned());
+        assert_eq!(safe_file_name(&layer), Some("model-q4.gguf"));
+    }
+
+    #[test]
+    fn runtime_defaults_reject_unknown_fields() {
+        let ok: RuntimeDefaults = serde_json::from_str(r#"{"context_size":512}"#).expect("minimal");
+        assert_eq!(ok.health_path, "/health");
+        assert!(serde_json::from_str::<RuntimeDefaults>(r#"{"context_size":512,"bogus":1}"#).is_err());
+    }
+}
