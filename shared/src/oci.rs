@@ -132,10 +132,10 @@ impl Manifest {
         let probe: Probe =
             serde_json::from_slice(bytes).map_err(|source| ManifestError::Json { kind: "a manifest", source })?;
         let content_type = content_type.map(|c| c.split(';').next().unwrap_or(c).trim()).filter(|c| !c.is_empty());
-        if let (Some(field), Some(ct)) = (&probe.media_type, content_type) {
-            if field != ct {
-                return Err(ManifestError::MediaTypeMismatch { field: field.clone(), content_type: ct.to_owned() });
-            }
+        if let (Some(field), Some(ct)) = (&probe.media_type, content_type)
+            && field != ct
+        {
+            return Err(ManifestError::MediaTypeMismatch { field: field.clone(), content_type: ct.to_owned() });
         }
         let kind = probe.media_type.as_deref().or(content_type);
         let is_index = match kind {

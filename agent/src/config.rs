@@ -1,0 +1,386 @@
+//! The agent's configuration file (TOML): its shape, defaults, and validation that names the field and the fix.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use alki_shared::ids::DeviceId;
+use serde::Deserialize;
+
+/// The whole configuration file. Unknown fields are refused so that a typo never silently does nothing.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This device's id. When absent, one is generated on first start and kept in the state file.
+    #[serde(default)]
+    pub device_id: Option<String>,
+    /// Where the agent keeps its state file, content store, bundle directories and llama-server logs.
+    /// Must be an absolute path.
+    pub data_dir: PathBuf,
+    /// Labels reported to the controller; rollouts select devices by them. The label `class`, when set,
+    /// is the device's hardware class.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// How to reach the controller.
+    pub controller: ControllerConfig,
+    /// How to reach OCI registries.
+    #[serde(default)]
+    pub registry: RegistryConfig,
+    /// How to run llama-server and where to serve clients.
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// gRPC endpoint of alki-controller, e.g. `http://127.0.0.1:7070`. Only `http://` for now: TLS arrives
+    /// with mTLS device identity.
+    pub url: String,
+    /// File holding the bearer token (role agent) used for the session and the embedded registry.
+    /// Read again at every connection attempt, so it can be rotated without a restart.
+    pub token_file: PathBuf,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Registries (`host:port`) reached over plain HTTP; all others use HTTPS. The controller's embedded
+    /// registry is added automatically when the controller URL is `http://`.
+    #[serde(default)]
+    pub insecure_plain_http: Vec<String>,
+    /// `host:port` of the controller's embedded registry, used for bundles whose reference names no
+    /// registry. Defaults to the host and port of `controller.url`.
+    #[serde(default)]
+    pub embedded: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Path of the llama-server binary.
+    pub llama_server: PathBuf,
+    /// Where clients reach the model (OpenAI-compatible paths are passed through). Port 0 picks a free port.
+    #[serde(default = "default_front_addr")]
+    pub front_addr: String,
+    /// How long a new llama-server may take to load its model and answer `/health` and a smoke completion.
+    #[serde(default = "default_health_timeout")]
+    pub health_timeout_secs: u64,
+    /// How long an old llama-server may keep finishing in-flight requests after a swap before it is stopped.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_secs: u64,
+    /// Extra arguments appended to llama-server's command line.
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+}
+
+fn default_front_addr() -> String {
+    "127.0.0.1:8080".to_owned()
+}
+fn default_health_timeout() -> u64 {
+    120
+}
+fn default_drain_timeout() -> u64 {
+    30
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("config field `{field}` {problem}; {fix}")]
+    Invalid { field: &'static str, problem: String, fix: &'static str },
+}
+
+fn invalid(field: &'static str, problem: impl Into<String>, fix: &'static str) -> ConfigError {
+    ConfigError::Invalid { field, problem: problem.into(), fix }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::from_toml(&text)
+            .map_err(|e| match e {
+                ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
+                other => other,
+            })
+    }
+
+    /// Parses and validates a configuration from TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), source: Box::new(e) })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every field; the error names the field and says how to fix it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(id) = &self.device_id {
+            DeviceId::new(id.clone()).map_err(|e| {
+                invalid("device_id", e.to_string(), "pick another id or remove the field to have one generated")
+            })?;
+        }
+        if !self.data_dir.is_absolute() {
+            return Err(invalid(
+                "data_dir",
+                format!("is {:?}, a relative path", self.data_dir),
+                "use an absolute path such as /var/lib/alki-agent",
+            ));
+        }
+        for (key, value) in &self.labels {
+            let key_ok = !key.is_empty()
+                && key.len() <= 63
+                && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'));
+            if !key_ok {
+                return Err(invalid(
+                    "labels",
+                    format!("has key {key:?}"),
+                    "use 1 to 63 characters from a-z, A-Z, 0-9, '.', '_', '-' and '/' for label keys",
+                ));
+            }
+            if value.len() > 255 || value.chars().any(char::is_control) {
+                return Err(invalid(
+                    "labels",
+                    format!("has a value for {key:?} that is too long or holds control characters"),
+                    "use at most 255 printable characters for label values",
+                ));
+            }
+        }
+        self.controller_authority()?;
+        if self.controller.token_file.as_os_str().is_empty() {
+            return Err(invalid("controller.token_file", "is empty", "name the file holding the agent's token"));
+        }
+        for entry in &self.registry.insecure_plain_http {
+            if !valid_authority(entry) {
+                return Err(invalid(
+                    "registry.insecure_plain_http",
+                    format!("has entry {entry:?}"),
+                    "list registries as host or host:port, without a scheme or path",
+                ));
+            }
+        }
+        if let Some(embedded) = &self.registry.embedded {
+            if !valid_authority(embedded) {
+                return Err(invalid(
+                    "registry.embedded",
+                    format!("is {embedded:?}"),
+                    "write it as host:port, without a scheme or path, or remove it to use the controller's",
+                ));
+            }
+        }
+        if self.runtime.llama_server.as_os_str().is_empty() {
+            return Err(invalid("runtime.llama_server", "is empty", "give the path of the llama-server binary"));
+        }
+        self.front_addr()?;
+        if !(1..=3600).contains(&self.runtime.health_timeout_secs) {
+            return Err(invalid(
+                "runtime.health_timeout_secs",
+                format!("is {}", self.runtime.health_timeout_secs),
+                "use 1 to 3600 seconds (large models on slow disks need a few minutes)",
+            ));
+        }
+        if !(1..=3600).contains(&self.runtime.drain_timeout_secs) {
+            return Err(invalid(
+                "runtime.drain_timeout_secs",
+                format!("is {}", self.runtime.drain_timeout_secs),
+                "use 1 to 3600 seconds",
+            ));
+        }
+        const RESERVED: [&str; 6] = ["-m", "--model", "--host", "--port", "-np", "--parallel"];
+        if let Some(arg) = self.runtime.extra_args.iter().find(|a| RESERVED.contains(&a.as_str())) {
+            return Err(invalid(
+                "runtime.extra_args",
+                format!("contains {arg:?}, which the agent sets itself"),
+                "remove it; the model, address and slots come from the bundle and the desired state",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The front proxy's listening address.
+    pub fn front_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.runtime.front_addr.parse().map_err(|_| {
+            invalid(
+                "runtime.front_addr",
+                format!("is {:?}", self.runtime.front_addr),
+                "write an IP address and port such as 127.0.0.1:8080 or 0.0.0.0:8080",
+            )
+        })
+    }
+
+    /// `host:port` of the controller URL (the port defaulting to 80).
+    pub fn controller_authority(&self) -> Result<String, ConfigError> {
+        let url = &self.controller.url;
+        let fix = "write it as http://host:port, e.g. http://127.0.0.1:7070";
+        let Some(rest) = url.strip_prefix("http://") else {
+            let problem = if url.starts_with("https://") {
+                format!("is {url:?}; TLS to the controller is not supported yet (it arrives with mTLS)")
+            } else {
+                format!("is {url:?}, not an http:// URL")
+            };
+            return Err(invalid("controller.url", problem, fix));
+        };
+        let authority = rest.trim_end_matches('/');
+        if !valid_authority(authority) {
+            return Err(invalid("controller.url", format!("is {url:?}, which has no valid host:port"), fix));
+        }
+        Ok(if authority.contains(':') && !authority.ends_with(']') {
+            authority.to_owned()
+        } else {
+            format!("{authority}:80")
+        })
+    }
+
+    /// `host:port` of the registry bundles without a registry name are pulled from.
+    pub fn embedded_registry(&self) -> String {
+        match &self.registry.embedded {
+            Some(r) => r.clone(),
+            None => self.controller_authority().unwrap_or_default(),
+        }
+    }
+
+    /// Registries reached over plain HTTP: the configured ones, plus the embedded registry when the
+    /// controller itself is reached over plain HTTP and no separate embedded registry is configured.
+    pub fn plain_http_registries(&self) -> Vec<String> {
+        let mut list = self.registry.insecure_plain_http.clone();
+        if self.registry.embedded.is_none() && self.controller.url.starts_with("http://") {
+            let embedded = self.embedded_registry();
+            if !embedded.is_empty() && !list.contains(&embedded) {
+                list.push(embedded);
+            }
+        }
+        list
+    }
+
+    pub fn health_timeout(&self) -> Duration {
+        Duration::from_secs(self.runtime.health_timeout_secs)
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.runtime.drain_timeout_secs)
+    }
+}
+
+/// `host` or `host:port`, with a conservative host alphabet (names, IPv4, bracketed IPv6).
+fn valid_authority(s: &str) -> bool {
+    if s.is_empty() || s.contains(['/', '@', ' ', '?', '#']) {
+        return false;
+    }
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((h, tail)) => (h, tail.strip_prefix(':')),
+            None => return false,
+        }
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    let host_ok = !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'));
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+    host_ok && port_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+device_id = "pi-001"
+data_dir = "/var/lib/alki-agent"
+labels = { site = "lab", class = "x86-avx2" }
+[controller]
+url = "http://127.0.0.1:7070"
+token_file = "/etc/alki/agent.token"
+[registry]
+insecure_plain_http = ["127.0.0.1:5000"]
+[runtime]
+llama_server = "/usr/local/bin/llama-server"
+front_addr = "127.0.0.1:8080"
+health_timeout_secs = 120
+drain_timeout_secs = 30
+extra_args = []
+"#;
+
+    fn field_of(err: ConfigError) -> &'static str {
+        match err {
+            ConfigError::Invalid { field, .. } => field,
+            other => panic!("expected a validation error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let config = Config::from_toml(EXAMPLE).expect("example is valid");
+        assert_eq!(config.device_id.as_deref(), Some("pi-001"));
+        assert_eq!(config.labels.get("class").map(String::as_str), Some("x86-avx2"));
+        assert_eq!(config.embedded_registry(), "127.0.0.1:7070");
+        assert_eq!(config.plain_http_registries(), vec!["127.0.0.1:5000".to_owned(), "127.0.0.1:7070".to_owned()]);
+        assert_eq!(config.front_addr().expect("addr").port(), 8080);
+    }
+
+    #[test]
+    fn defaults_fill_optional_fields() {
+        let minimal = r#"
+data_dir = "/data"
+[controller]
+url = "http://ctl.example:7070/"
+token_file = "/t"
+[runtime]
+llama_server = "/bin/llama-server"
+"#;
+        let config = Config::from_toml(minimal).expect("minimal is valid");
+        assert_eq!(config.device_id, None);
+        assert_eq!(config.runtime.front_addr, "127.0.0.1:8080");
+        assert_eq!(config.runtime.health_timeout_secs, 120);
+        assert_eq!(config.embedded_registry(), "ctl.example:7070");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let typo = EXAMPLE.replace("drain_timeout_secs", "drain_timeout");
+        let err = Config::from_toml(&typo).expect_err("typo refused");
+        assert!(err.to_string().contains("drain_timeout"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        let cases = [
+            ("device_id = \"pi-001\"", "device_id = \"../x\"", "device_id"),
+            ("data_dir = \"/var/lib/alki-agent\"", "data_dir = \"rel/dir\"", "data_dir"),
+            ("url = \"http://127.0.0.1:7070\"", "url = \"https://127.0.0.1:7070\"", "controller.url"),
+            ("url = \"http://127.0.0.1:7070\"", "url = \"127.0.0.1:7070\"", "controller.url"),
+            ("[\"127.0.0.1:5000\"]", "[\"http://127.0.0.1:5000\"]", "registry.insecure_plain_http"),
+            ("front_addr = \"127.0.0.1:8080\"", "front_addr = \"localhost\"", "runtime.front_addr"),
+            ("health_timeout_secs = 120", "health_timeout_secs = 0", "runtime.health_timeout_secs"),
+            ("drain_timeout_secs = 30", "drain_timeout_secs = 99999", "runtime.drain_timeout_secs"),
+            ("extra_args = []", "extra_args = [\"--port\", \"1\"]", "runtime.extra_args"),
+            ("site = \"lab\"", "\"bad key\" = \"lab\"", "labels"),
+        ];
+        for (from, to, field) in cases {
+            let text = EXAMPLE.replace(from, to);
+            assert_ne!(text, EXAMPLE, "replacement {from:?} must apply");
+            let err = Config::from_toml(&text).expect_err(field);
+            let message = err.to_string();
+            assert!(message.contains(field), "{message}");
+            assert_eq!(field_of(err), field);
+        }
+    }
+
+    #[test]
+    fn authorities_are_checked() {
+        for good in ["registry.local", "127.0.0.1:5000", "[::1]:5000", "a-b.example:443"] {
+            assert!(valid_authority(good), "{good}");
+        }
+        for bad in ["", "http://x", "x:0", "x:99999", "x/y", "user@x", "[::1"] {
+            assert!(!valid_authority(bad), "{bad}");
+        }
+    }
+}

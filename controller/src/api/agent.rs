@@ -1,0 +1,148 @@
+//! `AgentService`: the long-lived session each agent keeps open.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use alki_shared::ids::DeviceId;
+use alki_shared::proto::{
+    self, AgentMessage, ControllerMessage, Phase, agent_message, agent_service_server::AgentService,
+    controller_message::Msg,
+};
+use futures::Stream;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
+
+use crate::auth::{Action, Authenticator};
+use crate::fleet::{Fleet, desired_state, hub::SESSION_QUEUE};
+
+/// How long an agent has to say Hello after opening its session.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct AgentApi {
+    pub fleet: Fleet,
+    pub auth: Authenticator,
+    pub heartbeat_interval: Duration,
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    type SessionStream = SessionStream;
+
+    async fn session(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<SessionStream>, Status> {
+        super::authorize(&self.auth, &request, Action::AgentSession)?;
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) }))) => hello,
+            Ok(Ok(_)) => return Err(Status::invalid_argument("the first message of a session must be a Hello")),
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within 30 s of opening the session")),
+        };
+        let device_id = DeviceId::new(hello.device_id.clone()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let device_id = device_id.to_string();
+
+        let record = self
+            .fleet
+            .store
+            .update_device(&device_id, |d| {
+                d.labels = hello.labels.clone();
+                d.inventory = hello.inventory.clone();
+                d.agent_version = hello.agent_version.clone();
+                d.running = hello.running.clone();
+                d.applied_generation = hello.last_applied_generation;
+                d.last_seen_unix_ms = crate::now_unix_ms();
+                if d.phase == Phase::Unspecified as i32 {
+                    d.phase = if d.running.is_some() { Phase::Active } else { Phase::Idle } as i32;
+                }
+                d.clone()
+            })
+            .map_err(super::internal)?;
+
+        let (tx, rx) = tokio::sync::mpsc::channel(SESSION_QUEUE);
+        let welcome = proto::Welcome {
+            device_id: device_id.clone(),
+            heartbeat_interval_seconds: self.heartbeat_interval.as_secs().max(1) as u32,
+        };
+        let mut first = vec![Msg::Welcome(welcome)];
+        first.extend(desired_state(&record).map(Msg::DesiredState));
+        for msg in first {
+            // The queue is new and larger than two messages: this cannot fail.
+            let _ = tx.try_send(Ok(ControllerMessage { msg: Some(msg) }));
+        }
+        let session_id = self.fleet.hub.register(&device_id, tx);
+        tracing::info!(device_id, agent_version = %hello.agent_version, "Agent connected.");
+        self.fleet.changed.notify_one();
+
+        let fleet = self.fleet.clone();
+        let span = tracing::info_span!("session", device_id = %device_id);
+        tokio::spawn(
+            async move {
+                loop {
+                    match inbound.next().await {
+                        Some(Ok(message)) => {
+                            if let Err(error) = handle(&fleet, &device_id, message) {
+                                tracing::error!(%error, "Could not record an agent message.");
+                            }
+                        }
+                        Some(Err(status)) => {
+                            tracing::info!(%status, "Agent session ended with an error.");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                fleet.hub.unregister(&device_id, session_id);
+                let _ = fleet.store.update_device(&device_id, |d| d.last_seen_unix_ms = crate::now_unix_ms());
+                tracing::info!("Agent disconnected.");
+                fleet.changed.notify_one();
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Records one message from an agent. Status reports wake the rollout reconciler.
+fn handle(fleet: &Fleet, device_id: &str, message: AgentMessage) -> Result<(), crate::store::StoreError> {
+    let now = crate::now_unix_ms();
+    match message.msg {
+        Some(agent_message::Msg::Heartbeat(_)) => fleet.store.update_device(device_id, |d| d.last_seen_unix_ms = now),
+        Some(agent_message::Msg::Status(status)) => {
+            let phase = Phase::try_from(status.phase).unwrap_or(Phase::Unspecified);
+            tracing::info!(
+                generation = status.generation,
+                phase = phase.label(),
+                error = status.error.as_ref().map(|e| e.message.as_str()).unwrap_or(""),
+                "Agent reported a phase."
+            );
+            fleet.store.update_device(device_id, |d| {
+                d.last_seen_unix_ms = now;
+                d.phase = status.phase;
+                d.error = status.error.clone();
+                d.running = status.serving.clone();
+                if !status.variant_digest.is_empty() && phase == Phase::Active {
+                    d.running_variant = status.variant_digest.clone();
+                }
+                if matches!(phase, Phase::Active | Phase::Failed) {
+                    d.applied_generation = d.applied_generation.max(status.generation);
+                }
+            })?;
+            fleet.changed.notify_one();
+            Ok(())
+        }
+        Some(agent_message::Msg::Telemetry(t)) => fleet.store.update_device(device_id, |d| {
+            d.last_seen_unix_ms = now;
+            if let Some(inv) = d.inventory.as_mut() {
+                inv.memory_available_bytes = t.memory_available_bytes;
+            }
+        }),
+        Some(agent_message::Msg::Hello(_)) => {
+            tracing::warn!("Ignored a second Hello within one session.");
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}

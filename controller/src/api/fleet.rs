@@ -1,0 +1,160 @@
+//! `FleetService`: what operators, CI and dashboards ask of the controller.
+
+use std::sync::Arc;
+
+use alki_shared::bundle::VariantInfo;
+use alki_shared::oci::Manifest;
+use alki_shared::proto::{self, fleet_service_server::FleetService};
+use tonic::{Request, Response, Status};
+
+use crate::auth::{Action, Authenticator, Role};
+use crate::fleet::Fleet;
+use crate::registry::{ManifestEntry, Registry};
+use crate::rollout::{self, CreateError};
+
+pub struct FleetApi {
+    pub fleet: Fleet,
+    pub auth: Authenticator,
+    pub registry: Arc<Registry>,
+    /// host:port agents use to reach the embedded registry.
+    pub registry_host: String,
+}
+
+#[tonic::async_trait]
+impl FleetService for FleetApi {
+    async fn list_devices(
+        &self,
+        request: Request<proto::ListDevicesRequest>,
+    ) -> Result<Response<proto::ListDevicesResponse>, Status> {
+        super::authorize(&self.auth, &request, Action::ReadFleet)?;
+        let devices = self.fleet.devices(&request.get_ref().selector).map_err(super::internal)?;
+        Ok(Response::new(proto::ListDevicesResponse { devices }))
+    }
+
+    async fn get_device(&self, request: Request<proto::GetDeviceRequest>) -> Result<Response<proto::Device>, Status> {
+        super::authorize(&self.auth, &request, Action::ReadFleet)?;
+        let id = &request.get_ref().id;
+        match self.fleet.device(id).map_err(super::internal)? {
+            Some(device) => Ok(Response::new(device)),
+            None => Err(Status::not_found(format!("device {id:?} is not known to this controller"))),
+        }
+    }
+
+    async fn list_bundles(
+        &self,
+        request: Request<proto::ListBundlesRequest>,
+    ) -> Result<Response<proto::ListBundlesResponse>, Status> {
+        super::authorize(&self.auth, &request, Action::ReadFleet)?;
+        let repository = Some(request.get_ref().repository.as_str()).filter(|r| !r.is_empty());
+        let entries = self.registry.manifests(repository).map_err(super::internal)?;
+        let bundles = bundles_from(&self.registry, &entries);
+        Ok(Response::new(proto::ListBundlesResponse { bundles }))
+    }
+
+    async fn create_rollout(
+        &self,
+        request: Request<proto::CreateRolloutRequest>,
+    ) -> Result<Response<proto::Rollout>, Status> {
+        let principal = super::authorize(&self.auth, &request, Action::WriteFleet)?;
+        let spec = request.into_inner().spec.ok_or_else(|| Status::invalid_argument("a rollout needs a spec"))?;
+        let created = rollout::create(&self.fleet, &self.registry, &self.registry_host, spec, crate::now_unix_ms());
+        match created {
+            Ok(r) => {
+                tracing::info!(rollout_id = %r.id, by = %principal.name, "Rollout created.");
+                Ok(Response::new(r))
+            }
+            Err(e @ CreateError::Invalid(_)) => Err(Status::invalid_argument(e.to_string())),
+            Err(e @ CreateError::BundleNotFound { .. }) => Err(Status::not_found(e.to_string())),
+            Err(e @ CreateError::Conflict { .. }) => Err(Status::failed_precondition(e.to_string())),
+            Err(e) => Err(super::internal(e)),
+        }
+    }
+
+    async fn get_rollout(&self, request: Request<proto::GetRolloutRequest>) -> Result<Response<proto::Rollout>, Status> {
+        super::authorize(&self.auth, &request, Action::ReadFleet)?;
+        let id = &request.get_ref().id;
+        match self.fleet.store.rollout(id).map_err(super::internal)? {
+            Some(r) => Ok(Response::new(r)),
+            None => Err(Status::not_found(format!("rollout {id:?} does not exist"))),
+        }
+    }
+
+    async fn list_rollouts(
+        &self,
+        request: Request<proto::ListRolloutsRequest>,
+    ) -> Result<Response<proto::ListRolloutsResponse>, Status> {
+        super::authorize(&self.auth, &request, Action::ReadFleet)?;
+        let mut rollouts = self.fleet.store.rollouts().map_err(super::internal)?;
+        rollouts.sort_by_key(|r| std::cmp::Reverse(r.created_unix_ms));
+        Ok(Response::new(proto::ListRolloutsResponse { rollouts }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<proto::CreateTokenRequest>,
+    ) -> Result<Response<proto::CreateTokenResponse>, Status> {
+        let principal = super::authorize(&self.auth, &request, Action::ManageTokens)?;
+        let req = request.into_inner();
+        let role = proto::Role::try_from(req.role)
+            .ok()
+            .and_then(Role::from_proto)
+            .ok_or_else(|| Status::invalid_argument("choose a role: viewer, operator, admin, push or agent"))?;
+        if req.name.is_empty() || req.name.len() > 128 {
+            return Err(Status::invalid_argument("name the token (1 to 128 characters) so it can be told apart"));
+        }
+        let token = self.auth.create_token(&req.name, role).map_err(super::internal)?;
+        tracing::info!(name = %req.name, ?role, by = %principal.name, "Token created.");
+        Ok(Response::new(proto::CreateTokenResponse { token, name: req.name, role: role.to_proto() as i32 }))
+    }
+}
+
+/// Bundles are the model manifests and indexes in the registry (signatures and other artifacts are not).
+/// Variant manifests listed by an index are shown inside it, not on their own.
+fn bundles_from(registry: &Registry, entries: &[ManifestEntry]) -> Vec<proto::Bundle> {
+    let mut in_index = std::collections::HashSet::new();
+    let mut bundles = Vec::new();
+    for entry in entries {
+        let Ok(Some(stored)) = registry.resolve(&entry.repository, entry.digest.as_str()) else { continue };
+        let Ok(manifest) = Manifest::parse(&stored.bytes, Some(&stored.media_type)) else { continue };
+        let (variants, total_size) = match &manifest {
+            Manifest::Index(index) => {
+                let variants: Vec<VariantInfo> = alki_shared::bundle::variants(index);
+                if variants.iter().all(|v| v.quantization.is_empty()) {
+                    continue;
+                }
+                in_index.extend(index.manifests.iter().map(|d| (entry.repository.clone(), d.digest.clone())));
+                let total = variants.iter().map(|v| v.weights_bytes).sum();
+                (variants, total)
+            }
+            Manifest::Image(image) => {
+                if image.artifact_type.as_deref() != Some(alki_shared::bundle::ARTIFACT_TYPE_MODEL) {
+                    continue;
+                }
+                (Vec::new(), image.layers.iter().map(|l| l.size).sum())
+            }
+        };
+        bundles.push(proto::Bundle {
+            repository: entry.repository.clone(),
+            digest: entry.digest.to_string(),
+            tags: entry.tags.clone(),
+            media_type: entry.media_type.clone(),
+            total_size,
+            pushed_unix_ms: entry.pushed_unix_ms,
+            variants: variants
+                .into_iter()
+                .map(|v| proto::Variant {
+                    digest: v.descriptor.digest.to_string(),
+                    name: v.model_name,
+                    architecture: v.architecture,
+                    quantization: v.quantization,
+                    size: v.weights_bytes,
+                })
+                .collect(),
+        });
+    }
+    bundles.retain(|b| {
+        !b.digest.parse().is_ok_and(|d: alki_shared::digest::Digest| in_index.contains(&(b.repository.clone(), d)))
+    });
+    bundles.sort_by(|a, b| (&a.repository, b.pushed_unix_ms).cmp(&(&b.repository, a.pushed_unix_ms)));
+    bundles
+}

@@ -1,0 +1,28 @@
+//! The controller's front doors: gRPC for agents and operators, HTTP for the registry and probes.
+//! Handlers are thin: they authenticate, convert, and call into `fleet`, `rollout` and `registry`.
+
+pub mod agent;
+pub mod fleet;
+pub mod http;
+
+use crate::auth::{Action, AuthError, Authenticator, Principal};
+
+/// The one place gRPC calls are authenticated.
+pub fn authorize<T>(auth: &Authenticator, request: &tonic::Request<T>, action: Action) -> Result<Principal, tonic::Status> {
+    let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+    auth.authorize(header, action).map_err(auth_status)
+}
+
+pub fn auth_status(error: AuthError) -> tonic::Status {
+    match error {
+        AuthError::Missing | AuthError::Invalid => tonic::Status::unauthenticated(error.to_string()),
+        AuthError::Forbidden { .. } => tonic::Status::permission_denied(error.to_string()),
+        AuthError::Store(e) => internal(e),
+    }
+}
+
+/// An internal failure: logged in full, answered without internals.
+pub fn internal(error: impl std::fmt::Display) -> tonic::Status {
+    tracing::error!(%error, "Request failed inside the controller.");
+    tonic::Status::internal("the controller failed to handle the request; its log says why")
+}

@@ -1,0 +1,501 @@
+//! alkictl: the operators' and CI's command line. Tables for people, `-o json` for scripts.
+
+pub mod layout;
+pub mod pack;
+pub mod push;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use alki_shared::proto::{self, fleet_service_client::FleetServiceClient};
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use comfy_table::Table;
+use serde::Serialize;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(name = "alkictl", version, about = "Operate an Alki Fleet: bundles, devices, rollouts.")]
+pub struct Cli {
+    /// gRPC address of alki-controller.
+    #[arg(long, global = true, env = "ALKI_CONTROLLER", default_value = "http://127.0.0.1:7070")]
+    pub controller: String,
+    /// host:port of the controller's registry (or an external one).
+    #[arg(long, global = true, env = "ALKI_REGISTRY", default_value = "127.0.0.1:7080")]
+    pub registry: String,
+    /// Bearer token. Prefer --token-file or ALKI_TOKEN over putting secrets on the command line.
+    #[arg(long, global = true, env = "ALKI_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the token (e.g. the controller's <data-dir>/admin.token).
+    #[arg(long, global = true, env = "ALKI_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Pack, push and list bundles.
+    #[command(subcommand)]
+    Bundle(BundleCmd),
+    /// Devices in the fleet.
+    #[command(subcommand)]
+    Devices(DevicesCmd),
+    /// Roll bundles out to devices.
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
+    /// Access tokens (admin only).
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand)]
+pub enum BundleCmd {
+    /// Turn GGUF files (one per quantization) into a bundle in an OCI layout directory.
+    Pack {
+        /// GGUF files, one per quantization.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Directory to create the OCI layout in.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        model_version: Option<String>,
+        /// SPDX license identifier.
+        #[arg(long)]
+        license: Option<String>,
+        /// Default context size for llama-server (capped by the model's training context).
+        #[arg(long, default_value_t = 4096)]
+        context: u32,
+        #[arg(long, default_value = "latest")]
+        tag: String,
+    },
+    /// Upload a packed bundle: `alkictl bundle push DIR REPOSITORY[:TAG]`.
+    Push {
+        dir: PathBuf,
+        /// Repository and optional tag, e.g. acme/qwen:v2.
+        target: String,
+        /// Talk plain HTTP to the registry (until TLS is set up). Never use across a network you do not trust.
+        #[arg(long)]
+        insecure_plain_http: bool,
+    },
+    /// Bundles in the controller's registry.
+    List {
+        #[arg(long, default_value = "")]
+        repository: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DevicesCmd {
+    /// List devices, optionally only those carrying labels (`--selector site=lab`).
+    List(SelectorArgs),
+    /// One device in full.
+    Get { id: String },
+}
+
+#[derive(Args)]
+pub struct SelectorArgs {
+    /// key=value; repeat for several.
+    #[arg(long = "selector", short = 'l', value_parser = parse_label)]
+    pub selector: Vec<(String, String)>,
+}
+
+#[derive(Subcommand)]
+pub enum RolloutCmd {
+    /// Start rolling a bundle out to the selected devices.
+    Create {
+        /// The candidate: REPOSITORY:TAG or REPOSITORY@sha256:...
+        #[arg(long)]
+        bundle: String,
+        #[command(flatten)]
+        selector: SelectorArgs,
+        /// Percentages of the selected devices per step, e.g. 5,25,50,100.
+        #[arg(long, value_delimiter = ',', default_value = "100")]
+        steps: Vec<u32>,
+        /// Minimum time each step soaks before the next, in seconds.
+        #[arg(long, default_value_t = 0)]
+        soak_seconds: u32,
+        /// Context size override for llama-server (0 keeps the bundle's default).
+        #[arg(long, default_value_t = 0)]
+        context: u32,
+    },
+    Get {
+        id: String,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Create a token; it is printed once and never again.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        role: RoleArg,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RoleArg {
+    Viewer,
+    Operator,
+    Admin,
+    Push,
+    Agent,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+type Fleet = FleetServiceClient<InterceptedService<Channel, Auth>>;
+
+#[derive(Clone)]
+pub struct Auth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+impl Cli {
+    fn token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(t) = &self.token {
+            return Ok(Some(t.trim().to_owned()));
+        }
+        match &self.token_file {
+            Some(path) => {
+                let t = std::fs::read_to_string(path).with_context(|| format!("reading token file {}", path.display()))?;
+                Ok(Some(t.trim().to_owned()))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn fleet(&self) -> anyhow::Result<Fleet> {
+        let channel = Channel::from_shared(self.controller.clone())
+            .with_context(|| format!("{:?} is not a valid controller address", self.controller))?
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the controller at {}: {e}", self.controller))?;
+        let header = match self.token()? {
+            Some(t) => Some(format!("Bearer {t}").parse().context("the token has characters a header cannot carry")?),
+            None => None,
+        };
+        Ok(FleetServiceClient::with_interceptor(channel, Auth(header)))
+    }
+}
+
+/// Runs one alkictl command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Bundle(BundleCmd::Pack { files, out, name, model_version, license, context, tag }) => {
+            let opts = pack::PackOptions {
+                files: files.clone(),
+                out: out.clone(),
+                name: name.clone(),
+                version: model_version.clone(),
+                license: license.clone(),
+                context: *context,
+                tag: tag.clone(),
+            };
+            let bar = progress_bar(cli.output, "packing");
+            let packed = tokio::task::spawn_blocking(move || pack::pack(&opts, &bar)).await??;
+            print(cli.output, &packed, |p| {
+                let mut t = table(["VARIANT", "QUANT", "ARCH", "PARAMS", "SIZE", "MEMORY", "FILE"]);
+                for v in &p.variants {
+                    t.add_row([
+                        short(v.digest.as_str()),
+                        v.quantization.clone(),
+                        v.architecture.clone(),
+                        v.parameters.to_string(),
+                        bytes(v.size),
+                        bytes(v.memory_bytes),
+                        v.file.display().to_string(),
+                    ]);
+                }
+                format!("{t}\nbundle {} written to {} (tag {})", p.digest, p.layout.display(), p.tag)
+            })
+        }
+        Command::Bundle(BundleCmd::Push { dir, target, insecure_plain_http }) => {
+            let (repository, tag) = match target.rsplit_once(':') {
+                Some((r, t)) if !t.contains('/') => (r.to_owned(), t.to_owned()),
+                _ => (target.clone(), "latest".to_owned()),
+            };
+            let push_target = push::PushTarget {
+                registry: cli.registry.clone(),
+                repository,
+                tag,
+                token: cli.token()?,
+                plain_http: *insecure_plain_http,
+            };
+            let bar = progress_bar(cli.output, "pushing");
+            let pushed = push::push(dir, &push_target, &bar).await?;
+            print(cli.output, &pushed, |p| {
+                format!("pushed {} ({}), {} uploaded, {} blobs already present", p.reference, p.digest, bytes(p.uploaded_bytes), p.skipped_blobs)
+            })
+        }
+        Command::Bundle(BundleCmd::List { repository }) => {
+            let bundles = cli.fleet().await?.list_bundles(proto::ListBundlesRequest { repository: repository.clone() }).await.map_err(status)?;
+            let bundles = bundles.into_inner().bundles;
+            print(cli.output, &bundles, |bs| {
+                let mut t = table(["REPOSITORY", "TAGS", "DIGEST", "VARIANTS", "SIZE"]);
+                for b in bs {
+                    let variants: Vec<&str> = b.variants.iter().map(|v| v.quantization.as_str()).collect();
+                    t.add_row([b.repository.clone(), b.tags.join(","), short(&b.digest), variants.join(","), bytes(b.total_size)]);
+                }
+                t.to_string()
+            })
+        }
+        Command::Devices(DevicesCmd::List(sel)) => {
+            let selector: HashMap<String, String> = sel.selector.iter().cloned().collect();
+            let devices = cli.fleet().await?.list_devices(proto::ListDevicesRequest { selector }).await.map_err(status)?;
+            let devices: Vec<DeviceView> = devices.into_inner().devices.iter().map(DeviceView::from).collect();
+            print(cli.output, &devices, |ds| {
+                let mut t = table(["DEVICE", "CONNECTED", "PHASE", "RUNNING", "GEN", "CLASS", "ERROR"]);
+                for d in ds {
+                    t.add_row([
+                        d.id.clone(),
+                        if d.connected { "yes".into() } else { "no".into() },
+                        d.phase.clone(),
+                        d.running.as_deref().map(short_ref).unwrap_or_else(|| "-".into()),
+                        format!("{}/{}", d.applied_generation, d.desired_generation),
+                        d.hardware_class.clone(),
+                        d.error.clone().unwrap_or_default(),
+                    ]);
+                }
+                t.to_string()
+            })
+        }
+        Command::Devices(DevicesCmd::Get { id }) => {
+            let device = cli.fleet().await?.get_device(proto::GetDeviceRequest { id: id.clone() }).await.map_err(status)?;
+            let view = DeviceView::from(&device.into_inner());
+            print(cli.output, &view, |d| serde_json::to_string_pretty(d).unwrap_or_default())
+        }
+        Command::Rollout(RolloutCmd::Create { bundle, selector, steps, soak_seconds, context }) => {
+            let (repository, candidate) = split_bundle_ref(bundle)?;
+            let spec = proto::RolloutSpec {
+                repository,
+                candidate,
+                selector: selector.selector.iter().cloned().collect(),
+                steps: steps.iter().map(|&percent| proto::RolloutStep { percent, min_soak_seconds: *soak_seconds }).collect(),
+                runtime: Some(proto::RuntimeSettings { context_size: *context, ..Default::default() }),
+            };
+            let created = cli.fleet().await?.create_rollout(proto::CreateRolloutRequest { spec: Some(spec) }).await.map_err(status)?;
+            let view = RolloutView::from(&created.into_inner());
+            print(cli.output, &view, |r| format!("rollout {} created for {}", r.id, r.candidate))
+        }
+        Command::Rollout(RolloutCmd::Get { id }) => {
+            let r = cli.fleet().await?.get_rollout(proto::GetRolloutRequest { id: id.clone() }).await.map_err(status)?;
+            let view = RolloutView::from(&r.into_inner());
+            print(cli.output, &view, |r| rollout_table(std::slice::from_ref(r)))
+        }
+        Command::Rollout(RolloutCmd::List) => {
+            let rs = cli.fleet().await?.list_rollouts(proto::ListRolloutsRequest {}).await.map_err(status)?;
+            let views: Vec<RolloutView> = rs.into_inner().rollouts.iter().map(RolloutView::from).collect();
+            print(cli.output, &views, |rs| rollout_table(rs))
+        }
+        Command::Token(TokenCmd::Create { name, role }) => {
+            let role = match role {
+                RoleArg::Viewer => proto::Role::Viewer,
+                RoleArg::Operator => proto::Role::Operator,
+                RoleArg::Admin => proto::Role::Admin,
+                RoleArg::Push => proto::Role::Push,
+                RoleArg::Agent => proto::Role::Agent,
+            };
+            let created = cli
+                .fleet()
+                .await?
+                .create_token(proto::CreateTokenRequest { name: name.clone(), role: role as i32 })
+                .await
+                .map_err(status)?
+                .into_inner();
+            #[derive(Serialize)]
+            struct TokenView {
+                name: String,
+                role: String,
+                token: String,
+            }
+            let view = TokenView { name: created.name, role: format!("{role:?}").to_lowercase(), token: created.token };
+            print(cli.output, &view, |t| t.token.clone())
+        }
+    }
+}
+
+/// `repo:tag` or `repo@sha256:...` → (repository, tag-or-digest).
+fn split_bundle_ref(s: &str) -> anyhow::Result<(String, String)> {
+    if let Some((repo, digest)) = s.split_once('@') {
+        return Ok((repo.to_owned(), digest.to_owned()));
+    }
+    match s.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') && !repo.is_empty() => Ok((repo.to_owned(), tag.to_owned())),
+        _ if !s.is_empty() => Ok((s.to_owned(), "latest".to_owned())),
+        _ => bail!("name the bundle as REPOSITORY:TAG or REPOSITORY@sha256:..."),
+    }
+}
+
+/// A device for people and scripts: enums as words, not numbers.
+#[derive(Serialize)]
+struct DeviceView {
+    id: String,
+    connected: bool,
+    phase: String,
+    running: Option<String>,
+    desired: Option<String>,
+    applied_generation: u64,
+    desired_generation: u64,
+    rollout_id: String,
+    hardware_class: String,
+    agent_version: String,
+    last_seen_unix_ms: i64,
+    labels: std::collections::BTreeMap<String, String>,
+    error: Option<String>,
+    error_code: Option<String>,
+}
+
+impl From<&proto::Device> for DeviceView {
+    fn from(d: &proto::Device) -> Self {
+        DeviceView {
+            id: d.id.clone(),
+            connected: d.connected,
+            phase: proto::Phase::try_from(d.phase).unwrap_or(proto::Phase::Unspecified).label().into(),
+            running: d.running.as_ref().map(|b| b.display()),
+            desired: d.desired.as_ref().map(|b| b.display()),
+            applied_generation: d.applied_generation,
+            desired_generation: d.desired_generation,
+            rollout_id: d.rollout_id.clone(),
+            hardware_class: d.inventory.as_ref().map(|i| i.hardware_class.clone()).unwrap_or_default(),
+            agent_version: d.agent_version.clone(),
+            last_seen_unix_ms: d.last_seen_unix_ms,
+            labels: d.labels.clone().into_iter().collect(),
+            error: d.error.as_ref().map(|e| e.message.clone()),
+            error_code: d.error.as_ref().map(|e| proto::ErrorCode::try_from(e.code).unwrap_or_default().label().into()),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct RolloutView {
+    id: String,
+    state: String,
+    candidate: String,
+    step: u32,
+    steps: Vec<u32>,
+    selected: u32,
+    candidate_devices: u32,
+    active: u32,
+    failed: u32,
+    pending: u32,
+    message: String,
+}
+
+impl From<&proto::Rollout> for RolloutView {
+    fn from(r: &proto::Rollout) -> Self {
+        let c = r.counts.unwrap_or_default();
+        RolloutView {
+            id: r.id.clone(),
+            state: proto::RolloutState::try_from(r.state).unwrap_or_default().label().into(),
+            candidate: r.candidate.as_ref().map(|b| b.display()).unwrap_or_default(),
+            step: r.current_step + 1,
+            steps: r.spec.as_ref().map(|s| s.steps.iter().map(|s| s.percent).collect()).unwrap_or_default(),
+            selected: c.selected,
+            candidate_devices: c.candidate,
+            active: c.active,
+            failed: c.failed,
+            pending: c.pending,
+            message: r.message.clone(),
+        }
+    }
+}
+
+fn rollout_table(rs: &[RolloutView]) -> String {
+    let mut t = table(["ROLLOUT", "STATE", "STEP", "SELECTED", "B", "ACTIVE", "FAILED", "PENDING", "CANDIDATE", "MESSAGE"]);
+    for r in rs {
+        t.add_row([
+            r.id.clone(),
+            r.state.clone(),
+            format!("{}/{}", r.step.min(r.steps.len() as u32), r.steps.len()),
+            r.selected.to_string(),
+            r.candidate_devices.to_string(),
+            r.active.to_string(),
+            r.failed.to_string(),
+            r.pending.to_string(),
+            short_ref(&r.candidate),
+            r.message.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
+fn print<T: Serialize>(output: Output, value: &T, table: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Table => println!("{}", table(value)),
+    }
+    Ok(())
+}
+
+fn table<const N: usize>(header: [&str; N]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(comfy_table::presets::NOTHING).set_header(header);
+    t
+}
+
+fn progress_bar(output: Output, what: &'static str) -> indicatif::ProgressBar {
+    // Scripts reading JSON get no bar on stderr noise; people get one when stderr is a terminal.
+    if output == Output::Json {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{prefix} {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(what);
+    bar
+}
+
+fn status(s: tonic::Status) -> anyhow::Error {
+    match s.code() {
+        tonic::Code::Unavailable => anyhow::anyhow!("cannot reach the controller: {}", s.message()),
+        _ => anyhow::anyhow!("{}", s.message()),
+    }
+}
+
+fn short(digest: &str) -> String {
+    digest.strip_prefix("sha256:").map(|h| h.chars().take(12).collect()).unwrap_or_else(|| digest.to_owned())
+}
+
+fn short_ref(r: &str) -> String {
+    match r.split_once("@sha256:") {
+        Some((name, hex)) => format!("{name}@{}", &hex[..hex.len().min(12)]),
+        None => r.to_owned(),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}

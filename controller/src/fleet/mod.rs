@@ -1,0 +1,100 @@
+//! The fleet as the controller sees it: connected sessions and each device's desired state.
+
+pub mod hub;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use alki_shared::proto::{self, controller_message::Msg};
+use tokio::sync::Notify;
+
+use crate::store::{Store, StoreError};
+pub use hub::Hub;
+
+/// What the controller wants a device to run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Assignment {
+    pub bundle: proto::BundleRef,
+    pub runtime: proto::RuntimeSettings,
+    pub rollout_id: String,
+    pub cohort: String,
+}
+
+/// Devices, their sessions and their desired state. Cheap to clone.
+#[derive(Clone)]
+pub struct Fleet {
+    pub store: Store,
+    pub hub: Arc<Hub>,
+    /// Woken whenever a device's facts change, so the rollout reconciler looks again at once.
+    pub changed: Arc<Notify>,
+}
+
+impl Fleet {
+    pub fn new(store: Store) -> Fleet {
+        Fleet { store, hub: Arc::new(Hub::default()), changed: Arc::new(Notify::new()) }
+    }
+
+    /// Gives a device a new desired state, bumping its generation, and sends it if the device is connected.
+    /// Assigning what the device is already assigned changes nothing (idempotent).
+    pub fn assign(&self, device_id: &str, assignment: &Assignment) -> Result<(), StoreError> {
+        let sent = self.store.update_device(device_id, |d| {
+            let unchanged = d.desired.as_ref() == Some(&assignment.bundle)
+                && d.desired_runtime.as_ref() == Some(&assignment.runtime)
+                && d.rollout_id == assignment.rollout_id
+                && d.cohort == assignment.cohort;
+            if unchanged {
+                return None;
+            }
+            d.desired_generation += 1;
+            d.desired = Some(assignment.bundle.clone());
+            d.desired_runtime = Some(assignment.runtime.clone());
+            d.rollout_id = assignment.rollout_id.clone();
+            d.cohort = assignment.cohort.clone();
+            desired_state(d)
+        })?;
+        if let Some(desired) = sent {
+            tracing::info!(
+                device_id,
+                generation = desired.generation,
+                bundle = %desired.bundle.as_ref().map(|b| b.display()).unwrap_or_default(),
+                "Assigned a new desired state."
+            );
+            self.hub.send(device_id, Msg::DesiredState(desired));
+        }
+        Ok(())
+    }
+
+    /// Devices as the API shows them: stored records with `connected` filled from the live sessions.
+    pub fn devices(&self, selector: &HashMap<String, String>) -> Result<Vec<proto::Device>, StoreError> {
+        let mut devices = self.store.devices()?;
+        devices.retain(|d| selects(selector, &d.labels));
+        for d in &mut devices {
+            d.connected = self.hub.is_connected(&d.id);
+        }
+        Ok(devices)
+    }
+
+    pub fn device(&self, id: &str) -> Result<Option<proto::Device>, StoreError> {
+        Ok(self.store.device(id)?.map(|mut d| {
+            d.connected = self.hub.is_connected(&d.id);
+            d
+        }))
+    }
+}
+
+/// The complete desired state of a device record, if it has one.
+pub fn desired_state(d: &proto::Device) -> Option<proto::DesiredState> {
+    let bundle = d.desired.clone()?;
+    Some(proto::DesiredState {
+        generation: d.desired_generation,
+        bundle: Some(bundle),
+        runtime: d.desired_runtime.clone(),
+        rollout_id: d.rollout_id.clone(),
+        cohort: d.cohort.clone(),
+    })
+}
+
+/// True when `labels` carry every key/value of `selector` (an empty selector selects everything).
+pub fn selects<'a>(selector: impl IntoIterator<Item = (&'a String, &'a String)>, labels: &HashMap<String, String>) -> bool {
+    selector.into_iter().all(|(k, v)| labels.get(k) == Some(v))
+}

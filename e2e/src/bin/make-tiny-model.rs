@@ -1,0 +1,41 @@
+//! `make-tiny-model`: writes the tiny llama GGUF used by tests (see `alki_e2e::tiny_model`).
+
+use std::path::PathBuf;
+
+use alki_e2e::tiny_model::{self, TinyModelOptions};
+use anyhow::Context;
+use clap::Parser;
+
+/// Writes a tiny llama-architecture GGUF (2 layers, n_embd 64, F16, random weights) that llama-server loads.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// GGUF to copy the tokenizer.* keys from, e.g. llama.cpp's models/ggml-vocab-llama-spm.gguf
+    /// (default: the copy cached by e2e/scripts/build-llama-server.sh).
+    #[arg(long)]
+    vocab: Option<PathBuf>,
+    /// Where to write the model (replaced atomically).
+    #[arg(long)]
+    out: PathBuf,
+    /// general.name of the model.
+    #[arg(long, default_value = "alki-tiny")]
+    name: String,
+    /// Seed of the random weights: same seed, same bytes.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let vocab = match args.vocab {
+        Some(path) => path,
+        None => tiny_model::cached_vocab_path().context(
+            "no --vocab given and no cached ggml-vocab-llama-spm.gguf; run e2e/scripts/build-llama-server.sh",
+        )?,
+    };
+    let tokenizer = tiny_model::read_tokenizer(&vocab)?;
+    let options = TinyModelOptions { name: args.name, seed: args.seed };
+    let size = tiny_model::write_tiny_model(&args.out, &options, &tokenizer)?;
+    println!("{} {size}", args.out.display());
+    Ok(())
+}
