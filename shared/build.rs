@@ -7,9 +7,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");
     }
+    // A protoc from PROTOC or PATH wins; otherwise the vendored one, so a bare `cargo build` works anywhere.
+    if std::env::var_os("PROTOC").is_none() && which_protoc().is_none() {
+        // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
+        unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
+    }
     tonic_prost_build::configure()
         .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
         .message_attribute(".", "#[serde(default)]")
         .compile_protos(&protos, &["../proto".to_owned()])?;
     Ok(())
+}
+
+fn which_protoc() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join("protoc")).find(|p| p.is_file())
 }

@@ -1,0 +1,229 @@
+//! Desired-state decisions, pure: which generation to apply, ignore or queue, and when the device already
+//! serves what is asked. The agent converges to the newest generation it has seen; applying is idempotent.
+
+use alki_shared::digest::Digest;
+use alki_shared::ids::Generation;
+use alki_shared::proto;
+
+use crate::reference::BundleLocation;
+use crate::settings::RuntimeOverrides;
+
+/// A desired state as the agent understands it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Desired {
+    pub generation: Generation,
+    /// The bundle to serve, or why the reference cannot be used (the activation then fails for people to see).
+    pub target: Result<BundleLocation, String>,
+    pub overrides: RuntimeOverrides,
+    pub rollout_id: String,
+    pub cohort: String,
+}
+
+impl Desired {
+    pub fn from_proto(d: &proto::DesiredState) -> Desired {
+        Desired {
+            generation: Generation(d.generation),
+            target: BundleLocation::from_proto(d.bundle.as_ref()).map_err(|e| e.to_string()),
+            overrides: RuntimeOverrides::from_proto(d.runtime.as_ref()),
+            rollout_id: d.rollout_id.clone(),
+            cohort: d.cohort.clone(),
+        }
+    }
+
+    /// The bundle as the controller named it, for Status messages (even when it is invalid).
+    pub fn bundle_ref(&self, raw: Option<&proto::BundleRef>) -> Option<proto::BundleRef> {
+        match &self.target {
+            Ok(b) => Some(b.to_proto()),
+            Err(_) => raw.cloned(),
+        }
+    }
+}
+
+/// What the device serves now, as far as "is this already applied?" is concerned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServingKey {
+    pub bundle_digest: Digest,
+    pub overrides: RuntimeOverrides,
+}
+
+/// Why a desired state was ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ignored {
+    /// Not newer than the last applied generation.
+    Stale,
+    /// The generation being applied (or already queued) again.
+    Duplicate,
+}
+
+/// What to do with a desired state.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    Ignore(Ignored),
+    /// Kept until the activation in progress ends (only the newest is kept).
+    Queued,
+    /// The device already serves this bundle with these settings: report ACTIVE, no restart.
+    AlreadyServing(Desired),
+    /// Pull, verify, start and flip to it now.
+    Activate(Desired),
+}
+
+/// The convergence bookkeeping: last applied, in progress, queued.
+#[derive(Clone, Debug, Default)]
+pub struct Converger {
+    last_applied: Generation,
+    in_progress: Option<Generation>,
+    queued: Option<Desired>,
+}
+
+impl Converger {
+    pub fn new(last_applied: Generation) -> Converger {
+        Converger { last_applied, in_progress: None, queued: None }
+    }
+
+    pub fn last_applied(&self) -> Generation {
+        self.last_applied
+    }
+
+    pub fn in_progress(&self) -> Option<Generation> {
+        self.in_progress
+    }
+
+    /// Decides what to do with `desired`, given what is served now.
+    pub fn offer(&mut self, desired: Desired, serving: Option<&ServingKey>) -> Decision {
+        if desired.generation <= self.last_applied {
+            return Decision::Ignore(Ignored::Stale);
+        }
+        if let Some(current) = self.in_progress {
+            if desired.generation == current {
+                return Decision::Ignore(Ignored::Duplicate);
+            }
+            if desired.generation < current {
+                return Decision::Ignore(Ignored::Stale);
+            }
+            if let Some(queued) = &self.queued {
+                if desired.generation == queued.generation {
+                    return Decision::Ignore(Ignored::Duplicate);
+                }
+                if desired.generation < queued.generation {
+                    return Decision::Ignore(Ignored::Stale);
+                }
+            }
+            self.queued = Some(desired);
+            return Decision::Queued;
+        }
+        let same = match (&desired.target, serving) {
+            (Ok(bundle), Some(key)) => bundle.digest == key.bundle_digest && desired.overrides == key.overrides,
+            _ => false,
+        };
+        if same {
+            self.last_applied = desired.generation;
+            return Decision::AlreadyServing(desired);
+        }
+        self.in_progress = Some(desired.generation);
+        Decision::Activate(desired)
+    }
+
+    /// Records the end of the activation in progress (success or failure: either way the generation is
+    /// applied) and hands back the queued desired state, to be offered next.
+    pub fn finished(&mut self) -> Option<Desired> {
+        if let Some(generation) = self.in_progress.take() {
+            self.last_applied = self.last_applied.max(generation);
+        }
+        self.queued.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(name: &str) -> BundleLocation {
+        BundleLocation {
+            registry: String::new(),
+            repository: "acme/tiny".into(),
+            digest: Digest::of(name.as_bytes()),
+            tag: String::new(),
+        }
+    }
+
+    fn desired(generation: u64, name: &str) -> Desired {
+        Desired {
+            generation: Generation(generation),
+            target: Ok(bundle(name)),
+            overrides: RuntimeOverrides::default(),
+            rollout_id: String::new(),
+            cohort: String::new(),
+        }
+    }
+
+    fn serving(name: &str) -> ServingKey {
+        ServingKey { bundle_digest: Digest::of(name.as_bytes()), overrides: RuntimeOverrides::default() }
+    }
+
+    #[test]
+    fn old_and_repeated_generations_are_ignored() {
+        let mut c = Converger::new(Generation(5));
+        assert_eq!(c.offer(desired(5, "a"), None), Decision::Ignore(Ignored::Stale));
+        assert_eq!(c.offer(desired(3, "a"), None), Decision::Ignore(Ignored::Stale));
+        assert!(matches!(c.offer(desired(6, "a"), None), Decision::Activate(_)));
+        assert_eq!(c.offer(desired(6, "a"), None), Decision::Ignore(Ignored::Duplicate));
+        assert_eq!(c.in_progress(), Some(Generation(6)));
+    }
+
+    #[test]
+    fn newer_states_during_an_activation_are_queued_newest_only() {
+        let mut c = Converger::new(Generation(0));
+        assert!(matches!(c.offer(desired(1, "a"), None), Decision::Activate(_)));
+        assert_eq!(c.offer(desired(2, "b"), None), Decision::Queued);
+        assert_eq!(c.offer(desired(4, "d"), None), Decision::Queued);
+        assert_eq!(c.offer(desired(3, "c"), None), Decision::Ignore(Ignored::Stale), "older than the queued one");
+        assert_eq!(c.offer(desired(4, "d"), None), Decision::Ignore(Ignored::Duplicate));
+        let next = c.finished().expect("queued state comes back");
+        assert_eq!(next.generation, Generation(4));
+        assert_eq!(c.last_applied(), Generation(1));
+        assert!(matches!(c.offer(next, Some(&serving("a"))), Decision::Activate(d) if d.generation == Generation(4)));
+        assert_eq!(c.finished(), None);
+        assert_eq!(c.last_applied(), Generation(4));
+    }
+
+    #[test]
+    fn the_same_bundle_and_settings_are_already_active() {
+        let mut c = Converger::new(Generation(1));
+        let decision = c.offer(desired(2, "a"), Some(&serving("a")));
+        assert!(matches!(decision, Decision::AlreadyServing(_)));
+        assert_eq!(c.last_applied(), Generation(2));
+        assert_eq!(c.in_progress(), None);
+        // Different settings for the same bundle need a restart.
+        let mut with_ctx = desired(3, "a");
+        with_ctx.overrides.context_size = 4096;
+        assert!(matches!(c.offer(with_ctx, Some(&serving("a"))), Decision::Activate(_)));
+    }
+
+    #[test]
+    fn a_failed_activation_still_counts_as_applied() {
+        let mut c = Converger::new(Generation(0));
+        let mut bad = desired(7, "x");
+        bad.target = Err("the desired state names no bundle".into());
+        assert!(matches!(c.offer(bad, Some(&serving("a"))), Decision::Activate(_)));
+        assert_eq!(c.finished(), None);
+        assert_eq!(c.last_applied(), Generation(7));
+        assert_eq!(c.offer(desired(7, "x"), None), Decision::Ignore(Ignored::Stale));
+    }
+
+    #[test]
+    fn desired_states_from_the_wire_are_validated() {
+        let wire = proto::DesiredState {
+            generation: 9,
+            bundle: Some(bundle("a").to_proto()),
+            runtime: Some(proto::RuntimeSettings { context_size: 512, ..Default::default() }),
+            rollout_id: "ro-1".into(),
+            cohort: "B".into(),
+        };
+        let d = Desired::from_proto(&wire);
+        assert_eq!(d.generation, Generation(9));
+        assert_eq!(d.target, Ok(bundle("a")));
+        assert_eq!(d.overrides.context_size, 512);
+        let empty = Desired::from_proto(&proto::DesiredState { generation: 10, ..Default::default() });
+        assert!(empty.target.is_err());
+    }
+}

@@ -1,0 +1,610 @@
+//! Pulling a bundle by digest from an OCI registry into the content store, choosing the variant that fits,
+//! and materialising it as a directory of GGUF files for llama-server.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use alki_shared::bundle::{RuntimeDefaults, VariantInfo, choose_variant, runtime_layer, safe_file_name, variants, weight_layers};
+use alki_shared::digest::Digest;
+use alki_shared::oci::{
+    Descriptor, ImageManifest, MAX_MANIFEST_BYTES, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_DOCKER_MANIFEST,
+    MEDIA_TYPE_IMAGE_INDEX, MEDIA_TYPE_IMAGE_MANIFEST, Manifest, ManifestError,
+};
+use alki_shared::proto::ErrorCode;
+use futures::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use tokio::time::Instant;
+
+use crate::reference::{BundleLocation, short};
+use crate::store::{ContentStore, StoreError};
+
+/// How often progress is reported at most while bytes flow.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+/// Attempts per blob when the connection fails (not when content is wrong).
+const BLOB_ATTEMPTS: u32 = 3;
+/// The runtime layer is a small JSON document; anything bigger is not one.
+const MAX_RUNTIME_LAYER_BYTES: u64 = 64 << 10;
+/// Free space kept on the data disk beyond what a bundle needs.
+const DISK_MARGIN_BYTES: u64 = 64 << 20;
+/// The username sent with the token in Basic authentication.
+const BASIC_USER: &str = "alki-agent";
+const ACCEPTED_MANIFESTS: [&str; 4] =
+    [MEDIA_TYPE_IMAGE_INDEX, MEDIA_TYPE_IMAGE_MANIFEST, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_DOCKER_MANIFEST];
+
+/// Bytes of a pull done so far out of the bytes the chosen variant needs (already stored bytes count as done).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PullProgress {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// A bundle variant present in the content store and materialised for llama-server.
+#[derive(Clone, Debug)]
+pub struct PulledBundle {
+    /// Digest of the variant manifest (the bundle's digest when the bundle is a single manifest).
+    pub variant_digest: Digest,
+    /// The index entry chosen, when the bundle is an index.
+    pub variant: Option<VariantInfo>,
+    /// `<bundles_dir>/<variant hex>/`.
+    pub dir: PathBuf,
+    /// The GGUF files inside `dir`, in layer order; llama-server is given the first.
+    pub model_files: Vec<PathBuf>,
+    /// The runtime layer, when the variant has one.
+    pub runtime_defaults: Option<RuntimeDefaults>,
+    /// Bytes of every blob of the variant.
+    pub bytes_total: u64,
+    /// Bytes fetched from the registry by this pull (the rest were already stored).
+    pub bytes_fetched: u64,
+}
+
+/// Registry access for pulls: protocol per registry and the credentials for the embedded registry.
+#[derive(Clone)]
+pub struct RegistryAccess {
+    client: std::sync::Arc<Client>,
+    embedded: String,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for RegistryAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAccess").field("embedded", &self.embedded).finish_non_exhaustive()
+    }
+}
+
+impl RegistryAccess {
+    /// `plain_http`: registries (`host:port`) reached over HTTP. `embedded`: the registry used when a bundle
+    /// names none. `token`: sent (Basic, user `alki-agent`) to the embedded registry only, never elsewhere.
+    pub fn new(plain_http: Vec<String>, embedded: String, token: Option<String>) -> RegistryAccess {
+        let config = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(plain_http),
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(60)),
+            user_agent: concat!("alki-agent/", env!("CARGO_PKG_VERSION")),
+            platform_resolver: None,
+            ..Default::default()
+        };
+        RegistryAccess { client: std::sync::Arc::new(Client::new(config)), embedded, token }
+    }
+
+    fn registry_of<'a>(&'a self, bundle: &'a BundleLocation) -> &'a str {
+        if bundle.registry.is_empty() { &self.embedded } else { &bundle.registry }
+    }
+
+    fn reference(&self, bundle: &BundleLocation, digest: &Digest) -> Reference {
+        Reference::with_digest(self.registry_of(bundle).to_owned(), bundle.repository.clone(), digest.to_string())
+    }
+
+    fn auth(&self, bundle: &BundleLocation) -> RegistryAuth {
+        match &self.token {
+            Some(token) if self.registry_of(bundle) == self.embedded => {
+                RegistryAuth::Basic(BASIC_USER.to_owned(), token.clone())
+            }
+            _ => RegistryAuth::Anonymous,
+        }
+    }
+}
+
+/// A failed pull, for people ([`std::fmt::Display`]) and for the controller ([`PullError::code`]).
+#[derive(Debug, thiserror::Error)]
+#[error("bundle {bundle}: {kind}")]
+pub struct PullError {
+    pub bundle: String,
+    pub kind: PullErrorKind,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullErrorKind {
+    #[error(
+        "cannot fetch {what} from registry {registry}: {source}; check that the registry is reachable from this \
+         device, that the bundle was pushed there, and the agent's token"
+    )]
+    Registry { what: String, registry: String, source: Box<OciDistributionError> },
+    #[error("{what} {} does not match its digest (got {actual}); the registry copy is corrupt — push the bundle again", short(expected))]
+    ManifestDigest { what: String, expected: Digest, actual: String },
+    #[error("{what} {} is not a valid OCI manifest ({source}); push a bundle made by alkictl bundle pack", short(digest))]
+    Manifest { what: String, digest: Digest, source: ManifestError },
+    #[error("{0}; push a bundle made by alkictl bundle pack")]
+    NotABundle(String),
+    #[error(
+        "no variant fits in the {} of memory available (variants need: {needs}); free memory or add a smaller \
+         quantization to the bundle", human_bytes(*available)
+    )]
+    NoVariantFits { available: u64, needs: String },
+    #[error("layer {} does not match its digest (got {actual}); the registry copy is corrupt — push the bundle again", short(layer))]
+    LayerDigest { layer: Digest, actual: Digest },
+    #[error(
+        "layer {} is {actual}{} bytes but its descriptor says {expected}; the registry copy is corrupt — push the \
+         bundle again", short(layer), if *more { " or more" } else { "" }
+    )]
+    LayerSize { layer: Digest, expected: u64, actual: u64, more: bool },
+    #[error("layer {} has no safe file name ({name:?}); repack the bundle with plain file names", short(layer))]
+    BadFileName { layer: Digest, name: String },
+    #[error("runtime layer {} is not valid: {reason}; repack the bundle with alkictl bundle pack", short(layer))]
+    RuntimeLayer { layer: Digest, reason: String },
+    #[error(
+        "needs {} more on the disk of {} but only {} is free; free disk space or use a smaller bundle",
+        human_bytes(*needed), dir.display(), human_bytes(*available)
+    )]
+    DiskFull { needed: u64, available: u64, dir: PathBuf },
+    #[error("local content store: {0}; check that the data_dir is writable and has free space")]
+    Store(StoreError),
+    #[error("cannot create the bundle directory {}: {source}; check that the data_dir is writable", dir.display())]
+    Materialise { dir: PathBuf, source: std::io::Error },
+}
+
+impl PullError {
+    /// The stable code reported to the controller.
+    pub fn code(&self) -> ErrorCode {
+        match &self.kind {
+            PullErrorKind::Registry { source, .. } => match source.as_ref() {
+                OciDistributionError::DigestError(_) => ErrorCode::DigestMismatch,
+                _ => ErrorCode::PullFailed,
+            },
+            PullErrorKind::ManifestDigest { .. } | PullErrorKind::LayerDigest { .. } | PullErrorKind::LayerSize { .. } => {
+                ErrorCode::DigestMismatch
+            }
+            PullErrorKind::Manifest { .. }
+            | PullErrorKind::NotABundle(_)
+            | PullErrorKind::BadFileName { .. }
+            | PullErrorKind::RuntimeLayer { .. } => ErrorCode::BundleInvalid,
+            PullErrorKind::NoVariantFits { .. } => ErrorCode::NoVariantFits,
+            PullErrorKind::DiskFull { .. } => ErrorCode::DiskFull,
+            PullErrorKind::Store(e) if e.is_disk_full() => ErrorCode::DiskFull,
+            PullErrorKind::Store(_) | PullErrorKind::Materialise { .. } => ErrorCode::Io,
+        }
+    }
+
+    /// The layer (or manifest) concerned, when there is one.
+    pub fn layer_digest(&self) -> Option<&Digest> {
+        match &self.kind {
+            PullErrorKind::ManifestDigest { expected, .. } => Some(expected),
+            PullErrorKind::Manifest { digest, .. } => Some(digest),
+            PullErrorKind::LayerDigest { layer, .. }
+            | PullErrorKind::LayerSize { layer, .. }
+            | PullErrorKind::BadFileName { layer, .. }
+            | PullErrorKind::RuntimeLayer { layer, .. } => Some(layer),
+            _ => None,
+        }
+    }
+}
+
+/// Pulls `bundle` into `store` and materialises the chosen variant under `bundles_dir`.
+///
+/// The index (or single manifest) and the variant manifest are checked against their digests; every blob
+/// not yet in the store is streamed into it (never held in memory) and checked against its descriptor's
+/// digest and size. `memory_available` chooses the variant. `progress` is called at most every
+/// [`PROGRESS_INTERVAL`] while bytes flow, and once at the start and the end.
+pub async fn pull_bundle(
+    registry: &RegistryAccess,
+    store: &ContentStore,
+    bundles_dir: &Path,
+    bundle: &BundleLocation,
+    memory_available: u64,
+    progress: &mut (dyn FnMut(PullProgress) + Send),
+) -> Result<PulledBundle, PullError> {
+    let wrap = |kind| PullError { bundle: bundle.to_string(), kind };
+    let top = fetch_manifest(registry, store, bundle, &bundle.digest, "bundle manifest").await.map_err(wrap)?;
+    let (variant, variant_digest, manifest) = match top {
+        Manifest::Index(index) => {
+            let offered = variants(&index);
+            if offered.is_empty() {
+                return Err(wrap(PullErrorKind::NotABundle("the bundle's index lists no variants".to_owned())));
+            }
+            let Some(chosen) = choose_variant(&index, memory_available) else {
+                let needs = offered
+                    .iter()
+                    .map(|v| format!("{} {}", label_of(v), human_bytes(v.memory_bytes.max(v.weights_bytes))))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(wrap(PullErrorKind::NoVariantFits { available: memory_available, needs }));
+            };
+            let digest = chosen.descriptor.digest.clone();
+            let manifest = match fetch_manifest(registry, store, bundle, &digest, "variant manifest").await.map_err(wrap)? {
+                Manifest::Image(m) => m,
+                Manifest::Index(_) => {
+                    return Err(wrap(PullErrorKind::NotABundle(format!(
+                        "variant {} is an index, not a model manifest",
+                        short(&digest)
+                    ))));
+                }
+            };
+            (Some(chosen), digest, manifest)
+        }
+        Manifest::Image(manifest) => {
+            let weights: u64 = weight_layers(&manifest).iter().map(|l| l.size).fold(0, u64::saturating_add);
+            if weights > memory_available {
+                return Err(wrap(PullErrorKind::NoVariantFits {
+                    available: memory_available,
+                    needs: format!("the only variant {}", human_bytes(weights)),
+                }));
+            }
+            (None, bundle.digest.clone(), manifest)
+        }
+    };
+    tracing::info!(variant = %variant_digest, quantization = variant.as_ref().map(|v| v.quantization.as_str()).unwrap_or(""), "Chose the bundle variant.");
+    let named = check_files(&manifest).map_err(wrap)?;
+
+    // Every blob of the variant: config and layers, each once.
+    let mut blobs: Vec<&Descriptor> = Vec::new();
+    for d in std::iter::once(&manifest.config).chain(&manifest.layers) {
+        if !blobs.iter().any(|b| b.digest == d.digest) {
+            blobs.push(d);
+        }
+    }
+    let bytes_total = blobs.iter().map(|d| d.size).fold(0, u64::saturating_add);
+    let mut missing = Vec::new();
+    let mut bytes_present = 0u64;
+    for d in &blobs {
+        match store.size(&d.digest).await {
+            Some(size) if size == d.size => bytes_present = bytes_present.saturating_add(size),
+            Some(_) => {
+                // A stored blob of the wrong size cannot be the right content: fetch it again.
+                store.remove(&d.digest).await.map_err(|e| wrap(PullErrorKind::Store(e)))?;
+                missing.push(*d);
+            }
+            None => missing.push(*d),
+        }
+    }
+    let needed = bytes_total - bytes_present;
+    check_disk(bundles_dir, needed).await.map_err(wrap)?;
+
+    let mut reporter = Reporter { progress, last: None, base: bytes_present, total: bytes_total };
+    reporter.report(0, true);
+    let mut fetched = 0u64;
+    for d in missing {
+        fetch_blob(registry, store, bundle, d, &mut |n| reporter.report(fetched + n, false)).await.map_err(wrap)?;
+        fetched += d.size;
+    }
+    reporter.report(fetched, true);
+
+    let runtime_defaults = match runtime_layer(&manifest) {
+        Some(layer) => Some(read_runtime_layer(store, layer).await.map_err(wrap)?),
+        None => None,
+    };
+    let dir = bundles_dir.join(variant_digest.hex());
+    let links: Vec<(PathBuf, String)> = named.iter().map(|(d, name)| (store.path(&d.digest), name.clone())).collect();
+    let model_files = materialise(&dir, links).await.map_err(wrap)?;
+    Ok(PulledBundle { variant_digest, variant, dir, model_files, runtime_defaults, bytes_total, bytes_fetched: fetched })
+}
+
+fn label_of(v: &VariantInfo) -> &str {
+    if v.quantization.is_empty() { "(unnamed)" } else { &v.quantization }
+}
+
+/// The weight layers with their file names; refuses a variant without GGUF or with unsafe or repeated names.
+fn check_files(manifest: &ImageManifest) -> Result<Vec<(Descriptor, String)>, PullErrorKind> {
+    let weights = weight_layers(manifest);
+    if weights.is_empty() {
+        return Err(PullErrorKind::NotABundle("the variant has no GGUF weight layer".to_owned()));
+    }
+    let mut named: Vec<(Descriptor, String)> = Vec::new();
+    for layer in weights {
+        let Some(name) = safe_file_name(layer) else {
+            let shown = layer
+                .annotation(alki_shared::oci::ANNOTATION_TITLE)
+                .or(layer.annotation(alki_shared::bundle::ANNOTATION_FILEPATH))
+                .unwrap_or("no title annotation");
+            return Err(PullErrorKind::BadFileName { layer: layer.digest.clone(), name: shown.to_owned() });
+        };
+        if named.iter().any(|(_, n)| n == name) {
+            return Err(PullErrorKind::BadFileName {
+                layer: layer.digest.clone(),
+                name: format!("{name}, used by two layers"),
+            });
+        }
+        named.push((layer.clone(), name.to_owned()));
+    }
+    Ok(named)
+}
+
+struct Reporter<'a> {
+    progress: &'a mut (dyn FnMut(PullProgress) + Send),
+    last: Option<Instant>,
+    base: u64,
+    total: u64,
+}
+
+impl Reporter<'_> {
+    fn report(&mut self, fetched: u64, force: bool) {
+        let due = self.last.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL);
+        if force || due {
+            self.last = Some(Instant::now());
+            (self.progress)(PullProgress { bytes_done: self.base.saturating_add(fetched), bytes_total: self.total });
+        }
+    }
+}
+
+/// A manifest from the store if present (verified when it was stored), else from the registry, checked
+/// against `digest` and stored.
+async fn fetch_manifest(
+    registry: &RegistryAccess,
+    store: &ContentStore,
+    bundle: &BundleLocation,
+    digest: &Digest,
+    what: &str,
+) -> Result<Manifest, PullErrorKind> {
+    let bytes = match read_small(store, digest, MAX_MANIFEST_BYTES as u64).await {
+        Some(bytes) => bytes,
+        None => {
+            let reference = registry.reference(bundle, digest);
+            let pulled =
+                registry.client.pull_manifest_raw(&reference, &registry.auth(bundle), &ACCEPTED_MANIFESTS).await;
+            let (bytes, _) = pulled.map_err(|source| match source {
+                OciDistributionError::DigestError(oci_client::errors::DigestError::VerificationError {
+                    actual, ..
+                }) => PullErrorKind::ManifestDigest { what: what.to_owned(), expected: digest.clone(), actual },
+                source => PullErrorKind::Registry {
+                    what: format!("{what} {}", short(digest)),
+                    registry: registry.registry_of(bundle).to_owned(),
+                    source: Box::new(source),
+                },
+            })?;
+            let actual = Digest::of(&bytes);
+            if &actual != digest {
+                return Err(PullErrorKind::ManifestDigest {
+                    what: what.to_owned(),
+                    expected: digest.clone(),
+                    actual: actual.to_string(),
+                });
+            }
+            if bytes.len() <= MAX_MANIFEST_BYTES {
+                store.write_bytes(digest, &bytes).await.map_err(PullErrorKind::Store)?;
+            }
+            bytes.to_vec()
+        }
+    };
+    Manifest::parse(&bytes, None).map_err(|source| PullErrorKind::Manifest {
+        what: what.to_owned(),
+        digest: digest.clone(),
+        source,
+    })
+}
+
+/// A stored blob's bytes when present and at most `limit` bytes long.
+async fn read_small(store: &ContentStore, digest: &Digest, limit: u64) -> Option<Vec<u8>> {
+    let size = store.size(digest).await?;
+    if size > limit {
+        return None;
+    }
+    tokio::fs::read(store.path(digest)).await.ok()
+}
+
+/// True for the error oci-client's verifying stream yields at its end when the digest does not match:
+/// the store hashes the bytes itself and reports the mismatch with both digests.
+fn is_stream_digest_error(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<oci_client::errors::DigestError>())
+}
+
+/// Streams one blob into the store, retrying a few times when the connection fails.
+async fn fetch_blob(
+    registry: &RegistryAccess,
+    store: &ContentStore,
+    bundle: &BundleLocation,
+    descriptor: &Descriptor,
+    progress: &mut (dyn FnMut(u64) + Send),
+) -> Result<(), PullErrorKind> {
+    let reference = registry.reference(bundle, &descriptor.digest);
+    // Authentication is stored per registry by the first manifest request; make sure it is there.
+    registry.client.store_auth_if_needed(reference.resolve_registry(), &registry.auth(bundle)).await;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let last_attempt = attempt >= BLOB_ATTEMPTS;
+        let retry_pause = Duration::from_millis(500 * 2u64.pow(attempt - 1));
+        // Only the digest is passed: descriptor `urls` are never followed.
+        let stream = match registry.client.pull_blob_stream(&reference, descriptor.digest.as_str()).await {
+            Ok(s) => s,
+            Err(source) => {
+                let transient = matches!(source, OciDistributionError::RequestError(_) | OciDistributionError::IoError(_))
+                    || matches!(&source, OciDistributionError::ServerError { code, .. } if *code >= 500);
+                if transient && !last_attempt {
+                    tracing::warn!(layer = %descriptor.digest, attempt, error = %source, "Blob request failed; retrying.");
+                    tokio::time::sleep(retry_pause).await;
+                    continue;
+                }
+                return Err(PullErrorKind::Registry {
+                    what: format!("layer {}", short(&descriptor.digest)),
+                    registry: registry.registry_of(bundle).to_owned(),
+                    source: Box::new(source),
+                });
+            }
+        };
+        let bytes = stream.stream.take_while(|item| {
+            let keep = !matches!(item, Err(e) if is_stream_digest_error(e));
+            std::future::ready(keep)
+        });
+        match store.write_stream(&descriptor.digest, Some(descriptor.size), bytes, &mut *progress).await {
+            Ok(_) => return Ok(()),
+            Err(StoreError::Source { source, .. }) if !last_attempt => {
+                tracing::warn!(layer = %descriptor.digest, attempt, error = %source, "Blob transfer broke off; retrying.");
+                tokio::time::sleep(retry_pause).await;
+            }
+            Err(StoreError::DigestMismatch { expected, actual }) => {
+                return Err(PullErrorKind::LayerDigest { layer: expected, actual });
+            }
+            Err(StoreError::SizeMismatch { digest, expected, actual, more }) => {
+                return Err(PullErrorKind::LayerSize { layer: digest, expected, actual, more });
+            }
+            Err(e) => return Err(PullErrorKind::Store(e)),
+        }
+    }
+}
+
+async fn read_runtime_layer(store: &ContentStore, layer: &Descriptor) -> Result<RuntimeDefaults, PullErrorKind> {
+    let invalid = |reason: String| PullErrorKind::RuntimeLayer { layer: layer.digest.clone(), reason };
+    if layer.size > MAX_RUNTIME_LAYER_BYTES {
+        return Err(invalid(format!("it is {} bytes, over the limit of {MAX_RUNTIME_LAYER_BYTES}", layer.size)));
+    }
+    let bytes = read_small(store, &layer.digest, MAX_RUNTIME_LAYER_BYTES)
+        .await
+        .ok_or_else(|| invalid("it is missing from the content store".to_owned()))?;
+    serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))
+}
+
+async fn check_disk(dir: &Path, needed: u64) -> Result<(), PullErrorKind> {
+    if needed == 0 {
+        return Ok(());
+    }
+    let probe = dir.to_owned();
+    let space = tokio::task::spawn_blocking(move || crate::inventory::disk_space(&probe)).await.ok().flatten();
+    match space {
+        Some((_, available)) if available < needed.saturating_add(DISK_MARGIN_BYTES) => {
+            Err(PullErrorKind::DiskFull { needed, available, dir: dir.to_owned() })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Makes `dir` hold one entry per `(blob path, file name)`: a hard link to the blob, or a copy when the
+/// link fails (another filesystem). Entries already linked to their blob are kept; others are replaced.
+async fn materialise(dir: &Path, files: Vec<(PathBuf, String)>) -> Result<Vec<PathBuf>, PullErrorKind> {
+    let dir = dir.to_owned();
+    let owned = dir.clone();
+    let result = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<PathBuf>> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::create_dir_all(&owned)?;
+        let mut out = Vec::new();
+        for (blob, name) in files {
+            let target = owned.join(&name);
+            let blob_meta = std::fs::metadata(&blob)?;
+            if let Ok(meta) = std::fs::symlink_metadata(&target) {
+                let same = meta.is_file() && meta.dev() == blob_meta.dev() && meta.ino() == blob_meta.ino();
+                if same {
+                    out.push(target);
+                    continue;
+                }
+                std::fs::remove_file(&target)?;
+            }
+            if let Err(e) = std::fs::hard_link(&blob, &target) {
+                tracing::debug!(error = %e, file = %target.display(), "Hard link failed; copying.");
+                let tmp = owned.join(format!(".{name}.copy"));
+                std::fs::copy(&blob, &tmp)?;
+                std::fs::File::open(&tmp)?.sync_all()?;
+                std::fs::rename(&tmp, &target)?;
+            }
+            out.push(target);
+        }
+        alki_shared::fsutil::sync_dir(&owned)?;
+        Ok(out)
+    })
+    .await;
+    match result {
+        Ok(Ok(files)) => Ok(files),
+        Ok(Err(source)) => Err(PullErrorKind::Materialise { dir, source }),
+        Err(join) => Err(PullErrorKind::Materialise { dir, source: std::io::Error::other(join) }),
+    }
+}
+
+/// `1.5 GiB`, `600 MiB`, `12 KiB`, `10 B`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alki_shared::bundle::MEDIA_TYPE_WEIGHT_RAW;
+    use alki_shared::oci::ANNOTATION_TITLE;
+
+    fn weight(name: &str, content: &[u8]) -> Descriptor {
+        let mut d = Descriptor::new(MEDIA_TYPE_WEIGHT_RAW, Digest::of(content), content.len() as u64);
+        d.annotations.insert(ANNOTATION_TITLE.to_owned(), name.to_owned());
+        d
+    }
+
+    fn manifest(layers: Vec<Descriptor>) -> ImageManifest {
+        ImageManifest {
+            schema_version: 2,
+            media_type: Some(MEDIA_TYPE_IMAGE_MANIFEST.to_owned()),
+            artifact_type: None,
+            config: Descriptor::new(alki_shared::oci::MEDIA_TYPE_EMPTY, Digest::of(b"{}"), 2),
+            layers,
+            subject: None,
+            annotations: Default::default(),
+        }
+    }
+
+    #[test]
+    fn unsafe_or_repeated_file_names_are_refused() {
+        let ok = check_files(&manifest(vec![weight("a-00001.gguf", b"1"), weight("a-00002.gguf", b"2")]))
+            .expect("plain names");
+        assert_eq!(ok.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>(), ["a-00001.gguf", "a-00002.gguf"]);
+        let err = check_files(&manifest(vec![weight("../x.gguf", b"1")])).expect_err("traversal");
+        assert!(matches!(err, PullErrorKind::BadFileName { .. }), "{err}");
+        let err = check_files(&manifest(vec![weight("a.gguf", b"1"), weight("a.gguf", b"2")])).expect_err("dup");
+        assert!(matches!(err, PullErrorKind::BadFileName { .. }), "{err}");
+        let err = check_files(&manifest(vec![])).expect_err("no weights");
+        assert!(matches!(err, PullErrorKind::NotABundle(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn materialise_links_blobs_by_name_and_is_idempotent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ContentStore::open(&dir.path().join("content")).expect("store");
+        let digest = Digest::of(b"gguf bytes");
+        let blob = store.write_bytes(&digest, b"gguf bytes").await.expect("store blob");
+        let target_dir = dir.path().join("bundles").join(digest.hex());
+        for _ in 0..2 {
+            let files = materialise(&target_dir, vec![(blob.clone(), "model.gguf".to_owned())]).await.expect("link");
+            assert_eq!(files, vec![target_dir.join("model.gguf")]);
+            assert_eq!(std::fs::read(&files[0]).expect("read"), b"gguf bytes");
+        }
+    }
+
+    #[test]
+    fn errors_carry_codes_and_layer_digests_and_say_what_to_do() {
+        let layer = Digest::of(b"expected");
+        let err = PullError {
+            bundle: "acme/qwen@sha256:ab12…".to_owned(),
+            kind: PullErrorKind::LayerDigest { layer: layer.clone(), actual: Digest::of(b"actual") },
+        };
+        assert_eq!(err.code(), ErrorCode::DigestMismatch);
+        assert_eq!(err.layer_digest(), Some(&layer));
+        let text = err.to_string();
+        assert!(text.starts_with("bundle acme/qwen@sha256:ab12…: layer sha256:"), "{text}");
+        assert!(text.contains("push the bundle again"), "{text}");
+        let full = PullError {
+            bundle: "b".to_owned(),
+            kind: PullErrorKind::DiskFull { needed: 3 << 30, available: 1 << 30, dir: PathBuf::from("/data") },
+        };
+        assert_eq!(full.code(), ErrorCode::DiskFull);
+        assert!(full.to_string().contains("3.0 GiB"), "{full}");
+    }
+
+    #[test]
+    fn human_bytes_reads_well() {
+        assert_eq!(human_bytes(10), "10 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(600 << 20), "600.0 MiB");
+    }
+}

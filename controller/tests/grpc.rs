@@ -1,0 +1,299 @@
+//! The controller over real gRPC and real OCI on 127.0.0.1:0: a bundle packed and pushed with alkictl's
+//! code, a rollout created through FleetService, and a scripted agent on AgentService converging to it.
+
+use std::time::Duration;
+
+use alki_controller::cli::{pack, push};
+use alki_controller::config::ControllerConfig;
+use alki_e2e::tiny_model::{TinyModelOptions, synthetic_tokenizer, write_tiny_model};
+use alki_shared::proto::{
+    self, AgentMessage, ControllerMessage, agent_message, agent_service_client::AgentServiceClient,
+    controller_message::Msg, fleet_service_client::FleetServiceClient,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Controller {
+    dir: tempfile::TempDir,
+    grpc: String,
+    registry: String,
+    admin: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start(dir: tempfile::TempDir) -> Controller {
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+    let (grpc_addr, http_addr) = (grpc.local_addr().expect("addr"), http.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut config = ControllerConfig::new(dir.path().to_owned());
+    config.heartbeat_interval = Duration::from_secs(1);
+    let task = tokio::spawn(alki_controller::serve(alki_controller::Listeners { grpc, http }, config, async {
+        let _ = stopped.await;
+    }));
+    let token_path = dir.path().join("admin.token");
+    let admin = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            if let Ok(t) = tokio::fs::read_to_string(&token_path).await
+                && !t.trim().is_empty()
+            {
+                return t.trim().to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("admin token written");
+    Controller {
+        dir,
+        grpc: format!("http://{grpc_addr}"),
+        registry: http_addr.to_string(),
+        admin,
+        stop: Some(stop),
+        task,
+    }
+}
+
+impl Controller {
+    async fn shutdown(mut self) -> tempfile::TempDir {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(TIMEOUT, &mut self.task).await.expect("shuts down").expect("join").expect("serve ok");
+        self.dir
+    }
+}
+
+fn with_token<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
+    request
+}
+
+async fn fleet(c: &Controller) -> FleetServiceClient<Channel> {
+    FleetServiceClient::connect(c.grpc.clone()).await.expect("connect fleet")
+}
+
+/// Packs a tiny model and pushes it to the controller's registry as acme/tiny:<tag>.
+async fn push_bundle(c: &Controller, tag: &str, seed: u64) -> String {
+    let work = tempfile::tempdir().expect("tempdir");
+    let model = work.path().join(format!("tiny-{tag}.gguf"));
+    let options = TinyModelOptions { name: format!("tiny-{tag}"), seed };
+    write_tiny_model(&model, &options, &synthetic_tokenizer(64)).expect("model");
+    let opts = pack::PackOptions {
+        files: vec![model],
+        out: work.path().join("layout"),
+        name: None,
+        version: None,
+        license: Some("Apache-2.0".into()),
+        context: 512,
+        tag: tag.into(),
+    };
+    let bar = indicatif::ProgressBar::hidden();
+    let packed = pack::pack(&opts, &bar).expect("pack");
+    let target = push::PushTarget {
+        registry: c.registry.clone(),
+        repository: "acme/tiny".into(),
+        tag: tag.into(),
+        token: Some(c.admin.clone()),
+        plain_http: true,
+    };
+    let pushed = push::push(&opts.out, &target, &bar).await.expect("push");
+    assert_eq!(pushed.digest, packed.digest);
+    packed.digest.to_string()
+}
+
+struct FakeAgent {
+    tx: mpsc::Sender<AgentMessage>,
+    rx: tonic::Streaming<ControllerMessage>,
+}
+
+async fn connect_agent(
+    c: &Controller,
+    token: &str,
+    device_id: &str,
+    generation: u64,
+    running: Option<proto::BundleRef>,
+) -> FakeAgent {
+    let mut client = AgentServiceClient::connect(c.grpc.clone()).await.expect("connect agent");
+    let (tx, rx) = mpsc::channel(16);
+    let hello = proto::Hello {
+        device_id: device_id.into(),
+        agent_version: "test".into(),
+        labels: [("site".to_owned(), "lab".to_owned())].into(),
+        last_applied_generation: generation,
+        running,
+        ..Default::default()
+    };
+    tx.send(AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) }).await.expect("hello");
+    let response = client.session(with_token(token, ReceiverStream::new(rx))).await.expect("session");
+    FakeAgent { tx, rx: response.into_inner() }
+}
+
+impl FakeAgent {
+    async fn next(&mut self) -> Msg {
+        let message = tokio::time::timeout(TIMEOUT, self.rx.message()).await.expect("message in time");
+        message.expect("stream ok").expect("stream open").msg.expect("message body")
+    }
+
+    async fn report(&self, status: proto::Status) {
+        self.tx.send(AgentMessage { msg: Some(agent_message::Msg::Status(status)) }).await.expect("status");
+    }
+}
+
+async fn create_token(c: &Controller, name: &str, role: proto::Role) -> String {
+    let request = proto::CreateTokenRequest { name: name.into(), role: role as i32 };
+    fleet(c).await.create_token(with_token(&c.admin, request)).await.expect("token").into_inner().token
+}
+
+async fn wait_rollout(c: &Controller, id: &str, done: impl Fn(&proto::Rollout) -> bool) -> proto::Rollout {
+    let mut client = fleet(c).await;
+    tokio::time::timeout(TIMEOUT, async {
+        loop {
+            let request = with_token(&c.admin, proto::GetRolloutRequest { id: id.into() });
+            let r = client.get_rollout(request).await.expect("get").into_inner();
+            if done(&r) {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("rollout reaches the state")
+}
+
+fn completed(r: &proto::Rollout) -> bool {
+    r.state == proto::RolloutState::Completed as i32
+}
+
+#[tokio::test]
+async fn a_rollout_reaches_a_scripted_agent_and_completes_when_it_reports_active() {
+    let c = start(tempfile::tempdir().expect("tempdir")).await;
+    let digest = push_bundle(&c, "v1", 1).await;
+    let mut fleet_client = fleet(&c).await;
+    let agent_token = create_token(&c, "pi-1", proto::Role::Agent).await;
+
+    let mut agent = connect_agent(&c, &agent_token, "pi-1", 0, None).await;
+    assert!(matches!(agent.next().await, Msg::Welcome(w) if w.device_id == "pi-1" && w.heartbeat_interval_seconds == 1));
+
+    let bundles = fleet_client.list_bundles(with_token(&c.admin, proto::ListBundlesRequest::default())).await;
+    let bundle = bundles.expect("bundles").into_inner().bundles.into_iter().find(|b| b.digest == digest);
+    let bundle = bundle.expect("pushed bundle listed");
+    assert_eq!(bundle.tags, vec!["v1".to_owned()]);
+    assert_eq!(bundle.variants.len(), 1);
+    assert_eq!(bundle.variants[0].quantization, "F16");
+
+    let spec = proto::RolloutSpec {
+        repository: "acme/tiny".into(),
+        candidate: "v1".into(),
+        selector: [("site".to_owned(), "lab".to_owned())].into(),
+        ..Default::default()
+    };
+    let request = with_token(&c.admin, proto::CreateRolloutRequest { spec: Some(spec) });
+    let rollout = fleet_client.create_rollout(request).await.expect("create").into_inner();
+    assert_eq!(rollout.candidate.as_ref().map(|b| b.digest.as_str()), Some(digest.as_str()));
+
+    let Msg::DesiredState(desired) = agent.next().await else { panic!("expected a desired state") };
+    assert_eq!(desired.generation, 1);
+    assert_eq!(desired.rollout_id, rollout.id);
+    let bundle_ref = desired.bundle.clone().expect("bundle");
+    assert_eq!((bundle_ref.digest.as_str(), bundle_ref.registry.as_str()), (digest.as_str(), c.registry.as_str()));
+
+    agent.report(proto::Status { generation: 1, phase: proto::Phase::Pulling as i32, ..Default::default() }).await;
+    let active = proto::Status {
+        generation: 1,
+        phase: proto::Phase::Active as i32,
+        serving: Some(bundle_ref.clone()),
+        ..Default::default()
+    };
+    agent.report(active).await;
+    let done = wait_rollout(&c, &rollout.id, completed).await;
+    assert_eq!(done.counts.map(|c| (c.selected, c.active, c.failed)), Some((1, 1, 0)));
+
+    let request = with_token(&c.admin, proto::GetDeviceRequest { id: "pi-1".into() });
+    let device = fleet_client.get_device(request).await.expect("device").into_inner();
+    assert!(device.connected);
+    assert_eq!(device.phase, proto::Phase::Active as i32);
+    assert_eq!(device.running.map(|b| b.digest), Some(digest.clone()));
+    drop(agent);
+    let dir = c.shutdown().await;
+
+    // A restarted controller keeps everything, and a reconnecting agent gets the same desired state
+    // (level-based), not a new generation.
+    let c = start(dir).await;
+    let mut agent = connect_agent(&c, &agent_token, "pi-1", 1, Some(bundle_ref)).await;
+    assert!(matches!(agent.next().await, Msg::Welcome(_)));
+    let Msg::DesiredState(again) = agent.next().await else { panic!("expected the desired state again") };
+    assert_eq!(again.generation, 1);
+    let r = wait_rollout(&c, &rollout.id, completed).await;
+    assert_eq!(r.id, rollout.id);
+    drop(agent);
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors_and_failures_hold_the_rollout() {
+    let c = start(tempfile::tempdir().expect("tempdir")).await;
+    let mut client = fleet(&c).await;
+
+    let err = client.list_devices(proto::ListDevicesRequest::default()).await.expect_err("no token");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let err = client.list_devices(with_token("alki_wrong", proto::ListDevicesRequest::default())).await;
+    assert_eq!(err.expect_err("bad token").code(), tonic::Code::Unauthenticated);
+
+    let err = client.get_device(with_token(&c.admin, proto::GetDeviceRequest { id: "ghost".into() })).await;
+    let err = err.expect_err("unknown device");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("ghost"), "{}", err.message());
+
+    let spec = proto::RolloutSpec { repository: "acme/none".into(), candidate: "v9".into(), ..Default::default() };
+    let err = client.create_rollout(with_token(&c.admin, proto::CreateRolloutRequest { spec: Some(spec) })).await;
+    let err = err.expect_err("missing bundle");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("acme/none:v9"), "{}", err.message());
+
+    // A push-only token may not read the fleet API.
+    let push = create_token(&c, "ci", proto::Role::Push).await;
+    let err = client.list_rollouts(with_token(&push, proto::ListRolloutsRequest {})).await.expect_err("push role");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+    // Conflicting rollouts are refused, naming the active one.
+    let digest = push_bundle(&c, "v1", 7).await;
+    let agent_token = create_token(&c, "pi-2", proto::Role::Agent).await;
+    let mut agent = connect_agent(&c, &agent_token, "pi-2", 0, None).await;
+    assert!(matches!(agent.next().await, Msg::Welcome(_)));
+    let spec = proto::RolloutSpec { repository: "acme/tiny".into(), candidate: digest.clone(), ..Default::default() };
+    let request = with_token(&c.admin, proto::CreateRolloutRequest { spec: Some(spec.clone()) });
+    let first = client.create_rollout(request).await.expect("first rollout").into_inner();
+    let err = client.create_rollout(with_token(&c.admin, proto::CreateRolloutRequest { spec: Some(spec) })).await;
+    let err = err.expect_err("overlap");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains(&first.id), "{}", err.message());
+
+    // A failed activation holds the rollout and shows the device's reason.
+    let Msg::DesiredState(desired) = agent.next().await else { panic!("desired state") };
+    agent
+        .report(proto::Status {
+            generation: desired.generation,
+            phase: proto::Phase::Failed as i32,
+            error: Some(proto::ActivationError {
+                code: proto::ErrorCode::DigestMismatch as i32,
+                message: "layer does not match".into(),
+                layer_digest: "sha256:00".into(),
+            }),
+            ..Default::default()
+        })
+        .await;
+    let held = wait_rollout(&c, &first.id, |r| r.counts.is_some_and(|c| c.failed == 1)).await;
+    assert_eq!(held.state, proto::RolloutState::Progressing as i32);
+    assert!(held.message.contains("failed"), "{}", held.message);
+    let device = client.get_device(with_token(&c.admin, proto::GetDeviceRequest { id: "pi-2".into() })).await;
+    let device = device.expect("device").into_inner();
+    assert_eq!(device.error.map(|e| e.code), Some(proto::ErrorCode::DigestMismatch as i32));
+    drop(agent);
+    c.shutdown().await;
+}

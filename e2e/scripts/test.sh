@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite: unit, integration and end-to-end tests, the last with a real llama-server
+# built from source (cached under ~/.cache/alki after the first run).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+ALKI_LLAMA_BIN_DIR="$(e2e/scripts/build-llama-server.sh)"
+export ALKI_LLAMA_BIN_DIR
+# The end-to-end tests start the real binaries, so build them all first.
+cargo build --workspace --bins
+cargo test --workspace --no-fail-fast "$@"
