@@ -165,14 +165,14 @@ impl Config {
                 ));
             }
         }
-        if let Some(embedded) = &self.registry.embedded {
-            if !valid_authority(embedded) {
-                return Err(invalid(
-                    "registry.embedded",
-                    format!("is {embedded:?}"),
-                    "write it as host:port, without a scheme or path, or remove it to use the controller's",
-                ));
-            }
+        if let Some(embedded) = &self.registry.embedded
+            && !valid_authority(embedded)
+        {
+            return Err(invalid(
+                "registry.embedded",
+                format!("is {embedded:?}"),
+                "write it as host:port, without a scheme or path, or remove it to use the controller's",
+            ));
         }
         if self.runtime.llama_server.as_os_str().is_empty() {
             return Err(invalid("runtime.llama_server", "is empty", "give the path of the llama-server binary"));

@@ -17,6 +17,8 @@ pub struct Desired {
     pub overrides: RuntimeOverrides,
     pub rollout_id: String,
     pub cohort: String,
+    /// The bundle as the controller named it, reported back in Status even when it is invalid.
+    pub named: Option<proto::BundleRef>,
 }
 
 impl Desired {
@@ -27,16 +29,10 @@ impl Desired {
             overrides: RuntimeOverrides::from_proto(d.runtime.as_ref()),
             rollout_id: d.rollout_id.clone(),
             cohort: d.cohort.clone(),
+            named: d.bundle.clone(),
         }
     }
 
-    /// The bundle as the controller named it, for Status messages (even when it is invalid).
-    pub fn bundle_ref(&self, raw: Option<&proto::BundleRef>) -> Option<proto::BundleRef> {
-        match &self.target {
-            Ok(b) => Some(b.to_proto()),
-            Err(_) => raw.cloned(),
-        }
-    }
 }
 
 /// What the device serves now, as far as "is this already applied?" is concerned.
@@ -153,6 +149,7 @@ mod tests {
             overrides: RuntimeOverrides::default(),
             rollout_id: String::new(),
             cohort: String::new(),
+            named: Some(bundle(name).to_proto()),
         }
     }
 

@@ -1,1 +1,231 @@
-//! Alki agent library.
+//! Alki Fleet's device agent: one session to the controller, bundles pulled and verified into a local
+//! content store, llama-server hot-swapped behind a stable front port.
+//!
+//! [`run`] is the whole agent; [`Agent::start`] then [`Agent::run`] does the same in two steps, so a test
+//! can learn the front address (configured as port 0) before the agent runs.
+
+pub mod config;
+pub mod converge;
+pub mod device;
+pub mod inventory;
+pub mod pull;
+pub mod reference;
+pub mod runtime;
+pub mod session;
+pub mod settings;
+pub mod state;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use alki_shared::ids::DeviceId;
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+
+pub use config::Config;
+use converge::Converger;
+use device::{Device, RegistrySettings};
+use runtime::{InstanceOptions, Proxy, StopPolicy, Supervisor, http_client};
+use session::{SessionContext, Snapshot};
+use state::{AgentState, StateError, StateFile};
+use store::{ContentStore, StoreError};
+
+/// Statuses queued from the device loop to the session.
+const STATUS_CAPACITY: usize = 64;
+/// Bound on the front server's and the session's own shutdown, after llama-server has stopped.
+const TASK_SHUTDOWN: Duration = Duration::from_secs(5);
+
+/// Why the agent cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot create the data directory {path}: {source}; check data_dir and its permissions")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("cannot open the content store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on the front address {addr}: {source}; change runtime.front_addr or stop what uses it")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Paths inside the data directory.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub data_dir: PathBuf,
+}
+
+impl Layout {
+    pub fn content(&self) -> PathBuf {
+        self.data_dir.join("content")
+    }
+    pub fn bundles(&self) -> PathBuf {
+        self.data_dir.join("bundles")
+    }
+    pub fn logs(&self) -> PathBuf {
+        self.data_dir.join("logs")
+    }
+}
+
+/// An agent with its identity, state, content store and front listener ready; [`Agent::run`] runs it.
+pub struct Agent {
+    config: Config,
+    device_id: DeviceId,
+    state: AgentState,
+    state_file: StateFile,
+    store: ContentStore,
+    front: tokio::net::TcpListener,
+}
+
+impl Agent {
+    /// Validates the config, prepares the data directory, loads (or creates) the state and binds the front port.
+    pub async fn start(config: Config) -> Result<Agent, AgentError> {
+        config.validate()?;
+        let layout = Layout { data_dir: config.data_dir.clone() };
+        for dir in [layout.data_dir.clone(), layout.bundles(), layout.logs()] {
+            std::fs::create_dir_all(&dir).map_err(|source| AgentError::DataDir { path: dir.clone(), source })?;
+        }
+        let state_file = StateFile::new(&layout.data_dir);
+        let loaded = match state_file.load() {
+            Ok(state) => state,
+            Err(e @ StateError::Corrupt { .. }) => {
+                tracing::error!(error = %e, "The state file was unreadable.");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let configured = match &config.device_id {
+            Some(id) => Some(DeviceId::new(id.clone()).map_err(|e| config::ConfigError::Invalid {
+                field: "device_id",
+                problem: e.to_string(),
+                fix: "pick another id or remove the field to have one generated",
+            })?),
+            None => None,
+        };
+        let mut state = match loaded {
+            Some(state) => state,
+            None => AgentState::new(configured.clone().unwrap_or_else(DeviceId::generate)),
+        };
+        if let Some(id) = configured
+            && id != state.device_id
+        {
+            tracing::warn!(old = %state.device_id, new = %id, "The configured device id replaces the one in the state file.");
+            state.device_id = id;
+        }
+        state_file.save(&state)?;
+        let store = ContentStore::open(&layout.content())?;
+        let addr = config.front_addr()?;
+        let front =
+            tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Bind { addr, source })?;
+        Ok(Agent { device_id: state.device_id.clone(), config, state, state_file, store, front })
+    }
+
+    /// The address clients reach the model at (the bound port when the config said port 0).
+    pub fn front_addr(&self) -> SocketAddr {
+        self.front.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    pub fn device_id(&self) -> &DeviceId {
+        &self.device_id
+    }
+
+    /// Runs until `shutdown` resolves: serves what was active before (at once, without the controller), keeps
+    /// the controller session, converges to desired states. On shutdown it stops accepting clients, stops
+    /// llama-server with the safe sequence, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+        let span = tracing::info_span!("agent", device_id = %self.device_id);
+        self.run_inner(shutdown).instrument(span).await
+    }
+
+    async fn run_inner(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+        let Agent { config, device_id, state, state_file, store, front } = self;
+        let layout = Layout { data_dir: config.data_dir.clone() };
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let proxy = Proxy::new(http_client());
+
+        let front_addr = front.local_addr().ok();
+        let mut server_stop = stop_rx.clone();
+        let router = proxy.router();
+        let server = tokio::spawn(
+            async move {
+                let graceful = async move {
+                    let _ = server_stop.wait_for(|stop| *stop).await;
+                };
+                if let Err(e) = axum::serve(front, router).with_graceful_shutdown(graceful).await {
+                    tracing::error!(error = %e, "The front server failed.");
+                }
+            }
+            .in_current_span(),
+        );
+        tracing::info!(front = ?front_addr, "Front proxy listening.");
+
+        let (status_tx, status_rx) = mpsc::channel(STATUS_CAPACITY);
+        let (snapshot_tx, snapshot_rx) = watch::channel(Snapshot::default());
+        let (desired_tx, desired_rx) = watch::channel(None);
+        let opts = InstanceOptions {
+            llama_server: config.runtime.llama_server.clone(),
+            extra_args: config.runtime.extra_args.clone(),
+            log_dir: layout.logs(),
+            health_timeout: config.health_timeout(),
+            stop: StopPolicy::default(),
+        };
+        let drain_timeout = config.drain_timeout();
+        let device = Device {
+            converger: Converger::new(state.last_applied_generation),
+            state,
+            state_file,
+            store,
+            bundles_dir: layout.bundles(),
+            registry: RegistrySettings {
+                plain_http: config.plain_http_registries(),
+                embedded: config.embedded_registry(),
+                token_file: config.controller.token_file.clone(),
+            },
+            supervisor: Supervisor::new(opts, drain_timeout, Arc::clone(&proxy)),
+            statuses: status_tx,
+            snapshot: snapshot_tx,
+            desired: desired_rx,
+        };
+        let device_task = tokio::spawn(device.run(stop_rx.clone()).in_current_span());
+
+        let session = SessionContext {
+            device_id,
+            url: config.controller.url.clone(),
+            token_file: config.controller.token_file.clone(),
+            labels: config.labels.clone(),
+            data_dir: config.data_dir.clone(),
+            proxy,
+            snapshot: snapshot_rx,
+            desired: desired_tx,
+            statuses: status_rx,
+        };
+        let session_task = tokio::spawn(session::run(session, stop_rx.clone()).in_current_span());
+
+        shutdown.await;
+        tracing::info!("Shutting down.");
+        let _ = stop_tx.send(true);
+        // The device loop's own waits are bounded (drain timeout, stop sequence); this bound is a backstop.
+        let device_bound = drain_timeout + Duration::from_secs(30);
+        for (name, task, bound) in
+            [("device loop", device_task, device_bound), ("session", session_task, TASK_SHUTDOWN), ("front server", server, TASK_SHUTDOWN)]
+        {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(bound, task).await.is_err() {
+                tracing::warn!(task = name, "Did not stop in time; aborted.");
+                abort.abort();
+            }
+        }
+        tracing::info!("Stopped.");
+        Ok(())
+    }
+}
+
+/// The whole agent: [`Agent::start`] then [`Agent::run`].
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+    Agent::start(config).await?.run(shutdown).await
+}

@@ -101,10 +101,10 @@ impl StateFile {
         struct Version {
             version: u32,
         }
-        if let Ok(Version { version }) = serde_json::from_slice::<Version>(&bytes) {
-            if version > STATE_VERSION {
-                return Err(StateError::TooNew { path: self.path.clone(), version });
-            }
+        if let Ok(Version { version }) = serde_json::from_slice::<Version>(&bytes)
+            && version > STATE_VERSION
+        {
+            return Err(StateError::TooNew { path: self.path.clone(), version });
         }
         match serde_json::from_slice::<AgentState>(&bytes) {
             Ok(state) => Ok(Some(state)),

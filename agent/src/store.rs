@@ -112,15 +112,15 @@ impl ContentStore {
         let mut stream = std::pin::pin!(stream);
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|source| StoreError::Source { digest: expected.clone(), source })?;
-            if let Some(size) = expected_size {
-                if hasher.len() + chunk.len() as u64 > size {
-                    return Err(StoreError::SizeMismatch {
-                        digest: expected.clone(),
-                        expected: size,
-                        actual: hasher.len() + chunk.len() as u64,
-                        more: true,
-                    });
-                }
+            if let Some(size) = expected_size
+                && hasher.len() + chunk.len() as u64 > size
+            {
+                return Err(StoreError::SizeMismatch {
+                    digest: expected.clone(),
+                    expected: size,
+                    actual: hasher.len() + chunk.len() as u64,
+                    more: true,
+                });
             }
             hasher.update(&chunk);
             file.write_all(&chunk).await.map_err(io_at(tmp.path()))?;
@@ -131,10 +131,10 @@ impl ContentStore {
         file.sync_all().await.map_err(io_at(tmp.path()))?;
         drop(file);
         let len = hasher.len();
-        if let Some(size) = expected_size {
-            if len != size {
-                return Err(StoreError::SizeMismatch { digest: expected.clone(), expected: size, actual: len, more: false });
-            }
+        if let Some(size) = expected_size
+            && len != size
+        {
+            return Err(StoreError::SizeMismatch { digest: expected.clone(), expected: size, actual: len, more: false });
         }
         let actual = hasher.finish();
         if &actual != expected {

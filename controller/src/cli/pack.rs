@@ -31,7 +31,7 @@ pub struct PackOptions {
 }
 
 /// What was packed, for the table or `-o json`.
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
 pub struct Packed {
     pub layout: PathBuf,
     pub tag: String,
@@ -39,7 +39,7 @@ pub struct Packed {
     pub variants: Vec<PackedVariant>,
 }
 
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
 pub struct PackedVariant {
     pub file: PathBuf,
     pub digest: Digest,
@@ -58,9 +58,8 @@ pub fn pack(opts: &PackOptions, progress: &indicatif::ProgressBar) -> anyhow::Re
     // Read every file's metadata first: a bad file fails the pack before anything is written.
     let mut infos = Vec::new();
     for file in &opts.files {
-        let info = gguf::read_file(file)
-            .with_context(|| format!("{} is not a usable GGUF file", file.display()))?
-            .info();
+        // The reader's errors name the file and say what is wrong with it.
+        let info = gguf::read_file(file)?.info();
         infos.push(info);
     }
     let mut seen = BTreeMap::new();
@@ -179,4 +178,38 @@ fn file_name(path: &Path) -> anyhow::Result<String> {
 /// RFC 3339 UTC timestamp, as OCI's `created` annotation wants.
 fn humantime_now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(files: Vec<PathBuf>, out: PathBuf) -> PackOptions {
+        PackOptions { files, out, name: None, version: None, license: None, context: 512, tag: "v1".into() }
+    }
+
+    #[test]
+    fn a_file_that_is_not_gguf_is_named_and_nothing_is_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bad = dir.path().join("notes.gguf");
+        std::fs::write(&bad, b"this is not a model").expect("write");
+        let out = dir.path().join("bundle");
+        let err = pack(&options(vec![bad], out.clone()), &indicatif::ProgressBar::hidden()).expect_err("refused");
+        let text = format!("{err:#}");
+        assert!(text.contains("notes.gguf") && text.contains("not a GGUF file"), "{text}");
+        assert!(!out.exists(), "nothing may be written for a refused pack");
+    }
+
+    #[test]
+    fn a_truncated_gguf_with_absurd_counts_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bad = dir.path().join("liar.gguf");
+        let mut bytes = b"GGUF".to_vec();
+        bytes.extend(3u32.to_le_bytes());
+        bytes.extend((1u64 << 62).to_le_bytes());
+        bytes.extend((1u64 << 62).to_le_bytes());
+        std::fs::write(&bad, bytes).expect("write");
+        let err = pack(&options(vec![bad], dir.path().join("b")), &indicatif::ProgressBar::hidden());
+        assert!(format!("{:#}", err.expect_err("refused")).contains("liar.gguf"));
+    }
 }

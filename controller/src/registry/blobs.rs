@@ -145,7 +145,10 @@ impl Partial {
     /// Writes and hashes `buf` on a blocking thread and hands the (cleared) buffer back for reuse.
     pub async fn append(&mut self, mut buf: Vec<u8>) -> Result<Vec<u8>, RegistryError> {
         let Some(mut file) = self.file.take() else {
-            return Err(RegistryError::Io { path: self.path.clone(), source: std::io::Error::other("upload is broken") });
+            return Err(RegistryError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::other("upload is broken"),
+            });
         };
         self.broken = true;
         let mut hasher = std::mem::take(&mut self.hasher);
@@ -166,7 +169,10 @@ impl Partial {
     /// Fsyncs and closes the file; the digest is of everything written.
     pub async fn finish(mut self) -> Result<Finished, RegistryError> {
         let Some(file) = self.file.take().filter(|_| !self.broken) else {
-            return Err(RegistryError::Io { path: self.path.clone(), source: std::io::Error::other("upload is broken") });
+            return Err(RegistryError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::other("upload is broken"),
+            });
         };
         let path = self.path.clone();
         blocking(move || file.sync_all().map_err(io(&path))).await?;
@@ -181,6 +187,16 @@ impl Partial {
         self.file = None;
         self.armed = false;
         remove_now(self.path.clone()).await;
+    }
+}
+
+impl std::fmt::Debug for Partial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partial")
+            .field("path", &self.path)
+            .field("received", &self.received())
+            .field("broken", &self.is_broken())
+            .finish()
     }
 }
 

@@ -2,8 +2,8 @@
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
-use http::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
-use http::{HeaderName, HeaderValue, StatusCode};
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, StatusCode};
 
 use super::RegistryError;
 use crate::auth::AuthError;
@@ -15,7 +15,7 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub detail: Option<serde_json::Value>,
-    pub headers: Vec<(HeaderName, String)>,
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl ApiError {
@@ -28,7 +28,7 @@ impl ApiError {
         self
     }
 
-    pub fn header(mut self, name: HeaderName, value: impl Into<String>) -> ApiError {
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> ApiError {
         self.headers.push((name, value.into()));
         self
     }
@@ -77,20 +77,25 @@ impl ApiError {
         ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", message)
     }
 
-    pub fn unauthorized(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message)
-            .header(WWW_AUTHENTICATE, "Basic realm=\"alki\"")
-    }
-}
-
-impl From<RegistryError> for ApiError {
-    fn from(error: RegistryError) -> ApiError {
+    /// A failure inside the controller: logged in full, answered without internals.
+    pub fn internal(error: impl std::fmt::Display) -> ApiError {
         tracing::error!(%error, "Registry request failed inside the controller.");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "UNKNOWN",
             "the registry failed to handle the request; the controller's log says why",
         )
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message)
+            .header("www-authenticate", "Basic realm=\"alki\"")
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(error: RegistryError) -> ApiError {
+        ApiError::internal(error)
     }
 }
 
@@ -99,10 +104,7 @@ impl From<AuthError> for ApiError {
         match error {
             AuthError::Missing | AuthError::Invalid => ApiError::unauthorized(error.to_string()),
             AuthError::Forbidden { .. } => ApiError::new(StatusCode::FORBIDDEN, "DENIED", error.to_string()),
-            AuthError::Store(e) => {
-                tracing::error!(error = %e, "Registry could not check credentials.");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", "could not check credentials")
-            }
+            AuthError::Store(e) => ApiError::internal(format!("could not check credentials: {e}")),
         }
     }
 }

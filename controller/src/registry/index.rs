@@ -47,7 +47,9 @@ pub enum BlobUnlink {
     /// Stored manifests still reference the blob.
     Referenced(Vec<Digest>),
     /// Unlinked; `orphaned` when no repository holds the digest any more (the file may go).
-    Removed { orphaned: bool },
+    Removed {
+        orphaned: bool,
+    },
 }
 
 /// The outcome of storing a manifest.
@@ -274,9 +276,8 @@ impl Index {
                 break;
             }
             let record = decode(repo, digest, value.value())?;
-            let digest = digest
-                .parse()
-                .map_err(|e| RegistryError::CorruptTag { key: format!("{repo}@{digest}"), source: e })?;
+            let digest =
+                digest.parse().map_err(|e| RegistryError::CorruptTag { key: format!("{repo}@{digest}"), source: e })?;
             out.push((repo.to_owned(), digest, record));
         }
         Ok(out)
@@ -378,7 +379,9 @@ mod tests {
         assert_eq!(index.blob_size("b", &blob).expect("size"), None);
         let put = index.put_manifest("a", &manifest, &record(vec![blob.clone()]), false, Some("v1"), || Ok(()));
         assert_eq!(put.expect("put"), ManifestPut::Stored);
-        assert!(matches!(index.unlink_blob("a", &blob).expect("unlink"), BlobUnlink::Referenced(m) if m == [manifest.clone()]));
+        assert!(
+            matches!(index.unlink_blob("a", &blob).expect("unlink"), BlobUnlink::Referenced(m) if m == [manifest.clone()])
+        );
         assert_eq!(index.unlink_blob("a", &manifest).expect("unlink"), BlobUnlink::IsManifest);
         assert_eq!(index.tags("a").expect("tags"), Some(vec!["v1".to_owned()]));
         assert_eq!(index.tags("ab").expect("tags"), None);

@@ -200,7 +200,12 @@ impl Registry {
     }
 
     /// Links a blob another repository holds into `repository`; false when `from` does not hold it.
-    async fn mount_blob(self: &Arc<Self>, digest: &Digest, from: &str, repository: &str) -> Result<bool, RegistryError> {
+    async fn mount_blob(
+        self: &Arc<Self>,
+        digest: &Digest,
+        from: &str,
+        repository: &str,
+    ) -> Result<bool, RegistryError> {
         let registry = self.clone();
         let (digest, from, repository) = (digest.clone(), from.to_owned(), repository.to_owned());
         blocking(move || {

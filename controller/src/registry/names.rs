@@ -17,7 +17,7 @@ fn is_valid_component(component: &str) -> bool {
     let bytes = component.as_bytes();
     let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
     let mut i = 0;
-    let mut run = |i: &mut usize| {
+    let run = |i: &mut usize| {
         let start = *i;
         while *i < bytes.len() && alnum(bytes[*i]) {
             *i += 1;

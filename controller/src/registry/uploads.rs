@@ -20,7 +20,10 @@ pub struct Session {
 enum Slot {
     Idle(Session),
     /// A request holds the session; `offset` is what it held when the request began.
-    Busy { repository: String, offset: u64 },
+    Busy {
+        repository: String,
+        offset: u64,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -55,10 +58,10 @@ impl Uploads {
     }
 
     /// Registers a new upload; gives the partial back when `max_open` uploads are already open.
-    pub fn insert(&self, repository: &str, partial: Partial) -> Result<Uuid, Partial> {
+    pub fn insert(&self, repository: &str, partial: Partial) -> Result<Uuid, Box<Partial>> {
         let mut slots = self.lock();
         if slots.len() >= self.max_open {
-            return Err(partial);
+            return Err(Box::new(partial));
         }
         let id = Uuid::new_v4();
         let session = Session { repository: repository.to_owned(), partial, touched: Instant::now() };
@@ -183,5 +186,40 @@ impl Drop for Lease {
             self.uploads.lock().remove(&self.id);
             drop(session);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn leases_are_exclusive_and_only_idle_uploads_expire() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ttl = Duration::from_secs(60);
+        let uploads = Arc::new(Uploads::new(2));
+        let a = uploads.insert("r", Partial::create(dir.path()).await.expect("create")).expect("a");
+        let b = uploads.insert("r", Partial::create(dir.path()).await.expect("create")).expect("b");
+        let c = Partial::create(dir.path()).await.expect("create");
+        assert!(uploads.insert("r", c).is_err(), "over max_open");
+
+        assert_eq!(uploads.lease(a, "other").err(), Some(LeaseError::Unknown));
+        let lease = uploads.lease(b, "r").expect("lease");
+        assert_eq!(uploads.lease(b, "r").err(), Some(LeaseError::Busy { offset: 0 }));
+        assert_eq!(uploads.status(b, "r"), Ok(0));
+
+        let expired = uploads.expire(Instant::now() + ttl, ttl);
+        assert_eq!(expired.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![a]);
+        assert_eq!(uploads.status(a, "r"), Err(LeaseError::Unknown));
+
+        lease.release();
+        assert!(uploads.expire(Instant::now(), ttl).is_empty());
+        assert_eq!(uploads.expire(Instant::now() + ttl, ttl).len(), 1);
+        assert_eq!(uploads.open_count(), 0);
+
+        // A dropped lease ends its upload.
+        let d = uploads.insert("r", Partial::create(dir.path()).await.expect("create")).expect("d");
+        drop(uploads.lease(d, "r").expect("lease"));
+        assert_eq!(uploads.status(d, "r"), Err(LeaseError::Unknown));
     }
 }

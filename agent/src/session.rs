@@ -1,0 +1,325 @@
+//! The one gRPC session to the controller: Hello, heartbeats, statuses and telemetry up; Welcome and desired
+//! states down; reconnecting with jittered exponential backoff and keeping the newest statuses meanwhile.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use alki_shared::ids::{DeviceId, Generation};
+use alki_shared::proto::{self, agent_message, controller_message};
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use crate::runtime::Proxy;
+
+/// Messages waiting to go up one session; a full queue means the session is stuck.
+const OUTBOUND_CAPACITY: usize = 64;
+/// Statuses kept while disconnected (the newest win).
+pub const STATUS_BUFFER: usize = 16;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+pub const TELEMETRY_INTERVAL: Duration = Duration::from_secs(30);
+/// A session that lasted this long resets the reconnect backoff.
+const SESSION_LASTED: Duration = Duration::from_secs(30);
+
+/// What the device runs, as the session reports it in Hello.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub running: Option<proto::BundleRef>,
+    pub last_applied: Generation,
+}
+
+/// Everything one session loop needs; built by [`crate::run`].
+pub struct SessionContext {
+    pub device_id: DeviceId,
+    pub url: String,
+    pub token_file: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    pub data_dir: PathBuf,
+    pub proxy: Arc<Proxy>,
+    pub snapshot: watch::Receiver<Snapshot>,
+    /// The newest desired state received; the device loop converges to it.
+    pub desired: watch::Sender<Option<proto::DesiredState>>,
+    pub statuses: mpsc::Receiver<proto::Status>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot read the agent token from {path}: {source}; create it with a token of role agent")]
+    Token { path: PathBuf, source: std::io::Error },
+    #[error("the agent token file {0} is empty; put a token of role agent in it")]
+    EmptyToken(PathBuf),
+    #[error("cannot connect to the controller at {url}: {source}")]
+    Connect { url: String, source: tonic::transport::Error },
+    #[error("the controller did not accept the session within {CONNECT_TIMEOUT:?}")]
+    ConnectTimeout,
+    #[error("the controller refused the agent's token ({0}); check controller.token_file holds a token of role agent")]
+    Unauthenticated(String),
+    #[error("the session failed: {0}")]
+    Rpc(tonic::Status),
+    #[error("the controller stopped reading; reconnecting")]
+    Stalled,
+    #[error("the controller closed the session")]
+    Closed,
+}
+
+/// Exponential backoff with ±20% jitter: 0.5 s doubling to 30 s.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new(Duration::from_millis(500), Duration::from_secs(30))
+    }
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff { next: min, min, max }
+    }
+
+    /// The next delay, jittered by a factor in [0.8, 1.2].
+    pub fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        base.mul_f64(rng.random_range(0.8..=1.2))
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// Keeps at most [`STATUS_BUFFER`] statuses, dropping the oldest.
+fn buffer_status(buffer: &mut VecDeque<proto::Status>, status: proto::Status) {
+    if buffer.len() >= STATUS_BUFFER {
+        buffer.pop_front();
+    }
+    buffer.push_back(status);
+}
+
+/// Runs sessions until `shutdown` turns true, reconnecting with backoff.
+pub async fn run(mut ctx: SessionContext, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = Backoff::default();
+    let mut buffer: VecDeque<proto::Status> = VecDeque::new();
+    let mut statuses_open = true;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let started = Instant::now();
+        let outcome = one_session(&mut ctx, &mut buffer, &mut statuses_open, &mut shutdown).await;
+        if *shutdown.borrow() {
+            return;
+        }
+        match &outcome {
+            Err(e @ (SessionError::Unauthenticated(_) | SessionError::Token { .. } | SessionError::EmptyToken(_))) => {
+                tracing::error!(error = %e, "Controller session refused.");
+            }
+            Err(e) => tracing::warn!(error = %e, "Controller session ended."),
+            Ok(()) => {}
+        }
+        if started.elapsed() >= SESSION_LASTED {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay(&mut rand::rng());
+        tracing::debug!(delay_ms = delay.as_millis() as u64, "Reconnecting to the controller later.");
+        let wait = tokio::time::sleep(delay);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                _ = &mut wait => break,
+                status = ctx.statuses.recv(), if statuses_open => match status {
+                    Some(s) => buffer_status(&mut buffer, s),
+                    None => statuses_open = false,
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+async fn read_token(path: &Path) -> Result<String, SessionError> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|source| SessionError::Token { path: path.to_owned(), source })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(SessionError::EmptyToken(path.to_owned()));
+    }
+    Ok(token.to_owned())
+}
+
+async fn send(out: &mpsc::Sender<proto::AgentMessage>, msg: agent_message::Msg) -> Result<(), SessionError> {
+    let message = proto::AgentMessage { msg: Some(msg) };
+    match tokio::time::timeout(SEND_TIMEOUT, out.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(SessionError::Closed),
+        Err(_) => Err(SessionError::Stalled),
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+/// The Telemetry message: the front proxy's counters for the served bundle and available memory.
+pub async fn telemetry(proxy: &Proxy) -> proto::Telemetry {
+    let memory = tokio::task::spawn_blocking(crate::inventory::memory_available).await.unwrap_or_default();
+    let stats = proxy.stats();
+    proto::Telemetry {
+        at_unix_ms: now_unix_ms(),
+        memory_available_bytes: memory,
+        requests_total: stats.as_ref().map(|s| s.requests_total).unwrap_or_default(),
+        request_errors_total: stats.as_ref().map(|s| s.request_errors_total).unwrap_or_default(),
+        bundle_digest: stats.map(|s| s.bundle_digest).unwrap_or_default(),
+    }
+}
+
+async fn one_session(
+    ctx: &mut SessionContext,
+    buffer: &mut VecDeque<proto::Status>,
+    statuses_open: &mut bool,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let token = read_token(&ctx.token_file).await?;
+    let endpoint = Endpoint::from_shared(ctx.url.clone())
+        .map_err(|source| SessionError::Connect { url: ctx.url.clone(), source })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_keepalive(Some(Duration::from_secs(30)))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    let channel =
+        endpoint.connect().await.map_err(|source| SessionError::Connect { url: ctx.url.clone(), source })?;
+    let mut client = proto::agent_service_client::AgentServiceClient::new(channel);
+
+    let (out, out_rx) = mpsc::channel::<proto::AgentMessage>(OUTBOUND_CAPACITY);
+    let (data_dir, labels) = (ctx.data_dir.clone(), ctx.labels.clone());
+    let inventory = tokio::task::spawn_blocking(move || crate::inventory::collect(&data_dir, &labels)).await.ok();
+    let snapshot = ctx.snapshot.borrow().clone();
+    let hello = proto::Hello {
+        device_id: ctx.device_id.to_string(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        inventory,
+        labels: ctx.labels.clone().into_iter().collect(),
+        running: snapshot.running,
+        last_applied_generation: snapshot.last_applied.0,
+    };
+    send(&out, agent_message::Msg::Hello(hello)).await?;
+    // Statuses kept while disconnected go right after the Hello (the buffer is smaller than the queue).
+    while let Some(status) = buffer.pop_front() {
+        send(&out, agent_message::Msg::Status(status)).await?;
+    }
+
+    let mut request = tonic::Request::new(ReceiverStream::new(out_rx));
+    let bearer = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| SessionError::Unauthenticated("the token holds characters not allowed in a header".into()))?;
+    request.metadata_mut().insert("authorization", bearer);
+    let response = match tokio::time::timeout(CONNECT_TIMEOUT, client.session(request)).await {
+        Err(_) => return Err(SessionError::ConnectTimeout),
+        Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated || status.code() == tonic::Code::PermissionDenied => {
+            return Err(SessionError::Unauthenticated(status.message().to_owned()));
+        }
+        Ok(Err(status)) => return Err(SessionError::Rpc(status)),
+        Ok(Ok(response)) => response,
+    };
+    let mut inbound = response.into_inner();
+    tracing::info!(url = %ctx.url, "Connected to the controller.");
+
+    let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut telemetry_tick = tokio::time::interval(TELEMETRY_INTERVAL);
+    telemetry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            message = inbound.message() => match message {
+                Ok(Some(proto::ControllerMessage { msg: Some(msg) })) => match msg {
+                    controller_message::Msg::Welcome(welcome) => {
+                        if !welcome.device_id.is_empty() && welcome.device_id != ctx.device_id.as_str() {
+                            tracing::warn!(controller_says = %welcome.device_id, "The controller knows this device by another id.");
+                        }
+                        let every = match welcome.heartbeat_interval_seconds {
+                            0 => DEFAULT_HEARTBEAT,
+                            s => Duration::from_secs(u64::from(s.clamp(1, 300))),
+                        };
+                        heartbeat = tokio::time::interval_at(Instant::now() + every, every);
+                        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        tracing::debug!(heartbeat_secs = every.as_secs(), "Welcomed by the controller.");
+                    }
+                    controller_message::Msg::DesiredState(desired) => {
+                        tracing::info!(generation = desired.generation, "Received a desired state.");
+                        ctx.desired.send_replace(Some(desired));
+                    }
+                },
+                Ok(Some(proto::ControllerMessage { msg: None })) => {}
+                Ok(None) => return Err(SessionError::Closed),
+                Err(status) if status.code() == tonic::Code::Unauthenticated || status.code() == tonic::Code::PermissionDenied => {
+                    return Err(SessionError::Unauthenticated(status.message().to_owned()));
+                }
+                Err(status) => return Err(SessionError::Rpc(status)),
+            },
+            _ = heartbeat.tick() => {
+                send(&out, agent_message::Msg::Heartbeat(proto::Heartbeat { sent_unix_ms: now_unix_ms() })).await?;
+            }
+            _ = telemetry_tick.tick() => {
+                let t = telemetry(&ctx.proxy).await;
+                send(&out, agent_message::Msg::Telemetry(t)).await?;
+            }
+            status = ctx.statuses.recv(), if *statuses_open => match status {
+                Some(status) => {
+                    if let Err(e) = send(&out, agent_message::Msg::Status(status.clone())).await {
+                        buffer_status(buffer, status);
+                        return Err(e);
+                    }
+                }
+                None => *statuses_open = false,
+            },
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter_and_resets() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut b = Backoff::default();
+        let delays: Vec<Duration> = (0..10).map(|_| b.next_delay(&mut rng)).collect();
+        let bases = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0, 30.0];
+        for (d, base) in delays.iter().zip(bases) {
+            let s = d.as_secs_f64();
+            assert!(s >= base * 0.8 - 1e-9 && s <= base * 1.2 + 1e-9, "{s} vs {base}");
+        }
+        b.reset();
+        assert!(b.next_delay(&mut rng) <= Duration::from_millis(600));
+    }
+
+    #[test]
+    fn the_status_buffer_keeps_the_newest() {
+        let mut buffer = VecDeque::new();
+        for generation in 0..(STATUS_BUFFER as u64 + 5) {
+            buffer_status(&mut buffer, proto::Status { generation, ..Default::default() });
+        }
+        assert_eq!(buffer.len(), STATUS_BUFFER);
+        assert_eq!(buffer.front().map(|s| s.generation), Some(5));
+        assert_eq!(buffer.back().map(|s| s.generation), Some(STATUS_BUFFER as u64 + 4));
+    }
+}

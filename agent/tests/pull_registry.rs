@@ -1,0 +1,367 @@
+//! Pulling bundles from a small scripted OCI registry: variant choice, materialisation, the content store's
+//! reuse, digest and size checks, and where the token is (not) sent.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use alki_agent::pull::{PullProgress, RegistryAccess, pull_bundle};
+use alki_agent::reference::BundleLocation;
+use alki_agent::store::ContentStore;
+use alki_shared::bundle::{MEDIA_TYPE_RUNTIME, MEDIA_TYPE_WEIGHT_RAW, variant_annotations};
+use alki_shared::digest::Digest;
+use alki_shared::oci::{
+    ANNOTATION_TITLE, Descriptor, ImageIndex, ImageManifest, MEDIA_TYPE_EMPTY, MEDIA_TYPE_IMAGE_INDEX,
+    MEDIA_TYPE_IMAGE_MANIFEST,
+};
+use alki_shared::proto::ErrorCode;
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use common::TEST_TIMEOUT;
+
+const TOKEN: &str = "agent-token-123";
+
+#[derive(Default)]
+struct Registry {
+    manifests: Mutex<HashMap<String, (String, Bytes)>>,
+    blobs: Mutex<HashMap<String, Bytes>>,
+    blob_gets: Mutex<HashMap<String, usize>>,
+    authorizations: Mutex<Vec<String>>,
+}
+
+impl Registry {
+    fn manifest(&self, media_type: &str, bytes: Vec<u8>) -> Digest {
+        let digest = Digest::of(&bytes);
+        self.manifests.lock().expect("lock").insert(digest.to_string(), (media_type.to_owned(), bytes.into()));
+        digest
+    }
+
+    fn blob(&self, bytes: &[u8]) -> Digest {
+        let digest = Digest::of(bytes);
+        self.blobs.lock().expect("lock").insert(digest.to_string(), Bytes::copy_from_slice(bytes));
+        digest
+    }
+
+    fn gets(&self, digest: &Digest) -> usize {
+        self.blob_gets.lock().expect("lock").get(digest.as_str()).copied().unwrap_or(0)
+    }
+}
+
+fn base64(input: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in input.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn authorized(registry: &Registry, headers: &HeaderMap) -> bool {
+    let expected = format!("Basic {}", base64(format!("alki-agent:{TOKEN}").as_bytes()));
+    match headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        Some(value) => {
+            registry.authorizations.lock().expect("lock").push(value.to_owned());
+            value == expected
+        }
+        None => false,
+    }
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [("www-authenticate", r#"Basic realm="alki""#)],
+        r#"{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}"#,
+    )
+        .into_response()
+}
+
+async fn v2_root(State(registry): State<Arc<Registry>>, headers: HeaderMap) -> Response {
+    if authorized(&registry, &headers) { "{}".into_response() } else { unauthorized() }
+}
+
+async fn v2(State(registry): State<Arc<Registry>>, UrlPath(rest): UrlPath<String>, headers: HeaderMap) -> Response {
+    if !authorized(&registry, &headers) {
+        return unauthorized();
+    }
+    let not_found = |code: &str| {
+        (StatusCode::NOT_FOUND, format!(r#"{{"errors":[{{"code":"{code}","message":"unknown"}}]}}"#)).into_response()
+    };
+    if let Some((_, reference)) = rest.split_once("/manifests/") {
+        let found = registry.manifests.lock().expect("lock").get(reference).cloned();
+        return match found {
+            Some((media_type, bytes)) => {
+                ([("content-type", media_type), ("docker-content-digest", reference.to_owned())], bytes).into_response()
+            }
+            None => not_found("MANIFEST_UNKNOWN"),
+        };
+    }
+    if let Some((_, digest)) = rest.split_once("/blobs/") {
+        *registry.blob_gets.lock().expect("lock").entry(digest.to_owned()).or_default() += 1;
+        let found = registry.blobs.lock().expect("lock").get(digest).cloned();
+        return match found {
+            Some(bytes) => ([("content-type", "application/octet-stream")], bytes).into_response(),
+            None => not_found("BLOB_UNKNOWN"),
+        };
+    }
+    not_found("NAME_UNKNOWN")
+}
+
+async fn serve(registry: Arc<Registry>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind registry");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new()
+        .route("/v2/", axum::routing::get(v2_root))
+        .route("/v2/{*rest}", axum::routing::get(v2))
+        .with_state(registry);
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.expect("registry server");
+    });
+    addr
+}
+
+struct Variant {
+    manifest: Digest,
+    gguf: Digest,
+    runtime: Digest,
+}
+
+fn push_variant(registry: &Registry, name: &str, weights: &[u8]) -> (Variant, Vec<u8>) {
+    let gguf = registry.blob(weights);
+    let runtime_json = br#"{"context_size":1024,"parallel_slots":2}"#;
+    let runtime = registry.blob(runtime_json);
+    let config = registry.blob(b"{}");
+    let mut weight = Descriptor::new(MEDIA_TYPE_WEIGHT_RAW, gguf.clone(), weights.len() as u64);
+    weight.annotations.insert(ANNOTATION_TITLE.to_owned(), format!("{name}.gguf"));
+    let manifest = ImageManifest {
+        schema_version: 2,
+        media_type: Some(MEDIA_TYPE_IMAGE_MANIFEST.to_owned()),
+        artifact_type: Some(alki_shared::bundle::ARTIFACT_TYPE_MODEL.to_owned()),
+        config: Descriptor::new(MEDIA_TYPE_EMPTY, config, 2),
+        layers: vec![weight, Descriptor::new(MEDIA_TYPE_RUNTIME, runtime.clone(), runtime_json.len() as u64)],
+        subject: None,
+        annotations: Default::default(),
+    };
+    let bytes = serde_json::to_vec(&manifest).expect("json");
+    let digest = registry.manifest(MEDIA_TYPE_IMAGE_MANIFEST, bytes.clone());
+    (Variant { manifest: digest, gguf, runtime }, bytes)
+}
+
+/// A two-variant bundle: q4 needs 1000 bytes of memory, q8 needs 5000.
+fn push_bundle(registry: &Registry) -> (Digest, Variant, Variant) {
+    let (q4, q4_bytes) = push_variant(registry, "model-q4", b"GGUF q4 weights");
+    let (q8, q8_bytes) = push_variant(registry, "model-q8", b"GGUF q8 weights, larger");
+    let entry = |digest: &Digest, bytes: &[u8], quant: &str, weights: u64, memory: u64| {
+        let mut d = Descriptor::new(MEDIA_TYPE_IMAGE_MANIFEST, digest.clone(), bytes.len() as u64);
+        d.annotations = variant_annotations(quant, "llama", "tiny", 1, 1024, weights, memory);
+        d
+    };
+    let index = ImageIndex {
+        schema_version: 2,
+        media_type: Some(MEDIA_TYPE_IMAGE_INDEX.to_owned()),
+        artifact_type: None,
+        manifests: vec![entry(&q4.manifest, &q4_bytes, "Q4_K_M", 500, 1000), entry(&q8.manifest, &q8_bytes, "Q8_0", 900, 5000)],
+        subject: None,
+        annotations: Default::default(),
+    };
+    let digest = registry.manifest(MEDIA_TYPE_IMAGE_INDEX, serde_json::to_vec(&index).expect("json"));
+    (digest, q4, q8)
+}
+
+fn location(registry: &str, digest: &Digest) -> BundleLocation {
+    BundleLocation { registry: registry.to_owned(), repository: "acme/tiny".to_owned(), digest: digest.clone(), tag: String::new() }
+}
+
+fn access(addr: SocketAddr) -> RegistryAccess {
+    RegistryAccess::new(vec![addr.to_string()], addr.to_string(), Some(TOKEN.to_owned()))
+}
+
+fn store(dir: &Path) -> ContentStore {
+    ContentStore::open(&dir.join("content")).expect("store")
+}
+
+#[tokio::test]
+async fn pulls_the_variant_that_fits_and_materialises_it() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let registry = Arc::new(Registry::default());
+        let (bundle, q4, q8) = push_bundle(&registry);
+        let addr = serve(registry.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        let mut seen: Vec<PullProgress> = Vec::new();
+        let pulled = pull_bundle(&access(addr), &store, &dir.path().join("bundles"), &location("", &bundle), 2000, &mut |p| {
+            seen.push(p)
+        })
+        .await
+        .expect("pull");
+
+        assert_eq!(pulled.variant_digest, q4.manifest, "Q8 needs more memory than available");
+        assert_eq!(pulled.variant.as_ref().map(|v| v.quantization.as_str()), Some("Q4_K_M"));
+        assert_eq!(pulled.dir, dir.path().join("bundles").join(q4.manifest.hex()));
+        assert_eq!(pulled.model_files, vec![pulled.dir.join("model-q4.gguf")]);
+        assert_eq!(std::fs::read(&pulled.model_files[0]).expect("model"), b"GGUF q4 weights");
+        let defaults = pulled.runtime_defaults.expect("runtime layer");
+        assert_eq!((defaults.context_size, defaults.parallel_slots), (1024, 2));
+        assert!(store.contains(&q4.gguf).await && store.contains(&q4.runtime).await);
+        assert!(!store.contains(&q8.gguf).await, "the other variant is not fetched");
+        assert_eq!(registry.gets(&q8.gguf), 0);
+        let last = seen.last().expect("progress reported");
+        assert_eq!(last.bytes_done, last.bytes_total);
+        assert_eq!(last.bytes_total, pulled.bytes_total);
+        let expected = format!("Basic {}", base64(format!("alki-agent:{TOKEN}").as_bytes()));
+        assert!(registry.authorizations.lock().expect("lock").contains(&expected), "token sent to the embedded registry");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn blobs_already_stored_are_not_fetched_again() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let registry = Arc::new(Registry::default());
+        let (bundle, q4, _) = push_bundle(&registry);
+        let addr = serve(registry.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        let bundles = dir.path().join("bundles");
+        let first = pull_bundle(&access(addr), &store, &bundles, &location("", &bundle), 2000, &mut |_| {})
+            .await
+            .expect("first pull");
+        assert_eq!(first.bytes_fetched, first.bytes_total);
+        assert_eq!(registry.gets(&q4.gguf), 1);
+        let second = pull_bundle(&access(addr), &store, &bundles, &location("", &bundle), 2000, &mut |_| {})
+            .await
+            .expect("second pull");
+        assert_eq!(second.bytes_fetched, 0);
+        assert_eq!(registry.gets(&q4.gguf), 1, "the layer was not downloaded again");
+        assert_eq!(second.model_files, first.model_files);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_corrupt_layer_is_a_digest_mismatch_naming_the_layer() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let registry = Arc::new(Registry::default());
+        let (bundle, q4, _) = push_bundle(&registry);
+        // Same length, different bytes: only the digest can tell.
+        registry.blobs.lock().expect("lock").insert(q4.gguf.to_string(), Bytes::from_static(b"GGUF q4 WEIGHTS"));
+        let addr = serve(registry.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        let err = pull_bundle(&access(addr), &store, &dir.path().join("bundles"), &location("", &bundle), 2000, &mut |_| {})
+            .await
+            .expect_err("corrupt layer");
+        assert_eq!(err.code(), ErrorCode::DigestMismatch);
+        assert_eq!(err.layer_digest(), Some(&q4.gguf));
+        let message = err.to_string();
+        assert!(message.starts_with("bundle acme/tiny@sha256:"), "{message}");
+        assert!(message.contains(&Digest::of(b"GGUF q4 WEIGHTS").to_string()), "names the actual digest: {message}");
+        assert!(message.contains("push the bundle again"), "{message}");
+        assert!(!store.contains(&q4.gguf).await, "nothing corrupt is kept");
+        assert_eq!(registry.gets(&q4.gguf), 1, "a mismatch is not retried");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_layer_longer_than_its_descriptor_is_refused() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let registry = Arc::new(Registry::default());
+        let (bundle, q4, _) = push_bundle(&registry);
+        registry.blobs.lock().expect("lock").insert(q4.gguf.to_string(), Bytes::from(vec![b'x'; 4096]));
+        let addr = serve(registry.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        let err = pull_bundle(&access(addr), &store, &dir.path().join("bundles"), &location("", &bundle), 2000, &mut |_| {})
+            .await
+            .expect_err("oversized layer");
+        assert_eq!(err.code(), ErrorCode::DigestMismatch);
+        assert_eq!(err.layer_digest(), Some(&q4.gguf));
+        assert!(err.to_string().contains("its descriptor says 15"), "{err}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_manifest_that_does_not_match_the_asked_digest_is_refused() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let registry = Arc::new(Registry::default());
+        let (bundle, _, _) = push_bundle(&registry);
+        let forged = Digest::of(b"what the controller asked for");
+        let real = registry.manifests.lock().expect("lock").get(bundle.as_str()).cloned().expect("index");
+        registry.manifests.lock().expect("lock").insert(forged.to_string(), real);
+        let addr = serve(registry.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = pull_bundle(&access(addr), &store(dir.path()), &dir.path().join("bundles"), &location("", &forged), 2000, &mut |_| {})
+            .await
+            .expect_err("forged index");
+        assert_eq!(err.code(), ErrorCode::DigestMismatch, "{err}");
+        assert_eq!(err.layer_digest(), Some(&forged));
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_single_manifest_is_a_one_variant_bundle_and_memory_limits_apply() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let registry = Arc::new(Registry::default());
+        let (variant, _) = push_variant(&registry, "solo", b"GGUF solo");
+        let (index, _, _) = push_bundle(&registry);
+        let addr = serve(registry.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        let bundles = dir.path().join("bundles");
+        let pulled = pull_bundle(&access(addr), &store, &bundles, &location("", &variant.manifest), 2000, &mut |_| {})
+            .await
+            .expect("single manifest");
+        assert_eq!(pulled.variant_digest, variant.manifest);
+        assert!(pulled.variant.is_none());
+        assert_eq!(pulled.model_files, vec![bundles.join(variant.manifest.hex()).join("solo.gguf")]);
+
+        let err = pull_bundle(&access(addr), &store, &bundles, &location("", &index), 999, &mut |_| {})
+            .await
+            .expect_err("nothing fits");
+        assert_eq!(err.code(), ErrorCode::NoVariantFits);
+        assert!(err.to_string().contains("Q4_K_M"), "lists what the variants need: {err}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn the_token_goes_to_the_embedded_registry_only() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let registry = Arc::new(Registry::default());
+        let (bundle, _, _) = push_bundle(&registry);
+        let addr = serve(registry.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The same registry named explicitly while the embedded one is elsewhere: it is a foreign registry.
+        let foreign = RegistryAccess::new(vec![addr.to_string()], "controller.invalid:7070".to_owned(), Some(TOKEN.to_owned()));
+        let err = pull_bundle(&foreign, &store(dir.path()), &dir.path().join("bundles"), &location(&addr.to_string(), &bundle), 2000, &mut |_| {})
+            .await
+            .expect_err("anonymous pull refused");
+        assert_eq!(err.code(), ErrorCode::PullFailed, "{err}");
+        assert!(registry.authorizations.lock().expect("lock").is_empty(), "no credentials were sent");
+        assert!(err.to_string().contains("check that the registry is reachable"), "{err}");
+    })
+    .await
+    .expect("test timed out");
+}

@@ -1,0 +1,395 @@
+//! A fake llama-server for fast tests and fault injection: accepts llama-server's flags, answers 503
+//! "Loading model" during a load delay, then the endpoints the agent relies on, with every reply naming the
+//! model file it was started with.
+//!
+//! Fault knobs, from the environment or from the model file itself (a file whose first line is `FAKE-GGUF`
+//! followed by `KEY=VALUE` lines overrides the environment, so a test bundle can carry its own faults):
+//! - `FAKE_LLAMA_LOAD_MS` (default 100): how long "loading" takes.
+//! - `FAKE_LLAMA_EXIT_AT_LOAD=1`: exit with code 1 after loading, like a model that cannot load.
+//!   A model file that does not exist does the same.
+//! - `FAKE_LLAMA_CRASH_AFTER=N`: exit abruptly (code 139) when the N+1th completion request arrives.
+//! - `FAKE_LLAMA_TOKEN_MS` (default 0): time per generated token; a completion of n tokens takes n times this.
+//! - `FAKE_LLAMA_IGNORE_SIGTERM=1`: ignore SIGTERM (like the real server deadlocked mid-generation); only
+//!   SIGKILL stops it.
+//!
+//! Limitation: `"stream": true` answers are valid SSE but written at once after the generation delay: e2e's
+//! dependencies offer no `Stream` implementation to write them piece by piece.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+#[derive(Clone, Debug)]
+struct Args {
+    model: PathBuf,
+    host: String,
+    port: u16,
+    ctx: u64,
+    slots: usize,
+    metrics: bool,
+}
+
+/// llama-server's flags that matter here; every other flag is accepted and ignored (with its value, if the
+/// next argument does not look like a flag).
+fn parse_args(args: impl Iterator<Item = String>) -> Args {
+    let mut parsed = Args {
+        model: PathBuf::new(),
+        host: "127.0.0.1".to_owned(),
+        port: 8080,
+        ctx: 4096,
+        slots: 4,
+        metrics: false,
+    };
+    let mut args = args.peekable();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+            _ => (arg.clone(), None),
+        };
+        let takes_value = matches!(
+            flag.as_str(),
+            "-m" | "--model"
+                | "--host"
+                | "--port"
+                | "-c"
+                | "--ctx-size"
+                | "-t"
+                | "--threads"
+                | "-ngl"
+                | "--n-gpu-layers"
+                | "--gpu-layers"
+                | "-np"
+                | "--parallel"
+                | "--chat-template"
+                | "--alias"
+        );
+        let value = if takes_value { inline.or_else(|| args.next()) } else { inline };
+        let value = value.unwrap_or_default();
+        match flag.as_str() {
+            "-m" | "--model" => parsed.model = PathBuf::from(value),
+            "--host" => parsed.host = value,
+            "--port" => parsed.port = value.parse().unwrap_or(8080),
+            "-c" | "--ctx-size" => parsed.ctx = value.parse().unwrap_or(4096),
+            "-np" | "--parallel" => parsed.slots = value.parse().unwrap_or(4).max(1),
+            "--metrics" => parsed.metrics = true,
+            _ if takes_value => {}
+            // Unknown flag: swallow a value that follows it.
+            other if other.starts_with('-') && args.peek().is_some_and(|next| !next.starts_with('-')) => {
+                args.next();
+            }
+            _ => {}
+        }
+    }
+    parsed
+}
+
+#[derive(Debug, Default, Clone)]
+struct Knobs {
+    load_ms: u64,
+    exit_at_load: bool,
+    crash_after: Option<u64>,
+    token_ms: u64,
+    ignore_sigterm: bool,
+}
+
+fn knobs(model_header: &[(String, String)]) -> Knobs {
+    let get = |key: &str| {
+        model_header.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).or_else(|| std::env::var(key).ok())
+    };
+    let flag = |key: &str| get(key).is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    Knobs {
+        load_ms: get("FAKE_LLAMA_LOAD_MS").and_then(|v| v.parse().ok()).unwrap_or(100),
+        exit_at_load: flag("FAKE_LLAMA_EXIT_AT_LOAD"),
+        crash_after: get("FAKE_LLAMA_CRASH_AFTER").and_then(|v| v.parse().ok()),
+        token_ms: get("FAKE_LLAMA_TOKEN_MS").and_then(|v| v.parse().ok()).unwrap_or(0),
+        ignore_sigterm: flag("FAKE_LLAMA_IGNORE_SIGTERM"),
+    }
+}
+
+/// `KEY=VALUE` lines of a model file that starts with `FAKE-GGUF` (read from its first 4 KiB).
+fn model_header(bytes: &[u8]) -> Vec<(String, String)> {
+    let head = &bytes[..bytes.len().min(4096)];
+    let text = String::from_utf8_lossy(head);
+    let mut lines = text.lines();
+    if lines.next().map(str::trim) != Some("FAKE-GGUF") {
+        return Vec::new();
+    }
+    lines
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+struct Fake {
+    args: Args,
+    knobs: Knobs,
+    loaded: AtomicBool,
+    processing: AtomicUsize,
+    completions: AtomicU64,
+    tokens: AtomicU64,
+    requests: AtomicU64,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args = parse_args(std::env::args().skip(1));
+    let model_bytes = std::fs::read(&args.model).ok();
+    let knobs = knobs(&model_bytes.as_deref().map(model_header).unwrap_or_default());
+    eprintln!("fake-llama-server: model {} on {}:{} with {:?}", args.model.display(), args.host, args.port, knobs);
+
+    let addr: SocketAddr = match format!("{}:{}", args.host, args.port).parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("fake-llama-server: bad address: {e}");
+            std::process::exit(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("fake-llama-server: cannot bind {addr}: {e}");
+            std::process::exit(1);
+        }
+    };
+    let fake = Arc::new(Fake {
+        args: args.clone(),
+        knobs: knobs.clone(),
+        loaded: AtomicBool::new(false),
+        processing: AtomicUsize::new(0),
+        completions: AtomicU64::new(0),
+        tokens: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+    });
+
+    let loader = fake.clone();
+    let model_exists = model_bytes.is_some();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(loader.knobs.load_ms)).await;
+        if !model_exists {
+            eprintln!("llama_model_load: error loading model: cannot open {}", loader.args.model.display());
+            eprintln!("main: exiting due to model loading error");
+            std::process::exit(1);
+        }
+        if loader.knobs.exit_at_load {
+            eprintln!("llama_model_load: error loading model: FAKE_LLAMA_EXIT_AT_LOAD");
+            eprintln!("main: exiting due to model loading error");
+            std::process::exit(1);
+        }
+        loader.loaded.store(true, Ordering::SeqCst);
+        eprintln!("main: model loaded; server is listening on http://{addr}");
+    });
+
+    let ignore_sigterm = knobs.ignore_sigterm;
+    tokio::spawn(async move {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else { return };
+        while term.recv().await.is_some() {
+            if ignore_sigterm {
+                eprintln!("fake-llama-server: SIGTERM ignored (FAKE_LLAMA_IGNORE_SIGTERM)");
+                continue;
+            }
+            eprintln!("fake-llama-server: SIGTERM, exiting");
+            std::process::exit(0);
+        }
+    });
+
+    let app = axum::Router::new().fallback(handle).with_state(fake);
+    if let Err(e) = axum::serve(listener, app).await {
+        eprintln!("fake-llama-server: server error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn error(status: StatusCode, message: &str, kind: &str) -> Response {
+    (status, Json(json!({"error": {"code": status.as_u16(), "message": message, "type": kind}}))).into_response()
+}
+
+/// Counts a request as processing for as long as it lives.
+struct Processing<'a>(&'a AtomicUsize);
+
+impl Drop for Processing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn handle(State(fake): State<Arc<Fake>>, request: Request) -> Response {
+    fake.requests.fetch_add(1, Ordering::Relaxed);
+    if !fake.loaded.load(Ordering::SeqCst) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "Loading model", "unavailable_error");
+    }
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let body = axum::body::to_bytes(request.into_body(), 1 << 20).await.unwrap_or_default();
+    let json_body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    match (method, path.as_str()) {
+        (Method::GET, "/health") => Json(json!({"status": "ok"})).into_response(),
+        (Method::GET, "/slots") => {
+            let busy = fake.processing.load(Ordering::SeqCst);
+            let slots: Vec<Value> = (0..fake.args.slots)
+                .map(|id| json!({"id": id, "n_ctx": fake.args.ctx / fake.args.slots as u64, "is_processing": id < busy}))
+                .collect();
+            Json(Value::Array(slots)).into_response()
+        }
+        (Method::GET, "/props") => Json(json!({
+            "total_slots": fake.args.slots,
+            "model_path": fake.args.model.display().to_string(),
+            "build_info": "fake-llama-server",
+        }))
+        .into_response(),
+        (Method::GET, "/v1/models" | "/models") => Json(json!({
+            "object": "list",
+            "data": [{
+                "id": model_name(&fake),
+                "object": "model",
+                "owned_by": "llamacpp",
+                "meta": {"n_ctx": fake.args.ctx, "n_ctx_train": fake.args.ctx, "n_vocab": 32000, "n_embd": 64, "n_params": 1000, "size": 1000}
+            }]
+        }))
+        .into_response(),
+        (Method::GET, "/metrics") if fake.args.metrics => metrics(&fake),
+        (Method::GET, "/metrics") => error(StatusCode::NOT_IMPLEMENTED, "This server does not support metrics endpoint. Start it with `--metrics`", "not_supported_error"),
+        (Method::POST, "/completion" | "/completions" | "/v1/completions") => completion(&fake, &json_body, false).await,
+        (Method::POST, "/v1/chat/completions" | "/chat/completions") => completion(&fake, &json_body, true).await,
+        _ => error(StatusCode::NOT_FOUND, "File Not Found", "not_found_error"),
+    }
+}
+
+fn model_name(fake: &Fake) -> String {
+    fake.args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn metrics(fake: &Fake) -> Response {
+    let tokens = fake.tokens.load(Ordering::Relaxed);
+    let text = format!(
+        "# TYPE llamacpp:prompt_tokens_total counter\nllamacpp:prompt_tokens_total {p}\n\
+         # TYPE llamacpp:tokens_predicted_total counter\nllamacpp:tokens_predicted_total {tokens}\n\
+         # TYPE llamacpp:n_decode_total counter\nllamacpp:n_decode_total {tokens}\n\
+         # TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing {busy}\n\
+         # TYPE llamacpp:requests_deferred gauge\nllamacpp:requests_deferred 0\n",
+        p = fake.completions.load(Ordering::Relaxed) * 2,
+        busy = fake.processing.load(Ordering::SeqCst),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn completion(fake: &Fake, request: &Value, chat: bool) -> Response {
+    let served = fake.completions.fetch_add(1, Ordering::SeqCst);
+    if fake.knobs.crash_after.is_some_and(|n| served >= n) {
+        eprintln!("fake-llama-server: crashing after {served} completions (FAKE_LLAMA_CRASH_AFTER)");
+        std::process::exit(139);
+    }
+    fake.processing.fetch_add(1, Ordering::SeqCst);
+    let _processing = Processing(&fake.processing);
+    let n_predict = request
+        .get("n_predict")
+        .or_else(|| request.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(8)
+        .clamp(1, 64);
+    if fake.knobs.token_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(fake.knobs.token_ms * n_predict)).await;
+    }
+    fake.tokens.fetch_add(n_predict, Ordering::Relaxed);
+    let model = fake.args.model.display().to_string();
+    let text = format!("fake reply from {model}");
+    let per_second = if fake.knobs.token_ms > 0 { 1000.0 / fake.knobs.token_ms as f64 } else { 1000.0 };
+    let timings = json!({
+        "prompt_n": 2, "prompt_ms": 1.0, "prompt_per_second": 2000.0,
+        "predicted_n": n_predict, "predicted_ms": (fake.knobs.token_ms * n_predict) as f64,
+        "predicted_per_second": per_second, "cache_n": 0
+    });
+    let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let name = model_name(fake);
+    match (chat, stream) {
+        (false, false) => Json(json!({
+            "content": text, "model": model, "tokens_predicted": n_predict, "tokens_evaluated": 2,
+            "stop": true, "stop_type": "limit", "timings": timings
+        }))
+        .into_response(),
+        (true, false) => Json(json!({
+            "id": format!("chatcmpl-fake-{served}"), "object": "chat.completion", "created": created, "model": name,
+            "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 2, "completion_tokens": n_predict, "total_tokens": n_predict + 2},
+            "timings": timings
+        }))
+        .into_response(),
+        (false, true) => {
+            let mut sse = String::new();
+            for word in text.split_inclusive(' ') {
+                sse.push_str(&format!("data: {}\n\n", json!({"content": word, "stop": false})));
+            }
+            sse.push_str(&format!(
+                "data: {}\n\n",
+                json!({"content": "", "stop": true, "model": model, "tokens_predicted": n_predict, "timings": timings})
+            ));
+            sse_response(sse)
+        }
+        (true, true) => {
+            let id = format!("chatcmpl-fake-{served}");
+            let mut sse = String::new();
+            for word in text.split_inclusive(' ') {
+                let chunk = json!({
+                    "id": id, "object": "chat.completion.chunk", "created": created, "model": name,
+                    "choices": [{"index": 0, "finish_reason": null, "delta": {"content": word}}]
+                });
+                sse.push_str(&format!("data: {chunk}\n\n"));
+            }
+            let last = json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": name,
+                "choices": [{"index": 0, "finish_reason": "length", "delta": {}}], "timings": timings
+            });
+            sse.push_str(&format!("data: {last}\n\ndata: [DONE]\n\n"));
+            sse_response(sse)
+        }
+    }
+}
+
+fn sse_response(body: String) -> Response {
+    let mut response = body.into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(args: &[&str]) -> impl Iterator<Item = String> {
+        args.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>().into_iter()
+    }
+
+    #[test]
+    fn flags_are_parsed_and_unknown_ones_ignored() {
+        let a = parse_args(strings(&[
+            "-m", "/m/a.gguf", "--host", "127.0.0.1", "--port", "9001", "-c", "512", "-t", "2", "-ngl", "0", "-np",
+            "3", "--metrics", "--no-webui", "--flash-attn", "on", "--jinja", "--ctx-size=1024",
+        ]));
+        assert_eq!(a.model, PathBuf::from("/m/a.gguf"));
+        assert_eq!(a.port, 9001);
+        assert_eq!(a.ctx, 1024);
+        assert_eq!(a.slots, 3);
+        assert!(a.metrics);
+    }
+
+    #[test]
+    fn knobs_come_from_the_model_file_header() {
+        let header = model_header(b"FAKE-GGUF\nFAKE_LLAMA_EXIT_AT_LOAD=1\nFAKE_LLAMA_TOKEN_MS = 20\n");
+        let k = knobs(&header);
+        assert!(k.exit_at_load);
+        assert_eq!(k.token_ms, 20);
+        assert!(model_header(b"GGUF\x03\x00\x00\x00").is_empty());
+    }
+}
