@@ -50,7 +50,8 @@ pub struct RegistryConfig {
     #[serde(default)]
     pub insecure_plain_http: Vec<String>,
     /// `host:port` of the controller's embedded registry, used for bundles whose reference names no
-    /// registry. Defaults to the host and port of `controller.url`.
+    /// registry. Defaults to the host and port of `controller.url`. The agent's token is sent to registries
+    /// on this host (any port) and to no other registry.
     #[serde(default)]
     pub embedded: Option<String>,
 }
@@ -104,11 +105,10 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Config::from_toml(&text)
-            .map_err(|e| match e {
-                ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
-                other => other,
-            })
+        Config::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
+            other => other,
+        })
     }
 
     /// Parses and validates a configuration from TOML text.
@@ -283,7 +283,8 @@ fn valid_authority(s: &str) -> bool {
             None => (s, None),
         }
     };
-    let host_ok = !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'));
+    let host_ok =
+        !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'));
     let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
     host_ok && port_ok
 }

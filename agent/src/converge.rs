@@ -32,7 +32,6 @@ impl Desired {
             named: d.bundle.clone(),
         }
     }
-
 }
 
 /// What the device serves now, as far as "is this already applied?" is concerned.

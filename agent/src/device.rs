@@ -8,6 +8,7 @@ use alki_shared::proto::{self, ErrorCode, Phase};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::converge::{Converger, Decision, Desired, ServingKey};
 use crate::pull::{PullError, PullProgress, PulledBundle, RegistryAccess, pull_bundle};
@@ -43,6 +44,14 @@ impl RegistrySettings {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+enum SwapFailure {
+    #[error(transparent)]
+    Start(crate::runtime::StartError),
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
 struct Pulling {
     desired: Desired,
     task: JoinHandle<Result<PulledBundle, PullError>>,
@@ -76,7 +85,7 @@ impl Device {
                 break;
             }
             tokio::select! {
-                _ = shutdown.changed() => {}
+                changed = shutdown.changed() => if changed.is_err() { break },
                 changed = self.desired.changed(), if desired_open => {
                     if changed.is_err() {
                         desired_open = false;
@@ -147,15 +156,18 @@ impl Device {
         tracing::info!(bundle = %active.bundle, "Starting the bundle that was active before the restart.");
         match self.swap(spec, shutdown).await {
             Ok(()) => tracing::info!(bundle = %active.bundle, "Serving the bundle that was active before the restart."),
-            Err(e) => tracing::error!(bundle = %active.bundle, error = %e, "The bundle active before the restart could not be started; nothing is served until the controller sends a desired state."),
+            Err(e) => {
+                tracing::error!(bundle = %active.bundle, error = %e, "The bundle active before the restart could not be started; nothing is served until the controller sends a desired state.")
+            }
         }
         self.publish();
     }
 
-    async fn swap(&mut self, spec: LaunchSpec, shutdown: &mut watch::Receiver<bool>) -> Result<(), String> {
+    /// [`Supervisor::swap`], abandoned (the candidate killed) when the agent shuts down meanwhile.
+    async fn swap(&mut self, spec: LaunchSpec, shutdown: &mut watch::Receiver<bool>) -> Result<(), SwapFailure> {
         tokio::select! {
-            result = self.supervisor.swap(spec) => result.map_err(|e| e.to_string()),
-            _ = shutdown.changed() => Err("the agent is shutting down".to_owned()),
+            result = self.supervisor.swap(spec) => result.map_err(SwapFailure::Start),
+            _ = shutdown.wait_for(|stop| *stop) => Err(SwapFailure::ShuttingDown),
         }
     }
 
@@ -173,10 +185,8 @@ impl Device {
     }
 
     fn publish(&self) {
-        self.snapshot.send_replace(Snapshot {
-            running: self.serving_ref(),
-            last_applied: self.state.last_applied_generation,
-        });
+        self.snapshot
+            .send_replace(Snapshot { running: self.serving_ref(), last_applied: self.state.last_applied_generation });
     }
 
     fn status(&self, desired: &Desired, phase: Phase) -> proto::Status {
@@ -247,22 +257,29 @@ impl Device {
         }
     }
 
-    async fn spawn_pull(&self, desired: &Desired, bundle: BundleLocation) -> JoinHandle<Result<PulledBundle, PullError>> {
+    async fn spawn_pull(
+        &self,
+        desired: &Desired,
+        bundle: BundleLocation,
+    ) -> JoinHandle<Result<PulledBundle, PullError>> {
         let access = self.registry.access().await;
         let store = self.store.clone();
         let bundles_dir = self.bundles_dir.clone();
         let statuses = self.statuses.clone();
         let template = self.status(desired, Phase::Pulling);
-        tokio::spawn(async move {
-            let memory = tokio::task::spawn_blocking(crate::inventory::memory_available).await.unwrap_or_default();
-            let mut progress = move |p: PullProgress| {
-                let mut status = template.clone();
-                status.progress = Some(proto::Progress { bytes_done: p.bytes_done, bytes_total: p.bytes_total });
-                // Progress is advisory: when the queue is full it is skipped, never waited for.
-                let _ = statuses.try_send(status);
-            };
-            pull_bundle(&access, &store, &bundles_dir, &bundle, memory, &mut progress).await
-        })
+        tokio::spawn(
+            async move {
+                let memory = tokio::task::spawn_blocking(crate::inventory::memory_available).await.unwrap_or_default();
+                let mut progress = move |p: PullProgress| {
+                    let mut status = template.clone();
+                    status.progress = Some(proto::Progress { bytes_done: p.bytes_done, bytes_total: p.bytes_total });
+                    // Progress is advisory: when the queue is full it is skipped, never waited for.
+                    let _ = statuses.try_send(status);
+                };
+                pull_bundle(&access, &store, &bundles_dir, &bundle, memory, &mut progress).await
+            }
+            .in_current_span(),
+        )
     }
 
     /// Verifies, starts and flips to a pulled bundle; reports the outcome. True when the bundle is now served.
@@ -303,10 +320,18 @@ impl Device {
         let mut status = self.status(desired, Phase::Starting);
         status.variant_digest = pulled.variant_digest.to_string();
         self.report(status).await;
-        if let Err(e) = self.swap(spec, shutdown).await {
-            let message = format!("bundle {bundle}: {e}");
-            self.fail(desired, activation_error(ErrorCode::StartFailed, message, None)).await;
-            return false;
+        match self.swap(spec, shutdown).await {
+            Ok(()) => {}
+            Err(SwapFailure::ShuttingDown) => {
+                // Not applied: after the restart the controller's desired state is converged to again.
+                tracing::info!(generation = %desired.generation, "Activation abandoned for shutdown.");
+                return false;
+            }
+            Err(SwapFailure::Start(e)) => {
+                let message = format!("bundle {bundle}: {e}");
+                self.fail(desired, activation_error(ErrorCode::StartFailed, message, None)).await;
+                return false;
+            }
         }
         let deployment = Deployment {
             bundle,

@@ -6,7 +6,7 @@
 
 pub mod config;
 pub mod converge;
-pub mod device;
+mod device;
 pub mod inventory;
 pub mod pull;
 pub mod reference;
@@ -120,8 +120,7 @@ impl Agent {
         state_file.save(&state)?;
         let store = ContentStore::open(&layout.content())?;
         let addr = config.front_addr()?;
-        let front =
-            tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Bind { addr, source })?;
+        let front = tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Bind { addr, source })?;
         Ok(Agent { device_id: state.device_id.clone(), config, state, state_file, store, front })
     }
 
@@ -211,9 +210,11 @@ impl Agent {
         let _ = stop_tx.send(true);
         // The device loop's own waits are bounded (drain timeout, stop sequence); this bound is a backstop.
         let device_bound = drain_timeout + Duration::from_secs(30);
-        for (name, task, bound) in
-            [("device loop", device_task, device_bound), ("session", session_task, TASK_SHUTDOWN), ("front server", server, TASK_SHUTDOWN)]
-        {
+        for (name, task, bound) in [
+            ("device loop", device_task, device_bound),
+            ("session", session_task, TASK_SHUTDOWN),
+            ("front server", server, TASK_SHUTDOWN),
+        ] {
             let abort = task.abort_handle();
             if tokio::time::timeout(bound, task).await.is_err() {
                 tracing::warn!(task = name, "Did not stop in time; aborted.");

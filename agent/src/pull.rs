@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use alki_shared::bundle::{RuntimeDefaults, VariantInfo, choose_variant, runtime_layer, safe_file_name, variants, weight_layers};
+use alki_shared::bundle::{
+    RuntimeDefaults, VariantInfo, choose_variant, runtime_layer, safe_file_name, variants, weight_layers,
+};
 use alki_shared::digest::Digest;
 use alki_shared::oci::{
     Descriptor, ImageManifest, MAX_MANIFEST_BYTES, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_DOCKER_MANIFEST,
@@ -76,7 +78,8 @@ impl std::fmt::Debug for RegistryAccess {
 
 impl RegistryAccess {
     /// `plain_http`: registries (`host:port`) reached over HTTP. `embedded`: the registry used when a bundle
-    /// names none. `token`: sent (Basic, user `alki-agent`) to the embedded registry only, never elsewhere.
+    /// names none. `token`: sent (Basic, user `alki-agent`) only to registries on the embedded registry's host
+    /// (any port: the controller serves gRPC and its registry on different ports), never elsewhere.
     pub fn new(plain_http: Vec<String>, embedded: String, token: Option<String>) -> RegistryAccess {
         let config = ClientConfig {
             protocol: ClientProtocol::HttpsExcept(plain_http),
@@ -99,12 +102,20 @@ impl RegistryAccess {
 
     fn auth(&self, bundle: &BundleLocation) -> RegistryAuth {
         match &self.token {
-            Some(token) if self.registry_of(bundle) == self.embedded => {
+            Some(token) if host_of(self.registry_of(bundle)) == host_of(&self.embedded) => {
                 RegistryAuth::Basic(BASIC_USER.to_owned(), token.clone())
             }
             _ => RegistryAuth::Anonymous,
         }
     }
+}
+
+/// The host of `host[:port]` (IPv6 in brackets).
+fn host_of(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority.split_once(']').map(|(h, _)| &authority[..=h.len()]).unwrap_or(authority);
+    }
+    authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority)
 }
 
 /// A failed pull, for people ([`std::fmt::Display`]) and for the controller ([`PullError::code`]).
@@ -122,9 +133,15 @@ pub enum PullErrorKind {
          device, that the bundle was pushed there, and the agent's token"
     )]
     Registry { what: String, registry: String, source: Box<OciDistributionError> },
-    #[error("{what} {} does not match its digest (got {actual}); the registry copy is corrupt — push the bundle again", short(expected))]
+    #[error(
+        "{what} {} does not match its digest (got {actual}); the registry copy is corrupt — push the bundle again",
+        short(expected)
+    )]
     ManifestDigest { what: String, expected: Digest, actual: String },
-    #[error("{what} {} is not a valid OCI manifest ({source}); push a bundle made by alkictl bundle pack", short(digest))]
+    #[error(
+        "{what} {} is not a valid OCI manifest ({source}); push a bundle made by alkictl bundle pack",
+        short(digest)
+    )]
     Manifest { what: String, digest: Digest, source: ManifestError },
     #[error("{0}; push a bundle made by alkictl bundle pack")]
     NotABundle(String),
@@ -133,7 +150,10 @@ pub enum PullErrorKind {
          quantization to the bundle", human_bytes(*available)
     )]
     NoVariantFits { available: u64, needs: String },
-    #[error("layer {} does not match its digest (got {actual}); the registry copy is corrupt — push the bundle again", short(layer))]
+    #[error(
+        "layer {} does not match its digest (got {actual}); the registry copy is corrupt — push the bundle again",
+        short(layer)
+    )]
     LayerDigest { layer: Digest, actual: Digest },
     #[error(
         "layer {} is {actual}{} bytes but its descriptor says {expected}; the registry copy is corrupt — push the \
@@ -163,9 +183,9 @@ impl PullError {
                 OciDistributionError::DigestError(_) => ErrorCode::DigestMismatch,
                 _ => ErrorCode::PullFailed,
             },
-            PullErrorKind::ManifestDigest { .. } | PullErrorKind::LayerDigest { .. } | PullErrorKind::LayerSize { .. } => {
-                ErrorCode::DigestMismatch
-            }
+            PullErrorKind::ManifestDigest { .. }
+            | PullErrorKind::LayerDigest { .. }
+            | PullErrorKind::LayerSize { .. } => ErrorCode::DigestMismatch,
             PullErrorKind::Manifest { .. }
             | PullErrorKind::NotABundle(_)
             | PullErrorKind::BadFileName { .. }
@@ -222,15 +242,16 @@ pub async fn pull_bundle(
                 return Err(wrap(PullErrorKind::NoVariantFits { available: memory_available, needs }));
             };
             let digest = chosen.descriptor.digest.clone();
-            let manifest = match fetch_manifest(registry, store, bundle, &digest, "variant manifest").await.map_err(wrap)? {
-                Manifest::Image(m) => m,
-                Manifest::Index(_) => {
-                    return Err(wrap(PullErrorKind::NotABundle(format!(
-                        "variant {} is an index, not a model manifest",
-                        short(&digest)
-                    ))));
-                }
-            };
+            let manifest =
+                match fetch_manifest(registry, store, bundle, &digest, "variant manifest").await.map_err(wrap)? {
+                    Manifest::Image(m) => m,
+                    Manifest::Index(_) => {
+                        return Err(wrap(PullErrorKind::NotABundle(format!(
+                            "variant {} is an index, not a model manifest",
+                            short(&digest)
+                        ))));
+                    }
+                };
             (Some(chosen), digest, manifest)
         }
         Manifest::Image(manifest) => {
@@ -287,7 +308,15 @@ pub async fn pull_bundle(
     let dir = bundles_dir.join(variant_digest.hex());
     let links: Vec<(PathBuf, String)> = named.iter().map(|(d, name)| (store.path(&d.digest), name.clone())).collect();
     let model_files = materialise(&dir, links).await.map_err(wrap)?;
-    Ok(PulledBundle { variant_digest, variant, dir, model_files, runtime_defaults, bytes_total, bytes_fetched: fetched })
+    Ok(PulledBundle {
+        variant_digest,
+        variant,
+        dir,
+        model_files,
+        runtime_defaults,
+        bytes_total,
+        bytes_fetched: fetched,
+    })
 }
 
 fn label_of(v: &VariantInfo) -> &str {
@@ -354,7 +383,8 @@ async fn fetch_manifest(
                 registry.client.pull_manifest_raw(&reference, &registry.auth(bundle), &ACCEPTED_MANIFESTS).await;
             let (bytes, _) = pulled.map_err(|source| match source {
                 OciDistributionError::DigestError(oci_client::errors::DigestError::VerificationError {
-                    actual, ..
+                    actual,
+                    ..
                 }) => PullErrorKind::ManifestDigest { what: what.to_owned(), expected: digest.clone(), actual },
                 source => PullErrorKind::Registry {
                     what: format!("{what} {}", short(digest)),
@@ -418,8 +448,9 @@ async fn fetch_blob(
         let stream = match registry.client.pull_blob_stream(&reference, descriptor.digest.as_str()).await {
             Ok(s) => s,
             Err(source) => {
-                let transient = matches!(source, OciDistributionError::RequestError(_) | OciDistributionError::IoError(_))
-                    || matches!(&source, OciDistributionError::ServerError { code, .. } if *code >= 500);
+                let transient =
+                    matches!(source, OciDistributionError::RequestError(_) | OciDistributionError::IoError(_))
+                        || matches!(&source, OciDistributionError::ServerError { code, .. } if *code >= 500);
                 if transient && !last_attempt {
                     tracing::warn!(layer = %descriptor.digest, attempt, error = %source, "Blob request failed; retrying.");
                     tokio::time::sleep(retry_pause).await;
@@ -599,6 +630,24 @@ mod tests {
         };
         assert_eq!(full.code(), ErrorCode::DiskFull);
         assert!(full.to_string().contains("3.0 GiB"), "{full}");
+    }
+
+    #[test]
+    fn the_token_follows_the_embedded_registry_host() {
+        assert_eq!(host_of("127.0.0.1:7080"), "127.0.0.1");
+        assert_eq!(host_of("registry.local"), "registry.local");
+        assert_eq!(host_of("[::1]:5000"), "[::1]");
+        let access = RegistryAccess::new(vec![], "ctl.example:7070".to_owned(), Some("t".to_owned()));
+        let at = |registry: &str| BundleLocation {
+            registry: registry.to_owned(),
+            repository: "a/b".to_owned(),
+            digest: Digest::of(b"x"),
+            tag: String::new(),
+        };
+        assert!(matches!(access.auth(&at("")), RegistryAuth::Basic(..)));
+        assert!(matches!(access.auth(&at("ctl.example:7080")), RegistryAuth::Basic(..)));
+        assert!(matches!(access.auth(&at("docker.io")), RegistryAuth::Anonymous));
+        assert!(matches!(access.auth(&at("ctl.example.evil:7070")), RegistryAuth::Anonymous));
     }
 
     #[test]

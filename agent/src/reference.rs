@@ -46,7 +46,12 @@ impl BundleLocation {
             .digest
             .parse::<Digest>()
             .map_err(|source| ReferenceError::BadDigest { reference: r.display(), source })?;
-        Ok(BundleLocation { registry: r.registry.clone(), repository: r.repository.clone(), digest, tag: r.tag.clone() })
+        Ok(BundleLocation {
+            registry: r.registry.clone(),
+            repository: r.repository.clone(),
+            digest,
+            tag: r.tag.clone(),
+        })
     }
 
     pub fn to_proto(&self) -> proto::BundleRef {

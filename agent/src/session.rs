@@ -202,8 +202,7 @@ async fn one_session(
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
-    let channel =
-        endpoint.connect().await.map_err(|source| SessionError::Connect { url: ctx.url.clone(), source })?;
+    let channel = endpoint.connect().await.map_err(|source| SessionError::Connect { url: ctx.url.clone(), source })?;
     let mut client = proto::agent_service_client::AgentServiceClient::new(channel);
 
     let (out, out_rx) = mpsc::channel::<proto::AgentMessage>(OUTBOUND_CAPACITY);
@@ -231,7 +230,9 @@ async fn one_session(
     request.metadata_mut().insert("authorization", bearer);
     let response = match tokio::time::timeout(CONNECT_TIMEOUT, client.session(request)).await {
         Err(_) => return Err(SessionError::ConnectTimeout),
-        Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated || status.code() == tonic::Code::PermissionDenied => {
+        Ok(Err(status))
+            if status.code() == tonic::Code::Unauthenticated || status.code() == tonic::Code::PermissionDenied =>
+        {
             return Err(SessionError::Unauthenticated(status.message().to_owned()));
         }
         Ok(Err(status)) => return Err(SessionError::Rpc(status)),

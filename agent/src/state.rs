@@ -70,7 +70,9 @@ pub enum StateError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("state file {path} is not valid ({source}); it was moved to {moved_to} and the agent starts afresh")]
     Corrupt { path: PathBuf, moved_to: PathBuf, source: serde_json::Error },
-    #[error("state file {path} has version {version}, newer than this agent understands ({STATE_VERSION}); upgrade the agent")]
+    #[error(
+        "state file {path} has version {version}, newer than this agent understands ({STATE_VERSION}); upgrade the agent"
+    )]
     TooNew { path: PathBuf, version: u32 },
 }
 
@@ -154,7 +156,13 @@ mod tests {
             variant_digest: Digest::of(b"variant"),
             model_files: vec![PathBuf::from("/data/bundles/abc/model.gguf")],
             overrides: RuntimeOverrides { context_size: 1024, ..Default::default() },
-            launch: LaunchSettings { context_size: 1024, threads: 0, gpu_layers: 0, parallel_slots: 1, chat_template: None },
+            launch: LaunchSettings {
+                context_size: 1024,
+                threads: 0,
+                gpu_layers: 0,
+                parallel_slots: 1,
+                chat_template: None,
+            },
             generation: Generation(generation),
         }
     }

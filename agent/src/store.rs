@@ -134,7 +134,12 @@ impl ContentStore {
         if let Some(size) = expected_size
             && len != size
         {
-            return Err(StoreError::SizeMismatch { digest: expected.clone(), expected: size, actual: len, more: false });
+            return Err(StoreError::SizeMismatch {
+                digest: expected.clone(),
+                expected: size,
+                actual: len,
+                more: false,
+            });
         }
         let actual = hasher.finish();
         if &actual != expected {
@@ -181,8 +186,10 @@ mod tests {
         let digest = Digest::of(b"hello world");
         assert!(!store.contains(&digest).await);
         let mut seen = Vec::new();
-        let path =
-            store.write_stream(&digest, Some(11), chunks(&[b"hello", b" world"]), |n| seen.push(n)).await.expect("write");
+        let path = store
+            .write_stream(&digest, Some(11), chunks(&[b"hello", b" world"]), |n| seen.push(n))
+            .await
+            .expect("write");
         assert_eq!(path, dir.path().join("blobs").join(digest.storage_path()));
         assert_eq!(std::fs::read(&path).expect("read"), b"hello world");
         assert_eq!(seen, vec![5, 11]);

@@ -172,10 +172,10 @@ async fn next_where(
 ) -> agent_message::Msg {
     loop {
         let message = up.recv().await.expect("agent stream open");
-        if let Some(msg) = message.msg {
-            if wanted(&msg) {
-                return msg;
-            }
+        if let Some(msg) = message.msg
+            && wanted(&msg)
+        {
+            return msg;
         }
     }
 }
@@ -209,7 +209,8 @@ async fn talks_to_the_controller_and_converges() {
             let _ = stop_rx.await;
         }));
 
-        let agent_message::Msg::Hello(hello) = next_where(&mut up, |m| matches!(m, agent_message::Msg::Hello(_))).await else {
+        let agent_message::Msg::Hello(hello) = next_where(&mut up, |m| matches!(m, agent_message::Msg::Hello(_))).await
+        else {
             unreachable!()
         };
         assert_eq!(hello.device_id, "pi-test");
@@ -229,8 +230,18 @@ async fn talks_to_the_controller_and_converges() {
             heartbeat_interval_seconds: 1,
         }))
         .await;
-        next_where(&mut up, |m| matches!(m, agent_message::Msg::Heartbeat(_))).await;
-        next_where(&mut up, |m| matches!(m, agent_message::Msg::Telemetry(_))).await;
+        // Heartbeats follow the Welcome's interval; telemetry starts right away. Either may come first.
+        let (mut heartbeat, mut telemetry) = (false, false);
+        while !(heartbeat && telemetry) {
+            match next_where(&mut up, |_| true).await {
+                agent_message::Msg::Heartbeat(_) => heartbeat = true,
+                agent_message::Msg::Telemetry(t) => {
+                    assert!(t.memory_available_bytes > 0);
+                    telemetry = true;
+                }
+                _ => {}
+            }
+        }
 
         // The bundle it already serves, with the same settings: ACTIVE at once, no restart.
         let same = proto::DesiredState {
@@ -252,11 +263,8 @@ async fn talks_to_the_controller_and_converges() {
         let mut unreachable_bundle = bundle();
         unreachable_bundle.registry = "127.0.0.1:1".to_owned();
         unreachable_bundle.digest = Digest::of(b"bundle B");
-        let other = proto::DesiredState {
-            generation: 5,
-            bundle: Some(unreachable_bundle.to_proto()),
-            ..Default::default()
-        };
+        let other =
+            proto::DesiredState { generation: 5, bundle: Some(unreachable_bundle.to_proto()), ..Default::default() };
         send(controller_message::Msg::DesiredState(other)).await;
         next_where(&mut up, status_with(Phase::Pulling, 5)).await;
         let agent_message::Msg::Status(failed) = next_where(&mut up, status_with(Phase::Failed, 5)).await else {

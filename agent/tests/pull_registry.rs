@@ -173,7 +173,10 @@ fn push_bundle(registry: &Registry) -> (Digest, Variant, Variant) {
         schema_version: 2,
         media_type: Some(MEDIA_TYPE_IMAGE_INDEX.to_owned()),
         artifact_type: None,
-        manifests: vec![entry(&q4.manifest, &q4_bytes, "Q4_K_M", 500, 1000), entry(&q8.manifest, &q8_bytes, "Q8_0", 900, 5000)],
+        manifests: vec![
+            entry(&q4.manifest, &q4_bytes, "Q4_K_M", 500, 1000),
+            entry(&q8.manifest, &q8_bytes, "Q8_0", 900, 5000),
+        ],
         subject: None,
         annotations: Default::default(),
     };
@@ -182,7 +185,12 @@ fn push_bundle(registry: &Registry) -> (Digest, Variant, Variant) {
 }
 
 fn location(registry: &str, digest: &Digest) -> BundleLocation {
-    BundleLocation { registry: registry.to_owned(), repository: "acme/tiny".to_owned(), digest: digest.clone(), tag: String::new() }
+    BundleLocation {
+        registry: registry.to_owned(),
+        repository: "acme/tiny".to_owned(),
+        digest: digest.clone(),
+        tag: String::new(),
+    }
 }
 
 fn access(addr: SocketAddr) -> RegistryAccess {
@@ -202,11 +210,12 @@ async fn pulls_the_variant_that_fits_and_materialises_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(dir.path());
         let mut seen: Vec<PullProgress> = Vec::new();
-        let pulled = pull_bundle(&access(addr), &store, &dir.path().join("bundles"), &location("", &bundle), 2000, &mut |p| {
-            seen.push(p)
-        })
-        .await
-        .expect("pull");
+        let pulled =
+            pull_bundle(&access(addr), &store, &dir.path().join("bundles"), &location("", &bundle), 2000, &mut |p| {
+                seen.push(p)
+            })
+            .await
+            .expect("pull");
 
         assert_eq!(pulled.variant_digest, q4.manifest, "Q8 needs more memory than available");
         assert_eq!(pulled.variant.as_ref().map(|v| v.quantization.as_str()), Some("Q4_K_M"));
@@ -222,7 +231,10 @@ async fn pulls_the_variant_that_fits_and_materialises_it() {
         assert_eq!(last.bytes_done, last.bytes_total);
         assert_eq!(last.bytes_total, pulled.bytes_total);
         let expected = format!("Basic {}", base64(format!("alki-agent:{TOKEN}").as_bytes()));
-        assert!(registry.authorizations.lock().expect("lock").contains(&expected), "token sent to the embedded registry");
+        assert!(
+            registry.authorizations.lock().expect("lock").contains(&expected),
+            "token sent to the embedded registry"
+        );
     })
     .await
     .expect("test timed out");
@@ -263,9 +275,10 @@ async fn a_corrupt_layer_is_a_digest_mismatch_naming_the_layer() {
         let addr = serve(registry.clone()).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(dir.path());
-        let err = pull_bundle(&access(addr), &store, &dir.path().join("bundles"), &location("", &bundle), 2000, &mut |_| {})
-            .await
-            .expect_err("corrupt layer");
+        let err =
+            pull_bundle(&access(addr), &store, &dir.path().join("bundles"), &location("", &bundle), 2000, &mut |_| {})
+                .await
+                .expect_err("corrupt layer");
         assert_eq!(err.code(), ErrorCode::DigestMismatch);
         assert_eq!(err.layer_digest(), Some(&q4.gguf));
         let message = err.to_string();
@@ -288,9 +301,10 @@ async fn a_layer_longer_than_its_descriptor_is_refused() {
         let addr = serve(registry.clone()).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(dir.path());
-        let err = pull_bundle(&access(addr), &store, &dir.path().join("bundles"), &location("", &bundle), 2000, &mut |_| {})
-            .await
-            .expect_err("oversized layer");
+        let err =
+            pull_bundle(&access(addr), &store, &dir.path().join("bundles"), &location("", &bundle), 2000, &mut |_| {})
+                .await
+                .expect_err("oversized layer");
         assert_eq!(err.code(), ErrorCode::DigestMismatch);
         assert_eq!(err.layer_digest(), Some(&q4.gguf));
         assert!(err.to_string().contains("its descriptor says 15"), "{err}");
@@ -309,9 +323,16 @@ async fn a_manifest_that_does_not_match_the_asked_digest_is_refused() {
         registry.manifests.lock().expect("lock").insert(forged.to_string(), real);
         let addr = serve(registry.clone()).await;
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = pull_bundle(&access(addr), &store(dir.path()), &dir.path().join("bundles"), &location("", &forged), 2000, &mut |_| {})
-            .await
-            .expect_err("forged index");
+        let err = pull_bundle(
+            &access(addr),
+            &store(dir.path()),
+            &dir.path().join("bundles"),
+            &location("", &forged),
+            2000,
+            &mut |_| {},
+        )
+        .await
+        .expect_err("forged index");
         assert_eq!(err.code(), ErrorCode::DigestMismatch, "{err}");
         assert_eq!(err.layer_digest(), Some(&forged));
     })
@@ -354,10 +375,18 @@ async fn the_token_goes_to_the_embedded_registry_only() {
         let addr = serve(registry.clone()).await;
         let dir = tempfile::tempdir().expect("tempdir");
         // The same registry named explicitly while the embedded one is elsewhere: it is a foreign registry.
-        let foreign = RegistryAccess::new(vec![addr.to_string()], "controller.invalid:7070".to_owned(), Some(TOKEN.to_owned()));
-        let err = pull_bundle(&foreign, &store(dir.path()), &dir.path().join("bundles"), &location(&addr.to_string(), &bundle), 2000, &mut |_| {})
-            .await
-            .expect_err("anonymous pull refused");
+        let foreign =
+            RegistryAccess::new(vec![addr.to_string()], "controller.invalid:7070".to_owned(), Some(TOKEN.to_owned()));
+        let err = pull_bundle(
+            &foreign,
+            &store(dir.path()),
+            &dir.path().join("bundles"),
+            &location(&addr.to_string(), &bundle),
+            2000,
+            &mut |_| {},
+        )
+        .await
+        .expect_err("anonymous pull refused");
         assert_eq!(err.code(), ErrorCode::PullFailed, "{err}");
         assert!(registry.authorizations.lock().expect("lock").is_empty(), "no credentials were sent");
         assert!(err.to_string().contains("check that the registry is reachable"), "{err}");

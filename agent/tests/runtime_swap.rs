@@ -25,7 +25,8 @@ async fn swap_under_load_loses_no_request_and_serves_b_after_the_flip() {
         let (from_a, after_flip) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let mut clients = Vec::new();
         for _ in 0..4 {
-            let (flipped, stop, from_a, after_flip) = (flipped.clone(), stop.clone(), from_a.clone(), after_flip.clone());
+            let (flipped, stop, from_a, after_flip) =
+                (flipped.clone(), stop.clone(), from_a.clone(), after_flip.clone());
             let (addr, a, b) = (front.addr, model_a.display().to_string(), model_b.display().to_string());
             clients.push(tokio::spawn(async move {
                 let client = reqwest::Client::new();

@@ -788,6 +788,12 @@ async fn blobs_shared_by_repositories_keep_their_file_until_the_last_goes() {
         let resp = h.req(Method::GET, &format!("/v2/acme/b/blobs/{digest}")).send().await.expect("get");
         assert_eq!(resp.bytes().await.expect("body").as_ref(), b"shared");
 
+        // Pushing content that is already stored links it without keeping a second copy.
+        assert_eq!(h.push_blob("acme/c", b"shared").await, digest);
+        assert_eq!(dir_entries(&h.uploads_dir()), 0);
+        let resp = h.req(Method::DELETE, &format!("/v2/acme/c/blobs/{digest}")).send().await.expect("delete");
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+
         // Mounting what the source does not hold starts an ordinary upload.
         let missing = Digest::of(b"absent");
         let resp = h

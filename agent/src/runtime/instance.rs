@@ -144,7 +144,9 @@ impl Instance {
             Ok(()) => Ok(instance),
             Err(e) => {
                 tracing::warn!(instance = id, error = %e, "llama-server failed to start.");
-                instance.stop(&StopPolicy { term_grace: Duration::from_secs(2), kill_grace: Duration::from_secs(2) }).await;
+                instance
+                    .stop(&StopPolicy { term_grace: Duration::from_secs(2), kill_grace: Duration::from_secs(2) })
+                    .await;
                 Err(e)
             }
         }
@@ -216,14 +218,8 @@ impl Instance {
             }
         }
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(10));
-        let smoke = request(
-            http,
-            self.addr,
-            "POST",
-            "/completion",
-            Some(r#"{"prompt":"Hello","n_predict":4}"#),
-            remaining,
-        );
+        let smoke =
+            request(http, self.addr, "POST", "/completion", Some(r#"{"prompt":"Hello","n_predict":4}"#), remaining);
         let reason = tokio::select! {
             status = self.exited() => return Err(self.exited_error(status).await),
             answer = smoke => match answer {
@@ -259,7 +255,11 @@ impl Instance {
     /// The safe stop: SIGTERM, wait, SIGTERM again, wait, SIGKILL, wait (each bounded). llama-server can
     /// deadlock on a SIGTERM during generation, hence the escalation; callers drain it first.
     pub async fn stop(self, policy: &StopPolicy) {
-        let steps = [(libc::SIGTERM, policy.term_grace), (libc::SIGTERM, policy.term_grace), (libc::SIGKILL, policy.kill_grace)];
+        let steps = [
+            (libc::SIGTERM, policy.term_grace),
+            (libc::SIGTERM, policy.term_grace),
+            (libc::SIGKILL, policy.kill_grace),
+        ];
         for (signal, grace) in steps {
             if self.exit_status().is_some() {
                 break;
@@ -274,7 +274,11 @@ impl Instance {
             tracing::warn!(instance = self.id, signal, "llama-server did not exit in time after a signal.");
         }
         if self.exit_status().is_none() {
-            tracing::error!(instance = self.id, pid = self.pid, "llama-server survived SIGKILL; it may be stuck in the kernel.");
+            tracing::error!(
+                instance = self.id,
+                pid = self.pid,
+                "llama-server survived SIGKILL; it may be stuck in the kernel."
+            );
         }
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 pub use instance::{Instance, InstanceOptions, LaunchSpec, StartError, StopPolicy};
 pub use proxy::{HttpClient, Proxy, ProxyStats, Upstream, http_client};
@@ -61,7 +62,7 @@ impl Supervisor {
         tracing::info!(upstream = %instance.addr(), bundle = %instance.spec().bundle_digest, "Front proxy switched.");
         if let Some(old) = self.active.replace(Serving { instance, upstream }) {
             let (http, drain_timeout, stop) = (self.http.clone(), self.drain_timeout, self.opts.stop);
-            self.retiring.spawn(retire(old, http, drain_timeout, stop));
+            self.retiring.spawn(retire(old, http, drain_timeout, stop).in_current_span());
         }
         Ok(())
     }
@@ -85,10 +86,13 @@ impl Supervisor {
 
     /// Waits (bounded by the drain timeout plus the stop sequence) for old instances to drain and stop.
     pub async fn wait_retired(&mut self) {
-        let bound = self.drain_timeout + self.opts.stop.term_grace * 2 + self.opts.stop.kill_grace + Duration::from_secs(2);
+        let bound =
+            self.drain_timeout + self.opts.stop.term_grace * 2 + self.opts.stop.kill_grace + Duration::from_secs(2);
         let all = async { while self.retiring.join_next().await.is_some() {} };
         if tokio::time::timeout(bound, all).await.is_err() {
-            tracing::error!("Old llama-server instances did not stop in time; abandoning them (they are killed on exit).");
+            tracing::error!(
+                "Old llama-server instances did not stop in time; abandoning them (they are killed on exit)."
+            );
         }
     }
 
@@ -101,7 +105,7 @@ impl Supervisor {
         self.proxy.switch(None);
         if let Some(serving) = self.active.take() {
             let (http, drain_timeout, stop) = (self.http.clone(), self.drain_timeout, self.opts.stop);
-            self.retiring.spawn(retire(serving, http, drain_timeout, stop));
+            self.retiring.spawn(retire(serving, http, drain_timeout, stop).in_current_span());
         }
         self.wait_retired().await;
     }

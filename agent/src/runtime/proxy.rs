@@ -195,11 +195,7 @@ fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
 async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
     let Some(guard) = proxy.enter() else {
         proxy.unserved.fetch_add(1, Ordering::Relaxed);
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "no model is active on this device yet",
-        );
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "no model is active on this device yet");
     };
     let upstream = guard.0.clone();
     upstream.counters.requests.fetch_add(1, Ordering::Relaxed);

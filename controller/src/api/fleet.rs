@@ -45,9 +45,15 @@ impl FleetService for FleetApi {
         request: Request<proto::ListBundlesRequest>,
     ) -> Result<Response<proto::ListBundlesResponse>, Status> {
         super::authorize(&self.auth, &request, Action::ReadFleet)?;
-        let repository = Some(request.get_ref().repository.as_str()).filter(|r| !r.is_empty());
-        let entries = self.registry.manifests(repository).map_err(super::internal)?;
-        let bundles = bundles_from(&self.registry, &entries);
+        let repository = Some(request.into_inner().repository).filter(|r| !r.is_empty());
+        // Reading the index and the manifests is blocking file and database I/O.
+        let registry = self.registry.clone();
+        let bundles = tokio::task::spawn_blocking(move || {
+            registry.manifests(repository.as_deref()).map(|entries| bundles_from(&registry, &entries))
+        })
+        .await
+        .map_err(super::internal)?
+        .map_err(super::internal)?;
         Ok(Response::new(proto::ListBundlesResponse { bundles }))
     }
 

@@ -47,7 +47,7 @@ impl Fleet {
             }
             d.desired_generation += 1;
             d.desired = Some(assignment.bundle.clone());
-            d.desired_runtime = Some(assignment.runtime.clone());
+            d.desired_runtime = Some(assignment.runtime);
             d.rollout_id = assignment.rollout_id.clone();
             d.cohort = assignment.cohort.clone();
             desired_state(d)
@@ -88,7 +88,7 @@ pub fn desired_state(d: &proto::Device) -> Option<proto::DesiredState> {
     Some(proto::DesiredState {
         generation: d.desired_generation,
         bundle: Some(bundle),
-        runtime: d.desired_runtime.clone(),
+        runtime: d.desired_runtime,
         rollout_id: d.rollout_id.clone(),
         cohort: d.cohort.clone(),
     })

@@ -61,7 +61,10 @@ impl BlobStore {
     pub fn persist(&self, mut finished: Finished) -> Result<(), RegistryError> {
         let target = self.path(&finished.digest);
         if target.exists() {
-            return Ok(()); // Same content already stored; dropping `finished` deletes the temporary.
+            // The same content is already stored: the temporary is not needed.
+            finished.armed = false;
+            log_removal(&finished.path, std::fs::remove_file(&finished.path));
+            return Ok(());
         }
         self.ensure_parent(&target)?;
         std::fs::rename(&finished.path, &target).map_err(io(&target))?;

@@ -40,14 +40,8 @@ struct Args {
 /// llama-server's flags that matter here; every other flag is accepted and ignored (with its value, if the
 /// next argument does not look like a flag).
 fn parse_args(args: impl Iterator<Item = String>) -> Args {
-    let mut parsed = Args {
-        model: PathBuf::new(),
-        host: "127.0.0.1".to_owned(),
-        port: 8080,
-        ctx: 4096,
-        slots: 4,
-        metrics: false,
-    };
+    let mut parsed =
+        Args { model: PathBuf::new(), host: "127.0.0.1".to_owned(), port: 8080, ctx: 4096, slots: 4, metrics: false };
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -122,10 +116,7 @@ fn model_header(bytes: &[u8]) -> Vec<(String, String)> {
     if lines.next().map(str::trim) != Some("FAKE-GGUF") {
         return Vec::new();
     }
-    lines
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect()
+    lines.filter_map(|l| l.split_once('=')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect()
 }
 
 struct Fake {
@@ -307,10 +298,8 @@ async fn completion(fake: &Fake, request: &Value, chat: bool) -> Response {
         "predicted_per_second": per_second, "cache_n": 0
     });
     let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
+    let created =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
     let name = model_name(fake);
     match (chat, stream) {
         (false, false) => Json(json!({
@@ -374,8 +363,26 @@ mod tests {
     #[test]
     fn flags_are_parsed_and_unknown_ones_ignored() {
         let a = parse_args(strings(&[
-            "-m", "/m/a.gguf", "--host", "127.0.0.1", "--port", "9001", "-c", "512", "-t", "2", "-ngl", "0", "-np",
-            "3", "--metrics", "--no-webui", "--flash-attn", "on", "--jinja", "--ctx-size=1024",
+            "-m",
+            "/m/a.gguf",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "9001",
+            "-c",
+            "512",
+            "-t",
+            "2",
+            "-ngl",
+            "0",
+            "-np",
+            "3",
+            "--metrics",
+            "--no-webui",
+            "--flash-attn",
+            "on",
+            "--jinja",
+            "--ctx-size=1024",
         ]));
         assert_eq!(a.model, PathBuf::from("/m/a.gguf"));
         assert_eq!(a.port, 9001);
