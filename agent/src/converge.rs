@@ -118,6 +118,22 @@ impl Converger {
         Decision::Activate(desired)
     }
 
+    /// Applies `desired` again: a retry of its failed activation (registry unreachable, ...). Ignored when a
+    /// newer generation has been seen or an activation is in progress.
+    pub fn retry(&mut self, desired: Desired) -> Decision {
+        if self.in_progress.is_some() || self.queued.is_some() || desired.generation < self.last_applied {
+            return Decision::Ignore(Ignored::Stale);
+        }
+        self.in_progress = Some(desired.generation);
+        Decision::Activate(desired)
+    }
+
+    /// Forgets what was applied, so the next desired state is applied even if its generation is not newer:
+    /// used when what was applied cannot be served any more (its files are gone after a restart).
+    pub fn reopen(&mut self) {
+        self.last_applied = Generation::default();
+    }
+
     /// Records the end of the activation in progress (success or failure: either way the generation is
     /// applied) and hands back the queued desired state, to be offered next.
     pub fn finished(&mut self) -> Option<Desired> {
@@ -204,6 +220,27 @@ mod tests {
         assert_eq!(c.finished(), None);
         assert_eq!(c.last_applied(), Generation(7));
         assert_eq!(c.offer(desired(7, "x"), None), Decision::Ignore(Ignored::Stale));
+    }
+
+    #[test]
+    fn a_failed_generation_can_be_retried_until_a_newer_one_arrives() {
+        let mut c = Converger::new(Generation(0));
+        assert!(matches!(c.offer(desired(3, "a"), None), Decision::Activate(_)));
+        c.finished();
+        assert!(matches!(c.retry(desired(3, "a")), Decision::Activate(_)), "the same generation again");
+        assert_eq!(c.offer(desired(3, "a"), None), Decision::Ignore(Ignored::Stale));
+        c.finished();
+        assert!(matches!(c.offer(desired(4, "b"), None), Decision::Activate(_)));
+        c.finished();
+        assert_eq!(c.retry(desired(3, "a")), Decision::Ignore(Ignored::Stale), "superseded");
+    }
+
+    #[test]
+    fn reopening_applies_the_same_generation_again() {
+        let mut c = Converger::new(Generation(5));
+        assert_eq!(c.offer(desired(5, "a"), None), Decision::Ignore(Ignored::Stale));
+        c.reopen();
+        assert!(matches!(c.offer(desired(5, "a"), None), Decision::Activate(_)));
     }
 
     #[test]

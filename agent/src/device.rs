@@ -22,6 +22,9 @@ use crate::store::ContentStore;
 const STATUS_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 const RESTART_MIN: Duration = Duration::from_secs(1);
 const RESTART_MAX: Duration = Duration::from_secs(60);
+/// Retries of activations that failed for a reason that may pass (registry unreachable, local I/O).
+pub(crate) const RETRY_MIN: Duration = Duration::from_secs(15);
+const RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Where a pull gets its registry settings; the token is read again for every pull.
 #[derive(Clone, Debug)]
@@ -69,6 +72,16 @@ pub struct Device {
     pub(crate) statuses: mpsc::Sender<proto::Status>,
     pub(crate) snapshot: watch::Sender<Snapshot>,
     pub(crate) desired: watch::Receiver<Option<proto::DesiredState>>,
+    /// A failed activation to try again (the registry was unreachable, ...), unless a newer state comes.
+    pub(crate) retry: Option<(Instant, Desired)>,
+    pub(crate) retry_delay: Duration,
+}
+
+/// How an activation ended.
+enum Outcome {
+    Active,
+    Failed { retryable: bool },
+    Abandoned,
 }
 
 impl Device {
@@ -102,10 +115,19 @@ impl Device {
                         Ok(result) => result.map_err(activation_error_from_pull),
                         Err(join) => Err(activation_error(ErrorCode::Io, format!("the pull task failed: {join}"), None)),
                     };
-                    let activated = self.finish_activation(&p.desired, outcome, &mut shutdown).await;
-                    if activated {
-                        restart = None;
-                        restart_delay = RESTART_MIN;
+                    match self.finish_activation(&p.desired, outcome, &mut shutdown).await {
+                        Outcome::Active => {
+                            restart = None;
+                            restart_delay = RESTART_MIN;
+                            self.retry = None;
+                            self.retry_delay = RETRY_MIN;
+                        }
+                        Outcome::Failed { retryable: true } => {
+                            tracing::info!(generation = %p.desired.generation, retry_in_s = self.retry_delay.as_secs(), "The activation will be tried again.");
+                            self.retry = Some((Instant::now() + self.retry_delay, p.desired.clone()));
+                            self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+                        }
+                        Outcome::Failed { retryable: false } | Outcome::Abandoned => {}
                     }
                     if let Some(next) = self.converger.finished() {
                         self.offer(next, &mut pulling).await;
@@ -117,6 +139,13 @@ impl Device {
                             "llama-server exited unexpectedly; clients get 503 until it is restarted.");
                         restart = Some((Instant::now() + restart_delay, spec));
                         self.publish();
+                    }
+                }
+                _ = sleep_until(self.retry.as_ref().map(|r| r.0)), if pulling.is_none() => {
+                    let Some((_, desired)) = self.retry.take() else { continue };
+                    match self.converger.retry(desired) {
+                        Decision::Activate(desired) => self.start_activation(desired, &mut pulling).await,
+                        _ => tracing::debug!("A retry was superseded."),
                     }
                 }
                 _ = sleep_until(restart.as_ref().map(|r| r.0)) => {
@@ -157,7 +186,8 @@ impl Device {
         match self.swap(spec, shutdown).await {
             Ok(()) => tracing::info!(bundle = %active.bundle, "Serving the bundle that was active before the restart."),
             Err(e) => {
-                tracing::error!(bundle = %active.bundle, error = %e, "The bundle active before the restart could not be started; nothing is served until the controller sends a desired state.")
+                tracing::error!(bundle = %active.bundle, error = %e, "The bundle active before the restart could not be started; nothing is served until the controller's desired state is applied again.");
+                self.converger.reopen();
             }
         }
         self.publish();
@@ -232,27 +262,34 @@ impl Device {
                 self.report(status).await;
                 self.publish();
             }
-            Decision::Activate(desired) => {
-                let mut status = self.status(&desired, Phase::Pulling);
-                status.progress = Some(proto::Progress::default());
-                self.report(status).await;
-                match &desired.target {
-                    Err(reason) => {
-                        let error = activation_error(
-                            ErrorCode::BundleInvalid,
-                            format!("{reason}; the controller sent an unusable bundle reference"),
-                            None,
-                        );
-                        self.fail(&desired, error).await;
-                        if let Some(next) = self.converger.finished() {
-                            Box::pin(self.offer(next, pulling)).await;
-                        }
-                    }
-                    Ok(bundle) => {
-                        let task = self.spawn_pull(&desired, bundle.clone()).await;
-                        *pulling = Some(Pulling { desired, task });
-                    }
+            Decision::Activate(desired) => self.start_activation(desired, pulling).await,
+        }
+    }
+
+    /// Reports PULLING and starts the pull (or fails at once when the reference is unusable).
+    async fn start_activation(&mut self, desired: Desired, pulling: &mut Option<Pulling>) {
+        if self.retry.as_ref().is_some_and(|(_, r)| r.generation != desired.generation) {
+            self.retry = None;
+            self.retry_delay = RETRY_MIN;
+        }
+        let mut status = self.status(&desired, Phase::Pulling);
+        status.progress = Some(proto::Progress::default());
+        self.report(status).await;
+        match &desired.target {
+            Err(reason) => {
+                let error = activation_error(
+                    ErrorCode::BundleInvalid,
+                    format!("{reason}; the controller sent an unusable bundle reference"),
+                    None,
+                );
+                self.fail(&desired, error).await;
+                if let Some(next) = self.converger.finished() {
+                    Box::pin(self.offer(next, pulling)).await;
                 }
+            }
+            Ok(bundle) => {
+                let task = self.spawn_pull(&desired, bundle.clone()).await;
+                *pulling = Some(Pulling { desired, task });
             }
         }
     }
@@ -282,21 +319,22 @@ impl Device {
         )
     }
 
-    /// Verifies, starts and flips to a pulled bundle; reports the outcome. True when the bundle is now served.
+    /// Verifies, starts and flips to a pulled bundle; reports the outcome.
     async fn finish_activation(
         &mut self,
         desired: &Desired,
         pulled: Result<PulledBundle, proto::ActivationError>,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> bool {
+    ) -> Outcome {
         let pulled = match pulled {
             Ok(p) => p,
             Err(error) => {
+                let retryable = matches!(ErrorCode::try_from(error.code), Ok(ErrorCode::PullFailed | ErrorCode::Io));
                 self.fail(desired, error).await;
-                return false;
+                return Outcome::Failed { retryable };
             }
         };
-        let Ok(bundle) = desired.target.clone() else { return false };
+        let Ok(bundle) = desired.target.clone() else { return Outcome::Failed { retryable: false } };
         let mut status = self.status(desired, Phase::Verifying);
         status.variant_digest = pulled.variant_digest.to_string();
         self.report(status).await;
@@ -306,13 +344,13 @@ impl Device {
             if let Err(e) = tokio::fs::metadata(file).await {
                 let message = format!("bundle {bundle}: model file {} is missing after the pull ({e})", file.display());
                 self.fail(desired, activation_error(ErrorCode::Io, message, None)).await;
-                return false;
+                return Outcome::Failed { retryable: true };
             }
         }
         let Some(model_path) = pulled.model_files.first().cloned() else {
             let message = format!("bundle {bundle}: the variant has no GGUF file");
             self.fail(desired, activation_error(ErrorCode::BundleInvalid, message, None)).await;
-            return false;
+            return Outcome::Failed { retryable: false };
         };
         let defaults = pulled.runtime_defaults.clone().unwrap_or_default();
         let launch = LaunchSettings::resolve(&defaults, &desired.overrides);
@@ -325,12 +363,12 @@ impl Device {
             Err(SwapFailure::ShuttingDown) => {
                 // Not applied: after the restart the controller's desired state is converged to again.
                 tracing::info!(generation = %desired.generation, "Activation abandoned for shutdown.");
-                return false;
+                return Outcome::Abandoned;
             }
             Err(SwapFailure::Start(e)) => {
                 let message = format!("bundle {bundle}: {e}");
                 self.fail(desired, activation_error(ErrorCode::StartFailed, message, None)).await;
-                return false;
+                return Outcome::Failed { retryable: false };
             }
         }
         let deployment = Deployment {
@@ -354,7 +392,7 @@ impl Device {
         status.variant_digest = pulled.variant_digest.to_string();
         self.report(status).await;
         self.publish();
-        true
+        Outcome::Active
     }
 
     async fn fail(&mut self, desired: &Desired, error: proto::ActivationError) {

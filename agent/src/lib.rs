@@ -189,6 +189,8 @@ impl Agent {
             statuses: status_tx,
             snapshot: snapshot_tx,
             desired: desired_rx,
+            retry: None,
+            retry_delay: device::RETRY_MIN,
         };
         let device_task = tokio::spawn(device.run(stop_rx.clone()).in_current_span());
 

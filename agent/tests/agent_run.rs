@@ -129,7 +129,33 @@ async fn serves_the_previously_active_bundle_without_a_controller_and_stops_clea
 /// A scripted controller: forwards what agents send to `up`, sends what the test pushes into the session.
 struct FakeController {
     up: mpsc::Sender<proto::AgentMessage>,
-    down: tokio::sync::Mutex<Option<mpsc::Receiver<proto::ControllerMessage>>>,
+    /// One receiver per session, in order; a session ends when the test drops the matching sender.
+    down: tokio::sync::Mutex<std::collections::VecDeque<mpsc::Receiver<proto::ControllerMessage>>>,
+}
+
+impl FakeController {
+    /// A controller for `sessions` sessions: messages up, and one sender per session down.
+    fn new(
+        sessions: usize,
+    ) -> (Self, mpsc::Receiver<proto::AgentMessage>, Vec<mpsc::Sender<proto::ControllerMessage>>) {
+        let (up, up_rx) = mpsc::channel(64);
+        let (senders, receivers): (Vec<_>, std::collections::VecDeque<_>) =
+            (0..sessions).map(|_| mpsc::channel(16)).unzip();
+        (FakeController { up, down: tokio::sync::Mutex::new(receivers) }, up_rx, senders)
+    }
+
+    async fn serve(self) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind controller");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(proto::agent_service_server::AgentServiceServer::new(self))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+                .expect("controller server");
+        });
+        addr
+    }
 }
 
 #[tonic::async_trait]
@@ -144,7 +170,8 @@ impl proto::agent_service_server::AgentService for FakeController {
         if auth != format!("Bearer {TOKEN}") {
             return Err(tonic::Status::unauthenticated("bad token"));
         }
-        let mut down = self.down.lock().await.take().ok_or_else(|| tonic::Status::unavailable("one session only"))?;
+        let mut down =
+            self.down.lock().await.pop_front().ok_or_else(|| tonic::Status::unavailable("no more sessions"))?;
         let mut inbound = request.into_inner();
         let up = self.up.clone();
         let (tx, rx) = mpsc::channel(16);
@@ -189,18 +216,9 @@ async fn talks_to_the_controller_and_converges() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = prepared_data_dir(dir.path());
-        let (up_tx, mut up) = mpsc::channel(64);
-        let (down, down_rx) = mpsc::channel(16);
-        let controller = FakeController { up: up_tx, down: tokio::sync::Mutex::new(Some(down_rx)) };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind controller");
-        let controller_addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(proto::agent_service_server::AgentServiceServer::new(controller))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await
-                .expect("controller server");
-        });
+        let (controller, mut up, mut downs) = FakeController::new(1);
+        let down = downs.remove(0);
+        let controller_addr = controller.serve().await;
 
         let agent = Agent::start(config(dir.path(), &data_dir, controller_addr)).await.expect("agent starts");
         let front = agent.front_addr();
@@ -289,6 +307,35 @@ async fn talks_to_the_controller_and_converges() {
         let state = StateFile::new(&data_dir).load().expect("state").expect("present");
         assert_eq!(state.last_applied_generation, Generation(6));
         assert_eq!(state.active.map(|a| a.bundle), Some(bundle()));
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_with_a_new_hello_after_the_controller_drops_the_session() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = prepared_data_dir(dir.path());
+        let (controller, mut up, mut downs) = FakeController::new(2);
+        let controller_addr = controller.serve().await;
+        let agent = Agent::start(config(dir.path(), &data_dir, controller_addr)).await.expect("agent starts");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(agent.run(async move {
+            let _ = stop_rx.await;
+        }));
+
+        next_where(&mut up, |m| matches!(m, agent_message::Msg::Hello(_))).await;
+        drop(downs.remove(0)); // The controller ends the first session.
+        let agent_message::Msg::Hello(again) = next_where(&mut up, |m| matches!(m, agent_message::Msg::Hello(_))).await
+        else {
+            unreachable!()
+        };
+        assert_eq!(again.device_id, "pi-test");
+        assert_eq!(again.last_applied_generation, 3);
+
+        stop_tx.send(()).expect("signal shutdown");
+        running.await.expect("task").expect("clean exit");
     })
     .await
     .expect("test timed out");

@@ -34,8 +34,8 @@ pub async fn serve(
     config: ControllerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = Store::open(&config.data_dir)
-        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    let store =
+        Store::open(&config.data_dir).with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     let auth = Authenticator::new(store.clone());
     if let Some(path) = auth.bootstrap_admin(&config.data_dir)? {
         tracing::info!(path = %path.display(), "First start: wrote the bootstrap admin token.");
@@ -62,10 +62,12 @@ pub async fn serve(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(AgentServiceServer::new(agent_api).max_decoding_message_size(MAX_GRPC_MESSAGE))
         .add_service(FleetServiceServer::new(fleet_api).max_decoding_message_size(MAX_GRPC_MESSAGE))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), async move {
-            grpc_stop.cancelled().await
-        });
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.grpc),
+            async move { grpc_stop.cancelled().await },
+        );
 
+    let gc_schedule = tokio::spawn(registry.clone().run_gc_schedule(stop.clone()));
     let http_stop = stop.clone();
     let http = axum::serve(listeners.http, api::http::router(registry, auth))
         .with_graceful_shutdown(async move { http_stop.cancelled().await });
@@ -80,6 +82,7 @@ pub async fn serve(
     let (grpc_result, http_result) = tokio::join!(grpc, http);
     reconciler_stop.notify_one();
     let _ = reconciler.await;
+    let _ = gc_schedule.await;
     grpc_result.context("gRPC server")?;
     http_result.context("HTTP server")?;
     Ok(())

@@ -178,7 +178,9 @@ async fn a_rollout_reaches_a_scripted_agent_and_completes_when_it_reports_active
     let agent_token = create_token(&c, "pi-1", proto::Role::Agent).await;
 
     let mut agent = connect_agent(&c, &agent_token, "pi-1", 0, None).await;
-    assert!(matches!(agent.next().await, Msg::Welcome(w) if w.device_id == "pi-1" && w.heartbeat_interval_seconds == 1));
+    assert!(
+        matches!(agent.next().await, Msg::Welcome(w) if w.device_id == "pi-1" && w.heartbeat_interval_seconds == 1)
+    );
 
     let bundles = fleet_client.list_bundles(with_token(&c.admin, proto::ListBundlesRequest::default())).await;
     let bundle = bundles.expect("bundles").into_inner().bundles.into_iter().find(|b| b.digest == digest);

@@ -41,7 +41,10 @@ pub fn llama_bin_dir() -> anyhow::Result<PathBuf> {
         }
     };
     if !dir.join("llama-server").is_file() {
-        bail!("no llama-server in {}; run e2e/scripts/build-llama-server.sh (cached after the first build)", dir.display());
+        bail!(
+            "no llama-server in {}; run e2e/scripts/build-llama-server.sh (cached after the first build)",
+            dir.display()
+        );
     }
     Ok(dir)
 }

@@ -21,9 +21,7 @@ struct Fleet {
 impl Fleet {
     fn alkictl(&self) -> anyhow::Result<Command> {
         let mut cmd = Command::new(binary("alkictl")?);
-        cmd.args(["--controller", &self.grpc, "--registry", &self.registry])
-            .arg("--token-file")
-            .arg(&self.token_file);
+        cmd.args(["--controller", &self.grpc, "--registry", &self.registry]).arg("--token-file").arg(&self.token_file);
         Ok(cmd)
     }
 
@@ -53,10 +51,12 @@ fn start_controller() -> anyhow::Result<Fleet> {
 }
 
 fn make_model(out: &Path, name: &str, seed: u64) -> anyhow::Result<()> {
-    run(Command::new(binary("make-tiny-model")?)
-        .arg("--out")
-        .arg(out)
-        .args(["--name", name, "--seed", &seed.to_string()]))?;
+    run(Command::new(binary("make-tiny-model")?).arg("--out").arg(out).args([
+        "--name",
+        name,
+        "--seed",
+        &seed.to_string(),
+    ]))?;
     Ok(())
 }
 
@@ -110,9 +110,23 @@ fn a_bundle_rolls_out_to_an_agent_and_serves_completions_with_real_llama_server(
     let model = fleet.dir.path().join("tiny-q.gguf");
     make_model(&model, "alki-tiny", 1)?;
     let layout = fleet.dir.path().join("bundle");
-    let packed = fleet.alkictl_json(&["bundle", "pack", model.to_str().context("path")?, "--out", layout.to_str().context("path")?, "--tag", "v1"])?;
+    let packed = fleet.alkictl_json(&[
+        "bundle",
+        "pack",
+        model.to_str().context("path")?,
+        "--out",
+        layout.to_str().context("path")?,
+        "--tag",
+        "v1",
+    ])?;
     let bundle_digest = packed["digest"].as_str().context("no digest from pack")?.to_owned();
-    let pushed = fleet.alkictl_json(&["bundle", "push", layout.to_str().context("path")?, "acme/tiny:v1", "--insecure-plain-http"])?;
+    let pushed = fleet.alkictl_json(&[
+        "bundle",
+        "push",
+        layout.to_str().context("path")?,
+        "acme/tiny:v1",
+        "--insecure-plain-http",
+    ])?;
     assert_eq!(pushed["digest"], bundle_digest.as_str());
     let bundles = fleet.alkictl_json(&["bundle", "list"])?;
     assert!(bundles.as_array().is_some_and(|bs| bs.iter().any(|b| b["digest"] == bundle_digest.as_str())), "{bundles}");
@@ -126,7 +140,8 @@ fn a_bundle_rolls_out_to_an_agent_and_serves_completions_with_real_llama_server(
     let rollout = fleet.alkictl_json(&["rollout", "create", "--bundle", "acme/tiny:v1", "--selector", "site=lab"])?;
     let rollout_id = rollout["id"].as_str().context("no rollout id")?.to_owned();
     let active = wait_for("the agent to activate the bundle", Duration::from_secs(180), &procs, || {
-        Ok(device(&fleet, "pi-001")?.filter(|d| d["phase"] == "active" && d["running"].as_str().is_some_and(|r| r.ends_with(&bundle_digest))))
+        Ok(device(&fleet, "pi-001")?
+            .filter(|d| d["phase"] == "active" && d["running"].as_str().is_some_and(|r| r.ends_with(&bundle_digest))))
     })?;
     assert_eq!(active["applied_generation"], active["desired_generation"]);
 

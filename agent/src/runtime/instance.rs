@@ -127,6 +127,7 @@ impl Instance {
             .stdout(Stdio::from(log_file))
             .stderr(Stdio::from(log_err))
             .kill_on_drop(true);
+        die_with_parent(&mut command);
         let mut child =
             command.spawn().map_err(|source| StartError::Spawn { program: opts.llama_server.clone(), source })?;
         let pid = child.id();
@@ -282,6 +283,30 @@ impl Instance {
         }
     }
 }
+
+/// Makes the kernel SIGKILL llama-server if the agent dies without stopping it (SIGKILL, crash): a graceful
+/// agent shutdown uses the safe stop sequence instead; this only keeps orphans from holding memory and ports.
+#[cfg(target_os = "linux")]
+fn die_with_parent(command: &mut tokio::process::Command) {
+    // SAFETY: `getpid` is called before the fork; between fork and exec the closure only calls the
+    // async-signal-safe `prctl` and `getppid` and allocates nothing (errors are raw OS error codes).
+    let agent = unsafe { libc::getpid() };
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The agent may have died before prctl took effect: then nobody would kill us later.
+            if libc::getppid() != agent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_command: &mut tokio::process::Command) {}
 
 fn send_signal(pid: u32, signal: libc::c_int) {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return };

@@ -76,7 +76,10 @@ impl FleetService for FleetApi {
         }
     }
 
-    async fn get_rollout(&self, request: Request<proto::GetRolloutRequest>) -> Result<Response<proto::Rollout>, Status> {
+    async fn get_rollout(
+        &self,
+        request: Request<proto::GetRolloutRequest>,
+    ) -> Result<Response<proto::Rollout>, Status> {
         super::authorize(&self.auth, &request, Action::ReadFleet)?;
         let id = &request.get_ref().id;
         match self.fleet.store.rollout(id).map_err(super::internal)? {

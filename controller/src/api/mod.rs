@@ -8,7 +8,11 @@ pub mod http;
 use crate::auth::{Action, AuthError, Authenticator, Principal};
 
 /// The one place gRPC calls are authenticated.
-pub fn authorize<T>(auth: &Authenticator, request: &tonic::Request<T>, action: Action) -> Result<Principal, tonic::Status> {
+pub fn authorize<T>(
+    auth: &Authenticator,
+    request: &tonic::Request<T>,
+    action: Action,
+) -> Result<Principal, tonic::Status> {
     let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
     auth.authorize(header, action).map_err(auth_status)
 }

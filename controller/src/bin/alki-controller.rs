@@ -25,6 +25,14 @@ struct Args {
     /// Seconds between agent heartbeats.
     #[arg(long, default_value_t = 10)]
     heartbeat_seconds: u64,
+    /// Seconds between registry garbage collections (deleting blobs no manifest references); 0 turns
+    /// the schedule off (`alkictl registry gc` still runs one on request).
+    #[arg(long, env = "ALKI_REGISTRY_GC_INTERVAL_SECS", default_value_t = 3600)]
+    registry_gc_interval_secs: u64,
+    /// Unreferenced blobs pushed, mounted or read within this many seconds are kept: make it longer than
+    /// your slowest bundle push.
+    #[arg(long, env = "ALKI_REGISTRY_GC_GRACE_SECS", default_value_t = 3600)]
+    registry_gc_grace_secs: u64,
     /// Log as JSON lines (for log shippers) instead of text.
     #[arg(long)]
     log_json: bool,
@@ -49,6 +57,8 @@ async fn main() -> anyhow::Result<()> {
     let mut config = alki_controller::config::ControllerConfig::new(args.data_dir);
     config.registry_host = args.registry_host;
     config.heartbeat_interval = Duration::from_secs(args.heartbeat_seconds.max(1));
+    config.registry.gc_interval = Duration::from_secs(args.registry_gc_interval_secs);
+    config.registry.gc_grace = Duration::from_secs(args.registry_gc_grace_secs);
     alki_controller::serve(alki_controller::Listeners { grpc, http }, config, shutdown_signal()).await
 }
 

@@ -18,8 +18,7 @@ impl Layout {
         if root.exists() && std::fs::read_dir(root)?.next().is_some() {
             bail!("{} is not empty; choose a new directory for the bundle", root.display());
         }
-        std::fs::create_dir_all(root.join("blobs/sha256"))
-            .with_context(|| format!("creating {}", root.display()))?;
+        std::fs::create_dir_all(root.join("blobs/sha256")).with_context(|| format!("creating {}", root.display()))?;
         std::fs::write(root.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
         Ok(Layout { root: root.to_owned() })
     }
@@ -98,7 +97,10 @@ impl Layout {
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         let actual = Digest::of(&bytes);
         if &actual != digest {
-            bail!("{} does not match its digest {digest} (it hashes to {actual}); pack the bundle again", path.display());
+            bail!(
+                "{} does not match its digest {digest} (it hashes to {actual}); pack the bundle again",
+                path.display()
+            );
         }
         Ok(bytes)
     }

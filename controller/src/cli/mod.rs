@@ -186,7 +186,8 @@ impl Cli {
         }
         match &self.token_file {
             Some(path) => {
-                let t = std::fs::read_to_string(path).with_context(|| format!("reading token file {}", path.display()))?;
+                let t =
+                    std::fs::read_to_string(path).with_context(|| format!("reading token file {}", path.display()))?;
                 Ok(Some(t.trim().to_owned()))
             }
             None => Ok(None),
@@ -254,24 +255,42 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let bar = progress_bar(cli.output, "pushing");
             let pushed = push::push(dir, &push_target, &bar).await?;
             print(cli.output, &pushed, |p| {
-                format!("pushed {} ({}), {} uploaded, {} blobs already present", p.reference, p.digest, bytes(p.uploaded_bytes), p.skipped_blobs)
+                format!(
+                    "pushed {} ({}), {} uploaded, {} blobs already present",
+                    p.reference,
+                    p.digest,
+                    bytes(p.uploaded_bytes),
+                    p.skipped_blobs
+                )
             })
         }
         Command::Bundle(BundleCmd::List { repository }) => {
-            let bundles = cli.fleet().await?.list_bundles(proto::ListBundlesRequest { repository: repository.clone() }).await.map_err(status)?;
+            let bundles = cli
+                .fleet()
+                .await?
+                .list_bundles(proto::ListBundlesRequest { repository: repository.clone() })
+                .await
+                .map_err(status)?;
             let bundles = bundles.into_inner().bundles;
             print(cli.output, &bundles, |bs| {
                 let mut t = table(["REPOSITORY", "TAGS", "DIGEST", "VARIANTS", "SIZE"]);
                 for b in bs {
                     let variants: Vec<&str> = b.variants.iter().map(|v| v.quantization.as_str()).collect();
-                    t.add_row([b.repository.clone(), b.tags.join(","), short(&b.digest), variants.join(","), bytes(b.total_size)]);
+                    t.add_row([
+                        b.repository.clone(),
+                        b.tags.join(","),
+                        short(&b.digest),
+                        variants.join(","),
+                        bytes(b.total_size),
+                    ]);
                 }
                 t.to_string()
             })
         }
         Command::Devices(DevicesCmd::List(sel)) => {
             let selector: HashMap<String, String> = sel.selector.iter().cloned().collect();
-            let devices = cli.fleet().await?.list_devices(proto::ListDevicesRequest { selector }).await.map_err(status)?;
+            let devices =
+                cli.fleet().await?.list_devices(proto::ListDevicesRequest { selector }).await.map_err(status)?;
             let devices: Vec<DeviceView> = devices.into_inner().devices.iter().map(DeviceView::from).collect();
             print(cli.output, &devices, |ds| {
                 let mut t = table(["DEVICE", "CONNECTED", "PHASE", "RUNNING", "GEN", "CLASS", "ERROR"]);
@@ -290,7 +309,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Devices(DevicesCmd::Get { id }) => {
-            let device = cli.fleet().await?.get_device(proto::GetDeviceRequest { id: id.clone() }).await.map_err(status)?;
+            let device =
+                cli.fleet().await?.get_device(proto::GetDeviceRequest { id: id.clone() }).await.map_err(status)?;
             let view = DeviceView::from(&device.into_inner());
             print(cli.output, &view, |d| serde_json::to_string_pretty(d).unwrap_or_default())
         }
@@ -300,15 +320,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 repository,
                 candidate,
                 selector: selector.selector.iter().cloned().collect(),
-                steps: steps.iter().map(|&percent| proto::RolloutStep { percent, min_soak_seconds: *soak_seconds }).collect(),
+                steps: steps
+                    .iter()
+                    .map(|&percent| proto::RolloutStep { percent, min_soak_seconds: *soak_seconds })
+                    .collect(),
                 runtime: Some(proto::RuntimeSettings { context_size: *context, ..Default::default() }),
             };
-            let created = cli.fleet().await?.create_rollout(proto::CreateRolloutRequest { spec: Some(spec) }).await.map_err(status)?;
+            let created = cli
+                .fleet()
+                .await?
+                .create_rollout(proto::CreateRolloutRequest { spec: Some(spec) })
+                .await
+                .map_err(status)?;
             let view = RolloutView::from(&created.into_inner());
             print(cli.output, &view, |r| format!("rollout {} created for {}", r.id, r.candidate))
         }
         Command::Rollout(RolloutCmd::Get { id }) => {
-            let r = cli.fleet().await?.get_rollout(proto::GetRolloutRequest { id: id.clone() }).await.map_err(status)?;
+            let r =
+                cli.fleet().await?.get_rollout(proto::GetRolloutRequest { id: id.clone() }).await.map_err(status)?;
             let view = RolloutView::from(&r.into_inner());
             print(cli.output, &view, |r| rollout_table(std::slice::from_ref(r)))
         }
@@ -431,7 +460,8 @@ impl From<&proto::Rollout> for RolloutView {
 }
 
 fn rollout_table(rs: &[RolloutView]) -> String {
-    let mut t = table(["ROLLOUT", "STATE", "STEP", "SELECTED", "B", "ACTIVE", "FAILED", "PENDING", "CANDIDATE", "MESSAGE"]);
+    let mut t =
+        table(["ROLLOUT", "STATE", "STEP", "SELECTED", "B", "ACTIVE", "FAILED", "PENDING", "CANDIDATE", "MESSAGE"]);
     for r in rs {
         t.add_row([
             r.id.clone(),

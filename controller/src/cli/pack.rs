@@ -94,7 +94,8 @@ pub fn pack(opts: &PackOptions, progress: &indicatif::ProgressBar) -> anyhow::Re
 
         let runtime = RuntimeDefaults { context_size: context as u32, ..RuntimeDefaults::default() };
         let runtime_bytes = serde_json::to_vec(&runtime)?;
-        let runtime_desc = Descriptor::new(MEDIA_TYPE_RUNTIME, layout.write_blob(&runtime_bytes)?, runtime_bytes.len() as u64);
+        let runtime_desc =
+            Descriptor::new(MEDIA_TYPE_RUNTIME, layout.write_blob(&runtime_bytes)?, runtime_bytes.len() as u64);
 
         let config = ModelConfig {
             descriptor: ModelDescriptor {
@@ -129,7 +130,8 @@ pub fn pack(opts: &PackOptions, progress: &indicatif::ProgressBar) -> anyhow::Re
         };
         let manifest_bytes = serde_json::to_vec(&manifest)?;
         let manifest_digest = layout.write_blob(&manifest_bytes)?;
-        let mut entry = Descriptor::new(MEDIA_TYPE_IMAGE_MANIFEST, manifest_digest.clone(), manifest_bytes.len() as u64);
+        let mut entry =
+            Descriptor::new(MEDIA_TYPE_IMAGE_MANIFEST, manifest_digest.clone(), manifest_bytes.len() as u64);
         entry.artifact_type = Some(ARTIFACT_TYPE_MODEL.into());
         entry.annotations = bundle::variant_annotations(
             &quantization,
@@ -163,7 +165,10 @@ pub fn pack(opts: &PackOptions, progress: &indicatif::ProgressBar) -> anyhow::Re
     };
     let index_bytes = serde_json::to_vec(&index)?;
     let index_digest = layout.write_blob(&index_bytes)?;
-    layout.write_index(Descriptor::new(MEDIA_TYPE_IMAGE_INDEX, index_digest.clone(), index_bytes.len() as u64), &opts.tag)?;
+    layout.write_index(
+        Descriptor::new(MEDIA_TYPE_IMAGE_INDEX, index_digest.clone(), index_bytes.len() as u64),
+        &opts.tag,
+    )?;
     progress.finish_and_clear();
     Ok(Packed { layout: opts.out.clone(), tag: opts.tag.clone(), digest: index_digest, variants })
 }

@@ -60,7 +60,8 @@ pub async fn push(dir: &Path, target: &PushTarget, progress: &indicatif::Progres
         Some(token) => RegistryAuth::Basic("alkictl".into(), token.clone()),
         None => RegistryAuth::Anonymous,
     };
-    let by_digest = |d: &Digest| Reference::with_digest(target.registry.clone(), target.repository.clone(), d.to_string());
+    let by_digest =
+        |d: &Digest| Reference::with_digest(target.registry.clone(), target.repository.clone(), d.to_string());
     let first_ref = by_digest(&top.digest);
     client
         .auth(&first_ref, &auth, oci_client::RegistryOperation::Push)
@@ -130,7 +131,9 @@ pub async fn push(dir: &Path, target: &PushTarget, progress: &indicatif::Progres
 pub fn explain(error: OciDistributionError, registry: &str) -> anyhow::Error {
     let text = error.to_string();
     if text.contains("error sending request") || text.contains("connect") {
-        anyhow::anyhow!("cannot reach the registry at {registry}: {text}; is the controller running and --registry right?")
+        anyhow::anyhow!(
+            "cannot reach the registry at {registry}: {text}; is the controller running and --registry right?"
+        )
     } else if text.contains("401") || text.contains("Unauthorized") || text.contains("UNAUTHORIZED") {
         anyhow::anyhow!("the registry at {registry} refused the credentials: {text}; pass a push or operator token")
     } else {

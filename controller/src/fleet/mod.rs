@@ -95,6 +95,9 @@ pub fn desired_state(d: &proto::Device) -> Option<proto::DesiredState> {
 }
 
 /// True when `labels` carry every key/value of `selector` (an empty selector selects everything).
-pub fn selects<'a>(selector: impl IntoIterator<Item = (&'a String, &'a String)>, labels: &HashMap<String, String>) -> bool {
+pub fn selects<'a>(
+    selector: impl IntoIterator<Item = (&'a String, &'a String)>,
+    labels: &HashMap<String, String>,
+) -> bool {
     selector.into_iter().all(|(k, v)| labels.get(k) == Some(v))
 }

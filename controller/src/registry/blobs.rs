@@ -99,6 +99,50 @@ impl BlobStore {
         }
     }
 
+    /// Deletes a blob file and returns the bytes it held, or `None` when there was none. Blocking; the
+    /// caller holds the lock.
+    pub fn remove_counting(&self, digest: &Digest) -> Result<Option<u64>, RegistryError> {
+        let path = self.path(digest);
+        let size = match std::fs::metadata(&path) {
+            Ok(meta) => meta.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(RegistryError::Io { path, source: e }),
+        };
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(Some(size)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(RegistryError::Io { path, source: e }),
+        }
+    }
+
+    /// When a blob file was last written (Unix ms), if it exists.
+    pub fn modified_unix_ms(&self, digest: &Digest) -> Option<i64> {
+        let modified = std::fs::metadata(self.path(digest)).and_then(|m| m.modified()).ok()?;
+        let since_epoch = modified.duration_since(std::time::UNIX_EPOCH).ok()?;
+        Some(i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX))
+    }
+
+    /// Calls `f` with the digest and modification time (Unix ms) of every blob file. Files whose names
+    /// are not digests are left alone. Blocking.
+    pub fn for_each_file(&self, mut f: impl FnMut(Digest, i64)) -> Result<(), RegistryError> {
+        let root = self.blobs.join("sha256");
+        for shard in std::fs::read_dir(&root).map_err(io(&root))? {
+            let shard = shard.map_err(io(&root))?.path();
+            if !shard.is_dir() {
+                continue;
+            }
+            for entry in std::fs::read_dir(&shard).map_err(io(&shard))? {
+                let entry = entry.map_err(io(&shard))?;
+                let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+                let Ok(digest) = format!("sha256:{name}").parse::<Digest>() else { continue };
+                let Ok(modified) = entry.metadata().and_then(|m| m.modified()) else { continue };
+                let since_epoch = modified.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                f(digest, i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX));
+            }
+        }
+        Ok(())
+    }
+
     /// Creates the shard directory; when new, makes its entry in `blobs/sha256` durable too.
     fn ensure_parent(&self, target: &Path) -> Result<(), RegistryError> {
         let Some(parent) = target.parent() else { return Ok(()) };

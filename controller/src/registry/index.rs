@@ -3,6 +3,10 @@
 //!
 //! Blob files are shared across repositories; a repository sees a blob only once it is linked here.
 //! A stored manifest is also linked as a blob of its repository (its bytes are a blob file too).
+//!
+//! Invariant the garbage collector relies on: every row of `REFS` (repository, digest, manifest) has a
+//! `BLOBS` row (digest, repository), because a manifest is stored only when its references are linked
+//! and neither a referenced blob nor a referenced manifest can be unlinked.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -20,6 +24,9 @@ const MANIFESTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("re
 const TAGS: TableDefinition<(&str, &str), &str> = TableDefinition::new("registry_tags");
 /// (repository, referenced digest, referencing manifest digest): what a blob delete must respect.
 const REFS: TableDefinition<(&str, &str, &str), ()> = TableDefinition::new("registry_references");
+/// (digest, repository) → when the blob was last linked there (Unix ms): the garbage collector's grace
+/// period counts from it. Rows written before this table existed are missing; the file's mtime stands in.
+const LINKED: TableDefinition<(&str, &str), i64> = TableDefinition::new("registry_blob_linked");
 
 /// What the registry remembers about a stored manifest (its bytes are the blob file of its digest).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -50,6 +57,26 @@ pub enum BlobUnlink {
     Removed {
         orphaned: bool,
     },
+}
+
+/// The outcome of deleting a manifest by digest.
+#[derive(Debug, PartialEq)]
+pub enum ManifestDelete {
+    Unknown,
+    /// Image indexes of the repository still list the manifest; nothing was deleted.
+    Referenced(Vec<Digest>),
+    /// Deleted; `orphaned` when no repository links the digest any more (the file may go).
+    Deleted {
+        orphaned: bool,
+    },
+}
+
+/// An unreferenced blob as the garbage collector sees it: each repository linking it and when.
+#[derive(Debug, PartialEq)]
+pub struct Link {
+    pub repository: String,
+    /// Unix ms of the last link, when recorded.
+    pub linked_unix_ms: Option<i64>,
 }
 
 /// The outcome of storing a manifest.
@@ -84,6 +111,7 @@ impl Index {
         txn.open_table(MANIFESTS)?;
         txn.open_table(TAGS)?;
         txn.open_table(REFS)?;
+        txn.open_table(LINKED)?;
         txn.commit()?;
         Ok(Index { db })
     }
@@ -99,6 +127,7 @@ impl Index {
     pub fn link_blob(&self, repository: &str, digest: &Digest, size: u64) -> Result<(), RegistryError> {
         let txn = self.db.begin_write()?;
         txn.open_table(BLOBS)?.insert((digest.as_str(), repository), size)?;
+        txn.open_table(LINKED)?.insert((digest.as_str(), repository), crate::now_unix_ms())?;
         txn.commit()?;
         Ok(())
     }
@@ -119,6 +148,7 @@ impl Index {
                 return Ok(BlobUnlink::Referenced(referencing));
             }
             blobs.remove((digest.as_str(), repository))?;
+            txn.open_table(LINKED)?.remove((digest.as_str(), repository))?;
             BlobUnlink::Removed { orphaned: !digest_held(&blobs, digest)? }
         };
         txn.commit()?;
@@ -165,6 +195,7 @@ impl Index {
                 }
             }
             blobs.insert((digest.as_str(), repository), record.size)?;
+            txn.open_table(LINKED)?.insert((digest.as_str(), repository), crate::now_unix_ms())?;
             if let Some(tag) = tag {
                 txn.open_table(TAGS)?.insert((repository, tag), digest.as_str())?;
             }
@@ -195,14 +226,17 @@ impl Index {
             .map_err(|e| RegistryError::CorruptTag { key: format!("{repository}:{tag}"), source: e })
     }
 
-    /// Deletes a manifest, its tags and its references. Returns `None` when it was not stored, else
-    /// whether its bytes' blob file is orphaned (no repository links the digest any more).
-    pub fn delete_manifest(&self, repository: &str, digest: &Digest) -> Result<Option<bool>, RegistryError> {
+    /// Deletes a manifest, its tags and its references, unless an index of the repository lists it.
+    pub fn delete_manifest(&self, repository: &str, digest: &Digest) -> Result<ManifestDelete, RegistryError> {
         let txn = self.db.begin_write()?;
         let orphaned = {
+            let referencing = referencing(&txn, repository, digest)?;
+            if !referencing.is_empty() {
+                return Ok(ManifestDelete::Referenced(referencing));
+            }
             let mut manifests = txn.open_table(MANIFESTS)?;
             let Some(record) = manifests.remove((repository, digest.as_str()))? else {
-                return Ok(None);
+                return Ok(ManifestDelete::Unknown);
             };
             let record = decode(repository, digest.as_str(), record.value())?;
             let mut refs = txn.open_table(REFS)?;
@@ -226,10 +260,11 @@ impl Index {
             }
             let mut blobs = txn.open_table(BLOBS)?;
             blobs.remove((digest.as_str(), repository))?;
+            txn.open_table(LINKED)?.remove((digest.as_str(), repository))?;
             !digest_held(&blobs, digest)?
         };
         txn.commit()?;
-        Ok(Some(orphaned))
+        Ok(ManifestDelete::Deleted { orphaned })
     }
 
     /// Removes a tag; `false` when it did not exist.
@@ -314,9 +349,106 @@ impl Index {
             })
             .collect())
     }
+
+    /// The mark phase of garbage collection: digests linked in some repository that no manifest of any
+    /// repository references and that are not manifests themselves, in digest order. One read
+    /// transaction; the sweep checks each again under the lock.
+    pub fn unreferenced(&self) -> Result<Vec<Digest>, RegistryError> {
+        let txn = self.db.begin_read()?;
+        let mut marked: BTreeSet<String> = BTreeSet::new();
+        for entry in txn.open_table(REFS)?.iter()? {
+            let (key, _) = entry?;
+            marked.insert(key.value().1.to_owned());
+        }
+        for entry in txn.open_table(MANIFESTS)?.iter()? {
+            let (key, _) = entry?;
+            marked.insert(key.value().1.to_owned());
+        }
+        let mut out: Vec<Digest> = Vec::new();
+        for entry in txn.open_table(BLOBS)?.iter()? {
+            let (key, _) = entry?;
+            let digest = key.value().0;
+            if marked.contains(digest) || out.last().is_some_and(|d| d.as_str() == digest) {
+                continue;
+            }
+            match digest.parse() {
+                Ok(digest) => out.push(digest),
+                Err(error) => tracing::warn!(digest, %error, "Registry index links an invalid digest; skipped."),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether any repository links `digest` (as a blob or a manifest).
+    pub fn is_linked(&self, digest: &Digest) -> Result<bool, RegistryError> {
+        let txn = self.db.begin_read()?;
+        let blobs = txn.open_table(BLOBS)?;
+        match blobs.range((digest.as_str(), "")..)?.next() {
+            Some(entry) => Ok(entry?.0.value().0 == digest.as_str()),
+            None => Ok(false),
+        }
+    }
+
+    /// The sweep: in one transaction, unlinks from every repository each digest that is still
+    /// unreferenced, still no manifest, and that `keep` does not protect (given its links). Returns the
+    /// digests unlinked (their files may go) with the number of links removed, and how many were kept.
+    pub fn sweep(
+        &self,
+        candidates: &[Digest],
+        mut keep: impl FnMut(&Digest, &[Link]) -> bool,
+    ) -> Result<(Vec<(Digest, u64)>, u64), RegistryError> {
+        let txn = self.db.begin_write()?;
+        let mut swept = Vec::new();
+        let mut kept = 0u64;
+        {
+            let mut blobs = txn.open_table(BLOBS)?;
+            let mut linked = txn.open_table(LINKED)?;
+            let manifests = txn.open_table(MANIFESTS)?;
+            let refs = txn.open_table(REFS)?;
+            'candidates: for digest in candidates {
+                let mut links = Vec::new();
+                for entry in blobs.range((digest.as_str(), "")..)? {
+                    let (key, _) = entry?;
+                    let (d, repository) = key.value();
+                    if d != digest.as_str() {
+                        break;
+                    }
+                    links.push(Link { repository: repository.to_owned(), linked_unix_ms: None });
+                }
+                for link in &mut links {
+                    let key = (digest.as_str(), link.repository.as_str());
+                    if manifests.get((link.repository.as_str(), digest.as_str()))?.is_some() {
+                        continue 'candidates;
+                    }
+                    if let Some(entry) = refs.range((link.repository.as_str(), digest.as_str(), "")..)?.next() {
+                        let (key, _) = entry?;
+                        let (repository, referenced, _) = key.value();
+                        if repository == link.repository && referenced == digest.as_str() {
+                            continue 'candidates;
+                        }
+                    }
+                    link.linked_unix_ms = linked.get(key)?.map(|v| v.value());
+                }
+                if links.is_empty() {
+                    continue;
+                }
+                if keep(digest, &links) {
+                    kept += 1;
+                    continue;
+                }
+                for link in &links {
+                    blobs.remove((digest.as_str(), link.repository.as_str()))?;
+                    linked.remove((digest.as_str(), link.repository.as_str()))?;
+                }
+                swept.push((digest.clone(), links.len() as u64));
+            }
+        }
+        txn.commit()?;
+        Ok((swept, kept))
+    }
 }
 
-/// The manifests of `repository` that reference `digest`.
+/// The manifests of `repository` that reference `digest` (an index's manifests, an image's blobs).
 fn referencing(txn: &WriteTransaction, repository: &str, digest: &Digest) -> Result<Vec<Digest>, RegistryError> {
     let refs = txn.open_table(REFS)?;
     let mut out = Vec::new();
@@ -385,7 +517,7 @@ mod tests {
         assert_eq!(index.unlink_blob("a", &manifest).expect("unlink"), BlobUnlink::IsManifest);
         assert_eq!(index.tags("a").expect("tags"), Some(vec!["v1".to_owned()]));
         assert_eq!(index.tags("ab").expect("tags"), None);
-        assert_eq!(index.delete_manifest("a", &manifest).expect("delete"), Some(true));
+        assert_eq!(index.delete_manifest("a", &manifest).expect("delete"), ManifestDelete::Deleted { orphaned: true });
         assert_eq!(index.tag("a", "v1").expect("tag"), None);
         assert_eq!(index.unlink_blob("a", &blob).expect("unlink"), BlobUnlink::Removed { orphaned: false });
         assert_eq!(index.unlink_blob("ab", &blob).expect("unlink"), BlobUnlink::Removed { orphaned: true });

@@ -4,32 +4,38 @@
 //! - `blobs`: content-addressed files and upload temporaries (the only code touching blob files).
 //! - `index`: the redb tables saying what each repository holds (the only code touching them).
 //! - `uploads`: in-memory upload sessions, bounded and expired by [`Registry::spawn_cleanup`].
+//! - `gc`: mark-and-sweep garbage collection of unreferenced blobs with a grace period
+//!   ([`Registry::gc`], [`Registry::run_gc_schedule`]) and the admin client alkictl uses.
 //! - `routes`, `error`, `range`, `names`: HTTP, error bodies, byte ranges, and the spec's grammars.
 //!
 //! Invariants: a blob is visible in a repository only after its file is fsynced, renamed into place and
-//! linked in the index; request bodies are streamed through fixed-size buffers (never a whole blob in
-//! memory); no lock is held across an await.
+//! linked in the index; a stored manifest never references a missing blob or manifest (deletes and the
+//! garbage collector re-check references in the same transaction, under the files lock); request bodies
+//! are streamed through fixed-size buffers (never a whole blob in memory); no lock is held across an await.
 
 mod blobs;
 mod error;
+pub mod gc;
 mod index;
 pub mod names;
 mod range;
 mod routes;
 mod uploads;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use alki_shared::digest::{Digest, DigestError};
 use alki_shared::oci::MAX_MANIFEST_BYTES;
 
+pub use gc::GcReport;
 pub use routes::router;
 
 use blobs::{BlobStore, Finished, blocking};
-use index::{BlobUnlink, Index, ManifestPut, ManifestRecord};
+use index::{BlobUnlink, Index, ManifestDelete, ManifestPut, ManifestRecord};
 use names::Reference;
 use uploads::Uploads;
 
@@ -44,6 +50,11 @@ pub struct RegistryConfig {
     pub upload_ttl: Duration,
     /// Uploads open at once; more get 429 TOOMANYREQUESTS until some finish or expire.
     pub max_open_uploads: usize,
+    /// How often the controller collects garbage (unreferenced blobs); zero turns the schedule off.
+    pub gc_interval: Duration,
+    /// Unreferenced blobs linked, mounted or read more recently than this are kept: it must exceed the
+    /// longest time a client takes between pushing a blob and pushing the manifest that references it.
+    pub gc_grace: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -53,6 +64,8 @@ impl Default for RegistryConfig {
             max_blob_bytes: 256 << 30,
             upload_ttl: Duration::from_secs(30 * 60),
             max_open_uploads: 64,
+            gc_interval: Duration::from_secs(60 * 60),
+            gc_grace: Duration::from_secs(60 * 60),
         }
     }
 }
@@ -103,6 +116,13 @@ pub struct Registry {
     index: Index,
     uploads: Arc<Uploads>,
     cleanup_started: AtomicBool,
+    /// Blobs read or checked (HEAD) recently, with when (Unix ms): a client that found a blob present
+    /// may push a manifest referencing it next, so the garbage collector treats it as young.
+    touched: Mutex<HashMap<Digest, i64>>,
+    /// Single-request (monolithic) uploads in flight, per repository.
+    pushing: Mutex<HashMap<String, usize>>,
+    /// Serialises garbage collections (scheduled and requested).
+    gc_running: Mutex<()>,
 }
 
 impl Registry {
@@ -112,7 +132,16 @@ impl Registry {
         let store = BlobStore::open(data_dir)?;
         let index = Index::open(db)?;
         let uploads = Arc::new(Uploads::new(config.max_open_uploads));
-        Ok(Registry { config, store, index, uploads, cleanup_started: AtomicBool::new(false) })
+        Ok(Registry {
+            config,
+            store,
+            index,
+            uploads,
+            cleanup_started: AtomicBool::new(false),
+            touched: Mutex::new(HashMap::new()),
+            pushing: Mutex::new(HashMap::new()),
+            gc_running: Mutex::new(()),
+        })
     }
 
     pub fn config(&self) -> &RegistryConfig {
@@ -278,23 +307,27 @@ impl Registry {
         .await
     }
 
-    /// Deletes a manifest by digest (with its tags), or only a tag. False when there was nothing to delete.
-    async fn delete_manifest(self: &Arc<Self>, repository: &str, reference: &Reference) -> Result<bool, RegistryError> {
+    /// Deletes a manifest by digest (with its tags, unless an index lists it), or only a tag.
+    async fn delete_manifest(
+        self: &Arc<Self>,
+        repository: &str,
+        reference: &Reference,
+    ) -> Result<ManifestDelete, RegistryError> {
         let registry = self.clone();
         let (repository, reference) = (repository.to_owned(), reference.clone());
         blocking(move || match &reference {
-            Reference::Tag(tag) => registry.index.untag(&repository, tag),
+            Reference::Tag(tag) => Ok(if registry.index.untag(&repository, tag)? {
+                ManifestDelete::Deleted { orphaned: false }
+            } else {
+                ManifestDelete::Unknown
+            }),
             Reference::Digest(digest) => {
                 let _files = registry.store.lock_files();
-                match registry.index.delete_manifest(&repository, digest)? {
-                    None => Ok(false),
-                    Some(orphaned) => {
-                        if orphaned {
-                            registry.store.remove(digest)?;
-                        }
-                        Ok(true)
-                    }
+                let outcome = registry.index.delete_manifest(&repository, digest)?;
+                if outcome == (ManifestDelete::Deleted { orphaned: true }) {
+                    registry.store.remove(digest)?;
                 }
+                Ok(outcome)
             }
         })
         .await

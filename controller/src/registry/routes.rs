@@ -10,7 +10,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::{any, get, post};
 use futures::StreamExt as _;
 use http::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
 use http::{HeaderMap, HeaderValue, StatusCode};
@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use super::blobs::Partial;
 use super::error::ApiError;
-use super::index::{BlobUnlink, ManifestPut, ManifestRecord};
+use super::index::{BlobUnlink, ManifestDelete, ManifestPut, ManifestRecord};
 use super::names::{self, Reference, ReferenceError};
 use super::range::{ByteRange, parse_content_range, parse_range, upload_range};
 use super::uploads::{Lease, LeaseError};
@@ -43,7 +43,9 @@ struct AppState {
     auth: Authenticator,
 }
 
-/// The `/v2/` routes, with authentication: reads need Action::RegistryRead, writes Action::RegistryWrite.
+/// The `/v2/` routes, with authentication: reads need Action::RegistryRead, writes Action::RegistryWrite;
+/// and the admin route `POST /api/v1/registry/gc[?grace_secs=N]` (Action::ManageTokens), which collects
+/// garbage now and answers the [`super::GcReport`] as JSON.
 /// Also starts the registry's upload cleanup task ([`Registry::spawn_cleanup`]) when called in a runtime.
 pub fn router(registry: Arc<Registry>, auth: Authenticator) -> Router {
     registry.spawn_cleanup();
@@ -51,6 +53,7 @@ pub fn router(registry: Arc<Registry>, auth: Authenticator) -> Router {
         .route("/v2", get(root))
         .route("/v2/", get(root))
         .route("/v2/{*rest}", any(dispatch))
+        .route("/api/v1/registry/gc", post(collect_garbage))
         .layer(DefaultBodyLimit::disable())
         .with_state(AppState { registry, auth })
 }
@@ -63,6 +66,40 @@ async fn root(State(state): State<AppState>, headers: HeaderMap) -> Response {
         Err(e) => e.into_response(),
     };
     with_api_version(response)
+}
+
+/// `POST /api/v1/registry/gc[?grace_secs=N]`: runs a garbage collection now (admin only).
+async fn collect_garbage(State(state): State<AppState>, headers: HeaderMap, uri: http::Uri) -> Response {
+    let span = tracing::info_span!("registry_gc", principal = tracing::field::Empty);
+    async move {
+        authorize(&state, &headers, Action::ManageTokens).await?;
+        let query: HashMap<String, String> = Query::try_from_uri(&uri).map(|q| q.0).unwrap_or_default();
+        let grace = match query.get("grace_secs") {
+            None => state.registry.config.gc_grace,
+            Some(secs) => std::time::Duration::from_secs(secs.parse().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "UNSUPPORTED",
+                    format!("grace_secs={secs:?} is not a whole number of seconds"),
+                )
+            })?),
+        };
+        let registry = state.registry.clone();
+        let report = tokio::task::spawn_blocking(move || registry.gc(grace))
+            .await
+            .map_err(|e| ApiError::internal(format!("garbage collection task failed: {e}")))??;
+        tracing::info!(
+            grace_secs = report.grace_secs,
+            blobs_deleted = report.blobs_deleted,
+            bytes_freed = report.bytes_freed,
+            "Registry garbage collection ran on request."
+        );
+        let body = serde_json::to_string(&report).map_err(ApiError::internal)?;
+        respond(StatusCode::OK, vec![(CONTENT_TYPE.as_str(), "application/json".into())], Body::from(body))
+    }
+    .instrument(span)
+    .await
+    .unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
@@ -133,9 +170,23 @@ enum Route {
 }
 
 impl Route {
-    /// Splits `<name>/<endpoint>` from the right, since names may contain slashes.
+    /// Splits `<name>/<endpoint>` from the right, since names may contain slashes. Each segment is
+    /// percent-decoded first (`sha256%3A...` is `sha256:...`); an encoded `/` stays inside its segment,
+    /// where no name component, tag or digest may contain one.
     fn parse(path: &str) -> Result<Route, ApiError> {
-        let segments: Vec<&str> = path.split('/').collect();
+        let decoded = path
+            .split('/')
+            .map(|segment| {
+                percent_decode(segment).ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "NAME_INVALID",
+                        format!("path segment {segment:?} has malformed percent-encoding or is not UTF-8"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<String>, ApiError>>()?;
+        let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
         let route = match segments.as_slice() {
             [name @ .., "blobs", "uploads", ""] | [name @ .., "blobs", "uploads"] => {
                 Route::UploadStart { name: name_of(name)? }
@@ -172,7 +223,30 @@ impl Route {
 
 fn name_of(segments: &[&str]) -> Result<String, ApiError> {
     let name = segments.join("/");
-    if names::is_valid_name(&name) { Ok(name) } else { Err(name_invalid(&name)) }
+    let valid = names::is_valid_name(&name) && !segments.iter().any(|s| s.contains('/'));
+    if valid { Ok(name) } else { Err(name_invalid(&name)) }
+}
+
+/// Decodes `%XX` escapes in one path segment; `None` when an escape is malformed or the result is not UTF-8.
+fn percent_decode(segment: &str) -> Option<String> {
+    if !segment.contains('%') {
+        return Some(segment.to_owned());
+    }
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn name_invalid(name: &str) -> ApiError {
@@ -200,6 +274,8 @@ async fn get_blob(
     if registry.blob_size(name, &digest).await?.is_none() {
         return Err(ApiError::blob_unknown(digest.as_str()));
     }
+    // A client that finds a blob present may push a manifest referencing it next.
+    registry.touch(&digest);
     let path = registry.store.path(&digest);
     let mut file = match tokio::fs::File::open(&path).await {
         Ok(file) => file,
@@ -282,6 +358,7 @@ async fn start_upload(
                 _ => false,
             };
         if mounted {
+            registry.touch(&digest);
             tracing::info!(from = query.get("from").map(String::as_str), "Blob mounted.");
             return created_blob(name, &digest);
         }
@@ -314,6 +391,7 @@ async fn monolithic_upload(
 ) -> Result<Response, ApiError> {
     let max = registry.config.max_blob_bytes;
     check_declared_length(headers, 0, max)?;
+    let _pushing = registry.pushing(name);
     let mut partial = Partial::create(registry.store.uploads_dir()).await?;
     receive(body, &mut partial, max).await?;
     finish_blob(registry, name, digest, partial).await
@@ -669,8 +747,21 @@ async fn delete_manifest(registry: &Arc<Registry>, name: &str, reference: &str) 
     if let Reference::Digest(digest) = &parsed {
         tracing::Span::current().record("digest", digest.as_str());
     }
-    if !registry.delete_manifest(name, &parsed).await? {
-        return Err(ApiError::manifest_unknown(reference));
+    match registry.delete_manifest(name, &parsed).await? {
+        ManifestDelete::Unknown => return Err(ApiError::manifest_unknown(reference)),
+        ManifestDelete::Referenced(indexes) => {
+            let named: Vec<&str> = indexes.iter().map(Digest::as_str).collect();
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "DENIED",
+                format!(
+                    "manifest {reference} is listed by image index {} in repository {name}; delete the index first",
+                    named.join(", ")
+                ),
+            )
+            .detail(serde_json::json!({ "indexes": indexes })));
+        }
+        ManifestDelete::Deleted { .. } => {}
     }
     match parsed {
         Reference::Tag(tag) => tracing::info!(%tag, "Tag deleted."),
@@ -802,5 +893,26 @@ mod tests {
         assert_eq!(parse("Bad/tags/list"), Err("NAME_INVALID"));
         assert_eq!(parse("blobs/x"), Err("NAME_INVALID"));
         assert_eq!(parse("a/whatever"), Err("UNSUPPORTED"));
+    }
+
+    #[test]
+    fn path_segments_are_percent_decoded() {
+        let d = Digest::of(b"x");
+        let parse = |p: &str| Route::parse(p).map_err(|e| e.code);
+        let encoded = d.as_str().replace(':', "%3A");
+        assert_eq!(
+            parse(&format!("acme/q%77en/blobs/{encoded}")),
+            Ok(Route::Blob { name: "acme/qwen".into(), digest: d.to_string() })
+        );
+        assert_eq!(
+            parse(&format!("acme/manifests/{}", d.as_str().replace(':', "%3a"))),
+            Ok(Route::Manifest { name: "acme".into(), reference: d.to_string() })
+        );
+        assert_eq!(parse("a/%74ags/list"), Ok(Route::Tags { name: "a".into() }));
+        assert_eq!(parse("acme%2Fqwen/tags/list"), Err("NAME_INVALID"), "an encoded slash is not a separator");
+        assert_eq!(parse("acme/tags%2Flist"), Err("UNSUPPORTED"));
+        assert_eq!(parse("ac%zzme/tags/list"), Err("NAME_INVALID"));
+        assert_eq!(parse("ac%e/tags/list"), Err("NAME_INVALID"));
+        assert_eq!(parse("ac%ff/tags/list"), Err("NAME_INVALID"), "not UTF-8");
     }
 }

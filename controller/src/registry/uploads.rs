@@ -1,7 +1,7 @@
 //! Upload sessions: in memory, bounded in number, leased to one request at a time, expired after
 //! inactivity. The map's lock is only ever held briefly and never across an await.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -51,6 +51,17 @@ impl Uploads {
     /// How many uploads are open.
     pub fn open_count(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Repositories with an upload open (idle or being written): the garbage collector spares them.
+    pub fn repositories(&self) -> BTreeSet<String> {
+        self.lock()
+            .values()
+            .map(|slot| match slot {
+                Slot::Idle(session) => session.repository.clone(),
+                Slot::Busy { repository, .. } => repository.clone(),
+            })
+            .collect()
     }
 
     pub fn is_full(&self) -> bool {

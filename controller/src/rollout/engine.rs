@@ -75,8 +75,8 @@ pub fn decide(rollout: &proto::Rollout, devices: &[proto::Device], now_unix_ms: 
             continue;
         }
         counts.candidate += 1;
-        let assigned = device.rollout_id == rollout.id
-            && device.desired.as_ref().is_some_and(|b| b.digest == candidate.digest);
+        let assigned =
+            device.rollout_id == rollout.id && device.desired.as_ref().is_some_and(|b| b.digest == candidate.digest);
         if !assigned {
             plan.assign.push(device.id.clone());
             counts.pending += 1;
@@ -96,7 +96,12 @@ pub fn decide(rollout: &proto::Rollout, devices: &[proto::Device], now_unix_ms: 
     let last_step = plan.current_step as usize + 1 == spec.steps.len();
     let soaked = now_unix_ms.saturating_sub(plan.step_started_unix_ms) >= i64::from(step.min_soak_seconds) * 1000;
     plan.message = if counts.pending > 0 {
-        format!("step {}: {} of {} candidate devices still converging", plan.current_step + 1, counts.pending, counts.candidate)
+        format!(
+            "step {}: {} of {} candidate devices still converging",
+            plan.current_step + 1,
+            counts.pending,
+            counts.candidate
+        )
     } else if counts.failed > 0 {
         format!(
             "step {}: held, {} of {} candidate devices failed to activate (alkictl devices list shows why)",
@@ -135,7 +140,10 @@ mod tests {
                 repository: "acme/tiny".into(),
                 candidate: "v2".into(),
                 selector: HashMap::from([("site".to_owned(), "lab".to_owned())]),
-                steps: steps.iter().map(|&(percent, min_soak_seconds)| proto::RolloutStep { percent, min_soak_seconds }).collect(),
+                steps: steps
+                    .iter()
+                    .map(|&(percent, min_soak_seconds)| proto::RolloutStep { percent, min_soak_seconds })
+                    .collect(),
                 runtime: None,
             }),
             candidate: Some(proto::BundleRef { digest: "sha256:bb".into(), ..Default::default() }),
@@ -145,7 +153,11 @@ mod tests {
     }
 
     fn device(id: &str, site: &str) -> proto::Device {
-        proto::Device { id: id.into(), labels: HashMap::from([("site".to_owned(), site.to_owned())]), ..Default::default() }
+        proto::Device {
+            id: id.into(),
+            labels: HashMap::from([("site".to_owned(), site.to_owned())]),
+            ..Default::default()
+        }
     }
 
     fn apply(plan: &Plan, r: &mut proto::Rollout, devices: &mut [proto::Device], outcome: Phase) {

@@ -70,11 +70,7 @@ impl Store {
         self.db.clone()
     }
 
-    fn get<T: DeserializeOwned>(
-        &self,
-        table: Table,
-        key: &str,
-    ) -> Result<Option<T>, StoreError> {
+    fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(table)?;
         match t.get(key)? {
