@@ -57,6 +57,23 @@ pub enum Command {
     /// Access tokens (admin only).
     #[command(subcommand)]
     Token(TokenCmd),
+    /// The controller's embedded registry (admin only).
+    #[command(subcommand)]
+    Registry(RegistryCmd),
+}
+
+#[derive(Subcommand)]
+pub enum RegistryCmd {
+    /// Delete blobs no manifest references now, instead of waiting for the controller's schedule.
+    Gc {
+        /// Keep unreferenced blobs pushed, mounted or read within this many seconds (default: the
+        /// controller's --registry-gc-grace-secs). 0 deletes them all: only when no push is running.
+        #[arg(long)]
+        grace_secs: Option<u64>,
+        /// Talk plain HTTP to the controller (until TLS is set up).
+        #[arg(long)]
+        insecure_plain_http: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -345,6 +362,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let rs = cli.fleet().await?.list_rollouts(proto::ListRolloutsRequest {}).await.map_err(status)?;
             let views: Vec<RolloutView> = rs.into_inner().rollouts.iter().map(RolloutView::from).collect();
             print(cli.output, &views, |rs| rollout_table(rs))
+        }
+        Command::Registry(RegistryCmd::Gc { grace_secs, insecure_plain_http }) => {
+            let scheme = if *insecure_plain_http { "http" } else { "https" };
+            let grace = grace_secs.map(std::time::Duration::from_secs);
+            let token = cli.token()?;
+            let base = format!("{scheme}://{}", cli.registry);
+            let report = crate::registry::gc::request_gc(&base, token.as_deref(), grace).await?;
+            print(cli.output, &report, |r| {
+                format!(
+                    "deleted {} unreferenced blobs ({} freed, {} links); kept {} younger than {}s, in {} ms",
+                    r.blobs_deleted,
+                    bytes(r.bytes_freed),
+                    r.links_removed,
+                    r.kept_recent,
+                    r.grace_secs,
+                    r.duration_ms
+                )
+            })
         }
         Command::Token(TokenCmd::Create { name, role }) => {
             let role = match role {
