@@ -29,6 +29,32 @@ pub struct Config {
     pub registry: RegistryConfig,
     /// How to run llama-server and where to serve clients.
     pub runtime: RuntimeConfig,
+    /// The local content store's disk use.
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Bytes the content store may hold (MiB); beyond it, blobs of bundles other than the active and the
+    /// previous one are evicted, least recently used first. 0: no budget (evict only to make room for a pull).
+    #[serde(default)]
+    pub budget_mib: u64,
+    /// Free space (MiB) that must remain on the data disk after a pull; a pull that would leave less is
+    /// refused with the reason (after evicting unused bundles).
+    #[serde(default = "default_disk_reserve")]
+    pub disk_reserve_mib: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { budget_mib: 0, disk_reserve_mib: default_disk_reserve() }
+    }
+}
+
+fn default_disk_reserve() -> u64 {
+    512
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -54,6 +80,10 @@ pub struct RegistryConfig {
     /// on this host (any port) and to no other registry.
     #[serde(default)]
     pub embedded: Option<String>,
+    /// Download rate limit for pulls in KiB per second (0: unlimited), so a fleet update does not saturate
+    /// a site's uplink.
+    #[serde(default)]
+    pub bandwidth_limit_kib: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -73,6 +103,32 @@ pub struct RuntimeConfig {
     /// Extra arguments appended to llama-server's command line.
     #[serde(default)]
     pub extra_args: Vec<String>,
+    /// After a swap, how long the new model is watched (exit, `/health`, `/slots`); a failure within it swaps
+    /// back to the previous model. 0 turns the watch off.
+    #[serde(default = "default_watch_window")]
+    pub watch_window_secs: u64,
+    /// `auto` (default): blue/green when the device's available memory holds the new model beside the one
+    /// serving (plus `memory_reserve_mib`), otherwise stop-then-start. `blue_green` or `stop_then_start`
+    /// force one.
+    #[serde(default)]
+    pub swap_strategy: SwapStrategyChoice,
+    /// Memory kept free beyond the new model's needs when deciding whether both models fit.
+    #[serde(default = "default_memory_reserve")]
+    pub memory_reserve_mib: u64,
+    /// During a stop-then-start gap (or a restart after a crash), how long a client request waits for the
+    /// model before it gets 503 with Retry-After.
+    #[serde(default = "default_gap_wait")]
+    pub gap_wait_secs: u64,
+}
+
+/// How swaps place the new model; see [`RuntimeConfig::swap_strategy`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SwapStrategyChoice {
+    #[default]
+    Auto,
+    BlueGreen,
+    StopThenStart,
 }
 
 fn default_front_addr() -> String {
@@ -82,6 +138,15 @@ fn default_health_timeout() -> u64 {
     120
 }
 fn default_drain_timeout() -> u64 {
+    30
+}
+fn default_watch_window() -> u64 {
+    60
+}
+fn default_memory_reserve() -> u64 {
+    256
+}
+fn default_gap_wait() -> u64 {
     30
 }
 
@@ -192,6 +257,27 @@ impl Config {
                 "use 1 to 3600 seconds",
             ));
         }
+        if self.runtime.watch_window_secs > 3600 {
+            return Err(invalid(
+                "runtime.watch_window_secs",
+                format!("is {}", self.runtime.watch_window_secs),
+                "use 0 (no watch) to 3600 seconds",
+            ));
+        }
+        if !(1..=600).contains(&self.runtime.gap_wait_secs) {
+            return Err(invalid(
+                "runtime.gap_wait_secs",
+                format!("is {}", self.runtime.gap_wait_secs),
+                "use 1 to 600 seconds (clients usually time out after a minute)",
+            ));
+        }
+        if self.runtime.memory_reserve_mib > 1 << 20 {
+            return Err(invalid(
+                "runtime.memory_reserve_mib",
+                format!("is {}", self.runtime.memory_reserve_mib),
+                "use at most 1048576 MiB (1 TiB)",
+            ));
+        }
         const RESERVED: [&str; 6] = ["-m", "--model", "--host", "--port", "-np", "--parallel"];
         if let Some(arg) = self.runtime.extra_args.iter().find(|a| RESERVED.contains(&a.as_str())) {
             return Err(invalid(
@@ -265,6 +351,32 @@ impl Config {
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.runtime.drain_timeout_secs)
     }
+
+    pub fn watch_window(&self) -> Duration {
+        Duration::from_secs(self.runtime.watch_window_secs)
+    }
+
+    pub fn gap_wait(&self) -> Duration {
+        Duration::from_secs(self.runtime.gap_wait_secs)
+    }
+
+    /// The pull rate limit in bytes per second, if any.
+    pub fn bandwidth_limit(&self) -> Option<u64> {
+        (self.registry.bandwidth_limit_kib > 0).then(|| self.registry.bandwidth_limit_kib.saturating_mul(1024))
+    }
+
+    pub fn disk_reserve_bytes(&self) -> u64 {
+        self.store.disk_reserve_mib.saturating_mul(1 << 20)
+    }
+
+    /// The content store's budget in bytes; None when unlimited.
+    pub fn store_budget_bytes(&self) -> Option<u64> {
+        (self.store.budget_mib > 0).then(|| self.store.budget_mib.saturating_mul(1 << 20))
+    }
+
+    pub fn memory_reserve_bytes(&self) -> u64 {
+        self.runtime.memory_reserve_mib.saturating_mul(1 << 20)
+    }
 }
 
 /// `host` or `host:port`, with a conservative host alphabet (names, IPv4, bracketed IPv6).
@@ -302,12 +414,20 @@ url = "http://127.0.0.1:7070"
 token_file = "/etc/alki/agent.token"
 [registry]
 insecure_plain_http = ["127.0.0.1:5000"]
+bandwidth_limit_kib = 2048
 [runtime]
 llama_server = "/usr/local/bin/llama-server"
 front_addr = "127.0.0.1:8080"
 health_timeout_secs = 120
 drain_timeout_secs = 30
 extra_args = []
+watch_window_secs = 60
+swap_strategy = "auto"
+memory_reserve_mib = 256
+gap_wait_secs = 30
+[store]
+budget_mib = 20480
+disk_reserve_mib = 512
 "#;
 
     fn field_of(err: ConfigError) -> &'static str {
@@ -325,6 +445,15 @@ extra_args = []
         assert_eq!(config.embedded_registry(), "127.0.0.1:7070");
         assert_eq!(config.plain_http_registries(), vec!["127.0.0.1:5000".to_owned(), "127.0.0.1:7070".to_owned()]);
         assert_eq!(config.front_addr().expect("addr").port(), 8080);
+        assert_eq!(config.bandwidth_limit(), Some(2 << 20));
+        assert_eq!(config.store_budget_bytes(), Some(20 << 30));
+    }
+
+    #[test]
+    fn the_deployed_example_config_is_valid() {
+        let text = include_str!("../../deploy/config/agent.toml");
+        let config = Config::from_toml(text).expect("deploy/config/agent.toml is valid");
+        assert_eq!(config.runtime.swap_strategy, SwapStrategyChoice::Auto);
     }
 
     #[test]
@@ -341,6 +470,10 @@ llama_server = "/bin/llama-server"
         assert_eq!(config.device_id, None);
         assert_eq!(config.runtime.front_addr, "127.0.0.1:8080");
         assert_eq!(config.runtime.health_timeout_secs, 120);
+        assert_eq!(config.runtime.watch_window_secs, 60);
+        assert_eq!(config.runtime.swap_strategy, SwapStrategyChoice::Auto);
+        assert_eq!(config.store_budget_bytes(), None);
+        assert_eq!(config.disk_reserve_bytes(), 512 << 20);
         assert_eq!(config.embedded_registry(), "ctl.example:7070");
     }
 
@@ -363,6 +496,9 @@ llama_server = "/bin/llama-server"
             ("health_timeout_secs = 120", "health_timeout_secs = 0", "runtime.health_timeout_secs"),
             ("drain_timeout_secs = 30", "drain_timeout_secs = 99999", "runtime.drain_timeout_secs"),
             ("extra_args = []", "extra_args = [\"--port\", \"1\"]", "runtime.extra_args"),
+            ("watch_window_secs = 60", "watch_window_secs = 3601", "runtime.watch_window_secs"),
+            ("gap_wait_secs = 30", "gap_wait_secs = 0", "runtime.gap_wait_secs"),
+            ("memory_reserve_mib = 256", "memory_reserve_mib = 2000000", "runtime.memory_reserve_mib"),
             ("site = \"lab\"", "\"bad key\" = \"lab\"", "labels"),
         ];
         for (from, to, field) in cases {

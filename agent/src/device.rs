@@ -1,19 +1,27 @@
 //! The device loop: carries out the convergence decisions (pull, verify, start, flip), keeps the state file,
-//! reports every phase, and restarts a crashed llama-server with backoff.
+//! reports every phase, watches a new model for a while after the flip (swapping back on a crash or a failed
+//! liveness check), and restarts a crashed llama-server with backoff, falling back to the previous bundle on
+//! a crash loop or a model that no longer loads.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use alki_shared::digest::Digest;
 use alki_shared::proto::{self, ErrorCode, Phase};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::config::SwapStrategyChoice;
 use crate::converge::{Converger, Decision, Desired, ServingKey};
-use crate::pull::{PullError, PullProgress, PulledBundle, RegistryAccess, pull_bundle};
+use crate::pull::{
+    PullError, PullOptions, PullProgress, PulledBundle, RegistryAccess, deployment_blobs, prune_variant_dirs,
+    pull_bundle_with,
+};
 use crate::reference::BundleLocation;
-use crate::runtime::{LaunchSpec, Supervisor};
+use crate::runtime::{LaunchSpec, StartError, Supervisor, SwapStrategy};
 use crate::session::Snapshot;
 use crate::settings::LaunchSettings;
 use crate::state::{AgentState, Deployment, StateFile};
@@ -25,6 +33,60 @@ const RESTART_MAX: Duration = Duration::from_secs(60);
 /// Retries of activations that failed for a reason that may pass (registry unreachable, local I/O).
 pub(crate) const RETRY_MIN: Duration = Duration::from_secs(15);
 const RETRY_MAX: Duration = Duration::from_secs(300);
+/// Liveness checks of a new model during its watch window.
+const WATCH_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Consecutive failed liveness checks that count as a failure (one can be a hiccup).
+const WATCH_PROBE_FAILURES: u32 = 2;
+/// This many crashes within [`CRASH_LOOP_WINDOW`] is a crash loop.
+pub(crate) const CRASH_LOOP_COUNT: usize = 3;
+const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(600);
+
+/// How the device swaps models, from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct SwapPolicy {
+    pub watch_window: Duration,
+    pub strategy: SwapStrategyChoice,
+    pub memory_reserve: u64,
+    /// Free disk space a pull must leave.
+    pub disk_reserve: u64,
+    /// The content store's budget in bytes, if any.
+    pub store_budget: Option<u64>,
+    /// Pull rate limit in bytes per second, if any.
+    pub bandwidth: Option<u64>,
+}
+
+impl SwapPolicy {
+    pub fn from_config(config: &crate::Config) -> SwapPolicy {
+        SwapPolicy {
+            watch_window: config.watch_window(),
+            strategy: config.runtime.swap_strategy,
+            memory_reserve: config.memory_reserve_bytes(),
+            disk_reserve: config.disk_reserve_bytes(),
+            store_budget: config.store_budget_bytes(),
+            bandwidth: config.bandwidth_limit(),
+        }
+    }
+}
+
+impl RegistrySettings {
+    pub fn from_config(config: &crate::Config) -> RegistrySettings {
+        RegistrySettings {
+            plain_http: config.plain_http_registries(),
+            embedded: config.embedded_registry(),
+            token_file: config.controller.token_file.clone(),
+        }
+    }
+}
+
+/// A new model under watch after its flip, and what to put back if it fails.
+pub(crate) struct Watch {
+    until: Instant,
+    next_probe: Instant,
+    failures: u32,
+    desired: Desired,
+    restore_active: Option<Deployment>,
+    restore_previous: Option<Deployment>,
+}
 
 /// Where a pull gets its registry settings; the token is read again for every pull.
 #[derive(Clone, Debug)]
@@ -75,6 +137,16 @@ pub struct Device {
     /// A failed activation to try again (the registry was unreachable, ...), unless a newer state comes.
     pub(crate) retry: Option<(Instant, Desired)>,
     pub(crate) retry_delay: Duration,
+    pub(crate) policy: SwapPolicy,
+    /// How long requests wait during a restart after a crash.
+    pub(crate) gap_wait: Duration,
+    pub(crate) watching: Option<Watch>,
+    /// Recent crashes of the serving model (at most [`CRASH_LOOP_COUNT`]).
+    pub(crate) crashes: VecDeque<Instant>,
+    /// Reloaded configs, when the config file is watched.
+    pub(crate) config: Option<watch::Receiver<crate::reload::ConfigState>>,
+    /// Instance options that do not come from the config (log directory, stop sequence).
+    pub(crate) instance_base: crate::runtime::InstanceOptions,
 }
 
 /// How an activation ended.
@@ -134,12 +206,40 @@ impl Device {
                     }
                 }
                 status = self.supervisor.active_exited(), if restart.is_none() => {
+                    if self.watching.is_some() {
+                        self.roll_back(format!("exited ({status})")).await;
+                        continue;
+                    }
                     if let Some(spec) = self.supervisor.remove_exited() {
+                        let now = Instant::now();
+                        self.crashes.retain(|at| now.duration_since(*at) < CRASH_LOOP_WINDOW);
+                        if self.crashes.len() >= CRASH_LOOP_COUNT {
+                            self.crashes.pop_front();
+                        }
+                        self.crashes.push_back(now);
+                        if self.crashes.len() >= CRASH_LOOP_COUNT {
+                            self.crashes.clear();
+                            let cause = format!("is in a crash loop: llama-server exited {CRASH_LOOP_COUNT} times within {} min (last: {status})", CRASH_LOOP_WINDOW.as_secs() / 60);
+                            if self.fall_back_to_previous(&cause).await {
+                                restart = None;
+                                continue;
+                            }
+                        }
                         tracing::error!(%status, model = %spec.model_path.display(), retry_in_ms = restart_delay.as_millis() as u64,
-                            "llama-server exited unexpectedly; clients get 503 until it is restarted.");
+                            "llama-server exited unexpectedly; requests wait for its restart (bounded).");
+                        self.supervisor.proxy().hold(self.gap_wait);
                         restart = Some((Instant::now() + restart_delay, spec));
                         self.publish();
                     }
+                }
+                changed = config_changed(&mut self.config) => {
+                    match changed {
+                        Some(config) => self.apply_config(&config),
+                        None => self.config = None,
+                    }
+                }
+                _ = sleep_until(self.watching.as_ref().map(|w| w.next_probe.min(w.until))) => {
+                    self.watch_step().await;
                 }
                 _ = sleep_until(self.retry.as_ref().map(|r| r.0)), if pulling.is_none() => {
                     let Some((_, desired)) = self.retry.take() else { continue };
@@ -150,10 +250,24 @@ impl Device {
                 }
                 _ = sleep_until(restart.as_ref().map(|r| r.0)) => {
                     let Some((_, spec)) = restart.take() else { continue };
-                    match self.swap(spec.clone(), &mut shutdown).await {
+                    let restarted = tokio::select! {
+                        result = self.supervisor.restart(spec.clone()) => result.map_err(SwapFailure::Start),
+                        _ = shutdown.wait_for(|stop| *stop) => Err(SwapFailure::ShuttingDown),
+                    };
+                    match restarted {
                         Ok(()) => {
                             tracing::info!("llama-server restarted after a crash.");
                             restart_delay = RESTART_MIN;
+                        }
+                        Err(SwapFailure::Start(e @ StartError::Exited { .. })) => {
+                            // Exit at load: the files or the device changed; retrying the same thing cannot help.
+                            let cause = format!("no longer loads: {e}");
+                            if !self.fall_back_to_previous(&cause).await {
+                                self.report_runtime_failure(&format!("{cause}; nothing is served until a new desired state arrives")).await;
+                                self.state.active = None;
+                                self.save_state().await;
+                                self.converger.reopen();
+                            }
                         }
                         Err(e) => {
                             restart_delay = (restart_delay * 2).min(RESTART_MAX);
@@ -185,10 +299,14 @@ impl Device {
         tracing::info!(bundle = %active.bundle, "Starting the bundle that was active before the restart.");
         match self.swap(spec, shutdown).await {
             Ok(()) => tracing::info!(bundle = %active.bundle, "Serving the bundle that was active before the restart."),
-            Err(e) => {
-                tracing::error!(bundle = %active.bundle, error = %e, "The bundle active before the restart could not be started; nothing is served until the controller's desired state is applied again.");
-                self.converger.reopen();
+            Err(SwapFailure::Start(e)) => {
+                let cause = format!("could not be started after the agent restarted: {e}");
+                if !self.fall_back_to_previous(&cause).await {
+                    tracing::error!(bundle = %active.bundle, "Nothing is served until the controller's desired state is applied again.");
+                    self.converger.reopen();
+                }
             }
+            Err(SwapFailure::ShuttingDown) => {}
         }
         self.publish();
     }
@@ -304,6 +422,13 @@ impl Device {
         let bundles_dir = self.bundles_dir.clone();
         let statuses = self.statuses.clone();
         let template = self.status(desired, Phase::Pulling);
+        let (keep, keep_variants) = self.kept().await;
+        let options = PullOptions {
+            disk_reserve: self.policy.disk_reserve,
+            keep,
+            keep_variants,
+            bandwidth: self.policy.bandwidth,
+        };
         tokio::spawn(
             async move {
                 let memory = tokio::task::spawn_blocking(crate::inventory::memory_available).await.unwrap_or_default();
@@ -313,7 +438,7 @@ impl Device {
                     // Progress is advisory: when the queue is full it is skipped, never waited for.
                     let _ = statuses.try_send(status);
                 };
-                pull_bundle(&access, &store, &bundles_dir, &bundle, memory, &mut progress).await
+                pull_bundle_with(&access, &store, &bundles_dir, &bundle, memory, &options, &mut progress).await
             }
             .in_current_span(),
         )
@@ -358,7 +483,17 @@ impl Device {
         let mut status = self.status(desired, Phase::Starting);
         status.variant_digest = pulled.variant_digest.to_string();
         self.report(status).await;
-        match self.swap(spec, shutdown).await {
+        let needs = model_memory_needs(&pulled).await;
+        let strategy = self.choose_strategy(needs).await;
+        // A model still under watch is taken as good once a newer activation starts.
+        self.watching = None;
+        let restore_active = self.state.active.clone();
+        let restore_previous = self.state.previous.clone();
+        let swapped = tokio::select! {
+            result = self.supervisor.swap_watched(spec, strategy) => result.map_err(SwapFailure::Start),
+            _ = shutdown.wait_for(|stop| *stop) => Err(SwapFailure::ShuttingDown),
+        };
+        match swapped {
             Ok(()) => {}
             Err(SwapFailure::ShuttingDown) => {
                 // Not applied: after the restart the controller's desired state is converged to again.
@@ -388,11 +523,219 @@ impl Device {
         }
         self.state.last_applied_generation = self.state.last_applied_generation.max(desired.generation);
         self.save_state().await;
+        self.crashes.clear();
+        if self.policy.watch_window.is_zero() || !self.supervisor.can_roll_back() {
+            self.supervisor.commit();
+            self.collect_garbage().await;
+        } else {
+            // Garbage is collected when the watch window passes: a rollback may still need what is there.
+            let now = Instant::now();
+            tracing::info!(generation = %desired.generation, window_s = self.policy.watch_window.as_secs(), "Watching the new model; a failure within the window swaps back.");
+            self.watching = Some(Watch {
+                until: now + self.policy.watch_window,
+                next_probe: now + WATCH_PROBE_INTERVAL,
+                failures: 0,
+                desired: desired.clone(),
+                restore_active,
+                restore_previous,
+            });
+        }
         let mut status = self.status(desired, Phase::Active);
         status.variant_digest = pulled.variant_digest.to_string();
         self.report(status).await;
         self.publish();
         Outcome::Active
+    }
+
+    /// Applies a reloaded config: swap policy, store limits, bandwidth, registries, and how llama-server is
+    /// started from now on (the serving instance is not restarted for it).
+    fn apply_config(&mut self, config: &crate::Config) {
+        self.policy = SwapPolicy::from_config(config);
+        self.gap_wait = config.gap_wait();
+        self.registry = RegistrySettings::from_config(config);
+        let opts = crate::runtime::InstanceOptions {
+            llama_server: config.runtime.llama_server.clone(),
+            extra_args: config.runtime.extra_args.clone(),
+            health_timeout: config.health_timeout(),
+            ..self.instance_base.clone()
+        };
+        self.supervisor.set_options(opts, config.drain_timeout());
+        self.supervisor.set_gap_wait(config.gap_wait());
+        tracing::info!(policy = ?self.policy, "Applied the reloaded config.");
+    }
+
+    /// Blobs and variant directories of the active and previous deployments: never evicted.
+    async fn kept(&self) -> (std::collections::HashSet<Digest>, Vec<Digest>) {
+        let mut keep = std::collections::HashSet::new();
+        let mut variants = Vec::new();
+        for d in [&self.state.active, &self.state.previous].into_iter().flatten() {
+            keep.extend(deployment_blobs(&self.store, &d.bundle.digest, &d.variant_digest).await);
+            variants.push(d.variant_digest.clone());
+        }
+        (keep, variants)
+    }
+
+    /// Removes variant directories no deployment uses and, under a budget, the least recently used blobs of
+    /// bundles other than the active and previous ones.
+    async fn collect_garbage(&self) {
+        let (keep, variants) = self.kept().await;
+        prune_variant_dirs(&self.bundles_dir, &variants).await;
+        let Some(budget) = self.policy.store_budget else { return };
+        match self.store.evict(&keep, budget).await {
+            Ok((removed, freed)) if !removed.is_empty() => {
+                tracing::info!(blobs = removed.len(), freed, budget, "Evicted least recently used blobs.")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "Evicting blobs over the store budget failed."),
+        }
+    }
+
+    /// Blue/green when the memory available now (the serving model already loaded) holds the new model and
+    /// the reserve; stop-then-start otherwise, or when nothing serves there is no difference.
+    async fn choose_strategy(&self, needs: u64) -> SwapStrategy {
+        match self.policy.strategy {
+            SwapStrategyChoice::BlueGreen => SwapStrategy::BlueGreen,
+            SwapStrategyChoice::StopThenStart => SwapStrategy::StopThenStart,
+            SwapStrategyChoice::Auto => {
+                if self.supervisor.serving().is_none() {
+                    return SwapStrategy::BlueGreen;
+                }
+                let available =
+                    tokio::task::spawn_blocking(crate::inventory::memory_available).await.unwrap_or_default();
+                let strategy = if available >= needs.saturating_add(self.policy.memory_reserve) {
+                    SwapStrategy::BlueGreen
+                } else {
+                    SwapStrategy::StopThenStart
+                };
+                tracing::info!(available, needs, reserve = self.policy.memory_reserve, ?strategy, "Chose how to swap.");
+                strategy
+            }
+        }
+    }
+
+    /// One step of the watch window: commit when it has passed, otherwise a liveness check.
+    async fn watch_step(&mut self) {
+        let Some(watch) = self.watching.as_mut() else { return };
+        let now = Instant::now();
+        if now >= watch.until {
+            tracing::info!(generation = %watch.desired.generation, "The new model passed its watch window; the previous one is released.");
+            self.watching = None;
+            self.supervisor.commit();
+            self.collect_garbage().await;
+            return;
+        }
+        watch.next_probe = now + WATCH_PROBE_INTERVAL;
+        match self.supervisor.check_active().await {
+            Ok(()) => {
+                if let Some(w) = self.watching.as_mut() {
+                    w.failures = 0;
+                }
+            }
+            Err(reason) => {
+                let failures = self.watching.as_mut().map(|w| {
+                    w.failures += 1;
+                    w.failures
+                });
+                tracing::warn!(%reason, ?failures, "The new model failed a liveness check.");
+                if failures.is_some_and(|f| f >= WATCH_PROBE_FAILURES) {
+                    self.roll_back(format!("failed {WATCH_PROBE_FAILURES} liveness checks in a row ({reason})")).await;
+                }
+            }
+        }
+    }
+
+    /// Swaps back to what served before the watched activation and reports it as failed with `cause`.
+    async fn roll_back(&mut self, cause: String) {
+        let Some(watch) = self.watching.take() else { return };
+        let failed = self.state.active.as_ref().map(|a| a.bundle.to_string()).unwrap_or_default();
+        let window = self.policy.watch_window.as_secs();
+        tracing::error!(generation = %watch.desired.generation, %cause, "The new model failed within its watch window; swapping back.");
+        let message = match self.supervisor.roll_back().await {
+            Ok(()) => {
+                let back = watch.restore_active.as_ref().map(|a| a.bundle.to_string()).unwrap_or_default();
+                self.state.active = watch.restore_active;
+                self.state.previous = watch.restore_previous;
+                format!(
+                    "bundle {failed}: rolled back to {back}: the new model {cause} within the {window} s watch window; \
+                     look at its llama-server log and fix or replace the bundle"
+                )
+            }
+            Err(e) => {
+                self.state.active = None;
+                self.converger.reopen();
+                format!(
+                    "bundle {failed}: the new model {cause} within the {window} s watch window and swapping back \
+                     failed ({e}); nothing is served until a new desired state arrives"
+                )
+            }
+        };
+        self.save_state().await;
+        let mut status = self.status(&watch.desired, Phase::Failed);
+        status.error = Some(activation_error(ErrorCode::StartFailed, message, None));
+        self.report(status).await;
+        self.publish();
+    }
+
+    /// Outside a swap, the serving bundle failed for good (`cause`): start the previous bundle instead and
+    /// report the failure. False when there is no previous bundle or it does not start either.
+    async fn fall_back_to_previous(&mut self, cause: &str) -> bool {
+        let Some(previous) = self.state.previous.clone() else {
+            self.report_runtime_failure(&format!("{cause}; there is no previous bundle to fall back to")).await;
+            return false;
+        };
+        let Some(model) = previous.model_path() else { return false };
+        let spec = LaunchSpec {
+            model_path: model.to_owned(),
+            settings: previous.launch.clone(),
+            bundle_digest: previous.bundle.digest.to_string(),
+        };
+        tracing::error!(%cause, previous = %previous.bundle, "The serving model failed; falling back to the previous bundle.");
+        match self.supervisor.restart(spec).await {
+            Ok(()) => {
+                let failed = self.state.active.replace(previous.clone());
+                self.state.previous = None;
+                self.save_state().await;
+                let message = format!(
+                    "bundle {}: {cause}; rolled back to {}; look at its llama-server log and fix or replace the bundle",
+                    failed.as_ref().map(|f| f.bundle.to_string()).unwrap_or_default(),
+                    previous.bundle
+                );
+                if let Some(failed) = failed {
+                    self.report_failure_of(&failed, message).await;
+                }
+                self.publish();
+                true
+            }
+            Err(e) => {
+                self.report_runtime_failure(&format!(
+                    "{cause}; the previous bundle {} did not start either ({e})",
+                    previous.bundle
+                ))
+                .await;
+                false
+            }
+        }
+    }
+
+    /// Reports a failure of the serving bundle outside any activation.
+    async fn report_runtime_failure(&mut self, cause: &str) {
+        let Some(active) = self.state.active.clone() else { return };
+        let message = format!("bundle {}: {cause}", active.bundle);
+        self.report_failure_of(&active, message).await;
+    }
+
+    async fn report_failure_of(&self, deployment: &Deployment, message: String) {
+        tracing::error!(generation = %deployment.generation, %message, "The serving bundle failed.");
+        let status = proto::Status {
+            generation: deployment.generation.0,
+            phase: Phase::Failed as i32,
+            bundle: Some(deployment.bundle.to_proto()),
+            progress: None,
+            error: Some(activation_error(ErrorCode::StartFailed, message, None)),
+            serving: self.serving_ref(),
+            variant_digest: deployment.variant_digest.to_string(),
+        };
+        self.report(status).await;
     }
 
     async fn fail(&mut self, desired: &Desired, error: proto::ActivationError) {
@@ -412,6 +755,34 @@ fn activation_error(code: ErrorCode, message: String, layer: Option<String>) -> 
 
 fn activation_error_from_pull(e: PullError) -> proto::ActivationError {
     activation_error(e.code(), e.to_string(), e.layer_digest().map(ToString::to_string))
+}
+
+/// Memory the pulled variant needs: the index's annotation when there is one, else its GGUF files' size.
+async fn model_memory_needs(pulled: &PulledBundle) -> u64 {
+    if let Some(v) = &pulled.variant {
+        let annotated = v.memory_bytes.max(v.weights_bytes);
+        if annotated > 0 {
+            return annotated;
+        }
+    }
+    let mut total = 0u64;
+    for file in &pulled.model_files {
+        total = total.saturating_add(tokio::fs::metadata(file).await.map(|m| m.len()).unwrap_or(0));
+    }
+    total
+}
+
+/// The next reloaded config; None when the watcher is gone; pending forever without one.
+async fn config_changed(
+    config: &mut Option<watch::Receiver<crate::reload::ConfigState>>,
+) -> Option<std::sync::Arc<crate::Config>> {
+    match config {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(rx.borrow_and_update().config.clone()),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 async fn join_pull(pulling: &mut Option<Pulling>) -> Result<Result<PulledBundle, PullError>, tokio::task::JoinError> {

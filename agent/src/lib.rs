@@ -10,11 +10,13 @@ mod device;
 pub mod inventory;
 pub mod pull;
 pub mod reference;
+pub mod reload;
 pub mod runtime;
 pub mod session;
 pub mod settings;
 pub mod state;
 pub mod store;
+pub mod systemd;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -75,6 +77,9 @@ impl Layout {
 /// An agent with its identity, state, content store and front listener ready; [`Agent::run`] runs it.
 pub struct Agent {
     config: Config,
+    notifier: systemd::Notifier,
+    /// The config file, watched for changes when set.
+    config_file: Option<PathBuf>,
     device_id: DeviceId,
     state: AgentState,
     state_file: StateFile,
@@ -121,7 +126,28 @@ impl Agent {
         let store = ContentStore::open(&layout.content())?;
         let addr = config.front_addr()?;
         let front = tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Bind { addr, source })?;
-        Ok(Agent { device_id: state.device_id.clone(), config, state, state_file, store, front })
+        Ok(Agent {
+            device_id: state.device_id.clone(),
+            config,
+            notifier: systemd::Notifier::disabled(),
+            config_file: None,
+            state,
+            state_file,
+            store,
+            front,
+        })
+    }
+
+    /// Notifies systemd (readiness, watchdog, stopping) through `notifier`; see [`systemd::Notifier::from_env`].
+    pub fn with_notifier(mut self, notifier: systemd::Notifier) -> Agent {
+        self.notifier = notifier;
+        self
+    }
+
+    /// Watches `path` (the file `config` was read from) and applies valid changes without a restart.
+    pub fn with_config_file(mut self, path: PathBuf) -> Agent {
+        self.config_file = Some(path);
+        self
     }
 
     /// The address clients reach the model at (the bound port when the config said port 0).
@@ -142,7 +168,7 @@ impl Agent {
     }
 
     async fn run_inner(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
-        let Agent { config, device_id, state, state_file, store, front } = self;
+        let Agent { config, notifier, config_file, device_id, state, state_file, store, front } = self;
         let layout = Layout { data_dir: config.data_dir.clone() };
         let (stop_tx, stop_rx) = watch::channel(false);
         let proxy = Proxy::new(http_client());
@@ -163,6 +189,20 @@ impl Agent {
         );
         tracing::info!(front = ?front_addr, "Front proxy listening.");
 
+        let mut reload_task = None;
+        let config_rx = match config_file {
+            Some(path) => match reload::watch_config(path.clone(), config.clone(), stop_rx.clone()) {
+                Ok((rx, task)) => {
+                    reload_task = Some(task);
+                    Some(rx)
+                }
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "Cannot watch the config file; changes need a restart.");
+                    None
+                }
+            },
+            None => None,
+        };
         let (status_tx, status_rx) = mpsc::channel(STATUS_CAPACITY);
         let (snapshot_tx, snapshot_rx) = watch::channel(Snapshot::default());
         let (desired_tx, desired_rx) = watch::channel(None);
@@ -180,17 +220,23 @@ impl Agent {
             state_file,
             store,
             bundles_dir: layout.bundles(),
-            registry: RegistrySettings {
-                plain_http: config.plain_http_registries(),
-                embedded: config.embedded_registry(),
-                token_file: config.controller.token_file.clone(),
+            registry: RegistrySettings::from_config(&config),
+            supervisor: {
+                let mut supervisor = Supervisor::new(opts.clone(), drain_timeout, Arc::clone(&proxy));
+                supervisor.set_gap_wait(config.gap_wait());
+                supervisor
             },
-            supervisor: Supervisor::new(opts, drain_timeout, Arc::clone(&proxy)),
             statuses: status_tx,
             snapshot: snapshot_tx,
             desired: desired_rx,
             retry: None,
             retry_delay: device::RETRY_MIN,
+            policy: device::SwapPolicy::from_config(&config),
+            config: config_rx.clone(),
+            instance_base: opts.clone(),
+            gap_wait: config.gap_wait(),
+            watching: None,
+            crashes: std::collections::VecDeque::with_capacity(device::CRASH_LOOP_COUNT),
         };
         let device_task = tokio::spawn(device.run(stop_rx.clone()).in_current_span());
 
@@ -204,11 +250,27 @@ impl Agent {
             snapshot: snapshot_rx,
             desired: desired_tx,
             statuses: status_rx,
+            config: config_rx,
         };
         let session_task = tokio::spawn(session::run(session, stop_rx.clone()).in_current_span());
 
+        // Ready: the front port accepts clients (held requests wait while the previous model starts).
+        notifier.ready();
+        let watchdog = notifier.watchdog_interval().map(|every| {
+            let notifier = notifier.clone();
+            // The pings come from the async runtime: a wedged runtime stops them and systemd restarts the agent.
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    notifier.watchdog();
+                }
+            })
+        });
+
         shutdown.await;
         tracing::info!("Shutting down.");
+        notifier.stopping();
         let _ = stop_tx.send(true);
         // The device loop's own waits are bounded (drain timeout, stop sequence); this bound is a backstop.
         let device_bound = drain_timeout + Duration::from_secs(30);
@@ -223,6 +285,13 @@ impl Agent {
                 abort.abort();
             }
         }
+        // Pings continue through the (bounded) stop so systemd does not kill a graceful drain.
+        if let Some(watchdog) = watchdog {
+            watchdog.abort();
+        }
+        if let Some(task) = reload_task {
+            task.abort();
+        }
         tracing::info!("Stopped.");
         Ok(())
     }
@@ -231,4 +300,13 @@ impl Agent {
 /// The whole agent: [`Agent::start`] then [`Agent::run`].
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
     Agent::start(config).await?.run(shutdown).await
+}
+
+/// [`run`] under systemd: readiness, watchdog and stopping notifications through `notifier`.
+pub async fn run_with_notifier(
+    config: Config,
+    notifier: systemd::Notifier,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    Agent::start(config).await?.with_notifier(notifier).run(shutdown).await
 }

@@ -38,9 +38,14 @@ fn main() -> anyhow::Result<()> {
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
                 .init();
-            let config = alki_agent::Config::load(&config)?;
+            let path = config;
+            let config = alki_agent::Config::load(&path)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(async { alki_agent::run(config, shutdown_signal()).await })?;
+            let notifier = alki_agent::systemd::Notifier::from_env();
+            runtime.block_on(async {
+                let agent = alki_agent::Agent::start(config).await?;
+                agent.with_notifier(notifier).with_config_file(path).run(shutdown_signal()).await
+            })?;
             Ok(())
         }
     }

@@ -14,7 +14,7 @@ use alki_shared::oci::{
 };
 use alki_shared::proto::ErrorCode;
 use futures::StreamExt;
-use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -29,8 +29,32 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 const BLOB_ATTEMPTS: u32 = 3;
 /// The runtime layer is a small JSON document; anything bigger is not one.
 const MAX_RUNTIME_LAYER_BYTES: u64 = 64 << 10;
-/// Free space kept on the data disk beyond what a bundle needs.
-const DISK_MARGIN_BYTES: u64 = 64 << 20;
+/// Free space kept on the data disk beyond what a bundle needs, unless configured.
+pub const DEFAULT_DISK_RESERVE_BYTES: u64 = 512 << 20;
+
+/// What a pull may do to the disk.
+#[derive(Clone, Debug)]
+pub struct PullOptions {
+    /// Free space that must remain after the pull.
+    pub disk_reserve: u64,
+    /// Blobs that must stay (those of the active and previous bundles); others may be evicted to make room.
+    pub keep: std::collections::HashSet<Digest>,
+    /// Variant directories under the bundles directory that must stay.
+    pub keep_variants: Vec<Digest>,
+    /// Download rate limit in bytes per second, so a fleet update does not saturate a site's uplink.
+    pub bandwidth: Option<u64>,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions {
+            disk_reserve: DEFAULT_DISK_RESERVE_BYTES,
+            keep: Default::default(),
+            keep_variants: Vec::new(),
+            bandwidth: None,
+        }
+    }
+}
 /// The username sent with the token in Basic authentication.
 const BASIC_USER: &str = "alki-agent";
 const ACCEPTED_MANIFESTS: [&str; 4] =
@@ -151,8 +175,7 @@ pub enum PullErrorKind {
     )]
     NoVariantFits { available: u64, needs: String },
     #[error(
-        "layer {} does not match its digest (got {actual}); the registry copy is corrupt — push the bundle again",
-        short(layer)
+        "layer {layer} does not match its digest (got {actual}); the registry copy is corrupt — push the bundle again"
     )]
     LayerDigest { layer: Digest, actual: Digest },
     #[error(
@@ -165,10 +188,17 @@ pub enum PullErrorKind {
     #[error("runtime layer {} is not valid: {reason}; repack the bundle with alkictl bundle pack", short(layer))]
     RuntimeLayer { layer: Digest, reason: String },
     #[error(
-        "needs {} more on the disk of {} but only {} is free; free disk space or use a smaller bundle",
-        human_bytes(*needed), dir.display(), human_bytes(*available)
+        "needs {} more on the disk of {} plus a reserve of {} but only {} is free after evicting unused \
+         bundles; free disk space, lower store.disk_reserve_mib or use a smaller bundle",
+        human_bytes(*needed), dir.display(), human_bytes(*reserve), human_bytes(*available)
     )]
-    DiskFull { needed: u64, available: u64, dir: PathBuf },
+    DiskFull { needed: u64, reserve: u64, available: u64, dir: PathBuf },
+    #[error(
+        "the download of layer {} from registry {registry} broke off with {bytes_on_disk} of {size} bytes on \
+         disk ({source}); they are kept and the next attempt resumes from there; check the device's network",
+        short(layer)
+    )]
+    Transfer { layer: Digest, registry: String, bytes_on_disk: u64, size: u64, source: std::io::Error },
     #[error("local content store: {0}; check that the data_dir is writable and has free space")]
     Store(StoreError),
     #[error("cannot create the bundle directory {}: {source}; check that the data_dir is writable", dir.display())]
@@ -192,6 +222,7 @@ impl PullError {
             | PullErrorKind::RuntimeLayer { .. } => ErrorCode::BundleInvalid,
             PullErrorKind::NoVariantFits { .. } => ErrorCode::NoVariantFits,
             PullErrorKind::DiskFull { .. } => ErrorCode::DiskFull,
+            PullErrorKind::Transfer { .. } => ErrorCode::PullFailed,
             PullErrorKind::Store(e) if e.is_disk_full() => ErrorCode::DiskFull,
             PullErrorKind::Store(_) | PullErrorKind::Materialise { .. } => ErrorCode::Io,
         }
@@ -205,7 +236,8 @@ impl PullError {
             PullErrorKind::LayerDigest { layer, .. }
             | PullErrorKind::LayerSize { layer, .. }
             | PullErrorKind::BadFileName { layer, .. }
-            | PullErrorKind::RuntimeLayer { layer, .. } => Some(layer),
+            | PullErrorKind::RuntimeLayer { layer, .. }
+            | PullErrorKind::Transfer { layer, .. } => Some(layer),
             _ => None,
         }
     }
@@ -223,6 +255,21 @@ pub async fn pull_bundle(
     bundles_dir: &Path,
     bundle: &BundleLocation,
     memory_available: u64,
+    progress: &mut (dyn FnMut(PullProgress) + Send),
+) -> Result<PulledBundle, PullError> {
+    pull_bundle_with(registry, store, bundles_dir, bundle, memory_available, &PullOptions::default(), progress).await
+}
+
+/// [`pull_bundle`] with disk options: before fetching, the free space must hold the missing bytes plus
+/// `options.disk_reserve`; if not, blobs and variant directories not kept are evicted first, and the pull is
+/// refused with the reason when that is not enough.
+pub async fn pull_bundle_with(
+    registry: &RegistryAccess,
+    store: &ContentStore,
+    bundles_dir: &Path,
+    bundle: &BundleLocation,
+    memory_available: u64,
+    options: &PullOptions,
     progress: &mut (dyn FnMut(PullProgress) + Send),
 ) -> Result<PulledBundle, PullError> {
     let wrap = |kind| PullError { bundle: bundle.to_string(), kind };
@@ -290,13 +337,37 @@ pub async fn pull_bundle(
         }
     }
     let needed = bytes_total - bytes_present;
-    check_disk(bundles_dir, needed).await.map_err(wrap)?;
+    if check_disk(bundles_dir, needed, options.disk_reserve).await.is_err() {
+        let mut keep = options.keep.clone();
+        keep.extend([bundle.digest.clone(), variant_digest.clone()]);
+        keep.extend(blobs.iter().map(|d| d.digest.clone()));
+        let mut keep_variants = options.keep_variants.clone();
+        keep_variants.push(variant_digest.clone());
+        prune_variant_dirs(bundles_dir, &keep_variants).await;
+        match store.evict(&keep, 0).await {
+            Ok((removed, freed)) => {
+                tracing::warn!(blobs = removed.len(), freed, "Evicted unused blobs to make room for the pull.")
+            }
+            Err(e) => tracing::warn!(error = %e, "Evicting unused blobs failed."),
+        }
+        check_disk(bundles_dir, needed, options.disk_reserve).await.map_err(wrap)?;
+    }
+    for d in &blobs {
+        if !missing.iter().any(|m| m.digest == d.digest) {
+            store.touch(&d.digest).await;
+        }
+    }
+    store.touch(&bundle.digest).await;
+    store.touch(&variant_digest).await;
 
     let mut reporter = Reporter { progress, last: None, base: bytes_present, total: bytes_total };
     reporter.report(0, true);
     let mut fetched = 0u64;
+    let mut pace = options.bandwidth.map(Pace::new);
     for d in missing {
-        fetch_blob(registry, store, bundle, d, &mut |n| reporter.report(fetched + n, false)).await.map_err(wrap)?;
+        fetch_blob(registry, store, bundle, d, &mut pace, &mut |n| reporter.report(fetched + n, false))
+            .await
+            .map_err(wrap)?;
         fetched += d.size;
     }
     reporter.report(fetched, true);
@@ -428,60 +499,164 @@ fn is_stream_digest_error(e: &std::io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<oci_client::errors::DigestError>())
 }
 
-/// Streams one blob into the store, retrying a few times when the connection fails.
+/// Streams one blob into the store, resuming with a Range request from the bytes already on disk (after a
+/// broken connection, or from an earlier pull the agent did not finish), retrying a few times when the
+/// connection fails. The whole file is verified before it becomes a blob; a resumed file that does not
+/// verify is downloaded once more from zero.
 async fn fetch_blob(
     registry: &RegistryAccess,
     store: &ContentStore,
     bundle: &BundleLocation,
     descriptor: &Descriptor,
+    pace: &mut Option<Pace>,
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<(), PullErrorKind> {
     let reference = registry.reference(bundle, &descriptor.digest);
     // Authentication is stored per registry by the first manifest request; make sure it is there.
     registry.client.store_auth_if_needed(reference.resolve_registry(), &registry.auth(bundle)).await;
+    let mut partial = store.partial(&descriptor.digest, descriptor.size).await.map_err(PullErrorKind::Store)?;
+    if !partial.is_empty() {
+        tracing::info!(layer = %descriptor.digest, bytes_on_disk = partial.len(), "Resuming the layer's download.");
+    }
     let mut attempt = 0;
+    let mut fresh_retry = true;
     loop {
         attempt += 1;
         let last_attempt = attempt >= BLOB_ATTEMPTS;
-        let retry_pause = Duration::from_millis(500 * 2u64.pow(attempt - 1));
-        // Only the digest is passed: descriptor `urls` are never followed.
-        let stream = match registry.client.pull_blob_stream(&reference, descriptor.digest.as_str()).await {
-            Ok(s) => s,
-            Err(source) => {
-                let transient =
-                    matches!(source, OciDistributionError::RequestError(_) | OciDistributionError::IoError(_))
-                        || matches!(&source, OciDistributionError::ServerError { code, .. } if *code >= 500);
-                if transient && !last_attempt {
-                    tracing::warn!(layer = %descriptor.digest, attempt, error = %source, "Blob request failed; retrying.");
+        let retry_pause = Duration::from_millis(500 * 2u64.pow(attempt.min(8) - 1));
+        let offset = partial.len();
+        if offset < descriptor.size {
+            // Only the digest is passed: descriptor `urls` are never followed.
+            let response = if offset == 0 {
+                registry.client.pull_blob_stream(&reference, descriptor.digest.as_str()).await.map(|s| (s, true))
+            } else {
+                registry
+                    .client
+                    .pull_blob_stream_partial(&reference, descriptor.digest.as_str(), offset, None)
+                    .await
+                    .map(|r| match r {
+                        BlobResponse::Full(s) => (s, true),
+                        BlobResponse::Partial(s) => (s, false),
+                    })
+            };
+            let (stream, whole) = match response {
+                Ok(r) => r,
+                Err(source) => {
+                    let transient =
+                        matches!(source, OciDistributionError::RequestError(_) | OciDistributionError::IoError(_))
+                            || matches!(&source, OciDistributionError::ServerError { code, .. } if *code >= 500);
+                    if transient && !last_attempt {
+                        tracing::warn!(layer = %descriptor.digest, attempt, error = %source, "Blob request failed; retrying.");
+                        tokio::time::sleep(retry_pause).await;
+                        continue;
+                    }
+                    return Err(PullErrorKind::Registry {
+                        what: format!("layer {}", short(&descriptor.digest)),
+                        registry: registry.registry_of(bundle).to_owned(),
+                        source: Box::new(source),
+                    });
+                }
+            };
+            if whole && offset > 0 {
+                tracing::info!(layer = %descriptor.digest, "The registry ignored the range; downloading the layer from the start.");
+                partial.restart().await.map_err(PullErrorKind::Store)?;
+            }
+            let bytes = stream.stream.take_while(|item| {
+                let keep = !matches!(item, Err(e) if is_stream_digest_error(e));
+                std::future::ready(keep)
+            });
+            let bytes = throttled(bytes, pace);
+            match partial.append(bytes, &mut *progress).await {
+                Ok(()) => {}
+                Err(StoreError::Source { source, .. }) if !last_attempt => {
+                    tracing::warn!(layer = %descriptor.digest, attempt, bytes_on_disk = partial.len(), error = %source, "Blob transfer broke off; resuming.");
                     tokio::time::sleep(retry_pause).await;
                     continue;
                 }
-                return Err(PullErrorKind::Registry {
-                    what: format!("layer {}", short(&descriptor.digest)),
-                    registry: registry.registry_of(bundle).to_owned(),
-                    source: Box::new(source),
-                });
+                Err(StoreError::Source { source, .. }) => {
+                    return Err(PullErrorKind::Transfer {
+                        layer: descriptor.digest.clone(),
+                        registry: registry.registry_of(bundle).to_owned(),
+                        bytes_on_disk: partial.len(),
+                        size: descriptor.size,
+                        source,
+                    });
+                }
+                Err(StoreError::SizeMismatch { digest, expected, actual, more: true }) => {
+                    partial.discard().await;
+                    return Err(PullErrorKind::LayerSize { layer: digest, expected, actual, more: true });
+                }
+                Err(e) => return Err(PullErrorKind::Store(e)),
             }
-        };
-        let bytes = stream.stream.take_while(|item| {
-            let keep = !matches!(item, Err(e) if is_stream_digest_error(e));
-            std::future::ready(keep)
-        });
-        match store.write_stream(&descriptor.digest, Some(descriptor.size), bytes, &mut *progress).await {
+        }
+        match partial.finish().await {
             Ok(_) => return Ok(()),
-            Err(StoreError::Source { source, .. }) if !last_attempt => {
-                tracing::warn!(layer = %descriptor.digest, attempt, error = %source, "Blob transfer broke off; retrying.");
+            Err(StoreError::SizeMismatch { .. }) if !last_attempt => {
+                // The body ended early without an error: resume from where it stopped.
+                tracing::warn!(layer = %descriptor.digest, attempt, bytes_on_disk = partial.len(), "Blob transfer ended early; resuming.");
                 tokio::time::sleep(retry_pause).await;
-            }
-            Err(StoreError::DigestMismatch { expected, actual }) => {
-                return Err(PullErrorKind::LayerDigest { layer: expected, actual });
             }
             Err(StoreError::SizeMismatch { digest, expected, actual, more }) => {
                 return Err(PullErrorKind::LayerSize { layer: digest, expected, actual, more });
             }
+            Err(StoreError::DigestMismatch { .. }) if offset > 0 && fresh_retry => {
+                // Bytes kept from an earlier attempt may be what was wrong (a power cut): try once from zero.
+                tracing::warn!(layer = %descriptor.digest, "The resumed layer did not verify; downloading it again from the start.");
+                fresh_retry = false;
+                attempt = attempt.min(BLOB_ATTEMPTS - 1);
+            }
+            Err(StoreError::DigestMismatch { expected, actual }) => {
+                return Err(PullErrorKind::LayerDigest { layer: expected, actual });
+            }
             Err(e) => return Err(PullErrorKind::Store(e)),
         }
     }
+}
+
+/// A download rate limit: after `sent` bytes, the transfer may not be ahead of `sent / rate` seconds since
+/// it started.
+#[derive(Clone, Debug)]
+pub struct Pace {
+    rate: u64,
+    started: Option<Instant>,
+    sent: u64,
+}
+
+impl Pace {
+    pub fn new(bytes_per_second: u64) -> Pace {
+        Pace { rate: bytes_per_second.max(1), started: None, sent: 0 }
+    }
+
+    /// How long to wait after `n` more bytes arrived at `now`, to stay under the rate.
+    pub fn after(&mut self, n: u64, now: Instant) -> Duration {
+        let started = *self.started.get_or_insert(now);
+        self.sent = self.sent.saturating_add(n);
+        let due = started + Duration::from_secs_f64(self.sent as f64 / self.rate as f64);
+        due.saturating_duration_since(now)
+    }
+}
+
+/// `stream`, slowed down to `pace` (unchanged without one). Waits between chunks, so memory stays bounded
+/// by one chunk and the TCP window throttles the sender.
+pub fn throttled<'a, S>(
+    stream: S,
+    pace: &'a mut Option<Pace>,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + 'a
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + 'a,
+{
+    stream.then(move |item| {
+        let wait = match (&item, pace.as_mut()) {
+            (Ok(chunk), Some(pace)) => pace.after(chunk.len() as u64, Instant::now()),
+            _ => Duration::ZERO,
+        };
+        async move {
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            item
+        }
+    })
 }
 
 async fn read_runtime_layer(store: &ContentStore, layer: &Descriptor) -> Result<RuntimeDefaults, PullErrorKind> {
@@ -495,18 +670,49 @@ async fn read_runtime_layer(store: &ContentStore, layer: &Descriptor) -> Result<
     serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))
 }
 
-async fn check_disk(dir: &Path, needed: u64) -> Result<(), PullErrorKind> {
+async fn check_disk(dir: &Path, needed: u64, reserve: u64) -> Result<(), PullErrorKind> {
     if needed == 0 {
         return Ok(());
     }
     let probe = dir.to_owned();
     let space = tokio::task::spawn_blocking(move || crate::inventory::disk_space(&probe)).await.ok().flatten();
     match space {
-        Some((_, available)) if available < needed.saturating_add(DISK_MARGIN_BYTES) => {
-            Err(PullErrorKind::DiskFull { needed, available, dir: dir.to_owned() })
+        Some((_, available)) if available < needed.saturating_add(reserve) => {
+            Err(PullErrorKind::DiskFull { needed, reserve, available, dir: dir.to_owned() })
         }
         _ => Ok(()),
     }
+}
+
+/// Removes variant directories under `bundles_dir` other than `keep` (they hold hard links to blobs, so a
+/// blob's space is only freed once no directory links it). Best effort.
+pub async fn prune_variant_dirs(bundles_dir: &Path, keep: &[Digest]) {
+    let Ok(mut entries) = tokio::fs::read_dir(bundles_dir).await else { return };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if keep.iter().any(|d| d.hex() == name) {
+            continue;
+        }
+        if let Err(e) = tokio::fs::remove_dir_all(entry.path()).await {
+            tracing::warn!(dir = %entry.path().display(), error = %e, "Cannot remove an unused bundle directory.");
+        }
+    }
+}
+
+/// The blobs a deployment needs: the bundle's manifest (or index), the variant manifest and every blob it
+/// names, as far as they are in the store.
+pub async fn deployment_blobs(
+    store: &ContentStore,
+    bundle: &Digest,
+    variant: &Digest,
+) -> std::collections::HashSet<Digest> {
+    let mut keep: std::collections::HashSet<Digest> = [bundle.clone(), variant.clone()].into();
+    if let Some(bytes) = read_small(store, variant, MAX_MANIFEST_BYTES as u64).await
+        && let Ok(Manifest::Image(m)) = Manifest::parse(&bytes, None)
+    {
+        keep.extend(std::iter::once(&m.config).chain(&m.layers).map(|d| d.digest.clone()));
+    }
+    keep
 }
 
 /// Makes `dir` hold one entry per `(blob path, file name)`: a hard link to the blob, or a copy when the
@@ -626,7 +832,12 @@ mod tests {
         assert!(text.contains("push the bundle again"), "{text}");
         let full = PullError {
             bundle: "b".to_owned(),
-            kind: PullErrorKind::DiskFull { needed: 3 << 30, available: 1 << 30, dir: PathBuf::from("/data") },
+            kind: PullErrorKind::DiskFull {
+                needed: 3 << 30,
+                reserve: 512 << 20,
+                available: 1 << 30,
+                dir: PathBuf::from("/data"),
+            },
         };
         assert_eq!(full.code(), ErrorCode::DiskFull);
         assert!(full.to_string().contains("3.0 GiB"), "{full}");
@@ -648,6 +859,31 @@ mod tests {
         assert!(matches!(access.auth(&at("ctl.example:7080")), RegistryAuth::Basic(..)));
         assert!(matches!(access.auth(&at("docker.io")), RegistryAuth::Anonymous));
         assert!(matches!(access.auth(&at("ctl.example.evil:7070")), RegistryAuth::Anonymous));
+    }
+
+    #[test]
+    fn pace_holds_the_transfer_to_the_rate() {
+        let start = Instant::now();
+        let mut pace = Pace::new(1000);
+        assert_eq!(pace.after(500, start), Duration::from_millis(500), "half a second's worth at once");
+        assert_eq!(pace.after(500, start + Duration::from_millis(2000)), Duration::ZERO, "behind: no wait");
+        assert_eq!(pace.after(1000, start + Duration::from_millis(2000)), Duration::from_millis(0));
+        assert_eq!(pace.after(1000, start + Duration::from_millis(2000)), Duration::from_millis(1000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_stream_takes_at_least_size_over_rate() {
+        let chunks: Vec<Result<bytes::Bytes, std::io::Error>> =
+            (0..10).map(|_| Ok(bytes::Bytes::from(vec![0u8; 100_000]))).collect();
+        let mut pace = Some(Pace::new(500_000));
+        let started = Instant::now();
+        let total: usize = throttled(futures::stream::iter(chunks), &mut pace)
+            .map(|c| c.map(|c| c.len()).unwrap_or(0))
+            .fold(0, |a, b| async move { a + b })
+            .await;
+        assert_eq!(total, 1_000_000);
+        // The paused clock advances only by the waits: 1 MB at 500 kB/s is 2 s.
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
     }
 
     #[test]

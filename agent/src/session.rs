@@ -46,6 +46,8 @@ pub struct SessionContext {
     /// The newest desired state received; the device loop converges to it.
     pub desired: watch::Sender<Option<proto::DesiredState>>,
     pub statuses: mpsc::Receiver<proto::Status>,
+    /// Reloaded configs: a change of labels starts a new session (a new Hello carries them).
+    pub config: Option<watch::Receiver<crate::reload::ConfigState>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -289,7 +291,32 @@ async fn one_session(
                 }
                 None => *statuses_open = false,
             },
+            changed = labels_changed(&mut ctx.config, &ctx.labels) => match changed {
+                Some(labels) => {
+                    tracing::info!("Labels changed; starting a new session to report them.");
+                    ctx.labels = labels;
+                    return Ok(());
+                }
+                None => ctx.config = None,
+            },
             _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
+
+/// Resolves with new labels when a reloaded config changes them; None when the watcher is gone.
+async fn labels_changed(
+    config: &mut Option<watch::Receiver<crate::reload::ConfigState>>,
+    current: &BTreeMap<String, String>,
+) -> Option<BTreeMap<String, String>> {
+    let Some(rx) = config else { return std::future::pending().await };
+    loop {
+        if rx.changed().await.is_err() {
+            return None;
+        }
+        let labels = rx.borrow_and_update().config.labels.clone();
+        if &labels != current {
+            return Some(labels);
         }
     }
 }

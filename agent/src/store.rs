@@ -1,12 +1,16 @@
 //! The local content store: blobs under `<data_dir>/content/blobs/sha256/<2 hex>/<hex>`, keyed by digest,
 //! written through a temporary file that is hashed while written and renamed only when the digest matches.
+//! Downloads go through [`PartialBlob`] under `partial/`, kept across attempts and restarts so that a pull
+//! resumes from the bytes on disk; the whole file is verified before it becomes a blob.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use alki_shared::digest::{Digest, Hasher};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 /// Write buffer size: blobs go to disk in chunks of this size whatever the network's chunking.
 const WRITE_BUFFER: usize = 1 << 20;
@@ -35,6 +39,7 @@ impl StoreError {
 pub struct ContentStore {
     blobs: PathBuf,
     tmp: PathBuf,
+    partial: PathBuf,
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -44,12 +49,13 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 impl ContentStore {
     /// Opens (creating) the store at `<root>/blobs` and `<root>/tmp`, removing temporary files a crash left.
     pub fn open(root: &Path) -> Result<ContentStore, StoreError> {
-        let store = ContentStore { blobs: root.join("blobs"), tmp: root.join("tmp") };
+        let store = ContentStore { blobs: root.join("blobs"), tmp: root.join("tmp"), partial: root.join("partial") };
         std::fs::create_dir_all(&store.blobs).map_err(io_at(&store.blobs))?;
         if store.tmp.exists() {
             std::fs::remove_dir_all(&store.tmp).map_err(io_at(&store.tmp))?;
         }
         std::fs::create_dir_all(&store.tmp).map_err(io_at(&store.tmp))?;
+        std::fs::create_dir_all(&store.partial).map_err(io_at(&store.partial))?;
         Ok(store)
     }
 
@@ -76,6 +82,102 @@ impl ContentStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_at(&path)(e)),
         }
+    }
+
+    /// Marks a blob as used now (its modification time), for least-recently-used eviction.
+    pub async fn touch(&self, digest: &Digest) {
+        let path = self.path(digest);
+        let touched = tokio::task::spawn_blocking(move || {
+            std::fs::OpenOptions::new().write(true).open(&path)?.set_modified(SystemTime::now())
+        })
+        .await;
+        if let Ok(Err(e)) = touched {
+            tracing::debug!(%digest, error = %e, "Cannot mark a blob as used.");
+        }
+    }
+
+    /// Every blob in the store with its size and last use.
+    pub async fn list(&self) -> Result<Vec<StoredBlob>, StoreError> {
+        let root = self.blobs.join("sha256");
+        let walked = root.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<Vec<StoredBlob>> {
+            let mut out = Vec::new();
+            let shards = match std::fs::read_dir(&walked) {
+                Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+                Err(e) => return Err(e),
+            };
+            for shard in shards {
+                let shard = shard?;
+                if !shard.file_type()?.is_dir() {
+                    continue;
+                }
+                for entry in std::fs::read_dir(shard.path())? {
+                    let entry = entry?;
+                    let meta = entry.metadata()?;
+                    let name = entry.file_name();
+                    let Ok(digest) = format!("sha256:{}", name.to_string_lossy()).parse::<Digest>() else { continue };
+                    if meta.is_file() {
+                        let last_used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                        out.push(StoredBlob { digest, size: meta.len(), last_used });
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|join| io_at(&root)(std::io::Error::other(join)))?
+        .map_err(io_at(&root))
+    }
+
+    /// Removes the least recently used blobs not in `keep` until the store holds at most `budget` bytes
+    /// (or nothing more can go). Returns what was removed and the bytes freed.
+    pub async fn evict(&self, keep: &HashSet<Digest>, budget: u64) -> Result<(Vec<Digest>, u64), StoreError> {
+        let blobs = self.list().await?;
+        let chosen = choose_evictions(&blobs, keep, budget);
+        let mut freed = 0;
+        for digest in &chosen {
+            let size = blobs.iter().find(|b| &b.digest == digest).map(|b| b.size).unwrap_or(0);
+            self.remove(digest).await?;
+            freed += size;
+        }
+        Ok((chosen, freed))
+    }
+
+    /// Opens the download of a blob of `size` bytes, resuming from what an earlier attempt left under
+    /// `partial/` (hashed again now, so the final check covers the whole file). A leftover longer than `size`
+    /// cannot be a prefix and is dropped.
+    pub async fn partial(&self, expected: &Digest, size: u64) -> Result<PartialBlob, StoreError> {
+        let path = self.partial.join(expected.hex());
+        let owned = path.clone();
+        let opened = tokio::task::spawn_blocking(move || -> std::io::Result<(std::fs::File, Hasher)> {
+            use std::io::{Read, Seek};
+            let mut file =
+                std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&owned)?;
+            let mut hasher = Hasher::new();
+            if file.metadata()?.len() <= size {
+                let mut buf = vec![0u8; WRITE_BUFFER];
+                loop {
+                    let n = file.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                }
+            }
+            if hasher.len() > size || file.metadata()?.len() != hasher.len() {
+                hasher = Hasher::new();
+            }
+            file.set_len(hasher.len())?;
+            file.seek(std::io::SeekFrom::End(0))?;
+            Ok((file, hasher))
+        })
+        .await
+        .map_err(|join| io_at(&path)(std::io::Error::other(join)))?
+        .map_err(io_at(&path))?;
+        let (file, hasher) = opened;
+        let file = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, tokio::fs::File::from_std(file));
+        Ok(PartialBlob { path, final_path: self.path(expected), expected: expected.clone(), size, hasher, file })
     }
 
     /// Stores small in-memory content (manifests, runtime layers), checking its digest.
@@ -159,6 +261,132 @@ impl ContentStore {
     }
 }
 
+/// A blob in the store, as eviction sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredBlob {
+    pub digest: Digest,
+    pub size: u64,
+    /// The file's modification time: set when written and by [`ContentStore::touch`].
+    pub last_used: SystemTime,
+}
+
+/// The blobs to remove so that the store holds at most `budget` bytes: least recently used first, never
+/// one in `keep`. Pure.
+pub fn choose_evictions(blobs: &[StoredBlob], keep: &HashSet<Digest>, budget: u64) -> Vec<Digest> {
+    let mut total: u64 = blobs.iter().map(|b| b.size).fold(0, u64::saturating_add);
+    let mut candidates: Vec<&StoredBlob> = blobs.iter().filter(|b| !keep.contains(&b.digest)).collect();
+    candidates.sort_by_key(|b| (b.last_used, b.digest.as_str().to_owned()));
+    let mut chosen = Vec::new();
+    for blob in candidates {
+        if total <= budget {
+            break;
+        }
+        total = total.saturating_sub(blob.size);
+        chosen.push(blob.digest.clone());
+    }
+    chosen
+}
+
+/// A blob being downloaded into `partial/<hex>`: appended to across attempts, hashed as it grows, and
+/// renamed into the store by [`PartialBlob::finish`] only when its size and digest match.
+pub struct PartialBlob {
+    path: PathBuf,
+    final_path: PathBuf,
+    expected: Digest,
+    size: u64,
+    hasher: Hasher,
+    file: tokio::io::BufWriter<tokio::fs::File>,
+}
+
+impl PartialBlob {
+    /// Bytes on disk so far: where the next request resumes.
+    pub fn len(&self) -> u64 {
+        self.hasher.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hasher.len() == 0
+    }
+
+    /// Drops what was downloaded (the server ignored the range, or the content did not verify).
+    pub async fn restart(&mut self) -> Result<(), StoreError> {
+        self.file.flush().await.map_err(io_at(&self.path))?;
+        let file = self.file.get_mut();
+        file.set_len(0).await.map_err(io_at(&self.path))?;
+        file.seek(std::io::SeekFrom::Start(0)).await.map_err(io_at(&self.path))?;
+        self.hasher = Hasher::new();
+        Ok(())
+    }
+
+    /// Appends a stream through the fixed-size buffer. More bytes than the blob's size stop at once. When
+    /// the stream fails, the bytes received so far are kept (flushed) for the next attempt to resume from.
+    pub async fn append<S>(&mut self, stream: S, mut progress: impl FnMut(u64)) -> Result<(), StoreError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>>,
+    {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(chunk) = stream.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(source) => {
+                    self.file.flush().await.map_err(io_at(&self.path))?;
+                    return Err(StoreError::Source { digest: self.expected.clone(), source });
+                }
+            };
+            let after = self.hasher.len() + chunk.len() as u64;
+            if after > self.size {
+                return Err(StoreError::SizeMismatch {
+                    digest: self.expected.clone(),
+                    expected: self.size,
+                    actual: after,
+                    more: true,
+                });
+            }
+            self.hasher.update(&chunk);
+            self.file.write_all(&chunk).await.map_err(io_at(&self.path))?;
+            progress(self.hasher.len());
+        }
+        self.file.flush().await.map_err(io_at(&self.path))?;
+        Ok(())
+    }
+
+    /// Verifies the whole file (size, then digest) and renames it into the store, durably. On a digest
+    /// mismatch the download restarts from zero next time.
+    pub async fn finish(&mut self) -> Result<PathBuf, StoreError> {
+        self.file.flush().await.map_err(io_at(&self.path))?;
+        self.file.get_ref().sync_all().await.map_err(io_at(&self.path))?;
+        let len = self.hasher.len();
+        if len != self.size {
+            return Err(StoreError::SizeMismatch {
+                digest: self.expected.clone(),
+                expected: self.size,
+                actual: len,
+                more: false,
+            });
+        }
+        let actual = std::mem::replace(&mut self.hasher, Hasher::new()).finish();
+        if actual != self.expected {
+            self.restart().await?;
+            return Err(StoreError::DigestMismatch { expected: self.expected.clone(), actual });
+        }
+        let dir = self.final_path.parent().map(Path::to_owned).unwrap_or_default();
+        tokio::fs::create_dir_all(&dir).await.map_err(io_at(&dir))?;
+        tokio::fs::rename(&self.path, &self.final_path).await.map_err(io_at(&self.final_path))?;
+        let synced = dir.clone();
+        tokio::task::spawn_blocking(move || alki_shared::fsutil::sync_dir(&synced))
+            .await
+            .map_err(|join| io_at(&dir)(std::io::Error::other(join)))?
+            .map_err(io_at(&dir))?;
+        Ok(self.final_path.clone())
+    }
+
+    /// Removes the partial file (content that can never verify, e.g. longer than announced).
+    pub async fn discard(self) {
+        drop(self.file);
+        let _ = tokio::fs::remove_file(&self.path).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +467,59 @@ mod tests {
         let err = store.write_stream(&digest, None, stream, |_| {}).await.expect_err("source error");
         assert!(matches!(err, StoreError::Source { .. }), "{err}");
         assert!(files_under(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn eviction_takes_the_least_recently_used_blobs_not_kept_until_under_budget() {
+        let at = |secs| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        let blob =
+            |name: &str, size, used| StoredBlob { digest: Digest::of(name.as_bytes()), size, last_used: at(used) };
+        let blobs = vec![blob("active", 50, 1), blob("old", 30, 2), blob("older", 20, 1), blob("recent", 40, 9)];
+        let keep: HashSet<Digest> = [Digest::of(b"active")].into();
+        // 140 bytes; budget 100: the oldest unkept (20 bytes) then the next (30) go.
+        assert_eq!(choose_evictions(&blobs, &keep, 100), vec![Digest::of(b"older"), Digest::of(b"old")]);
+        assert_eq!(choose_evictions(&blobs, &keep, 140), Vec::<Digest>::new(), "within budget");
+        assert_eq!(choose_evictions(&blobs, &keep, 0).len(), 3, "everything but what is kept");
+    }
+
+    #[tokio::test]
+    async fn evict_removes_files_and_list_sees_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ContentStore::open(dir.path()).expect("open");
+        let (a, b) = (Digest::of(b"aaaa"), Digest::of(b"bb"));
+        store.write_bytes(&a, b"aaaa").await.expect("a");
+        store.write_bytes(&b, b"bb").await.expect("b");
+        assert_eq!(store.list().await.expect("list").len(), 2);
+        let (removed, freed) = store.evict(&[b.clone()].into(), 0).await.expect("evict");
+        assert_eq!((removed, freed), (vec![a.clone()], 4));
+        assert!(!store.contains(&a).await && store.contains(&b).await);
+    }
+
+    #[tokio::test]
+    async fn a_partial_download_survives_reopening_and_is_verified_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let digest = Digest::of(b"hello world");
+        {
+            let store = ContentStore::open(dir.path()).expect("open");
+            let mut partial = store.partial(&digest, 11).await.expect("partial");
+            let err = partial
+                .append(
+                    futures::stream::iter(vec![
+                        Ok(Bytes::from_static(b"hello")),
+                        Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "cut")),
+                    ]),
+                    |_| {},
+                )
+                .await
+                .expect_err("cut");
+            assert!(matches!(err, StoreError::Source { .. }), "{err}");
+        }
+        let store = ContentStore::open(dir.path()).expect("reopen");
+        let mut partial = store.partial(&digest, 11).await.expect("partial");
+        assert_eq!(partial.len(), 5, "the bytes before the cut are kept");
+        partial.append(chunks(&[b" world"]), |_| {}).await.expect("rest");
+        let path = partial.finish().await.expect("verified");
+        assert_eq!(std::fs::read(path).expect("read"), b"hello world");
     }
 
     #[tokio::test]

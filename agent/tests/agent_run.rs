@@ -14,9 +14,8 @@ use alki_agent::{Agent, Config};
 use alki_shared::digest::Digest;
 use alki_shared::ids::{DeviceId, Generation};
 use alki_shared::proto::{self, ErrorCode, Phase, agent_message, controller_message};
+use common::controller::{FakeController, next_where, status_with};
 use common::{TEST_TIMEOUT, fake_llama_server, fake_model, launch_settings};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 const TOKEN: &str = "agent-secret";
 
@@ -50,6 +49,10 @@ fn prepared_data_dir(dir: &Path) -> PathBuf {
 }
 
 fn config(dir: &Path, data_dir: &Path, controller: SocketAddr) -> Config {
+    Config::from_toml(&config_text(dir, data_dir, controller)).expect("valid config")
+}
+
+fn config_text(dir: &Path, data_dir: &Path, controller: SocketAddr) -> String {
     let token_file = dir.join("agent.token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token");
     let text = format!(
@@ -67,7 +70,7 @@ drain_timeout_secs = 2
 "#,
         llama = fake_llama_server(),
     );
-    Config::from_toml(&text).expect("valid config")
+    text
 }
 
 async fn completion(front: SocketAddr) -> Option<String> {
@@ -126,97 +129,12 @@ async fn serves_the_previously_active_bundle_without_a_controller_and_stops_clea
     .expect("test timed out");
 }
 
-/// A scripted controller: forwards what agents send to `up`, sends what the test pushes into the session.
-struct FakeController {
-    up: mpsc::Sender<proto::AgentMessage>,
-    /// One receiver per session, in order; a session ends when the test drops the matching sender.
-    down: tokio::sync::Mutex<std::collections::VecDeque<mpsc::Receiver<proto::ControllerMessage>>>,
-}
-
-impl FakeController {
-    /// A controller for `sessions` sessions: messages up, and one sender per session down.
-    fn new(
-        sessions: usize,
-    ) -> (Self, mpsc::Receiver<proto::AgentMessage>, Vec<mpsc::Sender<proto::ControllerMessage>>) {
-        let (up, up_rx) = mpsc::channel(64);
-        let (senders, receivers): (Vec<_>, std::collections::VecDeque<_>) =
-            (0..sessions).map(|_| mpsc::channel(16)).unzip();
-        (FakeController { up, down: tokio::sync::Mutex::new(receivers) }, up_rx, senders)
-    }
-
-    async fn serve(self) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind controller");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(proto::agent_service_server::AgentServiceServer::new(self))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await
-                .expect("controller server");
-        });
-        addr
-    }
-}
-
-#[tonic::async_trait]
-impl proto::agent_service_server::AgentService for FakeController {
-    type SessionStream = ReceiverStream<Result<proto::ControllerMessage, tonic::Status>>;
-
-    async fn session(
-        &self,
-        request: tonic::Request<tonic::Streaming<proto::AgentMessage>>,
-    ) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
-        let auth = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
-        if auth != format!("Bearer {TOKEN}") {
-            return Err(tonic::Status::unauthenticated("bad token"));
-        }
-        let mut down =
-            self.down.lock().await.pop_front().ok_or_else(|| tonic::Status::unavailable("no more sessions"))?;
-        let mut inbound = request.into_inner();
-        let up = self.up.clone();
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    message = inbound.message() => match message {
-                        Ok(Some(m)) => { let _ = up.send(m).await; }
-                        _ => return,
-                    },
-                    out = down.recv() => match out {
-                        Some(m) => { let _ = tx.send(Ok(m)).await; }
-                        None => return,
-                    },
-                }
-            }
-        });
-        Ok(tonic::Response::new(ReceiverStream::new(rx)))
-    }
-}
-
-async fn next_where(
-    up: &mut mpsc::Receiver<proto::AgentMessage>,
-    mut wanted: impl FnMut(&agent_message::Msg) -> bool,
-) -> agent_message::Msg {
-    loop {
-        let message = up.recv().await.expect("agent stream open");
-        if let Some(msg) = message.msg
-            && wanted(&msg)
-        {
-            return msg;
-        }
-    }
-}
-
-fn status_with(up_phase: Phase, generation: u64) -> impl FnMut(&agent_message::Msg) -> bool {
-    move |m| matches!(m, agent_message::Msg::Status(s) if s.generation == generation && s.phase == up_phase as i32)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn talks_to_the_controller_and_converges() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = prepared_data_dir(dir.path());
-        let (controller, mut up, mut downs) = FakeController::new(1);
+        let (controller, mut up, mut downs) = FakeController::new(1, TOKEN);
         let down = downs.remove(0);
         let controller_addr = controller.serve().await;
 
@@ -317,7 +235,7 @@ async fn reconnects_with_a_new_hello_after_the_controller_drops_the_session() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = prepared_data_dir(dir.path());
-        let (controller, mut up, mut downs) = FakeController::new(2);
+        let (controller, mut up, mut downs) = FakeController::new(2, TOKEN);
         let controller_addr = controller.serve().await;
         let agent = Agent::start(config(dir.path(), &data_dir, controller_addr)).await.expect("agent starts");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -336,6 +254,48 @@ async fn reconnects_with_a_new_hello_after_the_controller_drops_the_session() {
 
         stop_tx.send(()).expect("signal shutdown");
         running.await.expect("task").expect("clean exit");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_labels_in_the_config_file_reach_the_controller_without_a_restart() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = prepared_data_dir(dir.path());
+        let (controller, mut up, downs) = FakeController::new(2, TOKEN);
+        let controller_addr = controller.serve().await;
+        let text = config_text(dir.path(), &data_dir, controller_addr);
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, &text).expect("write config");
+        let agent = Agent::start(Config::load(&path).expect("config")).await.expect("agent starts");
+        let front = agent.front_addr();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(agent.with_config_file(path.clone()).run(async move {
+            let _ = stop_rx.await;
+        }));
+        let agent_message::Msg::Hello(first) = next_where(&mut up, |m| matches!(m, agent_message::Msg::Hello(_))).await
+        else {
+            unreachable!()
+        };
+        assert_eq!(first.labels.get("site").map(String::as_str), Some("lab"));
+
+        // An invalid file is rejected: nothing changes, the model keeps serving.
+        std::fs::write(&path, text.replace("drain_timeout_secs = 2", "drain_timeout_secs = 0")).expect("write");
+        // A valid change of labels: a new session says so in its Hello.
+        std::fs::write(&path, text.replace("site = \"lab\"", "site = \"shop-7\"")).expect("write");
+        let agent_message::Msg::Hello(second) =
+            next_where(&mut up, |m| matches!(m, agent_message::Msg::Hello(_))).await
+        else {
+            unreachable!()
+        };
+        assert_eq!(second.labels.get("site").map(String::as_str), Some("shop-7"));
+        assert!(wait_until_served(front).await.contains("model-a.gguf"), "the model was not restarted away");
+
+        stop_tx.send(()).expect("signal shutdown");
+        running.await.expect("task").expect("clean exit");
+        drop(downs);
     })
     .await
     .expect("test timed out");

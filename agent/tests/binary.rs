@@ -157,3 +157,37 @@ fn a_killed_agent_leaves_no_llama_server_behind() {
         panic!("llama-server {} outlived the killed agent", llama[0]);
     }
 }
+
+#[test]
+fn under_systemd_the_agent_notifies_ready_pings_the_watchdog_and_says_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, port) = prepare(dir.path());
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind notify socket");
+    socket.set_read_timeout(Some(Duration::from_secs(30))).expect("bounded reads");
+    let child = Command::new(AGENT)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000")
+        .env_remove("WATCHDOG_PID")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn alki-agent");
+    let agent = Guard(child);
+    let mut next = || {
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf).expect("a notification within the bound");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert!(next().starts_with("READY=1"), "readiness first");
+    assert_eq!(next(), "WATCHDOG=1");
+    assert_eq!(next(), "WATCHDOG=1", "pings keep coming");
+    wait("the model to be served", || served(port));
+    // SAFETY: kill(2) on our own child process.
+    assert_eq!(unsafe { libc::kill(agent.0.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let stopping = std::iter::repeat_with(&mut next).find(|m| m != "WATCHDOG=1").expect("a message");
+    assert!(stopping.starts_with("STOPPING=1"), "{stopping}");
+}

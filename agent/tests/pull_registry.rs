@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use alki_agent::pull::{PullProgress, RegistryAccess, pull_bundle};
+use alki_agent::pull::{PullOptions, PullProgress, RegistryAccess, pull_bundle, pull_bundle_with};
 use alki_agent::reference::BundleLocation;
 use alki_agent::store::ContentStore;
 use alki_shared::bundle::{MEDIA_TYPE_RUNTIME, MEDIA_TYPE_WEIGHT_RAW, variant_annotations};
@@ -23,6 +23,7 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use common::TEST_TIMEOUT;
+use futures::StreamExt;
 
 const TOKEN: &str = "agent-token-123";
 
@@ -32,6 +33,13 @@ struct Registry {
     blobs: Mutex<HashMap<String, Bytes>>,
     blob_gets: Mutex<HashMap<String, usize>>,
     authorizations: Mutex<Vec<String>>,
+    /// Each response for a blob over 1000 bytes serves at most the next of these many bytes, then breaks
+    /// the connection.
+    cuts: Mutex<std::collections::VecDeque<usize>>,
+    /// `Range` headers of blob requests, in order.
+    ranges: Mutex<Vec<String>>,
+    /// Blob body bytes sent.
+    bytes_sent: std::sync::atomic::AtomicUsize,
 }
 
 impl Registry {
@@ -111,11 +119,41 @@ async fn v2(State(registry): State<Arc<Registry>>, UrlPath(rest): UrlPath<String
     }
     if let Some((_, digest)) = rest.split_once("/blobs/") {
         *registry.blob_gets.lock().expect("lock").entry(digest.to_owned()).or_default() += 1;
-        let found = registry.blobs.lock().expect("lock").get(digest).cloned();
-        return match found {
-            Some(bytes) => ([("content-type", "application/octet-stream")], bytes).into_response(),
-            None => not_found("BLOB_UNKNOWN"),
+        let Some(bytes) = registry.blobs.lock().expect("lock").get(digest).cloned() else {
+            return not_found("BLOB_UNKNOWN");
         };
+        let range = headers.get("range").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let start = match &range {
+            Some(r) => {
+                registry.ranges.lock().expect("lock").push(r.clone());
+                r.strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')).and_then(|n| n.parse().ok()).unwrap_or(0)
+            }
+            None => 0,
+        };
+        let body = bytes.slice(start.min(bytes.len())..);
+        let status = if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
+        let content_range = format!("bytes {start}-{}/{}", bytes.len().saturating_sub(1), bytes.len());
+        let cut = if bytes.len() > 1000 { registry.cuts.lock().expect("lock").pop_front() } else { None };
+        let sent = cut.unwrap_or(body.len()).min(body.len());
+        registry.bytes_sent.fetch_add(sent, std::sync::atomic::Ordering::SeqCst);
+        let first = futures::stream::iter([Ok::<_, std::io::Error>(body.slice(..sent))]);
+        // After the bytes sent, a cut: the stream is pending once (so the server flushes what it has) and
+        // then fails, which makes the server close the connection before the announced length.
+        let cut_off = futures::stream::iter(cut).then(|_| async {
+            tokio::task::yield_now().await;
+            Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "cut by the test"))
+        });
+        let chunks = first.chain(cut_off);
+        return (
+            status,
+            [
+                ("content-type", "application/octet-stream".to_owned()),
+                ("content-length", body.len().to_string()),
+                ("content-range", content_range),
+            ],
+            axum::body::Body::from_stream(chunks),
+        )
+            .into_response();
     }
     not_found("NAME_UNKNOWN")
 }
@@ -390,6 +428,159 @@ async fn the_token_goes_to_the_embedded_registry_only() {
         assert_eq!(err.code(), ErrorCode::PullFailed, "{err}");
         assert!(registry.authorizations.lock().expect("lock").is_empty(), "no credentials were sent");
         assert!(err.to_string().contains("check that the registry is reachable"), "{err}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Bytes that do not repeat in any short period (so a misplaced range cannot hash right by chance).
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+const BIG: usize = 256 << 10;
+
+#[tokio::test]
+async fn a_cut_connection_resumes_with_a_range_and_downloads_each_byte_once() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let registry = Arc::new(Registry::default());
+        let weights = noise(BIG);
+        let (variant, _) = push_variant(&registry, "big", &weights);
+        registry.cuts.lock().expect("lock").push_back(100_000);
+        let addr = serve(registry.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        let pulled = pull_bundle(
+            &access(addr),
+            &store,
+            &dir.path().join("bundles"),
+            &location("", &variant.manifest),
+            1 << 30,
+            &mut |_| {},
+        )
+        .await
+        .expect("the pull completes after the cut");
+        assert_eq!(registry.ranges.lock().expect("lock").clone(), vec!["bytes=100000-".to_owned()]);
+        assert_eq!(registry.gets(&variant.gguf), 2);
+        let sent = registry.bytes_sent.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(sent as u64, pulled.bytes_total, "every byte of every blob was sent once");
+        assert_eq!(std::fs::read(&pulled.model_files[0]).expect("read"), weights);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn an_abandoned_pull_resumes_after_a_restart_from_the_bytes_on_disk() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let registry = Arc::new(Registry::default());
+        let weights = noise(BIG);
+        let (variant, _) = push_variant(&registry, "big", &weights);
+        // Every attempt of the first pull breaks off: 50000 bytes, then 10000 more twice.
+        registry.cuts.lock().expect("lock").extend([50_000, 10_000, 10_000]);
+        let addr = serve(registry.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bundles = dir.path().join("bundles");
+        let bundle = location("", &variant.manifest);
+        let err = pull_bundle(&access(addr), &store(dir.path()), &bundles, &bundle, 1 << 30, &mut |_| {})
+            .await
+            .expect_err("the network is too flaky this time");
+        assert_eq!(err.code(), ErrorCode::PullFailed, "retryable");
+        assert!(err.to_string().contains("broke off with 70000 of 262144 bytes on disk"), "{err}");
+
+        // The agent restarts (the store is opened again) and pulls again: only the rest is downloaded.
+        let sent_before = registry.bytes_sent.load(std::sync::atomic::Ordering::SeqCst);
+        let pulled = pull_bundle(&access(addr), &store(dir.path()), &bundles, &bundle, 1 << 30, &mut |_| {})
+            .await
+            .expect("the pull completes");
+        assert_eq!(registry.ranges.lock().expect("lock").last().map(String::as_str), Some("bytes=70000-"));
+        let sent = registry.bytes_sent.load(std::sync::atomic::Ordering::SeqCst) - sent_before;
+        // The config blob (2 bytes) was stored by the first pull; the runtime layer comes after the weights.
+        assert_eq!(sent as u64, pulled.bytes_total - 2 - 70_000, "only the missing bytes were sent");
+        assert_eq!(std::fs::read(&pulled.model_files[0]).expect("read"), weights);
+        assert!(std::fs::read_dir(dir.path().join("content/partial")).expect("partial dir").next().is_none());
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_corrupt_partial_download_is_detected_and_downloaded_again_from_zero() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let registry = Arc::new(Registry::default());
+        let weights = noise(BIG);
+        let (variant, _) = push_variant(&registry, "big", &weights);
+        let addr = serve(registry.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        // What a power cut can leave: a partial file whose end is not what the registry sent.
+        std::fs::write(dir.path().join("content/partial").join(variant.gguf.hex()), vec![0u8; 1000]).expect("write");
+        let pulled = pull_bundle(
+            &access(addr),
+            &store,
+            &dir.path().join("bundles"),
+            &location("", &variant.manifest),
+            1 << 30,
+            &mut |_| {},
+        )
+        .await
+        .expect("the pull recovers");
+        assert_eq!(registry.ranges.lock().expect("lock").clone(), vec!["bytes=1000-".to_owned()]);
+        assert_eq!(registry.gets(&variant.gguf), 2, "resumed once, then downloaded again from zero");
+        assert_eq!(std::fs::read(&pulled.model_files[0]).expect("read"), weights);
+        assert_eq!(store.size(&variant.gguf).await, Some(BIG as u64));
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_pull_that_would_eat_the_disk_reserve_evicts_unused_blobs_then_refuses_with_the_reason() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let registry = Arc::new(Registry::default());
+        let (variant, _) = push_variant(&registry, "big", &noise(BIG));
+        let addr = serve(registry.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        let (kept, unused) = (Digest::of(b"active bundle blob"), Digest::of(b"old bundle blob"));
+        store.write_bytes(&kept, b"active bundle blob").await.expect("kept");
+        store.write_bytes(&unused, b"old bundle blob").await.expect("unused");
+        let bundles = dir.path().join("bundles");
+        std::fs::create_dir_all(bundles.join(Digest::of(b"old variant").hex())).expect("old variant dir");
+        std::fs::create_dir_all(bundles.join(Digest::of(b"active variant").hex())).expect("active variant dir");
+        let options = PullOptions {
+            disk_reserve: u64::MAX / 4,
+            keep: [kept.clone()].into(),
+            keep_variants: vec![Digest::of(b"active variant")],
+            bandwidth: None,
+        };
+        let err = pull_bundle_with(
+            &access(addr),
+            &store,
+            &bundles,
+            &location("", &variant.manifest),
+            1 << 30,
+            &options,
+            &mut |_| {},
+        )
+        .await
+        .expect_err("no disk holds the reserve");
+        assert_eq!(err.code(), ErrorCode::DiskFull);
+        let message = err.to_string();
+        assert!(message.contains("plus a reserve of") && message.contains("disk_reserve_mib"), "{message}");
+        assert_eq!(registry.gets(&variant.gguf), 0, "nothing was downloaded");
+        assert!(!store.contains(&unused).await, "the unused blob was evicted first");
+        assert!(store.contains(&kept).await, "the active bundle's blob stays");
+        assert!(!bundles.join(Digest::of(b"old variant").hex()).exists());
+        assert!(bundles.join(Digest::of(b"active variant").hex()).exists());
     })
     .await
     .expect("test timed out");

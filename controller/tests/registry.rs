@@ -1005,3 +1005,94 @@ async fn a_blob_of_tens_of_mib_streams_through_in_chunks() {
     })
     .await;
 }
+
+fn index_of(children: &[(&Digest, usize)]) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_TYPE_IMAGE_INDEX,
+        "manifests": children.iter().map(|(digest, size)| json!({
+            "mediaType": MEDIA_TYPE_IMAGE_MANIFEST, "digest": digest, "size": size
+        })).collect::<Vec<_>>(),
+    }))
+    .expect("json")
+}
+
+#[tokio::test]
+async fn deleting_a_manifest_an_index_lists_is_refused_until_the_index_is_gone() {
+    bounded(async {
+        let h = start().await;
+        let (variant, variant_bytes) = h.push_image("acme/qwen", "q4", &[b"q4 weights"]).await;
+        let index = index_of(&[(&variant, variant_bytes.len())]);
+        let index_digest = Digest::of(&index);
+        let resp = h.put_manifest("acme/qwen", "bundle", MEDIA_TYPE_IMAGE_INDEX, &index).await;
+        assert_eq!(resp.status(), StatusCode::CREATED);
+
+        let variant_path = format!("/v2/acme/qwen/manifests/{variant}");
+        let resp = h.req(Method::DELETE, &variant_path).send().await.expect("delete");
+        assert_eq!(resp.status(), StatusCode::CONFLICT);
+        let body: Value = resp.json().await.expect("error body");
+        assert_eq!(body["errors"][0]["code"], "DENIED");
+        let message = body["errors"][0]["message"].as_str().expect("message");
+        assert!(message.contains(index_digest.as_str()), "the message names the index: {message}");
+        assert_eq!(body["errors"][0]["detail"]["indexes"], json!([index_digest]));
+        let resp = h.req(Method::GET, &variant_path).send().await.expect("get");
+        assert_eq!(resp.status(), StatusCode::OK, "the refused delete left the manifest alone");
+        assert_eq!(resp.bytes().await.expect("body"), variant_bytes);
+        let resp = h.req(Method::GET, "/v2/acme/qwen/manifests/q4").send().await.expect("get");
+        assert_eq!(resp.status(), StatusCode::OK, "and its tag");
+
+        // The same manifest in another repository is not listed by this index.
+        let (other, _) = h.push_image("acme/other", "q4", &[b"q4 weights"]).await;
+        assert_eq!(other, variant);
+        let resp = h.req(Method::DELETE, &format!("/v2/acme/other/manifests/{other}")).send().await.expect("delete");
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+
+        // Untagging is always allowed; deleting the index first frees the variant.
+        let resp = h.req(Method::DELETE, "/v2/acme/qwen/manifests/q4").send().await.expect("untag");
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+        let resp = h.req(Method::DELETE, &format!("/v2/acme/qwen/manifests/{index_digest}")).send().await.expect("del");
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+        let resp = h.req(Method::DELETE, &variant_path).send().await.expect("delete");
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+        let resp = h.req(Method::GET, &variant_path).send().await.expect("get");
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn percent_encoded_path_segments_are_decoded() {
+    bounded(async {
+        let h = start().await;
+        let (manifest, bytes) = h.push_image("acme/qwen", "v1", &[b"weights"]).await;
+        let layer = Digest::of(b"weights");
+        let encoded = |d: &Digest| d.as_str().replace(':', "%3A");
+
+        let resp = h.req(Method::GET, &format!("/v2/acme/qwen/blobs/{}", encoded(&layer))).send().await.expect("get");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(header(&resp, "docker-content-digest"), layer.as_str());
+        assert_eq!(resp.bytes().await.expect("body").as_ref(), b"weights");
+
+        let path = format!("/v2/acme/q%77en/manifests/{}", encoded(&manifest).replace("%3A", "%3a"));
+        let resp = h.req(Method::GET, &path).send().await.expect("get");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.bytes().await.expect("body"), bytes);
+
+        // Pushing by an encoded digest reference, and starting an upload under an encoded name.
+        let resp = h.put_manifest("acme/qwen", &encoded(&manifest), MEDIA_TYPE_IMAGE_MANIFEST, &bytes).await;
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        assert_eq!(header(&resp, "location"), format!("/v2/acme/qwen/manifests/{manifest}"));
+        let resp = h.req(Method::POST, "/v2/acme/q%77en/blobs/uploads/").send().await.expect("post");
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+        assert!(header(&resp, "location").starts_with("/v2/acme/qwen/blobs/uploads/"));
+
+        // An encoded slash is data, not a separator; a broken escape is refused.
+        let resp = h.req(Method::GET, "/v2/acme%2Fqwen/tags/list").send().await.expect("get");
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(error_code(resp).await, "NAME_INVALID");
+        let resp = h.req(Method::GET, "/v2/acme/q%7/tags/list").send().await.expect("get");
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(error_code(resp).await, "NAME_INVALID");
+    })
+    .await;
+}

@@ -2,4 +2,5 @@
 //! binaries (controller, agent, alkictl) as child processes that are killed when the test ends.
 
 pub mod harness;
+pub mod sim;
 pub mod tiny_model;

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use alki_e2e::harness::{Proc, binary, free_port, llama_bin_dir, run, wait_for};
+use alki_shared::digest::Digest;
 use anyhow::Context as _;
 use serde_json::Value;
 
@@ -159,5 +160,36 @@ fn a_bundle_rolls_out_to_an_agent_and_serves_completions_with_real_llama_server(
         let r = fleet.alkictl_json(&["rollout", "get", &rollout_id])?;
         Ok((r["state"] == "completed").then_some(()))
     })?;
+
+    // A corrupt layer in the registry: the agent refuses it as digest_mismatch naming the layer, and keeps
+    // serving v1.
+    let model_v2 = fleet.dir.path().join("tiny-v2.gguf");
+    make_model(&model_v2, "alki-tiny-v2", 2)?;
+    let layout_v2 = fleet.dir.path().join("bundle-v2");
+    fleet.alkictl_json(&["bundle", "pack", path(&model_v2)?, "--out", path(&layout_v2)?, "--tag", "v2"])?;
+    fleet.alkictl_json(&["bundle", "push", path(&layout_v2)?, "acme/tiny:v2", "--insecure-plain-http"])?;
+    let weights = Digest::of(&std::fs::read(&model_v2)?);
+    let blob = fleet.dir.path().join("controller/blobs").join(weights.storage_path());
+    let mut bytes = std::fs::read(&blob).with_context(|| format!("reading {}", blob.display()))?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&blob, &bytes)?;
+
+    fleet.alkictl_json(&["rollout", "create", "--bundle", "acme/tiny:v2", "--selector", "site=lab"])?;
+    let failed = wait_for("the agent to refuse the corrupt bundle", Duration::from_secs(120), &procs, || {
+        Ok(device(&fleet, "pi-001")?.filter(|d| d["phase"] == "failed"))
+    })?;
+    assert_eq!(failed["error_code"], "digest_mismatch", "{failed}");
+    assert!(failed["error"].as_str().is_some_and(|e| e.contains(weights.hex())), "the error names the layer: {failed}");
+    assert!(failed["running"].as_str().is_some_and(|r| r.ends_with(&bundle_digest)), "still serving v1: {failed}");
+    let response = client
+        .post(format!("http://127.0.0.1:{front_port}/v1/chat/completions"))
+        .json(&serde_json::json!({"messages": [{"role": "user", "content": "Still there?"}], "max_tokens": 4}))
+        .send()?;
+    assert_eq!(response.status(), 200, "v1 keeps serving after a refused update");
     Ok(())
+}
+
+fn path(p: &Path) -> anyhow::Result<&str> {
+    p.to_str().context("temporary paths are UTF-8")
 }

@@ -253,6 +253,24 @@ impl Instance {
         }
     }
 
+    /// Liveness: the process runs, `/health` answers 200 and `/slots` answers, each within a probe timeout.
+    /// (`/health` alone can answer while the engine is wedged.)
+    pub async fn check(&self, http: &HttpClient) -> Result<(), String> {
+        if let Some(status) = self.exit_status() {
+            return Err(format!("llama-server exited ({status})"));
+        }
+        match request(http, self.addr, "GET", "/health", None, PROBE_TIMEOUT).await {
+            Ok((200, _)) => {}
+            Ok((code, _)) => return Err(format!("/health answered {code}")),
+            Err(e) => return Err(e),
+        }
+        match request(http, self.addr, "GET", "/slots", None, PROBE_TIMEOUT).await {
+            Ok((200, _)) => Ok(()),
+            Ok((code, _)) => Err(format!("/slots answered {code}")),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The safe stop: SIGTERM, wait, SIGTERM again, wait, SIGKILL, wait (each bounded). llama-server can
     /// deadlock on a SIGTERM during generation, hence the escalation; callers drain it first.
     pub async fn stop(self, policy: &StopPolicy) {

@@ -1,5 +1,8 @@
 //! The runtime supervisor: llama-server instances behind the front proxy, swapped blue/green (start the
-//! candidate beside the old one, prove it, flip the proxy, drain and stop the old one).
+//! candidate beside the old one, prove it, flip the proxy, drain and stop the old one) or, when memory cannot
+//! hold both, stop-then-start with the proxy holding requests through the gap. A watched swap keeps the
+//! previous instance (or, after stop-then-start, its launch spec) until [`Supervisor::commit`] or
+//! [`Supervisor::roll_back`].
 
 pub mod instance;
 pub mod proxy;
@@ -15,6 +18,26 @@ pub use instance::{Instance, InstanceOptions, LaunchSpec, StartError, StopPolicy
 pub use proxy::{HttpClient, Proxy, ProxyStats, Upstream, http_client};
 
 const DRAIN_POLL: Duration = Duration::from_millis(100);
+/// How long requests wait for an upstream during a stop-then-start gap, unless configured.
+pub const DEFAULT_GAP_WAIT: Duration = Duration::from_secs(30);
+
+/// How a swap places the candidate next to the instance serving now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwapStrategy {
+    /// Candidate started beside the old instance; no gap at all. Needs memory for both models.
+    BlueGreen,
+    /// Old instance drained and stopped first; requests arriving in the gap wait (bounded) or get 503.
+    StopThenStart,
+}
+
+/// Why a rollback could not put the previous model back.
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackError {
+    #[error("there is no previous model to roll back to")]
+    NothingToRollBackTo,
+    #[error("the previous model could not be started again: {0}")]
+    Start(#[from] StartError),
+}
 
 /// Owns the llama-server instances and decides which one the proxy forwards to. Driven by one task.
 pub struct Supervisor {
@@ -22,7 +45,12 @@ pub struct Supervisor {
     drain_timeout: Duration,
     proxy: Arc<Proxy>,
     http: HttpClient,
+    gap_wait: Duration,
     active: Option<Serving>,
+    /// After a watched blue/green swap: the previous instance, out of rotation but loaded, for an instant rollback.
+    standby: Option<Serving>,
+    /// After a watched stop-then-start swap: what served before, to be started again on rollback.
+    fallback: Option<LaunchSpec>,
     /// Old instances draining and stopping after a swap.
     retiring: JoinSet<()>,
 }
@@ -34,7 +62,38 @@ struct Serving {
 
 impl Supervisor {
     pub fn new(opts: InstanceOptions, drain_timeout: Duration, proxy: Arc<Proxy>) -> Supervisor {
-        Supervisor { opts, drain_timeout, proxy, http: http_client(), active: None, retiring: JoinSet::new() }
+        Supervisor {
+            opts,
+            drain_timeout,
+            proxy,
+            http: http_client(),
+            gap_wait: DEFAULT_GAP_WAIT,
+            active: None,
+            standby: None,
+            fallback: None,
+            retiring: JoinSet::new(),
+        }
+    }
+
+    /// New options (from a reloaded config) for instances started from now on.
+    pub fn set_options(&mut self, opts: InstanceOptions, drain_timeout: Duration) {
+        self.opts = opts;
+        self.drain_timeout = drain_timeout;
+    }
+
+    /// How long requests wait for an upstream during a gap (stop-then-start, cold rollback, crash restart).
+    pub fn set_gap_wait(&mut self, wait: Duration) {
+        self.gap_wait = wait;
+    }
+
+    /// The process id of the previous instance kept loaded for rollback, if any.
+    pub fn standby_pid(&self) -> Option<u32> {
+        self.standby.as_ref().and_then(|s| s.instance.pid())
+    }
+
+    /// True when a watched swap can be rolled back.
+    pub fn can_roll_back(&self) -> bool {
+        self.standby.is_some() || self.fallback.is_some()
     }
 
     pub fn proxy(&self) -> &Arc<Proxy> {
@@ -56,15 +115,126 @@ impl Supervisor {
     /// On error nothing changed: the old instance still serves.
     pub async fn swap(&mut self, spec: LaunchSpec) -> Result<(), StartError> {
         self.reap_retired();
+        self.commit();
         let instance = Instance::start(&self.opts, spec, &self.http).await?;
-        let upstream = self.proxy.upstream(instance.addr(), &instance.spec().bundle_digest);
-        self.proxy.switch(Some(upstream.clone()));
-        tracing::info!(upstream = %instance.addr(), bundle = %instance.spec().bundle_digest, "Front proxy switched.");
-        if let Some(old) = self.active.replace(Serving { instance, upstream }) {
+        if let Some(old) = self.flip_to(instance) {
             let (http, drain_timeout, stop) = (self.http.clone(), self.drain_timeout, self.opts.stop);
             self.retiring.spawn(retire(old, http, drain_timeout, stop).in_current_span());
         }
         Ok(())
+    }
+
+    /// A watched swap: like [`Supervisor::swap`] with `strategy`, but what served before is kept for
+    /// [`Supervisor::roll_back`] until [`Supervisor::commit`] (blue/green: the old instance stays loaded, out
+    /// of rotation; stop-then-start: its launch spec). On error the old model serves again.
+    pub async fn swap_watched(&mut self, spec: LaunchSpec, strategy: SwapStrategy) -> Result<(), StartError> {
+        self.reap_retired();
+        self.commit();
+        match strategy {
+            SwapStrategy::BlueGreen => {
+                let instance = Instance::start(&self.opts, spec, &self.http).await?;
+                let old = self.flip_to(instance);
+                self.standby = old;
+                Ok(())
+            }
+            SwapStrategy::StopThenStart => {
+                let old_spec = self.active.as_ref().map(|s| s.instance.spec().clone());
+                self.stop_then_start(spec, old_spec.clone()).await?;
+                self.fallback = old_spec;
+                Ok(())
+            }
+        }
+    }
+
+    /// Stop-then-start: the proxy holds, the serving instance drains and stops, `spec` starts; if it fails,
+    /// `restore` (what served before) starts again. The hold ends either way.
+    async fn stop_then_start(&mut self, spec: LaunchSpec, restore: Option<LaunchSpec>) -> Result<(), StartError> {
+        self.proxy.hold(self.gap_wait);
+        self.proxy.switch(None);
+        if let Some(old) = self.active.take() {
+            tracing::info!(upstream = %old.instance.addr(), "Stopping the serving llama-server first: memory cannot hold both models.");
+            retire(old, self.http.clone(), self.drain_timeout, self.opts.stop).await;
+        }
+        let result = match Instance::start(&self.opts, spec, &self.http).await {
+            Ok(instance) => {
+                self.flip_to(instance);
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(restore) = restore {
+                    match Instance::start(&self.opts, restore, &self.http).await {
+                        Ok(instance) => {
+                            self.flip_to(instance);
+                            tracing::info!("The previous model serves again.");
+                        }
+                        Err(again) => {
+                            tracing::error!(error = %again, "The previous model could not be started again; nothing is served.")
+                        }
+                    }
+                }
+                Err(e)
+            }
+        };
+        self.proxy.release();
+        result
+    }
+
+    /// Makes `instance` the serving one and returns what served before (out of rotation, not stopped).
+    fn flip_to(&mut self, instance: Instance) -> Option<Serving> {
+        let upstream = self.proxy.upstream(instance.addr(), &instance.spec().bundle_digest);
+        self.proxy.switch(Some(upstream.clone()));
+        tracing::info!(upstream = %instance.addr(), bundle = %instance.spec().bundle_digest, "Front proxy switched.");
+        self.active.replace(Serving { instance, upstream })
+    }
+
+    /// The watch window passed: the previous instance kept for rollback drains and stops.
+    pub fn commit(&mut self) {
+        self.fallback = None;
+        if let Some(old) = self.standby.take() {
+            let (http, drain_timeout, stop) = (self.http.clone(), self.drain_timeout, self.opts.stop);
+            self.retiring.spawn(retire(old, http, drain_timeout, stop).in_current_span());
+        }
+    }
+
+    /// Liveness of the serving instance (process, `/health`, `/slots`); an error says what failed.
+    pub async fn check_active(&self) -> Result<(), String> {
+        match &self.active {
+            Some(s) => s.instance.check(&self.http).await,
+            None => Err("no llama-server is serving".to_owned()),
+        }
+    }
+
+    /// Swaps back to what served before the last watched swap: at once when the previous instance is still
+    /// loaded, otherwise by stopping the failed one and starting the previous spec (the proxy holds meanwhile).
+    pub async fn roll_back(&mut self) -> Result<(), RollbackError> {
+        self.reap_retired();
+        let standby = self.standby.take();
+        if let Some(standby) = standby {
+            if standby.instance.exit_status().is_none() {
+                if let Some(failed) = self.flip_to_serving(standby) {
+                    let (http, drain_timeout, stop) = (self.http.clone(), self.drain_timeout, self.opts.stop);
+                    self.retiring.spawn(retire(failed, http, drain_timeout, stop).in_current_span());
+                }
+                self.fallback = None;
+                return Ok(());
+            }
+            // The previous instance died meanwhile: start it again from its spec.
+            self.fallback = Some(standby.instance.spec().clone());
+        }
+        let Some(spec) = self.fallback.take() else { return Err(RollbackError::NothingToRollBackTo) };
+        self.stop_then_start(spec, None).await.map_err(RollbackError::Start)
+    }
+
+    fn flip_to_serving(&mut self, serving: Serving) -> Option<Serving> {
+        self.proxy.switch(Some(serving.upstream.clone()));
+        tracing::info!(upstream = %serving.instance.addr(), bundle = %serving.instance.spec().bundle_digest, "Front proxy switched back.");
+        self.active.replace(serving)
+    }
+
+    /// Restarts `spec` after a crash with the proxy holding, so requests meanwhile wait (bounded) instead
+    /// of failing. Nothing is serving when this is called.
+    pub async fn restart(&mut self, spec: LaunchSpec) -> Result<(), StartError> {
+        self.stop_then_start(spec, None).await
     }
 
     /// Resolves when the serving instance exits (it crashed or was killed); pending forever when none.
@@ -102,7 +272,13 @@ impl Supervisor {
 
     /// Graceful shutdown: stop forwarding, let in-flight requests finish (bounded), stop every instance safely.
     pub async fn shutdown(&mut self) {
+        self.proxy.release();
         self.proxy.switch(None);
+        self.fallback = None;
+        if let Some(standby) = self.standby.take() {
+            let (http, drain_timeout, stop) = (self.http.clone(), self.drain_timeout, self.opts.stop);
+            self.retiring.spawn(retire(standby, http, drain_timeout, stop).in_current_span());
+        }
         if let Some(serving) = self.active.take() {
             let (http, drain_timeout, stop) = (self.http.clone(), self.drain_timeout, self.opts.stop);
             self.retiring.spawn(retire(serving, http, drain_timeout, stop).in_current_span());

@@ -1,11 +1,15 @@
 //! The front proxy: one stable port for clients, forwarding every request (streaming both ways) to the
 //! current llama-server, switched atomically; counts requests, errors and in-flight requests per upstream.
+//! During a gap with no upstream (a stop-then-start swap, a rollback) the proxy *holds*: requests wait,
+//! bounded in time and number, for the next upstream, and get 503 with `Retry-After` if it does not come.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
+
+use tokio::sync::{Semaphore, watch};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -23,6 +27,8 @@ use hyper_util::rt::TokioExecutor;
 pub const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(600);
 /// What `Retry-After` says while no model is served.
 const RETRY_AFTER_SECS: &str = "5";
+/// Requests that may wait at once for an upstream during a gap; more get 503 at once.
+pub const MAX_GAP_WAITERS: usize = 1024;
 
 /// The HTTP client used towards llama-server instances (loopback, HTTP/1.1, pooled).
 pub type HttpClient = Client<HttpConnector, Body>;
@@ -96,6 +102,13 @@ pub struct Proxy {
     counters: Mutex<HashMap<String, Arc<Counters>>>,
     unserved: AtomicU64,
     client: HttpClient,
+    /// While set, requests that find no upstream wait up to this long for one.
+    hold: Mutex<Option<Duration>>,
+    /// Bumped on every switch and release, to wake waiting requests.
+    changed: watch::Sender<u64>,
+    waiters: Semaphore,
+    /// Requests that waited for an upstream during a gap and then got one.
+    waited: AtomicU64,
 }
 
 impl Proxy {
@@ -105,7 +118,52 @@ impl Proxy {
             counters: Mutex::new(HashMap::new()),
             unserved: AtomicU64::new(0),
             client,
+            hold: Mutex::new(None),
+            changed: watch::Sender::new(0),
+            waiters: Semaphore::new(MAX_GAP_WAITERS),
+            waited: AtomicU64::new(0),
         })
+    }
+
+    /// From now on, requests that find no upstream wait up to `wait` for one (see [`Proxy::release`]).
+    pub fn hold(&self, wait: Duration) {
+        *self.hold.lock().unwrap_or_else(PoisonError::into_inner) = Some(wait);
+    }
+
+    /// Ends a hold: requests still waiting get 503 with `Retry-After` unless an upstream is set.
+    pub fn release(&self) {
+        *self.hold.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn hold_wait(&self) -> Option<Duration> {
+        *self.hold.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Requests that waited during a gap and were then forwarded.
+    pub fn waited_total(&self) -> u64 {
+        self.waited.load(Ordering::Relaxed)
+    }
+
+    /// Waits (bounded by the hold's wait and [`MAX_GAP_WAITERS`]) for an upstream while the proxy holds.
+    async fn wait_for_upstream(&self) -> Option<InFlight> {
+        let wait = self.hold_wait()?;
+        let _permit = self.waiters.try_acquire().ok()?;
+        let mut changed = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            changed.borrow_and_update();
+            if let Some(guard) = self.enter() {
+                self.waited.fetch_add(1, Ordering::Relaxed);
+                return Some(guard);
+            }
+            // The hold ended without an upstream: answer 503 now.
+            self.hold_wait()?;
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return None,
+            }
+        }
     }
 
     /// The axum router serving every path by forwarding it.
@@ -128,8 +186,12 @@ impl Proxy {
     /// Switches every new request to `next` at once and returns the previous upstream. Requests already
     /// forwarded keep their upstream (and count in its in-flight number) until they finish.
     pub fn switch(&self, next: Option<Arc<Upstream>>) -> Option<Arc<Upstream>> {
-        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
-        std::mem::replace(&mut *current, next)
+        let previous = {
+            let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+            std::mem::replace(&mut *current, next)
+        };
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        previous
     }
 
     pub fn current(&self) -> Option<Arc<Upstream>> {
@@ -193,9 +255,20 @@ fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
 }
 
 async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
-    let Some(guard) = proxy.enter() else {
-        proxy.unserved.fetch_add(1, Ordering::Relaxed);
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "no model is active on this device yet");
+    let guard = match proxy.enter() {
+        Some(guard) => guard,
+        None => match proxy.wait_for_upstream().await {
+            Some(guard) => guard,
+            None => {
+                proxy.unserved.fetch_add(1, Ordering::Relaxed);
+                let message = if proxy.hold_wait().is_some() {
+                    "the model on this device is being swapped; retry after the Retry-After delay"
+                } else {
+                    "no model is active on this device yet"
+                };
+                return error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
+            }
+        },
     };
     let upstream = guard.0.clone();
     upstream.counters.requests.fetch_add(1, Ordering::Relaxed);

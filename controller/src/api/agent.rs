@@ -73,6 +73,7 @@ impl AgentService for AgentApi {
             let _ = tx.try_send(Ok(ControllerMessage { msg: Some(msg) }));
         }
         let session_id = self.fleet.hub.register(&device_id, tx);
+        self.fleet.hub.touch(&device_id, record.last_seen_unix_ms);
         tracing::info!(device_id, agent_version = %hello.agent_version, "Agent connected.");
         self.fleet.changed.notify_one();
 
@@ -109,7 +110,13 @@ impl AgentService for AgentApi {
 fn handle(fleet: &Fleet, device_id: &str, message: AgentMessage) -> Result<(), crate::store::StoreError> {
     let now = crate::now_unix_ms();
     match message.msg {
-        Some(agent_message::Msg::Heartbeat(_)) => fleet.store.update_device(device_id, |d| d.last_seen_unix_ms = now),
+        // Last-seen lives in the hub; the store gets it at most once a minute per device.
+        Some(agent_message::Msg::Heartbeat(_)) => {
+            if fleet.hub.touch(device_id, now) {
+                fleet.store.update_device(device_id, |d| d.last_seen_unix_ms = now)?;
+            }
+            Ok(())
+        }
         Some(agent_message::Msg::Status(status)) => {
             let phase = Phase::try_from(status.phase).unwrap_or(Phase::Unspecified);
             tracing::info!(
@@ -118,6 +125,7 @@ fn handle(fleet: &Fleet, device_id: &str, message: AgentMessage) -> Result<(), c
                 error = status.error.as_ref().map(|e| e.message.as_str()).unwrap_or(""),
                 "Agent reported a phase."
             );
+            fleet.hub.touch(device_id, now);
             fleet.store.update_device(device_id, |d| {
                 d.last_seen_unix_ms = now;
                 d.phase = status.phase;
@@ -133,12 +141,15 @@ fn handle(fleet: &Fleet, device_id: &str, message: AgentMessage) -> Result<(), c
             fleet.changed.notify_one();
             Ok(())
         }
-        Some(agent_message::Msg::Telemetry(t)) => fleet.store.update_device(device_id, |d| {
-            d.last_seen_unix_ms = now;
-            if let Some(inv) = d.inventory.as_mut() {
-                inv.memory_available_bytes = t.memory_available_bytes;
-            }
-        }),
+        Some(agent_message::Msg::Telemetry(t)) => {
+            fleet.hub.touch(device_id, now);
+            fleet.store.update_device(device_id, |d| {
+                d.last_seen_unix_ms = now;
+                if let Some(inv) = d.inventory.as_mut() {
+                    inv.memory_available_bytes = t.memory_available_bytes;
+                }
+            })
+        }
         Some(agent_message::Msg::Hello(_)) => {
             tracing::warn!("Ignored a second Hello within one session.");
             Ok(())

@@ -10,7 +10,8 @@ use tonic::{Request, Response, Status};
 use crate::auth::{Action, Authenticator, Role};
 use crate::fleet::Fleet;
 use crate::registry::{ManifestEntry, Registry};
-use crate::rollout::{self, CreateError};
+use crate::rollout::engine::Verb;
+use crate::rollout::{self, CreateError, OperateError};
 
 pub struct FleetApi {
     pub fleet: Fleet,
@@ -98,6 +99,63 @@ impl FleetService for FleetApi {
         Ok(Response::new(proto::ListRolloutsResponse { rollouts }))
     }
 
+    async fn pause_rollout(
+        &self,
+        request: Request<proto::RolloutActionRequest>,
+    ) -> Result<Response<proto::Rollout>, Status> {
+        self.operate(request, Verb::Pause).await
+    }
+
+    async fn resume_rollout(
+        &self,
+        request: Request<proto::RolloutActionRequest>,
+    ) -> Result<Response<proto::Rollout>, Status> {
+        self.operate(request, Verb::Resume).await
+    }
+
+    async fn promote_rollout(
+        &self,
+        request: Request<proto::RolloutActionRequest>,
+    ) -> Result<Response<proto::Rollout>, Status> {
+        self.operate(request, Verb::Promote).await
+    }
+
+    async fn abort_rollout(
+        &self,
+        request: Request<proto::RolloutActionRequest>,
+    ) -> Result<Response<proto::Rollout>, Status> {
+        self.operate(request, Verb::Abort).await
+    }
+
+    async fn retry_rollout(
+        &self,
+        request: Request<proto::RolloutActionRequest>,
+    ) -> Result<Response<proto::Rollout>, Status> {
+        self.operate(request, Verb::Retry).await
+    }
+
+    async fn list_rollout_events(
+        &self,
+        request: Request<proto::ListRolloutEventsRequest>,
+    ) -> Result<Response<proto::ListRolloutEventsResponse>, Status> {
+        super::authorize(&self.auth, &request, Action::ReadFleet)?;
+        let req = request.into_inner();
+        self.require_rollout(&req.id)?;
+        let events = self.fleet.store.rollout_events(&req.id, req.after_seq).map_err(super::internal)?;
+        Ok(Response::new(proto::ListRolloutEventsResponse { events }))
+    }
+
+    async fn list_rollout_devices(
+        &self,
+        request: Request<proto::ListRolloutDevicesRequest>,
+    ) -> Result<Response<proto::ListRolloutDevicesResponse>, Status> {
+        super::authorize(&self.auth, &request, Action::ReadFleet)?;
+        let id = request.into_inner().id;
+        self.require_rollout(&id)?;
+        let devices = self.fleet.store.rollout_devices(&id).map_err(super::internal)?;
+        Ok(Response::new(proto::ListRolloutDevicesResponse { devices }))
+    }
+
     async fn create_token(
         &self,
         request: Request<proto::CreateTokenRequest>,
@@ -114,6 +172,40 @@ impl FleetService for FleetApi {
         let token = self.auth.create_token(&req.name, role).map_err(super::internal)?;
         tracing::info!(name = %req.name, ?role, by = %principal.name, "Token created.");
         Ok(Response::new(proto::CreateTokenResponse { token, name: req.name, role: role.to_proto() as i32 }))
+    }
+}
+
+impl FleetApi {
+    fn require_rollout(&self, id: &str) -> Result<(), Status> {
+        match self.fleet.store.rollout(id).map_err(super::internal)? {
+            Some(_) => Ok(()),
+            None => Err(Status::not_found(format!("rollout {id:?} does not exist; alkictl rollout list shows them"))),
+        }
+    }
+
+    async fn operate(
+        &self,
+        request: Request<proto::RolloutActionRequest>,
+        verb: Verb,
+    ) -> Result<Response<proto::Rollout>, Status> {
+        let principal = super::authorize(&self.auth, &request, Action::WriteFleet)?;
+        let req = request.into_inner();
+        let fleet = self.fleet.clone();
+        let reason = if req.reason.is_empty() { format!("by {}", principal.name) } else { req.reason.clone() };
+        let id = req.id.clone();
+        let result =
+            tokio::task::spawn_blocking(move || rollout::operate(&fleet, &id, verb, &reason, crate::now_unix_ms()))
+                .await
+                .map_err(super::internal)?;
+        match result {
+            Ok(r) => {
+                tracing::info!(rollout_id = %r.id, verb = verb.label(), by = %principal.name, "Rollout verb applied.");
+                Ok(Response::new(r))
+            }
+            Err(e @ OperateError::NotFound(_)) => Err(Status::not_found(e.to_string())),
+            Err(e @ OperateError::Verb(_)) => Err(Status::failed_precondition(e.to_string())),
+            Err(e) => Err(super::internal(e)),
+        }
     }
 }
 

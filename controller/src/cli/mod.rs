@@ -3,6 +3,7 @@
 pub mod layout;
 pub mod pack;
 pub mod push;
+pub mod rollout;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -123,37 +124,14 @@ pub enum DevicesCmd {
     Get { id: String },
 }
 
-#[derive(Args)]
+#[derive(Args, Default)]
 pub struct SelectorArgs {
     /// key=value; repeat for several.
     #[arg(long = "selector", short = 'l', value_parser = parse_label)]
     pub selector: Vec<(String, String)>,
 }
 
-#[derive(Subcommand)]
-pub enum RolloutCmd {
-    /// Start rolling a bundle out to the selected devices.
-    Create {
-        /// The candidate: REPOSITORY:TAG or REPOSITORY@sha256:...
-        #[arg(long)]
-        bundle: String,
-        #[command(flatten)]
-        selector: SelectorArgs,
-        /// Percentages of the selected devices per step, e.g. 5,25,50,100.
-        #[arg(long, value_delimiter = ',', default_value = "100")]
-        steps: Vec<u32>,
-        /// Minimum time each step soaks before the next, in seconds.
-        #[arg(long, default_value_t = 0)]
-        soak_seconds: u32,
-        /// Context size override for llama-server (0 keeps the bundle's default).
-        #[arg(long, default_value_t = 0)]
-        context: u32,
-    },
-    Get {
-        id: String,
-    },
-    List,
-}
+pub use rollout::RolloutCmd;
 
 #[derive(Subcommand)]
 pub enum TokenCmd {
@@ -331,38 +309,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let view = DeviceView::from(&device.into_inner());
             print(cli.output, &view, |d| serde_json::to_string_pretty(d).unwrap_or_default())
         }
-        Command::Rollout(RolloutCmd::Create { bundle, selector, steps, soak_seconds, context }) => {
-            let (repository, candidate) = split_bundle_ref(bundle)?;
-            let spec = proto::RolloutSpec {
-                repository,
-                candidate,
-                selector: selector.selector.iter().cloned().collect(),
-                steps: steps
-                    .iter()
-                    .map(|&percent| proto::RolloutStep { percent, min_soak_seconds: *soak_seconds })
-                    .collect(),
-                runtime: Some(proto::RuntimeSettings { context_size: *context, ..Default::default() }),
-            };
-            let created = cli
-                .fleet()
-                .await?
-                .create_rollout(proto::CreateRolloutRequest { spec: Some(spec) })
-                .await
-                .map_err(status)?;
-            let view = RolloutView::from(&created.into_inner());
-            print(cli.output, &view, |r| format!("rollout {} created for {}", r.id, r.candidate))
-        }
-        Command::Rollout(RolloutCmd::Get { id }) => {
-            let r =
-                cli.fleet().await?.get_rollout(proto::GetRolloutRequest { id: id.clone() }).await.map_err(status)?;
-            let view = RolloutView::from(&r.into_inner());
-            print(cli.output, &view, |r| rollout_table(std::slice::from_ref(r)))
-        }
-        Command::Rollout(RolloutCmd::List) => {
-            let rs = cli.fleet().await?.list_rollouts(proto::ListRolloutsRequest {}).await.map_err(status)?;
-            let views: Vec<RolloutView> = rs.into_inner().rollouts.iter().map(RolloutView::from).collect();
-            print(cli.output, &views, |rs| rollout_table(rs))
-        }
+        Command::Rollout(cmd) => rollout::run(&cli, cmd).await,
         Command::Registry(RegistryCmd::Gc { grace_secs, insecure_plain_http }) => {
             let scheme = if *insecure_plain_http { "http" } else { "https" };
             let grace = grace_secs.map(std::time::Duration::from_secs);
@@ -458,60 +405,6 @@ impl From<&proto::Device> for DeviceView {
             error_code: d.error.as_ref().map(|e| proto::ErrorCode::try_from(e.code).unwrap_or_default().label().into()),
         }
     }
-}
-
-#[derive(Serialize)]
-struct RolloutView {
-    id: String,
-    state: String,
-    candidate: String,
-    step: u32,
-    steps: Vec<u32>,
-    selected: u32,
-    candidate_devices: u32,
-    active: u32,
-    failed: u32,
-    pending: u32,
-    message: String,
-}
-
-impl From<&proto::Rollout> for RolloutView {
-    fn from(r: &proto::Rollout) -> Self {
-        let c = r.counts.unwrap_or_default();
-        RolloutView {
-            id: r.id.clone(),
-            state: proto::RolloutState::try_from(r.state).unwrap_or_default().label().into(),
-            candidate: r.candidate.as_ref().map(|b| b.display()).unwrap_or_default(),
-            step: r.current_step + 1,
-            steps: r.spec.as_ref().map(|s| s.steps.iter().map(|s| s.percent).collect()).unwrap_or_default(),
-            selected: c.selected,
-            candidate_devices: c.candidate,
-            active: c.active,
-            failed: c.failed,
-            pending: c.pending,
-            message: r.message.clone(),
-        }
-    }
-}
-
-fn rollout_table(rs: &[RolloutView]) -> String {
-    let mut t =
-        table(["ROLLOUT", "STATE", "STEP", "SELECTED", "B", "ACTIVE", "FAILED", "PENDING", "CANDIDATE", "MESSAGE"]);
-    for r in rs {
-        t.add_row([
-            r.id.clone(),
-            r.state.clone(),
-            format!("{}/{}", r.step.min(r.steps.len() as u32), r.steps.len()),
-            r.selected.to_string(),
-            r.candidate_devices.to_string(),
-            r.active.to_string(),
-            r.failed.to_string(),
-            r.pending.to_string(),
-            short_ref(&r.candidate),
-            r.message.clone(),
-        ]);
-    }
-    t.to_string()
 }
 
 fn print<T: Serialize>(output: Output, value: &T, table: impl FnOnce(&T) -> String) -> anyhow::Result<()> {

@@ -1,4 +1,6 @@
-//! Live agent sessions: one bounded outbound queue per connected device.
+//! Live agent sessions: one bounded outbound queue per connected device, and when each device was last
+//! heard from (kept in memory and persisted coarsely, so heartbeats from thousands of devices do not
+//! each cost a durable write).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -12,10 +14,15 @@ pub const SESSION_QUEUE: usize = 32;
 
 pub type Outbound = mpsc::Sender<Result<ControllerMessage, tonic::Status>>;
 
+/// How stale the stored last-seen time may get before a heartbeat writes it through.
+pub const LAST_SEEN_PERSIST_MS: i64 = 60_000;
+
 #[derive(Default)]
 pub struct Hub {
     sessions: Mutex<HashMap<String, (u64, Outbound)>>,
     next_id: AtomicU64,
+    /// device id → (last seen, last persisted), in unix ms.
+    last_seen: Mutex<HashMap<String, (i64, i64)>>,
 }
 
 impl Hub {
@@ -64,6 +71,35 @@ impl Hub {
         }
     }
 
+    /// Ends every session: dropping the senders ends each response stream, so a graceful server shutdown
+    /// is not held open by agents' long-lived sessions (they reconnect to the next controller). Returns how
+    /// many were closed.
+    pub fn close_all(&self) -> usize {
+        let mut sessions = self.lock();
+        let n = sessions.len();
+        sessions.clear();
+        n
+    }
+
+    /// Records that a device was heard from at `now`. True when the stored time is older than
+    /// [`LAST_SEEN_PERSIST_MS`] and the caller should write it through (the time is then counted as persisted).
+    pub fn touch(&self, device_id: &str, now: i64) -> bool {
+        let mut seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = seen.entry(device_id.to_owned()).or_insert((now, i64::MIN));
+        entry.0 = entry.0.max(now);
+        if now.saturating_sub(entry.1) >= LAST_SEEN_PERSIST_MS {
+            entry.1 = now;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// When the device was last heard from by this controller process, if at all.
+    pub fn last_seen(&self, device_id: &str) -> Option<i64> {
+        self.last_seen.lock().unwrap_or_else(|p| p.into_inner()).get(device_id).map(|(seen, _)| *seen)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Outbound)>> {
         // A panic while holding this lock cannot leave the map inconsistent (single inserts/removes).
         self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -88,5 +124,15 @@ mod tests {
         assert!(!hub.send("d1", Msg::Welcome(Welcome::default())), "second message overflows a queue of 1");
         assert!(!hub.is_connected("d1"));
         assert!(rx2.recv().await.is_some());
+    }
+
+    #[test]
+    fn last_seen_is_kept_in_memory_and_written_through_coarsely() {
+        let hub = Hub::default();
+        assert!(hub.touch("d1", 1_000), "the first sighting is persisted");
+        assert!(!hub.touch("d1", 11_000), "a heartbeat 10 s later is not");
+        assert_eq!(hub.last_seen("d1"), Some(11_000));
+        assert!(hub.touch("d1", 1_000 + LAST_SEEN_PERSIST_MS));
+        assert_eq!(hub.last_seen("d2"), None);
     }
 }

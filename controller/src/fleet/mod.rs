@@ -27,11 +27,19 @@ pub struct Fleet {
     pub hub: Arc<Hub>,
     /// Woken whenever a device's facts change, so the rollout reconciler looks again at once.
     pub changed: Arc<Notify>,
+    /// Serialises read-modify-write of rollout records between the reconciler and operator verbs.
+    /// Never held across an await.
+    pub rollouts_lock: Arc<std::sync::Mutex<()>>,
 }
 
 impl Fleet {
     pub fn new(store: Store) -> Fleet {
-        Fleet { store, hub: Arc::new(Hub::default()), changed: Arc::new(Notify::new()) }
+        Fleet {
+            store,
+            hub: Arc::new(Hub::default()),
+            changed: Arc::new(Notify::new()),
+            rollouts_lock: Arc::new(std::sync::Mutex::new(())),
+        }
     }
 
     /// Gives a device a new desired state, bumping its generation, and sends it if the device is connected.
@@ -64,12 +72,53 @@ impl Fleet {
         Ok(())
     }
 
+    /// Gives many devices their desired states in one transaction, then sends them to connected devices.
+    /// `force` bumps the generation even when the assignment is unchanged (a retry). Returns how many
+    /// devices got a new generation.
+    pub fn assign_many(&self, assignments: &[(&str, &Assignment, bool)]) -> Result<usize, StoreError> {
+        if assignments.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<&str> = assignments.iter().map(|(id, _, _)| *id).collect();
+        let sent = self.store.update_devices(&ids, |d, i| {
+            let (_, assignment, force) = assignments[i];
+            let unchanged = d.desired.as_ref() == Some(&assignment.bundle)
+                && d.desired_runtime.as_ref() == Some(&assignment.runtime)
+                && d.rollout_id == assignment.rollout_id
+                && d.cohort == assignment.cohort;
+            if unchanged && !force {
+                return None;
+            }
+            d.desired_generation += 1;
+            d.desired = Some(assignment.bundle.clone());
+            d.desired_runtime = Some(assignment.runtime);
+            d.rollout_id = assignment.rollout_id.clone();
+            d.cohort = assignment.cohort.clone();
+            desired_state(d)
+        })?;
+        let mut count = 0;
+        for (desired, (device_id, _, _)) in sent.into_iter().zip(assignments) {
+            let Some(desired) = desired else { continue };
+            count += 1;
+            tracing::debug!(
+                device_id,
+                generation = desired.generation,
+                cohort = %desired.cohort,
+                bundle = %desired.bundle.as_ref().map(|b| b.display()).unwrap_or_default(),
+                "Assigned a new desired state."
+            );
+            self.hub.send(device_id, Msg::DesiredState(desired));
+        }
+        Ok(count)
+    }
+
     /// Devices as the API shows them: stored records with `connected` filled from the live sessions.
     pub fn devices(&self, selector: &HashMap<String, String>) -> Result<Vec<proto::Device>, StoreError> {
         let mut devices = self.store.devices()?;
         devices.retain(|d| selects(selector, &d.labels));
         for d in &mut devices {
             d.connected = self.hub.is_connected(&d.id);
+            d.last_seen_unix_ms = d.last_seen_unix_ms.max(self.hub.last_seen(&d.id).unwrap_or(0));
         }
         Ok(devices)
     }
@@ -77,6 +126,7 @@ impl Fleet {
     pub fn device(&self, id: &str) -> Result<Option<proto::Device>, StoreError> {
         Ok(self.store.device(id)?.map(|mut d| {
             d.connected = self.hub.is_connected(&d.id);
+            d.last_seen_unix_ms = d.last_seen_unix_ms.max(self.hub.last_seen(&d.id).unwrap_or(0));
             d
         }))
     }

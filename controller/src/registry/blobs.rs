@@ -10,6 +10,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use alki_shared::digest::{Digest, Hasher};
 use alki_shared::fsutil;
+use bytes::Bytes;
 
 use super::RegistryError;
 
@@ -157,6 +158,10 @@ impl BlobStore {
     }
 }
 
+/// Once this many bytes are written since the last one, a background `fdatasync` starts on a duplicate
+/// handle, so the disk writes back while the upload keeps arriving and the final fsync has little left.
+const WRITEBACK_EVERY: u64 = 32 << 20;
+
 /// A blob being received: a temporary file and the running hash of exactly the bytes written to it.
 pub struct Partial {
     path: PathBuf,
@@ -165,6 +170,11 @@ pub struct Partial {
     /// Set while a write is in flight and left set when it fails: the file and hash may disagree.
     broken: bool,
     armed: bool,
+    /// Bytes written since the last background sync started.
+    unsynced: u64,
+    /// The background sync in flight, if any. Its error must fail the upload: on Linux a failed
+    /// writeback is reported once per open file, and the duplicate shares this one's.
+    writeback: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 impl Partial {
@@ -176,7 +186,15 @@ impl Partial {
             std::fs::OpenOptions::new().write(true).create_new(true).open(&create_path).map_err(io(&create_path))
         })
         .await?;
-        Ok(Partial { path, file: Some(file), hasher: Hasher::new(), broken: false, armed: true })
+        Ok(Partial {
+            path,
+            file: Some(file),
+            hasher: Hasher::new(),
+            broken: false,
+            armed: true,
+            unsynced: 0,
+            writeback: None,
+        })
     }
 
     /// Bytes received so far.
@@ -189,8 +207,9 @@ impl Partial {
         self.broken || self.file.is_none()
     }
 
-    /// Writes and hashes `buf` on a blocking thread and hands the (cleared) buffer back for reuse.
-    pub async fn append(&mut self, mut buf: Vec<u8>) -> Result<Vec<u8>, RegistryError> {
+    /// Writes and hashes `pieces` (request body chunks, taken as they came: no copy) on blocking threads,
+    /// the hash and the write side by side, and hands the emptied vector back for reuse.
+    pub async fn append(&mut self, mut pieces: Vec<Bytes>) -> Result<Vec<Bytes>, RegistryError> {
         let Some(mut file) = self.file.take() else {
             return Err(RegistryError::Io {
                 path: self.path.clone(),
@@ -200,21 +219,59 @@ impl Partial {
         self.broken = true;
         let mut hasher = std::mem::take(&mut self.hasher);
         let path = self.path.clone();
-        let (file, hasher, buf) = blocking(move || {
-            file.write_all(&buf).map_err(io(&path))?;
-            hasher.update(&buf);
-            buf.clear();
-            Ok((file, hasher, buf))
+        let to_hash = pieces.clone();
+        let hashing = tokio::task::spawn_blocking(move || {
+            for piece in &to_hash {
+                hasher.update(piece);
+            }
+            hasher
+        });
+        let to_write = std::mem::take(&mut pieces);
+        let written = blocking(move || {
+            let mut len = 0u64;
+            for piece in &to_write {
+                file.write_all(piece).map_err(io(&path))?;
+                len += piece.len() as u64;
+            }
+            Ok((file, len))
         })
-        .await?;
+        .await;
+        let hashed = hashing.await.map_err(|e| RegistryError::Task(e.to_string()));
+        let ((file, len), hasher) = (written?, hashed?);
         self.file = Some(file);
         self.hasher = hasher;
+        self.unsynced += len;
+        self.start_writeback().await?;
         self.broken = false;
-        Ok(buf)
+        Ok(pieces)
+    }
+
+    /// Starts a background sync when enough is written and none is running; reports a finished one's error.
+    async fn start_writeback(&mut self) -> Result<(), RegistryError> {
+        if self.writeback.as_ref().is_some_and(|h| !h.is_finished()) || self.unsynced < WRITEBACK_EVERY {
+            return Ok(());
+        }
+        self.wait_writeback().await?;
+        let Some(file) = &self.file else { return Ok(()) };
+        let duplicate = file.try_clone().map_err(io(&self.path))?;
+        self.writeback = Some(tokio::task::spawn_blocking(move || duplicate.sync_data()));
+        self.unsynced = 0;
+        Ok(())
+    }
+
+    /// Waits for the background sync, if any, and returns its error.
+    async fn wait_writeback(&mut self) -> Result<(), RegistryError> {
+        let Some(handle) = self.writeback.take() else { return Ok(()) };
+        let result = handle.await.map_err(|e| RegistryError::Task(e.to_string()))?;
+        result.map_err(io(&self.path))
     }
 
     /// Fsyncs and closes the file; the digest is of everything written.
     pub async fn finish(mut self) -> Result<Finished, RegistryError> {
+        if let Err(error) = self.wait_writeback().await {
+            self.broken = true;
+            return Err(error);
+        }
         let Some(file) = self.file.take().filter(|_| !self.broken) else {
             return Err(RegistryError::Io {
                 path: self.path.clone(),
@@ -309,6 +366,43 @@ fn log_removal(path: &Path, result: std::io::Result<()>) {
     }
 }
 
+/// Blob reads go out in pieces of this size, the next one read ahead while the current one is sent.
+pub const READ_PIECE: usize = 256 << 10;
+
+/// Streams `len` bytes of `file` from its current position: each piece is read on a blocking thread
+/// while the one before it goes to the network, so disk (or page cache) and socket work overlap. At most
+/// two pieces are held at once.
+pub fn read_ahead(file: std::fs::File, len: u64) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> {
+    async_stream::try_stream! {
+        let mut remaining = len;
+        let mut next = (remaining > 0).then(|| read_piece(file, remaining));
+        while let Some(pending) = next.take() {
+            let (file, piece) = pending.await.map_err(std::io::Error::other)??;
+            if piece.is_empty() {
+                Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "blob file is shorter than its size"))?;
+            }
+            remaining = remaining.saturating_sub(piece.len() as u64);
+            if remaining > 0 {
+                next = Some(read_piece(file, remaining));
+            }
+            yield piece;
+        }
+    }
+}
+
+fn read_piece(
+    mut file: std::fs::File,
+    remaining: u64,
+) -> tokio::task::JoinHandle<std::io::Result<(std::fs::File, bytes::Bytes)>> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read as _;
+        let want = remaining.min(READ_PIECE as u64);
+        let mut piece = Vec::with_capacity(want as usize);
+        (&mut file).take(want).read_to_end(&mut piece)?;
+        Ok((file, bytes::Bytes::from(piece)))
+    })
+}
+
 /// Runs blocking file or database work off the async threads.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
@@ -329,9 +423,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = BlobStore::open(dir.path()).expect("open");
         let mut partial = Partial::create(store.uploads_dir()).await.expect("create");
-        let buf = partial.append(b"hello ".to_vec()).await.expect("append");
-        assert!(buf.is_empty());
-        partial.append(b"world".to_vec()).await.expect("append");
+        let pieces = vec![Bytes::from_static(b"hel"), Bytes::from_static(b"lo ")];
+        let pieces = partial.append(pieces).await.expect("append");
+        assert!(pieces.is_empty());
+        partial.append(vec![Bytes::from_static(b"world")]).await.expect("append");
         assert_eq!(partial.received(), 11);
         let finished = partial.finish().await.expect("finish");
         assert_eq!(finished.digest, Digest::of(b"hello world"));

@@ -24,6 +24,8 @@ use super::{Registry, RegistryError};
 
 /// Candidates re-checked and unlinked per write transaction (and per hold of the files lock).
 const SWEEP_BATCH: usize = 128;
+/// Recently read blobs remembered at most (each entry is a digest and a timestamp, about 100 bytes).
+const MAX_TOUCHED: usize = 100_000;
 
 /// What one collection did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -167,7 +169,18 @@ impl Registry {
     /// Marks a blob as just read or checked: the collector spares it for a grace period.
     pub(super) fn touch(&self, digest: &Digest) {
         let now = crate::now_unix_ms();
-        self.touched.lock().unwrap_or_else(PoisonError::into_inner).insert(digest.clone(), now);
+        let mut touched = self.touched.lock().unwrap_or_else(PoisonError::into_inner);
+        if touched.len() >= MAX_TOUCHED && !touched.contains_key(digest) {
+            // Collections prune the map; without them (schedule off) it is pruned here.
+            let grace_ms = i64::try_from(self.config.gc_grace.as_millis()).unwrap_or(i64::MAX);
+            let cutoff = now.saturating_sub(grace_ms);
+            touched.retain(|_, at| *at > cutoff);
+            if touched.len() >= MAX_TOUCHED {
+                // Everything is recent: forgetting one costs at most a failed manifest PUT, never data.
+                touched.clear();
+            }
+        }
+        touched.insert(digest.clone(), now);
     }
 
     /// Counts a single-request upload in flight in `repository` (chunked ones are upload sessions).

@@ -14,12 +14,11 @@ use axum::routing::{any, get, post};
 use futures::StreamExt as _;
 use http::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
 use http::{HeaderMap, HeaderValue, StatusCode};
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
-use tokio_util::io::ReaderStream;
+use tokio::io::AsyncSeekExt as _;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use super::blobs::Partial;
+use super::blobs::{Partial, read_ahead};
 use super::error::ApiError;
 use super::index::{BlobUnlink, ManifestDelete, ManifestPut, ManifestRecord};
 use super::names::{self, Reference, ReferenceError};
@@ -28,10 +27,8 @@ use super::uploads::{Lease, LeaseError};
 use super::{Registry, RegistryError};
 use crate::auth::{Action, Authenticator};
 
-/// Request bodies go to disk through a buffer of this size (one blocking write + hash per fill).
+/// Request bodies go to disk in batches of this many bytes (one blocking write and hash per batch).
 const RECEIVE_BUFFER: usize = 1 << 20;
-/// Blob reads stream through a buffer of this size.
-const SEND_BUFFER: usize = 64 << 10;
 
 const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 const DOCKER_UPLOAD_UUID: &str = "docker-upload-uuid";
@@ -312,8 +309,7 @@ async fn get_blob(
     if start > 0 {
         file.seek(std::io::SeekFrom::Start(start)).await.map_err(|source| RegistryError::Io { path, source })?;
     }
-    let stream = ReaderStream::with_capacity(file.take(len), SEND_BUFFER);
-    respond(status, out, Body::from_stream(stream))
+    respond(status, out, Body::from_stream(read_ahead(file.into_std().await, len)))
 }
 
 async fn delete_blob(registry: &Arc<Registry>, name: &str, digest: &str) -> Result<Response, ApiError> {
@@ -519,11 +515,13 @@ async fn finish_blob(
     created_blob(name, digest)
 }
 
-/// Streams a request body into `partial` through a fixed-size buffer; returns the bytes received.
+/// Streams a request body into `partial` in batches of about [`RECEIVE_BUFFER`] bytes (the body's own
+/// chunks, not copied); returns the bytes received.
 async fn receive(body: Body, partial: &mut Partial, max: u64) -> Result<u64, ApiError> {
     let start = partial.received();
     let mut stream = body.into_data_stream();
-    let mut buf = Vec::with_capacity(RECEIVE_BUFFER);
+    let mut batch = Vec::with_capacity(64);
+    let mut batched = 0usize;
     let mut received = 0u64;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| ApiError::upload_broken(format!("the request body broke off: {e}")))?;
@@ -531,18 +529,15 @@ async fn receive(body: Body, partial: &mut Partial, max: u64) -> Result<u64, Api
         if start + received > max {
             return Err(ApiError::too_large("the blob", max));
         }
-        let mut rest: &[u8] = &chunk;
-        while !rest.is_empty() {
-            let take = (RECEIVE_BUFFER - buf.len()).min(rest.len());
-            buf.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
-            if buf.len() == RECEIVE_BUFFER {
-                buf = partial.append(buf).await?;
-            }
+        batched += chunk.len();
+        batch.push(chunk);
+        if batched >= RECEIVE_BUFFER {
+            batch = partial.append(batch).await?;
+            batched = 0;
         }
     }
-    if !buf.is_empty() {
-        partial.append(buf).await?;
+    if !batch.is_empty() {
+        partial.append(batch).await?;
     }
     Ok(received)
 }

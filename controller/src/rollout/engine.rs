@@ -1,24 +1,56 @@
-//! The rollout engine: a pure function from (rollout, devices, now) to a plan. No I/O, no clock.
+//! The rollout engine: pure functions from (rollout, fleet facts, now) to a plan. No I/O, no clock.
+//!
+//! # Semantics
+//!
+//! - **Cohorts.** A selected device is in the candidate cohort B at p% when `bucket(rollout, device)` falls
+//!   under p% (stable hashing: a device in B stays in B as p grows). A device that joins the selector
+//!   mid-rollout is judged against the current step's percentage. Once moved to B a device has a
+//!   [`proto::RolloutDevice`] record and stays in B until an abort or a halted class returns it.
+//! - **Baseline A.** When a device is first moved to B, its record keeps what it ran then (`running` and,
+//!   when its desired state named the same bundle, the runtime settings). Abort gives every B device a new
+//!   desired-state generation naming exactly that baseline, cohort "A".
+//!   A device that ran *nothing* has no A: the wire contract cannot say "serve nothing" (an agent treats a
+//!   desired state without a bundle as a failed activation), so such a device keeps the candidate after an
+//!   abort; its record says so (`reason`) and the abort event counts them. The agent serves its last good
+//!   bundle after a failed activation, so a device without A that failed B serves nothing either way.
+//! - **Outcomes per device**, derived from facts on every pass (so they are idempotent): ACTIVE when the
+//!   device settled its B generation and serves B; FAILED when it settled it as FAILED (the reason is the
+//!   error code) or when it is not ACTIVE `device_deadline_seconds` after assignment ("deadline"); otherwise
+//!   PENDING, offline devices included.
+//! - **Gates**, per hardware class (label `class`, else `inventory.hardware_class`, else "unknown"), at
+//!   every step: a class fails when its failures exceed `max_failures`, or, once `min_devices` B devices
+//!   settled, when the failure ratio exceeds `max_failure_ratio` or the success ratio is under
+//!   `min_success_ratio`. A class with no B device yet is NOT_SAMPLED (it is judged at a later step; at 100%
+//!   every class is sampled); with devices still converging it is WAITING; settled but under `min_devices`,
+//!   INCONCLUSIVE. Without any failure gate configured, a failed device holds the step for a human.
+//!   Performance gates (tokens/s, time to first token, relative to A) are carried by the spec and reported
+//!   as not yet measured until telemetry reaches the controller.
+//! - **Outcomes per step**: a failing class aborts the rollout, or with `HALT_CLASS` only that class is
+//!   halted (its B devices return to A) while the others continue; if every sampled class is halted the
+//!   rollout aborts. An inconclusive class pauses the rollout for a human (`resume` accepts the step) or,
+//!   with `ADVANCE`, passes. When every class passes and the step has soaked, the rollout advances, and
+//!   after the last step it completes.
+//! - **States**: Pending → Progressing(step) ⇄ Paused → Completed | Aborted. Operator verbs ([`command`]):
+//!   pause, resume, promote (jump to the last step; inconclusive gates pass, failures still count), abort,
+//!   retry (failed B devices get a new generation and a fresh deadline).
+//! - `max_concurrent` bounds B devices converging at once; the rest wait their turn in bucket order.
 
-use alki_shared::proto::{self, Phase, RolloutCounts, RolloutState};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use alki_shared::proto::{
+    self, ClassFailurePolicy, DeviceOutcome, GateVerdict, InconclusivePolicy, PauseReason, Phase, RolloutCounts,
+    RolloutState,
+};
 use sha2::{Digest as _, Sha256};
 
 use crate::fleet::selects;
 
-/// The cohort a device belongs to within a rollout.
+/// The candidate cohort within a rollout.
 pub const COHORT_CANDIDATE: &str = "B";
-
-/// What the reconciler should do for one rollout now.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Plan {
-    /// Devices that must be given the candidate.
-    pub assign: Vec<String>,
-    pub state: RolloutState,
-    pub current_step: u32,
-    pub step_started_unix_ms: i64,
-    pub counts: RolloutCounts,
-    pub message: String,
-}
+/// The baseline cohort: devices returned to what they ran before.
+pub const COHORT_BASELINE: &str = "A";
+/// The label that overrides a device's inventory hardware class.
+pub const CLASS_LABEL: &str = "class";
 
 /// Where a device falls in a rollout, in basis points (0..10_000): stable for a (rollout, device)
 /// pair, so a device's cohort survives restarts and a device in B stays in B as the percentage grows.
@@ -34,199 +66,610 @@ pub fn in_candidate(rollout_id: &str, device_id: &str, percent: u32) -> bool {
     bucket(rollout_id, device_id) < percent.min(100) * 100
 }
 
-/// Decides the next plan for a rollout given every device the controller knows.
-pub fn decide(rollout: &proto::Rollout, devices: &[proto::Device], now_unix_ms: i64) -> Plan {
-    let state = RolloutState::try_from(rollout.state).unwrap_or(RolloutState::Unspecified);
-    let mut plan = Plan {
-        assign: Vec::new(),
-        state,
-        current_step: rollout.current_step,
-        step_started_unix_ms: rollout.step_started_unix_ms,
-        counts: rollout.counts.unwrap_or_default(),
-        message: rollout.message.clone(),
-    };
-    if !matches!(state, RolloutState::Pending | RolloutState::Progressing) {
-        return plan;
+/// A device's hardware class: its `class` label, else its inventory's, else "unknown".
+pub fn hardware_class(device: &proto::Device) -> String {
+    if let Some(class) = device.labels.get(CLASS_LABEL).filter(|c| !c.is_empty()) {
+        return class.clone();
     }
-    if state == RolloutState::Pending {
-        plan.state = RolloutState::Progressing;
-        plan.step_started_unix_ms = now_unix_ms;
+    match device.inventory.as_ref().map(|i| i.hardware_class.as_str()) {
+        Some(class) if !class.is_empty() => class.to_owned(),
+        _ => "unknown".to_owned(),
     }
-    let (Some(spec), Some(candidate)) = (&rollout.spec, &rollout.candidate) else {
-        plan.state = RolloutState::Aborted;
-        plan.message = "the rollout has no spec or candidate; create it again".to_owned();
-        return plan;
-    };
-    let Some(step) = spec.steps.get(plan.current_step as usize) else {
-        plan.state = RolloutState::Completed;
-        return plan;
-    };
+}
 
-    let selected: Vec<&proto::Device> = devices
+/// What the engine needs to know about the fleet besides the rollout itself.
+pub struct Facts<'a> {
+    pub devices: &'a [proto::Device],
+    /// This rollout's per-device records.
+    pub records: &'a [proto::RolloutDevice],
+    /// Ids of the other active rollouts: their devices are left alone.
+    pub other_active: &'a HashSet<String>,
+}
+
+/// A device going back to its baseline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Revert {
+    pub device_id: String,
+    pub bundle: proto::BundleRef,
+    pub runtime: proto::RuntimeSettings,
+}
+
+/// What the reconciler should persist and apply for one rollout now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// The rollout record after this pass.
+    pub rollout: proto::Rollout,
+    /// Device records that are new or changed.
+    pub records: Vec<proto::RolloutDevice>,
+    pub events: Vec<proto::RolloutEvent>,
+    /// Devices that must be given the candidate (idempotent: only devices not already assigned it).
+    pub to_candidate: Vec<String>,
+    /// Devices that must go back to their baseline.
+    pub to_baseline: Vec<Revert>,
+    /// Failed devices to give a new generation of the candidate (operator retry).
+    pub retry: Vec<String>,
+}
+
+impl Plan {
+    fn new(rollout: &proto::Rollout) -> Plan {
+        Plan {
+            rollout: rollout.clone(),
+            records: Vec::new(),
+            events: Vec::new(),
+            to_candidate: Vec::new(),
+            to_baseline: Vec::new(),
+            retry: Vec::new(),
+        }
+    }
+
+    fn event(&mut self, now: i64, kind: &str, message: String, device_id: &str) {
+        self.rollout.event_seq += 1;
+        self.events.push(proto::RolloutEvent {
+            rollout_id: self.rollout.id.clone(),
+            seq: self.rollout.event_seq,
+            unix_ms: now,
+            kind: kind.to_owned(),
+            message,
+            device_id: device_id.to_owned(),
+        });
+    }
+
+    fn state(&self) -> RolloutState {
+        RolloutState::try_from(self.rollout.state).unwrap_or(RolloutState::Unspecified)
+    }
+
+    fn set_state(&mut self, state: RolloutState) {
+        self.rollout.state = state as i32;
+    }
+
+    /// True when applying it would change anything.
+    pub fn changes(&self, before: &proto::Rollout) -> bool {
+        !(self.records.is_empty()
+            && self.events.is_empty()
+            && self.to_candidate.is_empty()
+            && self.to_baseline.is_empty()
+            && self.retry.is_empty()
+            && self.rollout == *before)
+    }
+}
+
+/// True while a rollout may still move devices.
+pub fn is_active(state: RolloutState) -> bool {
+    matches!(state, RolloutState::Pending | RolloutState::Progressing | RolloutState::Paused)
+}
+
+fn assigned_candidate(rollout: &proto::Rollout, device: &proto::Device) -> bool {
+    let candidate = rollout.candidate.as_ref().map(|c| c.digest.as_str());
+    device.rollout_id == rollout.id
+        && device.cohort == COHORT_CANDIDATE
+        && device.desired.as_ref().map(|b| b.digest.as_str()) == candidate
+}
+
+/// The outcome of a B device from its facts, with a reason when it failed.
+fn derive_outcome(
+    rollout: &proto::Rollout,
+    record: &proto::RolloutDevice,
+    device: Option<&proto::Device>,
+    deadline_ms: i64,
+    now: i64,
+) -> (DeviceOutcome, String) {
+    if let Some(d) = device.filter(|d| assigned_candidate(rollout, d) && d.applied_generation >= d.desired_generation) {
+        let candidate = rollout.candidate.as_ref().map(|c| c.digest.as_str());
+        let phase = Phase::try_from(d.phase).unwrap_or(Phase::Unspecified);
+        if phase == Phase::Active && d.running.as_ref().map(|b| b.digest.as_str()) == candidate {
+            return (DeviceOutcome::Active, String::new());
+        }
+        if phase == Phase::Failed {
+            let code = d.error.as_ref().map(|e| proto::ErrorCode::try_from(e.code).unwrap_or_default().label());
+            return (DeviceOutcome::Failed, code.unwrap_or("failed").to_owned());
+        }
+    }
+    if deadline_ms > 0 && now.saturating_sub(record.assigned_unix_ms) >= deadline_ms {
+        return (DeviceOutcome::Failed, "deadline".to_owned());
+    }
+    (DeviceOutcome::Pending, String::new())
+}
+
+fn outcome_of(record: &proto::RolloutDevice) -> DeviceOutcome {
+    DeviceOutcome::try_from(record.outcome).unwrap_or(DeviceOutcome::Unspecified)
+}
+
+/// Returns every B device still in B to its baseline; records of devices without one say why they keep B.
+fn revert(plan: &mut Plan, records: &mut BTreeMap<String, proto::RolloutDevice>, class: Option<&str>) -> (u32, u32) {
+    let (mut reverted, mut kept) = (0, 0);
+    for record in records.values_mut() {
+        if outcome_of(record) == DeviceOutcome::Reverted || class.is_some_and(|c| c != record.class) {
+            continue;
+        }
+        match &record.baseline {
+            Some(baseline) => {
+                record.outcome = DeviceOutcome::Reverted as i32;
+                plan.to_baseline.push(Revert {
+                    device_id: record.device_id.clone(),
+                    bundle: baseline.clone(),
+                    runtime: record.baseline_runtime.unwrap_or_default(),
+                });
+                reverted += 1;
+            }
+            None => {
+                if !record.reason.starts_with("no baseline") {
+                    record.reason = "no baseline: the device ran nothing before, so it keeps the candidate".into();
+                }
+                kept += 1;
+            }
+        }
+        plan.records.push(record.clone());
+    }
+    (reverted, kept)
+}
+
+/// Decides the next plan for a rollout. Idempotent: deciding again on the facts after applying a plan
+/// changes nothing until time passes or facts change.
+pub fn decide(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
+    let mut plan = Plan::new(rollout);
+    let mut records: BTreeMap<String, proto::RolloutDevice> =
+        facts.records.iter().map(|r| (r.device_id.clone(), r.clone())).collect();
+    let devices: HashMap<&str, &proto::Device> = facts.devices.iter().map(|d| (d.id.as_str(), d)).collect();
+
+    // Level-based enforcement of what the records say, whatever the state (a crash between persisting a
+    // plan and applying it is repaired here).
+    let state = plan.state();
+    for record in records.values() {
+        let Some(device) = devices.get(record.device_id.as_str()) else { continue };
+        if outcome_of(record) == DeviceOutcome::Reverted {
+            if device.rollout_id == rollout.id
+                && device.cohort == COHORT_CANDIDATE
+                && let Some(baseline) = &record.baseline
+            {
+                plan.to_baseline.push(Revert {
+                    device_id: record.device_id.clone(),
+                    bundle: baseline.clone(),
+                    runtime: record.baseline_runtime.unwrap_or_default(),
+                });
+            }
+        } else if is_active(state) && !assigned_candidate(rollout, device) {
+            plan.to_candidate.push(record.device_id.clone());
+        }
+    }
+    if !is_active(state) {
+        return plan;
+    }
+    let (Some(spec), Some(_)) = (&rollout.spec, &rollout.candidate) else {
+        plan.set_state(RolloutState::Aborted);
+        plan.rollout.message = "the rollout has no spec or candidate; create it again".to_owned();
+        plan.event(now, "aborted", plan.rollout.message.clone(), "");
+        return plan;
+    };
+    if state == RolloutState::Pending {
+        plan.set_state(RolloutState::Progressing);
+        plan.rollout.step_started_unix_ms = now;
+        plan.event(now, "started", format!("step 1 of {} started", spec.steps.len()), "");
+    }
+    let Some(step) = spec.steps.get(plan.rollout.current_step as usize).copied() else {
+        plan.set_state(RolloutState::Completed);
+        plan.event(now, "completed", "no steps left".into(), "");
+        return plan;
+    };
+    let gates = spec.gates.unwrap_or_default();
+    let deadline_ms = i64::from(spec.device_deadline_seconds) * 1000;
+    let halted: HashSet<String> = plan.rollout.halted_classes.iter().cloned().collect();
+
+    // Outcomes of devices already in B.
+    for record in records.values_mut() {
+        if outcome_of(record) == DeviceOutcome::Reverted {
+            continue;
+        }
+        let (outcome, reason) =
+            derive_outcome(rollout, record, devices.get(record.device_id.as_str()).copied(), deadline_ms, now);
+        if outcome as i32 != record.outcome || (outcome == DeviceOutcome::Failed && reason != record.reason) {
+            if outcome == DeviceOutcome::Failed {
+                plan.event(
+                    now,
+                    "device_failed",
+                    format!("{} ({}) failed: {reason}", record.device_id, record.class),
+                    &record.device_id,
+                );
+            }
+            record.outcome = outcome as i32;
+            record.reason = reason;
+            plan.records.push(record.clone());
+        }
+    }
+
+    // Selected devices, and their classes.
+    let selected: Vec<&proto::Device> = facts
+        .devices
         .iter()
-        .filter(|d| selects(&spec.selector, &d.labels))
-        // A device in another rollout stays there; creation refuses overlaps, so this only skips
-        // devices that joined the selector later.
-        .filter(|d| d.rollout_id.is_empty() || d.rollout_id == rollout.id || !is_candidate_of_active(d))
+        .filter(|d| selects(&spec.selector, &d.labels) || records.contains_key(&d.id))
+        .filter(|d| records.contains_key(&d.id) || !facts.other_active.contains(&d.rollout_id))
         .collect();
-    let mut counts = RolloutCounts { selected: selected.len() as u32, ..Default::default() };
+    let mut classes: BTreeMap<String, proto::ClassStatus> = BTreeMap::new();
     for device in &selected {
-        if !in_candidate(&rollout.id, &device.id, step.percent) {
+        let class = records.get(&device.id).map(|r| r.class.clone()).unwrap_or_else(|| hardware_class(device));
+        let entry = classes.entry(class.clone()).or_insert_with(|| proto::ClassStatus { class, ..Default::default() });
+        entry.counts.get_or_insert_default().selected += 1;
+    }
+
+    // New members of B at the current percentage, within the concurrency budget, in bucket order.
+    let paused = state == RolloutState::Paused;
+    let mut eligible: Vec<(u32, &proto::Device)> = selected
+        .iter()
+        .filter(|d| !records.contains_key(&d.id) && in_candidate(&rollout.id, &d.id, step.percent))
+        .filter(|d| !halted.contains(&hardware_class(d)))
+        .map(|d| (bucket(&rollout.id, &d.id), *d))
+        .collect();
+    eligible.sort_by_key(|(b, d)| (*b, d.id.clone()));
+    let converging = records.values().filter(|r| outcome_of(r) == DeviceOutcome::Pending).count() as u64;
+    let mut budget = if spec.max_concurrent == 0 { u64::MAX } else { u64::from(spec.max_concurrent) };
+    budget = budget.saturating_sub(converging);
+    let mut waiting_turn: HashMap<String, u32> = HashMap::new();
+    for (_, device) in eligible {
+        let class = hardware_class(device);
+        if paused || budget == 0 {
+            *waiting_turn.entry(class).or_default() += 1;
             continue;
         }
-        counts.candidate += 1;
-        let assigned =
-            device.rollout_id == rollout.id && device.desired.as_ref().is_some_and(|b| b.digest == candidate.digest);
-        if !assigned {
-            plan.assign.push(device.id.clone());
-            counts.pending += 1;
-            continue;
-        }
-        let settled = device.applied_generation >= device.desired_generation;
-        let phase = Phase::try_from(device.phase).unwrap_or(Phase::Unspecified);
-        let runs_candidate = device.running.as_ref().is_some_and(|b| b.digest == candidate.digest);
-        match phase {
-            Phase::Active if settled && runs_candidate => counts.active += 1,
-            Phase::Failed if settled => counts.failed += 1,
+        budget -= 1;
+        let baseline_runtime =
+            if device.desired.as_ref().map(|b| &b.digest) == device.running.as_ref().map(|b| &b.digest) {
+                device.desired_runtime
+            } else {
+                None
+            };
+        let record = proto::RolloutDevice {
+            rollout_id: rollout.id.clone(),
+            device_id: device.id.clone(),
+            class,
+            baseline: device.running.clone(),
+            baseline_runtime,
+            assigned_unix_ms: now,
+            outcome: DeviceOutcome::Pending as i32,
+            reason: String::new(),
+            attempts: 1,
+        };
+        plan.to_candidate.push(device.id.clone());
+        plan.records.push(record.clone());
+        records.insert(device.id.clone(), record);
+    }
+
+    // Per-class counts and verdicts.
+    for record in records.values() {
+        let entry = classes
+            .entry(record.class.clone())
+            .or_insert_with(|| proto::ClassStatus { class: record.class.clone(), ..Default::default() });
+        let counts = entry.counts.get_or_insert_default();
+        match outcome_of(record) {
+            DeviceOutcome::Reverted => continue,
+            DeviceOutcome::Active => counts.active += 1,
+            DeviceOutcome::Failed => counts.failed += 1,
             _ => counts.pending += 1,
         }
+        counts.candidate += 1;
     }
-    plan.counts = counts;
+    for (class, n) in &waiting_turn {
+        if let Some(entry) = classes.get_mut(class) {
+            let counts = entry.counts.get_or_insert_default();
+            counts.candidate += n;
+            counts.pending += n;
+        }
+    }
+    let accept_inconclusive = plan.rollout.inconclusive_accepted
+        || plan.rollout.promoted
+        || spec.on_inconclusive == InconclusivePolicy::Advance as i32;
+    for status in classes.values_mut() {
+        judge(status, &gates, halted.contains(&status.class));
+    }
 
-    let last_step = plan.current_step as usize + 1 == spec.steps.len();
-    let soaked = now_unix_ms.saturating_sub(plan.step_started_unix_ms) >= i64::from(step.min_soak_seconds) * 1000;
-    plan.message = if counts.pending > 0 {
-        format!(
-            "step {}: {} of {} candidate devices still converging",
-            plan.current_step + 1,
-            counts.pending,
-            counts.candidate
-        )
-    } else if counts.failed > 0 {
-        format!(
-            "step {}: held, {} of {} candidate devices failed to activate (alkictl devices list shows why)",
-            plan.current_step + 1,
-            counts.failed,
-            counts.candidate
-        )
+    // Failing classes: halt them or abort.
+    let failing: Vec<String> =
+        classes.values().filter(|c| c.verdict == GateVerdict::Fail as i32).map(|c| c.class.clone()).collect();
+    let halt_only = spec.on_class_failure == ClassFailurePolicy::HaltClass as i32;
+    if !failing.is_empty() && !paused {
+        if halt_only {
+            for class in &failing {
+                let (reverted, kept) = revert(&mut plan, &mut records, Some(class));
+                plan.rollout.halted_classes.push(class.clone());
+                let reason = classes.get(class).map(|c| c.reason.clone()).unwrap_or_default();
+                plan.event(
+                    now,
+                    "class_halted",
+                    format!("class {class} halted ({reason}); {reverted} devices return to A, {kept} without A keep B"),
+                    "",
+                );
+                if let Some(c) = classes.get_mut(class) {
+                    c.verdict = GateVerdict::Halted as i32;
+                }
+            }
+        }
+        let all_halted = classes
+            .values()
+            .all(|c| c.verdict == GateVerdict::Halted as i32 || c.verdict == GateVerdict::NotSampled as i32);
+        if !halt_only || all_halted {
+            let (reverted, kept) = revert(&mut plan, &mut records, None);
+            let why: Vec<String> = failing
+                .iter()
+                .map(|c| format!("{c}: {}", classes.get(c).map(|s| s.reason.as_str()).unwrap_or("")))
+                .collect();
+            plan.set_state(RolloutState::Aborted);
+            plan.rollout.message = format!(
+                "aborted at step {}: gates failed ({}); {reverted} devices return to A, {kept} without A keep B",
+                plan.rollout.current_step + 1,
+                why.join("; ")
+            );
+            plan.event(now, "aborted", plan.rollout.message.clone(), "");
+        }
+    }
+    finish_counts(&mut plan, &classes);
+    if plan.state() != RolloutState::Progressing {
+        if plan.state() == RolloutState::Paused && plan.rollout.message.is_empty() {
+            plan.rollout.message = "paused".into();
+        }
+        return plan;
+    }
+
+    // Advance, hold or wait.
+    let step_no = plan.rollout.current_step + 1;
+    let judged: Vec<&proto::ClassStatus> =
+        classes.values().filter(|c| c.verdict != GateVerdict::Halted as i32).collect();
+    let waiting: Vec<&str> =
+        judged.iter().filter(|c| c.verdict == GateVerdict::Waiting as i32).map(|c| c.class.as_str()).collect();
+    let inconclusive: Vec<&str> =
+        judged.iter().filter(|c| c.verdict == GateVerdict::Inconclusive as i32).map(|c| c.class.as_str()).collect();
+    let soaked = now.saturating_sub(plan.rollout.step_started_unix_ms) >= i64::from(step.min_soak_seconds) * 1000;
+    let last_step = plan.rollout.current_step as usize + 1 >= spec.steps.len();
+    if !waiting.is_empty() {
+        let reasons: Vec<String> = judged
+            .iter()
+            .filter(|c| c.verdict == GateVerdict::Waiting as i32)
+            .map(|c| format!("{}: {}", c.class, c.reason))
+            .collect();
+        plan.rollout.message = format!("step {step_no}: waiting ({})", reasons.join("; "));
+    } else if !inconclusive.is_empty() && !accept_inconclusive {
+        plan.set_state(RolloutState::Paused);
+        plan.rollout.pause_reason = PauseReason::Inconclusive as i32;
+        plan.rollout.message = format!(
+            "step {step_no}: held for a human, too few settled devices in {} (min {}); resume to accept, or abort",
+            inconclusive.join(", "),
+            gates.min_devices.max(1)
+        );
+        plan.event(now, "held", plan.rollout.message.clone(), "");
     } else if !soaked {
-        format!("step {}: soaking for {} s", plan.current_step + 1, step.min_soak_seconds)
+        plan.rollout.message = format!("step {step_no}: soaking for {} s", step.min_soak_seconds);
     } else if last_step {
-        plan.state = RolloutState::Completed;
-        format!("completed: {} devices run the candidate", counts.active)
+        plan.set_state(RolloutState::Completed);
+        let active: u32 = plan.rollout.counts.map(|c| c.active).unwrap_or(0);
+        let halted = if plan.rollout.halted_classes.is_empty() {
+            String::new()
+        } else {
+            format!("; halted classes: {}", plan.rollout.halted_classes.join(", "))
+        };
+        plan.rollout.message = format!("completed: {active} devices run the candidate{halted}");
+        plan.event(now, "completed", plan.rollout.message.clone(), "");
     } else {
-        plan.current_step += 1;
-        plan.step_started_unix_ms = now_unix_ms;
-        format!("advanced to step {}", plan.current_step + 1)
-    };
+        plan.rollout.current_step += 1;
+        plan.rollout.step_started_unix_ms = now;
+        plan.rollout.inconclusive_accepted = false;
+        let percent = spec.steps.get(plan.rollout.current_step as usize).map(|s| s.percent).unwrap_or(100);
+        plan.rollout.message = format!("advanced to step {} ({percent}%)", step_no + 1);
+        plan.event(now, "advanced", plan.rollout.message.clone(), "");
+    }
     plan
 }
 
-fn is_candidate_of_active(device: &proto::Device) -> bool {
-    // Without other rollouts' records the engine cannot know whether that rollout is still active;
-    // the cohort field says the device was moved by it, which is enough to leave it alone.
-    device.cohort == COHORT_CANDIDATE
+fn finish_counts(plan: &mut Plan, classes: &BTreeMap<String, proto::ClassStatus>) {
+    let mut total = RolloutCounts::default();
+    for c in classes.values() {
+        let n = c.counts.unwrap_or_default();
+        total.selected += n.selected;
+        total.candidate += n.candidate;
+        total.active += n.active;
+        total.failed += n.failed;
+        total.pending += n.pending;
+    }
+    plan.rollout.counts = Some(total);
+    plan.rollout.classes = classes.values().cloned().collect();
+}
+
+/// Sets a class's verdict, ratios and reason from its counts and the gates.
+fn judge(status: &mut proto::ClassStatus, gates: &proto::RolloutGates, halted: bool) {
+    let n = status.counts.unwrap_or_default();
+    let settled = n.active + n.failed;
+    let min_devices = gates.min_devices.max(1);
+    if settled > 0 {
+        status.success_ratio = f64::from(n.active) / f64::from(settled);
+        status.failure_ratio = f64::from(n.failed) / f64::from(settled);
+    }
+    let mut values = vec![format!("{}/{} settled active", n.active, settled)];
+    let mut failed_gate: Option<String> = None;
+    if let Some(max) = gates.max_failures {
+        values.push(format!("failures {} (max {max})", n.failed));
+        if n.failed > max {
+            failed_gate = Some(format!("{} failures > max {max}", n.failed));
+        }
+    }
+    if settled >= min_devices && failed_gate.is_none() {
+        if let Some(max) = gates.max_failure_ratio {
+            values.push(format!("failure ratio {:.2} (max {max:.2})", status.failure_ratio));
+            if status.failure_ratio > max {
+                failed_gate = Some(format!("failure ratio {:.2} > max {max:.2}", status.failure_ratio));
+            }
+        }
+        if let Some(min) = gates.min_success_ratio {
+            values.push(format!("success ratio {:.2} (min {min:.2})", status.success_ratio));
+            if status.success_ratio < min {
+                failed_gate = Some(format!("success ratio {:.2} < min {min:.2}", status.success_ratio));
+            }
+        }
+    }
+    if gates.min_tokens_per_second_ratio.is_some() || gates.max_ttft_ratio.is_some() {
+        values.push("performance: not measured yet".into());
+    }
+    let no_failure_gate =
+        gates.max_failures.is_none() && gates.max_failure_ratio.is_none() && gates.min_success_ratio.is_none();
+    let (verdict, reason) = if halted {
+        (GateVerdict::Halted, "halted by its gates; its devices returned to A".to_owned())
+    } else if let Some(why) = failed_gate {
+        (GateVerdict::Fail, why)
+    } else if n.candidate == 0 {
+        (GateVerdict::NotSampled, "no candidate device at this step yet".to_owned())
+    } else if n.pending > 0 {
+        (
+            GateVerdict::Waiting,
+            format!("{} of {} candidate devices converging; {}", n.pending, n.candidate, values.join(", ")),
+        )
+    } else if no_failure_gate && n.failed > 0 {
+        (
+            GateVerdict::Waiting,
+            format!(
+                "held: {} of {} candidate devices failed and no failure gate is set; retry, promote or abort",
+                n.failed, n.candidate
+            ),
+        )
+    } else if settled < min_devices {
+        (GateVerdict::Inconclusive, format!("{settled} settled, fewer than min {min_devices}"))
+    } else {
+        (GateVerdict::Pass, values.join(", "))
+    };
+    status.verdict = verdict as i32;
+    status.reason = reason;
+}
+
+/// An operator's verb.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verb {
+    Pause,
+    Resume,
+    Promote,
+    Abort,
+    Retry,
+}
+
+impl Verb {
+    pub fn label(self) -> &'static str {
+        match self {
+            Verb::Pause => "pause",
+            Verb::Resume => "resume",
+            Verb::Promote => "promote",
+            Verb::Abort => "abort",
+            Verb::Retry => "retry",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VerbError {
+    #[error("rollout {id} is {state}; {verb} applies only to {allowed} rollouts")]
+    WrongState { id: String, state: &'static str, verb: &'static str, allowed: &'static str },
+    #[error("rollout {id} has no failed candidate devices to retry")]
+    NothingToRetry { id: String },
+}
+
+/// Applies an operator's verb to a rollout. Pure: the reconciler persists and applies the plan.
+pub fn command(
+    rollout: &proto::Rollout,
+    records: &[proto::RolloutDevice],
+    verb: Verb,
+    reason: &str,
+    now: i64,
+) -> Result<Plan, VerbError> {
+    let mut plan = Plan::new(rollout);
+    let state = plan.state();
+    let wrong = |allowed: &'static str| VerbError::WrongState {
+        id: rollout.id.clone(),
+        state: state.label(),
+        verb: verb.label(),
+        allowed,
+    };
+    let by = if reason.is_empty() { String::new() } else { format!(": {reason}") };
+    match verb {
+        Verb::Pause => {
+            if !matches!(state, RolloutState::Pending | RolloutState::Progressing) {
+                return Err(wrong("pending or progressing"));
+            }
+            plan.set_state(RolloutState::Paused);
+            plan.rollout.pause_reason = PauseReason::Operator as i32;
+            plan.rollout.message = format!("paused by an operator{by}");
+        }
+        Verb::Resume => {
+            if state != RolloutState::Paused {
+                return Err(wrong("paused"));
+            }
+            if plan.rollout.pause_reason == PauseReason::Inconclusive as i32 {
+                plan.rollout.inconclusive_accepted = true;
+            }
+            plan.set_state(RolloutState::Progressing);
+            plan.rollout.pause_reason = PauseReason::Unspecified as i32;
+            plan.rollout.message = format!("resumed{by}");
+        }
+        Verb::Promote => {
+            if !is_active(state) {
+                return Err(wrong("pending, progressing or paused"));
+            }
+            let steps = rollout.spec.as_ref().map(|s| s.steps.len()).unwrap_or(1).max(1);
+            plan.set_state(RolloutState::Progressing);
+            plan.rollout.pause_reason = PauseReason::Unspecified as i32;
+            plan.rollout.current_step = steps as u32 - 1;
+            plan.rollout.step_started_unix_ms = now;
+            plan.rollout.promoted = true;
+            plan.rollout.message = format!("promoted to the last step{by}");
+        }
+        Verb::Abort => {
+            if !is_active(state) {
+                return Err(wrong("pending, progressing or paused"));
+            }
+            let mut map: BTreeMap<String, proto::RolloutDevice> =
+                records.iter().map(|r| (r.device_id.clone(), r.clone())).collect();
+            let (reverted, kept) = revert(&mut plan, &mut map, None);
+            plan.set_state(RolloutState::Aborted);
+            plan.rollout.message =
+                format!("aborted by an operator{by}; {reverted} devices return to A, {kept} without A keep B");
+        }
+        Verb::Retry => {
+            if !is_active(state) {
+                return Err(wrong("pending, progressing or paused"));
+            }
+            for record in records.iter().filter(|r| outcome_of(r) == DeviceOutcome::Failed) {
+                if rollout.halted_classes.contains(&record.class) {
+                    continue;
+                }
+                let mut r = record.clone();
+                r.outcome = DeviceOutcome::Pending as i32;
+                r.reason.clear();
+                r.assigned_unix_ms = now;
+                r.attempts += 1;
+                plan.retry.push(r.device_id.clone());
+                plan.records.push(r);
+            }
+            if plan.retry.is_empty() {
+                return Err(VerbError::NothingToRetry { id: rollout.id.clone() });
+            }
+            plan.rollout.message = format!("retrying {} failed devices{by}", plan.retry.len());
+        }
+    }
+    let message = plan.rollout.message.clone();
+    plan.event(now, verb.label(), message, "");
+    Ok(plan)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::HashMap;
-
-    fn rollout(steps: &[(u32, u32)]) -> proto::Rollout {
-        proto::Rollout {
-            id: "ro-1".into(),
-            spec: Some(proto::RolloutSpec {
-                repository: "acme/tiny".into(),
-                candidate: "v2".into(),
-                selector: HashMap::from([("site".to_owned(), "lab".to_owned())]),
-                steps: steps
-                    .iter()
-                    .map(|&(percent, min_soak_seconds)| proto::RolloutStep { percent, min_soak_seconds })
-                    .collect(),
-                runtime: None,
-            }),
-            candidate: Some(proto::BundleRef { digest: "sha256:bb".into(), ..Default::default() }),
-            state: RolloutState::Progressing as i32,
-            ..Default::default()
-        }
-    }
-
-    fn device(id: &str, site: &str) -> proto::Device {
-        proto::Device {
-            id: id.into(),
-            labels: HashMap::from([("site".to_owned(), site.to_owned())]),
-            ..Default::default()
-        }
-    }
-
-    fn apply(plan: &Plan, r: &mut proto::Rollout, devices: &mut [proto::Device], outcome: Phase) {
-        for d in devices.iter_mut().filter(|d| plan.assign.contains(&d.id)) {
-            d.rollout_id = r.id.clone();
-            d.cohort = COHORT_CANDIDATE.into();
-            d.desired = r.candidate.clone();
-            d.desired_generation += 1;
-            d.applied_generation = d.desired_generation;
-            d.phase = outcome as i32;
-            if outcome == Phase::Active {
-                d.running = r.candidate.clone();
-            }
-        }
-        r.state = plan.state as i32;
-        r.current_step = plan.current_step;
-        r.step_started_unix_ms = plan.step_started_unix_ms;
-        r.counts = Some(plan.counts);
-    }
-
-    #[test]
-    fn one_step_rollout_assigns_selected_devices_then_completes() {
-        let mut r = rollout(&[(100, 0)]);
-        let mut devices = vec![device("a", "lab"), device("b", "lab"), device("c", "shop")];
-        let plan = decide(&r, &devices, 1_000);
-        assert_eq!(plan.assign, vec!["a".to_owned(), "b".to_owned()]);
-        assert_eq!(plan.state, RolloutState::Progressing);
-        apply(&plan, &mut r, &mut devices, Phase::Active);
-        let plan = decide(&r, &devices, 2_000);
-        assert!(plan.assign.is_empty());
-        assert_eq!(plan.state, RolloutState::Completed, "{}", plan.message);
-        assert_eq!(plan.counts.active, 2);
-    }
-
-    #[test]
-    fn failures_hold_the_step() {
-        let mut r = rollout(&[(100, 0)]);
-        let mut devices = vec![device("a", "lab")];
-        let plan = decide(&r, &devices, 0);
-        apply(&plan, &mut r, &mut devices, Phase::Failed);
-        let plan = decide(&r, &devices, 1);
-        assert_eq!(plan.state, RolloutState::Progressing);
-        assert_eq!(plan.counts.failed, 1);
-        assert!(plan.message.contains("failed"), "{}", plan.message);
-    }
-
-    #[test]
-    fn steps_wait_for_soak_time_then_advance() {
-        let mut r = rollout(&[(50, 60), (100, 0)]);
-        let mut devices: Vec<_> = (0..40).map(|i| device(&format!("d{i}"), "lab")).collect();
-        let plan = decide(&r, &devices, 0);
-        let first_wave = plan.assign.len();
-        assert!(first_wave > 5 && first_wave < 35, "about half: {first_wave}");
-        apply(&plan, &mut r, &mut devices, Phase::Active);
-        let plan = decide(&r, &devices, 30_000);
-        assert_eq!((plan.current_step, plan.assign.len()), (0, 0), "still soaking");
-        let plan = decide(&r, &devices, 60_000);
-        assert_eq!(plan.current_step, 1);
-        apply(&plan, &mut r, &mut devices, Phase::Active);
-        let plan = decide(&r, &devices, 60_001);
-        assert_eq!(plan.assign.len(), 40 - first_wave, "the rest join at 100%");
-    }
-
-    #[test]
-    fn cohort_membership_is_monotonic_in_percent() {
-        for i in 0..500 {
-            let id = format!("dev-{i}");
-            let entered = (0..=100).find(|&p| in_candidate("ro-x", &id, p)).expect("everyone is in at 100%");
-            assert!((entered..=100).all(|p| in_candidate("ro-x", &id, p)));
-        }
-    }
-}
+mod tests;

@@ -2,6 +2,7 @@
 
 pub mod engine;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,18 +44,7 @@ pub fn create(
     if spec.repository.is_empty() || spec.candidate.is_empty() {
         return Err(CreateError::Invalid("name the bundle's repository and its tag or digest".into()));
     }
-    if spec.steps.is_empty() {
-        spec.steps.push(proto::RolloutStep { percent: 100, min_soak_seconds: 0 });
-    }
-    let percents: Vec<u32> = spec.steps.iter().map(|s| s.percent).collect();
-    if percents.iter().any(|p| !(1..=100).contains(p)) || percents.windows(2).any(|w| w[0] > w[1]) {
-        return Err(CreateError::Invalid(format!(
-            "steps {percents:?} must be percentages from 1 to 100 that never decrease"
-        )));
-    }
-    if percents.last() != Some(&100) {
-        return Err(CreateError::Invalid(format!("the last step must be 100%, not {:?}", percents.last())));
-    }
+    normalize_spec(&mut spec).map_err(CreateError::Invalid)?;
     let manifest = registry
         .resolve(&spec.repository, &spec.candidate)
         .map_err(|e| CreateError::Registry(e.to_string()))?
@@ -63,6 +53,7 @@ pub fn create(
             reference: spec.candidate.clone(),
         })?;
 
+    let _guard = fleet.rollouts_lock.lock().unwrap_or_else(|p| p.into_inner());
     let rollouts = fleet.store.rollouts()?;
     let active: Vec<&proto::Rollout> = rollouts.iter().filter(|r| is_active(r)).collect();
     for device in fleet.store.devices()? {
@@ -93,24 +84,98 @@ pub fn create(
         message: "waiting for the reconciler".into(),
         ..Default::default()
     };
-    fleet.store.put_rollout(&rollout)?;
+    let created = proto::RolloutEvent {
+        rollout_id: rollout.id.clone(),
+        seq: 1,
+        unix_ms: now_unix_ms,
+        kind: "created".into(),
+        message: format!("created for {} with steps {:?}", manifest.digest, spec_percents(&rollout)),
+        device_id: String::new(),
+    };
+    let rollout = proto::Rollout { event_seq: 1, ..rollout };
+    fleet.store.commit_rollout(&rollout, &[], &[created])?;
     tracing::info!(rollout_id = %rollout.id, candidate = %manifest.digest, "Created a rollout.");
     fleet.changed.notify_one();
     Ok(rollout)
 }
 
-fn is_active(r: &proto::Rollout) -> bool {
-    matches!(
-        RolloutState::try_from(r.state),
-        Ok(RolloutState::Pending | RolloutState::Progressing | RolloutState::Paused)
-    )
+/// Expands an exponential ramp into steps, fills defaults and checks every field, naming the one at fault.
+pub fn normalize_spec(spec: &mut proto::RolloutSpec) -> Result<(), String> {
+    if let Some(ramp) = spec.ramp {
+        if !spec.steps.is_empty() {
+            return Err("give either steps or a ramp, not both".into());
+        }
+        if !(1..=100).contains(&ramp.start_percent) {
+            return Err(format!("ramp.start_percent {} must be from 1 to 100", ramp.start_percent));
+        }
+        if !(ramp.factor > 1.0 && ramp.factor.is_finite()) {
+            return Err(format!("ramp.factor {} must be greater than 1 (e.g. 2 doubles each step)", ramp.factor));
+        }
+        let mut percent = f64::from(ramp.start_percent);
+        while percent < 100.0 && spec.steps.len() < 100 {
+            spec.steps.push(proto::RolloutStep { percent: percent as u32, min_soak_seconds: ramp.min_soak_seconds });
+            percent *= ramp.factor;
+        }
+        spec.steps.push(proto::RolloutStep { percent: 100, min_soak_seconds: ramp.min_soak_seconds });
+        spec.steps.dedup_by_key(|s| s.percent);
+    }
+    if spec.steps.is_empty() {
+        spec.steps.push(proto::RolloutStep { percent: 100, min_soak_seconds: 0 });
+    }
+    let percents: Vec<u32> = spec.steps.iter().map(|s| s.percent).collect();
+    if percents.iter().any(|p| !(1..=100).contains(p)) || percents.windows(2).any(|w| w[0] > w[1]) {
+        return Err(format!("steps {percents:?} must be percentages from 1 to 100 that never decrease"));
+    }
+    if percents.last() != Some(&100) {
+        return Err(format!("the last step must be 100%, not {:?}", percents.last()));
+    }
+    if let Some(g) = &spec.gates {
+        for (name, value) in
+            [("gates.min_success_ratio", g.min_success_ratio), ("gates.max_failure_ratio", g.max_failure_ratio)]
+        {
+            if let Some(v) = value
+                && !(0.0..=1.0).contains(&v)
+            {
+                return Err(format!("{name} {v} must be a ratio from 0 to 1"));
+            }
+        }
+        for (name, value) in [
+            ("gates.min_tokens_per_second_ratio", g.min_tokens_per_second_ratio),
+            ("gates.max_ttft_ratio", g.max_ttft_ratio),
+        ] {
+            if let Some(v) = value
+                && !(v > 0.0 && v.is_finite())
+            {
+                return Err(format!("{name} {v} must be a positive ratio relative to A (e.g. 0.9)"));
+            }
+        }
+    }
+    Ok(())
 }
 
-/// Applies the engine's plans until shutdown: wakes on fleet changes and on a timer.
+fn spec_percents(rollout: &proto::Rollout) -> Vec<u32> {
+    rollout.spec.as_ref().map(|s| s.steps.iter().map(|s| s.percent).collect()).unwrap_or_default()
+}
+
+fn is_active(r: &proto::Rollout) -> bool {
+    engine::is_active(RolloutState::try_from(r.state).unwrap_or(RolloutState::Unspecified))
+}
+
+/// Applies the engine's plans until shutdown: wakes on fleet changes and on a timer. The first pass also
+/// looks at finished rollouts, to finish returning devices to A if the controller stopped mid-abort.
 pub async fn reconcile_loop(fleet: Fleet, shutdown: Arc<tokio::sync::Notify>) {
+    let mut first = true;
     loop {
-        if let Err(error) = reconcile_once(&fleet, crate::now_unix_ms()) {
-            tracing::error!(%error, "Rollout reconciliation failed; retrying.");
+        let pass = fleet.clone();
+        let include_finished = std::mem::take(&mut first);
+        // Store I/O is blocking; keep it off the async workers.
+        let result =
+            tokio::task::spawn_blocking(move || reconcile_once_with(&pass, crate::now_unix_ms(), include_finished))
+                .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "Rollout reconciliation failed; retrying."),
+            Err(error) => tracing::error!(%error, "Rollout reconciliation panicked; retrying."),
         }
         tokio::select! {
             _ = fleet.changed.notified() => {}
@@ -120,48 +185,136 @@ pub async fn reconcile_loop(fleet: Fleet, shutdown: Arc<tokio::sync::Notify>) {
     }
 }
 
-/// One pass over every active rollout. Idempotent: assignments that already hold change nothing.
+/// One pass over every active rollout. Idempotent: a pass over unchanged facts writes nothing.
 pub fn reconcile_once(fleet: &Fleet, now_unix_ms: i64) -> Result<(), StoreError> {
+    reconcile_once_with(fleet, now_unix_ms, false)
+}
+
+fn reconcile_once_with(fleet: &Fleet, now: i64, include_finished: bool) -> Result<(), StoreError> {
+    let _guard = fleet.rollouts_lock.lock().unwrap_or_else(|p| p.into_inner());
     let rollouts = fleet.store.rollouts()?;
-    let active: Vec<proto::Rollout> = rollouts.into_iter().filter(is_active).collect();
-    if active.is_empty() {
+    let active_ids: HashSet<String> = rollouts.iter().filter(|r| is_active(r)).map(|r| r.id.clone()).collect();
+    let considered: Vec<proto::Rollout> = rollouts
+        .into_iter()
+        .filter(|r| is_active(r) || (include_finished && r.state == RolloutState::Aborted as i32))
+        .collect();
+    if considered.is_empty() {
         return Ok(());
     }
-    let devices = fleet.store.devices()?;
-    for mut rollout in active {
-        let plan = engine::decide(&rollout, &devices, now_unix_ms);
+    let mut devices = fleet.store.devices()?;
+    for mut rollout in considered {
         let span = tracing::info_span!("rollout", rollout_id = %rollout.id);
         let _entered = span.enter();
-        if let Some(candidate) = &rollout.candidate {
-            let assignment = Assignment {
-                bundle: candidate.clone(),
-                runtime: rollout.spec.as_ref().and_then(|s| s.runtime).unwrap_or_default(),
-                rollout_id: rollout.id.clone(),
-                cohort: engine::COHORT_CANDIDATE.into(),
-            };
-            for device_id in &plan.assign {
-                fleet.assign(device_id, &assignment)?;
+        let mut records = fleet.store.rollout_devices(&rollout.id)?;
+        let mut others = active_ids.clone();
+        others.remove(&rollout.id);
+        // Zero-soak steps advance several times in one pass; bounded by the number of steps.
+        let max_passes = rollout.spec.as_ref().map(|s| s.steps.len()).unwrap_or(0) + 2;
+        for _ in 0..max_passes {
+            let facts = engine::Facts { devices: &devices, records: &records, other_active: &others };
+            let plan = engine::decide(&rollout, &facts, now);
+            if !plan.changes(&rollout) {
+                break;
             }
-        }
-        let before = (rollout.state, rollout.current_step, rollout.counts, rollout.message.clone());
-        let after = (plan.state as i32, plan.current_step, Some(plan.counts), plan.message.clone());
-        if before != after || rollout.step_started_unix_ms != plan.step_started_unix_ms {
-            if rollout.state != plan.state as i32 || rollout.current_step != plan.current_step {
-                tracing::info!(
-                    state = plan.state.label(),
-                    step = plan.current_step + 1,
-                    message = %plan.message,
-                    "Rollout moved."
-                );
+            let moved = plan.rollout.state != rollout.state || plan.rollout.current_step != rollout.current_step;
+            apply(fleet, &rollout, &plan, now)?;
+            merge_records(&mut records, &plan.records);
+            rollout = plan.rollout;
+            if !moved || !is_active(&rollout) {
+                break;
             }
-            rollout.state = plan.state as i32;
-            rollout.current_step = plan.current_step;
-            rollout.step_started_unix_ms = plan.step_started_unix_ms;
-            rollout.counts = Some(plan.counts);
-            rollout.message = plan.message;
-            rollout.updated_unix_ms = now_unix_ms;
-            fleet.store.put_rollout(&rollout)?;
+            devices = fleet.store.devices()?;
         }
     }
     Ok(())
+}
+
+fn merge_records(records: &mut Vec<proto::RolloutDevice>, changed: &[proto::RolloutDevice]) {
+    for c in changed {
+        match records.iter_mut().find(|r| r.device_id == c.device_id) {
+            Some(r) => *r = c.clone(),
+            None => records.push(c.clone()),
+        }
+    }
+}
+
+/// Persists a plan (rollout, records and events in one transaction), then applies its device moves.
+/// Persisting first means a crash in between is repaired by the next pass: records say what must hold.
+fn apply(fleet: &Fleet, before: &proto::Rollout, plan: &engine::Plan, now: i64) -> Result<(), StoreError> {
+    let mut rollout = plan.rollout.clone();
+    if rollout != *before {
+        rollout.updated_unix_ms = now;
+    }
+    if rollout != *before || !plan.records.is_empty() || !plan.events.is_empty() {
+        fleet.store.commit_rollout(&rollout, &plan.records, &plan.events)?;
+    }
+    for event in &plan.events {
+        tracing::info!(
+            seq = event.seq,
+            kind = %event.kind,
+            device_id = %event.device_id,
+            message = %event.message,
+            "Rollout event."
+        );
+    }
+    let Some(candidate) = &rollout.candidate else { return Ok(()) };
+    let to_b = Assignment {
+        bundle: candidate.clone(),
+        runtime: rollout.spec.as_ref().and_then(|s| s.runtime).unwrap_or_default(),
+        rollout_id: rollout.id.clone(),
+        cohort: engine::COHORT_CANDIDATE.into(),
+    };
+    let to_a: Vec<Assignment> = plan
+        .to_baseline
+        .iter()
+        .map(|r| Assignment {
+            bundle: r.bundle.clone(),
+            runtime: r.runtime,
+            rollout_id: rollout.id.clone(),
+            cohort: engine::COHORT_BASELINE.into(),
+        })
+        .collect();
+    let mut moves: Vec<(&str, &Assignment, bool)> = Vec::new();
+    moves.extend(plan.to_candidate.iter().map(|id| (id.as_str(), &to_b, false)));
+    moves.extend(plan.retry.iter().map(|id| (id.as_str(), &to_b, true)));
+    moves.extend(plan.to_baseline.iter().zip(&to_a).map(|(r, a)| (r.device_id.as_str(), a, false)));
+    let sent = fleet.assign_many(&moves)?;
+    if sent > 0 {
+        tracing::info!(
+            to_candidate = plan.to_candidate.len(),
+            retried = plan.retry.len(),
+            to_baseline = plan.to_baseline.len(),
+            "Gave devices new desired states."
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperateError {
+    #[error("rollout {0:?} does not exist; alkictl rollout list shows the rollouts")]
+    NotFound(String),
+    #[error(transparent)]
+    Verb(#[from] engine::VerbError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Applies an operator's verb: the engine decides, this persists and applies, and the reconciler is woken.
+pub fn operate(
+    fleet: &Fleet,
+    id: &str,
+    verb: engine::Verb,
+    reason: &str,
+    now: i64,
+) -> Result<proto::Rollout, OperateError> {
+    let _guard = fleet.rollouts_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let rollout = fleet.store.rollout(id)?.ok_or_else(|| OperateError::NotFound(id.to_owned()))?;
+    let records = fleet.store.rollout_devices(id)?;
+    let plan = engine::command(&rollout, &records, verb, reason, now)?;
+    let span = tracing::info_span!("rollout", rollout_id = %rollout.id);
+    let _entered = span.enter();
+    apply(fleet, &rollout, &plan, now)?;
+    fleet.changed.notify_one();
+    Ok(plan.rollout)
 }

@@ -1,4 +1,5 @@
-//! Controller state in redb: devices, rollouts, tokens. One ACID, fsynced transaction per change.
+//! Controller state in redb: devices, rollouts (with their per-device records and event log), tokens.
+//! One ACID, fsynced transaction per change.
 //!
 //! Records are the wire contract's messages kept as JSON (see shared/build.rs): prost defaults fill
 //! fields a newer controller added, so old records keep loading. The registry keeps its own tables in
@@ -16,6 +17,10 @@ type Table = TableDefinition<'static, &'static str, &'static [u8]>;
 const DEVICES: Table = TableDefinition::new("devices");
 const ROLLOUTS: Table = TableDefinition::new("rollouts");
 const TOKENS: Table = TableDefinition::new("tokens");
+/// Per-device rollout records, keyed `<rollout id>/<device id>`.
+const ROLLOUT_DEVICES: Table = TableDefinition::new("rollout_devices");
+/// Rollout events, keyed `<rollout id>/<seq, 20 digits>` so a range scan reads them in order.
+const EVENTS: Table = TableDefinition::new("events");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -58,7 +63,7 @@ impl Store {
         std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Database(redb::StorageError::Io(e).into()))?;
         let db = Database::create(data_dir.join("controller.redb"))?;
         let txn = db.begin_write()?;
-        for table in [DEVICES, ROLLOUTS, TOKENS] {
+        for table in [DEVICES, ROLLOUTS, TOKENS, ROLLOUT_DEVICES, EVENTS] {
             txn.open_table(table)?;
         }
         txn.commit()?;
@@ -145,6 +150,34 @@ impl Store {
         })
     }
 
+    /// Changes several device records in one transaction (a rollout step moving many devices at once).
+    /// `f` gets each current record (or a new one with only the id set) and its index in `ids`.
+    pub fn update_devices<R>(
+        &self,
+        ids: &[&str],
+        mut f: impl FnMut(&mut proto::Device, usize) -> R,
+    ) -> Result<Vec<R>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut out = Vec::with_capacity(ids.len());
+        {
+            let mut t = txn.open_table(DEVICES)?;
+            for (i, id) in ids.iter().enumerate() {
+                let current: Option<proto::Device> = match t.get(*id)? {
+                    None => None,
+                    Some(v) => Some(decode(DEVICES.name().to_owned(), id, v.value())?),
+                };
+                let mut device =
+                    current.unwrap_or_else(|| proto::Device { id: (*id).to_owned(), ..Default::default() });
+                out.push(f(&mut device, i));
+                let bytes =
+                    serde_json::to_vec(&device).map_err(|e| StoreError::Encode(e, DEVICES.name().to_owned()))?;
+                t.insert(*id, bytes.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(out)
+    }
+
     pub fn rollout(&self, id: &str) -> Result<Option<proto::Rollout>, StoreError> {
         self.get(ROLLOUTS, id)
     }
@@ -155,6 +188,55 @@ impl Store {
 
     pub fn put_rollout(&self, rollout: &proto::Rollout) -> Result<(), StoreError> {
         self.put(ROLLOUTS, &rollout.id, rollout)
+    }
+
+    /// Writes a rollout, its changed device records and its new events in one transaction, so a
+    /// restart sees all of a transition or none of it.
+    pub fn commit_rollout(
+        &self,
+        rollout: &proto::Rollout,
+        devices: &[proto::RolloutDevice],
+        events: &[proto::RolloutEvent],
+    ) -> Result<(), StoreError> {
+        let encode = |value: &dyn erased::Encode, table: Table| {
+            value.encode().map_err(|e| StoreError::Encode(e, table.name().to_owned()))
+        };
+        let txn = self.db.begin_write()?;
+        {
+            txn.open_table(ROLLOUTS)?.insert(rollout.id.as_str(), encode(rollout, ROLLOUTS)?.as_slice())?;
+            let mut t = txn.open_table(ROLLOUT_DEVICES)?;
+            for d in devices {
+                t.insert(format!("{}/{}", d.rollout_id, d.device_id).as_str(), encode(d, ROLLOUT_DEVICES)?.as_slice())?;
+            }
+            let mut t = txn.open_table(EVENTS)?;
+            for e in events {
+                t.insert(event_key(&e.rollout_id, e.seq).as_str(), encode(e, EVENTS)?.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The per-device records of one rollout.
+    pub fn rollout_devices(&self, rollout_id: &str) -> Result<Vec<proto::RolloutDevice>, StoreError> {
+        self.range(ROLLOUT_DEVICES, &format!("{rollout_id}/"), &format!("{rollout_id}0"))
+    }
+
+    /// Events of one rollout with a sequence number above `after_seq`, oldest first.
+    pub fn rollout_events(&self, rollout_id: &str, after_seq: u64) -> Result<Vec<proto::RolloutEvent>, StoreError> {
+        let start = event_key(rollout_id, after_seq.saturating_add(1));
+        self.range(EVENTS, &start, &format!("{rollout_id}0"))
+    }
+
+    fn range<T: DeserializeOwned>(&self, table: Table, start: &str, end: &str) -> Result<Vec<T>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(table)?;
+        let mut out = Vec::new();
+        for entry in t.range(start..end)? {
+            let (k, v) = entry?;
+            out.push(decode(table.name().to_owned(), k.value(), v.value())?);
+        }
+        Ok(out)
     }
 
     pub fn token(&self, hash_hex: &str) -> Result<Option<TokenRecord>, StoreError> {
@@ -168,6 +250,22 @@ impl Store {
     pub fn token_count(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;
         Ok(txn.open_table(TOKENS)?.len()?)
+    }
+}
+
+fn event_key(rollout_id: &str, seq: u64) -> String {
+    format!("{rollout_id}/{seq:020}")
+}
+
+/// JSON encoding behind a trait object, so one closure encodes every record type of a transaction.
+mod erased {
+    pub trait Encode {
+        fn encode(&self) -> Result<Vec<u8>, serde_json::Error>;
+    }
+    impl<T: serde::Serialize> Encode for T {
+        fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
+            serde_json::to_vec(self)
+        }
     }
 }
 
@@ -197,5 +295,30 @@ mod tests {
         assert_eq!((d.agent_version.as_str(), d.desired_generation, d.applied_generation), ("1.0", 3, 3));
         assert_eq!(store.devices().expect("list").len(), 1);
         assert!(store.device("nope").expect("read").is_none());
+    }
+
+    #[test]
+    fn rollout_records_and_events_are_scoped_to_their_rollout_and_ordered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        for (id, n) in [("ro-a", 12u64), ("ro-b", 2)] {
+            let rollout = proto::Rollout { id: id.into(), event_seq: n, ..Default::default() };
+            let devices: Vec<_> = (0..3)
+                .map(|i| proto::RolloutDevice {
+                    rollout_id: id.into(),
+                    device_id: format!("d{i}"),
+                    ..Default::default()
+                })
+                .collect();
+            let events: Vec<_> =
+                (1..=n).map(|seq| proto::RolloutEvent { rollout_id: id.into(), seq, ..Default::default() }).collect();
+            store.commit_rollout(&rollout, &devices, &events).expect("commit");
+        }
+        assert_eq!(store.rollout_devices("ro-a").expect("devices").len(), 3);
+        let seqs: Vec<u64> = store.rollout_events("ro-a", 0).expect("events").iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=12).collect::<Vec<_>>());
+        assert_eq!(store.rollout_events("ro-a", 10).expect("events").len(), 2);
+        assert_eq!(store.rollout_events("ro-b", 0).expect("events").len(), 2);
+        assert_eq!(store.rollout("ro-b").expect("read").map(|r| r.event_seq), Some(2));
     }
 }

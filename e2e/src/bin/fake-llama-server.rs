@@ -8,6 +8,8 @@
 //! - `FAKE_LLAMA_EXIT_AT_LOAD=1`: exit with code 1 after loading, like a model that cannot load.
 //!   A model file that does not exist does the same.
 //! - `FAKE_LLAMA_CRASH_AFTER=N`: exit abruptly (code 139) when the N+1th completion request arrives.
+//! - `FAKE_LLAMA_WEDGE_AFTER=N`: from the N+1th completion on, hang completions and `/slots` while `/health`
+//!   still answers 200 (the wedged engine llama-server shows after a SIGTERM mid-generation).
 //! - `FAKE_LLAMA_TOKEN_MS` (default 0): time per generated token; a completion of n tokens takes n times this.
 //! - `FAKE_LLAMA_IGNORE_SIGTERM=1`: ignore SIGTERM (like the real server deadlocked mid-generation); only
 //!   SIGKILL stops it.
@@ -92,6 +94,9 @@ struct Knobs {
     crash_after: Option<u64>,
     token_ms: u64,
     ignore_sigterm: bool,
+    /// After this many completions the server wedges like llama-server's SIGTERM deadlock: `/health` still
+    /// answers 200, `/slots` and completions hang.
+    wedge_after: Option<u64>,
 }
 
 fn knobs(model_header: &[(String, String)]) -> Knobs {
@@ -105,6 +110,7 @@ fn knobs(model_header: &[(String, String)]) -> Knobs {
         crash_after: get("FAKE_LLAMA_CRASH_AFTER").and_then(|v| v.parse().ok()),
         token_ms: get("FAKE_LLAMA_TOKEN_MS").and_then(|v| v.parse().ok()).unwrap_or(0),
         ignore_sigterm: flag("FAKE_LLAMA_IGNORE_SIGTERM"),
+        wedge_after: get("FAKE_LLAMA_WEDGE_AFTER").and_then(|v| v.parse().ok()),
     }
 }
 
@@ -123,6 +129,7 @@ struct Fake {
     args: Args,
     knobs: Knobs,
     loaded: AtomicBool,
+    wedged: AtomicBool,
     processing: AtomicUsize,
     completions: AtomicU64,
     tokens: AtomicU64,
@@ -154,6 +161,7 @@ async fn main() {
         args: args.clone(),
         knobs: knobs.clone(),
         loaded: AtomicBool::new(false),
+        wedged: AtomicBool::new(false),
         processing: AtomicUsize::new(0),
         completions: AtomicU64::new(0),
         tokens: AtomicU64::new(0),
@@ -222,6 +230,7 @@ async fn handle(State(fake): State<Arc<Fake>>, request: Request) -> Response {
     let json_body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     match (method, path.as_str()) {
         (Method::GET, "/health") => Json(json!({"status": "ok"})).into_response(),
+        (Method::GET, "/slots") if fake.wedged.load(Ordering::SeqCst) => std::future::pending().await,
         (Method::GET, "/slots") => {
             let busy = fake.processing.load(Ordering::SeqCst);
             let slots: Vec<Value> = (0..fake.args.slots)
@@ -276,6 +285,13 @@ async fn completion(fake: &Fake, request: &Value, chat: bool) -> Response {
     if fake.knobs.crash_after.is_some_and(|n| served >= n) {
         eprintln!("fake-llama-server: crashing after {served} completions (FAKE_LLAMA_CRASH_AFTER)");
         std::process::exit(139);
+    }
+    if fake.knobs.wedge_after.is_some_and(|n| served >= n) {
+        eprintln!("fake-llama-server: wedged after {served} completions (FAKE_LLAMA_WEDGE_AFTER)");
+        fake.wedged.store(true, Ordering::SeqCst);
+    }
+    if fake.wedged.load(Ordering::SeqCst) {
+        return std::future::pending().await;
     }
     fake.processing.fetch_add(1, Ordering::SeqCst);
     let _processing = Processing(&fake.processing);

@@ -1,0 +1,296 @@
+//! The whole agent swapping back by itself: a new model that crashes or wedges within its watch window, a
+//! crash loop outside a swap, and a bundle that no longer loads at boot; each is reported with its cause
+//! while the previous bundle serves again.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use alki_agent::reference::BundleLocation;
+use alki_agent::settings::RuntimeOverrides;
+use alki_agent::state::{AgentState, Deployment, StateFile};
+use alki_agent::store::ContentStore;
+use alki_agent::{Agent, Config};
+use alki_shared::bundle::MEDIA_TYPE_WEIGHT_RAW;
+use alki_shared::digest::Digest;
+use alki_shared::ids::{DeviceId, Generation};
+use alki_shared::oci::{ANNOTATION_TITLE, Descriptor, ImageManifest, MEDIA_TYPE_EMPTY, MEDIA_TYPE_IMAGE_MANIFEST};
+use alki_shared::proto::{self, ErrorCode, Phase, agent_message, controller_message};
+use common::controller::{FakeController, next_where, status_with};
+use common::{TEST_TIMEOUT, fake_llama_server, fake_model, launch_settings};
+use tokio::sync::mpsc;
+
+const TOKEN: &str = "agent-secret";
+
+/// A bundle reference on a registry nobody answers on: activations must work from the content store alone.
+fn location(digest: Digest) -> BundleLocation {
+    BundleLocation {
+        registry: "127.0.0.1:1".to_owned(),
+        repository: "acme/tiny".to_owned(),
+        digest,
+        tag: String::new(),
+    }
+}
+
+/// A deployment of a fake model (with fault `knobs`) materialised under the data dir.
+fn deployment(data_dir: &Path, name: &str, knobs: &[&str], generation: u64) -> Deployment {
+    let variant = Digest::of(name.as_bytes());
+    let model_dir = data_dir.join("bundles").join(variant.hex());
+    std::fs::create_dir_all(&model_dir).expect("mkdir");
+    let model = fake_model(&model_dir, &format!("{name}.gguf"), knobs);
+    Deployment {
+        bundle: location(Digest::of(format!("bundle {name}").as_bytes())),
+        variant_digest: variant,
+        model_files: vec![model],
+        overrides: RuntimeOverrides::default(),
+        launch: launch_settings(),
+        generation: Generation(generation),
+    }
+}
+
+fn save_state(data_dir: &Path, active: Deployment, previous: Option<Deployment>) {
+    let mut state = AgentState::new(DeviceId::new("pi-test").expect("id"));
+    state.last_applied_generation = active.generation;
+    state.active = Some(active);
+    state.previous = previous;
+    StateFile::new(data_dir).save(&state).expect("save state");
+}
+
+/// Puts a one-variant bundle holding a fake model into the agent's content store; returns its location.
+async fn stage_bundle(data_dir: &Path, name: &str, knobs: &[&str]) -> BundleLocation {
+    let store = ContentStore::open(&data_dir.join("content")).expect("store");
+    let mut weights = String::from("FAKE-GGUF\n");
+    for knob in knobs {
+        weights.push_str(knob);
+        weights.push('\n');
+    }
+    let gguf = Digest::of(weights.as_bytes());
+    store.write_bytes(&gguf, weights.as_bytes()).await.expect("weights");
+    let config = Digest::of(b"{}");
+    store.write_bytes(&config, b"{}").await.expect("config");
+    let mut layer = Descriptor::new(MEDIA_TYPE_WEIGHT_RAW, gguf, weights.len() as u64);
+    layer.annotations.insert(ANNOTATION_TITLE.to_owned(), format!("{name}.gguf"));
+    let manifest = ImageManifest {
+        schema_version: 2,
+        media_type: Some(MEDIA_TYPE_IMAGE_MANIFEST.to_owned()),
+        artifact_type: Some(alki_shared::bundle::ARTIFACT_TYPE_MODEL.to_owned()),
+        config: Descriptor::new(MEDIA_TYPE_EMPTY, config, 2),
+        layers: vec![layer],
+        subject: None,
+        annotations: Default::default(),
+    };
+    let bytes = serde_json::to_vec(&manifest).expect("json");
+    let digest = Digest::of(&bytes);
+    store.write_bytes(&digest, &bytes).await.expect("manifest");
+    location(digest)
+}
+
+fn config(dir: &Path, data_dir: &Path, controller: SocketAddr, runtime_extra: &str) -> Config {
+    let token_file = dir.join("agent.token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token");
+    let text = format!(
+        r#"
+data_dir = {data_dir:?}
+[controller]
+url = "http://{controller}"
+token_file = {token_file:?}
+[runtime]
+llama_server = {llama:?}
+front_addr = "127.0.0.1:0"
+health_timeout_secs = 15
+drain_timeout_secs = 2
+{runtime_extra}
+"#,
+        llama = fake_llama_server(),
+    );
+    Config::from_toml(&text).expect("valid config")
+}
+
+/// The content of a completion through the front port, or None on any failure.
+async fn completion(front: SocketAddr) -> Option<String> {
+    let response = reqwest::Client::new()
+        .post(format!("http://{front}/completion"))
+        .json(&serde_json::json!({"prompt": "Hi", "n_predict": 2}))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    if response.status() != 200 {
+        return None;
+    }
+    let body: serde_json::Value = response.json().await.ok()?;
+    body["content"].as_str().map(str::to_owned)
+}
+
+/// Sends completions until one is served by `model`.
+async fn until_served_by(front: SocketAddr, model: &str) {
+    loop {
+        if completion(front).await.is_some_and(|c| c.contains(model)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Running {
+    front: SocketAddr,
+    up: mpsc::Receiver<proto::AgentMessage>,
+    down: mpsc::Sender<proto::ControllerMessage>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), alki_agent::AgentError>>,
+}
+
+async fn start_agent(dir: &Path, data_dir: &Path, runtime_extra: &str) -> Running {
+    let (controller, up, mut downs) = FakeController::new(1, TOKEN);
+    let down = downs.remove(0);
+    let controller_addr = controller.serve().await;
+    let agent = Agent::start(config(dir, data_dir, controller_addr, runtime_extra)).await.expect("agent starts");
+    let front = agent.front_addr();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(agent.run(async move {
+        let _ = stop_rx.await;
+    }));
+    let welcome = proto::Welcome { device_id: "pi-test".to_owned(), heartbeat_interval_seconds: 5 };
+    down.send(proto::ControllerMessage { msg: Some(controller_message::Msg::Welcome(welcome)) })
+        .await
+        .expect("welcome");
+    Running { front, up, down, stop, task }
+}
+
+impl Running {
+    async fn desire(&self, generation: u64, bundle: &BundleLocation) {
+        let desired = proto::DesiredState { generation, bundle: Some(bundle.to_proto()), ..Default::default() };
+        self.down
+            .send(proto::ControllerMessage { msg: Some(controller_message::Msg::DesiredState(desired)) })
+            .await
+            .expect("desired state");
+    }
+
+    async fn failed(&mut self, generation: u64) -> proto::Status {
+        match next_where(&mut self.up, status_with(Phase::Failed, generation)).await {
+            agent_message::Msg::Status(status) => status,
+            _ => unreachable!("status_with matches statuses only"),
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.send(()).expect("signal shutdown");
+        self.task.await.expect("task").expect("clean exit");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_model_that_crashes_within_the_watch_window_is_rolled_back_and_reported() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().join("data");
+        let a = deployment(&data_dir, "model-a", &[], 3);
+        save_state(&data_dir, a.clone(), None);
+        // The smoke completion passes, one client request passes, the next crashes B.
+        let b = stage_bundle(&data_dir, "crashy-b", &["FAKE_LLAMA_CRASH_AFTER=2"]).await;
+        let mut agent =
+            start_agent(dir.path(), &data_dir, "watch_window_secs = 30\nswap_strategy = \"blue_green\"").await;
+        until_served_by(agent.front, "model-a.gguf").await;
+
+        agent.desire(4, &b).await;
+        next_where(&mut agent.up, status_with(Phase::Active, 4)).await;
+        until_served_by(agent.front, "crashy-b.gguf").await;
+        let _ = completion(agent.front).await; // B crashes on this one.
+        let failed = agent.failed(4).await;
+        let error = failed.error.expect("error set");
+        assert_eq!(error.code, ErrorCode::StartFailed as i32);
+        assert!(error.message.contains("rolled back to"), "{}", error.message);
+        assert!(error.message.contains("exited") && error.message.contains("watch window"), "{}", error.message);
+        assert_eq!(failed.serving, Some(a.bundle.to_proto()), "A serves again");
+        until_served_by(agent.front, "model-a.gguf").await;
+
+        agent.stop().await;
+        let state = StateFile::new(&data_dir).load().expect("state").expect("present");
+        assert_eq!(state.active.map(|d| d.bundle), Some(a.bundle), "A is active after a restart too");
+        assert_eq!(state.last_applied_generation, Generation(4), "the failed generation is not retried");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_model_that_wedges_is_rolled_back_after_a_stop_then_start_swap() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().join("data");
+        let a = deployment(&data_dir, "model-a", &[], 3);
+        save_state(&data_dir, a.clone(), None);
+        // After the smoke completion, the first client request wedges B: /health answers, /slots hangs.
+        let b = stage_bundle(&data_dir, "wedging-b", &["FAKE_LLAMA_WEDGE_AFTER=1"]).await;
+        let mut agent =
+            start_agent(dir.path(), &data_dir, "watch_window_secs = 30\nswap_strategy = \"stop_then_start\"").await;
+        until_served_by(agent.front, "model-a.gguf").await;
+
+        agent.desire(4, &b).await;
+        next_where(&mut agent.up, status_with(Phase::Active, 4)).await;
+        let front = agent.front;
+        let stuck = tokio::spawn(async move { completion(front).await });
+        let failed = agent.failed(4).await;
+        let message = failed.error.map(|e| e.message).unwrap_or_default();
+        assert!(message.contains("liveness checks") && message.contains("/slots"), "{message}");
+        assert!(message.contains("rolled back to"), "{message}");
+        assert_eq!(failed.serving, Some(a.bundle.to_proto()));
+        until_served_by(agent.front, "model-a.gguf").await;
+        assert_eq!(stuck.await.expect("task"), None, "the wedged request failed rather than hanging forever");
+        agent.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_outside_a_swap_falls_back_to_the_previous_bundle_and_is_reported() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().join("data");
+        let a = deployment(&data_dir, "model-a", &[], 3);
+        // B crashes on every first client request after each (re)start.
+        let b = deployment(&data_dir, "crashy-b", &["FAKE_LLAMA_CRASH_AFTER=1"], 4);
+        save_state(&data_dir, b.clone(), Some(a.clone()));
+        let mut agent = start_agent(dir.path(), &data_dir, "").await;
+
+        let front = agent.front;
+        let load = tokio::spawn(async move { until_served_by(front, "model-a.gguf").await });
+        let failed = agent.failed(4).await;
+        let message = failed.error.map(|e| e.message).unwrap_or_default();
+        assert!(message.contains("crash loop") && message.contains("rolled back to"), "{message}");
+        assert_eq!(failed.bundle, Some(b.bundle.to_proto()));
+        assert_eq!(failed.serving, Some(a.bundle.to_proto()));
+        load.await.expect("A serves after the crash loop");
+
+        agent.stop().await;
+        let state = StateFile::new(&data_dir).load().expect("state").expect("present");
+        assert_eq!(state.active.map(|d| d.bundle), Some(a.bundle));
+        assert_eq!(state.previous, None, "the crash-looping bundle is not kept as a rollback target");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_that_no_longer_loads_at_boot_falls_back_to_the_previous_one() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().join("data");
+        let a = deployment(&data_dir, "model-a", &[], 3);
+        let b = deployment(&data_dir, "broken-b", &["FAKE_LLAMA_EXIT_AT_LOAD=1"], 4);
+        save_state(&data_dir, b.clone(), Some(a.clone()));
+        let mut agent = start_agent(dir.path(), &data_dir, "").await;
+
+        let failed = agent.failed(4).await;
+        let message = failed.error.map(|e| e.message).unwrap_or_default();
+        assert!(message.contains("cannot be loaded") && message.contains("rolled back to"), "{message}");
+        assert_eq!(failed.serving, Some(a.bundle.to_proto()));
+        until_served_by(agent.front, "model-a.gguf").await;
+        agent.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}

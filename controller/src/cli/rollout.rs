@@ -1,0 +1,595 @@
+//! `alkictl rollout`: create (flags or a TOML spec file), list, status (per class, `--watch`), the
+//! operator verbs and the event history.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use alki_shared::proto::{self, ClassFailurePolicy, GateVerdict, InconclusivePolicy, RolloutState};
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+use super::{Cli, Output, SelectorArgs, print, short_ref, split_bundle_ref, status, table};
+
+#[derive(Subcommand)]
+pub enum RolloutCmd {
+    /// Start rolling a bundle out to the selected devices (flags, or `--file spec.toml`; flags win).
+    Create(CreateArgs),
+    /// One rollout, in one line.
+    Get { id: String },
+    /// Every rollout, newest first.
+    List,
+    /// A rollout per step and per hardware class: counts, gate values against thresholds, why it waits.
+    Status {
+        id: String,
+        /// Redraw every 2 s until the rollout completes or aborts.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Stop moving devices until resumed.
+    Pause(ActionArgs),
+    /// Continue a paused rollout (accepting an inconclusive step it was held on).
+    Resume(ActionArgs),
+    /// Jump to 100% now; failures still halt or abort.
+    Promote(ActionArgs),
+    /// Return every candidate device to what it ran before.
+    Abort(ActionArgs),
+    /// Give failed candidate devices another try.
+    Retry(ActionArgs),
+    /// The rollout's events, oldest first.
+    History { id: String },
+}
+
+#[derive(Args)]
+pub struct ActionArgs {
+    pub id: String,
+    /// Why, for the event log.
+    #[arg(long, default_value = "")]
+    pub reason: String,
+}
+
+#[derive(Clone, Copy, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClassFailure {
+    /// Abort the whole rollout.
+    Abort,
+    /// Halt only the failing class; the others continue.
+    HaltClass,
+}
+
+#[derive(Clone, Copy, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Inconclusive {
+    /// Pause for a human.
+    Hold,
+    /// Advance anyway.
+    Advance,
+}
+
+#[derive(Args, Default)]
+pub struct CreateArgs {
+    /// A TOML rollout spec (see `SpecFile`); flags given as well override its fields.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// The candidate: REPOSITORY:TAG or REPOSITORY@sha256:...
+    #[arg(long)]
+    pub bundle: Option<String>,
+    #[command(flatten)]
+    pub selector: SelectorArgs,
+    /// Percentages of the selected devices per step, e.g. 5,25,50,100.
+    #[arg(long, value_delimiter = ',')]
+    pub steps: Vec<u32>,
+    /// Instead of --steps: an exponential ramp starting here (percent)...
+    #[arg(long)]
+    pub ramp_start: Option<u32>,
+    /// ...multiplied by this factor each step until 100%.
+    #[arg(long)]
+    pub ramp_factor: Option<f64>,
+    /// Minimum time each step soaks before the next, in seconds.
+    #[arg(long)]
+    pub soak_seconds: Option<u32>,
+    /// Context size override for llama-server (0 keeps the bundle's default).
+    #[arg(long)]
+    pub context: Option<u32>,
+    /// Judge a class once this many of its candidate devices settled.
+    #[arg(long)]
+    pub min_devices: Option<u32>,
+    /// Lowest acceptable ratio of active to settled candidate devices per class (0..1).
+    #[arg(long)]
+    pub min_success_ratio: Option<f64>,
+    /// Highest acceptable ratio of failed to settled candidate devices per class (0..1).
+    #[arg(long)]
+    pub max_failure_ratio: Option<f64>,
+    /// Highest acceptable number of failed candidate devices per class.
+    #[arg(long)]
+    pub max_failures: Option<u32>,
+    /// A candidate device not active this long after assignment counts as failed.
+    #[arg(long)]
+    pub deadline_seconds: Option<u32>,
+    /// At most this many candidate devices converging at once.
+    #[arg(long)]
+    pub max_concurrent: Option<u32>,
+    #[arg(long, value_enum)]
+    pub on_class_failure: Option<ClassFailure>,
+    #[arg(long, value_enum)]
+    pub on_inconclusive: Option<Inconclusive>,
+}
+
+/// A rollout spec file (TOML). Every field is optional; unknown fields are refused.
+///
+/// ```toml
+/// bundle = "acme/qwen:v2"
+/// selector = { site = "shop-7" }
+/// steps = [5, 25, 50, 100]        # or: ramp = { start_percent = 1, factor = 2 }
+/// soak_seconds = 600
+/// deadline_seconds = 1800
+/// max_concurrent = 50
+/// on_class_failure = "halt-class" # or "abort"
+/// on_inconclusive = "hold"        # or "advance"
+/// [gates]
+/// min_devices = 5
+/// min_success_ratio = 0.95
+/// max_failure_ratio = 0.05
+/// max_failures = 3
+/// [runtime]
+/// context_size = 4096
+/// ```
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SpecFile {
+    pub bundle: Option<String>,
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub steps: Vec<u32>,
+    pub ramp: Option<RampFile>,
+    pub soak_seconds: Option<u32>,
+    pub deadline_seconds: Option<u32>,
+    pub max_concurrent: Option<u32>,
+    pub on_class_failure: Option<ClassFailure>,
+    pub on_inconclusive: Option<Inconclusive>,
+    pub gates: Option<GatesFile>,
+    pub runtime: Option<RuntimeFile>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct RampFile {
+    pub start_percent: u32,
+    pub factor: f64,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct GatesFile {
+    pub min_devices: Option<u32>,
+    pub min_success_ratio: Option<f64>,
+    pub max_failure_ratio: Option<f64>,
+    pub max_failures: Option<u32>,
+    pub min_tokens_per_second_ratio: Option<f64>,
+    pub max_ttft_ratio: Option<f64>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeFile {
+    #[serde(default)]
+    pub context_size: u32,
+    #[serde(default)]
+    pub threads: u32,
+    #[serde(default)]
+    pub gpu_layers: i32,
+    #[serde(default)]
+    pub parallel_slots: u32,
+}
+
+fn read_spec_file(path: &Path) -> anyhow::Result<SpecFile> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading rollout spec {}", path.display()))?;
+    toml::from_str(&text)
+        .with_context(|| format!("rollout spec {} is not valid (see alkictl rollout create --help)", path.display()))
+}
+
+/// Builds the wire spec from a spec file and flags; flags override the file.
+pub fn build_spec(args: &CreateArgs) -> anyhow::Result<proto::RolloutSpec> {
+    let file = match &args.file {
+        Some(path) => read_spec_file(path)?,
+        None => SpecFile::default(),
+    };
+    let Some(bundle) = args.bundle.clone().or(file.bundle) else {
+        bail!("name the candidate with --bundle REPOSITORY:TAG or `bundle = ...` in the spec file");
+    };
+    let (repository, candidate) = split_bundle_ref(&bundle)?;
+    let mut selector: BTreeMap<String, String> = file.selector;
+    selector.extend(args.selector.selector.iter().cloned());
+    let soak = args.soak_seconds.or(file.soak_seconds).unwrap_or(0);
+    let percents = if args.steps.is_empty() { file.steps } else { args.steps.clone() };
+    let ramp = match (args.ramp_start, args.ramp_factor, file.ramp) {
+        (Some(start_percent), factor, _) => Some(RampFile { start_percent, factor: factor.unwrap_or(2.0) }),
+        (None, Some(_), _) => bail!("--ramp-factor needs --ramp-start"),
+        (None, None, ramp) if percents.is_empty() => ramp,
+        _ => None,
+    };
+    let steps = if ramp.is_some() {
+        Vec::new()
+    } else if percents.is_empty() {
+        vec![proto::RolloutStep { percent: 100, min_soak_seconds: soak }]
+    } else {
+        percents.iter().map(|&percent| proto::RolloutStep { percent, min_soak_seconds: soak }).collect()
+    };
+    let g = file.gates.unwrap_or_default();
+    let gates = proto::RolloutGates {
+        min_devices: args.min_devices.or(g.min_devices).unwrap_or(0),
+        min_success_ratio: args.min_success_ratio.or(g.min_success_ratio),
+        max_failure_ratio: args.max_failure_ratio.or(g.max_failure_ratio),
+        max_failures: args.max_failures.or(g.max_failures),
+        min_tokens_per_second_ratio: g.min_tokens_per_second_ratio,
+        max_ttft_ratio: g.max_ttft_ratio,
+    };
+    let rt = file.runtime.unwrap_or_default();
+    Ok(proto::RolloutSpec {
+        repository,
+        candidate,
+        selector: selector.into_iter().collect(),
+        steps,
+        runtime: Some(proto::RuntimeSettings {
+            context_size: args.context.unwrap_or(rt.context_size),
+            threads: rt.threads,
+            gpu_layers: rt.gpu_layers,
+            parallel_slots: rt.parallel_slots,
+        }),
+        gates: Some(gates),
+        device_deadline_seconds: args.deadline_seconds.or(file.deadline_seconds).unwrap_or(0),
+        max_concurrent: args.max_concurrent.or(file.max_concurrent).unwrap_or(0),
+        on_class_failure: match args.on_class_failure.or(file.on_class_failure) {
+            Some(ClassFailure::HaltClass) => ClassFailurePolicy::HaltClass,
+            Some(ClassFailure::Abort) | None => ClassFailurePolicy::Abort,
+        } as i32,
+        on_inconclusive: match args.on_inconclusive.or(file.on_inconclusive) {
+            Some(Inconclusive::Advance) => InconclusivePolicy::Advance,
+            Some(Inconclusive::Hold) | None => InconclusivePolicy::Hold,
+        } as i32,
+        ramp: ramp.map(|r| proto::ExponentialRamp {
+            start_percent: r.start_percent,
+            factor: r.factor,
+            min_soak_seconds: soak,
+        }),
+    })
+}
+
+/// Runs one `alkictl rollout` command.
+pub async fn run(cli: &Cli, cmd: &RolloutCmd) -> anyhow::Result<()> {
+    match cmd {
+        RolloutCmd::Create(args) => {
+            let spec = build_spec(args)?;
+            let created = cli
+                .fleet()
+                .await?
+                .create_rollout(proto::CreateRolloutRequest { spec: Some(spec) })
+                .await
+                .map_err(status)?;
+            let view = RolloutView::from(&created.into_inner());
+            print(cli.output, &view, |r| format!("rollout {} created for {} (steps {:?})", r.id, r.candidate, r.steps))
+        }
+        RolloutCmd::Get { id } => {
+            let r =
+                cli.fleet().await?.get_rollout(proto::GetRolloutRequest { id: id.clone() }).await.map_err(status)?;
+            let view = RolloutView::from(&r.into_inner());
+            print(cli.output, &view, |r| rollout_table(std::slice::from_ref(r)))
+        }
+        RolloutCmd::List => {
+            let rs = cli.fleet().await?.list_rollouts(proto::ListRolloutsRequest {}).await.map_err(status)?;
+            let views: Vec<RolloutView> = rs.into_inner().rollouts.iter().map(RolloutView::from).collect();
+            print(cli.output, &views, |rs| rollout_table(rs))
+        }
+        RolloutCmd::Status { id, watch } => {
+            let mut client = cli.fleet().await?;
+            loop {
+                let r =
+                    client.get_rollout(proto::GetRolloutRequest { id: id.clone() }).await.map_err(status)?.into_inner();
+                let events = client
+                    .list_rollout_events(proto::ListRolloutEventsRequest { id: id.clone(), after_seq: 0 })
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+                    .events;
+                let view = StatusView::new(&r, &events);
+                if *watch && cli.output == Output::Table {
+                    // Clear the screen and home the cursor, then redraw.
+                    print!("\x1b[2J\x1b[H");
+                }
+                print(cli.output, &view, status_text)?;
+                let finished = !matches!(
+                    RolloutState::try_from(r.state).unwrap_or_default(),
+                    RolloutState::Pending | RolloutState::Progressing | RolloutState::Paused
+                );
+                if !*watch || finished {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+        RolloutCmd::Pause(a)
+        | RolloutCmd::Resume(a)
+        | RolloutCmd::Promote(a)
+        | RolloutCmd::Abort(a)
+        | RolloutCmd::Retry(a) => {
+            let request = proto::RolloutActionRequest { id: a.id.clone(), reason: a.reason.clone() };
+            let mut client = cli.fleet().await?;
+            let r = match cmd {
+                RolloutCmd::Pause(_) => client.pause_rollout(request).await,
+                RolloutCmd::Resume(_) => client.resume_rollout(request).await,
+                RolloutCmd::Promote(_) => client.promote_rollout(request).await,
+                RolloutCmd::Abort(_) => client.abort_rollout(request).await,
+                _ => client.retry_rollout(request).await,
+            }
+            .map_err(status)?;
+            let view = RolloutView::from(&r.into_inner());
+            print(cli.output, &view, |r| format!("rollout {}: {} ({})", r.id, r.state, r.message))
+        }
+        RolloutCmd::History { id } => {
+            let events = cli
+                .fleet()
+                .await?
+                .list_rollout_events(proto::ListRolloutEventsRequest { id: id.clone(), after_seq: 0 })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .events;
+            let views: Vec<EventView> = events.iter().map(EventView::from).collect();
+            print(cli.output, &views, |es| {
+                let mut t = table(["SEQ", "TIME", "KIND", "DEVICE", "MESSAGE"]);
+                for e in es {
+                    t.add_row([
+                        e.seq.to_string(),
+                        e.time.clone(),
+                        e.kind.clone(),
+                        e.device_id.clone(),
+                        e.message.clone(),
+                    ]);
+                }
+                t.to_string()
+            })
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct RolloutView {
+    id: String,
+    state: String,
+    candidate: String,
+    step: u32,
+    steps: Vec<u32>,
+    selected: u32,
+    candidate_devices: u32,
+    active: u32,
+    failed: u32,
+    pending: u32,
+    halted_classes: Vec<String>,
+    message: String,
+}
+
+impl From<&proto::Rollout> for RolloutView {
+    fn from(r: &proto::Rollout) -> Self {
+        let c = r.counts.unwrap_or_default();
+        RolloutView {
+            id: r.id.clone(),
+            state: RolloutState::try_from(r.state).unwrap_or_default().label().into(),
+            candidate: r.candidate.as_ref().map(|b| b.display()).unwrap_or_default(),
+            step: r.current_step + 1,
+            steps: r.spec.as_ref().map(|s| s.steps.iter().map(|s| s.percent).collect()).unwrap_or_default(),
+            selected: c.selected,
+            candidate_devices: c.candidate,
+            active: c.active,
+            failed: c.failed,
+            pending: c.pending,
+            halted_classes: r.halted_classes.clone(),
+            message: r.message.clone(),
+        }
+    }
+}
+
+fn rollout_table(rs: &[RolloutView]) -> String {
+    let mut t =
+        table(["ROLLOUT", "STATE", "STEP", "SELECTED", "B", "ACTIVE", "FAILED", "PENDING", "CANDIDATE", "MESSAGE"]);
+    for r in rs {
+        t.add_row([
+            r.id.clone(),
+            r.state.clone(),
+            format!("{}/{}", r.step.min(r.steps.len() as u32), r.steps.len()),
+            r.selected.to_string(),
+            r.candidate_devices.to_string(),
+            r.active.to_string(),
+            r.failed.to_string(),
+            r.pending.to_string(),
+            short_ref(&r.candidate),
+            r.message.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
+#[derive(Serialize)]
+struct ClassView {
+    class: String,
+    verdict: String,
+    selected: u32,
+    candidate: u32,
+    active: u32,
+    failed: u32,
+    pending: u32,
+    success_ratio: f64,
+    failure_ratio: f64,
+    reason: String,
+}
+
+#[derive(Serialize)]
+struct EventView {
+    seq: u64,
+    unix_ms: i64,
+    time: String,
+    kind: String,
+    device_id: String,
+    message: String,
+}
+
+impl From<&proto::RolloutEvent> for EventView {
+    fn from(e: &proto::RolloutEvent) -> Self {
+        let time = u64::try_from(e.unix_ms)
+            .map(|ms| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string())
+            .unwrap_or_default();
+        EventView {
+            seq: e.seq,
+            unix_ms: e.unix_ms,
+            time,
+            kind: e.kind.clone(),
+            device_id: e.device_id.clone(),
+            message: e.message.clone(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct StatusView {
+    rollout: RolloutView,
+    step_percent: u32,
+    soak_seconds: u32,
+    gates: String,
+    classes: Vec<ClassView>,
+    recent_events: Vec<EventView>,
+}
+
+impl StatusView {
+    fn new(r: &proto::Rollout, events: &[proto::RolloutEvent]) -> StatusView {
+        let spec = r.spec.clone().unwrap_or_default();
+        let step = spec.steps.get(r.current_step as usize).copied().unwrap_or_default();
+        let g = spec.gates.unwrap_or_default();
+        let mut gates = vec![format!("min devices {}", g.min_devices.max(1))];
+        if let Some(v) = g.min_success_ratio {
+            gates.push(format!("success >= {v:.2}"));
+        }
+        if let Some(v) = g.max_failure_ratio {
+            gates.push(format!("failures <= {v:.2}"));
+        }
+        if let Some(v) = g.max_failures {
+            gates.push(format!("failed devices <= {v}"));
+        }
+        let policy = if spec.on_class_failure == ClassFailurePolicy::HaltClass as i32 { "halt class" } else { "abort" };
+        gates.push(format!("on failure: {policy}"));
+        let classes = r
+            .classes
+            .iter()
+            .map(|c| {
+                let n = c.counts.unwrap_or_default();
+                ClassView {
+                    class: c.class.clone(),
+                    verdict: verdict_label(c.verdict).into(),
+                    selected: n.selected,
+                    candidate: n.candidate,
+                    active: n.active,
+                    failed: n.failed,
+                    pending: n.pending,
+                    success_ratio: c.success_ratio,
+                    failure_ratio: c.failure_ratio,
+                    reason: c.reason.clone(),
+                }
+            })
+            .collect();
+        let skip = events.len().saturating_sub(5);
+        StatusView {
+            rollout: RolloutView::from(r),
+            step_percent: step.percent,
+            soak_seconds: step.min_soak_seconds,
+            gates: gates.join(", "),
+            classes,
+            recent_events: events[skip..].iter().map(EventView::from).collect(),
+        }
+    }
+}
+
+fn verdict_label(v: i32) -> &'static str {
+    match GateVerdict::try_from(v).unwrap_or_default() {
+        GateVerdict::Unspecified => "-",
+        GateVerdict::NotSampled => "not sampled",
+        GateVerdict::Waiting => "waiting",
+        GateVerdict::Pass => "pass",
+        GateVerdict::Inconclusive => "inconclusive",
+        GateVerdict::Fail => "fail",
+        GateVerdict::Halted => "halted",
+    }
+}
+
+fn status_text(s: &StatusView) -> String {
+    let r = &s.rollout;
+    let mut out = format!(
+        "rollout {}  {}  step {}/{} ({}%, soak {} s)  candidate {}\n{}\ngates: {}\n\n",
+        r.id,
+        r.state,
+        r.step.min(r.steps.len() as u32),
+        r.steps.len(),
+        s.step_percent,
+        s.soak_seconds,
+        short_ref(&r.candidate),
+        r.message,
+        s.gates
+    );
+    let mut t = table(["CLASS", "VERDICT", "SELECTED", "B", "ACTIVE", "FAILED", "PENDING", "SUCCESS", "WHY"]);
+    for c in &s.classes {
+        t.add_row([
+            c.class.clone(),
+            c.verdict.clone(),
+            c.selected.to_string(),
+            c.candidate.to_string(),
+            c.active.to_string(),
+            c.failed.to_string(),
+            c.pending.to_string(),
+            format!("{:.2}", c.success_ratio),
+            c.reason.clone(),
+        ]);
+    }
+    out.push_str(&t.to_string());
+    out.push_str("\n\nrecent events:\n");
+    for e in &s.recent_events {
+        out.push_str(&format!("  {} {} {}\n", e.time, e.kind, e.message));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spec_file_is_read_and_flags_override_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("spec.toml");
+        std::fs::write(
+            &path,
+            r#"
+bundle = "acme/qwen:v2"
+selector = { site = "shop-7" }
+steps = [5, 25, 50, 100]
+soak_seconds = 600
+on_class_failure = "halt-class"
+[gates]
+min_devices = 5
+max_failure_ratio = 0.05
+[runtime]
+context_size = 4096
+"#,
+        )
+        .expect("write");
+        let args = CreateArgs { file: Some(path.clone()), max_concurrent: Some(7), ..Default::default() };
+        let spec = build_spec(&args).expect("spec");
+        assert_eq!((spec.repository.as_str(), spec.candidate.as_str()), ("acme/qwen", "v2"));
+        assert_eq!(spec.steps.iter().map(|s| (s.percent, s.min_soak_seconds)).collect::<Vec<_>>()[0], (5, 600));
+        assert_eq!(spec.on_class_failure, ClassFailurePolicy::HaltClass as i32);
+        assert_eq!(spec.gates.and_then(|g| g.max_failure_ratio), Some(0.05));
+        assert_eq!((spec.max_concurrent, spec.runtime.map(|r| r.context_size)), (7, Some(4096)));
+
+        std::fs::write(&path, "bundle = \"a/b:c\"\nstepz = [1]\n").expect("write");
+        let err = build_spec(&args).expect_err("unknown field");
+        assert!(format!("{err:#}").contains("stepz"), "{err:#}");
+    }
+}

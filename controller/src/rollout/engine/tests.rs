@@ -1,0 +1,450 @@
+//! Engine tests with a fake clock: unit scenarios and property tests of cohorts, gates and abort.
+
+use super::*;
+use proptest::prelude::*;
+
+pub(super) fn rollout(steps: &[(u32, u32)]) -> proto::Rollout {
+    proto::Rollout {
+        id: "ro-1".into(),
+        spec: Some(proto::RolloutSpec {
+            repository: "acme/tiny".into(),
+            candidate: "v2".into(),
+            selector: HashMap::from([("site".to_owned(), "lab".to_owned())]),
+            steps: steps
+                .iter()
+                .map(|&(percent, min_soak_seconds)| proto::RolloutStep { percent, min_soak_seconds })
+                .collect(),
+            ..Default::default()
+        }),
+        candidate: Some(bundle("sha256:bb")),
+        state: RolloutState::Pending as i32,
+        ..Default::default()
+    }
+}
+
+fn bundle(digest: &str) -> proto::BundleRef {
+    proto::BundleRef { repository: "acme/tiny".into(), digest: digest.into(), ..Default::default() }
+}
+
+fn device(id: &str, site: &str, class: &str) -> proto::Device {
+    proto::Device {
+        id: id.into(),
+        labels: HashMap::from([("site".to_owned(), site.to_owned()), ("class".to_owned(), class.to_owned())]),
+        running: Some(bundle("sha256:aa")),
+        desired: Some(bundle("sha256:aa")),
+        desired_runtime: Some(proto::RuntimeSettings { context_size: 1024, ..Default::default() }),
+        desired_generation: 1,
+        applied_generation: 1,
+        phase: Phase::Active as i32,
+        ..Default::default()
+    }
+}
+
+/// A simulated fleet under the engine: applies plans the way the reconciler and agents would.
+struct Sim {
+    rollout: proto::Rollout,
+    devices: Vec<proto::Device>,
+    records: Vec<proto::RolloutDevice>,
+    events: Vec<proto::RolloutEvent>,
+    /// Devices that fail activation of B.
+    failing: HashSet<String>,
+    /// Devices that never report (offline).
+    offline: HashSet<String>,
+}
+
+impl Sim {
+    fn new(rollout: proto::Rollout, devices: Vec<proto::Device>) -> Sim {
+        Sim {
+            rollout,
+            devices,
+            records: Vec::new(),
+            events: Vec::new(),
+            failing: HashSet::new(),
+            offline: HashSet::new(),
+        }
+    }
+
+    fn apply(&mut self, plan: Plan) {
+        for r in &plan.records {
+            match self.records.iter_mut().find(|x| x.device_id == r.device_id) {
+                Some(x) => *x = r.clone(),
+                None => self.records.push(r.clone()),
+            }
+        }
+        self.events.extend(plan.events.iter().cloned());
+        let candidate = plan.rollout.candidate.clone();
+        let id = plan.rollout.id.clone();
+        for d in self.devices.iter_mut() {
+            let to_b = plan.to_candidate.contains(&d.id) || plan.retry.contains(&d.id);
+            let to_a = plan.to_baseline.iter().find(|r| r.device_id == d.id);
+            if to_b {
+                d.rollout_id = id.clone();
+                d.cohort = COHORT_CANDIDATE.into();
+                d.desired = candidate.clone();
+                d.desired_generation += 1;
+            } else if let Some(r) = to_a {
+                d.rollout_id = id.clone();
+                d.cohort = COHORT_BASELINE.into();
+                d.desired = Some(r.bundle.clone());
+                d.desired_runtime = Some(r.runtime);
+                d.desired_generation += 1;
+            } else {
+                continue;
+            }
+            if self.offline.contains(&d.id) {
+                continue;
+            }
+            // The agent converges at once.
+            d.applied_generation = d.desired_generation;
+            if to_b && self.failing.contains(&d.id) {
+                d.phase = Phase::Failed as i32;
+                d.error =
+                    Some(proto::ActivationError { code: proto::ErrorCode::StartFailed as i32, ..Default::default() });
+            } else {
+                d.phase = Phase::Active as i32;
+                d.error = None;
+                d.running = d.desired.clone();
+            }
+        }
+        self.rollout = plan.rollout;
+    }
+
+    fn step(&mut self, now: i64) -> Plan {
+        let other = HashSet::new();
+        let facts = Facts { devices: &self.devices, records: &self.records, other_active: &other };
+        let plan = decide(&self.rollout, &facts, now);
+        self.apply(plan.clone());
+        plan
+    }
+
+    fn state(&self) -> RolloutState {
+        RolloutState::try_from(self.rollout.state).unwrap_or_default()
+    }
+
+    fn run(&mut self, from: i64, until: i64, tick: i64) -> i64 {
+        let mut now = from;
+        while now <= until && is_active(self.state()) && self.state() != RolloutState::Paused {
+            self.step(now);
+            now += tick;
+        }
+        now
+    }
+
+    fn in_b(&self) -> Vec<&proto::Device> {
+        self.devices.iter().filter(|d| d.cohort == COHORT_CANDIDATE).collect()
+    }
+}
+
+fn fleet(n: usize, classes: &[&str]) -> Vec<proto::Device> {
+    (0..n).map(|i| device(&format!("d{i:04}"), "lab", classes[i % classes.len()])).collect()
+}
+
+#[test]
+fn a_healthy_four_step_rollout_soaks_and_completes() {
+    let mut sim = Sim::new(rollout(&[(5, 60), (25, 60), (50, 60), (100, 0)]), fleet(200, &["pi5", "orin"]));
+    let mut seen_steps = Vec::new();
+    let mut now = 0;
+    while is_active(sim.state()) && now < 1_000_000 {
+        sim.step(now);
+        seen_steps.push(sim.rollout.current_step);
+        now += 10_000;
+    }
+    assert_eq!(sim.state(), RolloutState::Completed, "{}", sim.rollout.message);
+    seen_steps.dedup();
+    assert_eq!(seen_steps, vec![0, 1, 2, 3]);
+    assert!(now >= 180_000, "each step soaked 60 s: {now}");
+    assert_eq!(sim.in_b().len(), 200);
+    let kinds: Vec<&str> = sim.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["started", "advanced", "advanced", "advanced", "completed"]);
+    let seqs: Vec<u64> = sim.events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=5).collect::<Vec<_>>());
+}
+
+#[test]
+fn failures_without_a_failure_gate_hold_the_step() {
+    let mut sim = Sim::new(rollout(&[(100, 0)]), vec![device("a", "lab", "x")]);
+    sim.failing.insert("a".into());
+    sim.step(0);
+    sim.step(1);
+    assert_eq!(sim.state(), RolloutState::Progressing);
+    assert_eq!(sim.rollout.counts.map(|c| c.failed), Some(1));
+    assert!(sim.rollout.message.contains("failed"), "{}", sim.rollout.message);
+    assert!(
+        sim.events
+            .iter()
+            .any(|e| e.kind == "device_failed" && e.device_id == "a" && e.message.contains("start_failed"))
+    );
+}
+
+fn gated(steps: &[(u32, u32)], policy: ClassFailurePolicy) -> proto::Rollout {
+    let mut r = rollout(steps);
+    if let Some(spec) = r.spec.as_mut() {
+        spec.gates = Some(proto::RolloutGates { min_devices: 3, max_failure_ratio: Some(0.05), ..Default::default() });
+        spec.on_class_failure = policy as i32;
+        spec.on_inconclusive = InconclusivePolicy::Advance as i32;
+    }
+    r
+}
+
+#[test]
+fn a_failing_candidate_aborts_and_every_b_device_returns_to_exactly_its_a() {
+    let mut devices = fleet(100, &["pi5"]);
+    // Devices ran different A bundles with different runtimes: each must get its own back.
+    for (i, d) in devices.iter_mut().enumerate() {
+        let a = bundle(&format!("sha256:a{}", i % 3));
+        d.running = Some(a.clone());
+        d.desired = Some(a);
+        d.desired_runtime =
+            Some(proto::RuntimeSettings { context_size: 512 * (i as u32 % 3 + 1), ..Default::default() });
+    }
+    let before: HashMap<String, (Option<proto::BundleRef>, Option<proto::RuntimeSettings>)> =
+        devices.iter().map(|d| (d.id.clone(), (d.running.clone(), d.desired_runtime))).collect();
+    let mut sim = Sim::new(gated(&[(20, 0), (50, 0), (100, 0)], ClassFailurePolicy::Abort), devices);
+    sim.failing = sim.devices.iter().step_by(10).map(|d| d.id.clone()).collect();
+    sim.run(0, 100_000, 1_000);
+    assert_eq!(sim.state(), RolloutState::Aborted, "{}", sim.rollout.message);
+    assert!(sim.rollout.message.contains("failure ratio"), "{}", sim.rollout.message);
+    assert!(sim.in_b().is_empty(), "no device stays in B");
+    for d in &sim.devices {
+        let (running, runtime) = &before[&d.id];
+        assert_eq!(&d.running, running, "{} runs its A", d.id);
+        if d.cohort == COHORT_BASELINE {
+            assert_eq!(d.desired_runtime, *runtime, "{} gets its A runtime back", d.id);
+        }
+    }
+    assert!(sim.events.iter().any(|e| e.kind == "aborted"));
+    // Deciding again changes nothing.
+    let other = HashSet::new();
+    let facts = Facts { devices: &sim.devices, records: &sim.records, other_active: &other };
+    assert!(!decide(&sim.rollout, &facts, 200_000).changes(&sim.rollout));
+}
+
+#[test]
+fn a_failing_class_is_halted_while_the_others_complete() {
+    let mut sim =
+        Sim::new(gated(&[(20, 0), (100, 0)], ClassFailurePolicy::HaltClass), fleet(120, &["pi5", "orin", "x86"]));
+    sim.failing = sim.devices.iter().filter(|d| d.labels["class"] == "orin").map(|d| d.id.clone()).collect();
+    sim.run(0, 100_000, 1_000);
+    assert_eq!(sim.state(), RolloutState::Completed, "{}", sim.rollout.message);
+    assert_eq!(sim.rollout.halted_classes, vec!["orin".to_owned()]);
+    for d in &sim.devices {
+        let class = d.labels["class"].as_str();
+        let on_b = d.running.as_ref().is_some_and(|b| b.digest == "sha256:bb");
+        assert_eq!(on_b, class != "orin", "{} ({class})", d.id);
+    }
+    let orin = sim.rollout.classes.iter().find(|c| c.class == "orin").expect("orin listed");
+    assert_eq!(orin.verdict, GateVerdict::Halted as i32);
+    assert!(sim.events.iter().any(|e| e.kind == "class_halted" && e.message.contains("orin")));
+}
+
+#[test]
+fn offline_devices_are_pending_until_the_deadline_then_fail() {
+    let mut r = gated(&[(100, 0)], ClassFailurePolicy::Abort);
+    if let Some(spec) = r.spec.as_mut() {
+        spec.device_deadline_seconds = 60;
+        spec.gates = Some(proto::RolloutGates { max_failures: Some(0), ..Default::default() });
+    }
+    let mut sim = Sim::new(r, fleet(10, &["pi5"]));
+    sim.offline.insert("d0003".into());
+    sim.step(0);
+    sim.step(30_000);
+    assert_eq!(sim.state(), RolloutState::Progressing);
+    assert_eq!(sim.rollout.counts.map(|c| (c.active, c.pending, c.failed)), Some((9, 1, 0)));
+    sim.step(60_000);
+    assert_eq!(sim.state(), RolloutState::Aborted, "{}", sim.rollout.message);
+    let rec = sim.records.iter().find(|r| r.device_id == "d0003").expect("record");
+    assert_eq!(rec.reason, "deadline");
+}
+
+#[test]
+fn max_concurrent_bounds_devices_converging_at_once() {
+    let mut r = rollout(&[(100, 0)]);
+    if let Some(spec) = r.spec.as_mut() {
+        spec.max_concurrent = 4;
+    }
+    let mut sim = Sim::new(r, fleet(20, &["pi5"]));
+    sim.offline = sim.devices.iter().map(|d| d.id.clone()).collect();
+    let plan = sim.step(0);
+    assert_eq!(plan.to_candidate.len(), 4);
+    let plan = sim.step(1);
+    assert!(plan.to_candidate.is_empty(), "4 still converging");
+    assert_eq!(sim.rollout.counts.map(|c| (c.candidate, c.pending)), Some((20, 20)));
+    sim.offline.clear();
+    for d in sim.devices.iter_mut().filter(|d| d.cohort == COHORT_CANDIDATE) {
+        d.applied_generation = d.desired_generation;
+        d.running = d.desired.clone();
+    }
+    let plan = sim.step(2);
+    assert_eq!(plan.to_candidate.len(), 4, "the next four get their turn");
+}
+
+#[test]
+fn devices_joining_mid_rollout_get_the_current_steps_cohort() {
+    let mut sim = Sim::new(rollout(&[(50, 0), (100, 1_000)]), fleet(40, &["pi5"]));
+    sim.run(0, 5_000, 1_000);
+    assert_eq!(sim.rollout.current_step, 1, "{}", sim.rollout.message);
+    sim.devices.push(device("late", "lab", "pi5"));
+    sim.step(10_000);
+    assert!(sim.in_b().iter().any(|d| d.id == "late"), "at 100% the newcomer joins B");
+    sim.devices.push(device("elsewhere", "shop", "pi5"));
+    sim.step(11_000);
+    assert!(!sim.in_b().iter().any(|d| d.id == "elsewhere"), "outside the selector");
+}
+
+#[test]
+fn inconclusive_classes_hold_for_a_human_and_resume_accepts_the_step() {
+    let mut r = rollout(&[(100, 0)]);
+    if let Some(spec) = r.spec.as_mut() {
+        spec.gates = Some(proto::RolloutGates { min_devices: 5, max_failure_ratio: Some(0.5), ..Default::default() });
+    }
+    let mut sim = Sim::new(r, fleet(3, &["pi5"]));
+    sim.step(0);
+    sim.step(1);
+    assert_eq!(sim.state(), RolloutState::Paused, "{}", sim.rollout.message);
+    assert_eq!(sim.rollout.pause_reason, PauseReason::Inconclusive as i32);
+    assert!(sim.rollout.message.contains("pi5"), "{}", sim.rollout.message);
+    let plan = command(&sim.rollout, &sim.records, Verb::Resume, "looked fine", 2).expect("resume");
+    sim.apply(plan);
+    sim.step(3);
+    assert_eq!(sim.state(), RolloutState::Completed, "{}", sim.rollout.message);
+}
+
+#[test]
+fn operator_verbs_have_explicit_transitions() {
+    let mut sim = Sim::new(rollout(&[(10, 0), (50, 0), (100, 0)]), fleet(50, &["pi5"]));
+    sim.step(0);
+    let plan = command(&sim.rollout, &sim.records, Verb::Pause, "", 1).expect("pause");
+    sim.apply(plan);
+    assert_eq!(sim.state(), RolloutState::Paused);
+    let b = sim.in_b().len();
+    sim.step(2);
+    sim.step(3);
+    assert_eq!((sim.state(), sim.in_b().len()), (RolloutState::Paused, b), "paused moves nothing");
+    assert!(matches!(command(&sim.rollout, &sim.records, Verb::Pause, "", 4), Err(VerbError::WrongState { .. })));
+    let plan = command(&sim.rollout, &sim.records, Verb::Promote, "urgent fix", 5).expect("promote");
+    sim.apply(plan);
+    sim.step(6);
+    assert_eq!(sim.in_b().len(), 50, "promote goes to 100%");
+    sim.step(7);
+    assert_eq!(sim.state(), RolloutState::Completed);
+    let err = command(&sim.rollout, &sim.records, Verb::Abort, "", 8).expect_err("completed");
+    assert!(err.to_string().contains("completed"), "{err}");
+    let kinds: Vec<&str> = sim.events.iter().map(|e| e.kind.as_str()).collect();
+    assert!(kinds.contains(&"pause") && kinds.contains(&"promote") && kinds.contains(&"completed"), "{kinds:?}");
+}
+
+#[test]
+fn retry_gives_failed_devices_a_new_generation() {
+    let mut sim = Sim::new(rollout(&[(100, 0)]), fleet(5, &["pi5"]));
+    sim.failing.insert("d0002".into());
+    sim.step(0);
+    sim.step(1);
+    assert_eq!(sim.rollout.counts.map(|c| c.failed), Some(1));
+    let generation = sim.devices[2].desired_generation;
+    sim.failing.clear();
+    let plan = command(&sim.rollout, &sim.records, Verb::Retry, "", 2).expect("retry");
+    assert_eq!(plan.retry, vec!["d0002".to_owned()]);
+    sim.apply(plan);
+    assert_eq!(sim.devices[2].desired_generation, generation + 1);
+    sim.step(3);
+    assert_eq!(sim.state(), RolloutState::Completed, "{}", sim.rollout.message);
+    assert!(matches!(command(&sim.rollout, &sim.records, Verb::Retry, "", 4), Err(VerbError::WrongState { .. })));
+}
+
+#[test]
+fn devices_without_a_baseline_keep_b_on_abort_and_say_why() {
+    let mut devices = fleet(4, &["pi5"]);
+    devices[0].running = None;
+    devices[0].desired = None;
+    let mut sim = Sim::new(rollout(&[(100, 0)]), devices);
+    sim.offline.insert("d0000".into());
+    sim.step(0);
+    let plan = command(&sim.rollout, &sim.records, Verb::Abort, "bad", 1).expect("abort");
+    assert_eq!(plan.to_baseline.len(), 3);
+    sim.apply(plan);
+    let rec = sim.records.iter().find(|r| r.device_id == "d0000").expect("record");
+    assert!(rec.reason.starts_with("no baseline"), "{}", rec.reason);
+    assert!(sim.rollout.message.contains("1 without A keep B"), "{}", sim.rollout.message);
+}
+
+#[test]
+fn devices_in_another_active_rollout_are_left_alone() {
+    let mut devices = fleet(10, &["pi5"]);
+    devices[0].rollout_id = "ro-other".into();
+    devices[0].cohort = COHORT_CANDIDATE.into();
+    let other = HashSet::from(["ro-other".to_owned()]);
+    let r = rollout(&[(100, 0)]);
+    let facts = Facts { devices: &devices, records: &[], other_active: &other };
+    let plan = decide(&r, &facts, 0);
+    assert_eq!(plan.to_candidate.len(), 9);
+    assert!(!plan.to_candidate.contains(&"d0000".to_owned()));
+    // A finished rollout's devices are free again.
+    let facts = Facts { devices: &devices, records: &[], other_active: &HashSet::new() };
+    assert_eq!(decide(&r, &facts, 0).to_candidate.len(), 10);
+}
+
+proptest! {
+    #[test]
+    fn cohort_sizes_are_close_to_the_percentage(percent in 1u32..=100, n in 200usize..1500, seed in "[a-z0-9]{6}") {
+        let rollout_id = format!("ro-{seed}");
+        let in_b = (0..n).filter(|i| in_candidate(&rollout_id, &format!("dev-{i}"), percent)).count();
+        let expected = n as f64 * f64::from(percent) / 100.0;
+        // Binomial: 5 standard deviations plus one device.
+        let sd = (n as f64 * f64::from(percent) / 100.0 * (1.0 - f64::from(percent) / 100.0)).sqrt();
+        prop_assert!((in_b as f64 - expected).abs() <= 5.0 * sd + 1.0, "{in_b} vs {expected}");
+    }
+
+    #[test]
+    fn membership_is_monotonic_in_percent(device in "[a-z0-9-]{1,20}", p in 0u32..=100, q in 0u32..=100) {
+        let (lo, hi) = (p.min(q), p.max(q));
+        prop_assert!(!in_candidate("ro-x", &device, lo) || in_candidate("ro-x", &device, hi));
+        prop_assert!(in_candidate("ro-x", &device, 100));
+    }
+
+    #[test]
+    fn no_device_is_in_both_cohorts_and_abort_returns_every_b_device_to_a(
+        n in 5usize..80,
+        steps in proptest::collection::vec(1u32..100, 0..4),
+        fail_every in 0usize..6,
+        abort_after in 0usize..6,
+        offline_every in 0usize..7,
+    ) {
+        let mut percents: Vec<u32> = steps;
+        percents.sort_unstable();
+        percents.push(100);
+        let steps: Vec<(u32, u32)> = percents.iter().map(|&p| (p, 0)).collect();
+        let mut sim = Sim::new(rollout(&steps), fleet(n, &["pi5", "orin"]));
+        for (i, d) in sim.devices.iter().enumerate() {
+            if fail_every > 0 && i % fail_every == 0 { sim.failing.insert(d.id.clone()); }
+            if offline_every > 0 && i % offline_every == 1 { sim.offline.insert(d.id.clone()); }
+        }
+        let mut previous_b: HashSet<String> = HashSet::new();
+        for t in 0..abort_after {
+            sim.step(t as i64);
+            let b: HashSet<String> = sim.in_b().iter().map(|d| d.id.clone()).collect();
+            prop_assert!(previous_b.is_subset(&b), "B only grows before an abort");
+            for d in &sim.devices {
+                let cohorts = [d.cohort == COHORT_CANDIDATE, d.cohort == COHORT_BASELINE];
+                prop_assert!(!(cohorts[0] && cohorts[1]));
+            }
+            previous_b = b;
+        }
+        if !is_active(sim.state()) {
+            return Ok(());
+        }
+        let originally: HashMap<String, Option<proto::BundleRef>> =
+            fleet(n, &["pi5"]).into_iter().map(|d| (d.id.clone(), d.running)).collect();
+        let plan = command(&sim.rollout, &sim.records, Verb::Abort, "", 100).expect("abort an active rollout");
+        sim.offline.clear();
+        sim.apply(plan);
+        sim.step(101);
+        prop_assert_eq!(sim.state(), RolloutState::Aborted);
+        prop_assert!(sim.in_b().is_empty());
+        for d in &sim.devices {
+            if previous_b.contains(&d.id) {
+                prop_assert_eq!(&d.desired, &originally[&d.id], "desired A for {}", d.id);
+                prop_assert_eq!(d.cohort.as_str(), COHORT_BASELINE);
+            }
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! fleet-sim: runs N simulated agents in one process against a real controller, and optionally benches a
+//! rollout over them: time from each step's decision to the last device receiving its desired state,
+//! controller CPU and RSS while every session idles, and the time a full rollout takes.
+//!
+//! ```text
+//! fleet-sim --controller http://127.0.0.1:7070 --admin-token-file DATA/admin.token --devices 5000 \
+//!     --bench --bundle acme/tiny:v2 --steps 10,25,50,100 --controller-pid PID --idle-secs 30
+//! ```
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use alki_e2e::sim::{self, Behaviour, SimConfig, SimFleet};
+use alki_shared::proto::{self, fleet_service_client::FleetServiceClient};
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(about = "Simulated Alki agents over real gRPC, and a rollout bench.")]
+struct Args {
+    /// The controller's gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    controller: String,
+    /// The controller's admin token file (used to create the agents' token and, with --bench, the rollout).
+    #[arg(long)]
+    admin_token_file: PathBuf,
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Hardware classes, assigned round-robin.
+    #[arg(long, value_delimiter = ',', default_value = "pi5-8g,orin-nano,x86-avx2")]
+    classes: Vec<String>,
+    /// Percent of devices whose candidate activation fails.
+    #[arg(long, default_value_t = 0)]
+    fail_percent: usize,
+    /// Percent of devices that say Hello once and go offline.
+    #[arg(long, default_value_t = 0)]
+    offline_percent: usize,
+    #[arg(long, default_value_t = 10)]
+    heartbeat_secs: u64,
+    /// How long a simulated activation takes.
+    #[arg(long, default_value_t = 50)]
+    activation_ms: u64,
+    #[arg(long, default_value_t = 100)]
+    sessions_per_connection: usize,
+    /// Bench a rollout once every device is connected, then exit.
+    #[arg(long)]
+    bench: bool,
+    /// The candidate, REPOSITORY:TAG (with --bench).
+    #[arg(long, default_value = "acme/tiny:v2")]
+    bundle: String,
+    #[arg(long, value_delimiter = ',', default_value = "10,25,50,100")]
+    steps: Vec<u32>,
+    /// The controller's process id, to measure its CPU and RSS while sessions idle.
+    #[arg(long)]
+    controller_pid: Option<u32>,
+    /// How long to measure the idle fleet (with --bench).
+    #[arg(long, default_value_t = 30)]
+    idle_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let admin = std::fs::read_to_string(&args.admin_token_file)
+        .with_context(|| format!("reading the admin token {}", args.admin_token_file.display()))?
+        .trim()
+        .to_owned();
+    let channel = Channel::from_shared(args.controller.clone())?.connect().await.context("connecting")?;
+    let mut fleet = FleetServiceClient::new(channel);
+    let token = fleet
+        .create_token(authed(
+            &admin,
+            proto::CreateTokenRequest { name: "fleet-sim".into(), role: proto::Role::Agent as i32 },
+        )?)
+        .await
+        .context("creating the agents' token")?
+        .into_inner()
+        .token;
+    let classes: Vec<&str> = args.classes.iter().map(String::as_str).collect();
+    let (fail, offline) = (args.fail_percent, args.offline_percent);
+    let devices = sim::devices(args.devices, &classes, None, |i, _| {
+        let slot = i % 100;
+        if slot < offline {
+            Behaviour::Offline
+        } else if slot < offline + fail {
+            Behaviour::FailActivation
+        } else {
+            Behaviour::Success
+        }
+    });
+    let (_address, controller) = tokio::sync::watch::channel(args.controller.clone());
+    let config = SimConfig {
+        controller,
+        token,
+        heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),
+        activation: Duration::from_millis(args.activation_ms),
+        sessions_per_connection: args.sessions_per_connection,
+    };
+    let started = Instant::now();
+    let sims = SimFleet::start(config, devices);
+    let online = args.devices - args.devices * offline / 100;
+    loop {
+        let connected = sims.snapshot().values().filter(|v| v.connected).count();
+        if connected >= online {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("only {connected} of {online} simulated agents connected within 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("connected {online} agents in {:.2} s", started.elapsed().as_secs_f64());
+    if !args.bench {
+        tokio::signal::ctrl_c().await?;
+        sims.stop().await;
+        return Ok(());
+    }
+
+    if let Some(pid) = args.controller_pid {
+        let (cpu0, t0) = (cpu_ticks(pid)?, Instant::now());
+        tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+        let cpu = (cpu_ticks(pid)? - cpu0) as f64 / 100.0;
+        let wall = t0.elapsed().as_secs_f64();
+        println!(
+            "idle: controller CPU {:.1}% of one core over {wall:.0} s with {online} sessions heartbeating every {} s; RSS {} MiB",
+            100.0 * cpu / wall,
+            args.heartbeat_secs,
+            rss_kib(pid)? / 1024
+        );
+    }
+
+    let (repository, tag) = args.bundle.rsplit_once(':').context("--bundle REPOSITORY:TAG")?;
+    let spec = proto::RolloutSpec {
+        repository: repository.into(),
+        candidate: tag.into(),
+        selector: [("site".to_owned(), "sim".to_owned())].into(),
+        steps: args.steps.iter().map(|&percent| proto::RolloutStep { percent, min_soak_seconds: 0 }).collect(),
+        on_inconclusive: proto::InconclusivePolicy::Advance as i32,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let rollout = fleet
+        .create_rollout(authed(&admin, proto::CreateRolloutRequest { spec: Some(spec) })?)
+        .await
+        .context("creating the rollout")?
+        .into_inner();
+    let done = loop {
+        let r =
+            fleet.get_rollout(authed(&admin, proto::GetRolloutRequest { id: rollout.id.clone() })?).await?.into_inner();
+        if !matches!(
+            proto::RolloutState::try_from(r.state).unwrap_or_default(),
+            proto::RolloutState::Pending | proto::RolloutState::Progressing
+        ) {
+            break r;
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!("rollout {} did not finish within 600 s: {}", r.id, r.message);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let total = t0.elapsed();
+    let events = fleet
+        .list_rollout_events(authed(&admin, proto::ListRolloutEventsRequest { id: rollout.id.clone(), after_seq: 0 })?)
+        .await?
+        .into_inner()
+        .events;
+    let decisions: Vec<i64> =
+        events.iter().filter(|e| e.kind == "started" || e.kind == "advanced").map(|e| e.unix_ms).collect();
+    // Each device's latency: from the newest step decision before its desired state to its arrival.
+    let mut latencies: Vec<i64> = sims
+        .snapshot()
+        .values()
+        .filter(|v| v.desired_at_unix_ms > 0)
+        .filter_map(|v| {
+            let decided = decisions.iter().rev().find(|&&d| d <= v.desired_at_unix_ms)?;
+            Some(v.desired_at_unix_ms - decided)
+        })
+        .collect();
+    latencies.sort_unstable();
+    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied();
+    println!(
+        "rollout {} {} in {:.2} s ({} steps, zero soak): {}",
+        done.id,
+        proto::RolloutState::try_from(done.state).unwrap_or_default().label(),
+        total.as_secs_f64(),
+        args.steps.len(),
+        done.message
+    );
+    println!(
+        "step decision -> desired state received, over {} devices: p50 {:?} ms, p99 {:?} ms, max {:?} ms",
+        latencies.len(),
+        pct(0.5).unwrap_or(0),
+        pct(0.99).unwrap_or(0),
+        latencies.last().copied().unwrap_or(0)
+    );
+    if let Some(pid) = args.controller_pid {
+        println!("controller RSS after the rollout: {} MiB", rss_kib(pid)? / 1024);
+    }
+    sims.stop().await;
+    Ok(())
+}
+
+fn authed<T>(token: &str, message: T) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(request)
+}
+
+/// utime + stime of a process, in clock ticks (100 per second on Linux).
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).context("malformed stat")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).context("malformed stat");
+    // After the command name: state is field 0, utime 11, stime 12.
+    Ok(field(11)? + field(12)?)
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS in /proc/PID/status")
+}

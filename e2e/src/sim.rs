@@ -1,0 +1,356 @@
+//! The fleet simulator: many scripted agents in one process, each a real AgentService session over gRPC
+//! to a real controller, with a hardware class and a behaviour (success, slow, failing activation, offline).
+//!
+//! A simulated agent reports like a real one: Hello with what it serves, a Heartbeat every interval, and
+//! for each desired state PULLING then ACTIVE (serving the desired bundle) or FAILED with an
+//! ActivationError (serving its last good bundle). It reconnects with backoff when the session ends, so
+//! a controller restart is survived the way a device would survive it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use alki_shared::proto::{
+    self, AgentMessage, Phase, agent_message, agent_service_client::AgentServiceClient, controller_message::Msg,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+/// How a simulated device answers a desired state that moves it to the candidate cohort ("B").
+/// Desired states back to the baseline ("A") always succeed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Behaviour {
+    /// PULLING, then ACTIVE after the fleet's activation delay.
+    Success,
+    /// Like success, but taking this long.
+    Slow(Duration),
+    /// PULLING, then FAILED with START_FAILED, still serving the previous bundle.
+    FailActivation,
+    /// Says Hello once, then disconnects and never comes back.
+    Offline,
+}
+
+/// One simulated device.
+#[derive(Clone, Debug)]
+pub struct SimDevice {
+    pub id: String,
+    pub class: String,
+    pub labels: HashMap<String, String>,
+    pub behaviour: Behaviour,
+    /// What it serves when the simulation starts (its baseline A).
+    pub running: Option<proto::BundleRef>,
+}
+
+/// What a simulated device has seen and done, for tests and the bench to read.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceView {
+    pub running: Option<proto::BundleRef>,
+    pub applied_generation: u64,
+    pub desired_generation: u64,
+    pub cohort: String,
+    pub phase: i32,
+    /// When the newest desired state arrived.
+    pub desired_at: Option<Instant>,
+    /// The same, as unix ms (to compare with the controller's event times on one machine).
+    pub desired_at_unix_ms: i64,
+    pub connected: bool,
+    /// Why the newest session ended, if it failed.
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// The controller's gRPC address, e.g. http://127.0.0.1:7070. Changing it makes agents reconnect there.
+    pub controller: watch::Receiver<String>,
+    /// A token with role agent.
+    pub token: String,
+    pub heartbeat: Duration,
+    /// How long a successful activation takes.
+    pub activation: Duration,
+    /// Sessions per gRPC connection (HTTP/2 streams share a connection, as they would behind a proxy).
+    pub sessions_per_connection: usize,
+}
+
+/// A running simulated fleet. Dropping it (or calling `stop`) ends every agent.
+pub struct SimFleet {
+    pub views: Arc<Mutex<HashMap<String, DeviceView>>>,
+    devices: Vec<SimDevice>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SimFleet {
+    /// Starts one task per device.
+    pub fn start(config: SimConfig, devices: Vec<SimDevice>) -> SimFleet {
+        let views: Arc<Mutex<HashMap<String, DeviceView>>> = Arc::new(Mutex::new(
+            devices
+                .iter()
+                .map(|d| (d.id.clone(), DeviceView { running: d.running.clone(), ..Default::default() }))
+                .collect(),
+        ));
+        SimFleet::start_with(config, devices, views)
+    }
+
+    /// Ends every session, keeping what each device remembers (what it serves, the generation it applied),
+    /// so the same devices can start again later, as devices do when their controller went away.
+    pub async fn disconnect(self) -> Disconnected {
+        let (views, devices) = (self.views.clone(), self.devices.clone());
+        self.stop().await;
+        for v in lock(&views).values_mut() {
+            v.connected = false;
+        }
+        Disconnected { views, devices }
+    }
+
+    fn start_with(
+        config: SimConfig,
+        devices: Vec<SimDevice>,
+        views: Arc<Mutex<HashMap<String, DeviceView>>>,
+    ) -> SimFleet {
+        let all = devices.clone();
+        let (stop, stopped) = watch::channel(false);
+        let per = config.sessions_per_connection.max(1);
+        let channels: Arc<Mutex<HashMap<(usize, String), Channel>>> = Arc::default();
+        let tasks = devices
+            .into_iter()
+            .enumerate()
+            .map(|(i, device)| {
+                let agent = Agent {
+                    device,
+                    config: config.clone(),
+                    views: views.clone(),
+                    channels: channels.clone(),
+                    slot: i / per,
+                };
+                tokio::spawn(agent.run(stopped.clone()))
+            })
+            .collect();
+        SimFleet { views, devices: all, stop, tasks }
+    }
+
+    /// A copy of one device's view.
+    pub fn view(&self, id: &str) -> Option<DeviceView> {
+        lock(&self.views).get(id).cloned()
+    }
+
+    /// A copy of every device's view.
+    pub fn snapshot(&self) -> HashMap<String, DeviceView> {
+        lock(&self.views).clone()
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// A simulated fleet whose sessions ended; `start` brings the same devices back.
+pub struct Disconnected {
+    views: Arc<Mutex<HashMap<String, DeviceView>>>,
+    devices: Vec<SimDevice>,
+}
+
+impl Disconnected {
+    pub fn start(self, config: SimConfig) -> SimFleet {
+        SimFleet::start_with(config, self.devices, self.views)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Views are plain data; a panicking agent task cannot leave one half-written in a way that matters.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Agent {
+    device: SimDevice,
+    config: SimConfig,
+    views: Arc<Mutex<HashMap<String, DeviceView>>>,
+    channels: Arc<Mutex<HashMap<(usize, String), Channel>>>,
+    slot: usize,
+}
+
+impl Agent {
+    async fn run(self, mut stopped: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let result = tokio::select! {
+                r = self.session() => r,
+                _ = stopped.changed() => return,
+            };
+            self.update(|v| v.connected = false);
+            if let Err(error) = &result {
+                let error = format!("{error:#}");
+                self.update(|v| v.last_error = Some(error));
+            }
+            if self.device.behaviour == Behaviour::Offline && result.is_ok() {
+                // Said Hello once; stays away.
+                let _ = stopped.changed().await;
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stopped.changed() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut DeviceView)) {
+        if let Some(v) = lock(&self.views).get_mut(&self.device.id) {
+            f(v);
+        }
+    }
+
+    fn channel(&self) -> anyhow::Result<Channel> {
+        let address = self.config.controller.borrow().clone();
+        let mut channels = lock(&self.channels);
+        if let Some(c) = channels.get(&(self.slot, address.clone())) {
+            return Ok(c.clone());
+        }
+        let channel = Channel::from_shared(address.clone())?.connect_timeout(Duration::from_secs(5)).connect_lazy();
+        channels.insert((self.slot, address), channel.clone());
+        Ok(channel)
+    }
+
+    /// One session: Hello, then heartbeats and answers to desired states until the stream ends.
+    async fn session(&self) -> anyhow::Result<()> {
+        let mut client = AgentServiceClient::new(self.channel()?);
+        let (tx, rx) = mpsc::channel::<AgentMessage>(16);
+        let (running, applied) = {
+            let views = lock(&self.views);
+            let v = views.get(&self.device.id).cloned().unwrap_or_default();
+            (v.running, v.applied_generation)
+        };
+        let mut labels = self.device.labels.clone();
+        labels.insert("class".into(), self.device.class.clone());
+        let hello = proto::Hello {
+            device_id: self.device.id.clone(),
+            agent_version: "fleet-sim".into(),
+            inventory: Some(proto::Inventory {
+                hostname: self.device.id.clone(),
+                hardware_class: self.device.class.clone(),
+                ..Default::default()
+            }),
+            labels,
+            running: running.clone(),
+            last_applied_generation: applied,
+        };
+        tx.send(AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) }).await?;
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        request.metadata_mut().insert("authorization", format!("Bearer {}", self.config.token).parse()?);
+        let mut inbound = client.session(request).await?.into_inner();
+        self.update(|v| v.connected = true);
+        if self.device.behaviour == Behaviour::Offline {
+            // Wait for the Welcome so the controller has recorded the device, then go away.
+            let _ = inbound.message().await;
+            return Ok(());
+        }
+        let mut heartbeat = tokio::time::interval(self.config.heartbeat);
+        heartbeat.tick().await;
+        loop {
+            tokio::select! {
+                message = inbound.message() => {
+                    let Some(message) = message? else { return Ok(()) };
+                    if let Some(Msg::DesiredState(desired)) = message.msg {
+                        self.activate(&tx, desired).await?;
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let beat = proto::Heartbeat { sent_unix_ms: 0 };
+                    tx.send(AgentMessage { msg: Some(agent_message::Msg::Heartbeat(beat)) }).await?;
+                }
+            }
+        }
+    }
+
+    async fn activate(&self, tx: &mpsc::Sender<AgentMessage>, desired: proto::DesiredState) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let previous = {
+            let mut views = lock(&self.views);
+            let Some(v) = views.get_mut(&self.device.id) else { return Ok(()) };
+            v.desired_generation = desired.generation;
+            v.cohort = desired.cohort.clone();
+            v.desired_at = Some(now);
+            v.desired_at_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            if v.applied_generation >= desired.generation {
+                // Already converged to this generation (a resend after reconnecting): nothing to do.
+                return Ok(());
+            }
+            v.running.clone()
+        };
+        let send = |status: proto::Status| AgentMessage { msg: Some(agent_message::Msg::Status(status)) };
+        let pulling = proto::Status {
+            generation: desired.generation,
+            phase: Phase::Pulling as i32,
+            bundle: desired.bundle.clone(),
+            serving: previous.clone(),
+            ..Default::default()
+        };
+        tx.send(send(pulling)).await?;
+        let to_candidate = desired.cohort == "B";
+        let (delay, fail) = match self.device.behaviour {
+            Behaviour::Slow(d) if to_candidate => (d, false),
+            Behaviour::FailActivation if to_candidate => (self.config.activation, true),
+            _ => (self.config.activation, false),
+        };
+        tokio::time::sleep(delay).await;
+        let status = if fail {
+            proto::Status {
+                generation: desired.generation,
+                phase: Phase::Failed as i32,
+                bundle: desired.bundle.clone(),
+                serving: previous.clone(),
+                error: Some(proto::ActivationError {
+                    code: proto::ErrorCode::StartFailed as i32,
+                    message: "simulated: llama-server exited during start".into(),
+                    layer_digest: String::new(),
+                }),
+                ..Default::default()
+            }
+        } else {
+            proto::Status {
+                generation: desired.generation,
+                phase: Phase::Active as i32,
+                bundle: desired.bundle.clone(),
+                serving: desired.bundle.clone(),
+                ..Default::default()
+            }
+        };
+        let phase = status.phase;
+        let serving = status.serving.clone();
+        tx.send(send(status)).await?;
+        self.update(|v| {
+            v.applied_generation = v.applied_generation.max(desired.generation);
+            v.phase = phase;
+            v.running = serving;
+        });
+        Ok(())
+    }
+}
+
+/// Devices named `sim-00000`..., classes assigned round-robin, behaviours chosen by `behaviour(i, class)`.
+pub fn devices(
+    n: usize,
+    classes: &[&str],
+    running: Option<proto::BundleRef>,
+    behaviour: impl Fn(usize, &str) -> Behaviour,
+) -> Vec<SimDevice> {
+    (0..n)
+        .map(|i| {
+            let class = classes.get(i % classes.len().max(1)).copied().unwrap_or("unknown");
+            SimDevice {
+                id: format!("sim-{i:05}"),
+                class: class.to_owned(),
+                labels: HashMap::from([("site".to_owned(), "sim".to_owned())]),
+                behaviour: behaviour(i, class),
+                running: running.clone(),
+            }
+        })
+        .collect()
+}
