@@ -66,7 +66,9 @@ async fn real_llama_server_swaps_both_ways_under_load_without_a_failed_request()
             clients.push(tokio::spawn(async move {
                 let client = reqwest::Client::new();
                 let mut failures = Vec::new();
+                let mut timings = Vec::new();
                 while !stop.load(Ordering::SeqCst) {
+                    let started = tokio::time::Instant::now();
                     let response = client
                         .post(format!("http://{addr}/v1/chat/completions"))
                         .json(&serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}))
@@ -76,6 +78,7 @@ async fn real_llama_server_swaps_both_ways_under_load_without_a_failed_request()
                         Ok(r) if r.status() == 200 => match r.json::<serde_json::Value>().await {
                             Ok(body) if body["choices"][0]["message"].is_object() => {
                                 served.fetch_add(1, Ordering::SeqCst);
+                                timings.push((started, started.elapsed()));
                             }
                             other => failures.push(format!("bad body: {other:?}")),
                         },
@@ -83,22 +86,47 @@ async fn real_llama_server_swaps_both_ways_under_load_without_a_failed_request()
                         Err(e) => failures.push(e.to_string()),
                     }
                 }
-                failures
+                (failures, timings)
             }));
         }
         until(|| served.load(Ordering::SeqCst) >= 10).await;
+        let mut swaps = Vec::new();
+        let swap_started = tokio::time::Instant::now();
         supervisor.swap_watched(spec(&model_b, "sha256:b"), SwapStrategy::BlueGreen).await.expect("B starts");
         supervisor.commit();
+        swaps.push((swap_started, tokio::time::Instant::now()));
         let after_first = served.load(Ordering::SeqCst);
         until(|| served.load(Ordering::SeqCst) >= after_first + 10).await;
+        let swap_started = tokio::time::Instant::now();
         supervisor.swap_watched(spec(&model_a, "sha256:a"), SwapStrategy::StopThenStart).await.expect("A again");
+        swaps.push((swap_started, tokio::time::Instant::now()));
         let after_second = served.load(Ordering::SeqCst);
         until(|| served.load(Ordering::SeqCst) >= after_second + 10).await;
         stop.store(true, Ordering::SeqCst);
         let mut failures = Vec::new();
+        let (mut steady, mut during) = (Vec::new(), Vec::new());
         for client in clients {
-            failures.extend(client.await.expect("client"));
+            let (f, timings) = client.await.expect("client");
+            failures.extend(f);
+            for (started, took) in timings {
+                let overlaps = swaps.iter().any(|(a, b)| started <= *b && started + took >= *a);
+                if overlaps { during.push(took) } else { steady.push(took) }
+            }
         }
+        // Figures for the report, not assertions: the machine is shared.
+        let p = |v: &mut Vec<Duration>, q: f64| {
+            v.sort();
+            v.get(((v.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or_default()
+        };
+        eprintln!(
+            "steady: {} requests, p50 {:?}, p99 {:?}; overlapping a swap: {} requests, p50 {:?}, p99 {:?}",
+            steady.len(),
+            p(&mut steady, 0.5),
+            p(&mut steady, 0.99),
+            during.len(),
+            p(&mut during, 0.5),
+            p(&mut during, 0.99)
+        );
         assert!(failures.is_empty(), "failed requests: {failures:?}");
         assert!(proxy.waited_total() > 0, "requests waited through the stop-then-start gap");
         assert_eq!(proxy.stats().map(|s| s.bundle_digest), Some("sha256:a".to_owned()));

@@ -174,3 +174,43 @@ async fn without_a_model_the_front_answers_503_with_retry_after() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_response_in_flight_finishes_on_the_old_instance_after_the_flip() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // 20 tokens at 100 ms: the SSE events of A's answer arrive over two seconds.
+        let slow_a = fake_model(dir.path(), "slow-a.gguf", &["FAKE_LLAMA_TOKEN_MS=100"]);
+        let model_b = fake_model(dir.path(), "model-b.gguf", &[]);
+        let mut front = front(&dir.path().join("logs"), StopPolicy::default(), Duration::from_secs(20)).await;
+        front.supervisor.swap(spec(&slow_a, "sha256:a")).await.expect("A starts");
+        let upstream_a = front.proxy.current().expect("A is current");
+
+        let mut response = reqwest::Client::new()
+            .post(format!("http://{}/completion", front.addr))
+            .json(&serde_json::json!({"prompt": "Hi", "n_predict": 20, "stream": true}))
+            .send()
+            .await
+            .expect("stream starts");
+        assert_eq!(response.status().as_u16(), 200);
+        let first = response.chunk().await.expect("read").expect("a first event");
+        assert!(String::from_utf8_lossy(&first).starts_with("data: "), "SSE");
+
+        front.supervisor.swap(spec(&model_b, "sha256:b")).await.expect("B starts");
+        assert_eq!(upstream_a.in_flight(), 1, "the stream is still on A after the flip");
+        let (_, content) = complete(&reqwest::Client::new(), front.addr, 2).await.expect("B answers");
+        assert!(content.contains("model-b.gguf"), "new requests go to B: {content}");
+
+        let mut rest = Vec::new();
+        while let Some(chunk) = response.chunk().await.expect("the stream is not cut") {
+            rest.extend_from_slice(&chunk);
+        }
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(rest.contains("\"stop\":true") && rest.contains("slow-a.gguf"), "A finished the stream: {rest}");
+        front.supervisor.wait_retired().await;
+        assert_eq!(upstream_a.in_flight(), 0);
+        front.supervisor.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}

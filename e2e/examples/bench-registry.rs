@@ -3,10 +3,6 @@
 //! of the last MiB, and each server's peak RSS (VmHWM). A command, not a test; run it through
 //! `e2e/scripts/bench-registry.sh`, which builds the release controller first.
 
-// Until `alki_e2e` exports it (`pub mod registries;` in e2e/src/lib.rs), the module is compiled in directly.
-#[allow(dead_code)]
-#[path = "../src/registries.rs"]
-mod registries;
 
 use std::io::{Read as _, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -16,7 +12,7 @@ use std::time::{Duration, Instant};
 use alki_shared::digest::{Digest, Hasher};
 use anyhow::{Context as _, bail, ensure};
 use clap::Parser;
-use registries::Distribution;
+use alki_e2e::registries::Distribution;
 
 #[derive(Parser)]
 #[command(about = "Benchmark the controller's registry against CNCF distribution on loopback.")]

@@ -3,11 +3,6 @@
 //! distribution (Debian's docker-registry) on loopback. A missing tool fails its test with the command
 //! that installs it; CI installs them all.
 
-// Until `alki_e2e` exports it (`pub mod registries;` in e2e/src/lib.rs), the module is compiled into this
-// test directly; not every helper it offers is used here.
-#[allow(dead_code)]
-#[path = "../src/registries.rs"]
-mod registries;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +15,7 @@ use alki_shared::digest::Digest;
 use alki_shared::oci::{MEDIA_TYPE_IMAGE_INDEX, MEDIA_TYPE_IMAGE_MANIFEST, Manifest};
 use anyhow::{Context as _, bail, ensure};
 use clap::Parser as _;
-use registries::{Distribution, require_tool};
+use alki_e2e::registries::{Distribution, require_tool};
 use serde_json::Value;
 
 /// Every test is bounded; child processes are killed when a timed-out test drops them.

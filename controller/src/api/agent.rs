@@ -126,7 +126,7 @@ fn handle(fleet: &Fleet, device_id: &str, message: AgentMessage) -> Result<(), c
                 "Agent reported a phase."
             );
             fleet.hub.touch(device_id, now);
-            fleet.store.update_device(device_id, |d| {
+            let record = |d: &mut proto::Device| {
                 d.last_seen_unix_ms = now;
                 d.phase = status.phase;
                 d.error = status.error.clone();
@@ -137,13 +137,20 @@ fn handle(fleet: &Fleet, device_id: &str, message: AgentMessage) -> Result<(), c
                 if matches!(phase, Phase::Active | Phase::Failed) {
                     d.applied_generation = d.applied_generation.max(status.generation);
                 }
-            })?;
+            };
+            // Outcomes are durable; progress phases are not worth an fsync each (the agent reports again).
+            if matches!(phase, Phase::Active | Phase::Failed) {
+                fleet.store.update_device(device_id, record)?;
+            } else {
+                fleet.store.update_device_volatile(device_id, record)?;
+            }
             fleet.changed.notify_one();
             Ok(())
         }
         Some(agent_message::Msg::Telemetry(t)) => {
             fleet.hub.touch(device_id, now);
-            fleet.store.update_device(device_id, |d| {
+            // Counters arrive again with the next report: no fsync for each.
+            fleet.store.update_device_volatile(device_id, |d| {
                 d.last_seen_unix_ms = now;
                 if let Some(inv) = d.inventory.as_mut() {
                     inv.memory_available_bytes = t.memory_available_bytes;

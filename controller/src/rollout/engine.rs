@@ -276,7 +276,8 @@ pub fn decide(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
 
     // Outcomes of devices already in B.
     for record in records.values_mut() {
-        if outcome_of(record) == DeviceOutcome::Reverted {
+        // A halted class is out of the rollout: its devices' outcomes no longer change anything.
+        if outcome_of(record) == DeviceOutcome::Reverted || halted.contains(&record.class) {
             continue;
         }
         let (outcome, reason) =

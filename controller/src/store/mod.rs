@@ -109,12 +109,16 @@ impl Store {
         &self,
         table: Table,
         key: &str,
+        durable: bool,
         f: impl FnOnce(Option<T>) -> (Option<T>, R),
     ) -> Result<R, StoreError>
     where
         T: Serialize + DeserializeOwned,
     {
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        if !durable {
+            txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Database(e.into()))?;
+        }
         let result = {
             let mut t = txn.open_table(table)?;
             let current = match t.get(key)? {
@@ -143,7 +147,26 @@ impl Store {
     /// Creates or changes a device record atomically; `f` gets the current record (or a new one with only
     /// the id set) and returns whatever the caller wants back.
     pub fn update_device<R>(&self, id: &str, f: impl FnOnce(&mut proto::Device) -> R) -> Result<R, StoreError> {
-        self.update(DEVICES, id, |current: Option<proto::Device>| {
+        self.update_device_with(id, true, f)
+    }
+
+    /// Like `update_device`, without waiting for the disk: for facts a crash may lose because the agent
+    /// reports them again (progress phases). The next durable commit persists them.
+    pub fn update_device_volatile<R>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut proto::Device) -> R,
+    ) -> Result<R, StoreError> {
+        self.update_device_with(id, false, f)
+    }
+
+    fn update_device_with<R>(
+        &self,
+        id: &str,
+        durable: bool,
+        f: impl FnOnce(&mut proto::Device) -> R,
+    ) -> Result<R, StoreError> {
+        self.update(DEVICES, id, durable, |current: Option<proto::Device>| {
             let mut device = current.unwrap_or_else(|| proto::Device { id: id.to_owned(), ..Default::default() });
             let r = f(&mut device);
             (Some(device), r)

@@ -14,8 +14,7 @@
 //! - `FAKE_LLAMA_IGNORE_SIGTERM=1`: ignore SIGTERM (like the real server deadlocked mid-generation); only
 //!   SIGKILL stops it.
 //!
-//! Limitation: `"stream": true` answers are valid SSE but written at once after the generation delay: e2e's
-//! dependencies offer no `Stream` implementation to write them piece by piece.
+//! `"stream": true` answers are SSE events written one by one, spread over the generation time.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -210,12 +209,19 @@ fn error(status: StatusCode, message: &str, kind: &str) -> Response {
     (status, Json(json!({"error": {"code": status.as_u16(), "message": message, "type": kind}}))).into_response()
 }
 
-/// Counts a request as processing for as long as it lives.
-struct Processing<'a>(&'a AtomicUsize);
+/// Counts a request as processing for as long as it lives (for a stream: until its last event is sent).
+struct Processing(Arc<Fake>);
 
-impl Drop for Processing<'_> {
+impl Processing {
+    fn enter(fake: &Arc<Fake>) -> Processing {
+        fake.processing.fetch_add(1, Ordering::SeqCst);
+        Processing(fake.clone())
+    }
+}
+
+impl Drop for Processing {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.processing.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -280,7 +286,7 @@ fn metrics(fake: &Fake) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-async fn completion(fake: &Fake, request: &Value, chat: bool) -> Response {
+async fn completion(fake: &Arc<Fake>, request: &Value, chat: bool) -> Response {
     let served = fake.completions.fetch_add(1, Ordering::SeqCst);
     if fake.knobs.crash_after.is_some_and(|n| served >= n) {
         eprintln!("fake-llama-server: crashing after {served} completions (FAKE_LLAMA_CRASH_AFTER)");
@@ -293,16 +299,17 @@ async fn completion(fake: &Fake, request: &Value, chat: bool) -> Response {
     if fake.wedged.load(Ordering::SeqCst) {
         return std::future::pending().await;
     }
-    fake.processing.fetch_add(1, Ordering::SeqCst);
-    let _processing = Processing(&fake.processing);
+    let processing = Processing::enter(fake);
+    let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let n_predict = request
         .get("n_predict")
         .or_else(|| request.get("max_tokens"))
         .and_then(Value::as_u64)
         .unwrap_or(8)
         .clamp(1, 64);
-    if fake.knobs.token_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(fake.knobs.token_ms * n_predict)).await;
+    let generation = Duration::from_millis(fake.knobs.token_ms * n_predict);
+    if !stream && !generation.is_zero() {
+        tokio::time::sleep(generation).await;
     }
     fake.tokens.fetch_add(n_predict, Ordering::Relaxed);
     let model = fake.args.model.display().to_string();
@@ -313,7 +320,6 @@ async fn completion(fake: &Fake, request: &Value, chat: bool) -> Response {
         "predicted_n": n_predict, "predicted_ms": (fake.knobs.token_ms * n_predict) as f64,
         "predicted_per_second": per_second, "cache_n": 0
     });
-    let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let created =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
     let name = model_name(fake);
@@ -331,38 +337,52 @@ async fn completion(fake: &Fake, request: &Value, chat: bool) -> Response {
         }))
         .into_response(),
         (false, true) => {
-            let mut sse = String::new();
+            let mut sse = Vec::new();
             for word in text.split_inclusive(' ') {
-                sse.push_str(&format!("data: {}\n\n", json!({"content": word, "stop": false})));
+                sse.push(format!("data: {}\n\n", json!({"content": word, "stop": false})));
             }
-            sse.push_str(&format!(
+            sse.push(format!(
                 "data: {}\n\n",
                 json!({"content": "", "stop": true, "model": model, "tokens_predicted": n_predict, "timings": timings})
             ));
-            sse_response(sse)
+            sse_response(sse, generation, processing)
         }
         (true, true) => {
             let id = format!("chatcmpl-fake-{served}");
-            let mut sse = String::new();
+            let mut sse = Vec::new();
             for word in text.split_inclusive(' ') {
                 let chunk = json!({
                     "id": id, "object": "chat.completion.chunk", "created": created, "model": name,
                     "choices": [{"index": 0, "finish_reason": null, "delta": {"content": word}}]
                 });
-                sse.push_str(&format!("data: {chunk}\n\n"));
+                sse.push(format!("data: {chunk}\n\n"));
             }
             let last = json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": name,
                 "choices": [{"index": 0, "finish_reason": "length", "delta": {}}], "timings": timings
             });
-            sse.push_str(&format!("data: {last}\n\ndata: [DONE]\n\n"));
-            sse_response(sse)
+            sse.push(format!("data: {last}\n\ndata: [DONE]\n\n"));
+            sse_response(sse, generation, processing)
         }
     }
 }
 
-fn sse_response(body: String) -> Response {
-    let mut response = body.into_response();
+/// Sends `events` one by one, spread over `generation` (like tokens coming out of the model); the request
+/// counts as processing until the last one is sent.
+fn sse_response(events: Vec<String>, generation: Duration, processing: Processing) -> Response {
+    use futures::StreamExt;
+    let gap = generation / u32::try_from(events.len().max(1)).unwrap_or(u32::MAX);
+    let stream = futures::stream::iter(events).then(move |event| async move {
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
+        Ok::<_, std::convert::Infallible>(event)
+    });
+    let stream = stream.map(move |event| {
+        let _processing = &processing;
+        event
+    });
+    let mut response = axum::body::Body::from_stream(stream).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response

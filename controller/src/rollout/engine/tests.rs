@@ -238,6 +238,26 @@ fn a_failing_class_is_halted_while_the_others_complete() {
 }
 
 #[test]
+fn a_halted_class_without_baselines_reports_each_failure_once() {
+    let mut devices = fleet(60, &["pi5", "orin"]);
+    for d in devices.iter_mut() {
+        d.running = None;
+        d.desired = None;
+    }
+    let mut sim = Sim::new(gated(&[(30, 0), (100, 0)], ClassFailurePolicy::HaltClass), devices);
+    sim.failing = sim.devices.iter().filter(|d| d.labels["class"] == "orin").map(|d| d.id.clone()).collect();
+    sim.run(0, 100_000, 1_000);
+    assert_eq!(sim.state(), RolloutState::Completed, "{}", sim.rollout.message);
+    assert_eq!(sim.rollout.halted_classes, vec!["orin".to_owned()]);
+    let mut failed: Vec<&str> =
+        sim.events.iter().filter(|e| e.kind == "device_failed").map(|e| e.device_id.as_str()).collect();
+    let n = failed.len();
+    failed.sort_unstable();
+    failed.dedup();
+    assert_eq!(failed.len(), n, "each failure is one event");
+}
+
+#[test]
 fn offline_devices_are_pending_until_the_deadline_then_fail() {
     let mut r = gated(&[(100, 0)], ClassFailurePolicy::Abort);
     if let Some(spec) = r.spec.as_mut() {
