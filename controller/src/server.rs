@@ -56,6 +56,7 @@ pub async fn serve(
         auth: auth.clone(),
         heartbeat_interval: config.heartbeat_interval,
     };
+    let hub = fleet.hub.clone();
     let fleet_api = api::fleet::FleetApi { fleet, auth: auth.clone(), registry: registry.clone(), registry_host };
     let grpc_stop = stop.clone();
     let grpc = tonic::transport::Server::builder()
@@ -78,6 +79,10 @@ pub async fn serve(
         shutdown.await;
         tracing::info!("Shutting down.");
         trigger.cancel();
+        // Agent sessions never end on their own: close them so the gRPC server's graceful shutdown can
+        // finish. Agents reconnect to whichever controller comes back.
+        let closed = hub.close_all();
+        tracing::info!(sessions = closed, "Closed agent sessions.");
     });
     let (grpc_result, http_result) = tokio::join!(grpc, http);
     reconciler_stop.notify_one();

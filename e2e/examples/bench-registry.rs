@@ -3,16 +3,15 @@
 //! of the last MiB, and each server's peak RSS (VmHWM). A command, not a test; run it through
 //! `e2e/scripts/bench-registry.sh`, which builds the release controller first.
 
-
 use std::io::{Read as _, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use alki_e2e::registries::Distribution;
 use alki_shared::digest::{Digest, Hasher};
 use anyhow::{Context as _, bail, ensure};
 use clap::Parser;
-use alki_e2e::registries::Distribution;
 
 #[derive(Parser)]
 #[command(about = "Benchmark the controller's registry against CNCF distribution on loopback.")]

@@ -25,7 +25,8 @@ fn a_bad_gguf_is_named_by_pack() -> anyhow::Result<()> {
     let bad = dir.path().join("broken.gguf");
     std::fs::write(&bad, b"GGUF\x03\x00\x00\x00")?;
     let out = dir.path().join("bundle");
-    let (ok, stderr) = alkictl(&["bundle", "pack", bad.to_str().unwrap_or_default(), "--out", out.to_str().unwrap_or_default()])?;
+    let (ok, stderr) =
+        alkictl(&["bundle", "pack", bad.to_str().unwrap_or_default(), "--out", out.to_str().unwrap_or_default()])?;
     assert!(!ok);
     assert!(stderr.contains("broken.gguf"), "{stderr}");
     assert!(!out.exists(), "a refused pack writes nothing");

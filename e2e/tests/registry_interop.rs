@@ -3,19 +3,18 @@
 //! distribution (Debian's docker-registry) on loopback. A missing tool fails its test with the command
 //! that installs it; CI installs them all.
 
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use alki_controller::cli::{Cli, run};
 use alki_controller::config::ControllerConfig;
+use alki_e2e::registries::{Distribution, require_tool};
 use alki_e2e::tiny_model::{TinyModelOptions, synthetic_tokenizer, write_tiny_model};
 use alki_shared::digest::Digest;
 use alki_shared::oci::{MEDIA_TYPE_IMAGE_INDEX, MEDIA_TYPE_IMAGE_MANIFEST, Manifest};
 use anyhow::{Context as _, bail, ensure};
 use clap::Parser as _;
-use alki_e2e::registries::{Distribution, require_tool};
 use serde_json::Value;
 
 /// Every test is bounded; child processes are killed when a timed-out test drops them.

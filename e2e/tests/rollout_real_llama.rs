@@ -187,6 +187,15 @@ fn a_bundle_rolls_out_to_an_agent_and_serves_completions_with_real_llama_server(
         .json(&serde_json::json!({"messages": [{"role": "user", "content": "Still there?"}], "max_tokens": 4}))
         .send()?;
     assert_eq!(response.status(), 200, "v1 keeps serving after a refused update");
+
+    // SIGTERM stops the controller gracefully even with an agent's session open.
+    let mut fleet = fleet;
+    let status = fleet.controller.stop(Duration::from_secs(30))?;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "controller did not stop gracefully: {status:?}\n{}",
+        fleet.controller.log_tail()
+    );
     Ok(())
 }
 

@@ -318,3 +318,36 @@ pub fn operate(
     fleet.changed.notify_one();
     Ok(plan.rollout)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ramp_expands_into_steps_and_bad_fields_are_named() {
+        let mut spec = proto::RolloutSpec {
+            ramp: Some(proto::ExponentialRamp { start_percent: 1, factor: 2.0, min_soak_seconds: 60 }),
+            ..Default::default()
+        };
+        normalize_spec(&mut spec).expect("valid ramp");
+        let percents: Vec<u32> = spec.steps.iter().map(|s| s.percent).collect();
+        assert_eq!(percents, [1, 2, 4, 8, 16, 32, 64, 100]);
+        assert!(spec.steps.iter().all(|s| s.min_soak_seconds == 60));
+
+        let mut spec = proto::RolloutSpec {
+            ramp: Some(proto::ExponentialRamp { start_percent: 5, factor: 1.0, min_soak_seconds: 0 }),
+            ..Default::default()
+        };
+        assert!(normalize_spec(&mut spec).expect_err("factor 1").contains("ramp.factor"));
+        let mut spec = proto::RolloutSpec {
+            gates: Some(proto::RolloutGates { max_failure_ratio: Some(5.0), ..Default::default() }),
+            ..Default::default()
+        };
+        assert!(normalize_spec(&mut spec).expect_err("ratio 5").contains("gates.max_failure_ratio"));
+        let mut spec = proto::RolloutSpec {
+            steps: vec![proto::RolloutStep { percent: 50, min_soak_seconds: 0 }],
+            ..Default::default()
+        };
+        assert!(normalize_spec(&mut spec).expect_err("no 100%").contains("last step must be 100%"));
+    }
+}
