@@ -1,13 +1,10 @@
 //! Integration tests of the embedded OCI registry: the real router served on 127.0.0.1:0, driven with
 //! reqwest the way registry clients (skopeo, oras, oci-client) drive it.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use alki_controller::auth::{Authenticator, Role};
-use alki_controller::registry::{self, Registry, RegistryConfig};
+use alki_controller::registry::{Registry, RegistryConfig};
 use alki_controller::store::Store;
 use alki_shared::digest::{Digest, Hasher};
 use alki_shared::oci::{MEDIA_TYPE_EMPTY, MEDIA_TYPE_IMAGE_INDEX, MEDIA_TYPE_IMAGE_MANIFEST};
@@ -16,82 +13,13 @@ use futures::StreamExt as _;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+mod common;
 
-/// Every test runs under a timeout.
-async fn bounded(test: impl Future<Output = ()>) {
-    tokio::time::timeout(TEST_TIMEOUT, test).await.expect("test timed out");
-}
-
-struct Harness {
-    _dir: tempfile::TempDir,
-    data_dir: PathBuf,
-    base: String,
-    client: reqwest::Client,
-    push: String,
-    agent: String,
-    registry: Arc<Registry>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
-
-async fn start() -> Harness {
-    start_with(RegistryConfig::default()).await
-}
-
-async fn start_with(config: RegistryConfig) -> Harness {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data_dir = dir.path().to_path_buf();
-    let store = Store::open(&data_dir).expect("store");
-    let auth = Authenticator::new(store.clone());
-    let push = auth.create_token("ci", Role::Push).expect("push token");
-    let agent = auth.create_token("pi-1", Role::Agent).expect("agent token");
-    let registry = Arc::new(Registry::open(&data_dir, store.database(), config).expect("registry"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let app = registry::router(registry.clone(), auth);
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app).await.expect("serve");
-    });
-    Harness { _dir: dir, data_dir, base, client: reqwest::Client::new(), push, agent, registry, server }
-}
+use common::{Harness, bounded, start, start_with};
 
 impl Harness {
-    /// A request with the push token (which may read and write).
-    fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        let url = if path.starts_with("http") { path.to_owned() } else { format!("{}{path}", self.base) };
-        self.client.request(method, url).bearer_auth(&self.push)
-    }
-
     fn uploads_dir(&self) -> PathBuf {
-        self.data_dir.join("uploads")
-    }
-
-    /// Pushes a blob in one request and returns its digest.
-    async fn push_blob(&self, repo: &str, content: &[u8]) -> Digest {
-        let digest = Digest::of(content);
-        let resp = self
-            .req(Method::POST, &format!("/v2/{repo}/blobs/uploads/?digest={digest}"))
-            .body(content.to_vec())
-            .send()
-            .await
-            .expect("push blob");
-        assert_eq!(resp.status(), StatusCode::CREATED, "pushing a blob to {repo}");
-        digest
-    }
-
-    async fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, bytes: &[u8]) -> reqwest::Response {
-        self.req(Method::PUT, &format!("/v2/{repo}/manifests/{reference}"))
-            .header("content-type", media_type)
-            .body(bytes.to_vec())
-            .send()
-            .await
-            .expect("put manifest")
+        self.dir.path().join("uploads")
     }
 
     /// Pushes an empty config and the given layers, then an image manifest tagged `tag`.
@@ -231,7 +159,7 @@ async fn monolithic_push_then_get_and_head() {
         let resp = h.req(Method::GET, &format!("/v2/acme/other/blobs/{digest}")).send().await.expect("get");
         assert_eq!(resp.status(), StatusCode::NOT_FOUND);
         assert_eq!(error_code(resp).await, "BLOB_UNKNOWN");
-        assert_eq!(h.registry.blob_path(&digest), Some(h.data_dir.join("blobs").join(digest.storage_path())));
+        assert_eq!(h.registry.blob_path(&digest), Some(h.dir.path().join("blobs").join(digest.storage_path())));
         assert_eq!(dir_entries(&h.uploads_dir()), 0);
     })
     .await;

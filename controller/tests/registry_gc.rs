@@ -2,93 +2,28 @@
 //! young blobs, uploads in flight), the admin route and `alkictl registry gc`, the schedule in `serve`,
 //! and the invariant under concurrent pushes: a stored manifest never loses a blob.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use alki_controller::auth::{Authenticator, Role};
 use alki_controller::config::ControllerConfig;
-use alki_controller::registry::{self, GcReport, Registry, RegistryConfig};
-use alki_controller::store::Store;
+use alki_controller::registry::{self, GcReport};
 use alki_shared::digest::Digest;
 use alki_shared::oci::{MEDIA_TYPE_EMPTY, MEDIA_TYPE_IMAGE_INDEX, MEDIA_TYPE_IMAGE_MANIFEST};
 use clap::Parser as _;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+mod common;
 
-/// Every test runs under a timeout.
-async fn bounded(test: impl Future<Output = ()>) {
-    tokio::time::timeout(TEST_TIMEOUT, test).await.expect("test timed out");
-}
-
-struct Harness {
-    dir: tempfile::TempDir,
-    addr: String,
-    client: reqwest::Client,
-    push: String,
-    admin: String,
-    registry: Arc<Registry>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
-
-async fn start() -> Harness {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("store");
-    let auth = Authenticator::new(store.clone());
-    let push = auth.create_token("ci", Role::Push).expect("push token");
-    let admin = auth.create_token("root", Role::Admin).expect("admin token");
-    let registry = Arc::new(Registry::open(dir.path(), store.database(), RegistryConfig::default()).expect("registry"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let app = registry::router(registry.clone(), auth);
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app).await.expect("serve");
-    });
-    Harness { dir, addr, client: reqwest::Client::new(), push, admin, registry, server }
-}
+use common::{Harness, bounded, start};
 
 impl Harness {
-    fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        let url = if path.starts_with("http") { path.to_owned() } else { format!("http://{}{path}", self.addr) };
-        self.client.request(method, url).bearer_auth(&self.push)
-    }
-
-    async fn push_blob(&self, repo: &str, content: &[u8]) -> Digest {
-        let digest = Digest::of(content);
-        let resp = self
-            .req(Method::POST, &format!("/v2/{repo}/blobs/uploads/?digest={digest}"))
-            .body(content.to_vec())
-            .send()
-            .await
-            .expect("push blob");
-        assert_eq!(resp.status(), StatusCode::CREATED, "pushing a blob to {repo}");
-        digest
-    }
-
-    async fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, bytes: &[u8]) -> StatusCode {
-        self.req(Method::PUT, &format!("/v2/{repo}/manifests/{reference}"))
-            .header("content-type", media_type)
-            .body(bytes.to_vec())
-            .send()
-            .await
-            .expect("put manifest")
-            .status()
-    }
-
     /// Pushes an empty config, one layer, and an image manifest referencing them under `reference`.
     async fn push_image(&self, repo: &str, reference: &str, layer: &[u8]) -> (Digest, Vec<u8>) {
         let config = self.push_blob(repo, b"{}").await;
         let layer_digest = self.push_blob(repo, layer).await;
         let bytes = image_manifest(&config, &layer_digest, layer.len());
-        let status = self.put_manifest(repo, reference, MEDIA_TYPE_IMAGE_MANIFEST, &bytes).await;
+        let status = self.put_manifest(repo, reference, MEDIA_TYPE_IMAGE_MANIFEST, &bytes).await.status();
         assert_eq!(status, StatusCode::CREATED, "pushing a manifest to {repo}:{reference}");
         (Digest::of(&bytes), bytes)
     }
@@ -142,7 +77,7 @@ async fn gc_sweeps_unreferenced_blobs_and_keeps_everything_a_manifest_references
         let untagged = image_manifest(&config, &untagged_layer, 14);
         let untagged_digest = Digest::of(&untagged);
         assert_eq!(
-            h.put_manifest("acme/qwen", untagged_digest.as_str(), MEDIA_TYPE_IMAGE_MANIFEST, &untagged).await,
+            h.put_manifest("acme/qwen", untagged_digest.as_str(), MEDIA_TYPE_IMAGE_MANIFEST, &untagged).await.status(),
             StatusCode::CREATED
         );
         let (variant, variant_bytes) = h.push_image("acme/bundle", untagged_digest.as_str(), b"untagged layer").await;
@@ -153,7 +88,10 @@ async fn gc_sweeps_unreferenced_blobs_and_keeps_everything_a_manifest_references
             "manifests": [{"mediaType": MEDIA_TYPE_IMAGE_MANIFEST, "digest": variant, "size": variant_bytes.len()}],
         }))
         .expect("json");
-        assert_eq!(h.put_manifest("acme/bundle", "latest", MEDIA_TYPE_IMAGE_INDEX, &index).await, StatusCode::CREATED);
+        assert_eq!(
+            h.put_manifest("acme/bundle", "latest", MEDIA_TYPE_IMAGE_INDEX, &index).await.status(),
+            StatusCode::CREATED
+        );
 
         // Garbage: a blob never referenced, and one shared by two repositories and referenced by neither.
         let stray = h.push_blob("acme/qwen", b"stray, never referenced").await;
@@ -261,7 +199,10 @@ async fn gc_never_touches_an_upload_in_flight_or_the_blobs_of_its_repository() {
             "layers": [{"mediaType": "application/octet-stream", "digest": whole, "size": 13}],
         }))
         .expect("json");
-        assert_eq!(h.put_manifest("acme/qwen", "v1", MEDIA_TYPE_IMAGE_MANIFEST, &manifest).await, StatusCode::CREATED);
+        assert_eq!(
+            h.put_manifest("acme/qwen", "v1", MEDIA_TYPE_IMAGE_MANIFEST, &manifest).await.status(),
+            StatusCode::CREATED
+        );
         let report = h.gc(0).await;
         assert_eq!((report.unreferenced, report.blobs_deleted), (0, 0));
         assert_eq!(h.blob_status("acme/qwen", &whole).await, StatusCode::OK);
@@ -370,7 +311,7 @@ async fn a_stored_manifest_never_loses_a_blob_to_a_concurrent_collection() {
                     let layer_digest = h.push_blob(&repo, &layer).await;
                     let bytes = image_manifest(&config, &layer_digest, layer.len());
                     let tag = format!("t{i}");
-                    match h.put_manifest(&repo, &tag, MEDIA_TYPE_IMAGE_MANIFEST, &bytes).await {
+                    match h.put_manifest(&repo, &tag, MEDIA_TYPE_IMAGE_MANIFEST, &bytes).await.status() {
                         StatusCode::CREATED => stored.push((repo, tag, config, layer_digest)),
                         StatusCode::BAD_REQUEST => {}
                         other => panic!("unexpected manifest PUT status {other}"),

@@ -1,0 +1,95 @@
+//! Shared by the registry's integration tests: the real registry router on 127.0.0.1:0 with push, agent and
+//! admin tokens, a reqwest client, and the few requests every test makes.
+
+#![allow(dead_code)] // Each test binary uses its own subset.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use alki_controller::auth::{Authenticator, Role};
+use alki_controller::registry::{self, Registry, RegistryConfig};
+use alki_controller::store::Store;
+use alki_shared::digest::Digest;
+use reqwest::{Method, StatusCode};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Every test runs under a timeout.
+pub async fn bounded(test: impl Future<Output = ()>) {
+    tokio::time::timeout(TEST_TIMEOUT, test).await.expect("test timed out");
+}
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    /// host:port of the router.
+    pub addr: String,
+    /// `http://host:port`.
+    pub base: String,
+    pub client: reqwest::Client,
+    /// A push token (reads and writes); `req` uses it.
+    pub push: String,
+    /// An agent token (reads only).
+    pub agent: String,
+    pub admin: String,
+    pub registry: Arc<Registry>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+pub async fn start() -> Harness {
+    start_with(RegistryConfig::default()).await
+}
+
+pub async fn start_with(config: RegistryConfig) -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let auth = Authenticator::new(store.clone());
+    let push = auth.create_token("ci", Role::Push).expect("push token");
+    let agent = auth.create_token("pi-1", Role::Agent).expect("agent token");
+    let admin = auth.create_token("root", Role::Admin).expect("admin token");
+    let registry = Arc::new(Registry::open(dir.path(), store.database(), config).expect("registry"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let app = registry::router(registry.clone(), auth);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.expect("serve");
+    });
+    let base = format!("http://{addr}");
+    Harness { dir, addr, base, client: reqwest::Client::new(), push, agent, admin, registry, server }
+}
+
+impl Harness {
+    /// A request with the push token (which may read and write); `path` may be a full URL.
+    pub fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let url = if path.starts_with("http") { path.to_owned() } else { format!("{}{path}", self.base) };
+        self.client.request(method, url).bearer_auth(&self.push)
+    }
+
+    /// Pushes a blob in one request and returns its digest.
+    pub async fn push_blob(&self, repo: &str, content: &[u8]) -> Digest {
+        let digest = Digest::of(content);
+        let resp = self
+            .req(Method::POST, &format!("/v2/{repo}/blobs/uploads/?digest={digest}"))
+            .body(content.to_vec())
+            .send()
+            .await
+            .expect("push blob");
+        assert_eq!(resp.status(), StatusCode::CREATED, "pushing a blob to {repo}");
+        digest
+    }
+
+    pub async fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, bytes: &[u8]) -> reqwest::Response {
+        self.req(Method::PUT, &format!("/v2/{repo}/manifests/{reference}"))
+            .header("content-type", media_type)
+            .body(bytes.to_vec())
+            .send()
+            .await
+            .expect("put manifest")
+    }
+}
