@@ -84,7 +84,29 @@ pub struct RegistryConfig {
     /// a site's uplink.
     #[serde(default)]
     pub bandwidth_limit_kib: u64,
+    /// Mirrors per registry, like containerd's hosts: `"registry:port" = ["cache.site:5000", ...]`. Pulls
+    /// try the mirrors in order, then the registry itself; every byte is verified against the bundle's
+    /// digests, so a mirror cannot change what is served. Name the embedded registry by its `host:port`
+    /// too. Mirrors reached over plain HTTP go in `insecure_plain_http`.
+    #[serde(default)]
+    pub mirrors: BTreeMap<String, Vec<String>>,
+    /// Credentials per registry or mirror (`host:port`, exactly as bundles or `mirrors` name it), sent only
+    /// to that `host:port`. The embedded registry uses the agent's token unless credentials are given here.
+    #[serde(default)]
+    pub credentials: BTreeMap<String, RegistryCredentials>,
 }
+
+/// Basic-auth credentials for one registry; the password is read from a file at every pull, so it can be
+/// rotated without a restart.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryCredentials {
+    pub username: String,
+    pub password_file: PathBuf,
+}
+
+/// Most mirrors tried for one registry before its origin.
+pub const MAX_MIRRORS: usize = 8;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -238,6 +260,45 @@ impl Config {
                 format!("is {embedded:?}"),
                 "write it as host:port, without a scheme or path, or remove it to use the controller's",
             ));
+        }
+        for (origin, mirrors) in &self.registry.mirrors {
+            let fix = "write registries and mirrors as host:port, without a scheme or path";
+            if !valid_authority(origin) {
+                return Err(invalid("registry.mirrors", format!("has registry {origin:?}"), fix));
+            }
+            if let Some(bad) = mirrors.iter().find(|m| !valid_authority(m)) {
+                return Err(invalid("registry.mirrors", format!("has mirror {bad:?} for {origin:?}"), fix));
+            }
+            if mirrors.len() > MAX_MIRRORS {
+                return Err(invalid(
+                    "registry.mirrors",
+                    format!("lists {} mirrors for {origin:?}", mirrors.len()),
+                    "list at most 8 mirrors per registry; each one down costs a connection attempt per pull",
+                ));
+            }
+        }
+        for (registry, credentials) in &self.registry.credentials {
+            if !valid_authority(registry) {
+                return Err(invalid(
+                    "registry.credentials",
+                    format!("has registry {registry:?}"),
+                    "key credentials by host:port, without a scheme or path",
+                ));
+            }
+            if credentials.username.is_empty() || credentials.username.contains(':') {
+                return Err(invalid(
+                    "registry.credentials",
+                    format!("has username {:?} for {registry:?}", credentials.username),
+                    "give a non-empty username without ':'",
+                ));
+            }
+            if !credentials.password_file.is_absolute() {
+                return Err(invalid(
+                    "registry.credentials",
+                    format!("has password_file {:?} for {registry:?}", credentials.password_file),
+                    "give the absolute path of the file holding the password or token",
+                ));
+            }
         }
         if self.runtime.llama_server.as_os_str().is_empty() {
             return Err(invalid("runtime.llama_server", "is empty", "give the path of the llama-server binary"));
@@ -509,6 +570,37 @@ llama_server = "/bin/llama-server"
             assert!(message.contains(field), "{message}");
             assert_eq!(field_of(err), field);
         }
+    }
+
+    #[test]
+    fn mirrors_and_credentials_are_validated() {
+        let section = |extra: &str| {
+            EXAMPLE.replace("bandwidth_limit_kib = 2048\n", &format!("bandwidth_limit_kib = 2048\n{extra}\n"))
+        };
+        let good = section(
+            "mirrors = { \"reg.example:5000\" = [\"cache.site:5000\", \"127.0.0.1:5001\"] }\n\
+             credentials = { \"reg.example:5000\" = { username = \"ci\", password_file = \"/etc/alki/reg.pass\" } }",
+        );
+        let config = Config::from_toml(&good).expect("mirrors and credentials are valid");
+        assert_eq!(config.registry.mirrors["reg.example:5000"], ["cache.site:5000", "127.0.0.1:5001"]);
+        assert_eq!(config.registry.credentials["reg.example:5000"].username, "ci");
+        let cases = [
+            ("mirrors = { \"http://reg:5000\" = [] }", "registry.mirrors"),
+            ("mirrors = { \"reg:5000\" = [\"cache/x\"] }", "registry.mirrors"),
+            (
+                "mirrors = { \"reg:5000\" = [\"a:1\",\"a:2\",\"a:3\",\"a:4\",\"a:5\",\"a:6\",\"a:7\",\"a:8\",\"a:9\"] }",
+                "registry.mirrors",
+            ),
+            ("credentials = { \"reg:5000\" = { username = \"\", password_file = \"/p\" } }", "registry.credentials"),
+            ("credentials = { \"reg:5000\" = { username = \"u\", password_file = \"rel\" } }", "registry.credentials"),
+            ("credentials = { \"a b\" = { username = \"u\", password_file = \"/p\" } }", "registry.credentials"),
+        ];
+        for (extra, field) in cases {
+            let err = Config::from_toml(&section(extra)).expect_err(extra);
+            assert_eq!(field_of(err), field, "{extra}");
+        }
+        let typo = section("credentials = { \"reg:5000\" = { user = \"u\", password_file = \"/p\" } }");
+        assert!(Config::from_toml(&typo).is_err(), "unknown credential fields are refused");
     }
 
     #[test]

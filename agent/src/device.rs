@@ -74,6 +74,8 @@ impl RegistrySettings {
             plain_http: config.plain_http_registries(),
             embedded: config.embedded_registry(),
             token_file: config.controller.token_file.clone(),
+            mirrors: config.registry.mirrors.clone(),
+            credentials: config.registry.credentials.clone(),
         }
     }
 }
@@ -94,6 +96,8 @@ pub struct RegistrySettings {
     pub plain_http: Vec<String>,
     pub embedded: String,
     pub token_file: PathBuf,
+    pub mirrors: std::collections::BTreeMap<String, Vec<String>>,
+    pub credentials: std::collections::BTreeMap<String, crate::config::RegistryCredentials>,
 }
 
 impl RegistrySettings {
@@ -105,7 +109,21 @@ impl RegistrySettings {
                 None
             }
         };
+        let mut credentials = std::collections::BTreeMap::new();
+        for (registry, c) in &self.credentials {
+            match tokio::fs::read_to_string(&c.password_file).await {
+                Ok(password) => {
+                    credentials.insert(registry.clone(), (c.username.clone(), password.trim().to_owned()));
+                }
+                Err(error) => tracing::warn!(
+                    %registry, file = %c.password_file.display(), %error,
+                    "Cannot read the registry password file; pulling from it anonymously."
+                ),
+            }
+        }
         RegistryAccess::new(self.plain_http.clone(), self.embedded.clone(), token)
+            .with_mirrors(self.mirrors.clone())
+            .with_credentials(credentials)
     }
 }
 

@@ -92,6 +92,10 @@ pub struct RegistryAccess {
     client: std::sync::Arc<Client>,
     embedded: String,
     token: Option<String>,
+    /// Mirrors per registry (`host:port`), tried in order before the registry itself.
+    mirrors: std::collections::BTreeMap<String, Vec<String>>,
+    /// Basic credentials (username, password) per `host:port`, sent to that exact `host:port` only.
+    credentials: std::collections::BTreeMap<String, (String, String)>,
 }
 
 impl std::fmt::Debug for RegistryAccess {
@@ -113,7 +117,43 @@ impl RegistryAccess {
             platform_resolver: None,
             ..Default::default()
         };
-        RegistryAccess { client: std::sync::Arc::new(Client::new(config)), embedded, token }
+        RegistryAccess {
+            client: std::sync::Arc::new(Client::new(config)),
+            embedded,
+            token,
+            mirrors: Default::default(),
+            credentials: Default::default(),
+        }
+    }
+
+    /// Mirrors per registry (`host:port` to an ordered list of `host:port`), like containerd's hosts: pulls
+    /// try them in order and fall back to the registry itself.
+    pub fn with_mirrors(mut self, mirrors: std::collections::BTreeMap<String, Vec<String>>) -> RegistryAccess {
+        self.mirrors = mirrors;
+        self
+    }
+
+    /// Basic credentials (username, password) per `host:port`; each is sent to that exact `host:port` only.
+    /// They take precedence over the agent's token on the embedded registry.
+    pub fn with_credentials(
+        mut self,
+        credentials: std::collections::BTreeMap<String, (String, String)>,
+    ) -> RegistryAccess {
+        self.credentials = credentials;
+        self
+    }
+
+    /// Where `bundle` is pulled from, in order: the mirrors configured for its registry, then the registry.
+    pub fn endpoints(&self, bundle: &BundleLocation) -> Vec<String> {
+        let origin = self.registry_of(bundle);
+        let mut out: Vec<String> = Vec::new();
+        for mirror in self.mirrors.get(origin).into_iter().flatten() {
+            if mirror != origin && !out.contains(mirror) {
+                out.push(mirror.clone());
+            }
+        }
+        out.push(origin.to_owned());
+        out
     }
 
     fn registry_of<'a>(&'a self, bundle: &'a BundleLocation) -> &'a str {
@@ -125,6 +165,10 @@ impl RegistryAccess {
     }
 
     fn auth(&self, bundle: &BundleLocation) -> RegistryAuth {
+        let registry = self.registry_of(bundle);
+        if let Some((username, password)) = self.credentials.get(registry) {
+            return RegistryAuth::Basic(username.clone(), password.clone());
+        }
         match &self.token {
             Some(token) if host_of(self.registry_of(bundle)) == host_of(&self.embedded) => {
                 RegistryAuth::Basic(BASIC_USER.to_owned(), token.clone())
@@ -228,6 +272,20 @@ impl PullError {
         }
     }
 
+    /// True when another source (the next mirror, or the origin) may succeed where this one failed: the
+    /// registry did not answer or answered wrongly, or its bytes did not verify. Not for problems of the
+    /// bundle itself or of this device, which no other source changes.
+    pub fn may_try_another_source(&self) -> bool {
+        matches!(
+            self.kind,
+            PullErrorKind::Registry { .. }
+                | PullErrorKind::Transfer { .. }
+                | PullErrorKind::ManifestDigest { .. }
+                | PullErrorKind::LayerDigest { .. }
+                | PullErrorKind::LayerSize { .. }
+        )
+    }
+
     /// The layer (or manifest) concerned, when there is one.
     pub fn layer_digest(&self) -> Option<&Digest> {
         match &self.kind {
@@ -272,7 +330,36 @@ pub async fn pull_bundle_with(
     options: &PullOptions,
     progress: &mut (dyn FnMut(PullProgress) + Send),
 ) -> Result<PulledBundle, PullError> {
-    let wrap = |kind| PullError { bundle: bundle.to_string(), kind };
+    let endpoints = registry.endpoints(bundle);
+    let mut last_error = None;
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        let source = BundleLocation { registry: endpoint.clone(), ..bundle.clone() };
+        match pull_from(registry, store, bundles_dir, bundle, &source, memory_available, options, progress).await {
+            Ok(pulled) => return Ok(pulled),
+            Err(error) if i + 1 < endpoints.len() && error.may_try_another_source() => {
+                tracing::warn!(%error, source = %endpoint, next = %endpoints[i + 1], "Pull from a mirror failed; trying the next source.");
+                last_error = Some(error);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Err(last_error.expect("there is always at least the origin"))
+}
+
+/// One attempt of [`pull_bundle_with`] from `source` (the bundle with the registry replaced by a mirror
+/// or the origin itself); errors name `bundle`. Blobs already stored, by any source, are kept.
+#[allow(clippy::too_many_arguments)]
+async fn pull_from(
+    registry: &RegistryAccess,
+    store: &ContentStore,
+    bundles_dir: &Path,
+    shown: &BundleLocation,
+    bundle: &BundleLocation,
+    memory_available: u64,
+    options: &PullOptions,
+    progress: &mut (dyn FnMut(PullProgress) + Send),
+) -> Result<PulledBundle, PullError> {
+    let wrap = |kind| PullError { bundle: shown.to_string(), kind };
     let top = fetch_manifest(registry, store, bundle, &bundle.digest, "bundle manifest").await.map_err(wrap)?;
     let (variant, variant_digest, manifest) = match top {
         Manifest::Index(index) => {
@@ -859,6 +946,79 @@ mod tests {
         assert!(matches!(access.auth(&at("ctl.example:7080")), RegistryAuth::Basic(..)));
         assert!(matches!(access.auth(&at("docker.io")), RegistryAuth::Anonymous));
         assert!(matches!(access.auth(&at("ctl.example.evil:7070")), RegistryAuth::Anonymous));
+    }
+
+    #[test]
+    fn mirrors_come_first_in_order_then_the_origin() {
+        let at = |registry: &str| BundleLocation {
+            registry: registry.to_owned(),
+            repository: "a/b".to_owned(),
+            digest: Digest::of(b"x"),
+            tag: String::new(),
+        };
+        let mirrors = [
+            ("reg.example:5000".to_owned(), vec!["m1:5000".to_owned(), "m2:5000".to_owned(), "m1:5000".to_owned()]),
+            ("ctl.example:7080".to_owned(), vec!["ctl.example:7080".to_owned(), "cache:5000".to_owned()]),
+        ]
+        .into();
+        let access = RegistryAccess::new(vec![], "ctl.example:7080".to_owned(), None).with_mirrors(mirrors);
+        assert_eq!(access.endpoints(&at("reg.example:5000")), ["m1:5000", "m2:5000", "reg.example:5000"]);
+        assert_eq!(access.endpoints(&at("")), ["cache:5000", "ctl.example:7080"], "embedded, origin not twice");
+        assert_eq!(access.endpoints(&at("other:5000")), ["other:5000"], "no mirrors: the origin only");
+    }
+
+    #[test]
+    fn credentials_go_to_their_exact_registry_only() {
+        let at = |registry: &str| BundleLocation {
+            registry: registry.to_owned(),
+            repository: "a/b".to_owned(),
+            digest: Digest::of(b"x"),
+            tag: String::new(),
+        };
+        let credentials = [("reg.example:5000".to_owned(), ("ci".to_owned(), "secret".to_owned()))].into();
+        let access = RegistryAccess::new(vec![], "ctl.example:7080".to_owned(), Some("t".to_owned()))
+            .with_credentials(credentials);
+        assert!(
+            matches!(access.auth(&at("reg.example:5000")), RegistryAuth::Basic(u, p) if u == "ci" && p == "secret")
+        );
+        assert!(matches!(access.auth(&at("reg.example:5001")), RegistryAuth::Anonymous));
+        assert!(matches!(access.auth(&at("mirror:5000")), RegistryAuth::Anonymous));
+        assert!(matches!(access.auth(&at("")), RegistryAuth::Basic(u, _) if u == BASIC_USER));
+    }
+
+    #[test]
+    fn only_source_failures_fall_back_to_the_next_source() {
+        let error = |kind| PullError { bundle: "b".to_owned(), kind };
+        let layer = Digest::of(b"l");
+        let source_failures = [
+            PullErrorKind::Registry {
+                what: "m".to_owned(),
+                registry: "r".to_owned(),
+                source: Box::new(OciDistributionError::GenericError(None)),
+            },
+            PullErrorKind::LayerDigest { layer: layer.clone(), actual: Digest::of(b"other") },
+            PullErrorKind::LayerSize { layer: layer.clone(), expected: 1, actual: 2, more: true },
+            PullErrorKind::ManifestDigest { what: "m".to_owned(), expected: layer.clone(), actual: "x".to_owned() },
+            PullErrorKind::Transfer {
+                layer: layer.clone(),
+                registry: "r".to_owned(),
+                bytes_on_disk: 0,
+                size: 1,
+                source: std::io::Error::other("reset"),
+            },
+        ];
+        for kind in source_failures {
+            assert!(error(kind).may_try_another_source());
+        }
+        let final_failures = [
+            PullErrorKind::NotABundle("no".to_owned()),
+            PullErrorKind::NoVariantFits { available: 1, needs: "2".to_owned() },
+            PullErrorKind::DiskFull { needed: 1, reserve: 1, available: 0, dir: PathBuf::from("/d") },
+            PullErrorKind::BadFileName { layer, name: "../x".to_owned() },
+        ];
+        for kind in final_failures {
+            assert!(!error(kind).may_try_another_source());
+        }
     }
 
     #[test]

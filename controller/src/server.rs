@@ -57,7 +57,13 @@ pub async fn serve(
         heartbeat_interval: config.heartbeat_interval,
     };
     let hub = fleet.hub.clone();
-    let fleet_api = api::fleet::FleetApi { fleet, auth: auth.clone(), registry: registry.clone(), registry_host };
+    let fleet_api = api::fleet::FleetApi {
+        fleet,
+        auth: auth.clone(),
+        registry: registry.clone(),
+        registry_host,
+        external_registries: config.external_registries.clone().into(),
+    };
     let grpc_stop = stop.clone();
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))

@@ -19,6 +19,8 @@ pub struct FleetApi {
     pub registry: Arc<Registry>,
     /// host:port agents use to reach the embedded registry.
     pub registry_host: String,
+    /// External registries rollouts may name (see `rollout::external`).
+    pub external_registries: Arc<[crate::config::ExternalRegistry]>,
 }
 
 #[tonic::async_trait]
@@ -64,7 +66,15 @@ impl FleetService for FleetApi {
     ) -> Result<Response<proto::Rollout>, Status> {
         let principal = super::authorize(&self.auth, &request, Action::WriteFleet)?;
         let spec = request.into_inner().spec.ok_or_else(|| Status::invalid_argument("a rollout needs a spec"))?;
-        let created = rollout::create(&self.fleet, &self.registry, &self.registry_host, spec, crate::now_unix_ms());
+        let created = rollout::create_any(
+            &self.fleet,
+            &self.registry,
+            &self.registry_host,
+            &self.external_registries,
+            spec,
+            crate::now_unix_ms(),
+        )
+        .await;
         match created {
             Ok(r) => {
                 tracing::info!(rollout_id = %r.id, by = %principal.name, "Rollout created.");
@@ -73,6 +83,7 @@ impl FleetService for FleetApi {
             Err(e @ CreateError::Invalid(_)) => Err(Status::invalid_argument(e.to_string())),
             Err(e @ CreateError::BundleNotFound { .. }) => Err(Status::not_found(e.to_string())),
             Err(e @ CreateError::Conflict { .. }) => Err(Status::failed_precondition(e.to_string())),
+            Err(e @ CreateError::External(_)) => Err(Status::unavailable(e.to_string())),
             Err(e) => Err(super::internal(e)),
         }
     }

@@ -33,6 +33,19 @@ struct Args {
     /// your slowest bundle push.
     #[arg(long, env = "ALKI_REGISTRY_GC_GRACE_SECS", default_value_t = 3600)]
     registry_gc_grace_secs: u64,
+    /// An external OCI registry (`host:port`) rollouts may name by prefixing the repository with it
+    /// (`alkictl rollout create --bundle host:port/acme/qwen:v2`); agents pull from it directly. Repeatable.
+    #[arg(long = "external-registry", env = "ALKI_EXTERNAL_REGISTRIES", value_delimiter = ',')]
+    external_registries: Vec<String>,
+    /// Reach the external registries over plain HTTP instead of HTTPS.
+    #[arg(long, env = "ALKI_EXTERNAL_REGISTRY_PLAIN_HTTP")]
+    external_registry_plain_http: bool,
+    /// Username for reading from the external registries (with --external-registry-password-file).
+    #[arg(long, env = "ALKI_EXTERNAL_REGISTRY_USERNAME", requires = "external_registry_password_file")]
+    external_registry_username: Option<String>,
+    /// File holding the password or token for the external registries; anonymous reads without it.
+    #[arg(long, env = "ALKI_EXTERNAL_REGISTRY_PASSWORD_FILE", requires = "external_registry_username")]
+    external_registry_password_file: Option<PathBuf>,
     /// Log as JSON lines (for log shippers) instead of text.
     #[arg(long)]
     log_json: bool,
@@ -59,6 +72,24 @@ async fn main() -> anyhow::Result<()> {
     config.heartbeat_interval = Duration::from_secs(args.heartbeat_seconds.max(1));
     config.registry.gc_interval = Duration::from_secs(args.registry_gc_interval_secs);
     config.registry.gc_grace = Duration::from_secs(args.registry_gc_grace_secs);
+    let credentials = match (&args.external_registry_username, &args.external_registry_password_file) {
+        (Some(user), Some(file)) => {
+            let password = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read --external-registry-password-file {}", file.display()))?;
+            Some((user.clone(), password.trim().to_owned()))
+        }
+        _ => None,
+    };
+    for host in &args.external_registries {
+        if host.is_empty() || host.contains(['/', '@', ' ']) {
+            anyhow::bail!("--external-registry {host:?} must be host or host:port, without a scheme or path");
+        }
+        config.external_registries.push(alki_controller::config::ExternalRegistry {
+            host: host.clone(),
+            plain_http: args.external_registry_plain_http,
+            credentials: credentials.clone(),
+        });
+    }
     alki_controller::serve(alki_controller::Listeners { grpc, http }, config, shutdown_signal()).await
 }
 

@@ -1,6 +1,7 @@
 //! Rollouts: creating them, and the reconciler that applies the pure engine's plans and persists them.
 
 pub mod engine;
+pub mod external;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -30,6 +31,9 @@ pub enum CreateError {
     Store(#[from] StoreError),
     #[error("registry: {0}")]
     Registry(String),
+    /// An external registry could not be read or served wrong bytes; the message says which and what to check.
+    #[error("{0}")]
+    External(String),
 }
 
 /// Validates a spec, pins the candidate by digest, refuses overlaps with active rollouts, and stores
@@ -41,10 +45,7 @@ pub fn create(
     mut spec: proto::RolloutSpec,
     now_unix_ms: i64,
 ) -> Result<proto::Rollout, CreateError> {
-    if spec.repository.is_empty() || spec.candidate.is_empty() {
-        return Err(CreateError::Invalid("name the bundle's repository and its tag or digest".into()));
-    }
-    normalize_spec(&mut spec).map_err(CreateError::Invalid)?;
+    check_spec(&mut spec)?;
     let manifest = registry
         .resolve(&spec.repository, &spec.candidate)
         .map_err(|e| CreateError::Registry(e.to_string()))?
@@ -52,7 +53,52 @@ pub fn create(
             repository: spec.repository.clone(),
             reference: spec.candidate.clone(),
         })?;
+    let tag = if spec.candidate.starts_with("sha256:") { String::new() } else { spec.candidate.clone() };
+    let candidate = proto::BundleRef {
+        registry: registry_host.to_owned(),
+        repository: spec.repository.clone(),
+        digest: manifest.digest.to_string(),
+        tag,
+    };
+    create_pinned(fleet, spec, candidate, now_unix_ms)
+}
 
+/// Like [`create`] for a bundle in an external registry (`spec.repository` starts with a configured
+/// registry's `host:port`): the tag is resolved there, the bytes are checked against the digest and the
+/// manifest must be a bundle; agents are given that registry. Falls back to [`create`] for any other
+/// repository, so the embedded registry's path is unchanged.
+pub async fn create_any(
+    fleet: &Fleet,
+    registry: &Registry,
+    registry_host: &str,
+    externals: &[crate::config::ExternalRegistry],
+    mut spec: proto::RolloutSpec,
+    now_unix_ms: i64,
+) -> Result<proto::Rollout, CreateError> {
+    let Some((external, repository)) = external::split(externals, &spec.repository) else {
+        return create(fleet, registry, registry_host, spec, now_unix_ms);
+    };
+    let (external, repository) = (external.clone(), repository.to_owned());
+    check_spec(&mut spec)?;
+    let candidate = external::pin(&external, &repository, &spec.candidate).await?;
+    create_pinned(fleet, spec, candidate, now_unix_ms)
+}
+
+fn check_spec(spec: &mut proto::RolloutSpec) -> Result<(), CreateError> {
+    if spec.repository.is_empty() || spec.candidate.is_empty() {
+        return Err(CreateError::Invalid("name the bundle's repository and its tag or digest".into()));
+    }
+    normalize_spec(spec).map_err(CreateError::Invalid)
+}
+
+/// Refuses overlaps with active rollouts and stores the rollout, pinned to `candidate`, as Pending.
+fn create_pinned(
+    fleet: &Fleet,
+    spec: proto::RolloutSpec,
+    candidate: proto::BundleRef,
+    now_unix_ms: i64,
+) -> Result<proto::Rollout, CreateError> {
+    let digest = candidate.digest.clone();
     let _guard = fleet.rollouts_lock.lock().unwrap_or_else(|p| p.into_inner());
     let rollouts = fleet.store.rollouts()?;
     let active: Vec<&proto::Rollout> = rollouts.iter().filter(|r| is_active(r)).collect();
@@ -68,15 +114,9 @@ pub fn create(
         }
     }
 
-    let tag = if spec.candidate.starts_with("sha256:") { String::new() } else { spec.candidate.clone() };
     let rollout = proto::Rollout {
         id: RolloutId::generate().to_string(),
-        candidate: Some(proto::BundleRef {
-            registry: registry_host.to_owned(),
-            repository: spec.repository.clone(),
-            digest: manifest.digest.to_string(),
-            tag,
-        }),
+        candidate: Some(candidate),
         spec: Some(spec),
         state: RolloutState::Pending as i32,
         created_unix_ms: now_unix_ms,
@@ -89,12 +129,12 @@ pub fn create(
         seq: 1,
         unix_ms: now_unix_ms,
         kind: "created".into(),
-        message: format!("created for {} with steps {:?}", manifest.digest, spec_percents(&rollout)),
+        message: format!("created for {} with steps {:?}", digest, spec_percents(&rollout)),
         device_id: String::new(),
     };
     let rollout = proto::Rollout { event_seq: 1, ..rollout };
     fleet.store.commit_rollout(&rollout, &[], &[created])?;
-    tracing::info!(rollout_id = %rollout.id, candidate = %manifest.digest, "Created a rollout.");
+    tracing::info!(rollout_id = %rollout.id, candidate = %digest, "Created a rollout.");
     fleet.changed.notify_one();
     Ok(rollout)
 }

@@ -1,0 +1,209 @@
+//! An external registry end to end: alkictl pushes a bundle to CNCF distribution (Debian's
+//! `docker-registry`) on loopback; the controller, started with `--external-registry`, resolves the tag
+//! there and pins the rollout's candidate by digest; the agent (real binary, fake llama-server) pulls from
+//! distribution through a mirror list whose first entry is down, falls back to the origin, and reaches
+//! ACTIVE. The agent's token is never sent to distribution (it has no auth here; the unit tests in
+//! `agent/src/pull.rs` pin where credentials go).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use alki_e2e::harness::{Proc, binary, free_port, run, wait_for};
+use alki_e2e::registries::Distribution;
+use anyhow::{Context as _, ensure};
+use serde_json::Value;
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    grpc: String,
+    token_file: std::path::PathBuf,
+    controller: Proc,
+}
+
+impl Fleet {
+    fn alkictl_json(&self, registry: &str, args: &[&str]) -> anyhow::Result<Value> {
+        let mut cmd = Command::new(binary("alkictl")?);
+        cmd.args(["--controller", &self.grpc, "--registry", registry]).arg("--token-file").arg(&self.token_file);
+        let out = run(cmd.args(args).args(["-o", "json"]))?;
+        serde_json::from_str(&out).with_context(|| format!("alkictl {args:?} printed non-JSON: {out}"))
+    }
+}
+
+fn start_controller(external: &str) -> anyhow::Result<(Fleet, String)> {
+    let dir = tempfile::tempdir()?;
+    let (grpc_port, http_port) = (free_port()?, free_port()?);
+    let mut cmd = Command::new(binary("alki-controller")?);
+    cmd.arg("--data-dir")
+        .arg(dir.path().join("controller"))
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
+        .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+        .args(["--heartbeat-seconds", "2"])
+        .args(["--external-registry", external, "--external-registry-plain-http"]);
+    let controller = Proc::spawn("controller", cmd, dir.path())?;
+    let token_file = dir.path().join("controller/admin.token");
+    let embedded = format!("127.0.0.1:{http_port}");
+    wait_for("the controller to be ready", Duration::from_secs(30), &[&controller], || {
+        let ready = reqwest::blocking::get(format!("http://{embedded}/readyz")).map(|r| r.status().is_success());
+        Ok((ready.unwrap_or(false) && token_file.is_file()).then_some(()))
+    })?;
+    Ok((Fleet { grpc: format!("http://127.0.0.1:{grpc_port}"), token_file, controller, dir }, embedded))
+}
+
+fn path(p: &Path) -> anyhow::Result<&str> {
+    p.to_str().context("non-UTF-8 path")
+}
+
+/// Starts the real agent (with the fake llama-server) labelled `site = <site>`, with `registry` as the body
+/// of its `[registry]` section.
+fn start_agent(fleet: &Fleet, embedded: &str, id: &str, site: &str, registry: &str) -> anyhow::Result<Proc> {
+    let agent_token = fleet.alkictl_json(embedded, &["token", "create", "--name", id, "--role", "agent"])?;
+    let agent_dir = fleet.dir.path().join(id);
+    std::fs::create_dir_all(&agent_dir)?;
+    std::fs::write(agent_dir.join("agent.token"), agent_token["token"].as_str().context("no token")?)?;
+    let config = format!(
+        r#"device_id = "{id}"
+data_dir = "{data}"
+labels = {{ site = "{site}" }}
+
+[controller]
+url = "{grpc}"
+token_file = "{token_file}"
+
+[registry]
+{registry}
+
+[runtime]
+llama_server = "{llama}"
+front_addr = "127.0.0.1:{front}"
+health_timeout_secs = 30
+"#,
+        data = agent_dir.join("data").display(),
+        grpc = fleet.grpc,
+        token_file = agent_dir.join("agent.token").display(),
+        llama = binary("fake-llama-server")?.display(),
+        front = free_port()?,
+    );
+    let config_path = agent_dir.join("agent.toml");
+    std::fs::write(&config_path, config)?;
+    let mut cmd = Command::new(binary("alki-agent")?);
+    cmd.arg("run").arg("--config").arg(&config_path);
+    Proc::spawn(id, cmd, fleet.dir.path())
+}
+
+/// Packs a tiny model into a bundle layout; returns the layout and the bundle's digest.
+fn pack(fleet: &Fleet, embedded: &str) -> anyhow::Result<(std::path::PathBuf, String)> {
+    let model = fleet.dir.path().join("tiny.gguf");
+    run(Command::new(binary("make-tiny-model")?).arg("--out").arg(&model).args(["--name", "alki-tiny"]))?;
+    let layout = fleet.dir.path().join("bundle");
+    let packed = fleet.alkictl_json(embedded, &["bundle", "pack", path(&model)?, "--out", path(&layout)?])?;
+    Ok((layout, packed["digest"].as_str().context("no digest from pack")?.to_owned()))
+}
+
+fn device(fleet: &Fleet, embedded: &str, id: &str) -> anyhow::Result<Option<Value>> {
+    let devices = fleet.alkictl_json(embedded, &["devices", "list"])?;
+    Ok(devices.as_array().and_then(|ds| ds.iter().find(|d| d["id"] == id)).cloned())
+}
+
+#[test]
+fn an_agent_pulls_a_rollout_from_distribution_through_a_mirror_list_whose_first_mirror_is_down() -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    let distribution = Distribution::start(&work.path().join("distribution"))?;
+    let external = distribution.host();
+    let (fleet, embedded) = start_controller(&external)?;
+
+    // Pack and push to distribution.
+    let (layout, bundle_digest) = pack(&fleet, &embedded)?;
+    let pushed =
+        fleet.alkictl_json(&external, &["bundle", "push", path(&layout)?, "acme/tiny:v1", "--insecure-plain-http"])?;
+    assert_eq!(pushed["digest"], bundle_digest.as_str());
+
+    // An agent whose first mirror for distribution is down (nothing listens there).
+    let down_mirror = format!("127.0.0.1:{}", free_port()?);
+    let registry_section = format!(
+        "insecure_plain_http = [\"{external}\", \"{down_mirror}\"]\nmirrors = {{ \"{external}\" = [\"{down_mirror}\"] }}"
+    );
+    let agent = start_agent(&fleet, &embedded, "pi-ext", "ext", &registry_section)?;
+    let procs = [&fleet.controller, &agent];
+    let device = |id: &str| device(&fleet, &embedded, id);
+    wait_for("the agent to connect", Duration::from_secs(30), &procs, || {
+        Ok(device("pi-ext")?.filter(|d| d["connected"] == true))
+    })?;
+
+    // A tag distribution does not have is refused when the rollout is created.
+    let missing = fleet.alkictl_json(
+        &embedded,
+        &["rollout", "create", "--bundle", &format!("{external}/acme/tiny:nope"), "--selector", "site=ext"],
+    );
+    let message = format!("{:#}", missing.expect_err("an unknown tag in the external registry is refused"));
+    ensure!(message.contains("not in the registry") || message.contains("not found"), "{message}");
+
+    let rollout = fleet.alkictl_json(
+        &embedded,
+        &["rollout", "create", "--bundle", &format!("{external}/acme/tiny:v1"), "--selector", "site=ext"],
+    )?;
+    let rollout_id = rollout["id"].as_str().context("no rollout id")?.to_owned();
+    let active =
+        wait_for("the agent to activate the bundle from distribution", Duration::from_secs(120), &procs, || {
+            Ok(device("pi-ext")?.filter(|d| {
+                d["phase"] == "active" && d["running"].as_str().is_some_and(|r| r.ends_with(&bundle_digest))
+            }))
+        })?;
+    let running = active["running"].as_str().unwrap_or_default();
+    ensure!(running.starts_with(&format!("{external}/acme/tiny")), "the agent runs distribution's bundle: {active}");
+    let log = agent.log_tail();
+    ensure!(log.contains("trying the next source"), "the agent fell back from the down mirror:\n{log}");
+    let stored = distribution.storage().join("docker/registry/v2/repositories/acme/tiny");
+    ensure!(stored.is_dir(), "the bundle lives in distribution's storage");
+
+    wait_for("the rollout to complete", Duration::from_secs(30), &procs, || {
+        let r = fleet.alkictl_json(&embedded, &["rollout", "get", &rollout_id])?;
+        Ok((r["state"] == "completed").then_some(()))
+    })?;
+
+    // By digest too: the controller checks the bytes it gets against it.
+    let by_digest = fleet.alkictl_json(
+        &embedded,
+        &["rollout", "create", "--bundle", &format!("{external}/acme/tiny@{bundle_digest}"), "--selector", "site=ext"],
+    )?;
+    ensure!(by_digest.to_string().contains(&bundle_digest), "pinned to the digest asked for: {by_digest}");
+    Ok(())
+}
+
+#[test]
+fn a_site_mirror_serves_the_bundle_when_the_origin_registry_is_gone() -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    let origin = Distribution::start(&work.path().join("origin"))?;
+    let mirror = Distribution::start(&work.path().join("mirror"))?;
+    let (origin_host, mirror_host) = (origin.host(), mirror.host());
+    let (fleet, embedded) = start_controller(&origin_host)?;
+    let (layout, bundle_digest) = pack(&fleet, &embedded)?;
+    for host in [&origin_host, &mirror_host] {
+        fleet.alkictl_json(host, &["bundle", "push", path(&layout)?, "acme/tiny:v1", "--insecure-plain-http"])?;
+    }
+    let registry_section = format!(
+        "insecure_plain_http = [\"{origin_host}\", \"{mirror_host}\"]\nmirrors = {{ \"{origin_host}\" = [\"{mirror_host}\"] }}"
+    );
+    let agent = start_agent(&fleet, &embedded, "pi-site", "site", &registry_section)?;
+    let procs = [&fleet.controller, &agent];
+    wait_for("the agent to connect", Duration::from_secs(30), &procs, || {
+        Ok(device(&fleet, &embedded, "pi-site")?.filter(|d| d["connected"] == true))
+    })?;
+    // The controller pins the tag at the origin; then the origin goes away and only the mirror is left.
+    fleet.alkictl_json(
+        &embedded,
+        &["rollout", "create", "--bundle", &format!("{origin_host}/acme/tiny:v1"), "--selector", "site=site"],
+    )?;
+    drop(origin);
+    let active =
+        wait_for("the agent to activate the bundle from the mirror", Duration::from_secs(120), &procs, || {
+            Ok(device(&fleet, &embedded, "pi-site")?.filter(|d| {
+                d["phase"] == "active" && d["running"].as_str().is_some_and(|r| r.ends_with(&bundle_digest))
+            }))
+        })?;
+    let running = active["running"].as_str().unwrap_or_default();
+    ensure!(running.starts_with(&format!("{origin_host}/")), "the reference still names the origin: {active}");
+    let log = agent.log_tail();
+    ensure!(!log.contains("trying the next source"), "the first source (the mirror) served everything:\n{log}");
+    Ok(())
+}
