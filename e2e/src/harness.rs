@@ -132,3 +132,63 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
     }
     Ok(String::from_utf8(out.stdout)?)
 }
+
+/// What an end-to-end test's agent is configured with (see deploy/config/agent.toml for every field).
+pub struct AgentSetup<'a> {
+    pub device_id: &'a str,
+    /// The value of the `site` label rollouts select on.
+    pub site: &'a str,
+    /// gRPC URL of the controller.
+    pub controller: &'a str,
+    /// A token of role agent.
+    pub token: &'a str,
+    /// The body of the `[registry]` section.
+    pub registry: &'a str,
+    pub llama_server: &'a Path,
+    pub front_port: u16,
+    pub health_timeout_secs: u32,
+}
+
+/// Writes `<root>/<device id>/{agent.token,agent.toml}` and starts the real `alki-agent` on it, with the
+/// llama-server's directory on `LD_LIBRARY_PATH` (where a real build keeps its shared libraries).
+pub fn start_agent(root: &Path, setup: &AgentSetup<'_>) -> anyhow::Result<Proc> {
+    let dir = root.join(setup.device_id);
+    std::fs::create_dir_all(&dir)?;
+    let token_file = dir.join("agent.token");
+    std::fs::write(&token_file, setup.token)?;
+    let config = format!(
+        r#"device_id = "{id}"
+data_dir = "{data}"
+labels = {{ site = "{site}" }}
+
+[controller]
+url = "{controller}"
+token_file = "{token_file}"
+
+[registry]
+{registry}
+
+[runtime]
+llama_server = "{llama}"
+front_addr = "127.0.0.1:{front}"
+health_timeout_secs = {health}
+"#,
+        id = setup.device_id,
+        data = dir.join("data").display(),
+        site = setup.site,
+        controller = setup.controller,
+        token_file = token_file.display(),
+        registry = setup.registry,
+        llama = setup.llama_server.display(),
+        front = setup.front_port,
+        health = setup.health_timeout_secs,
+    );
+    let config_path = dir.join("agent.toml");
+    std::fs::write(&config_path, config)?;
+    let mut cmd = Command::new(binary("alki-agent")?);
+    cmd.arg("run").arg("--config").arg(&config_path);
+    if let Some(lib_dir) = setup.llama_server.parent() {
+        cmd.env("LD_LIBRARY_PATH", lib_dir);
+    }
+    Proc::spawn(setup.device_id, cmd, root)
+}

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use alki_e2e::harness::{Proc, binary, free_port, run, wait_for};
+use alki_e2e::harness::{self, AgentSetup, Proc, binary, free_port, run, wait_for};
 use alki_e2e::registries::Distribution;
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
@@ -58,37 +58,17 @@ fn path(p: &Path) -> anyhow::Result<&str> {
 /// of its `[registry]` section.
 fn start_agent(fleet: &Fleet, embedded: &str, id: &str, site: &str, registry: &str) -> anyhow::Result<Proc> {
     let agent_token = fleet.alkictl_json(embedded, &["token", "create", "--name", id, "--role", "agent"])?;
-    let agent_dir = fleet.dir.path().join(id);
-    std::fs::create_dir_all(&agent_dir)?;
-    std::fs::write(agent_dir.join("agent.token"), agent_token["token"].as_str().context("no token")?)?;
-    let config = format!(
-        r#"device_id = "{id}"
-data_dir = "{data}"
-labels = {{ site = "{site}" }}
-
-[controller]
-url = "{grpc}"
-token_file = "{token_file}"
-
-[registry]
-{registry}
-
-[runtime]
-llama_server = "{llama}"
-front_addr = "127.0.0.1:{front}"
-health_timeout_secs = 30
-"#,
-        data = agent_dir.join("data").display(),
-        grpc = fleet.grpc,
-        token_file = agent_dir.join("agent.token").display(),
-        llama = binary("fake-llama-server")?.display(),
-        front = free_port()?,
-    );
-    let config_path = agent_dir.join("agent.toml");
-    std::fs::write(&config_path, config)?;
-    let mut cmd = Command::new(binary("alki-agent")?);
-    cmd.arg("run").arg("--config").arg(&config_path);
-    Proc::spawn(id, cmd, fleet.dir.path())
+    let setup = AgentSetup {
+        device_id: id,
+        site,
+        controller: &fleet.grpc,
+        token: agent_token["token"].as_str().context("no token")?,
+        registry,
+        llama_server: &binary("fake-llama-server")?,
+        front_port: free_port()?,
+        health_timeout_secs: 30,
+    };
+    harness::start_agent(fleet.dir.path(), &setup)
 }
 
 /// Packs a tiny model into a bundle layout; returns the layout and the bundle's digest.

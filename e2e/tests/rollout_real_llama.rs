@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use alki_e2e::harness::{Proc, binary, free_port, llama_bin_dir, run, wait_for};
+use alki_e2e::harness::{self, AgentSetup, Proc, binary, free_port, llama_bin_dir, run, wait_for};
 use alki_shared::digest::Digest;
 use anyhow::Context as _;
 use serde_json::Value;
@@ -63,39 +63,18 @@ fn make_model(out: &Path, name: &str, seed: u64) -> anyhow::Result<()> {
 
 fn start_agent(fleet: &Fleet, device_id: &str, llama_bin: &Path) -> anyhow::Result<(Proc, u16)> {
     let agent_token = fleet.alkictl_json(&["token", "create", "--name", device_id, "--role", "agent"])?;
-    let token = agent_token["token"].as_str().context("no token in alkictl output")?;
-    let agent_dir = fleet.dir.path().join(device_id);
-    std::fs::create_dir_all(&agent_dir)?;
-    std::fs::write(agent_dir.join("agent.token"), token)?;
     let front_port = free_port()?;
-    let config = format!(
-        r#"device_id = "{device_id}"
-data_dir = "{data}"
-labels = {{ site = "lab" }}
-
-[controller]
-url = "{grpc}"
-token_file = "{token_file}"
-
-[registry]
-insecure_plain_http = ["{registry}"]
-
-[runtime]
-llama_server = "{llama}"
-front_addr = "127.0.0.1:{front_port}"
-health_timeout_secs = 120
-"#,
-        data = agent_dir.join("data").display(),
-        grpc = fleet.grpc,
-        token_file = agent_dir.join("agent.token").display(),
-        registry = fleet.registry,
-        llama = llama_bin.join("llama-server").display(),
-    );
-    let config_path = agent_dir.join("agent.toml");
-    std::fs::write(&config_path, config)?;
-    let mut cmd = Command::new(binary("alki-agent")?);
-    cmd.arg("run").arg("--config").arg(&config_path).env("LD_LIBRARY_PATH", llama_bin);
-    Ok((Proc::spawn(device_id, cmd, fleet.dir.path())?, front_port))
+    let setup = AgentSetup {
+        device_id,
+        site: "lab",
+        controller: &fleet.grpc,
+        token: agent_token["token"].as_str().context("no token in alkictl output")?,
+        registry: &format!("insecure_plain_http = [\"{}\"]", fleet.registry),
+        llama_server: &llama_bin.join("llama-server"),
+        front_port,
+        health_timeout_secs: 120,
+    };
+    Ok((harness::start_agent(fleet.dir.path(), &setup)?, front_port))
 }
 
 fn device(fleet: &Fleet, id: &str) -> anyhow::Result<Option<Value>> {
