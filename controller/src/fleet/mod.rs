@@ -42,39 +42,9 @@ impl Fleet {
         }
     }
 
-    /// Gives a device a new desired state, bumping its generation, and sends it if the device is connected.
-    /// Assigning what the device is already assigned changes nothing (idempotent).
-    pub fn assign(&self, device_id: &str, assignment: &Assignment) -> Result<(), StoreError> {
-        let sent = self.store.update_device(device_id, |d| {
-            let unchanged = d.desired.as_ref() == Some(&assignment.bundle)
-                && d.desired_runtime.as_ref() == Some(&assignment.runtime)
-                && d.rollout_id == assignment.rollout_id
-                && d.cohort == assignment.cohort;
-            if unchanged {
-                return None;
-            }
-            d.desired_generation += 1;
-            d.desired = Some(assignment.bundle.clone());
-            d.desired_runtime = Some(assignment.runtime);
-            d.rollout_id = assignment.rollout_id.clone();
-            d.cohort = assignment.cohort.clone();
-            desired_state(d)
-        })?;
-        if let Some(desired) = sent {
-            tracing::info!(
-                device_id,
-                generation = desired.generation,
-                bundle = %desired.bundle.as_ref().map(|b| b.display()).unwrap_or_default(),
-                "Assigned a new desired state."
-            );
-            self.hub.send(device_id, Msg::DesiredState(desired));
-        }
-        Ok(())
-    }
-
     /// Gives many devices their desired states in one transaction, then sends them to connected devices.
-    /// `force` bumps the generation even when the assignment is unchanged (a retry). Returns how many
-    /// devices got a new generation.
+    /// Assigning what a device is already assigned changes nothing (idempotent), unless `force` bumps the
+    /// generation anyway (a retry). Returns how many devices got a new generation.
     pub fn assign_many(&self, assignments: &[(&str, &Assignment, bool)]) -> Result<usize, StoreError> {
         if assignments.is_empty() {
             return Ok(0);
@@ -112,21 +82,26 @@ impl Fleet {
         Ok(count)
     }
 
+    /// What only the live sessions know: whether the device is connected, and when it was last heard from
+    /// (kept in memory, written through coarsely).
+    fn fill_live(&self, d: &mut proto::Device) {
+        d.connected = self.hub.is_connected(&d.id);
+        d.last_seen_unix_ms = d.last_seen_unix_ms.max(self.hub.last_seen(&d.id).unwrap_or(0));
+    }
+
     /// Devices as the API shows them: stored records with `connected` filled from the live sessions.
     pub fn devices(&self, selector: &HashMap<String, String>) -> Result<Vec<proto::Device>, StoreError> {
         let mut devices = self.store.devices()?;
         devices.retain(|d| selects(selector, &d.labels));
         for d in &mut devices {
-            d.connected = self.hub.is_connected(&d.id);
-            d.last_seen_unix_ms = d.last_seen_unix_ms.max(self.hub.last_seen(&d.id).unwrap_or(0));
+            self.fill_live(d);
         }
         Ok(devices)
     }
 
     pub fn device(&self, id: &str) -> Result<Option<proto::Device>, StoreError> {
         Ok(self.store.device(id)?.map(|mut d| {
-            d.connected = self.hub.is_connected(&d.id);
-            d.last_seen_unix_ms = d.last_seen_unix_ms.max(self.hub.last_seen(&d.id).unwrap_or(0));
+            self.fill_live(&mut d);
             d
         }))
     }
