@@ -251,6 +251,7 @@ mod tests {
             runtime: Some(proto::RuntimeSettings { context_size: 512, ..Default::default() }),
             rollout_id: "ro-1".into(),
             cohort: "B".into(),
+            ..Default::default()
         };
         let d = Desired::from_proto(&wire);
         assert_eq!(d.generation, Generation(9));

@@ -31,6 +31,7 @@ pub fn collect(data_dir: &Path, labels: &BTreeMap<String, String>) -> proto::Inv
         memory_available_bytes: system.available_memory(),
         disk_total_bytes: disk_total,
         disk_available_bytes: disk_available,
+        ..Default::default()
     }
 }
 

@@ -187,6 +187,7 @@ pub async fn telemetry(proxy: &Proxy) -> proto::Telemetry {
         requests_total: stats.as_ref().map(|s| s.requests_total).unwrap_or_default(),
         request_errors_total: stats.as_ref().map(|s| s.request_errors_total).unwrap_or_default(),
         bundle_digest: stats.map(|s| s.bundle_digest).unwrap_or_default(),
+        ..Default::default()
     }
 }
 
@@ -266,6 +267,9 @@ async fn one_session(
                     controller_message::Msg::DesiredState(desired) => {
                         tracing::info!(generation = desired.generation, "Received a desired state.");
                         ctx.desired.send_replace(Some(desired));
+                    }
+                    controller_message::Msg::Command(command) => {
+                        tracing::warn!(command_id = %command.id, "This agent does not run controller commands yet.");
                     }
                 },
                 Ok(Some(proto::ControllerMessage { msg: None })) => {}

@@ -152,7 +152,8 @@ async fn start_agent(dir: &Path, data_dir: &Path, runtime_extra: &str) -> Runnin
     let task = tokio::spawn(agent.run(async move {
         let _ = stop_rx.await;
     }));
-    let welcome = proto::Welcome { device_id: "pi-test".to_owned(), heartbeat_interval_seconds: 5 };
+    let welcome =
+        proto::Welcome { device_id: "pi-test".to_owned(), heartbeat_interval_seconds: 5, ..Default::default() };
     down.send(proto::ControllerMessage { msg: Some(controller_message::Msg::Welcome(welcome)) })
         .await
         .expect("welcome");

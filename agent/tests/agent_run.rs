@@ -164,6 +164,7 @@ async fn talks_to_the_controller_and_converges() {
         send(controller_message::Msg::Welcome(proto::Welcome {
             device_id: "pi-test".to_owned(),
             heartbeat_interval_seconds: 1,
+            ..Default::default()
         }))
         .await;
         // Heartbeats follow the Welcome's interval; telemetry starts right away. Either may come first.
@@ -186,6 +187,7 @@ async fn talks_to_the_controller_and_converges() {
             runtime: None,
             rollout_id: "ro-1".to_owned(),
             cohort: "A".to_owned(),
+            ..Default::default()
         };
         send(controller_message::Msg::DesiredState(same)).await;
         let agent_message::Msg::Status(active) = next_where(&mut up, status_with(Phase::Active, 4)).await else {

@@ -195,7 +195,7 @@ async fn a_rollout_reaches_a_scripted_agent_and_completes_when_it_reports_active
         selector: [("site".to_owned(), "lab".to_owned())].into(),
         ..Default::default()
     };
-    let request = with_token(&c.admin, proto::CreateRolloutRequest { spec: Some(spec) });
+    let request = with_token(&c.admin, proto::CreateRolloutRequest { spec: Some(spec), ..Default::default() });
     let rollout = fleet_client.create_rollout(request).await.expect("create").into_inner();
     assert_eq!(rollout.candidate.as_ref().map(|b| b.digest.as_str()), Some(digest.as_str()));
 
@@ -253,7 +253,9 @@ async fn bad_requests_get_clear_errors_and_failures_hold_the_rollout() {
     assert!(err.message().contains("ghost"), "{}", err.message());
 
     let spec = proto::RolloutSpec { repository: "acme/none".into(), candidate: "v9".into(), ..Default::default() };
-    let err = client.create_rollout(with_token(&c.admin, proto::CreateRolloutRequest { spec: Some(spec) })).await;
+    let err = client
+        .create_rollout(with_token(&c.admin, proto::CreateRolloutRequest { spec: Some(spec), ..Default::default() }))
+        .await;
     let err = err.expect_err("missing bundle");
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert!(err.message().contains("acme/none:v9"), "{}", err.message());
@@ -269,9 +271,11 @@ async fn bad_requests_get_clear_errors_and_failures_hold_the_rollout() {
     let mut agent = connect_agent(&c, &agent_token, "pi-2", 0, None).await;
     assert!(matches!(agent.next().await, Msg::Welcome(_)));
     let spec = proto::RolloutSpec { repository: "acme/tiny".into(), candidate: digest.clone(), ..Default::default() };
-    let request = with_token(&c.admin, proto::CreateRolloutRequest { spec: Some(spec.clone()) });
+    let request = with_token(&c.admin, proto::CreateRolloutRequest { spec: Some(spec.clone()), ..Default::default() });
     let first = client.create_rollout(request).await.expect("first rollout").into_inner();
-    let err = client.create_rollout(with_token(&c.admin, proto::CreateRolloutRequest { spec: Some(spec) })).await;
+    let err = client
+        .create_rollout(with_token(&c.admin, proto::CreateRolloutRequest { spec: Some(spec), ..Default::default() }))
+        .await;
     let err = err.expect_err("overlap");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert!(err.message().contains(&first.id), "{}", err.message());

@@ -210,7 +210,7 @@ impl Scenario {
             ..Default::default()
         };
         customize(&mut spec);
-        let request = self.controller.req(proto::CreateRolloutRequest { spec: Some(spec) });
+        let request = self.controller.req(proto::CreateRolloutRequest { spec: Some(spec), ..Default::default() });
         self.controller.fleet().await.create_rollout(request).await.expect("create").into_inner()
     }
 

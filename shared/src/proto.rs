@@ -31,6 +31,10 @@ impl ErrorCode {
             ErrorCode::StartFailed => "start_failed",
             ErrorCode::DiskFull => "disk_full",
             ErrorCode::Io => "io",
+            ErrorCode::SignatureMissing => "signature_missing",
+            ErrorCode::SignatureUntrusted => "signature_untrusted",
+            ErrorCode::SignatureInvalid => "signature_invalid",
+            ErrorCode::CrashLoop => "crash_loop",
         }
     }
 }

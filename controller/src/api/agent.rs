@@ -65,6 +65,7 @@ impl AgentService for AgentApi {
         let welcome = proto::Welcome {
             device_id: device_id.clone(),
             heartbeat_interval_seconds: self.heartbeat_interval.as_secs().max(1) as u32,
+            ..Default::default()
         };
         let mut first = vec![Msg::Welcome(welcome)];
         first.extend(desired_state(&record).map(Msg::DesiredState));
@@ -156,6 +157,10 @@ fn handle(fleet: &Fleet, device_id: &str, message: AgentMessage) -> Result<(), c
                     inv.memory_available_bytes = t.memory_available_bytes;
                 }
             })
+        }
+        Some(agent_message::Msg::Benchmark(report)) => {
+            tracing::info!(results = report.results.len(), "Agent reported benchmarks; not stored yet.");
+            Ok(())
         }
         Some(agent_message::Msg::Hello(_)) => {
             tracing::warn!("Ignored a second Hello within one session.");

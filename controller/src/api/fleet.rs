@@ -252,6 +252,7 @@ fn bundles_from(registry: &Registry, entries: &[ManifestEntry]) -> Vec<proto::Bu
             media_type: entry.media_type.clone(),
             total_size,
             pushed_unix_ms: entry.pushed_unix_ms,
+            signatures: Vec::new(),
             variants: variants
                 .into_iter()
                 .map(|v| proto::Variant {

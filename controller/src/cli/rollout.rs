@@ -254,6 +254,7 @@ pub fn build_spec(args: &CreateArgs) -> anyhow::Result<proto::RolloutSpec> {
             factor: r.factor,
             min_soak_seconds: soak,
         }),
+        ..Default::default()
     })
 }
 
@@ -265,7 +266,7 @@ pub async fn run(cli: &Cli, cmd: &RolloutCmd) -> anyhow::Result<()> {
             let created = cli
                 .fleet()
                 .await?
-                .create_rollout(proto::CreateRolloutRequest { spec: Some(spec) })
+                .create_rollout(proto::CreateRolloutRequest { spec: Some(spec), ..Default::default() })
                 .await
                 .map_err(status)?;
             let view = RolloutView::from(&created.into_inner());

@@ -116,6 +116,7 @@ pub fn desired_state(d: &proto::Device) -> Option<proto::DesiredState> {
         runtime: d.desired_runtime,
         rollout_id: d.rollout_id.clone(),
         cohort: d.cohort.clone(),
+        ..Default::default()
     })
 }
 

@@ -141,7 +141,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let t0 = Instant::now();
     let rollout = fleet
-        .create_rollout(authed(&admin, proto::CreateRolloutRequest { spec: Some(spec) })?)
+        .create_rollout(authed(&admin, proto::CreateRolloutRequest { spec: Some(spec), ..Default::default() })?)
         .await
         .context("creating the rollout")?
         .into_inner();
