@@ -3,7 +3,7 @@
 //! Messages also derive serde so the controller can keep them in its store as JSON: prost fills missing
 //! fields with defaults, so records written by an older controller still load after fields are added.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["types.proto", "agent.proto", "fleet.proto", "security.proto", "insight.proto"]
+    let protos = ["types.proto", "agent.proto", "fleet.proto", "security.proto", "insight.proto", "admin.proto"]
         .map(|f| format!("../proto/alki/v1/{f}"));
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");
@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
         .message_attribute(".", "#[serde(default)]")
+        // The descriptors let tests enumerate every service and method (controller/tests/authz.rs).
+        .file_descriptor_set_path(std::path::Path::new(&std::env::var("OUT_DIR")?).join("alki_descriptor.bin"))
         .compile_protos(&protos, &["../proto".to_owned()])?;
     Ok(())
 }

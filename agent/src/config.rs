@@ -32,6 +32,22 @@ pub struct Config {
     /// The local content store's disk use.
     #[serde(default)]
     pub store: StoreConfig,
+    /// The trust policy file (TOML, see `alki_agent::trust`): public keys trusted per repository and whether a
+    /// signature is required. Read again before every pull. Absent: nothing is trusted and every bundle is
+    /// refused.
+    #[serde(default)]
+    pub trust_policy: Option<PathBuf>,
+    /// Where the agent serves its own Prometheus `/metrics` (e.g. `127.0.0.1:9464`). Absent: not served.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
+    /// Benchmark the new model (fixed prompt set, a few repetitions against the serving instance) after
+    /// every activation and report it to the controller.
+    #[serde(default = "default_true")]
+    pub benchmark_after_activation: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -60,11 +76,27 @@ fn default_disk_reserve() -> u64 {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControllerConfig {
-    /// gRPC endpoint of alki-controller, e.g. `http://127.0.0.1:7070`. Only `http://` for now: TLS arrives
-    /// with mTLS device identity.
+    /// gRPC endpoint of alki-controller, e.g. `https://ctl.example:7070`. Sessions are mutual TLS with the
+    /// device certificate from enrollment. `http://` only with `insecure_plaintext = true`.
     pub url: String,
-    /// File holding the bearer token (role agent) used for the session and the embedded registry.
-    /// Read again at every connection attempt, so it can be rotated without a restart.
+    /// The controller's CA certificate (PEM; the controller's `<data-dir>/pki/ca.crt`): the agent trusts the
+    /// controller, its registry and enrollment with it. Required for `https://`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Where the device key (mode 0600), certificate and the CA from enrollment are kept; default
+    /// `<data_dir>/identity`.
+    #[serde(default)]
+    pub identity_dir: Option<PathBuf>,
+    /// A bootstrap token file (`alkictl enroll token create`): on a start without a certificate the agent
+    /// enrolls with it. `alki-agent enroll --token-file` does the same by hand.
+    #[serde(default)]
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// Talk plain HTTP/2 to the controller with a bearer token instead of mTLS: only for tests on loopback.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    /// With `insecure_plaintext`: the file holding a bearer token of role agent, read again at every
+    /// connection attempt.
+    #[serde(default)]
     pub token_file: PathBuf,
 }
 
@@ -240,8 +272,35 @@ impl Config {
             }
         }
         self.controller_authority()?;
-        if self.controller.token_file.as_os_str().is_empty() {
-            return Err(invalid("controller.token_file", "is empty", "name the file holding the agent's token"));
+        if self.controller.insecure_plaintext && self.controller.token_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "controller.token_file",
+                "is empty",
+                "with insecure_plaintext, name the file holding a token of role agent",
+            ));
+        }
+        if self.controller.insecure_plaintext && self.controller.url.starts_with("https://") {
+            return Err(invalid(
+                "controller.insecure_plaintext",
+                "is true with an https:// URL",
+                "remove insecure_plaintext: https:// sessions use the device certificate",
+            ));
+        }
+        if !self.controller.insecure_plaintext && self.controller.ca_file.is_none() {
+            return Err(invalid(
+                "controller.ca_file",
+                "is missing",
+                "copy the controller's <data-dir>/pki/ca.crt to the device and name it here",
+            ));
+        }
+        for (field, path) in [
+            ("controller.ca_file", &self.controller.ca_file),
+            ("controller.identity_dir", &self.controller.identity_dir),
+            ("controller.bootstrap_token_file", &self.controller.bootstrap_token_file),
+        ] {
+            if path.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err(invalid(field, format!("is {path:?}, a relative path"), "use an absolute path"));
+            }
         }
         for entry in &self.registry.insecure_plain_http {
             if !valid_authority(entry) {
@@ -339,6 +398,7 @@ impl Config {
                 "use at most 1048576 MiB (1 TiB)",
             ));
         }
+        self.metrics_addr()?;
         const RESERVED: [&str; 6] = ["-m", "--model", "--host", "--port", "-np", "--parallel"];
         if let Some(arg) = self.runtime.extra_args.iter().find(|a| RESERVED.contains(&a.as_str())) {
             return Err(invalid(
@@ -348,6 +408,18 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The address of the agent's own `/metrics`, when configured.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let Some(addr) = &self.metrics_addr else { return Ok(None) };
+        addr.parse().map(Some).map_err(|_| {
+            invalid(
+                "metrics_addr",
+                format!("is {addr:?}"),
+                "write an IP address and port such as 127.0.0.1:9464, or remove it to serve no metrics",
+            )
+        })
     }
 
     /// The front proxy's listening address.
@@ -361,17 +433,20 @@ impl Config {
         })
     }
 
-    /// `host:port` of the controller URL (the port defaulting to 80).
+    /// `host:port` of the controller URL (the port defaulting to 443, or 80 for `http://`).
     pub fn controller_authority(&self) -> Result<String, ConfigError> {
         let url = &self.controller.url;
-        let fix = "write it as http://host:port, e.g. http://127.0.0.1:7070";
-        let Some(rest) = url.strip_prefix("http://") else {
-            let problem = if url.starts_with("https://") {
-                format!("is {url:?}; TLS to the controller is not supported yet (it arrives with mTLS)")
-            } else {
-                format!("is {url:?}, not an http:// URL")
-            };
-            return Err(invalid("controller.url", problem, fix));
+        let fix = "write it as https://host:port, e.g. https://ctl.example:7070";
+        let (rest, default_port) = if let Some(rest) = url.strip_prefix("https://") {
+            (rest, 443)
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            if !self.controller.insecure_plaintext {
+                let problem = format!("is {url:?}, plain HTTP");
+                return Err(invalid("controller.url", problem, "use https:// (plain http:// needs insecure_plaintext = true)"));
+            }
+            (rest, 80)
+        } else {
+            return Err(invalid("controller.url", format!("is {url:?}, not an https:// URL"), fix));
         };
         let authority = rest.trim_end_matches('/');
         if !valid_authority(authority) {
@@ -380,8 +455,13 @@ impl Config {
         Ok(if authority.contains(':') && !authority.ends_with(']') {
             authority.to_owned()
         } else {
-            format!("{authority}:80")
+            format!("{authority}:{default_port}")
         })
+    }
+
+    /// Where the device key, certificate and enrolled CA live.
+    pub fn identity_dir(&self) -> PathBuf {
+        self.controller.identity_dir.clone().unwrap_or_else(|| self.data_dir.join("identity"))
     }
 
     /// `host:port` of the registry bundles without a registry name are pulled from.
@@ -396,7 +476,7 @@ impl Config {
     /// controller itself is reached over plain HTTP and no separate embedded registry is configured.
     pub fn plain_http_registries(&self) -> Vec<String> {
         let mut list = self.registry.insecure_plain_http.clone();
-        if self.registry.embedded.is_none() && self.controller.url.starts_with("http://") {
+        if self.registry.embedded.is_none() && self.controller.insecure_plaintext {
             let embedded = self.embedded_registry();
             if !embedded.is_empty() && !list.contains(&embedded) {
                 list.push(embedded);
@@ -472,6 +552,7 @@ data_dir = "/var/lib/alki-agent"
 labels = { site = "lab", class = "x86-avx2" }
 [controller]
 url = "http://127.0.0.1:7070"
+insecure_plaintext = true
 token_file = "/etc/alki/agent.token"
 [registry]
 insecure_plain_http = ["127.0.0.1:5000"]
@@ -522,8 +603,8 @@ disk_reserve_mib = 512
         let minimal = r#"
 data_dir = "/data"
 [controller]
-url = "http://ctl.example:7070/"
-token_file = "/t"
+url = "https://ctl.example:7070/"
+ca_file = "/etc/alki/ca.crt"
 [runtime]
 llama_server = "/bin/llama-server"
 "#;
@@ -536,6 +617,8 @@ llama_server = "/bin/llama-server"
         assert_eq!(config.store_budget_bytes(), None);
         assert_eq!(config.disk_reserve_bytes(), 512 << 20);
         assert_eq!(config.embedded_registry(), "ctl.example:7070");
+        assert!(config.plain_http_registries().is_empty(), "the embedded registry is reached over HTTPS");
+        assert_eq!(config.identity_dir(), PathBuf::from("/data/identity"));
     }
 
     #[test]
@@ -550,7 +633,10 @@ llama_server = "/bin/llama-server"
         let cases = [
             ("device_id = \"pi-001\"", "device_id = \"../x\"", "device_id"),
             ("data_dir = \"/var/lib/alki-agent\"", "data_dir = \"rel/dir\"", "data_dir"),
-            ("url = \"http://127.0.0.1:7070\"", "url = \"https://127.0.0.1:7070\"", "controller.url"),
+            ("url = \"http://127.0.0.1:7070\"", "url = \"https://127.0.0.1:7070\"", "controller.insecure_plaintext"),
+            ("insecure_plaintext = true", "insecure_plaintext = false\nca_file = \"rel/ca.crt\"", "controller.url"),
+            ("url = \"http://127.0.0.1:7070\"\ninsecure_plaintext = true", "url = \"https://c:1\"", "controller.ca_file"),
+            ("insecure_plaintext = true", "insecure_plaintext = false", "controller.url"),
             ("url = \"http://127.0.0.1:7070\"", "url = \"127.0.0.1:7070\"", "controller.url"),
             ("[\"127.0.0.1:5000\"]", "[\"http://127.0.0.1:5000\"]", "registry.insecure_plain_http"),
             ("front_addr = \"127.0.0.1:8080\"", "front_addr = \"localhost\"", "runtime.front_addr"),

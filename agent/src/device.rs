@@ -26,6 +26,7 @@ use crate::session::Snapshot;
 use crate::settings::LaunchSettings;
 use crate::state::{AgentState, Deployment, StateFile};
 use crate::store::ContentStore;
+use crate::trust::RepositoryTrust;
 
 const STATUS_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 const RESTART_MIN: Duration = Duration::from_secs(1);
@@ -76,6 +77,9 @@ impl RegistrySettings {
             token_file: config.controller.token_file.clone(),
             mirrors: config.registry.mirrors.clone(),
             credentials: config.registry.credentials.clone(),
+            device_token: crate::identity::DeviceRegistryToken::default(),
+            ca_file: config.controller.ca_file.clone(),
+            trust: crate::trust::TrustStore::new(config.trust_policy.clone()),
         }
     }
 }
@@ -98,11 +102,23 @@ pub struct RegistrySettings {
     pub token_file: PathBuf,
     pub mirrors: std::collections::BTreeMap<String, Vec<String>>,
     pub credentials: std::collections::BTreeMap<String, crate::config::RegistryCredentials>,
+    /// The short-lived registry token the controller hands this device with each Welcome; preferred over
+    /// `token_file` (which only the insecure token mode has).
+    pub device_token: crate::identity::DeviceRegistryToken,
+    /// The controller CA (PEM file), trusted for the embedded registry's HTTPS.
+    pub ca_file: Option<PathBuf>,
+    /// The trust policy, read again before each pull.
+    pub trust: crate::trust::TrustStore,
 }
 
 impl RegistrySettings {
-    async fn access(&self) -> RegistryAccess {
-        let token = match tokio::fs::read_to_string(&self.token_file).await {
+    pub(crate) async fn access(&self) -> RegistryAccess {
+        let token = match self.device_token.current() {
+            Some(token) => Ok(token),
+            None if self.token_file.as_os_str().is_empty() => Err(std::io::ErrorKind::NotFound.into()),
+            None => tokio::fs::read_to_string(&self.token_file).await,
+        };
+        let token = match token {
             Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
             Ok(_) | Err(_) => {
                 tracing::warn!(file = %self.token_file.display(), "No agent token; pulling anonymously.");
@@ -121,7 +137,8 @@ impl RegistrySettings {
                 ),
             }
         }
-        RegistryAccess::new(self.plain_http.clone(), self.embedded.clone(), token)
+        let roots = self.ca_file.as_ref().and_then(|path| std::fs::read(path).ok()).into_iter().collect();
+        RegistryAccess::with_roots(self.plain_http.clone(), self.embedded.clone(), token, roots)
             .with_mirrors(self.mirrors.clone())
             .with_credentials(credentials)
     }
@@ -165,6 +182,8 @@ pub struct Device {
     pub(crate) config: Option<watch::Receiver<crate::reload::ConfigState>>,
     /// Instance options that do not come from the config (log directory, stop sequence).
     pub(crate) instance_base: crate::runtime::InstanceOptions,
+    /// Activation counters and the benchmark after every activation.
+    pub(crate) hooks: crate::metrics::DeviceHooks,
 }
 
 /// How an activation ended.
@@ -201,11 +220,20 @@ impl Device {
                 }
                 joined = join_pull(&mut pulling) => {
                     let Some(p) = pulling.take() else { continue };
+                    if let Ok(Ok(pulled)) = &joined {
+                        self.hooks.metrics.pulled(pulled.bytes_fetched);
+                    }
                     let outcome = match joined {
                         Ok(result) => result.map_err(activation_error_from_pull),
                         Err(join) => Err(activation_error(ErrorCode::Io, format!("the pull task failed: {join}"), None)),
                     };
-                    match self.finish_activation(&p.desired, outcome, &mut shutdown).await {
+                    let finished = self.finish_activation(&p.desired, outcome, &mut shutdown).await;
+                    match &finished {
+                        Outcome::Active => self.hooks.activation(crate::metrics::ActivationOutcome::Active),
+                        Outcome::Failed { .. } => self.hooks.activation(crate::metrics::ActivationOutcome::Failed),
+                        Outcome::Abandoned => {}
+                    }
+                    match finished {
                         Outcome::Active => {
                             restart = None;
                             restart_delay = RESTART_MIN;
@@ -351,8 +379,14 @@ impl Device {
     }
 
     fn publish(&self) {
-        self.snapshot
-            .send_replace(Snapshot { running: self.serving_ref(), last_applied: self.state.last_applied_generation });
+        let running = self.serving_ref();
+        let active = self.state.active.as_ref().filter(|_| running.is_some());
+        self.snapshot.send_replace(Snapshot {
+            running,
+            last_applied: self.state.last_applied_generation,
+            variant_digest: active.map(|a| a.variant_digest.to_string()).unwrap_or_default(),
+            model_path: active.and_then(|a| a.model_path()).map(ToOwned::to_owned),
+        });
     }
 
     fn status(&self, desired: &Desired, phase: Phase) -> proto::Status {
@@ -446,10 +480,18 @@ impl Device {
             keep,
             keep_variants,
             bandwidth: self.policy.bandwidth,
+            trust: RepositoryTrust::default(),
         };
+        let trust_store = self.registry.trust.clone();
+        let repository = bundle.repository.clone();
         tokio::spawn(
             async move {
                 let memory = tokio::task::spawn_blocking(crate::inventory::memory_available).await.unwrap_or_default();
+                // The policy file and its keys are small files: read them off the async threads.
+                let trust = tokio::task::spawn_blocking(move || trust_store.for_repository(&repository))
+                    .await
+                    .unwrap_or_default();
+                let options = PullOptions { trust, ..options };
                 let mut progress = move |p: PullProgress| {
                     let mut status = template.clone();
                     status.progress = Some(proto::Progress { bytes_done: p.bytes_done, bytes_total: p.bytes_total });
@@ -481,8 +523,8 @@ impl Device {
         let mut status = self.status(desired, Phase::Verifying);
         status.variant_digest = pulled.variant_digest.to_string();
         self.report(status).await;
-        // Layer digests were checked while streaming into the content store; check the files llama-server
-        // will open are there. (Signature verification against the trust policy comes here later.)
+        // The signature was verified against the trust policy before any layer was fetched, and layer digests
+        // while streaming into the content store; check the files llama-server will open are there.
         for file in &pulled.model_files {
             if let Err(e) = tokio::fs::metadata(file).await {
                 let message = format!("bundle {bundle}: model file {} is missing after the pull ({e})", file.display());
@@ -570,7 +612,8 @@ impl Device {
     fn apply_config(&mut self, config: &crate::Config) {
         self.policy = SwapPolicy::from_config(config);
         self.gap_wait = config.gap_wait();
-        self.registry = RegistrySettings::from_config(config);
+        let device_token = self.registry.device_token.clone();
+        self.registry = RegistrySettings { device_token, ..RegistrySettings::from_config(config) };
         let opts = crate::runtime::InstanceOptions {
             llama_server: config.runtime.llama_server.clone(),
             extra_args: config.runtime.extra_args.clone(),
@@ -668,6 +711,7 @@ impl Device {
         let failed = self.state.active.as_ref().map(|a| a.bundle.to_string()).unwrap_or_default();
         let window = self.policy.watch_window.as_secs();
         tracing::error!(generation = %watch.desired.generation, %cause, "The new model failed within its watch window; swapping back.");
+        self.hooks.metrics.activation(crate::metrics::ActivationOutcome::RolledBack);
         let message = match self.supervisor.roll_back().await {
             Ok(()) => {
                 let back = watch.restore_active.as_ref().map(|a| a.bundle.to_string()).unwrap_or_default();

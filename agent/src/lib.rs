@@ -4,10 +4,15 @@
 //! [`run`] is the whole agent; [`Agent::start`] then [`Agent::run`] does the same in two steps, so a test
 //! can learn the front address (configured as port 0) before the agent runs.
 
+pub mod bench;
+pub mod calibrate;
 pub mod config;
 pub mod converge;
 mod device;
+pub mod enroll;
+pub mod identity;
 pub mod inventory;
+pub mod metrics;
 pub mod pull;
 pub mod reference;
 pub mod reload;
@@ -17,6 +22,7 @@ pub mod settings;
 pub mod state;
 pub mod store;
 pub mod systemd;
+pub mod trust;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -54,6 +60,8 @@ pub enum AgentError {
     Store(#[from] StoreError),
     #[error("cannot listen on the front address {addr}: {source}; change runtime.front_addr or stop what uses it")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen on the metrics address {addr}: {source}; change metrics_addr or stop what uses it")]
+    BindMetrics { addr: SocketAddr, source: std::io::Error },
 }
 
 /// Paths inside the data directory.
@@ -85,6 +93,8 @@ pub struct Agent {
     state_file: StateFile,
     store: ContentStore,
     front: tokio::net::TcpListener,
+    /// The agent's own `/metrics` listener, when `metrics_addr` is configured.
+    metrics: Option<tokio::net::TcpListener>,
 }
 
 impl Agent {
@@ -126,6 +136,14 @@ impl Agent {
         let store = ContentStore::open(&layout.content())?;
         let addr = config.front_addr()?;
         let front = tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Bind { addr, source })?;
+        let metrics = match config.metrics_addr()? {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| AgentError::BindMetrics { addr, source })?,
+            ),
+            None => None,
+        };
         Ok(Agent {
             device_id: state.device_id.clone(),
             config,
@@ -135,6 +153,7 @@ impl Agent {
             state_file,
             store,
             front,
+            metrics,
         })
     }
 
@@ -159,6 +178,11 @@ impl Agent {
         &self.device_id
     }
 
+    /// Where the agent's own `/metrics` is served (the bound port when the config said port 0), if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Runs until `shutdown` resolves: serves what was active before (at once, without the controller), keeps
     /// the controller session, converges to desired states. On shutdown it stops accepting clients, stops
     /// llama-server with the safe sequence, and returns.
@@ -168,7 +192,8 @@ impl Agent {
     }
 
     async fn run_inner(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
-        let Agent { config, notifier, config_file, device_id, state, state_file, store, front } = self;
+        let Agent { config, notifier, config_file, device_id, state, state_file, store, front, metrics } = self;
+        let metrics_listener = metrics;
         let layout = Layout { data_dir: config.data_dir.clone() };
         let (stop_tx, stop_rx) = watch::channel(false);
         let proxy = Proxy::new(http_client());
@@ -206,6 +231,7 @@ impl Agent {
         let (status_tx, status_rx) = mpsc::channel(STATUS_CAPACITY);
         let (snapshot_tx, snapshot_rx) = watch::channel(Snapshot::default());
         let (desired_tx, desired_rx) = watch::channel(None);
+        let registry_token = identity::DeviceRegistryToken::default();
         let opts = InstanceOptions {
             llama_server: config.runtime.llama_server.clone(),
             extra_args: config.runtime.extra_args.clone(),
@@ -214,13 +240,47 @@ impl Agent {
             stop: StopPolicy::default(),
         };
         let drain_timeout = config.drain_timeout();
+        let metrics = Arc::new(metrics::AgentMetrics::default());
+        let (reports_tx, reports_rx) = mpsc::channel(bench::JOB_QUEUE);
+        let (data_dir, labels) = (config.data_dir.clone(), config.labels.clone());
+        let hardware_class = tokio::task::spawn_blocking(move || inventory::collect(&data_dir, &labels).hardware_class)
+            .await
+            .unwrap_or_default();
+        let benchmarker = bench::Benchmarker {
+            identity: bench::Identity { device_id: device_id.to_string(), hardware_class },
+            proxy: Arc::clone(&proxy),
+            http: http_client(),
+            snapshot: snapshot_rx.clone(),
+            results: bench::ResultsFile::new(&layout.data_dir),
+            serving_file: bench::ServingFile::new(&layout.data_dir),
+            reports: reports_tx,
+            metrics: Arc::clone(&metrics),
+            calibration: calibrate::Calibration {
+                registry: RegistrySettings { device_token: registry_token.clone(), ..RegistrySettings::from_config(&config) },
+                store: store.clone(),
+                data_dir: layout.data_dir.clone(),
+                instance: InstanceOptions { log_dir: layout.logs().join("calibration"), ..opts.clone() },
+                memory_reserve: config.memory_reserve_bytes(),
+                http: http_client(),
+            },
+        };
+        let (bench_jobs, bench_task) = benchmarker.spawn(stop_rx.clone());
+        let metrics_task = metrics_listener.map(|listener| {
+            let state = metrics::MetricsState {
+                proxy: Arc::clone(&proxy),
+                snapshot: snapshot_rx.clone(),
+                metrics: Arc::clone(&metrics),
+                http: http_client(),
+            };
+            tokio::spawn(metrics::serve(listener, state, stop_rx.clone()).in_current_span())
+        });
         let device = Device {
             converger: Converger::new(state.last_applied_generation),
             state,
             state_file,
             store,
             bundles_dir: layout.bundles(),
-            registry: RegistrySettings::from_config(&config),
+            registry: RegistrySettings { device_token: registry_token.clone(), ..RegistrySettings::from_config(&config) },
             supervisor: {
                 let mut supervisor = Supervisor::new(opts.clone(), drain_timeout, Arc::clone(&proxy));
                 supervisor.set_gap_wait(config.gap_wait());
@@ -237,6 +297,10 @@ impl Agent {
             gap_wait: config.gap_wait(),
             watching: None,
             crashes: std::collections::VecDeque::with_capacity(device::CRASH_LOOP_COUNT),
+            hooks: metrics::DeviceHooks {
+                metrics: Arc::clone(&metrics),
+                bench: config.benchmark_after_activation.then(|| bench_jobs.clone()),
+            },
         };
         let device_task = tokio::spawn(device.run(stop_rx.clone()).in_current_span());
 
@@ -251,7 +315,18 @@ impl Agent {
             desired: desired_tx,
             statuses: status_rx,
             config: config_rx,
+            telemetry: metrics::SessionTelemetry {
+                collector: metrics::TelemetryCollector::new(http_client()),
+                metrics,
+                bench: Some(bench_jobs),
+                reports: reports_rx,
+            },
+            settings: config.clone(),
+            registry_token,
         };
+        // Device certificates renew themselves at two thirds of their life (not in the insecure token mode).
+        let renewal = (!config.controller.insecure_plaintext)
+            .then(|| tokio::spawn(identity::renew_loop(config.clone(), stop_rx.clone()).in_current_span()));
         let session_task = tokio::spawn(session::run(session, stop_rx.clone()).in_current_span());
 
         // Ready: the front port accepts clients (held requests wait while the previous model starts).
@@ -278,7 +353,11 @@ impl Agent {
             ("device loop", device_task, device_bound),
             ("session", session_task, TASK_SHUTDOWN),
             ("front server", server, TASK_SHUTDOWN),
-        ] {
+            ("benchmarks", bench_task, TASK_SHUTDOWN),
+        ]
+        .into_iter()
+        .chain(metrics_task.map(|task| ("metrics server", task, TASK_SHUTDOWN)))
+        {
             let abort = task.abort_handle();
             if tokio::time::timeout(bound, task).await.is_err() {
                 tracing::warn!(task = name, "Did not stop in time; aborted.");
@@ -290,6 +369,9 @@ impl Agent {
             watchdog.abort();
         }
         if let Some(task) = reload_task {
+            task.abort();
+        }
+        if let Some(task) = renewal {
             task.abort();
         }
         tracing::info!("Stopped.");

@@ -13,6 +13,7 @@ use alki_shared::oci::{
     MEDIA_TYPE_IMAGE_INDEX, MEDIA_TYPE_IMAGE_MANIFEST, Manifest, ManifestError,
 };
 use alki_shared::proto::ErrorCode;
+use alki_shared::signing::{self, SignatureLayer, SignatureProblem, Verified};
 use futures::StreamExt;
 use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
@@ -22,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::reference::{BundleLocation, short};
 use crate::store::{ContentStore, StoreError};
+use crate::trust::RepositoryTrust;
 
 /// How often progress is reported at most while bytes flow.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
@@ -43,6 +45,8 @@ pub struct PullOptions {
     pub keep_variants: Vec<Digest>,
     /// Download rate limit in bytes per second, so a fleet update does not saturate a site's uplink.
     pub bandwidth: Option<u64>,
+    /// What the trust policy says for the bundle's repository; the default trusts nothing.
+    pub trust: RepositoryTrust,
 }
 
 impl Default for PullOptions {
@@ -52,6 +56,7 @@ impl Default for PullOptions {
             keep: Default::default(),
             keep_variants: Vec::new(),
             bandwidth: None,
+            trust: RepositoryTrust::default(),
         }
     }
 }
@@ -84,7 +89,13 @@ pub struct PulledBundle {
     pub bytes_total: u64,
     /// Bytes fetched from the registry by this pull (the rest were already stored).
     pub bytes_fetched: u64,
+    /// The signature that was verified before any layer was fetched; None when the trust policy lets
+    /// unsigned bundles through and none verified.
+    pub verified: Option<Verified>,
 }
+
+/// Written beside the model files: what was verified, so an operator on the device can see why it runs.
+pub const VERIFICATION_RECORD: &str = ".alki-verification.json";
 
 /// Registry access for pulls: protocol per registry and the credentials for the embedded registry.
 #[derive(Clone)]
@@ -109,8 +120,26 @@ impl RegistryAccess {
     /// names none. `token`: sent (Basic, user `alki-agent`) only to registries on the embedded registry's host
     /// (any port: the controller serves gRPC and its registry on different ports), never elsewhere.
     pub fn new(plain_http: Vec<String>, embedded: String, token: Option<String>) -> RegistryAccess {
+        RegistryAccess::with_roots(plain_http, embedded, token, Vec::new())
+    }
+
+    /// [`RegistryAccess::new`], also trusting the PEM CA certificates in `roots` for HTTPS (the controller's CA,
+    /// which signs its embedded registry's certificate).
+    pub fn with_roots(
+        plain_http: Vec<String>,
+        embedded: String,
+        token: Option<String>,
+        roots: Vec<Vec<u8>>,
+    ) -> RegistryAccess {
         let config = ClientConfig {
             protocol: ClientProtocol::HttpsExcept(plain_http),
+            extra_root_certificates: roots
+                .into_iter()
+                .map(|data| oci_client::client::Certificate {
+                    encoding: oci_client::client::CertificateEncoding::Pem,
+                    data,
+                })
+                .collect(),
             connect_timeout: Some(Duration::from_secs(10)),
             read_timeout: Some(Duration::from_secs(60)),
             user_agent: concat!("alki-agent/", env!("CARGO_PKG_VERSION")),
@@ -243,6 +272,14 @@ pub enum PullErrorKind {
         short(layer)
     )]
     Transfer { layer: Digest, registry: String, bytes_on_disk: u64, size: u64, source: std::io::Error },
+    #[error("{problem} ({policy})")]
+    Signature { problem: SignatureProblem, policy: String },
+    #[error(
+        "variant {} claims {claimed} bytes of weights but its GGUF layers hold {actual}; the bundle is not what \
+         it says — repack it with alkictl bundle pack",
+        short(variant)
+    )]
+    VariantSize { variant: Digest, claimed: u64, actual: u64 },
     #[error("local content store: {0}; check that the data_dir is writable and has free space")]
     Store(StoreError),
     #[error("cannot create the bundle directory {}: {source}; check that the data_dir is writable", dir.display())]
@@ -265,6 +302,8 @@ impl PullError {
             | PullErrorKind::BadFileName { .. }
             | PullErrorKind::RuntimeLayer { .. } => ErrorCode::BundleInvalid,
             PullErrorKind::NoVariantFits { .. } => ErrorCode::NoVariantFits,
+            PullErrorKind::Signature { problem, .. } => problem.code(),
+            PullErrorKind::VariantSize { .. } => ErrorCode::BundleInvalid,
             PullErrorKind::DiskFull { .. } => ErrorCode::DiskFull,
             PullErrorKind::Transfer { .. } => ErrorCode::PullFailed,
             PullErrorKind::Store(e) if e.is_disk_full() => ErrorCode::DiskFull,
@@ -283,6 +322,8 @@ impl PullError {
                 | PullErrorKind::ManifestDigest { .. }
                 | PullErrorKind::LayerDigest { .. }
                 | PullErrorKind::LayerSize { .. }
+                // A mirror may lack the signature tag, or serve a stale one: the origin may have it.
+                | PullErrorKind::Signature { .. }
         )
     }
 
@@ -291,7 +332,8 @@ impl PullError {
         match &self.kind {
             PullErrorKind::ManifestDigest { expected, .. } => Some(expected),
             PullErrorKind::Manifest { digest, .. } => Some(digest),
-            PullErrorKind::LayerDigest { layer, .. }
+            PullErrorKind::VariantSize { variant: layer, .. }
+            | PullErrorKind::LayerDigest { layer, .. }
             | PullErrorKind::LayerSize { layer, .. }
             | PullErrorKind::BadFileName { layer, .. }
             | PullErrorKind::RuntimeLayer { layer, .. }
@@ -360,6 +402,9 @@ async fn pull_from(
     progress: &mut (dyn FnMut(PullProgress) + Send),
 ) -> Result<PulledBundle, PullError> {
     let wrap = |kind| PullError { bundle: shown.to_string(), kind };
+    // The signature first: nothing the bundle's manifests say is acted on before it verifies, and no large
+    // layer is fetched for a bundle the device will refuse.
+    let verified = check_signature(registry, bundle, &options.trust).await.map_err(wrap)?;
     let top = fetch_manifest(registry, store, bundle, &bundle.digest, "bundle manifest").await.map_err(wrap)?;
     let (variant, variant_digest, manifest) = match top {
         Manifest::Index(index) => {
@@ -386,6 +431,15 @@ async fn pull_from(
                         ))));
                     }
                 };
+            // The variant was chosen by the size it claims: a claim its layers do not back is refused.
+            let actual: u64 = weight_layers(&manifest).iter().map(|l| l.size).fold(0, u64::saturating_add);
+            if chosen.weights_bytes != 0 && chosen.weights_bytes != actual {
+                return Err(wrap(PullErrorKind::VariantSize {
+                    variant: digest,
+                    claimed: chosen.weights_bytes,
+                    actual,
+                }));
+            }
             (Some(chosen), digest, manifest)
         }
         Manifest::Image(manifest) => {
@@ -466,6 +520,7 @@ async fn pull_from(
     let dir = bundles_dir.join(variant_digest.hex());
     let links: Vec<(PathBuf, String)> = named.iter().map(|(d, name)| (store.path(&d.digest), name.clone())).collect();
     let model_files = materialise(&dir, links).await.map_err(wrap)?;
+    record_verification(&dir, shown, verified.as_ref(), &options.trust).await;
     Ok(PulledBundle {
         variant_digest,
         variant,
@@ -474,7 +529,131 @@ async fn pull_from(
         runtime_defaults,
         bytes_total,
         bytes_fetched: fetched,
+        verified,
     })
+}
+
+/// Checks the bundle's signature against the trust policy for its repository, before anything else is
+/// fetched. `Ok(None)`: the policy lets unsigned bundles through and none verified.
+async fn check_signature(
+    registry: &RegistryAccess,
+    bundle: &BundleLocation,
+    trust: &RepositoryTrust,
+) -> Result<Option<Verified>, PullErrorKind> {
+    if !trust.required && trust.keys.is_empty() {
+        return Ok(None);
+    }
+    let refuse = |problem: SignatureProblem| PullErrorKind::Signature { problem, policy: trust.source.clone() };
+    let layers = fetch_signatures(registry, bundle).await?;
+    match signing::verify(&bundle.digest, &layers, &trust.keys) {
+        Ok(verified) => {
+            tracing::info!(bundle = %bundle, key = %verified.key_fingerprint, policy = %trust.source, "Signature verified.");
+            Ok(Some(verified))
+        }
+        Err(problem) if trust.required => Err(refuse(problem)),
+        Err(problem) => {
+            tracing::warn!(bundle = %bundle, %problem, policy = %trust.source, "Signature does not verify; the trust policy does not require one.");
+            Ok(None)
+        }
+    }
+}
+
+/// The signatures at the bundle's `sha256-<hex>.sig` tag (none when the tag does not exist), each payload
+/// bounded and checked against its digest.
+async fn fetch_signatures(
+    registry: &RegistryAccess,
+    bundle: &BundleLocation,
+) -> Result<Vec<SignatureLayer>, PullErrorKind> {
+    let tag = signing::signature_tag(&bundle.digest);
+    let origin = registry.registry_of(bundle).to_owned();
+    let reference = Reference::with_tag(origin.clone(), bundle.repository.clone(), tag.clone());
+    let fetch_error =
+        |what: String, source| PullErrorKind::Registry { what, registry: origin.clone(), source: Box::new(source) };
+    let accepted = [MEDIA_TYPE_IMAGE_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST];
+    let bytes = match registry.client.pull_manifest_raw(&reference, &registry.auth(bundle), &accepted).await {
+        Ok((bytes, _)) => bytes,
+        Err(e) if is_not_found(&e) => return Ok(Vec::new()),
+        Err(e) => return Err(fetch_error(format!("signature manifest {tag}"), e)),
+    };
+    let invalid = |reason: String| PullErrorKind::Signature {
+        problem: SignatureProblem::Invalid { reason },
+        policy: String::from("signature tag ") + &tag,
+    };
+    let manifest = match Manifest::parse(&bytes, None) {
+        Ok(Manifest::Image(m)) => m,
+        Ok(Manifest::Index(_)) => return Err(invalid("the signature tag holds an index".to_owned())),
+        Err(e) => return Err(invalid(format!("the signature manifest is malformed ({e})"))),
+    };
+    let mut layers = Vec::new();
+    for d in signing::signature_descriptors(&manifest) {
+        let reference = registry.reference(bundle, &d.digest);
+        let mut stream = registry
+            .client
+            .pull_blob_stream(&reference, d.digest.as_str())
+            .await
+            .map_err(|e| fetch_error(format!("signature payload {}", short(&d.digest)), e))?;
+        let mut payload = Vec::new();
+        while let Some(chunk) = stream.stream.next().await {
+            match chunk {
+                Ok(chunk) if (payload.len() + chunk.len()) as u64 <= signing::MAX_PAYLOAD_BYTES => {
+                    payload.extend_from_slice(&chunk)
+                }
+                Ok(_) => return Err(invalid(format!("payload {} is larger than it says", short(&d.digest)))),
+                Err(e) if is_stream_digest_error(&e) => break,
+                Err(e) => {
+                    return Err(PullErrorKind::Transfer {
+                        layer: d.digest.clone(),
+                        registry: origin.clone(),
+                        bytes_on_disk: 0,
+                        size: d.size,
+                        source: e,
+                    });
+                }
+            }
+        }
+        if Digest::of(&payload) != d.digest {
+            return Err(invalid(format!("payload {} does not match its digest", short(&d.digest))));
+        }
+        layers.extend(SignatureLayer::new(d, payload));
+    }
+    Ok(layers)
+}
+
+/// True when the registry said the manifest or repository does not exist.
+fn is_not_found(e: &OciDistributionError) -> bool {
+    match e {
+        OciDistributionError::ImageManifestNotFoundError(_) => true,
+        OciDistributionError::RegistryError { envelope, .. } => envelope.errors.iter().any(|e| {
+            matches!(
+                e.code,
+                oci_client::errors::OciErrorCode::ManifestUnknown | oci_client::errors::OciErrorCode::NameUnknown
+            )
+        }),
+        OciDistributionError::ServerError { code, .. } => *code == 404,
+        _ => false,
+    }
+}
+
+/// Writes what was verified into the variant directory (best effort: the pull already succeeded).
+async fn record_verification(
+    dir: &Path,
+    bundle: &BundleLocation,
+    verified: Option<&Verified>,
+    trust: &RepositoryTrust,
+) {
+    let record = serde_json::json!({
+        "bundle": bundle.to_proto().display(),
+        "digest": bundle.digest,
+        "verified": verified,
+        "policy": trust.source,
+        "signature_required": trust.required,
+    });
+    let path = dir.join(VERIFICATION_RECORD);
+    let bytes = serde_json::to_vec_pretty(&record).unwrap_or_default();
+    let written = tokio::task::spawn_blocking(move || alki_shared::fsutil::write_atomic(&path, &bytes)).await;
+    if !matches!(written, Ok(Ok(()))) {
+        tracing::warn!(dir = %dir.display(), "Cannot write the verification record.");
+    }
 }
 
 fn label_of(v: &VariantInfo) -> &str {
@@ -628,6 +807,17 @@ async fn fetch_blob(
             };
             let (stream, whole) = match response {
                 Ok(r) => r,
+                Err(OciDistributionError::ServerError { code: 416, .. }) if offset > 0 => {
+                    // The registry has no bytes past those already here: its copy is shorter than the
+                    // descriptor says (truncated), which no retry changes.
+                    partial.discard().await;
+                    return Err(PullErrorKind::LayerSize {
+                        layer: descriptor.digest.clone(),
+                        expected: descriptor.size,
+                        actual: offset,
+                        more: false,
+                    });
+                }
                 Err(source) => {
                     let transient =
                         matches!(source, OciDistributionError::RequestError(_) | OciDistributionError::IoError(_))

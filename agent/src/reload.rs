@@ -126,7 +126,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 mod tests {
     use super::*;
 
-    const BASE: &str = "data_dir = \"/d\"\n[controller]\nurl = \"http://c:1\"\ntoken_file = \"/t\"\n[runtime]\nllama_server = \"/l\"\n";
+    const BASE: &str = "data_dir = \"/d\"\n[controller]\nurl = \"http://c:1\"\ninsecure_plaintext = true\ntoken_file = \"/t\"\n[runtime]\nllama_server = \"/l\"\n";
 
     #[test]
     fn restart_only_fields_are_named() {

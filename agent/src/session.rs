@@ -12,7 +12,6 @@ use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 
 use crate::runtime::Proxy;
 
@@ -32,6 +31,9 @@ const SESSION_LASTED: Duration = Duration::from_secs(30);
 pub struct Snapshot {
     pub running: Option<proto::BundleRef>,
     pub last_applied: Generation,
+    /// The variant of `running` and its model file, for telemetry and benchmarks.
+    pub variant_digest: String,
+    pub model_path: Option<PathBuf>,
 }
 
 /// Everything one session loop needs; built by [`crate::run`].
@@ -48,6 +50,13 @@ pub struct SessionContext {
     pub statuses: mpsc::Receiver<proto::Status>,
     /// Reloaded configs: a change of labels starts a new session (a new Hello carries them).
     pub config: Option<watch::Receiver<crate::reload::ConfigState>>,
+    /// Telemetry building, benchmark commands and reports.
+    pub telemetry: crate::metrics::SessionTelemetry,
+    /// The config at start: how to reach the controller (mTLS with the device identity, or the insecure
+    /// token mode) and how to enroll.
+    pub settings: crate::Config,
+    /// Where the registry token from each Welcome goes, for pulls from the embedded registry.
+    pub registry_token: crate::identity::DeviceRegistryToken,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +65,8 @@ enum SessionError {
     Token { path: PathBuf, source: std::io::Error },
     #[error("the agent token file {0} is empty; put a token of role agent in it")]
     EmptyToken(PathBuf),
-    #[error("cannot connect to the controller at {url}: {source}")]
-    Connect { url: String, source: tonic::transport::Error },
+    #[error("device identity: {0}")]
+    Identity(#[from] crate::identity::IdentityError),
     #[error("the controller did not accept the session within {CONNECT_TIMEOUT:?}")]
     ConnectTimeout,
     #[error("the controller refused the agent's token ({0}); check controller.token_file holds a token of role agent")]
@@ -124,7 +133,12 @@ pub async fn run(mut ctx: SessionContext, mut shutdown: watch::Receiver<bool>) {
             return;
         }
         match &outcome {
-            Err(e @ (SessionError::Unauthenticated(_) | SessionError::Token { .. } | SessionError::EmptyToken(_))) => {
+            Err(
+                e @ (SessionError::Unauthenticated(_)
+                | SessionError::Token { .. }
+                | SessionError::EmptyToken(_)
+                | SessionError::Identity(crate::identity::IdentityError::NotEnrolled(_) | crate::identity::IdentityError::Refused(_))),
+            ) => {
                 tracing::error!(error = %e, "Controller session refused.");
             }
             Err(e) => tracing::warn!(error = %e, "Controller session ended."),
@@ -177,35 +191,21 @@ fn now_unix_ms() -> i64 {
         .unwrap_or_default()
 }
 
-/// The Telemetry message: the front proxy's counters for the served bundle and available memory.
-pub async fn telemetry(proxy: &Proxy) -> proto::Telemetry {
-    let memory = tokio::task::spawn_blocking(crate::inventory::memory_available).await.unwrap_or_default();
-    let stats = proxy.stats();
-    proto::Telemetry {
-        at_unix_ms: now_unix_ms(),
-        memory_available_bytes: memory,
-        requests_total: stats.as_ref().map(|s| s.requests_total).unwrap_or_default(),
-        request_errors_total: stats.as_ref().map(|s| s.request_errors_total).unwrap_or_default(),
-        bundle_digest: stats.map(|s| s.bundle_digest).unwrap_or_default(),
-        ..Default::default()
-    }
-}
-
 async fn one_session(
     ctx: &mut SessionContext,
     buffer: &mut VecDeque<proto::Status>,
     statuses_open: &mut bool,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
-    let token = read_token(&ctx.token_file).await?;
-    let endpoint = Endpoint::from_shared(ctx.url.clone())
-        .map_err(|source| SessionError::Connect { url: ctx.url.clone(), source })?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_keepalive(Some(Duration::from_secs(30)))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true);
-    let channel = endpoint.connect().await.map_err(|source| SessionError::Connect { url: ctx.url.clone(), source })?;
+    // mTLS with the device certificate (enrolling first if needed), or a bearer token in the insecure mode.
+    let (token, channel) = if ctx.settings.controller.insecure_plaintext {
+        let token = read_token(&ctx.token_file).await?;
+        (Some(token), crate::identity::connect(&ctx.settings, None).await?)
+    } else {
+        crate::enroll::ensure_enrolled(&ctx.settings, &ctx.device_id).await?;
+        let client = crate::identity::IdentityFiles::of(&ctx.settings).tls_identity()?;
+        (None, crate::identity::connect(&ctx.settings, Some(client)).await?)
+    };
     let mut client = proto::agent_service_client::AgentServiceClient::new(channel);
 
     let (out, out_rx) = mpsc::channel::<proto::AgentMessage>(OUTBOUND_CAPACITY);
@@ -227,10 +227,12 @@ async fn one_session(
     }
 
     let mut request = tonic::Request::new(ReceiverStream::new(out_rx));
-    let bearer = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| SessionError::Unauthenticated("the token holds characters not allowed in a header".into()))?;
-    request.metadata_mut().insert("authorization", bearer);
+    if let Some(token) = token {
+        let bearer = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| SessionError::Unauthenticated("the token holds characters not allowed in a header".into()))?;
+        request.metadata_mut().insert("authorization", bearer);
+    }
     let response = match tokio::time::timeout(CONNECT_TIMEOUT, client.session(request)).await {
         Err(_) => return Err(SessionError::ConnectTimeout),
         Ok(Err(status))
@@ -246,7 +248,8 @@ async fn one_session(
 
     let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut telemetry_tick = tokio::time::interval(TELEMETRY_INTERVAL);
+    let mut telemetry_every = TELEMETRY_INTERVAL;
+    let mut telemetry_tick = tokio::time::interval(telemetry_every);
     telemetry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -260,16 +263,30 @@ async fn one_session(
                             0 => DEFAULT_HEARTBEAT,
                             s => Duration::from_secs(u64::from(s.clamp(1, 300))),
                         };
+                        ctx.registry_token.set(welcome.registry_token, welcome.registry_token_expires_unix_ms);
                         heartbeat = tokio::time::interval_at(Instant::now() + every, every);
                         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                         tracing::debug!(heartbeat_secs = every.as_secs(), "Welcomed by the controller.");
+                        let telemetry = match welcome.telemetry_interval_seconds {
+                            0 => TELEMETRY_INTERVAL,
+                            s => Duration::from_secs(u64::from(s.clamp(1, 3600))),
+                        };
+                        if telemetry != telemetry_every {
+                            telemetry_every = telemetry;
+                            telemetry_tick = tokio::time::interval_at(Instant::now() + telemetry, telemetry);
+                            telemetry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        }
                     }
                     controller_message::Msg::DesiredState(desired) => {
                         tracing::info!(generation = desired.generation, "Received a desired state.");
                         ctx.desired.send_replace(Some(desired));
                     }
                     controller_message::Msg::Command(command) => {
-                        tracing::warn!(command_id = %command.id, "This agent does not run controller commands yet.");
+                        tracing::info!(command_id = %command.id, "Received a command.");
+                        if let Err(refusal) = crate::metrics::command_job(ctx.telemetry.bench.as_ref(), command) {
+                            tracing::warn!(command_id = %refusal.command_id, error = %refusal.error, "Command refused.");
+                            send(&out, agent_message::Msg::Benchmark(refusal)).await?;
+                        }
                     }
                 },
                 Ok(Some(proto::ControllerMessage { msg: None })) => {}
@@ -283,8 +300,12 @@ async fn one_session(
                 send(&out, agent_message::Msg::Heartbeat(proto::Heartbeat { sent_unix_ms: now_unix_ms() })).await?;
             }
             _ = telemetry_tick.tick() => {
-                let t = telemetry(&ctx.proxy).await;
+                let snapshot = ctx.snapshot.borrow().clone();
+                let t = ctx.telemetry.collector.collect(&ctx.proxy, &snapshot, &ctx.telemetry.metrics, telemetry_every).await;
                 send(&out, agent_message::Msg::Telemetry(t)).await?;
+            }
+            Some(report) = ctx.telemetry.reports.recv() => {
+                send(&out, agent_message::Msg::Benchmark(report)).await?;
             }
             status = ctx.statuses.recv(), if *statuses_open => match status {
                 Some(status) => {

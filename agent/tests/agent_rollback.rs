@@ -90,11 +90,14 @@ async fn stage_bundle(data_dir: &Path, name: &str, knobs: &[&str]) -> BundleLoca
 fn config(dir: &Path, data_dir: &Path, controller: SocketAddr, runtime_extra: &str) -> Config {
     let token_file = dir.join("agent.token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token");
+    let trust = common::unsigned_trust_policy(dir);
     let text = format!(
         r#"
 data_dir = {data_dir:?}
+trust_policy = {trust:?}
 [controller]
 url = "http://{controller}"
+insecure_plaintext = true
 token_file = {token_file:?}
 [runtime]
 llama_server = {llama:?}

@@ -55,12 +55,15 @@ fn config(dir: &Path, data_dir: &Path, controller: SocketAddr) -> Config {
 fn config_text(dir: &Path, data_dir: &Path, controller: SocketAddr) -> String {
     let token_file = dir.join("agent.token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token");
+    let trust = common::unsigned_trust_policy(dir);
     let text = format!(
         r#"
 data_dir = {data_dir:?}
+trust_policy = {trust:?}
 labels = {{ site = "lab", class = "test-class" }}
 [controller]
 url = "http://{controller}"
+insecure_plaintext = true
 token_file = {token_file:?}
 [runtime]
 llama_server = {llama:?}

@@ -49,8 +49,9 @@ fn prepare(dir: &Path) -> (std::path::PathBuf, u16) {
     std::fs::write(dir.join("token"), "t").expect("token");
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
     let front = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let trust = common::unsigned_trust_policy(dir);
     let config = format!(
-        "data_dir = {data_dir:?}\n[controller]\nurl = \"http://{closed}\"\ntoken_file = {token:?}\n\
+        "data_dir = {data_dir:?}\ntrust_policy = {trust:?}\n[controller]\nurl = \"http://{closed}\"\ninsecure_plaintext = true\ntoken_file = {token:?}\n\
          [runtime]\nllama_server = {llama:?}\nfront_addr = \"127.0.0.1:{front}\"\ndrain_timeout_secs = 2\n",
         token = dir.join("token"),
         llama = fake_llama_server(),

@@ -87,8 +87,9 @@ async fn prepare(data_dir: &Path) -> BundleLocation {
 fn write_config(dir: &Path, data_dir: &Path, controller: SocketAddr, front: u16) -> std::path::PathBuf {
     let token = dir.join("agent.token");
     std::fs::write(&token, TOKEN).expect("token");
+    let trust = common::unsigned_trust_policy(dir);
     let text = format!(
-        "data_dir = {data_dir:?}\n[controller]\nurl = \"http://{controller}\"\ntoken_file = {token:?}\n\
+        "data_dir = {data_dir:?}\ntrust_policy = {trust:?}\n[controller]\nurl = \"http://{controller}\"\ninsecure_plaintext = true\ntoken_file = {token:?}\n\
          [runtime]\nllama_server = {llama:?}\nfront_addr = \"127.0.0.1:{front}\"\ndrain_timeout_secs = 2\n\
          watch_window_secs = 0\n",
         llama = fake_llama_server(),

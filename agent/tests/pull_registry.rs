@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use alki_agent::pull::{PullOptions, PullProgress, RegistryAccess, pull_bundle, pull_bundle_with};
+use alki_agent::pull::{PullError, PullOptions, PullProgress, PulledBundle, RegistryAccess, pull_bundle_with};
+use alki_agent::trust::RepositoryTrust;
 use alki_agent::reference::BundleLocation;
 use alki_agent::store::ContentStore;
 use alki_shared::bundle::{MEDIA_TYPE_RUNTIME, MEDIA_TYPE_WEIGHT_RAW, variant_annotations};
@@ -231,6 +232,23 @@ fn location(registry: &str, digest: &Digest) -> BundleLocation {
     }
 }
 
+/// These tests are about moving bytes: the scripted registry holds no signatures, so the trust policy
+/// says so explicitly (signatures are covered by trust.rs and the end-to-end tests).
+async fn pull_unsigned(
+    registry: &RegistryAccess,
+    store: &ContentStore,
+    bundles_dir: &Path,
+    bundle: &BundleLocation,
+    memory_available: u64,
+    progress: &mut (dyn FnMut(PullProgress) + Send),
+) -> Result<PulledBundle, PullError> {
+    let options = PullOptions {
+        trust: RepositoryTrust::allow_unsigned("test: the scripted registry holds no signatures"),
+        ..PullOptions::default()
+    };
+    pull_bundle_with(registry, store, bundles_dir, bundle, memory_available, &options, progress).await
+}
+
 fn access(addr: SocketAddr) -> RegistryAccess {
     RegistryAccess::new(vec![addr.to_string()], addr.to_string(), Some(TOKEN.to_owned()))
 }
@@ -249,7 +267,7 @@ async fn pulls_the_variant_that_fits_and_materialises_it() {
         let store = store(dir.path());
         let mut seen: Vec<PullProgress> = Vec::new();
         let pulled =
-            pull_bundle(&access(addr), &store, &dir.path().join("bundles"), &location("", &bundle), 2000, &mut |p| {
+            pull_unsigned(&access(addr), &store, &dir.path().join("bundles"), &location("", &bundle), 2000, &mut |p| {
                 seen.push(p)
             })
             .await
@@ -287,12 +305,12 @@ async fn blobs_already_stored_are_not_fetched_again() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(dir.path());
         let bundles = dir.path().join("bundles");
-        let first = pull_bundle(&access(addr), &store, &bundles, &location("", &bundle), 2000, &mut |_| {})
+        let first = pull_unsigned(&access(addr), &store, &bundles, &location("", &bundle), 2000, &mut |_| {})
             .await
             .expect("first pull");
         assert_eq!(first.bytes_fetched, first.bytes_total);
         assert_eq!(registry.gets(&q4.gguf), 1);
-        let second = pull_bundle(&access(addr), &store, &bundles, &location("", &bundle), 2000, &mut |_| {})
+        let second = pull_unsigned(&access(addr), &store, &bundles, &location("", &bundle), 2000, &mut |_| {})
             .await
             .expect("second pull");
         assert_eq!(second.bytes_fetched, 0);
@@ -314,7 +332,7 @@ async fn a_corrupt_layer_is_a_digest_mismatch_naming_the_layer() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(dir.path());
         let err =
-            pull_bundle(&access(addr), &store, &dir.path().join("bundles"), &location("", &bundle), 2000, &mut |_| {})
+            pull_unsigned(&access(addr), &store, &dir.path().join("bundles"), &location("", &bundle), 2000, &mut |_| {})
                 .await
                 .expect_err("corrupt layer");
         assert_eq!(err.code(), ErrorCode::DigestMismatch);
@@ -340,7 +358,7 @@ async fn a_layer_longer_than_its_descriptor_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(dir.path());
         let err =
-            pull_bundle(&access(addr), &store, &dir.path().join("bundles"), &location("", &bundle), 2000, &mut |_| {})
+            pull_unsigned(&access(addr), &store, &dir.path().join("bundles"), &location("", &bundle), 2000, &mut |_| {})
                 .await
                 .expect_err("oversized layer");
         assert_eq!(err.code(), ErrorCode::DigestMismatch);
@@ -361,7 +379,7 @@ async fn a_manifest_that_does_not_match_the_asked_digest_is_refused() {
         registry.manifests.lock().expect("lock").insert(forged.to_string(), real);
         let addr = serve(registry.clone()).await;
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = pull_bundle(
+        let err = pull_unsigned(
             &access(addr),
             &store(dir.path()),
             &dir.path().join("bundles"),
@@ -388,14 +406,14 @@ async fn a_single_manifest_is_a_one_variant_bundle_and_memory_limits_apply() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(dir.path());
         let bundles = dir.path().join("bundles");
-        let pulled = pull_bundle(&access(addr), &store, &bundles, &location("", &variant.manifest), 2000, &mut |_| {})
+        let pulled = pull_unsigned(&access(addr), &store, &bundles, &location("", &variant.manifest), 2000, &mut |_| {})
             .await
             .expect("single manifest");
         assert_eq!(pulled.variant_digest, variant.manifest);
         assert!(pulled.variant.is_none());
         assert_eq!(pulled.model_files, vec![bundles.join(variant.manifest.hex()).join("solo.gguf")]);
 
-        let err = pull_bundle(&access(addr), &store, &bundles, &location("", &index), 999, &mut |_| {})
+        let err = pull_unsigned(&access(addr), &store, &bundles, &location("", &index), 999, &mut |_| {})
             .await
             .expect_err("nothing fits");
         assert_eq!(err.code(), ErrorCode::NoVariantFits);
@@ -415,7 +433,7 @@ async fn the_token_goes_to_the_embedded_registry_only() {
         // The same registry named explicitly while the embedded one is elsewhere: it is a foreign registry.
         let foreign =
             RegistryAccess::new(vec![addr.to_string()], "controller.invalid:7070".to_owned(), Some(TOKEN.to_owned()));
-        let err = pull_bundle(
+        let err = pull_unsigned(
             &foreign,
             &store(dir.path()),
             &dir.path().join("bundles"),
@@ -458,7 +476,7 @@ async fn a_cut_connection_resumes_with_a_range_and_downloads_each_byte_once() {
         let addr = serve(registry.clone()).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(dir.path());
-        let pulled = pull_bundle(
+        let pulled = pull_unsigned(
             &access(addr),
             &store,
             &dir.path().join("bundles"),
@@ -490,7 +508,7 @@ async fn an_abandoned_pull_resumes_after_a_restart_from_the_bytes_on_disk() {
         let dir = tempfile::tempdir().expect("tempdir");
         let bundles = dir.path().join("bundles");
         let bundle = location("", &variant.manifest);
-        let err = pull_bundle(&access(addr), &store(dir.path()), &bundles, &bundle, 1 << 30, &mut |_| {})
+        let err = pull_unsigned(&access(addr), &store(dir.path()), &bundles, &bundle, 1 << 30, &mut |_| {})
             .await
             .expect_err("the network is too flaky this time");
         assert_eq!(err.code(), ErrorCode::PullFailed, "retryable");
@@ -498,7 +516,7 @@ async fn an_abandoned_pull_resumes_after_a_restart_from_the_bytes_on_disk() {
 
         // The agent restarts (the store is opened again) and pulls again: only the rest is downloaded.
         let sent_before = registry.bytes_sent.load(std::sync::atomic::Ordering::SeqCst);
-        let pulled = pull_bundle(&access(addr), &store(dir.path()), &bundles, &bundle, 1 << 30, &mut |_| {})
+        let pulled = pull_unsigned(&access(addr), &store(dir.path()), &bundles, &bundle, 1 << 30, &mut |_| {})
             .await
             .expect("the pull completes");
         assert_eq!(registry.ranges.lock().expect("lock").last().map(String::as_str), Some("bytes=70000-"));
@@ -523,7 +541,7 @@ async fn a_corrupt_partial_download_is_detected_and_downloaded_again_from_zero()
         let store = store(dir.path());
         // What a power cut can leave: a partial file whose end is not what the registry sent.
         std::fs::write(dir.path().join("content/partial").join(variant.gguf.hex()), vec![0u8; 1000]).expect("write");
-        let pulled = pull_bundle(
+        let pulled = pull_unsigned(
             &access(addr),
             &store,
             &dir.path().join("bundles"),
@@ -561,6 +579,7 @@ async fn a_pull_that_would_eat_the_disk_reserve_evicts_unused_blobs_then_refuses
             keep: [kept.clone()].into(),
             keep_variants: vec![Digest::of(b"active variant")],
             bandwidth: None,
+            trust: RepositoryTrust::allow_unsigned("test: the scripted registry holds no signatures"),
         };
         let err = pull_bundle_with(
             &access(addr),

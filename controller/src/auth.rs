@@ -65,6 +65,8 @@ pub enum Action {
     ReadFleet,
     WriteFleet,
     ManageTokens,
+    /// Reading the audit log: admin only, since it names every credential and device and shows refused attempts.
+    ReadAudit,
     RegistryRead,
     RegistryWrite,
     AgentSession,
@@ -75,6 +77,15 @@ pub enum Action {
 pub struct Principal {
     pub name: String,
     pub role: Role,
+    /// Authenticated as an enrolled device (its registry token) rather than by an operator token.
+    pub device: bool,
+}
+
+impl Principal {
+    /// How the audit log names it: `token:<name>` or `device:<id>`.
+    pub fn actor(&self) -> String {
+        if self.device { format!("device:{}", self.name) } else { format!("token:{}", self.name) }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +94,8 @@ pub enum AuthError {
     Missing,
     #[error("the credentials are not a valid token of this controller")]
     Invalid,
+    #[error("token {name:?} was revoked; ask an admin for a new one (alkictl token create)")]
+    Revoked { name: String },
     #[error("token {name:?} has role {role:?}, which may not {action:?}")]
     Forbidden { name: String, role: Role, action: Action },
     #[error(transparent)]
@@ -93,30 +106,57 @@ pub enum AuthError {
 #[derive(Clone)]
 pub struct Authenticator {
     store: Store,
+    /// Verifies the short-lived registry tokens handed to enrolled devices (see `pki::Pki::registry_token`).
+    device_tokens: Option<crate::pki::Pki>,
 }
 
 impl Authenticator {
     pub fn new(store: Store) -> Authenticator {
-        Authenticator { store }
+        Authenticator { store, device_tokens: None }
+    }
+
+    /// Also accepts the registry tokens `pki` signs for devices, as role agent, while the device is not
+    /// decommissioned.
+    pub fn with_device_tokens(mut self, pki: crate::pki::Pki) -> Authenticator {
+        self.device_tokens = Some(pki);
+        self
     }
 
     /// Authenticates an `Authorization` header value (`Bearer <token>`, or `Basic` with the token as the
     /// password, which is what registry clients send) and checks the role allows `action`.
     pub fn authorize(&self, authorization: Option<&str>, action: Action) -> Result<Principal, AuthError> {
         let token = authorization.and_then(token_from_header).ok_or(AuthError::Missing)?;
+        if let Some(pki) = &self.device_tokens
+            && let Some(device_id) = pki.verify_registry_token(&token, crate::now_unix_ms())
+        {
+            let live = self.store.device_identity(&device_id)?.is_some_and(|d| d.decommissioned_unix_ms.is_none());
+            if !live {
+                return Err(AuthError::Invalid);
+            }
+            if !Role::Agent.allows(action) {
+                return Err(AuthError::Forbidden { name: device_id, role: Role::Agent, action });
+            }
+            return Ok(Principal { name: device_id, role: Role::Agent, device: true });
+        }
+        // Read on every request (no cache), so a revocation holds from the very next request.
         let record = self.store.token(&hash_token(&token))?.ok_or(AuthError::Invalid)?;
+        if record.revoked_unix_ms.is_some() {
+            return Err(AuthError::Revoked { name: record.name });
+        }
         if !record.role.allows(action) {
             return Err(AuthError::Forbidden { name: record.name, role: record.role, action });
         }
-        Ok(Principal { name: record.name, role: record.role })
+        Ok(Principal { name: record.name, role: record.role, device: false })
     }
 
     /// Makes a new token, stores its hash, and returns the secret (shown once).
-    pub fn create_token(&self, name: &str, role: Role) -> Result<String, StoreError> {
+    pub fn create_token(&self, name: &str, role: Role) -> Result<String, TokenError> {
         let mut bytes = [0u8; 32];
         rand::rng().fill_bytes(&mut bytes);
         let token = format!("{TOKEN_PREFIX}{}", hex::encode(bytes));
-        let record = TokenRecord { name: name.to_owned(), role, created_unix_ms: crate::now_unix_ms() };
+        check_token_name(name)?;
+        let record =
+            TokenRecord { name: name.to_owned(), role, created_unix_ms: crate::now_unix_ms(), revoked_unix_ms: None };
         self.store.put_token(&hash_token(&token), &record)?;
         Ok(token)
     }
@@ -137,6 +177,176 @@ impl Authenticator {
         }
         Ok(Some(path))
     }
+
+    /// Every token (revoked ones included), oldest first.
+    pub fn list_tokens(&self) -> Result<Vec<TokenInfo>, StoreError> {
+        let mut tokens: Vec<TokenInfo> =
+            self.store.tokens()?.into_iter().map(|(hash, record)| TokenInfo::new(&hash, record)).collect();
+        tokens.sort_by(|a, b| (a.record.created_unix_ms, &a.id).cmp(&(b.record.created_unix_ms, &b.id)));
+        Ok(tokens)
+    }
+
+    /// Revokes the token with this id, or the one live token with this name. Idempotent for an id.
+    pub fn revoke_token(&self, id_or_name: &str) -> Result<TokenInfo, TokenError> {
+        let tokens = self.store.tokens()?;
+        let by_id: Vec<_> = tokens.iter().filter(|(hash, _)| token_id(hash) == id_or_name).collect();
+        let chosen: &(String, TokenRecord) = match by_id.as_slice() {
+            [one] => *one,
+            _ => {
+                let by_name: Vec<_> =
+                    tokens.iter().filter(|(_, r)| r.name == id_or_name && r.revoked_unix_ms.is_none()).collect();
+                match by_name.as_slice() {
+                    [one] => *one,
+                    [] => return Err(TokenError::NotFound(id_or_name.to_owned())),
+                    _ => return Err(TokenError::Ambiguous(id_or_name.to_owned(), by_name.len())),
+                }
+            }
+        };
+        let hash = chosen.0.clone();
+        let record =
+            self.store.revoke_token(&hash, crate::now_unix_ms())?.ok_or_else(|| TokenError::NotFound(hash.clone()))?;
+        Ok(TokenInfo::new(&hash, record))
+    }
+}
+
+/// Characters of a token's SHA-256 (hex) shown as its public id.
+pub const TOKEN_ID_LEN: usize = 12;
+
+/// Longest token name.
+pub const MAX_TOKEN_NAME: usize = 128;
+
+/// A token as listed: its public id and record, never the secret.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenInfo {
+    pub id: String,
+    pub record: TokenRecord,
+}
+
+impl TokenInfo {
+    fn new(hash: &str, record: TokenRecord) -> TokenInfo {
+        TokenInfo { id: token_id(hash).to_owned(), record }
+    }
+
+    pub fn to_proto(&self) -> proto::TokenInfo {
+        proto::TokenInfo {
+            id: self.id.clone(),
+            name: self.record.name.clone(),
+            role: self.record.role.to_proto() as i32,
+            created_unix_ms: self.record.created_unix_ms,
+            revoked_unix_ms: self.record.revoked_unix_ms.unwrap_or(0),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error(
+        "token name {0:?} is not allowed: use 1 to {MAX_TOKEN_NAME} characters of letters, digits, '.', '_', '-', '@' or ':'"
+    )]
+    BadName(String),
+    #[error("no token has id or live name {0:?}; alkictl token list shows them")]
+    NotFound(String),
+    #[error("{1} live tokens are named {0:?}; revoke one by its id (alkictl token list)")]
+    Ambiguous(String, usize),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Who may call a gRPC method or HTTP route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone: the probes `/healthz` and `/readyz`.
+    Public,
+    /// Presents a bootstrap token in the request itself (Enroll); the handler checks it.
+    BootstrapToken,
+    /// An enrolled device by its mTLS certificate (or, with `--insecure-agent-tokens`, an agent token);
+    /// the handler checks it, since only it sees the certificate and the Hello.
+    Device,
+    /// A bearer token whose role allows this.
+    Token(Action),
+}
+
+/// A method's or route's access and whether it changes state (and so is audited).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub access: Access,
+    pub mutates: bool,
+}
+
+const fn read(action: Action) -> Policy {
+    Policy { access: Access::Token(action), mutates: false }
+}
+
+const fn write(action: Action) -> Policy {
+    Policy { access: Access::Token(action), mutates: true }
+}
+
+/// The one table of gRPC methods. A method missing here is refused for everyone (and
+/// controller/tests/authz.rs, which enumerates the proto descriptors, fails naming it).
+pub fn grpc_policy(path: &str) -> Option<Policy> {
+    use Action::*;
+    let (service, method) = path.strip_prefix("/alki.v1.")?.split_once('/')?;
+    Some(match (service, method) {
+        ("AgentService", "Session") => Policy { access: Access::Device, mutates: false },
+        ("EnrollmentService", "Enroll") => Policy { access: Access::BootstrapToken, mutates: true },
+        ("EnrollmentService", "Renew") => Policy { access: Access::Device, mutates: true },
+        (
+            "FleetService",
+            "ListDevices" | "GetDevice" | "ListBundles" | "GetRollout" | "ListRollouts" | "ListRolloutEvents"
+            | "ListRolloutDevices",
+        ) => read(ReadFleet),
+        (
+            "FleetService",
+            "CreateRollout" | "PauseRollout" | "ResumeRollout" | "PromoteRollout" | "AbortRollout" | "RetryRollout",
+        ) => write(WriteFleet),
+        ("FleetService", "CreateToken") => write(ManageTokens),
+        ("AdminService", "ListTokens") => read(ManageTokens),
+        ("AdminService", "RevokeToken") => write(ManageTokens),
+        ("AdminService", "ListAudit") => read(ReadAudit),
+        ("SecurityService", "CreateEnrollToken" | "RevokeEnrollToken") => write(ManageTokens),
+        ("SecurityService", "ListEnrollTokens") => read(ManageTokens),
+        ("SecurityService", "DecommissionDevice") => write(WriteFleet),
+        ("InsightService", "RunBenchmark" | "Calibrate") => write(WriteFleet),
+        ("InsightService", "ListBenchmarks" | "Compare" | "Recommend") => read(ReadFleet),
+        _ => return None,
+    })
+}
+
+/// The HTTP side's table, by path prefix so a new route is covered the moment it exists: the probes are
+/// public; the registry reads with RegistryRead and writes with RegistryWrite; garbage collection is
+/// admin; every other path (the dashboard API under /api/v1/ and anything added later) needs a viewer
+/// token to read and an operator token to change anything.
+pub fn http_policy(method: &http::Method, path: &str) -> Policy {
+    use Action::*;
+    let reads = matches!(*method, http::Method::GET | http::Method::HEAD);
+    if reads && matches!(path, "/healthz" | "/readyz") {
+        return Policy { access: Access::Public, mutates: false };
+    }
+    if path == "/api/v1/registry/gc" {
+        return write(ManageTokens);
+    }
+    if path == "/v2" || path.starts_with("/v2/") {
+        if reads {
+            return read(RegistryRead);
+        }
+        // Upload sessions (POST, PATCH) change nothing anyone can see until the closing PUT.
+        return Policy {
+            access: Access::Token(RegistryWrite),
+            mutates: !matches!(*method, http::Method::POST | http::Method::PATCH),
+        };
+    }
+    if reads { read(ReadFleet) } else { write(WriteFleet) }
+}
+
+fn check_token_name(name: &str) -> Result<(), TokenError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_TOKEN_NAME
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@' | ':'));
+    if ok { Ok(()) } else { Err(TokenError::BadName(name.chars().take(MAX_TOKEN_NAME).collect())) }
+}
+
+fn token_id(hash: &str) -> &str {
+    hash.get(..TOKEN_ID_LEN).unwrap_or(hash)
 }
 
 fn hash_token(token: &str) -> String {

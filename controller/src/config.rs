@@ -19,6 +19,21 @@ pub struct ControllerConfig {
     /// from, besides the embedded one. A rollout names one by prefixing the repository with its
     /// `host:port` exactly as configured here; agents are given that registry in the bundle reference.
     pub external_registries: Vec<ExternalRegistry>,
+    /// The CA, the listeners' certificate and device certificate validity.
+    pub pki: crate::pki::PkiConfig,
+    /// Serve gRPC and HTTP without TLS (`--insecure-plaintext`): only on a loopback test bench.
+    pub insecure_plaintext: bool,
+    /// Also admit agent sessions that present a bearer token of role agent instead of a device certificate,
+    /// trusting the device id in their Hello (`--insecure-agent-tokens`): for the fleet simulator, which
+    /// multiplexes thousands of devices over a few connections.
+    pub insecure_agent_tokens: bool,
+    /// Message sizes, streams per connection, request rates per token and per device.
+    pub limits: crate::limits::Limits,
+    /// How much of the audit log is kept.
+    pub audit_retention: crate::store::audit::AuditRetention,
+    /// Public keys (cosign-compatible) a rollout candidate must be signed with (`--trusted-key`). With none,
+    /// every rollout needs an explicit override.
+    pub trusted_keys: Vec<alki_shared::signing::PublicKey>,
 }
 
 /// An external registry the controller resolves tags on (and checks bundles in) when a rollout is created.
@@ -56,6 +71,15 @@ impl ControllerConfig {
             heartbeat_interval: Duration::from_secs(10),
             registry: RegistryConfig::default(),
             external_registries: Vec::new(),
+            pki: crate::pki::PkiConfig {
+                device_cert_validity: Duration::from_secs(30 * 24 * 3600),
+                ..Default::default()
+            },
+            insecure_plaintext: false,
+            insecure_agent_tokens: false,
+            limits: crate::limits::Limits::default(),
+            audit_retention: crate::store::audit::AuditRetention::default(),
+            trusted_keys: Vec::new(),
         }
     }
 }

@@ -4,13 +4,20 @@
 //! run a real controller on port 0.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod fleet;
+pub mod limits;
+pub mod insight;
+pub mod metrics;
+pub mod pki;
 pub mod registry;
 pub mod rollout;
 pub mod server;
+pub mod tls;
+pub mod trust;
 pub mod store;
 
 pub use server::{Listeners, serve};

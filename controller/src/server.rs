@@ -4,8 +4,12 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use alki_shared::proto::admin_service_server::AdminServiceServer;
 use alki_shared::proto::agent_service_server::AgentServiceServer;
+use alki_shared::proto::enrollment_service_server::EnrollmentServiceServer;
+use alki_shared::proto::security_service_server::SecurityServiceServer;
 use alki_shared::proto::fleet_service_server::FleetServiceServer;
+use alki_shared::proto::insight_service_server::InsightServiceServer;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -18,9 +22,6 @@ use crate::fleet::Fleet;
 use crate::registry::Registry;
 use crate::rollout;
 use crate::store::Store;
-
-/// Largest gRPC message accepted from anyone.
-const MAX_GRPC_MESSAGE: usize = 4 << 20;
 
 /// Already-bound listeners: tests bind 127.0.0.1:0 and pass them in.
 pub struct Listeners {
@@ -36,10 +37,20 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let store =
         Store::open(&config.data_dir).with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
-    let auth = Authenticator::new(store.clone());
+    crate::pki::install_crypto_provider();
+    let pki = crate::pki::Pki::load_or_create(&config.data_dir, &config.pki).context("setting up the controller CA")?;
+    let auth = Authenticator::new(store.clone()).with_device_tokens(pki.clone());
     if let Some(path) = auth.bootstrap_admin(&config.data_dir)? {
         tracing::info!(path = %path.display(), "First start: wrote the bootstrap admin token.");
     }
+    // Every call passes the gate (authentication by table, rate limits, audit) before any handler.
+    let limits = config.limits.clone();
+    let gate = crate::audit::Gate {
+        auth: auth.clone(),
+        auditor: crate::audit::Auditor::start(store.clone(), config.audit_retention),
+        token_limiter: Arc::new(crate::limits::RateLimiter::new(limits.token_rate)),
+    };
+    let admin_api = api::admin::AdminApi { auth: auth.clone(), store: store.clone() };
     let registry = Arc::new(
         Registry::open(&config.data_dir, store.database(), config.registry.clone()).context("opening the registry")?,
     );
@@ -50,25 +61,62 @@ pub async fn serve(
     let stop = CancellationToken::new();
     let reconciler_stop = Arc::new(tokio::sync::Notify::new());
     let reconciler = tokio::spawn(rollout::reconcile_loop(fleet.clone(), reconciler_stop.clone()));
+    let rollup_flush = tokio::spawn(crate::insight::flush_loop(fleet.clone(), stop.clone()));
+    let dashboard = api::dashboard::DashboardState {
+        fleet: fleet.clone(),
+        auth: auth.clone(),
+        registry: registry.clone(),
+        trusted_keys: config.trusted_keys.clone().into(),
+    };
 
     let agent_api = api::agent::AgentApi {
         fleet: fleet.clone(),
         auth: auth.clone(),
         heartbeat_interval: config.heartbeat_interval,
+        pki: pki.clone(),
+        insecure_agent_tokens: config.insecure_agent_tokens,
+        device_limiter: Arc::new(crate::limits::RateLimiter::new(limits.device_rate)),
     };
+    let enroll_api = api::enroll::EnrollApi { fleet: fleet.clone(), pki: pki.clone() };
+    let security_api = api::security::SecurityApi { fleet: fleet.clone(), auth: auth.clone() };
+    let token_refresher = tokio::spawn(api::enroll::refresh_registry_tokens(
+        fleet.clone(),
+        pki.clone(),
+        config.heartbeat_interval,
+        stop.clone(),
+    ));
     let hub = fleet.hub.clone();
+    let insight_api = api::insight::InsightApi {
+        fleet: fleet.clone(),
+        auth: auth.clone(),
+        registry: registry.clone(),
+        registry_host: registry_host.clone(),
+    };
     let fleet_api = api::fleet::FleetApi {
         fleet,
         auth: auth.clone(),
         registry: registry.clone(),
         registry_host,
         external_registries: config.external_registries.clone().into(),
+        trusted_keys: config.trusted_keys.clone().into(),
     };
     let grpc_stop = stop.clone();
-    let grpc = tonic::transport::Server::builder()
+    let mut grpc = tonic::transport::Server::builder();
+    if config.insecure_plaintext {
+        tracing::warn!("Serving gRPC and HTTP WITHOUT TLS (--insecure-plaintext): use only on a loopback test bench.");
+    } else {
+        grpc = grpc.tls_config(crate::tls::grpc_config(&pki)).context("the gRPC listener's TLS settings")?;
+    }
+    let grpc = grpc
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .add_service(AgentServiceServer::new(agent_api).max_decoding_message_size(MAX_GRPC_MESSAGE))
-        .add_service(FleetServiceServer::new(fleet_api).max_decoding_message_size(MAX_GRPC_MESSAGE))
+        .max_concurrent_streams(Some(limits.max_concurrent_streams))
+        .layer(crate::audit::GrpcGateLayer::new(gate.clone(), limits.grpc_max_message))
+        .add_service(AgentServiceServer::new(agent_api).max_decoding_message_size(limits.session_max_message))
+        .add_service(AdminServiceServer::new(admin_api).max_decoding_message_size(limits.grpc_max_message))
+        .add_service(FleetServiceServer::new(fleet_api).max_decoding_message_size(limits.grpc_max_message))
+        .add_service(InsightServiceServer::new(insight_api).max_decoding_message_size(limits.grpc_max_message))
+        .add_service(EnrollmentServiceServer::new(enroll_api).max_decoding_message_size(limits.grpc_max_message))
+        .add_service(SecurityServiceServer::new(security_api).max_decoding_message_size(limits.grpc_max_message))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listeners.grpc),
             async move { grpc_stop.cancelled().await },
@@ -76,8 +124,21 @@ pub async fn serve(
 
     let gc_schedule = tokio::spawn(registry.clone().run_gc_schedule(stop.clone()));
     let http_stop = stop.clone();
-    let http = axum::serve(listeners.http, api::http::router(registry, auth))
-        .with_graceful_shutdown(async move { http_stop.cancelled().await });
+    let counted = dashboard.fleet.clone();
+    let router = api::http::router(registry, auth)
+        .merge(api::dashboard::router(dashboard))
+        .layer(axum::middleware::from_fn_with_state(counted, crate::metrics::count_registry))
+        .layer(axum::middleware::from_fn_with_state(gate, crate::audit::http_gate));
+    let http_shutdown = async move { http_stop.cancelled().await };
+    let http = async move {
+        if config.insecure_plaintext {
+            axum::serve(listeners.http, router).with_graceful_shutdown(http_shutdown).await
+        } else {
+            let tls = crate::tls::http_config(&pki).map_err(std::io::Error::other)?;
+            let listener = crate::tls::TlsListener::new(listeners.http, tls)?;
+            axum::serve(listener, router).with_graceful_shutdown(http_shutdown).await
+        }
+    };
 
     tracing::info!(http = %http_addr, "Controller is serving.");
     let trigger = stop.clone();
@@ -94,6 +155,8 @@ pub async fn serve(
     reconciler_stop.notify_one();
     let _ = reconciler.await;
     let _ = gc_schedule.await;
+    let _ = rollup_flush.await;
+    let _ = token_refresher.await;
     grpc_result.context("gRPC server")?;
     http_result.context("HTTP server")?;
     Ok(())

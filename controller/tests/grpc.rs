@@ -31,6 +31,12 @@ async fn start(dir: tempfile::TempDir) -> Controller {
     let (grpc_addr, http_addr) = (grpc.local_addr().expect("addr"), http.local_addr().expect("addr"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut config = ControllerConfig::new(dir.path().to_owned());
+    // Rollout candidates must be signed by a trusted key; push_bundle signs with this one.
+    config.trusted_keys = vec![signing_key().public_key().clone()];
+    // A scripted agent over plaintext with a token of role agent: the TLS and enrollment paths are
+    // covered by tests/enroll.rs and e2e/tests/enrollment.rs.
+    config.insecure_plaintext = true;
+    config.insecure_agent_tokens = true;
     config.heartbeat_interval = Duration::from_secs(1);
     let task = tokio::spawn(alki_controller::serve(alki_controller::Listeners { grpc, http }, config, async {
         let _ = stopped.await;
@@ -103,6 +109,9 @@ async fn push_bundle(c: &Controller, tag: &str, seed: u64) -> String {
         plain_http: true,
     };
     let pushed = push::push(&opts.out, &target, &bar).await.expect("push");
+    let remote =
+        alki_controller::cli::sign::Remote::with_token(c.registry.clone(), "acme/tiny".into(), Some(c.admin.clone()), true);
+    alki_controller::cli::sign::sign(&remote, tag, signing_key()).await.expect("sign");
     assert_eq!(pushed.digest, packed.digest);
     packed.digest.to_string()
 }
@@ -302,4 +311,10 @@ async fn bad_requests_get_clear_errors_and_failures_hold_the_rollout() {
     assert_eq!(device.error.map(|e| e.code), Some(proto::ErrorCode::DigestMismatch as i32));
     drop(agent);
     c.shutdown().await;
+}
+
+/// The fleet's signing key for this test binary: rollouts of bundles it signed are accepted.
+fn signing_key() -> &'static alki_shared::signing::SigningKey {
+    static KEY: std::sync::OnceLock<alki_shared::signing::SigningKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| alki_shared::signing::SigningKey::generate().expect("signing key"))
 }

@@ -350,6 +350,10 @@ async fn serve_collects_garbage_on_its_schedule() {
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind http");
         let addr = http.local_addr().expect("addr");
         let mut config = ControllerConfig::new(dir.path().to_owned());
+        // A scripted agent over plaintext with a token of role agent: the TLS and enrollment paths are
+        // covered by tests/enroll.rs and e2e/tests/enrollment.rs.
+        config.insecure_plaintext = true;
+        config.insecure_agent_tokens = true;
         config.registry.gc_interval = Duration::from_millis(200);
         config.registry.gc_grace = Duration::ZERO;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -397,6 +397,8 @@ impl Controller {
         let child = Command::new(binary)
             .args(["--data-dir", &data_dir.display().to_string(), "--grpc-addr", &grpc, "--http-addr", &http])
             .args(["--registry-gc-interval-secs", "0"])
+            // Like for like: distribution serves plain HTTP here too.
+            .arg("--insecure-plaintext")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -18,8 +18,13 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 grpc_port=$(port); http_port=$(port); front_port=$(port)
 export ALKI_CONTROLLER="http://127.0.0.1:$grpc_port" ALKI_REGISTRY="127.0.0.1:$http_port"
 
+echo "==> a signing key (alkictl key generate; the controller and the agent trust its public half)"
+export ALKI_KEY_PASSWORD="quickstart-$$"
+"$bin/alkictl" key generate --output-prefix "$work/release" >/dev/null
+
 echo "==> controller (data in $work/controller, logs in $work/*.log)"
 "$bin/alki-controller" --data-dir "$work/controller" --grpc-addr "127.0.0.1:$grpc_port" \
+  --trusted-key "$work/release.pub" \
   --http-addr "127.0.0.1:$http_port" >"$work/controller.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do [ -f "$work/controller/admin.token" ] && break; sleep 0.2; done
@@ -29,11 +34,18 @@ echo "==> a tiny llama model, packed and pushed as acme/tiny:v1"
 "$bin/make-tiny-model" --out "$work/tiny.gguf" --name alki-tiny >/dev/null
 "$bin/alkictl" bundle pack "$work/tiny.gguf" --out "$work/bundle" --tag v1
 "$bin/alkictl" bundle push "$work/bundle" acme/tiny:v1 --insecure-plain-http
+"$bin/alkictl" bundle sign acme/tiny:v1 --key "$work/release.key" --insecure-plain-http
 
 echo "==> agent pi-001 (front port $front_port)"
 "$bin/alkictl" token create --name pi-001 --role agent >"$work/agent.token"
+cat >"$work/trust.toml" <<TOML
+[[repository]]
+pattern = "*"
+keys = ["$work/release.pub"]
+TOML
 cat >"$work/agent.toml" <<TOML
 device_id = "pi-001"
+trust_policy = "$work/trust.toml"
 data_dir = "$work/agent"
 labels = { site = "lab" }
 

@@ -133,37 +133,146 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// A real `alki-controller` with TLS on (the default), its data directory, and how to reach it.
+pub struct Controller {
+    pub proc: Proc,
+    pub data_dir: PathBuf,
+    /// `https://127.0.0.1:<port>`.
+    pub grpc: String,
+    /// `127.0.0.1:<port>` of the embedded registry (HTTPS).
+    pub registry: String,
+    /// The bootstrap admin token.
+    pub token_file: PathBuf,
+    /// The controller CA (`<data-dir>/pki/ca.crt`) agents and alkictl trust.
+    pub ca_file: PathBuf,
+}
+
+/// Starts `alki-controller` with its data in `<root>/controller`, heartbeats every 2 s, and `extra` flags;
+/// waits until its CA and admin token are written and both ports accept connections.
+pub fn start_controller(root: &Path, extra: &[&str]) -> anyhow::Result<Controller> {
+    let (grpc_port, http_port) = (free_port()?, free_port()?);
+    let data_dir = root.join("controller");
+    let mut cmd = Command::new(binary("alki-controller")?);
+    cmd.arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
+        .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+        .args(["--heartbeat-seconds", "2"])
+        .args(extra);
+    let proc = Proc::spawn("controller", cmd, root)?;
+    let controller = Controller {
+        proc,
+        grpc: format!("https://127.0.0.1:{grpc_port}"),
+        registry: format!("127.0.0.1:{http_port}"),
+        token_file: data_dir.join("admin.token"),
+        ca_file: data_dir.join("pki/ca.crt"),
+        data_dir,
+    };
+    wait_for("the controller to be ready", Duration::from_secs(30), &[&controller.proc], || {
+        // The admin token is written after the CA, and both before the listeners serve.
+        let files = controller.token_file.is_file() && controller.ca_file.is_file();
+        let ports = [grpc_port, http_port]
+            .iter()
+            .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok());
+        Ok((files && ports).then_some(()))
+    })?;
+    // A real request over TLS proves the listeners serve with the CA's certificate.
+    wait_for("the controller to answer over TLS", Duration::from_secs(30), &[&controller.proc], || {
+        Ok(controller.alkictl_json(&["devices", "list"]).ok())
+    })?;
+    Ok(controller)
+}
+
+impl Controller {
+    /// alkictl pointed at this controller over TLS, with the admin token.
+    pub fn alkictl(&self) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(binary("alkictl")?);
+        cmd.args(["--controller", &self.grpc, "--registry", &self.registry])
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .arg("--ca-file")
+            .arg(&self.ca_file);
+        Ok(cmd)
+    }
+
+    /// Runs alkictl with `-o json` and parses its output.
+    pub fn alkictl_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let out = run(self.alkictl()?.args(args).args(["-o", "json"]))?;
+        serde_json::from_str(&out).with_context(|| format!("alkictl {args:?} printed non-JSON: {out}"))
+    }
+
+    /// Signs a pushed bundle (`REPOSITORY:TAG`) with `key`, as CI would: the password from the environment.
+    pub fn sign(&self, reference: &str, key: &SigningKey) -> anyhow::Result<serde_json::Value> {
+        let out = run(self
+            .alkictl()?
+            .args(["bundle", "sign", reference, "--key"])
+            .arg(&key.private_key)
+            .args(["-o", "json"])
+            .env("ALKI_KEY_PASSWORD", &key.password))?;
+        serde_json::from_str(&out).with_context(|| format!("alkictl bundle sign printed non-JSON: {out}"))
+    }
+
+    /// A bootstrap token for `uses` enrollments, valid for an hour.
+    pub fn bootstrap_token(&self, uses: u32) -> anyhow::Result<String> {
+        let created =
+            self.alkictl_json(&["enroll", "token", "create", "--uses", &uses.to_string(), "--expires", "1h"])?;
+        Ok(created["secret"].as_str().context("no secret in alkictl enroll token create")?.to_owned())
+    }
+}
+
 /// What an end-to-end test's agent is configured with (see deploy/config/agent.toml for every field).
 pub struct AgentSetup<'a> {
     pub device_id: &'a str,
     /// The value of the `site` label rollouts select on.
     pub site: &'a str,
-    /// gRPC URL of the controller.
+    /// gRPC URL of the controller (`https://`).
     pub controller: &'a str,
-    /// A token of role agent.
-    pub token: &'a str,
+    /// The controller CA.
+    pub ca_file: &'a Path,
+    /// A bootstrap token: the agent enrolls with it on its first start, then every session is mTLS.
+    pub bootstrap_token: &'a str,
     /// The body of the `[registry]` section.
     pub registry: &'a str,
     pub llama_server: &'a Path,
     pub front_port: u16,
     pub health_timeout_secs: u32,
+    /// The agent's trust policy file (see [`write_trust_policy`]).
+    pub trust_policy: &'a Path,
 }
 
-/// Writes `<root>/<device id>/{agent.token,agent.toml}` and starts the real `alki-agent` on it, with the
+/// The agent's directory for `device_id` under `root` (config, bootstrap token, data).
+pub fn agent_dir(root: &Path, device_id: &str) -> PathBuf {
+    root.join(device_id)
+}
+
+/// Writes `<root>/<device id>/{bootstrap.token,agent.toml}` and starts the real `alki-agent` on it, with the
 /// llama-server's directory on `LD_LIBRARY_PATH` (where a real build keeps its shared libraries).
 pub fn start_agent(root: &Path, setup: &AgentSetup<'_>) -> anyhow::Result<Proc> {
-    let dir = root.join(setup.device_id);
+    let config_path = write_agent_config(root, setup)?;
+    let mut cmd = Command::new(binary("alki-agent")?);
+    cmd.arg("run").arg("--config").arg(&config_path);
+    if let Some(lib_dir) = setup.llama_server.parent() {
+        cmd.env("LD_LIBRARY_PATH", lib_dir);
+    }
+    Proc::spawn(setup.device_id, cmd, root)
+}
+
+/// Writes the agent's config (and bootstrap token) and returns the config's path.
+pub fn write_agent_config(root: &Path, setup: &AgentSetup<'_>) -> anyhow::Result<PathBuf> {
+    let dir = agent_dir(root, setup.device_id);
     std::fs::create_dir_all(&dir)?;
-    let token_file = dir.join("agent.token");
-    std::fs::write(&token_file, setup.token)?;
+    let token_file = dir.join("bootstrap.token");
+    std::fs::write(&token_file, setup.bootstrap_token)?;
     let config = format!(
         r#"device_id = "{id}"
 data_dir = "{data}"
+trust_policy = "{trust}"
 labels = {{ site = "{site}" }}
 
 [controller]
 url = "{controller}"
-token_file = "{token_file}"
+ca_file = "{ca}"
+bootstrap_token_file = "{token_file}"
 
 [registry]
 {registry}
@@ -177,18 +286,49 @@ health_timeout_secs = {health}
         data = dir.join("data").display(),
         site = setup.site,
         controller = setup.controller,
+        ca = setup.ca_file.display(),
         token_file = token_file.display(),
         registry = setup.registry,
         llama = setup.llama_server.display(),
         front = setup.front_port,
         health = setup.health_timeout_secs,
+        trust = setup.trust_policy.display(),
     );
     let config_path = dir.join("agent.toml");
     std::fs::write(&config_path, config)?;
-    let mut cmd = Command::new(binary("alki-agent")?);
-    cmd.arg("run").arg("--config").arg(&config_path);
-    if let Some(lib_dir) = setup.llama_server.parent() {
-        cmd.env("LD_LIBRARY_PATH", lib_dir);
+    Ok(config_path)
+}
+
+/// A key pair made by `alkictl key generate`, and the password its private key is encrypted with.
+pub struct SigningKey {
+    pub private_key: PathBuf,
+    pub public_key: PathBuf,
+    pub password: String,
+}
+
+/// Runs `alkictl key generate` into `<root>/<name>.{key,pub}` with the password in ALKI_KEY_PASSWORD.
+pub fn generate_key(root: &Path, name: &str) -> anyhow::Result<SigningKey> {
+    let password = format!("e2e-{name}-password");
+    let prefix = root.join(name);
+    run(Command::new(binary("alkictl")?)
+        .args(["key", "generate", "--output-prefix"])
+        .arg(&prefix)
+        .env("ALKI_KEY_PASSWORD", &password))?;
+    let key = SigningKey {
+        private_key: prefix.with_extension("key"),
+        public_key: prefix.with_extension("pub"),
+        password,
+    };
+    if !key.private_key.is_file() || !key.public_key.is_file() {
+        bail!("alkictl key generate wrote no {} / {}", key.private_key.display(), key.public_key.display());
     }
-    Proc::spawn(setup.device_id, cmd, root)
+    Ok(key)
+}
+
+/// Writes `<root>/trust.toml`: every repository must be signed by `public_key`. Returns its path.
+pub fn write_trust_policy(root: &Path, public_key: &Path) -> anyhow::Result<PathBuf> {
+    let path = root.join("trust.toml");
+    let text = format!("[[repository]]\npattern = \"*\"\nkeys = [\"{}\"]\nrequired = true\n", public_key.display());
+    std::fs::write(&path, text)?;
+    Ok(path)
 }

@@ -5,6 +5,11 @@
 //! for each desired state PULLING then ACTIVE (serving the desired bundle) or FAILED with an
 //! ActivationError (serving its last good bundle). It reconnects with backoff when the session ends, so
 //! a controller restart is survived the way a device would survive it.
+//!
+//! Performance: each device has a generation speed on its baseline and a factor for the candidate
+//! (`b_speed`, e.g. 0.7 for "30% slower in B"). Like a real agent it reports an activation benchmark of
+//! what it serves when its session starts and after every activation, and, with `SimConfig::telemetry`
+//! set, serving telemetry at that interval.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -40,6 +45,9 @@ pub struct SimDevice {
     pub behaviour: Behaviour,
     /// What it serves when the simulation starts (its baseline A).
     pub running: Option<proto::BundleRef>,
+    /// Generation tokens/s on its baseline, and the factor the candidate ("B") multiplies it by.
+    pub tokens_per_second: f64,
+    pub b_speed: f64,
 }
 
 /// What a simulated device has seen and done, for tests and the bench to read.
@@ -70,6 +78,8 @@ pub struct SimConfig {
     pub activation: Duration,
     /// Sessions per gRPC connection (HTTP/2 streams share a connection, as they would behind a proxy).
     pub sessions_per_connection: usize,
+    /// Serving telemetry interval; None: no telemetry (benchmarks are still reported).
+    pub telemetry: Option<Duration>,
 }
 
 /// A running simulated fleet. Dropping it (or calling `stop`) ends every agent.
@@ -239,6 +249,9 @@ impl Agent {
             last_applied_generation: applied,
         };
         tx.send(AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) }).await?;
+        if let Some(running) = &running {
+            tx.send(self.benchmark(running, "")).await?;
+        }
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         request.metadata_mut().insert("authorization", format!("Bearer {}", self.config.token).parse()?);
         let mut inbound = client.session(request).await?.into_inner();
@@ -250,6 +263,12 @@ impl Agent {
         }
         let mut heartbeat = tokio::time::interval(self.config.heartbeat);
         heartbeat.tick().await;
+        // Without telemetry the timer still exists but never fires within a session's life.
+        let telemetry_every = self.config.telemetry.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+        // Spread devices over the interval, as real agents started at different times would be.
+        let offset = telemetry_every.mul_f64(device_fraction(&self.device.id));
+        let mut telemetry = tokio::time::interval_at(tokio::time::Instant::now() + offset, telemetry_every);
+        let mut counters = (0u64, 0u64);
         loop {
             tokio::select! {
                 message = inbound.message() => {
@@ -261,6 +280,10 @@ impl Agent {
                 _ = heartbeat.tick() => {
                     let beat = proto::Heartbeat { sent_unix_ms: 0 };
                     tx.send(AgentMessage { msg: Some(agent_message::Msg::Heartbeat(beat)) }).await?;
+                }
+                _ = telemetry.tick(), if self.config.telemetry.is_some() => {
+                    let report = self.telemetry(telemetry_every, &mut counters);
+                    tx.send(AgentMessage { msg: Some(agent_message::Msg::Telemetry(report)) }).await?;
                 }
             }
         }
@@ -328,9 +351,85 @@ impl Agent {
         self.update(|v| {
             v.applied_generation = v.applied_generation.max(desired.generation);
             v.phase = phase;
-            v.running = serving;
+            v.running = serving.clone();
         });
+        if !fail && let Some(bundle) = &desired.bundle {
+            tx.send(self.benchmark(bundle, &desired.cohort)).await?;
+        }
         Ok(())
+    }
+
+    /// Generation tokens/s on a bundle: the candidate cohort's bundle runs at `b_speed` times the baseline.
+    fn speed(&self, cohort: &str) -> f64 {
+        if cohort == "B" { self.device.tokens_per_second * self.device.b_speed } else { self.device.tokens_per_second }
+    }
+
+    fn cohort(&self) -> String {
+        lock(&self.views).get(&self.device.id).map(|v| v.cohort.clone()).unwrap_or_default()
+    }
+
+    /// An activation benchmark report of `bundle`, as an agent sends after activating it.
+    fn benchmark(&self, bundle: &proto::BundleRef, cohort: &str) -> AgentMessage {
+        let tps = self.speed(cohort);
+        let stat = |median: f64| proto::Stat {
+            median,
+            min: median * 0.97,
+            max: median * 1.03,
+            stddev: median * 0.02,
+            samples: 3,
+        };
+        let result = proto::BenchmarkResult {
+            device_id: self.device.id.clone(),
+            hardware_class: self.device.class.clone(),
+            bundle: Some(bundle.clone()),
+            variant_digest: bundle.digest.clone(),
+            variant_name: "Q4_K_M".into(),
+            trigger: proto::BenchmarkTrigger::Activation as i32,
+            at_unix_ms: unix_ms(),
+            prompt_set: "fleet-sim-v1".into(),
+            repetitions: 3,
+            load_ms: 800.0,
+            ttft_ms: Some(stat(4_000.0 / tps.max(0.1))),
+            prompt_tokens_per_second: Some(stat(tps * 8.0)),
+            generation_tokens_per_second: Some(stat(tps)),
+            peak_rss_bytes: 600 << 20,
+            throttled: false,
+            error: String::new(),
+        };
+        let report = proto::BenchmarkReport { command_id: String::new(), results: vec![result], error: String::new() };
+        AgentMessage { msg: Some(agent_message::Msg::Benchmark(report)) }
+    }
+
+    /// Serving telemetry for the interval: a few requests at the device's current speed.
+    fn telemetry(&self, interval: Duration, counters: &mut (u64, u64)) -> proto::Telemetry {
+        let running = lock(&self.views).get(&self.device.id).and_then(|v| v.running.clone());
+        let tps = self.speed(&self.cohort());
+        counters.0 += 5;
+        counters.1 += 400;
+        let buckets = [250.0, 1_000.0, 5_000.0]
+            .iter()
+            .enumerate()
+            .map(|(i, le)| proto::HistogramBucket { le_ms: *le, inf: false, count: counters.0 * (i as u64 + 1) / 4 })
+            .chain([proto::HistogramBucket { le_ms: 0.0, inf: true, count: counters.0 }])
+            .collect();
+        proto::Telemetry {
+            at_unix_ms: unix_ms(),
+            memory_available_bytes: 4 << 30,
+            requests_total: counters.0,
+            request_errors_total: 0,
+            bundle_digest: running.as_ref().map(|b| b.digest.clone()).unwrap_or_default(),
+            latency_buckets: buckets,
+            latency_sum_ms: counters.0 as f64 * 900.0,
+            prompt_tokens_total: counters.1 * 4,
+            generated_tokens_total: counters.1,
+            prompt_tokens_per_second: tps * 8.0,
+            generation_tokens_per_second: tps,
+            ttft_ms: 4_000.0 / tps.max(0.1),
+            max_temperature_celsius: 55.0,
+            throttled: false,
+            interval_seconds: interval.as_secs() as u32,
+            variant_digest: running.map(|b| b.digest).unwrap_or_default(),
+        }
     }
 }
 
@@ -350,7 +449,28 @@ pub fn devices(
                 labels: HashMap::from([("site".to_owned(), "sim".to_owned())]),
                 behaviour: behaviour(i, class),
                 running: running.clone(),
+                tokens_per_second: class_speed(class) * (0.9 + 0.2 * device_fraction(&format!("sim-{i:05}"))),
+                b_speed: 1.0,
             }
         })
         .collect()
+}
+
+/// A plausible generation speed for a class name (stable, so runs compare).
+fn class_speed(class: &str) -> f64 {
+    match class {
+        c if c.starts_with("pi") => 8.0,
+        c if c.contains("orin") || c.contains("jetson") => 25.0,
+        _ => 40.0,
+    }
+}
+
+/// A stable number in [0, 1) per device id.
+fn device_fraction(id: &str) -> f64 {
+    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    (h % 10_000) as f64 / 10_000.0
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

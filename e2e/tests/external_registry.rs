@@ -3,7 +3,8 @@
 //! there and pins the rollout's candidate by digest; the agent (real binary, fake llama-server) pulls from
 //! distribution through a mirror list whose first entry is down, falls back to the origin, and reaches
 //! ACTIVE. The agent's token is never sent to distribution (it has no auth here; the unit tests in
-//! `agent/src/pull.rs` pin where credentials go).
+//! `agent/src/pull.rs` pin where credentials go). Bundles are signed in distribution with `alkictl bundle
+//! sign`; the controller checks the signature there and the agent verifies it from whichever source serves.
 
 use std::path::Path;
 use std::process::Command;
@@ -16,38 +17,40 @@ use serde_json::Value;
 
 struct Fleet {
     dir: tempfile::TempDir,
-    grpc: String,
-    token_file: std::path::PathBuf,
-    controller: Proc,
+    controller: harness::Controller,
+    key: harness::SigningKey,
 }
 
 impl Fleet {
     fn alkictl_json(&self, registry: &str, args: &[&str]) -> anyhow::Result<Value> {
+        let c = &self.controller;
         let mut cmd = Command::new(binary("alkictl")?);
-        cmd.args(["--controller", &self.grpc, "--registry", registry]).arg("--token-file").arg(&self.token_file);
+        cmd.args(["--controller", &c.grpc, "--registry", registry]).arg("--token-file").arg(&c.token_file);
+        cmd.arg("--ca-file").arg(&c.ca_file);
         let out = run(cmd.args(args).args(["-o", "json"]))?;
         serde_json::from_str(&out).with_context(|| format!("alkictl {args:?} printed non-JSON: {out}"))
+    }
+
+    /// Signs `reference` in the (plain HTTP) registry `host` with the fleet's key.
+    fn sign(&self, host: &str, reference: &str) -> anyhow::Result<()> {
+        let mut cmd = Command::new(binary("alkictl")?);
+        cmd.args(["--registry", host, "bundle", "sign", reference, "--insecure-plain-http", "--key"])
+            .arg(&self.key.private_key)
+            .env("ALKI_KEY_PASSWORD", &self.key.password);
+        run(&mut cmd)?;
+        Ok(())
     }
 }
 
 fn start_controller(external: &str) -> anyhow::Result<(Fleet, String)> {
     let dir = tempfile::tempdir()?;
-    let (grpc_port, http_port) = (free_port()?, free_port()?);
-    let mut cmd = Command::new(binary("alki-controller")?);
-    cmd.arg("--data-dir")
-        .arg(dir.path().join("controller"))
-        .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
-        .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
-        .args(["--heartbeat-seconds", "2"])
-        .args(["--external-registry", external, "--external-registry-plain-http"]);
-    let controller = Proc::spawn("controller", cmd, dir.path())?;
-    let token_file = dir.path().join("controller/admin.token");
-    let embedded = format!("127.0.0.1:{http_port}");
-    wait_for("the controller to be ready", Duration::from_secs(30), &[&controller], || {
-        let ready = reqwest::blocking::get(format!("http://{embedded}/readyz")).map(|r| r.status().is_success());
-        Ok((ready.unwrap_or(false) && token_file.is_file()).then_some(()))
-    })?;
-    Ok((Fleet { grpc: format!("http://127.0.0.1:{grpc_port}"), token_file, controller, dir }, embedded))
+    let key = harness::generate_key(dir.path(), "release")?;
+    let controller = harness::start_controller(
+        dir.path(),
+        &["--external-registry", external, "--external-registry-plain-http", "--trusted-key", path(&key.public_key)?],
+    )?;
+    let embedded = controller.registry.clone();
+    Ok((Fleet { dir, controller, key }, embedded))
 }
 
 fn path(p: &Path) -> anyhow::Result<&str> {
@@ -56,17 +59,20 @@ fn path(p: &Path) -> anyhow::Result<&str> {
 
 /// Starts the real agent (with the fake llama-server) labelled `site = <site>`, with `registry` as the body
 /// of its `[registry]` section.
-fn start_agent(fleet: &Fleet, embedded: &str, id: &str, site: &str, registry: &str) -> anyhow::Result<Proc> {
-    let agent_token = fleet.alkictl_json(embedded, &["token", "create", "--name", id, "--role", "agent"])?;
+fn start_agent(fleet: &Fleet, _embedded: &str, id: &str, site: &str, registry: &str) -> anyhow::Result<Proc> {
+    let bootstrap = fleet.controller.bootstrap_token(1)?;
+    let trust_policy = harness::write_trust_policy(fleet.dir.path(), &fleet.key.public_key)?;
     let setup = AgentSetup {
         device_id: id,
         site,
-        controller: &fleet.grpc,
-        token: agent_token["token"].as_str().context("no token")?,
+        controller: &fleet.controller.grpc,
+        ca_file: &fleet.controller.ca_file,
+        bootstrap_token: &bootstrap,
         registry,
         llama_server: &binary("fake-llama-server")?,
         front_port: free_port()?,
         health_timeout_secs: 30,
+        trust_policy: &trust_policy,
     };
     harness::start_agent(fleet.dir.path(), &setup)
 }
@@ -97,6 +103,7 @@ fn an_agent_pulls_a_rollout_from_distribution_through_a_mirror_list_whose_first_
     let pushed =
         fleet.alkictl_json(&external, &["bundle", "push", path(&layout)?, "acme/tiny:v1", "--insecure-plain-http"])?;
     assert_eq!(pushed["digest"], bundle_digest.as_str());
+    fleet.sign(&external, "acme/tiny:v1")?;
 
     // An agent whose first mirror for distribution is down (nothing listens there).
     let down_mirror = format!("127.0.0.1:{}", free_port()?);
@@ -104,7 +111,7 @@ fn an_agent_pulls_a_rollout_from_distribution_through_a_mirror_list_whose_first_
         "insecure_plain_http = [\"{external}\", \"{down_mirror}\"]\nmirrors = {{ \"{external}\" = [\"{down_mirror}\"] }}"
     );
     let agent = start_agent(&fleet, &embedded, "pi-ext", "ext", &registry_section)?;
-    let procs = [&fleet.controller, &agent];
+    let procs = [&fleet.controller.proc, &agent];
     let device = |id: &str| device(&fleet, &embedded, id);
     wait_for("the agent to connect", Duration::from_secs(30), &procs, || {
         Ok(device("pi-ext")?.filter(|d| d["connected"] == true))
@@ -160,12 +167,13 @@ fn a_site_mirror_serves_the_bundle_when_the_origin_registry_is_gone() -> anyhow:
     let (layout, bundle_digest) = pack(&fleet, &embedded)?;
     for host in [&origin_host, &mirror_host] {
         fleet.alkictl_json(host, &["bundle", "push", path(&layout)?, "acme/tiny:v1", "--insecure-plain-http"])?;
+        fleet.sign(host, "acme/tiny:v1")?;
     }
     let registry_section = format!(
         "insecure_plain_http = [\"{origin_host}\", \"{mirror_host}\"]\nmirrors = {{ \"{origin_host}\" = [\"{mirror_host}\"] }}"
     );
     let agent = start_agent(&fleet, &embedded, "pi-site", "site", &registry_section)?;
-    let procs = [&fleet.controller, &agent];
+    let procs = [&fleet.controller.proc, &agent];
     wait_for("the agent to connect", Duration::from_secs(30), &procs, || {
         Ok(device(&fleet, &embedded, "pi-site")?.filter(|d| d["connected"] == true))
     })?;

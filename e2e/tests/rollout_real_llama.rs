@@ -1,6 +1,9 @@
 //! End to end with the real binaries and a real llama-server: pack and push a bundle with alkictl, roll it
 //! out through the controller, wait for the agent to report it active, and get a completion through the
-//! agent's front port.
+//! agent's front port. Secure by default throughout: the controller serves TLS with its own CA, the agent
+//! enrolls with a bootstrap token, keeps an mTLS session and pulls over HTTPS with its registry token; every
+//! bundle is signed with a key from `alkictl key generate`, which the controller (`--trusted-key`) and the
+//! agent's trust policy trust, and a bundle signed by another key is refused by both.
 
 use std::path::Path;
 use std::process::Command;
@@ -11,44 +14,25 @@ use alki_shared::digest::Digest;
 use anyhow::Context as _;
 use serde_json::Value;
 
+/// The controller with TLS (the default), reached over HTTPS with its CA; agents enroll with a bootstrap
+/// token and keep mTLS sessions.
 struct Fleet {
     dir: tempfile::TempDir,
-    grpc: String,
-    registry: String,
-    token_file: std::path::PathBuf,
-    controller: Proc,
+    controller: harness::Controller,
+    key: harness::SigningKey,
 }
 
 impl Fleet {
-    fn alkictl(&self) -> anyhow::Result<Command> {
-        let mut cmd = Command::new(binary("alkictl")?);
-        cmd.args(["--controller", &self.grpc, "--registry", &self.registry]).arg("--token-file").arg(&self.token_file);
-        Ok(cmd)
-    }
-
     fn alkictl_json(&self, args: &[&str]) -> anyhow::Result<Value> {
-        let out = run(self.alkictl()?.args(args).args(["-o", "json"]))?;
-        serde_json::from_str(&out).with_context(|| format!("alkictl {args:?} printed non-JSON: {out}"))
+        self.controller.alkictl_json(args)
     }
 }
 
 fn start_controller() -> anyhow::Result<Fleet> {
     let dir = tempfile::tempdir()?;
-    let (grpc_port, http_port) = (free_port()?, free_port()?);
-    let mut cmd = Command::new(binary("alki-controller")?);
-    cmd.arg("--data-dir")
-        .arg(dir.path().join("controller"))
-        .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
-        .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
-        .args(["--heartbeat-seconds", "2"]);
-    let controller = Proc::spawn("controller", cmd, dir.path())?;
-    let token_file = dir.path().join("controller/admin.token");
-    let registry = format!("127.0.0.1:{http_port}");
-    wait_for("the controller to be ready", Duration::from_secs(30), &[&controller], || {
-        let ready = reqwest::blocking::get(format!("http://{registry}/readyz")).map(|r| r.status().is_success());
-        Ok((ready.unwrap_or(false) && token_file.is_file()).then_some(()))
-    })?;
-    Ok(Fleet { grpc: format!("http://127.0.0.1:{grpc_port}"), registry, token_file, controller, dir })
+    let key = harness::generate_key(dir.path(), "release")?;
+    let controller = harness::start_controller(dir.path(), &["--trusted-key", path(&key.public_key)?])?;
+    Ok(Fleet { dir, controller, key })
 }
 
 fn make_model(out: &Path, name: &str, seed: u64) -> anyhow::Result<()> {
@@ -62,17 +46,20 @@ fn make_model(out: &Path, name: &str, seed: u64) -> anyhow::Result<()> {
 }
 
 fn start_agent(fleet: &Fleet, device_id: &str, llama_bin: &Path) -> anyhow::Result<(Proc, u16)> {
-    let agent_token = fleet.alkictl_json(&["token", "create", "--name", device_id, "--role", "agent"])?;
+    let bootstrap = fleet.controller.bootstrap_token(1)?;
     let front_port = free_port()?;
+    let trust_policy = harness::write_trust_policy(fleet.dir.path(), &fleet.key.public_key)?;
     let setup = AgentSetup {
         device_id,
         site: "lab",
-        controller: &fleet.grpc,
-        token: agent_token["token"].as_str().context("no token in alkictl output")?,
-        registry: &format!("insecure_plain_http = [\"{}\"]", fleet.registry),
+        controller: &fleet.controller.grpc,
+        ca_file: &fleet.controller.ca_file,
+        bootstrap_token: &bootstrap,
+        registry: "",
         llama_server: &llama_bin.join("llama-server"),
         front_port,
         health_timeout_secs: 120,
+        trust_policy: &trust_policy,
     };
     Ok((harness::start_agent(fleet.dir.path(), &setup)?, front_port))
 }
@@ -105,14 +92,19 @@ fn a_bundle_rolls_out_to_an_agent_and_serves_completions_with_real_llama_server(
         "push",
         layout.to_str().context("path")?,
         "acme/tiny:v1",
-        "--insecure-plain-http",
     ])?;
     assert_eq!(pushed["digest"], bundle_digest.as_str());
+    // Unsigned, the controller refuses to roll it out and says how to fix it.
+    let refused = run(fleet.controller.alkictl()?.args(["rollout", "create", "--bundle", "acme/tiny:v1", "--selector", "site=lab"]));
+    let refused = format!("{:#}", refused.expect_err("an unsigned bundle is refused"));
+    assert!(refused.contains("not signed") && refused.contains("alkictl bundle sign"), "{refused}");
+    let signed = fleet.controller.sign("acme/tiny:v1", &fleet.key)?;
+    assert_eq!(signed["signatures"].as_array().map(Vec::len), Some(2), "index and variant signed: {signed}");
     let bundles = fleet.alkictl_json(&["bundle", "list"])?;
     assert!(bundles.as_array().is_some_and(|bs| bs.iter().any(|b| b["digest"] == bundle_digest.as_str())), "{bundles}");
 
     let (agent, front_port) = start_agent(&fleet, "pi-001", &llama_bin)?;
-    let procs = [&fleet.controller, &agent];
+    let procs = [&fleet.controller.proc, &agent];
     wait_for("the agent to connect", Duration::from_secs(30), &procs, || {
         Ok(device(&fleet, "pi-001")?.filter(|d| d["connected"] == true))
     })?;
@@ -146,9 +138,10 @@ fn a_bundle_rolls_out_to_an_agent_and_serves_completions_with_real_llama_server(
     make_model(&model_v2, "alki-tiny-v2", 2)?;
     let layout_v2 = fleet.dir.path().join("bundle-v2");
     fleet.alkictl_json(&["bundle", "pack", path(&model_v2)?, "--out", path(&layout_v2)?, "--tag", "v2"])?;
-    fleet.alkictl_json(&["bundle", "push", path(&layout_v2)?, "acme/tiny:v2", "--insecure-plain-http"])?;
+    fleet.alkictl_json(&["bundle", "push", path(&layout_v2)?, "acme/tiny:v2"])?;
+    fleet.controller.sign("acme/tiny:v2", &fleet.key)?;
     let weights = Digest::of(&std::fs::read(&model_v2)?);
-    let blob = fleet.dir.path().join("controller/blobs").join(weights.storage_path());
+    let blob = fleet.controller.data_dir.join("blobs").join(weights.storage_path());
     let mut bytes = std::fs::read(&blob).with_context(|| format!("reading {}", blob.display()))?;
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
@@ -167,17 +160,65 @@ fn a_bundle_rolls_out_to_an_agent_and_serves_completions_with_real_llama_server(
         .send()?;
     assert_eq!(response.status(), 200, "v1 keeps serving after a refused update");
 
+    // Signed by a key nobody trusts: the controller refuses; overridden there, the agent still refuses it
+    // before fetching its layers, with the reason, and v1 keeps serving.
+    let model_v3 = fleet.dir.path().join("tiny-v3.gguf");
+    make_model(&model_v3, "alki-tiny-v3", 3)?;
+    let layout_v3 = fleet.dir.path().join("bundle-v3");
+    fleet.alkictl_json(&["bundle", "pack", path(&model_v3)?, "--out", path(&layout_v3)?, "--tag", "v3"])?;
+    fleet.alkictl_json(&["bundle", "push", path(&layout_v3)?, "acme/tiny:v3"])?;
+    let stranger = harness::generate_key(fleet.dir.path(), "stranger")?;
+    fleet.controller.sign("acme/tiny:v3", &stranger)?;
+    let inspected = fleet.alkictl_json(&["bundle", "inspect", "acme/tiny:v3", "--key", path(&fleet.key.public_key)?])?;
+    assert_eq!(inspected["verified"], false, "{inspected}");
+    let create_v3 = ["rollout", "create", "--bundle", "acme/tiny:v3", "--selector", "site=lab"];
+    let refused = format!("{:#}", run(fleet.controller.alkictl()?.args(create_v3)).expect_err("untrusted"));
+    assert!(refused.contains("no trusted key"), "{refused}");
+    let overridden = fleet.alkictl_json(
+        &[&create_v3[..], &["--override-signature-check", "--reason", "e2e: agents must refuse it"]].concat(),
+    )?;
+    let untrusted = wait_for("the agent to refuse the untrusted bundle", Duration::from_secs(120), &procs, || {
+        Ok(device(&fleet, "pi-001")?.filter(|d| d["error_code"] == "signature_untrusted"))
+    })?;
+    assert!(untrusted["error"].as_str().is_some_and(|e| e.contains("no trusted key")), "{untrusted}");
+    assert!(untrusted["running"].as_str().is_some_and(|r| r.ends_with(&bundle_digest)), "still v1: {untrusted}");
+    let events = fleet.alkictl_json(&["rollout", "history", overridden["id"].as_str().context("rollout id")?])?;
+    assert!(events.to_string().contains("signature_override"), "the override is recorded: {events}");
+    let v3_weights = Digest::of(&std::fs::read(&model_v3)?);
+    let device_blob = fleet.dir.path().join("pi-001/data").join(v3_weights.hex());
+    assert!(harness_find(&fleet.dir.path().join("pi-001/data"), v3_weights.hex()).is_none(), "{} never fetched", device_blob.display());
+    let response = client
+        .post(format!("http://127.0.0.1:{front_port}/v1/chat/completions"))
+        .json(&serde_json::json!({"messages": [{"role": "user", "content": "And now?"}], "max_tokens": 4}))
+        .send()?;
+    assert_eq!(response.status(), 200, "v1 keeps serving after refusing an untrusted bundle");
+
     // SIGTERM stops the controller gracefully even with an agent's session open.
     let mut fleet = fleet;
-    let status = fleet.controller.stop(Duration::from_secs(30))?;
+    let status = fleet.controller.proc.stop(Duration::from_secs(30))?;
     assert!(
         status.is_some_and(|s| s.success()),
         "controller did not stop gracefully: {status:?}\n{}",
-        fleet.controller.log_tail()
+        fleet.controller.proc.log_tail()
     );
     Ok(())
 }
 
 fn path(p: &Path) -> anyhow::Result<&str> {
     p.to_str().context("temporary paths are UTF-8")
+}
+
+/// A file named `name` anywhere under `dir`.
+fn harness_find(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            if let Some(found) = harness_find(&p, name) {
+                return Some(found);
+            }
+        } else if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+    }
+    None
 }

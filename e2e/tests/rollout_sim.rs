@@ -47,7 +47,12 @@ async fn start(dir: tempfile::TempDir, addrs: Option<(std::net::SocketAddr, std:
     let (grpc_addr, http_addr) = (grpc.local_addr().expect("addr"), http.local_addr().expect("addr"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut config = ControllerConfig::new(dir.path().to_owned());
+    // Rollout candidates must be signed by a trusted key; push_bundle signs with this one.
+    config.trusted_keys = vec![signing_key().public_key().clone()];
     config.heartbeat_interval = Duration::from_secs(1);
+    // A loopback test bench: plaintext, and the simulator's agents use bearer tokens (see ControllerConfig).
+    config.insecure_plaintext = true;
+    config.insecure_agent_tokens = true;
     let task = tokio::spawn(alki_controller::serve(alki_controller::Listeners { grpc, http }, config, async {
         let _ = stopped.await;
     }));
@@ -111,6 +116,13 @@ impl Controller {
             plain_http: true,
         };
         push::push(&opts.out, &target, &bar).await.expect("push");
+        let remote = alki_controller::cli::sign::Remote::with_token(
+            self.http_addr.to_string(),
+            "acme/tiny".into(),
+            Some(self.admin.clone()),
+            true,
+        );
+        alki_controller::cli::sign::sign(&remote, tag, signing_key()).await.expect("sign");
         proto::BundleRef {
             registry: self.http_addr.to_string(),
             repository: "acme/tiny".into(),
@@ -167,6 +179,11 @@ struct Scenario {
 }
 
 async fn scenario(n: usize, classes: &[&str], behaviour: impl Fn(usize, &str) -> Behaviour) -> Scenario {
+    scenario_with(n, |a| sim::devices(n, classes, Some(a), behaviour)).await
+}
+
+/// A scenario whose devices `make` builds from the baseline bundle A.
+async fn scenario_with(n: usize, make: impl FnOnce(proto::BundleRef) -> Vec<sim::SimDevice>) -> Scenario {
     let controller = start(tempfile::tempdir().expect("tempdir"), None).await;
     let a = controller.push_bundle("v1", 1).await;
     let b = controller.push_bundle("v2", 2).await;
@@ -178,8 +195,9 @@ async fn scenario(n: usize, classes: &[&str], behaviour: impl Fn(usize, &str) ->
         heartbeat: Duration::from_secs(1),
         activation: Duration::from_millis(20),
         sessions_per_connection: 50,
+        telemetry: None,
     };
-    let sims = SimFleet::start(config.clone(), sim::devices(n, classes, Some(a.clone()), behaviour));
+    let sims = SimFleet::start(config.clone(), make(a.clone()));
     let s = Scenario { controller, a, b, sims, config };
     let want = n;
     let mut fleet = s.controller.fleet().await;
@@ -210,7 +228,12 @@ impl Scenario {
             ..Default::default()
         };
         customize(&mut spec);
-        let request = self.controller.req(proto::CreateRolloutRequest { spec: Some(spec), ..Default::default() });
+        // The simulator's bundles are unsigned: these scenarios are about gates, not signatures.
+        let request = self.controller.req(proto::CreateRolloutRequest {
+            spec: Some(spec),
+            override_signature_check: true,
+            override_reason: "fleet simulator scenario".into(),
+        });
         self.controller.fleet().await.create_rollout(request).await.expect("create").into_inner()
     }
 
@@ -416,4 +439,88 @@ async fn operator_verbs_over_fleet_service_pause_resume_promote_and_abort() {
     let kinds: Vec<String> = c.events(&r.id).await.into_iter().map(|e| e.kind).collect();
     assert_eq!(kinds, ["created", "started", "pause", "resume", "promote", "abort"]);
     s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_thirty_percent_slower_on_one_class_fails_its_tokens_gate_there_only() {
+    let classes = ["pi5-8g", "orin-nano", "x86-avx2"];
+    let s = scenario_with(90, |a| {
+        let mut devices = sim::devices(90, &classes, Some(a), |_, _| Behaviour::Success);
+        for d in devices.iter_mut().filter(|d| d.class == "pi5-8g") {
+            d.b_speed = 0.7;
+        }
+        devices
+    })
+    .await;
+    // Every device reported its benchmark of A (sent right after its Hello).
+    let mut fleet = s.controller.fleet().await;
+    tokio::time::timeout(TIMEOUT, async {
+        loop {
+            let devices = fleet.list_devices(s.controller.req(proto::ListDevicesRequest::default())).await;
+            let devices = devices.expect("devices").into_inner().devices;
+            if devices
+                .iter()
+                .all(|d| d.latest_benchmark.as_ref().is_some_and(|b| b.generation_tokens_per_second.is_some()))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("every device reported its baseline benchmark");
+
+    let r = s
+        .create(&[(20, 0), (100, 0)], |spec| {
+            spec.gates = Some(proto::RolloutGates {
+                min_devices: 3,
+                max_failure_ratio: Some(0.05),
+                min_tokens_per_second_ratio: Some(0.9),
+                max_ttft_ratio: Some(1.3),
+                ..Default::default()
+            });
+            spec.on_inconclusive = proto::InconclusivePolicy::Hold as i32;
+            spec.on_class_failure = proto::ClassFailurePolicy::HaltClass as i32;
+        })
+        .await;
+    let done = s.controller.wait_rollout(&r.id, "completed", |r| state(r) == RolloutState::Completed).await;
+    assert_eq!(done.halted_classes, vec!["pi5-8g".to_owned()], "{}", done.message);
+    let events = s.controller.events(&r.id).await;
+    let halt = events.iter().find(|e| e.kind == "class_halted").expect("a class_halted event");
+    assert!(halt.message.contains("tokens/s ratio 0.70 < min 0.90"), "{}", halt.message);
+    for class in done.classes.iter().filter(|c| c.class != "pi5-8g") {
+        assert!(
+            (class.tokens_per_second_ratio - 1.0).abs() < 0.01,
+            "{}: {}",
+            class.class,
+            class.tokens_per_second_ratio
+        );
+        assert_eq!(class.b_samples, 30, "{}", class.class);
+    }
+    let (a, b) = (s.a.digest.clone(), s.b.digest.clone());
+    let classes: HashMap<String, String> =
+        sim::devices(90, &classes, None, |_, _| Behaviour::Success).into_iter().map(|d| (d.id, d.class)).collect();
+    s.wait_devices("pi on A, the others on B", |m| {
+        m.iter().all(|(id, d)| if classes[id] == "pi5-8g" { *d == a } else { *d == b })
+    })
+    .await;
+
+    // The same numbers through InsightService.Compare: every B device of the passing classes is paired.
+    let channel = tonic::transport::Channel::from_shared(s.controller.grpc.clone()).expect("uri").connect().await;
+    let mut insight = proto::insight_service_client::InsightServiceClient::new(channel.expect("connect"));
+    let c = insight
+        .compare(s.controller.req(proto::CompareRequest { rollout_id: r.id.clone() }))
+        .await
+        .expect("compare")
+        .into_inner();
+    let x86 = c.classes.iter().find(|c| c.class == "x86-avx2").expect("x86 compared");
+    assert_eq!((x86.paired, x86.b_samples), (30, 30));
+    assert_eq!(c.devices.len(), 60, "pairs of the two passing classes");
+    s.finish().await;
+}
+
+/// The fleet's signing key for this test binary: rollouts of bundles it signed are accepted.
+fn signing_key() -> &'static alki_shared::signing::SigningKey {
+    static KEY: std::sync::OnceLock<alki_shared::signing::SigningKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| alki_shared::signing::SigningKey::generate().expect("signing key"))
 }

@@ -10,3 +10,4 @@ pub mod gguf;
 pub mod ids;
 pub mod oci;
 pub mod proto;
+pub mod signing;

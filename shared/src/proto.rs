@@ -4,6 +4,9 @@
 
 tonic::include_proto!("alki.v1");
 
+/// The encoded `FileDescriptorSet` of every `alki.v1` proto file: tests enumerate services and methods from it.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/alki_descriptor.bin"));
+
 impl Phase {
     /// A lowercase name for tables and logs ("pulling", "active", ...).
     pub fn label(self) -> &'static str {

@@ -94,6 +94,8 @@ pub struct Instance {
     log: PathBuf,
     spec: LaunchSpec,
     exit: watch::Receiver<Option<String>>,
+    /// Process start to `/health` 200, once proven.
+    load_time: Option<Duration>,
     /// Owns the child; aborting it kills the process (kill_on_drop).
     waiter: tokio::task::JoinHandle<()>,
 }
@@ -140,9 +142,12 @@ impl Instance {
             let _ = exit_tx.send(Some(status));
         });
         tracing::info!(instance = id, pid, %addr, model = %spec.model_path.display(), "Started llama-server.");
-        let instance = Instance { id, pid, addr, log, spec, exit, waiter };
+        let mut instance = Instance { id, pid, addr, log, spec, exit, load_time: None, waiter };
         match instance.prove(opts.health_timeout, http).await {
-            Ok(()) => Ok(instance),
+            Ok(load_time) => {
+                instance.load_time = Some(load_time);
+                Ok(instance)
+            }
             Err(e) => {
                 tracing::warn!(instance = id, error = %e, "llama-server failed to start.");
                 instance
@@ -159,6 +164,11 @@ impl Instance {
 
     pub fn pid(&self) -> Option<u32> {
         self.pid
+    }
+
+    /// Process start to `/health` answering 200.
+    pub fn load_time(&self) -> Option<Duration> {
+        self.load_time
     }
 
     pub fn spec(&self) -> &LaunchSpec {
@@ -188,7 +198,8 @@ impl Instance {
     }
 
     /// `/health` 200 within the timeout, then `POST /completion` 200; an exit meanwhile fails at once.
-    async fn prove(&self, timeout: Duration, http: &HttpClient) -> Result<(), StartError> {
+    /// Returns the time from start to `/health` 200 (the load time).
+    async fn prove(&self, timeout: Duration, http: &HttpClient) -> Result<Duration, StartError> {
         let started = Instant::now();
         let deadline = started + timeout;
         let mut last = "no answer yet".to_owned();
@@ -218,6 +229,7 @@ impl Instance {
                 _ = tokio::time::sleep(HEALTH_POLL) => {}
             }
         }
+        let load_time = started.elapsed();
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(10));
         let smoke =
             request(http, self.addr, "POST", "/completion", Some(r#"{"prompt":"Hello","n_predict":4}"#), remaining);
@@ -226,7 +238,7 @@ impl Instance {
             answer = smoke => match answer {
                 Ok((200, _)) => {
                     tracing::info!(instance = self.id, took_ms = started.elapsed().as_millis() as u64, "llama-server is healthy and generates.");
-                    return Ok(());
+                    return Ok(load_time);
                 }
                 Ok((code, body)) => format!("/completion answered {code} {}", String::from_utf8_lossy(&body[..body.len().min(200)])),
                 Err(e) => e,

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 pub use instance::{Instance, InstanceOptions, LaunchSpec, StartError, StopPolicy};
-pub use proxy::{HttpClient, Proxy, ProxyStats, Upstream, http_client};
+pub use proxy::{HttpClient, Lease, Proxy, ProxyStats, Upstream, UpstreamInfo, http_client};
 
 const DRAIN_POLL: Duration = Duration::from_millis(100);
 /// How long requests wait for an upstream during a stop-then-start gap, unless configured.
@@ -181,7 +181,8 @@ impl Supervisor {
 
     /// Makes `instance` the serving one and returns what served before (out of rotation, not stopped).
     fn flip_to(&mut self, instance: Instance) -> Option<Serving> {
-        let upstream = self.proxy.upstream(instance.addr(), &instance.spec().bundle_digest);
+        let info = UpstreamInfo { pid: instance.pid(), load_time: instance.load_time() };
+        let upstream = self.proxy.upstream_with(instance.addr(), &instance.spec().bundle_digest, info);
         self.proxy.switch(Some(upstream.clone()));
         tracing::info!(upstream = %instance.addr(), bundle = %instance.spec().bundle_digest, "Front proxy switched.");
         self.active.replace(Serving { instance, upstream })

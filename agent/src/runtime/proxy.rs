@@ -1,13 +1,15 @@
 //! The front proxy: one stable port for clients, forwarding every request (streaming both ways) to the
-//! current llama-server, switched atomically; counts requests, errors and in-flight requests per upstream.
+//! current llama-server, switched atomically; counts requests, errors, in-flight requests, latency and time
+//! to first token (streamed responses) per bundle.
 //! During a gap with no upstream (a stop-then-start swap, a rollback) the proxy *holds*: requests wait,
 //! bounded in time and number, for the next upstream, and get 503 with `Retry-After` if it does not come.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
+use std::time::Instant;
 
 use tokio::sync::{Semaphore, watch};
 
@@ -40,19 +42,94 @@ pub fn http_client() -> HttpClient {
     Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector)
 }
 
-/// Requests and errors seen for one bundle since the agent started.
+/// Upper bounds (milliseconds) of the latency and time-to-first-token histograms; a last +Inf bucket follows.
+pub const LATENCY_BUCKETS_MS: [f64; 14] =
+    [5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 120000.0];
+/// Time-to-first-token samples kept between two telemetry reports (the newest win).
+const TTFT_SAMPLES: usize = 1024;
+
+/// A Prometheus-style histogram over [`LATENCY_BUCKETS_MS`], lock-free.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Non-cumulative counts per bucket; the last one is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    /// Sum of observations in microseconds (integer, so it can be atomic).
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        let index = LATENCY_BUCKETS_MS.iter().position(|le| ms <= *le).unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bucket (the last is +Inf, i.e. the total) and the sum in milliseconds.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut cumulative = Vec::with_capacity(self.buckets.len());
+        let mut running = 0u64;
+        for b in &self.buckets {
+            running = running.saturating_add(b.load(Ordering::Relaxed));
+            cumulative.push(running);
+        }
+        HistogramSnapshot { cumulative, sum_ms: self.sum_us.load(Ordering::Relaxed) as f64 / 1000.0 }
+    }
+}
+
+/// A histogram read at one moment: cumulative counts aligned with [`LATENCY_BUCKETS_MS`] plus +Inf.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HistogramSnapshot {
+    pub cumulative: Vec<u64>,
+    pub sum_ms: f64,
+}
+
+impl HistogramSnapshot {
+    pub fn count(&self) -> u64 {
+        self.cumulative.last().copied().unwrap_or(0)
+    }
+}
+
+/// What the proxy measured for one bundle since the agent started.
 #[derive(Debug, Default)]
 pub struct Counters {
     requests: AtomicU64,
     errors: AtomicU64,
+    /// Request start to the end of the response body.
+    latency: Histogram,
+    /// Request start to the first body bytes of a streamed (`text/event-stream`) response.
+    ttft: Histogram,
+    /// TTFT samples (ms) since the last [`Proxy::take_ttft_samples`].
+    ttft_recent: Mutex<VecDeque<f64>>,
 }
 
-/// A snapshot of the counters of the bundle being served.
-#[derive(Clone, Debug, PartialEq, Eq)]
+impl Counters {
+    fn record_ttft(&self, elapsed: Duration) {
+        self.ttft.observe(elapsed);
+        let mut recent = self.ttft_recent.lock().unwrap_or_else(PoisonError::into_inner);
+        if recent.len() >= TTFT_SAMPLES {
+            recent.pop_front();
+        }
+        recent.push_back(elapsed.as_secs_f64() * 1000.0);
+    }
+}
+
+/// A snapshot of one bundle's counters.
+#[derive(Clone, Debug, PartialEq)]
 pub struct ProxyStats {
     pub bundle_digest: String,
     pub requests_total: u64,
     pub request_errors_total: u64,
+    pub latency: HistogramSnapshot,
+    pub ttft: HistogramSnapshot,
+}
+
+/// Facts about the llama-server process behind an upstream, for benchmarks and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct UpstreamInfo {
+    pub pid: Option<u32>,
+    /// Process start to `/health` answering 200.
+    pub load_time: Option<Duration>,
 }
 
 /// One llama-server instance the proxy can forward to.
@@ -60,6 +137,7 @@ pub struct ProxyStats {
 pub struct Upstream {
     addr: SocketAddr,
     bundle_digest: String,
+    info: UpstreamInfo,
     in_flight: AtomicUsize,
     counters: Arc<Counters>,
 }
@@ -71,6 +149,10 @@ impl Upstream {
 
     pub fn bundle_digest(&self) -> &str {
         &self.bundle_digest
+    }
+
+    pub fn info(&self) -> UpstreamInfo {
+        self.info
     }
 
     /// Requests forwarded to this upstream whose response has not finished yet.
@@ -92,6 +174,40 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The serving upstream, held as in flight (a swap drains it before stopping the instance) by work the
+/// agent itself sends to it directly, such as a benchmark. Not counted in the serving counters.
+pub struct Lease(InFlight);
+
+impl Lease {
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.0.0
+    }
+}
+
+/// Measures one proxied request: its latency when dropped (the response body finished or the client left),
+/// and the time to its first streamed bytes.
+struct RequestTimer {
+    counters: Arc<Counters>,
+    started: Instant,
+    streamed: bool,
+    first_seen: bool,
+}
+
+impl RequestTimer {
+    fn chunk(&mut self) {
+        if self.streamed && !self.first_seen {
+            self.first_seen = true;
+            self.counters.record_ttft(self.started.elapsed());
+        }
+    }
+}
+
+impl Drop for RequestTimer {
+    fn drop(&mut self) {
+        self.counters.latency.observe(self.started.elapsed());
     }
 }
 
@@ -173,6 +289,11 @@ impl Proxy {
 
     /// An upstream for an instance serving `bundle_digest`, sharing that bundle's counters.
     pub fn upstream(&self, addr: SocketAddr, bundle_digest: &str) -> Arc<Upstream> {
+        self.upstream_with(addr, bundle_digest, UpstreamInfo::default())
+    }
+
+    /// [`Proxy::upstream`] with what is known about the process behind it.
+    pub fn upstream_with(&self, addr: SocketAddr, bundle_digest: &str, info: UpstreamInfo) -> Arc<Upstream> {
         let counters = self
             .counters
             .lock()
@@ -180,7 +301,23 @@ impl Proxy {
             .entry(bundle_digest.to_owned())
             .or_default()
             .clone();
-        Arc::new(Upstream { addr, bundle_digest: bundle_digest.to_owned(), in_flight: AtomicUsize::new(0), counters })
+        Arc::new(Upstream {
+            addr,
+            bundle_digest: bundle_digest.to_owned(),
+            info,
+            in_flight: AtomicUsize::new(0),
+            counters,
+        })
+    }
+
+    /// The serving upstream held in flight for the agent's own requests; None when nothing is served.
+    pub fn lease(&self) -> Option<Lease> {
+        self.enter().map(Lease)
+    }
+
+    /// A receiver that changes whenever the upstream is switched (or a hold ends).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Switches every new request to `next` at once and returns the previous upstream. Requests already
@@ -206,11 +343,29 @@ impl Proxy {
 
     /// Counters of the bundle served now.
     pub fn stats(&self) -> Option<ProxyStats> {
-        self.current().map(|u| ProxyStats {
-            bundle_digest: u.bundle_digest.clone(),
-            requests_total: u.counters.requests.load(Ordering::Relaxed),
-            request_errors_total: u.counters.errors.load(Ordering::Relaxed),
-        })
+        self.current().map(|u| stats_of(&u.bundle_digest, &u.counters))
+    }
+
+    /// Counters of every bundle served since the agent started, by digest.
+    pub fn all_stats(&self) -> Vec<ProxyStats> {
+        let counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut all: Vec<ProxyStats> = counters.iter().map(|(d, c)| stats_of(d, c)).collect();
+        all.sort_by(|a, b| a.bundle_digest.cmp(&b.bundle_digest));
+        all
+    }
+
+    /// Time-to-first-token samples (ms) of `bundle_digest` since the last call, oldest first.
+    pub fn take_ttft_samples(&self, bundle_digest: &str) -> Vec<f64> {
+        let counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner).get(bundle_digest).cloned();
+        match counters {
+            Some(c) => c.ttft_recent.lock().unwrap_or_else(PoisonError::into_inner).drain(..).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Requests in flight to the serving upstream.
+    pub fn in_flight(&self) -> usize {
+        self.current().map(|u| u.in_flight()).unwrap_or(0)
     }
 
     /// Requests answered 503 because no model was served.
@@ -245,6 +400,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+fn stats_of(bundle_digest: &str, c: &Counters) -> ProxyStats {
+    ProxyStats {
+        bundle_digest: bundle_digest.to_owned(),
+        requests_total: c.requests.load(Ordering::Relaxed),
+        request_errors_total: c.errors.load(Ordering::Relaxed),
+        latency: c.latency.snapshot(),
+        ttft: c.ttft.snapshot(),
+    }
+}
+
 fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
     let body = serde_json::json!({"error": {"code": status.as_u16(), "message": message, "type": kind}});
     let mut response = (status, axum::Json(body)).into_response();
@@ -272,6 +437,8 @@ async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response 
     };
     let upstream = guard.0.clone();
     upstream.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let mut timer =
+        RequestTimer { counters: upstream.counters.clone(), started: Instant::now(), streamed: false, first_seen: false };
     let count_error = || upstream.counters.errors.fetch_add(1, Ordering::Relaxed);
 
     let (mut parts, body) = request.into_parts();
@@ -295,9 +462,17 @@ async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response 
             }
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            // The in-flight guard lives as long as the response body streams to the client.
+            timer.streamed = parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("text/event-stream"));
+            // The in-flight guard and the timer live as long as the response body streams to the client.
             let stream = body.into_data_stream().map(move |chunk| {
                 let _in_flight = &guard;
+                if chunk.as_ref().is_ok_and(|c| !c.is_empty()) {
+                    timer.chunk();
+                }
                 chunk
             });
             Response::from_parts(parts, Body::from_stream(stream))
@@ -347,5 +522,36 @@ mod tests {
         let a_again = proxy.upstream("127.0.0.1:3".parse().expect("addr"), "sha256:a");
         assert_eq!(a_again.counters.requests.load(Ordering::Relaxed), 3, "counters belong to the bundle");
         assert_eq!(proxy.stats().map(|s| s.bundle_digest), Some("sha256:b".to_owned()));
+        assert_eq!(proxy.all_stats().len(), 2);
+    }
+
+    #[test]
+    fn histograms_are_cumulative_with_an_inf_bucket() {
+        let h = Histogram::default();
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_millis(40));
+        h.observe(Duration::from_millis(40));
+        h.observe(Duration::from_secs(600));
+        let s = h.snapshot();
+        assert_eq!(s.cumulative.len(), LATENCY_BUCKETS_MS.len() + 1);
+        assert_eq!(s.cumulative[0], 1, "3 ms <= 5 ms");
+        assert_eq!(s.cumulative[3], 3, "40 ms <= 50 ms, cumulative");
+        assert_eq!(s.cumulative[LATENCY_BUCKETS_MS.len() - 1], 3, "600 s is beyond the last bound");
+        assert_eq!(s.count(), 4);
+        assert!((s.sum_ms - 600_083.0).abs() < 1e-6, "{}", s.sum_ms);
+    }
+
+    #[test]
+    fn ttft_samples_are_bounded_and_drained() {
+        let proxy = Proxy::new(http_client());
+        let up = proxy.upstream("127.0.0.1:1".parse().expect("addr"), "sha256:a");
+        for i in 0..(TTFT_SAMPLES + 10) {
+            up.counters.record_ttft(Duration::from_millis(i as u64));
+        }
+        let samples = proxy.take_ttft_samples("sha256:a");
+        assert_eq!(samples.len(), TTFT_SAMPLES);
+        assert_eq!(samples[0], 10.0, "the oldest were dropped");
+        assert!(proxy.take_ttft_samples("sha256:a").is_empty());
+        assert_eq!(up.counters.ttft.snapshot().count(), (TTFT_SAMPLES + 10) as u64);
     }
 }

@@ -102,3 +102,11 @@ pub async fn until(mut condition: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Writes `<dir>/trust.toml` letting unsigned bundles through, for tests whose scripted controller hands out
+/// unsigned bundles (signatures are covered by tests/trust.rs and the end-to-end tests); returns its path.
+pub fn unsigned_trust_policy(dir: &Path) -> PathBuf {
+    let path = dir.join("trust.toml");
+    std::fs::write(&path, "[[repository]]\npattern = \"*\"\nrequired = false\n").expect("trust policy");
+    path
+}

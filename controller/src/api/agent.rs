@@ -24,6 +24,12 @@ pub struct AgentApi {
     pub fleet: Fleet,
     pub auth: Authenticator,
     pub heartbeat_interval: Duration,
+    /// Signs the devices' short-lived registry tokens.
+    pub pki: crate::pki::Pki,
+    /// Admit bearer tokens of role agent (the device id then comes from Hello): `--insecure-agent-tokens`.
+    pub insecure_agent_tokens: bool,
+    /// Session opens and messages per device (`limits::Limits::device_rate`).
+    pub device_limiter: std::sync::Arc<crate::limits::RateLimiter>,
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
@@ -33,7 +39,16 @@ impl AgentService for AgentApi {
     type SessionStream = SessionStream;
 
     async fn session(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<SessionStream>, Status> {
-        super::authorize(&self.auth, &request, Action::AgentSession)?;
+        // The device id is the client certificate's; without one, only the insecure token mode admits a session.
+        let identity = super::enroll::peer_identity(&self.fleet, &request)?;
+        if identity.is_none() {
+            if !self.insecure_agent_tokens {
+                return Err(Status::unauthenticated(
+                    "agent sessions need a device certificate (mTLS); enroll the device with `alki-agent enroll`",
+                ));
+            }
+            super::authorize(&self.auth, &request, Action::AgentSession)?;
+        }
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) }))) => hello,
@@ -41,14 +56,37 @@ impl AgentService for AgentApi {
             Ok(Err(status)) => return Err(status),
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 30 s of opening the session")),
         };
-        let device_id = DeviceId::new(hello.device_id.clone()).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let device_id = device_id.to_string();
+        let device_id = match &identity {
+            Some(identity) if !hello.device_id.is_empty() && hello.device_id != identity.device_id => {
+                return Err(Status::permission_denied(format!(
+                    "this certificate belongs to device {:?}, not {:?}",
+                    identity.device_id, hello.device_id
+                )));
+            }
+            Some(identity) => identity.device_id.clone(),
+            None => DeviceId::new(hello.device_id.clone())
+                .map_err(|e| Status::invalid_argument(e.to_string()))?
+                .to_string(),
+        };
+        crate::limits::check_labels("Hello labels", hello.labels.iter())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Err(crate::limits::RetryAfter(wait)) = self.device_limiter.check(&device_id, std::time::Instant::now()) {
+            return Err(Status::resource_exhausted(format!(
+                "device {device_id} opens sessions too often; retry in {} ms",
+                wait.as_millis().max(1)
+            )));
+        }
+        // Labels from the bootstrap token win over what the device reports.
+        let mut labels = hello.labels.clone();
+        if let Some(identity) = &identity {
+            labels.extend(identity.labels.clone());
+        }
 
         let record = self
             .fleet
             .store
             .update_device(&device_id, |d| {
-                d.labels = hello.labels.clone();
+                d.labels = labels;
                 d.inventory = hello.inventory.clone();
                 d.agent_version = hello.agent_version.clone();
                 d.running = hello.running.clone();
@@ -62,10 +100,13 @@ impl AgentService for AgentApi {
             .map_err(super::internal)?;
 
         let (tx, rx) = tokio::sync::mpsc::channel(SESSION_QUEUE);
+        let (registry_token, registry_token_expires_unix_ms) = super::enroll::registry_token(&self.pki, &device_id);
         let welcome = proto::Welcome {
             device_id: device_id.clone(),
             heartbeat_interval_seconds: self.heartbeat_interval.as_secs().max(1) as u32,
-            ..Default::default()
+            registry_token,
+            registry_token_expires_unix_ms,
+            telemetry_interval_seconds: crate::insight::TELEMETRY_INTERVAL_SECONDS,
         };
         let mut first = vec![Msg::Welcome(welcome)];
         first.extend(desired_state(&record).map(Msg::DesiredState));
@@ -73,6 +114,9 @@ impl AgentService for AgentApi {
             // The queue is new and larger than two messages: this cannot fail.
             let _ = tx.try_send(Ok(ControllerMessage { msg: Some(msg) }));
         }
+        // Weak: the session's stream must still end when the hub drops its sender (shutdown, replacement).
+        let refuse = tx.downgrade();
+        let limiter = self.device_limiter.clone();
         let session_id = self.fleet.hub.register(&device_id, tx);
         self.fleet.hub.touch(&device_id, record.last_seen_unix_ms);
         tracing::info!(device_id, agent_version = %hello.agent_version, "Agent connected.");
@@ -84,6 +128,14 @@ impl AgentService for AgentApi {
             async move {
                 loop {
                     match inbound.next().await {
+                        Some(Ok(_)) if limiter.check(&device_id, std::time::Instant::now()).is_err() => {
+                            // Nothing of the flood is recorded: the session ends with a clear error instead.
+                            tracing::warn!("Agent exceeded its message rate; closing its session.");
+                            let _ = refuse.upgrade().map(|tx| tx.try_send(Err(Status::resource_exhausted(format!(
+                                "device {device_id} sends messages faster than this controller allows; reconnect later"
+                            )))));
+                            break;
+                        }
                         Some(Ok(message)) => {
                             if let Err(error) = handle(&fleet, &device_id, message) {
                                 tracing::error!(%error, "Could not record an agent message.");
@@ -151,16 +203,10 @@ fn handle(fleet: &Fleet, device_id: &str, message: AgentMessage) -> Result<(), c
         Some(agent_message::Msg::Telemetry(t)) => {
             fleet.hub.touch(device_id, now);
             // Counters arrive again with the next report: no fsync for each.
-            fleet.store.update_device_volatile(device_id, |d| {
-                d.last_seen_unix_ms = now;
-                if let Some(inv) = d.inventory.as_mut() {
-                    inv.memory_available_bytes = t.memory_available_bytes;
-                }
-            })
+            crate::insight::ingest_telemetry(fleet, device_id, &t, now)
         }
         Some(agent_message::Msg::Benchmark(report)) => {
-            tracing::info!(results = report.results.len(), "Agent reported benchmarks; not stored yet.");
-            Ok(())
+            crate::insight::ingest_benchmarks(fleet, device_id, &report, now)
         }
         Some(agent_message::Msg::Hello(_)) => {
             tracing::warn!("Ignored a second Hello within one session.");

@@ -21,6 +21,8 @@ pub struct FleetApi {
     pub registry_host: String,
     /// External registries rollouts may name (see `rollout::external`).
     pub external_registries: Arc<[crate::config::ExternalRegistry]>,
+    /// Keys a rollout candidate must be signed with (see `trust`).
+    pub trusted_keys: Arc<[alki_shared::signing::PublicKey]>,
 }
 
 #[tonic::async_trait]
@@ -51,8 +53,9 @@ impl FleetService for FleetApi {
         let repository = Some(request.into_inner().repository).filter(|r| !r.is_empty());
         // Reading the index and the manifests is blocking file and database I/O.
         let registry = self.registry.clone();
+        let keys = self.trusted_keys.clone();
         let bundles = tokio::task::spawn_blocking(move || {
-            registry.manifests(repository.as_deref()).map(|entries| bundles_from(&registry, &entries))
+            registry.manifests(repository.as_deref()).map(|entries| bundles_from(&registry, &entries, &keys))
         })
         .await
         .map_err(super::internal)?
@@ -65,7 +68,26 @@ impl FleetService for FleetApi {
         request: Request<proto::CreateRolloutRequest>,
     ) -> Result<Response<proto::Rollout>, Status> {
         let principal = super::authorize(&self.auth, &request, Action::WriteFleet)?;
-        let spec = request.into_inner().spec.ok_or_else(|| Status::invalid_argument("a rollout needs a spec"))?;
+        let request = request.into_inner();
+        let spec = request.spec.ok_or_else(|| Status::invalid_argument("a rollout needs a spec"))?;
+        crate::limits::check_labels("rollout selector", spec.selector.iter())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let check =
+            crate::trust::check_candidate(&self.registry, &self.external_registries, &self.trusted_keys, &spec).await;
+        let overridden = match check {
+            Ok(_) => None,
+            Err(e) if request.override_signature_check => {
+                if request.override_reason.trim().is_empty() {
+                    return Err(Status::invalid_argument(
+                        "overriding the signature check needs a reason (alkictl rollout create --reason \"...\"); it is \
+                         kept in the rollout's events",
+                    ));
+                }
+                Some(e.to_string())
+            }
+            Err(e @ crate::trust::CandidateError::Read { .. }) => return Err(Status::unavailable(e.to_string())),
+            Err(e) => return Err(Status::failed_precondition(e.to_string())),
+        };
         let created = rollout::create_any(
             &self.fleet,
             &self.registry,
@@ -78,6 +100,16 @@ impl FleetService for FleetApi {
         match created {
             Ok(r) => {
                 tracing::info!(rollout_id = %r.id, by = %principal.name, "Rollout created.");
+                if let Some(problem) = overridden {
+                    let (fleet, id, by, reason) =
+                        (self.fleet.clone(), r.id.clone(), principal.name.clone(), request.override_reason.clone());
+                    tokio::task::spawn_blocking(move || {
+                        crate::trust::record_override(&fleet, &id, &by, &reason, &problem, crate::now_unix_ms())
+                    })
+                    .await
+                    .map_err(super::internal)?
+                    .map_err(super::internal)?;
+                }
                 Ok(Response::new(r))
             }
             Err(e @ CreateError::Invalid(_)) => Err(Status::invalid_argument(e.to_string())),
@@ -177,10 +209,7 @@ impl FleetService for FleetApi {
             .ok()
             .and_then(Role::from_proto)
             .ok_or_else(|| Status::invalid_argument("choose a role: viewer, operator, admin, push or agent"))?;
-        if req.name.is_empty() || req.name.len() > 128 {
-            return Err(Status::invalid_argument("name the token (1 to 128 characters) so it can be told apart"));
-        }
-        let token = self.auth.create_token(&req.name, role).map_err(super::internal)?;
+        let token = self.auth.create_token(&req.name, role).map_err(super::token_status)?;
         tracing::info!(name = %req.name, ?role, by = %principal.name, "Token created.");
         Ok(Response::new(proto::CreateTokenResponse { token, name: req.name, role: role.to_proto() as i32 }))
     }
@@ -222,7 +251,11 @@ impl FleetApi {
 
 /// Bundles are the model manifests and indexes in the registry (signatures and other artifacts are not).
 /// Variant manifests listed by an index are shown inside it, not on their own.
-fn bundles_from(registry: &Registry, entries: &[ManifestEntry]) -> Vec<proto::Bundle> {
+pub(crate) fn bundles_from(
+    registry: &Registry,
+    entries: &[ManifestEntry],
+    keys: &[alki_shared::signing::PublicKey],
+) -> Vec<proto::Bundle> {
     let mut in_index = std::collections::HashSet::new();
     let mut bundles = Vec::new();
     for entry in entries {
@@ -252,7 +285,11 @@ fn bundles_from(registry: &Registry, entries: &[ManifestEntry]) -> Vec<proto::Bu
             media_type: entry.media_type.clone(),
             total_size,
             pushed_unix_ms: entry.pushed_unix_ms,
-            signatures: Vec::new(),
+            signatures: crate::trust::signature_infos(
+                &entry.digest,
+                &crate::trust::embedded_signatures(registry, &entry.repository, &entry.digest),
+                keys,
+            ),
             variants: variants
                 .into_iter()
                 .map(|v| proto::Variant {

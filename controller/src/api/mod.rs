@@ -1,9 +1,14 @@
 //! The controller's front doors: gRPC for agents and operators, HTTP for the registry and probes.
 //! Handlers are thin: they authenticate, convert, and call into `fleet`, `rollout` and `registry`.
 
+pub mod admin;
 pub mod agent;
+pub mod dashboard;
+pub mod enroll;
 pub mod fleet;
 pub mod http;
+pub mod insight;
+pub mod security;
 
 use crate::auth::{Action, AuthError, Authenticator, Principal};
 
@@ -19,9 +24,19 @@ pub fn authorize<T>(
 
 pub fn auth_status(error: AuthError) -> tonic::Status {
     match error {
-        AuthError::Missing | AuthError::Invalid => tonic::Status::unauthenticated(error.to_string()),
+        AuthError::Missing | AuthError::Invalid | AuthError::Revoked { .. } => tonic::Status::unauthenticated(error.to_string()),
         AuthError::Forbidden { .. } => tonic::Status::permission_denied(error.to_string()),
         AuthError::Store(e) => internal(e),
+    }
+}
+
+pub fn token_status(error: crate::auth::TokenError) -> tonic::Status {
+    use crate::auth::TokenError;
+    match error {
+        TokenError::BadName(_) => tonic::Status::invalid_argument(error.to_string()),
+        TokenError::NotFound(_) => tonic::Status::not_found(error.to_string()),
+        TokenError::Ambiguous(..) => tonic::Status::failed_precondition(error.to_string()),
+        TokenError::Store(e) => internal(e),
     }
 }
 

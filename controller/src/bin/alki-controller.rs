@@ -49,6 +49,37 @@ struct Args {
     /// Log as JSON lines (for log shippers) instead of text.
     #[arg(long)]
     log_json: bool,
+    /// A public key (PEM, from `alkictl key generate` or cosign) rollout candidates must be signed with.
+    /// Repeatable. Without any, every rollout needs --override-signature-check.
+    #[arg(long = "trusted-key", env = "ALKI_TRUSTED_KEYS", value_delimiter = ',')]
+    trusted_keys: Vec<PathBuf>,
+    /// Serve gRPC and HTTP without TLS. Only for a test bench on loopback: tokens and models cross in clear.
+    #[arg(long, env = "ALKI_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
+    /// Also admit agent sessions with a bearer token of role agent instead of a device certificate, trusting
+    /// the device id they claim. Only for the fleet simulator.
+    #[arg(long)]
+    insecure_agent_tokens: bool,
+    /// Your own CA certificate (PEM) to issue device and server certificates with (with --ca-key); default:
+    /// <data-dir>/pki/ca.crt, generated on first start.
+    #[arg(long, env = "ALKI_CA_CERT", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The key of --ca-cert (PEM).
+    #[arg(long, env = "ALKI_CA_KEY", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// The listeners' certificate (PEM, with --tls-key); default: one issued by the CA at every start.
+    #[arg(long, env = "ALKI_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "ALKI_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A DNS name or IP address agents and alkictl reach the controller by, put in the issued server
+    /// certificate. Repeatable; default: localhost, 127.0.0.1, ::1 and this host's name.
+    #[arg(long = "tls-name", env = "ALKI_TLS_NAMES", value_delimiter = ',')]
+    tls_names: Vec<String>,
+    /// How long device certificates are valid; agents renew them at two thirds of it.
+    #[arg(long, env = "ALKI_DEVICE_CERT_VALIDITY_SECS", default_value_t = 30 * 24 * 3600)]
+    device_cert_validity_secs: u64,
 }
 
 #[tokio::main]
@@ -72,6 +103,18 @@ async fn main() -> anyhow::Result<()> {
     config.heartbeat_interval = Duration::from_secs(args.heartbeat_seconds.max(1));
     config.registry.gc_interval = Duration::from_secs(args.registry_gc_interval_secs);
     config.registry.gc_grace = Duration::from_secs(args.registry_gc_grace_secs);
+    config.insecure_plaintext = args.insecure_plaintext;
+    config.insecure_agent_tokens = args.insecure_agent_tokens;
+    config.pki = alki_controller::pki::PkiConfig {
+        ca: args.ca_cert.clone().zip(args.ca_key.clone()),
+        server: args.tls_cert.clone().zip(args.tls_key.clone()),
+        server_names: if args.tls_names.is_empty() {
+            alki_controller::pki::PkiConfig::default_server_names()
+        } else {
+            args.tls_names.clone()
+        },
+        device_cert_validity: Duration::from_secs(args.device_cert_validity_secs.max(1)),
+    };
     let credentials = match (&args.external_registry_username, &args.external_registry_password_file) {
         (Some(user), Some(file)) => {
             let password = std::fs::read_to_string(file)
@@ -89,6 +132,14 @@ async fn main() -> anyhow::Result<()> {
             plain_http: args.external_registry_plain_http,
             credentials: credentials.clone(),
         });
+    }
+    for path in &args.trusted_keys {
+        let key = alki_shared::signing::PublicKey::load(path).with_context(|| format!("--trusted-key {}", path.display()))?;
+        tracing::info!(key = %path.display(), fingerprint = key.fingerprint(), "Trusting signing key.");
+        config.trusted_keys.push(key);
+    }
+    if config.trusted_keys.is_empty() {
+        tracing::warn!("No --trusted-key: every rollout will need --override-signature-check.");
     }
     alki_controller::serve(alki_controller::Listeners { grpc, http }, config, shutdown_signal()).await
 }

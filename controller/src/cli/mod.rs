@@ -1,9 +1,15 @@
 //! alkictl: the operators' and CI's command line. Tables for people, `-o json` for scripts.
 
+pub mod admin;
+pub mod bench;
+pub mod inspect;
+pub mod key;
+pub mod enroll;
 pub mod layout;
 pub mod pack;
 pub mod push;
 pub mod rollout;
+pub mod sign;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,9 +25,13 @@ use tonic::transport::Channel;
 #[derive(Parser)]
 #[command(name = "alkictl", version, about = "Operate an Alki Fleet: bundles, devices, rollouts.")]
 pub struct Cli {
-    /// gRPC address of alki-controller.
-    #[arg(long, global = true, env = "ALKI_CONTROLLER", default_value = "http://127.0.0.1:7070")]
+    /// gRPC address of alki-controller (`http://` only for a controller run with --insecure-plaintext).
+    #[arg(long, global = true, env = "ALKI_CONTROLLER", default_value = "https://127.0.0.1:7070")]
     pub controller: String,
+    /// The controller's CA certificate (its <data-dir>/pki/ca.crt), trusted for gRPC and the registry.
+    /// Default: pki/ca.crt beside --token-file (the controller's data directory, for local use).
+    #[arg(long, global = true, env = "ALKI_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// host:port of the controller's registry (or an external one).
     #[arg(long, global = true, env = "ALKI_REGISTRY", default_value = "127.0.0.1:7080")]
     pub registry: String,
@@ -55,12 +65,37 @@ pub enum Command {
     /// Roll bundles out to devices.
     #[command(subcommand)]
     Rollout(RolloutCmd),
+    /// Benchmarks, calibration, A/B comparisons and variant recommendations.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
     /// Access tokens (admin only).
     #[command(subcommand)]
     Token(TokenCmd),
+    /// The audit log of state-changing calls (admin only).
+    #[command(subcommand)]
+    Audit(admin::AuditCmd),
+    /// Device enrollment: bootstrap tokens (admin only).
+    #[command(subcommand)]
+    Enroll(enroll::EnrollCmd),
     /// The controller's embedded registry (admin only).
     #[command(subcommand)]
     Registry(RegistryCmd),
+    /// Signing keys (cosign-compatible).
+    #[command(subcommand)]
+    Key(KeyCmd),
+}
+
+#[derive(Subcommand)]
+pub enum KeyCmd {
+    /// Write a cosign-compatible key pair: PREFIX.key (encrypted with the password from ALKI_KEY_PASSWORD,
+    /// COSIGN_PASSWORD or a prompt) and PREFIX.pub (give it to agents' trust policies and the controller).
+    Generate {
+        #[arg(long, default_value = "alki")]
+        output_prefix: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -81,7 +116,7 @@ pub enum RegistryCmd {
 pub enum BundleCmd {
     /// Turn GGUF files (one per quantization) into a bundle in an OCI layout directory.
     Pack {
-        /// GGUF files, one per quantization.
+        /// GGUF files, one per quantization; every part of a split model (`-00001-of-00003.gguf`, ...).
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// Directory to create the OCI layout in.
@@ -99,6 +134,21 @@ pub enum BundleCmd {
         context: u32,
         #[arg(long, default_value = "latest")]
         tag: String,
+        /// License text to ship in the bundle (doc layer LICENSE).
+        #[arg(long)]
+        license_file: Option<PathBuf>,
+        /// README to ship in the bundle (doc layer README.md).
+        #[arg(long)]
+        readme: Option<PathBuf>,
+        /// Default CPU threads for llama-server (0: its own choice).
+        #[arg(long, default_value_t = 0)]
+        threads: u32,
+        /// Default layers offloaded to a GPU.
+        #[arg(long, default_value_t = 0)]
+        gpu_layers: i32,
+        /// A chat template file overriding the one inside the GGUF.
+        #[arg(long)]
+        chat_template: Option<PathBuf>,
     },
     /// Upload a packed bundle: `alkictl bundle push DIR REPOSITORY[:TAG]`.
     Push {
@@ -106,6 +156,30 @@ pub enum BundleCmd {
         /// Repository and optional tag, e.g. acme/qwen:v2.
         target: String,
         /// Talk plain HTTP to the registry (until TLS is set up). Never use across a network you do not trust.
+        #[arg(long)]
+        insecure_plain_http: bool,
+    },
+    /// Sign a pushed bundle (its index and each variant manifest) with cosign's key-based scheme:
+    /// `alkictl bundle sign acme/qwen:v2 --key alki.key`. The key password comes from ALKI_KEY_PASSWORD,
+    /// COSIGN_PASSWORD or a prompt.
+    Sign {
+        /// REPOSITORY:TAG or REPOSITORY@sha256:...
+        reference: String,
+        /// Encrypted private key (from `alkictl key generate` or `cosign generate-key-pair`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Talk plain HTTP to the registry. Never use across a network you do not trust.
+        #[arg(long)]
+        insecure_plain_http: bool,
+    },
+    /// Show a bundle's variants, sizes, metadata and signatures: a packed directory or REPOSITORY:TAG.
+    Inspect {
+        /// An OCI layout directory, or REPOSITORY:TAG / REPOSITORY@sha256:... in --registry.
+        target: String,
+        /// Public keys to verify signatures with (repeatable).
+        #[arg(long = "key")]
+        keys: Vec<PathBuf>,
+        /// Talk plain HTTP to the registry. Never use across a network you do not trust.
         #[arg(long)]
         insecure_plain_http: bool,
     },
@@ -122,6 +196,8 @@ pub enum DevicesCmd {
     List(SelectorArgs),
     /// One device in full.
     Get { id: String },
+    /// Revoke a device: its session is closed and its certificate refused from now on.
+    Decommission { id: String },
 }
 
 #[derive(Args, Default)]
@@ -142,6 +218,10 @@ pub enum TokenCmd {
         #[arg(long, value_enum)]
         role: RoleArg,
     },
+    /// Every token: id, name, role, when created and revoked (never the secrets).
+    List,
+    /// Revoke a token by its id (from `list`) or by a name only one live token has; refused from the next request.
+    Revoke { token: String },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -190,24 +270,67 @@ impl Cli {
     }
 
     async fn fleet(&self) -> anyhow::Result<Fleet> {
-        let channel = Channel::from_shared(self.controller.clone())
-            .with_context(|| format!("{:?} is not a valid controller address", self.controller))?
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .connect()
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot reach the controller at {}: {e}", self.controller))?;
+        Ok(FleetServiceClient::with_interceptor(self.channel().await?, self.auth()?))
+    }
+
+    fn auth(&self) -> anyhow::Result<Auth> {
         let header = match self.token()? {
             Some(t) => Some(format!("Bearer {t}").parse().context("the token has characters a header cannot carry")?),
             None => None,
         };
-        Ok(FleetServiceClient::with_interceptor(channel, Auth(header)))
+        Ok(Auth(header))
+    }
+
+    /// The controller CA: --ca-file, else `pki/ca.crt` beside --token-file (the controller's data directory).
+    pub fn ca_pem(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        if let Some(path) = &self.ca_file {
+            return std::fs::read(path).map(Some).with_context(|| format!("reading --ca-file {}", path.display()));
+        }
+        let beside_token = self.token_file.as_ref().and_then(|t| t.parent()).map(|dir| dir.join("pki/ca.crt"));
+        Ok(beside_token.and_then(|path| std::fs::read(path).ok()))
+    }
+
+    /// A channel to the controller: TLS trusting the controller CA for `https://`, plaintext for `http://`.
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        let mut endpoint = Channel::from_shared(self.controller.clone())
+            .with_context(|| format!("{:?} is not a valid controller address", self.controller))?
+            .connect_timeout(std::time::Duration::from_secs(10));
+        if self.controller.starts_with("https://") {
+            let mut tls = tonic::transport::ClientTlsConfig::new();
+            if let Some(ca) = self.ca_pem()? {
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
+            }
+            endpoint = endpoint.tls_config(tls).context("TLS settings for the controller")?;
+        }
+        endpoint.connect().await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the controller at {}: {e}{}",
+                self.controller,
+                if self.ca_file.is_none() { " (for TLS, pass the controller's CA with --ca-file)" } else { "" }
+            )
+        })
     }
 }
 
 /// Runs one alkictl command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Registry clients (push, sign, inspect, gc) are built deep in their modules: they read the CA from here.
+    let _ = CA_ROOTS.set(cli.ca_pem()?);
     match &cli.command {
-        Command::Bundle(BundleCmd::Pack { files, out, name, model_version, license, context, tag }) => {
+        Command::Bundle(BundleCmd::Pack {
+            files,
+            out,
+            name,
+            model_version,
+            license,
+            context,
+            tag,
+            license_file,
+            readme,
+            threads,
+            gpu_layers,
+            chat_template,
+        }) => {
             let opts = pack::PackOptions {
                 files: files.clone(),
                 out: out.clone(),
@@ -217,8 +340,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 context: *context,
                 tag: tag.clone(),
             };
+            let extras = pack::PackExtras {
+                license_file: license_file.clone(),
+                readme: readme.clone(),
+                threads: *threads,
+                gpu_layers: *gpu_layers,
+                chat_template: chat_template.clone(),
+            };
             let bar = progress_bar(cli.output, "packing");
-            let packed = tokio::task::spawn_blocking(move || pack::pack(&opts, &bar)).await??;
+            let packed = tokio::task::spawn_blocking(move || pack::pack_with(&opts, &extras, &bar)).await??;
             print(cli.output, &packed, |p| {
                 let mut t = table(["VARIANT", "QUANT", "ARCH", "PARAMS", "SIZE", "MEMORY", "FILE"]);
                 for v in &p.variants {
@@ -268,7 +398,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(status)?;
             let bundles = bundles.into_inner().bundles;
             print(cli.output, &bundles, |bs| {
-                let mut t = table(["REPOSITORY", "TAGS", "DIGEST", "VARIANTS", "SIZE"]);
+                let mut t = table(["REPOSITORY", "TAGS", "DIGEST", "VARIANTS", "SIZE", "SIGNED"]);
                 for b in bs {
                     let variants: Vec<&str> = b.variants.iter().map(|v| v.quantization.as_str()).collect();
                     t.add_row([
@@ -277,6 +407,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         short(&b.digest),
                         variants.join(","),
                         bytes(b.total_size),
+                        if b.signatures.iter().any(|s| s.verified && s.signed_digest == b.digest) {
+                            "verified".into()
+                        } else if b.signatures.is_empty() {
+                            "no".into()
+                        } else {
+                            "unverified".into()
+                        },
                     ]);
                 }
                 t.to_string()
@@ -310,6 +447,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print(cli.output, &view, |d| serde_json::to_string_pretty(d).unwrap_or_default())
         }
         Command::Rollout(cmd) => rollout::run(&cli, cmd).await,
+        Command::Bench(cmd) => bench::run(&cli, cmd).await,
+        Command::Enroll(cmd) => enroll::run(&cli, cmd).await,
+        Command::Devices(DevicesCmd::Decommission { id }) => enroll::decommission(&cli, id).await,
+        Command::Key(KeyCmd::Generate { output_prefix, force }) => {
+            let password = key::password(true)?;
+            let made = key::generate(output_prefix, &password, *force)?;
+            print(cli.output, &made, |m| {
+                format!(
+                    "private key {} (encrypted), public key {}\nfingerprint {}",
+                    m.private_key.display(),
+                    m.public_key.display(),
+                    m.fingerprint
+                )
+            })
+        }
+        Command::Bundle(BundleCmd::Sign { reference, key: key_file, insecure_plain_http }) => {
+            let (repository, tag) = split_bundle_ref(reference)?;
+            let password = key::password(false)?;
+            let signing_key = key::load(key_file, &password)?;
+            let remote =
+                sign::Remote::with_token(cli.registry.clone(), repository, cli.token()?, *insecure_plain_http);
+            let signed = sign::sign(&remote, &tag, &signing_key).await?;
+            print(cli.output, &signed, |s| {
+                let mut t = table(["SIGNED", "DIGEST", "TAG", "SIGNATURES"]);
+                for d in &s.signatures {
+                    t.add_row([d.what.clone(), short(d.digest.as_str()), d.tag.clone(), d.signatures_at_tag.to_string()]);
+                }
+                format!("{t}\nsigned {} with key {}", s.reference, s.key_fingerprint)
+            })
+        }
+        Command::Bundle(BundleCmd::Inspect { target, keys, insecure_plain_http }) => {
+            let report = inspect::inspect(&cli, target, keys, *insecure_plain_http).await?;
+            print(cli.output, &report, inspect::render)
+        }
         Command::Registry(RegistryCmd::Gc { grace_secs, insecure_plain_http }) => {
             let scheme = if *insecure_plain_http { "http" } else { "https" };
             let grace = grace_secs.map(std::time::Duration::from_secs);
@@ -328,6 +499,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
             })
         }
+        Command::Token(TokenCmd::List) => admin::token_list(&cli).await,
+        Command::Token(TokenCmd::Revoke { token }) => admin::token_revoke(&cli, token).await,
+        Command::Audit(cmd) => admin::audit(&cli, cmd).await,
         Command::Token(TokenCmd::Create { name, role }) => {
             let role = match role {
                 RoleArg::Viewer => proto::Role::Viewer,
@@ -353,6 +527,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print(cli.output, &view, |t| t.token.clone())
         }
     }
+}
+
+/// The controller CA (PEM) for this alkictl run, if one was given or found.
+static CA_ROOTS: std::sync::OnceLock<Option<Vec<u8>>> = std::sync::OnceLock::new();
+
+/// Extra roots for HTTPS to the controller's registry: the controller CA when known.
+pub fn ca_roots() -> Vec<Vec<u8>> {
+    CA_ROOTS.get().cloned().flatten().into_iter().collect()
 }
 
 /// `repo:tag` or `repo@sha256:...` → (repository, tag-or-digest).

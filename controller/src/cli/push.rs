@@ -34,7 +34,11 @@ pub struct Pushed {
 pub fn client(registry: &str, plain_http: bool) -> Client {
     let protocol =
         if plain_http { ClientProtocol::HttpsExcept(vec![registry.to_owned()]) } else { ClientProtocol::Https };
-    Client::new(ClientConfig { protocol, ..Default::default() })
+    let extra_root_certificates = super::ca_roots()
+        .into_iter()
+        .map(|data| oci_client::client::Certificate { encoding: oci_client::client::CertificateEncoding::Pem, data })
+        .collect();
+    Client::new(ClientConfig { protocol, extra_root_certificates, ..Default::default() })
 }
 
 pub async fn push(dir: &Path, target: &PushTarget, progress: &indicatif::ProgressBar) -> anyhow::Result<Pushed> {

@@ -114,6 +114,35 @@ pub struct CreateArgs {
     pub on_class_failure: Option<ClassFailure>,
     #[arg(long, value_enum)]
     pub on_inconclusive: Option<Inconclusive>,
+    /// Lowest acceptable B/A ratio of generation tokens/s per class (e.g. 0.9).
+    #[arg(long)]
+    pub min_tokens_per_second_ratio: Option<f64>,
+    /// Highest acceptable B/A ratio of time to first token per class (e.g. 1.2).
+    #[arg(long)]
+    pub max_ttft_ratio: Option<f64>,
+    /// Which variant of the candidate devices run: their own choice, or the one calibration recommends
+    /// for their hardware class (`alkictl bench calibrate` first).
+    #[arg(long, value_enum)]
+    pub variant_policy: Option<VariantChoice>,
+    /// With --variant-policy recommended: the lowest acceptable quantization, e.g. Q4_K_M.
+    #[arg(long)]
+    pub variant_min_quantization: Option<String>,
+    /// Create the rollout even though the candidate's signature does not verify against the controller's
+    /// trusted keys (agents still apply their own trust policy). Needs --reason; both go in the event log.
+    #[arg(long, requires = "reason")]
+    pub override_signature_check: bool,
+    /// Why the signature check is overridden.
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VariantChoice {
+    /// Each device chooses the best variant that fits it.
+    Device,
+    /// Each hardware class runs the variant its calibration benchmarks recommend.
+    Recommended,
 }
 
 /// A rollout spec file (TOML). Every field is optional; unknown fields are refused.
@@ -127,11 +156,14 @@ pub struct CreateArgs {
 /// max_concurrent = 50
 /// on_class_failure = "halt-class" # or "abort"
 /// on_inconclusive = "hold"        # or "advance"
+/// variant_policy = "recommended" # or "device" (the default)
 /// [gates]
 /// min_devices = 5
 /// min_success_ratio = 0.95
 /// max_failure_ratio = 0.05
 /// max_failures = 3
+/// min_tokens_per_second_ratio = 0.9
+/// max_ttft_ratio = 1.2
 /// [runtime]
 /// context_size = 4096
 /// ```
@@ -151,6 +183,8 @@ pub struct SpecFile {
     pub on_inconclusive: Option<Inconclusive>,
     pub gates: Option<GatesFile>,
     pub runtime: Option<RuntimeFile>,
+    pub variant_policy: Option<VariantChoice>,
+    pub variant_min_quantization: Option<String>,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -223,9 +257,20 @@ pub fn build_spec(args: &CreateArgs) -> anyhow::Result<proto::RolloutSpec> {
         min_success_ratio: args.min_success_ratio.or(g.min_success_ratio),
         max_failure_ratio: args.max_failure_ratio.or(g.max_failure_ratio),
         max_failures: args.max_failures.or(g.max_failures),
-        min_tokens_per_second_ratio: g.min_tokens_per_second_ratio,
-        max_ttft_ratio: g.max_ttft_ratio,
+        min_tokens_per_second_ratio: args.min_tokens_per_second_ratio.or(g.min_tokens_per_second_ratio),
+        max_ttft_ratio: args.max_ttft_ratio.or(g.max_ttft_ratio),
     };
+    let variant_policy = match args.variant_policy.or(file.variant_policy) {
+        Some(VariantChoice::Recommended) => proto::VariantPolicy::RecommendedPerClass,
+        Some(VariantChoice::Device) | None => proto::VariantPolicy::Unspecified,
+    };
+    let variant_min_quantization =
+        args.variant_min_quantization.clone().or(file.variant_min_quantization).unwrap_or_default();
+    if !variant_min_quantization.is_empty()
+        && crate::insight::recommend::quantization_rank(&variant_min_quantization).is_none()
+    {
+        bail!("--variant-min-quantization {variant_min_quantization:?} is not a llama.cpp quantization (e.g. Q4_K_M)");
+    }
     let rt = file.runtime.unwrap_or_default();
     Ok(proto::RolloutSpec {
         repository,
@@ -254,6 +299,8 @@ pub fn build_spec(args: &CreateArgs) -> anyhow::Result<proto::RolloutSpec> {
             factor: r.factor,
             min_soak_seconds: soak,
         }),
+        variant_policy: variant_policy as i32,
+        variant_min_quantization,
         ..Default::default()
     })
 }
@@ -266,7 +313,11 @@ pub async fn run(cli: &Cli, cmd: &RolloutCmd) -> anyhow::Result<()> {
             let created = cli
                 .fleet()
                 .await?
-                .create_rollout(proto::CreateRolloutRequest { spec: Some(spec), ..Default::default() })
+                .create_rollout(proto::CreateRolloutRequest {
+                    spec: Some(spec),
+                    override_signature_check: args.override_signature_check,
+                    override_reason: args.reason.clone().unwrap_or_default(),
+                })
                 .await
                 .map_err(status)?;
             let view = RolloutView::from(&created.into_inner());
@@ -422,6 +473,11 @@ struct ClassView {
     pending: u32,
     success_ratio: f64,
     failure_ratio: f64,
+    /// B/A on the performance gates (0: not measured), and the devices measured on each side.
+    tokens_per_second_ratio: f64,
+    ttft_ratio: f64,
+    a_samples: u32,
+    b_samples: u32,
     reason: String,
 }
 
@@ -476,6 +532,12 @@ impl StatusView {
         if let Some(v) = g.max_failures {
             gates.push(format!("failed devices <= {v}"));
         }
+        if let Some(v) = g.min_tokens_per_second_ratio {
+            gates.push(format!("B/A tokens/s >= {v:.2}"));
+        }
+        if let Some(v) = g.max_ttft_ratio {
+            gates.push(format!("B/A ttft <= {v:.2}"));
+        }
         let policy = if spec.on_class_failure == ClassFailurePolicy::HaltClass as i32 { "halt class" } else { "abort" };
         gates.push(format!("on failure: {policy}"));
         let classes = r
@@ -493,6 +555,10 @@ impl StatusView {
                     pending: n.pending,
                     success_ratio: c.success_ratio,
                     failure_ratio: c.failure_ratio,
+                    tokens_per_second_ratio: c.tokens_per_second_ratio,
+                    ttft_ratio: c.ttft_ratio,
+                    a_samples: c.a_samples,
+                    b_samples: c.b_samples,
                     reason: c.reason.clone(),
                 }
             })
@@ -535,7 +601,20 @@ fn status_text(s: &StatusView) -> String {
         r.message,
         s.gates
     );
-    let mut t = table(["CLASS", "VERDICT", "SELECTED", "B", "ACTIVE", "FAILED", "PENDING", "SUCCESS", "WHY"]);
+    let mut t = table([
+        "CLASS",
+        "VERDICT",
+        "SELECTED",
+        "B",
+        "ACTIVE",
+        "FAILED",
+        "PENDING",
+        "SUCCESS",
+        "B/A TOK/S",
+        "B/A TTFT",
+        "WHY",
+    ]);
+    let ratio = |v: f64| if v > 0.0 { format!("{v:.2}") } else { "-".into() };
     for c in &s.classes {
         t.add_row([
             c.class.clone(),
@@ -546,6 +625,8 @@ fn status_text(s: &StatusView) -> String {
             c.failed.to_string(),
             c.pending.to_string(),
             format!("{:.2}", c.success_ratio),
+            ratio(c.tokens_per_second_ratio),
+            ratio(c.ttft_ratio),
             c.reason.clone(),
         ]);
     }
@@ -592,5 +673,28 @@ context_size = 4096
         std::fs::write(&path, "bundle = \"a/b:c\"\nstepz = [1]\n").expect("write");
         let err = build_spec(&args).expect_err("unknown field");
         assert!(format!("{err:#}").contains("stepz"), "{err:#}");
+    }
+
+    #[test]
+    fn performance_gates_and_the_recommended_variant_policy_come_from_flags_or_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("spec.toml");
+        let file =
+            "bundle = \"acme/qwen:v2\"\nvariant_policy = \"recommended\"\n[gates]\nmin_tokens_per_second_ratio = 0.9\n";
+        std::fs::write(&path, file).expect("write");
+        let args = CreateArgs { file: Some(path.clone()), max_ttft_ratio: Some(1.2), ..Default::default() };
+        let spec = build_spec(&args).expect("spec");
+        assert_eq!(spec.variant_policy, proto::VariantPolicy::RecommendedPerClass as i32);
+        let gates = spec.gates.expect("gates");
+        assert_eq!((gates.min_tokens_per_second_ratio, gates.max_ttft_ratio), (Some(0.9), Some(1.2)));
+
+        let args = CreateArgs {
+            bundle: Some("acme/qwen:v2".into()),
+            variant_policy: Some(VariantChoice::Recommended),
+            variant_min_quantization: Some("Q9_X".into()),
+            ..Default::default()
+        };
+        let err = build_spec(&args).expect_err("unknown quantization");
+        assert!(format!("{err:#}").contains("Q9_X"), "{err:#}");
     }
 }

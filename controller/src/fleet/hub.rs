@@ -52,6 +52,17 @@ impl Hub {
         self.lock().len()
     }
 
+    /// Ids of the devices with an open session.
+    pub fn connected_ids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Ends a device's session (decommissioning): dropping its sender ends the response stream. True when
+    /// one was open.
+    pub fn close(&self, device_id: &str) -> bool {
+        self.lock().remove(device_id).is_some()
+    }
+
     /// Queues a message without waiting. A session whose queue is full is dropped: desired state is
     /// level-based, so the agent gets everything it missed when it reconnects and says Hello.
     pub fn send(&self, device_id: &str, msg: Msg) -> bool {

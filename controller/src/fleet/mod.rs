@@ -18,6 +18,8 @@ pub struct Assignment {
     pub runtime: proto::RuntimeSettings,
     pub rollout_id: String,
     pub cohort: String,
+    /// Variant manifest digest to run; empty: the device chooses.
+    pub variant_digest: String,
 }
 
 /// Devices, their sessions and their desired state. Cheap to clone.
@@ -30,6 +32,10 @@ pub struct Fleet {
     /// Serialises read-modify-write of rollout records between the reconciler and operator verbs.
     /// Never held across an await.
     pub rollouts_lock: Arc<std::sync::Mutex<()>>,
+    /// Telemetry ingestion: counters and the rollup accumulator.
+    pub insight: Arc<crate::insight::Ingest>,
+    /// Counters of the HTTP side (registry traffic), for `/metrics`.
+    pub http: Arc<crate::metrics::HttpCounters>,
 }
 
 impl Fleet {
@@ -39,6 +45,8 @@ impl Fleet {
             hub: Arc::new(Hub::default()),
             changed: Arc::new(Notify::new()),
             rollouts_lock: Arc::new(std::sync::Mutex::new(())),
+            insight: Arc::default(),
+            http: Arc::default(),
         }
     }
 
@@ -55,7 +63,8 @@ impl Fleet {
             let unchanged = d.desired.as_ref() == Some(&assignment.bundle)
                 && d.desired_runtime.as_ref() == Some(&assignment.runtime)
                 && d.rollout_id == assignment.rollout_id
-                && d.cohort == assignment.cohort;
+                && d.cohort == assignment.cohort
+                && d.desired_variant == assignment.variant_digest;
             if unchanged && !force {
                 return None;
             }
@@ -64,6 +73,7 @@ impl Fleet {
             d.desired_runtime = Some(assignment.runtime);
             d.rollout_id = assignment.rollout_id.clone();
             d.cohort = assignment.cohort.clone();
+            d.desired_variant = assignment.variant_digest.clone();
             desired_state(d)
         })?;
         let mut count = 0;
@@ -116,6 +126,7 @@ pub fn desired_state(d: &proto::Device) -> Option<proto::DesiredState> {
         runtime: d.desired_runtime,
         rollout_id: d.rollout_id.clone(),
         cohort: d.cohort.clone(),
+        variant_digest: d.desired_variant.clone(),
         ..Default::default()
     })
 }

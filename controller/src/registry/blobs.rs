@@ -366,40 +366,55 @@ fn log_removal(path: &Path, result: std::io::Result<()>) {
     }
 }
 
-/// Blob reads go out in pieces of this size, the next one read ahead while the current one is sent.
-pub const READ_PIECE: usize = 256 << 10;
+/// Blob reads go out in windows of this size, the next one mapped ahead while the current one is sent.
+pub const READ_WINDOW: usize = 4 << 20;
 
-/// Streams `len` bytes of `file` from its current position: each piece is read on a blocking thread
-/// while the one before it goes to the network, so disk (or page cache) and socket work overlap. At most
-/// two pieces are held at once.
-pub fn read_ahead(file: std::fs::File, len: u64) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> {
+/// Streams `len` bytes of `file` from `start`, one memory-mapped window at a time: each window is mapped
+/// and its pages faulted in on a blocking thread while the one before it goes to the network, so disk (or
+/// page cache) and socket work overlap, and the bytes go from the page cache to the socket with one copy
+/// (a `read` into a buffer would add another). At most two windows are mapped at once, so resident memory
+/// stays flat whatever the blob's size.
+pub fn read_ahead(file: std::fs::File, start: u64, len: u64) -> impl futures::Stream<Item = std::io::Result<Bytes>> {
+    let file = std::sync::Arc::new(file);
     async_stream::try_stream! {
-        let mut remaining = len;
-        let mut next = (remaining > 0).then(|| read_piece(file, remaining));
+        let end = start.saturating_add(len);
+        let mut next = (len > 0).then(|| map_window(file.clone(), start, end));
         while let Some(pending) = next.take() {
-            let (file, piece) = pending.await.map_err(std::io::Error::other)??;
-            if piece.is_empty() {
-                Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "blob file is shorter than its size"))?;
+            let (offset, bytes) = pending.await.map_err(std::io::Error::other)??;
+            let after = offset + bytes.len() as u64;
+            if after < end {
+                next = Some(map_window(file.clone(), after, end));
             }
-            remaining = remaining.saturating_sub(piece.len() as u64);
-            if remaining > 0 {
-                next = Some(read_piece(file, remaining));
-            }
-            yield piece;
+            yield bytes;
         }
     }
 }
 
-fn read_piece(
-    mut file: std::fs::File,
-    remaining: u64,
-) -> tokio::task::JoinHandle<std::io::Result<(std::fs::File, bytes::Bytes)>> {
+/// Maps `[offset, min(offset + READ_WINDOW, end))` of `file` and touches every page, so the async thread
+/// that sends it never waits on the disk.
+fn map_window(
+    file: std::sync::Arc<std::fs::File>,
+    offset: u64,
+    end: u64,
+) -> tokio::task::JoinHandle<std::io::Result<(u64, Bytes)>> {
     tokio::task::spawn_blocking(move || {
-        use std::io::Read as _;
-        let want = remaining.min(READ_PIECE as u64);
-        let mut piece = Vec::with_capacity(want as usize);
-        (&mut file).take(want).read_to_end(&mut piece)?;
-        Ok((file, bytes::Bytes::from(piece)))
+        let want = (end - offset).min(READ_WINDOW as u64) as usize;
+        if file.metadata()?.len() < offset + want as u64 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "blob file is shorter than its size"));
+        }
+        // SAFETY: a mapped file changed underneath us is undefined behaviour (and a truncation is SIGBUS).
+        // Blob files are written under a temporary name, fsynced and renamed into place, and never written
+        // again: the garbage collector only unlinks them, which leaves existing mappings intact.
+        let map = unsafe { memmap2::MmapOptions::new().offset(offset).len(want).map(&*file)? };
+        let _ = map.advise(memmap2::Advice::Sequential);
+        // Touch one byte per page: minor faults here, on a blocking thread, instead of major ones inside
+        // the socket write on an async thread.
+        let mut sum = 0u8;
+        for page in map.chunks(4096) {
+            sum = sum.wrapping_add(page[0]);
+        }
+        std::hint::black_box(sum);
+        Ok((offset, Bytes::from_owner(map)))
     })
 }
 

@@ -205,7 +205,11 @@ impl Registry {
 /// controller's configured grace period. The token must be an admin's. What `alkictl registry gc` runs.
 pub async fn request_gc(base_url: &str, token: Option<&str>, grace: Option<Duration>) -> anyhow::Result<GcReport> {
     let url = format!("{}/api/v1/registry/gc", base_url.trim_end_matches('/'));
-    let client = reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder();
+    for pem in crate::cli::ca_roots() {
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem).context("the controller CA")?);
+    }
+    let client = builder
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(60 * 60))
         .build()

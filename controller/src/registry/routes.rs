@@ -14,7 +14,6 @@ use axum::routing::{any, get, post};
 use futures::StreamExt as _;
 use http::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
 use http::{HeaderMap, HeaderValue, StatusCode};
-use tokio::io::AsyncSeekExt as _;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
@@ -274,7 +273,7 @@ async fn get_blob(
     // A client that finds a blob present may push a manifest referencing it next.
     registry.touch(&digest);
     let path = registry.store.path(&digest);
-    let mut file = match tokio::fs::File::open(&path).await {
+    let file = match tokio::fs::File::open(&path).await {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             tracing::error!(path = %path.display(), "Blob is in the registry index but its file is missing.");
@@ -306,10 +305,7 @@ async fn get_blob(
     if head {
         return respond(status, out, Body::empty());
     }
-    if start > 0 {
-        file.seek(std::io::SeekFrom::Start(start)).await.map_err(|source| RegistryError::Io { path, source })?;
-    }
-    respond(status, out, Body::from_stream(read_ahead(file.into_std().await, len)))
+    respond(status, out, Body::from_stream(read_ahead(file.into_std().await, start, len)))
 }
 
 async fn delete_blob(registry: &Arc<Registry>, name: &str, digest: &str) -> Result<Response, ApiError> {

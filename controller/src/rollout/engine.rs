@@ -23,8 +23,12 @@
 //!   `min_success_ratio`. A class with no B device yet is NOT_SAMPLED (it is judged at a later step; at 100%
 //!   every class is sampled); with devices still converging it is WAITING; settled but under `min_devices`,
 //!   INCONCLUSIVE. Without any failure gate configured, a failed device holds the step for a human.
-//!   Performance gates (tokens/s, time to first token, relative to A) are carried by the spec and reported
-//!   as not yet measured until telemetry reaches the controller.
+//!   Performance gates (generation tokens/s, time to first token, relative to A) use the same comparison
+//!   as `alkictl bench compare` ([`crate::insight::compare`]): per class, B's paired (or median) ratio to A,
+//!   once `min_devices` devices are measured on both sides. A class whose failure gates pass but whose
+//!   active candidate devices have not all reported a measurement yet WAITS for them; with everyone
+//!   measured and still too few samples it is INCONCLUSIVE (the inconclusive policy applies); a ratio
+//!   past its threshold FAILS the class like any other gate.
 //! - **Outcomes per step**: a failing class aborts the rollout, or with `HALT_CLASS` only that class is
 //!   halted (its B devices return to A) while the others continue; if every sampled class is halted the
 //!   rollout aborts. An inconclusive class pauses the rollout for a human (`resume` accepts the step) or,
@@ -44,6 +48,7 @@ use alki_shared::proto::{
 use sha2::{Digest as _, Sha256};
 
 use crate::fleet::selects;
+use crate::insight::compare::{self, Measurements, PerfVerdict};
 
 /// The candidate cohort within a rollout.
 pub const COHORT_CANDIDATE: &str = "B";
@@ -84,6 +89,8 @@ pub struct Facts<'a> {
     pub records: &'a [proto::RolloutDevice],
     /// Ids of the other active rollouts: their devices are left alone.
     pub other_active: &'a HashSet<String>,
+    /// Devices' measurements per bundle, for the performance gates (empty when no gate needs them).
+    pub measurements: &'a Measurements,
 }
 
 /// A device going back to its baseline.
@@ -377,8 +384,29 @@ pub fn decide(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
     let accept_inconclusive = plan.rollout.inconclusive_accepted
         || plan.rollout.promoted
         || spec.on_inconclusive == InconclusivePolicy::Advance as i32;
+    let perf_on = gates.min_tokens_per_second_ratio.is_some() || gates.max_ttft_ratio.is_some();
+    let comparison = if perf_on || !facts.measurements.is_empty() {
+        let current: Vec<proto::RolloutDevice> = records.values().cloned().collect();
+        let c = compare::compare(
+            &plan.rollout,
+            facts.devices,
+            &current,
+            facts.measurements,
+            gates.min_devices.max(1) as usize,
+        );
+        c.classes.into_iter().map(|c| (c.class.clone(), c)).collect()
+    } else {
+        HashMap::new()
+    };
+    let candidate_digest = rollout.candidate.as_ref().map(|c| c.digest.as_str()).unwrap_or_default();
     for status in classes.values_mut() {
-        judge(status, &gates, halted.contains(&status.class));
+        let unmeasured = records
+            .values()
+            .filter(|r| r.class == status.class && outcome_of(r) == DeviceOutcome::Active)
+            .filter(|r| facts.measurements.get(&r.device_id, candidate_digest).is_none())
+            .count() as u32;
+        let perf = Perf { comparison: comparison.get(&status.class), unmeasured };
+        judge(status, &gates, halted.contains(&status.class), &perf);
     }
 
     // Failing classes: halt them or abort.
@@ -448,9 +476,14 @@ pub fn decide(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
     } else if !inconclusive.is_empty() && !accept_inconclusive {
         plan.set_state(RolloutState::Paused);
         plan.rollout.pause_reason = PauseReason::Inconclusive as i32;
+        let reasons: Vec<String> = judged
+            .iter()
+            .filter(|c| c.verdict == GateVerdict::Inconclusive as i32)
+            .map(|c| format!("{}: {}", c.class, c.reason))
+            .collect();
         plan.rollout.message = format!(
-            "step {step_no}: held for a human, too few settled devices in {} (min {}); resume to accept, or abort",
-            inconclusive.join(", "),
+            "step {step_no}: held for a human, inconclusive ({}; min {} devices); resume to accept, or abort",
+            reasons.join("; "),
             gates.min_devices.max(1)
         );
         plan.event(now, "held", plan.rollout.message.clone(), "");
@@ -491,8 +524,15 @@ fn finish_counts(plan: &mut Plan, classes: &BTreeMap<String, proto::ClassStatus>
     plan.rollout.classes = classes.values().cloned().collect();
 }
 
-/// Sets a class's verdict, ratios and reason from its counts and the gates.
-fn judge(status: &mut proto::ClassStatus, gates: &proto::RolloutGates, halted: bool) {
+/// What the performance gates of one class see.
+struct Perf<'a> {
+    comparison: Option<&'a proto::ClassComparison>,
+    /// Active candidate devices with no measurement of the candidate yet.
+    unmeasured: u32,
+}
+
+/// Sets a class's verdict, ratios and reason from its counts, its A/B comparison and the gates.
+fn judge(status: &mut proto::ClassStatus, gates: &proto::RolloutGates, halted: bool, perf: &Perf<'_>) {
     let n = status.counts.unwrap_or_default();
     let settled = n.active + n.failed;
     let min_devices = gates.min_devices.max(1);
@@ -522,8 +562,21 @@ fn judge(status: &mut proto::ClassStatus, gates: &proto::RolloutGates, halted: b
             }
         }
     }
-    if gates.min_tokens_per_second_ratio.is_some() || gates.max_ttft_ratio.is_some() {
-        values.push("performance: not measured yet".into());
+    if let Some(c) = perf.comparison {
+        status.tokens_per_second_ratio = c.generation_tokens_per_second.as_ref().map(|m| m.gate_ratio).unwrap_or(0.0);
+        status.ttft_ratio = c.ttft_ms.as_ref().map(|m| m.gate_ratio).unwrap_or(0.0);
+        status.a_samples = c.a_samples;
+        status.b_samples = c.b_samples;
+    }
+    // Performance is judged once the failure gates had their say and the class's devices settled.
+    let mut perf_unmeasured = None;
+    if failed_gate.is_none() && n.pending == 0 && settled >= min_devices {
+        match compare::judge(perf.comparison, gates) {
+            PerfVerdict::Off => {}
+            PerfVerdict::Pass(v) => values.push(v),
+            PerfVerdict::Fail(why) => failed_gate = Some(why),
+            PerfVerdict::Unmeasured(why) => perf_unmeasured = Some(why),
+        }
     }
     let no_failure_gate =
         gates.max_failures.is_none() && gates.max_failure_ratio.is_none() && gates.min_success_ratio.is_none();
@@ -548,6 +601,15 @@ fn judge(status: &mut proto::ClassStatus, gates: &proto::RolloutGates, halted: b
         )
     } else if settled < min_devices {
         (GateVerdict::Inconclusive, format!("{settled} settled, fewer than min {min_devices}"))
+    } else if let Some(why) = perf_unmeasured {
+        if perf.unmeasured > 0 {
+            (
+                GateVerdict::Waiting,
+                format!("waiting for measurements from {} candidate devices; {why}", perf.unmeasured),
+            )
+        } else {
+            (GateVerdict::Inconclusive, why)
+        }
     } else {
         (GateVerdict::Pass, values.join(", "))
     };

@@ -3,16 +3,17 @@
 pub mod engine;
 pub mod external;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use alki_shared::ids::RolloutId;
-use alki_shared::proto::{self, RolloutState};
+use alki_shared::proto::{self, RolloutState, VariantPolicy};
 
 use crate::fleet::{Assignment, Fleet, selects};
+use crate::insight::compare::Measurements;
 use crate::registry::Registry;
-use crate::store::StoreError;
+use crate::store::{BenchmarkFilter, StoreError};
 
 /// How often the reconciler looks even when nothing woke it (soak timers, deadlines).
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
@@ -242,6 +243,12 @@ fn reconcile_once_with(fleet: &Fleet, now: i64, include_finished: bool) -> Resul
         return Ok(());
     }
     let mut devices = fleet.store.devices()?;
+    // Measurements are read only when a rollout's performance gates need them.
+    let measurements = if considered.iter().any(needs_measurements) {
+        Measurements::from_records(&fleet.store.perf_records()?)
+    } else {
+        Measurements::default()
+    };
     for mut rollout in considered {
         let span = tracing::info_span!("rollout", rollout_id = %rollout.id);
         let _entered = span.enter();
@@ -251,7 +258,12 @@ fn reconcile_once_with(fleet: &Fleet, now: i64, include_finished: bool) -> Resul
         // Zero-soak steps advance several times in one pass; bounded by the number of steps.
         let max_passes = rollout.spec.as_ref().map(|s| s.steps.len()).unwrap_or(0) + 2;
         for _ in 0..max_passes {
-            let facts = engine::Facts { devices: &devices, records: &records, other_active: &others };
+            let facts = engine::Facts {
+                devices: &devices,
+                records: &records,
+                other_active: &others,
+                measurements: &measurements,
+            };
             let plan = engine::decide(&rollout, &facts, now);
             if !plan.changes(&rollout) {
                 break;
@@ -267,6 +279,11 @@ fn reconcile_once_with(fleet: &Fleet, now: i64, include_finished: bool) -> Resul
         }
     }
     Ok(())
+}
+
+fn needs_measurements(r: &proto::Rollout) -> bool {
+    let gates = r.spec.as_ref().and_then(|s| s.gates);
+    is_active(r) && gates.is_some_and(|g| g.min_tokens_per_second_ratio.is_some() || g.max_ttft_ratio.is_some())
 }
 
 fn merge_records(records: &mut Vec<proto::RolloutDevice>, changed: &[proto::RolloutDevice]) {
@@ -303,7 +320,14 @@ fn apply(fleet: &Fleet, before: &proto::Rollout, plan: &engine::Plan, now: i64) 
         runtime: rollout.spec.as_ref().and_then(|s| s.runtime).unwrap_or_default(),
         rollout_id: rollout.id.clone(),
         cohort: engine::COHORT_CANDIDATE.into(),
+        variant_digest: String::new(),
     };
+    let per_class = if plan.to_candidate.is_empty() && plan.retry.is_empty() {
+        HashMap::new()
+    } else {
+        recommended_variants(fleet, &rollout, &to_b)?
+    };
+    let to_b_of = |id: &str| per_class.get(id).unwrap_or(&to_b);
     let to_a: Vec<Assignment> = plan
         .to_baseline
         .iter()
@@ -312,11 +336,12 @@ fn apply(fleet: &Fleet, before: &proto::Rollout, plan: &engine::Plan, now: i64) 
             runtime: r.runtime,
             rollout_id: rollout.id.clone(),
             cohort: engine::COHORT_BASELINE.into(),
+            variant_digest: String::new(),
         })
         .collect();
     let mut moves: Vec<(&str, &Assignment, bool)> = Vec::new();
-    moves.extend(plan.to_candidate.iter().map(|id| (id.as_str(), &to_b, false)));
-    moves.extend(plan.retry.iter().map(|id| (id.as_str(), &to_b, true)));
+    moves.extend(plan.to_candidate.iter().map(|id| (id.as_str(), to_b_of(id), false)));
+    moves.extend(plan.retry.iter().map(|id| (id.as_str(), to_b_of(id), true)));
     moves.extend(plan.to_baseline.iter().zip(&to_a).map(|(r, a)| (r.device_id.as_str(), a, false)));
     let sent = fleet.assign_many(&moves)?;
     if sent > 0 {
@@ -328,6 +353,41 @@ fn apply(fleet: &Fleet, before: &proto::Rollout, plan: &engine::Plan, now: i64) 
         );
     }
     Ok(())
+}
+
+/// Under the "recommended per class" variant policy, the candidate assignment of each device of the
+/// rollout whose class has a calibrated recommendation (device id → assignment naming the variant).
+/// Classes without calibration data keep the device's own choice.
+fn recommended_variants(
+    fleet: &Fleet,
+    rollout: &proto::Rollout,
+    to_b: &Assignment,
+) -> Result<HashMap<String, Assignment>, StoreError> {
+    let Some(spec) = rollout.spec.as_ref().filter(|s| s.variant_policy == VariantPolicy::RecommendedPerClass as i32)
+    else {
+        return Ok(HashMap::new());
+    };
+    let filter = BenchmarkFilter { bundle_digest: to_b.bundle.digest.clone(), ..Default::default() };
+    let results = fleet.store.benchmarks(&filter, usize::MAX)?;
+    let by_class: HashMap<String, String> =
+        match crate::insight::recommend::recommend(&to_b.bundle.digest, &results, &spec.variant_min_quantization) {
+            Ok(recs) => {
+                recs.into_iter().filter(|r| !r.variant_digest.is_empty()).map(|r| (r.class, r.variant_digest)).collect()
+            }
+            Err(error) => {
+                tracing::warn!(%error, "No variant recommendation; devices choose their own variant.");
+                HashMap::new()
+            }
+        };
+    Ok(fleet
+        .store
+        .rollout_devices(&rollout.id)?
+        .into_iter()
+        .filter_map(|r| {
+            let variant = by_class.get(&r.class)?;
+            Some((r.device_id, Assignment { variant_digest: variant.clone(), ..to_b.clone() }))
+        })
+        .collect())
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -5,12 +5,18 @@
 //! fields a newer controller added, so old records keep loading. The registry keeps its own tables in
 //! the same database (see `registry::index`).
 
+pub mod audit;
+pub mod identity;
+
 use std::path::Path;
 use std::sync::Arc;
 
 use alki_shared::proto;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
 use serde::{Serialize, de::DeserializeOwned};
+
+mod telemetry;
+pub use telemetry::{BenchmarkFilter, MAX_ROLLUP_KEYS, PerfRecord, Rollup};
 
 type Table = TableDefinition<'static, &'static str, &'static [u8]>;
 
@@ -49,6 +55,9 @@ pub struct TokenRecord {
     pub name: String,
     pub role: crate::auth::Role,
     pub created_unix_ms: i64,
+    /// Set when an admin revoked the token; the record stays so the audit log's names keep meaning.
+    #[serde(default)]
+    pub revoked_unix_ms: Option<i64>,
 }
 
 /// The controller's durable state.
@@ -63,9 +72,11 @@ impl Store {
         std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Database(redb::StorageError::Io(e).into()))?;
         let db = Database::create(data_dir.join("controller.redb"))?;
         let txn = db.begin_write()?;
-        for table in [DEVICES, ROLLOUTS, TOKENS, ROLLOUT_DEVICES, EVENTS] {
+        for table in [DEVICES, ROLLOUTS, TOKENS, ROLLOUT_DEVICES, EVENTS].into_iter().chain(telemetry::TABLES) {
             txn.open_table(table)?;
         }
+        identity::create_tables(&txn)?;
+        audit::create_tables(&txn)?;
         txn.commit()?;
         Ok(Store { db: Arc::new(db) })
     }
@@ -268,6 +279,29 @@ impl Store {
 
     pub fn put_token(&self, hash_hex: &str, record: &TokenRecord) -> Result<(), StoreError> {
         self.put(TOKENS, hash_hex, record)
+    }
+
+    /// Every token record with the hex SHA-256 it is kept under.
+    pub fn tokens(&self) -> Result<Vec<(String, TokenRecord)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(TOKENS)?;
+        let mut out = Vec::new();
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            out.push((k.value().to_owned(), decode(TOKENS.name().to_owned(), k.value(), v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Marks the token stored under `hash_hex` revoked (keeping the first revocation time) and returns it.
+    pub fn revoke_token(&self, hash_hex: &str, now_unix_ms: i64) -> Result<Option<TokenRecord>, StoreError> {
+        self.update(TOKENS, hash_hex, true, |current: Option<TokenRecord>| match current {
+            None => (None, None),
+            Some(mut record) => {
+                record.revoked_unix_ms.get_or_insert(now_unix_ms);
+                (Some(record.clone()), Some(record))
+            }
+        })
     }
 
     pub fn token_count(&self) -> Result<u64, StoreError> {

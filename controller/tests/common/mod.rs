@@ -93,3 +93,92 @@ impl Harness {
             .expect("put manifest")
     }
 }
+
+/// A whole controller (`alki_controller::serve`) on 127.0.0.1:0 with its defaults: TLS on both listeners with
+/// the CA it generates, device sessions only with a device certificate.
+pub struct SecureController {
+    pub dir: tempfile::TempDir,
+    /// `https://127.0.0.1:<port>`.
+    pub grpc: String,
+    /// `127.0.0.1:<port>` of the HTTPS registry.
+    pub registry: String,
+    pub admin: String,
+    /// The controller CA (PEM).
+    pub ca_pem: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+pub async fn start_secure(configure: impl FnOnce(&mut alki_controller::config::ControllerConfig)) -> SecureController {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+    let (grpc_addr, http_addr) = (grpc.local_addr().expect("addr"), http.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut config = alki_controller::config::ControllerConfig::new(dir.path().to_owned());
+    config.heartbeat_interval = Duration::from_secs(1);
+    configure(&mut config);
+    let task = tokio::spawn(alki_controller::serve(alki_controller::Listeners { grpc, http }, config, async {
+        let _ = stopped.await;
+    }));
+    let token_path = dir.path().join("admin.token");
+    // The admin token is written after the CA: once it is there, both are.
+    let admin = tokio::time::timeout(TEST_TIMEOUT, async {
+        loop {
+            if let Ok(t) = tokio::fs::read_to_string(&token_path).await
+                && !t.trim().is_empty()
+            {
+                return t.trim().to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("admin token written");
+    let ca_pem = std::fs::read_to_string(dir.path().join("pki/ca.crt")).expect("the CA is written on first start");
+    SecureController {
+        dir,
+        grpc: format!("https://{grpc_addr}"),
+        registry: http_addr.to_string(),
+        admin,
+        ca_pem,
+        stop: Some(stop),
+        task,
+    }
+}
+
+impl SecureController {
+    /// A channel over TLS trusting the controller CA, presenting `identity` (cert, key PEM) when given.
+    pub async fn channel(&self, identity: Option<(&str, &str)>) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem));
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        tonic::transport::Channel::from_shared(self.grpc.clone())
+            .expect("url")
+            .tls_config(tls)?
+            .connect()
+            .await
+    }
+
+    /// An HTTPS client for the registry, trusting the controller CA.
+    pub fn https(&self) -> reqwest::Client {
+        let ca = reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).expect("CA");
+        reqwest::Client::builder().add_root_certificate(ca).build().expect("client")
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(TEST_TIMEOUT, &mut self.task).await.expect("shuts down").expect("join").expect("serve ok");
+    }
+}
+
+/// A request carrying `Bearer <token>`.
+pub fn bearer_request<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
+    request
+}

@@ -15,6 +15,11 @@
 //!   SIGKILL stops it.
 //!
 //! `"stream": true` answers are SSE events written one by one, spread over the generation time.
+//!
+//! Completions carry llama-server's `timings` (a prompt token counts one word and takes
+//! `FAKE_LLAMA_PROMPT_US_PER_TOKEN` µs, default 500; a generated token takes `FAKE_LLAMA_TOKEN_MS`, or 0.5 ms
+//! when that is 0), and `/metrics` (with `--metrics`) has the same counters as the real one, so rates
+//! derived from them are exact.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -93,6 +98,8 @@ struct Knobs {
     crash_after: Option<u64>,
     token_ms: u64,
     ignore_sigterm: bool,
+    /// Simulated prompt processing time per prompt token.
+    prompt_us_per_token: u64,
     /// After this many completions the server wedges like llama-server's SIGTERM deadlock: `/health` still
     /// answers 200, `/slots` and completions hang.
     wedge_after: Option<u64>,
@@ -110,6 +117,7 @@ fn knobs(model_header: &[(String, String)]) -> Knobs {
         token_ms: get("FAKE_LLAMA_TOKEN_MS").and_then(|v| v.parse().ok()).unwrap_or(0),
         ignore_sigterm: flag("FAKE_LLAMA_IGNORE_SIGTERM"),
         wedge_after: get("FAKE_LLAMA_WEDGE_AFTER").and_then(|v| v.parse().ok()),
+        prompt_us_per_token: get("FAKE_LLAMA_PROMPT_US_PER_TOKEN").and_then(|v| v.parse().ok()).unwrap_or(500),
     }
 }
 
@@ -133,6 +141,10 @@ struct Fake {
     completions: AtomicU64,
     tokens: AtomicU64,
     requests: AtomicU64,
+    prompt_tokens: AtomicU64,
+    /// Simulated processing times, in microseconds.
+    prompt_us: AtomicU64,
+    predicted_us: AtomicU64,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -165,6 +177,9 @@ async fn main() {
         completions: AtomicU64::new(0),
         tokens: AtomicU64::new(0),
         requests: AtomicU64::new(0),
+        prompt_tokens: AtomicU64::new(0),
+        prompt_us: AtomicU64::new(0),
+        predicted_us: AtomicU64::new(0),
     });
 
     let loader = fake.clone();
@@ -268,19 +283,38 @@ async fn handle(State(fake): State<Arc<Fake>>, request: Request) -> Response {
     }
 }
 
+/// Prompt tokens of a completion request: one per word of `prompt` or of the chat messages' contents.
+fn prompt_tokens(request: &Value) -> u64 {
+    let words = |v: &Value| v.as_str().map(|s| s.split_whitespace().count()).unwrap_or(0);
+    let mut n = words(request.get("prompt").unwrap_or(&Value::Null));
+    if let Some(messages) = request.get("messages").and_then(Value::as_array) {
+        n += messages.iter().map(|m| words(m.get("content").unwrap_or(&Value::Null))).sum::<usize>();
+    }
+    (n as u64).max(1)
+}
+
 fn model_name(fake: &Fake) -> String {
     fake.args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 fn metrics(fake: &Fake) -> Response {
     let tokens = fake.tokens.load(Ordering::Relaxed);
+    let seconds = |us: &AtomicU64| us.load(Ordering::Relaxed) as f64 / 1e6;
     let text = format!(
-        "# TYPE llamacpp:prompt_tokens_total counter\nllamacpp:prompt_tokens_total {p}\n\
+        "# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.\n\
+         # TYPE llamacpp:prompt_tokens_total counter\nllamacpp:prompt_tokens_total {p}\n\
+         # HELP llamacpp:prompt_seconds_total Prompt process time\n\
+         # TYPE llamacpp:prompt_seconds_total counter\nllamacpp:prompt_seconds_total {ps}\n\
+         # HELP llamacpp:tokens_predicted_total Number of generation tokens processed.\n\
          # TYPE llamacpp:tokens_predicted_total counter\nllamacpp:tokens_predicted_total {tokens}\n\
+         # HELP llamacpp:tokens_predicted_seconds_total Predict process time\n\
+         # TYPE llamacpp:tokens_predicted_seconds_total counter\nllamacpp:tokens_predicted_seconds_total {gs}\n\
          # TYPE llamacpp:n_decode_total counter\nllamacpp:n_decode_total {tokens}\n\
          # TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing {busy}\n\
          # TYPE llamacpp:requests_deferred gauge\nllamacpp:requests_deferred 0\n",
-        p = fake.completions.load(Ordering::Relaxed) * 2,
+        p = fake.prompt_tokens.load(Ordering::Relaxed),
+        ps = seconds(&fake.prompt_us),
+        gs = seconds(&fake.predicted_us),
         busy = fake.processing.load(Ordering::SeqCst),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
@@ -314,25 +348,33 @@ async fn completion(fake: &Arc<Fake>, request: &Value, chat: bool) -> Response {
     fake.tokens.fetch_add(n_predict, Ordering::Relaxed);
     let model = fake.args.model.display().to_string();
     let text = format!("fake reply from {model}");
-    let per_second = if fake.knobs.token_ms > 0 { 1000.0 / fake.knobs.token_ms as f64 } else { 1000.0 };
+    let prompt_n = prompt_tokens(request);
+    let prompt_us = prompt_n * fake.knobs.prompt_us_per_token;
+    let token_us = if fake.knobs.token_ms > 0 { fake.knobs.token_ms * 1000 } else { 500 };
+    let predicted_us = token_us * n_predict;
+    fake.prompt_tokens.fetch_add(prompt_n, Ordering::Relaxed);
+    fake.prompt_us.fetch_add(prompt_us, Ordering::Relaxed);
+    fake.predicted_us.fetch_add(predicted_us, Ordering::Relaxed);
+    let per_second = |n: u64, us: u64| if us > 0 { n as f64 * 1e6 / us as f64 } else { 0.0 };
     let timings = json!({
-        "prompt_n": 2, "prompt_ms": 1.0, "prompt_per_second": 2000.0,
-        "predicted_n": n_predict, "predicted_ms": (fake.knobs.token_ms * n_predict) as f64,
-        "predicted_per_second": per_second, "cache_n": 0
+        "prompt_n": prompt_n, "prompt_ms": prompt_us as f64 / 1000.0,
+        "prompt_per_second": per_second(prompt_n, prompt_us),
+        "predicted_n": n_predict, "predicted_ms": predicted_us as f64 / 1000.0,
+        "predicted_per_second": per_second(n_predict, predicted_us), "cache_n": 0
     });
     let created =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
     let name = model_name(fake);
     match (chat, stream) {
         (false, false) => Json(json!({
-            "content": text, "model": model, "tokens_predicted": n_predict, "tokens_evaluated": 2,
+            "content": text, "model": model, "tokens_predicted": n_predict, "tokens_evaluated": prompt_n,
             "stop": true, "stop_type": "limit", "timings": timings
         }))
         .into_response(),
         (true, false) => Json(json!({
             "id": format!("chatcmpl-fake-{served}"), "object": "chat.completion", "created": created, "model": name,
             "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": 2, "completion_tokens": n_predict, "total_tokens": n_predict + 2},
+            "usage": {"prompt_tokens": prompt_n, "completion_tokens": n_predict, "total_tokens": n_predict + prompt_n},
             "timings": timings
         }))
         .into_response(),
@@ -433,6 +475,7 @@ mod tests {
         let k = knobs(&header);
         assert!(k.exit_at_load);
         assert_eq!(k.token_ms, 20);
+        assert_eq!(k.prompt_us_per_token, 500);
         assert!(model_header(b"GGUF\x03\x00\x00\x00").is_empty());
     }
 }

@@ -57,6 +57,24 @@ struct Args {
     /// How long to measure the idle fleet (with --bench).
     #[arg(long, default_value_t = 30)]
     idle_secs: u64,
+    /// Send serving telemetry every this many seconds (0: none).
+    #[arg(long, default_value_t = 0)]
+    telemetry_secs: u64,
+    /// Hardware class on which the candidate is slower ("worse tokens/s in B").
+    #[arg(long)]
+    slow_class: Option<String>,
+    /// The slow class's candidate speed relative to its baseline (e.g. 0.7: 30% slower).
+    #[arg(long, default_value_t = 0.7)]
+    slow_factor: f64,
+    /// The controller's data directory: with --bench, the store's growth over the idle window is reported.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// With --bench, gate the rollout on tokens/s (B >= this ratio × A per class), e.g. 0.9.
+    #[arg(long)]
+    min_tokens_per_second_ratio: Option<f64>,
+    /// REPOSITORY:TAG in the embedded registry every device serves at the start (its baseline A).
+    #[arg(long)]
+    baseline: Option<String>,
 }
 
 #[tokio::main]
@@ -79,7 +97,11 @@ async fn main() -> anyhow::Result<()> {
         .token;
     let classes: Vec<&str> = args.classes.iter().map(String::as_str).collect();
     let (fail, offline) = (args.fail_percent, args.offline_percent);
-    let devices = sim::devices(args.devices, &classes, None, |i, _| {
+    let baseline = match &args.baseline {
+        Some(reference) => Some(resolve(&mut fleet, &admin, reference).await?),
+        None => None,
+    };
+    let mut devices = sim::devices(args.devices, &classes, baseline, |i, _| {
         let slot = i % 100;
         if slot < offline {
             Behaviour::Offline
@@ -89,6 +111,9 @@ async fn main() -> anyhow::Result<()> {
             Behaviour::Success
         }
     });
+    for d in devices.iter_mut().filter(|d| Some(&d.class) == args.slow_class.as_ref()) {
+        d.b_speed = args.slow_factor;
+    }
     let (_address, controller) = tokio::sync::watch::channel(args.controller.clone());
     let config = SimConfig {
         controller,
@@ -96,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
         heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),
         activation: Duration::from_millis(args.activation_ms),
         sessions_per_connection: args.sessions_per_connection,
+        telemetry: (args.telemetry_secs > 0).then(|| Duration::from_secs(args.telemetry_secs)),
     };
     let started = Instant::now();
     let sims = SimFleet::start(config, devices);
@@ -118,10 +144,21 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if let Some(pid) = args.controller_pid {
+        let size0 = args.data_dir.as_deref().map(dir_bytes).transpose()?;
         let (cpu0, t0) = (cpu_ticks(pid)?, Instant::now());
         tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
         let cpu = (cpu_ticks(pid)? - cpu0) as f64 / 100.0;
         let wall = t0.elapsed().as_secs_f64();
+        if let (Some(size0), Some(dir)) = (size0, args.data_dir.as_deref()) {
+            let grown = dir_bytes(dir)? as f64 - size0 as f64;
+            println!(
+                "store: {} MiB now, grew {:.1} MiB over {wall:.0} s with telemetry every {} s => {:.1} MiB/day extrapolated",
+                dir_bytes(dir)? >> 20,
+                grown / (1 << 20) as f64,
+                args.telemetry_secs,
+                grown / wall * 86_400.0 / (1 << 20) as f64
+            );
+        }
         println!(
             "idle: controller CPU {:.1}% of one core over {wall:.0} s with {online} sessions heartbeating every {} s; RSS {} MiB",
             100.0 * cpu / wall,
@@ -137,11 +174,25 @@ async fn main() -> anyhow::Result<()> {
         selector: [("site".to_owned(), "sim".to_owned())].into(),
         steps: args.steps.iter().map(|&percent| proto::RolloutStep { percent, min_soak_seconds: 0 }).collect(),
         on_inconclusive: proto::InconclusivePolicy::Advance as i32,
+        on_class_failure: proto::ClassFailurePolicy::HaltClass as i32,
+        gates: Some(proto::RolloutGates {
+            min_devices: 3,
+            min_tokens_per_second_ratio: args.min_tokens_per_second_ratio,
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let t0 = Instant::now();
     let rollout = fleet
-        .create_rollout(authed(&admin, proto::CreateRolloutRequest { spec: Some(spec), ..Default::default() })?)
+        .create_rollout(authed(
+            &admin,
+            proto::CreateRolloutRequest {
+                spec: Some(spec),
+                // Simulated agents pull nothing; the bench measures the rollout engine, not signing.
+                override_signature_check: true,
+                override_reason: "fleet-sim bench: simulated agents pull nothing".into(),
+            },
+        )?)
         .await
         .context("creating the rollout")?
         .into_inner();
@@ -197,8 +248,74 @@ async fn main() -> anyhow::Result<()> {
     if let Some(pid) = args.controller_pid {
         println!("controller RSS after the rollout: {} MiB", rss_kib(pid)? / 1024);
     }
+    compare_bench(&args, &admin, &done).await?;
     sims.stop().await;
     Ok(())
+}
+
+/// Times the InsightService's A/B comparison of the finished rollout (every device measured on A and B).
+async fn compare_bench(args: &Args, admin: &str, rollout: &proto::Rollout) -> anyhow::Result<()> {
+    let channel = Channel::from_shared(args.controller.clone())?.connect().await.context("connecting")?;
+    let mut insight = proto::insight_service_client::InsightServiceClient::new(channel);
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let c = insight.compare(authed(admin, proto::CompareRequest { rollout_id: rollout.id.clone() })?).await?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        last = Some(c.into_inner());
+    }
+    times.sort_by(f64::total_cmp);
+    let c = last.unwrap_or_default();
+    let b: u32 = c.classes.iter().map(|k| k.b_samples).sum();
+    let paired: u32 = c.classes.iter().map(|k| k.paired).sum();
+    println!(
+        "A/B comparison over {} devices ({b} measured on B, {paired} paired, {} classes): median {:.1} ms, max {:.1} ms over {} calls",
+        args.devices,
+        c.classes.len(),
+        times[times.len() / 2],
+        times[times.len() - 1],
+        times.len()
+    );
+    for k in &c.classes {
+        let ratio = k.generation_tokens_per_second.as_ref().map(|m| m.gate_ratio).unwrap_or(0.0);
+        println!("  {}: tokens/s B/A {ratio:.2} (A {} / B {} devices)", k.class, k.a_samples, k.b_samples);
+    }
+    Ok(())
+}
+
+/// Pins REPOSITORY:TAG of the embedded registry to its digest.
+async fn resolve(
+    fleet: &mut FleetServiceClient<Channel>,
+    admin: &str,
+    reference: &str,
+) -> anyhow::Result<proto::BundleRef> {
+    let (repository, tag) = reference.rsplit_once(':').context("--baseline REPOSITORY:TAG")?;
+    let bundles = fleet
+        .list_bundles(authed(admin, proto::ListBundlesRequest { repository: repository.into() })?)
+        .await?
+        .into_inner()
+        .bundles;
+    let bundle = bundles.into_iter().find(|b| b.tags.iter().any(|t| t == tag)).with_context(|| {
+        format!("--baseline {reference}: no such bundle in the controller's registry; push it first")
+    })?;
+    Ok(proto::BundleRef {
+        registry: String::new(),
+        repository: repository.into(),
+        digest: bundle.digest,
+        tag: tag.into(),
+    })
+}
+
+/// Bytes of the files under a directory.
+fn dir_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() { dir_bytes(&entry.path())? } else { meta.len() };
+    }
+    Ok(total)
 }
 
 fn authed<T>(token: &str, message: T) -> anyhow::Result<tonic::Request<T>> {

@@ -50,6 +50,10 @@ struct Sim {
     failing: HashSet<String>,
     /// Devices that never report (offline).
     offline: HashSet<String>,
+    /// Measurements the devices reported; with `b_speed` set, a device that activates B reports its
+    /// measurement of B at once: its A value times its class's factor.
+    measurements: Measurements,
+    b_speed: HashMap<String, f64>,
 }
 
 impl Sim {
@@ -61,6 +65,8 @@ impl Sim {
             events: Vec::new(),
             failing: HashSet::new(),
             offline: HashSet::new(),
+            measurements: Measurements::default(),
+            b_speed: HashMap::new(),
         }
     }
 
@@ -104,6 +110,15 @@ impl Sim {
                 d.phase = Phase::Active as i32;
                 d.error = None;
                 d.running = d.desired.clone();
+                let running = d.running.as_ref().map(|b| b.digest.clone()).unwrap_or_default();
+                let (a, factor) = (self.measurements.get(&d.id, "sha256:aa"), self.b_speed.get(&d.labels["class"]));
+                if let (true, Some(a), Some(f)) = (to_b, a, factor) {
+                    let b = crate::insight::compare::Measure {
+                        tokens_per_second: a.tokens_per_second.map(|v| v * f),
+                        ttft_ms: a.ttft_ms.map(|v| v / f),
+                    };
+                    self.measurements.insert(&d.id, &running, b);
+                }
             }
         }
         self.rollout = plan.rollout;
@@ -111,7 +126,12 @@ impl Sim {
 
     fn step(&mut self, now: i64) -> Plan {
         let other = HashSet::new();
-        let facts = Facts { devices: &self.devices, records: &self.records, other_active: &other };
+        let facts = Facts {
+            devices: &self.devices,
+            records: &self.records,
+            other_active: &other,
+            measurements: &self.measurements,
+        };
         let plan = decide(&self.rollout, &facts, now);
         self.apply(plan.clone());
         plan
@@ -215,7 +235,12 @@ fn a_failing_candidate_aborts_and_every_b_device_returns_to_exactly_its_a() {
     assert!(sim.events.iter().any(|e| e.kind == "aborted"));
     // Deciding again changes nothing.
     let other = HashSet::new();
-    let facts = Facts { devices: &sim.devices, records: &sim.records, other_active: &other };
+    let facts = Facts {
+        devices: &sim.devices,
+        records: &sim.records,
+        other_active: &other,
+        measurements: &Measurements::default(),
+    };
     assert!(!decide(&sim.rollout, &facts, 200_000).changes(&sim.rollout));
 }
 
@@ -394,12 +419,17 @@ fn devices_in_another_active_rollout_are_left_alone() {
     devices[0].cohort = COHORT_CANDIDATE.into();
     let other = HashSet::from(["ro-other".to_owned()]);
     let r = rollout(&[(100, 0)]);
-    let facts = Facts { devices: &devices, records: &[], other_active: &other };
+    let facts = Facts { devices: &devices, records: &[], other_active: &other, measurements: &Measurements::default() };
     let plan = decide(&r, &facts, 0);
     assert_eq!(plan.to_candidate.len(), 9);
     assert!(!plan.to_candidate.contains(&"d0000".to_owned()));
     // A finished rollout's devices are free again.
-    let facts = Facts { devices: &devices, records: &[], other_active: &HashSet::new() };
+    let facts = Facts {
+        devices: &devices,
+        records: &[],
+        other_active: &HashSet::new(),
+        measurements: &Measurements::default(),
+    };
     assert_eq!(decide(&r, &facts, 0).to_candidate.len(), 10);
 }
 
@@ -467,4 +497,79 @@ proptest! {
             }
         }
     }
+}
+
+/// A fleet whose devices measured A (each a little different), with performance gates on B.
+fn perf_sim(policy: ClassFailurePolicy, b_speed: &[(&str, f64)]) -> Sim {
+    let mut r = gated(&[(20, 0), (50, 0), (100, 0)], policy);
+    if let Some(gates) = r.spec.as_mut().and_then(|s| s.gates.as_mut()) {
+        gates.min_tokens_per_second_ratio = Some(0.9);
+        gates.max_ttft_ratio = Some(1.25);
+    }
+    let mut sim = Sim::new(r, fleet(150, &["pi5", "orin", "x86"]));
+    for (i, d) in sim.devices.iter().enumerate() {
+        let m = crate::insight::compare::Measure {
+            tokens_per_second: Some(10.0 + (i % 7) as f64),
+            ttft_ms: Some(300.0 + (i % 5) as f64),
+        };
+        sim.measurements.insert(&d.id, "sha256:aa", m);
+    }
+    sim.b_speed = b_speed.iter().map(|(c, f)| ((*c).to_owned(), *f)).collect();
+    sim
+}
+
+#[test]
+fn a_class_thirty_percent_slower_fails_the_tokens_gate_and_is_halted() {
+    let mut sim = perf_sim(ClassFailurePolicy::HaltClass, &[("pi5", 0.7), ("orin", 1.0), ("x86", 1.1)]);
+    sim.run(0, 100_000, 1_000);
+    assert_eq!(sim.state(), RolloutState::Completed, "{}", sim.rollout.message);
+    assert_eq!(sim.rollout.halted_classes, vec!["pi5".to_owned()]);
+    let halt = sim.events.iter().find(|e| e.kind == "class_halted").expect("halt event");
+    assert!(halt.message.contains("tokens/s ratio 0.70 < min 0.90"), "{}", halt.message);
+    let x86 = sim.rollout.classes.iter().find(|c| c.class == "x86").expect("x86");
+    assert!((x86.tokens_per_second_ratio - 1.1).abs() < 1e-9, "paired ratio: {}", x86.tokens_per_second_ratio);
+    assert!(x86.ttft_ratio > 0.0 && x86.ttft_ratio < 1.0);
+    assert_eq!(x86.b_samples, 50);
+    for d in &sim.devices {
+        let on_b = d.running.as_ref().is_some_and(|b| b.digest == "sha256:bb");
+        assert_eq!(on_b, d.labels["class"] != "pi5", "{}", d.id);
+    }
+}
+
+#[test]
+fn a_slower_class_aborts_the_rollout_under_the_abort_policy() {
+    let mut sim = perf_sim(ClassFailurePolicy::Abort, &[("pi5", 0.7), ("orin", 1.0), ("x86", 1.0)]);
+    sim.run(0, 100_000, 1_000);
+    assert_eq!(sim.state(), RolloutState::Aborted);
+    assert!(sim.rollout.message.contains("pi5: tokens/s ratio 0.70"), "{}", sim.rollout.message);
+    assert!(sim.in_b().is_empty());
+}
+
+#[test]
+fn performance_gates_wait_for_measurements_and_hold_when_a_is_unmeasured() {
+    // B devices activate but report nothing: the class waits for their measurements.
+    let mut sim = perf_sim(ClassFailurePolicy::Abort, &[]);
+    sim.run(0, 10_000, 1_000);
+    assert_eq!(sim.state(), RolloutState::Progressing);
+    assert_eq!(sim.rollout.current_step, 0);
+    assert!(sim.rollout.message.contains("waiting for measurements"), "{}", sim.rollout.message);
+
+    // Every B device measured, but A never was: inconclusive, held for a human under HOLD.
+    let mut sim = perf_sim(ClassFailurePolicy::Abort, &[("pi5", 1.0), ("orin", 1.0), ("x86", 1.0)]);
+    if let Some(spec) = sim.rollout.spec.as_mut() {
+        spec.on_inconclusive = InconclusivePolicy::Hold as i32;
+    }
+    // Step 1 moves devices to B, which measure it; then A's measurements are lost.
+    sim.run(0, 0, 1_000);
+    let mut fresh = Measurements::default();
+    for d in sim.in_b() {
+        if let Some(b) = sim.measurements.get(&d.id, "sha256:bb") {
+            fresh.insert(&d.id, "sha256:bb", b);
+        }
+    }
+    sim.measurements = fresh;
+    sim.run(1_000, 5_000, 1_000);
+    assert_eq!(sim.state(), RolloutState::Paused, "{}", sim.rollout.message);
+    assert!(sim.rollout.message.contains("inconclusive"), "{}", sim.rollout.message);
+    assert!(sim.rollout.message.contains("not measured on enough devices"), "{}", sim.rollout.message);
 }

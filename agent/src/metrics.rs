@@ -1,0 +1,633 @@
+//! Serving metrics: llama-server's `/metrics` read by the agent (its only scraper; rates come from the
+//! `_total` counters, never from the gauges each scrape resets), the Telemetry message built at each
+//! interval from those and the front proxy's counters, the agent's own counters (activations, pulled bytes,
+//! the last benchmark), and the agent's Prometheus `/metrics` endpoint.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use alki_shared::proto;
+use tokio::sync::{mpsc, watch};
+
+use crate::runtime::proxy::{HistogramSnapshot, LATENCY_BUCKETS_MS};
+use crate::runtime::{HttpClient, Proxy};
+use crate::session::Snapshot;
+
+/// Bound on one scrape of llama-server's `/metrics`.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+
+// ---------------------------------------------------------------------------------------------------------
+// llama-server's /metrics (pure)
+
+/// The counters and gauges of llama-server's `/metrics` the agent uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LlamaCounters {
+    pub prompt_tokens: f64,
+    pub prompt_seconds: f64,
+    pub predicted_tokens: f64,
+    pub predicted_seconds: f64,
+    pub requests_processing: f64,
+    pub requests_deferred: f64,
+}
+
+/// Reads llama-server's Prometheus text; unknown metrics, comments and labels are ignored.
+pub fn parse_llama_metrics(text: &str) -> LlamaCounters {
+    let mut c = LlamaCounters::default();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(name), Some(value)) = (parts.next(), parts.next()) else { continue };
+        let name = name.split('{').next().unwrap_or(name);
+        let Ok(value) = value.parse::<f64>() else { continue };
+        let slot = match name {
+            "llamacpp:prompt_tokens_total" => &mut c.prompt_tokens,
+            "llamacpp:prompt_seconds_total" => &mut c.prompt_seconds,
+            "llamacpp:tokens_predicted_total" => &mut c.predicted_tokens,
+            "llamacpp:tokens_predicted_seconds_total" => &mut c.predicted_seconds,
+            "llamacpp:requests_processing" => &mut c.requests_processing,
+            "llamacpp:requests_deferred" => &mut c.requests_deferred,
+            _ => continue,
+        };
+        *slot = value;
+    }
+    c
+}
+
+/// Prompt and generation speed between two readings of the same instance: tokens over the seconds llama-server
+/// spent on them (what a benchmark measures too, so telemetry and benchmarks compare). 0 when no tokens
+/// were processed in between or the counters went back (a new process).
+pub fn speeds(earlier: &LlamaCounters, now: &LlamaCounters) -> (f64, f64) {
+    let speed = |tokens: f64, seconds: f64| if tokens > 0.0 && seconds > 0.0 { tokens / seconds } else { 0.0 };
+    (
+        speed(now.prompt_tokens - earlier.prompt_tokens, now.prompt_seconds - earlier.prompt_seconds),
+        speed(now.predicted_tokens - earlier.predicted_tokens, now.predicted_seconds - earlier.predicted_seconds),
+    )
+}
+
+/// A proxy histogram in the proto's cumulative-bucket form.
+pub fn histogram_buckets(h: &HistogramSnapshot) -> Vec<proto::HistogramBucket> {
+    h.cumulative
+        .iter()
+        .enumerate()
+        .map(|(i, count)| match LATENCY_BUCKETS_MS.get(i) {
+            Some(le) => proto::HistogramBucket { le_ms: *le, inf: false, count: *count },
+            None => proto::HistogramBucket { le_ms: 0.0, inf: true, count: *count },
+        })
+        .collect()
+}
+
+/// Scrapes llama-server's `/metrics` at `addr`.
+pub async fn scrape_llama(http: &HttpClient, addr: SocketAddr) -> Result<LlamaCounters, String> {
+    match crate::runtime::instance::request(http, addr, "GET", "/metrics", None, SCRAPE_TIMEOUT).await? {
+        (200, body) => Ok(parse_llama_metrics(&String::from_utf8_lossy(&body))),
+        (code, _) => Err(format!("/metrics answered {code}; llama-server must run with --metrics")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The agent's own counters
+
+/// How an activation ended, for `alki_agent_activations_total{outcome}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActivationOutcome {
+    Active,
+    Failed,
+    /// The new model failed within its watch window and the previous one serves again.
+    RolledBack,
+}
+
+impl ActivationOutcome {
+    const ALL: [ActivationOutcome; 3] =
+        [ActivationOutcome::Active, ActivationOutcome::Failed, ActivationOutcome::RolledBack];
+
+    fn label(self) -> &'static str {
+        match self {
+            ActivationOutcome::Active => "active",
+            ActivationOutcome::Failed => "failed",
+            ActivationOutcome::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// Counters and the latest readings shared by the device loop, the session, the benchmark task and the
+/// `/metrics` endpoint.
+#[derive(Debug, Default)]
+pub struct AgentMetrics {
+    activations: [AtomicU64; 3],
+    pull_bytes: AtomicU64,
+    telemetry_sent: AtomicU64,
+    last_benchmark: Mutex<Option<proto::BenchmarkResult>>,
+    /// The last telemetry built (speeds, temperature, throttling), for the gauges.
+    last_telemetry: Mutex<Option<proto::Telemetry>>,
+}
+
+impl AgentMetrics {
+    pub fn activation(&self, outcome: ActivationOutcome) {
+        let index = ActivationOutcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+        self.activations[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn activations(&self, outcome: ActivationOutcome) -> u64 {
+        let index = ActivationOutcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+        self.activations[index].load(Ordering::Relaxed)
+    }
+
+    /// Bytes a pull fetched from a registry (not those already stored).
+    pub fn pulled(&self, bytes: u64) {
+        self.pull_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn set_last_benchmark(&self, result: proto::BenchmarkResult) {
+        *self.last_benchmark.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
+    }
+
+    pub fn last_benchmark(&self) -> Option<proto::BenchmarkResult> {
+        self.last_benchmark.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn set_last_telemetry(&self, t: &proto::Telemetry) {
+        self.telemetry_sent.fetch_add(1, Ordering::Relaxed);
+        *self.last_telemetry.lock().unwrap_or_else(PoisonError::into_inner) = Some(t.clone());
+    }
+}
+
+/// What the device loop reports to the metrics and the benchmark task.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceHooks {
+    pub metrics: Arc<AgentMetrics>,
+    /// Benchmarks after every activation; None turns them off.
+    pub bench: Option<crate::bench::Jobs>,
+}
+
+impl DeviceHooks {
+    /// An activation ended: count it, and benchmark the new model when it is active.
+    pub fn activation(&self, outcome: ActivationOutcome) {
+        self.metrics.activation(outcome);
+        if outcome == ActivationOutcome::Active
+            && let Some(jobs) = &self.bench
+            && !jobs.offer(crate::bench::Job::Activation)
+        {
+            tracing::info!("Benchmarks are queued already; this activation is not benchmarked.");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Telemetry
+
+/// Builds Telemetry at each interval, remembering the previous llama-server reading and throttle sample.
+#[derive(Debug)]
+pub struct TelemetryCollector {
+    http: HttpClient,
+    /// The platform files' root (`/`; a fixture tree in tests).
+    root: PathBuf,
+    previous: Option<(SocketAddr, LlamaCounters)>,
+    throttle: Option<crate::inventory::ThrottleSample>,
+}
+
+impl TelemetryCollector {
+    pub fn new(http: HttpClient) -> TelemetryCollector {
+        TelemetryCollector { http, root: PathBuf::from("/"), previous: None, throttle: None }
+    }
+
+    /// The Telemetry message for the interval that ends now.
+    pub async fn collect(
+        &mut self,
+        proxy: &Proxy,
+        snapshot: &Snapshot,
+        metrics: &AgentMetrics,
+        interval: Duration,
+    ) -> proto::Telemetry {
+        let root = self.root.clone();
+        let node = tokio::task::spawn_blocking(move || {
+            (
+                crate::inventory::memory_available(),
+                crate::inventory::read_temperatures(&root),
+                crate::inventory::read_throttle(&root),
+            )
+        })
+        .await;
+        let (memory, temperatures, throttle) = node.unwrap_or_default();
+        let throttled = self.throttle.map(|before| throttle.throttled_since(&before)).unwrap_or(throttle.now);
+        self.throttle = Some(throttle);
+        let mut t = proto::Telemetry {
+            at_unix_ms: crate::bench::now_unix_ms(),
+            memory_available_bytes: memory,
+            max_temperature_celsius: crate::inventory::max_temperature(&temperatures).unwrap_or_default(),
+            throttled,
+            interval_seconds: u32::try_from(interval.as_secs()).unwrap_or(u32::MAX),
+            ..Default::default()
+        };
+        if let Some(upstream) = proxy.current() {
+            let stats = proxy.stats().filter(|s| s.bundle_digest == upstream.bundle_digest());
+            if let Some(stats) = stats {
+                t.requests_total = stats.requests_total;
+                t.request_errors_total = stats.request_errors_total;
+                t.latency_buckets = histogram_buckets(&stats.latency);
+                t.latency_sum_ms = stats.latency.sum_ms;
+            }
+            t.bundle_digest = upstream.bundle_digest().to_owned();
+            if snapshot.running.as_ref().is_some_and(|r| r.digest == t.bundle_digest) {
+                t.variant_digest = snapshot.variant_digest.clone();
+            }
+            t.ttft_ms = crate::bench::median(&proxy.take_ttft_samples(upstream.bundle_digest())).unwrap_or_default();
+            match scrape_llama(&self.http, upstream.addr()).await {
+                Ok(now) => {
+                    t.prompt_tokens_total = now.prompt_tokens as u64;
+                    t.generated_tokens_total = now.predicted_tokens as u64;
+                    let earlier = match self.previous {
+                        Some((addr, earlier)) if addr == upstream.addr() => earlier,
+                        // A new instance: its counters started at zero.
+                        _ => LlamaCounters::default(),
+                    };
+                    (t.prompt_tokens_per_second, t.generation_tokens_per_second) = speeds(&earlier, &now);
+                    self.previous = Some((upstream.addr(), now));
+                }
+                Err(e) => tracing::debug!(error = %e, "Cannot read llama-server's metrics."),
+            }
+        }
+        metrics.set_last_telemetry(&t);
+        t
+    }
+}
+
+/// What the session needs for telemetry and commands; built by [`crate::Agent::run`].
+pub struct SessionTelemetry {
+    pub collector: TelemetryCollector,
+    pub metrics: Arc<AgentMetrics>,
+    /// The benchmark queue, for controller commands; None when benchmarks are off.
+    pub bench: Option<crate::bench::Jobs>,
+    /// Benchmark reports to send up.
+    pub reports: mpsc::Receiver<proto::BenchmarkReport>,
+}
+
+/// A controller command as a benchmark job; an immediate report when it cannot be queued.
+pub fn command_job(
+    bench: Option<&crate::bench::Jobs>,
+    command: proto::Command,
+) -> Result<(), proto::BenchmarkReport> {
+    let refuse = |error: &str| proto::BenchmarkReport {
+        command_id: command.id.clone(),
+        results: Vec::new(),
+        error: error.to_owned(),
+    };
+    let job = match &command.kind {
+        Some(proto::command::Kind::RunBenchmark(r)) => {
+            crate::bench::Job::OnDemand { command_id: command.id.clone(), repetitions: r.repetitions }
+        }
+        Some(proto::command::Kind::Calibrate(c)) => crate::bench::Job::Calibrate {
+            command_id: command.id.clone(),
+            bundle: c.bundle.clone(),
+            repetitions: c.repetitions,
+        },
+        None => return Err(refuse("this agent does not know the command; upgrade the agent")),
+    };
+    let Some(bench) = bench else { return Err(refuse("benchmarks are turned off on this device")) };
+    if bench.offer(job) {
+        Ok(())
+    } else {
+        Err(refuse("the device is busy with other benchmarks; send the command again later"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Prometheus endpoint
+
+/// What the `/metrics` endpoint reads.
+#[derive(Clone)]
+pub struct MetricsState {
+    pub proxy: Arc<Proxy>,
+    pub snapshot: watch::Receiver<Snapshot>,
+    pub metrics: Arc<AgentMetrics>,
+    pub http: HttpClient,
+}
+
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, bundle: &str, h: &HistogramSnapshot) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (i, count) in h.cumulative.iter().enumerate() {
+        let le = LATENCY_BUCKETS_MS.get(i).map(|ms| format!("{}", ms / 1000.0)).unwrap_or_else(|| "+Inf".to_owned());
+        let _ = writeln!(out, "{name}_bucket{{bundle=\"{bundle}\",le=\"{le}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_sum{{bundle=\"{bundle}\"}} {}", h.sum_ms / 1000.0);
+    let _ = writeln!(out, "{name}_count{{bundle=\"{bundle}\"}} {}", h.count());
+}
+
+/// The Prometheus text exposition of the agent's metrics. `llama`: llama-server's counters read now.
+pub fn render(state: &MetricsState, llama: Option<LlamaCounters>) -> String {
+    let mut out = String::new();
+    let all = state.proxy.all_stats();
+    let mut family = |name: &str, kind: &str, help: &str, lines: Vec<String>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for line in lines {
+            let _ = writeln!(out, "{name}{line}");
+        }
+    };
+    family(
+        "alki_agent_requests_total",
+        "counter",
+        "Requests forwarded by the front proxy, per bundle.",
+        all.iter().map(|s| format!("{{bundle=\"{}\"}} {}", escape(&s.bundle_digest), s.requests_total)).collect(),
+    );
+    family(
+        "alki_agent_request_errors_total",
+        "counter",
+        "Forwarded requests that failed (5xx, upstream unreachable or timed out), per bundle.",
+        all.iter().map(|s| format!("{{bundle=\"{}\"}} {}", escape(&s.bundle_digest), s.request_errors_total)).collect(),
+    );
+    family(
+        "alki_agent_requests_unserved_total",
+        "counter",
+        "Requests answered 503 because no model was served.",
+        vec![format!(" {}", state.proxy.unserved_total())],
+    );
+    family(
+        "alki_agent_requests_in_flight",
+        "gauge",
+        "Requests in flight to the serving llama-server.",
+        vec![format!(" {}", state.proxy.in_flight())],
+    );
+    let m = &state.metrics;
+    family(
+        "alki_agent_activations_total",
+        "counter",
+        "Activations of desired states, by outcome.",
+        ActivationOutcome::ALL
+            .iter()
+            .map(|o| format!("{{outcome=\"{}\"}} {}", o.label(), m.activations(*o)))
+            .collect(),
+    );
+    family(
+        "alki_agent_pull_bytes_total",
+        "counter",
+        "Bytes fetched from registries by bundle pulls.",
+        vec![format!(" {}", m.pull_bytes.load(Ordering::Relaxed))],
+    );
+    family(
+        "alki_agent_telemetry_reports_total",
+        "counter",
+        "Telemetry messages built for the controller.",
+        vec![format!(" {}", m.telemetry_sent.load(Ordering::Relaxed))],
+    );
+    let snapshot = state.snapshot.borrow().clone();
+    let serving = state.proxy.current();
+    let bundle = serving.as_ref().map(|u| escape(u.bundle_digest())).unwrap_or_default();
+    let info = match (&snapshot.running, &serving) {
+        (Some(r), Some(_)) => vec![format!(
+            "{{bundle=\"{}\",repository=\"{}\",tag=\"{}\",variant=\"{}\"}} 1",
+            escape(&r.digest),
+            escape(&r.repository),
+            escape(&r.tag),
+            escape(&snapshot.variant_digest)
+        )],
+        (None, Some(u)) => vec![format!("{{bundle=\"{}\",repository=\"\",tag=\"\",variant=\"\"}} 1", escape(u.bundle_digest()))],
+        _ => Vec::new(),
+    };
+    family("alki_agent_bundle_info", "gauge", "The bundle served now (value 1).", info);
+    if let Some(c) = llama.filter(|_| serving.is_some()) {
+        let line = |v: f64| vec![format!("{{bundle=\"{bundle}\"}} {v}")];
+        family(
+            "alki_agent_prompt_tokens_total",
+            "counter",
+            "Prompt tokens processed by the serving llama-server since it started.",
+            line(c.prompt_tokens),
+        );
+        family(
+            "alki_agent_prompt_seconds_total",
+            "counter",
+            "Seconds the serving llama-server spent processing prompts.",
+            line(c.prompt_seconds),
+        );
+        family(
+            "alki_agent_generated_tokens_total",
+            "counter",
+            "Tokens generated by the serving llama-server since it started.",
+            line(c.predicted_tokens),
+        );
+        family(
+            "alki_agent_generation_seconds_total",
+            "counter",
+            "Seconds the serving llama-server spent generating.",
+            line(c.predicted_seconds),
+        );
+        family(
+            "alki_agent_llama_requests_processing",
+            "gauge",
+            "Requests llama-server is processing.",
+            line(c.requests_processing),
+        );
+        family(
+            "alki_agent_llama_requests_deferred",
+            "gauge",
+            "Requests llama-server has deferred (all slots busy).",
+            line(c.requests_deferred),
+        );
+    }
+    let last = m.last_telemetry.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    if let Some(t) = last {
+        let bundle = escape(&t.bundle_digest);
+        family(
+            "alki_agent_generation_tokens_per_second",
+            "gauge",
+            "Generation speed over the last telemetry interval (0 when idle).",
+            vec![format!("{{bundle=\"{bundle}\"}} {}", t.generation_tokens_per_second)],
+        );
+        family(
+            "alki_agent_prompt_tokens_per_second",
+            "gauge",
+            "Prompt processing speed over the last telemetry interval (0 when idle).",
+            vec![format!("{{bundle=\"{bundle}\"}} {}", t.prompt_tokens_per_second)],
+        );
+        family(
+            "alki_agent_memory_available_bytes",
+            "gauge",
+            "Memory available at the last telemetry interval.",
+            vec![format!(" {}", t.memory_available_bytes)],
+        );
+        family(
+            "alki_agent_temperature_max_celsius",
+            "gauge",
+            "The hottest sensor at the last telemetry interval.",
+            vec![format!(" {}", t.max_temperature_celsius)],
+        );
+        family(
+            "alki_agent_throttled",
+            "gauge",
+            "1 when the CPU throttled during the last telemetry interval.",
+            vec![format!(" {}", u8::from(t.throttled))],
+        );
+    }
+    if let Some(b) = m.last_benchmark() {
+        let labels = format!(
+            "{{bundle=\"{}\",variant=\"{}\",prompt_set=\"{}\"}}",
+            escape(&b.bundle.as_ref().map(|r| r.digest.as_str()).unwrap_or_default()),
+            escape(&b.variant_digest),
+            escape(&b.prompt_set)
+        );
+        let median = |s: &Option<proto::Stat>| s.as_ref().map(|s| s.median).unwrap_or_default();
+        family(
+            "alki_agent_benchmark_generation_tokens_per_second",
+            "gauge",
+            "Median generation speed of the last local benchmark.",
+            vec![format!("{labels} {}", median(&b.generation_tokens_per_second))],
+        );
+        family(
+            "alki_agent_benchmark_prompt_tokens_per_second",
+            "gauge",
+            "Median prompt processing speed of the last local benchmark.",
+            vec![format!("{labels} {}", median(&b.prompt_tokens_per_second))],
+        );
+        family(
+            "alki_agent_benchmark_ttft_seconds",
+            "gauge",
+            "Median time to first token of the last local benchmark.",
+            vec![format!("{labels} {}", median(&b.ttft_ms) / 1000.0)],
+        );
+        family(
+            "alki_agent_benchmark_peak_rss_bytes",
+            "gauge",
+            "Peak resident memory of llama-server during the last local benchmark.",
+            vec![format!("{labels} {}", b.peak_rss_bytes)],
+        );
+    }
+    for s in &all {
+        let bundle = escape(&s.bundle_digest);
+        histogram(
+            &mut out,
+            "alki_agent_request_duration_seconds",
+            "Request latency through the front proxy, to the end of the response.",
+            &bundle,
+            &s.latency,
+        );
+    }
+    for s in &all {
+        let bundle = escape(&s.bundle_digest);
+        histogram(
+            &mut out,
+            "alki_agent_time_to_first_token_seconds",
+            "Time to the first bytes of streamed responses through the front proxy.",
+            &bundle,
+            &s.ttft,
+        );
+    }
+    out
+}
+
+async fn metrics_handler(axum::extract::State(state): axum::extract::State<MetricsState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let llama = match state.proxy.current() {
+        Some(u) => scrape_llama(&state.http, u.addr()).await.ok(),
+        None => None,
+    };
+    let body = render(&state, llama);
+    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` turns true.
+pub async fn serve(listener: tokio::net::TcpListener, state: MetricsState, mut shutdown: watch::Receiver<bool>) {
+    let router = axum::Router::new().route("/metrics", axum::routing::get(metrics_handler)).with_state(state);
+    let graceful = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(graceful).await {
+        tracing::error!(error = %e, "The metrics server failed.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What llama-server (build 11434) answers on `/metrics` with `--metrics`.
+    const LLAMA_METRICS: &str = "\
+# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.
+# TYPE llamacpp:prompt_tokens_total counter
+llamacpp:prompt_tokens_total 1532
+# HELP llamacpp:prompt_seconds_total Prompt process time
+# TYPE llamacpp:prompt_seconds_total counter
+llamacpp:prompt_seconds_total 0.766
+# HELP llamacpp:tokens_predicted_total Number of generation tokens processed.
+# TYPE llamacpp:tokens_predicted_total counter
+llamacpp:tokens_predicted_total 4096
+# HELP llamacpp:tokens_predicted_seconds_total Predict process time
+# TYPE llamacpp:tokens_predicted_seconds_total counter
+llamacpp:tokens_predicted_seconds_total 2.048
+# HELP llamacpp:n_decode_total Total number of llama_decode() calls
+# TYPE llamacpp:n_decode_total counter
+llamacpp:n_decode_total 4128
+# HELP llamacpp:n_busy_slots_per_decode Average number of busy slots per llama_decode() call
+# TYPE llamacpp:n_busy_slots_per_decode counter
+llamacpp:n_busy_slots_per_decode 1
+# HELP llamacpp:prompt_tokens_seconds Average prompt throughput in tokens/s.
+# TYPE llamacpp:prompt_tokens_seconds gauge
+llamacpp:prompt_tokens_seconds 2000
+# HELP llamacpp:predicted_tokens_seconds Average generation throughput in tokens/s.
+# TYPE llamacpp:predicted_tokens_seconds gauge
+llamacpp:predicted_tokens_seconds 2000
+# HELP llamacpp:requests_processing Number of requests processing.
+# TYPE llamacpp:requests_processing gauge
+llamacpp:requests_processing 1
+# HELP llamacpp:requests_deferred Number of requests deferred.
+# TYPE llamacpp:requests_deferred gauge
+llamacpp:requests_deferred 0
+";
+
+    #[test]
+    fn llama_metrics_are_parsed() {
+        let c = parse_llama_metrics(LLAMA_METRICS);
+        assert_eq!(c.prompt_tokens, 1532.0);
+        assert_eq!(c.prompt_seconds, 0.766);
+        assert_eq!(c.predicted_tokens, 4096.0);
+        assert_eq!(c.predicted_seconds, 2.048);
+        assert_eq!(c.requests_processing, 1.0);
+        assert_eq!(parse_llama_metrics("garbage\nllamacpp:prompt_tokens_total x\n"), LlamaCounters::default());
+        assert_eq!(parse_llama_metrics("llamacpp:prompt_tokens_total{slot=\"0\"} 5").prompt_tokens, 5.0);
+    }
+
+    #[test]
+    fn speeds_come_from_counter_deltas() {
+        let earlier = parse_llama_metrics(LLAMA_METRICS);
+        let now = LlamaCounters {
+            prompt_tokens: earlier.prompt_tokens + 100.0,
+            prompt_seconds: earlier.prompt_seconds + 0.5,
+            predicted_tokens: earlier.predicted_tokens + 64.0,
+            predicted_seconds: earlier.predicted_seconds + 2.0,
+            ..earlier
+        };
+        assert_eq!(speeds(&earlier, &now), (200.0, 32.0));
+        assert_eq!(speeds(&now, &now), (0.0, 0.0), "idle: no speed");
+        assert_eq!(speeds(&now, &LlamaCounters::default()), (0.0, 0.0), "a restarted process is not negative speed");
+    }
+
+    #[test]
+    fn histogram_buckets_end_with_inf() {
+        let h = HistogramSnapshot { cumulative: vec![1; LATENCY_BUCKETS_MS.len() + 1], sum_ms: 3.0 };
+        let buckets = histogram_buckets(&h);
+        assert_eq!(buckets.len(), LATENCY_BUCKETS_MS.len() + 1);
+        assert_eq!(buckets[0].le_ms, LATENCY_BUCKETS_MS[0]);
+        assert!(buckets.last().is_some_and(|b| b.inf && b.le_ms == 0.0));
+    }
+
+    #[test]
+    fn commands_become_jobs_or_refusals() {
+        let run = proto::Command {
+            id: "c1".into(),
+            kind: Some(proto::command::Kind::RunBenchmark(proto::RunBenchmark { repetitions: 2 })),
+        };
+        let refused = command_job(None, run).expect_err("benchmarks off");
+        assert_eq!(refused.command_id, "c1");
+        assert!(refused.error.contains("turned off"));
+        let unknown = command_job(None, proto::Command { id: "c2".into(), kind: None }).expect_err("unknown");
+        assert!(unknown.error.contains("upgrade"));
+    }
+}

@@ -1,0 +1,293 @@
+//! The dashboards' HTTP API: the FleetService and InsightService data as JSON under `/api/v1/`, its
+//! OpenAPI document at `/api/v1/openapi.json`, and Prometheus metrics at `/metrics`. Every route needs a
+//! token of role viewer (or above), checked by the same [`Authenticator`] as gRPC. Thin: handlers
+//! authenticate, parse the query, and call `fleet`, `insight::queries` and `metrics`.
+//!
+//! JSON bodies are the wire contract's messages as serde writes them (enums as their numbers, as in the
+//! proto), so a dashboard reads exactly what a gRPC client would.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use alki_shared::proto;
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+
+use crate::auth::{Action, AuthError, Authenticator};
+use crate::fleet::Fleet;
+use crate::insight::queries::{self, QueryError};
+use crate::registry::Registry;
+use crate::store::BenchmarkFilter;
+
+/// Every route this module serves (axum path syntax), in the order the OpenAPI document lists them.
+pub const ROUTES: &[&str] = &[
+    "/api/v1/devices",
+    "/api/v1/devices/{id}",
+    "/api/v1/rollouts",
+    "/api/v1/rollouts/{id}",
+    "/api/v1/bundles",
+    "/api/v1/compare",
+    "/api/v1/benchmarks",
+    "/api/v1/recommend",
+    "/api/v1/openapi.json",
+    "/metrics",
+];
+
+#[derive(Clone)]
+pub struct DashboardState {
+    pub fleet: Fleet,
+    pub auth: Authenticator,
+    pub registry: Arc<Registry>,
+    /// Keys bundle signatures are checked against when listing bundles (as FleetService.ListBundles does).
+    pub trusted_keys: Arc<[alki_shared::signing::PublicKey]>,
+}
+
+pub fn router(state: DashboardState) -> Router {
+    Router::new()
+        .route("/api/v1/devices", get(devices))
+        .route("/api/v1/devices/{id}", get(device))
+        .route("/api/v1/rollouts", get(rollouts))
+        .route("/api/v1/rollouts/{id}", get(rollout))
+        .route("/api/v1/bundles", get(bundles))
+        .route("/api/v1/compare", get(compare))
+        .route("/api/v1/benchmarks", get(benchmarks))
+        .route("/api/v1/recommend", get(recommend))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// An error as JSON: `{"error": "..."}` with a status that says whose fault it is.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl ApiError {
+    fn internal(error: impl std::fmt::Display) -> ApiError {
+        tracing::error!(%error, "Dashboard request failed inside the controller.");
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the controller failed to handle the request; its log says why".into(),
+        )
+    }
+}
+
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> ApiError {
+        match e {
+            QueryError::RolloutNotFound(_) | QueryError::DeviceNotFound(_) => {
+                ApiError(StatusCode::NOT_FOUND, e.to_string())
+            }
+            QueryError::NoTargets | QueryError::Recommend(_) => ApiError(StatusCode::BAD_REQUEST, e.to_string()),
+            QueryError::Store(e) => ApiError::internal(e),
+        }
+    }
+}
+
+fn authorize(state: &DashboardState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match state.auth.authorize(header, Action::ReadFleet) {
+        Ok(_) => Ok(()),
+        Err(e @ (AuthError::Missing | AuthError::Invalid)) => Err(ApiError(StatusCode::UNAUTHORIZED, e.to_string())),
+        Err(e @ AuthError::Forbidden { .. }) => Err(ApiError(StatusCode::FORBIDDEN, e.to_string())),
+        Err(AuthError::Store(e)) => Err(ApiError::internal(e)),
+        #[allow(unreachable_patterns)]
+        Err(e) => Err(ApiError(StatusCode::FORBIDDEN, e.to_string())),
+    }
+}
+
+/// Runs blocking store work off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)?
+}
+
+/// `selector=k=v,k2=v2` → labels.
+fn parse_selector(s: Option<&str>) -> Result<HashMap<String, String>, ApiError> {
+    let mut out = HashMap::new();
+    for pair in s.unwrap_or_default().split(',').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some((k, v)) if !k.is_empty() => {
+                out.insert(k.to_owned(), v.to_owned());
+            }
+            _ => return Err(ApiError(StatusCode::BAD_REQUEST, format!("selector {pair:?} is not key=value"))),
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevicesQuery {
+    selector: Option<String>,
+}
+
+async fn devices(
+    State(state): State<DashboardState>,
+    headers: HeaderMap,
+    Query(q): Query<DevicesQuery>,
+) -> Result<Json<proto::ListDevicesResponse>, ApiError> {
+    authorize(&state, &headers)?;
+    let selector = parse_selector(q.selector.as_deref())?;
+    let fleet = state.fleet.clone();
+    let devices = blocking(move || fleet.devices(&selector).map_err(ApiError::internal)).await?;
+    Ok(Json(proto::ListDevicesResponse { devices }))
+}
+
+async fn device(
+    State(state): State<DashboardState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<proto::Device>, ApiError> {
+    authorize(&state, &headers)?;
+    let fleet = state.fleet.clone();
+    let found = blocking(move || {
+        let d = fleet.device(&id).map_err(ApiError::internal)?;
+        d.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("device {id:?} is not known to this controller")))
+    })
+    .await?;
+    Ok(Json(found))
+}
+
+async fn rollouts(
+    State(state): State<DashboardState>,
+    headers: HeaderMap,
+) -> Result<Json<proto::ListRolloutsResponse>, ApiError> {
+    authorize(&state, &headers)?;
+    let fleet = state.fleet.clone();
+    let rollouts = blocking(move || fleet.store.rollouts().map_err(ApiError::internal)).await?;
+    Ok(Json(proto::ListRolloutsResponse { rollouts }))
+}
+
+async fn rollout(
+    State(state): State<DashboardState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<proto::Rollout>, ApiError> {
+    authorize(&state, &headers)?;
+    let fleet = state.fleet.clone();
+    let found = blocking(move || {
+        let r = fleet.store.rollout(&id).map_err(ApiError::internal)?;
+        r.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("rollout {id:?} does not exist")))
+    })
+    .await?;
+    Ok(Json(found))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BundlesQuery {
+    repository: Option<String>,
+}
+
+async fn bundles(
+    State(state): State<DashboardState>,
+    headers: HeaderMap,
+    Query(q): Query<BundlesQuery>,
+) -> Result<Json<proto::ListBundlesResponse>, ApiError> {
+    authorize(&state, &headers)?;
+    let (registry, keys) = (state.registry.clone(), state.trusted_keys.clone());
+    let bundles = blocking(move || {
+        let repository = q.repository.as_deref().filter(|r| !r.is_empty());
+        let entries = registry.manifests(repository).map_err(ApiError::internal)?;
+        Ok(super::fleet::bundles_from(&registry, &entries, &keys))
+    })
+    .await?;
+    Ok(Json(proto::ListBundlesResponse { bundles }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompareQuery {
+    rollout: Option<String>,
+}
+
+async fn compare(
+    State(state): State<DashboardState>,
+    headers: HeaderMap,
+    Query(q): Query<CompareQuery>,
+) -> Result<Json<proto::Comparison>, ApiError> {
+    authorize(&state, &headers)?;
+    let Some(id) = q.rollout.filter(|r| !r.is_empty()) else {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "name the rollout: /api/v1/compare?rollout=ID".into()));
+    };
+    let fleet = state.fleet.clone();
+    Ok(Json(blocking(move || Ok(queries::comparison(&fleet, &id)?)).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BenchmarksQuery {
+    device: Option<String>,
+    bundle: Option<String>,
+    class: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn benchmarks(
+    State(state): State<DashboardState>,
+    headers: HeaderMap,
+    Query(q): Query<BenchmarksQuery>,
+) -> Result<Json<proto::ListBenchmarksResponse>, ApiError> {
+    authorize(&state, &headers)?;
+    let filter = BenchmarkFilter {
+        device_id: q.device.unwrap_or_default(),
+        bundle_digest: q.bundle.unwrap_or_default(),
+        class: q.class.unwrap_or_default(),
+    };
+    let fleet = state.fleet.clone();
+    let results = blocking(move || Ok(queries::benchmarks(&fleet, &filter, q.limit.unwrap_or(0))?)).await?;
+    Ok(Json(proto::ListBenchmarksResponse { results }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecommendQuery {
+    /// Bundle (index) digest.
+    bundle: Option<String>,
+    min_quantization: Option<String>,
+}
+
+async fn recommend(
+    State(state): State<DashboardState>,
+    headers: HeaderMap,
+    Query(q): Query<RecommendQuery>,
+) -> Result<Json<proto::Recommendation>, ApiError> {
+    authorize(&state, &headers)?;
+    let Some(digest) = q.bundle.filter(|b| b.starts_with("sha256:")) else {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "name the bundle by digest: /api/v1/recommend?bundle=sha256:...".into(),
+        ));
+    };
+    let fleet = state.fleet.clone();
+    let min = q.min_quantization.unwrap_or_default();
+    let d = digest.clone();
+    let classes = blocking(move || Ok(queries::recommendation(&fleet, &d, &min)?)).await?;
+    let bundle = proto::BundleRef { digest, ..Default::default() };
+    Ok(Json(proto::Recommendation { bundle: Some(bundle), classes }))
+}
+
+async fn openapi(State(state): State<DashboardState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response())
+}
+
+async fn metrics(State(state): State<DashboardState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let fleet = state.fleet.clone();
+    let text = blocking(move || crate::metrics::render(&fleet).map_err(ApiError::internal)).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+/// The OpenAPI 3.1 document of this API (hand-written; `tests/dashboard.rs` checks its paths against
+/// [`ROUTES`] and calls each one on a real controller).
+pub const OPENAPI: &str = include_str!("openapi.json");

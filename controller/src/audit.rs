@@ -1,0 +1,511 @@
+//! The gate every gRPC call and HTTP request passes before any handler: authenticate by the tables in
+//! [`crate::auth`], rate-limit per token ([`crate::limits`]), and record each state-changing call in the
+//! audit log (who, what, target, when, result) before its response leaves.
+//!
+//! Handlers keep their own role checks (defence in depth, and they need the principal); this layer makes
+//! sure a method or route nobody listed is refused rather than open.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use alki_shared::proto;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures::future::BoxFuture;
+use http::StatusCode;
+use http_body_util::BodyExt as _;
+use prost::Message as _;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::auth::{Access, AuthError, Authenticator, Policy, Principal};
+use crate::limits::{RateLimiter, RetryAfter};
+use crate::store::Store;
+use crate::store::audit::{AuditRetention, audit_key};
+
+/// Entries waiting to be written; callers wait (bounded) when the writer falls behind.
+const AUDIT_QUEUE: usize = 1024;
+/// Entries written in one transaction at most.
+const AUDIT_BATCH: usize = 256;
+
+/// A state-changing call to record; [`Auditor::record`] stamps its id and time.
+#[derive(Clone, Debug, Default)]
+pub struct Event {
+    pub actor: String,
+    pub role: String,
+    pub protocol: &'static str,
+    pub action: String,
+    pub target: String,
+    pub result: String,
+    pub peer: String,
+}
+
+type Pending = (Event, oneshot::Sender<()>);
+
+/// Writes audit entries in batches on a blocking thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Auditor {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl Auditor {
+    /// Starts the writer; it ends when the last `Auditor` clone is dropped.
+    pub fn start(store: Store, retention: AuditRetention) -> Auditor {
+        let (tx, rx) = mpsc::channel(AUDIT_QUEUE);
+        tokio::spawn(write_loop(store, retention, rx));
+        Auditor { tx }
+    }
+
+    /// Records `event` and returns once it is committed (or the write failed, which is logged): a caller
+    /// that sees its response can read its entry back.
+    pub async fn record(&self, event: Event) {
+        let (done, committed) = oneshot::channel();
+        if self.tx.send((event, done)).await.is_err() {
+            tracing::error!("The audit writer has stopped; an audit entry was lost.");
+            return;
+        }
+        let _ = committed.await;
+    }
+}
+
+async fn write_loop(store: Store, retention: AuditRetention, mut rx: mpsc::Receiver<Pending>) {
+    let seq = AtomicU64::new(0);
+    let mut batch = Vec::with_capacity(AUDIT_BATCH);
+    while rx.recv_many(&mut batch, AUDIT_BATCH).await > 0 {
+        let now = crate::now_unix_ms();
+        let (entries, waiters): (Vec<proto::AuditEntry>, Vec<oneshot::Sender<()>>) = batch
+            .drain(..)
+            .map(|(e, done)| {
+                let id = audit_key(now, seq.fetch_add(1, Ordering::Relaxed));
+                let entry = proto::AuditEntry {
+                    id,
+                    unix_ms: now,
+                    actor: e.actor,
+                    role: e.role,
+                    protocol: e.protocol.to_owned(),
+                    action: e.action,
+                    target: e.target,
+                    result: e.result,
+                    peer: e.peer,
+                };
+                (entry, done)
+            })
+            .unzip();
+        let store = store.clone();
+        let count = entries.len();
+        let written = tokio::task::spawn_blocking(move || store.append_audit(&entries, retention, now)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, count, "Could not write audit entries; they are lost."),
+            Err(error) => tracing::error!(%error, count, "The audit write task failed; entries are lost."),
+        }
+        for done in waiters {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// What the gate needs; shared by the gRPC layer and the HTTP middleware.
+#[derive(Clone)]
+pub struct Gate {
+    pub auth: Authenticator,
+    pub auditor: Auditor,
+    pub token_limiter: Arc<RateLimiter>,
+}
+
+/// The outcome of checking a caller against a policy.
+enum Admission {
+    /// May proceed; `actor` and `role` name it for the audit log and the rate limiter.
+    Allowed {
+        actor: String,
+        role: String,
+    },
+    Refused(Refusal),
+}
+
+enum Refusal {
+    Auth(AuthError),
+    RateLimited(String, RetryAfter),
+    Internal(String),
+}
+
+impl Gate {
+    /// Authenticates (on a blocking thread: the token lookup reads the store) and rate-limits.
+    async fn admit(&self, policy: Policy, authorization: Option<String>, peer: &str) -> Admission {
+        let principal = match policy.access {
+            Access::Public => return Admission::Allowed { actor: "anonymous".into(), role: String::new() },
+            // The handler checks the bootstrap token or the certificate; the limit is per peer address so a
+            // guesser cannot try tokens quickly.
+            Access::BootstrapToken | Access::Device => {
+                let key = format!("peer:{}", peer.rsplit_once(':').map_or(peer, |(ip, _)| ip));
+                if let Err(wait) = self.token_limiter.check(&key, Instant::now()) {
+                    return Admission::Refused(Refusal::RateLimited(key, wait));
+                }
+                let actor = if policy.access == Access::Device { "device" } else { "bootstrap" };
+                return Admission::Allowed { actor: actor.into(), role: String::new() };
+            }
+            Access::Token(action) => {
+                let auth = self.auth.clone();
+                match tokio::task::spawn_blocking(move || auth.authorize(authorization.as_deref(), action)).await {
+                    Ok(Ok(principal)) => principal,
+                    Ok(Err(error)) => return Admission::Refused(Refusal::Auth(error)),
+                    Err(error) => return Admission::Refused(Refusal::Internal(error.to_string())),
+                }
+            }
+        };
+        let Principal { ref role, .. } = principal;
+        let actor = principal.actor();
+        if let Err(wait) = self.token_limiter.check(&actor, Instant::now()) {
+            return Admission::Refused(Refusal::RateLimited(actor, wait));
+        }
+        Admission::Allowed { actor, role: format!("{role:?}").to_lowercase() }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// gRPC
+
+/// The tower layer tonic's server runs every call through.
+#[derive(Clone)]
+pub struct GrpcGateLayer {
+    gate: Gate,
+    max_message: usize,
+}
+
+impl GrpcGateLayer {
+    /// `max_message` bounds how much of a state-changing call's request is read to name its target.
+    pub fn new(gate: Gate, max_message: usize) -> GrpcGateLayer {
+        GrpcGateLayer { gate, max_message }
+    }
+}
+
+impl<S> tower::Layer<S> for GrpcGateLayer {
+    type Service = GrpcGate<S>;
+    fn layer(&self, inner: S) -> GrpcGate<S> {
+        GrpcGate { inner, gate: self.gate.clone(), max_message: self.max_message }
+    }
+}
+
+#[derive(Clone)]
+pub struct GrpcGate<S> {
+    inner: S,
+    gate: Gate,
+    max_message: usize,
+}
+
+type GrpcRequest = http::Request<tonic::body::Body>;
+type GrpcResponse = http::Response<tonic::body::Body>;
+
+impl<S> tower::Service<GrpcRequest> for GrpcGate<S>
+where
+    S: tower::Service<GrpcRequest, Response = GrpcResponse> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = GrpcResponse;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<GrpcResponse, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: GrpcRequest) -> Self::Future {
+        // The clone that was polled ready serves this call; the fresh clone waits for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let gate = self.gate.clone();
+        let max_message = self.max_message;
+        Box::pin(async move {
+            let path = request.uri().path().to_owned();
+            let Some(policy) = crate::auth::grpc_policy(&path) else {
+                return Ok(status_response(tonic::Status::permission_denied(format!(
+                    "{path} is not in the controller's authorization table (auth::grpc_policy), so nobody may call it"
+                ))));
+            };
+            let peer = grpc_peer(&request);
+            let authorization =
+                request.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let (actor, role) = match gate.admit(policy, authorization, &peer).await {
+                Admission::Allowed { actor, role } => (actor, role),
+                Admission::Refused(refusal) => {
+                    let known = refused_actor(&refusal);
+                    let status = refusal_status(refusal);
+                    if let (true, Some((actor, role))) = (policy.mutates, known) {
+                        let result = code_name(status.code());
+                        record(&gate, &actor, &role, &path, String::new(), &result, peer).await;
+                    }
+                    return Ok(status_response(status));
+                }
+            };
+            if !policy.mutates {
+                return inner.call(request).await;
+            }
+            // Read the (small, bounded) unary request to name its target, then hand it on unchanged.
+            let (parts, body) = request.into_parts();
+            let limited = http_body_util::Limited::new(body, max_message.saturating_add(5));
+            let bytes = match limited.collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(_) => {
+                    let status = tonic::Status::resource_exhausted(format!(
+                        "the request is larger than the controller's limit of {max_message} bytes"
+                    ));
+                    record(&gate, &actor, &role, &path, String::new(), "RESOURCE_EXHAUSTED", peer).await;
+                    return Ok(status_response(status));
+                }
+            };
+            let target = grpc_target(&path, &bytes);
+            let request = http::Request::from_parts(parts, tonic::body::Body::new(http_body_util::Full::new(bytes)));
+            let response = inner.call(request).await?;
+            let result = grpc_result(&response);
+            record(&gate, &actor, &role, &path, target, &result, peer).await;
+            Ok(response)
+        })
+    }
+}
+
+async fn record(gate: &Gate, actor: &str, role: &str, action: &str, target: String, result: &str, peer: String) {
+    let event = Event {
+        actor: actor.to_owned(),
+        role: role.to_owned(),
+        protocol: "grpc",
+        action: action.to_owned(),
+        target,
+        result: result.to_owned(),
+        peer,
+    };
+    gate.auditor.record(event).await;
+}
+
+/// A refused caller the log should name: one that authenticated but lacked the role, or went over its rate.
+/// Unauthenticated noise is not recorded (it would let anyone fill the log); it is refused and logged only.
+fn refused_actor(refusal: &Refusal) -> Option<(String, String)> {
+    match refusal {
+        Refusal::Auth(AuthError::Forbidden { name, role, .. }) => {
+            Some((format!("token:{name}"), format!("{role:?}").to_lowercase()))
+        }
+        Refusal::RateLimited(actor, _) => Some((actor.clone(), String::new())),
+        _ => None,
+    }
+}
+
+fn status_response(status: tonic::Status) -> GrpcResponse {
+    status.into_http()
+}
+
+fn refusal_status(refusal: Refusal) -> tonic::Status {
+    match refusal {
+        Refusal::Auth(error) => crate::api::auth_status(error),
+        Refusal::RateLimited(who, RetryAfter(wait)) => tonic::Status::resource_exhausted(format!(
+            "{who} is over its request rate; retry in {} ms",
+            wait.as_millis().max(1)
+        )),
+        Refusal::Internal(error) => crate::api::internal(error),
+    }
+}
+
+fn grpc_peer(request: &GrpcRequest) -> String {
+    request
+        .extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|info| info.remote_addr())
+        .map(|a| a.to_string())
+        .unwrap_or_default()
+}
+
+/// A unary call's result: errors come back trailers-only with `grpc-status` in the headers; a response
+/// without it carries a message and ends OK.
+fn grpc_result(response: &GrpcResponse) -> String {
+    let code = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(tonic::Code::from_i32)
+        .unwrap_or(tonic::Code::Ok);
+    code_name(code)
+}
+
+fn code_name(code: tonic::Code) -> String {
+    if code == tonic::Code::Ok {
+        return "ok".into();
+    }
+    // `Code`'s Debug is CamelCase ("PermissionDenied"); the audit log uses the wire names.
+    let camel = format!("{code:?}");
+    let mut out = String::with_capacity(camel.len() + 4);
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+/// What a state-changing call acts on, read from its request message (one gRPC frame after 5 header bytes).
+fn grpc_target(path: &str, frame: &[u8]) -> String {
+    let Some(message) = frame.get(5..) else { return String::new() };
+    if frame.first() != Some(&0) {
+        return String::new(); // Compressed: the target stays unnamed rather than decompressed here.
+    }
+    let method = path.rsplit('/').next().unwrap_or_default();
+    match method {
+        "CreateRollout" => proto::CreateRolloutRequest::decode(message)
+            .ok()
+            .and_then(|r| r.spec)
+            .map(|s| format!("{}:{}", s.repository, s.candidate))
+            .unwrap_or_default(),
+        "PauseRollout" | "ResumeRollout" | "PromoteRollout" | "AbortRollout" | "RetryRollout" => {
+            proto::RolloutActionRequest::decode(message).map(|r| format!("rollout {}", r.id)).unwrap_or_default()
+        }
+        "CreateToken" => proto::CreateTokenRequest::decode(message)
+            .map(|r| format!("token {} ({:?})", r.name, proto::Role::try_from(r.role).unwrap_or_default()))
+            .unwrap_or_default(),
+        "RevokeToken" => {
+            proto::RevokeTokenRequest::decode(message).map(|r| format!("token {}", r.token)).unwrap_or_default()
+        }
+        "Enroll" => {
+            proto::EnrollRequest::decode(message).map(|r| format!("device {}", r.device_id)).unwrap_or_default()
+        }
+        "DecommissionDevice" => proto::DecommissionDeviceRequest::decode(message)
+            .map(|r| format!("device {}", r.device_id))
+            .unwrap_or_default(),
+        "RevokeEnrollToken" => proto::RevokeEnrollTokenRequest::decode(message)
+            .map(|r| format!("enroll token {}", r.id))
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// HTTP
+
+/// axum middleware (`axum::middleware::from_fn_with_state(gate, audit::http_gate)`) around every route.
+pub async fn http_gate(State(gate): State<Gate>, request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let policy = crate::auth::http_policy(&method, &path);
+    let registry = path == "/v2" || path.starts_with("/v2/");
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_default();
+    let authorization =
+        request.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let (actor, role) = match gate.admit(policy, authorization, &peer).await {
+        Admission::Allowed { actor, role } => (actor, role),
+        Admission::Refused(refusal) => {
+            if let (true, Some((actor, role))) = (policy.mutates, refused_actor(&refusal)) {
+                let (action, target) = http_action(&method, &path);
+                let result = match refusal {
+                    Refusal::RateLimited(..) => "http_429",
+                    _ => "http_403",
+                };
+                let event = Event { actor, role, protocol: "http", action, target, result: result.into(), peer };
+                gate.auditor.record(event).await;
+            }
+            return http_refusal(refusal, registry);
+        }
+    };
+    let response = next.run(request).await;
+    if policy.mutates {
+        let (action, target) = http_action(&method, &path);
+        let status = response.status();
+        let result = if status.is_success() { "ok".to_owned() } else { format!("http_{}", status.as_u16()) };
+        let event = Event { actor, role, protocol: "http", action, target, result, peer };
+        gate.auditor.record(event).await;
+    }
+    response
+}
+
+/// `("PUT /v2/{name}/manifests/{reference}", "acme/qwen:latest")`: the route's shape and what it names.
+fn http_action(method: &http::Method, path: &str) -> (String, String) {
+    if let Some(rest) = path.strip_prefix("/v2/") {
+        for (marker, template, sep) in [
+            ("/manifests/", "/v2/{name}/manifests/{reference}", ":"),
+            ("/blobs/uploads/", "/v2/{name}/blobs/uploads/{id}", " upload "),
+            ("/blobs/", "/v2/{name}/blobs/{digest}", "@"),
+        ] {
+            if let Some((name, tail)) = rest.rsplit_once(marker) {
+                return (format!("{method} {template}"), format!("{name}{sep}{tail}"));
+            }
+        }
+    }
+    (format!("{method} {path}"), String::new())
+}
+
+fn http_refusal(refusal: Refusal, registry: bool) -> Response {
+    let (status, code, message, headers): (StatusCode, &str, String, Vec<(&str, String)>) = match refusal {
+        Refusal::Auth(error @ (AuthError::Missing | AuthError::Invalid | AuthError::Revoked { .. })) => (
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            error.to_string(),
+            vec![("www-authenticate", "Basic realm=\"alki\"".to_owned())],
+        ),
+        Refusal::Auth(error @ AuthError::Forbidden { .. }) => {
+            (StatusCode::FORBIDDEN, "DENIED", error.to_string(), vec![])
+        }
+        Refusal::Auth(AuthError::Store(error)) => {
+            tracing::error!(%error, "Could not check credentials.");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "UNKNOWN",
+                "could not check credentials; see the controller's log".into(),
+                vec![],
+            )
+        }
+        Refusal::RateLimited(who, RetryAfter(wait)) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "TOOMANYREQUESTS",
+            format!("{who} is over its request rate; retry in {} ms", wait.as_millis().max(1)),
+            vec![("retry-after", wait.as_secs().max(1).to_string())],
+        ),
+        Refusal::Internal(error) => {
+            tracing::error!(%error, "Credential check failed.");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "UNKNOWN",
+                "could not check credentials; see the controller's log".into(),
+                vec![],
+            )
+        }
+    };
+    // Registry clients read the distribution spec's error body; everything else gets `{"error": ...}`.
+    let body = if registry {
+        serde_json::json!({"errors": [{"code": code, "message": message}]})
+    } else {
+        serde_json::json!({"error": message, "code": code})
+    };
+    let mut response = (status, [(http::header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+    for (name, value) in headers {
+        if let Ok(value) = http::HeaderValue::try_from(value) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_use_their_wire_names() {
+        assert_eq!(code_name(tonic::Code::Ok), "ok");
+        assert_eq!(code_name(tonic::Code::PermissionDenied), "PERMISSION_DENIED");
+        assert_eq!(code_name(tonic::Code::ResourceExhausted), "RESOURCE_EXHAUSTED");
+    }
+
+    #[test]
+    fn registry_paths_name_their_route_and_target() {
+        let (action, target) = http_action(&http::Method::PUT, "/v2/acme/qwen/manifests/latest");
+        assert_eq!((action.as_str(), target.as_str()), ("PUT /v2/{name}/manifests/{reference}", "acme/qwen:latest"));
+        let (action, target) = http_action(&http::Method::DELETE, "/v2/a/blobs/sha256:ab");
+        assert_eq!((action.as_str(), target.as_str()), ("DELETE /v2/{name}/blobs/{digest}", "a@sha256:ab"));
+        assert_eq!(http_action(&http::Method::POST, "/api/v1/registry/gc").0, "POST /api/v1/registry/gc");
+    }
+}

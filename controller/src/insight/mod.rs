@@ -1,0 +1,203 @@
+//! Performance insight: ingesting agents' telemetry and benchmarks, time-bucketed rollups with retention,
+//! and the pure A/B comparison and variant recommendation that the API, the CLI and the rollout gates share.
+//!
+//! Ingestion is cheap per report: a telemetry report is one transaction without fsync (the device's newest
+//! telemetry and its measurement window); rollups accumulate in memory, bounded, and are merged into the
+//! store by [`flush_loop`] every [`FLUSH_INTERVAL`] in one durable transaction, which also applies the
+//! retention.
+
+pub mod compare;
+pub mod queries;
+pub mod recommend;
+pub mod stats;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use alki_shared::proto;
+
+use crate::fleet::Fleet;
+use crate::store::{Rollup, Store, StoreError};
+
+/// How often agents are asked to report serving telemetry (Welcome): often enough for a gate to see a
+/// step's effect within a minute, rare enough that 5,000 devices cost the controller little.
+pub const TELEMETRY_INTERVAL_SECONDS: u32 = 10;
+/// Width of a rollup bucket.
+pub const BUCKET_MS: i64 = 5 * 60 * 1000;
+/// Rollups and per-device measurements older than this are pruned.
+pub const RETENTION_MS: i64 = 14 * 24 * 3600 * 1000;
+/// How often accumulated rollups are written.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Counters and the in-memory rollup accumulator. Cheap to share; locks are never held across an await.
+#[derive(Default)]
+pub struct Ingest {
+    pending: Mutex<HashMap<String, Rollup>>,
+    /// Newest cumulative (bundle, requests, errors) per device, to turn counters into increments.
+    counters: Mutex<HashMap<String, (String, u64, u64)>>,
+    pub telemetry_reports: AtomicU64,
+    pub benchmark_results: AtomicU64,
+    /// Telemetry reports not rolled up because the accumulator was full.
+    pub rollups_dropped: AtomicU64,
+    pub rollup_flushes: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain maps of numbers: a panic elsewhere cannot leave one in a state worth refusing.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Ingest {
+    /// Adds one report of a device of `class` to its bucket.
+    pub fn roll_up(&self, device_id: &str, class: &str, t: &proto::Telemetry, now: i64) {
+        let (requests, errors) = {
+            let mut counters = lock(&self.counters);
+            let previous = counters
+                .insert(device_id.to_owned(), (t.bundle_digest.clone(), t.requests_total, t.request_errors_total));
+            match previous {
+                // Same bundle and counters that did not go backwards (an agent restart resets them).
+                Some((bundle, r, e)) if bundle == t.bundle_digest && t.requests_total >= r => {
+                    (t.requests_total - r, t.request_errors_total.saturating_sub(e))
+                }
+                Some(_) => (t.requests_total, t.request_errors_total),
+                None => (0, 0),
+            }
+        };
+        let at = if t.at_unix_ms > 0 { t.at_unix_ms } else { now };
+        let mut add = Rollup {
+            bucket_unix_ms: at - at.rem_euclid(BUCKET_MS),
+            class: class.to_owned(),
+            bundle_digest: t.bundle_digest.clone(),
+            variant_digest: t.variant_digest.clone(),
+            reports: 1,
+            requests,
+            errors,
+            throttled_reports: u64::from(t.throttled),
+            ..Default::default()
+        };
+        if t.generation_tokens_per_second > 0.0 && t.generation_tokens_per_second.is_finite() {
+            let v = t.generation_tokens_per_second;
+            (add.tokens_per_second_sum, add.tokens_per_second_count) = (v, 1);
+            (add.tokens_per_second_min, add.tokens_per_second_max) = (v, v);
+        }
+        if t.ttft_ms > 0.0 && t.ttft_ms.is_finite() {
+            (add.ttft_ms_sum, add.ttft_ms_count, add.ttft_ms_max) = (t.ttft_ms, 1, t.ttft_ms);
+        }
+        let mut pending = lock(&self.pending);
+        let key = add.key();
+        if let Some(existing) = pending.get_mut(&key) {
+            existing.merge(&add);
+        } else if pending.len() < crate::store::MAX_ROLLUP_KEYS {
+            pending.insert(key, add);
+        } else {
+            self.rollups_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes the accumulated rollups and applies the retention. On a store error the rollups are kept
+    /// for the next flush.
+    pub fn flush(&self, store: &Store, now: i64) -> Result<usize, StoreError> {
+        let batch: Vec<Rollup> = lock(&self.pending).drain().map(|(_, r)| r).collect();
+        match store.flush_rollups(&batch, now - RETENTION_MS) {
+            Ok(pruned) => {
+                self.rollup_flushes.fetch_add(1, Ordering::Relaxed);
+                Ok(pruned)
+            }
+            Err(e) => {
+                let mut pending = lock(&self.pending);
+                for r in batch {
+                    match pending.get_mut(&r.key()) {
+                        Some(existing) => existing.merge(&r),
+                        None => {
+                            pending.insert(r.key(), r);
+                        }
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Records a telemetry report (handlers call this; it does the store I/O without fsync).
+pub fn ingest_telemetry(fleet: &Fleet, device_id: &str, t: &proto::Telemetry, now: i64) -> Result<(), StoreError> {
+    let class = fleet.store.record_telemetry(device_id, t, now)?;
+    fleet.insight.telemetry_reports.fetch_add(1, Ordering::Relaxed);
+    fleet.insight.roll_up(device_id, &class, t, now);
+    Ok(())
+}
+
+/// Records a benchmark report durably and wakes the reconciler (performance gates may now decide).
+pub fn ingest_benchmarks(
+    fleet: &Fleet,
+    device_id: &str,
+    report: &proto::BenchmarkReport,
+    now: i64,
+) -> Result<(), StoreError> {
+    if !report.error.is_empty() {
+        tracing::warn!(command_id = %report.command_id, error = %report.error, "Agent could not run a benchmark.");
+    }
+    if report.results.is_empty() {
+        return Ok(());
+    }
+    fleet.store.record_benchmarks(device_id, &report.results, now)?;
+    fleet.insight.benchmark_results.fetch_add(report.results.len() as u64, Ordering::Relaxed);
+    tracing::info!(command_id = %report.command_id, results = report.results.len(), "Recorded benchmark results.");
+    fleet.changed.notify_one();
+    Ok(())
+}
+
+/// Flushes rollups every [`FLUSH_INTERVAL`] until `stop` is cancelled, then once more.
+pub async fn flush_loop(fleet: Fleet, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(FLUSH_INTERVAL) => false,
+            _ = stop.cancelled() => true,
+        };
+        let pass = fleet.clone();
+        let result = tokio::task::spawn_blocking(move || pass.insight.flush(&pass.store, crate::now_unix_ms())).await;
+        match result {
+            Ok(Ok(pruned)) if pruned > 0 => tracing::info!(pruned, "Pruned telemetry rollups past their retention."),
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::error!(%error, "Could not write telemetry rollups; keeping them for the next flush.")
+            }
+            Err(error) => tracing::error!(%error, "Telemetry rollup flush panicked."),
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_roll_up_per_bucket_with_counter_increments() {
+        let ingest = Ingest::default();
+        let t = |at: i64, requests: u64, tps: f64| proto::Telemetry {
+            at_unix_ms: at,
+            bundle_digest: "sha256:aa".into(),
+            requests_total: requests,
+            generation_tokens_per_second: tps,
+            ..Default::default()
+        };
+        ingest.roll_up("d1", "pi5-8g", &t(1_000, 10, 5.0), 0);
+        ingest.roll_up("d1", "pi5-8g", &t(2_000, 25, 7.0), 0);
+        ingest.roll_up("d1", "pi5-8g", &t(BUCKET_MS + 1, 30, 0.0), 0);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        ingest.flush(&store, BUCKET_MS * 2).expect("flush");
+        let rollups = store.rollups(0).expect("rollups");
+        assert_eq!(rollups.len(), 2);
+        let first = &rollups[0];
+        assert_eq!((first.reports, first.requests, first.tokens_per_second_count), (2, 15, 2));
+        assert_eq!((first.tokens_per_second_min, first.tokens_per_second_max), (5.0, 7.0));
+        assert_eq!((rollups[1].requests, rollups[1].tokens_per_second_count), (5, 0));
+        assert!(lock(&ingest.pending).is_empty());
+    }
+}

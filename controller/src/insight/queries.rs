@@ -1,0 +1,93 @@
+//! What the gRPC InsightService and the dashboard's HTTP API ask: a rollout's comparison, stored
+//! benchmarks, recommendations, and benchmark commands to devices. Both front doors call these, so they
+//! answer with the same data.
+
+use std::collections::HashMap;
+
+use alki_shared::proto::{self, controller_message::Msg};
+
+use super::compare::{self, Measurements};
+use super::recommend::{self, RecommendError};
+use crate::fleet::{Fleet, selects};
+use crate::store::{BenchmarkFilter, StoreError};
+
+/// Most benchmark results one answer carries.
+pub const MAX_BENCHMARKS: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("rollout {0:?} does not exist; alkictl rollout list shows the rollouts")]
+    RolloutNotFound(String),
+    #[error("name devices by id or give a label selector (an empty selector would target the whole fleet)")]
+    NoTargets,
+    #[error("device {0:?} is not known to this controller")]
+    DeviceNotFound(String),
+    #[error(transparent)]
+    Recommend(#[from] RecommendError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A rollout's A/B comparison per hardware class, with the sample floor its gates use.
+pub fn comparison(fleet: &Fleet, rollout_id: &str) -> Result<proto::Comparison, QueryError> {
+    let rollout = fleet.store.rollout(rollout_id)?.ok_or_else(|| QueryError::RolloutNotFound(rollout_id.to_owned()))?;
+    let records = fleet.store.rollout_devices(rollout_id)?;
+    let devices = fleet.store.devices()?;
+    let measurements = Measurements::from_records(&fleet.store.perf_records()?);
+    let min = rollout.spec.as_ref().and_then(|s| s.gates).map(|g| g.min_devices).unwrap_or(0).max(1) as usize;
+    Ok(compare::compare(&rollout, &devices, &records, &measurements, min))
+}
+
+pub fn benchmarks(
+    fleet: &Fleet,
+    filter: &BenchmarkFilter,
+    limit: u32,
+) -> Result<Vec<proto::BenchmarkResult>, QueryError> {
+    let limit = if limit == 0 { MAX_BENCHMARKS } else { (limit as usize).min(MAX_BENCHMARKS) };
+    Ok(fleet.store.benchmarks(filter, limit)?)
+}
+
+/// Per-class recommendation for a bundle digest from every stored benchmark of it.
+pub fn recommendation(
+    fleet: &Fleet,
+    bundle_digest: &str,
+    min_quantization: &str,
+) -> Result<Vec<proto::ClassRecommendation>, QueryError> {
+    let filter = BenchmarkFilter { bundle_digest: bundle_digest.to_owned(), ..Default::default() };
+    let results = fleet.store.benchmarks(&filter, usize::MAX)?;
+    Ok(recommend::recommend(bundle_digest, &results, min_quantization)?)
+}
+
+/// The devices a command targets: the named ones (each must exist), else those the selector picks.
+pub fn targets(
+    fleet: &Fleet,
+    device_ids: &[String],
+    selector: &HashMap<String, String>,
+) -> Result<Vec<String>, QueryError> {
+    if device_ids.is_empty() && selector.is_empty() {
+        return Err(QueryError::NoTargets);
+    }
+    if !device_ids.is_empty() {
+        for id in device_ids {
+            if fleet.store.device(id)?.is_none() {
+                return Err(QueryError::DeviceNotFound(id.clone()));
+            }
+        }
+        return Ok(device_ids.to_vec());
+    }
+    Ok(fleet.store.devices()?.into_iter().filter(|d| selects(selector, &d.labels)).map(|d| d.id).collect())
+}
+
+/// Sends one command per device over its session; devices not connected now are reported undelivered.
+pub fn send_commands(fleet: &Fleet, devices: &[String], kind: &proto::command::Kind) -> Vec<proto::SentCommand> {
+    devices
+        .iter()
+        .map(|device_id| {
+            let command_id = format!("cmd-{}", uuid::Uuid::new_v4().simple());
+            let command = proto::Command { id: command_id.clone(), kind: Some(kind.clone()) };
+            let delivered = fleet.hub.send(device_id, Msg::Command(command));
+            tracing::info!(device_id, command_id, delivered, "Sent a benchmark command.");
+            proto::SentCommand { device_id: device_id.clone(), command_id, delivered }
+        })
+        .collect()
+}

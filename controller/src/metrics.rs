@@ -1,0 +1,304 @@
+//! Prometheus metrics in the text exposition format: counters the HTTP side and ingestion keep, and fleet
+//! gauges computed from the store at scrape time (devices by state, phase and class; rollout progress and
+//! per-class A/B ratios; serving speed per class and bundle; registry traffic; telemetry ingestion).
+//!
+//! [`NAMES`] lists every metric this module can export: the Grafana dashboard's test checks its queries
+//! against a real scrape, and a unit test checks the scrape names nothing outside this list.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use alki_shared::proto::{self, Phase, RolloutState};
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use http_body_util::BodyExt as _;
+
+use crate::fleet::Fleet;
+use crate::insight::stats::median;
+use crate::rollout::engine::hardware_class;
+use crate::store::StoreError;
+
+/// Every metric name exported, with its type and help.
+pub const NAMES: &[(&str, &str, &str)] = &[
+    ("alki_devices", "gauge", "Devices by connection state, phase and hardware class."),
+    ("alki_devices_connected", "gauge", "Devices with an open agent session."),
+    ("alki_rollouts", "gauge", "Rollouts by state."),
+    ("alki_rollout_step", "gauge", "Current step (1-based) of an active or recent rollout."),
+    ("alki_rollout_steps", "gauge", "Number of steps of a rollout."),
+    ("alki_rollout_percent", "gauge", "Percentage of selected devices the current step moves to B."),
+    (
+        "alki_rollout_devices",
+        "gauge",
+        "Devices of a rollout by hardware class and outcome (selected, active, failed, pending).",
+    ),
+    (
+        "alki_rollout_class_ratio",
+        "gauge",
+        "B/A ratio per hardware class as the gates see it (metric: tokens_per_second, ttft).",
+    ),
+    ("alki_rollout_class_samples", "gauge", "Devices measured per hardware class and cohort behind the ratios."),
+    (
+        "alki_class_generation_tokens_per_second",
+        "gauge",
+        "Median generation tokens/s of the newest telemetry, per class and bundle.",
+    ),
+    ("alki_class_ttft_ms", "gauge", "Median time to first token (ms) of the newest telemetry, per class and bundle."),
+    ("alki_class_serving_devices", "gauge", "Devices reporting telemetry, per class and bundle."),
+    ("alki_registry_requests_total", "counter", "Registry (/v2/) requests by method."),
+    ("alki_registry_bytes_total", "counter", "Registry (/v2/) body bytes by direction (in: uploads, out: downloads)."),
+    ("alki_telemetry_reports_total", "counter", "Telemetry reports ingested."),
+    ("alki_benchmark_results_total", "counter", "Benchmark results ingested."),
+    (
+        "alki_telemetry_rollups_dropped_total",
+        "counter",
+        "Telemetry reports not rolled up because the accumulator was full.",
+    ),
+    ("alki_telemetry_rollup_flushes_total", "counter", "Rollup flushes written to the store."),
+];
+
+/// Finished rollouts kept in the gauges besides the active ones (the newest first).
+const RECENT_FINISHED: usize = 10;
+
+const METHODS: [&str; 7] = ["GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OTHER"];
+
+/// Counters of the HTTP side.
+#[derive(Default)]
+pub struct HttpCounters {
+    registry_requests: [AtomicU64; 7],
+    registry_bytes_in: Arc<AtomicU64>,
+    registry_bytes_out: Arc<AtomicU64>,
+}
+
+/// Counts registry requests and the bytes of their bodies as they stream (uploads and downloads alike).
+pub async fn count_registry(State(fleet): State<Fleet>, request: Request, next: Next) -> Response {
+    if !request.uri().path().starts_with("/v2/") {
+        return next.run(request).await;
+    }
+    let counters = fleet.http.clone();
+    let method = METHODS.iter().position(|m| *m == request.method().as_str()).unwrap_or(METHODS.len() - 1);
+    counters.registry_requests[method].fetch_add(1, Ordering::Relaxed);
+    let bytes_in = counters.registry_bytes_in.clone();
+    let request = request.map(|body| {
+        axum::body::Body::new(body.map_frame(move |frame| {
+            if let Some(data) = frame.data_ref() {
+                bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            frame
+        }))
+    });
+    let response = next.run(request).await;
+    let bytes_out = counters.registry_bytes_out.clone();
+    response.map(|body| {
+        axum::body::Body::new(body.map_frame(move |frame| {
+            if let Some(data) = frame.data_ref() {
+                bytes_out.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            frame
+        }))
+    })
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Accumulates samples per metric so each metric's HELP and TYPE are written once.
+#[derive(Default)]
+struct Exposition {
+    samples: BTreeMap<&'static str, Vec<String>>,
+}
+
+impl Exposition {
+    fn add(&mut self, name: &'static str, labels: &[(&str, &str)], value: f64) {
+        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
+        let labels = if labels.is_empty() { String::new() } else { format!("{{{}}}", labels.join(",")) };
+        self.samples.entry(name).or_default().push(format!("{name}{labels} {value}"));
+    }
+
+    fn render(self) -> String {
+        let mut out = String::new();
+        for (name, kind, help) in NAMES {
+            let Some(samples) = self.samples.get(name) else { continue };
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for s in samples {
+                let _ = writeln!(out, "{s}");
+            }
+        }
+        out
+    }
+}
+
+fn phase_label(phase: i32) -> &'static str {
+    Phase::try_from(phase).unwrap_or(Phase::Unspecified).label()
+}
+
+/// Renders every metric from the fleet's state now. Blocking (reads the store).
+pub fn render(fleet: &Fleet) -> Result<String, StoreError> {
+    let mut e = Exposition::default();
+    let devices = fleet.devices(&Default::default())?;
+
+    let mut by_state: BTreeMap<(&str, &str, String), u64> = BTreeMap::new();
+    let mut serving: BTreeMap<(String, String), (Vec<f64>, Vec<f64>, u64)> = BTreeMap::new();
+    let mut connected = 0u64;
+    for d in &devices {
+        let state = if d.decommissioned {
+            "decommissioned"
+        } else if d.connected {
+            connected += 1;
+            "connected"
+        } else {
+            "disconnected"
+        };
+        let class = hardware_class(d);
+        *by_state.entry((state, phase_label(d.phase), class.clone())).or_default() += 1;
+        if let Some(t) = d.latest_telemetry.as_ref().filter(|t| !t.bundle_digest.is_empty() && d.connected) {
+            let entry = serving.entry((class, t.bundle_digest.clone())).or_default();
+            if t.generation_tokens_per_second > 0.0 {
+                entry.0.push(t.generation_tokens_per_second);
+            }
+            if t.ttft_ms > 0.0 {
+                entry.1.push(t.ttft_ms);
+            }
+            entry.2 += 1;
+        }
+    }
+    e.add("alki_devices_connected", &[], connected as f64);
+    for ((state, phase, class), n) in &by_state {
+        e.add("alki_devices", &[("state", state), ("phase", phase), ("class", class)], *n as f64);
+    }
+    for ((class, bundle), (tps, ttft, n)) in &serving {
+        let labels = [("class", class.as_str()), ("bundle", bundle.as_str())];
+        if let Some(m) = median(tps) {
+            e.add("alki_class_generation_tokens_per_second", &labels, m);
+        }
+        if let Some(m) = median(ttft) {
+            e.add("alki_class_ttft_ms", &labels, m);
+        }
+        e.add("alki_class_serving_devices", &labels, *n as f64);
+    }
+
+    let mut rollouts = fleet.store.rollouts()?;
+    let mut by_rollout_state: BTreeMap<&str, u64> = BTreeMap::new();
+    for r in &rollouts {
+        *by_rollout_state.entry(RolloutState::try_from(r.state).unwrap_or_default().label()).or_default() += 1;
+    }
+    for (state, n) in &by_rollout_state {
+        e.add("alki_rollouts", &[("state", state)], *n as f64);
+    }
+    rollouts.sort_by(|a, b| b.updated_unix_ms.cmp(&a.updated_unix_ms));
+    let (active, finished): (Vec<&proto::Rollout>, Vec<&proto::Rollout>) = rollouts
+        .iter()
+        .partition(|r| crate::rollout::engine::is_active(RolloutState::try_from(r.state).unwrap_or_default()));
+    for r in active.into_iter().chain(finished.into_iter().take(RECENT_FINISHED)) {
+        rollout_metrics(&mut e, r);
+    }
+
+    let http = &fleet.http;
+    for (i, method) in METHODS.iter().enumerate() {
+        e.add(
+            "alki_registry_requests_total",
+            &[("method", method)],
+            http.registry_requests[i].load(Ordering::Relaxed) as f64,
+        );
+    }
+    e.add("alki_registry_bytes_total", &[("direction", "in")], http.registry_bytes_in.load(Ordering::Relaxed) as f64);
+    e.add("alki_registry_bytes_total", &[("direction", "out")], http.registry_bytes_out.load(Ordering::Relaxed) as f64);
+    let ingest = &fleet.insight;
+    e.add("alki_telemetry_reports_total", &[], ingest.telemetry_reports.load(Ordering::Relaxed) as f64);
+    e.add("alki_benchmark_results_total", &[], ingest.benchmark_results.load(Ordering::Relaxed) as f64);
+    e.add("alki_telemetry_rollups_dropped_total", &[], ingest.rollups_dropped.load(Ordering::Relaxed) as f64);
+    e.add("alki_telemetry_rollup_flushes_total", &[], ingest.rollup_flushes.load(Ordering::Relaxed) as f64);
+    Ok(e.render())
+}
+
+fn rollout_metrics(e: &mut Exposition, r: &proto::Rollout) {
+    let id = r.id.as_str();
+    let steps = r.spec.as_ref().map(|s| s.steps.len()).unwrap_or(0);
+    let percent = r.spec.as_ref().and_then(|s| s.steps.get(r.current_step as usize)).map(|s| s.percent).unwrap_or(0);
+    e.add("alki_rollout_step", &[("rollout_id", id)], f64::from(r.current_step + 1));
+    e.add("alki_rollout_steps", &[("rollout_id", id)], steps as f64);
+    e.add("alki_rollout_percent", &[("rollout_id", id)], f64::from(percent));
+    for c in &r.classes {
+        let n = c.counts.unwrap_or_default();
+        for (outcome, v) in [
+            ("selected", n.selected),
+            ("candidate", n.candidate),
+            ("active", n.active),
+            ("failed", n.failed),
+            ("pending", n.pending),
+        ] {
+            e.add(
+                "alki_rollout_devices",
+                &[("rollout_id", id), ("class", &c.class), ("outcome", outcome)],
+                f64::from(v),
+            );
+        }
+        if c.tokens_per_second_ratio > 0.0 {
+            e.add(
+                "alki_rollout_class_ratio",
+                &[("rollout_id", id), ("class", &c.class), ("metric", "tokens_per_second")],
+                c.tokens_per_second_ratio,
+            );
+        }
+        if c.ttft_ratio > 0.0 {
+            e.add(
+                "alki_rollout_class_ratio",
+                &[("rollout_id", id), ("class", &c.class), ("metric", "ttft")],
+                c.ttft_ratio,
+            );
+        }
+        e.add(
+            "alki_rollout_class_samples",
+            &[("rollout_id", id), ("class", &c.class), ("cohort", "A")],
+            f64::from(c.a_samples),
+        );
+        e.add(
+            "alki_rollout_class_samples",
+            &[("rollout_id", id), ("class", &c.class), ("cohort", "B")],
+            f64::from(c.b_samples),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scrape_names_only_listed_metrics_and_counts_the_fleet() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::open(dir.path()).expect("open");
+        for (id, class) in [("d1", "pi5-8g"), ("d2", "pi5-8g"), ("d3", "x86-avx2")] {
+            store
+                .update_device(id, |d| {
+                    d.labels.insert("class".into(), class.into());
+                    d.phase = Phase::Active as i32;
+                })
+                .expect("device");
+        }
+        let fleet = Fleet::new(store);
+        let rollout = proto::Rollout {
+            id: "ro-1".into(),
+            state: RolloutState::Progressing as i32,
+            classes: vec![proto::ClassStatus {
+                class: "pi5-8g".into(),
+                tokens_per_second_ratio: 0.7,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        fleet.store.put_rollout(&rollout).expect("rollout");
+        let text = render(&fleet).expect("render");
+        assert!(text.contains("alki_devices{state=\"disconnected\",phase=\"active\",class=\"pi5-8g\"} 2"), "{text}");
+        assert!(text.contains(
+            "alki_rollout_class_ratio{rollout_id=\"ro-1\",class=\"pi5-8g\",metric=\"tokens_per_second\"} 0.7"
+        ));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            assert!(NAMES.iter().any(|(n, _, _)| *n == name), "{name} is exported but not listed");
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Device identity in the store: bootstrap tokens (hashed, with uses and expiry) and each device's current
+//! certificate serial and decommissioning. Enrollment and renewal check and change them in one transaction,
+//! so two devices racing for one token use or one id never both win.
+
+use std::collections::BTreeMap;
+
+use redb::{ReadableTable, TableDefinition, TableHandle};
+
+use super::{Store, StoreError, Table, decode};
+
+/// Bootstrap tokens keyed by the hex SHA-256 of the secret.
+const ENROLL_TOKENS: Table = TableDefinition::new("enroll_tokens");
+/// Device identities keyed by device id.
+const DEVICE_IDENTITIES: Table = TableDefinition::new("device_identities");
+
+/// Characters of the hash used as a token's public id.
+pub const TOKEN_ID_LEN: usize = 12;
+
+/// A bootstrap token as stored: never the secret.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EnrollTokenRecord {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub uses_allowed: u32,
+    pub uses: u32,
+    pub expires_unix_ms: i64,
+    pub created_unix_ms: i64,
+    pub revoked: bool,
+}
+
+/// What the controller knows of one device's identity.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceIdentity {
+    pub device_id: String,
+    /// Hex serial of the one certificate that is valid for this device; older ones are refused.
+    pub serial: String,
+    pub not_after_unix_ms: i64,
+    pub enrolled_unix_ms: i64,
+    /// The bootstrap token it enrolled with.
+    pub token_id: String,
+    /// Labels from the bootstrap token; they win over what the device reports.
+    pub labels: BTreeMap<String, String>,
+    pub decommissioned_unix_ms: Option<i64>,
+}
+
+/// Why an enrollment or renewal was refused; nothing changed in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("the bootstrap token is not known to this controller; ask an admin for one (alkictl enroll token create)")]
+    UnknownToken,
+    #[error("the bootstrap token {0} has expired; ask an admin for a new one")]
+    TokenExpired(String),
+    #[error("the bootstrap token {0} has been used as many times as it allows; ask an admin for a new one")]
+    TokenUsedUp(String),
+    #[error("the bootstrap token {0} was revoked; ask an admin for a new one")]
+    TokenRevoked(String),
+    #[error(
+        "device id {0:?} is already enrolled with a live certificate; pick another id, or decommission the old device"
+    )]
+    DeviceClaimed(String),
+    #[error("device {0:?} was decommissioned; enroll the hardware again under a new device id")]
+    Decommissioned(String),
+    #[error("device {0:?} is not enrolled; enroll it with a bootstrap token (alki-agent enroll)")]
+    NotEnrolled(String),
+    #[error("this certificate of device {0:?} was replaced by a newer one; use the newest certificate")]
+    StaleCertificate(String),
+    #[error("{0}")]
+    Sign(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A certificate the caller signed inside the transaction.
+pub struct Issued {
+    pub serial: String,
+    pub not_after_unix_ms: i64,
+}
+
+pub(super) fn create_tables(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(ENROLL_TOKENS)?;
+    txn.open_table(DEVICE_IDENTITIES)?;
+    Ok(())
+}
+
+fn encode<T: serde::Serialize>(value: &T, table: Table) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Encode(e, table.name().to_owned()))
+}
+
+impl Store {
+    pub fn put_enroll_token(&self, hash_hex: &str, record: &EnrollTokenRecord) -> Result<(), StoreError> {
+        self.put(ENROLL_TOKENS, hash_hex, record)
+    }
+
+    pub fn enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>, StoreError> {
+        self.list(ENROLL_TOKENS)
+    }
+
+    /// Marks the token with public id `id` revoked; None when there is no such token.
+    pub fn revoke_enroll_token(&self, id: &str) -> Result<Option<EnrollTokenRecord>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let found = {
+            let mut t = txn.open_table(ENROLL_TOKENS)?;
+            let mut found = None;
+            for entry in t.iter()? {
+                let (k, v) = entry?;
+                let record: EnrollTokenRecord = decode(ENROLL_TOKENS.name().to_owned(), k.value(), v.value())?;
+                if record.id == id {
+                    found = Some((k.value().to_owned(), record));
+                    break;
+                }
+            }
+            if let Some((key, record)) = &mut found {
+                record.revoked = true;
+                t.insert(key.as_str(), encode(record, ENROLL_TOKENS)?.as_slice())?;
+            }
+            found.map(|(_, r)| r)
+        };
+        txn.commit()?;
+        Ok(found)
+    }
+
+    pub fn device_identity(&self, device_id: &str) -> Result<Option<DeviceIdentity>, StoreError> {
+        self.get(DEVICE_IDENTITIES, device_id)
+    }
+
+    /// Enrolls `device_id` with the token hashing to `token_hash`, in one transaction: the token must be
+    /// known, unrevoked, unexpired and have a use left; the id must not have a live certificate or be
+    /// decommissioned. `sign` (given the token) issues the certificate; only if everything holds is a use
+    /// counted and the identity written.
+    pub fn enroll<T>(
+        &self,
+        token_hash: &str,
+        device_id: &str,
+        now_unix_ms: i64,
+        sign: impl FnOnce(&EnrollTokenRecord) -> Result<(Issued, T), String>,
+    ) -> Result<(DeviceIdentity, T), IdentityError> {
+        let txn = self.db.begin_write().map_err(StoreError::from)?;
+        let result = {
+            let mut tokens = txn.open_table(ENROLL_TOKENS).map_err(StoreError::from)?;
+            let mut token: EnrollTokenRecord = match tokens.get(token_hash).map_err(StoreError::from)? {
+                None => return Err(IdentityError::UnknownToken),
+                Some(v) => decode(ENROLL_TOKENS.name().to_owned(), token_hash, v.value())?,
+            };
+            if token.revoked {
+                return Err(IdentityError::TokenRevoked(token.id));
+            }
+            if token.expires_unix_ms <= now_unix_ms {
+                return Err(IdentityError::TokenExpired(token.id));
+            }
+            if token.uses >= token.uses_allowed {
+                return Err(IdentityError::TokenUsedUp(token.id));
+            }
+            let mut identities = txn.open_table(DEVICE_IDENTITIES).map_err(StoreError::from)?;
+            if let Some(v) = identities.get(device_id).map_err(StoreError::from)? {
+                let existing: DeviceIdentity = decode(DEVICE_IDENTITIES.name().to_owned(), device_id, v.value())?;
+                if existing.decommissioned_unix_ms.is_some() {
+                    return Err(IdentityError::Decommissioned(device_id.to_owned()));
+                }
+                if existing.not_after_unix_ms > now_unix_ms {
+                    return Err(IdentityError::DeviceClaimed(device_id.to_owned()));
+                }
+            }
+            let (issued, extra) = sign(&token).map_err(IdentityError::Sign)?;
+            token.uses += 1;
+            let identity = DeviceIdentity {
+                device_id: device_id.to_owned(),
+                serial: issued.serial,
+                not_after_unix_ms: issued.not_after_unix_ms,
+                enrolled_unix_ms: now_unix_ms,
+                token_id: token.id.clone(),
+                labels: token.labels.clone(),
+                decommissioned_unix_ms: None,
+            };
+            tokens.insert(token_hash, encode(&token, ENROLL_TOKENS)?.as_slice()).map_err(StoreError::from)?;
+            identities
+                .insert(device_id, encode(&identity, DEVICE_IDENTITIES)?.as_slice())
+                .map_err(StoreError::from)?;
+            (identity, extra)
+        };
+        txn.commit().map_err(StoreError::from)?;
+        Ok(result)
+    }
+
+    /// Checks that certificate `serial` is the device's current one and it is not decommissioned.
+    pub fn check_device_certificate(&self, device_id: &str, serial: &str) -> Result<DeviceIdentity, IdentityError> {
+        let identity =
+            self.device_identity(device_id)?.ok_or_else(|| IdentityError::NotEnrolled(device_id.to_owned()))?;
+        check_current(&identity, serial)?;
+        Ok(identity)
+    }
+
+    /// Replaces the device's certificate in one transaction, if `serial` is still its current one.
+    pub fn renew<T>(
+        &self,
+        device_id: &str,
+        serial: &str,
+        sign: impl FnOnce() -> Result<(Issued, T), String>,
+    ) -> Result<(DeviceIdentity, T), IdentityError> {
+        let txn = self.db.begin_write().map_err(StoreError::from)?;
+        let result = {
+            let mut identities = txn.open_table(DEVICE_IDENTITIES).map_err(StoreError::from)?;
+            let mut identity: DeviceIdentity = match identities.get(device_id).map_err(StoreError::from)? {
+                None => return Err(IdentityError::NotEnrolled(device_id.to_owned())),
+                Some(v) => decode(DEVICE_IDENTITIES.name().to_owned(), device_id, v.value())?,
+            };
+            check_current(&identity, serial)?;
+            let (issued, extra) = sign().map_err(IdentityError::Sign)?;
+            identity.serial = issued.serial;
+            identity.not_after_unix_ms = issued.not_after_unix_ms;
+            identities
+                .insert(device_id, encode(&identity, DEVICE_IDENTITIES)?.as_slice())
+                .map_err(StoreError::from)?;
+            (identity, extra)
+        };
+        txn.commit().map_err(StoreError::from)?;
+        Ok(result)
+    }
+
+    /// Decommissions a device: its certificates are refused from now on. Returns the identity, or None when
+    /// the device never enrolled. Decommissioning twice keeps the first time.
+    pub fn decommission(&self, device_id: &str, now_unix_ms: i64) -> Result<Option<DeviceIdentity>, StoreError> {
+        self.update(DEVICE_IDENTITIES, device_id, true, |current: Option<DeviceIdentity>| match current {
+            None => (None, None),
+            Some(mut identity) => {
+                identity.decommissioned_unix_ms.get_or_insert(now_unix_ms);
+                (Some(identity.clone()), Some(identity))
+            }
+        })
+    }
+}
+
+fn check_current(identity: &DeviceIdentity, serial: &str) -> Result<(), IdentityError> {
+    if identity.decommissioned_unix_ms.is_some() {
+        return Err(IdentityError::Decommissioned(identity.device_id.clone()));
+    }
+    if identity.serial != serial {
+        return Err(IdentityError::StaleCertificate(identity.device_id.clone()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(uses_allowed: u32, expires_unix_ms: i64) -> EnrollTokenRecord {
+        EnrollTokenRecord {
+            id: "abc".into(),
+            labels: BTreeMap::from([("site".into(), "lab".into())]),
+            uses_allowed,
+            uses: 0,
+            expires_unix_ms,
+            created_unix_ms: 0,
+            revoked: false,
+        }
+    }
+
+    fn issued(serial: &str) -> impl FnOnce(&EnrollTokenRecord) -> Result<(Issued, ()), String> + '_ {
+        move |_| Ok((Issued { serial: serial.into(), not_after_unix_ms: 10_000 }, ()))
+    }
+
+    #[test]
+    fn tokens_enforce_uses_expiry_and_revocation_and_ids_are_claimed_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        store.put_enroll_token("h1", &token(2, 5_000)).expect("put");
+        let (identity, ()) = store.enroll("h1", "pi-1", 1_000, issued("s1")).expect("first");
+        assert_eq!(identity.labels.get("site").map(String::as_str), Some("lab"));
+        assert!(matches!(store.enroll("h1", "pi-1", 1_000, issued("s2")), Err(IdentityError::DeviceClaimed(_))));
+        store.enroll("h1", "pi-2", 1_000, issued("s3")).expect("second use");
+        assert!(matches!(store.enroll("h1", "pi-3", 1_000, issued("s4")), Err(IdentityError::TokenUsedUp(_))));
+        assert_eq!(store.enroll_tokens().expect("list")[0].uses, 2, "a refused claim does not use the token");
+        store.put_enroll_token("h2", &EnrollTokenRecord { id: "def".into(), ..token(5, 5_000) }).expect("put");
+        assert!(matches!(store.enroll("h2", "pi-4", 5_000, issued("s5")), Err(IdentityError::TokenExpired(_))));
+        assert!(matches!(store.enroll("nope", "pi-4", 0, issued("s5")), Err(IdentityError::UnknownToken)));
+        assert!(store.revoke_enroll_token("def").expect("revoke").is_some());
+        assert!(store.revoke_enroll_token("nope").expect("revoke").is_none());
+        assert!(matches!(store.enroll("h2", "pi-4", 0, issued("s5")), Err(IdentityError::TokenRevoked(_))));
+    }
+
+    #[test]
+    fn renewal_replaces_the_serial_and_decommissioning_refuses_everything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        store.put_enroll_token("h1", &token(5, 50_000)).expect("put");
+        store.enroll("h1", "pi-1", 1_000, issued("s1")).expect("enroll");
+        store.check_device_certificate("pi-1", "s1").expect("current");
+        store.renew("pi-1", "s1", || Ok((Issued { serial: "s2".into(), not_after_unix_ms: 20_000 }, ()))).expect("renew");
+        assert!(matches!(store.check_device_certificate("pi-1", "s1"), Err(IdentityError::StaleCertificate(_))));
+        store.check_device_certificate("pi-1", "s2").expect("renewed");
+        store.decommission("pi-1", 3_000).expect("decommission").expect("known");
+        assert!(matches!(store.check_device_certificate("pi-1", "s2"), Err(IdentityError::Decommissioned(_))));
+        assert!(matches!(
+            store.renew("pi-1", "s2", || Ok((Issued { serial: "s3".into(), not_after_unix_ms: 0 }, ()))),
+            Err(IdentityError::Decommissioned(_))
+        ));
+        assert!(matches!(store.enroll("h1", "pi-1", 30_000, issued("s4")), Err(IdentityError::Decommissioned(_))));
+        assert!(store.decommission("never", 0).expect("decommission").is_none());
+    }
+}

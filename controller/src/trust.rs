@@ -1,0 +1,179 @@
+//! The fleet's trusted signing keys: checking a rollout candidate's cosign signature before the rollout is
+//! created, the signatures ListBundles shows, and recording an operator's override in the rollout's events.
+//!
+//! Signatures live in the same registry as the bundle (`sha256-<hex>.sig`); the embedded registry is read
+//! directly, an external one over OCI.
+
+use alki_shared::digest::Digest;
+use alki_shared::oci::{MAX_MANIFEST_BYTES, Manifest};
+use alki_shared::proto;
+use alki_shared::signing::{self, PublicKey, SignatureLayer, SignatureProblem, Verified};
+
+use crate::config::ExternalRegistry;
+use crate::fleet::Fleet;
+use crate::registry::Registry;
+
+/// Why a rollout's candidate is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CandidateError {
+    #[error(
+        "bundle {repository}@{digest} cannot be rolled out: {problem}; the controller trusts {trusted} (--trusted-key). \
+         Sign it with `alkictl bundle sign {repository}@{digest} --key KEY` using a key the controller and the \
+         agents trust, or pass --override-signature-check --reason \"...\" to alkictl rollout create (agents \
+         still enforce their own trust policy)"
+    )]
+    Signature { repository: String, digest: Digest, problem: SignatureProblem, trusted: String },
+    #[error("cannot read the signatures of {repository}@{digest}: {reason}; check the registry and retry")]
+    Read { repository: String, digest: Digest, reason: String },
+}
+
+impl CandidateError {
+    pub fn problem(&self) -> Option<&SignatureProblem> {
+        match self {
+            CandidateError::Signature { problem, .. } => Some(problem),
+            CandidateError::Read { .. } => None,
+        }
+    }
+}
+
+/// The signatures stored in the embedded registry for `digest` in `repository` (blocking: small file reads).
+pub fn embedded_signatures(registry: &Registry, repository: &str, digest: &Digest) -> Vec<SignatureLayer> {
+    let tag = signing::signature_tag(digest);
+    let Ok(Some(stored)) = registry.resolve(repository, &tag) else { return Vec::new() };
+    let Ok(Manifest::Image(manifest)) = Manifest::parse(&stored.bytes, Some(&stored.media_type)) else {
+        return Vec::new();
+    };
+    let mut layers = Vec::new();
+    for d in signing::signature_descriptors(&manifest) {
+        let Some(path) = registry.blob_path(&d.digest) else { continue };
+        let Ok(bytes) = std::fs::read(&path) else { continue };
+        // The registry verified the blob when it was pushed; a file changed on disk since is not trusted.
+        if Digest::of(&bytes) == d.digest {
+            layers.extend(SignatureLayer::new(d, bytes));
+        }
+    }
+    layers
+}
+
+/// What ListBundles shows for one digest's signatures.
+pub fn signature_infos(digest: &Digest, layers: &[SignatureLayer], keys: &[PublicKey]) -> Vec<proto::SignatureInfo> {
+    signing::check_each(digest, layers, keys)
+        .into_iter()
+        .map(|c| proto::SignatureInfo {
+            signed_digest: if c.signed_digest.is_empty() { digest.to_string() } else { c.signed_digest },
+            key_fingerprint: c.key_fingerprint.unwrap_or_default(),
+            verified: c.verified,
+            problem: c.problem.unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// Checks the candidate `digest` in `repository` (embedded registry) against the fleet's keys.
+pub fn check_embedded(
+    registry: &Registry,
+    repository: &str,
+    digest: &Digest,
+    keys: &[PublicKey],
+) -> Result<Verified, CandidateError> {
+    let layers = embedded_signatures(registry, repository, digest);
+    signing::verify(digest, &layers, keys).map_err(|problem| refused(repository, digest, problem, keys))
+}
+
+/// Checks a candidate in an external registry, reading its signature tag there.
+pub async fn check_external(
+    external: &ExternalRegistry,
+    repository: &str,
+    digest: &Digest,
+    keys: &[PublicKey],
+) -> Result<Verified, CandidateError> {
+    let auth = match &external.credentials {
+        Some((user, password)) => oci_client::secrets::RegistryAuth::Basic(user.clone(), password.clone()),
+        None => oci_client::secrets::RegistryAuth::Anonymous,
+    };
+    let remote = crate::cli::sign::Remote {
+        registry: external.host.clone(),
+        repository: repository.to_owned(),
+        auth,
+        plain_http: external.plain_http,
+    };
+    let shown = format!("{}/{repository}", external.host);
+    let layers = remote.signatures(&remote.client(), digest).await.map_err(|e| CandidateError::Read {
+        repository: shown.clone(),
+        digest: digest.clone(),
+        reason: format!("{e:#}"),
+    })?;
+    signing::verify(digest, &layers, keys).map_err(|problem| refused(&shown, digest, problem, keys))
+}
+
+fn refused(repository: &str, digest: &Digest, problem: SignatureProblem, keys: &[PublicKey]) -> CandidateError {
+    let trusted = if keys.is_empty() {
+        "no key".to_owned()
+    } else {
+        keys.iter().map(|k| signing::short_fingerprint(k.fingerprint())).collect::<Vec<_>>().join(", ")
+    };
+    CandidateError::Signature { repository: repository.to_owned(), digest: digest.clone(), problem, trusted }
+}
+
+/// Appends a `signature_override` event to a just-created rollout: who overrode which problem, and why.
+/// Under the rollouts lock, like every other change to a rollout, so sequence numbers stay dense.
+pub fn record_override(
+    fleet: &Fleet,
+    rollout_id: &str,
+    by: &str,
+    reason: &str,
+    problem: &str,
+    now_unix_ms: i64,
+) -> Result<(), crate::store::StoreError> {
+    let _guard = fleet.rollouts_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(mut rollout) = fleet.store.rollout(rollout_id)? else { return Ok(()) };
+    rollout.event_seq += 1;
+    let event = proto::RolloutEvent {
+        rollout_id: rollout_id.to_owned(),
+        seq: rollout.event_seq,
+        unix_ms: now_unix_ms,
+        kind: "signature_override".into(),
+        message: format!("signature check overridden by {by}: {reason} (the check said: {problem})"),
+        device_id: String::new(),
+    };
+    fleet.store.commit_rollout(&rollout, &[], &[event])?;
+    tracing::warn!(rollout_id, by, reason, "Rollout created with its signature check overridden.");
+    Ok(())
+}
+
+/// The digest a candidate reference resolves to in the embedded registry, if it is there.
+pub fn resolve_embedded(registry: &Registry, repository: &str, reference: &str) -> Option<Digest> {
+    let stored = registry.resolve(repository, reference).ok()??;
+    (stored.bytes.len() <= MAX_MANIFEST_BYTES).then_some(stored.digest)
+}
+
+/// Checks a rollout spec's candidate against the fleet's keys before the rollout is created. `Ok(None)`
+/// when the candidate cannot be found: creating the rollout then reports that with its own message.
+pub async fn check_candidate(
+    registry: &std::sync::Arc<Registry>,
+    externals: &[ExternalRegistry],
+    keys: &[PublicKey],
+    spec: &proto::RolloutSpec,
+) -> Result<Option<Verified>, CandidateError> {
+    if let Some((external, repository)) = crate::rollout::external::split(externals, &spec.repository) {
+        let Ok(pinned) = crate::rollout::external::pin(external, repository, &spec.candidate).await else {
+            return Ok(None);
+        };
+        let Ok(digest) = pinned.digest.parse::<Digest>() else { return Ok(None) };
+        return check_external(external, repository, &digest, keys).await.map(Some);
+    }
+    let (registry, repository, candidate, keys) =
+        (registry.clone(), spec.repository.clone(), spec.candidate.clone(), keys.to_vec());
+    // Reading the index and small blobs is blocking I/O.
+    tokio::task::spawn_blocking(move || {
+        let Some(digest) = resolve_embedded(&registry, &repository, &candidate) else { return Ok(None) };
+        check_embedded(&registry, &repository, &digest, &keys).map(Some)
+    })
+    .await
+    .unwrap_or_else(|join| {
+        Err(CandidateError::Read {
+            repository: spec.repository.clone(),
+            digest: Digest::of(b""),
+            reason: join.to_string(),
+        })
+    })
+}

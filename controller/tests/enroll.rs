@@ -1,0 +1,210 @@
+//! Device identity against a whole controller on 127.0.0.1:0 with its secure defaults (TLS on both
+//! listeners, its own CA): enrollment over real gRPC, mTLS sessions whose device id is the certificate's,
+//! renewal, short-lived registry tokens on the HTTPS registry, and decommissioning.
+
+mod common;
+
+use alki_shared::proto::{
+    self, AgentMessage, agent_message, agent_service_client::AgentServiceClient, controller_message::Msg,
+    enrollment_service_client::EnrollmentServiceClient, fleet_service_client::FleetServiceClient,
+    security_service_client::SecurityServiceClient,
+};
+use common::{SecureController, bearer_request, bounded, start_secure};
+use rcgen::{CertificateParams, KeyPair};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// A device key and a CSR for it.
+fn device_key() -> (KeyPair, String) {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let csr = CertificateParams::default().serialize_request(&key).expect("csr").pem().expect("pem");
+    (key, csr)
+}
+
+async fn bootstrap_token(c: &SecureController, uses: u32) -> String {
+    let mut security = SecurityServiceClient::new(c.channel(None).await.expect("connect"));
+    let request = proto::CreateEnrollTokenRequest {
+        labels: [("site".to_owned(), "lab".to_owned())].into(),
+        uses,
+        expires_in_seconds: 3600,
+    };
+    security.create_enroll_token(bearer_request(&c.admin, request)).await.expect("create token").into_inner().secret
+}
+
+/// Enrolls `id`; returns (certificate PEM, key PEM).
+async fn enroll(c: &SecureController, token: &str, id: &str) -> Result<(String, String), tonic::Status> {
+    let (key, csr) = device_key();
+    let mut enrollment = EnrollmentServiceClient::new(c.channel(None).await.expect("connect"));
+    let request = proto::EnrollRequest {
+        bootstrap_token: token.to_owned(),
+        csr_pem: csr,
+        device_id: id.to_owned(),
+        labels: [("site".to_owned(), "device-says".to_owned()), ("class".to_owned(), "x86".to_owned())].into(),
+        inventory: None,
+    };
+    let response = enrollment.enroll(request).await?.into_inner();
+    assert_eq!(response.device_id, id);
+    assert_eq!(response.ca_certificate_pem.trim(), c.ca_pem.trim());
+    Ok((response.certificate_pem, key.serialize_pem()))
+}
+
+/// Opens a session with `identity` and Hello naming `hello_id`; returns the first message or the refusal.
+async fn session(
+    c: &SecureController,
+    identity: Option<(&str, &str)>,
+    hello_id: &str,
+) -> Result<(proto::Welcome, tonic::Streaming<proto::ControllerMessage>, mpsc::Sender<AgentMessage>), tonic::Status>
+{
+    let channel = c.channel(identity).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client = AgentServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(8);
+    let hello = proto::Hello { device_id: hello_id.to_owned(), agent_version: "test".into(), ..Default::default() };
+    tx.send(AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) }).await.expect("queue hello");
+    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    match inbound.message().await? {
+        Some(proto::ControllerMessage { msg: Some(Msg::Welcome(welcome)) }) => Ok((welcome, inbound, tx)),
+        other => panic!("expected a Welcome, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_enrolled_device_is_known_by_its_certificate_and_decommissioning_refuses_it() {
+    bounded(async {
+        let c = start_secure(|_| {}).await;
+        let token = bootstrap_token(&c, 2).await;
+        let (cert, key) = enroll(&c, &token, "pi-1").await.expect("enroll");
+
+        // Without a certificate there is no device session; a certificate speaks for its own device only.
+        let refused = session(&c, None, "pi-1").await.err().expect("no certificate, no session");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        let other = session(&c, Some((&cert, &key)), "pi-2").await.err().expect("another id refused");
+        assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
+
+        let (welcome, mut inbound, _tx) = session(&c, Some((&cert, &key)), "").await.expect("mTLS session");
+        assert_eq!(welcome.device_id, "pi-1", "the id comes from the certificate");
+        assert!(!welcome.registry_token.is_empty() && welcome.registry_token_expires_unix_ms > 0);
+
+        // The token's labels win over what the device reports (its Hello here reports none).
+        let mut fleet = FleetServiceClient::new(c.channel(None).await.expect("connect"));
+        let device = fleet
+            .get_device(bearer_request(&c.admin, proto::GetDeviceRequest { id: "pi-1".into() }))
+            .await
+            .expect("device")
+            .into_inner();
+        assert_eq!(device.labels.get("site").map(String::as_str), Some("lab"));
+
+        // The registry token reads the HTTPS registry.
+        let https = c.https();
+        let v2 = format!("https://{}/v2/", c.registry);
+        let ok = https.get(&v2).bearer_auth(&welcome.registry_token).send().await.expect("registry");
+        assert_eq!(ok.status(), 200, "a device's registry token reads the registry");
+        let forged = welcome.registry_token.replace("pi-1.", "pi-9.");
+        let bad = https.get(&v2).bearer_auth(&forged).send().await.expect("registry");
+        assert_eq!(bad.status(), 401, "a token edited to name another device is refused");
+
+        // Renewal over mTLS: a new certificate; the old one is refused from then on.
+        let (new_key, csr) = device_key();
+        let mut renew_client = EnrollmentServiceClient::new(c.channel(Some((&cert, &key))).await.expect("connect"));
+        let renewed = renew_client.renew(proto::RenewRequest { csr_pem: csr }).await.expect("renew").into_inner();
+        let new_key = new_key.serialize_pem();
+        let stale = session(&c, Some((&cert, &key)), "").await.err().expect("the replaced certificate is refused");
+        assert_eq!(stale.code(), tonic::Code::PermissionDenied, "{stale:?}");
+        let (welcome, _inbound2, _tx2) =
+            session(&c, Some((&renewed.certificate_pem, &new_key)), "pi-1").await.expect("renewed session");
+        assert_eq!(welcome.device_id, "pi-1");
+        drop(inbound.message().await); // The first session was replaced by the second.
+
+        // Decommission: the open session ends, and sessions, renewals and registry tokens are refused.
+        let mut security = SecurityServiceClient::new(c.channel(None).await.expect("connect"));
+        let done = security
+            .decommission_device(bearer_request(&c.admin, proto::DecommissionDeviceRequest { device_id: "pi-1".into() }))
+            .await
+            .expect("decommission")
+            .into_inner();
+        assert!(done.session_closed);
+        let mut inbound = _inbound2;
+        assert!(matches!(inbound.message().await, Ok(None) | Err(_)), "the open session was closed");
+        let refused = session(&c, Some((&renewed.certificate_pem, &new_key)), "pi-1").await.err().expect("refused");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(refused.message().contains("decommissioned"), "{refused:?}");
+        let mut renew_client =
+            EnrollmentServiceClient::new(c.channel(Some((&renewed.certificate_pem, &new_key))).await.expect("connect"));
+        let (_, csr) = device_key();
+        let renewal = renew_client.renew(proto::RenewRequest { csr_pem: csr }).await.expect_err("no renewal");
+        assert_eq!(renewal.code(), tonic::Code::PermissionDenied);
+        let after = https.get(&v2).bearer_auth(&welcome.registry_token).send().await.expect("registry");
+        assert_eq!(after.status(), 401, "a decommissioned device's registry token is refused");
+
+        // The id stays taken; the token's second use still enrolls another device.
+        let again = enroll(&c, &token, "pi-1").await.expect_err("decommissioned ids are not reused");
+        assert_eq!(again.code(), tonic::Code::PermissionDenied);
+        enroll(&c, &token, "pi-2").await.expect("second use");
+        c.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bootstrap_tokens_are_single_purpose_and_ids_cannot_be_claimed_twice() {
+    bounded(async {
+        let c = start_secure(|_| {}).await;
+        let token = bootstrap_token(&c, 1).await;
+        enroll(&c, &token, "pi-1").await.expect("first use");
+        let used_up = enroll(&c, &token, "pi-2").await.expect_err("one use only");
+        assert_eq!(used_up.code(), tonic::Code::PermissionDenied);
+        assert!(used_up.message().contains("used as many times"), "{used_up:?}");
+
+        let fresh = bootstrap_token(&c, 3).await;
+        let claimed = enroll(&c, &fresh, "pi-1").await.expect_err("claimed");
+        assert_eq!(claimed.code(), tonic::Code::AlreadyExists);
+        let unknown = enroll(&c, "alkienroll_nope", "pi-3").await.expect_err("unknown token");
+        assert_eq!(unknown.code(), tonic::Code::Unauthenticated);
+        let bad_csr = {
+            let mut enrollment = EnrollmentServiceClient::new(c.channel(None).await.expect("connect"));
+            let request = proto::EnrollRequest {
+                bootstrap_token: fresh.clone(),
+                csr_pem: "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into(),
+                device_id: "pi-4".into(),
+                ..Default::default()
+            };
+            enrollment.enroll(request).await.expect_err("bad CSR")
+        };
+        assert_eq!(bad_csr.code(), tonic::Code::InvalidArgument);
+
+        // Tokens are admin business; the list never carries a secret, and uses are counted.
+        let mut security = SecurityServiceClient::new(c.channel(None).await.expect("connect"));
+        let anonymous = security.list_enroll_tokens(proto::ListEnrollTokensRequest {}).await.expect_err("no token");
+        assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+        let listed = security
+            .list_enroll_tokens(bearer_request(&c.admin, proto::ListEnrollTokensRequest {}))
+            .await
+            .expect("list")
+            .into_inner()
+            .tokens;
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed.iter().map(|t| t.uses).sum::<u32>(), 1, "refused enrollments use nothing");
+        assert!(!format!("{listed:?}").contains("alkienroll_"));
+        c.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn plaintext_clients_cannot_talk_to_a_default_controller() {
+    bounded(async {
+        let c = start_secure(|_| {}).await;
+        let plain = c.grpc.replace("https://", "http://");
+        let channel = tonic::transport::Channel::from_shared(plain).expect("url").connect().await;
+        if let Ok(channel) = channel {
+            let mut fleet = FleetServiceClient::new(channel);
+            let result = fleet.list_devices(bearer_request(&c.admin, proto::ListDevicesRequest::default())).await;
+            assert!(result.is_err(), "plaintext gRPC must not be served");
+        }
+        let http = reqwest::Client::new().get(format!("http://{}/healthz", c.registry)).send().await;
+        assert!(http.is_err() || http.is_ok_and(|r| !r.status().is_success()), "plaintext HTTP must not be served");
+        let https = c.https().get(format!("https://{}/healthz", c.registry)).send().await.expect("https");
+        assert!(https.status().is_success());
+        c.shutdown().await;
+    })
+    .await;
+}
