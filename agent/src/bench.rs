@@ -78,7 +78,8 @@ pub fn stat(samples: &[f64]) -> proto::Stat {
     let Some(median) = median(&finite) else { return proto::Stat::default() };
     let n = finite.len() as f64;
     let mean = finite.iter().sum::<f64>() / n;
-    let variance = if finite.len() > 1 { finite.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    let variance =
+        if finite.len() > 1 { finite.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
     proto::Stat {
         median,
         min: finite.iter().copied().fold(f64::INFINITY, f64::min),
@@ -102,8 +103,12 @@ impl Timings {
     pub fn from_json(v: &Value) -> Option<Timings> {
         let t = v.get("timings")?;
         let f = |k: &str| t.get(k).and_then(Value::as_f64).unwrap_or(0.0);
-        let timings =
-            Timings { prompt_n: f("prompt_n"), prompt_ms: f("prompt_ms"), predicted_n: f("predicted_n"), predicted_ms: f("predicted_ms") };
+        let timings = Timings {
+            prompt_n: f("prompt_n"),
+            prompt_ms: f("prompt_ms"),
+            predicted_n: f("predicted_n"),
+            predicted_ms: f("predicted_ms"),
+        };
         (timings.prompt_n > 0.0 || timings.predicted_n > 0.0).then_some(timings)
     }
 }
@@ -208,7 +213,8 @@ async fn one_request(http: &HttpClient, addr: SocketAddr, prompt: &str, timeout:
         let status = response.status();
         let mut body = response.into_body();
         if !status.is_success() {
-            let bytes = http_body_util::Limited::new(body, 4096).collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            let bytes =
+                http_body_util::Limited::new(body, 4096).collect().await.map(|c| c.to_bytes()).unwrap_or_default();
             return Err(format!("/completion answered {status}: {}", String::from_utf8_lossy(&bytes)));
         }
         let (mut buffer, mut seen, mut ttft, mut timings) = (Vec::new(), 0usize, None, None);
@@ -238,7 +244,9 @@ async fn one_request(http: &HttpClient, addr: SocketAddr, prompt: &str, timeout:
         };
         Ok(Sample { ttft_ms, timings })
     };
-    tokio::time::timeout(timeout, exchange).await.map_err(|_| format!("/completion did not finish within {timeout:?}"))?
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("/completion did not finish within {timeout:?}"))?
 }
 
 async fn throttle_sample(root: &Path) -> crate::inventory::ThrottleSample {
@@ -617,7 +625,8 @@ impl Benchmarker {
     /// up to date meanwhile.
     pub fn spawn(self, shutdown: watch::Receiver<bool>) -> (Jobs, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(JOB_QUEUE);
-        let serving = record_serving(self.proxy.clone(), self.snapshot.clone(), self.serving_file.clone(), shutdown.clone());
+        let serving =
+            record_serving(self.proxy.clone(), self.snapshot.clone(), self.serving_file.clone(), shutdown.clone());
         let task = tokio::spawn(
             async move {
                 tokio::join!(self.run(rx, shutdown), serving);
@@ -641,7 +650,8 @@ impl Benchmarker {
                     return;
                 }
             };
-            let ok: Vec<proto::BenchmarkResult> = report.results.iter().filter(|r| r.error.is_empty()).cloned().collect();
+            let ok: Vec<proto::BenchmarkResult> =
+                report.results.iter().filter(|r| r.error.is_empty()).cloned().collect();
             if let Some(last) = ok.iter().rev().find(|r| r.trigger != proto::BenchmarkTrigger::Calibration as i32) {
                 self.metrics.set_last_benchmark(last.clone());
             }
@@ -736,7 +746,8 @@ pub async fn run_cli(
                 &alki_shared::bundle::RuntimeDefaults::default(),
                 &crate::settings::RuntimeOverrides::default(),
             );
-            let spec = crate::runtime::LaunchSpec { model_path: path.to_owned(), settings, bundle_digest: String::new() };
+            let spec =
+                crate::runtime::LaunchSpec { model_path: path.to_owned(), settings, bundle_digest: String::new() };
             eprintln!("Starting llama-server for {} ...", path.display());
             let instance = crate::runtime::Instance::start(&opts, spec, &http)
                 .await
@@ -773,10 +784,22 @@ pub async fn run_cli(
                     file.path().display()
                 );
             }
-            eprintln!("Benchmarking the served model at {}: {repetitions} repetitions of {PROMPT_SET} ...", serving.addr);
+            eprintln!(
+                "Benchmarking the served model at {}: {repetitions} repetitions of {PROMPT_SET} ...",
+                serving.addr
+            );
             let load_time = serving.load_ms.map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0));
-            benchmark_instance(&http, &identity, &serving.subject(), serving.addr, serving.pid, load_time, trigger, repetitions)
-                .await
+            benchmark_instance(
+                &http,
+                &identity,
+                &serving.subject(),
+                serving.addr,
+                serving.pid,
+                load_time,
+                trigger,
+                repetitions,
+            )
+            .await
         }
     };
     if result.error.is_empty() {
@@ -815,7 +838,7 @@ pub fn table(result: &proto::BenchmarkResult) -> String {
         ("prompt tok/s", &result.prompt_tokens_per_second),
         ("generation tok/s", &result.generation_tokens_per_second),
     ] {
-        let s = stat.clone().unwrap_or_default();
+        let s = stat.unwrap_or_default();
         t.add_row([
             name.to_owned(),
             format!("{:.1}", s.median),

@@ -11,7 +11,9 @@ use alki_shared::oci::Manifest;
 use alki_shared::proto;
 
 use crate::bench::{self, Identity, Subject};
-use crate::pull::{PullError, PullOptions, PullProgress, deployment_blobs, human_bytes, prune_variant_dirs, pull_bundle_with};
+use crate::pull::{
+    PullError, PullOptions, PullProgress, deployment_blobs, human_bytes, prune_variant_dirs, pull_bundle_with,
+};
 use crate::reference::{BundleLocation, ReferenceError};
 use crate::runtime::{HttpClient, Instance, InstanceOptions, LaunchSpec, StopPolicy};
 use crate::settings::{LaunchSettings, RuntimeOverrides};
@@ -81,7 +83,8 @@ impl Calibration {
         let budget = available.saturating_sub(self.memory_reserve);
         // The bundle's signature is checked against the trust policy, as for an activation.
         let (trust_store, repository) = (self.registry.trust.clone(), location.repository.clone());
-        let trust = tokio::task::spawn_blocking(move || trust_store.for_repository(&repository)).await.unwrap_or_default();
+        let trust =
+            tokio::task::spawn_blocking(move || trust_store.for_repository(&repository)).await.unwrap_or_default();
         let options = PullOptions { keep: self.kept().await, trust, ..Default::default() };
         let work_dir = self.work_dir();
         tracing::info!(bundle = %location, budget, "Calibrating: pulling the bundle.");
@@ -151,12 +154,20 @@ impl Calibration {
             ..options.clone()
         };
         let mut quiet = |_: PullProgress| {};
-        let pulled =
-            match pull_bundle_with(access, &self.store, &self.work_dir(), &as_bundle, budget, options, &mut quiet).await
-            {
-                Ok(p) => p,
-                Err(e) => return failed(format!("pulling the variant failed: {e}")),
-            };
+        let pulled = match pull_bundle_with(
+            access,
+            &self.store,
+            &self.work_dir(),
+            &as_bundle,
+            budget,
+            options,
+            &mut quiet,
+        )
+        .await
+        {
+            Ok(p) => p,
+            Err(e) => return failed(format!("pulling the variant failed: {e}")),
+        };
         self.benchmark_pulled(identity, location, pulled, variant.quantization.clone(), repetitions).await
     }
 

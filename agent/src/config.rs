@@ -698,4 +698,17 @@ llama_server = "/bin/llama-server"
             assert!(!valid_authority(bad), "{bad}");
         }
     }
+
+    #[test]
+    fn the_metrics_address_is_optional_and_checked() {
+        let config = Config::from_toml(EXAMPLE).expect("example");
+        assert_eq!(config.metrics_addr().expect("valid"), None, "no metrics endpoint unless configured");
+        assert!(config.benchmark_after_activation, "benchmarks after activations are on by default");
+        let with = format!("metrics_addr = \"127.0.0.1:9464\"\nbenchmark_after_activation = false\n{EXAMPLE}");
+        let config = Config::from_toml(&with).expect("metrics_addr");
+        assert_eq!(config.metrics_addr().expect("valid"), Some("127.0.0.1:9464".parse().expect("addr")));
+        assert!(!config.benchmark_after_activation);
+        let bad = format!("metrics_addr = \"localhost\"\n{EXAMPLE}");
+        assert_eq!(field_of(Config::from_toml(&bad).expect_err("bad address")), "metrics_addr");
+    }
 }

@@ -22,7 +22,11 @@ pub struct Enrolled {
 }
 
 /// Enrolls `device_id` with the bootstrap token in `token_file`.
-pub async fn enroll_with_file(config: &Config, device_id: &DeviceId, token_file: &Path) -> Result<Enrolled, IdentityError> {
+pub async fn enroll_with_file(
+    config: &Config,
+    device_id: &DeviceId,
+    token_file: &Path,
+) -> Result<Enrolled, IdentityError> {
     let token = std::fs::read_to_string(token_file)
         .map_err(|source| IdentityError::Read { path: token_file.to_owned(), source })?;
     enroll(config, device_id, token.trim()).await

@@ -17,6 +17,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RENEW_TIMEOUT: Duration = Duration::from_secs(30);
 /// Retry delay after a failed renewal (the certificate is still valid for a third of its life).
 const RENEW_RETRY: Duration = Duration::from_secs(60);
+/// How often the renewal task looks for the certificate before the device has enrolled.
+const NOT_ENROLLED_POLL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -190,8 +192,8 @@ pub async fn renew_loop(config: Config, mut shutdown: watch::Receiver<bool>) {
         let due = std::fs::read_to_string(files.cert()).ok().and_then(|pem| renewal_time(&pem));
         let wait = match due {
             Some(at) => at.duration_since(SystemTime::now()).unwrap_or_default(),
-            // Not enrolled yet (or unreadable): look again later.
-            None => RENEW_RETRY,
+            // Not enrolled yet (the session enrolls on first start) or unreadable: look again soon.
+            None => NOT_ENROLLED_POLL,
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}

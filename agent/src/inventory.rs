@@ -499,8 +499,7 @@ pub fn read_throttle(root: &Path) -> ThrottleSample {
         }
         for firmware in sorted_entries(&platform_dir) {
             let named = firmware.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with("firmware"));
-            if named && let Some(now) = read_small(&firmware.join("get_throttled")).and_then(|t| pi_throttled_now(&t))
-            {
+            if named && let Some(now) = read_small(&firmware.join("get_throttled")).and_then(|t| pi_throttled_now(&t)) {
                 sample.now |= now;
             }
         }
@@ -639,10 +638,7 @@ mod tests {
         assert_eq!(total, 8_245_008 * 1024);
         assert_eq!(available, 7_321_532 * 1024);
         assert_eq!(meminfo("nothing"), None);
-        assert_eq!(
-            os_release_name(&fixture("pi5/etc/os-release")).as_deref(),
-            Some("Debian GNU/Linux 12 (bookworm)")
-        );
+        assert_eq!(os_release_name(&fixture("pi5/etc/os-release")).as_deref(), Some("Debian GNU/Linux 12 (bookworm)"));
         assert_eq!(millidegrees("48250\n"), Some(48.25));
         assert_eq!(millidegrees("-274000"), None);
         assert_eq!(millidegrees("garbage"), None);

@@ -269,10 +269,7 @@ pub struct SessionTelemetry {
 }
 
 /// A controller command as a benchmark job; an immediate report when it cannot be queued.
-pub fn command_job(
-    bench: Option<&crate::bench::Jobs>,
-    command: proto::Command,
-) -> Result<(), proto::BenchmarkReport> {
+pub fn command_job(bench: Option<&crate::bench::Jobs>, command: proto::Command) -> Result<(), proto::BenchmarkReport> {
     let refuse = |error: &str| proto::BenchmarkReport {
         command_id: command.id.clone(),
         results: Vec::new(),
@@ -362,10 +359,7 @@ pub fn render(state: &MetricsState, llama: Option<LlamaCounters>) -> String {
         "alki_agent_activations_total",
         "counter",
         "Activations of desired states, by outcome.",
-        ActivationOutcome::ALL
-            .iter()
-            .map(|o| format!("{{outcome=\"{}\"}} {}", o.label(), m.activations(*o)))
-            .collect(),
+        ActivationOutcome::ALL.iter().map(|o| format!("{{outcome=\"{}\"}} {}", o.label(), m.activations(*o))).collect(),
     );
     family(
         "alki_agent_pull_bytes_total",
@@ -390,7 +384,9 @@ pub fn render(state: &MetricsState, llama: Option<LlamaCounters>) -> String {
             escape(&r.tag),
             escape(&snapshot.variant_digest)
         )],
-        (None, Some(u)) => vec![format!("{{bundle=\"{}\",repository=\"\",tag=\"\",variant=\"\"}} 1", escape(u.bundle_digest()))],
+        (None, Some(u)) => {
+            vec![format!("{{bundle=\"{}\",repository=\"\",tag=\"\",variant=\"\"}} 1", escape(u.bundle_digest()))]
+        }
         _ => Vec::new(),
     };
     family("alki_agent_bundle_info", "gauge", "The bundle served now (value 1).", info);
@@ -470,7 +466,7 @@ pub fn render(state: &MetricsState, llama: Option<LlamaCounters>) -> String {
     if let Some(b) = m.last_benchmark() {
         let labels = format!(
             "{{bundle=\"{}\",variant=\"{}\",prompt_set=\"{}\"}}",
-            escape(&b.bundle.as_ref().map(|r| r.digest.as_str()).unwrap_or_default()),
+            escape(b.bundle.as_ref().map(|r| r.digest.as_str()).unwrap_or_default()),
             escape(&b.variant_digest),
             escape(&b.prompt_set)
         );

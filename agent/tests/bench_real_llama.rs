@@ -86,8 +86,7 @@ async fn the_tiny_model_is_benchmarked_and_measured_with_the_real_llama_server()
             ..Default::default()
         };
         let http = http_client();
-        let result =
-            bench::benchmark_serving(&proxy, &http, &identity, &snapshot, BenchmarkTrigger::OnDemand, 5).await;
+        let result = bench::benchmark_serving(&proxy, &http, &identity, &snapshot, BenchmarkTrigger::OnDemand, 5).await;
         check(&result, 5);
         assert_eq!(result.variant_digest, "sha256:tiny-variant");
         assert_eq!(result.variant_name, "F16", "read from the GGUF's general.file_type");
@@ -164,8 +163,11 @@ async fn telemetry_cost() {
     };
     let proxy = Proxy::new(http_client());
     let mut supervisor = Supervisor::new(opts, Duration::from_secs(30), proxy.clone());
-    let spec =
-        alki_agent::runtime::LaunchSpec { model_path: model, settings: launch_settings(), bundle_digest: "sha256:t".into() };
+    let spec = alki_agent::runtime::LaunchSpec {
+        model_path: model,
+        settings: launch_settings(),
+        bundle_digest: "sha256:t".into(),
+    };
     supervisor.swap(spec).await.expect("starts");
     let mut collector = TelemetryCollector::new(http_client());
     let metrics = AgentMetrics::default();
@@ -174,7 +176,9 @@ async fn telemetry_cost() {
         // SAFETY: getrusage writes into the struct we pass and has no other effect.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
         unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-        usage.ru_utime.tv_sec as f64 + usage.ru_utime.tv_usec as f64 / 1e6 + usage.ru_stime.tv_sec as f64
+        usage.ru_utime.tv_sec as f64
+            + usage.ru_utime.tv_usec as f64 / 1e6
+            + usage.ru_stime.tv_sec as f64
             + usage.ru_stime.tv_usec as f64 / 1e6
     };
     let rss = || {

@@ -276,7 +276,7 @@ async fn telemetry_the_benchmark_command_and_prometheus_metrics() {
         assert_eq!(r.repetitions, 2);
         assert_eq!(r.bundle.as_ref().map(|b| b.digest.as_str()), Some(bundle.as_str()));
         assert_eq!(r.variant_digest, active.variant_digest.to_string());
-        let generation = r.generation_tokens_per_second.clone().expect("generation");
+        let generation = r.generation_tokens_per_second.expect("generation");
         assert_eq!(generation.samples, 2);
         assert!(close(generation.median, 2000.0), "{generation:?}");
         assert!(close(r.prompt_tokens_per_second.as_ref().expect("prompt").median, 2000.0));
@@ -357,7 +357,9 @@ async fn an_activation_is_benchmarked_and_calibration_covers_every_variant_that_
         let report = agent.report("cal-1").await;
         assert!(report.error.is_empty(), "{}", report.error);
         assert_eq!(report.results.len(), 3);
-        for (result, (digest, quantization)) in report.results.iter().zip(variants.iter().zip(["Q4_K_M", "Q8_0", "F16"])) {
+        for (result, (digest, quantization)) in
+            report.results.iter().zip(variants.iter().zip(["Q4_K_M", "Q8_0", "F16"]))
+        {
             assert_eq!(result.trigger, BenchmarkTrigger::Calibration as i32);
             assert_eq!(result.variant_digest, digest.to_string());
             assert_eq!(result.variant_name, quantization);
@@ -382,7 +384,12 @@ async fn an_activation_is_benchmarked_and_calibration_covers_every_variant_that_
         assert!(report.results.is_empty());
         assert!(report.error.contains("acme/tiny"), "{}", report.error);
 
-        let text = reqwest::get(format!("http://{}/metrics", agent.metrics)).await.expect("scrape").text().await.expect("text");
+        let text = reqwest::get(format!("http://{}/metrics", agent.metrics))
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("text");
         assert!(text.contains("alki_agent_activations_total{outcome=\"active\"} 1"), "{text}");
         agent.stop().await;
     })

@@ -135,13 +135,16 @@ fn phase_label(phase: i32) -> &'static str {
     Phase::try_from(phase).unwrap_or(Phase::Unspecified).label()
 }
 
+/// Newest telemetry of the devices of one (class, bundle): tokens/s values, TTFT values, devices.
+type Serving = (Vec<f64>, Vec<f64>, u64);
+
 /// Renders every metric from the fleet's state now. Blocking (reads the store).
 pub fn render(fleet: &Fleet) -> Result<String, StoreError> {
     let mut e = Exposition::default();
     let devices = fleet.devices(&Default::default())?;
 
     let mut by_state: BTreeMap<(&str, &str, String), u64> = BTreeMap::new();
-    let mut serving: BTreeMap<(String, String), (Vec<f64>, Vec<f64>, u64)> = BTreeMap::new();
+    let mut serving: BTreeMap<(String, String), Serving> = BTreeMap::new();
     let mut connected = 0u64;
     for d in &devices {
         let state = if d.decommissioned {
@@ -188,7 +191,7 @@ pub fn render(fleet: &Fleet) -> Result<String, StoreError> {
     for (state, n) in &by_rollout_state {
         e.add("alki_rollouts", &[("state", state)], *n as f64);
     }
-    rollouts.sort_by(|a, b| b.updated_unix_ms.cmp(&a.updated_unix_ms));
+    rollouts.sort_by_key(|r| std::cmp::Reverse(r.updated_unix_ms));
     let (active, finished): (Vec<&proto::Rollout>, Vec<&proto::Rollout>) = rollouts
         .iter()
         .partition(|r| crate::rollout::engine::is_active(RolloutState::try_from(r.state).unwrap_or_default()));

@@ -130,15 +130,20 @@ impl Pki {
         }
         let ca_pem = read(&ca_cert, "the CA certificate")?;
         let key_pem = read(&ca_key, "the CA key")?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|source| PkiError::BadPem { what: "the CA key", path: ca_key.clone(), source })?;
-        let issuer = Issuer::from_ca_cert_pem(&ca_pem, key)
-            .map_err(|source| PkiError::BadPem { what: "the CA certificate", path: ca_cert.clone(), source })?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|source| PkiError::BadPem {
+            what: "the CA key",
+            path: ca_key.clone(),
+            source,
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, key).map_err(|source| PkiError::BadPem {
+            what: "the CA certificate",
+            path: ca_cert.clone(),
+            source,
+        })?;
         let server = match &config.server {
-            Some((cert, key)) => CertKey {
-                cert_pem: read(cert, "the server certificate")?,
-                key_pem: read(key, "the server key")?,
-            },
+            Some((cert, key)) => {
+                CertKey { cert_pem: read(cert, "the server certificate")?, key_pem: read(key, "the server key")? }
+            }
             None => issue_server(&issuer, &config.server_names)?,
         };
         let token_key = load_or_create_token_key(&dir)?;
@@ -303,7 +308,8 @@ fn load_or_create_token_key(dir: &Path) -> Result<[u8; 32], PkiError> {
 
 /// Writes a secret atomically with mode 0600 from the start.
 pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
-    alki_shared::fsutil::write_atomic(path, bytes).map_err(|source| PkiError::Write { path: path.to_owned(), source })?;
+    alki_shared::fsutil::write_atomic(path, bytes)
+        .map_err(|source| PkiError::Write { path: path.to_owned(), source })?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -384,8 +390,8 @@ mod tests {
         assert_eq!(pki.verify_registry_token(&token, 2_000), None, "expired");
         let forged = token.replace("pi-1.2000", "pi-2.2000");
         assert_eq!(pki.verify_registry_token(&forged, 1_000), None, "another device's name breaks the MAC");
-        let other = Pki::load_or_create(tempfile::tempdir().expect("tempdir").path(), &PkiConfig::default())
-            .expect("pki");
+        let other =
+            Pki::load_or_create(tempfile::tempdir().expect("tempdir").path(), &PkiConfig::default()).expect("pki");
         assert_eq!(other.verify_registry_token(&token, 1_000), None, "another controller's key");
     }
 

@@ -53,8 +53,7 @@ async fn session(
     c: &SecureController,
     identity: Option<(&str, &str)>,
     hello_id: &str,
-) -> Result<(proto::Welcome, tonic::Streaming<proto::ControllerMessage>, mpsc::Sender<AgentMessage>), tonic::Status>
-{
+) -> Result<(proto::Welcome, tonic::Streaming<proto::ControllerMessage>, mpsc::Sender<AgentMessage>), tonic::Status> {
     let channel = c.channel(identity).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut client = AgentServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(8);
@@ -80,7 +79,7 @@ async fn an_enrolled_device_is_known_by_its_certificate_and_decommissioning_refu
         let other = session(&c, Some((&cert, &key)), "pi-2").await.err().expect("another id refused");
         assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
 
-        let (welcome, mut inbound, _tx) = session(&c, Some((&cert, &key)), "").await.expect("mTLS session");
+        let (welcome, mut inbound, tx1) = session(&c, Some((&cert, &key)), "").await.expect("mTLS session");
         assert_eq!(welcome.device_id, "pi-1", "the id comes from the certificate");
         assert!(!welcome.registry_token.is_empty() && welcome.registry_token_expires_unix_ms > 0);
 
@@ -109,21 +108,28 @@ async fn an_enrolled_device_is_known_by_its_certificate_and_decommissioning_refu
         let new_key = new_key.serialize_pem();
         let stale = session(&c, Some((&cert, &key)), "").await.err().expect("the replaced certificate is refused");
         assert_eq!(stale.code(), tonic::Code::PermissionDenied, "{stale:?}");
-        let (welcome, _inbound2, _tx2) =
+        let (welcome, inbound2, tx2) =
             session(&c, Some((&renewed.certificate_pem, &new_key)), "pi-1").await.expect("renewed session");
         assert_eq!(welcome.device_id, "pi-1");
-        drop(inbound.message().await); // The first session was replaced by the second.
+        // The first session was replaced by the second: its stream ends.
+        assert!(matches!(inbound.message().await, Ok(None) | Err(_)));
+        drop((inbound, tx1));
 
         // Decommission: the open session ends, and sessions, renewals and registry tokens are refused.
         let mut security = SecurityServiceClient::new(c.channel(None).await.expect("connect"));
         let done = security
-            .decommission_device(bearer_request(&c.admin, proto::DecommissionDeviceRequest { device_id: "pi-1".into() }))
+            .decommission_device(bearer_request(
+                &c.admin,
+                proto::DecommissionDeviceRequest { device_id: "pi-1".into() },
+            ))
             .await
             .expect("decommission")
             .into_inner();
         assert!(done.session_closed);
-        let mut inbound = _inbound2;
+        let mut inbound = inbound2;
         assert!(matches!(inbound.message().await, Ok(None) | Err(_)), "the open session was closed");
+        // A real agent ends its half of the stream when the controller ends its half.
+        drop((inbound, tx2));
         let refused = session(&c, Some((&renewed.certificate_pem, &new_key)), "pi-1").await.err().expect("refused");
         assert_eq!(refused.code(), tonic::Code::PermissionDenied);
         assert!(refused.message().contains("decommissioned"), "{refused:?}");

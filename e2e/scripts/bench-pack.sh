@@ -7,11 +7,14 @@
 #     peak memory of `alkictl bundle pack` on it (metadata read + copying a ~6 MB file; the arrays are
 #     skipped, never held).
 # Usage: e2e/scripts/bench-pack.sh [SIZE_MIB]   (default 1024). Needs ~3x SIZE of free space in $TMPDIR.
+# ALKICTL=path uses that binary instead of building target/release/alkictl.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 size_mib="${1:-1024}"
-cargo build --release --quiet -p alki-controller --bin alkictl
-alkictl="$PWD/target/release/alkictl"
+if [ -z "${ALKICTL:-}" ]; then
+  cargo build --release --quiet -p alki-controller --bin alkictl
+fi
+alkictl="${ALKICTL:-$PWD/target/release/alkictl}"
 work="$(mktemp -d "${TMPDIR:-/tmp}/alki-bench-pack.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 

@@ -16,7 +16,7 @@ trap cleanup EXIT
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 grpc_port=$(port); http_port=$(port); front_port=$(port)
-export ALKI_CONTROLLER="http://127.0.0.1:$grpc_port" ALKI_REGISTRY="127.0.0.1:$http_port"
+export ALKI_CONTROLLER="https://127.0.0.1:$grpc_port" ALKI_REGISTRY="127.0.0.1:$http_port"
 
 echo "==> a signing key (alkictl key generate; the controller and the agent trust its public half)"
 export ALKI_KEY_PASSWORD="quickstart-$$"
@@ -28,16 +28,18 @@ echo "==> controller (data in $work/controller, logs in $work/*.log)"
   --http-addr "127.0.0.1:$http_port" >"$work/controller.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do [ -f "$work/controller/admin.token" ] && break; sleep 0.2; done
-export ALKI_TOKEN_FILE="$work/controller/admin.token"
+# TLS is on by default with the CA the controller made on first start: alkictl and the agent trust it.
+export ALKI_TOKEN_FILE="$work/controller/admin.token" ALKI_CA_FILE="$work/controller/pki/ca.crt"
 
 echo "==> a tiny llama model, packed and pushed as acme/tiny:v1"
 "$bin/make-tiny-model" --out "$work/tiny.gguf" --name alki-tiny >/dev/null
 "$bin/alkictl" bundle pack "$work/tiny.gguf" --out "$work/bundle" --tag v1
-"$bin/alkictl" bundle push "$work/bundle" acme/tiny:v1 --insecure-plain-http
-"$bin/alkictl" bundle sign acme/tiny:v1 --key "$work/release.key" --insecure-plain-http
+"$bin/alkictl" bundle push "$work/bundle" acme/tiny:v1
+"$bin/alkictl" bundle sign acme/tiny:v1 --key "$work/release.key"
 
 echo "==> agent pi-001 (front port $front_port)"
-"$bin/alkictl" token create --name pi-001 --role agent >"$work/agent.token"
+# A one-use bootstrap token: the agent enrolls with it on first start, then every session is mTLS.
+"$bin/alkictl" enroll token create --labels site=lab --uses 1 --expires 1h -o json | json 'd["secret"]' >"$work/bootstrap.token"
 cat >"$work/trust.toml" <<TOML
 [[repository]]
 pattern = "*"
@@ -51,10 +53,8 @@ labels = { site = "lab" }
 
 [controller]
 url = "$ALKI_CONTROLLER"
-token_file = "$work/agent.token"
-
-[registry]
-insecure_plain_http = ["$ALKI_REGISTRY"]
+ca_file = "$ALKI_CA_FILE"
+bootstrap_token_file = "$work/bootstrap.token"
 
 [runtime]
 llama_server = "$llama_bin/llama-server"
@@ -83,6 +83,6 @@ curl -sS "http://127.0.0.1:$front_port/v1/chat/completions" -H 'content-type: ap
   -d '{"messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}' | json 'd["choices"][0]["message"]["content"]'
 
 if [ "${1:-}" = --exit ]; then exit 0; fi
-echo "==> running; try: ALKI_CONTROLLER=$ALKI_CONTROLLER ALKI_TOKEN_FILE=$ALKI_TOKEN_FILE $bin/alkictl devices list"
+echo "==> running; try: ALKI_CONTROLLER=$ALKI_CONTROLLER ALKI_TOKEN_FILE=$ALKI_TOKEN_FILE ALKI_CA_FILE=$ALKI_CA_FILE $bin/alkictl devices list"
 echo "    Ctrl-C stops everything."
 wait

@@ -182,3 +182,41 @@ fn stolen_bootstrap_tokens_past_their_uses_or_expiry_and_claimed_ids_are_refused
     let _keep: &Proc = &agent;
     Ok(())
 }
+
+#[test]
+fn an_agent_enrolls_on_first_start_and_renews_its_certificate_without_an_operator() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Six-second certificates: the agent renews at two thirds of that, again and again.
+    let controller = harness::start_controller(dir.path(), &["--device-cert-validity-secs", "6"])?;
+    let fake = binary("fake-llama-server")?;
+    let trust = harness::write_trust_policy(dir.path(), &dir.path().join("unused.pub"))?;
+    let token = controller.bootstrap_token(1)?;
+    let agent_setup = setup(&controller, "pi-renew", &token, &fake, &trust)?;
+    let mut agent = harness::start_agent(dir.path(), &agent_setup)?;
+    wait_for(
+        "the agent to enroll on first start and connect",
+        Duration::from_secs(30),
+        &[&controller.proc, &agent],
+        || Ok(device(&controller, "pi-renew")?.filter(|d| d["connected"] == true)),
+    )?;
+    let cert = harness::agent_dir(dir.path(), "pi-renew").join("data/identity/device.crt");
+    let first = std::fs::read_to_string(&cert)?;
+    // Two renewals: the second is made over mTLS with the first renewed certificate, after the original expired.
+    let mut seen = vec![first];
+    wait_for("two renewals", Duration::from_secs(60), &[&controller.proc, &agent], || {
+        let now = std::fs::read_to_string(&cert)?;
+        if !seen.contains(&now) {
+            seen.push(now);
+        }
+        Ok((seen.len() >= 3).then_some(()))
+    })?;
+    let log = std::fs::read_to_string(&agent.log)?;
+    ensure!(log.matches("Renewed the device certificate").count() >= 2, "{log}");
+    // A restarted agent connects with the renewed certificate (the enrolled one expired long ago).
+    agent.stop(Duration::from_secs(10))?;
+    let agent = harness::start_agent(dir.path(), &agent_setup)?;
+    wait_for("the restarted agent to reconnect", Duration::from_secs(30), &[&controller.proc, &agent], || {
+        Ok(device(&controller, "pi-renew")?.filter(|d| d["connected"] == true))
+    })?;
+    Ok(())
+}

@@ -147,7 +147,8 @@ fn a_bundle_rolls_out_to_an_agent_and_serves_completions_with_real_llama_server(
     bytes[middle] ^= 0xff;
     std::fs::write(&blob, &bytes)?;
 
-    fleet.alkictl_json(&["rollout", "create", "--bundle", "acme/tiny:v2", "--selector", "site=lab"])?;
+    let rollout_v2 =
+        fleet.alkictl_json(&["rollout", "create", "--bundle", "acme/tiny:v2", "--selector", "site=lab"])?;
     let failed = wait_for("the agent to refuse the corrupt bundle", Duration::from_secs(120), &procs, || {
         Ok(device(&fleet, "pi-001")?.filter(|d| d["phase"] == "failed"))
     })?;
@@ -159,6 +160,14 @@ fn a_bundle_rolls_out_to_an_agent_and_serves_completions_with_real_llama_server(
         .json(&serde_json::json!({"messages": [{"role": "user", "content": "Still there?"}], "max_tokens": 4}))
         .send()?;
     assert_eq!(response.status(), 200, "v1 keeps serving after a refused update");
+
+    // The failed v2 rollout ends (abort is refused when the gates already ended it) before the next one.
+    let v2_id = rollout_v2["id"].as_str().context("rollout id")?.to_owned();
+    let _ = run(fleet.controller.alkictl()?.args(["rollout", "abort", &v2_id, "--reason", "e2e: corrupt layer"]));
+    wait_for("the v2 rollout to end", Duration::from_secs(60), &procs, || {
+        let r = fleet.alkictl_json(&["rollout", "get", &v2_id])?;
+        Ok(["aborted", "completed", "failed"].contains(&r["state"].as_str().unwrap_or_default()).then_some(()))
+    })?;
 
     // Signed by a key nobody trusts: the controller refuses; overridden there, the agent still refuses it
     // before fetching its layers, with the reason, and v1 keeps serving.

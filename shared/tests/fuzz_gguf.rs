@@ -228,7 +228,10 @@ fn damaged_files_are_refused_or_read_never_panic() {
                 match d {
                     Damage::Lie { field, value } => {
                         let at = fields[field % fields.len()];
-                        bytes[at..at + 8].copy_from_slice(&value.to_le_bytes());
+                        // An earlier truncation may have cut the field off.
+                        if let Some(slot) = bytes.get_mut(at..at + 8) {
+                            slot.copy_from_slice(&value.to_le_bytes());
+                        }
                     }
                     Damage::Truncate { keep } => bytes.truncate(keep % (bytes.len() + 1)),
                     Damage::Flip { at, byte } if !bytes.is_empty() => {

@@ -437,8 +437,12 @@ async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response 
     };
     let upstream = guard.0.clone();
     upstream.counters.requests.fetch_add(1, Ordering::Relaxed);
-    let mut timer =
-        RequestTimer { counters: upstream.counters.clone(), started: Instant::now(), streamed: false, first_seen: false };
+    let mut timer = RequestTimer {
+        counters: upstream.counters.clone(),
+        started: Instant::now(),
+        streamed: false,
+        first_seen: false,
+    };
     let count_error = || upstream.counters.errors.fetch_add(1, Ordering::Relaxed);
 
     let (mut parts, body) = request.into_parts();

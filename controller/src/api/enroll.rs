@@ -153,7 +153,8 @@ pub async fn refresh_registry_tokens(
     heartbeat: Duration,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + REGISTRY_TOKEN_REFRESH, REGISTRY_TOKEN_REFRESH);
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + REGISTRY_TOKEN_REFRESH, REGISTRY_TOKEN_REFRESH);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -148,8 +148,8 @@ fn spread(s: &Option<proto::Stat>) -> String {
 fn comparison_table(c: &proto::Comparison, devices: bool) -> String {
     let mut t = table(["CLASS", "A tok/s", "B tok/s", "B/A tok/s", "A TTFT ms", "B TTFT ms", "B/A TTFT", "PAIRED"]);
     for class in &c.classes {
-        let tps = class.generation_tokens_per_second.clone().unwrap_or_default();
-        let ttft = class.ttft_ms.clone().unwrap_or_default();
+        let tps = class.generation_tokens_per_second.unwrap_or_default();
+        let ttft = class.ttft_ms.unwrap_or_default();
         t.add_row([
             class.class.clone(),
             spread(&tps.a),

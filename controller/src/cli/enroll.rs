@@ -36,7 +36,8 @@ pub enum TokenCmd {
     Revoke { id: String },
 }
 
-type Security = SecurityServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, super::Auth>>;
+type Security =
+    SecurityServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, super::Auth>>;
 
 async fn client(cli: &Cli) -> anyhow::Result<Security> {
     Ok(SecurityServiceClient::with_interceptor(cli.channel().await?, cli.auth()?))

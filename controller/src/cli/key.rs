@@ -30,6 +30,8 @@ pub fn generate(prefix: &Path, password: &[u8], force: bool) -> anyhow::Result<G
     write_private(&private_key, encrypted.as_bytes())?;
     alki_shared::fsutil::write_atomic(&public_key, key.public_key().to_pem().as_bytes())
         .with_context(|| format!("writing {}", public_key.display()))?;
+    // The public half is meant to be copied around.
+    std::fs::set_permissions(&public_key, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     Ok(Generated { private_key, public_key, fingerprint: key.public_key().fingerprint().to_owned() })
 }
 
@@ -47,7 +49,6 @@ fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new()
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -56,8 +57,6 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error).with_context(|| format!("writing {}", path.display()))?;
-    // Keep the mode explicit even if the temp file's builder ignored it.
-    let _ = std::fs::OpenOptions::new().mode(0o600).open(path);
     Ok(())
 }
 

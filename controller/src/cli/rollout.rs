@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use super::{Cli, Output, SelectorArgs, print, short_ref, split_bundle_ref, status, table};
 
 #[derive(Subcommand)]
+// Parsed once per run: the size of the largest variant costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 pub enum RolloutCmd {
     /// Start rolling a bundle out to the selected devices (flags, or `--file spec.toml`; flags win).
     Create(CreateArgs),

@@ -32,7 +32,7 @@ pub enum QueryError {
 pub fn comparison(fleet: &Fleet, rollout_id: &str) -> Result<proto::Comparison, QueryError> {
     let rollout = fleet.store.rollout(rollout_id)?.ok_or_else(|| QueryError::RolloutNotFound(rollout_id.to_owned()))?;
     let records = fleet.store.rollout_devices(rollout_id)?;
-    let devices = fleet.store.devices()?;
+    let devices = fleet.store.device_summaries()?;
     let measurements = Measurements::from_records(&fleet.store.perf_records()?);
     let min = rollout.spec.as_ref().and_then(|s| s.gates).map(|g| g.min_devices).unwrap_or(0).max(1) as usize;
     Ok(compare::compare(&rollout, &devices, &records, &measurements, min))

@@ -172,9 +172,7 @@ impl Store {
                 decommissioned_unix_ms: None,
             };
             tokens.insert(token_hash, encode(&token, ENROLL_TOKENS)?.as_slice()).map_err(StoreError::from)?;
-            identities
-                .insert(device_id, encode(&identity, DEVICE_IDENTITIES)?.as_slice())
-                .map_err(StoreError::from)?;
+            identities.insert(device_id, encode(&identity, DEVICE_IDENTITIES)?.as_slice()).map_err(StoreError::from)?;
             (identity, extra)
         };
         txn.commit().map_err(StoreError::from)?;
@@ -207,9 +205,7 @@ impl Store {
             let (issued, extra) = sign().map_err(IdentityError::Sign)?;
             identity.serial = issued.serial;
             identity.not_after_unix_ms = issued.not_after_unix_ms;
-            identities
-                .insert(device_id, encode(&identity, DEVICE_IDENTITIES)?.as_slice())
-                .map_err(StoreError::from)?;
+            identities.insert(device_id, encode(&identity, DEVICE_IDENTITIES)?.as_slice()).map_err(StoreError::from)?;
             (identity, extra)
         };
         txn.commit().map_err(StoreError::from)?;
@@ -285,7 +281,9 @@ mod tests {
         store.put_enroll_token("h1", &token(5, 50_000)).expect("put");
         store.enroll("h1", "pi-1", 1_000, issued("s1")).expect("enroll");
         store.check_device_certificate("pi-1", "s1").expect("current");
-        store.renew("pi-1", "s1", || Ok((Issued { serial: "s2".into(), not_after_unix_ms: 20_000 }, ()))).expect("renew");
+        store
+            .renew("pi-1", "s1", || Ok((Issued { serial: "s2".into(), not_after_unix_ms: 20_000 }, ())))
+            .expect("renew");
         assert!(matches!(store.check_device_certificate("pi-1", "s1"), Err(IdentityError::StaleCertificate(_))));
         store.check_device_certificate("pi-1", "s2").expect("renewed");
         store.decommission("pi-1", 3_000).expect("decommission").expect("known");

@@ -262,6 +262,50 @@ impl Store {
         Ok(())
     }
 
+    /// Every device with only what comparisons read (id, labels, what it runs, its inventory's hardware
+    /// class): decoding a few fields of each record instead of all of them keeps a comparison over thousands
+    /// of devices fast.
+    pub fn device_summaries(&self) -> Result<Vec<proto::Device>, StoreError> {
+        #[derive(Deserialize)]
+        struct Ref {
+            #[serde(default)]
+            digest: String,
+        }
+        #[derive(Deserialize)]
+        struct Inventory {
+            #[serde(default)]
+            hardware_class: String,
+        }
+        #[derive(Deserialize)]
+        struct Summary {
+            #[serde(default)]
+            id: String,
+            #[serde(default)]
+            labels: std::collections::HashMap<String, String>,
+            #[serde(default)]
+            running: Option<Ref>,
+            #[serde(default)]
+            inventory: Option<Inventory>,
+        }
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(super::DEVICES)?;
+        let mut out = Vec::new();
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            let s: Summary = decode("devices".into(), k.value(), v.value())?;
+            out.push(proto::Device {
+                id: s.id,
+                labels: s.labels,
+                running: s.running.map(|r| proto::BundleRef { digest: r.digest, ..Default::default() }),
+                inventory: s
+                    .inventory
+                    .map(|i| proto::Inventory { hardware_class: i.hardware_class, ..Default::default() }),
+                ..Default::default()
+            });
+        }
+        Ok(out)
+    }
+
     /// Every device's measurements of every bundle.
     pub fn perf_records(&self) -> Result<Vec<PerfRecord>, StoreError> {
         self.list(PERF)
@@ -385,6 +429,27 @@ mod tests {
         let r = &store2.perf_records().expect("records")[0];
         assert_eq!(r.tokens_per_second.len(), PERF_WINDOW);
         assert_eq!(r.tokens_per_second.last(), Some(&40.0), "newest kept");
+    }
+
+    #[test]
+    fn device_summaries_carry_what_comparisons_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store
+            .update_device("d1", |d| {
+                d.labels.insert("site".into(), "lab".into());
+                d.running = Some(proto::BundleRef { digest: "sha256:aa".into(), ..Default::default() });
+                d.inventory =
+                    Some(proto::Inventory { hardware_class: "pi5-8g".into(), cpu_cores: 4, ..Default::default() });
+                d.agent_version = "1.0".into();
+            })
+            .expect("device");
+        let s = store.device_summaries().expect("summaries");
+        assert_eq!(s.len(), 1);
+        assert_eq!((s[0].id.as_str(), s[0].labels.get("site").map(String::as_str)), ("d1", Some("lab")));
+        assert_eq!(s[0].running.as_ref().map(|b| b.digest.as_str()), Some("sha256:aa"));
+        assert_eq!(crate::rollout::engine::hardware_class(&s[0]), "pi5-8g");
+        assert!(s[0].agent_version.is_empty(), "only the fields comparisons read are decoded");
     }
 
     #[test]

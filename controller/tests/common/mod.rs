@@ -149,17 +149,16 @@ pub async fn start_secure(configure: impl FnOnce(&mut alki_controller::config::C
 
 impl SecureController {
     /// A channel over TLS trusting the controller CA, presenting `identity` (cert, key PEM) when given.
-    pub async fn channel(&self, identity: Option<(&str, &str)>) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    pub async fn channel(
+        &self,
+        identity: Option<(&str, &str)>,
+    ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
         let mut tls = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem));
         if let Some((cert, key)) = identity {
             tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
         }
-        tonic::transport::Channel::from_shared(self.grpc.clone())
-            .expect("url")
-            .tls_config(tls)?
-            .connect()
-            .await
+        tonic::transport::Channel::from_shared(self.grpc.clone()).expect("url").tls_config(tls)?.connect().await
     }
 
     /// An HTTPS client for the registry, trusting the controller CA.

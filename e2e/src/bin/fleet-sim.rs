@@ -144,13 +144,18 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if let Some(pid) = args.controller_pid {
-        let size0 = args.data_dir.as_deref().map(dir_bytes).transpose()?;
+        // The store grows while every device's first measurements are written; growth is measured after
+        // the first third of the window, at steady state.
+        let warm_up = Duration::from_secs(args.idle_secs / 3);
         let (cpu0, t0) = (cpu_ticks(pid)?, Instant::now());
-        tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+        tokio::time::sleep(warm_up).await;
+        let (size0, t_size) = (args.data_dir.as_deref().map(dir_bytes).transpose()?, Instant::now());
+        tokio::time::sleep(Duration::from_secs(args.idle_secs).saturating_sub(warm_up)).await;
         let cpu = (cpu_ticks(pid)? - cpu0) as f64 / 100.0;
         let wall = t0.elapsed().as_secs_f64();
         if let (Some(size0), Some(dir)) = (size0, args.data_dir.as_deref()) {
             let grown = dir_bytes(dir)? as f64 - size0 as f64;
+            let wall = t_size.elapsed().as_secs_f64();
             println!(
                 "store: {} MiB now, grew {:.1} MiB over {wall:.0} s with telemetry every {} s => {:.1} MiB/day extrapolated",
                 dir_bytes(dir)? >> 20,
