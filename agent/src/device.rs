@@ -229,7 +229,13 @@ impl Device {
                     };
                     let finished = self.finish_activation(&p.desired, outcome, &mut shutdown).await;
                     match &finished {
-                        Outcome::Active => self.hooks.activation(crate::metrics::ActivationOutcome::Active),
+                        Outcome::Active => {
+                            self.hooks.activation(crate::metrics::ActivationOutcome::Active);
+                            // Benchmarked once proven: at once without a watch window, else when it passes.
+                            if self.watching.is_none() {
+                                self.hooks.benchmark();
+                            }
+                        }
                         Outcome::Failed { .. } => self.hooks.activation(crate::metrics::ActivationOutcome::Failed),
                         Outcome::Abandoned => {}
                     }
@@ -682,6 +688,7 @@ impl Device {
             tracing::info!(generation = %watch.desired.generation, "The new model passed its watch window; the previous one is released.");
             self.watching = None;
             self.supervisor.commit();
+            self.hooks.benchmark();
             self.collect_garbage().await;
             return;
         }

@@ -158,7 +158,8 @@ pub struct CpuIdentity {
     pub cores: usize,
 }
 
-/// The CPU model (x86 `model name`; arm: the core named from `CPU implementer`/`CPU part`) and core count.
+/// The CPU model (arm: the core named by `CPU implementer`/`CPU part` when known, else `model name`) and
+/// the core count.
 pub fn cpu_identity(cpuinfo: &str) -> CpuIdentity {
     let field = |name: &str| {
         cpuinfo.lines().find_map(|l| {
@@ -178,11 +179,13 @@ pub fn cpu_identity(cpuinfo: &str) -> CpuIdentity {
         Some(c) if c > 0 && !physical_ids.is_empty() => c * physical_ids.len(),
         _ => processors,
     };
-    let model = field("model name").filter(|m| !m.is_empty()).or_else(|| {
-        let implementer = field("CPU implementer")?;
-        let part = field("CPU part")?;
-        Some(arm_core_name(&implementer, &part).map(str::to_owned).unwrap_or(format!("arm {implementer}/{part}")))
-    });
+    // Arm kernels often say only "ARMv8 Processor rev 1 (v8l)": the core named by implementer and part says more.
+    let arm = field("CPU implementer").zip(field("CPU part"));
+    let model = arm
+        .as_ref()
+        .and_then(|(implementer, part)| arm_core_name(implementer, part).map(str::to_owned))
+        .or_else(|| field("model name").filter(|m| !m.is_empty()))
+        .or_else(|| arm.map(|(implementer, part)| format!("arm {implementer}/{part}")));
     CpuIdentity { model: model.unwrap_or_default(), cores }
 }
 

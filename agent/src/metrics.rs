@@ -167,11 +167,15 @@ pub struct DeviceHooks {
 }
 
 impl DeviceHooks {
-    /// An activation ended: count it, and benchmark the new model when it is active.
+    /// An activation ended: count it.
     pub fn activation(&self, outcome: ActivationOutcome) {
         self.metrics.activation(outcome);
-        if outcome == ActivationOutcome::Active
-            && let Some(jobs) = &self.bench
+    }
+
+    /// A new model is committed (its watch window passed, or there was none): benchmark it. Not during the
+    /// watch window, where the benchmark's load could be taken for the new model's failure.
+    pub fn benchmark(&self) {
+        if let Some(jobs) = &self.bench
             && !jobs.offer(crate::bench::Job::Activation)
         {
             tracing::info!("Benchmarks are queued already; this activation is not benchmarked.");

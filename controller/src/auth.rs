@@ -191,12 +191,12 @@ impl Authenticator {
         let tokens = self.store.tokens()?;
         let by_id: Vec<_> = tokens.iter().filter(|(hash, _)| token_id(hash) == id_or_name).collect();
         let chosen: &(String, TokenRecord) = match by_id.as_slice() {
-            [one] => *one,
+            [one] => one,
             _ => {
                 let by_name: Vec<_> =
                     tokens.iter().filter(|(_, r)| r.name == id_or_name && r.revoked_unix_ms.is_none()).collect();
                 match by_name.as_slice() {
-                    [one] => *one,
+                    [one] => one,
                     [] => return Err(TokenError::NotFound(id_or_name.to_owned())),
                     _ => return Err(TokenError::Ambiguous(id_or_name.to_owned(), by_name.len())),
                 }

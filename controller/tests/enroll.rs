@@ -74,9 +74,9 @@ async fn an_enrolled_device_is_known_by_its_certificate_and_decommissioning_refu
         let (cert, key) = enroll(&c, &token, "pi-1").await.expect("enroll");
 
         // Without a certificate there is no device session; a certificate speaks for its own device only.
-        let refused = session(&c, None, "pi-1").await.err().expect("no certificate, no session");
+        let refused = session(&c, None, "pi-1").await.map(|_| ()).expect_err("no certificate, no session");
         assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
-        let other = session(&c, Some((&cert, &key)), "pi-2").await.err().expect("another id refused");
+        let other = session(&c, Some((&cert, &key)), "pi-2").await.map(|_| ()).expect_err("another id refused");
         assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
 
         let (welcome, mut inbound, tx1) = session(&c, Some((&cert, &key)), "").await.expect("mTLS session");
@@ -106,7 +106,8 @@ async fn an_enrolled_device_is_known_by_its_certificate_and_decommissioning_refu
         let mut renew_client = EnrollmentServiceClient::new(c.channel(Some((&cert, &key))).await.expect("connect"));
         let renewed = renew_client.renew(proto::RenewRequest { csr_pem: csr }).await.expect("renew").into_inner();
         let new_key = new_key.serialize_pem();
-        let stale = session(&c, Some((&cert, &key)), "").await.err().expect("the replaced certificate is refused");
+        let stale =
+            session(&c, Some((&cert, &key)), "").await.map(|_| ()).expect_err("the replaced certificate is refused");
         assert_eq!(stale.code(), tonic::Code::PermissionDenied, "{stale:?}");
         let (welcome, inbound2, tx2) =
             session(&c, Some((&renewed.certificate_pem, &new_key)), "pi-1").await.expect("renewed session");
@@ -130,7 +131,8 @@ async fn an_enrolled_device_is_known_by_its_certificate_and_decommissioning_refu
         assert!(matches!(inbound.message().await, Ok(None) | Err(_)), "the open session was closed");
         // A real agent ends its half of the stream when the controller ends its half.
         drop((inbound, tx2));
-        let refused = session(&c, Some((&renewed.certificate_pem, &new_key)), "pi-1").await.err().expect("refused");
+        let refused =
+            session(&c, Some((&renewed.certificate_pem, &new_key)), "pi-1").await.map(|_| ()).expect_err("refused");
         assert_eq!(refused.code(), tonic::Code::PermissionDenied);
         assert!(refused.message().contains("decommissioned"), "{refused:?}");
         let mut renew_client =

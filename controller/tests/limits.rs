@@ -99,8 +99,8 @@ fn hello(device: &str, labels: HashMap<String, String>) -> AgentMessage {
     AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) }
 }
 
-fn bounded(test: impl std::future::Future<Output = ()>) -> impl std::future::Future<Output = ()> {
-    async { tokio::time::timeout(Duration::from_secs(60), test).await.expect("test timed out") }
+async fn bounded(test: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(Duration::from_secs(60), test).await.expect("test timed out")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

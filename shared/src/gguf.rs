@@ -742,8 +742,12 @@ fn check_extent(t: &TensorInfo, alignment: u64, available: u64) -> Result<(), Gg
             return Err(GgufError::BadRowSize { name: t.name.clone(), ne0, block, ggml_type: type_name.into() });
         }
     }
-    // Unknown (newer) types cannot be sized: check at least that their start is inside the file.
-    let len = t.byte_size().unwrap_or(0);
+    // Unknown (newer) types cannot be sized: check at least that their start is inside the file. A known
+    // type whose size overflows u64 is a lie no file can back (found by shared/tests/fuzz_gguf.rs).
+    let len = match (ggml_type_traits(t.ggml_type), t.byte_size()) {
+        (Some(_), None) => u64::MAX,
+        (_, len) => len.unwrap_or(0),
+    };
     let end = t.offset.checked_add(len);
     match end {
         Some(end) if end <= available && t.offset <= available => Ok(()),

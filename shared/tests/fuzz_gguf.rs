@@ -250,7 +250,14 @@ fn damaged_files_are_refused_or_read_never_panic() {
                     // Whatever was accepted is backed by the bytes that were there.
                     prop_assert!(file.metadata.len() <= bytes.len());
                     prop_assert!(file.tensors.len() <= bytes.len());
-                    prop_assert!(file.data_offset <= file.file_size);
+                    // Every tensor's data lies inside the file (a file without tensors may end before the
+                    // aligned data offset: there is nothing to read there).
+                    for t in &file.tensors {
+                        // Unknown (newer) ggml types cannot be sized: only their start is checked.
+                        let len = if t.type_name().is_some() { t.byte_size() } else { Some(0) };
+                        let end = file.data_offset.checked_add(t.offset).and_then(|o| o.checked_add(len?));
+                        prop_assert!(end.is_some_and(|end| end <= file.file_size), "tensor {} beyond the file", t.name);
+                    }
                 }
             }
             Ok(())
@@ -276,4 +283,16 @@ fn arbitrary_bytes_behind_the_magic_never_panic() {
         })
         .expect("no failing case");
     eprintln!("fuzz_gguf arbitrary: {} executions, 0 crashes", executed.load(Ordering::Relaxed));
+}
+
+/// Found by this target: a tensor of a known type whose byte size overflows u64 was taken to be empty.
+#[test]
+fn a_known_type_whose_size_overflows_is_refused() {
+    let model = Model { kvs: vec![], tensors: vec![Tensor { name: "huge.weight".into(), dims: vec![1] }] };
+    let (mut bytes, fields) = write(&model);
+    // fields: tensor count, kv count, the tensor's name, then its one dimension: make it 2^62 f32 elements.
+    let dim = fields[3];
+    bytes[dim..dim + 8].copy_from_slice(&(1u64 << 62).to_le_bytes());
+    let error = gguf::read(&mut Cursor::new(&bytes)).expect_err("2^64 bytes of f32 cannot be in this file");
+    assert!(error.to_string().contains("huge.weight"), "{error}");
 }

@@ -131,9 +131,11 @@ impl AgentService for AgentApi {
                         Some(Ok(_)) if limiter.check(&device_id, std::time::Instant::now()).is_err() => {
                             // Nothing of the flood is recorded: the session ends with a clear error instead.
                             tracing::warn!("Agent exceeded its message rate; closing its session.");
-                            let _ = refuse.upgrade().map(|tx| tx.try_send(Err(Status::resource_exhausted(format!(
-                                "device {device_id} sends messages faster than this controller allows; reconnect later"
-                            )))));
+                            if let Some(tx) = refuse.upgrade() {
+                                let _ = tx.try_send(Err(Status::resource_exhausted(format!(
+                                    "device {device_id} sends messages faster than this controller allows; reconnect later"
+                                ))));
+                            }
                             break;
                         }
                         Some(Ok(message)) => {

@@ -272,7 +272,9 @@ pub fn split_part(name: &str) -> Option<(&str, u32, u32)> {
 /// Groups the files of split models (every part present once, in part order); other files stand alone.
 /// Groups keep the order in which their first file was named.
 pub fn group_split_files(files: &[PathBuf]) -> anyhow::Result<Vec<Vec<PathBuf>>> {
-    let mut groups: Vec<(Option<(String, u32)>, Vec<(u32, PathBuf)>)> = Vec::new();
+    /// (directory/stem, part count) of a split set, None for a single file; then (part number, path).
+    type Group = (Option<(String, u32)>, Vec<(u32, PathBuf)>);
+    let mut groups: Vec<Group> = Vec::new();
     for file in files {
         let name = file_name(file)?;
         match split_part(&name) {
