@@ -19,6 +19,8 @@ pub struct Desired {
     pub cohort: String,
     /// The bundle as the controller named it, reported back in Status even when it is invalid.
     pub named: Option<proto::BundleRef>,
+    /// The variant the controller prefers (recommended for the device's class), used when it fits.
+    pub preferred_variant: Option<Digest>,
 }
 
 impl Desired {
@@ -30,6 +32,8 @@ impl Desired {
             rollout_id: d.rollout_id.clone(),
             cohort: d.cohort.clone(),
             named: d.bundle.clone(),
+            // A malformed preference is only a preference: the device then chooses for itself.
+            preferred_variant: d.variant_digest.parse().ok(),
         }
     }
 }
@@ -165,6 +169,7 @@ mod tests {
             rollout_id: String::new(),
             cohort: String::new(),
             named: Some(bundle(name).to_proto()),
+            preferred_variant: None,
         }
     }
 

@@ -487,6 +487,7 @@ impl Device {
             keep_variants,
             bandwidth: self.policy.bandwidth,
             trust: RepositoryTrust::default(),
+            preferred_variant: desired.preferred_variant.clone(),
         };
         let trust_store = self.registry.trust.clone();
         let repository = bundle.repository.clone();

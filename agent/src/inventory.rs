@@ -570,7 +570,8 @@ pub fn hardware_class(labels: &BTreeMap<String, String>, facts: &ClassFacts<'_>)
         other => other.to_owned(),
     };
     match facts.board.gpus.iter().map(|g| g.vram_bytes).max() {
-        Some(vram) => format!("{cpu}-nvidia-{}g", marketed_gib(vram)),
+        // GPU memory comes in sizes like 12 or 24 GB: whole GiB, not powers of two.
+        Some(vram) => format!("{cpu}-nvidia-{}g", (vram as f64 / f64::from(1u32 << 30)).round() as u64),
         None => cpu,
     }
 }
@@ -690,7 +691,7 @@ mod tests {
             "pi5-8g"
         );
         let gpu = Board { gpus: vec![proto::Gpu { name: "T4".into(), vram_bytes: 15360 << 20 }], ..Default::default() };
-        assert_eq!(class("x86_64", &avx2, &gpu, 64), "x86-avx2-nvidia-16g");
+        assert_eq!(class("x86_64", &avx2, &gpu, 64), "x86-avx2-nvidia-15g");
         let labelled = BTreeMap::from([("class".to_owned(), "pi5-8g".to_owned())]);
         let facts = ClassFacts { arch: "aarch64", features: &[], board: &board, memory_total: 1 << 30 };
         assert_eq!(hardware_class(&labelled, &facts), "pi5-8g");

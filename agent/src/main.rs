@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "enrolled as {} (certificate valid until {}, renewed automatically)",
                 enrolled.device_id,
-                humantime_like(expires)
+                unix_seconds(expires)
             );
             Ok(())
         }
@@ -115,7 +115,7 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn humantime_like(t: std::time::SystemTime) -> String {
+fn unix_seconds(t: std::time::SystemTime) -> String {
     let secs = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     format!("unix time {secs}")
 }

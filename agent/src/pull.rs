@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use alki_shared::bundle::{
-    RuntimeDefaults, VariantInfo, choose_variant, runtime_layer, safe_file_name, variants, weight_layers,
+    RuntimeDefaults, VariantInfo, choose_preferred_variant, runtime_layer, safe_file_name, variants, weight_layers,
 };
 use alki_shared::digest::Digest;
 use alki_shared::oci::{
@@ -47,6 +47,8 @@ pub struct PullOptions {
     pub bandwidth: Option<u64>,
     /// What the trust policy says for the bundle's repository; the default trusts nothing.
     pub trust: RepositoryTrust,
+    /// The variant the controller prefers; used when the index lists it and it fits in memory.
+    pub preferred_variant: Option<Digest>,
 }
 
 impl Default for PullOptions {
@@ -57,6 +59,7 @@ impl Default for PullOptions {
             keep_variants: Vec::new(),
             bandwidth: None,
             trust: RepositoryTrust::default(),
+            preferred_variant: None,
         }
     }
 }
@@ -412,7 +415,8 @@ async fn pull_from(
             if offered.is_empty() {
                 return Err(wrap(PullErrorKind::NotABundle("the bundle's index lists no variants".to_owned())));
             }
-            let Some(chosen) = choose_variant(&index, memory_available) else {
+            let Some(chosen) = choose_preferred_variant(&index, memory_available, options.preferred_variant.as_ref())
+            else {
                 let needs = offered
                     .iter()
                     .map(|v| format!("{} {}", label_of(v), human_bytes(v.memory_bytes.max(v.weights_bytes))))

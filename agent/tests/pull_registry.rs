@@ -9,9 +9,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use alki_agent::pull::{PullError, PullOptions, PullProgress, PulledBundle, RegistryAccess, pull_bundle_with};
-use alki_agent::trust::RepositoryTrust;
 use alki_agent::reference::BundleLocation;
 use alki_agent::store::ContentStore;
+use alki_agent::trust::RepositoryTrust;
 use alki_shared::bundle::{MEDIA_TYPE_RUNTIME, MEDIA_TYPE_WEIGHT_RAW, variant_annotations};
 use alki_shared::digest::Digest;
 use alki_shared::oci::{
@@ -201,8 +201,9 @@ fn push_variant(registry: &Registry, name: &str, weights: &[u8]) -> (Variant, Ve
 
 /// A two-variant bundle: q4 needs 1000 bytes of memory, q8 needs 5000.
 fn push_bundle(registry: &Registry) -> (Digest, Variant, Variant) {
-    let (q4, q4_bytes) = push_variant(registry, "model-q4", b"GGUF q4 weights");
-    let (q8, q8_bytes) = push_variant(registry, "model-q8", b"GGUF q8 weights, larger");
+    let (q4_weights, q8_weights): (&[u8], &[u8]) = (b"GGUF q4 weights", b"GGUF q8 weights, larger");
+    let (q4, q4_bytes) = push_variant(registry, "model-q4", q4_weights);
+    let (q8, q8_bytes) = push_variant(registry, "model-q8", q8_weights);
     let entry = |digest: &Digest, bytes: &[u8], quant: &str, weights: u64, memory: u64| {
         let mut d = Descriptor::new(MEDIA_TYPE_IMAGE_MANIFEST, digest.clone(), bytes.len() as u64);
         d.annotations = variant_annotations(quant, "llama", "tiny", 1, 1024, weights, memory);
@@ -213,8 +214,9 @@ fn push_bundle(registry: &Registry) -> (Digest, Variant, Variant) {
         media_type: Some(MEDIA_TYPE_IMAGE_INDEX.to_owned()),
         artifact_type: None,
         manifests: vec![
-            entry(&q4.manifest, &q4_bytes, "Q4_K_M", 500, 1000),
-            entry(&q8.manifest, &q8_bytes, "Q8_0", 900, 5000),
+            // Weights as the layers really are: the agent refuses a variant that claims otherwise.
+            entry(&q4.manifest, &q4_bytes, "Q4_K_M", q4_weights.len() as u64, 1000),
+            entry(&q8.manifest, &q8_bytes, "Q8_0", q8_weights.len() as u64, 5000),
         ],
         subject: None,
         annotations: Default::default(),
@@ -297,6 +299,40 @@ async fn pulls_the_variant_that_fits_and_materialises_it() {
 }
 
 #[tokio::test]
+async fn the_variant_the_controller_prefers_is_pulled_when_it_fits() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let registry = Arc::new(Registry::default());
+        let (bundle, q4, q8) = push_bundle(&registry);
+        let addr = serve(registry.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        let options = PullOptions {
+            trust: RepositoryTrust::allow_unsigned("test: the scripted registry holds no signatures"),
+            preferred_variant: Some(q4.manifest.clone()),
+            ..PullOptions::default()
+        };
+        // Both fit in 10,000 bytes; left to itself the device would take Q8.
+        let bundles = dir.path().join("bundles");
+        let pulled =
+            pull_bundle_with(&access(addr), &store, &bundles, &location("", &bundle), 10_000, &options, &mut |_| {})
+                .await
+                .expect("pull");
+        assert_eq!(pulled.variant_digest, q4.manifest);
+        assert_eq!(registry.gets(&q8.gguf), 0, "the other variant is not fetched");
+
+        // A preference that does not fit is only a preference: the device's own choice wins.
+        let options = PullOptions { preferred_variant: Some(q8.manifest.clone()), ..options };
+        let pulled =
+            pull_bundle_with(&access(addr), &store, &bundles, &location("", &bundle), 2000, &options, &mut |_| {})
+                .await
+                .expect("pull");
+        assert_eq!(pulled.variant_digest, q4.manifest);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
 async fn blobs_already_stored_are_not_fetched_again() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let registry = Arc::new(Registry::default());
@@ -331,10 +367,16 @@ async fn a_corrupt_layer_is_a_digest_mismatch_naming_the_layer() {
         let addr = serve(registry.clone()).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(dir.path());
-        let err =
-            pull_unsigned(&access(addr), &store, &dir.path().join("bundles"), &location("", &bundle), 2000, &mut |_| {})
-                .await
-                .expect_err("corrupt layer");
+        let err = pull_unsigned(
+            &access(addr),
+            &store,
+            &dir.path().join("bundles"),
+            &location("", &bundle),
+            2000,
+            &mut |_| {},
+        )
+        .await
+        .expect_err("corrupt layer");
         assert_eq!(err.code(), ErrorCode::DigestMismatch);
         assert_eq!(err.layer_digest(), Some(&q4.gguf));
         let message = err.to_string();
@@ -357,10 +399,16 @@ async fn a_layer_longer_than_its_descriptor_is_refused() {
         let addr = serve(registry.clone()).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(dir.path());
-        let err =
-            pull_unsigned(&access(addr), &store, &dir.path().join("bundles"), &location("", &bundle), 2000, &mut |_| {})
-                .await
-                .expect_err("oversized layer");
+        let err = pull_unsigned(
+            &access(addr),
+            &store,
+            &dir.path().join("bundles"),
+            &location("", &bundle),
+            2000,
+            &mut |_| {},
+        )
+        .await
+        .expect_err("oversized layer");
         assert_eq!(err.code(), ErrorCode::DigestMismatch);
         assert_eq!(err.layer_digest(), Some(&q4.gguf));
         assert!(err.to_string().contains("its descriptor says 15"), "{err}");
@@ -406,9 +454,10 @@ async fn a_single_manifest_is_a_one_variant_bundle_and_memory_limits_apply() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(dir.path());
         let bundles = dir.path().join("bundles");
-        let pulled = pull_unsigned(&access(addr), &store, &bundles, &location("", &variant.manifest), 2000, &mut |_| {})
-            .await
-            .expect("single manifest");
+        let pulled =
+            pull_unsigned(&access(addr), &store, &bundles, &location("", &variant.manifest), 2000, &mut |_| {})
+                .await
+                .expect("single manifest");
         assert_eq!(pulled.variant_digest, variant.manifest);
         assert!(pulled.variant.is_none());
         assert_eq!(pulled.model_files, vec![bundles.join(variant.manifest.hex()).join("solo.gguf")]);
@@ -580,6 +629,7 @@ async fn a_pull_that_would_eat_the_disk_reserve_evicts_unused_blobs_then_refuses
             keep_variants: vec![Digest::of(b"active variant")],
             bandwidth: None,
             trust: RepositoryTrust::allow_unsigned("test: the scripted registry holds no signatures"),
+            preferred_variant: None,
         };
         let err = pull_bundle_with(
             &access(addr),

@@ -137,15 +137,17 @@ impl Gate {
     async fn admit(&self, policy: Policy, authorization: Option<String>, peer: &str) -> Admission {
         let principal = match policy.access {
             Access::Public => return Admission::Allowed { actor: "anonymous".into(), role: String::new() },
-            // The handler checks the bootstrap token or the certificate; the limit is per peer address so a
-            // guesser cannot try tokens quickly.
-            Access::BootstrapToken | Access::Device => {
+            // The handler checks the certificate, and limits each device's session opens and messages itself
+            // (only it knows the device id; many devices may share one address behind NAT).
+            Access::Device => return Admission::Allowed { actor: "device".into(), role: String::new() },
+            // The handler checks the bootstrap token; the limit is per peer address so a guesser cannot try
+            // tokens quickly.
+            Access::BootstrapToken => {
                 let key = format!("peer:{}", peer.rsplit_once(':').map_or(peer, |(ip, _)| ip));
                 if let Err(wait) = self.token_limiter.check(&key, Instant::now()) {
                     return Admission::Refused(Refusal::RateLimited(key, wait));
                 }
-                let actor = if policy.access == Access::Device { "device" } else { "bootstrap" };
-                return Admission::Allowed { actor: actor.into(), role: String::new() };
+                return Admission::Allowed { actor: "bootstrap".into(), role: String::new() };
             }
             Access::Token(action) => {
                 let auth = self.auth.clone();

@@ -33,8 +33,9 @@ impl Default for Limits {
             grpc_max_message: 4 << 20,
             session_max_message: 1 << 20,
             max_concurrent_streams: 128,
-            // A registry push of a large bundle makes a PATCH per chunk; CI fleets run several at once.
-            token_rate: Rate { per_second: 100.0, burst: 1000 },
+            // A registry push of a large bundle makes a PATCH per chunk (500/s of 1 MiB chunks is 500 MiB/s);
+            // a flood from one leaked token is still bounded.
+            token_rate: Rate { per_second: 500.0, burst: 5000 },
             // Agents report a few messages per heartbeat; a reconnect loop must not become a flood.
             device_rate: Rate { per_second: 20.0, burst: 200 },
         }

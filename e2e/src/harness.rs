@@ -171,9 +171,7 @@ pub fn start_controller(root: &Path, extra: &[&str]) -> anyhow::Result<Controlle
     wait_for("the controller to be ready", Duration::from_secs(30), &[&controller.proc], || {
         // The admin token is written after the CA, and both before the listeners serve.
         let files = controller.token_file.is_file() && controller.ca_file.is_file();
-        let ports = [grpc_port, http_port]
-            .iter()
-            .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok());
+        let ports = [grpc_port, http_port].iter().all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok());
         Ok((files && ports).then_some(()))
     })?;
     // A real request over TLS proves the listeners serve with the CA's certificate.
@@ -314,11 +312,8 @@ pub fn generate_key(root: &Path, name: &str) -> anyhow::Result<SigningKey> {
         .args(["key", "generate", "--output-prefix"])
         .arg(&prefix)
         .env("ALKI_KEY_PASSWORD", &password))?;
-    let key = SigningKey {
-        private_key: prefix.with_extension("key"),
-        public_key: prefix.with_extension("pub"),
-        password,
-    };
+    let key =
+        SigningKey { private_key: prefix.with_extension("key"), public_key: prefix.with_extension("pub"), password };
     if !key.private_key.is_file() || !key.public_key.is_file() {
         bail!("alkictl key generate wrote no {} / {}", key.private_key.display(), key.public_key.display());
     }

@@ -151,6 +151,19 @@ pub fn choose_variant(index: &ImageIndex, memory_available: u64) -> Option<Varia
         .max_by_key(|v| (v.weights_bytes, std::cmp::Reverse(v.descriptor.digest.clone())))
 }
 
+/// The variant the controller asked for (a rollout's "recommended per class" policy) when the index lists it
+/// and it fits in `memory_available`; otherwise the device's own choice, as [`choose_variant`].
+pub fn choose_preferred_variant(
+    index: &ImageIndex,
+    memory_available: u64,
+    preferred: Option<&crate::digest::Digest>,
+) -> Option<VariantInfo> {
+    let fits = |v: &VariantInfo| v.memory_bytes.max(v.weights_bytes) <= memory_available;
+    preferred
+        .and_then(|want| variants(index).into_iter().find(|v| &v.descriptor.digest == want && fits(v)))
+        .or_else(|| choose_variant(index, memory_available))
+}
+
 /// The GGUF layers of a variant manifest, in order (split files come in their file order).
 pub fn weight_layers(manifest: &ImageManifest) -> Vec<&Descriptor> {
     manifest.layers.iter().filter(|l| l.media_type == MEDIA_TYPE_WEIGHT_RAW).collect()
@@ -226,6 +239,21 @@ mod tests {
         assert_eq!(choose_variant(&idx, 1200).map(|v| v.quantization), Some("Q8_0".to_owned()));
         assert_eq!(choose_variant(&idx, 10_000).map(|v| v.quantization), Some("F16".to_owned()));
         assert_eq!(choose_variant(&idx, 599), None);
+    }
+
+    #[test]
+    fn a_preferred_variant_wins_when_it_fits_and_only_then() {
+        let idx = index(vec![entry("Q4_K_M", 400, 600), entry("Q8_0", 800, 1000), entry("F16", 1600, 1800)]);
+        let q4 = Digest::of(b"Q4_K_M");
+        let f16 = Digest::of(b"F16");
+        let other = Digest::of(b"other");
+        let chosen = |memory, preferred| choose_preferred_variant(&idx, memory, preferred).map(|v| v.quantization);
+        assert_eq!(chosen(10_000, Some(&q4)), Some("Q4_K_M".to_owned()));
+        // Too big for this device: its own choice instead.
+        assert_eq!(chosen(1200, Some(&f16)), Some("Q8_0".to_owned()));
+        // Not in the index: its own choice instead.
+        assert_eq!(chosen(10_000, Some(&other)), Some("F16".to_owned()));
+        assert_eq!(chosen(10_000, None), Some("F16".to_owned()));
     }
 
     #[test]

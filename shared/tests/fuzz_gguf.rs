@@ -117,7 +117,7 @@ fn write(model: &Model) -> (Vec<u8>, Vec<usize>) {
         offset += bytes.div_ceil(32) * 32;
     }
     // Pad to the default alignment, then the tensor data.
-    while out.len() % 32 != 0 {
+    while !out.len().is_multiple_of(32) {
         out.push(0);
     }
     out.resize(out.len() + offset as usize, 0);

@@ -169,7 +169,6 @@ pub async fn refresh_registry_tokens(
                 registry_token_expires_unix_ms: expires,
                 // A Welcome is complete: the agent applies every field of it.
                 telemetry_interval_seconds: crate::insight::TELEMETRY_INTERVAL_SECONDS,
-                ..Default::default()
             };
             fleet.hub.send(&device_id, proto::controller_message::Msg::Welcome(welcome));
         }

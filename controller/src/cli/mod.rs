@@ -221,7 +221,11 @@ pub enum TokenCmd {
     /// Every token: id, name, role, when created and revoked (never the secrets).
     List,
     /// Revoke a token by its id (from `list`) or by a name only one live token has; refused from the next request.
-    Revoke { token: String },
+    Revoke {
+        /// Not named `token`: that id is the global --token flag's.
+        #[arg(value_name = "ID_OR_NAME")]
+        which: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -500,7 +504,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Token(TokenCmd::List) => admin::token_list(&cli).await,
-        Command::Token(TokenCmd::Revoke { token }) => admin::token_revoke(&cli, token).await,
+        Command::Token(TokenCmd::Revoke { which }) => admin::token_revoke(&cli, which).await,
         Command::Audit(cmd) => admin::audit(&cli, cmd).await,
         Command::Token(TokenCmd::Create { name, role }) => {
             let role = match role {
