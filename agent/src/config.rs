@@ -442,7 +442,11 @@ impl Config {
         } else if let Some(rest) = url.strip_prefix("http://") {
             if !self.controller.insecure_plaintext {
                 let problem = format!("is {url:?}, plain HTTP");
-                return Err(invalid("controller.url", problem, "use https:// (plain http:// needs insecure_plaintext = true)"));
+                return Err(invalid(
+                    "controller.url",
+                    problem,
+                    "use https:// (plain http:// needs insecure_plaintext = true)",
+                ));
             }
             (rest, 80)
         } else {
@@ -635,7 +639,11 @@ llama_server = "/bin/llama-server"
             ("data_dir = \"/var/lib/alki-agent\"", "data_dir = \"rel/dir\"", "data_dir"),
             ("url = \"http://127.0.0.1:7070\"", "url = \"https://127.0.0.1:7070\"", "controller.insecure_plaintext"),
             ("insecure_plaintext = true", "insecure_plaintext = false\nca_file = \"rel/ca.crt\"", "controller.url"),
-            ("url = \"http://127.0.0.1:7070\"\ninsecure_plaintext = true", "url = \"https://c:1\"", "controller.ca_file"),
+            (
+                "url = \"http://127.0.0.1:7070\"\ninsecure_plaintext = true",
+                "url = \"https://c:1\"",
+                "controller.ca_file",
+            ),
             ("insecure_plaintext = true", "insecure_plaintext = false", "controller.url"),
             ("url = \"http://127.0.0.1:7070\"", "url = \"127.0.0.1:7070\"", "controller.url"),
             ("[\"127.0.0.1:5000\"]", "[\"http://127.0.0.1:5000\"]", "registry.insecure_plain_http"),

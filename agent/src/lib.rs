@@ -138,9 +138,7 @@ impl Agent {
         let front = tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Bind { addr, source })?;
         let metrics = match config.metrics_addr()? {
             Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| AgentError::BindMetrics { addr, source })?,
+                tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::BindMetrics { addr, source })?,
             ),
             None => None,
         };
@@ -256,7 +254,10 @@ impl Agent {
             reports: reports_tx,
             metrics: Arc::clone(&metrics),
             calibration: calibrate::Calibration {
-                registry: RegistrySettings { device_token: registry_token.clone(), ..RegistrySettings::from_config(&config) },
+                registry: RegistrySettings {
+                    device_token: registry_token.clone(),
+                    ..RegistrySettings::from_config(&config)
+                },
                 store: store.clone(),
                 data_dir: layout.data_dir.clone(),
                 instance: InstanceOptions { log_dir: layout.logs().join("calibration"), ..opts.clone() },
@@ -280,7 +281,10 @@ impl Agent {
             state_file,
             store,
             bundles_dir: layout.bundles(),
-            registry: RegistrySettings { device_token: registry_token.clone(), ..RegistrySettings::from_config(&config) },
+            registry: RegistrySettings {
+                device_token: registry_token.clone(),
+                ..RegistrySettings::from_config(&config)
+            },
             supervisor: {
                 let mut supervisor = Supervisor::new(opts.clone(), drain_timeout, Arc::clone(&proxy));
                 supervisor.set_gap_wait(config.gap_wait());

@@ -70,9 +70,12 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let enrolled = runtime.block_on(async {
                 let device_id = alki_agent::enroll::device_id(&config)?;
-                alki_agent::enroll::enroll_with_file(&config, &device_id, &token_file).await.map_err(anyhow::Error::from)
+                alki_agent::enroll::enroll_with_file(&config, &device_id, &token_file)
+                    .await
+                    .map_err(anyhow::Error::from)
             })?;
-            let expires = std::time::UNIX_EPOCH + std::time::Duration::from_millis(enrolled.expires_unix_ms.max(0) as u64);
+            let expires =
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(enrolled.expires_unix_ms.max(0) as u64);
             println!(
                 "enrolled as {} (certificate valid until {}, renewed automatically)",
                 enrolled.device_id,

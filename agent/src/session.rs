@@ -137,7 +137,9 @@ pub async fn run(mut ctx: SessionContext, mut shutdown: watch::Receiver<bool>) {
                 e @ (SessionError::Unauthenticated(_)
                 | SessionError::Token { .. }
                 | SessionError::EmptyToken(_)
-                | SessionError::Identity(crate::identity::IdentityError::NotEnrolled(_) | crate::identity::IdentityError::Refused(_))),
+                | SessionError::Identity(
+                    crate::identity::IdentityError::NotEnrolled(_) | crate::identity::IdentityError::Refused(_),
+                )),
             ) => {
                 tracing::error!(error = %e, "Controller session refused.");
             }

@@ -9,16 +9,16 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod fleet;
-pub mod limits;
 pub mod insight;
+pub mod limits;
 pub mod metrics;
 pub mod pki;
 pub mod registry;
 pub mod rollout;
 pub mod server;
+pub mod store;
 pub mod tls;
 pub mod trust;
-pub mod store;
 
 pub use server::{Listeners, serve};
 

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use alki_shared::proto::admin_service_server::AdminServiceServer;
 use alki_shared::proto::agent_service_server::AgentServiceServer;
 use alki_shared::proto::enrollment_service_server::EnrollmentServiceServer;
-use alki_shared::proto::security_service_server::SecurityServiceServer;
 use alki_shared::proto::fleet_service_server::FleetServiceServer;
 use alki_shared::proto::insight_service_server::InsightServiceServer;
+use alki_shared::proto::security_service_server::SecurityServiceServer;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -107,20 +107,19 @@ pub async fn serve(
     } else {
         grpc = grpc.tls_config(crate::tls::grpc_config(&pki)).context("the gRPC listener's TLS settings")?;
     }
-    let grpc = grpc
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .max_concurrent_streams(Some(limits.max_concurrent_streams))
-        .layer(crate::audit::GrpcGateLayer::new(gate.clone(), limits.grpc_max_message))
-        .add_service(AgentServiceServer::new(agent_api).max_decoding_message_size(limits.session_max_message))
-        .add_service(AdminServiceServer::new(admin_api).max_decoding_message_size(limits.grpc_max_message))
-        .add_service(FleetServiceServer::new(fleet_api).max_decoding_message_size(limits.grpc_max_message))
-        .add_service(InsightServiceServer::new(insight_api).max_decoding_message_size(limits.grpc_max_message))
-        .add_service(EnrollmentServiceServer::new(enroll_api).max_decoding_message_size(limits.grpc_max_message))
-        .add_service(SecurityServiceServer::new(security_api).max_decoding_message_size(limits.grpc_max_message))
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.grpc),
-            async move { grpc_stop.cancelled().await },
-        );
+    let grpc =
+        grpc.http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .max_concurrent_streams(Some(limits.max_concurrent_streams))
+            .layer(crate::audit::GrpcGateLayer::new(gate.clone(), limits.grpc_max_message))
+            .add_service(AgentServiceServer::new(agent_api).max_decoding_message_size(limits.session_max_message))
+            .add_service(AdminServiceServer::new(admin_api).max_decoding_message_size(limits.grpc_max_message))
+            .add_service(FleetServiceServer::new(fleet_api).max_decoding_message_size(limits.grpc_max_message))
+            .add_service(InsightServiceServer::new(insight_api).max_decoding_message_size(limits.grpc_max_message))
+            .add_service(EnrollmentServiceServer::new(enroll_api).max_decoding_message_size(limits.grpc_max_message))
+            .add_service(SecurityServiceServer::new(security_api).max_decoding_message_size(limits.grpc_max_message))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), async move {
+                grpc_stop.cancelled().await
+            });
 
     let gc_schedule = tokio::spawn(registry.clone().run_gc_schedule(stop.clone()));
     let http_stop = stop.clone();

@@ -109,8 +109,12 @@ async fn push_bundle(c: &Controller, tag: &str, seed: u64) -> String {
         plain_http: true,
     };
     let pushed = push::push(&opts.out, &target, &bar).await.expect("push");
-    let remote =
-        alki_controller::cli::sign::Remote::with_token(c.registry.clone(), "acme/tiny".into(), Some(c.admin.clone()), true);
+    let remote = alki_controller::cli::sign::Remote::with_token(
+        c.registry.clone(),
+        "acme/tiny".into(),
+        Some(c.admin.clone()),
+        true,
+    );
     alki_controller::cli::sign::sign(&remote, tag, signing_key()).await.expect("sign");
     assert_eq!(pushed.digest, packed.digest);
     packed.digest.to_string()

@@ -87,15 +87,17 @@ fn a_bundle_rolls_out_to_an_agent_and_serves_completions_with_real_llama_server(
         "v1",
     ])?;
     let bundle_digest = packed["digest"].as_str().context("no digest from pack")?.to_owned();
-    let pushed = fleet.alkictl_json(&[
-        "bundle",
-        "push",
-        layout.to_str().context("path")?,
-        "acme/tiny:v1",
-    ])?;
+    let pushed = fleet.alkictl_json(&["bundle", "push", layout.to_str().context("path")?, "acme/tiny:v1"])?;
     assert_eq!(pushed["digest"], bundle_digest.as_str());
     // Unsigned, the controller refuses to roll it out and says how to fix it.
-    let refused = run(fleet.controller.alkictl()?.args(["rollout", "create", "--bundle", "acme/tiny:v1", "--selector", "site=lab"]));
+    let refused = run(fleet.controller.alkictl()?.args([
+        "rollout",
+        "create",
+        "--bundle",
+        "acme/tiny:v1",
+        "--selector",
+        "site=lab",
+    ]));
     let refused = format!("{:#}", refused.expect_err("an unsigned bundle is refused"));
     assert!(refused.contains("not signed") && refused.contains("alkictl bundle sign"), "{refused}");
     let signed = fleet.controller.sign("acme/tiny:v1", &fleet.key)?;
@@ -178,7 +180,8 @@ fn a_bundle_rolls_out_to_an_agent_and_serves_completions_with_real_llama_server(
     fleet.alkictl_json(&["bundle", "push", path(&layout_v3)?, "acme/tiny:v3"])?;
     let stranger = harness::generate_key(fleet.dir.path(), "stranger")?;
     fleet.controller.sign("acme/tiny:v3", &stranger)?;
-    let inspected = fleet.alkictl_json(&["bundle", "inspect", "acme/tiny:v3", "--key", path(&fleet.key.public_key)?])?;
+    let inspected =
+        fleet.alkictl_json(&["bundle", "inspect", "acme/tiny:v3", "--key", path(&fleet.key.public_key)?])?;
     assert_eq!(inspected["verified"], false, "{inspected}");
     let create_v3 = ["rollout", "create", "--bundle", "acme/tiny:v3", "--selector", "site=lab"];
     let refused = format!("{:#}", run(fleet.controller.alkictl()?.args(create_v3)).expect_err("untrusted"));
@@ -195,7 +198,11 @@ fn a_bundle_rolls_out_to_an_agent_and_serves_completions_with_real_llama_server(
     assert!(events.to_string().contains("signature_override"), "the override is recorded: {events}");
     let v3_weights = Digest::of(&std::fs::read(&model_v3)?);
     let device_blob = fleet.dir.path().join("pi-001/data").join(v3_weights.hex());
-    assert!(harness_find(&fleet.dir.path().join("pi-001/data"), v3_weights.hex()).is_none(), "{} never fetched", device_blob.display());
+    assert!(
+        harness_find(&fleet.dir.path().join("pi-001/data"), v3_weights.hex()).is_none(),
+        "{} never fetched",
+        device_blob.display()
+    );
     let response = client
         .post(format!("http://127.0.0.1:{front_port}/v1/chat/completions"))
         .json(&serde_json::json!({"messages": [{"role": "user", "content": "And now?"}], "max_tokens": 4}))

@@ -64,9 +64,9 @@ impl AgentService for AgentApi {
                 )));
             }
             Some(identity) => identity.device_id.clone(),
-            None => DeviceId::new(hello.device_id.clone())
-                .map_err(|e| Status::invalid_argument(e.to_string()))?
-                .to_string(),
+            None => {
+                DeviceId::new(hello.device_id.clone()).map_err(|e| Status::invalid_argument(e.to_string()))?.to_string()
+            }
         };
         crate::limits::check_labels("Hello labels", hello.labels.iter())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;

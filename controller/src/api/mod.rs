@@ -24,7 +24,9 @@ pub fn authorize<T>(
 
 pub fn auth_status(error: AuthError) -> tonic::Status {
     match error {
-        AuthError::Missing | AuthError::Invalid | AuthError::Revoked { .. } => tonic::Status::unauthenticated(error.to_string()),
+        AuthError::Missing | AuthError::Invalid | AuthError::Revoked { .. } => {
+            tonic::Status::unauthenticated(error.to_string())
+        }
         AuthError::Forbidden { .. } => tonic::Status::permission_denied(error.to_string()),
         AuthError::Store(e) => internal(e),
     }

@@ -134,7 +134,8 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     for path in &args.trusted_keys {
-        let key = alki_shared::signing::PublicKey::load(path).with_context(|| format!("--trusted-key {}", path.display()))?;
+        let key =
+            alki_shared::signing::PublicKey::load(path).with_context(|| format!("--trusted-key {}", path.display()))?;
         tracing::info!(key = %path.display(), fingerprint = key.fingerprint(), "Trusting signing key.");
         config.trusted_keys.push(key);
     }

@@ -2,9 +2,9 @@
 
 pub mod admin;
 pub mod bench;
+pub mod enroll;
 pub mod inspect;
 pub mod key;
-pub mod enroll;
 pub mod layout;
 pub mod pack;
 pub mod push;
@@ -470,13 +470,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let (repository, tag) = split_bundle_ref(reference)?;
             let password = key::password(false)?;
             let signing_key = key::load(key_file, &password)?;
-            let remote =
-                sign::Remote::with_token(cli.registry.clone(), repository, cli.token()?, *insecure_plain_http);
+            let remote = sign::Remote::with_token(cli.registry.clone(), repository, cli.token()?, *insecure_plain_http);
             let signed = sign::sign(&remote, &tag, &signing_key).await?;
             print(cli.output, &signed, |s| {
                 let mut t = table(["SIGNED", "DIGEST", "TAG", "SIGNATURES"]);
                 for d in &s.signatures {
-                    t.add_row([d.what.clone(), short(d.digest.as_str()), d.tag.clone(), d.signatures_at_tag.to_string()]);
+                    t.add_row([
+                        d.what.clone(),
+                        short(d.digest.as_str()),
+                        d.tag.clone(),
+                        d.signatures_at_tag.to_string(),
+                    ]);
                 }
                 format!("{t}\nsigned {} with key {}", s.reference, s.key_fingerprint)
             })

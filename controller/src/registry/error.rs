@@ -102,7 +102,9 @@ impl From<RegistryError> for ApiError {
 impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> ApiError {
         match error {
-            AuthError::Missing | AuthError::Invalid | AuthError::Revoked { .. } => ApiError::unauthorized(error.to_string()),
+            AuthError::Missing | AuthError::Invalid | AuthError::Revoked { .. } => {
+                ApiError::unauthorized(error.to_string())
+            }
             AuthError::Forbidden { .. } => ApiError::new(StatusCode::FORBIDDEN, "DENIED", error.to_string()),
             AuthError::Store(e) => ApiError::internal(format!("could not check credentials: {e}")),
         }
