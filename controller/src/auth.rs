@@ -285,6 +285,17 @@ const fn write(action: Action) -> Policy {
 /// controller/tests/authz.rs, which enumerates the proto descriptors, fails naming it).
 pub fn grpc_policy(path: &str) -> Option<Policy> {
     use Action::*;
+    // The standard health service is the gRPC twin of /healthz: load balancers and Kubernetes probes call it
+    // without credentials, and it says only whether the controller serves.
+    if matches!(path, "/grpc.health.v1.Health/Check" | "/grpc.health.v1.Health/Watch") {
+        return Some(Policy { access: Access::Public, mutates: false });
+    }
+    // Reflection describes the API, not the fleet: any token may read it (grpcurl, Postman, dashboards).
+    if path == "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+        || path == "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    {
+        return Some(read(ReadFleet));
+    }
     let (service, method) = path.strip_prefix("/alki.v1.")?.split_once('/')?;
     Some(match (service, method) {
         ("AgentService", "Session") => Policy { access: Access::Device, mutates: false },

@@ -100,6 +100,23 @@ pub async fn serve(
         external_registries: config.external_registries.clone().into(),
         trusted_keys: config.trusted_keys.clone().into(),
     };
+    // The standard health service: every Alki service is SERVING while the listener is up (a stopping
+    // controller stops answering altogether).
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    for service in [
+        "alki.v1.AgentService",
+        "alki.v1.FleetService",
+        "alki.v1.InsightService",
+        "alki.v1.AdminService",
+        "alki.v1.EnrollmentService",
+        "alki.v1.SecurityService",
+    ] {
+        health_reporter.set_service_status(service, tonic_health::ServingStatus::Serving).await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(alki_shared::proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("the gRPC reflection service")?;
     let grpc_stop = stop.clone();
     let mut grpc = tonic::transport::Server::builder();
     if config.insecure_plaintext {
@@ -117,6 +134,8 @@ pub async fn serve(
             .add_service(InsightServiceServer::new(insight_api).max_decoding_message_size(limits.grpc_max_message))
             .add_service(EnrollmentServiceServer::new(enroll_api).max_decoding_message_size(limits.grpc_max_message))
             .add_service(SecurityServiceServer::new(security_api).max_decoding_message_size(limits.grpc_max_message))
+            .add_service(health_service)
+            .add_service(reflection)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), async move {
                 grpc_stop.cancelled().await
             });
