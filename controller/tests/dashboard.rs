@@ -15,6 +15,8 @@ use alki_shared::proto::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+mod common;
+
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Controller {
@@ -44,19 +46,7 @@ async fn start(seed: impl FnOnce(&alki_controller::store::Store)) -> Controller 
     let task = tokio::spawn(alki_controller::serve(alki_controller::Listeners { grpc, http }, config, async {
         let _ = stopped.await;
     }));
-    let token_path = dir.path().join("admin.token");
-    let admin = tokio::time::timeout(TIMEOUT, async {
-        loop {
-            if let Ok(t) = tokio::fs::read_to_string(&token_path).await
-                && !t.trim().is_empty()
-            {
-                return t.trim().to_owned();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("admin token written");
+    let admin = common::admin_token(dir.path()).await;
     Controller {
         grpc: format!("http://{grpc_addr}"),
         http: format!("http://{http_addr}"),

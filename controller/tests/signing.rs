@@ -13,7 +13,7 @@ use alki_shared::digest::Digest;
 use alki_shared::proto::{self, fleet_service_client::FleetServiceClient};
 use alki_shared::signing::{SigningKey, signature_tag};
 
-const TIMEOUT: Duration = Duration::from_secs(30);
+mod common;
 
 struct Controller {
     _dir: tempfile::TempDir,
@@ -39,19 +39,7 @@ async fn start(trusted: Vec<alki_shared::signing::PublicKey>) -> Controller {
     tokio::spawn(alki_controller::serve(alki_controller::Listeners { grpc, http }, config, async {
         let _ = stopped.await;
     }));
-    let token_path = dir.path().join("admin.token");
-    let admin = tokio::time::timeout(TIMEOUT, async {
-        loop {
-            if let Ok(t) = tokio::fs::read_to_string(&token_path).await
-                && !t.trim().is_empty()
-            {
-                return t.trim().to_owned();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("admin token written");
+    let admin = common::admin_token(dir.path()).await;
     Controller { _dir: dir, grpc: format!("http://{grpc_addr}"), registry: http_addr.to_string(), admin, _stop: stop }
 }
 

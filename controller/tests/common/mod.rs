@@ -109,6 +109,23 @@ pub struct SecureController {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
+/// Waits for a starting controller to write `<data-dir>/admin.token` and returns it.
+pub async fn admin_token(data_dir: &std::path::Path) -> String {
+    let token_path = data_dir.join("admin.token");
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        loop {
+            if let Ok(t) = tokio::fs::read_to_string(&token_path).await
+                && !t.trim().is_empty()
+            {
+                return t.trim().to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("admin token written")
+}
+
 pub async fn start_secure(configure: impl FnOnce(&mut alki_controller::config::ControllerConfig)) -> SecureController {
     let dir = tempfile::tempdir().expect("tempdir");
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
@@ -121,20 +138,8 @@ pub async fn start_secure(configure: impl FnOnce(&mut alki_controller::config::C
     let task = tokio::spawn(alki_controller::serve(alki_controller::Listeners { grpc, http }, config, async {
         let _ = stopped.await;
     }));
-    let token_path = dir.path().join("admin.token");
     // The admin token is written after the CA: once it is there, both are.
-    let admin = tokio::time::timeout(TEST_TIMEOUT, async {
-        loop {
-            if let Ok(t) = tokio::fs::read_to_string(&token_path).await
-                && !t.trim().is_empty()
-            {
-                return t.trim().to_owned();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("admin token written");
+    let admin = admin_token(dir.path()).await;
     let ca_pem = std::fs::read_to_string(dir.path().join("pki/ca.crt")).expect("the CA is written on first start");
     SecureController {
         dir,
