@@ -142,6 +142,10 @@ fn create_pinned(
 
 /// Expands an exponential ramp into steps, fills defaults and checks every field, naming the one at fault.
 pub fn normalize_spec(spec: &mut proto::RolloutSpec) -> Result<(), String> {
+    // Refused rather than ignored: an operator who asks for a window must not get a rollout that ignores it.
+    if spec.schedule.is_some() {
+        return Err("schedule windows are not enforced yet; remove `schedule` from the spec".into());
+    }
     if let Some(ramp) = spec.ramp {
         if !spec.steps.is_empty() {
             return Err("give either steps or a ramp, not both".into());
@@ -422,6 +426,15 @@ pub fn operate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_schedule_window_is_refused_until_it_is_enforced() {
+        let mut spec = proto::RolloutSpec {
+            schedule: Some(proto::ScheduleWindow { start_minute_utc: 60, end_minute_utc: 300, weekdays: vec![] }),
+            ..Default::default()
+        };
+        assert!(normalize_spec(&mut spec).expect_err("schedule").contains("not enforced yet"));
+    }
 
     #[test]
     fn a_ramp_expands_into_steps_and_bad_fields_are_named() {
