@@ -288,7 +288,9 @@ pub fn command_job(bench: Option<&crate::bench::Jobs>, command: proto::Command) 
             bundle: c.bundle.clone(),
             repetitions: c.repetitions,
         },
-        None => return Err(refuse("this agent does not know the command; upgrade the agent")),
+        Some(proto::command::Kind::Prestage(_)) | None => {
+            return Err(refuse("this agent does not know the command; upgrade the agent"));
+        }
     };
     let Some(bench) = bench else { return Err(refuse("benchmarks are turned off on this device")) };
     if bench.offer(job) {

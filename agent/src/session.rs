@@ -221,6 +221,7 @@ async fn one_session(
         labels: ctx.labels.clone().into_iter().collect(),
         running: snapshot.running,
         last_applied_generation: snapshot.last_applied.0,
+        staged: Vec::new(),
     };
     send(&out, agent_message::Msg::Hello(hello)).await?;
     // Statuses kept while disconnected go right after the Hello (the buffer is smaller than the queue).

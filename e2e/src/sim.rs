@@ -247,6 +247,7 @@ impl Agent {
             labels,
             running: running.clone(),
             last_applied_generation: applied,
+            staged: Vec::new(),
         };
         tx.send(AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) }).await?;
         if let Some(running) = &running {

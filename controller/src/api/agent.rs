@@ -210,6 +210,10 @@ fn handle(fleet: &Fleet, device_id: &str, message: AgentMessage) -> Result<(), c
         Some(agent_message::Msg::Benchmark(report)) => {
             crate::insight::ingest_benchmarks(fleet, device_id, &report, now)
         }
+        Some(agent_message::Msg::Prestage(report)) => {
+            tracing::info!(command_id = %report.command_id, ready = report.ready, "Agent reported a pre-staging.");
+            Ok(())
+        }
         Some(agent_message::Msg::Hello(_)) => {
             tracing::warn!("Ignored a second Hello within one session.");
             Ok(())
