@@ -163,6 +163,8 @@ pub struct Device {
     pub(crate) state_file: StateFile,
     pub(crate) store: ContentStore,
     pub(crate) bundles_dir: PathBuf,
+    /// Extracted runtime builds (`crate::builds`).
+    pub(crate) builds_dir: PathBuf,
     pub(crate) registry: RegistrySettings,
     pub(crate) supervisor: Supervisor,
     pub(crate) converger: Converger,
@@ -339,15 +341,28 @@ impl Device {
     }
 
     /// Starts the deployment that was active before the agent restarted, before any controller contact.
+    /// The llama-server the previous agent left serving is adopted when it is still that process and healthy
+    /// (no restart); any other it left running is stopped. The proxy held requests since the agent started.
     async fn restore(&mut self, shutdown: &mut watch::Receiver<bool>) {
         self.publish();
-        let Some(active) = self.state.active.clone() else { return };
-        let Some(model) = active.model_path() else { return };
-        let spec = LaunchSpec {
-            model_path: model.to_owned(),
-            settings: active.launch.clone(),
-            bundle_digest: active.bundle.digest.to_string(),
-        };
+        self.restore_inner(shutdown).await;
+        self.supervisor.proxy().release();
+        self.publish();
+    }
+
+    async fn restore_inner(&mut self, shutdown: &mut watch::Receiver<bool>) {
+        let active = self.state.active.clone();
+        let spec = active.as_ref().and_then(|active| {
+            Some(LaunchSpec {
+                model_path: active.model_path()?.to_owned(),
+                settings: active.launch.clone(),
+                bundle_digest: active.bundle.digest.to_string(),
+            })
+        });
+        if self.supervisor.adopt(spec.as_ref()).await.is_some() {
+            return;
+        }
+        let (Some(active), Some(spec)) = (active, spec) else { return };
         tracing::info!(bundle = %active.bundle, "Starting the bundle that was active before the restart.");
         match self.swap(spec, shutdown).await {
             Ok(()) => tracing::info!(bundle = %active.bundle, "Serving the bundle that was active before the restart."),
@@ -360,7 +375,6 @@ impl Device {
             }
             Err(SwapFailure::ShuttingDown) => {}
         }
-        self.publish();
     }
 
     /// [`Supervisor::swap`], abandoned (the candidate killed) when the agent shuts down meanwhile.
@@ -491,10 +505,12 @@ impl Device {
         };
         let trust_store = self.registry.trust.clone();
         let repository = bundle.repository.clone();
+        let builds_dir = self.builds_dir.clone();
         tokio::spawn(
             async move {
                 let memory = tokio::task::spawn_blocking(crate::inventory::memory_available).await.unwrap_or_default();
                 // The policy file and its keys are small files: read them off the async threads.
+                let builds_trust = trust_store.clone();
                 let trust = tokio::task::spawn_blocking(move || trust_store.for_repository(&repository))
                     .await
                     .unwrap_or_default();
@@ -505,7 +521,12 @@ impl Device {
                     // Progress is advisory: when the queue is full it is skipped, never waited for.
                     let _ = statuses.try_send(status);
                 };
-                pull_bundle_with(&access, &store, &bundles_dir, &bundle, memory, &options, &mut progress).await
+                let mut pulled =
+                    pull_bundle_with(&access, &store, &bundles_dir, &bundle, memory, &options, &mut progress).await?;
+                // The llama.cpp build the bundle names, if any: verified, pulled and extracted like a layer.
+                crate::builds::attach(&mut pulled, &bundle, &access, &store, &builds_dir, &builds_trust, &options)
+                    .await?;
+                Ok(pulled)
             }
             .in_current_span(),
         )
@@ -545,7 +566,10 @@ impl Device {
             return Outcome::Failed { retryable: false };
         };
         let defaults = pulled.runtime_defaults.clone().unwrap_or_default();
-        let launch = LaunchSettings::resolve(&defaults, &desired.overrides);
+        let launch = LaunchSettings {
+            llama_server: pulled.runtime_server.clone(),
+            ..LaunchSettings::resolve(&defaults, &desired.overrides)
+        };
         let spec = LaunchSpec { model_path, settings: launch.clone(), bundle_digest: bundle.digest.to_string() };
         let mut status = self.status(desired, Phase::Starting);
         status.variant_digest = pulled.variant_digest.to_string();
@@ -648,6 +672,7 @@ impl Device {
     async fn collect_garbage(&self) {
         let (keep, variants) = self.kept().await;
         prune_variant_dirs(&self.bundles_dir, &variants).await;
+        crate::builds::prune(&self.builds_dir, &keep).await;
         let Some(budget) = self.policy.store_budget else { return };
         match self.store.evict(&keep, budget).await {
             Ok((removed, freed)) if !removed.is_empty() => {

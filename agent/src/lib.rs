@@ -5,6 +5,7 @@
 //! can learn the front address (configured as port 0) before the agent runs.
 
 pub mod bench;
+pub mod builds;
 pub mod calibrate;
 pub mod config;
 pub mod converge;
@@ -19,6 +20,7 @@ pub mod reload;
 pub mod runtime;
 pub mod session;
 pub mod settings;
+pub mod stage;
 pub mod state;
 pub mod store;
 pub mod systemd;
@@ -77,6 +79,10 @@ impl Layout {
     pub fn bundles(&self) -> PathBuf {
         self.data_dir.join("bundles")
     }
+    /// Extracted runtime builds, one directory per tar layer digest.
+    pub fn runtime_builds(&self) -> PathBuf {
+        self.data_dir.join(builds::DIR_NAME)
+    }
     pub fn logs(&self) -> PathBuf {
         self.data_dir.join("logs")
     }
@@ -100,9 +106,15 @@ pub struct Agent {
 impl Agent {
     /// Validates the config, prepares the data directory, loads (or creates) the state and binds the front port.
     pub async fn start(config: Config) -> Result<Agent, AgentError> {
+        Agent::start_with_front(config, None).await
+    }
+
+    /// [`Agent::start`] serving clients on `front` (a socket systemd passed, see
+    /// [`systemd::front_listener_from_env`]) instead of binding `runtime.front_addr`.
+    pub async fn start_with_front(config: Config, front: Option<std::net::TcpListener>) -> Result<Agent, AgentError> {
         config.validate()?;
         let layout = Layout { data_dir: config.data_dir.clone() };
-        for dir in [layout.data_dir.clone(), layout.bundles(), layout.logs()] {
+        for dir in [layout.data_dir.clone(), layout.bundles(), layout.runtime_builds(), layout.logs()] {
             std::fs::create_dir_all(&dir).map_err(|source| AgentError::DataDir { path: dir.clone(), source })?;
         }
         let state_file = StateFile::new(&layout.data_dir);
@@ -135,7 +147,17 @@ impl Agent {
         state_file.save(&state)?;
         let store = ContentStore::open(&layout.content())?;
         let addr = config.front_addr()?;
-        let front = tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Bind { addr, source })?;
+        let front = match front {
+            Some(passed) => {
+                let passed = tokio::net::TcpListener::from_std(passed).map_err(|source| AgentError::Bind { addr, source })?;
+                let local = passed.local_addr().ok();
+                if local != Some(addr) {
+                    tracing::info!(passed = ?local, configured = %addr, "Serving clients on the socket systemd passed; runtime.front_addr is not used.");
+                }
+                passed
+            }
+            None => tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Bind { addr, source })?,
+        };
         let metrics = match config.metrics_addr()? {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::BindMetrics { addr, source })?,
@@ -185,29 +207,41 @@ impl Agent {
     /// the controller session, converges to desired states. On shutdown it stops accepting clients, stops
     /// llama-server with the safe sequence, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
-        let span = tracing::info_span!("agent", device_id = %self.device_id);
-        self.run_inner(shutdown).instrument(span).await
+        self.run_until(async move {
+            shutdown.await;
+            Exit::Stop
+        })
+        .await
     }
 
-    async fn run_inner(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+    /// [`Agent::run`] until `exit` resolves, then stops as it says: [`Exit::Stop`] stops llama-server,
+    /// [`Exit::HandOver`] leaves it running for the next agent, which adopts it.
+    pub async fn run_until(self, exit: impl Future<Output = Exit> + Send) -> Result<(), AgentError> {
+        let span = tracing::info_span!("agent", device_id = %self.device_id);
+        self.run_inner(exit).instrument(span).await
+    }
+
+    async fn run_inner(self, shutdown: impl Future<Output = Exit> + Send) -> Result<(), AgentError> {
         let Agent { config, notifier, config_file, device_id, state, state_file, store, front, metrics } = self;
         let metrics_listener = metrics;
         let layout = Layout { data_dir: config.data_dir.clone() };
         let (stop_tx, stop_rx) = watch::channel(false);
         let proxy = Proxy::new(http_client());
-
+        proxy.set_unassigned(state.serve_nothing);
+        if state.active.is_some() {
+            // Requests wait while the model that served before the restart is adopted or started again.
+            proxy.hold(config.gap_wait());
+        }
+        let (front_stop_tx, front_stop_rx) = tokio::sync::oneshot::channel::<runtime::front::FrontStop>();
         let front_addr = front.local_addr().ok();
-        let mut server_stop = stop_rx.clone();
         let router = proxy.router();
         let server = tokio::spawn(
-            async move {
-                let graceful = async move {
-                    let _ = server_stop.wait_for(|stop| *stop).await;
-                };
-                if let Err(e) = axum::serve(front, router).with_graceful_shutdown(graceful).await {
-                    tracing::error!(error = %e, "The front server failed.");
-                }
-            }
+            runtime::front::serve(
+                front,
+                router,
+                async move { front_stop_rx.await.unwrap_or(runtime::front::FrontStop::Close) },
+                config.drain_timeout(),
+            )
             .in_current_span(),
         );
         tracing::info!(front = ?front_addr, "Front proxy listening.");
@@ -275,12 +309,26 @@ impl Agent {
             };
             tokio::spawn(metrics::serve(listener, state, stop_rx.clone()).in_current_span())
         });
+        // Pre-staging: staged bundles are pinned in the store before the device loop may evict anything.
+        let stager = stage::Stager {
+            registry: RegistrySettings { device_token: registry_token.clone(), ..RegistrySettings::from_config(&config) },
+            store: store.clone(),
+            bundles_dir: layout.bundles(),
+            data_dir: layout.data_dir.clone(),
+            config: Arc::new(config.clone()),
+            reloads: config_rx.clone(),
+            snapshot: snapshot_rx.clone(),
+            metrics: Arc::clone(&metrics),
+        };
+        let (staging, stage_task) = stager.spawn(stop_rx.clone()).await;
+        let hand_over: Arc<std::sync::atomic::AtomicBool>;
         let device = Device {
             converger: Converger::new(state.last_applied_generation),
             state,
             state_file,
             store,
             bundles_dir: layout.bundles(),
+            builds_dir: layout.runtime_builds(),
             registry: RegistrySettings {
                 device_token: registry_token.clone(),
                 ..RegistrySettings::from_config(&config)
@@ -288,6 +336,8 @@ impl Agent {
             supervisor: {
                 let mut supervisor = Supervisor::new(opts.clone(), drain_timeout, Arc::clone(&proxy));
                 supervisor.set_gap_wait(config.gap_wait());
+                supervisor.set_recorder(runtime::Recorder::open(&layout.data_dir));
+                hand_over = supervisor.hand_over_switch();
                 supervisor
             },
             statuses: status_tx,
@@ -327,6 +377,7 @@ impl Agent {
             },
             settings: config.clone(),
             registry_token,
+            staging,
         };
         // Device certificates renew themselves at two thirds of their life (not in the insecure token mode).
         let renewal = (!config.controller.insecure_plaintext)
@@ -347,17 +398,25 @@ impl Agent {
             })
         });
 
-        shutdown.await;
-        tracing::info!("Shutting down.");
+        let exit = shutdown.await;
+        tracing::info!(?exit, "Shutting down.");
         notifier.stopping();
+        if exit == Exit::HandOver {
+            hand_over.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        let _ = front_stop_tx.send(match exit {
+            Exit::Stop => runtime::front::FrontStop::Close,
+            Exit::HandOver => runtime::front::FrontStop::HandOver,
+        });
         let _ = stop_tx.send(true);
         // The device loop's own waits are bounded (drain timeout, stop sequence); this bound is a backstop.
         let device_bound = drain_timeout + Duration::from_secs(30);
         for (name, task, bound) in [
             ("device loop", device_task, device_bound),
             ("session", session_task, TASK_SHUTDOWN),
-            ("front server", server, TASK_SHUTDOWN),
+            ("front server", server, drain_timeout + TASK_SHUTDOWN),
             ("benchmarks", bench_task, TASK_SHUTDOWN),
+            ("staging", stage_task, TASK_SHUTDOWN),
         ]
         .into_iter()
         .chain(metrics_task.map(|task| ("metrics server", task, TASK_SHUTDOWN)))
@@ -381,6 +440,16 @@ impl Agent {
         tracing::info!("Stopped.");
         Ok(())
     }
+}
+
+/// How the agent ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// A stop (SIGTERM): the model is served until the last moment, then llama-server is stopped safely.
+    Stop,
+    /// A hand-over (SIGUSR2): the front port stops accepting, in-flight requests finish (bounded), and
+    /// llama-server keeps running for the next agent to adopt.
+    HandOver,
 }
 
 /// The whole agent: [`Agent::start`] then [`Agent::run`].

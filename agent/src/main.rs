@@ -1,9 +1,15 @@
-//! The `alki-agent` binary: parses flags, sets up logging, and runs [`alki_agent::run`] until SIGTERM or Ctrl-C.
+//! The `alki-agent` binary: parses flags, sets up logging, and runs the agent until SIGTERM or Ctrl-C (a stop:
+//! llama-server is stopped) or SIGUSR2 (a hand-over: llama-server keeps running, the agent exits with
+//! [`EXIT_HANDED_OVER`] and the next agent, started by systemd, adopts it). The front port comes from systemd
+//! socket activation when the unit passes one (`alki-agent.socket`).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+
+/// Exit status after a hand-over (EX_TEMPFAIL): the unit restarts the agent (`RestartForceExitStatus=75`).
+const EXIT_HANDED_OVER: i32 = 75;
 
 #[derive(Parser)]
 #[command(name = "alki-agent", about = "Alki Fleet's device agent", version)]
@@ -55,6 +61,13 @@ enum Output {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any thread starts: take the socket systemd passed (if any) and clear the variables, so that
+    // nothing started later (llama-server) takes them for its own.
+    let front = alki_agent::systemd::front_listener_from_env();
+    for name in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+        // SAFETY: no other thread runs yet, so nothing reads the environment concurrently.
+        unsafe { std::env::remove_var(name) };
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Version => {
@@ -109,10 +122,25 @@ fn main() -> anyhow::Result<()> {
             let config = alki_agent::Config::load(&path)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let notifier = alki_agent::systemd::Notifier::from_env();
-            runtime.block_on(async {
-                let agent = alki_agent::Agent::start(config).await?;
-                agent.with_notifier(notifier).with_config_file(path).run(shutdown_signal()).await
+            let front = front.context("the socket passed by systemd (LISTEN_FDS) is not a listening TCP socket")?;
+            let exit = runtime.block_on(async {
+                let agent = alki_agent::Agent::start_with_front(config, front).await?;
+                let exit = std::sync::Arc::new(std::sync::Mutex::new(alki_agent::Exit::Stop));
+                let seen = exit.clone();
+                let signal = async move {
+                    let how = shutdown_signal().await;
+                    *seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = how;
+                    how
+                };
+                agent.with_notifier(notifier).with_config_file(path).run_until(signal).await?;
+                let how = *exit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                Ok::<_, alki_agent::AgentError>(how)
             })?;
+            // The runtime is dropped first so every task has finished before the exit.
+            drop(runtime);
+            if exit == alki_agent::Exit::HandOver {
+                std::process::exit(EXIT_HANDED_OVER);
+            }
             Ok(())
         }
     }
@@ -123,8 +151,19 @@ fn unix_seconds(t: std::time::SystemTime) -> String {
     format!("unix time {secs}")
 }
 
-/// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
+/// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C) with a stop, on SIGUSR2 with a hand-over.
+async fn shutdown_signal() -> alki_agent::Exit {
+    let hand_over = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot listen for SIGUSR2; hand-over restarts are not available.");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "Cannot listen for Ctrl-C.");
@@ -143,7 +182,8 @@ async fn shutdown_signal() {
         }
     };
     tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        _ = ctrl_c => alki_agent::Exit::Stop,
+        _ = term => alki_agent::Exit::Stop,
+        _ = hand_over => alki_agent::Exit::HandOver,
     }
 }

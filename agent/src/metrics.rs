@@ -288,9 +288,11 @@ pub fn command_job(bench: Option<&crate::bench::Jobs>, command: proto::Command) 
             bundle: c.bundle.clone(),
             repetitions: c.repetitions,
         },
-        Some(proto::command::Kind::Prestage(_)) | None => {
-            return Err(refuse("this agent does not know the command; upgrade the agent"));
+        // The session hands Prestage to the staging queue (crate::stage); it is never a benchmark.
+        Some(proto::command::Kind::Prestage(_)) => {
+            return Err(refuse("a prestage command is not a benchmark; the staging queue runs it"));
         }
+        None => return Err(refuse("this agent does not know the command; upgrade the agent")),
     };
     let Some(bench) = bench else { return Err(refuse("benchmarks are turned off on this device")) };
     if bench.offer(job) {

@@ -88,6 +88,9 @@ pub struct PulledBundle {
     pub model_files: Vec<PathBuf>,
     /// The runtime layer, when the variant has one.
     pub runtime_defaults: Option<RuntimeDefaults>,
+    /// The extracted `llama-server` of the runtime build the runtime layer names (set by
+    /// [`crate::builds::attach`]); None runs the configured one.
+    pub runtime_server: Option<PathBuf>,
     /// Bytes of every blob of the variant.
     pub bytes_total: u64,
     /// Bytes fetched from the registry by this pull (the rest were already stored).
@@ -287,6 +290,13 @@ pub enum PullErrorKind {
     Store(StoreError),
     #[error("cannot create the bundle directory {}: {source}; check that the data_dir is writable", dir.display())]
     Materialise { dir: PathBuf, source: std::io::Error },
+    /// The llama.cpp build the runtime layer names cannot be used (see [`crate::builds`]).
+    #[error("{0}")]
+    RuntimeBuild(Box<crate::builds::BuildError>),
+    /// The local check found something missing: the pull goes to the registry. Not shown unless the registry
+    /// path is unavailable too.
+    #[error("{0} is not in the local content store; the device needs the registry to fetch it")]
+    NotInStore(String),
 }
 
 impl PullError {
@@ -308,9 +318,10 @@ impl PullError {
             PullErrorKind::Signature { problem, .. } => problem.code(),
             PullErrorKind::VariantSize { .. } => ErrorCode::BundleInvalid,
             PullErrorKind::DiskFull { .. } => ErrorCode::DiskFull,
-            PullErrorKind::Transfer { .. } => ErrorCode::PullFailed,
+            PullErrorKind::Transfer { .. } | PullErrorKind::NotInStore(_) => ErrorCode::PullFailed,
             PullErrorKind::Store(e) if e.is_disk_full() => ErrorCode::DiskFull,
             PullErrorKind::Store(_) | PullErrorKind::Materialise { .. } => ErrorCode::Io,
+            PullErrorKind::RuntimeBuild(e) => e.code(),
         }
     }
 
@@ -341,6 +352,7 @@ impl PullError {
             | PullErrorKind::BadFileName { layer, .. }
             | PullErrorKind::RuntimeLayer { layer, .. }
             | PullErrorKind::Transfer { layer, .. } => Some(layer),
+            PullErrorKind::RuntimeBuild(e) => e.layer_digest(),
             _ => None,
         }
     }
@@ -375,27 +387,82 @@ pub async fn pull_bundle_with(
     options: &PullOptions,
     progress: &mut (dyn FnMut(PullProgress) + Send),
 ) -> Result<PulledBundle, PullError> {
+    // Pulls into one store run one at a time (a pre-staging download and an activation may overlap).
+    let _slot = store.pull_slot().await;
+    // First from the content store alone: when every byte is here (pre-staged, or a rollback to an earlier
+    // bundle), everything is verified again from the stored bytes, with the same checks as bytes from the
+    // network, and no registry is contacted.
+    let local_refusal =
+        match pull_from(Source::Store, store, bundles_dir, bundle, bundle, memory_available, options, progress).await {
+            Ok(pulled) => {
+                tracing::info!(bundle = %bundle, variant = %pulled.variant_digest, "Verified from the content store; no download needed.");
+                return Ok(pulled);
+            }
+            Err(PullError { kind: PullErrorKind::NotInStore(what), .. }) => {
+                tracing::debug!(bundle = %bundle, %what, "Not complete in the content store; pulling from the registry.");
+                None
+            }
+            // The stored signature does not satisfy the policy now: the registry may hold a newer signature
+            // (re-signed with a rotated key). If it cannot be reached, this refusal is the answer.
+            Err(error @ PullError { kind: PullErrorKind::Signature { .. }, .. }) => Some(error),
+            // Anything else is a property of the bundle's bytes, which no registry changes.
+            Err(error) => return Err(error),
+        };
     let endpoints = registry.endpoints(bundle);
     let mut last_error = None;
     for (i, endpoint) in endpoints.iter().enumerate() {
         let source = BundleLocation { registry: endpoint.clone(), ..bundle.clone() };
-        match pull_from(registry, store, bundles_dir, bundle, &source, memory_available, options, progress).await {
+        let from = Source::Registry(registry);
+        match pull_from(from, store, bundles_dir, bundle, &source, memory_available, options, progress).await {
             Ok(pulled) => return Ok(pulled),
             Err(error) if i + 1 < endpoints.len() && error.may_try_another_source() => {
                 tracing::warn!(%error, source = %endpoint, next = %endpoints[i + 1], "Pull from a mirror failed; trying the next source.");
-                last_error = Some(error);
             }
-            Err(error) => return Err(error),
+            Err(error) => {
+                last_error = Some(error);
+                break;
+            }
         }
     }
-    Err(last_error.expect("there is always at least the origin"))
+    let error = last_error.expect("the origin is always tried last and breaks the loop on error");
+    match local_refusal {
+        Some(refusal) if matches!(error.kind, PullErrorKind::Registry { .. } | PullErrorKind::Transfer { .. }) => {
+            Err(refusal)
+        }
+        _ => Err(error),
+    }
 }
 
-/// One attempt of [`pull_bundle_with`] from `source` (the bundle with the registry replaced by a mirror
-/// or the origin itself); errors name `bundle`. Blobs already stored, by any source, are kept.
+/// [`pull_bundle_with`] from the content store alone: every stored byte the bundle needs (index, variant
+/// manifest, layers, the recorded signature) checked again against its digest and the signature against
+/// `options.trust` as it is now, then materialised. Never contacts a registry; whatever is missing is a
+/// [`PullErrorKind::NotInStore`].
+pub async fn verify_from_store(
+    store: &ContentStore,
+    bundles_dir: &Path,
+    bundle: &BundleLocation,
+    memory_available: u64,
+    options: &PullOptions,
+) -> Result<PulledBundle, PullError> {
+    let _slot = store.pull_slot().await;
+    pull_from(Source::Store, store, bundles_dir, bundle, bundle, memory_available, options, &mut |_| {}).await
+}
+
+/// Where [`pull_from`] reads a bundle: a registry (storing what it fetches), or the content store alone.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Registry(&'a RegistryAccess),
+    /// Nothing is fetched: whatever is missing is a [`PullErrorKind::NotInStore`]. Every stored byte used is
+    /// hashed again, so bytes on disk are never trusted for being there.
+    Store,
+}
+
+/// One attempt of [`pull_bundle_with`] from `from`: the registry at `bundle` (its registry replaced by a
+/// mirror or the origin itself), or the content store alone; errors name `shown`. Blobs already stored, by
+/// any source, are kept.
 #[allow(clippy::too_many_arguments)]
 async fn pull_from(
-    registry: &RegistryAccess,
+    from: Source<'_>,
     store: &ContentStore,
     bundles_dir: &Path,
     shown: &BundleLocation,
@@ -407,8 +474,8 @@ async fn pull_from(
     let wrap = |kind| PullError { bundle: shown.to_string(), kind };
     // The signature first: nothing the bundle's manifests say is acted on before it verifies, and no large
     // layer is fetched for a bundle the device will refuse.
-    let verified = check_signature(registry, bundle, &options.trust).await.map_err(wrap)?;
-    let top = fetch_manifest(registry, store, bundle, &bundle.digest, "bundle manifest").await.map_err(wrap)?;
+    let verified = check_signature(from, store, bundle, &options.trust).await.map_err(wrap)?;
+    let top = manifest_from(from, store, bundle, &bundle.digest, "bundle manifest").await.map_err(wrap)?;
     let (variant, variant_digest, manifest) = match top {
         Manifest::Index(index) => {
             let offered = variants(&index);
@@ -426,7 +493,7 @@ async fn pull_from(
             };
             let digest = chosen.descriptor.digest.clone();
             let manifest =
-                match fetch_manifest(registry, store, bundle, &digest, "variant manifest").await.map_err(wrap)? {
+                match manifest_from(from, store, bundle, &digest, "variant manifest").await.map_err(wrap)? {
                     Manifest::Image(m) => m,
                     Manifest::Index(_) => {
                         return Err(wrap(PullErrorKind::NotABundle(format!(
@@ -481,6 +548,13 @@ async fn pull_from(
             None => missing.push(*d),
         }
     }
+    if let Source::Store = from {
+        if let Some(d) = missing.first() {
+            return Err(wrap(PullErrorKind::NotInStore(format!("layer {}", short(&d.digest)))));
+        }
+        // Stored layers were checked when written; checked again now, since this path trusts no disk.
+        verify_stored_blobs(store, &blobs).await.map_err(wrap)?;
+    }
     let needed = bytes_total - bytes_present;
     if check_disk(bundles_dir, needed, options.disk_reserve).await.is_err() {
         let mut keep = options.keep.clone();
@@ -509,11 +583,13 @@ async fn pull_from(
     reporter.report(0, true);
     let mut fetched = 0u64;
     let mut pace = options.bandwidth.map(Pace::new);
-    for d in missing {
-        fetch_blob(registry, store, bundle, d, &mut pace, &mut |n| reporter.report(fetched + n, false))
-            .await
-            .map_err(wrap)?;
-        fetched += d.size;
+    if let Source::Registry(registry) = from {
+        for d in missing {
+            fetch_blob(registry, store, bundle, d, &mut pace, &mut |n| reporter.report(fetched + n, false))
+                .await
+                .map_err(wrap)?;
+            fetched += d.size;
+        }
     }
     reporter.report(fetched, true);
 
@@ -531,6 +607,7 @@ async fn pull_from(
         dir,
         model_files,
         runtime_defaults,
+        runtime_server: None,
         bytes_total,
         bytes_fetched: fetched,
         verified,
@@ -539,8 +616,13 @@ async fn pull_from(
 
 /// Checks the bundle's signature against the trust policy for its repository, before anything else is
 /// fetched. `Ok(None)`: the policy lets unsigned bundles through and none verified.
+///
+/// From a registry, the signature manifest and payloads are kept in the store and, once they verify, recorded
+/// as the bundle's signature; from the store, that record is read back and every byte checked again (digests,
+/// then the signatures against the policy as it is now, so a key removed since refuses).
 async fn check_signature(
-    registry: &RegistryAccess,
+    from: Source<'_>,
+    store: &ContentStore,
     bundle: &BundleLocation,
     trust: &RepositoryTrust,
 ) -> Result<Option<Verified>, PullErrorKind> {
@@ -548,10 +630,19 @@ async fn check_signature(
         return Ok(None);
     }
     let refuse = |problem: SignatureProblem| PullErrorKind::Signature { problem, policy: trust.source.clone() };
-    let layers = fetch_signatures(registry, bundle).await?;
+    let (layers, manifest) = match from {
+        Source::Registry(registry) => fetch_signatures(registry, store, bundle).await?,
+        Source::Store => stored_signatures(store, bundle, trust.required).await?,
+    };
     match signing::verify(&bundle.digest, &layers, &trust.keys) {
         Ok(verified) => {
             tracing::info!(bundle = %bundle, key = %verified.key_fingerprint, policy = %trust.source, "Signature verified.");
+            if let (Source::Registry(_), Some(manifest)) = (from, manifest)
+                && let Err(e) = store.set_signature_of(&bundle.digest, &manifest).await
+            {
+                // Only offline re-verification is lost: the next activation fetches the signature again.
+                tracing::warn!(bundle = %bundle, error = %e, "Cannot record the verified signature in the content store.");
+            }
             Ok(Some(verified))
         }
         Err(problem) if trust.required => Err(refuse(problem)),
@@ -563,11 +654,13 @@ async fn check_signature(
 }
 
 /// The signatures at the bundle's `sha256-<hex>.sig` tag (none when the tag does not exist), each payload
-/// bounded and checked against its digest.
+/// bounded and checked against its digest, and the signature manifest's digest. The manifest and payloads are
+/// kept in the store so the signature can be checked again without the registry.
 async fn fetch_signatures(
     registry: &RegistryAccess,
+    store: &ContentStore,
     bundle: &BundleLocation,
-) -> Result<Vec<SignatureLayer>, PullErrorKind> {
+) -> Result<(Vec<SignatureLayer>, Option<Digest>), PullErrorKind> {
     let tag = signing::signature_tag(&bundle.digest);
     let origin = registry.registry_of(bundle).to_owned();
     let reference = Reference::with_tag(origin.clone(), bundle.repository.clone(), tag.clone());
@@ -576,19 +669,11 @@ async fn fetch_signatures(
     let accepted = [MEDIA_TYPE_IMAGE_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST];
     let bytes = match registry.client.pull_manifest_raw(&reference, &registry.auth(bundle), &accepted).await {
         Ok((bytes, _)) => bytes,
-        Err(e) if is_not_found(&e) => return Ok(Vec::new()),
+        Err(e) if is_not_found(&e) => return Ok((Vec::new(), None)),
         Err(e) => return Err(fetch_error(format!("signature manifest {tag}"), e)),
     };
-    let invalid = |reason: String| PullErrorKind::Signature {
-        problem: SignatureProblem::Invalid { reason },
-        policy: String::from("signature tag ") + &tag,
-    };
-    let manifest = match Manifest::parse(&bytes, None) {
-        Ok(Manifest::Image(m)) => m,
-        Ok(Manifest::Index(_)) => return Err(invalid("the signature tag holds an index".to_owned())),
-        Err(e) => return Err(invalid(format!("the signature manifest is malformed ({e})"))),
-    };
-    let mut layers = Vec::new();
+    let manifest = signature_manifest(&bytes, &tag)?;
+    let mut payloads = Vec::new();
     for d in signing::signature_descriptors(&manifest) {
         let reference = registry.reference(bundle, &d.digest);
         let mut stream = registry
@@ -602,7 +687,9 @@ async fn fetch_signatures(
                 Ok(chunk) if (payload.len() + chunk.len()) as u64 <= signing::MAX_PAYLOAD_BYTES => {
                     payload.extend_from_slice(&chunk)
                 }
-                Ok(_) => return Err(invalid(format!("payload {} is larger than it says", short(&d.digest)))),
+                Ok(_) => {
+                    return Err(invalid_signature(&tag, format!("payload {} is larger than it says", short(&d.digest))));
+                }
                 Err(e) if is_stream_digest_error(&e) => break,
                 Err(e) => {
                     return Err(PullErrorKind::Transfer {
@@ -615,8 +702,78 @@ async fn fetch_signatures(
                 }
             }
         }
+        payloads.push(payload);
+    }
+    let layers = signature_layers(&manifest, payloads.clone(), &tag)?;
+    // Kept as fetched (each checked against its digest above), for verifying again without the registry.
+    let digest = Digest::of(&bytes);
+    if bytes.len() <= MAX_MANIFEST_BYTES {
+        store.write_bytes(&digest, &bytes).await.map_err(PullErrorKind::Store)?;
+        for (d, payload) in signing::signature_descriptors(&manifest).into_iter().zip(&payloads) {
+            store.write_bytes(&d.digest, payload).await.map_err(PullErrorKind::Store)?;
+        }
+    }
+    Ok((layers, Some(digest).filter(|_| bytes.len() <= MAX_MANIFEST_BYTES)))
+}
+
+/// The signatures recorded for the bundle in the store (see [`ContentStore::signature_of`]), every byte checked
+/// against its digest again with the same code as bytes from a registry. Without a record: none when the policy
+/// does not require a signature, else [`PullErrorKind::NotInStore`] (the registry may have one).
+async fn stored_signatures(
+    store: &ContentStore,
+    bundle: &BundleLocation,
+    required: bool,
+) -> Result<(Vec<SignatureLayer>, Option<Digest>), PullErrorKind> {
+    let tag = signing::signature_tag(&bundle.digest);
+    let not_here = || PullErrorKind::NotInStore(format!("the signature at {tag}"));
+    let Some(digest) = store.signature_of(&bundle.digest).await else {
+        return if required { Err(not_here()) } else { Ok((Vec::new(), None)) };
+    };
+    let bytes = read_small(store, &digest, MAX_MANIFEST_BYTES as u64).await.ok_or_else(not_here)?;
+    if Digest::of(&bytes) != digest {
+        // Damaged on disk: dropped, so the registry path fetches it again.
+        let _ = store.remove(&digest).await;
+        return Err(not_here());
+    }
+    let manifest = signature_manifest(&bytes, &tag)?;
+    let mut payloads = Vec::new();
+    for d in signing::signature_descriptors(&manifest) {
+        let payload = read_small(store, &d.digest, signing::MAX_PAYLOAD_BYTES).await.ok_or_else(not_here)?;
+        payloads.push(payload);
+    }
+    Ok((signature_layers(&manifest, payloads, &tag)?, Some(digest)))
+}
+
+fn invalid_signature(tag: &str, reason: String) -> PullErrorKind {
+    PullErrorKind::Signature {
+        problem: SignatureProblem::Invalid { reason },
+        policy: String::from("signature tag ") + tag,
+    }
+}
+
+/// A signature manifest, parsed strictly (from a registry or from the store alike).
+fn signature_manifest(bytes: &[u8], tag: &str) -> Result<ImageManifest, PullErrorKind> {
+    match Manifest::parse(bytes, None) {
+        Ok(Manifest::Image(m)) => Ok(m),
+        Ok(Manifest::Index(_)) => Err(invalid_signature(tag, "the signature tag holds an index".to_owned())),
+        Err(e) => Err(invalid_signature(tag, format!("the signature manifest is malformed ({e})"))),
+    }
+}
+
+/// The signature layers of `manifest` with their payloads (in descriptor order), each payload checked against
+/// its descriptor's digest (from a registry or from the store alike).
+fn signature_layers(
+    manifest: &ImageManifest,
+    payloads: Vec<Vec<u8>>,
+    tag: &str,
+) -> Result<Vec<SignatureLayer>, PullErrorKind> {
+    let mut layers = Vec::new();
+    for (d, payload) in signing::signature_descriptors(manifest).into_iter().zip(payloads) {
+        if payload.len() as u64 > signing::MAX_PAYLOAD_BYTES {
+            return Err(invalid_signature(tag, format!("payload {} is larger than it says", short(&d.digest))));
+        }
         if Digest::of(&payload) != d.digest {
-            return Err(invalid(format!("payload {} does not match its digest", short(&d.digest))));
+            return Err(invalid_signature(tag, format!("payload {} does not match its digest", short(&d.digest))));
         }
         layers.extend(SignatureLayer::new(d, payload));
     }
@@ -752,6 +909,51 @@ async fn fetch_manifest(
         digest: digest.clone(),
         source,
     })
+}
+
+/// A manifest from `from`: [`fetch_manifest`] from a registry; from the store alone, the stored bytes hashed
+/// again and checked against `digest` (a damaged copy is removed, so the registry path fetches it anew).
+async fn manifest_from(
+    from: Source<'_>,
+    store: &ContentStore,
+    bundle: &BundleLocation,
+    digest: &Digest,
+    what: &str,
+) -> Result<Manifest, PullErrorKind> {
+    let bytes = match from {
+        Source::Registry(registry) => return fetch_manifest(registry, store, bundle, digest, what).await,
+        Source::Store => {
+            let not_here = || PullErrorKind::NotInStore(format!("{what} {}", short(digest)));
+            let bytes = read_small(store, digest, MAX_MANIFEST_BYTES as u64).await.ok_or_else(not_here)?;
+            if &Digest::of(&bytes) != digest {
+                let _ = store.remove(digest).await;
+                return Err(not_here());
+            }
+            bytes
+        }
+    };
+    Manifest::parse(&bytes, None).map_err(|source| PullErrorKind::Manifest {
+        what: what.to_owned(),
+        digest: digest.clone(),
+        source,
+    })
+}
+
+/// Hashes every stored blob of a variant again. A blob whose bytes changed on disk is removed and reported as
+/// missing, so the registry path downloads it anew (and, without a registry, nothing damaged is served).
+async fn verify_stored_blobs(store: &ContentStore, blobs: &[&Descriptor]) -> Result<(), PullErrorKind> {
+    for d in blobs {
+        let hashed = alki_shared::digest::hash_file(&store.path(&d.digest)).await;
+        match hashed {
+            Ok((digest, size)) if digest == d.digest && size == d.size => {}
+            Ok(_) | Err(_) => {
+                tracing::warn!(blob = %d.digest, "A stored blob no longer matches its digest; it is removed.");
+                store.remove(&d.digest).await.map_err(PullErrorKind::Store)?;
+                return Err(PullErrorKind::NotInStore(format!("layer {} (damaged on disk)", short(&d.digest))));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A stored blob's bytes when present and at most `limit` bytes long.
@@ -981,7 +1183,8 @@ pub async fn prune_variant_dirs(bundles_dir: &Path, keep: &[Digest]) {
 }
 
 /// The blobs a deployment needs: the bundle's manifest (or index), the variant manifest and every blob it
-/// names, as far as they are in the store.
+/// names, and the bundle's recorded signature manifest and payloads (to verify it again without a registry),
+/// as far as they are in the store.
 pub async fn deployment_blobs(
     store: &ContentStore,
     bundle: &Digest,
@@ -992,6 +1195,15 @@ pub async fn deployment_blobs(
         && let Ok(Manifest::Image(m)) = Manifest::parse(&bytes, None)
     {
         keep.extend(std::iter::once(&m.config).chain(&m.layers).map(|d| d.digest.clone()));
+        keep.extend(crate::builds::blobs_named_by(store, &m).await);
+    }
+    if let Some(signature) = store.signature_of(bundle).await {
+        if let Some(bytes) = read_small(store, &signature, MAX_MANIFEST_BYTES as u64).await
+            && let Ok(Manifest::Image(m)) = Manifest::parse(&bytes, None)
+        {
+            keep.extend(signing::signature_descriptors(&m).into_iter().map(|d| d.digest.clone()));
+        }
+        keep.insert(signature);
     }
     keep
 }
@@ -1046,6 +1258,45 @@ pub fn human_bytes(n: u64) -> String {
         unit += 1;
     }
     if unit == 0 { format!("{n} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+/// What [`crate::builds`] reuses of the bundle pull: the signature check against the trust policy, manifests
+/// checked against their digest and kept in the store, resumable digest-verified blob downloads, the disk check.
+pub(crate) mod for_builds {
+    use super::*;
+
+    pub(crate) async fn check_signature(
+        registry: &RegistryAccess,
+        store: &ContentStore,
+        artifact: &BundleLocation,
+        trust: &RepositoryTrust,
+    ) -> Result<Option<Verified>, PullErrorKind> {
+        super::check_signature(Source::Registry(registry), store, artifact, trust).await
+    }
+
+    pub(crate) async fn fetch_manifest(
+        registry: &RegistryAccess,
+        store: &ContentStore,
+        artifact: &BundleLocation,
+        digest: &Digest,
+        what: &str,
+    ) -> Result<Manifest, PullErrorKind> {
+        super::fetch_manifest(registry, store, artifact, digest, what).await
+    }
+
+    pub(crate) async fn fetch_blob(
+        registry: &RegistryAccess,
+        store: &ContentStore,
+        artifact: &BundleLocation,
+        descriptor: &Descriptor,
+        pace: &mut Option<Pace>,
+    ) -> Result<(), PullErrorKind> {
+        super::fetch_blob(registry, store, artifact, descriptor, pace, &mut |_| {}).await
+    }
+
+    pub(crate) async fn check_disk(dir: &Path, needed: u64, reserve: u64) -> Result<(), PullErrorKind> {
+        super::check_disk(dir, needed, reserve).await
+    }
 }
 
 #[cfg(test)]

@@ -57,6 +57,8 @@ pub struct SessionContext {
     pub settings: crate::Config,
     /// Where the registry token from each Welcome goes, for pulls from the embedded registry.
     pub registry_token: crate::identity::DeviceRegistryToken,
+    /// Prestage commands, their reports, and the staged bundles Hello lists.
+    pub staging: crate::stage::SessionStaging,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +216,7 @@ async fn one_session(
     let (data_dir, labels) = (ctx.data_dir.clone(), ctx.labels.clone());
     let inventory = tokio::task::spawn_blocking(move || crate::inventory::collect(&data_dir, &labels)).await.ok();
     let snapshot = ctx.snapshot.borrow().clone();
+    let staged = ctx.staging.staged.borrow().listed(snapshot.running.as_ref());
     let hello = proto::Hello {
         device_id: ctx.device_id.to_string(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -221,7 +224,7 @@ async fn one_session(
         labels: ctx.labels.clone().into_iter().collect(),
         running: snapshot.running,
         last_applied_generation: snapshot.last_applied.0,
-        staged: Vec::new(),
+        staged,
     };
     send(&out, agent_message::Msg::Hello(hello)).await?;
     // Statuses kept while disconnected go right after the Hello (the buffer is smaller than the queue).
@@ -286,7 +289,12 @@ async fn one_session(
                     }
                     controller_message::Msg::Command(command) => {
                         tracing::info!(command_id = %command.id, "Received a command.");
-                        if let Err(refusal) = crate::metrics::command_job(ctx.telemetry.bench.as_ref(), command) {
+                        if let Some(proto::command::Kind::Prestage(prestage)) = &command.kind {
+                            if let Err(refusal) = ctx.staging.jobs.offer(&command.id, prestage.clone()) {
+                                tracing::warn!(command_id = %command.id, "Prestage refused: the staging queue is full.");
+                                send(&out, agent_message::Msg::Prestage(refusal)).await?;
+                            }
+                        } else if let Err(refusal) = crate::metrics::command_job(ctx.telemetry.bench.as_ref(), command) {
                             tracing::warn!(command_id = %refusal.command_id, error = %refusal.error, "Command refused.");
                             send(&out, agent_message::Msg::Benchmark(refusal)).await?;
                         }
@@ -309,6 +317,9 @@ async fn one_session(
             }
             Some(report) = ctx.telemetry.reports.recv() => {
                 send(&out, agent_message::Msg::Benchmark(report)).await?;
+            }
+            Some(report) = ctx.staging.reports.recv() => {
+                send(&out, agent_message::Msg::Prestage(report)).await?;
             }
             status = ctx.statuses.recv(), if *statuses_open => match status {
                 Some(status) => {

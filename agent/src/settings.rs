@@ -40,6 +40,10 @@ pub struct LaunchSettings {
     /// `--chat-template`, when the bundle overrides the GGUF's own.
     #[serde(default)]
     pub chat_template: Option<String>,
+    /// The runtime build's `llama-server` the bundle names (under `<data_dir>/runtime-builds/`); None runs the
+    /// configured `runtime.llama_server`. Kept with the deployment so a restart or rollback runs the same build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llama_server: Option<std::path::PathBuf>,
 }
 
 impl LaunchSettings {
@@ -52,7 +56,13 @@ impl LaunchSettings {
             gpu_layers: if overrides.gpu_layers != 0 { overrides.gpu_layers } else { defaults.gpu_layers },
             parallel_slots: pick(overrides.parallel_slots, defaults.parallel_slots).max(1),
             chat_template: defaults.chat_template.clone().filter(|t| !t.is_empty()),
+            llama_server: None,
         }
+    }
+
+    /// The program to run: the runtime build's llama-server, else `configured`.
+    pub fn program<'a>(&'a self, configured: &'a std::path::Path) -> &'a std::path::Path {
+        self.llama_server.as_deref().unwrap_or(configured)
     }
 
     /// The llama-server flags these settings stand for (model and address excluded).

@@ -1,5 +1,7 @@
-//! The agent's small state file (`<data_dir>/state.json`): identity, what is active, what was before, and
-//! the last applied generation. Replaced atomically, so a crash leaves the old or the new file.
+//! The agent's small state file (`<data_dir>/state.json`): identity, what is active, what was before, the
+//! last applied generation, and whether nothing is to be served. Replaced atomically (fsynced), so a crash
+//! leaves the old or the new file. The llama-server processes themselves are recorded beside it, in
+//! `runtime.json` ([`crate::runtime::record`]).
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +27,10 @@ pub struct AgentState {
     pub previous: Option<Deployment>,
     /// The newest generation the agent has converged to, successfully or not.
     pub last_applied_generation: Generation,
+    /// The controller asked for nothing to be served (`DesiredState.serve_nothing`): `active` is empty on
+    /// purpose and the front port says no model is assigned, also after a restart.
+    #[serde(default)]
+    pub serve_nothing: bool,
 }
 
 /// A bundle variant materialised on disk and how it is run.
@@ -58,6 +64,7 @@ impl AgentState {
             active: None,
             previous: None,
             last_applied_generation: Generation::default(),
+            serve_nothing: false,
         }
     }
 }
@@ -162,6 +169,7 @@ mod tests {
                 gpu_layers: 0,
                 parallel_slots: 1,
                 chat_template: None,
+                llama_server: None,
             },
             generation: Generation(generation),
         }

@@ -40,6 +40,13 @@ pub struct ContentStore {
     blobs: PathBuf,
     tmp: PathBuf,
     partial: PathBuf,
+    /// `signatures/<bundle hex>`: the digest of the signature manifest verified for that bundle, so it can
+    /// be verified again from the store without a registry.
+    signatures: PathBuf,
+    /// Blobs [`ContentStore::evict`] never removes whatever its caller keeps (pre-staged bundles).
+    pinned: std::sync::Arc<std::sync::Mutex<HashSet<Digest>>>,
+    /// One pull at a time per store: two pulls appending to the same `partial/` file would corrupt it.
+    pulls: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -49,8 +56,16 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 impl ContentStore {
     /// Opens (creating) the store at `<root>/blobs` and `<root>/tmp`, removing temporary files a crash left.
     pub fn open(root: &Path) -> Result<ContentStore, StoreError> {
-        let store = ContentStore { blobs: root.join("blobs"), tmp: root.join("tmp"), partial: root.join("partial") };
+        let store = ContentStore {
+            blobs: root.join("blobs"),
+            tmp: root.join("tmp"),
+            partial: root.join("partial"),
+            signatures: root.join("signatures"),
+            pinned: Default::default(),
+            pulls: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
+        };
         std::fs::create_dir_all(&store.blobs).map_err(io_at(&store.blobs))?;
+        std::fs::create_dir_all(&store.signatures).map_err(io_at(&store.signatures))?;
         if store.tmp.exists() {
             std::fs::remove_dir_all(&store.tmp).map_err(io_at(&store.tmp))?;
         }
@@ -62,6 +77,47 @@ impl ContentStore {
     /// Where the blob with this digest lives (whether or not it is present).
     pub fn path(&self, digest: &Digest) -> PathBuf {
         self.blobs.join(digest.storage_path())
+    }
+
+    /// Waits for this store's pull slot: pulls into one store run one at a time (a pre-staging download and
+    /// an activation's pull of the same layer would otherwise append to the same partial file). The slot is a
+    /// bounded-concurrency permit, not a lock on data: nothing else waits on it.
+    pub async fn pull_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        // The semaphore is never closed; None would only mean that, and the caller then pulls unserialised.
+        std::sync::Arc::clone(&self.pulls).acquire_owned().await.ok()
+    }
+
+    /// Replaces the set of pinned blobs: [`ContentStore::evict`] keeps them whatever its caller says.
+    pub fn set_pinned(&self, pinned: HashSet<Digest>) {
+        match self.pinned.lock() {
+            Ok(mut guard) => *guard = pinned,
+            Err(poisoned) => *poisoned.into_inner() = pinned,
+        }
+    }
+
+    fn pinned(&self) -> HashSet<Digest> {
+        match self.pinned.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The digest of the signature manifest last verified for `bundle`, if one was recorded. Only a pointer:
+    /// whoever reads it checks the manifest's bytes against it and the signatures against the trust policy.
+    pub async fn signature_of(&self, bundle: &Digest) -> Option<Digest> {
+        let text = tokio::fs::read_to_string(self.signatures.join(bundle.hex())).await.ok()?;
+        text.trim().parse().ok()
+    }
+
+    /// Records that `signature` (a signature manifest in this store) verified for `bundle`; durable.
+    pub async fn set_signature_of(&self, bundle: &Digest, signature: &Digest) -> Result<(), StoreError> {
+        let path = self.signatures.join(bundle.hex());
+        let text = signature.to_string();
+        let target = path.clone();
+        tokio::task::spawn_blocking(move || alki_shared::fsutil::write_atomic(&target, text.as_bytes()))
+            .await
+            .map_err(|join| io_at(&path)(std::io::Error::other(join)))?
+            .map_err(io_at(&path))
     }
 
     /// True when the blob is present. Blobs are only ever renamed into place after their digest was checked.
@@ -133,8 +189,10 @@ impl ContentStore {
     /// Removes the least recently used blobs not in `keep` until the store holds at most `budget` bytes
     /// (or nothing more can go). Returns what was removed and the bytes freed.
     pub async fn evict(&self, keep: &HashSet<Digest>, budget: u64) -> Result<(Vec<Digest>, u64), StoreError> {
+        let mut keep = keep.clone();
+        keep.extend(self.pinned());
         let blobs = self.list().await?;
-        let chosen = choose_evictions(&blobs, keep, budget);
+        let chosen = choose_evictions(&blobs, &keep, budget);
         let mut freed = 0;
         for digest in &chosen {
             let size = blobs.iter().find(|b| &b.digest == digest).map(|b| b.size).unwrap_or(0);

@@ -1,5 +1,7 @@
 //! systemd integration without a library: `READY=1`, `WATCHDOG=1` pings and `STOPPING=1` sent as datagrams
-//! to `$NOTIFY_SOCKET` (sd_notify(3)); a no-op when the agent does not run under systemd `Type=notify`.
+//! to `$NOTIFY_SOCKET` (sd_notify(3)), a no-op when the agent does not run under systemd `Type=notify`; and
+//! socket activation (sd_listen_fds(3)): the front port's listening socket passed as fd 3 with `LISTEN_FDS`
+//! and `LISTEN_PID`, so clients queue in the kernel while the agent restarts instead of being refused.
 
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
@@ -64,6 +66,50 @@ impl Notifier {
     }
 }
 
+/// The first descriptor systemd passes (sd_listen_fds(3)).
+const LISTEN_FDS_START: i32 = 3;
+
+/// How many sockets systemd passed to this process: `LISTEN_FDS` when `LISTEN_PID` names `pid` (the variables
+/// are inherited by children, who must not take them for theirs), otherwise none.
+pub fn listen_fds_count(listen_pid: Option<&str>, listen_fds: Option<&str>, pid: u32) -> usize {
+    let for_us = listen_pid.and_then(|p| p.trim().parse::<u32>().ok()) == Some(pid);
+    if !for_us {
+        return 0;
+    }
+    listen_fds.and_then(|n| n.trim().parse::<usize>().ok()).unwrap_or(0)
+}
+
+/// The front port's socket when systemd passed one (the first passed descriptor, which must be a listening TCP
+/// socket), made close-on-exec so llama-server does not inherit it. The caller should then remove
+/// `LISTEN_FDS`, `LISTEN_PID` and `LISTEN_FDNAMES` from the environment (before any thread starts).
+pub fn front_listener_from_env() -> std::io::Result<Option<std::net::TcpListener>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let count = listen_fds_count(
+        std::env::var("LISTEN_PID").ok().as_deref(),
+        std::env::var("LISTEN_FDS").ok().as_deref(),
+        std::process::id(),
+    );
+    if count == 0 {
+        return Ok(None);
+    }
+    // SAFETY: fcntl on a descriptor number only inspects or changes its flags; an invalid one fails with EBADF.
+    let flags = unsafe { libc::fcntl(LISTEN_FDS_START, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(LISTEN_FDS_START, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: systemd passed fd 3 to this process (LISTEN_PID is ours) and nothing else in the agent owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FDS_START) };
+    let listener = std::net::TcpListener::from(fd);
+    // Fails unless it is a TCP socket; a socket unit with another ListenStream= type is a configuration error.
+    listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    Ok(Some(listener))
+}
+
 fn send_to(socket: &std::path::Path, message: &[u8]) -> std::io::Result<()> {
     let datagram = UnixDatagram::unbound()?;
     let text = socket.to_string_lossy();
@@ -106,6 +152,15 @@ mod tests {
         assert_eq!(receive(&socket), "WATCHDOG=1");
         notifier.stopping();
         assert!(receive(&socket).starts_with("STOPPING=1"));
+    }
+
+    #[test]
+    fn passed_sockets_count_only_for_the_process_they_were_meant_for() {
+        assert_eq!(listen_fds_count(Some("42"), Some("1"), 42), 1);
+        assert_eq!(listen_fds_count(Some("41"), Some("1"), 42), 0, "inherited from a parent");
+        assert_eq!(listen_fds_count(None, Some("1"), 42), 0);
+        assert_eq!(listen_fds_count(Some("42"), None, 42), 0);
+        assert_eq!(listen_fds_count(Some("42"), Some("x"), 42), 0);
     }
 
     #[test]

@@ -83,7 +83,7 @@ impl Fixture {
             registry: self.registry.clone(),
             repository: "acme/tiny".into(),
             tag: tag.into(),
-            token: Some(self.admin.clone()),
+            auth: push::token_auth(Some(self.admin.clone())),
             plain_http: true,
         };
         push::push(&opts.out, &target, &bar).await.expect("push").digest

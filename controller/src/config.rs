@@ -1,6 +1,6 @@
 //! The controller's configuration, built by `main` from flags and injected, never read from globals.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::registry::RegistryConfig;
@@ -63,6 +63,80 @@ impl ExternalRegistry {
     }
 }
 
+/// The `--external-registries-file`: one table per registry, each with its own transport and credentials,
+/// for fleets that pull from several registries (a site mirror with its own login, a cloud registry).
+///
+/// ```toml
+/// [[registry]]
+/// host = "registry.site-a.example:5000"
+/// plain_http = false              # default
+/// username = "alki"               # with password_file; anonymous reads without both
+/// password_file = "/etc/alki/site-a.password"
+/// ```
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistriesFile {
+    #[serde(default)]
+    registry: Vec<RegistryEntry>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryEntry {
+    host: String,
+    #[serde(default)]
+    plain_http: bool,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+}
+
+/// Checks a registry host as the configuration names it: `host` or `host:port`, no scheme, path or user.
+pub fn check_registry_host(host: &str) -> Result<(), String> {
+    if host.is_empty() || host.contains(['/', '@', ' ']) {
+        return Err(format!("{host:?} must be host or host:port, without a scheme or path"));
+    }
+    Ok(())
+}
+
+/// Reads an external-registries file (see [`RegistriesFile`]); password files are read relative to the
+/// working directory when not absolute. Every error names the file and the entry.
+pub fn load_external_registries(path: &Path) -> Result<Vec<ExternalRegistry>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    parse_external_registries(&text, |file| std::fs::read_to_string(file))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn parse_external_registries(
+    text: &str,
+    read_password: impl Fn(&Path) -> std::io::Result<String>,
+) -> Result<Vec<ExternalRegistry>, String> {
+    let file: RegistriesFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    let mut registries: Vec<ExternalRegistry> = Vec::new();
+    for entry in file.registry {
+        check_registry_host(&entry.host).map_err(|e| format!("registry host {e}"))?;
+        if registries.iter().any(|r| r.host == entry.host) {
+            return Err(format!("registry {:?} is listed twice; keep one table per host", entry.host));
+        }
+        let credentials = match (entry.username, entry.password_file) {
+            (Some(user), Some(file)) => {
+                let password = read_password(&file).map_err(|e| {
+                    format!("registry {:?}: cannot read password_file {}: {e}", entry.host, file.display())
+                })?;
+                Some((user, password.trim().to_owned()))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(format!(
+                    "registry {:?}: give both username and password_file, or neither for anonymous reads",
+                    entry.host
+                ));
+            }
+        };
+        registries.push(ExternalRegistry { host: entry.host, plain_http: entry.plain_http, credentials });
+    }
+    Ok(registries)
+}
+
 impl ControllerConfig {
     pub fn new(data_dir: PathBuf) -> ControllerConfig {
         ControllerConfig {
@@ -80,6 +154,53 @@ impl ControllerConfig {
             limits: crate::limits::Limits::default(),
             audit_retention: crate::store::audit::AuditRetention::default(),
             trusted_keys: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn passwords(path: &Path) -> std::io::Result<String> {
+        match path.to_str() {
+            Some("/etc/alki/a.password") => Ok("s3cret\n".into()),
+            _ => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
+        }
+    }
+
+    #[test]
+    fn each_registry_keeps_its_own_transport_and_credentials() {
+        let text = r#"
+            [[registry]]
+            host = "a.example:5000"
+            username = "alki"
+            password_file = "/etc/alki/a.password"
+
+            [[registry]]
+            host = "127.0.0.1:5001"
+            plain_http = true
+        "#;
+        let registries = parse_external_registries(text, passwords).unwrap();
+        assert_eq!(registries.len(), 2);
+        assert_eq!(registries[0].credentials, Some(("alki".into(), "s3cret".into())));
+        assert!(!registries[0].plain_http);
+        assert_eq!(registries[1].credentials, None);
+        assert!(registries[1].plain_http);
+    }
+
+    #[test]
+    fn bad_entries_are_named() {
+        let cases = [
+            ("[[registry]]\nhost = \"https://a.example\"\n", "without a scheme"),
+            ("[[registry]]\nhost = \"a\"\n[[registry]]\nhost = \"a\"\n", "listed twice"),
+            ("[[registry]]\nhost = \"a\"\nusername = \"u\"\n", "both username and password_file"),
+            ("[[registry]]\nhost = \"a\"\nusername = \"u\"\npassword_file = \"/nope\"\n", "cannot read password_file"),
+            ("[[registry]]\nhost = \"a\"\nplain = true\n", "unknown field"),
+        ];
+        for (text, expected) in cases {
+            let error = parse_external_registries(text, passwords).err().unwrap_or_default();
+            assert!(error.contains(expected), "{text:?} gave {error:?}, expected {expected:?}");
         }
     }
 }

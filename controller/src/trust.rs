@@ -158,7 +158,7 @@ pub async fn check_candidate(
         let Ok(pinned) = crate::rollout::external::pin(external, repository, &spec.candidate).await else {
             return Ok(None);
         };
-        let Ok(digest) = pinned.digest.parse::<Digest>() else { return Ok(None) };
+        let Ok(digest) = pinned.0.digest.parse::<Digest>() else { return Ok(None) };
         return check_external(external, repository, &digest, keys).await.map(Some);
     }
     let (registry, repository, candidate, keys) =

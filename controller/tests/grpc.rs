@@ -105,7 +105,7 @@ async fn push_bundle(c: &Controller, tag: &str, seed: u64) -> String {
         registry: c.registry.clone(),
         repository: "acme/tiny".into(),
         tag: tag.into(),
-        token: Some(c.admin.clone()),
+        auth: alki_controller::cli::push::token_auth(Some(c.admin.clone())),
         plain_http: true,
     };
     let pushed = push::push(&opts.out, &target, &bar).await.expect("push");

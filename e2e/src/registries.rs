@@ -1,7 +1,8 @@
 //! Third-party OCI registries on loopback for interop tests and benchmarks: CNCF distribution 2.8
-//! (Debian's `docker-registry`) with filesystem storage in a temporary directory and no auth.
+//! (Debian's `docker-registry`) with filesystem storage in a temporary directory, open or behind an
+//! htpasswd login (Basic auth, as a site registry with its own accounts has).
 //!
-//! Self-contained (std and anyhow only) so tests and the benchmark can include it before
+//! Self-contained (std, anyhow and bcrypt only) so tests and the benchmark can include it before
 //! `alki_e2e` exports it.
 
 use std::io::{Read as _, Write as _};
@@ -34,12 +35,29 @@ pub struct Distribution {
     root: PathBuf,
     log: PathBuf,
     child: Child,
+    /// Whether it asks for a login (then `GET /v2/` answers 401 when ready).
+    login: bool,
 }
 
 impl Distribution {
     /// Starts `docker-registry` with its config, storage and log under `work_dir`, on a free loopback
     /// port, and waits until it answers `GET /v2/`.
     pub fn start(work_dir: &Path) -> anyhow::Result<Distribution> {
+        Distribution::start_with(work_dir, None)
+    }
+
+    /// Like [`Distribution::start`], but every request needs Basic auth as `username`/`password`
+    /// (distribution's htpasswd backend, bcrypt hashes).
+    pub fn start_with_login(work_dir: &Path, username: &str, password: &str) -> anyhow::Result<Distribution> {
+        std::fs::create_dir_all(work_dir).with_context(|| format!("creating {}", work_dir.display()))?;
+        let hash = bcrypt::hash_with_result(password, 4)?.format_for_version(bcrypt::Version::TwoY);
+        let htpasswd = work_dir.join("htpasswd");
+        std::fs::write(&htpasswd, format!("{username}:{hash}\n"))
+            .with_context(|| format!("writing {}", htpasswd.display()))?;
+        Distribution::start_with(work_dir, Some(htpasswd))
+    }
+
+    fn start_with(work_dir: &Path, htpasswd: Option<PathBuf>) -> anyhow::Result<Distribution> {
         let binary = require_tool("docker-registry", "apt-get install -y docker-registry")?;
         let root = work_dir.join("storage");
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
@@ -48,7 +66,7 @@ impl Distribution {
         for attempt in 0..3 {
             let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
             let config = work_dir.join("config.yml");
-            std::fs::write(&config, config_yaml(&root, addr))
+            std::fs::write(&config, config_yaml(&root, addr, htpasswd.as_deref()))
                 .with_context(|| format!("writing {}", config.display()))?;
             let log = work_dir.join(format!("docker-registry-{attempt}.log"));
             let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -60,7 +78,7 @@ impl Distribution {
                 .stderr(out)
                 .spawn()
                 .with_context(|| format!("starting {}", binary.display()))?;
-            let mut registry = Distribution { addr, root: root.clone(), log, child };
+            let mut registry = Distribution { addr, root: root.clone(), log, child, login: htpasswd.is_some() };
             match registry.wait_ready() {
                 Ok(()) => return Ok(registry),
                 Err(e) => last_error = Some(e),
@@ -101,7 +119,7 @@ impl Distribution {
                 bail!("docker-registry exited ({status}) before serving:\n{}", self.log_tail());
             }
             if let Ok(status) = http_status(self.addr, "/v2/") {
-                if status == 200 {
+                if status == 200 || (self.login && status == 401) {
                     return Ok(());
                 }
                 bail!("docker-registry answered GET /v2/ with {status}:\n{}", self.log_tail());
@@ -121,8 +139,12 @@ impl Drop for Distribution {
     }
 }
 
-fn config_yaml(root: &Path, addr: SocketAddr) -> String {
-    format!(
+fn config_yaml(root: &Path, addr: SocketAddr, htpasswd: Option<&Path>) -> String {
+    let auth = match htpasswd {
+        Some(path) => format!("auth:\n  htpasswd:\n    realm: alki-e2e\n    path: {}\n", path.display()),
+        None => String::new(),
+    };
+    auth + &format!(
         "version: 0.1\n\
          log:\n  level: warn\n  accesslog:\n    disabled: true\n\
          storage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n  \

@@ -1,10 +1,12 @@
 //! The fleet simulator: many scripted agents in one process, each a real AgentService session over gRPC
 //! to a real controller, with a hardware class and a behaviour (success, slow, failing activation, offline).
 //!
-//! A simulated agent reports like a real one: Hello with what it serves, a Heartbeat every interval, and
-//! for each desired state PULLING then ACTIVE (serving the desired bundle) or FAILED with an
-//! ActivationError (serving its last good bundle). It reconnects with backoff when the session ends, so
-//! a controller restart is survived the way a device would survive it.
+//! A simulated agent reports like a real one: Hello with what it serves (and what it has pre-staged), a
+//! Heartbeat every interval, and for each desired state PULLING then ACTIVE (serving the desired bundle) or
+//! FAILED with an ActivationError (serving its last good bundle); a desired state that says `serve_nothing`
+//! stops serving (IDLE, serving nothing). A Prestage command is answered with a ready PrestageReport and the
+//! bundle is remembered as staged. It reconnects with backoff when the session ends, so a controller
+//! restart is survived the way a device would survive it.
 //!
 //! Performance: each device has a generation speed on its baseline and a factor for the candidate
 //! (`b_speed`, e.g. 0.7 for "30% slower in B"). Like a real agent it reports an activation benchmark of
@@ -65,6 +67,13 @@ pub struct DeviceView {
     pub connected: bool,
     /// Why the newest session ended, if it failed.
     pub last_error: Option<String>,
+    /// Bundles pre-staged on a Prestage command (reported in every Hello).
+    pub staged: Vec<proto::BundleRef>,
+    /// Prestage commands received, and when the first one arrived.
+    pub prestage_commands: u32,
+    pub first_prestage_at_unix_ms: i64,
+    /// The newest desired state said to serve nothing.
+    pub serving_nothing: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -229,10 +238,10 @@ impl Agent {
     async fn session(&self) -> anyhow::Result<()> {
         let mut client = AgentServiceClient::new(self.channel()?);
         let (tx, rx) = mpsc::channel::<AgentMessage>(16);
-        let (running, applied) = {
+        let (running, applied, staged) = {
             let views = lock(&self.views);
             let v = views.get(&self.device.id).cloned().unwrap_or_default();
-            (v.running, v.applied_generation)
+            (v.running, v.applied_generation, v.staged)
         };
         let mut labels = self.device.labels.clone();
         labels.insert("class".into(), self.device.class.clone());
@@ -247,7 +256,7 @@ impl Agent {
             labels,
             running: running.clone(),
             last_applied_generation: applied,
-            staged: Vec::new(),
+            staged,
         };
         tx.send(AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) }).await?;
         if let Some(running) = &running {
@@ -274,8 +283,10 @@ impl Agent {
             tokio::select! {
                 message = inbound.message() => {
                     let Some(message) = message? else { return Ok(()) };
-                    if let Some(Msg::DesiredState(desired)) = message.msg {
-                        self.activate(&tx, desired).await?;
+                    match message.msg {
+                        Some(Msg::DesiredState(desired)) => self.activate(&tx, desired).await?,
+                        Some(Msg::Command(command)) => self.command(&tx, command).await?,
+                        _ => {}
                     }
                 }
                 _ = heartbeat.tick() => {
@@ -288,6 +299,31 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Answers a Prestage command at once with a ready report (the bundle counts as staged from now on);
+    /// other commands are not simulated.
+    async fn command(&self, tx: &mpsc::Sender<AgentMessage>, command: proto::Command) -> anyhow::Result<()> {
+        let Some(proto::command::Kind::Prestage(prestage)) = command.kind else { return Ok(()) };
+        let Some(bundle) = prestage.bundle else { return Ok(()) };
+        self.update(|v| {
+            v.prestage_commands += 1;
+            if v.first_prestage_at_unix_ms == 0 {
+                v.first_prestage_at_unix_ms = unix_ms();
+            }
+            v.staged.retain(|b| b.digest != bundle.digest);
+            v.staged.push(bundle.clone());
+        });
+        let report = proto::PrestageReport {
+            command_id: command.id,
+            bundle: Some(bundle),
+            variant_digest: prestage.variant_digest,
+            ready: true,
+            error: None,
+            bytes_downloaded: 1 << 20,
+        };
+        tx.send(AgentMessage { msg: Some(agent_message::Msg::Prestage(report)) }).await?;
+        Ok(())
     }
 
     async fn activate(&self, tx: &mpsc::Sender<AgentMessage>, desired: proto::DesiredState) -> anyhow::Result<()> {
@@ -309,6 +345,22 @@ impl Agent {
             v.running.clone()
         };
         let send = |status: proto::Status| AgentMessage { msg: Some(agent_message::Msg::Status(status)) };
+        if desired.serve_nothing {
+            // Stop serving: nothing to pull, nothing to start.
+            let idle = proto::Status {
+                generation: desired.generation,
+                phase: Phase::Idle as i32,
+                ..Default::default()
+            };
+            tx.send(send(idle)).await?;
+            self.update(|v| {
+                v.applied_generation = v.applied_generation.max(desired.generation);
+                v.phase = Phase::Idle as i32;
+                v.running = None;
+                v.serving_nothing = true;
+            });
+            return Ok(());
+        }
         let pulling = proto::Status {
             generation: desired.generation,
             phase: Phase::Pulling as i32,
@@ -353,6 +405,7 @@ impl Agent {
             v.applied_generation = v.applied_generation.max(desired.generation);
             v.phase = phase;
             v.running = serving.clone();
+            v.serving_nothing = false;
         });
         if !fail && let Some(bundle) = &desired.bundle {
             tx.send(self.benchmark(bundle, &desired.cohort)).await?;

@@ -33,7 +33,13 @@ impl Fleet {
 
     /// Signs `reference` in the (plain HTTP) registry `host` with the fleet's key.
     fn sign(&self, host: &str, reference: &str) -> anyhow::Result<()> {
+        self.sign_with(host, reference, &[])
+    }
+
+    /// Like [`Fleet::sign`] with extra global flags (a registry login).
+    fn sign_with(&self, host: &str, reference: &str, extra: &[&str]) -> anyhow::Result<()> {
         let mut cmd = Command::new(binary("alkictl")?);
+        cmd.args(extra);
         cmd.args(["--registry", host, "bundle", "sign", reference, "--insecure-plain-http", "--key"])
             .arg(&self.key.private_key)
             .env("ALKI_KEY_PASSWORD", &self.key.password);
@@ -43,12 +49,22 @@ impl Fleet {
 }
 
 fn start_controller(external: &str) -> anyhow::Result<(Fleet, String)> {
+    start_controller_with(|_| {
+        Ok(vec!["--external-registry".into(), external.into(), "--external-registry-plain-http".into()])
+    })
+}
+
+/// Starts the controller trusting the fleet's key, with the external-registry flags `registry_args` returns
+/// (given the fleet's directory, for files they name).
+fn start_controller_with(
+    registry_args: impl FnOnce(&Path) -> anyhow::Result<Vec<String>>,
+) -> anyhow::Result<(Fleet, String)> {
     let dir = tempfile::tempdir()?;
     let key = harness::generate_key(dir.path(), "release")?;
-    let controller = harness::start_controller(
-        dir.path(),
-        &["--external-registry", external, "--external-registry-plain-http", "--trusted-key", path(&key.public_key)?],
-    )?;
+    let mut args = registry_args(dir.path())?;
+    args.extend(["--trusted-key".into(), path(&key.public_key)?.into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let controller = harness::start_controller(dir.path(), &args)?;
     let embedded = controller.registry.clone();
     Ok((Fleet { dir, controller, key }, embedded))
 }
@@ -193,5 +209,69 @@ fn a_site_mirror_serves_the_bundle_when_the_origin_registry_is_gone() -> anyhow:
     ensure!(running.starts_with(&format!("{origin_host}/")), "the reference still names the origin: {active}");
     let log = agent.log_tail();
     ensure!(!log.contains("trying the next source"), "the first source (the mirror) served everything:\n{log}");
+    Ok(())
+}
+
+/// A registry with its own accounts: CI pushes and signs with one login, the controller pins the tag with
+/// the login its `--external-registries-file` names, the agent pulls with the credentials in its own config,
+/// and nobody's Alki token is what gets them in. The pinned bundle is then listed by the controller.
+#[test]
+fn a_registry_with_its_own_login_is_used_with_each_party_s_credentials() -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    let distribution = Distribution::start_with_login(&work.path().join("distribution"), "site", "site-secret")?;
+    let external = distribution.host();
+    let password_file = work.path().join("site.password");
+    std::fs::write(&password_file, "site-secret\n")?;
+    let (fleet, embedded) = start_controller_with(|dir| {
+        let file = dir.join("registries.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[[registry]]\nhost = \"{external}\"\nplain_http = true\nusername = \"site\"\npassword_file = \"{}\"\n",
+                password_file.display()
+            ),
+        )?;
+        Ok(vec!["--external-registries-file".into(), path(&file)?.into()])
+    })?;
+    let (layout, bundle_digest) = pack(&fleet, &embedded)?;
+
+    // Without the registry's login, alkictl's token does not get in, and the error says so.
+    let refused =
+        fleet.alkictl_json(&external, &["bundle", "push", path(&layout)?, "acme/tiny:v1", "--insecure-plain-http"]);
+    let message = format!("{:#}", refused.expect_err("the registry wants its own login"));
+    ensure!(message.contains("refused the credentials"), "{message}");
+
+    let login = ["--registry-username", "site", "--registry-password-file", path(&password_file)?];
+    let push = [&login[..], &["bundle", "push", path(&layout)?, "acme/tiny:v1", "--insecure-plain-http"]].concat();
+    let pushed = fleet.alkictl_json(&external, &push)?;
+    assert_eq!(pushed["digest"], bundle_digest.as_str());
+    fleet.sign_with(&external, "acme/tiny:v1", &login)?;
+
+    let credentials = format!(
+        "insecure_plain_http = [\"{external}\"]\n[registry.credentials.\"{external}\"]\nusername = \"site\"\npassword_file = \"{}\"",
+        password_file.display()
+    );
+    let agent = start_agent(&fleet, &embedded, "pi-login", "login", &credentials)?;
+    let procs = [&fleet.controller.proc, &agent];
+    wait_for("the agent to connect", Duration::from_secs(30), &procs, || {
+        Ok(device(&fleet, &embedded, "pi-login")?.filter(|d| d["connected"] == true))
+    })?;
+    fleet.alkictl_json(
+        &embedded,
+        &["rollout", "create", "--bundle", &format!("{external}/acme/tiny:v1"), "--selector", "site=login"],
+    )?;
+    wait_for("the agent to activate the bundle from the login registry", Duration::from_secs(120), &procs, || {
+        Ok(device(&fleet, &embedded, "pi-login")?
+            .filter(|d| d["phase"] == "active" && d["running"].as_str().is_some_and(|r| r.ends_with(&bundle_digest))))
+    })?;
+
+    // The controller lists the bundle it pinned there, with its registry and variants.
+    let bundles = fleet.alkictl_json(&embedded, &["bundle", "list"])?;
+    let listed = bundles
+        .as_array()
+        .and_then(|bs| bs.iter().find(|b| b["registry"] == external.as_str() && b["digest"] == bundle_digest.as_str()))
+        .with_context(|| format!("the pinned external bundle is listed: {bundles}"))?;
+    ensure!(listed["repository"] == "acme/tiny" && listed["tags"][0] == "v1", "{listed}");
+    ensure!(listed["variants"].as_array().is_some_and(|v| !v.is_empty()), "variants are shown: {listed}");
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! Rollout scenarios against an in-process controller on 127.0.0.1:0 and the fleet simulator's agents over
 //! real gRPC: a healthy 4-step rollout completes, a candidate failing on 10% of devices aborts and every
-//! device returns to A, a failing class is halted while the others complete, and a controller restart
-//! mid-step changes nothing.
+//! device returns to A, a failing class is halted while the others complete, a controller restart
+//! mid-step changes nothing, devices that served nothing before an aborted rollout serve nothing again, and
+//! pre-staging reaches every selected device (late joiners too) while step 1 runs.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -112,7 +113,7 @@ impl Controller {
             registry: self.http_addr.to_string(),
             repository: "acme/tiny".into(),
             tag: tag.into(),
-            token: Some(self.admin.clone()),
+            auth: push::token_auth(Some(self.admin.clone())),
             plain_http: true,
         };
         push::push(&opts.out, &target, &bar).await.expect("push");
@@ -518,6 +519,153 @@ async fn a_candidate_thirty_percent_slower_on_one_class_fails_its_tokens_gate_th
     let x86 = c.classes.iter().find(|c| c.class == "x86-avx2").expect("x86 compared");
     assert_eq!((x86.paired, x86.b_samples), (30, 30));
     assert_eq!(c.devices.len(), 60, "pairs of the two passing classes");
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_that_served_nothing_serve_nothing_again_after_an_abort() {
+    // Even devices ran nothing before the rollout; odd ones ran A, and a tenth of those fail B.
+    let s = scenario_with(60, |a| {
+        let mut devices =
+            sim::devices(60, &["pi5-8g", "x86-avx2"], Some(a), |i, _| {
+                if i % 10 == 3 { Behaviour::FailActivation } else { Behaviour::Success }
+            });
+        for d in devices.iter_mut().step_by(2) {
+            d.running = None;
+        }
+        devices
+    })
+    .await;
+    let nothing: Vec<String> = (0..60).step_by(2).map(|i| format!("sim-{i:05}")).collect();
+    let r = s.create(&[(50, 0), (100, 0)], gates).await;
+    let aborted = s.controller.wait_rollout(&r.id, "aborted", |r| state(r) == RolloutState::Aborted).await;
+    assert!(aborted.message.contains("to serving nothing, as before"), "{}", aborted.message);
+    let a = s.a.digest.clone();
+    s.wait_devices("A devices on A, the others serving nothing", |m| {
+        m.iter().all(|(id, d)| if nothing.contains(id) { d.is_empty() } else { *d == a })
+    })
+    .await;
+    let views = s.sims.snapshot();
+    assert!(views.values().all(|v| v.cohort != "B"), "no device is left in B");
+    let returned: Vec<&String> = nothing.iter().filter(|id| views[*id].serving_nothing).collect();
+    assert!(!returned.is_empty(), "some devices without A were in B and were told to serve nothing");
+
+    // The controller's records say the same: no bundle served, nothing desired.
+    let records = s
+        .controller
+        .fleet()
+        .await
+        .list_rollout_devices(s.controller.req(proto::ListRolloutDevicesRequest { id: r.id.clone() }))
+        .await
+        .expect("records")
+        .into_inner()
+        .devices;
+    let devices = s
+        .controller
+        .fleet()
+        .await
+        .list_devices(s.controller.req(proto::ListDevicesRequest::default()))
+        .await
+        .expect("devices")
+        .into_inner()
+        .devices;
+    for record in records.iter().filter(|r| r.baseline.is_none()) {
+        let d = devices.iter().find(|d| d.id == record.device_id).expect("device");
+        assert!(d.desired_serve_nothing && d.desired.is_none() && d.cohort == "A", "{d:?}");
+        assert!(d.running.is_none(), "{} serves nothing", d.id);
+    }
+    assert!(records.iter().any(|r| r.baseline.is_none()), "devices without A were in the rollout");
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prestage_reaches_every_selected_device_once_while_step_one_runs() {
+    let s = scenario(40, &["pi5-8g", "orin-nano"], |_, _| Behaviour::Success).await;
+    let r = s
+        .create(&[(25, 3_600), (100, 0)], |spec| {
+            gates(spec);
+            spec.prestage = true;
+        })
+        .await;
+    // Devices that connect after the rollout started are told too.
+    let late: Vec<sim::SimDevice> = sim::devices(45, &["pi5-8g", "orin-nano"], Some(s.a.clone()), |_, _| {
+        Behaviour::Success
+    })
+    .into_iter()
+    .skip(40)
+    .map(|mut d| {
+        d.id = d.id.replace("sim-", "late-");
+        d
+    })
+    .collect();
+    let late_ids: Vec<String> = late.iter().map(|d| d.id.clone()).collect();
+    let late_fleet = SimFleet::start(s.config.clone(), late);
+    let staged = s
+        .controller
+        .wait_rollout(&r.id, "every selected device staged", |r| {
+            r.classes.iter().map(|c| c.staged).sum::<u32>() == 45
+        })
+        .await;
+    assert_eq!(staged.current_step, 0, "staged while step 1 runs: {}", staged.message);
+    assert_eq!(staged.classes.iter().map(|c| c.stage_failed).sum::<u32>(), 0);
+    let mut views = s.sims.snapshot();
+    views.extend(late_fleet.snapshot());
+    for id in late_ids.iter() {
+        assert!(views.contains_key(id));
+    }
+    for (id, v) in &views {
+        assert_eq!(v.prestage_commands, 1, "{id} is told exactly once");
+        assert!(v.staged.iter().any(|b| b.digest == s.b.digest), "{id} staged B");
+    }
+    let devices = s
+        .controller
+        .fleet()
+        .await
+        .list_devices(s.controller.req(proto::ListDevicesRequest::default()))
+        .await
+        .expect("devices")
+        .into_inner()
+        .devices;
+    assert_eq!(devices.len(), 45);
+    for d in &devices {
+        let p = d.prestage.as_ref().expect("a prestage record");
+        assert_eq!((p.state, p.attempts, p.rollout_id.as_str()), (proto::PrestageState::Ready as i32, 1, r.id.as_str()));
+        assert!(d.staged.iter().any(|b| b.digest == s.b.digest));
+    }
+    late_fleet.stop().await;
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_schedule_window_holds_the_rollout_until_an_operator_promotes() {
+    let s = scenario(20, &["pi5-8g"], |_, _| Behaviour::Success).await;
+    // A window that opens two hours from now and lasts one: closed for the whole test.
+    let minute_now = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+        / 60
+        % 1440) as u32;
+    let start = (minute_now + 120) % 1440;
+    let r = s
+        .create(&[(50, 0), (100, 0)], |spec| {
+            gates(spec);
+            spec.schedule =
+                Some(proto::ScheduleWindow { start_minute_utc: start, end_minute_utc: (start + 60) % 1440, weekdays: vec![] });
+        })
+        .await;
+    let waiting = s
+        .controller
+        .wait_rollout(&r.id, "waiting for its window", |r| r.message.contains("outside the schedule window"))
+        .await;
+    assert_eq!(state(&waiting), RolloutState::Pending, "{}", waiting.message);
+    assert!(waiting.window_opens_unix_ms > 0);
+    let a = s.a.digest.clone();
+    assert!(s.running().values().all(|d| *d == a), "no device moved while the window is closed");
+    let mut fleet = s.controller.fleet().await;
+    let action = s.controller.req(proto::RolloutActionRequest { id: r.id.clone(), reason: "now".into() });
+    fleet.promote_rollout(action).await.expect("promote");
+    let done = s.controller.wait_rollout(&r.id, "completed", |r| state(r) == RolloutState::Completed).await;
+    assert_eq!(done.counts.map(|c| c.active), Some(20), "{}", done.message);
+    let b = s.b.digest.clone();
+    s.wait_devices("all on B", |m| m.values().all(|d| *d == b)).await;
     s.finish().await;
 }
 

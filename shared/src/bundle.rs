@@ -87,6 +87,10 @@ pub struct RuntimeDefaults {
     /// Path polled for readiness.
     #[serde(default = "default_health_path")]
     pub health_path: String,
+    /// A llama.cpp build to run this variant with (`registry/repository@sha256:...` of a runtime build index
+    /// pushed by `alkictl runtime push`); None runs the agent's configured llama-server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_build: Option<String>,
 }
 
 fn default_slots() -> u32 {
@@ -106,8 +110,63 @@ impl Default for RuntimeDefaults {
             parallel_slots: default_slots(),
             chat_template: None,
             health_path: default_health_path(),
+            runtime_build: None,
         }
     }
+}
+
+/// A runtime build (`alkictl runtime push`): an OCI image index with one manifest per platform (`platform`
+/// os/architecture/variant, annotation [`ANNOTATION_ACCELERATOR`]), each with a [`RuntimeBuildConfig`] config
+/// and one tar layer holding `llama-server` and the shared libraries beside it.
+pub const ARTIFACT_TYPE_RUNTIME_BUILD: &str = "application/vnd.alki.runtime.build.v1";
+pub const MEDIA_TYPE_RUNTIME_BUILD_CONFIG: &str = "application/vnd.alki.runtime.build.config.v1+json";
+pub const MEDIA_TYPE_RUNTIME_BUILD_TAR: &str = "application/vnd.alki.runtime.build.v1.tar";
+/// `cpu` or `cuda`, on each platform entry of a runtime build index.
+pub const ANNOTATION_ACCELERATOR: &str = "ai.alki.accelerator";
+/// The program a runtime build must hold at the top of its tar layer.
+pub const RUNTIME_BUILD_SERVER: &str = "llama-server";
+
+/// A runtime build's per-platform config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeBuildConfig {
+    /// The build's version as the operator names it (e.g. the llama.cpp release).
+    pub version: String,
+    /// `llama-server --version` output, when it could be read at pack time.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub build_info: String,
+    /// `cpu` or `cuda`.
+    pub accelerator: String,
+    pub os: String,
+    pub architecture: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+}
+
+/// A runtime build reference pinned by digest: `[registry/]repository@sha256:<hex>` → (registry, repository,
+/// digest). The registry is the first path component when it looks like a host (has `.` or `:`, or is
+/// `localhost`); otherwise it is empty (the controller's embedded registry). The error says what to do.
+pub fn parse_runtime_build(reference: &str) -> Result<(String, String, crate::digest::Digest), String> {
+    let Some((name, digest)) = reference.split_once('@') else {
+        return Err(format!(
+            "runtime build {reference:?} names no digest; a bundle pins its build by digest so every device runs \
+             the same bytes: use the pinned reference `alkictl runtime push` printed (REGISTRY/REPOSITORY@sha256:...)"
+        ));
+    };
+    let digest: crate::digest::Digest =
+        digest.parse().map_err(|e| format!("runtime build {reference:?}: {e}; copy the digest `alkictl runtime push` printed"))?;
+    // A tag before the digest (`repo:tag@sha256:`) is informational: drop it.
+    let name = match name.rsplit_once(':') {
+        Some((n, tag)) if !tag.contains('/') && n.contains('/') => n,
+        _ => name,
+    };
+    let (registry, repository) = match name.split_once('/') {
+        Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => (first, rest),
+        _ => ("", name),
+    };
+    if repository.is_empty() {
+        return Err(format!("runtime build {reference:?} names no repository"));
+    }
+    Ok((registry.to_owned(), repository.to_owned(), digest))
 }
 
 /// What the agent needs to know about one variant to choose it, read from the index entry's annotations.
@@ -265,6 +324,30 @@ mod tests {
         }
         layer.annotations.insert(crate::oci::ANNOTATION_TITLE.to_owned(), "model-q4.gguf".to_owned());
         assert_eq!(safe_file_name(&layer), Some("model-q4.gguf"));
+    }
+
+    #[test]
+    fn runtime_defaults_without_a_build_still_parse_and_round_trip_with_one() {
+        let old: RuntimeDefaults = serde_json::from_str(r#"{"context_size":512,"threads":2}"#).expect("old layer");
+        assert_eq!(old.runtime_build, None);
+        assert!(!serde_json::to_string(&old).expect("json").contains("runtime_build"), "absent stays absent");
+        let with = RuntimeDefaults { runtime_build: Some("r:5000/a/llama@sha256:00".into()), ..old };
+        let back: RuntimeDefaults = serde_json::from_slice(&serde_json::to_vec(&with).expect("json")).expect("parse");
+        assert_eq!(back, with);
+    }
+
+    #[test]
+    fn runtime_build_references_must_be_pinned() {
+        let hex = "a".repeat(64);
+        let (registry, repository, digest) =
+            parse_runtime_build(&format!("127.0.0.1:7080/acme/llama@sha256:{hex}")).expect("pinned");
+        assert_eq!((registry.as_str(), repository.as_str()), ("127.0.0.1:7080", "acme/llama"));
+        assert_eq!(digest.hex(), hex);
+        let (registry, repository, _) = parse_runtime_build(&format!("acme/llama:b1@sha256:{hex}")).expect("tag");
+        assert_eq!((registry.as_str(), repository.as_str()), ("", "acme/llama"));
+        let err = parse_runtime_build("127.0.0.1:7080/acme/llama:b1").expect_err("tag only");
+        assert!(err.contains("alkictl runtime push"), "{err}");
+        assert!(parse_runtime_build("acme/llama@sha256:zz").is_err());
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! smoke completion), asked whether it is busy (`/slots`), and stopped with the safe signal sequence.
 
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -14,10 +16,21 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::proxy::HttpClient;
+use super::record::{ProcessRecord, Recorder, Role, process_identity};
 use crate::settings::LaunchSettings;
 
 /// Log files kept per data dir; instances use them in turn, each truncated when an instance starts.
-const LOG_FILES: u64 = 4;
+const LOG_FILES: u64 = 6;
+/// A log file past this size is copied to `<log>.old` and truncated.
+const LOG_CAP_BYTES: u64 = 8 << 20;
+/// How often the log size is checked.
+const LOG_CHECK: Duration = Duration::from_secs(10);
+/// How often `/proc` is polled for an adopted process's exit when pidfds are not available.
+const ADOPTED_POLL: Duration = Duration::from_millis(500);
+/// Bound on the smoke completion that proves an adopted instance.
+const ADOPT_SMOKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The smoke completion: a few tokens prove the engine generates.
+const SMOKE_REQUEST: &str = r#"{"prompt":"Hello","n_predict":4}"#;
 /// How much of the log end a start failure quotes.
 const LOG_TAIL_BYTES: u64 = 2048;
 /// Bound on any single request to an instance made by the agent itself (health, slots).
@@ -90,34 +103,91 @@ pub enum StartError {
 pub struct Instance {
     id: u64,
     pid: Option<u32>,
+    /// A pidfd for the process: signals through it can never reach another process that reused the pid,
+    /// and for an adopted process (not our child) it is how its exit is seen. None on kernels before 5.3.
+    pidfd: Option<Arc<OwnedFd>>,
     addr: SocketAddr,
     log: PathBuf,
     spec: LaunchSpec,
     exit: watch::Receiver<Option<String>>,
     /// Process start to `/health` 200, once proven.
     load_time: Option<Duration>,
-    /// Owns the child; aborting it kills the process (kill_on_drop).
+    /// Waits for the exit (the child, or the pidfd of an adopted process).
     waiter: tokio::task::JoinHandle<()>,
+    /// Keeps the log file under [`LOG_CAP_BYTES`].
+    log_cap: tokio::task::JoinHandle<()>,
+    _log_slot: LogSlot,
+    /// Where the process is recorded for a restarted agent, if anywhere.
+    recorder: Option<Recorder>,
+    /// Handed over to the next agent: dropping the instance leaves the process running.
+    released: bool,
 }
 
 impl Drop for Instance {
+    /// A dropped instance (a start abandoned half-way, a test that failed) is killed, unless it was released
+    /// for the next agent ([`Instance::release`]). A crash of the agent runs no destructor: llama-server
+    /// survives it and the restarted agent adopts or stops it from the record.
     fn drop(&mut self) {
         self.waiter.abort();
+        self.log_cap.abort();
+        if !self.released && self.exit_status().is_none() {
+            self.signal(libc::SIGKILL);
+            if let (Some(recorder), Some(pid)) = (&self.recorder, self.pid) {
+                recorder.remove(pid);
+            }
+        }
     }
 }
 
+/// Why a recorded llama-server was not adopted by a restarted agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error("process {pid} is gone or is another program now (its start time differs from the record)")]
+    NotOurs { pid: u32 },
+    #[error("process {pid} runs {} but {} is configured", actual.display(), wanted.display())]
+    OtherBinary { pid: u32, actual: PathBuf, wanted: PathBuf },
+    #[error("process {pid} serves {got} but {wanted} should be served")]
+    OtherModel { pid: u32, got: String, wanted: String },
+    #[error("process {pid} is not healthy: {reason}")]
+    Unhealthy { pid: u32, reason: String },
+}
+
 impl Instance {
-    /// Starts llama-server and waits until it is healthy and a smoke completion succeeds.
+    /// Starts llama-server and waits until it is healthy and a smoke completion succeeds. The process dies
+    /// with the agent (benchmarks, calibration); the supervisor uses [`Instance::start_recorded`].
     pub async fn start(opts: &InstanceOptions, spec: LaunchSpec, http: &HttpClient) -> Result<Instance, StartError> {
+        Instance::start_recorded(opts, spec, http, None).await
+    }
+
+    /// [`Instance::start`]; with a recorder, llama-server runs in a session of its own, outlives the agent
+    /// (a crash, or a hand-over to the next agent) and is written to the record so the next agent finds it.
+    pub async fn start_recorded(
+        opts: &InstanceOptions,
+        spec: LaunchSpec,
+        http: &HttpClient,
+        recorder: Option<&Recorder>,
+    ) -> Result<Instance, StartError> {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let port = free_loopback_port().map_err(|source| StartError::Io { what: "port", source })?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         std::fs::create_dir_all(&opts.log_dir).map_err(|source| StartError::Io { what: "log directory", source })?;
-        let log = opts.log_dir.join(format!("llama-server-{}.log", id % LOG_FILES));
-        let log_file = std::fs::File::create(&log).map_err(|source| StartError::Io { what: "log file", source })?;
+        let slot = LogSlot::take(&opts.log_dir, id);
+        let log = slot.0.clone();
+        // Appending, so that capping the file (copy, then truncate) makes llama-server write from its start again.
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|f| f.set_len(0).map(|()| f))
+            .map_err(|source| StartError::Io { what: "log file", source })?;
         let log_err = log_file.try_clone().map_err(|source| StartError::Io { what: "log file", source })?;
 
-        let mut command = tokio::process::Command::new(&opts.llama_server);
+        // A runtime build's llama-server loads the libraries packed beside it, whatever its RUNPATH says.
+        let program = spec.settings.program(&opts.llama_server).to_owned();
+        let mut command = tokio::process::Command::new(&program);
+        if let Some(build_dir) = spec.settings.llama_server.as_ref().and_then(|p| p.parent()) {
+            command.env("LD_LIBRARY_PATH", build_dir);
+        }
         command
             .arg("-m")
             .arg(&spec.model_path)
@@ -125,24 +195,70 @@ impl Instance {
             .args(spec.settings.args())
             .args(["--metrics", "--no-webui"])
             .args(&opts.extra_args)
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log_file))
-            .stderr(Stdio::from(log_err))
-            .kill_on_drop(true);
-        die_with_parent(&mut command);
+            .stderr(Stdio::from(log_err));
+        if recorder.is_some() {
+            own_session(&mut command);
+        } else {
+            die_with_parent(&mut command);
+        }
         let mut child =
-            command.spawn().map_err(|source| StartError::Spawn { program: opts.llama_server.clone(), source })?;
+            command.spawn().map_err(|source| StartError::Spawn { program: program.clone(), source })?;
         let pid = child.id();
+        // The child is not reaped before its waiter runs, so this pidfd names it.
+        let pidfd = pid.and_then(|p| pidfd_open(p).ok()).map(Arc::new);
+        if let (Some(recorder), Some(pid)) = (recorder, pid) {
+            match process_identity(pid) {
+                Some(identity) => recorder.add(ProcessRecord {
+                    pid,
+                    start_time: identity.start_time,
+                    exe: identity.exe,
+                    port,
+                    model_path: spec.model_path.clone(),
+                    settings: spec.settings.clone(),
+                    bundle_digest: spec.bundle_digest.clone(),
+                    log: log.clone(),
+                    role: Role::Starting,
+                }),
+                None => tracing::warn!(pid, "llama-server exited at once; not recorded."),
+            }
+        }
         let (exit_tx, exit) = watch::channel(None);
+        let record = recorder.cloned();
         let waiter = tokio::spawn(async move {
             let status = match child.wait().await {
                 Ok(status) => status.to_string(),
                 Err(e) => format!("wait failed: {e}"),
             };
+            if let (Some(recorder), Some(pid)) = (&record, pid) {
+                recorder.remove(pid);
+            }
             let _ = exit_tx.send(Some(status));
         });
-        tracing::info!(instance = id, pid, %addr, model = %spec.model_path.display(), "Started llama-server.");
-        let mut instance = Instance { id, pid, addr, log, spec, exit, load_time: None, waiter };
+        tracing::info!(instance = id, pid, %addr, model = %spec.model_path.display(), detached = recorder.is_some(), "Started llama-server.");
+        let log_cap = tokio::spawn(cap_log(log.clone()));
+        let mut instance = Instance {
+            id,
+            pid,
+            pidfd,
+            addr,
+            log,
+            spec,
+            exit,
+            load_time: None,
+            waiter,
+            log_cap,
+            _log_slot: slot,
+            recorder: recorder.cloned(),
+            released: false,
+        };
         match instance.prove(opts.health_timeout, http).await {
             Ok(load_time) => {
                 instance.load_time = Some(load_time);
@@ -155,6 +271,80 @@ impl Instance {
                     .await;
                 Err(e)
             }
+        }
+    }
+
+    /// Takes over a llama-server a previous agent started and recorded. It must be the very process recorded
+    /// (pid and start time); then it is supervised like a child (its exit is seen
+    /// through a pidfd, or by polling `/proc` on old kernels). Proving it (health, smoke) is
+    /// [`Instance::prove_adopted`]; on error nothing was signalled.
+    pub fn adopt(record: &ProcessRecord, recorder: &Recorder) -> Result<Instance, AdoptError> {
+        let pid = record.pid;
+        let pidfd = pidfd_open(pid).ok().map(Arc::new);
+        // Checked after the pidfd is open: if this is still the recorded process, the pidfd names it.
+        let identity = process_identity(pid)
+            .filter(|id| id.start_time == record.start_time)
+            .ok_or(AdoptError::NotOurs { pid })?;
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let (exit_tx, exit) = watch::channel(None);
+        let (waiter_fd, start_time, owner) = (pidfd.as_ref().and_then(|f| f.try_clone().ok()), record.start_time, recorder.clone());
+        let waiter = tokio::spawn(async move {
+            let status = wait_adopted(pid, start_time, waiter_fd).await;
+            owner.remove(pid);
+            let _ = exit_tx.send(Some(status));
+        });
+        let log = record.log.clone();
+        let slot = LogSlot::claim(log.clone());
+        let log_cap = tokio::spawn(cap_log(log.clone()));
+        tracing::debug!(instance = id, pid, exe = %identity.exe.display(), "Took over a recorded llama-server.");
+        Ok(Instance {
+            id,
+            pid: Some(pid),
+            pidfd,
+            addr: SocketAddr::from(([127, 0, 0, 1], record.port)),
+            log,
+            spec: record.spec(),
+            exit,
+            load_time: None,
+            waiter,
+            log_cap,
+            _log_slot: slot,
+            recorder: Some(recorder.clone()),
+            released: false,
+        })
+    }
+
+    /// An adopted instance runs `binary` (the same file, not a replaced one), answers `/health` and `/slots`
+    /// and generates (a smoke completion), each bounded.
+    pub async fn prove_adopted(&self, binary: &Path, http: &HttpClient) -> Result<(), AdoptError> {
+        let pid = self.pid.unwrap_or_default();
+        let wanted = std::fs::canonicalize(binary).unwrap_or_else(|_| binary.to_owned());
+        let actual = process_identity(pid).map(|id| id.exe).unwrap_or_default();
+        if actual != wanted {
+            return Err(AdoptError::OtherBinary { pid, actual, wanted });
+        }
+        self.check(http).await.map_err(|reason| AdoptError::Unhealthy { pid, reason })?;
+        let smoke = request(http, self.addr, "POST", "/completion", Some(SMOKE_REQUEST), ADOPT_SMOKE_TIMEOUT);
+        match smoke.await {
+            Ok((200, _)) => Ok(()),
+            Ok((code, _)) => Err(AdoptError::Unhealthy { pid, reason: format!("the smoke completion answered {code}") }),
+            Err(reason) => Err(AdoptError::Unhealthy { pid, reason }),
+        }
+    }
+
+    /// Leaves the process running when this instance is dropped (and in the record): the agent hands it over
+    /// to the next agent.
+    pub fn release(mut self) {
+        self.released = true;
+        if let (Some(recorder), Some(pid)) = (&self.recorder, self.pid) {
+            recorder.set_role(pid, Role::Serving);
+        }
+    }
+
+    /// Records what this instance does now (serving, or out of rotation), for a restarted agent.
+    pub(crate) fn set_role(&self, role: Role) {
+        if let (Some(recorder), Some(pid)) = (&self.recorder, self.pid) {
+            recorder.set_role(pid, role);
         }
     }
 
@@ -232,7 +422,7 @@ impl Instance {
         let load_time = started.elapsed();
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(10));
         let smoke =
-            request(http, self.addr, "POST", "/completion", Some(r#"{"prompt":"Hello","n_predict":4}"#), remaining);
+            request(http, self.addr, "POST", "/completion", Some(SMOKE_REQUEST), remaining);
         let reason = tokio::select! {
             status = self.exited() => return Err(self.exited_error(status).await),
             answer = smoke => match answer {
@@ -295,9 +485,7 @@ impl Instance {
             if self.exit_status().is_some() {
                 break;
             }
-            if let Some(pid) = self.pid {
-                send_signal(pid, signal);
-            }
+            self.signal(signal);
             if let Ok(status) = tokio::time::timeout(grace, self.exited()).await {
                 tracing::info!(instance = self.id, %status, "llama-server stopped.");
                 return;
@@ -338,13 +526,143 @@ fn die_with_parent(command: &mut tokio::process::Command) {
 #[cfg(not(target_os = "linux"))]
 fn die_with_parent(_command: &mut tokio::process::Command) {}
 
-fn send_signal(pid: u32, signal: libc::c_int) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
-    // SAFETY: kill(2) has no memory-safety preconditions. The child has not been reaped (the caller saw no
-    // exit status and the waiter task owns it), so the pid still names our child and not a reused one.
-    let rc = unsafe { libc::kill(pid, signal) };
-    if rc != 0 {
-        tracing::debug!(pid, signal, error = %std::io::Error::last_os_error(), "kill failed.");
+impl Instance {
+    /// Sends `signal`, through the pidfd when there is one (it cannot reach a process that reused the pid).
+    fn signal(&self, signal: libc::c_int) {
+        if let Some(fd) = &self.pidfd {
+            match pidfd_signal(fd, signal) {
+                Ok(()) => return,
+                // Exited already (ESRCH), or the call is not available: nothing more to do for ESRCH.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return,
+                Err(e) => tracing::debug!(error = %e, "pidfd_send_signal failed; using kill."),
+            }
+        }
+        let Some(pid) = self.pid else { return };
+        let Ok(pid) = libc::pid_t::try_from(pid) else { return };
+        // SAFETY: kill(2) has no memory-safety preconditions. The process has not been reaped (the caller saw no
+        // exit status; a child is reaped by its waiter, an adopted process was checked by start time).
+        let rc = unsafe { libc::kill(pid, signal) };
+        if rc != 0 {
+            tracing::debug!(pid, signal, error = %std::io::Error::last_os_error(), "kill failed.");
+        }
+    }
+}
+
+/// Puts llama-server in a session (and process group) of its own, so it outlives the agent: a signal to the
+/// agent's process group (Ctrl-C in a terminal) does not reach it, and no parent-death signal is set.
+fn own_session(command: &mut tokio::process::Command) {
+    // SAFETY: between fork and exec the closure only calls the async-signal-safe setsid and allocates nothing.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// pidfd_open(2): a file descriptor naming `pid` (Linux 5.3+).
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: the syscall takes a pid and flags, touches no memory of ours, and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// pidfd_send_signal(2).
+fn pidfd_signal(fd: &OwnedFd, signal: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: a valid pidfd, a signal number, no siginfo (null is allowed), no flags.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), signal, std::ptr::null::<libc::siginfo_t>(), 0)
+    };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Resolves when an adopted process (not our child, so it cannot be waited for) exits: its pidfd turns
+/// readable; without a pidfd, `/proc` is polled every [`ADOPTED_POLL`].
+async fn wait_adopted(pid: u32, start_time: u64, pidfd: Option<OwnedFd>) -> String {
+    const STATUS: &str = "exited (adopted from a previous agent, so its exit status is unknown)";
+    // SAFETY: an OwnedFd is a valid open descriptor that stays open (and the same) until the AsyncFd drops it.
+    let registered = pidfd
+        .map(|fd| unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) });
+    if let Some(Ok(readable)) = registered {
+        let _ = readable.readable().await;
+        return STATUS.to_owned();
+    }
+    loop {
+        if !process_identity(pid).is_some_and(|id| id.start_time == start_time) {
+            return STATUS.to_owned();
+        }
+        tokio::time::sleep(ADOPTED_POLL).await;
+    }
+}
+
+/// Log files in use by live instances of this agent, so a new instance never truncates the log of one that
+/// runs (an adopted instance keeps the log its first agent chose).
+static LOGS_IN_USE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// A log file held by a live instance.
+#[derive(Debug)]
+struct LogSlot(PathBuf);
+
+impl LogSlot {
+    /// `llama-server-<n>.log` in `dir`, the first of [`LOG_FILES`] from `id` on that no live instance uses.
+    fn take(dir: &Path, id: u64) -> LogSlot {
+        let mut in_use = LOGS_IN_USE.lock().unwrap_or_else(PoisonError::into_inner);
+        let path = (0..LOG_FILES)
+            .map(|k| dir.join(format!("llama-server-{}.log", (id + k) % LOG_FILES)))
+            .find(|p| !in_use.contains(p))
+            .unwrap_or_else(|| dir.join(format!("llama-server-{}.log", id % LOG_FILES)));
+        in_use.push(path.clone());
+        LogSlot(path)
+    }
+
+    fn claim(path: PathBuf) -> LogSlot {
+        LOGS_IN_USE.lock().unwrap_or_else(PoisonError::into_inner).push(path.clone());
+        LogSlot(path)
+    }
+}
+
+impl Drop for LogSlot {
+    fn drop(&mut self) {
+        let mut in_use = LOGS_IN_USE.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = in_use.iter().position(|p| p == &self.0) {
+            in_use.swap_remove(i);
+        }
+    }
+}
+
+/// Keeps a log file under [`LOG_CAP_BYTES`]: past it, the file is copied to `<log>.old` and truncated
+/// (llama-server appends, so it goes on writing from the start). A process outliving the agent for months
+/// cannot fill the disk with its log, and no pipe ties it to the agent.
+async fn cap_log(log: PathBuf) {
+    loop {
+        tokio::time::sleep(LOG_CHECK).await;
+        let path = log.clone();
+        let capped = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+            if std::fs::metadata(&path)?.len() <= LOG_CAP_BYTES {
+                return Ok(false);
+            }
+            let mut old = path.clone().into_os_string();
+            old.push(".old");
+            std::fs::copy(&path, &old)?;
+            std::fs::OpenOptions::new().write(true).open(&path)?.set_len(0)?;
+            Ok(true)
+        })
+        .await;
+        match capped {
+            Ok(Ok(true)) => tracing::debug!(log = %log.display(), "Capped the llama-server log."),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Ok(Err(e)) => tracing::warn!(log = %log.display(), error = %e, "Cannot cap the llama-server log."),
+            Err(_) => return,
+        }
     }
 }
 

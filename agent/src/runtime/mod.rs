@@ -4,17 +4,21 @@
 //! previous instance (or, after stop-then-start, its launch spec) until [`Supervisor::commit`] or
 //! [`Supervisor::roll_back`].
 
+pub mod front;
 pub mod instance;
 pub mod proxy;
+pub mod record;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-pub use instance::{Instance, InstanceOptions, LaunchSpec, StartError, StopPolicy};
+pub use instance::{AdoptError, Instance, InstanceOptions, LaunchSpec, StartError, StopPolicy};
+pub use record::{Recorder, Role};
 pub use proxy::{HttpClient, Lease, Proxy, ProxyStats, Upstream, UpstreamInfo, http_client};
 
 const DRAIN_POLL: Duration = Duration::from_millis(100);
@@ -53,6 +57,10 @@ pub struct Supervisor {
     fallback: Option<LaunchSpec>,
     /// Old instances draining and stopping after a swap.
     retiring: JoinSet<()>,
+    /// Where instances are recorded so a restarted agent finds them; None: they die with the agent.
+    recorder: Option<Recorder>,
+    /// Turned on for a hand-over exit: [`Supervisor::shutdown`] then hands over instead of stopping.
+    handing_over: Arc<AtomicBool>,
 }
 
 struct Serving {
@@ -72,7 +80,98 @@ impl Supervisor {
             standby: None,
             fallback: None,
             retiring: JoinSet::new(),
+            recorder: None,
+            handing_over: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The switch that turns the next [`Supervisor::shutdown`] into a [`Supervisor::hand_over`].
+    pub fn hand_over_switch(&self) -> Arc<AtomicBool> {
+        self.handing_over.clone()
+    }
+
+    /// Records instances in `recorder` and runs them detached from the agent, so they outlive it (a crash, or
+    /// [`Supervisor::hand_over`]) and the next agent can [`Supervisor::adopt`] them.
+    pub fn set_recorder(&mut self, recorder: Recorder) {
+        self.recorder = Some(recorder);
+    }
+
+    async fn start_instance(&self, spec: LaunchSpec) -> Result<Instance, StartError> {
+        Instance::start_recorded(&self.opts, spec, &self.http, self.recorder.as_ref()).await
+    }
+
+    /// After the agent restarted: takes over the llama-server processes the previous agent recorded. The one
+    /// that served `wanted` is adopted when it is the very process recorded (pid and start time), runs the
+    /// configured binary, and answers health and a smoke completion: the proxy then forwards to it and nothing
+    /// restarts. Every other recorded process that is still ours is drained and stopped (waited for, so its
+    /// memory is free before anything new starts); a pid that now names another process is left alone.
+    /// Returns the adopted pid.
+    pub async fn adopt(&mut self, wanted: Option<&LaunchSpec>) -> Option<u32> {
+        let recorder = self.recorder.clone()?;
+        let mut adopted = None;
+        let mut stopping = false;
+        for record in recorder.processes() {
+            let pid = record.pid;
+            let instance = match Instance::adopt(&record, &recorder) {
+                Ok(instance) => instance,
+                Err(e) => {
+                    tracing::info!(pid, reason = %e, "A recorded llama-server is not ours any more; left alone.");
+                    recorder.remove(pid);
+                    continue;
+                }
+            };
+            let reason = if adopted.is_some() {
+                "another process serves already".to_owned()
+            } else if record.role != Role::Serving {
+                format!("it was not serving ({:?}) when the previous agent stopped", record.role)
+            } else if wanted != Some(&record.spec()) {
+                let wanted = wanted.map(|w| w.bundle_digest.as_str()).unwrap_or("nothing");
+                AdoptError::OtherModel { pid, got: record.bundle_digest.clone(), wanted: wanted.to_owned() }.to_string()
+            } else {
+                let binary = instance.spec().settings.program(&self.opts.llama_server).to_owned();
+                match instance.prove_adopted(&binary, &self.http).await {
+                    Ok(()) => {
+                        tracing::info!(pid, upstream = %instance.addr(), bundle = %record.bundle_digest, "Adopted the llama-server the previous agent left serving; no restart.");
+                        self.flip_to(instance);
+                        adopted = Some(pid);
+                        continue;
+                    }
+                    Err(e) => e.to_string(),
+                }
+            };
+            tracing::warn!(pid, %reason, "Stopping a llama-server the previous agent left running.");
+            instance.set_role(Role::Standby);
+            let upstream = self.proxy.upstream(instance.addr(), &instance.spec().bundle_digest);
+            let (http, drain_timeout, stop) = (self.http.clone(), self.drain_timeout, self.opts.stop);
+            self.retiring.spawn(retire(Serving { instance, upstream }, http, drain_timeout, stop).in_current_span());
+            stopping = true;
+        }
+        if stopping {
+            self.wait_retired().await;
+        }
+        adopted
+    }
+
+    /// Hand-over exit: what serves keeps running for the next agent to adopt (recorded as serving); a
+    /// previous instance kept for rollback and old ones still draining are stopped (bounded). The caller has
+    /// stopped the front port and let in-flight requests finish. Returns the pid left running.
+    pub async fn hand_over(&mut self) -> Option<u32> {
+        self.fallback = None;
+        if let Some(standby) = self.standby.take() {
+            let (http, drain_timeout, stop) = (self.http.clone(), self.drain_timeout, self.opts.stop);
+            self.retiring.spawn(retire(standby, http, drain_timeout, stop).in_current_span());
+        }
+        self.wait_retired().await;
+        let serving = self.active.take()?;
+        let pid = serving.instance.pid();
+        if self.recorder.is_none() || serving.instance.exit_status().is_some() {
+            tracing::warn!("Nothing can be handed over (no record, or llama-server exited); stopping.");
+            serving.instance.stop(&self.opts.stop).await;
+            return None;
+        }
+        tracing::info!(pid, upstream = %serving.instance.addr(), "Handing llama-server over to the next agent; it keeps running.");
+        serving.instance.release();
+        pid
     }
 
     /// New options (from a reloaded config) for instances started from now on.
@@ -116,7 +215,7 @@ impl Supervisor {
     pub async fn swap(&mut self, spec: LaunchSpec) -> Result<(), StartError> {
         self.reap_retired();
         self.commit();
-        let instance = Instance::start(&self.opts, spec, &self.http).await?;
+        let instance = self.start_instance(spec).await?;
         if let Some(old) = self.flip_to(instance) {
             let (http, drain_timeout, stop) = (self.http.clone(), self.drain_timeout, self.opts.stop);
             self.retiring.spawn(retire(old, http, drain_timeout, stop).in_current_span());
@@ -132,7 +231,7 @@ impl Supervisor {
         self.commit();
         match strategy {
             SwapStrategy::BlueGreen => {
-                let instance = Instance::start(&self.opts, spec, &self.http).await?;
+                let instance = self.start_instance(spec).await?;
                 let old = self.flip_to(instance);
                 self.standby = old;
                 Ok(())
@@ -155,14 +254,14 @@ impl Supervisor {
             tracing::info!(upstream = %old.instance.addr(), "Stopping the serving llama-server first: memory cannot hold both models.");
             retire(old, self.http.clone(), self.drain_timeout, self.opts.stop).await;
         }
-        let result = match Instance::start(&self.opts, spec, &self.http).await {
+        let result = match self.start_instance(spec).await {
             Ok(instance) => {
                 self.flip_to(instance);
                 Ok(())
             }
             Err(e) => {
                 if let Some(restore) = restore {
-                    match Instance::start(&self.opts, restore, &self.http).await {
+                    match self.start_instance(restore).await {
                         Ok(instance) => {
                             self.flip_to(instance);
                             tracing::info!("The previous model serves again.");
@@ -185,7 +284,12 @@ impl Supervisor {
         let upstream = self.proxy.upstream_with(instance.addr(), &instance.spec().bundle_digest, info);
         self.proxy.switch(Some(upstream.clone()));
         tracing::info!(upstream = %instance.addr(), bundle = %instance.spec().bundle_digest, "Front proxy switched.");
-        self.active.replace(Serving { instance, upstream })
+        instance.set_role(Role::Serving);
+        let old = self.active.replace(Serving { instance, upstream });
+        if let Some(old) = &old {
+            old.instance.set_role(Role::Standby);
+        }
+        old
     }
 
     /// The watch window passed: the previous instance kept for rollback drains and stops.
@@ -229,7 +333,12 @@ impl Supervisor {
     fn flip_to_serving(&mut self, serving: Serving) -> Option<Serving> {
         self.proxy.switch(Some(serving.upstream.clone()));
         tracing::info!(upstream = %serving.instance.addr(), bundle = %serving.instance.spec().bundle_digest, "Front proxy switched back.");
-        self.active.replace(serving)
+        serving.instance.set_role(Role::Serving);
+        let old = self.active.replace(serving);
+        if let Some(old) = &old {
+            old.instance.set_role(Role::Standby);
+        }
+        old
     }
 
     /// Restarts `spec` after a crash with the proxy holding, so requests meanwhile wait (bounded) instead
@@ -272,7 +381,12 @@ impl Supervisor {
     }
 
     /// Graceful shutdown: stop forwarding, let in-flight requests finish (bounded), stop every instance safely.
+    /// When the [`Supervisor::hand_over_switch`] is on, [`Supervisor::hand_over`] instead.
     pub async fn shutdown(&mut self) {
+        if self.handing_over.load(Ordering::SeqCst) {
+            self.hand_over().await;
+            return;
+        }
         self.proxy.release();
         self.proxy.switch(None);
         self.fallback = None;

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 use std::time::Instant;
@@ -225,6 +225,8 @@ pub struct Proxy {
     waiters: Semaphore,
     /// Requests that waited for an upstream during a gap and then got one.
     waited: AtomicU64,
+    /// The controller assigned no model to this device: requests get a 503 saying so.
+    unassigned: AtomicBool,
 }
 
 impl Proxy {
@@ -238,7 +240,14 @@ impl Proxy {
             changed: watch::Sender::new(0),
             waiters: Semaphore::new(MAX_GAP_WAITERS),
             waited: AtomicU64::new(0),
+            unassigned: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the controller assigned no model to this device (`serve_nothing`): requests then get 503 with
+    /// an error saying so instead of "no model yet".
+    pub fn set_unassigned(&self, unassigned: bool) {
+        self.unassigned.store(unassigned, Ordering::SeqCst);
     }
 
     /// From now on, requests that find no upstream wait up to `wait` for one (see [`Proxy::release`]).
@@ -428,6 +437,8 @@ async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response 
                 proxy.unserved.fetch_add(1, Ordering::Relaxed);
                 let message = if proxy.hold_wait().is_some() {
                     "the model on this device is being swapped; retry after the Retry-After delay"
+                } else if proxy.unassigned.load(Ordering::SeqCst) {
+                    "no model is assigned to this device"
                 } else {
                     "no model is active on this device yet"
                 };

@@ -41,7 +41,14 @@ pub fn fake_model(dir: &Path, name: &str, knobs: &[&str]) -> PathBuf {
 }
 
 pub fn launch_settings() -> LaunchSettings {
-    LaunchSettings { context_size: 512, threads: 0, gpu_layers: 0, parallel_slots: 2, chat_template: None }
+    LaunchSettings {
+        context_size: 512,
+        threads: 0,
+        gpu_layers: 0,
+        parallel_slots: 2,
+        chat_template: None,
+        llama_server: None,
+    }
 }
 
 pub fn spec(model: &Path, bundle: &str) -> LaunchSpec {

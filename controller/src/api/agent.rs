@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use alki_shared::ids::DeviceId;
 use alki_shared::proto::{
-    self, AgentMessage, ControllerMessage, Phase, agent_message, agent_service_server::AgentService,
+    self, AgentMessage, ControllerMessage, Phase, PrestageState, agent_message, agent_service_server::AgentService,
     controller_message::Msg,
 };
 use futures::Stream;
@@ -16,6 +16,9 @@ use tracing::Instrument as _;
 
 use crate::auth::{Action, Authenticator};
 use crate::fleet::{Fleet, desired_state, hub::SESSION_QUEUE};
+
+/// Most staged bundles kept per device record (an agent keeps few: they cost disk).
+const MAX_STAGED: usize = 16;
 
 /// How long an agent has to say Hello after opening its session.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -91,6 +94,12 @@ impl AgentService for AgentApi {
                 d.agent_version = hello.agent_version.clone();
                 d.running = hello.running.clone();
                 d.applied_generation = hello.last_applied_generation;
+                d.staged = hello.staged.iter().take(MAX_STAGED).cloned().collect();
+                // A Prestage command the previous session never answered is lost with it: sent again
+                // (the rollout reconciler counts the attempt) unless Hello says the bundle is staged.
+                if let Some(p) = d.prestage.as_mut().filter(|p| p.state == PrestageState::Sent as i32) {
+                    p.state = PrestageState::Unspecified as i32;
+                }
                 d.last_seen_unix_ms = crate::now_unix_ms();
                 if d.phase == Phase::Unspecified as i32 {
                     d.phase = if d.running.is_some() { Phase::Active } else { Phase::Idle } as i32;
@@ -181,6 +190,9 @@ fn handle(fleet: &Fleet, device_id: &str, message: AgentMessage) -> Result<(), c
                 "Agent reported a phase."
             );
             fleet.hub.touch(device_id, now);
+            // IDLE with a generation settles a desired state that said serve nothing.
+            let settled = matches!(phase, Phase::Active | Phase::Failed)
+                || (phase == Phase::Idle && status.generation > 0 && status.serving.is_none());
             let record = |d: &mut proto::Device| {
                 d.last_seen_unix_ms = now;
                 d.phase = status.phase;
@@ -189,12 +201,12 @@ fn handle(fleet: &Fleet, device_id: &str, message: AgentMessage) -> Result<(), c
                 if !status.variant_digest.is_empty() && phase == Phase::Active {
                     d.running_variant = status.variant_digest.clone();
                 }
-                if matches!(phase, Phase::Active | Phase::Failed) {
+                if settled {
                     d.applied_generation = d.applied_generation.max(status.generation);
                 }
             };
             // Outcomes are durable; progress phases are not worth an fsync each (the agent reports again).
-            if matches!(phase, Phase::Active | Phase::Failed) {
+            if settled {
                 fleet.store.update_device(device_id, record)?;
             } else {
                 fleet.store.update_device_volatile(device_id, record)?;
@@ -211,7 +223,9 @@ fn handle(fleet: &Fleet, device_id: &str, message: AgentMessage) -> Result<(), c
             crate::insight::ingest_benchmarks(fleet, device_id, &report, now)
         }
         Some(agent_message::Msg::Prestage(report)) => {
-            tracing::info!(command_id = %report.command_id, ready = report.ready, "Agent reported a pre-staging.");
+            fleet.hub.touch(device_id, now);
+            record_prestage(fleet, device_id, &report)?;
+            fleet.changed.notify_one();
             Ok(())
         }
         Some(agent_message::Msg::Hello(_)) => {
@@ -220,4 +234,35 @@ fn handle(fleet: &Fleet, device_id: &str, message: AgentMessage) -> Result<(), c
         }
         None => Ok(()),
     }
+}
+
+/// Records a device's answer to a Prestage command: a ready bundle joins the device's staged list, and the
+/// rollout's command record (when the answer is to it) becomes READY or FAILED with the device's error.
+fn record_prestage(
+    fleet: &Fleet,
+    device_id: &str,
+    report: &proto::PrestageReport,
+) -> Result<(), crate::store::StoreError> {
+    let error = report.error.as_ref().map(|e| e.message.as_str()).unwrap_or("");
+    if report.ready {
+        tracing::info!(command_id = %report.command_id, bytes = report.bytes_downloaded, "Agent staged a bundle.");
+    } else {
+        tracing::warn!(command_id = %report.command_id, error, "Agent could not stage a bundle.");
+    }
+    fleet.store.update_device(device_id, |d| {
+        if report.ready
+            && let Some(bundle) = &report.bundle
+        {
+            d.staged.retain(|b| b.digest != bundle.digest);
+            d.staged.push(bundle.clone());
+            let excess = d.staged.len().saturating_sub(MAX_STAGED);
+            d.staged.drain(..excess);
+        }
+        if let Some(p) = d.prestage.as_mut().filter(|p| !report.command_id.is_empty() && p.command_id == report.command_id)
+        {
+            p.state = if report.ready { PrestageState::Ready } else { PrestageState::Failed } as i32;
+            p.error = if report.ready { None } else { report.error.clone() };
+            p.bytes_downloaded = report.bytes_downloaded;
+        }
+    })
 }

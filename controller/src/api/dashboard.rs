@@ -195,10 +195,13 @@ async fn bundles(
 ) -> Result<Json<proto::ListBundlesResponse>, ApiError> {
     authorize(&state, &headers)?;
     let (registry, keys) = (state.registry.clone(), state.trusted_keys.clone());
+    let store = state.fleet.store.clone();
     let bundles = blocking(move || {
         let repository = q.repository.as_deref().filter(|r| !r.is_empty());
         let entries = registry.manifests(repository).map_err(ApiError::internal)?;
-        Ok(super::fleet::bundles_from(&registry, &entries, &keys))
+        let mut bundles = super::fleet::bundles_from(&registry, &entries, &keys);
+        bundles.extend(super::fleet::external_bundles(&store, repository).map_err(ApiError::internal)?);
+        Ok(bundles)
     })
     .await?;
     Ok(Json(proto::ListBundlesResponse { bundles }))

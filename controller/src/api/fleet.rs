@@ -54,12 +54,15 @@ impl FleetService for FleetApi {
         // Reading the index and the manifests is blocking file and database I/O.
         let registry = self.registry.clone();
         let keys = self.trusted_keys.clone();
+        let store = self.fleet.store.clone();
         let bundles = tokio::task::spawn_blocking(move || {
-            registry.manifests(repository.as_deref()).map(|entries| bundles_from(&registry, &entries, &keys))
+            let entries = registry.manifests(repository.as_deref()).map_err(super::internal)?;
+            let mut bundles = bundles_from(&registry, &entries, &keys);
+            bundles.extend(external_bundles(&store, repository.as_deref()).map_err(super::internal)?);
+            Ok::<_, Status>(bundles)
         })
         .await
-        .map_err(super::internal)?
-        .map_err(super::internal)?;
+        .map_err(super::internal)??;
         Ok(Response::new(proto::ListBundlesResponse { bundles }))
     }
 
@@ -249,6 +252,49 @@ impl FleetApi {
     }
 }
 
+/// The variants and total weight size of a bundle manifest: an index whose entries carry quantizations, or
+/// a single ModelPack manifest. None for anything else (signatures, runtime builds, other artifacts).
+pub(crate) fn summarize(manifest: &Manifest) -> Option<(Vec<proto::Variant>, u64)> {
+    match manifest {
+        Manifest::Index(index) => {
+            let variants: Vec<VariantInfo> = alki_shared::bundle::variants(index);
+            if variants.iter().all(|v| v.quantization.is_empty()) {
+                return None;
+            }
+            let total = variants.iter().map(|v| v.weights_bytes).sum();
+            let variants = variants
+                .into_iter()
+                .map(|v| proto::Variant {
+                    digest: v.descriptor.digest.to_string(),
+                    name: v.model_name,
+                    architecture: v.architecture,
+                    quantization: v.quantization,
+                    size: v.weights_bytes,
+                })
+                .collect();
+            Some((variants, total))
+        }
+        Manifest::Image(image) => (image.artifact_type.as_deref() == Some(alki_shared::bundle::ARTIFACT_TYPE_MODEL))
+            .then(|| (Vec::new(), image.layers.iter().map(|l| l.size).sum())),
+    }
+}
+
+/// The bundles of external registries the controller has pinned for rollouts, in `repository` if given
+/// (either the repository inside the registry or `host/repository`).
+pub(crate) fn external_bundles(
+    store: &crate::store::Store,
+    repository: Option<&str>,
+) -> Result<Vec<proto::Bundle>, crate::store::StoreError> {
+    let mut bundles = store.external_bundles()?;
+    if let Some(wanted) = repository {
+        bundles.retain(|b| b.repository == wanted || format!("{}/{}", b.registry, b.repository) == wanted);
+    }
+    bundles.sort_by(|a, b| {
+        (&a.registry, &a.repository, b.pushed_unix_ms).cmp(&(&b.registry, &b.repository, a.pushed_unix_ms))
+    });
+    Ok(bundles)
+}
+
 /// Bundles are the model manifests and indexes in the registry (signatures and other artifacts are not).
 /// Variant manifests listed by an index are shown inside it, not on their own.
 pub(crate) fn bundles_from(
@@ -261,23 +307,13 @@ pub(crate) fn bundles_from(
     for entry in entries {
         let Ok(Some(stored)) = registry.resolve(&entry.repository, entry.digest.as_str()) else { continue };
         let Ok(manifest) = Manifest::parse(&stored.bytes, Some(&stored.media_type)) else { continue };
-        let (variants, total_size) = match &manifest {
+        match &manifest {
             Manifest::Index(index) => {
-                let variants: Vec<VariantInfo> = alki_shared::bundle::variants(index);
-                if variants.iter().all(|v| v.quantization.is_empty()) {
-                    continue;
-                }
                 in_index.extend(index.manifests.iter().map(|d| (entry.repository.clone(), d.digest.clone())));
-                let total = variants.iter().map(|v| v.weights_bytes).sum();
-                (variants, total)
             }
-            Manifest::Image(image) => {
-                if image.artifact_type.as_deref() != Some(alki_shared::bundle::ARTIFACT_TYPE_MODEL) {
-                    continue;
-                }
-                (Vec::new(), image.layers.iter().map(|l| l.size).sum())
-            }
-        };
+            Manifest::Image(_) => {}
+        }
+        let Some((variants, total_size)) = summarize(&manifest) else { continue };
         bundles.push(proto::Bundle {
             repository: entry.repository.clone(),
             digest: entry.digest.to_string(),
@@ -290,16 +326,8 @@ pub(crate) fn bundles_from(
                 &crate::trust::embedded_signatures(registry, &entry.repository, &entry.digest),
                 keys,
             ),
-            variants: variants
-                .into_iter()
-                .map(|v| proto::Variant {
-                    digest: v.descriptor.digest.to_string(),
-                    name: v.model_name,
-                    architecture: v.architecture,
-                    quantization: v.quantization,
-                    size: v.weights_bytes,
-                })
-                .collect(),
+            variants,
+            registry: String::new(),
         });
     }
     bundles.retain(|b| {

@@ -46,6 +46,10 @@ struct Args {
     /// File holding the password or token for the external registries; anonymous reads without it.
     #[arg(long, env = "ALKI_EXTERNAL_REGISTRY_PASSWORD_FILE", requires = "external_registry_username")]
     external_registry_password_file: Option<PathBuf>,
+    /// A TOML file with one `[[registry]]` table per external registry (host, plain_http, username,
+    /// password_file), for registries that each need their own transport or login.
+    #[arg(long, env = "ALKI_EXTERNAL_REGISTRIES_FILE")]
+    external_registries_file: Option<PathBuf>,
     /// Log as JSON lines (for log shippers) instead of text.
     #[arg(long)]
     log_json: bool,
@@ -124,14 +128,24 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     for host in &args.external_registries {
-        if host.is_empty() || host.contains(['/', '@', ' ']) {
-            anyhow::bail!("--external-registry {host:?} must be host or host:port, without a scheme or path");
-        }
+        alki_controller::config::check_registry_host(host).map_err(|e| anyhow::anyhow!("--external-registry {e}"))?;
         config.external_registries.push(alki_controller::config::ExternalRegistry {
             host: host.clone(),
             plain_http: args.external_registry_plain_http,
             credentials: credentials.clone(),
         });
+    }
+    if let Some(file) = &args.external_registries_file {
+        for registry in alki_controller::config::load_external_registries(file).map_err(anyhow::Error::msg)? {
+            if config.external_registries.iter().any(|r| r.host == registry.host) {
+                anyhow::bail!(
+                    "external registry {:?} is named both by --external-registry and in {}; keep one",
+                    registry.host,
+                    file.display()
+                );
+            }
+            config.external_registries.push(registry);
+        }
     }
     for path in &args.trusted_keys {
         let key =

@@ -95,7 +95,7 @@ pub async fn inspect(
         (Source::Layout(layout), top.digest.clone(), bytes, target.to_owned())
     } else {
         let (repository, reference) = super::split_bundle_ref(target)?;
-        let remote = Remote::with_token(cli.registry.clone(), repository, cli.token()?, plain_http);
+        let remote = Remote::new(cli.registry.clone(), repository, cli.registry_auth()?, plain_http);
         let client = remote.client();
         let Some((bytes, digest)) = remote.manifest(&client, &reference).await? else {
             bail!("{target} is not in the registry at {}; check the name or push it", remote.registry);

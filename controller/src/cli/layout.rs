@@ -1,7 +1,7 @@
 //! OCI image layout directories (`oci-layout`, `index.json`, `blobs/sha256/<hex>`): what `bundle pack` writes
 //! and `bundle push` reads. skopeo and oras read and write the same shape.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use alki_shared::digest::{Digest, Hasher};
@@ -42,49 +42,57 @@ impl Layout {
         Ok(digest)
     }
 
-    /// Copies a file into the layout, hashing it on the way: the file is read exactly once. Hashing and
-    /// writing overlap (a writer thread takes each buffer while the next one is read and hashed), so packing
-    /// runs at about the speed of hashing alone. `progress` is called with the bytes copied so far.
+    /// Copies a file into the layout, hashing it on the way, reading it from disk once: each 4 MiB chunk is
+    /// read and hashed here, and a copier thread then copies the same range inside the kernel
+    /// (`copy_file_range`: no second trip through user space, a reflink on filesystems that share extents)
+    /// while the chunk is still in the page cache and the next one is being hashed. Packing therefore runs
+    /// at about the speed of hashing alone. A file that changes while it is packed is refused: the copy
+    /// would no longer match the digest. `progress` is called with the bytes hashed so far.
     pub fn copy_blob(&self, source: &Path, mut progress: impl FnMut(u64)) -> anyhow::Result<(Digest, u64)> {
         const CHUNK: usize = 4 << 20;
         let mut input = std::fs::File::open(source).with_context(|| format!("opening {}", source.display()))?;
+        let before = input.metadata().with_context(|| format!("reading {}", source.display()))?;
         let dir = self.root.join("blobs/sha256");
         let tmp = tempfile::NamedTempFile::new_in(&dir)?;
-        let mut out = tmp.reopen()?;
-        // Three buffers circulate: one being read and hashed, one queued, one being written.
-        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(1);
-        let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(3);
-        for _ in 0..3 {
-            let _ = empty_tx.send(vec![0u8; CHUNK]);
-        }
-        let writer = std::thread::spawn(move || -> std::io::Result<()> {
-            for (buf, n) in full_rx {
-                out.write_all(&buf[..n])?;
-                // The reader may have stopped on an error; a closed channel is not one here.
-                let _ = empty_tx.send(buf);
+        let out = tmp.reopen()?;
+        // Offsets are explicit in every copy, so sharing the reader's file position is harmless.
+        let copy_source = input.try_clone()?;
+        // Two ranges may wait: the copier stays at most two chunks behind, inside the page cache.
+        let (ranges_tx, ranges_rx) = std::sync::mpsc::sync_channel::<(u64, usize)>(2);
+        let copier = std::thread::spawn(move || -> std::io::Result<()> {
+            for (offset, len) in ranges_rx {
+                copy_range(&copy_source, &out, offset, len)?;
             }
-            out.flush()
+            Ok(())
         });
         let mut hasher = Hasher::new();
+        let mut buf = vec![0u8; CHUNK];
         let read_result = (|| -> anyhow::Result<()> {
-            while let Ok(mut buf) = empty_rx.recv() {
+            loop {
                 let n = input.read(&mut buf).with_context(|| format!("reading {}", source.display()))?;
                 if n == 0 {
                     return Ok(());
                 }
+                let offset = hasher.len();
                 hasher.update(&buf[..n]);
-                if full_tx.send((buf, n)).is_err() {
-                    // The writer stopped: its error is reported below.
+                if ranges_tx.send((offset, n)).is_err() {
+                    // The copier stopped: its error is reported below.
                     return Ok(());
                 }
                 progress(hasher.len());
             }
-            Ok(())
         })();
-        drop(full_tx);
-        let written = writer.join().map_err(|_| anyhow::anyhow!("the layout writer thread panicked"))?;
+        drop(ranges_tx);
+        let copied = copier.join().map_err(|_| anyhow::anyhow!("the layout copier thread panicked"))?;
         read_result?;
-        written.with_context(|| format!("writing into {}", dir.display()))?;
+        copied.with_context(|| format!("copying {} into {}", source.display(), dir.display()))?;
+        let after = std::fs::metadata(source).with_context(|| format!("reading {}", source.display()))?;
+        if after.len() != hasher.len() || after.modified().ok() != before.modified().ok() {
+            bail!(
+                "{} changed while it was being packed; pack it again once nothing is writing to it",
+                source.display()
+            );
+        }
         let len = hasher.len();
         let digest = hasher.finish();
         tmp.persist(self.blob_path(&digest)).map_err(|e| e.error)?;
@@ -129,5 +137,83 @@ impl Layout {
             );
         }
         Ok(bytes)
+    }
+}
+
+/// Copies `len` bytes at `offset` of `from` to the same offset of `to` inside the kernel; where the kernel
+/// cannot (another filesystem type, an old kernel), through a buffer.
+fn copy_range(from: &std::fs::File, to: &std::fs::File, offset: u64, len: usize) -> std::io::Result<()> {
+    use rustix::io::Errno;
+    let (mut off_in, mut off_out, mut left) = (offset, offset, len);
+    while left > 0 {
+        match rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), left) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the file got shorter while it was being packed",
+                ));
+            }
+            Ok(n) => left -= n,
+            Err(Errno::INTR) => {}
+            Err(Errno::XDEV | Errno::NOSYS | Errno::OPNOTSUPP | Errno::INVAL) => {
+                return copy_range_buffered(from, to, off_in, left);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn copy_range_buffered(
+    from: &std::fs::File,
+    to: &std::fs::File,
+    mut offset: u64,
+    mut left: usize,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let mut buf = vec![0u8; left.min(1 << 20)];
+    while left > 0 {
+        let want = left.min(buf.len());
+        from.read_exact_at(&mut buf[..want], offset)?;
+        to.write_all_at(&buf[..want], offset)?;
+        offset += want as u64;
+        left -= want;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copied_blob_is_byte_identical_and_named_by_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        // Several chunks and a ragged end, so ranges, offsets and the last short copy all matter.
+        let mut bytes = vec![0u8; (9 << 20) + 12_345];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+        let source = dir.path().join("model.gguf");
+        std::fs::write(&source, &bytes).unwrap();
+        let layout = Layout::create(&dir.path().join("out")).unwrap();
+        let mut reported = 0;
+        let (digest, len) = layout.copy_blob(&source, |n| reported = n).unwrap();
+        assert_eq!(digest, Digest::of(&bytes));
+        assert_eq!(len, bytes.len() as u64);
+        assert_eq!(reported, len);
+        assert_eq!(std::fs::read(layout.blob_path(&digest)).unwrap(), bytes);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("out/blobs/sha256")).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "only the blob itself: no temporary file left behind");
+    }
+
+    #[test]
+    fn the_buffered_fallback_copies_the_same_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let (from, to) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&from, &bytes).unwrap();
+        let (input, output) = (std::fs::File::open(&from).unwrap(), std::fs::File::create(&to).unwrap());
+        copy_range_buffered(&input, &output, 1000, 2_500_000).unwrap();
+        let copied = std::fs::read(&to).unwrap();
+        assert_eq!(&copied[1000..], &bytes[1000..2_501_000]);
     }
 }

@@ -9,8 +9,10 @@ pub mod layout;
 pub mod pack;
 pub mod push;
 pub mod rollout;
+pub mod runtime;
 pub mod sign;
 
+use oci_client::secrets::RegistryAuth;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -41,6 +43,13 @@ pub struct Cli {
     /// File holding the token (e.g. the controller's <data-dir>/admin.token).
     #[arg(long, global = true, env = "ALKI_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Username for an external registry that has its own login (with --registry-password-file); without
+    /// it, alkictl sends its token to the registry, as the controller's embedded registry expects.
+    #[arg(long, global = true, env = "ALKI_REGISTRY_USERNAME", requires = "registry_password_file")]
+    pub registry_username: Option<String>,
+    /// File holding the password or access token for --registry-username.
+    #[arg(long, global = true, env = "ALKI_REGISTRY_PASSWORD_FILE", requires = "registry_username")]
+    pub registry_password_file: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -83,6 +92,33 @@ pub enum Command {
     /// Signing keys (cosign-compatible).
     #[command(subcommand)]
     Key(KeyCmd),
+    /// llama.cpp builds that bundles run with (`bundle pack --runtime-build`).
+    #[command(subcommand)]
+    Runtime(RuntimeCmd),
+}
+
+#[derive(Subcommand)]
+pub enum RuntimeCmd {
+    /// Pack llama.cpp builds (llama-server and the shared libraries beside it), one per platform, and push
+    /// them as one runtime build: `alkictl runtime push acme/llama-server:b6000 --platform linux/amd64=build/bin
+    /// --platform linux/arm64/cuda=jetson/bin`. Prints the pinned reference a bundle names. Sign it like a
+    /// bundle: `alkictl bundle sign acme/llama-server:b6000 --key alki.key`.
+    Push {
+        /// Repository and optional tag, e.g. acme/llama-server:b6000.
+        target: String,
+        /// OS/ARCH[/VARIANT][/cpu|cuda]=DIR (repeatable): e.g. linux/amd64=build/bin, linux/arm64/cuda=DIR.
+        #[arg(long = "platform", required = true)]
+        platforms: Vec<String>,
+        /// The build's version for its config (default: the tag).
+        #[arg(long)]
+        build_version: Option<String>,
+        /// Keep the packed OCI layout in this new directory (default: a temporary one, removed after the push).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Talk plain HTTP to the registry (until TLS is set up). Never use across a network you do not trust.
+        #[arg(long)]
+        insecure_plain_http: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,6 +148,8 @@ pub enum RegistryCmd {
     },
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum BundleCmd {
     /// Turn GGUF files (one per quantization) into a bundle in an OCI layout directory.
@@ -149,6 +187,10 @@ pub enum BundleCmd {
         /// A chat template file overriding the one inside the GGUF.
         #[arg(long)]
         chat_template: Option<PathBuf>,
+        /// The llama.cpp build to run the bundle with, pinned by digest: the `pinned` reference
+        /// `alkictl runtime push` printed (REGISTRY/REPOSITORY@sha256:...). Default: the agent's llama-server.
+        #[arg(long)]
+        runtime_build: Option<String>,
     },
     /// Upload a packed bundle: `alkictl bundle push DIR REPOSITORY[:TAG]`.
     Push {
@@ -273,6 +315,17 @@ impl Cli {
         }
     }
 
+    /// How alkictl logs in to `--registry`: the external registry's own login when given, else the token
+    /// as a Basic password (the embedded registry's scheme), else anonymously.
+    pub fn registry_auth(&self) -> anyhow::Result<RegistryAuth> {
+        if let (Some(user), Some(file)) = (&self.registry_username, &self.registry_password_file) {
+            let password = std::fs::read_to_string(file)
+                .with_context(|| format!("reading --registry-password-file {}", file.display()))?;
+            return Ok(RegistryAuth::Basic(user.clone(), password.trim().to_owned()));
+        }
+        Ok(push::token_auth(self.token()?))
+    }
+
     async fn fleet(&self) -> anyhow::Result<Fleet> {
         Ok(FleetServiceClient::with_interceptor(self.channel().await?, self.auth()?))
     }
@@ -334,6 +387,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             threads,
             gpu_layers,
             chat_template,
+            runtime_build,
         }) => {
             let opts = pack::PackOptions {
                 files: files.clone(),
@@ -350,6 +404,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 threads: *threads,
                 gpu_layers: *gpu_layers,
                 chat_template: chat_template.clone(),
+                runtime_build: runtime_build.clone(),
             };
             let bar = progress_bar(cli.output, "packing");
             let packed = tokio::task::spawn_blocking(move || pack::pack_with(&opts, &extras, &bar)).await??;
@@ -378,7 +433,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 registry: cli.registry.clone(),
                 repository,
                 tag,
-                token: cli.token()?,
+                auth: cli.registry_auth()?,
                 plain_http: *insecure_plain_http,
             };
             let bar = progress_bar(cli.output, "pushing");
@@ -390,6 +445,60 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     p.digest,
                     bytes(p.uploaded_bytes),
                     p.skipped_blobs
+                )
+            })
+        }
+        Command::Runtime(RuntimeCmd::Push { target, platforms, build_version, out, insecure_plain_http }) => {
+            let (repository, tag) = match target.rsplit_once(':') {
+                Some((r, t)) if !t.contains('/') => (r.to_owned(), t.to_owned()),
+                _ => (target.clone(), "latest".to_owned()),
+            };
+            let builds = platforms.iter().map(|p| runtime::parse_platform(p)).collect::<anyhow::Result<Vec<_>>>()?;
+            let version = build_version.clone().unwrap_or_else(|| tag.clone());
+            let temp = tempfile::tempdir()?;
+            let dir = out.clone().unwrap_or_else(|| temp.path().join("layout"));
+            let bar = progress_bar(cli.output, "packing");
+            let (pack_dir, pack_tag) = (dir.clone(), tag.clone());
+            let (digest, packed) =
+                tokio::task::spawn_blocking(move || runtime::pack(&builds, &version, &pack_dir, &pack_tag, &bar))
+                    .await??;
+            let push_target = push::PushTarget {
+                registry: cli.registry.clone(),
+                repository: repository.clone(),
+                tag,
+                auth: cli.registry_auth()?,
+                plain_http: *insecure_plain_http,
+            };
+            let bar = progress_bar(cli.output, "pushing");
+            let pushed = push::push(&dir, &push_target, &bar).await?;
+            let result = runtime::RuntimePushed {
+                pinned: format!("{}/{}@{}", cli.registry, repository, digest),
+                reference: pushed.reference,
+                digest,
+                uploaded_bytes: pushed.uploaded_bytes,
+                skipped_blobs: pushed.skipped_blobs,
+                platforms: packed,
+            };
+            print(cli.output, &result, |r| {
+                let mut t = table(["PLATFORM", "MANIFEST", "LAYER", "FILES", "BUILD"]);
+                for p in &r.platforms {
+                    t.add_row([
+                        p.platform.clone(),
+                        short(p.manifest.as_str()),
+                        bytes(p.layer_size),
+                        p.files.to_string(),
+                        p.build_info.chars().take(60).collect(),
+                    ]);
+                }
+                format!(
+                    "{t}\npushed {} ({}), {} uploaded, {} blobs already present\nsign it: alkictl bundle sign {} \
+                     --key KEY\nname it in a bundle: alkictl bundle pack --runtime-build {} ...",
+                    r.reference,
+                    r.digest,
+                    bytes(r.uploaded_bytes),
+                    r.skipped_blobs,
+                    r.reference.split_once('/').map(|(_, rest)| rest).unwrap_or(&r.reference),
+                    r.pinned
                 )
             })
         }
@@ -405,19 +514,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 let mut t = table(["REPOSITORY", "TAGS", "DIGEST", "VARIANTS", "SIZE", "SIGNED"]);
                 for b in bs {
                     let variants: Vec<&str> = b.variants.iter().map(|v| v.quantization.as_str()).collect();
+                    // Bundles of an external registry show its host; their signatures were checked when a
+                    // rollout named them, and are not read again for a listing.
+                    let (repository, signed) = if b.registry.is_empty() {
+                        let signed = if b.signatures.iter().any(|s| s.verified && s.signed_digest == b.digest) {
+                            "verified"
+                        } else if b.signatures.is_empty() {
+                            "no"
+                        } else {
+                            "unverified"
+                        };
+                        (b.repository.clone(), signed)
+                    } else {
+                        (format!("{}/{}", b.registry, b.repository), "at rollout")
+                    };
                     t.add_row([
-                        b.repository.clone(),
+                        repository,
                         b.tags.join(","),
                         short(&b.digest),
                         variants.join(","),
                         bytes(b.total_size),
-                        if b.signatures.iter().any(|s| s.verified && s.signed_digest == b.digest) {
-                            "verified".into()
-                        } else if b.signatures.is_empty() {
-                            "no".into()
-                        } else {
-                            "unverified".into()
-                        },
+                        signed.into(),
                     ]);
                 }
                 t.to_string()
@@ -470,7 +587,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let (repository, tag) = split_bundle_ref(reference)?;
             let password = key::password(false)?;
             let signing_key = key::load(key_file, &password)?;
-            let remote = sign::Remote::with_token(cli.registry.clone(), repository, cli.token()?, *insecure_plain_http);
+            let remote = sign::Remote::new(cli.registry.clone(), repository, cli.registry_auth()?, *insecure_plain_http);
             let signed = sign::sign(&remote, &tag, &signing_key).await?;
             print(cli.output, &signed, |s| {
                 let mut t = table(["SIGNED", "DIGEST", "TAG", "SIGNATURES"]);

@@ -43,6 +43,8 @@ pub struct PackExtras {
     pub threads: u32,
     pub gpu_layers: i32,
     pub chat_template: Option<PathBuf>,
+    /// A runtime build pinned by digest (`registry/repository@sha256:...`), written into the runtime layer.
+    pub runtime_build: Option<String>,
 }
 
 /// The doc layer's file names.
@@ -108,6 +110,10 @@ pub fn pack_with(opts: &PackOptions, extras: &PackExtras, progress: &indicatif::
             );
         }
     }
+    if let Some(build) = &extras.runtime_build {
+        // Refused before anything is written: a tag could move under the fleet; a digest cannot.
+        bundle::parse_runtime_build(build).map_err(|e| anyhow::anyhow!("--runtime-build: {e}"))?;
+    }
     let docs = read_docs(extras)?;
     let chat_template = match &extras.chat_template {
         Some(path) => Some(read_text(path, "chat template")?),
@@ -153,6 +159,7 @@ pub fn pack_with(opts: &PackOptions, extras: &PackExtras, progress: &indicatif::
             threads: extras.threads,
             gpu_layers: extras.gpu_layers,
             chat_template: chat_template.clone(),
+            runtime_build: extras.runtime_build.clone(),
             ..RuntimeDefaults::default()
         };
         let runtime_bytes = serde_json::to_vec(&runtime)?;
@@ -437,6 +444,7 @@ mod tests {
             threads: 4,
             gpu_layers: 0,
             chat_template: None,
+            runtime_build: None,
         };
         // Named out of order: the layers still come in part order.
         let packed = pack_with(

@@ -19,7 +19,8 @@ pub struct PushTarget {
     pub registry: String,
     pub repository: String,
     pub tag: String,
-    pub token: Option<String>,
+    /// From [`super::Cli::registry_auth`].
+    pub auth: RegistryAuth,
     pub plain_http: bool,
 }
 
@@ -60,10 +61,7 @@ pub async fn push(dir: &Path, target: &PushTarget, progress: &indicatif::Progres
     manifests.push((top.clone(), top_bytes, top_manifest));
 
     let client = client(&target.registry, target.plain_http);
-    let auth = match &target.token {
-        Some(token) => RegistryAuth::Basic("alkictl".into(), token.clone()),
-        None => RegistryAuth::Anonymous,
-    };
+    let auth = target.auth.clone();
     let by_digest =
         |d: &Digest| Reference::with_digest(target.registry.clone(), target.repository.clone(), d.to_string());
     let first_ref = by_digest(&top.digest);
@@ -129,6 +127,14 @@ pub async fn push(dir: &Path, target: &PushTarget, progress: &indicatif::Progres
         uploaded_bytes: uploaded,
         skipped_blobs: skipped,
     })
+}
+
+/// The controller's token as a Basic password (the embedded registry's scheme); anonymous without one.
+pub fn token_auth(token: Option<String>) -> RegistryAuth {
+    match token {
+        Some(token) => RegistryAuth::Basic("alkictl".into(), token),
+        None => RegistryAuth::Anonymous,
+    }
 }
 
 /// Turns the client's errors into sentences that say what to do.

@@ -17,6 +17,10 @@ use super::{Cli, Output, SelectorArgs, print, short_ref, split_bundle_ref, statu
 #[allow(clippy::large_enum_variant)]
 pub enum RolloutCmd {
     /// Start rolling a bundle out to the selected devices (flags, or `--file spec.toml`; flags win).
+    ///
+    /// With --window, steps advance and devices move to the candidate only inside that daily UTC window;
+    /// outside it the rollout waits and `rollout status` says when it opens. Aborts, halted classes and
+    /// returns to A act at any time, and so does an operator's promote.
     Create(CreateArgs),
     /// One rollout, in one line.
     Get { id: String },
@@ -33,7 +37,8 @@ pub enum RolloutCmd {
     Pause(ActionArgs),
     /// Continue a paused rollout (accepting an inconclusive step it was held on).
     Resume(ActionArgs),
-    /// Jump to 100% now; failures still halt or abort.
+    /// Jump to 100% now; failures still halt or abort. Acts at once, even outside the rollout's schedule
+    /// window: an explicit promote is the operator's decision to move every selected device now.
     Promote(ActionArgs),
     /// Return every candidate device to what it ran before.
     Abort(ActionArgs),
@@ -136,6 +141,17 @@ pub struct CreateArgs {
     /// Why the signature check is overridden.
     #[arg(long)]
     pub reason: Option<String>,
+    /// Daily window in UTC in which steps may advance and devices move to the candidate, HH:MM-HH:MM, e.g.
+    /// 01:00-05:00 (an end before the start spans midnight and belongs to the day it starts on).
+    #[arg(long)]
+    pub window: Option<String>,
+    /// With --window: the days it is open, e.g. mon,tue,wed (default: every day).
+    #[arg(long, value_delimiter = ',', requires = "window")]
+    pub window_days: Vec<String>,
+    /// Tell every selected device to download and verify the candidate when the rollout starts, so its
+    /// activation at its step needs no network (devices connecting later are told when they connect).
+    #[arg(long)]
+    pub prestage: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -159,6 +175,9 @@ pub enum VariantChoice {
 /// on_class_failure = "halt-class" # or "abort"
 /// on_inconclusive = "hold"        # or "advance"
 /// variant_policy = "recommended" # or "device" (the default)
+/// window = "01:00-05:00"          # UTC; steps advance only inside it
+/// window_days = ["mon", "tue"]    # default: every day
+/// prestage = true                 # download and verify on every selected device first
 /// [gates]
 /// min_devices = 5
 /// min_success_ratio = 0.95
@@ -187,6 +206,10 @@ pub struct SpecFile {
     pub runtime: Option<RuntimeFile>,
     pub variant_policy: Option<VariantChoice>,
     pub variant_min_quantization: Option<String>,
+    pub window: Option<String>,
+    #[serde(default)]
+    pub window_days: Vec<String>,
+    pub prestage: Option<bool>,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -273,6 +296,12 @@ pub fn build_spec(args: &CreateArgs) -> anyhow::Result<proto::RolloutSpec> {
     {
         bail!("--variant-min-quantization {variant_min_quantization:?} is not a llama.cpp quantization (e.g. Q4_K_M)");
     }
+    let days = if args.window_days.is_empty() { file.window_days } else { args.window_days.clone() };
+    let schedule = match args.window.clone().or(file.window) {
+        Some(window) => Some(schedule_window(&window, &days)?),
+        None if !days.is_empty() => bail!("window_days needs a window (e.g. window = \"01:00-05:00\")"),
+        None => None,
+    };
     let rt = file.runtime.unwrap_or_default();
     Ok(proto::RolloutSpec {
         repository,
@@ -303,8 +332,22 @@ pub fn build_spec(args: &CreateArgs) -> anyhow::Result<proto::RolloutSpec> {
         }),
         variant_policy: variant_policy as i32,
         variant_min_quantization,
-        ..Default::default()
+        schedule,
+        prestage: args.prestage || file.prestage.unwrap_or(false),
     })
+}
+
+/// `01:00-05:00` and weekday names into a checked wire window.
+fn schedule_window(window: &str, days: &[String]) -> anyhow::Result<proto::ScheduleWindow> {
+    let (start_minute_utc, end_minute_utc) = crate::rollout::schedule::parse_range(window).map_err(anyhow::Error::msg)?;
+    let weekdays = days
+        .iter()
+        .map(|d| crate::rollout::schedule::parse_weekday(d))
+        .collect::<Result<Vec<u32>, String>>()
+        .map_err(anyhow::Error::msg)?;
+    let w = proto::ScheduleWindow { start_minute_utc, end_minute_utc, weekdays };
+    crate::rollout::schedule::Window::new(&w).with_context(|| format!("--window {window}"))?;
+    Ok(w)
 }
 
 /// Runs one `alkictl rollout` command.
@@ -422,6 +465,12 @@ pub(super) struct RolloutView {
     pending: u32,
     halted_classes: Vec<String>,
     message: String,
+    /// The schedule window, e.g. "01:00-05:00 UTC on mon,tue" (empty: any time).
+    window: String,
+    /// While the window is closed: when it opens next (unix ms, and RFC 3339); 0 and empty when open.
+    window_opens_unix_ms: i64,
+    window_opens: String,
+    prestage: bool,
 }
 
 impl From<&proto::Rollout> for RolloutView {
@@ -440,6 +489,16 @@ impl From<&proto::Rollout> for RolloutView {
             pending: c.pending,
             halted_classes: r.halted_classes.clone(),
             message: r.message.clone(),
+            window: r
+                .spec
+                .as_ref()
+                .and_then(|s| s.schedule.as_ref())
+                .and_then(|w| crate::rollout::schedule::Window::new(w).ok())
+                .map(|w| w.describe())
+                .unwrap_or_default(),
+            window_opens_unix_ms: r.window_opens_unix_ms,
+            window_opens: if r.window_opens_unix_ms > 0 { rfc3339(r.window_opens_unix_ms) } else { String::new() },
+            prestage: r.spec.as_ref().is_some_and(|s| s.prestage),
         }
     }
 }
@@ -480,6 +539,9 @@ struct ClassView {
     ttft_ratio: f64,
     a_samples: u32,
     b_samples: u32,
+    /// With prestage: selected devices that report the candidate staged, and that failed to stage it.
+    staged: u32,
+    stage_failed: u32,
     reason: String,
 }
 
@@ -493,11 +555,15 @@ struct EventView {
     message: String,
 }
 
+fn rfc3339(unix_ms: i64) -> String {
+    u64::try_from(unix_ms)
+        .map(|ms| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string())
+        .unwrap_or_default()
+}
+
 impl From<&proto::RolloutEvent> for EventView {
     fn from(e: &proto::RolloutEvent) -> Self {
-        let time = u64::try_from(e.unix_ms)
-            .map(|ms| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string())
-            .unwrap_or_default();
+        let time = rfc3339(e.unix_ms);
         EventView {
             seq: e.seq,
             unix_ms: e.unix_ms,
@@ -561,6 +627,8 @@ impl StatusView {
                     ttft_ratio: c.ttft_ratio,
                     a_samples: c.a_samples,
                     b_samples: c.b_samples,
+                    staged: c.staged,
+                    stage_failed: c.stage_failed,
                     reason: c.reason.clone(),
                 }
             })
@@ -603,7 +671,11 @@ fn status_text(s: &StatusView) -> String {
         r.message,
         s.gates
     );
-    let mut t = table([
+    if !r.window.is_empty() {
+        let state = if r.window_opens.is_empty() { "open now".to_owned() } else { format!("opens {}", r.window_opens) };
+        out.insert_str(out.len() - 1, &format!("window: {} ({state})\n", r.window));
+    }
+    let mut header = vec![
         "CLASS",
         "VERDICT",
         "SELECTED",
@@ -614,11 +686,16 @@ fn status_text(s: &StatusView) -> String {
         "SUCCESS",
         "B/A TOK/S",
         "B/A TTFT",
-        "WHY",
-    ]);
+    ];
+    if r.prestage {
+        header.extend(["STAGED", "STAGE FAILED"]);
+    }
+    header.push("WHY");
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING).set_header(header);
     let ratio = |v: f64| if v > 0.0 { format!("{v:.2}") } else { "-".into() };
     for c in &s.classes {
-        t.add_row([
+        let mut row = vec![
             c.class.clone(),
             c.verdict.clone(),
             c.selected.to_string(),
@@ -629,8 +706,12 @@ fn status_text(s: &StatusView) -> String {
             format!("{:.2}", c.success_ratio),
             ratio(c.tokens_per_second_ratio),
             ratio(c.ttft_ratio),
-            c.reason.clone(),
-        ]);
+        ];
+        if r.prestage {
+            row.extend([c.staged.to_string(), c.stage_failed.to_string()]);
+        }
+        row.push(c.reason.clone());
+        t.add_row(row);
     }
     out.push_str(&t.to_string());
     out.push_str("\n\nrecent events:\n");
@@ -698,5 +779,46 @@ context_size = 4096
         };
         let err = build_spec(&args).expect_err("unknown quantization");
         assert!(format!("{err:#}").contains("Q9_X"), "{err:#}");
+    }
+
+    #[test]
+    fn a_schedule_window_and_prestage_come_from_flags_or_the_file_and_bad_input_is_named() {
+        let args = CreateArgs {
+            bundle: Some("acme/qwen:v2".into()),
+            window: Some("22:30-02:00".into()),
+            window_days: vec!["fri".into(), "Saturday".into()],
+            prestage: true,
+            ..Default::default()
+        };
+        let spec = build_spec(&args).expect("spec");
+        let w = spec.schedule.expect("window");
+        assert_eq!((w.start_minute_utc, w.end_minute_utc, w.weekdays), (1350, 120, vec![5, 6]));
+        assert!(spec.prestage);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("spec.toml");
+        let file = "bundle = \"acme/qwen:v2\"\nwindow = \"01:00-05:00\"\nwindow_days = [\"mon\"]\nprestage = true\n";
+        std::fs::write(&path, file).expect("write");
+        let spec = build_spec(&CreateArgs { file: Some(path.clone()), ..Default::default() }).expect("spec");
+        let w = spec.schedule.expect("window");
+        assert_eq!((w.start_minute_utc, w.end_minute_utc, w.weekdays), (60, 300, vec![1]));
+        assert!(spec.prestage);
+
+        let bad = |window: &str, days: &[&str]| {
+            let args = CreateArgs {
+                bundle: Some("acme/qwen:v2".into()),
+                window: Some(window.into()),
+                window_days: days.iter().map(|d| d.to_string()).collect(),
+                ..Default::default()
+            };
+            format!("{:#}", build_spec(&args).expect_err("bad window"))
+        };
+        assert!(bad("1am-5am", &[]).contains("HH:MM-HH:MM"));
+        assert!(bad("01:00-01:00", &[]).contains("same minute"));
+        assert!(bad("01:00-05:00", &["mon", "funday"]).contains("\"funday\" is not a weekday"));
+        assert!(bad("01:00-05:00", &["mon", "monday"]).contains("twice"));
+        std::fs::write(&path, "bundle = \"acme/qwen:v2\"\nwindow_days = [\"mon\"]\n").expect("write");
+        let err = build_spec(&CreateArgs { file: Some(path), ..Default::default() }).expect_err("days without window");
+        assert!(format!("{err:#}").contains("needs a window"), "{err:#}");
     }
 }

@@ -31,12 +31,13 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// alkictl's way in: the token as a Basic password, anonymous without one.
+    /// The controller's token as a Basic password, as the embedded registry expects; anonymous without one.
     pub fn with_token(registry: String, repository: String, token: Option<String>, plain_http: bool) -> Remote {
-        let auth = match token {
-            Some(token) => RegistryAuth::Basic("alkictl".into(), token),
-            None => RegistryAuth::Anonymous,
-        };
+        Remote::new(registry, repository, super::push::token_auth(token), plain_http)
+    }
+
+    /// `auth` comes from [`super::Cli::registry_auth`].
+    pub fn new(registry: String, repository: String, auth: RegistryAuth, plain_http: bool) -> Remote {
         Remote { registry, repository, auth, plain_http }
     }
 

@@ -14,7 +14,8 @@ pub use hub::Hub;
 /// What the controller wants a device to run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Assignment {
-    pub bundle: proto::BundleRef,
+    /// None: serve nothing (a rollout returned a device that ran nothing before it).
+    pub bundle: Option<proto::BundleRef>,
     pub runtime: proto::RuntimeSettings,
     pub rollout_id: String,
     pub cohort: String,
@@ -60,7 +61,8 @@ impl Fleet {
         let ids: Vec<&str> = assignments.iter().map(|(id, _, _)| *id).collect();
         let sent = self.store.update_devices(&ids, |d, i| {
             let (_, assignment, force) = assignments[i];
-            let unchanged = d.desired.as_ref() == Some(&assignment.bundle)
+            let unchanged = d.desired == assignment.bundle
+                && d.desired_serve_nothing == assignment.bundle.is_none()
                 && d.desired_runtime.as_ref() == Some(&assignment.runtime)
                 && d.rollout_id == assignment.rollout_id
                 && d.cohort == assignment.cohort
@@ -69,7 +71,8 @@ impl Fleet {
                 return None;
             }
             d.desired_generation += 1;
-            d.desired = Some(assignment.bundle.clone());
+            d.desired = assignment.bundle.clone();
+            d.desired_serve_nothing = assignment.bundle.is_none();
             d.desired_runtime = Some(assignment.runtime);
             d.rollout_id = assignment.rollout_id.clone();
             d.cohort = assignment.cohort.clone();
@@ -117,17 +120,19 @@ impl Fleet {
     }
 }
 
-/// The complete desired state of a device record, if it has one.
+/// The complete desired state of a device record, if it has one: a bundle, or serving nothing.
 pub fn desired_state(d: &proto::Device) -> Option<proto::DesiredState> {
-    let bundle = d.desired.clone()?;
+    if d.desired.is_none() && !d.desired_serve_nothing {
+        return None;
+    }
     Some(proto::DesiredState {
         generation: d.desired_generation,
-        bundle: Some(bundle),
+        bundle: d.desired.clone(),
+        serve_nothing: d.desired_serve_nothing,
         runtime: d.desired_runtime,
         rollout_id: d.rollout_id.clone(),
         cohort: d.cohort.clone(),
         variant_digest: d.desired_variant.clone(),
-        ..Default::default()
     })
 }
 

@@ -8,11 +8,8 @@
 //!   [`proto::RolloutDevice`] record and stays in B until an abort or a halted class returns it.
 //! - **Baseline A.** When a device is first moved to B, its record keeps what it ran then (`running` and,
 //!   when its desired state named the same bundle, the runtime settings). Abort gives every B device a new
-//!   desired-state generation naming exactly that baseline, cohort "A".
-//!   A device that ran *nothing* has no A: the wire contract cannot say "serve nothing" (an agent treats a
-//!   desired state without a bundle as a failed activation), so such a device keeps the candidate after an
-//!   abort; its record says so (`reason`) and the abort event counts them. The agent serves its last good
-//!   bundle after a failed activation, so a device without A that failed B serves nothing either way.
+//!   desired-state generation naming exactly that baseline, cohort "A". A device that ran *nothing* before
+//!   (no `baseline`) is returned to nothing: its desired state says `serve_nothing` and names no bundle.
 //! - **Outcomes per device**, derived from facts on every pass (so they are idempotent): ACTIVE when the
 //!   device settled its B generation and serves B; FAILED when it settled it as FAILED (the reason is the
 //!   error code) or when it is not ACTIVE `device_deadline_seconds` after assignment ("deadline"); otherwise
@@ -38,6 +35,16 @@
 //!   pause, resume, promote (jump to the last step; inconclusive gates pass, failures still count), abort,
 //!   retry (failed B devices get a new generation and a fresh deadline).
 //! - `max_concurrent` bounds B devices converging at once; the rest wait their turn in bucket order.
+//! - **Schedule window** (`spec.schedule`, [`super::schedule`]): while it is closed the rollout does not
+//!   start, advance or move any new device to B (refills under `max_concurrent` and devices joining the
+//!   selector included); it says when the window opens (`window_opens_unix_ms`, message). Safety acts at any
+//!   time: gates still fail classes and abort, devices return to A, and a rollout whose last step has
+//!   settled completes (that moves no device). An operator's `promote` is explicit and ignores the window.
+//! - **Pre-staging** (`spec.prestage`): while the rollout is active, every selected device that is connected,
+//!   does not run or report the candidate staged, and was not already told, gets a Prestage command
+//!   ([`Plan::prestage`]), once per rollout; a device that reports a failure (or does not answer within
+//!   [`PRESTAGE_ANSWER_MS`]) is told again after a backoff, at most [`PRESTAGE_MAX_ATTEMPTS`] times. The
+//!   window does not apply: staging downloads, it does not change what a device serves.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -47,6 +54,7 @@ use alki_shared::proto::{
 };
 use sha2::{Digest as _, Sha256};
 
+use super::schedule::Window;
 use crate::fleet::selects;
 use crate::insight::compare::{self, Measurements, PerfVerdict};
 
@@ -56,6 +64,12 @@ pub const COHORT_CANDIDATE: &str = "B";
 pub const COHORT_BASELINE: &str = "A";
 /// The label that overrides a device's inventory hardware class.
 pub const CLASS_LABEL: &str = "class";
+/// Prestage commands sent to one device per rollout, retries after failures included.
+pub const PRESTAGE_MAX_ATTEMPTS: u32 = 4;
+/// Wait before telling a device again after its failed staging: this, doubled per attempt.
+pub const PRESTAGE_BACKOFF_MS: i64 = 30_000;
+/// A Prestage command unanswered this long counts as failed (the device may have restarted mid-download).
+pub const PRESTAGE_ANSWER_MS: i64 = 30 * 60_000;
 
 /// Where a device falls in a rollout, in basis points (0..10_000): stable for a (rollout, device)
 /// pair, so a device's cohort survives restarts and a device in B stays in B as the percentage grows.
@@ -97,8 +111,19 @@ pub struct Facts<'a> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Revert {
     pub device_id: String,
-    pub bundle: proto::BundleRef,
+    /// None: the device ran nothing before the rollout and must serve nothing again.
+    pub bundle: Option<proto::BundleRef>,
     pub runtime: proto::RuntimeSettings,
+}
+
+/// A Prestage command to send: the reconciler records it on the device when it is delivered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrestageOrder {
+    pub device_id: String,
+    /// The device's hardware class (the variant policy picks a variant per class).
+    pub class: String,
+    /// The attempt this is (1 for the first).
+    pub attempt: u32,
 }
 
 /// What the reconciler should persist and apply for one rollout now.
@@ -115,6 +140,9 @@ pub struct Plan {
     pub to_baseline: Vec<Revert>,
     /// Failed devices to give a new generation of the candidate (operator retry).
     pub retry: Vec<String>,
+    /// Devices to send a Prestage command for the candidate (not persisted in the plan: the device record
+    /// keeps what was sent, so this is recomputed, idempotently, from facts on every pass).
+    pub prestage: Vec<PrestageOrder>,
 }
 
 impl Plan {
@@ -126,6 +154,7 @@ impl Plan {
             to_candidate: Vec::new(),
             to_baseline: Vec::new(),
             retry: Vec::new(),
+            prestage: Vec::new(),
         }
     }
 
@@ -156,6 +185,7 @@ impl Plan {
             && self.to_candidate.is_empty()
             && self.to_baseline.is_empty()
             && self.retry.is_empty()
+            && self.prestage.is_empty()
             && self.rollout == *before)
     }
 }
@@ -201,38 +231,71 @@ fn outcome_of(record: &proto::RolloutDevice) -> DeviceOutcome {
     DeviceOutcome::try_from(record.outcome).unwrap_or(DeviceOutcome::Unspecified)
 }
 
-/// Returns every B device still in B to its baseline; records of devices without one say why they keep B.
+/// Returns every B device still in B to its baseline (serving nothing when it ran nothing before).
+/// Returns how many, and how many of them go back to serving nothing.
 fn revert(plan: &mut Plan, records: &mut BTreeMap<String, proto::RolloutDevice>, class: Option<&str>) -> (u32, u32) {
-    let (mut reverted, mut kept) = (0, 0);
+    let (mut reverted, mut to_nothing) = (0, 0);
     for record in records.values_mut() {
         if outcome_of(record) == DeviceOutcome::Reverted || class.is_some_and(|c| c != record.class) {
             continue;
         }
-        match &record.baseline {
-            Some(baseline) => {
-                record.outcome = DeviceOutcome::Reverted as i32;
-                plan.to_baseline.push(Revert {
-                    device_id: record.device_id.clone(),
-                    bundle: baseline.clone(),
-                    runtime: record.baseline_runtime.unwrap_or_default(),
-                });
-                reverted += 1;
-            }
-            None => {
-                if !record.reason.starts_with("no baseline") {
-                    record.reason = "no baseline: the device ran nothing before, so it keeps the candidate".into();
-                }
-                kept += 1;
-            }
+        record.outcome = DeviceOutcome::Reverted as i32;
+        plan.to_baseline.push(revert_of(record));
+        reverted += 1;
+        if record.baseline.is_none() {
+            to_nothing += 1;
         }
         plan.records.push(record.clone());
     }
-    (reverted, kept)
+    (reverted, to_nothing)
+}
+
+fn revert_of(record: &proto::RolloutDevice) -> Revert {
+    Revert {
+        device_id: record.device_id.clone(),
+        bundle: record.baseline.clone(),
+        runtime: record.baseline_runtime.unwrap_or_default(),
+    }
+}
+
+/// "12 devices return to A" and, when some ran nothing before, how many of them serve nothing again.
+fn returned(reverted: u32, to_nothing: u32) -> String {
+    if to_nothing == 0 {
+        format!("{reverted} devices return to A")
+    } else {
+        format!("{reverted} devices return to A ({to_nothing} of them to serving nothing, as before)")
+    }
 }
 
 /// Decides the next plan for a rollout. Idempotent: deciding again on the facts after applying a plan
 /// changes nothing until time passes or facts change.
 pub fn decide(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
+    let mut plan = decide_steps(rollout, facts, now);
+    if is_active(plan.state()) && rollout.spec.as_ref().is_some_and(|s| s.prestage) {
+        plan_prestage(&mut plan, facts, now);
+    }
+    plan
+}
+
+/// The schedule window of a rollout, if it has a valid one (specs are validated at creation).
+fn window_of(rollout: &proto::Rollout) -> Option<Window> {
+    rollout.spec.as_ref()?.schedule.as_ref().and_then(|w| Window::new(w).ok())
+}
+
+/// "outside the schedule window 01:00-05:00 UTC; opens 2026-11-24T01:00:00Z".
+fn closed_message(window: &Window, opens: i64) -> String {
+    format!("outside the schedule window {}; opens {}", window.describe(), rfc3339(opens))
+}
+
+fn rfc3339(unix_ms: i64) -> String {
+    u64::try_from(unix_ms)
+        .map(|ms| {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn decide_steps(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
     let mut plan = Plan::new(rollout);
     let mut records: BTreeMap<String, proto::RolloutDevice> =
         facts.records.iter().map(|r| (r.device_id.clone(), r.clone())).collect();
@@ -244,15 +307,8 @@ pub fn decide(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
     for record in records.values() {
         let Some(device) = devices.get(record.device_id.as_str()) else { continue };
         if outcome_of(record) == DeviceOutcome::Reverted {
-            if device.rollout_id == rollout.id
-                && device.cohort == COHORT_CANDIDATE
-                && let Some(baseline) = &record.baseline
-            {
-                plan.to_baseline.push(Revert {
-                    device_id: record.device_id.clone(),
-                    bundle: baseline.clone(),
-                    runtime: record.baseline_runtime.unwrap_or_default(),
-                });
+            if device.rollout_id == rollout.id && device.cohort == COHORT_CANDIDATE {
+                plan.to_baseline.push(revert_of(record));
             }
         } else if is_active(state) && !assigned_candidate(rollout, device) {
             plan.to_candidate.push(record.device_id.clone());
@@ -267,6 +323,16 @@ pub fn decide(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
         plan.event(now, "aborted", plan.rollout.message.clone(), "");
         return plan;
     };
+    // Closed window: no start, no advance, no new B device. An operator's promote overrides it.
+    let window = window_of(rollout).filter(|_| !rollout.promoted);
+    let closed = window.as_ref().filter(|w| !w.is_open(now));
+    plan.rollout.window_opens_unix_ms = closed.map(|w| w.next_opening(now)).unwrap_or(0);
+    if state == RolloutState::Pending
+        && let Some(w) = closed
+    {
+        plan.rollout.message = format!("waiting to start: {}", closed_message(w, plan.rollout.window_opens_unix_ms));
+        return plan;
+    }
     if state == RolloutState::Pending {
         plan.set_state(RolloutState::Progressing);
         plan.rollout.step_started_unix_ms = now;
@@ -333,7 +399,7 @@ pub fn decide(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
     let mut waiting_turn: HashMap<String, u32> = HashMap::new();
     for (_, device) in eligible {
         let class = hardware_class(device);
-        if paused || budget == 0 {
+        if paused || budget == 0 || closed.is_some() {
             *waiting_turn.entry(class).or_default() += 1;
             continue;
         }
@@ -416,13 +482,13 @@ pub fn decide(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
     if !failing.is_empty() && !paused {
         if halt_only {
             for class in &failing {
-                let (reverted, kept) = revert(&mut plan, &mut records, Some(class));
+                let (reverted, to_nothing) = revert(&mut plan, &mut records, Some(class));
                 plan.rollout.halted_classes.push(class.clone());
                 let reason = classes.get(class).map(|c| c.reason.clone()).unwrap_or_default();
                 plan.event(
                     now,
                     "class_halted",
-                    format!("class {class} halted ({reason}); {reverted} devices return to A, {kept} without A keep B"),
+                    format!("class {class} halted ({reason}); {}", returned(reverted, to_nothing)),
                     "",
                 );
                 if let Some(c) = classes.get_mut(class) {
@@ -434,16 +500,17 @@ pub fn decide(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
             .values()
             .all(|c| c.verdict == GateVerdict::Halted as i32 || c.verdict == GateVerdict::NotSampled as i32);
         if !halt_only || all_halted {
-            let (reverted, kept) = revert(&mut plan, &mut records, None);
+            let (reverted, to_nothing) = revert(&mut plan, &mut records, None);
             let why: Vec<String> = failing
                 .iter()
                 .map(|c| format!("{c}: {}", classes.get(c).map(|s| s.reason.as_str()).unwrap_or("")))
                 .collect();
             plan.set_state(RolloutState::Aborted);
             plan.rollout.message = format!(
-                "aborted at step {}: gates failed ({}); {reverted} devices return to A, {kept} without A keep B",
+                "aborted at step {}: gates failed ({}); {}",
                 plan.rollout.current_step + 1,
-                why.join("; ")
+                why.join("; "),
+                returned(reverted, to_nothing)
             );
             plan.event(now, "aborted", plan.rollout.message.clone(), "");
         }
@@ -489,6 +556,8 @@ pub fn decide(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
         plan.event(now, "held", plan.rollout.message.clone(), "");
     } else if !soaked {
         plan.rollout.message = format!("step {step_no}: soaking for {} s", step.min_soak_seconds);
+    } else if let Some(w) = closed.filter(|_| !last_step) {
+        plan.rollout.message = format!("step {step_no}: done; {}", closed_message(w, plan.rollout.window_opens_unix_ms));
     } else if last_step {
         plan.set_state(RolloutState::Completed);
         let active: u32 = plan.rollout.counts.map(|c| c.active).unwrap_or(0);
@@ -507,7 +576,88 @@ pub fn decide(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
         plan.rollout.message = format!("advanced to step {} ({percent}%)", step_no + 1);
         plan.event(now, "advanced", plan.rollout.message.clone(), "");
     }
+    if let Some(w) = closed
+        && plan.state() == RolloutState::Progressing
+        && !plan.rollout.message.contains("schedule window")
+    {
+        let note = closed_message(w, plan.rollout.window_opens_unix_ms);
+        plan.rollout.message = format!("{}; {note}", plan.rollout.message);
+    }
     plan
+}
+
+/// Which selected devices to tell to pre-stage the candidate now, and per class how many report it staged
+/// or failed to stage it. Idempotent: the device records keep what was sent and answered.
+fn plan_prestage(plan: &mut Plan, facts: &Facts<'_>, now: i64) {
+    let Some(spec) = plan.rollout.spec.as_ref() else { return };
+    let Some(candidate) = plan.rollout.candidate.as_ref().map(|c| c.digest.clone()) else { return };
+    let rollout_id = plan.rollout.id.clone();
+    let records: HashMap<&str, &proto::RolloutDevice> =
+        facts.records.iter().map(|r| (r.device_id.as_str(), r)).collect();
+    let halted: HashSet<&str> = plan.rollout.halted_classes.iter().map(String::as_str).collect();
+    let mut per_class: BTreeMap<String, (u32, u32, u32)> = BTreeMap::new();
+    let mut orders = Vec::new();
+    for device in facts.devices {
+        let record = records.get(device.id.as_str());
+        let member = record.is_some();
+        if !(member || selects(&spec.selector, &device.labels)) {
+            continue;
+        }
+        if !member && facts.other_active.contains(&device.rollout_id) {
+            continue;
+        }
+        let class = record.map(|r| r.class.clone()).unwrap_or_else(|| hardware_class(device));
+        // Returned to A, or in a halted class: the candidate is not coming to this device.
+        if halted.contains(class.as_str()) || record.is_some_and(|r| outcome_of(r) == DeviceOutcome::Reverted) {
+            continue;
+        }
+        let entry = per_class.entry(class.clone()).or_default();
+        entry.0 += 1;
+        let ours = device.prestage.as_ref().filter(|p| p.rollout_id == rollout_id);
+        let state = ours.map(|p| proto::PrestageState::try_from(p.state).unwrap_or_default());
+        let staged = device.staged.iter().any(|b| b.digest == candidate)
+            || state == Some(proto::PrestageState::Ready)
+            || device.running.as_ref().is_some_and(|b| b.digest == candidate);
+        if staged {
+            entry.1 += 1;
+            continue;
+        }
+        if state == Some(proto::PrestageState::Failed) {
+            entry.2 += 1;
+        }
+        if !device.connected {
+            continue;
+        }
+        let attempts = ours.map(|p| p.attempts).unwrap_or(0);
+        let since = now.saturating_sub(ours.map(|p| p.sent_unix_ms).unwrap_or(0));
+        let due = match state {
+            None | Some(proto::PrestageState::Unspecified) => true,
+            Some(proto::PrestageState::Ready) => false,
+            Some(proto::PrestageState::Sent) => since >= PRESTAGE_ANSWER_MS,
+            Some(proto::PrestageState::Failed) => {
+                since >= PRESTAGE_BACKOFF_MS.saturating_mul(1 << attempts.saturating_sub(1).min(10))
+            }
+        };
+        if due && attempts < PRESTAGE_MAX_ATTEMPTS {
+            orders.push(PrestageOrder { device_id: device.id.clone(), class, attempt: attempts + 1 });
+        }
+    }
+    plan.prestage = orders;
+    for (class, (selected, staged, failed)) in per_class {
+        let classes = &mut plan.rollout.classes;
+        let i = match classes.iter().position(|c| c.class == class) {
+            Some(i) => i,
+            None => {
+                let counts = RolloutCounts { selected, ..Default::default() };
+                classes.push(proto::ClassStatus { class, counts: Some(counts), ..Default::default() });
+                classes.len() - 1
+            }
+        };
+        let status = &mut classes[i];
+        status.staged = staged;
+        status.stage_failed = failed;
+    }
+    plan.rollout.classes.sort_by(|a, b| a.class.cmp(&b.class));
 }
 
 fn finish_counts(plan: &mut Plan, classes: &BTreeMap<String, proto::ClassStatus>) {
@@ -702,10 +852,10 @@ pub fn command(
             }
             let mut map: BTreeMap<String, proto::RolloutDevice> =
                 records.iter().map(|r| (r.device_id.clone(), r.clone())).collect();
-            let (reverted, kept) = revert(&mut plan, &mut map, None);
+            let (reverted, to_nothing) = revert(&mut plan, &mut map, None);
             plan.set_state(RolloutState::Aborted);
             plan.rollout.message =
-                format!("aborted by an operator{by}; {reverted} devices return to A, {kept} without A keep B");
+                format!("aborted by an operator{by}; {}", returned(reverted, to_nothing));
         }
         Verb::Retry => {
             if !is_active(state) {

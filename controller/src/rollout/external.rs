@@ -30,12 +30,12 @@ pub fn split<'a>(registries: &'a [ExternalRegistry], repository: &'a str) -> Opt
 
 /// Resolves `reference` (a tag or a digest) in `repository` of `registry` to a digest, checks the bytes
 /// against it and that the manifest is a bundle (an index with variants, or a manifest with GGUF layers),
-/// and returns the bundle reference agents are given.
+/// and returns the bundle reference agents are given with what ListBundles shows of it.
 pub async fn pin(
     registry: &ExternalRegistry,
     repository: &str,
     reference: &str,
-) -> Result<proto::BundleRef, CreateError> {
+) -> Result<(proto::BundleRef, proto::Bundle), CreateError> {
     let not_found = || CreateError::BundleNotFound {
         repository: format!("{}/{repository}", registry.host),
         reference: reference.to_owned(),
@@ -103,18 +103,32 @@ pub async fn pin(
             registry.host
         ))
     };
-    match Manifest::parse(&bytes, None).map_err(|e| not_bundle(&e.to_string()))? {
-        Manifest::Index(index) if variants(&index).is_empty() => return Err(not_bundle("its index lists no variants")),
-        Manifest::Image(m) if weight_layers(&m).is_empty() => return Err(not_bundle("it has no GGUF weight layer")),
+    let manifest = Manifest::parse(&bytes, None).map_err(|e| not_bundle(&e.to_string()))?;
+    match &manifest {
+        Manifest::Index(index) if variants(index).is_empty() => return Err(not_bundle("its index lists no variants")),
+        Manifest::Image(m) if weight_layers(m).is_empty() => return Err(not_bundle("it has no GGUF weight layer")),
         _ => {}
     }
     let tag = if expected.is_some() { String::new() } else { reference.to_owned() };
-    Ok(proto::BundleRef {
+    let (variants, total_size) = crate::api::fleet::summarize(&manifest).unwrap_or_default();
+    let listed = proto::Bundle {
+        registry: registry.host.clone(),
+        repository: repository.to_owned(),
+        digest: digest.to_string(),
+        tags: if tag.is_empty() { Vec::new() } else { vec![tag.clone()] },
+        media_type: manifest.media_type().to_owned(),
+        total_size,
+        pushed_unix_ms: crate::now_unix_ms(),
+        variants,
+        signatures: Vec::new(),
+    };
+    let pinned = proto::BundleRef {
         registry: registry.host.clone(),
         repository: repository.to_owned(),
         digest: digest.to_string(),
         tag,
-    })
+    };
+    Ok((pinned, listed))
 }
 
 #[cfg(test)]

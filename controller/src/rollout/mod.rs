@@ -2,13 +2,14 @@
 
 pub mod engine;
 pub mod external;
+pub mod schedule;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use alki_shared::ids::RolloutId;
-use alki_shared::proto::{self, RolloutState, VariantPolicy};
+use alki_shared::proto::{self, RolloutState, VariantPolicy, controller_message};
 
 use crate::fleet::{Assignment, Fleet, selects};
 use crate::insight::compare::Measurements;
@@ -81,8 +82,10 @@ pub async fn create_any(
     };
     let (external, repository) = (external.clone(), repository.to_owned());
     check_spec(&mut spec)?;
-    let candidate = external::pin(&external, &repository, &spec.candidate).await?;
-    create_pinned(fleet, spec, candidate, now_unix_ms)
+    let (candidate, listed) = external::pin(&external, &repository, &spec.candidate).await?;
+    let created = create_pinned(fleet, spec, candidate, now_unix_ms)?;
+    fleet.store.record_external_bundle(listed)?;
+    Ok(created)
 }
 
 fn check_spec(spec: &mut proto::RolloutSpec) -> Result<(), CreateError> {
@@ -142,9 +145,9 @@ fn create_pinned(
 
 /// Expands an exponential ramp into steps, fills defaults and checks every field, naming the one at fault.
 pub fn normalize_spec(spec: &mut proto::RolloutSpec) -> Result<(), String> {
-    // Refused rather than ignored: an operator who asks for a window must not get a rollout that ignores it.
-    if spec.schedule.is_some() {
-        return Err("schedule windows are not enforced yet; remove `schedule` from the spec".into());
+    if let Some(window) = &mut spec.schedule {
+        schedule::Window::new(window).map_err(|e| e.to_string())?;
+        window.weekdays.sort_unstable();
     }
     if let Some(ramp) = spec.ramp {
         if !spec.steps.is_empty() {
@@ -246,7 +249,7 @@ fn reconcile_once_with(fleet: &Fleet, now: i64, include_finished: bool) -> Resul
     if considered.is_empty() {
         return Ok(());
     }
-    let mut devices = fleet.store.devices()?;
+    let mut devices = load_devices(fleet)?;
     // Measurements are read only when a rollout's performance gates need them.
     let measurements = if considered.iter().any(needs_measurements) {
         Measurements::from_records(&fleet.store.perf_records()?)
@@ -279,10 +282,19 @@ fn reconcile_once_with(fleet: &Fleet, now: i64, include_finished: bool) -> Resul
             if !moved || !is_active(&rollout) {
                 break;
             }
-            devices = fleet.store.devices()?;
+            devices = load_devices(fleet)?;
         }
     }
     Ok(())
+}
+
+/// Device records with `connected` filled from the live sessions (pre-staging only asks connected devices).
+fn load_devices(fleet: &Fleet) -> Result<Vec<proto::Device>, StoreError> {
+    let mut devices = fleet.store.devices()?;
+    for d in &mut devices {
+        d.connected = fleet.hub.is_connected(&d.id);
+    }
+    Ok(devices)
 }
 
 fn needs_measurements(r: &proto::Rollout) -> bool {
@@ -319,19 +331,31 @@ fn apply(fleet: &Fleet, before: &proto::Rollout, plan: &engine::Plan, now: i64) 
         );
     }
     let Some(candidate) = &rollout.candidate else { return Ok(()) };
+    if !plan.prestage.is_empty() {
+        send_prestage(fleet, &rollout, candidate, &plan.prestage, now)?;
+    }
     let to_b = Assignment {
-        bundle: candidate.clone(),
+        bundle: Some(candidate.clone()),
         runtime: rollout.spec.as_ref().and_then(|s| s.runtime).unwrap_or_default(),
         rollout_id: rollout.id.clone(),
         cohort: engine::COHORT_CANDIDATE.into(),
         variant_digest: String::new(),
     };
-    let per_class = if plan.to_candidate.is_empty() && plan.retry.is_empty() {
+    let per_device: HashMap<String, Assignment> = if plan.to_candidate.is_empty() && plan.retry.is_empty() {
         HashMap::new()
     } else {
-        recommended_variants(fleet, &rollout, &to_b)?
+        let by_class = recommended_variants(fleet, &rollout)?;
+        fleet
+            .store
+            .rollout_devices(&rollout.id)?
+            .into_iter()
+            .filter_map(|r| {
+                let variant = by_class.get(&r.class)?;
+                Some((r.device_id, Assignment { variant_digest: variant.clone(), ..to_b.clone() }))
+            })
+            .collect()
     };
-    let to_b_of = |id: &str| per_class.get(id).unwrap_or(&to_b);
+    let to_b_of = |id: &str| per_device.get(id).unwrap_or(&to_b);
     let to_a: Vec<Assignment> = plan
         .to_baseline
         .iter()
@@ -359,39 +383,79 @@ fn apply(fleet: &Fleet, before: &proto::Rollout, plan: &engine::Plan, now: i64) 
     Ok(())
 }
 
-/// Under the "recommended per class" variant policy, the candidate assignment of each device of the
-/// rollout whose class has a calibrated recommendation (device id → assignment naming the variant).
-/// Classes without calibration data keep the device's own choice.
-fn recommended_variants(
-    fleet: &Fleet,
-    rollout: &proto::Rollout,
-    to_b: &Assignment,
-) -> Result<HashMap<String, Assignment>, StoreError> {
+/// Under the "recommended per class" variant policy, the candidate's variant per hardware class that has a
+/// calibrated recommendation (class → variant digest). Classes without calibration data keep the device's
+/// own choice; other policies give an empty map.
+fn recommended_variants(fleet: &Fleet, rollout: &proto::Rollout) -> Result<HashMap<String, String>, StoreError> {
     let Some(spec) = rollout.spec.as_ref().filter(|s| s.variant_policy == VariantPolicy::RecommendedPerClass as i32)
     else {
         return Ok(HashMap::new());
     };
-    let filter = BenchmarkFilter { bundle_digest: to_b.bundle.digest.clone(), ..Default::default() };
+    let digest = rollout.candidate.as_ref().map(|c| c.digest.clone()).unwrap_or_default();
+    let filter = BenchmarkFilter { bundle_digest: digest.clone(), ..Default::default() };
     let results = fleet.store.benchmarks(&filter, usize::MAX)?;
-    let by_class: HashMap<String, String> =
-        match crate::insight::recommend::recommend(&to_b.bundle.digest, &results, &spec.variant_min_quantization) {
-            Ok(recs) => {
-                recs.into_iter().filter(|r| !r.variant_digest.is_empty()).map(|r| (r.class, r.variant_digest)).collect()
-            }
-            Err(error) => {
-                tracing::warn!(%error, "No variant recommendation; devices choose their own variant.");
-                HashMap::new()
-            }
-        };
-    Ok(fleet
-        .store
-        .rollout_devices(&rollout.id)?
-        .into_iter()
-        .filter_map(|r| {
-            let variant = by_class.get(&r.class)?;
-            Some((r.device_id, Assignment { variant_digest: variant.clone(), ..to_b.clone() }))
+    Ok(match crate::insight::recommend::recommend(&digest, &results, &spec.variant_min_quantization) {
+        Ok(recs) => {
+            recs.into_iter().filter(|r| !r.variant_digest.is_empty()).map(|r| (r.class, r.variant_digest)).collect()
+        }
+        Err(error) => {
+            tracing::warn!(%error, "No variant recommendation; devices choose their own variant.");
+            HashMap::new()
+        }
+    })
+}
+
+/// Sends the plan's Prestage commands over the devices' sessions (the path benchmark commands take). Each
+/// is recorded on its device (SENT, the attempt, when) before it leaves, so an answer arriving at once finds
+/// it; a command that could not be delivered (the session just ended) is taken back and goes out on a
+/// later pass once the device is connected again.
+fn send_prestage(
+    fleet: &Fleet,
+    rollout: &proto::Rollout,
+    candidate: &proto::BundleRef,
+    orders: &[engine::PrestageOrder],
+    now: i64,
+) -> Result<(), StoreError> {
+    let variants = recommended_variants(fleet, rollout)?;
+    let commands: Vec<(proto::Command, proto::DevicePrestage)> = orders
+        .iter()
+        .map(|order| {
+            let variant_digest = variants.get(&order.class).cloned().unwrap_or_default();
+            let command_id = format!("prestage-{}", uuid::Uuid::new_v4().simple());
+            let prestage = proto::Prestage { bundle: Some(candidate.clone()), variant_digest: variant_digest.clone() };
+            let command =
+                proto::Command { id: command_id.clone(), kind: Some(proto::command::Kind::Prestage(prestage)) };
+            let record = proto::DevicePrestage {
+                rollout_id: rollout.id.clone(),
+                bundle: Some(candidate.clone()),
+                variant_digest,
+                command_id,
+                state: proto::PrestageState::Sent as i32,
+                attempts: order.attempt,
+                sent_unix_ms: now,
+                error: None,
+                bytes_downloaded: 0,
+            };
+            (command, record)
         })
-        .collect())
+        .collect();
+    let ids: Vec<&str> = orders.iter().map(|o| o.device_id.as_str()).collect();
+    let previous = fleet.store.update_devices(&ids, |d, i| std::mem::replace(&mut d.prestage, Some(commands[i].1.clone())))?;
+    let mut undelivered: Vec<(&str, Option<proto::DevicePrestage>)> = Vec::new();
+    for ((id, (command, _)), previous) in ids.iter().zip(commands).zip(previous) {
+        let attempt = orders.iter().find(|o| o.device_id == *id).map(|o| o.attempt).unwrap_or(0);
+        let command_id = command.id.clone();
+        let delivered = fleet.hub.send(id, controller_message::Msg::Command(command));
+        tracing::info!(device_id = %id, command_id, attempt, delivered, "Sent a prestage command.");
+        if !delivered {
+            undelivered.push((id, previous));
+        }
+    }
+    if !undelivered.is_empty() {
+        let ids: Vec<&str> = undelivered.iter().map(|(id, _)| *id).collect();
+        fleet.store.update_devices(&ids, |d, i| d.prestage = undelivered[i].1.clone())?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -428,12 +492,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_schedule_window_is_refused_until_it_is_enforced() {
-        let mut spec = proto::RolloutSpec {
-            schedule: Some(proto::ScheduleWindow { start_minute_utc: 60, end_minute_utc: 300, weekdays: vec![] }),
+    fn a_schedule_window_is_validated_and_its_weekdays_sorted() {
+        let window = |start, end, weekdays: &[u32]| proto::RolloutSpec {
+            schedule: Some(proto::ScheduleWindow {
+                start_minute_utc: start,
+                end_minute_utc: end,
+                weekdays: weekdays.to_vec(),
+            }),
             ..Default::default()
         };
-        assert!(normalize_spec(&mut spec).expect_err("schedule").contains("not enforced yet"));
+        let mut spec = window(22 * 60, 120, &[5, 1]);
+        normalize_spec(&mut spec).expect("a window spanning midnight");
+        assert_eq!(spec.schedule.map(|w| w.weekdays), Some(vec![1, 5]));
+        assert!(normalize_spec(&mut window(60, 60, &[])).expect_err("empty").contains("same minute"));
+        assert!(normalize_spec(&mut window(60, 1440, &[])).expect_err("minute").contains("end_minute_utc 1440"));
+        assert!(normalize_spec(&mut window(60, 120, &[9])).expect_err("weekday").contains("9"));
+        assert!(normalize_spec(&mut window(60, 120, &[2, 2])).expect_err("twice").contains("twice"));
     }
 
     #[test]

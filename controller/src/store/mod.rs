@@ -27,6 +27,8 @@ const TOKENS: Table = TableDefinition::new("tokens");
 const ROLLOUT_DEVICES: Table = TableDefinition::new("rollout_devices");
 /// Rollout events, keyed `<rollout id>/<seq, 20 digits>` so a range scan reads them in order.
 const EVENTS: Table = TableDefinition::new("events");
+/// Bundles of external registries pinned for rollouts (key `host/repository@digest`), for ListBundles.
+const EXTERNAL_BUNDLES: Table = TableDefinition::new("external_bundles");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -72,7 +74,9 @@ impl Store {
         std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Database(redb::StorageError::Io(e).into()))?;
         let db = Database::create(data_dir.join("controller.redb"))?;
         let txn = db.begin_write()?;
-        for table in [DEVICES, ROLLOUTS, TOKENS, ROLLOUT_DEVICES, EVENTS].into_iter().chain(telemetry::TABLES) {
+        for table in
+            [DEVICES, ROLLOUTS, TOKENS, ROLLOUT_DEVICES, EVENTS, EXTERNAL_BUNDLES].into_iter().chain(telemetry::TABLES)
+        {
             txn.open_table(table)?;
         }
         identity::create_tables(&txn)?;
@@ -210,6 +214,27 @@ impl Store {
         }
         txn.commit()?;
         Ok(out)
+    }
+
+    /// Records a bundle of an external registry, keeping the time it was first recorded and every tag seen.
+    pub fn record_external_bundle(&self, bundle: proto::Bundle) -> Result<(), StoreError> {
+        let key = format!("{}/{}@{}", bundle.registry, bundle.repository, bundle.digest);
+        self.update(EXTERNAL_BUNDLES, &key, true, |current: Option<proto::Bundle>| {
+            let mut next = bundle;
+            if let Some(known) = current {
+                next.pushed_unix_ms = known.pushed_unix_ms;
+                for tag in known.tags {
+                    if !next.tags.contains(&tag) {
+                        next.tags.push(tag);
+                    }
+                }
+            }
+            (Some(next), ())
+        })
+    }
+
+    pub fn external_bundles(&self) -> Result<Vec<proto::Bundle>, StoreError> {
+        self.list(EXTERNAL_BUNDLES)
     }
 
     pub fn rollout(&self, id: &str) -> Result<Option<proto::Rollout>, StoreError> {

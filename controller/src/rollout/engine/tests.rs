@@ -36,6 +36,7 @@ fn device(id: &str, site: &str, class: &str) -> proto::Device {
         desired_generation: 1,
         applied_generation: 1,
         phase: Phase::Active as i32,
+        connected: true,
         ..Default::default()
     }
 }
@@ -54,6 +55,10 @@ struct Sim {
     /// measurement of B at once: its A value times its class's factor.
     measurements: Measurements,
     b_speed: HashMap<String, f64>,
+    /// Devices whose pre-staging fails (the others answer ready at once).
+    stage_failing: HashSet<String>,
+    /// Every Prestage command sent, as (device, attempt, now).
+    prestaged: Vec<(String, u32, i64)>,
 }
 
 impl Sim {
@@ -67,10 +72,30 @@ impl Sim {
             offline: HashSet::new(),
             measurements: Measurements::default(),
             b_speed: HashMap::new(),
+            stage_failing: HashSet::new(),
+            prestaged: Vec::new(),
         }
     }
 
     fn apply(&mut self, plan: Plan) {
+        self.apply_at(plan, 0);
+    }
+
+    fn apply_at(&mut self, plan: Plan, now: i64) {
+        for order in &plan.prestage {
+            self.prestaged.push((order.device_id.clone(), order.attempt, now));
+            let Some(d) = self.devices.iter_mut().find(|d| d.id == order.device_id) else { continue };
+            let state =
+                if self.stage_failing.contains(&d.id) { proto::PrestageState::Failed } else { proto::PrestageState::Ready };
+            d.prestage = Some(proto::DevicePrestage {
+                rollout_id: plan.rollout.id.clone(),
+                bundle: plan.rollout.candidate.clone(),
+                state: state as i32,
+                attempts: order.attempt,
+                sent_unix_ms: now,
+                ..Default::default()
+            });
+        }
         for r in &plan.records {
             match self.records.iter_mut().find(|x| x.device_id == r.device_id) {
                 Some(x) => *x = r.clone(),
@@ -91,7 +116,8 @@ impl Sim {
             } else if let Some(r) = to_a {
                 d.rollout_id = id.clone();
                 d.cohort = COHORT_BASELINE.into();
-                d.desired = Some(r.bundle.clone());
+                d.desired = r.bundle.clone();
+                d.desired_serve_nothing = r.bundle.is_none();
                 d.desired_runtime = Some(r.runtime);
                 d.desired_generation += 1;
             } else {
@@ -133,7 +159,7 @@ impl Sim {
             measurements: &self.measurements,
         };
         let plan = decide(&self.rollout, &facts, now);
-        self.apply(plan.clone());
+        self.apply_at(plan.clone(), now);
         plan
     }
 
@@ -397,19 +423,34 @@ fn retry_gives_failed_devices_a_new_generation() {
 }
 
 #[test]
-fn devices_without_a_baseline_keep_b_on_abort_and_say_why() {
+fn devices_that_served_nothing_go_back_to_serving_nothing_on_abort() {
     let mut devices = fleet(4, &["pi5"]);
-    devices[0].running = None;
-    devices[0].desired = None;
+    for d in &mut devices[..2] {
+        d.running = None;
+        d.desired = None;
+        d.desired_runtime = None;
+    }
     let mut sim = Sim::new(rollout(&[(100, 0)]), devices);
     sim.offline.insert("d0000".into());
     sim.step(0);
+    assert!(sim.devices[1].running.is_some(), "d0001 runs B");
     let plan = command(&sim.rollout, &sim.records, Verb::Abort, "bad", 1).expect("abort");
-    assert_eq!(plan.to_baseline.len(), 3);
+    assert_eq!(plan.to_baseline.len(), 4, "every B device returns, with or without a bundle before");
+    let nothing: Vec<&str> =
+        plan.to_baseline.iter().filter(|r| r.bundle.is_none()).map(|r| r.device_id.as_str()).collect();
+    assert_eq!(nothing, ["d0000", "d0001"]);
     sim.apply(plan);
-    let rec = sim.records.iter().find(|r| r.device_id == "d0000").expect("record");
-    assert!(rec.reason.starts_with("no baseline"), "{}", rec.reason);
-    assert!(sim.rollout.message.contains("1 without A keep B"), "{}", sim.rollout.message);
+    assert!(sim.rollout.message.contains("4 devices return to A (2 of them to serving nothing"), "{}", sim.rollout.message);
+    assert!(sim.devices[1].running.is_none() && sim.devices[1].desired_serve_nothing, "d0001 serves nothing");
+    assert_eq!(sim.devices[2].running.as_ref().map(|b| b.digest.as_str()), Some("sha256:aa"));
+    // The offline one still has B desired in this simulation until it is enforced again: a later pass on
+    // the facts repeats nothing for devices already moved, and everything for a device still in B.
+    sim.devices[0].cohort = COHORT_CANDIDATE.into();
+    let other = HashSet::new();
+    let facts =
+        Facts { devices: &sim.devices, records: &sim.records, other_active: &other, measurements: &sim.measurements };
+    let again = decide(&sim.rollout, &facts, 2);
+    assert_eq!(again.to_baseline.iter().map(|r| (r.device_id.as_str(), r.bundle.is_none())).collect::<Vec<_>>(), [("d0000", true)]);
 }
 
 #[test]
@@ -572,4 +613,243 @@ fn performance_gates_wait_for_measurements_and_hold_when_a_is_unmeasured() {
     assert_eq!(sim.state(), RolloutState::Paused, "{}", sim.rollout.message);
     assert!(sim.rollout.message.contains("inconclusive"), "{}", sim.rollout.message);
     assert!(sim.rollout.message.contains("not measured on enough devices"), "{}", sim.rollout.message);
+}
+
+const MINUTE: i64 = 60_000;
+const HOUR: i64 = 60 * MINUTE;
+const DAY: i64 = 24 * HOUR;
+/// Monday 2026-11-23 00:00 UTC.
+const MONDAY: i64 = 20_780 * DAY;
+
+fn windowed(steps: &[(u32, u32)], start: u32, end: u32, weekdays: &[u32]) -> proto::Rollout {
+    let mut r = rollout(steps);
+    if let Some(spec) = r.spec.as_mut() {
+        spec.schedule =
+            Some(proto::ScheduleWindow { start_minute_utc: start, end_minute_utc: end, weekdays: weekdays.into() });
+    }
+    r
+}
+
+fn window_of_test(r: &proto::Rollout) -> Window {
+    Window::new(r.spec.as_ref().and_then(|s| s.schedule.as_ref()).expect("window")).expect("valid")
+}
+
+#[test]
+fn a_closed_window_holds_the_start_and_says_when_it_opens() {
+    let mut sim = Sim::new(windowed(&[(100, 0)], 60, 300, &[]), fleet(10, &["pi5"]));
+    let plan = sim.step(MONDAY + 10 * MINUTE);
+    assert_eq!(sim.state(), RolloutState::Pending);
+    assert!(plan.to_candidate.is_empty() && plan.events.is_empty());
+    assert_eq!(sim.rollout.window_opens_unix_ms, MONDAY + HOUR);
+    assert!(
+        sim.rollout.message.contains("outside the schedule window 01:00-05:00 UTC; opens 2026-11-23T01:00:00Z"),
+        "{}",
+        sim.rollout.message
+    );
+    // Deciding again changes nothing until the window opens.
+    assert!(!sim.step(MONDAY + 20 * MINUTE).changes(&sim.rollout));
+    sim.step(MONDAY + HOUR);
+    assert_eq!(sim.rollout.window_opens_unix_ms, 0);
+    assert_eq!(sim.in_b().len(), 10);
+    sim.step(MONDAY + HOUR + MINUTE);
+    assert_eq!(sim.state(), RolloutState::Completed, "{}", sim.rollout.message);
+}
+
+#[test]
+fn steps_advance_only_inside_the_window_and_wait_overnight() {
+    // One hour a night; each step soaks 40 minutes: step 2 starts at 01:40 and advances the next night.
+    let r = windowed(&[(10, 2400), (50, 2400), (100, 0)], 60, 120, &[]);
+    let w = window_of_test(&r);
+    let mut sim = Sim::new(r, fleet(100, &["pi5", "orin"]));
+    let mut now = MONDAY;
+    let mut advanced_at = Vec::new();
+    while is_active(sim.state()) && now < MONDAY + 7 * DAY {
+        let plan = sim.step(now);
+        if !plan.to_candidate.is_empty() {
+            assert!(w.is_open(now), "devices moved to B at {now} outside the window");
+        }
+        for e in plan.events.iter().filter(|e| e.kind == "advanced" || e.kind == "started") {
+            assert!(w.is_open(e.unix_ms), "{} at {} outside the window", e.kind, e.unix_ms);
+            advanced_at.push(e.unix_ms);
+        }
+        if !w.is_open(now) && is_active(sim.state()) {
+            assert_eq!(sim.rollout.window_opens_unix_ms, w.next_opening(now));
+        }
+        now += 10 * MINUTE;
+    }
+    assert_eq!(sim.state(), RolloutState::Completed, "{}", sim.rollout.message);
+    assert_eq!(advanced_at, [MONDAY + HOUR, MONDAY + HOUR + 40 * MINUTE, MONDAY + DAY + HOUR]);
+}
+
+#[test]
+fn refills_and_joiners_wait_for_the_window_while_safety_acts_at_once() {
+    let mut r = windowed(&[(100, 0)], 60, 120, &[]);
+    if let Some(spec) = r.spec.as_mut() {
+        spec.max_concurrent = 4;
+        spec.gates = Some(proto::RolloutGates { max_failures: Some(0), ..Default::default() });
+    }
+    let mut sim = Sim::new(r, fleet(12, &["pi5"]));
+    // Inside the window: the first four; the devices converge at once and the next pass refills.
+    sim.offline.extend(["d0000", "d0001", "d0002", "d0003", "d0004", "d0005"].map(String::from));
+    sim.step(MONDAY + HOUR);
+    assert_eq!(sim.in_b().len(), 4);
+    // The window closes with four devices converging (offline): refills wait, and so does a joiner.
+    let closed = MONDAY + 3 * HOUR;
+    sim.devices.push(device("late", "lab", "pi5"));
+    let plan = sim.step(closed);
+    assert!(plan.to_candidate.is_empty(), "{:?}", plan.to_candidate);
+    assert!(sim.rollout.message.contains("outside the schedule window"), "{}", sim.rollout.message);
+    assert_eq!(sim.rollout.counts.map(|c| c.selected), Some(13));
+    // An operator's abort outside the window returns every B device at once.
+    let plan = command(&sim.rollout, &sim.records, Verb::Abort, "night is over", closed + MINUTE).expect("abort");
+    assert_eq!(plan.to_baseline.len(), 4);
+    assert_eq!(plan.rollout.state, RolloutState::Aborted as i32);
+}
+
+#[test]
+fn failing_gates_abort_outside_the_window_and_promote_ignores_it() {
+    // Deadline failures found after the window closed abort at once.
+    let mut r = windowed(&[(50, 0), (100, 0)], 60, 120, &[]);
+    if let Some(spec) = r.spec.as_mut() {
+        spec.device_deadline_seconds = 3600;
+        spec.gates = Some(proto::RolloutGates { max_failures: Some(0), ..Default::default() });
+    }
+    let mut sim = Sim::new(r.clone(), fleet(20, &["pi5"]));
+    sim.offline.extend(sim.devices.iter().map(|d| d.id.clone()));
+    sim.step(MONDAY + HOUR);
+    assert!(!sim.in_b().is_empty());
+    let plan = sim.step(MONDAY + 3 * HOUR);
+    assert_eq!(sim.state(), RolloutState::Aborted, "{}", sim.rollout.message);
+    assert_eq!(plan.to_baseline.len(), sim.records.len());
+
+    // Promote outside the window: every selected device goes to B on the next pass.
+    let mut sim = Sim::new(r, fleet(20, &["pi5"]));
+    sim.step(MONDAY + HOUR);
+    let first = sim.in_b().len();
+    assert!(first < 20);
+    let closed = MONDAY + 12 * HOUR;
+    sim.step(closed);
+    assert_eq!(sim.in_b().len(), first, "nothing moves while closed");
+    let plan = command(&sim.rollout, &sim.records, Verb::Promote, "", closed).expect("promote");
+    sim.apply(plan);
+    sim.step(closed + MINUTE);
+    assert_eq!(sim.in_b().len(), 20);
+    assert_eq!(sim.rollout.window_opens_unix_ms, 0);
+    sim.step(closed + 2 * MINUTE);
+    assert_eq!(sim.state(), RolloutState::Completed, "{}", sim.rollout.message);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+    /// Whatever the window, soak, concurrency and failures: devices move to B and steps advance only while
+    /// the window is open, devices return to A whenever gates fail, and a rollout ends within a month
+    /// (three steps, each waiting at most a week for its window).
+    #[test]
+    fn nothing_moves_to_b_outside_the_window(
+        start in 0u32..1440, length in 60u32..600, days in proptest::collection::btree_set(0u32..7, 0..4),
+        soak in 0u32..3600, max_concurrent in prop_oneof![Just(0u32), 10u32..20], failing in 0usize..6,
+        n in 5usize..40,
+    ) {
+        let end = (start + length) % 1440;
+        let mut r = windowed(&[(10, soak), (50, soak), (100, soak)], start, end, &days.into_iter().collect::<Vec<_>>());
+        if let Some(spec) = r.spec.as_mut() {
+            spec.max_concurrent = max_concurrent;
+            spec.gates = Some(proto::RolloutGates { max_failures: Some(2), ..Default::default() });
+            spec.on_inconclusive = InconclusivePolicy::Advance as i32;
+        }
+        let w = window_of_test(&r);
+        let mut sim = Sim::new(r, fleet(n, &["pi5", "orin"]));
+        sim.failing.extend((0..failing).map(|i| format!("d{:04}", i * 7 % n)));
+        let mut now = MONDAY;
+        while is_active(sim.state()) && now < MONDAY + 30 * DAY {
+            let plan = sim.step(now);
+            let open = w.is_open(now);
+            prop_assert!(open || plan.to_candidate.is_empty(), "moved to B at {} while closed", now);
+            prop_assert!(open || !plan.events.iter().any(|e| e.kind == "advanced" || e.kind == "started"));
+            if plan.rollout.state == RolloutState::Aborted as i32 {
+                prop_assert!(sim.devices.iter().all(|d| d.cohort != COHORT_CANDIDATE), "abort returns all");
+            }
+            now += 10 * MINUTE;
+        }
+        prop_assert!(!is_active(sim.state()), "{}", sim.rollout.message);
+    }
+}
+
+fn prestaged(steps: &[(u32, u32)]) -> proto::Rollout {
+    let mut r = rollout(steps);
+    if let Some(spec) = r.spec.as_mut() {
+        spec.prestage = true;
+    }
+    r
+}
+
+#[test]
+fn prestage_tells_every_selected_connected_device_once() {
+    let mut devices = fleet(10, &["pi5", "orin"]);
+    devices.push(device("elsewhere", "other-site", "pi5"));
+    devices[3].connected = false;
+    // Already staged (reported in its Hello): not told again.
+    devices[4].staged = vec![bundle("sha256:bb")];
+    let mut sim = Sim::new(prestaged(&[(10, 3600), (100, 0)]), devices);
+    let plan = sim.step(0);
+    let mut told: Vec<&str> = plan.prestage.iter().map(|o| o.device_id.as_str()).collect();
+    told.sort();
+    assert_eq!(told, ["d0000", "d0001", "d0002", "d0005", "d0006", "d0007", "d0008", "d0009"]);
+    assert!(plan.prestage.iter().all(|o| o.attempt == 1));
+    // Answered ready: nothing more to send; the class counts say so.
+    let plan = sim.step(1_000);
+    assert!(plan.prestage.is_empty(), "{:?}", plan.prestage);
+    let staged: u32 = sim.rollout.classes.iter().map(|c| c.staged).sum();
+    assert_eq!(staged, 9, "{:?}", sim.rollout.classes);
+    // The offline device is told when it connects.
+    sim.devices[3].connected = true;
+    let plan = sim.step(2_000);
+    assert_eq!(plan.prestage.iter().map(|o| o.device_id.as_str()).collect::<Vec<_>>(), ["d0003"]);
+    // A device joining the selector mid-rollout is told too.
+    sim.devices[10].labels.insert("site".into(), "lab".into());
+    let plan = sim.step(3_000);
+    assert_eq!(plan.prestage.iter().map(|o| o.device_id.as_str()).collect::<Vec<_>>(), ["elsewhere"]);
+    assert!(sim.step(4_000).prestage.is_empty());
+    assert_eq!(sim.rollout.classes.iter().map(|c| c.staged).sum::<u32>(), 11);
+}
+
+#[test]
+fn a_failed_staging_is_retried_with_backoff_and_bounded() {
+    let mut sim = Sim::new(prestaged(&[(1, 36_000), (100, 0)]), fleet(3, &["pi5"]));
+    sim.stage_failing.insert("d0001".into());
+    let mut now = 0;
+    while now < 2 * 3600 * 1000 {
+        sim.step(now);
+        now += 1_000;
+    }
+    let attempts: Vec<(u32, i64)> =
+        sim.prestaged.iter().filter(|(id, _, _)| id == "d0001").map(|(_, a, t)| (*a, *t)).collect();
+    assert_eq!(attempts.len() as u32, PRESTAGE_MAX_ATTEMPTS, "{attempts:?}");
+    for pair in attempts.windows(2) {
+        let backoff = PRESTAGE_BACKOFF_MS << (pair[0].0 - 1);
+        assert!(pair[1].1 - pair[0].1 >= backoff, "{attempts:?}");
+        assert_eq!(pair[1].0, pair[0].0 + 1);
+    }
+    assert_eq!(sim.prestaged.iter().filter(|(id, _, _)| id != "d0001").count(), 2, "the others once each");
+    let class = &sim.rollout.classes[0];
+    assert_eq!((class.staged, class.stage_failed), (2, 1), "{class:?}");
+}
+
+#[test]
+fn prestage_runs_while_the_window_is_closed_and_not_without_the_flag() {
+    let mut r = windowed(&[(100, 0)], 60, 120, &[]);
+    if let Some(spec) = r.spec.as_mut() {
+        spec.prestage = true;
+    }
+    let mut sim = Sim::new(r, fleet(5, &["pi5"]));
+    let plan = sim.step(MONDAY + 12 * HOUR);
+    assert_eq!(sim.state(), RolloutState::Pending);
+    assert_eq!(plan.prestage.len(), 5, "staging downloads; it does not wait for the window");
+    assert!(plan.to_candidate.is_empty());
+    assert_eq!(sim.rollout.classes.first().map(|c| c.staged), Some(0), "counted on the next pass");
+    sim.step(MONDAY + 12 * HOUR + 1);
+    assert_eq!(sim.rollout.classes.first().map(|c| c.staged), Some(5));
+
+    let mut sim = Sim::new(rollout(&[(100, 0)]), fleet(5, &["pi5"]));
+    assert!(sim.step(0).prestage.is_empty());
 }
