@@ -347,11 +347,8 @@ impl Agent {
         let send = |status: proto::Status| AgentMessage { msg: Some(agent_message::Msg::Status(status)) };
         if desired.serve_nothing {
             // Stop serving: nothing to pull, nothing to start.
-            let idle = proto::Status {
-                generation: desired.generation,
-                phase: Phase::Idle as i32,
-                ..Default::default()
-            };
+            let idle =
+                proto::Status { generation: desired.generation, phase: Phase::Idle as i32, ..Default::default() };
             tx.send(send(idle)).await?;
             self.update(|v| {
                 v.applied_generation = v.applied_generation.max(desired.generation);

@@ -526,10 +526,9 @@ async fn a_candidate_thirty_percent_slower_on_one_class_fails_its_tokens_gate_th
 async fn devices_that_served_nothing_serve_nothing_again_after_an_abort() {
     // Even devices ran nothing before the rollout; odd ones ran A, and a tenth of those fail B.
     let s = scenario_with(60, |a| {
-        let mut devices =
-            sim::devices(60, &["pi5-8g", "x86-avx2"], Some(a), |i, _| {
-                if i % 10 == 3 { Behaviour::FailActivation } else { Behaviour::Success }
-            });
+        let mut devices = sim::devices(60, &["pi5-8g", "x86-avx2"], Some(a), |i, _| {
+            if i % 10 == 3 { Behaviour::FailActivation } else { Behaviour::Success }
+        });
         for d in devices.iter_mut().step_by(2) {
             d.running = None;
         }
@@ -588,23 +587,20 @@ async fn prestage_reaches_every_selected_device_once_while_step_one_runs() {
         })
         .await;
     // Devices that connect after the rollout started are told too.
-    let late: Vec<sim::SimDevice> = sim::devices(45, &["pi5-8g", "orin-nano"], Some(s.a.clone()), |_, _| {
-        Behaviour::Success
-    })
-    .into_iter()
-    .skip(40)
-    .map(|mut d| {
-        d.id = d.id.replace("sim-", "late-");
-        d
-    })
-    .collect();
+    let late: Vec<sim::SimDevice> =
+        sim::devices(45, &["pi5-8g", "orin-nano"], Some(s.a.clone()), |_, _| Behaviour::Success)
+            .into_iter()
+            .skip(40)
+            .map(|mut d| {
+                d.id = d.id.replace("sim-", "late-");
+                d
+            })
+            .collect();
     let late_ids: Vec<String> = late.iter().map(|d| d.id.clone()).collect();
     let late_fleet = SimFleet::start(s.config.clone(), late);
     let staged = s
         .controller
-        .wait_rollout(&r.id, "every selected device staged", |r| {
-            r.classes.iter().map(|c| c.staged).sum::<u32>() == 45
-        })
+        .wait_rollout(&r.id, "every selected device staged", |r| r.classes.iter().map(|c| c.staged).sum::<u32>() == 45)
         .await;
     assert_eq!(staged.current_step, 0, "staged while step 1 runs: {}", staged.message);
     assert_eq!(staged.classes.iter().map(|c| c.stage_failed).sum::<u32>(), 0);
@@ -629,7 +625,10 @@ async fn prestage_reaches_every_selected_device_once_while_step_one_runs() {
     assert_eq!(devices.len(), 45);
     for d in &devices {
         let p = d.prestage.as_ref().expect("a prestage record");
-        assert_eq!((p.state, p.attempts, p.rollout_id.as_str()), (proto::PrestageState::Ready as i32, 1, r.id.as_str()));
+        assert_eq!(
+            (p.state, p.attempts, p.rollout_id.as_str()),
+            (proto::PrestageState::Ready as i32, 1, r.id.as_str())
+        );
         assert!(d.staged.iter().any(|b| b.digest == s.b.digest));
     }
     late_fleet.stop().await;
@@ -640,15 +639,17 @@ async fn prestage_reaches_every_selected_device_once_while_step_one_runs() {
 async fn a_closed_schedule_window_holds_the_rollout_until_an_operator_promotes() {
     let s = scenario(20, &["pi5-8g"], |_, _| Behaviour::Success).await;
     // A window that opens two hours from now and lasts one: closed for the whole test.
-    let minute_now = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
-        / 60
+    let minute_now = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() / 60
         % 1440) as u32;
     let start = (minute_now + 120) % 1440;
     let r = s
         .create(&[(50, 0), (100, 0)], |spec| {
             gates(spec);
-            spec.schedule =
-                Some(proto::ScheduleWindow { start_minute_utc: start, end_minute_utc: (start + 60) % 1440, weekdays: vec![] });
+            spec.schedule = Some(proto::ScheduleWindow {
+                start_minute_utc: start,
+                end_minute_utc: (start + 60) % 1440,
+                weekdays: vec![],
+            });
         })
         .await;
     let waiting = s

@@ -258,7 +258,8 @@ fn record_prestage(
             let excess = d.staged.len().saturating_sub(MAX_STAGED);
             d.staged.drain(..excess);
         }
-        if let Some(p) = d.prestage.as_mut().filter(|p| !report.command_id.is_empty() && p.command_id == report.command_id)
+        if let Some(p) =
+            d.prestage.as_mut().filter(|p| !report.command_id.is_empty() && p.command_id == report.command_id)
         {
             p.state = if report.ready { PrestageState::Ready } else { PrestageState::Failed } as i32;
             p.error = if report.ready { None } else { report.error.clone() };

@@ -339,7 +339,8 @@ pub fn build_spec(args: &CreateArgs) -> anyhow::Result<proto::RolloutSpec> {
 
 /// `01:00-05:00` and weekday names into a checked wire window.
 fn schedule_window(window: &str, days: &[String]) -> anyhow::Result<proto::ScheduleWindow> {
-    let (start_minute_utc, end_minute_utc) = crate::rollout::schedule::parse_range(window).map_err(anyhow::Error::msg)?;
+    let (start_minute_utc, end_minute_utc) =
+        crate::rollout::schedule::parse_range(window).map_err(anyhow::Error::msg)?;
     let weekdays = days
         .iter()
         .map(|d| crate::rollout::schedule::parse_weekday(d))
@@ -675,18 +676,8 @@ fn status_text(s: &StatusView) -> String {
         let state = if r.window_opens.is_empty() { "open now".to_owned() } else { format!("opens {}", r.window_opens) };
         out.insert_str(out.len() - 1, &format!("window: {} ({state})\n", r.window));
     }
-    let mut header = vec![
-        "CLASS",
-        "VERDICT",
-        "SELECTED",
-        "B",
-        "ACTIVE",
-        "FAILED",
-        "PENDING",
-        "SUCCESS",
-        "B/A TOK/S",
-        "B/A TTFT",
-    ];
+    let mut header =
+        vec!["CLASS", "VERDICT", "SELECTED", "B", "ACTIVE", "FAILED", "PENDING", "SUCCESS", "B/A TOK/S", "B/A TTFT"];
     if r.prestage {
         header.extend(["STAGED", "STAGE FAILED"]);
     }

@@ -557,7 +557,8 @@ fn decide_steps(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
     } else if !soaked {
         plan.rollout.message = format!("step {step_no}: soaking for {} s", step.min_soak_seconds);
     } else if let Some(w) = closed.filter(|_| !last_step) {
-        plan.rollout.message = format!("step {step_no}: done; {}", closed_message(w, plan.rollout.window_opens_unix_ms));
+        plan.rollout.message =
+            format!("step {step_no}: done; {}", closed_message(w, plan.rollout.window_opens_unix_ms));
     } else if last_step {
         plan.set_state(RolloutState::Completed);
         let active: u32 = plan.rollout.counts.map(|c| c.active).unwrap_or(0);
@@ -854,8 +855,7 @@ pub fn command(
                 records.iter().map(|r| (r.device_id.clone(), r.clone())).collect();
             let (reverted, to_nothing) = revert(&mut plan, &mut map, None);
             plan.set_state(RolloutState::Aborted);
-            plan.rollout.message =
-                format!("aborted by an operator{by}; {}", returned(reverted, to_nothing));
+            plan.rollout.message = format!("aborted by an operator{by}; {}", returned(reverted, to_nothing));
         }
         Verb::Retry => {
             if !is_active(state) {

@@ -440,7 +440,7 @@ fn send_prestage(
         })
         .collect();
     let ids: Vec<&str> = orders.iter().map(|o| o.device_id.as_str()).collect();
-    let previous = fleet.store.update_devices(&ids, |d, i| std::mem::replace(&mut d.prestage, Some(commands[i].1.clone())))?;
+    let previous = fleet.store.update_devices(&ids, |d, i| d.prestage.replace(commands[i].1.clone()))?;
     let mut undelivered: Vec<(&str, Option<proto::DevicePrestage>)> = Vec::new();
     for ((id, (command, _)), previous) in ids.iter().zip(commands).zip(previous) {
         let attempt = orders.iter().find(|o| o.device_id == *id).map(|o| o.attempt).unwrap_or(0);

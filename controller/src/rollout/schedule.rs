@@ -119,7 +119,8 @@ pub fn hhmm(minute: u32) -> String {
 
 /// Parses `HH:MM-HH:MM` (UTC) into start and end minutes.
 pub fn parse_range(text: &str) -> Result<(u32, u32), String> {
-    let bad = || format!("window {text:?} must be HH:MM-HH:MM in UTC, e.g. 01:00-05:00 (end before start spans midnight)");
+    let bad =
+        || format!("window {text:?} must be HH:MM-HH:MM in UTC, e.g. 01:00-05:00 (end before start spans midnight)");
     let (start, end) = text.trim().split_once('-').ok_or_else(bad)?;
     let minute = |t: &str| -> Result<u32, String> {
         let (h, m) = t.trim().split_once(':').ok_or_else(bad)?;

@@ -85,8 +85,11 @@ impl Sim {
         for order in &plan.prestage {
             self.prestaged.push((order.device_id.clone(), order.attempt, now));
             let Some(d) = self.devices.iter_mut().find(|d| d.id == order.device_id) else { continue };
-            let state =
-                if self.stage_failing.contains(&d.id) { proto::PrestageState::Failed } else { proto::PrestageState::Ready };
+            let state = if self.stage_failing.contains(&d.id) {
+                proto::PrestageState::Failed
+            } else {
+                proto::PrestageState::Ready
+            };
             d.prestage = Some(proto::DevicePrestage {
                 rollout_id: plan.rollout.id.clone(),
                 bundle: plan.rollout.candidate.clone(),
@@ -440,7 +443,11 @@ fn devices_that_served_nothing_go_back_to_serving_nothing_on_abort() {
         plan.to_baseline.iter().filter(|r| r.bundle.is_none()).map(|r| r.device_id.as_str()).collect();
     assert_eq!(nothing, ["d0000", "d0001"]);
     sim.apply(plan);
-    assert!(sim.rollout.message.contains("4 devices return to A (2 of them to serving nothing"), "{}", sim.rollout.message);
+    assert!(
+        sim.rollout.message.contains("4 devices return to A (2 of them to serving nothing"),
+        "{}",
+        sim.rollout.message
+    );
     assert!(sim.devices[1].running.is_none() && sim.devices[1].desired_serve_nothing, "d0001 serves nothing");
     assert_eq!(sim.devices[2].running.as_ref().map(|b| b.digest.as_str()), Some("sha256:aa"));
     // The offline one still has B desired in this simulation until it is enforced again: a later pass on
@@ -450,7 +457,10 @@ fn devices_that_served_nothing_go_back_to_serving_nothing_on_abort() {
     let facts =
         Facts { devices: &sim.devices, records: &sim.records, other_active: &other, measurements: &sim.measurements };
     let again = decide(&sim.rollout, &facts, 2);
-    assert_eq!(again.to_baseline.iter().map(|r| (r.device_id.as_str(), r.bundle.is_none())).collect::<Vec<_>>(), [("d0000", true)]);
+    assert_eq!(
+        again.to_baseline.iter().map(|r| (r.device_id.as_str(), r.bundle.is_none())).collect::<Vec<_>>(),
+        [("d0000", true)]
+    );
 }
 
 #[test]
