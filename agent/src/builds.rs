@@ -22,7 +22,7 @@ use alki_shared::digest::Digest;
 use alki_shared::oci::{Descriptor, ImageIndex, ImageManifest, MAX_MANIFEST_BYTES, Manifest};
 use alki_shared::proto::ErrorCode;
 
-use crate::pull::{PullError, PullErrorKind, PullOptions, PulledBundle, RegistryAccess};
+use crate::pull::{PullError, PullErrorKind, PullOptions, PullProgress, PulledBundle, RegistryAccess};
 use crate::reference::{BundleLocation, short};
 use crate::store::ContentStore;
 use crate::trust::TrustStore;
@@ -340,18 +340,26 @@ pub fn install(blob: &Path, builds_dir: &Path, layer: &Digest) -> Result<PathBuf
     server_in(&dir).ok_or(ExtractError::Archive(ArchiveProblem::NoServer))
 }
 
+/// Where builds come from and go: the registry access, the content store, the extracted builds' directory.
+#[derive(Clone, Copy)]
+pub struct Fetch<'a> {
+    pub registry: &'a RegistryAccess,
+    pub store: &'a ContentStore,
+    pub builds_dir: &'a Path,
+}
+
 /// When the pulled bundle's runtime layer names a build: pulls this device's entry of it (signature checked
 /// against the trust policy for the build's repository before anything else is fetched), extracts it and
 /// sets `pulled.runtime_server`. A bundle naming no build is left as it is.
 pub async fn attach(
     pulled: &mut PulledBundle,
     bundle: &BundleLocation,
-    registry: &RegistryAccess,
-    store: &ContentStore,
-    builds_dir: &Path,
+    fetch: &Fetch<'_>,
     trust: &TrustStore,
     options: &PullOptions,
+    progress: &mut (dyn FnMut(PullProgress) + Send),
 ) -> Result<(), PullError> {
+    let Fetch { registry, store, builds_dir } = *fetch;
     let Some(reference) = pulled.runtime_defaults.as_ref().and_then(|d| d.runtime_build.clone()) else {
         return Ok(());
     };
@@ -372,7 +380,7 @@ pub async fn attach(
     let mut last = None;
     for (i, endpoint) in endpoints.iter().enumerate() {
         let source = BundleLocation { registry: endpoint.clone(), ..build.clone() };
-        match pull_build(registry, store, builds_dir, &build, &source, &device, &options).await {
+        match pull_build(registry, store, builds_dir, &build, &source, &device, &options, &mut *progress).await {
             Ok(server) => {
                 tracing::info!(build = %build, server = %server.display(), "Runtime build ready.");
                 pulled.runtime_server = Some(server);
@@ -388,7 +396,8 @@ pub async fn attach(
     Err(wrap(last.unwrap_or(BuildError::Invalid { build: build.to_string(), reason: "no source".to_owned() })))
 }
 
-/// One attempt from `source`; errors name `shown`.
+/// One attempt from `source`; errors name `shown`. `progress` sees the build's bytes (done of total).
+#[allow(clippy::too_many_arguments)]
 async fn pull_build(
     registry: &RegistryAccess,
     store: &ContentStore,
@@ -397,6 +406,7 @@ async fn pull_build(
     source: &BundleLocation,
     device: &DevicePlatform,
     options: &PullOptions,
+    progress: &mut (dyn FnMut(PullProgress) + Send),
 ) -> Result<PathBuf, BuildError> {
     let name = shown.to_string();
     let pull = |kind: PullErrorKind| BuildError::from_pull(&name, kind);
@@ -439,6 +449,9 @@ async fn pull_build(
         return Err(invalid(format!("entry {} has no runtime build config", short(&entry.digest))));
     }
     let mut pace = options.bandwidth.map(crate::pull::Pace::new);
+    let total = manifest.config.size.saturating_add(layer.size);
+    let mut done = 0u64;
+    let mut last_report: Option<std::time::Instant> = None;
     for d in [&manifest.config, *layer] {
         match store.size(&d.digest).await {
             Some(size) if size == d.size => store.touch(&d.digest).await,
@@ -450,10 +463,21 @@ async fn pull_build(
                 crate::pull::for_builds::check_disk(builds_dir, d.size.saturating_mul(2), options.disk_reserve)
                     .await
                     .map_err(pull)?;
-                crate::pull::for_builds::fetch_blob(registry, store, source, d, &mut pace).await.map_err(pull)?;
+                let mut report = |n: u64| {
+                    // At most once per PROGRESS_INTERVAL, like bundle layers.
+                    if last_report.is_none_or(|t| t.elapsed() >= crate::pull::PROGRESS_INTERVAL) {
+                        last_report = Some(std::time::Instant::now());
+                        progress(PullProgress { bytes_done: done.saturating_add(n), bytes_total: total });
+                    }
+                };
+                crate::pull::for_builds::fetch_blob(registry, store, source, d, &mut pace, &mut report)
+                    .await
+                    .map_err(pull)?;
             }
         }
+        done = done.saturating_add(d.size);
     }
+    progress(PullProgress { bytes_done: total, bytes_total: total });
     store.touch(&source.digest).await;
     store.touch(&entry.digest).await;
     let blob = store.path(&layer.digest);
@@ -606,6 +630,70 @@ mod tests {
 
     use tar::EntryType::{Block, Char, Directory, Fifo, Link, Regular, Symlink};
 
+    #[tokio::test]
+    async fn a_deployment_keeps_the_blobs_of_the_build_it_names_and_prune_keeps_only_those() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ContentStore::open(&dir.path().join("content")).expect("store");
+        let put = |bytes: Vec<u8>| {
+            let store = store.clone();
+            async move {
+                let d = Digest::of(&bytes);
+                store.write_bytes(&d, &bytes).await.expect("put");
+                d
+            }
+        };
+        let layer = put(b"tar bytes".to_vec()).await;
+        let config = put(b"{}".to_vec()).await;
+        let manifest = ImageManifest {
+            schema_version: 2,
+            media_type: None,
+            artifact_type: None,
+            config: Descriptor::new(MEDIA_TYPE_RUNTIME_BUILD_CONFIG, config.clone(), 2),
+            layers: vec![Descriptor::new(MEDIA_TYPE_RUNTIME_BUILD_TAR, layer.clone(), 9)],
+            subject: None,
+            annotations: Default::default(),
+        };
+        let manifest_digest = put(serde_json::to_vec(&manifest).expect("json")).await;
+        let mut e = entry("linux", "amd64", "cpu");
+        e.digest = manifest_digest.clone();
+        let index_digest =
+            put(serde_json::to_vec(&index(vec![e, entry("linux", "arm64", "cpu")])).expect("json")).await;
+        let runtime = RuntimeDefaults {
+            runtime_build: Some(format!("reg:5000/acme/llama@{index_digest}")),
+            ..RuntimeDefaults::default()
+        };
+        let runtime_bytes = serde_json::to_vec(&runtime).expect("json");
+        let runtime_digest = put(runtime_bytes.clone()).await;
+        let variant = ImageManifest {
+            layers: vec![Descriptor::new(
+                alki_shared::bundle::MEDIA_TYPE_RUNTIME,
+                runtime_digest,
+                runtime_bytes.len() as u64,
+            )],
+            ..manifest.clone()
+        };
+        let kept = blobs_named_by(&store, &variant).await;
+        let expected: HashSet<Digest> = [index_digest, manifest_digest, config, layer.clone()].into();
+        assert_eq!(kept, expected, "the arm64 entry is not stored and not named");
+        assert!(blobs_named_by(&store, &ImageManifest { layers: vec![], ..manifest }).await.is_empty());
+
+        let builds = dir.path().join("builds");
+        let old = std::time::SystemTime::now() - 2 * PRUNE_GRACE;
+        for name in [layer.hex().to_owned(), "f".repeat(64), "e".repeat(64)] {
+            std::fs::create_dir_all(builds.join(&name)).expect("mkdir");
+            if name != "e".repeat(64) {
+                std::fs::File::open(builds.join(&name)).expect("open").set_modified(old).expect("age it");
+            }
+        }
+        prune(&builds, &kept).await;
+        let mut left: Vec<String> = std::fs::read_dir(&builds)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["e".repeat(64), layer.hex().to_owned()], "kept, and recent (a pull may start it): stay");
+    }
+
     #[test]
     fn a_good_build_extracts_with_links_and_safe_modes() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -630,7 +718,8 @@ mod tests {
 
     #[test]
     fn hostile_archives_are_refused_and_leave_nothing() {
-        let cases: Vec<(&str, Vec<u8>, fn(&ArchiveProblem) -> bool)> = vec![
+        type Case = (&'static str, Vec<u8>, fn(&ArchiveProblem) -> bool);
+        let cases: Vec<Case> = vec![
             ("absolute", archive(&[("/etc/evil", Regular, b"x", None)]), |p| matches!(p, ArchiveProblem::Absolute(_))),
             ("dotdot", archive(&[("../evil", Regular, b"x", None)]), |p| matches!(p, ArchiveProblem::Traversal(_))),
             ("inner dotdot", archive(&[("a/../../evil", Regular, b"x", None)]), |p| {

@@ -21,6 +21,8 @@ pub struct Desired {
     pub named: Option<proto::BundleRef>,
     /// The variant the controller prefers (recommended for the device's class), used when it fits.
     pub preferred_variant: Option<Digest>,
+    /// Nothing is to be served (`DesiredState.serve_nothing`); `target` is then not used.
+    pub serve_nothing: bool,
 }
 
 impl Desired {
@@ -34,6 +36,7 @@ impl Desired {
             named: d.bundle.clone(),
             // A malformed preference is only a preference: the device then chooses for itself.
             preferred_variant: d.variant_digest.parse().ok(),
+            serve_nothing: d.serve_nothing,
         }
     }
 }
@@ -111,6 +114,7 @@ impl Converger {
             return Decision::Queued;
         }
         let same = match (&desired.target, serving) {
+            _ if desired.serve_nothing => serving.is_none(),
             (Ok(bundle), Some(key)) => bundle.digest == key.bundle_digest && desired.overrides == key.overrides,
             _ => false,
         };
@@ -170,6 +174,7 @@ mod tests {
             cohort: String::new(),
             named: Some(bundle(name).to_proto()),
             preferred_variant: None,
+            serve_nothing: false,
         }
     }
 
@@ -214,6 +219,18 @@ mod tests {
         let mut with_ctx = desired(3, "a");
         with_ctx.overrides.context_size = 4096;
         assert!(matches!(c.offer(with_ctx, Some(&serving("a"))), Decision::Activate(_)));
+    }
+
+    #[test]
+    fn serving_nothing_is_already_done_when_nothing_serves_and_an_activation_otherwise() {
+        let nothing = |generation| {
+            Desired::from_proto(&proto::DesiredState { generation, serve_nothing: true, ..Default::default() })
+        };
+        let mut c = Converger::new(Generation(1));
+        assert!(matches!(c.offer(nothing(2), Some(&serving("a"))), Decision::Activate(d) if d.serve_nothing));
+        c.finished();
+        assert!(matches!(c.offer(nothing(3), None), Decision::AlreadyServing(d) if d.serve_nothing));
+        assert_eq!(c.last_applied(), Generation(3));
     }
 
     #[test]

@@ -273,16 +273,27 @@ impl Device {
                         self.crashes.push_back(now);
                         if self.crashes.len() >= CRASH_LOOP_COUNT {
                             self.crashes.clear();
-                            let cause = format!("is in a crash loop: llama-server exited {CRASH_LOOP_COUNT} times within {} min (last: {status})", CRASH_LOOP_WINDOW.as_secs() / 60);
-                            if self.fall_back_to_previous(&cause).await {
+                            let cause = format!("is in a crash loop: llama-server exited {CRASH_LOOP_COUNT} times within {} min (last: {status}); it is not restarted again", CRASH_LOOP_WINDOW.as_secs() / 60);
+                            if self.fall_back_to_previous(&cause, ErrorCode::CrashLoop).await {
                                 restart = None;
                                 continue;
                             }
+                            // Marked bad: the generation stays applied, so only a new desired state (another
+                            // bundle, or the same one sent again as a new generation) starts a model again.
+                            tracing::error!(model = %spec.model_path.display(), "llama-server is in a crash loop; nothing is served until a new desired state arrives.");
+                            self.state.active = None;
+                            self.save_state().await;
+                            self.supervisor.proxy().release();
+                            self.publish();
+                            continue;
                         }
-                        tracing::error!(%status, model = %spec.model_path.display(), retry_in_ms = restart_delay.as_millis() as u64,
+                        // Backoff grows with the crashes in the window: 1 s, 2 s, 4 s, ... up to a minute.
+                        let exponent = u32::try_from(self.crashes.len().saturating_sub(1)).unwrap_or(u32::MAX).min(6);
+                        let delay = (RESTART_MIN * 2u32.pow(exponent)).max(restart_delay).min(RESTART_MAX);
+                        tracing::error!(%status, model = %spec.model_path.display(), retry_in_ms = delay.as_millis() as u64,
                             "llama-server exited unexpectedly; requests wait for its restart (bounded).");
                         self.supervisor.proxy().hold(self.gap_wait);
-                        restart = Some((Instant::now() + restart_delay, spec));
+                        restart = Some((Instant::now() + delay, spec));
                         self.publish();
                     }
                 }
@@ -304,6 +315,9 @@ impl Device {
                 }
                 _ = sleep_until(restart.as_ref().map(|r| r.0)) => {
                     let Some((_, spec)) = restart.take() else { continue };
+                    if self.state.serve_nothing {
+                        continue;
+                    }
                     let restarted = tokio::select! {
                         result = self.supervisor.restart(spec.clone()) => result.map_err(SwapFailure::Start),
                         _ = shutdown.wait_for(|stop| *stop) => Err(SwapFailure::ShuttingDown),
@@ -316,8 +330,8 @@ impl Device {
                         Err(SwapFailure::Start(e @ StartError::Exited { .. })) => {
                             // Exit at load: the files or the device changed; retrying the same thing cannot help.
                             let cause = format!("no longer loads: {e}");
-                            if !self.fall_back_to_previous(&cause).await {
-                                self.report_runtime_failure(&format!("{cause}; nothing is served until a new desired state arrives")).await;
+                            if !self.fall_back_to_previous(&cause, ErrorCode::StartFailed).await {
+                                self.report_runtime_failure(&format!("{cause}; nothing is served until a new desired state arrives"), ErrorCode::StartFailed).await;
                                 self.state.active = None;
                                 self.save_state().await;
                                 self.converger.reopen();
@@ -368,7 +382,7 @@ impl Device {
             Ok(()) => tracing::info!(bundle = %active.bundle, "Serving the bundle that was active before the restart."),
             Err(SwapFailure::Start(e)) => {
                 let cause = format!("could not be started after the agent restarted: {e}");
-                if !self.fall_back_to_previous(&cause).await {
+                if !self.fall_back_to_previous(&cause, ErrorCode::StartFailed).await {
                     tracing::error!(bundle = %active.bundle, "Nothing is served until the controller's desired state is applied again.");
                     self.converger.reopen();
                 }
@@ -440,6 +454,7 @@ impl Device {
         match self.converger.offer(desired, self.serving_key().as_ref()) {
             Decision::Ignore(why) => tracing::debug!(%generation, ?why, "Desired state ignored."),
             Decision::Queued => tracing::info!(%generation, "Desired state queued behind the activation in progress."),
+            Decision::AlreadyServing(desired) if desired.serve_nothing => self.serve_nothing(&desired).await,
             Decision::AlreadyServing(desired) => {
                 if let Some(active) = self.state.active.as_mut() {
                     active.generation = desired.generation;
@@ -456,11 +471,38 @@ impl Device {
         }
     }
 
+    /// Serves nothing (`DesiredState.serve_nothing`): llama-server is drained and stopped with the safe
+    /// sequence, the front port answers 503 "no model is assigned to this device" with Retry-After, and the
+    /// state file remembers it (a restart starts nothing). What served becomes the previous deployment.
+    async fn serve_nothing(&mut self, desired: &Desired) {
+        tracing::info!(generation = %desired.generation, "Serving nothing, as the controller asks.");
+        self.watching = None;
+        self.retry = None;
+        self.crashes.clear();
+        self.supervisor.proxy().set_unassigned(true);
+        self.supervisor.stop_serving().await;
+        if let Some(active) = self.state.active.take() {
+            self.state.previous = Some(active);
+        }
+        self.state.serve_nothing = true;
+        self.state.last_applied_generation = self.state.last_applied_generation.max(desired.generation);
+        self.save_state().await;
+        self.report(self.status(desired, Phase::Active)).await;
+        self.publish();
+    }
+
     /// Reports PULLING and starts the pull (or fails at once when the reference is unusable).
     async fn start_activation(&mut self, desired: Desired, pulling: &mut Option<Pulling>) {
         if self.retry.as_ref().is_some_and(|(_, r)| r.generation != desired.generation) {
             self.retry = None;
             self.retry_delay = RETRY_MIN;
+        }
+        if desired.serve_nothing {
+            self.serve_nothing(&desired).await;
+            if let Some(next) = self.converger.finished() {
+                Box::pin(self.offer(next, pulling)).await;
+            }
+            return;
         }
         let mut status = self.status(&desired, Phase::Pulling);
         status.progress = Some(proto::Progress::default());
@@ -524,7 +566,8 @@ impl Device {
                 let mut pulled =
                     pull_bundle_with(&access, &store, &bundles_dir, &bundle, memory, &options, &mut progress).await?;
                 // The llama.cpp build the bundle names, if any: verified, pulled and extracted like a layer.
-                crate::builds::attach(&mut pulled, &bundle, &access, &store, &builds_dir, &builds_trust, &options)
+                let build_store = crate::builds::Fetch { registry: &access, store: &store, builds_dir: &builds_dir };
+                crate::builds::attach(&mut pulled, &bundle, &build_store, &builds_trust, &options, &mut progress)
                     .await?;
                 Ok(pulled)
             }
@@ -606,6 +649,8 @@ impl Device {
             generation: desired.generation,
         };
         let new_digest = deployment.bundle.digest.clone();
+        self.state.serve_nothing = false;
+        self.supervisor.proxy().set_unassigned(false);
         if let Some(previous) = self.state.active.replace(deployment) {
             // A restart of the same bundle with other settings keeps the older rollback target.
             if previous.bundle.digest != new_digest {
@@ -773,9 +818,9 @@ impl Device {
 
     /// Outside a swap, the serving bundle failed for good (`cause`): start the previous bundle instead and
     /// report the failure. False when there is no previous bundle or it does not start either.
-    async fn fall_back_to_previous(&mut self, cause: &str) -> bool {
+    async fn fall_back_to_previous(&mut self, cause: &str, code: ErrorCode) -> bool {
         let Some(previous) = self.state.previous.clone() else {
-            self.report_runtime_failure(&format!("{cause}; there is no previous bundle to fall back to")).await;
+            self.report_runtime_failure(&format!("{cause}; there is no previous bundle to fall back to"), code).await;
             return false;
         };
         let Some(model) = previous.model_path() else { return false };
@@ -796,16 +841,16 @@ impl Device {
                     previous.bundle
                 );
                 if let Some(failed) = failed {
-                    self.report_failure_of(&failed, message).await;
+                    self.report_failure_of(&failed, message, code).await;
                 }
                 self.publish();
                 true
             }
             Err(e) => {
-                self.report_runtime_failure(&format!(
-                    "{cause}; the previous bundle {} did not start either ({e})",
-                    previous.bundle
-                ))
+                self.report_runtime_failure(
+                    &format!("{cause}; the previous bundle {} did not start either ({e})", previous.bundle),
+                    code,
+                )
                 .await;
                 false
             }
@@ -813,20 +858,20 @@ impl Device {
     }
 
     /// Reports a failure of the serving bundle outside any activation.
-    async fn report_runtime_failure(&mut self, cause: &str) {
+    async fn report_runtime_failure(&mut self, cause: &str, code: ErrorCode) {
         let Some(active) = self.state.active.clone() else { return };
         let message = format!("bundle {}: {cause}", active.bundle);
-        self.report_failure_of(&active, message).await;
+        self.report_failure_of(&active, message, code).await;
     }
 
-    async fn report_failure_of(&self, deployment: &Deployment, message: String) {
+    async fn report_failure_of(&self, deployment: &Deployment, message: String, code: ErrorCode) {
         tracing::error!(generation = %deployment.generation, %message, "The serving bundle failed.");
         let status = proto::Status {
             generation: deployment.generation.0,
             phase: Phase::Failed as i32,
             bundle: Some(deployment.bundle.to_proto()),
             progress: None,
-            error: Some(activation_error(ErrorCode::StartFailed, message, None)),
+            error: Some(activation_error(code, message, None)),
             serving: self.serving_ref(),
             variant_digest: deployment.variant_digest.to_string(),
         };

@@ -14,6 +14,7 @@ pub mod enroll;
 pub mod identity;
 pub mod inventory;
 pub mod metrics;
+pub mod outbox;
 pub mod pull;
 pub mod reference;
 pub mod reload;
@@ -311,7 +312,10 @@ impl Agent {
         });
         // Pre-staging: staged bundles are pinned in the store before the device loop may evict anything.
         let stager = stage::Stager {
-            registry: RegistrySettings { device_token: registry_token.clone(), ..RegistrySettings::from_config(&config) },
+            registry: RegistrySettings {
+                device_token: registry_token.clone(),
+                ..RegistrySettings::from_config(&config)
+            },
             store: store.clone(),
             bundles_dir: layout.bundles(),
             data_dir: layout.data_dir.clone(),

@@ -122,10 +122,17 @@ impl ActivationOutcome {
 pub struct AgentMetrics {
     activations: [AtomicU64; 3],
     pull_bytes: AtomicU64,
+    /// Prestage commands answered: ready, failed.
+    prestages: [AtomicU64; 2],
+    /// Bundles staged in the content store now.
+    staged: AtomicU64,
     telemetry_sent: AtomicU64,
     last_benchmark: Mutex<Option<proto::BenchmarkResult>>,
     /// The last telemetry built (speeds, temperature, throttling), for the gauges.
     last_telemetry: Mutex<Option<proto::Telemetry>>,
+    /// Reports kept while the controller is unreachable, and dropped past their bound, by kind.
+    reports_buffered: [AtomicU64; 4],
+    reports_dropped: [AtomicU64; 4],
 }
 
 impl AgentMetrics {
@@ -142,6 +149,24 @@ impl AgentMetrics {
     /// Bytes a pull fetched from a registry (not those already stored).
     pub fn pulled(&self, bytes: u64) {
         self.pull_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A Prestage command answered, ready or failed.
+    pub fn prestaged(&self, ready: bool) {
+        self.prestages[usize::from(!ready)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many bundles are staged now.
+    pub fn set_staged(&self, count: usize) {
+        self.staged.store(count as u64, Ordering::Relaxed);
+    }
+
+    /// The outbox changed: how many reports it keeps and has dropped, by kind.
+    pub fn outbox(&self, outbox: &crate::outbox::Outbox) {
+        for kind in crate::outbox::ReportKind::ALL {
+            self.reports_buffered[kind as usize].store(outbox.held(kind) as u64, Ordering::Relaxed);
+            self.reports_dropped[kind as usize].store(outbox.dropped_total(kind), Ordering::Relaxed);
+        }
     }
 
     pub fn set_last_benchmark(&self, result: proto::BenchmarkResult) {
@@ -376,10 +401,44 @@ pub fn render(state: &MetricsState, llama: Option<LlamaCounters>) -> String {
         vec![format!(" {}", m.pull_bytes.load(Ordering::Relaxed))],
     );
     family(
+        "alki_agent_prestages_total",
+        "counter",
+        "Prestage commands answered (bundles downloaded and verified ahead of activation), by outcome.",
+        ["ready", "failed"]
+            .iter()
+            .zip(&m.prestages)
+            .map(|(outcome, n)| format!("{{outcome=\"{outcome}\"}} {}", n.load(Ordering::Relaxed)))
+            .collect(),
+    );
+    family(
+        "alki_agent_staged_bundles",
+        "gauge",
+        "Bundles staged in the content store, pinned until activated or superseded.",
+        vec![format!(" {}", m.staged.load(Ordering::Relaxed))],
+    );
+    family(
         "alki_agent_telemetry_reports_total",
         "counter",
         "Telemetry messages built for the controller.",
         vec![format!(" {}", m.telemetry_sent.load(Ordering::Relaxed))],
+    );
+    let by_kind = |values: &[AtomicU64; 4]| {
+        crate::outbox::ReportKind::ALL
+            .iter()
+            .map(|k| format!("{{kind=\"{}\"}} {}", k.label(), values[*k as usize].load(Ordering::Relaxed)))
+            .collect()
+    };
+    family(
+        "alki_agent_reports_buffered",
+        "gauge",
+        "Reports kept for the controller while it is unreachable, by kind.",
+        by_kind(&m.reports_buffered),
+    );
+    family(
+        "alki_agent_reports_dropped_total",
+        "counter",
+        "Reports dropped (oldest first) because the controller stayed unreachable past their bound, by kind.",
+        by_kind(&m.reports_dropped),
     );
     let snapshot = state.snapshot.borrow().clone();
     let serving = state.proxy.current();

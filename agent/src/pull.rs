@@ -288,6 +288,13 @@ pub enum PullErrorKind {
     VariantSize { variant: Digest, claimed: u64, actual: u64 },
     #[error("local content store: {0}; check that the data_dir is writable and has free space")]
     Store(StoreError),
+    #[error(
+        "disk full: writing layer {} failed after {written} bytes ({error}); the partial download was removed and \
+         the model served before keeps serving; free space in the data_dir (or raise store.disk_reserve_mib so \
+         such pulls are refused before they start)",
+        short(layer)
+    )]
+    DiskFullWriting { layer: Digest, written: u64, error: StoreError },
     #[error("cannot create the bundle directory {}: {source}; check that the data_dir is writable", dir.display())]
     Materialise { dir: PathBuf, source: std::io::Error },
     /// The llama.cpp build the runtime layer names cannot be used (see [`crate::builds`]).
@@ -320,6 +327,7 @@ impl PullError {
             PullErrorKind::DiskFull { .. } => ErrorCode::DiskFull,
             PullErrorKind::Transfer { .. } | PullErrorKind::NotInStore(_) => ErrorCode::PullFailed,
             PullErrorKind::Store(e) if e.is_disk_full() => ErrorCode::DiskFull,
+            PullErrorKind::DiskFullWriting { .. } => ErrorCode::DiskFull,
             PullErrorKind::Store(_) | PullErrorKind::Materialise { .. } => ErrorCode::Io,
             PullErrorKind::RuntimeBuild(e) => e.code(),
         }
@@ -351,7 +359,8 @@ impl PullError {
             | PullErrorKind::LayerSize { layer, .. }
             | PullErrorKind::BadFileName { layer, .. }
             | PullErrorKind::RuntimeLayer { layer, .. }
-            | PullErrorKind::Transfer { layer, .. } => Some(layer),
+            | PullErrorKind::Transfer { layer, .. }
+            | PullErrorKind::DiskFullWriting { layer, .. } => Some(layer),
             PullErrorKind::RuntimeBuild(e) => e.layer_digest(),
             _ => None,
         }
@@ -392,22 +401,22 @@ pub async fn pull_bundle_with(
     // First from the content store alone: when every byte is here (pre-staged, or a rollback to an earlier
     // bundle), everything is verified again from the stored bytes, with the same checks as bytes from the
     // network, and no registry is contacted.
-    let local_refusal =
-        match pull_from(Source::Store, store, bundles_dir, bundle, bundle, memory_available, options, progress).await {
-            Ok(pulled) => {
-                tracing::info!(bundle = %bundle, variant = %pulled.variant_digest, "Verified from the content store; no download needed.");
-                return Ok(pulled);
-            }
-            Err(PullError { kind: PullErrorKind::NotInStore(what), .. }) => {
-                tracing::debug!(bundle = %bundle, %what, "Not complete in the content store; pulling from the registry.");
-                None
-            }
-            // The stored signature does not satisfy the policy now: the registry may hold a newer signature
-            // (re-signed with a rotated key). If it cannot be reached, this refusal is the answer.
-            Err(error @ PullError { kind: PullErrorKind::Signature { .. }, .. }) => Some(error),
-            // Anything else is a property of the bundle's bytes, which no registry changes.
-            Err(error) => return Err(error),
-        };
+    let local = pull_from(Source::Store, store, bundles_dir, bundle, bundle, memory_available, options, progress);
+    let local_refusal = match local.await {
+        Ok(pulled) => {
+            tracing::info!(bundle = %bundle, variant = %pulled.variant_digest, "Verified from the content store; no download needed.");
+            return Ok(pulled);
+        }
+        Err(PullError { kind: PullErrorKind::NotInStore(what), .. }) => {
+            tracing::debug!(bundle = %bundle, %what, "Not complete in the content store; pulling from the registry.");
+            None
+        }
+        // The stored signature does not satisfy the policy now: the registry may hold a newer signature
+        // (re-signed with a rotated key). If it cannot be reached, this refusal is the answer.
+        Err(error @ PullError { kind: PullErrorKind::Signature { .. }, .. }) => Some(error),
+        // Anything else is a property of the bundle's bytes, which no registry changes.
+        Err(error) => return Err(error),
+    };
     let endpoints = registry.endpoints(bundle);
     let mut last_error = None;
     for (i, endpoint) in endpoints.iter().enumerate() {
@@ -492,16 +501,15 @@ async fn pull_from(
                 return Err(wrap(PullErrorKind::NoVariantFits { available: memory_available, needs }));
             };
             let digest = chosen.descriptor.digest.clone();
-            let manifest =
-                match manifest_from(from, store, bundle, &digest, "variant manifest").await.map_err(wrap)? {
-                    Manifest::Image(m) => m,
-                    Manifest::Index(_) => {
-                        return Err(wrap(PullErrorKind::NotABundle(format!(
-                            "variant {} is an index, not a model manifest",
-                            short(&digest)
-                        ))));
-                    }
-                };
+            let manifest = match manifest_from(from, store, bundle, &digest, "variant manifest").await.map_err(wrap)? {
+                Manifest::Image(m) => m,
+                Manifest::Index(_) => {
+                    return Err(wrap(PullErrorKind::NotABundle(format!(
+                        "variant {} is an index, not a model manifest",
+                        short(&digest)
+                    ))));
+                }
+            };
             // The variant was chosen by the size it claims: a claim its layers do not back is refused.
             let actual: u64 = weight_layers(&manifest).iter().map(|l| l.size).fold(0, u64::saturating_add);
             if chosen.weights_bytes != 0 && chosen.weights_bytes != actual {
@@ -688,7 +696,8 @@ async fn fetch_signatures(
                     payload.extend_from_slice(&chunk)
                 }
                 Ok(_) => {
-                    return Err(invalid_signature(&tag, format!("payload {} is larger than it says", short(&d.digest))));
+                    let reason = format!("payload {} is larger than it says", short(&d.digest));
+                    return Err(invalid_signature(&tag, reason));
                 }
                 Err(e) if is_stream_digest_error(&e) => break,
                 Err(e) => {
@@ -1069,6 +1078,12 @@ async fn fetch_blob(
                     partial.discard().await;
                     return Err(PullErrorKind::LayerSize { layer: digest, expected, actual, more: true });
                 }
+                Err(e) if e.is_disk_full() => {
+                    // The partial bytes go: a full disk would break the state file, logs and the serving model.
+                    let written = partial.len();
+                    partial.discard().await;
+                    return Err(PullErrorKind::DiskFullWriting { layer: descriptor.digest.clone(), written, error: e });
+                }
                 Err(e) => return Err(PullErrorKind::Store(e)),
             }
         }
@@ -1290,8 +1305,9 @@ pub(crate) mod for_builds {
         artifact: &BundleLocation,
         descriptor: &Descriptor,
         pace: &mut Option<Pace>,
+        progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<(), PullErrorKind> {
-        super::fetch_blob(registry, store, artifact, descriptor, pace, &mut |_| {}).await
+        super::fetch_blob(registry, store, artifact, descriptor, pace, progress).await
     }
 
     pub(crate) async fn check_disk(dir: &Path, needed: u64, reserve: u64) -> Result<(), PullErrorKind> {

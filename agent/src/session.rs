@@ -1,7 +1,8 @@
 //! The one gRPC session to the controller: Hello, heartbeats, statuses and telemetry up; Welcome and desired
-//! states down; reconnecting with jittered exponential backoff and keeping the newest statuses meanwhile.
+//! states down; reconnecting with jittered exponential backoff, and meanwhile keeping every report (statuses,
+//! telemetry, benchmarks, prestage answers) in the bounded [`crate::outbox::Outbox`], replayed after the Hello.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,12 +14,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::metrics::AgentMetrics;
+use crate::outbox::{Outbox, Pushed, Report, ReportKind};
 use crate::runtime::Proxy;
 
 /// Messages waiting to go up one session; a full queue means the session is stuck.
 const OUTBOUND_CAPACITY: usize = 64;
-/// Statuses kept while disconnected (the newest win).
-pub const STATUS_BUFFER: usize = 16;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
@@ -112,25 +113,99 @@ impl Backoff {
     }
 }
 
-/// Keeps at most [`STATUS_BUFFER`] statuses, dropping the oldest.
-fn buffer_status(buffer: &mut VecDeque<proto::Status>, status: proto::Status) {
-    if buffer.len() >= STATUS_BUFFER {
-        buffer.pop_front();
+/// The telemetry cadence, kept across sessions: a reconnect neither skips an interval nor sends an extra one.
+struct TelemetryClock {
+    every: Duration,
+    tick: tokio::time::Interval,
+}
+
+impl TelemetryClock {
+    fn new(every: Duration) -> TelemetryClock {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        TelemetryClock { every, tick }
     }
-    buffer.push_back(status);
+
+    /// The controller's interval (from Welcome); the next tick is one interval from now when it changes.
+    fn set(&mut self, every: Duration) {
+        if every != self.every {
+            self.every = every;
+            self.tick = tokio::time::interval_at(Instant::now() + every, every);
+            self.tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+    }
+}
+
+/// Keeps a report for the next session, logging the first drop of its kind in this outage.
+fn keep(outbox: &mut Outbox, metrics: &AgentMetrics, report: Report) {
+    if let Pushed::FirstDrop(kind) = outbox.push(report) {
+        tracing::warn!(
+            kind = kind.label(),
+            kept = outbox.held(kind),
+            "The controller is unreachable and reports of this kind are past their bound; dropping the oldest."
+        );
+    }
+    metrics.outbox(outbox);
+}
+
+/// Sends a report, or keeps it for the next session when the send fails.
+async fn send_or_keep(
+    out: &mpsc::Sender<proto::AgentMessage>,
+    outbox: &mut Outbox,
+    metrics: &AgentMetrics,
+    report: Report,
+) -> Result<(), SessionError> {
+    if let Err(e) = send(out, report.clone().into_msg()).await {
+        keep(outbox, metrics, report);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Sends the reports kept while disconnected, oldest first; each leaves the outbox only once sent.
+async fn replay(
+    out: &mpsc::Sender<proto::AgentMessage>,
+    outbox: &mut Outbox,
+    metrics: &AgentMetrics,
+) -> Result<(), SessionError> {
+    if outbox.is_empty() {
+        return Ok(());
+    }
+    let dropped: Vec<String> = ReportKind::ALL
+        .iter()
+        .filter(|k| outbox.dropped_since_replay(**k) > 0)
+        .map(|k| format!("{} {}", outbox.dropped_since_replay(*k), k.label()))
+        .collect();
+    tracing::info!(
+        reports = outbox.len(),
+        dropped = %dropped.join(", "),
+        "Replaying the reports kept while the controller was unreachable."
+    );
+    while let Some(report) = outbox.front() {
+        send(out, report.clone().into_msg()).await?;
+        outbox.sent();
+    }
+    metrics.outbox(outbox);
+    Ok(())
+}
+
+async fn collect_telemetry(ctx: &mut SessionContext, every: Duration) -> proto::Telemetry {
+    let snapshot = ctx.snapshot.borrow().clone();
+    ctx.telemetry.collector.collect(&ctx.proxy, &snapshot, &ctx.telemetry.metrics, every).await
 }
 
 /// Runs sessions until `shutdown` turns true, reconnecting with backoff.
 pub async fn run(mut ctx: SessionContext, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = Backoff::default();
-    let mut buffer: VecDeque<proto::Status> = VecDeque::new();
+    let mut outbox = Outbox::new(crate::outbox::Bounds::default());
+    let mut clock = TelemetryClock::new(TELEMETRY_INTERVAL);
     let mut statuses_open = true;
     loop {
         if *shutdown.borrow() {
             return;
         }
         let started = Instant::now();
-        let outcome = one_session(&mut ctx, &mut buffer, &mut statuses_open, &mut shutdown).await;
+        let outcome = one_session(&mut ctx, &mut outbox, &mut clock, &mut statuses_open, &mut shutdown).await;
         if *shutdown.borrow() {
             return;
         }
@@ -158,8 +233,18 @@ pub async fn run(mut ctx: SessionContext, mut shutdown: watch::Receiver<bool>) {
         loop {
             tokio::select! {
                 _ = &mut wait => break,
+                _ = clock.tick.tick() => {
+                    let t = collect_telemetry(&mut ctx, clock.every).await;
+                    keep(&mut outbox, &ctx.telemetry.metrics, Report::Telemetry(t));
+                }
+                Some(report) = ctx.telemetry.reports.recv() => {
+                    keep(&mut outbox, &ctx.telemetry.metrics, Report::Benchmark(report));
+                }
+                Some(report) = ctx.staging.reports.recv() => {
+                    keep(&mut outbox, &ctx.telemetry.metrics, Report::Prestage(report));
+                }
                 status = ctx.statuses.recv(), if statuses_open => match status {
-                    Some(s) => buffer_status(&mut buffer, s),
+                    Some(s) => keep(&mut outbox, &ctx.telemetry.metrics, Report::Status(s)),
                     None => statuses_open = false,
                 },
                 _ = shutdown.changed() => return,
@@ -197,7 +282,8 @@ fn now_unix_ms() -> i64 {
 
 async fn one_session(
     ctx: &mut SessionContext,
-    buffer: &mut VecDeque<proto::Status>,
+    outbox: &mut Outbox,
+    clock: &mut TelemetryClock,
     statuses_open: &mut bool,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
@@ -227,10 +313,6 @@ async fn one_session(
         staged,
     };
     send(&out, agent_message::Msg::Hello(hello)).await?;
-    // Statuses kept while disconnected go right after the Hello (the buffer is smaller than the queue).
-    while let Some(status) = buffer.pop_front() {
-        send(&out, agent_message::Msg::Status(status)).await?;
-    }
 
     let mut request = tonic::Request::new(ReceiverStream::new(out_rx));
     if let Some(token) = token {
@@ -251,12 +333,11 @@ async fn one_session(
     };
     let mut inbound = response.into_inner();
     tracing::info!(url = %ctx.url, "Connected to the controller.");
+    // Reports kept while disconnected go right after the Hello, now that the stream is being read.
+    replay(&out, outbox, &ctx.telemetry.metrics).await?;
 
     let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut telemetry_every = TELEMETRY_INTERVAL;
-    let mut telemetry_tick = tokio::time::interval(telemetry_every);
-    telemetry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             message = inbound.message() => match message {
@@ -277,11 +358,7 @@ async fn one_session(
                             0 => TELEMETRY_INTERVAL,
                             s => Duration::from_secs(u64::from(s.clamp(1, 3600))),
                         };
-                        if telemetry != telemetry_every {
-                            telemetry_every = telemetry;
-                            telemetry_tick = tokio::time::interval_at(Instant::now() + telemetry, telemetry);
-                            telemetry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                        }
+                        clock.set(telemetry);
                     }
                     controller_message::Msg::DesiredState(desired) => {
                         tracing::info!(generation = desired.generation, "Received a desired state.");
@@ -292,11 +369,11 @@ async fn one_session(
                         if let Some(proto::command::Kind::Prestage(prestage)) = &command.kind {
                             if let Err(refusal) = ctx.staging.jobs.offer(&command.id, prestage.clone()) {
                                 tracing::warn!(command_id = %command.id, "Prestage refused: the staging queue is full.");
-                                send(&out, agent_message::Msg::Prestage(refusal)).await?;
+                                send_or_keep(&out, outbox, &ctx.telemetry.metrics, Report::Prestage(*refusal)).await?;
                             }
                         } else if let Err(refusal) = crate::metrics::command_job(ctx.telemetry.bench.as_ref(), command) {
                             tracing::warn!(command_id = %refusal.command_id, error = %refusal.error, "Command refused.");
-                            send(&out, agent_message::Msg::Benchmark(refusal)).await?;
+                            send_or_keep(&out, outbox, &ctx.telemetry.metrics, Report::Benchmark(refusal)).await?;
                         }
                     }
                 },
@@ -310,24 +387,18 @@ async fn one_session(
             _ = heartbeat.tick() => {
                 send(&out, agent_message::Msg::Heartbeat(proto::Heartbeat { sent_unix_ms: now_unix_ms() })).await?;
             }
-            _ = telemetry_tick.tick() => {
-                let snapshot = ctx.snapshot.borrow().clone();
-                let t = ctx.telemetry.collector.collect(&ctx.proxy, &snapshot, &ctx.telemetry.metrics, telemetry_every).await;
-                send(&out, agent_message::Msg::Telemetry(t)).await?;
+            _ = clock.tick.tick() => {
+                let t = collect_telemetry(ctx, clock.every).await;
+                send_or_keep(&out, outbox, &ctx.telemetry.metrics, Report::Telemetry(t)).await?;
             }
             Some(report) = ctx.telemetry.reports.recv() => {
-                send(&out, agent_message::Msg::Benchmark(report)).await?;
+                send_or_keep(&out, outbox, &ctx.telemetry.metrics, Report::Benchmark(report)).await?;
             }
             Some(report) = ctx.staging.reports.recv() => {
-                send(&out, agent_message::Msg::Prestage(report)).await?;
+                send_or_keep(&out, outbox, &ctx.telemetry.metrics, Report::Prestage(report)).await?;
             }
             status = ctx.statuses.recv(), if *statuses_open => match status {
-                Some(status) => {
-                    if let Err(e) = send(&out, agent_message::Msg::Status(status.clone())).await {
-                        buffer_status(buffer, status);
-                        return Err(e);
-                    }
-                }
+                Some(status) => send_or_keep(&out, outbox, &ctx.telemetry.metrics, Report::Status(status)).await?,
                 None => *statuses_open = false,
             },
             changed = labels_changed(&mut ctx.config, &ctx.labels) => match changed {
@@ -377,16 +448,5 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay(&mut rng) <= Duration::from_millis(600));
-    }
-
-    #[test]
-    fn the_status_buffer_keeps_the_newest() {
-        let mut buffer = VecDeque::new();
-        for generation in 0..(STATUS_BUFFER as u64 + 5) {
-            buffer_status(&mut buffer, proto::Status { generation, ..Default::default() });
-        }
-        assert_eq!(buffer.len(), STATUS_BUFFER);
-        assert_eq!(buffer.front().map(|s| s.generation), Some(5));
-        assert_eq!(buffer.back().map(|s| s.generation), Some(STATUS_BUFFER as u64 + 4));
     }
 }

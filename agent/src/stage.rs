@@ -121,7 +121,7 @@ pub struct Jobs(mpsc::Sender<Job>);
 
 impl Jobs {
     /// Queues the command; the refusal report to send at once when the queue is full.
-    pub fn offer(&self, command_id: &str, prestage: proto::Prestage) -> Result<(), proto::PrestageReport> {
+    pub fn offer(&self, command_id: &str, prestage: proto::Prestage) -> Result<(), Box<proto::PrestageReport>> {
         let job = Job { command_id: command_id.to_owned(), prestage };
         match self.0.try_send(job) {
             Ok(()) => Ok(()),
@@ -129,18 +129,11 @@ impl Jobs {
                 let job = match e {
                     mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job) => job,
                 };
-                Err(report(
-                    &job,
-                    None,
-                    Err(error(
-                        ErrorCode::PullFailed,
-                        format!(
-                            "the device is busy staging other bundles (at most {} at once); send the prestage again \
-                             later",
-                            QUEUE + 1
-                        ),
-                    )),
-                ))
+                let message = format!(
+                    "the device is busy staging other bundles (at most {} at once); send the prestage again later",
+                    QUEUE + 1
+                );
+                Err(Box::new(report(&job, None, Err(error(ErrorCode::PullFailed, message)))))
             }
         }
     }
@@ -170,11 +163,7 @@ fn error(code: ErrorCode, message: String) -> proto::ActivationError {
     proto::ActivationError { code: code as i32, message, layer_digest: String::new() }
 }
 
-fn report(
-    job: &Job,
-    variant: Option<&Digest>,
-    outcome: Result<u64, proto::ActivationError>,
-) -> proto::PrestageReport {
+fn report(job: &Job, variant: Option<&Digest>, outcome: Result<u64, proto::ActivationError>) -> proto::PrestageReport {
     let (ready, error, bytes_downloaded) = match outcome {
         Ok(bytes) => (true, None, bytes),
         Err(e) => (false, Some(e), 0),
@@ -192,21 +181,21 @@ fn report(
 impl Stager {
     /// Loads the staged list (keeping the entries whose blobs are all present), pins them, and starts the task
     /// that verifies them again in the background and then runs staging jobs one at a time until `shutdown`.
-    pub(crate) async fn spawn(
-        self,
-        shutdown: watch::Receiver<bool>,
-    ) -> (SessionStaging, tokio::task::JoinHandle<()>) {
+    pub(crate) async fn spawn(self, shutdown: watch::Receiver<bool>) -> (SessionStaging, tokio::task::JoinHandle<()>) {
         let file = StagedFile::new(&self.data_dir);
         let mut set = file.load().await;
         let mut present = StagedSet::default();
         for entry in set.entries.drain(..) {
-            if variant_present(&self.store, &entry.variant_digest).await && self.store.contains(&entry.bundle.digest).await {
+            if variant_present(&self.store, &entry.variant_digest).await
+                && self.store.contains(&entry.bundle.digest).await
+            {
                 present.entries.push(entry);
             } else {
                 tracing::warn!(bundle = %entry.bundle, "A staged bundle is no longer complete in the content store; dropped.");
             }
         }
         self.pin(&present).await;
+        self.metrics.set_staged(present.entries.len());
         let (staged_tx, staged_rx) = watch::channel(present);
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE);
         let (reports_tx, reports_rx) = mpsc::channel(REPORTS);
@@ -262,6 +251,7 @@ impl Stager {
                     return;
                 }
             };
+            self.metrics.prestaged(report.ready);
             if reports.try_send(report).is_err() {
                 tracing::warn!(%command_id, "The staging report could not be queued for the controller; Hello lists the staged bundles.");
             }
@@ -285,6 +275,7 @@ impl Stager {
     async fn commit(&self, file: &StagedFile, staged: &watch::Sender<StagedSet>, set: StagedSet) {
         file.save(&set).await;
         self.pin(&set).await;
+        self.metrics.set_staged(set.entries.len());
         staged.send_replace(set);
     }
 
@@ -293,7 +284,7 @@ impl Stager {
         for e in &set.entries {
             pins.extend(deployment_blobs(&self.store, &e.bundle.digest, &e.variant_digest).await);
         }
-        let _ = pins; // MUTATION
+        self.store.set_pinned(pins);
     }
 
     fn current_config(&self) -> Arc<crate::Config> {

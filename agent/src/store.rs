@@ -30,7 +30,8 @@ pub enum StoreError {
 impl StoreError {
     /// True when the disk is full (the operator frees space or lowers the bundle size).
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull)
+        matches!(self, StoreError::Io { source, .. }
+            if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded))
     }
 }
 
@@ -235,7 +236,16 @@ impl ContentStore {
         .map_err(io_at(&path))?;
         let (file, hasher) = opened;
         let file = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, tokio::fs::File::from_std(file));
-        Ok(PartialBlob { path, final_path: self.path(expected), expected: expected.clone(), size, hasher, file })
+        Ok(PartialBlob {
+            path,
+            final_path: self.path(expected),
+            expected: expected.clone(),
+            size,
+            hasher,
+            file,
+            unsynced: 0,
+            writeback: None,
+        })
     }
 
     /// Stores small in-memory content (manifests, runtime layers), checking its digest.
@@ -354,7 +364,17 @@ pub struct PartialBlob {
     size: u64,
     hasher: Hasher,
     file: tokio::io::BufWriter<tokio::fs::File>,
+    /// Bytes written since the last background sync started.
+    unsynced: u64,
+    /// A background `fdatasync` in flight (see [`WRITEBACK_EVERY`]); its error fails the blob, since Linux
+    /// reports a failed writeback once per open file and the duplicate shares this one's.
+    writeback: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
+
+/// Once this many bytes are written since the last sync, a background `fdatasync` starts on a duplicate
+/// handle: the disk writes back while the download continues, so the final fsync has little left instead of
+/// the whole blob (the kernel alone would not start writing until gigabytes are dirty).
+const WRITEBACK_EVERY: u64 = 32 << 20;
 
 impl PartialBlob {
     /// Bytes on disk so far: where the next request resumes.
@@ -368,6 +388,7 @@ impl PartialBlob {
 
     /// Drops what was downloaded (the server ignored the range, or the content did not verify).
     pub async fn restart(&mut self) -> Result<(), StoreError> {
+        self.wait_writeback().await?;
         self.file.flush().await.map_err(io_at(&self.path))?;
         let file = self.file.get_mut();
         file.set_len(0).await.map_err(io_at(&self.path))?;
@@ -402,15 +423,38 @@ impl PartialBlob {
             }
             self.hasher.update(&chunk);
             self.file.write_all(&chunk).await.map_err(io_at(&self.path))?;
+            self.unsynced += chunk.len() as u64;
+            self.start_writeback().await?;
             progress(self.hasher.len());
         }
         self.file.flush().await.map_err(io_at(&self.path))?;
         Ok(())
     }
 
+    /// Starts a background sync when enough is written and none is running; reports a finished one's error.
+    async fn start_writeback(&mut self) -> Result<(), StoreError> {
+        if self.unsynced < WRITEBACK_EVERY || self.writeback.as_ref().is_some_and(|h| !h.is_finished()) {
+            return Ok(());
+        }
+        self.wait_writeback().await?;
+        self.file.flush().await.map_err(io_at(&self.path))?;
+        let duplicate = self.file.get_ref().try_clone().await.map_err(io_at(&self.path))?;
+        self.writeback = Some(tokio::spawn(async move { duplicate.sync_data().await }));
+        self.unsynced = 0;
+        Ok(())
+    }
+
+    /// Waits for the background sync, if any, and returns its error.
+    async fn wait_writeback(&mut self) -> Result<(), StoreError> {
+        let Some(handle) = self.writeback.take() else { return Ok(()) };
+        let result = handle.await.map_err(|join| io_at(&self.path)(std::io::Error::other(join)))?;
+        result.map_err(io_at(&self.path))
+    }
+
     /// Verifies the whole file (size, then digest) and renames it into the store, durably. On a digest
     /// mismatch the download restarts from zero next time.
     pub async fn finish(&mut self) -> Result<PathBuf, StoreError> {
+        self.wait_writeback().await?;
         self.file.flush().await.map_err(io_at(&self.path))?;
         self.file.get_ref().sync_all().await.map_err(io_at(&self.path))?;
         let len = self.hasher.len();

@@ -40,6 +40,9 @@ struct Setup {
     data_dir: PathBuf,
     config: PathBuf,
     model: PathBuf,
+    /// This test's own link to the fake llama-server, so a concurrent rebuild of the original (a new binary,
+    /// which is rightly not adopted) cannot disturb the test.
+    llama: PathBuf,
     /// The front socket, held by the test as systemd holds it; None once the agent binds the port itself.
     front: Option<std::net::TcpListener>,
     port: u16,
@@ -73,16 +76,19 @@ fn setup(knobs: &[&str]) -> Setup {
     let token = dir.path().join("agent.token");
     std::fs::write(&token, "agent-secret").expect("token");
     let trust = common::unsigned_trust_policy(dir.path());
+    let llama = dir.path().join("fake-llama-server");
+    if std::fs::hard_link(fake_llama_server(), &llama).is_err() {
+        std::fs::copy(fake_llama_server(), &llama).expect("copy the fake llama-server");
+    }
     // No controller answers: the agent serves what it served before on its own.
     let text = format!(
         "data_dir = {data_dir:?}\ntrust_policy = {trust:?}\n[controller]\nurl = \"http://127.0.0.1:1\"\n\
          insecure_plaintext = true\ntoken_file = {token:?}\n[runtime]\nllama_server = {llama:?}\n\
          front_addr = \"127.0.0.1:{port}\"\ndrain_timeout_secs = 2\nwatch_window_secs = 0\n",
-        llama = fake_llama_server(),
     );
     let config = dir.path().join("agent.toml");
     std::fs::write(&config, text).expect("config");
-    Setup { dir, data_dir, config, model, front: Some(front), port }
+    Setup { dir, data_dir, config, model, llama, front: Some(front), port }
 }
 
 impl Setup {
@@ -222,7 +228,9 @@ async fn a_hand_over_restart_under_load_fails_no_request_and_the_same_llama_serv
                 let mut failures = Vec::new();
                 while !stop.load(Ordering::SeqCst) {
                     match common::complete(&client, ([127, 0, 0, 1], front).into(), 4).await {
-                        Ok((200, content)) if content.contains("model-a.gguf") => _ = served.fetch_add(1, Ordering::SeqCst),
+                        Ok((200, content)) if content.contains("model-a.gguf") => {
+                            _ = served.fetch_add(1, Ordering::SeqCst)
+                        }
                         other => failures.push(format!("{other:?}")),
                     }
                 }
@@ -341,7 +349,7 @@ async fn an_unhealthy_recorded_llama_server_is_stopped_and_replaced() {
     tokio::time::timeout(TEST_BOUND, async {
         // A llama-server of the right model that never finishes loading (/health answers 503).
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
-        let mut stuck = Command::new(fake_llama_server())
+        let mut stuck = Command::new(&setup.llama)
             .arg("-m")
             .arg(&setup.model)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])

@@ -158,6 +158,11 @@ fn random_sequences_keep_the_convergence_rules() {
                                 // Offering the same again while it runs is a duplicate.
                                 prop_assert!(matches!(converger.offer(again, serving.as_ref()), Decision::Ignore(_)));
                             }
+                            Decision::AlreadyServing(d) if d.serve_nothing => {
+                                prop_assert!(activating.is_none());
+                                prop_assert!(serving.is_none(), "serving nothing is done only when nothing serves");
+                                prop_assert_eq!(converger.last_applied(), generation);
+                            }
                             Decision::AlreadyServing(d) => {
                                 prop_assert!(activating.is_none());
                                 let key = serving.as_ref().expect("serving something");

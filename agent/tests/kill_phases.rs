@@ -1,5 +1,6 @@
 //! SIGKILL of the agent binary at every phase of a swap, then a restart: the agent ends up serving exactly
-//! one healthy model (the desired one), no llama-server is orphaned, and every file in the content store
+//! one healthy model (the desired one), no llama-server is left over (they outlive the killed agent by
+//! design; the restarted one adopts or stops each from its record), and every file in the content store
 //! matches its digest.
 
 mod common;
@@ -19,7 +20,7 @@ use alki_shared::ids::{DeviceId, Generation};
 use alki_shared::oci::{ANNOTATION_TITLE, Descriptor, ImageManifest, MEDIA_TYPE_EMPTY, MEDIA_TYPE_IMAGE_MANIFEST};
 use alki_shared::proto::{self, Phase, agent_message, controller_message};
 use common::controller::{FakeController, next_where};
-use common::{fake_llama_server, fake_model, launch_settings, process_exists};
+use common::{fake_llama_server, fake_model, launch_settings};
 use tokio::sync::mpsc;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_alki-agent");
@@ -110,15 +111,17 @@ fn start(config: &Path) -> Guard {
     Guard(child)
 }
 
-/// Children of `pid`, from /proc.
-fn children(pid: u32) -> Vec<u32> {
+/// Live (not zombie) llama-server processes whose command line names a file under `data_dir`.
+fn llama_servers(data_dir: &Path) -> Vec<u32> {
+    let needle = data_dir.to_string_lossy().into_owned();
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-            let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
-            after.split_whitespace().nth(1).and_then(|ppid| ppid.parse::<u32>().ok()) == Some(pid)
+        .filter(|pid| alki_agent::runtime::record::process_identity(*pid).is_some())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.contains("fake-llama-server") && cmdline.contains(&needle)
         })
         .collect()
 }
@@ -170,14 +173,8 @@ async fn kill_at(phase: Phase) {
     send(&down, controller_message::Msg::DesiredState(desired.clone())).await;
     next_where(&mut up, |m| matches!(m, agent_message::Msg::Status(s) if s.generation == 4 && s.phase == phase as i32))
         .await;
-    let llama = children(agent.0.id());
     agent.0.kill().expect("SIGKILL");
     agent.0.wait().expect("reap");
-    for pid in llama {
-        while process_exists(pid) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
 
     // Restarted: the controller sends the same desired state again (it is level-based).
     let agent = start(&config);
@@ -190,12 +187,18 @@ async fn kill_at(phase: Phase) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    while children(agent.0.id()).len() != 1 {
+    while llama_servers(&data_dir).len() != 1 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let state = StateFile::new(&data_dir).load().expect("state").expect("present");
     assert_eq!(state.active.map(|a| a.bundle), Some(b), "B is active after a kill at {}", phase.label());
     check_store(&data_dir);
+    // A stop stops llama-server (the agent's own or adopted).
+    // SAFETY: kill(2) has no memory-safety preconditions; the agent is our unreaped child.
+    unsafe { libc::kill(agent.0.id() as libc::pid_t, libc::SIGTERM) };
+    while !llama_servers(&data_dir).is_empty() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     drop(agent);
 }
 

@@ -254,19 +254,21 @@ impl Running {
             kind: Some(proto::command::Kind::Prestage(prestage)),
         }))
         .await;
-        let msg = next_where(&mut self.up, |m| matches!(m, agent_message::Msg::Prestage(r) if r.command_id == id)).await;
+        let msg =
+            next_where(&mut self.up, |m| matches!(m, agent_message::Msg::Prestage(r) if r.command_id == id)).await;
         let agent_message::Msg::Prestage(report) = msg else { unreachable!() };
         report
     }
 
+    /// The agent's own `/metrics`.
+    async fn metrics_text(&self) -> String {
+        let response = reqwest::get(format!("http://{}/metrics", self.metrics)).await.expect("metrics reachable");
+        response.text().await.expect("metrics body")
+    }
+
     /// The agent's `alki_agent_pull_bytes_total` from its own `/metrics`.
     async fn pulled_bytes(&self) -> u64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.metrics))
-            .await
-            .expect("metrics reachable")
-            .text()
-            .await
-            .expect("metrics body");
+        let text = self.metrics_text().await;
         text.lines()
             .find_map(|l| l.strip_prefix("alki_agent_pull_bytes_total "))
             .and_then(|v| v.trim().parse().ok())
@@ -346,6 +348,9 @@ async fn a_staged_bundle_activates_with_the_registry_gone_and_is_verified_agains
         assert_eq!(active.serving, Some(b.to_proto()));
         assert_eq!(active.variant_digest, report.variant_digest);
         assert_eq!(agent.pulled_bytes().await, pulled_before, "zero bytes downloaded for the activation");
+        let metrics = agent.metrics_text().await;
+        assert!(metrics.contains("alki_agent_prestages_total{outcome=\"ready\"} 2"), "{metrics}");
+        assert!(metrics.contains("alki_agent_staged_bundles 0"), "B was activated: {metrics}");
         assert!(served_model(agent.front).await.is_some_and(|c| c.contains("tiny-b.gguf")));
 
         // Going back to A (the previous bundle) needs no registry either: its signature was kept at its pull.
@@ -385,7 +390,11 @@ async fn prestaging_an_unsigned_bundle_reports_signature_missing_and_downloads_n
                 kind: Some(proto::command::Kind::Prestage(bad)),
             }))
             .await;
-        let msg = next_where(&mut agent.up, |m| matches!(m, agent_message::Msg::Prestage(r) if r.command_id == "stage-nothing")).await;
+        let msg = next_where(
+            &mut agent.up,
+            |m| matches!(m, agent_message::Msg::Prestage(r) if r.command_id == "stage-nothing"),
+        )
+        .await;
         let agent_message::Msg::Prestage(report) = msg else { unreachable!() };
         assert_eq!(report.error.map(|e| e.code), Some(ErrorCode::BundleInvalid as i32));
         assert!(agent.hello.staged.is_empty());
@@ -450,7 +459,8 @@ async fn bytes_changed_in_the_content_store_are_not_trusted_offline() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = ContentStore::open(&dir.path().join("content")).expect("store");
         let bundles = dir.path().join("bundles");
-        let access = RegistryAccess::new(vec![registry.addr.clone()], registry.addr.clone(), Some(registry.admin.clone()));
+        let access =
+            RegistryAccess::new(vec![registry.addr.clone()], registry.addr.clone(), Some(registry.admin.clone()));
         let trust = RepositoryTrust::require(vec![key.public_key().clone()], "test policy");
         let options = PullOptions { trust, disk_reserve: 0, ..PullOptions::default() };
         let pull = || async { pull_bundle_with(&access, &store, &bundles, &a, 1 << 30, &options, &mut |_| {}).await };

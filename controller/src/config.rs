@@ -181,7 +181,7 @@ mod tests {
             host = "127.0.0.1:5001"
             plain_http = true
         "#;
-        let registries = parse_external_registries(text, passwords).unwrap();
+        let registries = parse_external_registries(text, passwords).expect("valid file");
         assert_eq!(registries.len(), 2);
         assert_eq!(registries[0].credentials, Some(("alki".into(), "s3cret".into())));
         assert!(!registries[0].plain_http);

@@ -49,6 +49,7 @@ fn a_bundle_naming_a_signed_runtime_build_is_served_by_that_build_of_real_llama_
     let controller = harness::start_controller(dir.path(), &["--trusted-key", path(&key.public_key)?])?;
 
     // The build: pushed, signed like a bundle (its index and its one platform manifest).
+    let started = std::time::Instant::now();
     let pushed = controller.alkictl_json(&[
         "runtime",
         "push",
@@ -56,6 +57,7 @@ fn a_bundle_naming_a_signed_runtime_build_is_served_by_that_build_of_real_llama_
         "--platform",
         &format!("{}={}", platform(), llama_bin.display()),
     ])?;
+    eprintln!("runtime push took {:?}: {pushed}", started.elapsed());
     let pinned = pushed["pinned"].as_str().context("runtime push prints the pinned reference")?.to_owned();
     assert!(pinned.contains("/acme/llama-server@sha256:"), "{pushed}");
     let entry = &pushed["platforms"][0];
@@ -121,11 +123,13 @@ fn a_bundle_naming_a_signed_runtime_build_is_served_by_that_build_of_real_llama_
     let rollout =
         controller.alkictl_json(&["rollout", "create", "--bundle", "acme/tiny:v1", "--selector", "site=lab"])?;
     let rollout_id = rollout["id"].as_str().context("rollout id")?.to_owned();
+    let started = std::time::Instant::now();
     wait_for("the agent to activate the bundle on its build", Duration::from_secs(180), &procs, || {
         Ok(device("pi-001")?
             .filter(|d| d["phase"] == "active" && d["running"].as_str().is_some_and(|r| r.ends_with(&bundle_digest))))
     })?;
 
+    eprintln!("rollout create to active on the build (pull, verify, extract, start): {:?}", started.elapsed());
     let builds = harness::agent_dir(dir.path(), "pi-001").join("data/runtime-builds");
     let serving = processes_under(&builds);
     assert_eq!(serving.len(), 1, "one llama-server from the build: {serving:?}");

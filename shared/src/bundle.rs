@@ -152,8 +152,9 @@ pub fn parse_runtime_build(reference: &str) -> Result<(String, String, crate::di
              the same bytes: use the pinned reference `alkictl runtime push` printed (REGISTRY/REPOSITORY@sha256:...)"
         ));
     };
-    let digest: crate::digest::Digest =
-        digest.parse().map_err(|e| format!("runtime build {reference:?}: {e}; copy the digest `alkictl runtime push` printed"))?;
+    let digest: crate::digest::Digest = digest
+        .parse()
+        .map_err(|e| format!("runtime build {reference:?}: {e}; copy the digest `alkictl runtime push` printed"))?;
     // A tag before the digest (`repo:tag@sha256:`) is informational: drop it.
     let name = match name.rsplit_once(':') {
         Some((n, tag)) if !tag.contains('/') && n.contains('/') => n,

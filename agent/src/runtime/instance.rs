@@ -209,8 +209,7 @@ impl Instance {
         } else {
             die_with_parent(&mut command);
         }
-        let mut child =
-            command.spawn().map_err(|source| StartError::Spawn { program: program.clone(), source })?;
+        let mut child = command.spawn().map_err(|source| StartError::Spawn { program: program.clone(), source })?;
         let pid = child.id();
         // The child is not reaped before its waiter runs, so this pidfd names it.
         let pidfd = pid.and_then(|p| pidfd_open(p).ok()).map(Arc::new);
@@ -282,12 +281,12 @@ impl Instance {
         let pid = record.pid;
         let pidfd = pidfd_open(pid).ok().map(Arc::new);
         // Checked after the pidfd is open: if this is still the recorded process, the pidfd names it.
-        let identity = process_identity(pid)
-            .filter(|id| id.start_time == record.start_time)
-            .ok_or(AdoptError::NotOurs { pid })?;
+        let identity =
+            process_identity(pid).filter(|id| id.start_time == record.start_time).ok_or(AdoptError::NotOurs { pid })?;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let (exit_tx, exit) = watch::channel(None);
-        let (waiter_fd, start_time, owner) = (pidfd.as_ref().and_then(|f| f.try_clone().ok()), record.start_time, recorder.clone());
+        let (waiter_fd, start_time, owner) =
+            (pidfd.as_ref().and_then(|f| f.try_clone().ok()), record.start_time, recorder.clone());
         let waiter = tokio::spawn(async move {
             let status = wait_adopted(pid, start_time, waiter_fd).await;
             owner.remove(pid);
@@ -327,7 +326,9 @@ impl Instance {
         let smoke = request(http, self.addr, "POST", "/completion", Some(SMOKE_REQUEST), ADOPT_SMOKE_TIMEOUT);
         match smoke.await {
             Ok((200, _)) => Ok(()),
-            Ok((code, _)) => Err(AdoptError::Unhealthy { pid, reason: format!("the smoke completion answered {code}") }),
+            Ok((code, _)) => {
+                Err(AdoptError::Unhealthy { pid, reason: format!("the smoke completion answered {code}") })
+            }
             Err(reason) => Err(AdoptError::Unhealthy { pid, reason }),
         }
     }
@@ -421,8 +422,7 @@ impl Instance {
         }
         let load_time = started.elapsed();
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(10));
-        let smoke =
-            request(http, self.addr, "POST", "/completion", Some(SMOKE_REQUEST), remaining);
+        let smoke = request(http, self.addr, "POST", "/completion", Some(SMOKE_REQUEST), remaining);
         let reason = tokio::select! {
             status = self.exited() => return Err(self.exited_error(status).await),
             answer = smoke => match answer {
@@ -589,14 +589,14 @@ fn pidfd_signal(fd: &OwnedFd, signal: libc::c_int) -> std::io::Result<()> {
 async fn wait_adopted(pid: u32, start_time: u64, pidfd: Option<OwnedFd>) -> String {
     const STATUS: &str = "exited (adopted from a previous agent, so its exit status is unknown)";
     // SAFETY: an OwnedFd is a valid open descriptor that stays open (and the same) until the AsyncFd drops it.
-    let registered = pidfd
-        .map(|fd| unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) });
+    let registered =
+        pidfd.map(|fd| unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) });
     if let Some(Ok(readable)) = registered {
         let _ = readable.readable().await;
         return STATUS.to_owned();
     }
     loop {
-        if !process_identity(pid).is_some_and(|id| id.start_time == start_time) {
+        if process_identity(pid).is_none_or(|id| id.start_time != start_time) {
             return STATUS.to_owned();
         }
         tokio::time::sleep(ADOPTED_POLL).await;

@@ -18,8 +18,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 pub use instance::{AdoptError, Instance, InstanceOptions, LaunchSpec, StartError, StopPolicy};
-pub use record::{Recorder, Role};
 pub use proxy::{HttpClient, Lease, Proxy, ProxyStats, Upstream, UpstreamInfo, http_client};
+pub use record::{Recorder, Role};
 
 const DRAIN_POLL: Duration = Duration::from_millis(100);
 /// How long requests wait for an upstream during a stop-then-start gap, unless configured.
@@ -387,6 +387,12 @@ impl Supervisor {
             self.hand_over().await;
             return;
         }
+        self.stop_serving().await;
+    }
+
+    /// Stops serving: the proxy forwards nothing more, in-flight requests finish (bounded), and every
+    /// instance is stopped safely (drained, SIGTERM, SIGTERM, SIGKILL).
+    pub async fn stop_serving(&mut self) {
         self.proxy.release();
         self.proxy.switch(None);
         self.fallback = None;

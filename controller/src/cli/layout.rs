@@ -99,6 +99,52 @@ impl Layout {
         Ok((digest, len))
     }
 
+    /// Hashes a file and hard-links it into the layout under its digest: no byte is copied. Where a link
+    /// cannot be made (another filesystem), the file is copied instead and the message says so. A file that
+    /// changes while it is hashed is refused, as in [`Layout::copy_blob`].
+    pub fn link_blob(&self, source: &Path, mut progress: impl FnMut(u64)) -> anyhow::Result<(Digest, u64)> {
+        const CHUNK: usize = 4 << 20;
+        let mut input = std::fs::File::open(source).with_context(|| format!("opening {}", source.display()))?;
+        let before = input.metadata().with_context(|| format!("reading {}", source.display()))?;
+        let mut hasher = Hasher::new();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = input.read(&mut buf).with_context(|| format!("reading {}", source.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            progress(hasher.len());
+        }
+        let after = std::fs::metadata(source).with_context(|| format!("reading {}", source.display()))?;
+        if after.len() != hasher.len() || after.modified().ok() != before.modified().ok() {
+            bail!(
+                "{} changed while it was being packed; pack it again once nothing is writing to it",
+                source.display()
+            );
+        }
+        let len = hasher.len();
+        let digest = hasher.finish();
+        let target = self.blob_path(&digest);
+        match std::fs::hard_link(source, &target) {
+            Ok(()) => {}
+            // The same content packed twice (two names for one file): the blob is already there.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                eprintln!(
+                    "cannot hard-link {} into {} ({e}); copying it instead",
+                    source.display(),
+                    self.root.display()
+                );
+                let tmp = tempfile::NamedTempFile::new_in(self.root.join("blobs/sha256"))?;
+                // std::fs::copy copies inside the kernel where it can (copy_file_range).
+                std::fs::copy(source, tmp.path()).with_context(|| format!("copying {}", source.display()))?;
+                tmp.persist(&target).map_err(|e| e.error)?;
+            }
+        }
+        Ok((digest, len))
+    }
+
     /// Writes `index.json` naming the bundle's top-level manifest under `tag`.
     pub fn write_index(&self, bundle: Descriptor, tag: &str) -> anyhow::Result<()> {
         let mut entry = bundle;
@@ -188,32 +234,51 @@ mod tests {
 
     #[test]
     fn a_copied_blob_is_byte_identical_and_named_by_its_digest() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         // Several chunks and a ragged end, so ranges, offsets and the last short copy all matter.
         let mut bytes = vec![0u8; (9 << 20) + 12_345];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
         let source = dir.path().join("model.gguf");
-        std::fs::write(&source, &bytes).unwrap();
-        let layout = Layout::create(&dir.path().join("out")).unwrap();
+        std::fs::write(&source, &bytes).expect("test setup");
+        let layout = Layout::create(&dir.path().join("out")).expect("test setup");
         let mut reported = 0;
-        let (digest, len) = layout.copy_blob(&source, |n| reported = n).unwrap();
+        let (digest, len) = layout.copy_blob(&source, |n| reported = n).expect("test setup");
         assert_eq!(digest, Digest::of(&bytes));
         assert_eq!(len, bytes.len() as u64);
         assert_eq!(reported, len);
-        assert_eq!(std::fs::read(layout.blob_path(&digest)).unwrap(), bytes);
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("out/blobs/sha256")).unwrap().collect();
+        assert_eq!(std::fs::read(layout.blob_path(&digest)).expect("test setup"), bytes);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("out/blobs/sha256")).expect("test setup").collect();
         assert_eq!(leftovers.len(), 1, "only the blob itself: no temporary file left behind");
     }
 
     #[test]
+    fn a_linked_blob_is_the_source_file_itself_under_its_digest() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().expect("test setup");
+        let bytes: Vec<u8> = (0..5_000_000u32).map(|i| (i % 253) as u8).collect();
+        let source = dir.path().join("model.gguf");
+        std::fs::write(&source, &bytes).expect("test setup");
+        let layout = Layout::create(&dir.path().join("out")).expect("test setup");
+        let (digest, len) = layout.link_blob(&source, |_| {}).expect("link");
+        assert_eq!((digest.clone(), len), (Digest::of(&bytes), bytes.len() as u64));
+        let (blob, original) = (
+            std::fs::metadata(layout.blob_path(&digest)).expect("blob"),
+            std::fs::metadata(&source).expect("source"),
+        );
+        assert_eq!(blob.ino(), original.ino(), "one file, two names: nothing was copied");
+        // Linking the same content again is not an error.
+        assert_eq!(layout.link_blob(&source, |_| {}).expect("again").0, digest);
+    }
+
+    #[test]
     fn the_buffered_fallback_copies_the_same_range() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let (from, to) = (dir.path().join("a"), dir.path().join("b"));
-        std::fs::write(&from, &bytes).unwrap();
-        let (input, output) = (std::fs::File::open(&from).unwrap(), std::fs::File::create(&to).unwrap());
-        copy_range_buffered(&input, &output, 1000, 2_500_000).unwrap();
-        let copied = std::fs::read(&to).unwrap();
+        std::fs::write(&from, &bytes).expect("test setup");
+        let (input, output) = (std::fs::File::open(&from).expect("test setup"), std::fs::File::create(&to).expect("test setup"));
+        copy_range_buffered(&input, &output, 1000, 2_500_000).expect("test setup");
+        let copied = std::fs::read(&to).expect("test setup");
         assert_eq!(&copied[1000..], &bytes[1000..2_501_000]);
     }
 }

@@ -191,6 +191,11 @@ pub enum BundleCmd {
         /// `alkictl runtime push` printed (REGISTRY/REPOSITORY@sha256:...). Default: the agent's llama-server.
         #[arg(long)]
         runtime_build: Option<String>,
+        /// Hard-link the GGUF files into the layout instead of copying them: packing only reads and hashes
+        /// them (the same filesystem is needed; otherwise they are copied). The layout then shares the
+        /// files, so do not modify a GGUF in place after packing it.
+        #[arg(long)]
+        link: bool,
     },
     /// Upload a packed bundle: `alkictl bundle push DIR REPOSITORY[:TAG]`.
     Push {
@@ -388,6 +393,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             gpu_layers,
             chat_template,
             runtime_build,
+            link,
         }) => {
             let opts = pack::PackOptions {
                 files: files.clone(),
@@ -405,6 +411,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 gpu_layers: *gpu_layers,
                 chat_template: chat_template.clone(),
                 runtime_build: runtime_build.clone(),
+                link_weights: *link,
             };
             let bar = progress_bar(cli.output, "packing");
             let packed = tokio::task::spawn_blocking(move || pack::pack_with(&opts, &extras, &bar)).await??;

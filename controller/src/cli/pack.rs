@@ -45,6 +45,9 @@ pub struct PackExtras {
     pub chat_template: Option<PathBuf>,
     /// A runtime build pinned by digest (`registry/repository@sha256:...`), written into the runtime layer.
     pub runtime_build: Option<String>,
+    /// Hard-link each GGUF file into the layout instead of copying it (`--link`): packing then only reads
+    /// and hashes. The layout shares the file with its source, so the source must not be modified in place.
+    pub link_weights: bool,
 }
 
 /// The doc layer's file names.
@@ -139,7 +142,11 @@ pub fn pack_with(opts: &PackOptions, extras: &PackExtras, progress: &indicatif::
         for part in group {
             let part_name = file_name(part)?;
             progress.set_message(part_name.clone());
-            let (digest, size) = layout.copy_blob(part, |n| progress.set_position(done_before + n))?;
+            let (digest, size) = if extras.link_weights {
+                layout.link_blob(part, |n| progress.set_position(done_before + n))?
+            } else {
+                layout.copy_blob(part, |n| progress.set_position(done_before + n))?
+            };
             done_before += size;
             let mut d = Descriptor::new(MEDIA_TYPE_WEIGHT_RAW, digest, size);
             d.annotations.insert(ANNOTATION_TITLE.into(), part_name.clone());
@@ -445,6 +452,7 @@ mod tests {
             gpu_layers: 0,
             chat_template: None,
             runtime_build: None,
+            link_weights: false,
         };
         // Named out of order: the layers still come in part order.
         let packed = pack_with(

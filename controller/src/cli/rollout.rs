@@ -42,7 +42,7 @@ pub enum RolloutCmd {
     Promote(ActionArgs),
     /// Return every candidate device to what it ran before.
     Abort(ActionArgs),
-    /// Give failed candidate devices another try.
+    /// Give failed candidate devices another try (at once, even outside the schedule window).
     Retry(ActionArgs),
     /// The rollout's events, oldest first.
     History { id: String },
@@ -76,7 +76,7 @@ pub enum Inconclusive {
 
 #[derive(Args, Default)]
 pub struct CreateArgs {
-    /// A TOML rollout spec (see `SpecFile`); flags given as well override its fields.
+    /// A rollout spec file, TOML or YAML by extension (see `SpecFile`); flags given as well override its fields.
     #[arg(long)]
     pub file: Option<PathBuf>,
     /// The candidate: REPOSITORY:TAG or REPOSITORY@sha256:...
@@ -163,7 +163,8 @@ pub enum VariantChoice {
     Recommended,
 }
 
-/// A rollout spec file (TOML). Every field is optional; unknown fields are refused.
+/// A rollout spec file, TOML or YAML (`.yaml`/`.yml`, the same fields). Every field is optional; unknown
+/// fields are refused.
 ///
 /// ```toml
 /// bundle = "acme/qwen:v2"
@@ -243,10 +244,15 @@ pub struct RuntimeFile {
     pub parallel_slots: u32,
 }
 
+/// Reads a spec file: YAML when its name ends in `.yaml` or `.yml`, TOML otherwise (same fields).
 fn read_spec_file(path: &Path) -> anyhow::Result<SpecFile> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading rollout spec {}", path.display()))?;
-    toml::from_str(&text)
-        .with_context(|| format!("rollout spec {} is not valid (see alkictl rollout create --help)", path.display()))
+    let invalid = || format!("rollout spec {} is not valid (see alkictl rollout create --help)", path.display());
+    let yaml = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
+    if yaml { serde_norway::from_str(&text).with_context(invalid) } else { toml::from_str(&text).with_context(invalid) }
 }
 
 /// Builds the wire spec from a spec file and flags; flags override the file.
@@ -811,5 +817,61 @@ context_size = 4096
         std::fs::write(&path, "bundle = \"acme/qwen:v2\"\nwindow_days = [\"mon\"]\n").expect("write");
         let err = build_spec(&CreateArgs { file: Some(path), ..Default::default() }).expect_err("days without window");
         assert!(format!("{err:#}").contains("needs a window"), "{err:#}");
+    }
+
+    #[test]
+    fn a_yaml_spec_file_has_the_same_fields_and_refuses_unknown_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("spec.yaml");
+        let yaml = "bundle: acme/qwen:v2\nselector: {site: shop-7}\nsteps: [10, 100]\nwindow: \"23:00-03:00\"\n\
+                    window_days: [fri]\nprestage: true\ngates:\n  max_failures: 2\n";
+        std::fs::write(&path, yaml).expect("write");
+        let spec = build_spec(&CreateArgs { file: Some(path.clone()), ..Default::default() }).expect("spec");
+        assert_eq!(spec.steps.iter().map(|s| s.percent).collect::<Vec<_>>(), [10, 100]);
+        assert_eq!(
+            spec.schedule.map(|w| (w.start_minute_utc, w.end_minute_utc, w.weekdays)),
+            Some((1380, 180, vec![5]))
+        );
+        assert!(spec.prestage);
+        assert_eq!(spec.gates.and_then(|g| g.max_failures), Some(2));
+        std::fs::write(&path, "bundle: a/b:c\nwindw: \"01:00-02:00\"\n").expect("write");
+        let err = build_spec(&CreateArgs { file: Some(path), ..Default::default() }).expect_err("unknown field");
+        assert!(format!("{err:#}").contains("windw"), "{err:#}");
+    }
+
+    #[test]
+    fn status_shows_the_window_and_staged_counts_per_class_in_tables_and_json() {
+        let r = proto::Rollout {
+            id: "ro-1".into(),
+            state: RolloutState::Pending as i32,
+            spec: Some(proto::RolloutSpec {
+                steps: vec![proto::RolloutStep { percent: 100, min_soak_seconds: 0 }],
+                schedule: Some(proto::ScheduleWindow { start_minute_utc: 60, end_minute_utc: 300, weekdays: vec![1] }),
+                prestage: true,
+                ..Default::default()
+            }),
+            window_opens_unix_ms: 1_795_395_600_000,
+            message: "waiting to start: outside the schedule window".into(),
+            classes: vec![proto::ClassStatus {
+                class: "pi5-8g".into(),
+                counts: Some(proto::RolloutCounts { selected: 7, ..Default::default() }),
+                staged: 5,
+                stage_failed: 2,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let view = StatusView::new(&r, &[]);
+        let text = status_text(&view);
+        assert!(text.contains("window: 01:00-05:00 UTC on mon (opens 2026-11-23T01:00:00Z)"), "{text}");
+        assert!(text.contains("STAGED") && text.contains("STAGE FAILED"), "{text}");
+        let row = text.lines().find(|l| l.contains("pi5-8g")).expect("class row");
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(&cells[cells.len() - 2..], ["5", "2"], "{row}");
+        let json = serde_json::to_value(&view).expect("json");
+        assert_eq!(json["classes"][0]["staged"], 5);
+        assert_eq!(json["classes"][0]["stage_failed"], 2);
+        assert_eq!(json["rollout"]["window_opens"], "2026-11-23T01:00:00Z");
+        assert_eq!(json["rollout"]["prestage"], true);
     }
 }

@@ -274,6 +274,10 @@ pub fn decide(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
     if is_active(plan.state()) && rollout.spec.as_ref().is_some_and(|s| s.prestage) {
         plan_prestage(&mut plan, facts, now);
     }
+    if !is_active(plan.state()) {
+        // A finished rollout waits for no window.
+        plan.rollout.window_opens_unix_ms = 0;
+    }
     plan
 }
 
@@ -598,6 +602,7 @@ fn plan_prestage(plan: &mut Plan, facts: &Facts<'_>, now: i64) {
     let halted: HashSet<&str> = plan.rollout.halted_classes.iter().map(String::as_str).collect();
     let mut per_class: BTreeMap<String, (u32, u32, u32)> = BTreeMap::new();
     let mut orders = Vec::new();
+    let mut failures = Vec::new();
     for device in facts.devices {
         let record = records.get(device.id.as_str());
         let member = record.is_some();
@@ -640,8 +645,22 @@ fn plan_prestage(plan: &mut Plan, facts: &Facts<'_>, now: i64) {
             }
         };
         if due && attempts < PRESTAGE_MAX_ATTEMPTS {
+            if state == Some(proto::PrestageState::Failed) {
+                let why = ours.and_then(|p| p.error.as_ref()).map(|e| e.message.as_str()).unwrap_or("no reason given");
+                failures.push((
+                    device.id.clone(),
+                    format!(
+                        "{} failed to stage the candidate ({why}); attempt {} of {PRESTAGE_MAX_ATTEMPTS}",
+                        device.id,
+                        attempts + 1
+                    ),
+                ));
+            }
             orders.push(PrestageOrder { device_id: device.id.clone(), class, attempt: attempts + 1 });
         }
+    }
+    for (device_id, message) in failures {
+        plan.event(now, "prestage_retry", message, &device_id);
     }
     plan.prestage = orders;
     for (class, (selected, staged, failed)) in per_class {
@@ -878,6 +897,10 @@ pub fn command(
             }
             plan.rollout.message = format!("retrying {} failed devices{by}", plan.retry.len());
         }
+    }
+    if verb == Verb::Abort || verb == Verb::Promote {
+        // Neither waits for the schedule window.
+        plan.rollout.window_opens_unix_ms = 0;
     }
     let message = plan.rollout.message.clone();
     plan.event(now, verb.label(), message, "");

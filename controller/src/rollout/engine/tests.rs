@@ -714,6 +714,8 @@ fn refills_and_joiners_wait_for_the_window_while_safety_acts_at_once() {
     let plan = command(&sim.rollout, &sim.records, Verb::Abort, "night is over", closed + MINUTE).expect("abort");
     assert_eq!(plan.to_baseline.len(), 4);
     assert_eq!(plan.rollout.state, RolloutState::Aborted as i32);
+    assert!(sim.rollout.window_opens_unix_ms > 0);
+    assert_eq!(plan.rollout.window_opens_unix_ms, 0, "an aborted rollout waits for no window");
 }
 
 #[test]
@@ -730,6 +732,7 @@ fn failing_gates_abort_outside_the_window_and_promote_ignores_it() {
     assert!(!sim.in_b().is_empty());
     let plan = sim.step(MONDAY + 3 * HOUR);
     assert_eq!(sim.state(), RolloutState::Aborted, "{}", sim.rollout.message);
+    assert_eq!(sim.rollout.window_opens_unix_ms, 0);
     assert_eq!(plan.to_baseline.len(), sim.records.len());
 
     // Promote outside the window: every selected device goes to B on the next pass.
@@ -843,6 +846,10 @@ fn a_failed_staging_is_retried_with_backoff_and_bounded() {
     assert_eq!(sim.prestaged.iter().filter(|(id, _, _)| id != "d0001").count(), 2, "the others once each");
     let class = &sim.rollout.classes[0];
     assert_eq!((class.staged, class.stage_failed), (2, 1), "{class:?}");
+    let retries: Vec<&str> =
+        sim.events.iter().filter(|e| e.kind == "prestage_retry").map(|e| e.device_id.as_str()).collect();
+    assert_eq!(retries.len() as u32, PRESTAGE_MAX_ATTEMPTS - 1);
+    assert!(retries.iter().all(|d| *d == "d0001"));
 }
 
 #[test]
