@@ -363,6 +363,12 @@ impl Stager {
                 self.metrics.pulled(pulled.bytes_fetched);
                 tracing::info!(bundle = %bundle, variant = %pulled.variant_digest, bytes_downloaded = pulled.bytes_fetched, "Bundle staged.");
                 let mut set = staged.borrow().clone();
+                let running =
+                    self.snapshot.borrow().running.as_ref().is_some_and(|r| r.digest == bundle.digest.as_str());
+                if running {
+                    // Already served: the active deployment keeps it; nothing to stage.
+                    return report(job, Some(&pulled.variant_digest), Ok(pulled.bytes_fetched));
+                }
                 let entry = StagedBundle {
                     bundle: bundle.clone(),
                     variant_digest: pulled.variant_digest.clone(),

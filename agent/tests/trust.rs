@@ -3,6 +3,8 @@
 //! and nothing of it is materialised for llama-server.
 
 mod common;
+#[path = "../../e2e/fixtures/tiny_bundle.rs"]
+mod tiny_bundle;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,9 +14,7 @@ use alki_agent::reference::BundleLocation;
 use alki_agent::store::ContentStore;
 use alki_agent::trust::{RepositoryTrust, TrustStore};
 use alki_controller::cli::sign::{Remote, sign};
-use alki_controller::cli::{pack, push};
 use alki_controller::config::ControllerConfig;
-use alki_e2e::tiny_model::{TinyModelOptions, synthetic_tokenizer, write_tiny_model};
 use alki_shared::bundle::{ANNOTATION_WEIGHTS_BYTES, MEDIA_TYPE_WEIGHT_RAW};
 use alki_shared::digest::Digest;
 use alki_shared::oci::{
@@ -64,29 +64,7 @@ impl Fixture {
     }
 
     async fn push(&self, tag: &str, seed: u64) -> Digest {
-        let work = tempfile::tempdir().expect("tempdir");
-        let model = work.path().join(format!("tiny-{tag}.gguf"));
-        write_tiny_model(&model, &TinyModelOptions { name: format!("tiny-{tag}"), seed }, &synthetic_tokenizer(64))
-            .expect("model");
-        let opts = pack::PackOptions {
-            files: vec![model],
-            out: work.path().join("layout"),
-            name: None,
-            version: None,
-            license: None,
-            context: 256,
-            tag: tag.into(),
-        };
-        let bar = indicatif::ProgressBar::hidden();
-        pack::pack(&opts, &bar).expect("pack");
-        let target = push::PushTarget {
-            registry: self.registry.clone(),
-            repository: "acme/tiny".into(),
-            tag: tag.into(),
-            auth: push::token_auth(Some(self.admin.clone())),
-            plain_http: true,
-        };
-        push::push(&opts.out, &target, &bar).await.expect("push").digest
+        tiny_bundle::push_tiny_bundle(&self.registry, "acme/tiny", &self.admin, tag, seed).await
     }
 
     async fn manifest(&self, digest: &Digest) -> Vec<u8> {

@@ -41,6 +41,16 @@ pub const NAMES: &[(&str, &str, &str)] = &[
     ),
     ("alki_rollout_class_samples", "gauge", "Devices measured per hardware class and cohort behind the ratios."),
     (
+        "alki_rollout_prestage_devices",
+        "gauge",
+        "Devices of a rollout by hardware class and pre-staging state (pending: to be sent, sent, ready, failed).",
+    ),
+    (
+        "alki_rollout_prestage_attempts",
+        "gauge",
+        "Prestage commands sent for a rollout per hardware class, retries after failures included.",
+    ),
+    (
         "alki_class_generation_tokens_per_second",
         "gauge",
         "Median generation tokens/s of the newest telemetry, per class and bundle.",
@@ -138,6 +148,26 @@ fn phase_label(phase: i32) -> &'static str {
 /// Newest telemetry of the devices of one (class, bundle): tokens/s values, TTFT values, devices.
 type Serving = (Vec<f64>, Vec<f64>, u64);
 
+/// Pre-staging states as labels, in the order of [`Prestaging::devices`].
+const PRESTAGE_STATES: [&str; 4] = ["pending", "sent", "ready", "failed"];
+
+/// Pre-staging of one (rollout, class): devices by state, and commands sent.
+#[derive(Default)]
+struct Prestaging {
+    devices: [u64; 4],
+    attempts: u64,
+}
+
+fn prestage_index(state: i32) -> usize {
+    match proto::PrestageState::try_from(state).unwrap_or_default() {
+        // Not sent yet, or to be sent again (its session ended before an answer).
+        proto::PrestageState::Unspecified => 0,
+        proto::PrestageState::Sent => 1,
+        proto::PrestageState::Ready => 2,
+        proto::PrestageState::Failed => 3,
+    }
+}
+
 /// Renders every metric from the fleet's state now. Blocking (reads the store).
 pub fn render(fleet: &Fleet) -> Result<String, StoreError> {
     let mut e = Exposition::default();
@@ -145,6 +175,7 @@ pub fn render(fleet: &Fleet) -> Result<String, StoreError> {
 
     let mut by_state: BTreeMap<(&str, &str, String), u64> = BTreeMap::new();
     let mut serving: BTreeMap<(String, String), Serving> = BTreeMap::new();
+    let mut prestaging: BTreeMap<(String, String), Prestaging> = BTreeMap::new();
     let mut connected = 0u64;
     for d in &devices {
         let state = if d.decommissioned {
@@ -157,6 +188,11 @@ pub fn render(fleet: &Fleet) -> Result<String, StoreError> {
         };
         let class = hardware_class(d);
         *by_state.entry((state, phase_label(d.phase), class.clone())).or_default() += 1;
+        if let Some(p) = d.prestage.as_ref().filter(|p| !p.rollout_id.is_empty()) {
+            let entry = prestaging.entry((p.rollout_id.clone(), class.clone())).or_default();
+            entry.devices[prestage_index(p.state)] += 1;
+            entry.attempts += u64::from(p.attempts);
+        }
         if let Some(t) = d.latest_telemetry.as_ref().filter(|t| !t.bundle_digest.is_empty() && d.connected) {
             let entry = serving.entry((class, t.bundle_digest.clone())).or_default();
             if t.generation_tokens_per_second > 0.0 {
@@ -181,6 +217,14 @@ pub fn render(fleet: &Fleet) -> Result<String, StoreError> {
             e.add("alki_class_ttft_ms", &labels, m);
         }
         e.add("alki_class_serving_devices", &labels, *n as f64);
+    }
+    for ((rollout, class), p) in &prestaging {
+        for (state, n) in PRESTAGE_STATES.iter().zip(p.devices) {
+            let labels = [("rollout_id", rollout.as_str()), ("class", class.as_str()), ("state", state)];
+            e.add("alki_rollout_prestage_devices", &labels, n as f64);
+        }
+        let labels = [("rollout_id", rollout.as_str()), ("class", class.as_str())];
+        e.add("alki_rollout_prestage_attempts", &labels, p.attempts as f64);
     }
 
     let mut rollouts = fleet.store.rollouts()?;
@@ -303,5 +347,50 @@ mod tests {
             let name = line.split(['{', ' ']).next().unwrap_or_default();
             assert!(NAMES.iter().any(|(n, _, _)| *n == name), "{name} is exported but not listed");
         }
+    }
+
+    #[test]
+    fn pre_staging_is_counted_per_rollout_class_and_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::open(dir.path()).expect("open");
+        let devices = [
+            ("d1", "pi5-8g", "ro-1", proto::PrestageState::Ready, 1),
+            ("d2", "pi5-8g", "ro-1", proto::PrestageState::Ready, 1),
+            ("d3", "pi5-8g", "ro-1", proto::PrestageState::Failed, 3),
+            ("d4", "x86-avx2", "ro-1", proto::PrestageState::Sent, 1),
+            ("d5", "x86-avx2", "ro-1", proto::PrestageState::Unspecified, 2),
+            ("d6", "pi5-8g", "ro-2", proto::PrestageState::Sent, 1),
+        ];
+        for (id, class, rollout, state, attempts) in devices {
+            store
+                .update_device(id, |d| {
+                    d.labels.insert("class".into(), class.into());
+                    d.prestage = Some(proto::DevicePrestage {
+                        rollout_id: rollout.into(),
+                        state: state as i32,
+                        attempts,
+                        ..Default::default()
+                    });
+                })
+                .expect("device");
+        }
+        // A device never told to pre-stage counts nowhere.
+        store.update_device("d7", |d| d.phase = Phase::Active as i32).expect("device");
+        let text = render(&Fleet::new(store)).expect("render");
+        for expected in [
+            r#"alki_rollout_prestage_devices{rollout_id="ro-1",class="pi5-8g",state="ready"} 2"#,
+            r#"alki_rollout_prestage_devices{rollout_id="ro-1",class="pi5-8g",state="failed"} 1"#,
+            r#"alki_rollout_prestage_devices{rollout_id="ro-1",class="pi5-8g",state="sent"} 0"#,
+            r#"alki_rollout_prestage_devices{rollout_id="ro-1",class="x86-avx2",state="sent"} 1"#,
+            r#"alki_rollout_prestage_devices{rollout_id="ro-1",class="x86-avx2",state="pending"} 1"#,
+            r#"alki_rollout_prestage_devices{rollout_id="ro-2",class="pi5-8g",state="sent"} 1"#,
+            r#"alki_rollout_prestage_attempts{rollout_id="ro-1",class="pi5-8g"} 5"#,
+            r#"alki_rollout_prestage_attempts{rollout_id="ro-1",class="x86-avx2"} 3"#,
+            "# TYPE alki_rollout_prestage_devices gauge",
+        ] {
+            assert!(text.lines().any(|l| l == expected), "missing {expected}:\n{text}");
+        }
+        let samples = text.lines().filter(|l| l.starts_with("alki_rollout_prestage_devices{")).count();
+        assert_eq!(samples, 3 * PRESTAGE_STATES.len(), "one series per state for each (rollout, class)");
     }
 }

@@ -5,15 +5,16 @@
 
 use std::time::Duration;
 
+use alki_controller::cli::inspect;
 use alki_controller::cli::sign::{Remote, sign};
-use alki_controller::cli::{inspect, pack, push};
 use alki_controller::config::ControllerConfig;
-use alki_e2e::tiny_model::{TinyModelOptions, synthetic_tokenizer, write_tiny_model};
 use alki_shared::digest::Digest;
 use alki_shared::proto::{self, fleet_service_client::FleetServiceClient};
 use alki_shared::signing::{SigningKey, signature_tag};
 
 mod common;
+#[path = "../../e2e/fixtures/tiny_bundle.rs"]
+mod tiny_bundle;
 
 struct Controller {
     _dir: tempfile::TempDir,
@@ -55,29 +56,7 @@ impl Controller {
     }
 
     async fn push(&self, tag: &str, seed: u64) -> Digest {
-        let work = tempfile::tempdir().expect("tempdir");
-        let model = work.path().join(format!("tiny-{tag}.gguf"));
-        write_tiny_model(&model, &TinyModelOptions { name: format!("tiny-{tag}"), seed }, &synthetic_tokenizer(64))
-            .expect("model");
-        let opts = pack::PackOptions {
-            files: vec![model],
-            out: work.path().join("layout"),
-            name: None,
-            version: None,
-            license: None,
-            context: 512,
-            tag: tag.into(),
-        };
-        let bar = indicatif::ProgressBar::hidden();
-        pack::pack(&opts, &bar).expect("pack");
-        let target = push::PushTarget {
-            registry: self.registry.clone(),
-            repository: "acme/tiny".into(),
-            tag: tag.into(),
-            auth: push::token_auth(Some(self.admin.clone())),
-            plain_http: true,
-        };
-        push::push(&opts.out, &target, &bar).await.expect("push").digest
+        tiny_bundle::push_tiny_bundle(&self.registry, "acme/tiny", &self.admin, tag, seed).await
     }
 
     async fn create(&self, candidate: &str, override_reason: Option<&str>) -> Result<proto::Rollout, tonic::Status> {

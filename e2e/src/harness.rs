@@ -94,7 +94,12 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// A graceful stop first (bounded): an agent stops its llama-server only then; a killed agent leaves it
+    /// running for the next agent to adopt, which a test that ends here would leak.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.stop(Duration::from_secs(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

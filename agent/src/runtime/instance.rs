@@ -209,24 +209,42 @@ impl Instance {
         } else {
             die_with_parent(&mut command);
         }
-        let mut child = command.spawn().map_err(|source| StartError::Spawn { program: program.clone(), source })?;
+        // Recorded before the fork (by port, pid unknown yet): an agent killed right after the fork still
+        // leaves a record the next agent finds the process by.
+        let pending = ProcessRecord {
+            pid: 0,
+            start_time: 0,
+            exe: program.clone(),
+            port,
+            model_path: spec.model_path.clone(),
+            settings: spec.settings.clone(),
+            bundle_digest: spec.bundle_digest.clone(),
+            log: log.clone(),
+            role: Role::Starting,
+        };
+        if let Some(recorder) = recorder {
+            recorder.add(pending.clone());
+        }
+        let spawned = command.spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(source) => {
+                if let Some(recorder) = recorder {
+                    recorder.remove_pending(port);
+                }
+                return Err(StartError::Spawn { program: program.clone(), source });
+            }
+        };
         let pid = child.id();
         // The child is not reaped before its waiter runs, so this pidfd names it.
         let pidfd = pid.and_then(|p| pidfd_open(p).ok()).map(Arc::new);
-        if let (Some(recorder), Some(pid)) = (recorder, pid) {
-            match process_identity(pid) {
-                Some(identity) => recorder.add(ProcessRecord {
-                    pid,
-                    start_time: identity.start_time,
-                    exe: identity.exe,
-                    port,
-                    model_path: spec.model_path.clone(),
-                    settings: spec.settings.clone(),
-                    bundle_digest: spec.bundle_digest.clone(),
-                    log: log.clone(),
-                    role: Role::Starting,
-                }),
-                None => tracing::warn!(pid, "llama-server exited at once; not recorded."),
+        if let Some(recorder) = recorder {
+            recorder.remove_pending(port);
+            match pid.and_then(|pid| Some((pid, process_identity(pid)?))) {
+                Some((pid, identity)) => {
+                    recorder.add(ProcessRecord { pid, start_time: identity.start_time, exe: identity.exe, ..pending })
+                }
+                None => tracing::warn!(?pid, "llama-server exited at once; not recorded."),
             }
         }
         let (exit_tx, exit) = watch::channel(None);

@@ -111,6 +111,19 @@ impl Supervisor {
         let mut adopted = None;
         let mut stopping = false;
         for record in recorder.processes() {
+            let record = if record.pid == 0 {
+                // Recorded just before a fork the previous agent did not live to complete.
+                recorder.remove_pending(record.port);
+                match record::find_pending(&record) {
+                    Some(found) => {
+                        recorder.add(found.clone());
+                        found
+                    }
+                    None => continue,
+                }
+            } else {
+                record
+            };
             let pid = record.pid;
             let instance = match Instance::adopt(&record, &recorder) {
                 Ok(instance) => instance,

@@ -141,12 +141,18 @@ impl Recorder {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner).processes.clone()
     }
 
-    /// Records a process just started (replacing any stale entry with its pid).
+    /// Records a process just started (replacing any stale entry with its pid), or, with pid 0, one about to
+    /// be started on `record.port` (see [`find_pending`]).
     pub fn add(&self, record: ProcessRecord) {
         self.update(|processes| {
-            processes.retain(|p| p.pid != record.pid);
+            processes.retain(|p| p.pid != record.pid || (p.pid == 0 && p.port != record.port));
             processes.push(record);
         });
+    }
+
+    /// Forgets the entry of a process that was about to be started on `port`.
+    pub fn remove_pending(&self, port: u16) {
+        self.update(|processes| processes.retain(|p| !(p.pid == 0 && p.port == port)));
     }
 
     /// Changes what a recorded process does.
@@ -179,6 +185,29 @@ impl Recorder {
             tracing::error!(file = %inner.path.display(), error = %e, "Cannot write the runtime record; a restarted agent may not find llama-server.");
         }
     }
+}
+
+/// For an entry written just before a fork (pid 0): the live process started from `record.exe` with
+/// `record.model_path` on `record.port` (its command line says so), if one runs; the entry with its pid and
+/// start time filled in. Loopback ports are unique among live processes, so this names one process.
+pub fn find_pending(record: &ProcessRecord) -> Option<ProcessRecord> {
+    let port = record.port.to_string();
+    let model = record.model_path.to_string_lossy().into_owned();
+    let entries = std::fs::read_dir("/proc").ok()?;
+    for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let has = |flag: &str, value: &str| args.windows(2).any(|w| w[0] == flag.as_bytes() && w[1] == value.as_bytes());
+        if !(has("--port", &port) && has("-m", &model)) {
+            continue;
+        }
+        let Some(identity) = process_identity(pid) else { continue };
+        let wanted = std::fs::canonicalize(&record.exe).unwrap_or_else(|_| record.exe.clone());
+        if identity.exe == wanted {
+            return Some(ProcessRecord { pid, start_time: identity.start_time, exe: identity.exe, ..record.clone() });
+        }
+    }
+    None
 }
 
 #[cfg(test)]

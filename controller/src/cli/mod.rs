@@ -559,7 +559,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         d.id.clone(),
                         if d.connected { "yes".into() } else { "no".into() },
                         d.phase.clone(),
-                        d.running.as_deref().map(short_ref).unwrap_or_else(|| "-".into()),
+                        d.running_cell(),
                         format!("{}/{}", d.applied_generation, d.desired_generation),
                         d.hardware_class.clone(),
                         d.error.clone().unwrap_or_default(),
@@ -689,6 +689,8 @@ struct DeviceView {
     phase: String,
     running: Option<String>,
     desired: Option<String>,
+    /// Serving nothing on purpose: a rollout returned the device to a baseline of nothing served.
+    desired_serve_nothing: bool,
     applied_generation: u64,
     desired_generation: u64,
     rollout_id: String,
@@ -707,7 +709,12 @@ impl From<&proto::Device> for DeviceView {
             connected: d.connected,
             phase: proto::Phase::try_from(d.phase).unwrap_or(proto::Phase::Unspecified).label().into(),
             running: d.running.as_ref().map(|b| b.display()),
-            desired: d.desired.as_ref().map(|b| b.display()),
+            desired: match &d.desired {
+                Some(b) => Some(b.display()),
+                None if d.desired_serve_nothing => Some(SERVE_NOTHING.into()),
+                None => None,
+            },
+            desired_serve_nothing: d.desired_serve_nothing,
             applied_generation: d.applied_generation,
             desired_generation: d.desired_generation,
             rollout_id: d.rollout_id.clone(),
@@ -717,6 +724,20 @@ impl From<&proto::Device> for DeviceView {
             labels: d.labels.clone().into_iter().collect(),
             error: d.error.as_ref().map(|e| e.message.clone()),
             error_code: d.error.as_ref().map(|e| proto::ErrorCode::try_from(e.code).unwrap_or_default().label().into()),
+        }
+    }
+}
+
+/// How a device told to serve nothing (`Device.desired_serve_nothing`) reads, so it is not taken for a fault.
+const SERVE_NOTHING: &str = "nothing (by rollout)";
+
+impl DeviceView {
+    /// The RUNNING cell: the bundle, nothing on purpose, or "-" (nothing yet or nothing known).
+    fn running_cell(&self) -> String {
+        match &self.running {
+            Some(r) => short_ref(r),
+            None if self.desired_serve_nothing => SERVE_NOTHING.into(),
+            None => "-".into(),
         }
     }
 }
@@ -770,4 +791,23 @@ fn short_ref(r: &str) -> String {
 
 fn bytes(n: u64) -> String {
     indicatif::HumanBytes(n).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_serving_nothing_by_rollout_says_so() {
+        let nothing = proto::Device { id: "pi-1".into(), desired_serve_nothing: true, ..Default::default() };
+        let view = DeviceView::from(&nothing);
+        assert_eq!(view.running_cell(), "nothing (by rollout)");
+        assert_eq!(view.desired.as_deref(), Some("nothing (by rollout)"));
+        let json = serde_json::to_value(&view).expect("json");
+        assert_eq!(json["desired_serve_nothing"], true);
+
+        let unknown = DeviceView::from(&proto::Device { id: "pi-2".into(), ..Default::default() });
+        assert_eq!(unknown.running_cell(), "-");
+        assert_eq!(unknown.desired, None);
+    }
 }
