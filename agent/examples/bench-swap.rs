@@ -3,6 +3,7 @@
 //!  1. ours: the agent's front proxy and supervisor swap A → B blue/green while clients keep asking;
 //!  2. llama-server's own router mode (`--models-dir`, `--models-max 1`): the clients switch from asking
 //!     for A to asking for B, which makes the router unload A and load B.
+//!
 //! For each: requests failed (goal 0 for ours) and p99 latency of requests overlapping the swap against
 //! the steady-state p99.
 //!

@@ -1286,7 +1286,26 @@ pub(crate) mod for_builds {
         artifact: &BundleLocation,
         trust: &RepositoryTrust,
     ) -> Result<Option<Verified>, PullErrorKind> {
-        super::check_signature(Source::Registry(registry), store, artifact, trust).await
+        // As for bundles: a signature recorded in the store when the build was pulled (or staged) is checked
+        // first, against the policy as it is now, so the build activates with no registry; the registry is
+        // asked when none is recorded, or when the recorded one no longer satisfies the policy (it may hold a
+        // newer signature) and can be reached.
+        if store.signature_of(&artifact.digest).await.is_none() {
+            return super::check_signature(Source::Registry(registry), store, artifact, trust).await;
+        }
+        match super::check_signature(Source::Store, store, artifact, trust).await {
+            Ok(verified) => Ok(verified),
+            Err(PullErrorKind::NotInStore(_)) => {
+                super::check_signature(Source::Registry(registry), store, artifact, trust).await
+            }
+            Err(refusal @ PullErrorKind::Signature { .. }) => {
+                match super::check_signature(Source::Registry(registry), store, artifact, trust).await {
+                    Err(PullErrorKind::Registry { .. } | PullErrorKind::Transfer { .. }) => Err(refusal),
+                    other => other,
+                }
+            }
+            Err(other) => Err(other),
+        }
     }
 
     pub(crate) async fn fetch_manifest(

@@ -356,8 +356,19 @@ impl Stager {
         let options = self.options(&bundle, &set, preferred).await;
         let access = self.registry.access().await;
         let memory = tokio::task::spawn_blocking(crate::inventory::memory_available).await.unwrap_or_default();
-        let pulled =
+        let mut pulled =
             pull_bundle_with(&access, &self.store, &self.bundles_dir, &bundle, memory, &options, &mut |_| {}).await;
+        if let Ok(pulled) = &mut pulled {
+            // The llama.cpp build the bundle names, too: its activation then needs no network either.
+            let builds_dir = self.data_dir.join(crate::builds::DIR_NAME);
+            let fetch = crate::builds::Fetch { registry: &access, store: &self.store, builds_dir: &builds_dir };
+            if let Err(e) =
+                crate::builds::attach(pulled, &bundle, &fetch, &self.registry.trust, &options, &mut |_| {}).await
+            {
+                tracing::warn!(bundle = %bundle, error = %e, "Staging the bundle's runtime build failed.");
+                return report(job, None, Err(activation_error(&e)));
+            }
+        }
         match pulled {
             Ok(pulled) => {
                 self.metrics.pulled(pulled.bytes_fetched);

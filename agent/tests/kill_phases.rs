@@ -100,11 +100,32 @@ fn write_config(dir: &Path, data_dir: &Path, controller: SocketAddr, front: u16)
     path
 }
 
+/// The agent's log, appended to across restarts, for a failure's message.
+fn log_file(config: &Path) -> Stdio {
+    let path = config.with_file_name("agent.log");
+    std::fs::OpenOptions::new().create(true).append(true).open(path).map(Stdio::from).unwrap_or(Stdio::null())
+}
+
+/// Waits (bounded) for `condition`; on timeout fails with what the agents logged.
+async fn wait_for(what: &str, dir: &Path, mut condition: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !condition().await {
+        if tokio::time::Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+            let record = std::fs::read_to_string(dir.join("data/runtime.json")).unwrap_or_default();
+            panic!("timed out waiting for {what}; runtime.json: {record}\nagent log:\n{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn start(config: &Path) -> Guard {
     let child = Command::new(AGENT)
         .args(["run", "--config"])
         .arg(config)
-        .stdout(Stdio::null())
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(log_file(config))
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn alki-agent");
@@ -181,24 +202,17 @@ async fn kill_at(phase: Phase) {
     let down = downs.remove(0);
     next_where(&mut up, |m| matches!(m, agent_message::Msg::Hello(_))).await;
     send(&down, controller_message::Msg::DesiredState(desired)).await;
-    loop {
-        if served_by(front).await.is_some_and(|c| c.contains("model-b.gguf")) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    while llama_servers(&data_dir).len() != 1 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("B to be served after a kill at {}", phase.label());
+    wait_for(&what, dir.path(), async || served_by(front).await.is_some_and(|c| c.contains("model-b.gguf"))).await;
+    let what = format!("exactly one llama-server after a kill at {}", phase.label());
+    wait_for(&what, dir.path(), async || llama_servers(&data_dir).len() == 1).await;
     let state = StateFile::new(&data_dir).load().expect("state").expect("present");
     assert_eq!(state.active.map(|a| a.bundle), Some(b), "B is active after a kill at {}", phase.label());
     check_store(&data_dir);
     // A stop stops llama-server (the agent's own or adopted).
     // SAFETY: kill(2) has no memory-safety preconditions; the agent is our unreaped child.
     unsafe { libc::kill(agent.0.id() as libc::pid_t, libc::SIGTERM) };
-    while !llama_servers(&data_dir).is_empty() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for("no llama-server after a stop", dir.path(), async || llama_servers(&data_dir).is_empty()).await;
     drop(agent);
 }
 

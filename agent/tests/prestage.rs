@@ -350,7 +350,10 @@ async fn a_staged_bundle_activates_with_the_registry_gone_and_is_verified_agains
         assert_eq!(agent.pulled_bytes().await, pulled_before, "zero bytes downloaded for the activation");
         let metrics = agent.metrics_text().await;
         assert!(metrics.contains("alki_agent_prestages_total{outcome=\"ready\"} 2"), "{metrics}");
-        assert!(metrics.contains("alki_agent_staged_bundles 0"), "B was activated: {metrics}");
+        // The staging task sees the activation on its own (the snapshot changes), shortly after the status.
+        while !agent.metrics_text().await.contains("alki_agent_staged_bundles 0") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert!(served_model(agent.front).await.is_some_and(|c| c.contains("tiny-b.gguf")));
 
         // Going back to A (the previous bundle) needs no registry either: its signature was kept at its pull.
@@ -499,6 +502,85 @@ async fn bytes_changed_in_the_content_store_are_not_trusted_offline() {
         let err = pull().await.expect_err("refused");
         assert_eq!(err.code(), ErrorCode::PullFailed, "{err}");
         assert!(!blob.exists(), "the damaged layer was removed from the store");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A bundle that names a runtime build: staging fetches and verifies the build too (its signature recorded
+/// in the content store), so with the registry gone the bundle activates and runs that build's llama-server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_bundle_naming_a_runtime_build_activates_on_that_build_with_the_registry_gone() {
+    use alki_controller::cli::runtime;
+    tokio::time::timeout(TEST_TIMEOUT * 2, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = SigningKey::generate().expect("key");
+        let mut registry = registry().await;
+        let a = registry.publish("a", 1, Some(&key)).await;
+
+        // A "build": the fake llama-server as this platform's entry, pushed and signed in acme/llama-server.
+        let work = tempfile::tempdir().expect("tempdir");
+        let build_dir = work.path().join("bin");
+        std::fs::create_dir_all(&build_dir).expect("build dir");
+        std::fs::copy(fake_llama_server(), build_dir.join("llama-server")).expect("server");
+        let arch = alki_agent::builds::oci_architecture(std::env::consts::ARCH);
+        let platform = runtime::parse_platform(&format!("linux/{arch}={}", build_dir.display())).expect("platform");
+        let bar = indicatif::ProgressBar::hidden();
+        let layout = work.path().join("build-layout");
+        runtime::pack(&[platform], "b1", &layout, "b1", &bar).expect("pack build");
+        let target = push::PushTarget {
+            registry: registry.addr.clone(),
+            repository: "acme/llama-server".into(),
+            tag: "b1".into(),
+            auth: registry.auth(),
+            plain_http: true,
+        };
+        let build_digest = push::push(&layout, &target, &bar).await.expect("push build").digest;
+        let build_remote = Remote::new(registry.addr.clone(), "acme/llama-server".into(), registry.auth(), true);
+        sign(&build_remote, "b1", &key).await.expect("sign build");
+
+        // Bundle B names that build.
+        let model = work.path().join("tiny-b.gguf");
+        write_tiny_model(&model, &TinyModelOptions { name: "tiny-b".into(), seed: 2 }, &synthetic_tokenizer(64))
+            .expect("model");
+        let opts = pack::PackOptions {
+            files: vec![model],
+            out: work.path().join("layout"),
+            name: None,
+            version: None,
+            license: None,
+            context: 256,
+            tag: "b".into(),
+        };
+        let extras = pack::PackExtras {
+            runtime_build: Some(format!("{}/acme/llama-server@{build_digest}", registry.addr)),
+            ..pack::PackExtras::default()
+        };
+        pack::pack_with(&opts, &extras, &bar).expect("pack bundle");
+        let target = push::PushTarget { repository: REPOSITORY.into(), tag: "b".into(), ..target };
+        let digest = push::push(&opts.out, &target, &bar).await.expect("push bundle").digest;
+        sign(&registry.remote(), "b", &key).await.expect("sign bundle");
+        let b =
+            BundleLocation { registry: registry.addr.clone(), repository: REPOSITORY.into(), digest, tag: "b".into() };
+
+        let mut agent = start_agent(config_for(dir.path(), &registry, &key)).await;
+        agent.desire(1, &a).await;
+        assert_eq!(agent.outcome(1).await.phase, Phase::Active as i32);
+        let report = agent.prestage("stage-b", &b).await;
+        assert!(report.ready, "{:?}", report.error);
+
+        registry.shut_down().await;
+        agent.desire(2, &b).await;
+        let active = agent.outcome(2).await;
+        assert_eq!(active.phase, Phase::Active as i32, "{:?}", active.error);
+        assert!(served_model(agent.front).await.is_some_and(|c| c.contains("tiny-b.gguf")));
+        let builds = dir.path().join("data").join(alki_agent::builds::DIR_NAME);
+        let on_build = std::fs::read_dir("/proc")
+            .expect("proc")
+            .filter_map(|e| std::fs::read_link(e.ok()?.path().join("exe")).ok())
+            .any(|exe| exe.starts_with(&builds));
+        assert!(on_build, "a llama-server runs from the staged build under {}", builds.display());
+        agent.stop().await;
     })
     .await
     .expect("test timed out");
