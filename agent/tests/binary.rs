@@ -15,7 +15,16 @@ const AGENT: &str = env!("CARGO_BIN_EXE_alki-agent");
 struct Guard(Child);
 
 impl Drop for Guard {
+    /// SIGTERM first (bounded), so the agent stops its llama-server: a killed agent leaves it running by design.
     fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: kill(2) on our own unreaped child.
+            unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while matches!(self.0.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

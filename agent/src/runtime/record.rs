@@ -197,7 +197,8 @@ pub fn find_pending(record: &ProcessRecord) -> Option<ProcessRecord> {
     for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let has = |flag: &str, value: &str| args.windows(2).any(|w| w[0] == flag.as_bytes() && w[1] == value.as_bytes());
+        let has =
+            |flag: &str, value: &str| args.windows(2).any(|w| w[0] == flag.as_bytes() && w[1] == value.as_bytes());
         if !(has("--port", &port) && has("-m", &model)) {
             continue;
         }
