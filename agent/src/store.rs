@@ -4,7 +4,9 @@
 //! resumes from the bytes on disk; the whole file is verified before it becomes a blob.
 
 use std::collections::HashSet;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use alki_shared::digest::{Digest, Hasher};
@@ -235,8 +237,10 @@ impl ContentStore {
         .map_err(|join| io_at(&path)(std::io::Error::other(join)))?
         .map_err(io_at(&path))?;
         let (file, hasher) = opened;
+        let writer = Arc::new(file.try_clone().map_err(io_at(&path))?);
         let file = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, tokio::fs::File::from_std(file));
         Ok(PartialBlob {
+            writer,
             path,
             final_path: self.path(expected),
             expected: expected.clone(),
@@ -364,12 +368,20 @@ pub struct PartialBlob {
     size: u64,
     hasher: Hasher,
     file: tokio::io::BufWriter<tokio::fs::File>,
+    /// The same open file for [`PartialBlob::append`]'s writes on a blocking thread, side by side with the
+    /// hashing (a duplicate handle: it shares the file position, so `restart` rewinds both).
+    writer: Arc<std::fs::File>,
     /// Bytes written since the last background sync started.
     unsynced: u64,
     /// A background `fdatasync` in flight (see [`WRITEBACK_EVERY`]); its error fails the blob, since Linux
     /// reports a failed writeback once per open file and the duplicate shares this one's.
     writeback: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
+
+/// [`PartialBlob::append`] hashes and writes this many received bytes at a time: large enough that handing
+/// a batch to two threads costs nothing next to hashing it, small enough that a slow link still writes (and
+/// so can resume from) every second or so.
+const APPEND_BATCH: u64 = 1 << 20;
 
 /// Once this many bytes are written since the last sync, a background `fdatasync` starts on a duplicate
 /// handle: the disk writes back while the download continues, so the final fsync has little left instead of
@@ -397,37 +409,75 @@ impl PartialBlob {
         Ok(())
     }
 
-    /// Appends a stream through the fixed-size buffer. More bytes than the blob's size stop at once. When
-    /// the stream fails, the bytes received so far are kept (flushed) for the next attempt to resume from.
+    /// Appends a stream in batches of up to [`APPEND_BATCH`] bytes: each batch is hashed and written on two
+    /// blocking threads at once, with no copy (the received buffers are shared). More bytes than the blob's
+    /// size stop at once. When the stream fails, the bytes received so far are written for the next attempt
+    /// to resume from.
     pub async fn append<S>(&mut self, stream: S, mut progress: impl FnMut(u64)) -> Result<(), StoreError>
     where
         S: Stream<Item = Result<Bytes, std::io::Error>>,
     {
         let mut stream = std::pin::pin!(stream);
-        while let Some(chunk) = stream.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(source) => {
-                    self.file.flush().await.map_err(io_at(&self.path))?;
+        let mut batch: Vec<Bytes> = Vec::new();
+        let mut batch_len = 0u64;
+        loop {
+            let ended = match stream.next().await {
+                Some(Ok(chunk)) => {
+                    let after = self.hasher.len() + batch_len + chunk.len() as u64;
+                    if after > self.size {
+                        return Err(StoreError::SizeMismatch {
+                            digest: self.expected.clone(),
+                            expected: self.size,
+                            actual: after,
+                            more: true,
+                        });
+                    }
+                    batch_len += chunk.len() as u64;
+                    batch.push(chunk);
+                    // Received, not yet on disk: progress is for people; resumption uses `len()`.
+                    progress(self.hasher.len() + batch_len);
+                    false
+                }
+                Some(Err(source)) => {
+                    self.write_batch(std::mem::take(&mut batch)).await?;
                     return Err(StoreError::Source { digest: self.expected.clone(), source });
                 }
+                None => true,
             };
-            let after = self.hasher.len() + chunk.len() as u64;
-            if after > self.size {
-                return Err(StoreError::SizeMismatch {
-                    digest: self.expected.clone(),
-                    expected: self.size,
-                    actual: after,
-                    more: true,
-                });
+            if batch_len >= APPEND_BATCH || (ended && !batch.is_empty()) {
+                self.write_batch(std::mem::take(&mut batch)).await?;
+                batch_len = 0;
+                self.start_writeback().await?;
             }
-            self.hasher.update(&chunk);
-            self.file.write_all(&chunk).await.map_err(io_at(&self.path))?;
-            self.unsynced += chunk.len() as u64;
-            self.start_writeback().await?;
-            progress(self.hasher.len());
+            if ended {
+                return Ok(());
+            }
         }
-        self.file.flush().await.map_err(io_at(&self.path))?;
+    }
+
+    /// Hashes and writes `pieces` side by side; the hash then covers exactly what was written.
+    async fn write_batch(&mut self, pieces: Vec<Bytes>) -> Result<(), StoreError> {
+        let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        let mut hasher = std::mem::take(&mut self.hasher);
+        let to_hash = pieces.clone();
+        let hashing = tokio::task::spawn_blocking(move || {
+            for piece in &to_hash {
+                hasher.update(piece);
+            }
+            hasher
+        });
+        let writer = self.writer.clone();
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let mut file: &std::fs::File = &writer;
+            for piece in &pieces {
+                file.write_all(piece)?;
+            }
+            Ok(())
+        });
+        let (hashed, written) = (hashing.await, written.await);
+        self.hasher = hashed.map_err(|join| io_at(&self.path)(std::io::Error::other(join)))?;
+        written.map_err(|join| io_at(&self.path)(std::io::Error::other(join)))?.map_err(io_at(&self.path))?;
+        self.unsynced += len;
         Ok(())
     }
 
@@ -437,9 +487,8 @@ impl PartialBlob {
             return Ok(());
         }
         self.wait_writeback().await?;
-        self.file.flush().await.map_err(io_at(&self.path))?;
-        let duplicate = self.file.get_ref().try_clone().await.map_err(io_at(&self.path))?;
-        self.writeback = Some(tokio::spawn(async move { duplicate.sync_data().await }));
+        let writer = self.writer.clone();
+        self.writeback = Some(tokio::task::spawn_blocking(move || writer.sync_data()));
         self.unsynced = 0;
         Ok(())
     }
