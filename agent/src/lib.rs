@@ -150,7 +150,8 @@ impl Agent {
         let addr = config.front_addr()?;
         let front = match front {
             Some(passed) => {
-                let passed = tokio::net::TcpListener::from_std(passed).map_err(|source| AgentError::Bind { addr, source })?;
+                let passed =
+                    tokio::net::TcpListener::from_std(passed).map_err(|source| AgentError::Bind { addr, source })?;
                 let local = passed.local_addr().ok();
                 if local != Some(addr) {
                     tracing::info!(passed = ?local, configured = %addr, "Serving clients on the socket systemd passed; runtime.front_addr is not used.");

@@ -261,10 +261,8 @@ mod tests {
         let layout = Layout::create(&dir.path().join("out")).expect("test setup");
         let (digest, len) = layout.link_blob(&source, |_| {}).expect("link");
         assert_eq!((digest.clone(), len), (Digest::of(&bytes), bytes.len() as u64));
-        let (blob, original) = (
-            std::fs::metadata(layout.blob_path(&digest)).expect("blob"),
-            std::fs::metadata(&source).expect("source"),
-        );
+        let (blob, original) =
+            (std::fs::metadata(layout.blob_path(&digest)).expect("blob"), std::fs::metadata(&source).expect("source"));
         assert_eq!(blob.ino(), original.ino(), "one file, two names: nothing was copied");
         // Linking the same content again is not an error.
         assert_eq!(layout.link_blob(&source, |_| {}).expect("again").0, digest);
@@ -276,7 +274,8 @@ mod tests {
         let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let (from, to) = (dir.path().join("a"), dir.path().join("b"));
         std::fs::write(&from, &bytes).expect("test setup");
-        let (input, output) = (std::fs::File::open(&from).expect("test setup"), std::fs::File::create(&to).expect("test setup"));
+        let (input, output) =
+            (std::fs::File::open(&from).expect("test setup"), std::fs::File::create(&to).expect("test setup"));
         copy_range_buffered(&input, &output, 1000, 2_500_000).expect("test setup");
         let copied = std::fs::read(&to).expect("test setup");
         assert_eq!(&copied[1000..], &bytes[1000..2_501_000]);

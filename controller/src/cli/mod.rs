@@ -594,7 +594,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let (repository, tag) = split_bundle_ref(reference)?;
             let password = key::password(false)?;
             let signing_key = key::load(key_file, &password)?;
-            let remote = sign::Remote::new(cli.registry.clone(), repository, cli.registry_auth()?, *insecure_plain_http);
+            let remote =
+                sign::Remote::new(cli.registry.clone(), repository, cli.registry_auth()?, *insecure_plain_http);
             let signed = sign::sign(&remote, &tag, &signing_key).await?;
             print(cli.output, &signed, |s| {
                 let mut t = table(["SIGNED", "DIGEST", "TAG", "SIGNATURES"]);
@@ -709,11 +710,8 @@ impl From<&proto::Device> for DeviceView {
             connected: d.connected,
             phase: proto::Phase::try_from(d.phase).unwrap_or(proto::Phase::Unspecified).label().into(),
             running: d.running.as_ref().map(|b| b.display()),
-            desired: match &d.desired {
-                Some(b) => Some(b.display()),
-                None if d.desired_serve_nothing => Some(SERVE_NOTHING.into()),
-                None => None,
-            },
+            // Scripts read `desired_serve_nothing`; `desired` stays a bundle reference or null.
+            desired: d.desired.as_ref().map(|b| b.display()),
             desired_serve_nothing: d.desired_serve_nothing,
             applied_generation: d.applied_generation,
             desired_generation: d.desired_generation,
@@ -802,7 +800,7 @@ mod tests {
         let nothing = proto::Device { id: "pi-1".into(), desired_serve_nothing: true, ..Default::default() };
         let view = DeviceView::from(&nothing);
         assert_eq!(view.running_cell(), "nothing (by rollout)");
-        assert_eq!(view.desired.as_deref(), Some("nothing (by rollout)"));
+        assert_eq!(view.desired, None, "desired stays a bundle reference or null for scripts");
         let json = serde_json::to_value(&view).expect("json");
         assert_eq!(json["desired_serve_nothing"], true);
 

@@ -240,6 +240,9 @@ fn revert(plan: &mut Plan, records: &mut BTreeMap<String, proto::RolloutDevice>,
             continue;
         }
         record.outcome = DeviceOutcome::Reverted as i32;
+        // A device assigned B earlier in this same decision must not be sent B after all.
+        plan.to_candidate.retain(|id| id != &record.device_id);
+        plan.retry.retain(|id| id != &record.device_id);
         plan.to_baseline.push(revert_of(record));
         reverted += 1;
         if record.baseline.is_none() {
