@@ -8,19 +8,19 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use alki_agent::Config;
 use alki_agent::reference::BundleLocation;
 use alki_agent::settings::RuntimeOverrides;
 use alki_agent::state::{AgentState, Deployment, StateFile};
 use alki_agent::store::ContentStore;
-use alki_agent::{Agent, Config};
 use alki_shared::bundle::MEDIA_TYPE_WEIGHT_RAW;
 use alki_shared::digest::Digest;
 use alki_shared::ids::{DeviceId, Generation};
 use alki_shared::oci::{ANNOTATION_TITLE, Descriptor, ImageManifest, MEDIA_TYPE_EMPTY, MEDIA_TYPE_IMAGE_MANIFEST};
-use alki_shared::proto::{self, ErrorCode, Phase, agent_message, controller_message};
-use common::controller::{FakeController, next_where, status_with};
+use alki_shared::proto::{ErrorCode, Phase};
+use common::controller::{next_where, status_with};
+use common::running::Running;
 use common::{TEST_TIMEOUT, fake_llama_server, fake_model, launch_settings};
-use tokio::sync::mpsc;
 
 const TOKEN: &str = "agent-secret";
 
@@ -137,52 +137,8 @@ async fn until_served_by(front: SocketAddr, model: &str) {
     }
 }
 
-struct Running {
-    front: SocketAddr,
-    up: mpsc::Receiver<proto::AgentMessage>,
-    down: mpsc::Sender<proto::ControllerMessage>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), alki_agent::AgentError>>,
-}
-
 async fn start_agent(dir: &Path, data_dir: &Path, runtime_extra: &str) -> Running {
-    let (controller, up, mut downs) = FakeController::new(1, TOKEN);
-    let down = downs.remove(0);
-    let controller_addr = controller.serve().await;
-    let agent = Agent::start(config(dir, data_dir, controller_addr, runtime_extra)).await.expect("agent starts");
-    let front = agent.front_addr();
-    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(agent.run(async move {
-        let _ = stop_rx.await;
-    }));
-    let welcome =
-        proto::Welcome { device_id: "pi-test".to_owned(), heartbeat_interval_seconds: 5, ..Default::default() };
-    down.send(proto::ControllerMessage { msg: Some(controller_message::Msg::Welcome(welcome)) })
-        .await
-        .expect("welcome");
-    Running { front, up, down, stop, task }
-}
-
-impl Running {
-    async fn desire(&self, generation: u64, bundle: &BundleLocation) {
-        let desired = proto::DesiredState { generation, bundle: Some(bundle.to_proto()), ..Default::default() };
-        self.down
-            .send(proto::ControllerMessage { msg: Some(controller_message::Msg::DesiredState(desired)) })
-            .await
-            .expect("desired state");
-    }
-
-    async fn failed(&mut self, generation: u64) -> proto::Status {
-        match next_where(&mut self.up, status_with(Phase::Failed, generation)).await {
-            agent_message::Msg::Status(status) => status,
-            _ => unreachable!("status_with matches statuses only"),
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.send(()).expect("signal shutdown");
-        self.task.await.expect("task").expect("clean exit");
-    }
+    common::running::start_agent(TOKEN, |controller| config(dir, data_dir, controller, runtime_extra)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

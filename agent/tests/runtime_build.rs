@@ -13,11 +13,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use alki_agent::Config;
 use alki_agent::reference::BundleLocation;
 use alki_agent::settings::RuntimeOverrides;
 use alki_agent::state::{AgentState, Deployment, StateFile};
 use alki_agent::store::ContentStore;
-use alki_agent::{Agent, Config};
 use alki_shared::bundle::{
     ANNOTATION_ACCELERATOR, ARTIFACT_TYPE_RUNTIME_BUILD, MEDIA_TYPE_RUNTIME, MEDIA_TYPE_RUNTIME_BUILD_CONFIG,
     MEDIA_TYPE_RUNTIME_BUILD_TAR, MEDIA_TYPE_WEIGHT_RAW, RuntimeBuildConfig, RuntimeDefaults,
@@ -28,10 +28,10 @@ use alki_shared::oci::{
     ANNOTATION_TITLE, Descriptor, ImageIndex, ImageManifest, MEDIA_TYPE_EMPTY, MEDIA_TYPE_IMAGE_INDEX,
     MEDIA_TYPE_IMAGE_MANIFEST, Platform,
 };
-use alki_shared::proto::{self, ErrorCode, Phase, agent_message, controller_message};
-use common::controller::{FakeController, next_where, status_with};
+use alki_shared::proto::{ErrorCode, Phase};
+use common::controller::{next_where, status_with};
+use common::running::Running;
 use common::{TEST_TIMEOUT, fake_llama_server, fake_model, launch_settings};
-use tokio::sync::mpsc;
 
 const TOKEN: &str = "agent-secret";
 /// Nobody answers here: everything must come from the content store.
@@ -212,52 +212,8 @@ fn processes_under(dir: &Path) -> Vec<(u32, PathBuf)> {
         .collect()
 }
 
-struct Running {
-    front: SocketAddr,
-    up: mpsc::Receiver<proto::AgentMessage>,
-    down: mpsc::Sender<proto::ControllerMessage>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), alki_agent::AgentError>>,
-}
-
 async fn start_agent(dir: &Path, data_dir: &Path, runtime_extra: &str) -> Running {
-    let (controller, up, mut downs) = FakeController::new(1, TOKEN);
-    let down = downs.remove(0);
-    let controller_addr = controller.serve().await;
-    let agent = Agent::start(config(dir, data_dir, controller_addr, runtime_extra)).await.expect("agent starts");
-    let front = agent.front_addr();
-    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(agent.run(async move {
-        let _ = stop_rx.await;
-    }));
-    let welcome =
-        proto::Welcome { device_id: "pi-test".to_owned(), heartbeat_interval_seconds: 5, ..Default::default() };
-    down.send(proto::ControllerMessage { msg: Some(controller_message::Msg::Welcome(welcome)) })
-        .await
-        .expect("welcome");
-    Running { front, up, down, stop, task }
-}
-
-impl Running {
-    async fn desire(&self, generation: u64, bundle: &BundleLocation) {
-        let desired = proto::DesiredState { generation, bundle: Some(bundle.to_proto()), ..Default::default() };
-        self.down
-            .send(proto::ControllerMessage { msg: Some(controller_message::Msg::DesiredState(desired)) })
-            .await
-            .expect("desired state");
-    }
-
-    async fn failed(&mut self, generation: u64) -> proto::Status {
-        match next_where(&mut self.up, status_with(Phase::Failed, generation)).await {
-            agent_message::Msg::Status(status) => status,
-            _ => unreachable!("status_with matches statuses only"),
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.send(()).expect("signal shutdown");
-        self.task.await.expect("task").expect("clean exit");
-    }
+    common::running::start_agent(TOKEN, |controller| config(dir, data_dir, controller, runtime_extra)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod controller;
+pub mod running;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
