@@ -4,11 +4,8 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
-use alki_agent::Config;
 use alki_agent::reference::BundleLocation;
 use alki_agent::settings::RuntimeOverrides;
 use alki_agent::state::{AgentState, Deployment, StateFile};
@@ -19,8 +16,8 @@ use alki_shared::ids::{DeviceId, Generation};
 use alki_shared::oci::{ANNOTATION_TITLE, Descriptor, ImageManifest, MEDIA_TYPE_EMPTY, MEDIA_TYPE_IMAGE_MANIFEST};
 use alki_shared::proto::{ErrorCode, Phase};
 use common::controller::{next_where, status_with};
-use common::running::Running;
-use common::{TEST_TIMEOUT, fake_llama_server, fake_model, launch_settings};
+use common::running::{Running, completion, until_served_by};
+use common::{TEST_TIMEOUT, fake_model, launch_settings};
 
 const TOKEN: &str = "agent-secret";
 
@@ -87,58 +84,11 @@ async fn stage_bundle(data_dir: &Path, name: &str, knobs: &[&str]) -> BundleLoca
     location(digest)
 }
 
-fn config(dir: &Path, data_dir: &Path, controller: SocketAddr, runtime_extra: &str) -> Config {
-    let token_file = dir.join("agent.token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token");
-    let trust = common::unsigned_trust_policy(dir);
-    let text = format!(
-        r#"
-data_dir = {data_dir:?}
-trust_policy = {trust:?}
-[controller]
-url = "http://{controller}"
-insecure_plaintext = true
-token_file = {token_file:?}
-[runtime]
-llama_server = {llama:?}
-front_addr = "127.0.0.1:0"
-health_timeout_secs = 15
-drain_timeout_secs = 2
-{runtime_extra}
-"#,
-        llama = fake_llama_server(),
-    );
-    Config::from_toml(&text).expect("valid config")
-}
-
-/// The content of a completion through the front port, or None on any failure.
-async fn completion(front: SocketAddr) -> Option<String> {
-    let response = reqwest::Client::new()
-        .post(format!("http://{front}/completion"))
-        .json(&serde_json::json!({"prompt": "Hi", "n_predict": 2}))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?;
-    if response.status() != 200 {
-        return None;
-    }
-    let body: serde_json::Value = response.json().await.ok()?;
-    body["content"].as_str().map(str::to_owned)
-}
-
-/// Sends completions until one is served by `model`.
-async fn until_served_by(front: SocketAddr, model: &str) {
-    loop {
-        if completion(front).await.is_some_and(|c| c.contains(model)) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn start_agent(dir: &Path, data_dir: &Path, runtime_extra: &str) -> Running {
-    common::running::start_agent(TOKEN, |controller| config(dir, data_dir, controller, runtime_extra)).await
+    common::running::start_agent(TOKEN, |controller| {
+        common::running::config(dir, data_dir, controller, TOKEN, runtime_extra)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,8 @@
 //! statuses awaited, a clean stop.
 
 use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
 
 use alki_agent::reference::BundleLocation;
 use alki_agent::{Agent, Config};
@@ -9,6 +11,7 @@ use alki_shared::proto::{self, Phase, agent_message, controller_message};
 use tokio::sync::mpsc;
 
 use super::controller::{FakeController, next_where, status_with};
+use super::{fake_llama_server, unsigned_trust_policy};
 
 pub struct Running {
     pub front: SocketAddr,
@@ -57,5 +60,57 @@ impl Running {
     pub async fn stop(self) {
         self.stop.send(()).expect("signal shutdown");
         self.task.await.expect("task").expect("clean exit");
+    }
+}
+
+/// An agent config for the fake llama-server and the scripted controller at `controller` (plain gRPC with
+/// `token`, unsigned bundles allowed), with `runtime_extra` lines appended to its `[runtime]` section.
+pub fn config(dir: &Path, data_dir: &Path, controller: SocketAddr, token: &str, runtime_extra: &str) -> Config {
+    let token_file = dir.join("agent.token");
+    std::fs::write(&token_file, format!("{token}\n")).expect("token");
+    let trust = unsigned_trust_policy(dir);
+    let text = format!(
+        r#"
+data_dir = {data_dir:?}
+trust_policy = {trust:?}
+[controller]
+url = "http://{controller}"
+insecure_plaintext = true
+token_file = {token_file:?}
+[runtime]
+llama_server = {llama:?}
+front_addr = "127.0.0.1:0"
+health_timeout_secs = 15
+drain_timeout_secs = 2
+{runtime_extra}
+"#,
+        llama = fake_llama_server(),
+    );
+    Config::from_toml(&text).expect("valid config")
+}
+
+/// The content of a completion through the front port, or None on any failure.
+pub async fn completion(front: SocketAddr) -> Option<String> {
+    let response = reqwest::Client::new()
+        .post(format!("http://{front}/completion"))
+        .json(&serde_json::json!({"prompt": "Hi", "n_predict": 2}))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    if response.status() != 200 {
+        return None;
+    }
+    let body: serde_json::Value = response.json().await.ok()?;
+    body["content"].as_str().map(str::to_owned)
+}
+
+/// Sends completions until one is served by `model` (the fake llama-server names its model file).
+pub async fn until_served_by(front: SocketAddr, model: &str) {
+    loop {
+        if completion(front).await.is_some_and(|c| c.contains(model)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
