@@ -333,6 +333,19 @@ impl ContentStore {
     }
 }
 
+/// Starts writing `len` bytes at `offset` of `file` to the disk without waiting for them. Only a head start
+/// for the final fsync, which alone makes the data durable and reports write errors; so a failure here
+/// (a filesystem that does not support it) changes nothing and is not an error.
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let (Ok(offset), Ok(len)) = (libc::off64_t::try_from(offset), libc::off64_t::try_from(len)) else {
+        return Ok(());
+    };
+    // SAFETY: the descriptor belongs to `file`, borrowed for the whole call; the call touches no memory of ours.
+    let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
+    Ok(())
+}
+
 /// A blob in the store, as eviction sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredBlob {
@@ -371,10 +384,9 @@ pub struct PartialBlob {
     /// The same open file for [`PartialBlob::append`]'s writes on a blocking thread, side by side with the
     /// hashing (a duplicate handle: it shares the file position, so `restart` rewinds both).
     writer: Arc<std::fs::File>,
-    /// Bytes written since the last background sync started.
+    /// Bytes written since the last writeback was started.
     unsynced: u64,
-    /// A background `fdatasync` in flight (see [`WRITEBACK_EVERY`]); its error fails the blob, since Linux
-    /// reports a failed writeback once per open file and the duplicate shares this one's.
+    /// A writeback being started (see [`WRITEBACK_EVERY`]); it may wait while the disk's queue is full.
     writeback: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
@@ -383,10 +395,11 @@ pub struct PartialBlob {
 /// so can resume from) every second or so.
 const APPEND_BATCH: u64 = 1 << 20;
 
-/// Once this many bytes are written since the last sync, a background `fdatasync` starts on a duplicate
-/// handle: the disk writes back while the download continues, so the final fsync has little left instead of
-/// the whole blob (the kernel alone would not start writing until gigabytes are dirty).
-const WRITEBACK_EVERY: u64 = 32 << 20;
+/// Once this many bytes are written since the last writeback started, the disk is told to start writing
+/// them (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait): the disk works while the download
+/// continues with its queue kept full, so the final fsync (the one that makes the blob durable, and reports
+/// any write error) has almost nothing left. The kernel alone would not start until gigabytes are dirty.
+const WRITEBACK_EVERY: u64 = 8 << 20;
 
 impl PartialBlob {
     /// Bytes on disk so far: where the next request resumes.
@@ -488,7 +501,9 @@ impl PartialBlob {
         }
         self.wait_writeback().await?;
         let writer = self.writer.clone();
-        self.writeback = Some(tokio::task::spawn_blocking(move || writer.sync_data()));
+        let end = self.hasher.len();
+        let start = end.saturating_sub(self.unsynced);
+        self.writeback = Some(tokio::task::spawn_blocking(move || start_writeback(&writer, start, end - start)));
         self.unsynced = 0;
         Ok(())
     }
