@@ -5,6 +5,8 @@
 //! is refused before any layer is fetched; a restarted agent lists what it has staged in its Hello.
 
 mod common;
+#[path = "../../e2e/fixtures/tiny_bundle.rs"]
+mod tiny_bundle;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,6 +24,7 @@ use alki_shared::proto::{self, ErrorCode, Phase, agent_message, controller_messa
 use alki_shared::signing::SigningKey;
 use common::controller::{FakeController, next_where};
 use common::{TEST_TIMEOUT, fake_llama_server};
+use tiny_bundle::push_tiny_bundle_sized;
 use tokio::sync::mpsc;
 
 const TOKEN: &str = "agent-secret";
@@ -79,29 +82,7 @@ impl Registry {
 
     /// [`Registry::publish`] with a vocabulary of `vocab` tokens (about `vocab` × 512 bytes of weights).
     async fn publish_sized(&self, tag: &str, seed: u64, key: Option<&SigningKey>, vocab: usize) -> BundleLocation {
-        let work = tempfile::tempdir().expect("tempdir");
-        let model = work.path().join(format!("tiny-{tag}.gguf"));
-        let options = TinyModelOptions { name: format!("tiny-{tag}"), seed };
-        write_tiny_model(&model, &options, &synthetic_tokenizer(vocab)).expect("model");
-        let opts = pack::PackOptions {
-            files: vec![model],
-            out: work.path().join("layout"),
-            name: None,
-            version: None,
-            license: None,
-            context: 256,
-            tag: tag.into(),
-        };
-        let bar = indicatif::ProgressBar::hidden();
-        pack::pack(&opts, &bar).expect("pack");
-        let target = push::PushTarget {
-            registry: self.addr.clone(),
-            repository: REPOSITORY.into(),
-            tag: tag.into(),
-            auth: self.auth(),
-            plain_http: true,
-        };
-        let digest = push::push(&opts.out, &target, &bar).await.expect("push").digest;
+        let digest = push_tiny_bundle_sized(&self.addr, REPOSITORY, &self.admin, tag, seed, vocab).await;
         if let Some(key) = key {
             sign(&self.remote(), tag, key).await.expect("sign");
         }
