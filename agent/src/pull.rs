@@ -1007,19 +1007,18 @@ async fn fetch_blob(
         let retry_pause = Duration::from_millis(500 * 2u64.pow(attempt.min(8) - 1));
         let offset = partial.len();
         if offset < descriptor.size {
-            // Only the digest is passed: descriptor `urls` are never followed.
-            let response = if offset == 0 {
-                registry.client.pull_blob_stream(&reference, descriptor.digest.as_str()).await.map(|s| (s, true))
-            } else {
-                registry
-                    .client
-                    .pull_blob_stream_partial(&reference, descriptor.digest.as_str(), offset, None)
-                    .await
-                    .map(|r| match r {
-                        BlobResponse::Full(s) => (s, true),
-                        BlobResponse::Partial(s) => (s, false),
-                    })
-            };
+            // Only the digest is passed: descriptor `urls` are never followed. Always a range request, even
+            // from byte 0: oci-client hashes a whole-blob (200) stream itself, on the task that receives it,
+            // which would hash every byte twice (the store hashes what it writes, and that is what is
+            // checked). A registry that ignores ranges answers 200 and gets the double check.
+            let response = registry
+                .client
+                .pull_blob_stream_partial(&reference, descriptor.digest.as_str(), offset, None)
+                .await
+                .map(|r| match r {
+                    BlobResponse::Full(s) => (s, true),
+                    BlobResponse::Partial(s) => (s, false),
+                });
             let (stream, whole) = match response {
                 Ok(r) => r,
                 Err(OciDistributionError::ServerError { code: 416, .. }) if offset > 0 => {

@@ -390,6 +390,13 @@ pub struct PartialBlob {
     writeback: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
+/// A batch being hashed and written by [`PartialBlob::launch`].
+struct BatchInFlight {
+    len: u64,
+    hashing: tokio::task::JoinHandle<Hasher>,
+    writing: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
 /// [`PartialBlob::append`] hashes and writes this many received bytes at a time: large enough that handing
 /// a batch to two threads costs nothing next to hashing it, small enough that a slow link still writes (and
 /// so can resume from) every second or so.
@@ -423,9 +430,9 @@ impl PartialBlob {
     }
 
     /// Appends a stream in batches of up to [`APPEND_BATCH`] bytes: each batch is hashed and written on two
-    /// blocking threads at once, with no copy (the received buffers are shared). More bytes than the blob's
-    /// size stop at once. When the stream fails, the bytes received so far are written for the next attempt
-    /// to resume from.
+    /// blocking threads at once, with no copy (the received buffers are shared), while the next batch is
+    /// received. More bytes than the blob's size stop at once. When the stream fails, the bytes received so
+    /// far are written for the next attempt to resume from.
     pub async fn append<S>(&mut self, stream: S, mut progress: impl FnMut(u64)) -> Result<(), StoreError>
     where
         S: Stream<Item = Result<Bytes, std::io::Error>>,
@@ -433,11 +440,14 @@ impl PartialBlob {
         let mut stream = std::pin::pin!(stream);
         let mut batch: Vec<Bytes> = Vec::new();
         let mut batch_len = 0u64;
+        let mut in_flight: Option<BatchInFlight> = None;
         loop {
             let ended = match stream.next().await {
                 Some(Ok(chunk)) => {
-                    let after = self.hasher.len() + batch_len + chunk.len() as u64;
+                    let received = self.hasher.len() + in_flight.as_ref().map_or(0, |b| b.len) + batch_len;
+                    let after = received + chunk.len() as u64;
                     if after > self.size {
+                        self.land(in_flight.take()).await?;
                         return Err(StoreError::SizeMismatch {
                             digest: self.expected.clone(),
                             expected: self.size,
@@ -448,28 +458,32 @@ impl PartialBlob {
                     batch_len += chunk.len() as u64;
                     batch.push(chunk);
                     // Received, not yet on disk: progress is for people; resumption uses `len()`.
-                    progress(self.hasher.len() + batch_len);
+                    progress(after);
                     false
                 }
                 Some(Err(source)) => {
-                    self.write_batch(std::mem::take(&mut batch)).await?;
+                    self.land(in_flight.take()).await?;
+                    let rest = self.launch(std::mem::take(&mut batch));
+                    self.land(Some(rest)).await?;
                     return Err(StoreError::Source { digest: self.expected.clone(), source });
                 }
                 None => true,
             };
             if batch_len >= APPEND_BATCH || (ended && !batch.is_empty()) {
-                self.write_batch(std::mem::take(&mut batch)).await?;
+                // One batch in flight at a time: its hash must end before the next one's starts.
+                self.land(in_flight.take()).await?;
+                in_flight = Some(self.launch(std::mem::take(&mut batch)));
                 batch_len = 0;
-                self.start_writeback().await?;
             }
             if ended {
-                return Ok(());
+                return self.land(in_flight.take()).await;
             }
         }
     }
 
-    /// Hashes and writes `pieces` side by side; the hash then covers exactly what was written.
-    async fn write_batch(&mut self, pieces: Vec<Bytes>) -> Result<(), StoreError> {
+    /// Starts hashing and writing `pieces` side by side on two blocking threads; the hasher travels with
+    /// the batch and comes back in [`PartialBlob::land`], so the hash covers exactly what was written.
+    fn launch(&mut self, pieces: Vec<Bytes>) -> BatchInFlight {
         let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
         let mut hasher = std::mem::take(&mut self.hasher);
         let to_hash = pieces.clone();
@@ -480,18 +494,26 @@ impl PartialBlob {
             hasher
         });
         let writer = self.writer.clone();
-        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let writing = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let mut file: &std::fs::File = &writer;
             for piece in &pieces {
                 file.write_all(piece)?;
             }
             Ok(())
         });
-        let (hashed, written) = (hashing.await, written.await);
+        BatchInFlight { len, hashing, writing }
+    }
+
+    /// Waits for a launched batch (if any) to be hashed and written, then starts the disk's writeback
+    /// when enough is written. After a write error the file may hold less than was hashed: the caller
+    /// gives this download up, and the next [`ContentStore::partial`] hashes what is on disk again.
+    async fn land(&mut self, batch: Option<BatchInFlight>) -> Result<(), StoreError> {
+        let Some(batch) = batch else { return Ok(()) };
+        let (hashed, written) = (batch.hashing.await, batch.writing.await);
         self.hasher = hashed.map_err(|join| io_at(&self.path)(std::io::Error::other(join)))?;
         written.map_err(|join| io_at(&self.path)(std::io::Error::other(join)))?.map_err(io_at(&self.path))?;
-        self.unsynced += len;
-        Ok(())
+        self.unsynced += batch.len;
+        self.start_writeback().await
     }
 
     /// Starts a background sync when enough is written and none is running; reports a finished one's error.
@@ -686,6 +708,31 @@ mod tests {
         partial.append(chunks(&[b" world"]), |_| {}).await.expect("rest");
         let path = partial.finish().await.expect("verified");
         assert_eq!(std::fs::read(path).expect("read"), b"hello world");
+    }
+
+    #[tokio::test]
+    async fn batches_in_flight_are_written_whole_before_a_cut_is_reported() {
+        // Several batches, the last one in flight when the source fails: every byte received before the cut
+        // is on disk, in order, and the resumed download verifies.
+        let content: Vec<u8> = (0..(5 * APPEND_BATCH + 12_345)).map(|i| (i * 7 % 251) as u8).collect();
+        let digest = Digest::of(&content);
+        let cut_at = 4 * APPEND_BATCH as usize + 4_096 * 3;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ContentStore::open(dir.path()).expect("open");
+        let mut partial = store.partial(&digest, content.len() as u64).await.expect("partial");
+        let mut before_cut: Vec<Result<Bytes, std::io::Error>> =
+            content[..cut_at].chunks(4_096).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        before_cut.push(Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "cut")));
+        let err = partial.append(futures::stream::iter(before_cut), |_| {}).await.expect_err("cut");
+        assert!(matches!(err, StoreError::Source { .. }), "{err}");
+        assert_eq!(partial.len(), cut_at as u64);
+        assert_eq!(std::fs::read(dir.path().join("partial").join(digest.hex())).expect("read"), content[..cut_at]);
+
+        let rest: Vec<Result<Bytes, std::io::Error>> =
+            content[cut_at..].chunks(100_000).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        partial.append(futures::stream::iter(rest), |_| {}).await.expect("rest");
+        let path = partial.finish().await.expect("verified");
+        assert_eq!(std::fs::read(path).expect("read"), content);
     }
 
     #[tokio::test]

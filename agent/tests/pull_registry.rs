@@ -39,6 +39,8 @@ struct Registry {
     cuts: Mutex<std::collections::VecDeque<usize>>,
     /// `Range` headers of blob requests, in order.
     ranges: Mutex<Vec<String>>,
+    /// Answers every blob request with the whole blob (200), as a registry without range support does.
+    ignores_ranges: std::sync::atomic::AtomicBool,
     /// Blob body bytes sent.
     bytes_sent: std::sync::atomic::AtomicUsize,
 }
@@ -58,6 +60,11 @@ impl Registry {
 
     fn gets(&self, digest: &Digest) -> usize {
         self.blob_gets.lock().expect("lock").get(digest.as_str()).copied().unwrap_or(0)
+    }
+
+    /// The ranges that resumed a download (the agent asks for every blob with a range, from 0 at first).
+    fn resumed_ranges(&self) -> Vec<String> {
+        self.ranges.lock().expect("lock").iter().filter(|r| *r != "bytes=0-").cloned().collect()
     }
 }
 
@@ -124,9 +131,12 @@ async fn v2(State(registry): State<Arc<Registry>>, UrlPath(rest): UrlPath<String
             return not_found("BLOB_UNKNOWN");
         };
         let range = headers.get("range").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        if let Some(r) = &range {
+            registry.ranges.lock().expect("lock").push(r.clone());
+        }
+        let range = range.filter(|_| !registry.ignores_ranges.load(std::sync::atomic::Ordering::SeqCst));
         let start = match &range {
             Some(r) => {
-                registry.ranges.lock().expect("lock").push(r.clone());
                 r.strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')).and_then(|n| n.parse().ok()).unwrap_or(0)
             }
             None => 0,
@@ -391,6 +401,96 @@ async fn a_corrupt_layer_is_a_digest_mismatch_naming_the_layer() {
 }
 
 #[tokio::test]
+async fn every_blob_is_asked_for_with_a_range_and_a_registry_that_ignores_ranges_still_verifies() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        // A registry with ranges: every blob request is a range request (from byte 0 at first).
+        let registry = Arc::new(Registry::default());
+        let (bundle, _, _) = push_bundle(&registry);
+        let addr = serve(registry.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        pull_unsigned(
+            &access(addr),
+            &store(dir.path()),
+            &dir.path().join("bundles"),
+            &location("", &bundle),
+            2000,
+            &mut |_| {},
+        )
+        .await
+        .expect("the pull completes");
+        let gets: usize = registry.blob_gets.lock().expect("lock").values().sum();
+        assert!(gets > 0);
+        assert_eq!(registry.ranges.lock().expect("lock").clone(), vec!["bytes=0-".to_owned(); gets]);
+
+        // One that answers 200 with the whole blob: pulled and verified all the same, and a corrupt layer is
+        // still a digest mismatch naming it.
+        let registry = Arc::new(Registry::default());
+        registry.ignores_ranges.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (bundle, q4, _) = push_bundle(&registry);
+        let addr = serve(registry.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pulled = pull_unsigned(
+            &access(addr),
+            &store(dir.path()),
+            &dir.path().join("bundles"),
+            &location("", &bundle),
+            2000,
+            &mut |_| {},
+        )
+        .await
+        .expect("the pull completes without ranges");
+        assert_eq!(std::fs::read(&pulled.model_files[0]).expect("read"), b"GGUF q4 weights");
+        registry.blobs.lock().expect("lock").insert(q4.gguf.to_string(), Bytes::from_static(b"GGUF q4 WEIGHTS"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = pull_unsigned(
+            &access(addr),
+            &store(dir.path()),
+            &dir.path().join("bundles"),
+            &location("", &bundle),
+            2000,
+            &mut |_| {},
+        )
+        .await
+        .expect_err("corrupt layer");
+        assert_eq!(err.code(), ErrorCode::DigestMismatch);
+        assert_eq!(err.layer_digest(), Some(&q4.gguf));
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_cut_connection_with_a_registry_that_ignores_ranges_downloads_again_from_zero() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let registry = Arc::new(Registry::default());
+        registry.ignores_ranges.store(true, std::sync::atomic::Ordering::SeqCst);
+        let weights = noise(BIG);
+        let (variant, _) = push_variant(&registry, "big", &weights);
+        registry.cuts.lock().expect("lock").push_back(100_000);
+        let addr = serve(registry.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        let pulled = pull_unsigned(
+            &access(addr),
+            &store,
+            &dir.path().join("bundles"),
+            &location("", &variant.manifest),
+            1 << 30,
+            &mut |_| {},
+        )
+        .await
+        .expect("the pull completes after the cut");
+        assert_eq!(registry.resumed_ranges(), vec!["bytes=100000-".to_owned()], "a resume was asked for");
+        assert_eq!(registry.gets(&variant.gguf), 2);
+        let sent = registry.bytes_sent.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(sent as u64, pulled.bytes_total + 100_000, "the layer was sent again whole");
+        assert_eq!(std::fs::read(&pulled.model_files[0]).expect("read"), weights);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
 async fn a_layer_longer_than_its_descriptor_is_refused() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let registry = Arc::new(Registry::default());
@@ -535,7 +635,7 @@ async fn a_cut_connection_resumes_with_a_range_and_downloads_each_byte_once() {
         )
         .await
         .expect("the pull completes after the cut");
-        assert_eq!(registry.ranges.lock().expect("lock").clone(), vec!["bytes=100000-".to_owned()]);
+        assert_eq!(registry.resumed_ranges(), vec!["bytes=100000-".to_owned()]);
         assert_eq!(registry.gets(&variant.gguf), 2);
         let sent = registry.bytes_sent.load(std::sync::atomic::Ordering::SeqCst);
         assert_eq!(sent as u64, pulled.bytes_total, "every byte of every blob was sent once");
@@ -568,7 +668,7 @@ async fn an_abandoned_pull_resumes_after_a_restart_from_the_bytes_on_disk() {
         let pulled = pull_unsigned(&access(addr), &store(dir.path()), &bundles, &bundle, 1 << 30, &mut |_| {})
             .await
             .expect("the pull completes");
-        assert_eq!(registry.ranges.lock().expect("lock").last().map(String::as_str), Some("bytes=70000-"));
+        assert_eq!(registry.resumed_ranges().last().map(String::as_str), Some("bytes=70000-"));
         let sent = registry.bytes_sent.load(std::sync::atomic::Ordering::SeqCst) - sent_before;
         // The config blob (2 bytes) was stored by the first pull; the runtime layer comes after the weights.
         assert_eq!(sent as u64, pulled.bytes_total - 2 - 70_000, "only the missing bytes were sent");
@@ -600,7 +700,7 @@ async fn a_corrupt_partial_download_is_detected_and_downloaded_again_from_zero()
         )
         .await
         .expect("the pull recovers");
-        assert_eq!(registry.ranges.lock().expect("lock").clone(), vec!["bytes=1000-".to_owned()]);
+        assert_eq!(registry.resumed_ranges(), vec!["bytes=1000-".to_owned()]);
         assert_eq!(registry.gets(&variant.gguf), 2, "resumed once, then downloaded again from zero");
         assert_eq!(std::fs::read(&pulled.model_files[0]).expect("read"), weights);
         assert_eq!(store.size(&variant.gguf).await, Some(BIG as u64));

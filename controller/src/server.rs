@@ -124,21 +124,21 @@ pub async fn serve(
     } else {
         grpc = grpc.tls_config(crate::tls::grpc_config(&pki)).context("the gRPC listener's TLS settings")?;
     }
-    let grpc =
-        grpc.http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .max_concurrent_streams(Some(limits.max_concurrent_streams))
-            .layer(crate::audit::GrpcGateLayer::new(gate.clone(), limits.grpc_max_message))
-            .add_service(AgentServiceServer::new(agent_api).max_decoding_message_size(limits.session_max_message))
-            .add_service(AdminServiceServer::new(admin_api).max_decoding_message_size(limits.grpc_max_message))
-            .add_service(FleetServiceServer::new(fleet_api).max_decoding_message_size(limits.grpc_max_message))
-            .add_service(InsightServiceServer::new(insight_api).max_decoding_message_size(limits.grpc_max_message))
-            .add_service(EnrollmentServiceServer::new(enroll_api).max_decoding_message_size(limits.grpc_max_message))
-            .add_service(SecurityServiceServer::new(security_api).max_decoding_message_size(limits.grpc_max_message))
-            .add_service(health_service)
-            .add_service(reflection)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), async move {
-                grpc_stop.cancelled().await
-            });
+    let grpc = grpc
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .max_concurrent_streams(Some(limits.max_concurrent_streams))
+        .layer(crate::audit::GrpcGateLayer::new(gate.clone(), limits.grpc_max_message))
+        .add_service(AgentServiceServer::new(agent_api).max_decoding_message_size(limits.session_max_message))
+        .add_service(AdminServiceServer::new(admin_api).max_decoding_message_size(limits.grpc_max_message))
+        .add_service(FleetServiceServer::new(fleet_api).max_decoding_message_size(limits.grpc_max_message))
+        .add_service(InsightServiceServer::new(insight_api).max_decoding_message_size(limits.grpc_max_message))
+        .add_service(EnrollmentServiceServer::new(enroll_api).max_decoding_message_size(limits.grpc_max_message))
+        .add_service(SecurityServiceServer::new(security_api).max_decoding_message_size(limits.grpc_max_message))
+        .add_service(health_service)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(nodelay(TcpListenerStream::new(listeners.grpc)), async move {
+            grpc_stop.cancelled().await
+        });
 
     let gc_schedule = tokio::spawn(registry.clone().run_gc_schedule(stop.clone()));
     let http_stop = stop.clone();
@@ -150,7 +150,13 @@ pub async fn serve(
     let http_shutdown = async move { http_stop.cancelled().await };
     let http = async move {
         if config.insecure_plaintext {
-            axum::serve(listeners.http, router).with_graceful_shutdown(http_shutdown).await
+            use axum::serve::ListenerExt as _;
+            let listener = listeners.http.tap_io(|tcp| {
+                if let Err(error) = tcp.set_nodelay(true) {
+                    tracing::debug!(%error, "TCP_NODELAY could not be set.");
+                }
+            });
+            axum::serve(listener, router).with_graceful_shutdown(http_shutdown).await
         } else {
             let tls = crate::tls::http_config(&pki).map_err(std::io::Error::other)?;
             let listener = crate::tls::TlsListener::new(listeners.http, tls)?;
@@ -178,4 +184,18 @@ pub async fn serve(
     grpc_result.context("gRPC server")?;
     http_result.context("HTTP server")?;
     Ok(())
+}
+
+/// Accepted connections with TCP_NODELAY: without it a reply's last small write can wait for the peer's
+/// delayed ACK (40 ms on Linux), on every small registry response and gRPC message.
+fn nodelay(incoming: TcpListenerStream) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    incoming.map(|accepted| {
+        if let Ok(tcp) = &accepted
+            && let Err(error) = tcp.set_nodelay(true)
+        {
+            tracing::debug!(%error, "TCP_NODELAY could not be set.");
+        }
+        accepted
+    })
 }

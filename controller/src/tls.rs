@@ -78,6 +78,11 @@ impl TlsListener {
                         continue;
                     }
                 };
+                // Without it a response's last small write waits for the client's delayed ACK (40 ms per
+                // small blob or manifest).
+                if let Err(error) = tcp.set_nodelay(true) {
+                    tracing::debug!(%peer, %error, "TCP_NODELAY could not be set.");
+                }
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
