@@ -1,6 +1,7 @@
 //! Calibration: every variant of a bundle that fits beside what is served is pulled into the content store,
 //! started as its own llama-server on a free loopback port (never behind the front proxy), benchmarked with
-//! the fixed prompt set, and stopped; one result per variant, with trigger CALIBRATION.
+//! the fixed prompt set, and stopped; one result per variant, with trigger CALIBRATION. A variant whose runtime
+//! layer names a llama.cpp build runs on that build, as an activation of it would.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -91,7 +92,8 @@ impl Calibration {
         // The bundle itself first: it checks the index (or single manifest) and fetches the largest variant
         // that fits, and leaves the index in the content store.
         let mut quiet = |_: PullProgress| {};
-        let first = pull_bundle_with(&access, &self.store, &work_dir, &location, budget, &options, &mut quiet).await?;
+        let mut first =
+            pull_bundle_with(&access, &self.store, &work_dir, &location, budget, &options, &mut quiet).await?;
         let offered = match first.variant {
             None => vec![None],
             Some(_) => self.index_variants(&location).await?.into_iter().map(Some).collect(),
@@ -99,7 +101,12 @@ impl Calibration {
         let mut results = Vec::with_capacity(offered.len());
         for variant in offered {
             let result = match &variant {
-                None => self.benchmark_pulled(identity, &location, first.clone(), String::new(), repetitions).await,
+                None => match self.attach_build(&access, &location, &mut first, &options).await {
+                    Ok(()) => {
+                        self.benchmark_pulled(identity, &location, first.clone(), String::new(), repetitions).await
+                    }
+                    Err(e) => failed_result(identity, &location, &first.variant_digest.to_string(), "", e),
+                },
                 Some(v) => self.benchmark_variant(identity, &access, &location, v, budget, &options, repetitions).await,
             };
             results.push(result);
@@ -129,13 +136,8 @@ impl Calibration {
         options: &PullOptions,
         repetitions: u32,
     ) -> proto::BenchmarkResult {
-        let trigger = proto::BenchmarkTrigger::Calibration;
         let failed = |error: String| {
-            let mut r = bench::failed(identity, trigger, error);
-            r.bundle = Some(location.to_proto());
-            r.variant_digest = variant.descriptor.digest.to_string();
-            r.variant_name = variant.quantization.clone();
-            r
+            failed_result(identity, location, &variant.descriptor.digest.to_string(), &variant.quantization, error)
         };
         let needs = variant.memory_bytes.max(variant.weights_bytes);
         if needs > budget {
@@ -154,7 +156,7 @@ impl Calibration {
             ..options.clone()
         };
         let mut quiet = |_: PullProgress| {};
-        let pulled = match pull_bundle_with(
+        let mut pulled = match pull_bundle_with(
             access,
             &self.store,
             &self.work_dir(),
@@ -168,10 +170,30 @@ impl Calibration {
             Ok(p) => p,
             Err(e) => return failed(format!("pulling the variant failed: {e}")),
         };
+        if let Err(e) = self.attach_build(access, location, &mut pulled, options).await {
+            return failed(e);
+        }
         self.benchmark_pulled(identity, location, pulled, variant.quantization.clone(), repetitions).await
     }
 
-    /// Starts a pulled variant on its own loopback port, benchmarks it and stops it.
+    /// The llama.cpp build the variant's runtime layer names, if any: verified against the trust policy,
+    /// pulled and extracted as for an activation (into the same directory, so a later activation finds it).
+    async fn attach_build(
+        &self,
+        access: &crate::pull::RegistryAccess,
+        location: &BundleLocation,
+        pulled: &mut crate::pull::PulledBundle,
+        options: &PullOptions,
+    ) -> Result<(), String> {
+        let builds_dir = self.data_dir.join(crate::builds::DIR_NAME);
+        let fetch = crate::builds::Fetch { registry: access, store: &self.store, builds_dir: &builds_dir };
+        crate::builds::attach(pulled, location, &fetch, &self.registry.trust, options, &mut |_| {})
+            .await
+            .map_err(|e| format!("the variant's runtime build could not be used: {e}"))
+    }
+
+    /// Starts a pulled variant on its own loopback port (on its runtime build when it names one),
+    /// benchmarks it and stops it.
     async fn benchmark_pulled(
         &self,
         identity: &Identity,
@@ -187,23 +209,20 @@ impl Calibration {
             variant_name,
             model_path: pulled.model_files.first().cloned(),
         };
+        let failed =
+            |error: String| failed_result(identity, location, &subject.variant_digest, &subject.variant_name, error);
         let Some(model_path) = subject.model_path.clone() else {
-            let mut r = bench::failed(identity, trigger, "the variant has no GGUF file".to_owned());
-            r.variant_digest = subject.variant_digest;
-            return r;
+            return failed("the variant has no GGUF file".to_owned());
         };
         let defaults = pulled.runtime_defaults.clone().unwrap_or_default();
-        let settings = LaunchSettings::resolve(&defaults, &RuntimeOverrides::default());
+        let settings = LaunchSettings {
+            llama_server: pulled.runtime_server.clone(),
+            ..LaunchSettings::resolve(&defaults, &RuntimeOverrides::default())
+        };
         let spec = LaunchSpec { model_path, settings, bundle_digest: location.digest.to_string() };
         let instance = match Instance::start(&self.instance, spec, &self.http).await {
             Ok(i) => i,
-            Err(e) => {
-                let mut r = bench::failed(identity, trigger, format!("the variant did not start: {e}"));
-                r.bundle = subject.bundle;
-                r.variant_digest = subject.variant_digest;
-                r.variant_name = subject.variant_name;
-                return r;
-            }
+            Err(e) => return failed(format!("the variant did not start: {e}")),
         };
         let result = bench::benchmark_instance(
             &self.http,
@@ -220,4 +239,19 @@ impl Calibration {
         instance.stop(&StopPolicy::default()).await;
         result
     }
+}
+
+/// A result for a variant that could not be benchmarked, saying why.
+fn failed_result(
+    identity: &Identity,
+    location: &BundleLocation,
+    variant_digest: &str,
+    variant_name: &str,
+    error: String,
+) -> proto::BenchmarkResult {
+    let mut r = bench::failed(identity, proto::BenchmarkTrigger::Calibration, error);
+    r.bundle = Some(location.to_proto());
+    r.variant_digest = variant_digest.to_owned();
+    r.variant_name = variant_name.to_owned();
+    r
 }

@@ -1,7 +1,8 @@
 //! Bundles that name a llama.cpp runtime build: the agent resolves this device's platform entry, extracts the
 //! build and runs its llama-server (the fake one, packed as a build); a build whose server exits at load
 //! leaves the old model serving; a build that crashes after the flip is rolled back to the previous build; a
-//! build with no entry for this platform is refused saying which platforms it has.
+//! build with no entry for this platform is refused saying which platforms it has; calibration runs a
+//! variant on the build it names.
 //!
 //! Content is staged in the agent's store and the registry named is unreachable: these are the agent's
 //! paths after the pull (the pull and signature check against a real registry are in
@@ -25,7 +26,7 @@ use alki_shared::oci::{
     ANNOTATION_TITLE, Descriptor, ImageIndex, ImageManifest, MEDIA_TYPE_EMPTY, MEDIA_TYPE_IMAGE_INDEX,
     MEDIA_TYPE_IMAGE_MANIFEST, Platform,
 };
-use alki_shared::proto::{ErrorCode, Phase};
+use alki_shared::proto::{self, ErrorCode, Phase};
 use common::controller::{next_where, status_with};
 use common::running::{Running, completion, until_served_by};
 use common::{TEST_TIMEOUT, fake_llama_server, fake_model, launch_settings};
@@ -266,6 +267,48 @@ async fn a_build_without_an_entry_for_this_platform_is_refused_naming_the_platfo
         assert!(error.message.contains("alkictl runtime push --platform"), "{}", error.message);
         assert_eq!(failed.serving, Some(a.bundle.to_proto()));
         assert!(std::fs::read_dir(data_dir.join("runtime-builds")).expect("dir").next().is_none(), "nothing extracted");
+        agent.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calibration_runs_a_variant_on_the_build_its_runtime_layer_names() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().join("data");
+        save_model_a(&data_dir);
+        // The build's server notes where it ran from, then is the fake llama-server.
+        let ran = dir.path().join("build-ran");
+        let build =
+            stage_build(&data_dir, &script(&format!("echo \"$0\" >> {ran:?}\nexec \"$FAKE\" \"$@\"")), &[here()]).await;
+        let b = stage_bundle(&data_dir, "model-b", Some(&build)).await;
+        let elsewhere = stage_build(&data_dir, b"#!/bin/sh\n", &[("linux".to_owned(), "s390x".to_owned())]).await;
+        let c = stage_bundle(&data_dir, "model-c", Some(&elsewhere)).await;
+        let mut agent = start_agent(dir.path(), &data_dir, "").await;
+        until_served_by(agent.front, "model-a.gguf").await;
+
+        let calibrate = proto::Calibrate { bundle: Some(b.to_proto()), repetitions: 1 };
+        agent.command("cal-b", proto::command::Kind::Calibrate(calibrate)).await;
+        let report = agent.benchmark_report("cal-b").await;
+        assert!(report.error.is_empty(), "{}", report.error);
+        assert_eq!(report.results.len(), 1);
+        assert!(report.results[0].error.is_empty(), "{}", report.results[0].error);
+        let ran_from = std::fs::read_to_string(&ran).expect("the build's server ran");
+        let ran_from: Vec<&str> = ran_from.lines().collect();
+        assert_eq!(ran_from.len(), 1, "{ran_from:?}");
+        assert!(Path::new(ran_from[0]).starts_with(data_dir.join("runtime-builds")), "{ran_from:?}");
+        assert!(ran_from[0].ends_with("/llama-server"), "{ran_from:?}");
+
+        // A build this device cannot run: the variant's result says why; nothing else changes.
+        let calibrate = proto::Calibrate { bundle: Some(c.to_proto()), repetitions: 1 };
+        agent.command("cal-c", proto::command::Kind::Calibrate(calibrate)).await;
+        let report = agent.benchmark_report("cal-c").await;
+        assert_eq!(report.results.len(), 1);
+        let error = &report.results[0].error;
+        assert!(error.contains("runtime build") && error.contains("linux/s390x"), "{error}");
+        assert!(completion(agent.front).await.is_some_and(|c| c.contains("model-a.gguf")), "A serves throughout");
         agent.stop().await;
     })
     .await

@@ -57,6 +57,26 @@ impl Running {
         }
     }
 
+    /// Sends a controller command with `id`.
+    pub async fn command(&self, id: &str, kind: proto::command::Kind) {
+        let command = proto::Command { id: id.to_owned(), kind: Some(kind) };
+        self.down
+            .send(proto::ControllerMessage { msg: Some(controller_message::Msg::Command(command)) })
+            .await
+            .expect("command");
+    }
+
+    /// The benchmark report answering command `id`.
+    pub async fn benchmark_report(&mut self, id: &str) -> proto::BenchmarkReport {
+        let id = id.to_owned();
+        match next_where(&mut self.up, move |m| matches!(m, agent_message::Msg::Benchmark(r) if r.command_id == id))
+            .await
+        {
+            agent_message::Msg::Benchmark(report) => report,
+            _ => unreachable!("matched benchmark reports only"),
+        }
+    }
+
     pub async fn stop(self) {
         self.stop.send(()).expect("signal shutdown");
         self.task.await.expect("task").expect("clean exit");
