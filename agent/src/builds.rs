@@ -453,12 +453,9 @@ async fn pull_build(
     let mut done = 0u64;
     let mut last_report: Option<std::time::Instant> = None;
     for d in [&manifest.config, *layer] {
-        match store.size(&d.digest).await {
-            Some(size) if size == d.size => store.touch(&d.digest).await,
-            present => {
-                if present.is_some() {
-                    store.remove(&d.digest).await.map_err(|e| pull(PullErrorKind::Store(e)))?;
-                }
+        match store.verified(&d.digest, d.size).await.map_err(|e| pull(PullErrorKind::Store(e)))? {
+            true => store.touch(&d.digest).await,
+            false => {
                 // The tar and its extracted copy.
                 crate::pull::for_builds::check_disk(builds_dir, d.size.saturating_mul(2), options.disk_reserve)
                     .await

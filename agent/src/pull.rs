@@ -545,23 +545,19 @@ async fn pull_from(
     let bytes_total = blobs.iter().map(|d| d.size).fold(0, u64::saturating_add);
     let mut missing = Vec::new();
     let mut bytes_present = 0u64;
+    // Stored blobs are used only while they are unchanged since verified (or verify again now); any other,
+    // damaged on disk or of the wrong size, is removed and fetched again.
     for d in &blobs {
-        match store.size(&d.digest).await {
-            Some(size) if size == d.size => bytes_present = bytes_present.saturating_add(size),
-            Some(_) => {
-                // A stored blob of the wrong size cannot be the right content: fetch it again.
-                store.remove(&d.digest).await.map_err(|e| wrap(PullErrorKind::Store(e)))?;
-                missing.push(*d);
-            }
-            None => missing.push(*d),
+        if store.verified(&d.digest, d.size).await.map_err(|e| wrap(PullErrorKind::Store(e)))? {
+            bytes_present = bytes_present.saturating_add(d.size);
+        } else {
+            missing.push(*d);
         }
     }
-    if let Source::Store = from {
-        if let Some(d) = missing.first() {
-            return Err(wrap(PullErrorKind::NotInStore(format!("layer {}", short(&d.digest)))));
-        }
-        // Stored layers were checked when written; checked again now, since this path trusts no disk.
-        verify_stored_blobs(store, &blobs).await.map_err(wrap)?;
+    if let Source::Store = from
+        && let Some(d) = missing.first()
+    {
+        return Err(wrap(PullErrorKind::NotInStore(format!("layer {}", short(&d.digest)))));
     }
     let needed = bytes_total - bytes_present;
     if check_disk(bundles_dir, needed, options.disk_reserve).await.is_err() {
@@ -946,23 +942,6 @@ async fn manifest_from(
         digest: digest.clone(),
         source,
     })
-}
-
-/// Hashes every stored blob of a variant again. A blob whose bytes changed on disk is removed and reported as
-/// missing, so the registry path downloads it anew (and, without a registry, nothing damaged is served).
-async fn verify_stored_blobs(store: &ContentStore, blobs: &[&Descriptor]) -> Result<(), PullErrorKind> {
-    for d in blobs {
-        let hashed = alki_shared::digest::hash_file(&store.path(&d.digest)).await;
-        match hashed {
-            Ok((digest, size)) if digest == d.digest && size == d.size => {}
-            Ok(_) | Err(_) => {
-                tracing::warn!(blob = %d.digest, "A stored blob no longer matches its digest; it is removed.");
-                store.remove(&d.digest).await.map_err(PullErrorKind::Store)?;
-                return Err(PullErrorKind::NotInStore(format!("layer {} (damaged on disk)", short(&d.digest))));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// A stored blob's bytes when present and at most `limit` bytes long.

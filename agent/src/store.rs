@@ -1,7 +1,11 @@
 //! The local content store: blobs under `<data_dir>/content/blobs/sha256/<2 hex>/<hex>`, keyed by digest,
 //! written through a temporary file that is hashed while written and renamed only when the digest matches.
 //! Downloads go through [`PartialBlob`] under `partial/`, kept across attempts and restarts so that a pull
-//! resumes from the bytes on disk; the whole file is verified before it becomes a blob.
+//! resumes from the bytes on disk; the whole file is verified before it becomes a blob. Each blob verified is
+//! sealed (`seals/<hex>`: its file's identity, size and modification time); [`ContentStore::verified`] takes a
+//! blob whose file still matches its seal as verified and hashes any other again, so reusing gigabytes
+//! already on the device (a pre-staged bundle, a return to an earlier one) costs no rehash while any write to
+//! a blob, or a file put in its place, is still caught.
 
 use std::collections::HashSet;
 use std::io::Write as _;
@@ -46,6 +50,8 @@ pub struct ContentStore {
     /// `signatures/<bundle hex>`: the digest of the signature manifest verified for that bundle, so it can
     /// be verified again from the store without a registry.
     signatures: PathBuf,
+    /// `seals/<hex>`: the [`Seal`] of the blob's file when its content was last verified.
+    seals: PathBuf,
     /// Blobs [`ContentStore::evict`] never removes whatever its caller keeps (pre-staged bundles).
     pinned: std::sync::Arc<std::sync::Mutex<HashSet<Digest>>>,
     /// One pull at a time per store: two pulls appending to the same `partial/` file would corrupt it.
@@ -64,11 +70,19 @@ impl ContentStore {
             tmp: root.join("tmp"),
             partial: root.join("partial"),
             signatures: root.join("signatures"),
+            seals: root.join("seals"),
             pinned: Default::default(),
             pulls: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
         };
         std::fs::create_dir_all(&store.blobs).map_err(io_at(&store.blobs))?;
         std::fs::create_dir_all(&store.signatures).map_err(io_at(&store.signatures))?;
+        std::fs::create_dir_all(&store.seals).map_err(io_at(&store.seals))?;
+        // Seals half-written when the agent stopped (whole seals are renamed over their name).
+        for entry in std::fs::read_dir(&store.seals).map_err(io_at(&store.seals))?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         if store.tmp.exists() {
             std::fs::remove_dir_all(&store.tmp).map_err(io_at(&store.tmp))?;
         }
@@ -133,8 +147,50 @@ impl ContentStore {
         tokio::fs::metadata(self.path(digest)).await.ok().filter(|m| m.is_file()).map(|m| m.len())
     }
 
-    /// Removes a blob (e.g. one whose size disagrees with its descriptor).
+    fn seal_path(&self, digest: &Digest) -> PathBuf {
+        self.seals.join(digest.hex())
+    }
+
+    /// True when the blob is present with `size` bytes and its content is known to match its digest: its
+    /// file is unchanged since it was verified (its seal), or it is hashed now and matches (and is sealed
+    /// again). A blob that no longer matches, or has another size, is removed and this returns false, so the
+    /// caller fetches it anew (or, without a registry, refuses to use it).
+    pub async fn verified(&self, digest: &Digest, size: u64) -> Result<bool, StoreError> {
+        let path = self.path(digest);
+        let meta = match tokio::fs::metadata(&path).await {
+            Ok(meta) if meta.is_file() => meta,
+            _ => return Ok(false),
+        };
+        if meta.len() == size {
+            let sealed = tokio::fs::read_to_string(self.seal_path(digest)).await.ok().and_then(|t| Seal::parse(&t));
+            if sealed == Some(Seal::of(&meta)) {
+                return Ok(true);
+            }
+            match alki_shared::digest::hash_file(&path).await {
+                Ok((actual, len)) if &actual == digest && len == size => {
+                    self.seal(digest).await;
+                    return Ok(true);
+                }
+                _ => tracing::warn!(blob = %digest, "A stored blob no longer matches its digest; it is removed."),
+            }
+        }
+        self.remove(digest).await?;
+        Ok(false)
+    }
+
+    /// Seals the blob as it is now (just verified). Best effort: without a seal the blob is hashed again on
+    /// its next use, nothing worse.
+    async fn seal(&self, digest: &Digest) {
+        let (blob, seal) = (self.path(digest), self.seal_path(digest));
+        let sealed = tokio::task::spawn_blocking(move || write_seal(&blob, &seal)).await;
+        if let Ok(Err(e)) = sealed {
+            tracing::debug!(%digest, error = %e, "Cannot seal a verified blob; it will be hashed again on use.");
+        }
+    }
+
+    /// Removes a blob (e.g. one whose size disagrees with its descriptor) and its seal.
     pub async fn remove(&self, digest: &Digest) -> Result<(), StoreError> {
+        let _ = tokio::fs::remove_file(self.seal_path(digest)).await;
         let path = self.path(digest);
         match tokio::fs::remove_file(&path).await {
             Ok(()) => Ok(()),
@@ -143,11 +199,16 @@ impl ContentStore {
         }
     }
 
-    /// Marks a blob as used now (its modification time), for least-recently-used eviction.
+    /// Marks a blob as used now (its modification time), for least-recently-used eviction. A blob that still
+    /// matched its seal is sealed again with the new time; one that did not stays unsealed (hashed on use).
     pub async fn touch(&self, digest: &Digest) {
-        let path = self.path(digest);
+        let (path, seal) = (self.path(digest), self.seal_path(digest));
         let touched = tokio::task::spawn_blocking(move || {
-            std::fs::OpenOptions::new().write(true).open(&path)?.set_modified(SystemTime::now())
+            let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+            let sealed = std::fs::read_to_string(&seal).ok().and_then(|t| Seal::parse(&t));
+            let was_sealed = sealed.is_some() && sealed == Some(Seal::of(&file.metadata()?));
+            file.set_modified(SystemTime::now())?;
+            if was_sealed { write_seal(&path, &seal) } else { Ok(()) }
         })
         .await;
         if let Ok(Err(e)) = touched {
@@ -242,6 +303,7 @@ impl ContentStore {
         Ok(PartialBlob {
             writer,
             path,
+            seal_path: self.seal_path(expected),
             final_path: self.path(expected),
             expected: expected.clone(),
             size,
@@ -321,16 +383,69 @@ impl ContentStore {
         }
         let dir = final_path.parent().map(Path::to_owned).unwrap_or_else(|| self.blobs.clone());
         tokio::fs::create_dir_all(&dir).await.map_err(io_at(&dir))?;
-        let target = final_path.clone();
+        let (target, seal) = (final_path.clone(), self.seal_path(expected));
         tokio::task::spawn_blocking(move || {
             tmp.persist(&target).map_err(|e| e.error)?;
-            alki_shared::fsutil::sync_dir(&dir)
+            alki_shared::fsutil::sync_dir(&dir)?;
+            if let Err(e) = write_seal(&target, &seal) {
+                tracing::debug!(error = %e, blob = %target.display(), "Cannot seal a verified blob.");
+            }
+            Ok(())
         })
         .await
         .map_err(|join| io_at(&final_path)(std::io::Error::other(join)))?
         .map_err(io_at(&final_path))?;
         Ok(final_path)
     }
+}
+
+/// What a blob's file looked like when its content was verified: the same file (device and inode), size and
+/// modification time. Any write through the file system moves the modification time and a file put in the
+/// blob's place is another inode; a hard link (the variant directories) changes neither. It guards against
+/// accidents (an edit, a copy over the blob, a partial restore), not against someone resetting the time on
+/// purpose, who could as well rewrite the seal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seal {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl Seal {
+    fn of(meta: &std::fs::Metadata) -> Seal {
+        use std::os::unix::fs::MetadataExt as _;
+        Seal { dev: meta.dev(), ino: meta.ino(), size: meta.len(), mtime: meta.mtime(), mtime_nsec: meta.mtime_nsec() }
+    }
+
+    fn encode(&self) -> String {
+        format!("{} {} {} {} {}\n", self.dev, self.ino, self.size, self.mtime, self.mtime_nsec)
+    }
+
+    fn parse(text: &str) -> Option<Seal> {
+        let mut fields = text.split_ascii_whitespace();
+        let mut next = || fields.next()?.parse::<i128>().ok();
+        let seal = Seal {
+            dev: u64::try_from(next()?).ok()?,
+            ino: u64::try_from(next()?).ok()?,
+            size: u64::try_from(next()?).ok()?,
+            mtime: i64::try_from(next()?).ok()?,
+            mtime_nsec: i64::try_from(next()?).ok()?,
+        };
+        fields.next().is_none().then_some(seal)
+    }
+}
+
+/// Writes the seal of `blob` as it is now to `seal` (a temporary file renamed over it: a reader sees a whole
+/// seal or none). Not fsynced: a seal lost in a power cut only means one more hash.
+fn write_seal(blob: &Path, seal: &Path) -> std::io::Result<()> {
+    let text = Seal::of(&std::fs::metadata(blob)?).encode();
+    let dir = seal.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(text.as_bytes())?;
+    tmp.persist(seal).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// Starts writing `len` bytes at `offset` of `file` to the disk without waiting for them. Only a head start
@@ -377,6 +492,7 @@ pub fn choose_evictions(blobs: &[StoredBlob], keep: &HashSet<Digest>, budget: u6
 pub struct PartialBlob {
     path: PathBuf,
     final_path: PathBuf,
+    seal_path: PathBuf,
     expected: Digest,
     size: u64,
     hasher: Hasher,
@@ -561,10 +677,17 @@ impl PartialBlob {
         tokio::fs::create_dir_all(&dir).await.map_err(io_at(&dir))?;
         tokio::fs::rename(&self.path, &self.final_path).await.map_err(io_at(&self.final_path))?;
         let synced = dir.clone();
-        tokio::task::spawn_blocking(move || alki_shared::fsutil::sync_dir(&synced))
-            .await
-            .map_err(|join| io_at(&dir)(std::io::Error::other(join)))?
-            .map_err(io_at(&dir))?;
+        let (blob, seal) = (self.final_path.clone(), self.seal_path.clone());
+        tokio::task::spawn_blocking(move || {
+            alki_shared::fsutil::sync_dir(&synced)?;
+            if let Err(e) = write_seal(&blob, &seal) {
+                tracing::debug!(error = %e, blob = %blob.display(), "Cannot seal a verified blob.");
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|join| io_at(&dir)(std::io::Error::other(join)))?
+        .map_err(io_at(&dir))?;
         Ok(self.final_path.clone())
     }
 
@@ -735,14 +858,104 @@ mod tests {
         assert_eq!(std::fs::read(path).expect("read"), content);
     }
 
+    fn seal_on_disk(store: &ContentStore, digest: &Digest) -> Option<Seal> {
+        std::fs::read_to_string(store.seal_path(digest)).ok().and_then(|t| Seal::parse(&t))
+    }
+
+    fn seal_now(store: &ContentStore, digest: &Digest) -> Seal {
+        Seal::of(&std::fs::metadata(store.path(digest)).expect("blob"))
+    }
+
+    #[tokio::test]
+    async fn a_verified_blob_is_sealed_and_trusted_while_its_file_is_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ContentStore::open(dir.path()).expect("open");
+        let digest = Digest::of(b"weights");
+        store.write_bytes(&digest, b"weights").await.expect("write");
+        assert_eq!(seal_on_disk(&store, &digest), Some(seal_now(&store, &digest)), "sealed when written");
+
+        // Same bytes count, other content, and the modification time put back as it was: the file looks
+        // unchanged, so it is taken as verified without being hashed (the seal's documented limit).
+        let path = store.path(&digest);
+        let mtime = std::fs::metadata(&path).expect("meta").modified().expect("mtime");
+        let file = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+        (&file).write_all(b"WEIGHTS").expect("write");
+        file.set_modified(mtime).expect("set mtime");
+        drop(file);
+        assert!(store.verified(&digest, 7).await.expect("verified"), "not hashed again");
+
+        // A used blob is sealed again with its new modification time.
+        store.touch(&digest).await;
+        assert_eq!(seal_on_disk(&store, &digest), Some(seal_now(&store, &digest)));
+        assert!(store.verified(&digest, 7).await.expect("verified"));
+    }
+
+    #[tokio::test]
+    async fn a_blob_written_to_after_it_was_sealed_is_hashed_again_and_removed_when_damaged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ContentStore::open(dir.path()).expect("open");
+        let digest = Digest::of(b"weights");
+        store.write_bytes(&digest, b"weights").await.expect("write");
+        let path = store.path(&digest);
+        let sealed = seal_now(&store, &digest);
+        // An edit in place moves the modification time.
+        let file = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+        (&file).write_all(b"WEIGHTS").expect("write");
+        file.set_modified(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(sealed.mtime as u64 + 60))
+            .expect("set mtime");
+        drop(file);
+        // Touching does not bless it: the seal is only renewed for a blob that matched it.
+        store.touch(&digest).await;
+        assert!(!store.verified(&digest, 7).await.expect("verified"), "hashed, and it does not match");
+        assert!(!path.exists() && seal_on_disk(&store, &digest).is_none(), "blob and seal removed");
+
+        // The wrong size is never trusted, sealed or not.
+        store.write_bytes(&digest, b"weights").await.expect("write");
+        assert!(!store.verified(&digest, 8).await.expect("verified"));
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_good_blob_without_its_seal_or_put_back_as_a_new_file_is_hashed_once_and_sealed_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ContentStore::open(dir.path()).expect("open");
+        let digest = Digest::of(b"weights");
+        store.write_bytes(&digest, b"weights").await.expect("write");
+        std::fs::remove_file(store.seal_path(&digest)).expect("unseal");
+        assert!(store.verified(&digest, 7).await.expect("verified"));
+        assert_eq!(seal_on_disk(&store, &digest), Some(seal_now(&store, &digest)), "sealed again");
+
+        // The same bytes restored as a new file (another inode): hashed, matches, sealed for the new file.
+        let path = store.path(&digest);
+        std::fs::remove_file(&path).expect("unlink");
+        std::fs::write(&path, b"weights").expect("restore");
+        assert_ne!(seal_on_disk(&store, &digest), Some(seal_now(&store, &digest)));
+        assert!(store.verified(&digest, 7).await.expect("verified"));
+        assert_eq!(seal_on_disk(&store, &digest), Some(seal_now(&store, &digest)));
+        assert!(!store.verified(&Digest::of(b"absent"), 1).await.expect("verified"), "absent is not verified");
+    }
+
+    #[test]
+    fn seals_parse_only_whole_records() {
+        let seal = Seal { dev: 2049, ino: 77, size: 1 << 40, mtime: -5, mtime_nsec: 999_999_999 };
+        assert_eq!(Seal::parse(&seal.encode()), Some(seal));
+        for torn in ["", "2049 77", "2049 77 1 2 3 4", "a b c d e", "2049 77 -1 0 0"] {
+            assert_eq!(Seal::parse(torn), None, "{torn:?}");
+        }
+    }
+
     #[tokio::test]
     async fn open_cleans_leftover_temporary_files() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("tmp")).expect("mkdir");
         std::fs::write(dir.path().join("tmp/leftover.partial"), b"x").expect("write");
+        std::fs::create_dir_all(dir.path().join("seals")).expect("mkdir");
+        std::fs::write(dir.path().join("seals/.tmpAbC123"), b"20").expect("write");
         let store = ContentStore::open(dir.path()).expect("open");
         let digest = Digest::of(b"{}");
         store.write_bytes(&digest, b"{}").await.expect("write");
-        assert_eq!(files_under(dir.path()), vec![store.path(&digest)]);
+        let mut files = files_under(dir.path());
+        files.sort();
+        assert_eq!(files, vec![store.path(&digest), store.seal_path(&digest)]);
     }
 }
