@@ -85,10 +85,7 @@ async fn stage_bundle(data_dir: &Path, name: &str, knobs: &[&str]) -> BundleLoca
 }
 
 async fn start_agent(dir: &Path, data_dir: &Path, runtime_extra: &str) -> Running {
-    common::running::start_agent(TOKEN, |controller| {
-        common::running::config(dir, data_dir, controller, TOKEN, runtime_extra)
-    })
-    .await
+    common::running::start_configured(dir, data_dir, TOKEN, runtime_extra).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

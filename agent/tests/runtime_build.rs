@@ -163,10 +163,7 @@ fn processes_under(dir: &Path) -> Vec<(u32, PathBuf)> {
 }
 
 async fn start_agent(dir: &Path, data_dir: &Path, runtime_extra: &str) -> Running {
-    common::running::start_agent(TOKEN, |controller| {
-        common::running::config(dir, data_dir, controller, TOKEN, runtime_extra)
-    })
-    .await
+    common::running::start_configured(dir, data_dir, TOKEN, runtime_extra).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

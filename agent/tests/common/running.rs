@@ -41,6 +41,11 @@ pub async fn start_agent(token: &str, config: impl FnOnce(SocketAddr) -> Config)
     Running { front, up, down, stop, task }
 }
 
+/// [`start_agent`] with the [`config`] for the fake llama-server, `runtime_extra` in its `[runtime]` section.
+pub async fn start_configured(dir: &Path, data_dir: &Path, token: &str, runtime_extra: &str) -> Running {
+    start_agent(token, |controller| config(dir, data_dir, controller, token, runtime_extra)).await
+}
+
 impl Running {
     pub async fn desire(&self, generation: u64, bundle: &BundleLocation) {
         let desired = proto::DesiredState { generation, bundle: Some(bundle.to_proto()), ..Default::default() };
