@@ -67,6 +67,13 @@ pub const NAMES: &[(&str, &str, &str)] = &[
         "Telemetry reports not rolled up because the accumulator was full.",
     ),
     ("alki_telemetry_rollup_flushes_total", "counter", "Rollup flushes written to the store."),
+    ("alki_agent_reports_queued", "gauge", "Agent reports (status, heartbeats, telemetry) waiting to be written."),
+    ("alki_agent_reports_written_total", "counter", "Agent reports written to the store."),
+    (
+        "alki_agent_report_commits_total",
+        "counter",
+        "Store transactions the report writer committed (reports per commit: the group commit at work).",
+    ),
 ];
 
 /// Finished rollouts kept in the gauges besides the active ones (the newest first).
@@ -258,6 +265,10 @@ pub fn render(fleet: &Fleet) -> Result<String, StoreError> {
     e.add("alki_benchmark_results_total", &[], ingest.benchmark_results.load(Ordering::Relaxed) as f64);
     e.add("alki_telemetry_rollups_dropped_total", &[], ingest.rollups_dropped.load(Ordering::Relaxed) as f64);
     e.add("alki_telemetry_rollup_flushes_total", &[], ingest.rollup_flushes.load(Ordering::Relaxed) as f64);
+    let reports = &fleet.reports;
+    e.add("alki_agent_reports_queued", &[], reports.queued.load(Ordering::Relaxed) as f64);
+    e.add("alki_agent_reports_written_total", &[], reports.written.load(Ordering::Relaxed) as f64);
+    e.add("alki_agent_report_commits_total", &[], reports.commits.load(Ordering::Relaxed) as f64);
     Ok(e.render())
 }
 

@@ -69,6 +69,7 @@ pub async fn serve(
         trusted_keys: config.trusted_keys.clone().into(),
     };
 
+    let (report_writer, report_writer_task) = crate::fleet::reports::ReportWriter::start(fleet.clone());
     let agent_api = api::agent::AgentApi {
         fleet: fleet.clone(),
         auth: auth.clone(),
@@ -76,6 +77,7 @@ pub async fn serve(
         pki: pki.clone(),
         insecure_agent_tokens: config.insecure_agent_tokens,
         device_limiter: Arc::new(crate::limits::RateLimiter::new(limits.device_rate)),
+        reports: report_writer,
     };
     let enroll_api = api::enroll::EnrollApi { fleet: fleet.clone(), pki: pki.clone() };
     let security_api = api::security::SecurityApi { fleet: fleet.clone(), auth: auth.clone() };
@@ -176,6 +178,8 @@ pub async fn serve(
         tracing::info!(sessions = closed, "Closed agent sessions.");
     });
     let (grpc_result, http_result) = tokio::join!(grpc, http);
+    // What the agents reported last is written before the store is let go.
+    report_writer_task.finish().await;
     reconciler_stop.notify_one();
     let _ = reconciler.await;
     let _ = gc_schedule.await;

@@ -549,30 +549,40 @@ async fn devices_that_served_nothing_serve_nothing_again_after_an_abort() {
     let returned: Vec<&String> = nothing.iter().filter(|id| views[*id].serving_nothing).collect();
     assert!(!returned.is_empty(), "some devices without A were in B and were told to serve nothing");
 
-    // The controller's records say the same: no bundle served, nothing desired.
-    let records = s
-        .controller
-        .fleet()
-        .await
-        .list_rollout_devices(s.controller.req(proto::ListRolloutDevicesRequest { id: r.id.clone() }))
-        .await
-        .expect("records")
-        .into_inner()
-        .devices;
-    let devices = s
-        .controller
-        .fleet()
-        .await
-        .list_devices(s.controller.req(proto::ListDevicesRequest::default()))
-        .await
-        .expect("devices")
-        .into_inner()
-        .devices;
-    for record in records.iter().filter(|r| r.baseline.is_none()) {
-        let d = devices.iter().find(|d| d.id == record.device_id).expect("device");
-        assert!(d.desired_serve_nothing && d.desired.is_none() && d.cohort == "A", "{d:?}");
-        assert!(d.running.is_none(), "{} serves nothing", d.id);
-    }
+    // The controller's records come to say the same (the sims' last reports are written by group commit):
+    // no bundle served, nothing desired.
+    let fleet = s.controller.fleet().await;
+    let mut last = String::new();
+    let agreed = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            let records = fleet
+                .clone()
+                .list_rollout_devices(s.controller.req(proto::ListRolloutDevicesRequest { id: r.id.clone() }))
+                .await
+                .expect("records")
+                .into_inner()
+                .devices;
+            let devices = fleet
+                .clone()
+                .list_devices(s.controller.req(proto::ListDevicesRequest::default()))
+                .await
+                .expect("devices")
+                .into_inner()
+                .devices;
+            let disagreeing = records.iter().filter(|r| r.baseline.is_none()).find_map(|record| {
+                let d = devices.iter().find(|d| d.id == record.device_id).expect("device");
+                let agrees = d.desired_serve_nothing && d.desired.is_none() && d.cohort == "A" && d.running.is_none();
+                (!agrees).then(|| format!("{d:?}"))
+            });
+            match disagreeing {
+                None => return records,
+                Some(d) => last = d,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let records = agreed.unwrap_or_else(|_| panic!("a device without A still serves or is desired something: {last}"));
     assert!(records.iter().any(|r| r.baseline.is_none()), "devices without A were in the rollout");
     s.finish().await;
 }

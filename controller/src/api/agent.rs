@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::auth::{Action, Authenticator};
+use crate::fleet::reports::{Durability, ReportWriter, WriterStopped};
 use crate::fleet::{Fleet, desired_state, hub::SESSION_QUEUE};
 
 /// Most staged bundles kept per device record (an agent keeps few: they cost disk).
@@ -33,6 +34,8 @@ pub struct AgentApi {
     pub insecure_agent_tokens: bool,
     /// Session opens and messages per device (`limits::Limits::device_rate`).
     pub device_limiter: std::sync::Arc<crate::limits::RateLimiter>,
+    /// Sessions' reports go to the store through it, by group commit.
+    pub reports: ReportWriter,
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
@@ -85,16 +88,16 @@ impl AgentService for AgentApi {
             labels.extend(identity.labels.clone());
         }
 
+        let reported = hello.clone();
         let record = self
-            .fleet
-            .store
-            .update_device(&device_id, |d| {
+            .reports
+            .update_and_read(&device_id, move |d| {
                 d.labels = labels;
-                d.inventory = hello.inventory.clone();
-                d.agent_version = hello.agent_version.clone();
-                d.running = hello.running.clone();
-                d.applied_generation = hello.last_applied_generation;
-                d.staged = hello.staged.iter().take(MAX_STAGED).cloned().collect();
+                d.inventory = reported.inventory;
+                d.agent_version = reported.agent_version;
+                d.running = reported.running;
+                d.applied_generation = reported.last_applied_generation;
+                d.staged = reported.staged.into_iter().take(MAX_STAGED).collect();
                 // A Prestage command the previous session never answered is lost with it: sent again
                 // (the rollout reconciler counts the attempt) unless Hello says the bundle is staged.
                 if let Some(p) = d.prestage.as_mut().filter(|p| p.state == PrestageState::Sent as i32) {
@@ -104,8 +107,9 @@ impl AgentService for AgentApi {
                 if d.phase == Phase::Unspecified as i32 {
                     d.phase = if d.running.is_some() { Phase::Active } else { Phase::Idle } as i32;
                 }
-                d.clone()
             })
+            .await
+            .map_err(|stopped| Status::unavailable(stopped.to_string()))?
             .map_err(super::internal)?;
 
         let (tx, rx) = tokio::sync::mpsc::channel(SESSION_QUEUE);
@@ -132,6 +136,7 @@ impl AgentService for AgentApi {
         self.fleet.changed.notify_one();
 
         let fleet = self.fleet.clone();
+        let reports = self.reports.clone();
         let span = tracing::info_span!("session", device_id = %device_id);
         tokio::spawn(
             async move {
@@ -148,8 +153,9 @@ impl AgentService for AgentApi {
                             break;
                         }
                         Some(Ok(message)) => {
-                            if let Err(error) = handle(&fleet, &device_id, message) {
-                                tracing::error!(%error, "Could not record an agent message.");
+                            if let Err(stopped) = queue_report(&fleet, &reports, &device_id, message).await {
+                                tracing::info!(%stopped, "Ending the session.");
+                                break;
                             }
                         }
                         Some(Err(status)) => {
@@ -160,9 +166,10 @@ impl AgentService for AgentApi {
                     }
                 }
                 fleet.hub.unregister(&device_id, session_id);
-                let _ = fleet.store.update_device(&device_id, |d| d.last_seen_unix_ms = crate::now_unix_ms());
+                let gone = crate::now_unix_ms();
+                // The writer wakes the reconciler once this is committed.
+                let _ = reports.update(&device_id, Durability::Durable, move |d| d.last_seen_unix_ms = gone).await;
                 tracing::info!("Agent disconnected.");
-                fleet.changed.notify_one();
             }
             .instrument(span),
         );
@@ -170,14 +177,20 @@ impl AgentService for AgentApi {
     }
 }
 
-/// Records one message from an agent. Status reports wake the rollout reconciler.
-fn handle(fleet: &Fleet, device_id: &str, message: AgentMessage) -> Result<(), crate::store::StoreError> {
+/// Queues one message from an agent for the report writer (in-memory facts are kept at once). Only a
+/// stopped writer is an error: a write that fails is logged by the writer.
+async fn queue_report(
+    fleet: &Fleet,
+    reports: &ReportWriter,
+    device_id: &str,
+    message: AgentMessage,
+) -> Result<(), WriterStopped> {
     let now = crate::now_unix_ms();
     match message.msg {
         // Last-seen lives in the hub; the store gets it at most once a minute per device.
         Some(agent_message::Msg::Heartbeat(_)) => {
             if fleet.hub.touch(device_id, now) {
-                fleet.store.update_device(device_id, |d| d.last_seen_unix_ms = now)?;
+                reports.update(device_id, Durability::Durable, move |d| d.last_seen_unix_ms = now).await?;
             }
             Ok(())
         }
@@ -193,40 +206,37 @@ fn handle(fleet: &Fleet, device_id: &str, message: AgentMessage) -> Result<(), c
             // IDLE with a generation settles a desired state that said serve nothing.
             let settled = matches!(phase, Phase::Active | Phase::Failed)
                 || (phase == Phase::Idle && status.generation > 0 && status.serving.is_none());
-            let record = |d: &mut proto::Device| {
-                d.last_seen_unix_ms = now;
-                d.phase = status.phase;
-                d.error = status.error.clone();
-                d.running = status.serving.clone();
-                if !status.variant_digest.is_empty() && phase == Phase::Active {
-                    d.running_variant = status.variant_digest.clone();
-                }
-                if settled {
-                    d.applied_generation = d.applied_generation.max(status.generation);
-                }
-            };
             // Outcomes are durable; progress phases are not worth an fsync each (the agent reports again).
-            if settled {
-                fleet.store.update_device(device_id, record)?;
-            } else {
-                fleet.store.update_device_volatile(device_id, record)?;
-            }
-            fleet.changed.notify_one();
-            Ok(())
+            let durability = if settled { Durability::Durable } else { Durability::Volatile };
+            reports
+                .update(device_id, durability, move |d| {
+                    d.last_seen_unix_ms = now;
+                    d.phase = status.phase;
+                    d.error = status.error;
+                    d.running = status.serving;
+                    if !status.variant_digest.is_empty() && phase == Phase::Active {
+                        d.running_variant = status.variant_digest;
+                    }
+                    if settled {
+                        d.applied_generation = d.applied_generation.max(status.generation);
+                    }
+                })
+                .await
         }
         Some(agent_message::Msg::Telemetry(t)) => {
             fleet.hub.touch(device_id, now);
             // Counters arrive again with the next report: no fsync for each.
-            crate::insight::ingest_telemetry(fleet, device_id, &t, now)
+            let id = device_id.to_owned();
+            reports.run(device_id, move |fleet| crate::insight::ingest_telemetry(fleet, &id, &t, now)).await
         }
         Some(agent_message::Msg::Benchmark(report)) => {
-            crate::insight::ingest_benchmarks(fleet, device_id, &report, now)
+            let id = device_id.to_owned();
+            reports.run(device_id, move |fleet| crate::insight::ingest_benchmarks(fleet, &id, &report, now)).await
         }
         Some(agent_message::Msg::Prestage(report)) => {
             fleet.hub.touch(device_id, now);
-            record_prestage(fleet, device_id, &report)?;
-            fleet.changed.notify_one();
-            Ok(())
+            log_prestage(&report);
+            reports.update(device_id, Durability::Durable, move |d| record_prestage(d, &report)).await
         }
         Some(agent_message::Msg::Hello(_)) => {
             tracing::warn!("Ignored a second Hello within one session.");
@@ -236,34 +246,30 @@ fn handle(fleet: &Fleet, device_id: &str, message: AgentMessage) -> Result<(), c
     }
 }
 
-/// Records a device's answer to a Prestage command: a ready bundle joins the device's staged list, and the
-/// rollout's command record (when the answer is to it) becomes READY or FAILED with the device's error.
-fn record_prestage(
-    fleet: &Fleet,
-    device_id: &str,
-    report: &proto::PrestageReport,
-) -> Result<(), crate::store::StoreError> {
+fn log_prestage(report: &proto::PrestageReport) {
     let error = report.error.as_ref().map(|e| e.message.as_str()).unwrap_or("");
     if report.ready {
         tracing::info!(command_id = %report.command_id, bytes = report.bytes_downloaded, "Agent staged a bundle.");
     } else {
         tracing::warn!(command_id = %report.command_id, error, "Agent could not stage a bundle.");
     }
-    fleet.store.update_device(device_id, |d| {
-        if report.ready
-            && let Some(bundle) = &report.bundle
-        {
-            d.staged.retain(|b| b.digest != bundle.digest);
-            d.staged.push(bundle.clone());
-            let excess = d.staged.len().saturating_sub(MAX_STAGED);
-            d.staged.drain(..excess);
-        }
-        if let Some(p) =
-            d.prestage.as_mut().filter(|p| !report.command_id.is_empty() && p.command_id == report.command_id)
-        {
-            p.state = if report.ready { PrestageState::Ready } else { PrestageState::Failed } as i32;
-            p.error = if report.ready { None } else { report.error.clone() };
-            p.bytes_downloaded = report.bytes_downloaded;
-        }
-    })
+}
+
+/// Records a device's answer to a Prestage command: a ready bundle joins the device's staged list, and the
+/// rollout's command record (when the answer is to it) becomes READY or FAILED with the device's error.
+fn record_prestage(d: &mut proto::Device, report: &proto::PrestageReport) {
+    if report.ready
+        && let Some(bundle) = &report.bundle
+    {
+        d.staged.retain(|b| b.digest != bundle.digest);
+        d.staged.push(bundle.clone());
+        let excess = d.staged.len().saturating_sub(MAX_STAGED);
+        d.staged.drain(..excess);
+    }
+    if let Some(p) = d.prestage.as_mut().filter(|p| !report.command_id.is_empty() && p.command_id == report.command_id)
+    {
+        p.state = if report.ready { PrestageState::Ready } else { PrestageState::Failed } as i32;
+        p.error = if report.ready { None } else { report.error.clone() };
+        p.bytes_downloaded = report.bytes_downloaded;
+    }
 }

@@ -1,6 +1,7 @@
 //! The fleet as the controller sees it: connected sessions and each device's desired state.
 
 pub mod hub;
+pub mod reports;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,6 +38,8 @@ pub struct Fleet {
     pub insight: Arc<crate::insight::Ingest>,
     /// Counters of the HTTP side (registry traffic), for `/metrics`.
     pub http: Arc<crate::metrics::HttpCounters>,
+    /// Counters of the agent report writer, for `/metrics`.
+    pub reports: Arc<reports::ReportCounters>,
 }
 
 impl Fleet {
@@ -48,6 +51,7 @@ impl Fleet {
             rollouts_lock: Arc::new(std::sync::Mutex::new(())),
             insight: Arc::default(),
             http: Arc::default(),
+            reports: Arc::default(),
         }
     }
 

@@ -38,6 +38,9 @@ pub enum StoreError {
     Corrupt { table: String, key: String, source: serde_json::Error },
     #[error("could not encode a {table} record: {0}", table = .1)]
     Encode(serde_json::Error, String),
+    /// A write committed together with others failed; each caller gets the cause as text.
+    #[error("a batched store write failed: {0}")]
+    Batch(String),
 }
 
 macro_rules! from_redb {
@@ -193,9 +196,23 @@ impl Store {
     pub fn update_devices<R>(
         &self,
         ids: &[&str],
+        f: impl FnMut(&mut proto::Device, usize) -> R,
+    ) -> Result<Vec<R>, StoreError> {
+        self.update_devices_with(ids, true, f)
+    }
+
+    /// Like `update_devices`; without `durable` the commit does not wait for the disk (see
+    /// `update_device_volatile`). An id may appear more than once: each change sees the one before it.
+    pub fn update_devices_with<R>(
+        &self,
+        ids: &[&str],
+        durable: bool,
         mut f: impl FnMut(&mut proto::Device, usize) -> R,
     ) -> Result<Vec<R>, StoreError> {
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        if !durable {
+            txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Database(e.into()))?;
+        }
         let mut out = Vec::with_capacity(ids.len());
         {
             let mut t = txn.open_table(DEVICES)?;

@@ -7,6 +7,7 @@
 //!     --bench --bundle acme/tiny:v2 --steps 10,25,50,100 --controller-pid PID --idle-secs 30
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -224,17 +225,15 @@ async fn main() -> anyhow::Result<()> {
     let decisions: Vec<i64> =
         events.iter().filter(|e| e.kind == "started" || e.kind == "advanced").map(|e| e.unix_ms).collect();
     // Each device's latency: from the newest step decision before its desired state to its arrival.
-    let mut latencies: Vec<i64> = sims
-        .snapshot()
-        .values()
-        .filter(|v| v.desired_at_unix_ms > 0)
-        .filter_map(|v| {
-            let decided = decisions.iter().rev().find(|&&d| d <= v.desired_at_unix_ms)?;
-            Some(v.desired_at_unix_ms - decided)
-        })
-        .collect();
+    let mut by_decision: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    for v in sims.snapshot().values().filter(|v| v.desired_at_unix_ms > 0) {
+        if let Some(&decided) = decisions.iter().rev().find(|&&d| d <= v.desired_at_unix_ms) {
+            by_decision.entry(decided).or_default().push(v.desired_at_unix_ms - decided);
+        }
+    }
+    let mut latencies: Vec<i64> = by_decision.values().flatten().copied().collect();
     latencies.sort_unstable();
-    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied();
+    let pct = |p: f64| percentile(&latencies, p);
     println!(
         "rollout {} {} in {:.2} s ({} steps, zero soak): {}",
         done.id,
@@ -250,6 +249,18 @@ async fn main() -> anyhow::Result<()> {
         pct(0.99).unwrap_or(0),
         latencies.last().copied().unwrap_or(0)
     );
+    for (i, (decided, mut step)) in by_decision.into_iter().enumerate() {
+        step.sort_unstable();
+        println!(
+            "  decision {} (+{} ms): {} devices, p50 {} ms, p99 {} ms, max {} ms",
+            i + 1,
+            decided - decisions.first().copied().unwrap_or(decided),
+            step.len(),
+            percentile(&step, 0.5).unwrap_or(0),
+            percentile(&step, 0.99).unwrap_or(0),
+            step.last().copied().unwrap_or(0)
+        );
+    }
     if let Some(pid) = args.controller_pid {
         println!("controller RSS after the rollout: {} MiB", rss_kib(pid)? / 1024);
     }
@@ -348,4 +359,9 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .context("no VmRSS in /proc/PID/status")
+}
+
+/// The value at quantile `p` of sorted `values` (nearest rank).
+fn percentile(sorted: &[i64], p: f64) -> Option<i64> {
+    sorted.get(((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied()
 }
