@@ -88,16 +88,16 @@ impl AgentService for AgentApi {
             labels.extend(identity.labels.clone());
         }
 
-        let reported = hello.clone();
+        let agent_version = hello.agent_version.clone();
         let record = self
             .reports
             .update_and_read(&device_id, move |d| {
                 d.labels = labels;
-                d.inventory = reported.inventory;
-                d.agent_version = reported.agent_version;
-                d.running = reported.running;
-                d.applied_generation = reported.last_applied_generation;
-                d.staged = reported.staged.into_iter().take(MAX_STAGED).collect();
+                d.inventory = hello.inventory;
+                d.agent_version = hello.agent_version;
+                d.running = hello.running;
+                d.applied_generation = hello.last_applied_generation;
+                d.staged = hello.staged.into_iter().take(MAX_STAGED).collect();
                 // A Prestage command the previous session never answered is lost with it: sent again
                 // (the rollout reconciler counts the attempt) unless Hello says the bundle is staged.
                 if let Some(p) = d.prestage.as_mut().filter(|p| p.state == PrestageState::Sent as i32) {
@@ -132,7 +132,7 @@ impl AgentService for AgentApi {
         let limiter = self.device_limiter.clone();
         let session_id = self.fleet.hub.register(&device_id, tx);
         self.fleet.hub.touch(&device_id, record.last_seen_unix_ms);
-        tracing::info!(device_id, agent_version = %hello.agent_version, "Agent connected.");
+        tracing::info!(device_id, %agent_version, "Agent connected.");
         self.fleet.changed.notify_one();
 
         let fleet = self.fleet.clone();

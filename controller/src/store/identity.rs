@@ -215,7 +215,7 @@ impl Store {
     /// Decommissions a device: its certificates are refused from now on. Returns the identity, or None when
     /// the device never enrolled. Decommissioning twice keeps the first time.
     pub fn decommission(&self, device_id: &str, now_unix_ms: i64) -> Result<Option<DeviceIdentity>, StoreError> {
-        self.update(DEVICE_IDENTITIES, device_id, true, |current: Option<DeviceIdentity>| match current {
+        self.update(DEVICE_IDENTITIES, device_id, |current: Option<DeviceIdentity>| match current {
             None => (None, None),
             Some(mut identity) => {
                 identity.decommissioned_unix_ms.get_or_insert(now_unix_ms);

@@ -127,16 +127,12 @@ impl Store {
         &self,
         table: Table,
         key: &str,
-        durable: bool,
         f: impl FnOnce(Option<T>) -> (Option<T>, R),
     ) -> Result<R, StoreError>
     where
         T: Serialize + DeserializeOwned,
     {
-        let mut txn = self.db.begin_write()?;
-        if !durable {
-            txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Database(e.into()))?;
-        }
+        let txn = self.db.begin_write()?;
         let result = {
             let mut t = txn.open_table(table)?;
             let current = match t.get(key)? {
@@ -165,26 +161,7 @@ impl Store {
     /// Creates or changes a device record atomically; `f` gets the current record (or a new one with only
     /// the id set) and returns whatever the caller wants back.
     pub fn update_device<R>(&self, id: &str, f: impl FnOnce(&mut proto::Device) -> R) -> Result<R, StoreError> {
-        self.update_device_with(id, true, f)
-    }
-
-    /// Like `update_device`, without waiting for the disk: for facts a crash may lose because the agent
-    /// reports them again (progress phases). The next durable commit persists them.
-    pub fn update_device_volatile<R>(
-        &self,
-        id: &str,
-        f: impl FnOnce(&mut proto::Device) -> R,
-    ) -> Result<R, StoreError> {
-        self.update_device_with(id, false, f)
-    }
-
-    fn update_device_with<R>(
-        &self,
-        id: &str,
-        durable: bool,
-        f: impl FnOnce(&mut proto::Device) -> R,
-    ) -> Result<R, StoreError> {
-        self.update(DEVICES, id, durable, |current: Option<proto::Device>| {
+        self.update(DEVICES, id, |current: Option<proto::Device>| {
             let mut device = current.unwrap_or_else(|| proto::Device { id: id.to_owned(), ..Default::default() });
             let r = f(&mut device);
             (Some(device), r)
@@ -201,8 +178,9 @@ impl Store {
         self.update_devices_with(ids, true, f)
     }
 
-    /// Like `update_devices`; without `durable` the commit does not wait for the disk (see
-    /// `update_device_volatile`). An id may appear more than once: each change sees the one before it.
+    /// Like `update_devices`; without `durable` the commit does not wait for the disk: for facts a crash may
+    /// lose because agents report them again (progress phases), persisted by the next durable commit. An id
+    /// may appear more than once: each change sees the one before it.
     pub fn update_devices_with<R>(
         &self,
         ids: &[&str],
@@ -236,7 +214,7 @@ impl Store {
     /// Records a bundle of an external registry, keeping the time it was first recorded and every tag seen.
     pub fn record_external_bundle(&self, bundle: proto::Bundle) -> Result<(), StoreError> {
         let key = format!("{}/{}@{}", bundle.registry, bundle.repository, bundle.digest);
-        self.update(EXTERNAL_BUNDLES, &key, true, |current: Option<proto::Bundle>| {
+        self.update(EXTERNAL_BUNDLES, &key, |current: Option<proto::Bundle>| {
             let mut next = bundle;
             if let Some(known) = current {
                 next.pushed_unix_ms = known.pushed_unix_ms;
@@ -337,7 +315,7 @@ impl Store {
 
     /// Marks the token stored under `hash_hex` revoked (keeping the first revocation time) and returns it.
     pub fn revoke_token(&self, hash_hex: &str, now_unix_ms: i64) -> Result<Option<TokenRecord>, StoreError> {
-        self.update(TOKENS, hash_hex, true, |current: Option<TokenRecord>| match current {
+        self.update(TOKENS, hash_hex, |current: Option<TokenRecord>| match current {
             None => (None, None),
             Some(mut record) => {
                 record.revoked_unix_ms.get_or_insert(now_unix_ms);
