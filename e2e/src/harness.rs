@@ -71,10 +71,24 @@ impl Proc {
     }
 
     /// The last lines of the log, for failure messages.
+    /// The last 40 lines of the process's log, without backtrace frames (they would push the error itself out).
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
+        let is_frame = |line: &&str| {
+            let line = line.trim_start();
+            line.starts_with("at ") || line.split_once(": ").is_some_and(|(n, _)| n.parse::<u32>().is_ok())
+        };
+        let lines: Vec<&str> = text.lines().filter(|l| !is_frame(l)).collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// True once the process has exited (a zombie not reaped yet counts): waits on it stop at once.
+    pub fn has_exited(&self) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())) {
+            // The state follows the command name, which is in parentheses and may hold spaces.
+            Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')),
+            Err(_) => true,
+        }
     }
 
     /// Sends SIGTERM and waits (bounded) for a graceful exit; SIGKILL after the deadline.
@@ -121,9 +135,12 @@ pub fn wait_for<T>(
             Ok(None) => {}
             Err(e) => last_error = format!("{e:#}"),
         }
+        let logs = || procs.iter().map(|p| format!("--- {} ---\n{}", p.name, p.log_tail())).collect::<Vec<_>>();
+        if let Some(gone) = procs.iter().find(|p| p.has_exited()) {
+            bail!("{} exited while waiting for {what} (last error: {last_error})\n{}", gone.name, logs().join("\n"));
+        }
         if start.elapsed() > timeout {
-            let logs: Vec<String> = procs.iter().map(|p| format!("--- {} ---\n{}", p.name, p.log_tail())).collect();
-            bail!("timed out after {timeout:?} waiting for {what} (last error: {last_error})\n{}", logs.join("\n"));
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last_error})\n{}", logs().join("\n"));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -155,30 +172,42 @@ pub struct Controller {
 /// Starts `alki-controller` with its data in `<root>/controller`, heartbeats every 2 s, and `extra` flags;
 /// waits until its CA and admin token are written and both ports accept connections.
 pub fn start_controller(root: &Path, extra: &[&str]) -> anyhow::Result<Controller> {
-    let (grpc_port, http_port) = (free_port()?, free_port()?);
-    let data_dir = root.join("controller");
-    let mut cmd = Command::new(binary("alki-controller")?);
-    cmd.arg("--data-dir")
-        .arg(&data_dir)
-        .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
-        .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
-        .args(["--heartbeat-seconds", "2"])
-        .args(extra);
-    let proc = Proc::spawn("controller", cmd, root)?;
-    let controller = Controller {
-        proc,
-        grpc: format!("https://127.0.0.1:{grpc_port}"),
-        registry: format!("127.0.0.1:{http_port}"),
-        token_file: data_dir.join("admin.token"),
-        ca_file: data_dir.join("pki/ca.crt"),
-        data_dir,
+    // A port found free can be taken by a parallel test before the controller binds it: try fresh ports then.
+    let mut attempts = 0;
+    let controller = loop {
+        attempts += 1;
+        let (grpc_port, http_port) = (free_port()?, free_port()?);
+        let data_dir = root.join("controller");
+        let mut cmd = Command::new(binary("alki-controller")?);
+        cmd.arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
+            .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+            .args(["--heartbeat-seconds", "2"])
+            .args(extra);
+        let proc = Proc::spawn("controller", cmd, root)?;
+        let controller = Controller {
+            proc,
+            grpc: format!("https://127.0.0.1:{grpc_port}"),
+            registry: format!("127.0.0.1:{http_port}"),
+            token_file: data_dir.join("admin.token"),
+            ca_file: data_dir.join("pki/ca.crt"),
+            data_dir,
+        };
+        let ready = wait_for("the controller to be ready", Duration::from_secs(30), &[&controller.proc], || {
+            // The admin token is written after the CA, and both before the listeners serve.
+            let files = controller.token_file.is_file() && controller.ca_file.is_file();
+            let ports = [grpc_port, http_port].iter().all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok());
+            Ok((files && ports).then_some(()))
+        });
+        match ready {
+            Ok(()) => break controller,
+            Err(error) if attempts < 3 && controller.proc.log_tail().contains("Address already in use") => {
+                eprintln!("controller could not bind its ports; trying others: {error:#}");
+            }
+            Err(error) => return Err(error),
+        }
     };
-    wait_for("the controller to be ready", Duration::from_secs(30), &[&controller.proc], || {
-        // The admin token is written after the CA, and both before the listeners serve.
-        let files = controller.token_file.is_file() && controller.ca_file.is_file();
-        let ports = [grpc_port, http_port].iter().all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok());
-        Ok((files && ports).then_some(()))
-    })?;
     // A real request over TLS proves the listeners serve with the CA's certificate.
     wait_for("the controller to answer over TLS", Duration::from_secs(30), &[&controller.proc], || {
         Ok(controller.alkictl_json(&["devices", "list"]).ok())
