@@ -212,7 +212,11 @@ impl FleetService for FleetApi {
             .ok()
             .and_then(Role::from_proto)
             .ok_or_else(|| Status::invalid_argument("choose a role: viewer, operator, admin, push or agent"))?;
-        let token = self.auth.create_token(&req.name, role).map_err(super::token_status)?;
+        let (auth, name) = (self.auth.clone(), req.name.clone());
+        let token = tokio::task::spawn_blocking(move || auth.create_token(&name, role))
+            .await
+            .map_err(super::internal)?
+            .map_err(super::token_status)?;
         tracing::info!(name = %req.name, ?role, by = %principal.name, "Token created.");
         Ok(Response::new(proto::CreateTokenResponse { token, name: req.name, role: role.to_proto() as i32 }))
     }

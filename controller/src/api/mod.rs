@@ -47,3 +47,12 @@ pub fn internal(error: impl std::fmt::Display) -> tonic::Status {
     tracing::error!(%error, "Request failed inside the controller.");
     tonic::Status::internal("the controller failed to handle the request; its log says why")
 }
+
+/// Runs store work on a blocking thread (a write waits for the disk), answering a store failure as internal.
+pub async fn with_store<T: Send + 'static>(
+    store: &crate::store::Store,
+    work: impl FnOnce(&crate::store::Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, tonic::Status> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || work(&store)).await.map_err(internal)?.map_err(internal)
+}

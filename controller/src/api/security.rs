@@ -89,7 +89,8 @@ impl SecurityService for SecurityApi {
             created_unix_ms: now,
             revoked: false,
         };
-        self.fleet.store.put_enroll_token(&hash, &record).map_err(super::internal)?;
+        let stored = record.clone();
+        super::with_store(&self.fleet.store, move |store| store.put_enroll_token(&hash, &stored)).await?;
         tracing::info!(token = %record.id, by = %who.name, uses = record.uses_allowed, "Created a bootstrap token.");
         Ok(Response::new(proto::CreateEnrollTokenResponse { secret, token: Some(to_proto(record)) }))
     }
@@ -99,7 +100,7 @@ impl SecurityService for SecurityApi {
         request: Request<proto::ListEnrollTokensRequest>,
     ) -> Result<Response<proto::ListEnrollTokensResponse>, Status> {
         super::authorize(&self.auth, &request, Action::ManageTokens)?;
-        let mut tokens = self.fleet.store.enroll_tokens().map_err(super::internal)?;
+        let mut tokens = super::with_store(&self.fleet.store, |store| store.enroll_tokens()).await?;
         tokens.sort_by_key(|t| t.created_unix_ms);
         Ok(Response::new(proto::ListEnrollTokensResponse { tokens: tokens.into_iter().map(to_proto).collect() }))
     }
@@ -110,7 +111,8 @@ impl SecurityService for SecurityApi {
     ) -> Result<Response<proto::RevokeEnrollTokenResponse>, Status> {
         let who = super::authorize(&self.auth, &request, Action::ManageTokens)?;
         let id = request.into_inner().id;
-        match self.fleet.store.revoke_enroll_token(&id).map_err(super::internal)? {
+        let revoking = id.clone();
+        match super::with_store(&self.fleet.store, move |store| store.revoke_enroll_token(&revoking)).await? {
             Some(token) => {
                 tracing::info!(token = %id, by = %who.name, "Revoked a bootstrap token.");
                 Ok(Response::new(proto::RevokeEnrollTokenResponse { token: Some(to_proto(token)) }))
@@ -126,7 +128,9 @@ impl SecurityService for SecurityApi {
         let who = super::authorize(&self.auth, &request, Action::WriteFleet)?;
         let device_id = request.into_inner().device_id;
         let now = crate::now_unix_ms();
-        let identity = self.fleet.store.decommission(&device_id, now).map_err(super::internal)?;
+        let decommissioning = device_id.clone();
+        let identity =
+            super::with_store(&self.fleet.store, move |store| store.decommission(&decommissioning, now)).await?;
         let Some(identity) = identity else {
             return Err(Status::not_found(format!(
                 "device {device_id:?} never enrolled; see alkictl devices list for enrolled devices"
