@@ -190,7 +190,7 @@ async fn queue_report(
         // Last-seen lives in the hub; the store gets it at most once a minute per device.
         Some(agent_message::Msg::Heartbeat(_)) => {
             if fleet.hub.touch(device_id, now) {
-                reports.update(device_id, Durability::Durable, move |d| d.last_seen_unix_ms = now).await?;
+                reports.touch(device_id, now).await?;
             }
             Ok(())
         }

@@ -31,6 +31,8 @@ struct DeviceReport {
     device_id: String,
     /// Outcomes must survive a crash; progress is reported again by the agent.
     durable: bool,
+    /// Whether the rollout reconciler should look again once it is committed (not for last-seen times).
+    wakes: bool,
     change: DeviceChange,
     /// Gets the record as committed (or the error), for a caller that needs it.
     done: Option<Reply>,
@@ -106,7 +108,21 @@ impl ReportWriter {
         let report = Report::Device(DeviceReport {
             device_id: device_id.to_owned(),
             durable: durability == Durability::Durable,
+            wakes: true,
             change: Box::new(change),
+            done: None,
+        });
+        self.queue(report).await
+    }
+
+    /// Queues a device's last-seen time (durable). Rollout decisions do not depend on it, so unlike
+    /// [`ReportWriter::update`] it does not wake the reconciler: heartbeats of a whole fleet would.
+    pub async fn touch(&self, device_id: &str, seen_unix_ms: i64) -> Result<(), WriterStopped> {
+        let report = Report::Device(DeviceReport {
+            device_id: device_id.to_owned(),
+            durable: true,
+            wakes: false,
+            change: Box::new(move |d| d.last_seen_unix_ms = seen_unix_ms),
             done: None,
         });
         self.queue(report).await
@@ -122,6 +138,7 @@ impl ReportWriter {
         let report = Report::Device(DeviceReport {
             device_id: device_id.to_owned(),
             durable: true,
+            wakes: true,
             change: Box::new(change),
             done: Some(done),
         });
@@ -187,7 +204,7 @@ async fn write_loop(fleet: Fleet, mut rx: mpsc::Receiver<Report>, stop: Cancella
 }
 
 /// Applies reports in queue order: each run of device changes in one transaction, other work one by one.
-/// Returns whether any device record changed (the reconciler then looks again).
+/// Returns whether the rollout reconciler should look again.
 fn write(fleet: &Fleet, reports: Vec<Report>) -> bool {
     fleet.reports.queued.fetch_sub(reports.len() as u64, Ordering::Relaxed);
     let mut changed = false;
@@ -209,16 +226,21 @@ fn write(fleet: &Fleet, reports: Vec<Report>) -> bool {
     changed | commit_devices(fleet, run)
 }
 
-/// Commits a run of device changes in one transaction, durable when any of them must be.
+/// Commits a run of device changes in one transaction, durable when any of them must be. Returns whether
+/// any of them wakes the reconciler.
 fn commit_devices(fleet: &Fleet, run: Vec<DeviceReport>) -> bool {
     if run.is_empty() {
         return false;
     }
     let durable = run.iter().any(|r| r.durable);
-    let ids: Vec<String> = run.iter().map(|r| r.device_id.clone()).collect();
+    let wakes = run.iter().any(|r| r.wakes);
+    let (mut ids, mut changes, mut waiters) = (Vec::new(), Vec::new(), Vec::new());
+    for report in run {
+        ids.push(report.device_id);
+        changes.push(Some(report.change));
+        waiters.push(report.done);
+    }
     let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let (mut changes, waiters): (Vec<Option<DeviceChange>>, Vec<Option<Reply>>) =
-        run.into_iter().map(|r| (Some(r.change), r.done)).unzip();
     let result = fleet.store.update_devices_with(&id_refs, durable, |device, i| {
         if let Some(change) = changes[i].take() {
             change(device);
@@ -244,7 +266,7 @@ fn commit_devices(fleet: &Fleet, run: Vec<DeviceReport>) -> bool {
             }
         }
     }
-    true
+    wakes
 }
 
 #[cfg(test)]
@@ -317,6 +339,24 @@ mod tests {
         let refused = writer.update("pi-1", Durability::Durable, |d| d.applied_generation = 0).await;
         assert!(refused.is_err(), "a stopped writer refuses reports");
         assert_eq!(fleet.reports.queued.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn last_seen_times_are_written_without_waking_the_reconciler_and_other_changes_wake_it() {
+        let (_dir, fleet) = fleet();
+        let device = |wakes| {
+            Report::Device(DeviceReport {
+                device_id: "pi-1".into(),
+                durable: true,
+                wakes,
+                change: Box::new(|d| d.last_seen_unix_ms += 1),
+                done: None,
+            })
+        };
+        assert!(!write(&fleet, vec![device(false), device(false)]), "last-seen times alone wake nothing");
+        assert!(write(&fleet, vec![device(false), device(true)]), "a status in the same batch wakes it");
+        let stored = fleet.store.device("pi-1").expect("read").expect("device");
+        assert_eq!(stored.last_seen_unix_ms, 4, "every change was written");
     }
 
     #[tokio::test]
