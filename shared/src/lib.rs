@@ -4,6 +4,7 @@
 //! at their edges.
 
 pub mod bundle;
+pub mod clock;
 pub mod digest;
 pub mod fsutil;
 pub mod gguf;
