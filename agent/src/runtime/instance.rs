@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::proxy::HttpClient;
 use super::record::{ProcessRecord, Recorder, Role, process_identity};
-use crate::settings::LaunchSettings;
+pub use crate::settings::LaunchSpec;
 
 /// Log files kept per data dir; instances use them in turn, each truncated when an instance starts.
 const LOG_FILES: u64 = 6;
@@ -38,16 +38,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const HEALTH_POLL: Duration = Duration::from_millis(100);
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
-
-/// What to run: a model file with settings, on behalf of a bundle.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LaunchSpec {
-    /// The GGUF file given to `-m` (split parts lie beside it).
-    pub model_path: PathBuf,
-    pub settings: LaunchSettings,
-    /// The bundle this serves; the proxy's counters are kept per bundle.
-    pub bundle_digest: String,
-}
 
 /// How instances are run, from the agent's configuration.
 #[derive(Clone, Debug)]
