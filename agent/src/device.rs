@@ -552,33 +552,16 @@ impl Device {
             }
         };
         let Ok(bundle) = desired.target.clone() else { return Outcome::Failed { retryable: false } };
-        let mut status = self.status(desired, Phase::Verifying);
-        status.variant_digest = pulled.variant_digest.to_string();
-        self.report(status).await;
-        // The signature was verified against the trust policy before any layer was fetched, and layer digests
-        // while streaming into the content store; check the files llama-server will open are there.
-        for file in &pulled.model_files {
-            if let Err(e) = tokio::fs::metadata(file).await {
-                let message = format!("bundle {bundle}: model file {} is missing after the pull ({e})", file.display());
-                self.fail(desired, activation_error(ErrorCode::Io, message, None)).await;
-                return Outcome::Failed { retryable: true };
-            }
-        }
-        let Some(spec) = pulled.launch_spec(&bundle.digest, &desired.overrides) else {
-            let message = format!("bundle {bundle}: the variant has no GGUF file");
-            self.fail(desired, activation_error(ErrorCode::BundleInvalid, message, None)).await;
-            return Outcome::Failed { retryable: false };
+        let spec = match self.verify(desired, &bundle, &pulled).await {
+            Ok(spec) => spec,
+            Err(outcome) => return outcome,
         };
         let launch = spec.settings.clone();
-        let mut status = self.status(desired, Phase::Starting);
-        status.variant_digest = pulled.variant_digest.to_string();
-        self.report(status).await;
-        let needs = pulled.memory_needs().await;
-        let strategy = self.choose_strategy(needs).await;
+        self.report(self.variant_status(desired, Phase::Starting, &pulled)).await;
+        let strategy = self.choose_strategy(pulled.memory_needs().await).await;
         // A model still under watch is taken as good once a newer activation starts.
         self.watching = None;
-        let restore_active = self.state.active.clone();
-        let restore_previous = self.state.previous.clone();
+        let restore = (self.state.active.clone(), self.state.previous.clone());
         let swapped = tokio::select! {
             result = self.supervisor.swap_watched(spec, strategy) => result.map_err(SwapFailure::Start),
             _ = shutdown.wait_for(|stop| *stop) => Err(SwapFailure::ShuttingDown),
@@ -596,14 +579,59 @@ impl Device {
                 return Outcome::Failed { retryable: false };
             }
         }
+        let variant_digest = pulled.variant_digest.clone();
         let deployment = Deployment {
             bundle,
-            variant_digest: pulled.variant_digest.clone(),
+            variant_digest: variant_digest.clone(),
             model_files: pulled.model_files,
             overrides: desired.overrides,
             launch,
             generation: desired.generation,
         };
+        self.activated(desired, deployment, restore).await;
+        let mut status = self.status(desired, Phase::Active);
+        status.variant_digest = variant_digest.to_string();
+        self.report(status).await;
+        self.publish();
+        Outcome::Active
+    }
+
+    /// Reports VERIFYING and checks what llama-server will open: the signature was verified against the
+    /// trust policy before any layer was fetched, and layer digests while streaming into the content store,
+    /// so what is left is that the files are there. The launch spec, or the outcome of a failure (reported).
+    async fn verify(
+        &mut self,
+        desired: &Desired,
+        bundle: &BundleLocation,
+        pulled: &PulledBundle,
+    ) -> Result<LaunchSpec, Outcome> {
+        self.report(self.variant_status(desired, Phase::Verifying, pulled)).await;
+        for file in &pulled.model_files {
+            if let Err(e) = tokio::fs::metadata(file).await {
+                let message = format!("bundle {bundle}: model file {} is missing after the pull ({e})", file.display());
+                self.fail(desired, activation_error(ErrorCode::Io, message, None)).await;
+                return Err(Outcome::Failed { retryable: true });
+            }
+        }
+        match pulled.launch_spec(&bundle.digest, &desired.overrides) {
+            Some(spec) => Ok(spec),
+            None => {
+                let message = format!("bundle {bundle}: the variant has no GGUF file");
+                self.fail(desired, activation_error(ErrorCode::BundleInvalid, message, None)).await;
+                Err(Outcome::Failed { retryable: false })
+            }
+        }
+    }
+
+    /// The swap to `deployment` happened: it is the active deployment now (what served before becomes the
+    /// previous one), saved; committed at once, or watched for the watch window with `restore` (active,
+    /// previous) to put back on a failure.
+    async fn activated(
+        &mut self,
+        desired: &Desired,
+        deployment: Deployment,
+        restore: (Option<Deployment>, Option<Deployment>),
+    ) {
         let new_digest = deployment.bundle.digest.clone();
         self.state.serve_nothing = false;
         self.supervisor.proxy().set_unassigned(false);
@@ -619,24 +647,27 @@ impl Device {
         if self.policy.watch_window.is_zero() || !self.supervisor.can_roll_back() {
             self.supervisor.commit();
             self.collect_garbage().await;
-        } else {
-            // Garbage is collected when the watch window passes: a rollback may still need what is there.
-            let now = Instant::now();
-            tracing::info!(generation = %desired.generation, window_s = self.policy.watch_window.as_secs(), "Watching the new model; a failure within the window swaps back.");
-            self.watching = Some(Watch {
-                until: now + self.policy.watch_window,
-                next_probe: now + WATCH_PROBE_INTERVAL,
-                failures: 0,
-                desired: desired.clone(),
-                restore_active,
-                restore_previous,
-            });
+            return;
         }
-        let mut status = self.status(desired, Phase::Active);
+        // Garbage is collected when the watch window passes: a rollback may still need what is there.
+        let now = Instant::now();
+        tracing::info!(generation = %desired.generation, window_s = self.policy.watch_window.as_secs(), "Watching the new model; a failure within the window swaps back.");
+        let (restore_active, restore_previous) = restore;
+        self.watching = Some(Watch {
+            until: now + self.policy.watch_window,
+            next_probe: now + WATCH_PROBE_INTERVAL,
+            failures: 0,
+            desired: desired.clone(),
+            restore_active,
+            restore_previous,
+        });
+    }
+
+    /// A status of `desired` in `phase`, naming the variant pulled.
+    fn variant_status(&self, desired: &Desired, phase: Phase, pulled: &PulledBundle) -> proto::Status {
+        let mut status = self.status(desired, phase);
         status.variant_digest = pulled.variant_digest.to_string();
-        self.report(status).await;
-        self.publish();
-        Outcome::Active
+        status
     }
 
     /// Applies a reloaded config: swap policy, store limits, bandwidth, registries, and how llama-server is
