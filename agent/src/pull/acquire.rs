@@ -48,9 +48,8 @@ impl Acquirer {
         progress: &mut (dyn FnMut(PullProgress) + Send),
     ) -> Result<PulledBundle, PullError> {
         let access = self.registry.access().await;
-        let (memory, options) = self.resolve(&want).await;
         let bundle = want.bundle;
-        let mut pulled = pull_bundle_with(&access, &self.store, want.into, bundle, memory, &options, progress).await?;
+        let (mut pulled, options) = self.pull_bundle(&access, want, progress).await?;
         self.attach(&access, &mut pulled, &options, progress).await.map_err(|e| e.about_bundle(bundle))?;
         Ok(pulled)
     }
@@ -63,8 +62,7 @@ impl Acquirer {
         progress: &mut (dyn FnMut(PullProgress) + Send),
     ) -> Result<PulledBundle, PullError> {
         let access = self.registry.access().await;
-        let (memory, options) = self.resolve(&want).await;
-        pull_bundle_with(&access, &self.store, want.into, want.bundle, memory, &options, progress).await
+        Ok(self.pull_bundle(&access, want, progress).await?.0)
     }
 
     /// The runtime build `pulled` names, pulled and extracted as [`Acquirer::acquire`] does.
@@ -78,6 +76,18 @@ impl Acquirer {
     pub async fn verify_stored(&self, want: Want<'_>) -> Result<PulledBundle, PullError> {
         let (memory, options) = self.resolve(&want).await;
         verify_from_store(&self.store, want.into, want.bundle, memory, &options).await
+    }
+
+    /// The bundle pulled as `want` says, and the options it was pulled with.
+    async fn pull_bundle(
+        &self,
+        access: &RegistryAccess,
+        want: Want<'_>,
+        progress: &mut (dyn FnMut(PullProgress) + Send),
+    ) -> Result<(PulledBundle, PullOptions), PullError> {
+        let (memory, options) = self.resolve(&want).await;
+        let pulled = pull_bundle_with(access, &self.store, want.into, want.bundle, memory, &options, progress).await?;
+        Ok((pulled, options))
     }
 
     async fn attach(

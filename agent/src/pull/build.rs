@@ -19,7 +19,7 @@ use alki_shared::oci::{Descriptor, ImageIndex, ImageManifest, Manifest};
 use super::blob::{Pace, PullProgress, Reporter, check_disk, fetch_blob};
 use super::bundle::{PullOptions, PulledBundle};
 use super::error::PullError;
-use super::extract::{ExtractError, install};
+use super::extract::install;
 use super::manifest::fetch_manifest;
 use super::registry::{Attempt, RegistryAccess};
 use super::signature::check_signature_store_first;
@@ -265,13 +265,11 @@ impl BuildPull<'_> {
         let Builds { store, dir, .. } = *self.builds;
         let blob = store.path(&layer.digest);
         let (builds_dir, digest) = (dir.to_owned(), layer.digest.clone());
-        let installed = tokio::task::spawn_blocking(move || install(&blob, &builds_dir, &digest))
-            .await
-            .map_err(|join| ExtractError::Io(std::io::Error::other(join)));
-        match installed.and_then(|r| r) {
-            Ok(server) => Ok(server),
-            Err(ExtractError::Archive(problem)) => Err(PullError::Archive { layer: layer.digest.clone(), problem }),
-            Err(ExtractError::Io(source)) => Err(PullError::Extract { dir: dir.join(layer.digest.hex()), source }),
+        match tokio::task::spawn_blocking(move || install(&blob, &builds_dir, &digest)).await {
+            Ok(installed) => installed,
+            Err(join) => {
+                Err(PullError::Extract { dir: dir.join(layer.digest.hex()), source: std::io::Error::other(join) })
+            }
         }
     }
 }

@@ -13,7 +13,6 @@ use alki_shared::proto::{self, ErrorCode};
 use alki_shared::signing::SignatureProblem;
 use oci_client::errors::OciDistributionError;
 
-use super::extract::ArchiveProblem;
 use crate::reference::short;
 use crate::store::StoreError;
 
@@ -207,6 +206,33 @@ impl PullError {
             layer_digest: self.layer_digest().map(ToString::to_string).unwrap_or_default(),
         }
     }
+}
+
+/// What is wrong with a build's archive. Any of these refuses the whole build; nothing is left extracted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ArchiveProblem {
+    #[error("entry {0:?} has an absolute path")]
+    Absolute(String),
+    #[error("entry {0:?} climbs out of the build directory with `..`")]
+    Traversal(String),
+    #[error("entry {0:?} has an empty or unreadable path")]
+    BadPath(String),
+    #[error("entry {path:?} is a link to {target:?}, which leaves its directory (links must point down, without `..`)")]
+    LinkEscapes { path: String, target: String },
+    #[error("entry {0:?} is a hard link; a build holds files, directories and relative symbolic links only")]
+    HardLink(String),
+    #[error("entry {path:?} is a {kind} (device files, pipes and other special entries are refused)")]
+    Special { path: String, kind: String },
+    #[error("entry {0:?} would be written through a symbolic link or over a file")]
+    ThroughLink(String),
+    #[error("entry {0:?} appears twice")]
+    Duplicate(String),
+    #[error("the archive has more than {0} entries")]
+    TooMany(usize),
+    #[error("the archive has no executable `llama-server` at its top")]
+    NoServer,
+    #[error("the archive is malformed: {0}")]
+    Malformed(String),
 }
 
 /// `1.5 GiB`, `600 MiB`, `12 KiB`, `10 B`.

@@ -11,41 +11,17 @@ use std::time::Duration;
 use alki_shared::bundle::RUNTIME_BUILD_SERVER;
 use alki_shared::digest::Digest;
 
+use super::error::{ArchiveProblem, PullError};
+
 /// Entries in one build's archive; llama.cpp's has about twenty.
 const MAX_ENTRIES: usize = 10_000;
 /// A build directory this recent is never pruned: a pull in progress may be about to start it.
 const PRUNE_GRACE: Duration = Duration::from_secs(3600);
 
-/// What is wrong with a build's archive. Any of these refuses the whole build; nothing is left extracted.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ArchiveProblem {
-    #[error("entry {0:?} has an absolute path")]
-    Absolute(String),
-    #[error("entry {0:?} climbs out of the build directory with `..`")]
-    Traversal(String),
-    #[error("entry {0:?} has an empty or unreadable path")]
-    BadPath(String),
-    #[error("entry {path:?} is a link to {target:?}, which leaves its directory (links must point down, without `..`)")]
-    LinkEscapes { path: String, target: String },
-    #[error("entry {0:?} is a hard link; a build holds files, directories and relative symbolic links only")]
-    HardLink(String),
-    #[error("entry {path:?} is a {kind} (device files, pipes and other special entries are refused)")]
-    Special { path: String, kind: String },
-    #[error("entry {0:?} would be written through a symbolic link or over a file")]
-    ThroughLink(String),
-    #[error("entry {0:?} appears twice")]
-    Duplicate(String),
-    #[error("the archive has more than {MAX_ENTRIES} entries")]
-    TooMany,
-    #[error("the archive has no executable `llama-server` at its top")]
-    NoServer,
-    #[error("the archive is malformed: {0}")]
-    Malformed(String),
-}
-
-/// Extraction failed: the archive is hostile or broken, or the disk refused.
+/// Extraction failed: the archive is hostile or broken, or the disk refused (made a [`PullError`] by
+/// [`install`], which knows the layer and the directory).
 #[derive(Debug)]
-pub enum ExtractError {
+enum ExtractError {
     Archive(ArchiveProblem),
     Io(std::io::Error),
 }
@@ -81,7 +57,7 @@ fn link_goes_down(target: &Path) -> bool {
 /// that leave their directory, hard links, device files and anything written through a link; every file and
 /// directory is fsynced. Modes keep only the owner's bits and read/execute for others (no setuid, no
 /// group/world write). Returns the entries extracted.
-pub fn extract(archive: impl Read, dest: &Path) -> Result<usize, ExtractError> {
+fn extract(archive: impl Read, dest: &Path) -> Result<usize, ExtractError> {
     let mut archive = tar::Archive::new(archive);
     let mut dirs = vec![dest.to_owned()];
     let mut count = 0usize;
@@ -89,7 +65,7 @@ pub fn extract(archive: impl Read, dest: &Path) -> Result<usize, ExtractError> {
         let mut entry = entry.map_err(malformed)?;
         count += 1;
         if count > MAX_ENTRIES {
-            return Err(ExtractError::Archive(ArchiveProblem::TooMany));
+            return Err(ExtractError::Archive(ArchiveProblem::TooMany(MAX_ENTRIES)));
         }
         let raw = entry.path().map_err(malformed)?.into_owned();
         let rel = plain_path(&raw).map_err(ExtractError::Archive)?;
@@ -186,7 +162,15 @@ pub fn server_in(dir: &Path) -> Option<PathBuf> {
 /// Extracts the stored layer at `blob` into `<builds_dir>/<layer hex>/` atomically: into a temporary
 /// directory beside it, fsynced, checked for `llama-server`, then renamed. An existing directory (an earlier
 /// extraction, complete since it was renamed into place) is reused.
-pub fn install(blob: &Path, builds_dir: &Path, layer: &Digest) -> Result<PathBuf, ExtractError> {
+pub fn install(blob: &Path, builds_dir: &Path, layer: &Digest) -> Result<PathBuf, PullError> {
+    match install_layer(blob, builds_dir, layer) {
+        Ok(server) => Ok(server),
+        Err(ExtractError::Archive(problem)) => Err(PullError::Archive { layer: layer.clone(), problem }),
+        Err(ExtractError::Io(source)) => Err(PullError::Extract { dir: builds_dir.join(layer.hex()), source }),
+    }
+}
+
+fn install_layer(blob: &Path, builds_dir: &Path, layer: &Digest) -> Result<PathBuf, ExtractError> {
     let dir = builds_dir.join(layer.hex());
     if let Some(server) = server_in(&dir) {
         return Ok(server);
@@ -368,8 +352,8 @@ mod tests {
             std::fs::write(&blob, &bytes).expect("write");
             let builds = dir.path().join("builds");
             match install(&blob, &builds, &Digest::of(&bytes)) {
-                Err(ExtractError::Archive(problem)) => assert!(expected(&problem), "{name}: {problem}"),
-                Err(ExtractError::Io(e)) => panic!("{name}: I/O error instead of a refusal: {e}"),
+                Err(PullError::Archive { problem, .. }) => assert!(expected(&problem), "{name}: {problem}"),
+                Err(e) => panic!("{name}: not a refusal of the archive: {e}"),
                 Ok(path) => panic!("{name}: accepted as {}", path.display()),
             }
             let left: Vec<_> = std::fs::read_dir(&builds).expect("builds dir").collect();

@@ -143,8 +143,10 @@ pub enum AdoptError {
 }
 
 impl Instance {
-    /// Starts llama-server and waits until it is healthy and a smoke completion succeeds. The process dies
-    /// with the agent (benchmarks, calibration); the supervisor uses [`Instance::start_recorded`].
+    /// Starts llama-server on a loopback port of its own (never behind the front proxy) and waits until it is
+    /// healthy and a smoke completion succeeds. The process dies with the agent: this is how a variant runs
+    /// for a benchmark or a calibration (its spec from `PulledBundle::launch_spec`); the supervisor, whose
+    /// instances serve clients, uses [`Instance::start_recorded`].
     pub async fn start(opts: &InstanceOptions, spec: LaunchSpec, http: &HttpClient) -> Result<Instance, StartError> {
         Instance::start_recorded(opts, spec, http, None).await
     }
