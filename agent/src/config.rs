@@ -240,6 +240,14 @@ impl Config {
 
     /// Checks every field; the error names the field and says how to fix it.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_identity()?;
+        self.validate_controller()?;
+        self.validate_registry()?;
+        self.validate_runtime()
+    }
+
+    /// The device id, the data directory and the labels.
+    fn validate_identity(&self) -> Result<(), ConfigError> {
         if let Some(id) = &self.device_id {
             DeviceId::new(id.clone()).map_err(|e| {
                 invalid("device_id", e.to_string(), "pick another id or remove the field to have one generated")
@@ -271,6 +279,11 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// How the controller is reached: its URL, TLS or the insecure token mode, the identity files.
+    fn validate_controller(&self) -> Result<(), ConfigError> {
         self.controller_authority()?;
         if self.controller.insecure_plaintext && self.controller.token_file.as_os_str().is_empty() {
             return Err(invalid(
@@ -302,6 +315,11 @@ impl Config {
                 return Err(invalid(field, format!("is {path:?}, a relative path"), "use an absolute path"));
             }
         }
+        Ok(())
+    }
+
+    /// Registries: plain-HTTP ones, the embedded one, mirrors and credentials.
+    fn validate_registry(&self) -> Result<(), ConfigError> {
         for entry in &self.registry.insecure_plain_http {
             if !valid_authority(entry) {
                 return Err(invalid(
@@ -359,6 +377,11 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// How llama-server runs and is swapped, and the agent's own addresses.
+    fn validate_runtime(&self) -> Result<(), ConfigError> {
         if self.runtime.llama_server.as_os_str().is_empty() {
             return Err(invalid("runtime.llama_server", "is empty", "give the path of the llama-server binary"));
         }

@@ -5,31 +5,29 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use alki_shared::digest::Digest;
 use alki_shared::proto::{self, ErrorCode, Phase};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::bench::Jobs;
 use crate::config::SwapStrategyChoice;
 use crate::converge::{Converger, Decision, Desired, ServingKey};
+use crate::metrics::{ActivationOutcome, AgentMetrics};
+use crate::pull::keep::{Kept, deployments_of, kept};
 use crate::pull::{
-    PullError, PullOptions, PullProgress, PulledBundle, RegistryAccess, deployment_blobs, prune_variant_dirs,
-    pull_bundle_with,
+    Acquirer, PullError, PullOptions, PullProgress, PulledBundle, RegistrySettings, Want, prune_variant_dirs,
 };
 use crate::reference::BundleLocation;
 use crate::runtime::{LaunchSpec, StartError, Supervisor, SwapStrategy};
-use crate::session::Snapshot;
-use crate::settings::LaunchSettings;
-use crate::state::{AgentState, Deployment, StateFile};
-use crate::store::ContentStore;
-use crate::trust::RepositoryTrust;
+use crate::state::{AgentState, Deployment, Snapshot, StateFile};
 
 const STATUS_SEND_TIMEOUT: Duration = Duration::from_secs(5);
-const RESTART_MIN: Duration = Duration::from_secs(1);
+pub(crate) const RESTART_MIN: Duration = Duration::from_secs(1);
 const RESTART_MAX: Duration = Duration::from_secs(60);
 /// Retries of activations that failed for a reason that may pass (registry unreachable, local I/O).
 pub(crate) const RETRY_MIN: Duration = Duration::from_secs(15);
@@ -69,21 +67,6 @@ impl SwapPolicy {
     }
 }
 
-impl RegistrySettings {
-    pub fn from_config(config: &crate::Config) -> RegistrySettings {
-        RegistrySettings {
-            plain_http: config.plain_http_registries(),
-            embedded: config.embedded_registry(),
-            token_file: config.controller.token_file.clone(),
-            mirrors: config.registry.mirrors.clone(),
-            credentials: config.registry.credentials.clone(),
-            device_token: crate::identity::DeviceRegistryToken::default(),
-            ca_file: config.controller.ca_file.clone(),
-            trust: crate::trust::TrustStore::new(config.trust_policy.clone()),
-        }
-    }
-}
-
 /// A new model under watch after its flip, and what to put back if it fails.
 pub(crate) struct Watch {
     until: Instant,
@@ -92,56 +75,6 @@ pub(crate) struct Watch {
     desired: Desired,
     restore_active: Option<Deployment>,
     restore_previous: Option<Deployment>,
-}
-
-/// Where a pull gets its registry settings; the token is read again for every pull.
-#[derive(Clone, Debug)]
-pub struct RegistrySettings {
-    pub plain_http: Vec<String>,
-    pub embedded: String,
-    pub token_file: PathBuf,
-    pub mirrors: std::collections::BTreeMap<String, Vec<String>>,
-    pub credentials: std::collections::BTreeMap<String, crate::config::RegistryCredentials>,
-    /// The short-lived registry token the controller hands this device with each Welcome; preferred over
-    /// `token_file` (which only the insecure token mode has).
-    pub device_token: crate::identity::DeviceRegistryToken,
-    /// The controller CA (PEM file), trusted for the embedded registry's HTTPS.
-    pub ca_file: Option<PathBuf>,
-    /// The trust policy, read again before each pull.
-    pub trust: crate::trust::TrustStore,
-}
-
-impl RegistrySettings {
-    pub(crate) async fn access(&self) -> RegistryAccess {
-        let token = match self.device_token.current() {
-            Some(token) => Ok(token),
-            None if self.token_file.as_os_str().is_empty() => Err(std::io::ErrorKind::NotFound.into()),
-            None => tokio::fs::read_to_string(&self.token_file).await,
-        };
-        let token = match token {
-            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
-            Ok(_) | Err(_) => {
-                tracing::warn!(file = %self.token_file.display(), "No agent token; pulling anonymously.");
-                None
-            }
-        };
-        let mut credentials = std::collections::BTreeMap::new();
-        for (registry, c) in &self.credentials {
-            match tokio::fs::read_to_string(&c.password_file).await {
-                Ok(password) => {
-                    credentials.insert(registry.clone(), (c.username.clone(), password.trim().to_owned()));
-                }
-                Err(error) => tracing::warn!(
-                    %registry, file = %c.password_file.display(), %error,
-                    "Cannot read the registry password file; pulling from it anonymously."
-                ),
-            }
-        }
-        let roots = self.ca_file.as_ref().and_then(|path| std::fs::read(path).ok()).into_iter().collect();
-        RegistryAccess::with_roots(self.plain_http.clone(), self.embedded.clone(), token, roots)
-            .with_mirrors(self.mirrors.clone())
-            .with_credentials(credentials)
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,11 +94,9 @@ struct Pulling {
 pub struct Device {
     pub(crate) state: AgentState,
     pub(crate) state_file: StateFile,
-    pub(crate) store: ContentStore,
+    /// Bundles and their runtime builds come through it; its content store is collected here.
+    pub(crate) acquirer: Acquirer,
     pub(crate) bundles_dir: PathBuf,
-    /// Extracted runtime builds (`crate::builds`).
-    pub(crate) builds_dir: PathBuf,
-    pub(crate) registry: RegistrySettings,
     pub(crate) supervisor: Supervisor,
     pub(crate) converger: Converger,
     pub(crate) statuses: mpsc::Sender<proto::Status>,
@@ -174,6 +105,9 @@ pub struct Device {
     /// A failed activation to try again (the registry was unreachable, ...), unless a newer state comes.
     pub(crate) retry: Option<(Instant, Desired)>,
     pub(crate) retry_delay: Duration,
+    /// A crashed llama-server to start again, and when.
+    pub(crate) restart: Option<(Instant, LaunchSpec)>,
+    pub(crate) restart_delay: Duration,
     pub(crate) policy: SwapPolicy,
     /// How long requests wait during a restart after a crash.
     pub(crate) gap_wait: Duration,
@@ -185,7 +119,30 @@ pub struct Device {
     /// Instance options that do not come from the config (log directory, stop sequence).
     pub(crate) instance_base: crate::runtime::InstanceOptions,
     /// Activation counters and the benchmark after every activation.
-    pub(crate) hooks: crate::metrics::DeviceHooks,
+    pub(crate) hooks: DeviceHooks,
+}
+
+/// What the device loop reports to the metrics and the benchmark task.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceHooks {
+    pub metrics: Arc<AgentMetrics>,
+    /// Benchmarks after every activation; None turns them off.
+    pub bench: Option<Jobs>,
+}
+
+impl DeviceHooks {
+    /// An activation ended: count it.
+    pub fn activation(&self, outcome: ActivationOutcome) {
+        self.metrics.activation(outcome);
+    }
+
+    /// A new model is committed (its watch window passed, or there was none): benchmark it. Not during the
+    /// watch window, where the benchmark's load could be taken for the new model's failure.
+    pub fn benchmark(&self) {
+        if let Some(jobs) = &self.bench {
+            jobs.offer_activation();
+        }
+    }
 }
 
 /// How an activation ended.
@@ -201,8 +158,6 @@ impl Device {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         self.restore(&mut shutdown).await;
         let mut pulling: Option<Pulling> = None;
-        let mut restart: Option<(Instant, LaunchSpec)> = None;
-        let mut restart_delay = RESTART_MIN;
         let mut desired_open = true;
         loop {
             if *shutdown.borrow() {
@@ -222,81 +177,12 @@ impl Device {
                 }
                 joined = join_pull(&mut pulling) => {
                     let Some(p) = pulling.take() else { continue };
-                    if let Ok(Ok(pulled)) = &joined {
-                        self.hooks.metrics.pulled(pulled.bytes_fetched);
-                    }
-                    let outcome = match joined {
-                        Ok(result) => result.map_err(activation_error_from_pull),
-                        Err(join) => Err(activation_error(ErrorCode::Io, format!("the pull task failed: {join}"), None)),
-                    };
-                    let finished = self.finish_activation(&p.desired, outcome, &mut shutdown).await;
-                    match &finished {
-                        Outcome::Active => {
-                            self.hooks.activation(crate::metrics::ActivationOutcome::Active);
-                            // Benchmarked once proven: at once without a watch window, else when it passes.
-                            if self.watching.is_none() {
-                                self.hooks.benchmark();
-                            }
-                        }
-                        Outcome::Failed { .. } => self.hooks.activation(crate::metrics::ActivationOutcome::Failed),
-                        Outcome::Abandoned => {}
-                    }
-                    match finished {
-                        Outcome::Active => {
-                            restart = None;
-                            restart_delay = RESTART_MIN;
-                            self.retry = None;
-                            self.retry_delay = RETRY_MIN;
-                        }
-                        Outcome::Failed { retryable: true } => {
-                            tracing::info!(generation = %p.desired.generation, retry_in_s = self.retry_delay.as_secs(), "The activation will be tried again.");
-                            self.retry = Some((Instant::now() + self.retry_delay, p.desired.clone()));
-                            self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
-                        }
-                        Outcome::Failed { retryable: false } | Outcome::Abandoned => {}
-                    }
+                    self.pull_finished(p.desired, joined, &mut shutdown).await;
                     if let Some(next) = self.converger.finished() {
                         self.offer(next, &mut pulling).await;
                     }
                 }
-                status = self.supervisor.active_exited(), if restart.is_none() => {
-                    if self.watching.is_some() {
-                        self.roll_back(format!("exited ({status})")).await;
-                        continue;
-                    }
-                    if let Some(spec) = self.supervisor.remove_exited() {
-                        let now = Instant::now();
-                        self.crashes.retain(|at| now.duration_since(*at) < CRASH_LOOP_WINDOW);
-                        if self.crashes.len() >= CRASH_LOOP_COUNT {
-                            self.crashes.pop_front();
-                        }
-                        self.crashes.push_back(now);
-                        if self.crashes.len() >= CRASH_LOOP_COUNT {
-                            self.crashes.clear();
-                            let cause = format!("is in a crash loop: llama-server exited {CRASH_LOOP_COUNT} times within {} min (last: {status}); it is not restarted again", CRASH_LOOP_WINDOW.as_secs() / 60);
-                            if self.fall_back_to_previous(&cause, ErrorCode::CrashLoop).await {
-                                restart = None;
-                                continue;
-                            }
-                            // Marked bad: the generation stays applied, so only a new desired state (another
-                            // bundle, or the same one sent again as a new generation) starts a model again.
-                            tracing::error!(model = %spec.model_path.display(), "llama-server is in a crash loop; nothing is served until a new desired state arrives.");
-                            self.state.active = None;
-                            self.save_state().await;
-                            self.supervisor.proxy().release();
-                            self.publish();
-                            continue;
-                        }
-                        // Backoff grows with the crashes in the window: 1 s, 2 s, 4 s, ... up to a minute.
-                        let exponent = u32::try_from(self.crashes.len().saturating_sub(1)).unwrap_or(u32::MAX).min(6);
-                        let delay = (RESTART_MIN * 2u32.pow(exponent)).max(restart_delay).min(RESTART_MAX);
-                        tracing::error!(%status, model = %spec.model_path.display(), retry_in_ms = delay.as_millis() as u64,
-                            "llama-server exited unexpectedly; requests wait for its restart (bounded).");
-                        self.supervisor.proxy().hold(self.gap_wait);
-                        restart = Some((Instant::now() + delay, spec));
-                        self.publish();
-                    }
-                }
+                status = self.supervisor.active_exited(), if self.restart.is_none() => self.exited(status).await,
                 changed = config_changed(&mut self.config) => {
                     match changed {
                         Some(config) => self.apply_config(&config),
@@ -313,37 +199,9 @@ impl Device {
                         _ => tracing::debug!("A retry was superseded."),
                     }
                 }
-                _ = sleep_until(restart.as_ref().map(|r| r.0)) => {
-                    let Some((_, spec)) = restart.take() else { continue };
-                    if self.state.serve_nothing {
-                        continue;
-                    }
-                    let restarted = tokio::select! {
-                        result = self.supervisor.restart(spec.clone()) => result.map_err(SwapFailure::Start),
-                        _ = shutdown.wait_for(|stop| *stop) => Err(SwapFailure::ShuttingDown),
-                    };
-                    match restarted {
-                        Ok(()) => {
-                            tracing::info!("llama-server restarted after a crash.");
-                            restart_delay = RESTART_MIN;
-                        }
-                        Err(SwapFailure::Start(e @ StartError::Exited { .. })) => {
-                            // Exit at load: the files or the device changed; retrying the same thing cannot help.
-                            let cause = format!("no longer loads: {e}");
-                            if !self.fall_back_to_previous(&cause, ErrorCode::StartFailed).await {
-                                self.report_runtime_failure(&format!("{cause}; nothing is served until a new desired state arrives"), ErrorCode::StartFailed).await;
-                                self.state.active = None;
-                                self.save_state().await;
-                                self.converger.reopen();
-                            }
-                        }
-                        Err(e) => {
-                            restart_delay = (restart_delay * 2).min(RESTART_MAX);
-                            tracing::error!(error = %e, retry_in_ms = restart_delay.as_millis() as u64, "Restarting llama-server failed.");
-                            restart = Some((Instant::now() + restart_delay, spec));
-                        }
-                    }
-                    self.publish();
+                _ = sleep_until(self.restart.as_ref().map(|r| r.0)) => {
+                    let Some((_, spec)) = self.restart.take() else { continue };
+                    self.restart_after_crash(spec, &mut shutdown).await;
                 }
             }
         }
@@ -352,6 +210,130 @@ impl Device {
         }
         tracing::info!("Stopping llama-server.");
         self.supervisor.shutdown().await;
+    }
+
+    /// A pull ended: finish the activation (verify, start, flip), count it, and schedule a retry when it
+    /// failed for a reason that may pass.
+    async fn pull_finished(
+        &mut self,
+        desired: Desired,
+        joined: Result<Result<PulledBundle, PullError>, tokio::task::JoinError>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
+        if let Ok(Ok(pulled)) = &joined {
+            self.hooks.metrics.pulled(pulled.bytes_fetched);
+        }
+        let outcome = match joined {
+            Ok(result) => result.map_err(|e| e.activation_error()),
+            Err(join) => Err(activation_error(ErrorCode::Io, format!("the pull task failed: {join}"), None)),
+        };
+        match self.finish_activation(&desired, outcome, shutdown).await {
+            Outcome::Active => {
+                self.hooks.activation(ActivationOutcome::Active);
+                // Benchmarked once proven: at once without a watch window, else when it passes.
+                if self.watching.is_none() {
+                    self.hooks.benchmark();
+                }
+                self.restart = None;
+                self.restart_delay = RESTART_MIN;
+                self.retry = None;
+                self.retry_delay = RETRY_MIN;
+            }
+            Outcome::Failed { retryable } => {
+                self.hooks.activation(ActivationOutcome::Failed);
+                if retryable {
+                    tracing::info!(generation = %desired.generation, retry_in_s = self.retry_delay.as_secs(), "The activation will be tried again.");
+                    self.retry = Some((Instant::now() + self.retry_delay, desired));
+                    self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+                }
+            }
+            Outcome::Abandoned => {}
+        }
+    }
+
+    /// The serving llama-server exited: within a watch window that is a rollback; otherwise it is restarted
+    /// with a backoff growing with the crashes, and a crash loop falls back to the previous bundle (or, without
+    /// one, is reported and nothing is served).
+    async fn exited(&mut self, status: String) {
+        if self.watching.is_some() {
+            self.roll_back(format!("exited ({status})")).await;
+            return;
+        }
+        let Some(spec) = self.supervisor.remove_exited() else { return };
+        let now = Instant::now();
+        self.crashes.retain(|at| now.duration_since(*at) < CRASH_LOOP_WINDOW);
+        if self.crashes.len() >= CRASH_LOOP_COUNT {
+            self.crashes.pop_front();
+        }
+        self.crashes.push_back(now);
+        if self.crashes.len() >= CRASH_LOOP_COUNT {
+            self.crashes.clear();
+            self.crash_loop(&spec, &status).await;
+            return;
+        }
+        // Backoff grows with the crashes in the window: 1 s, 2 s, 4 s, ... up to a minute.
+        let exponent = u32::try_from(self.crashes.len().saturating_sub(1)).unwrap_or(u32::MAX).min(6);
+        let delay = (RESTART_MIN * 2u32.pow(exponent)).max(self.restart_delay).min(RESTART_MAX);
+        tracing::error!(%status, model = %spec.model_path.display(), retry_in_ms = delay.as_millis() as u64,
+            "llama-server exited unexpectedly; requests wait for its restart (bounded).");
+        self.supervisor.proxy().hold(self.gap_wait);
+        self.restart = Some((Instant::now() + delay, spec));
+        self.publish();
+    }
+
+    /// A crash loop: the previous bundle serves instead, or, without one, the bundle is marked bad.
+    async fn crash_loop(&mut self, spec: &LaunchSpec, status: &str) {
+        let cause = format!(
+            "is in a crash loop: llama-server exited {CRASH_LOOP_COUNT} times within {} min (last: {status}); it is \
+             not restarted again",
+            CRASH_LOOP_WINDOW.as_secs() / 60
+        );
+        if self.fall_back_to_previous(&cause, ErrorCode::CrashLoop).await {
+            self.restart = None;
+            return;
+        }
+        // Marked bad: the generation stays applied, so only a new desired state (another bundle, or the same
+        // one sent again as a new generation) starts a model again.
+        tracing::error!(model = %spec.model_path.display(), "llama-server is in a crash loop; nothing is served until a new desired state arrives.");
+        self.state.active = None;
+        self.save_state().await;
+        self.supervisor.proxy().release();
+        self.publish();
+    }
+
+    /// Starts the crashed model again; a model that no longer loads falls back to the previous bundle (or
+    /// stops serving), any other failure is retried with a growing delay.
+    async fn restart_after_crash(&mut self, spec: LaunchSpec, shutdown: &mut watch::Receiver<bool>) {
+        if self.state.serve_nothing {
+            return;
+        }
+        let restarted = tokio::select! {
+            result = self.supervisor.restart(spec.clone()) => result.map_err(SwapFailure::Start),
+            _ = shutdown.wait_for(|stop| *stop) => Err(SwapFailure::ShuttingDown),
+        };
+        match restarted {
+            Ok(()) => {
+                tracing::info!("llama-server restarted after a crash.");
+                self.restart_delay = RESTART_MIN;
+            }
+            Err(SwapFailure::Start(e @ StartError::Exited { .. })) => {
+                // Exit at load: the files or the device changed; retrying the same thing cannot help.
+                let cause = format!("no longer loads: {e}");
+                if !self.fall_back_to_previous(&cause, ErrorCode::StartFailed).await {
+                    let cause = format!("{cause}; nothing is served until a new desired state arrives");
+                    self.report_runtime_failure(&cause, ErrorCode::StartFailed).await;
+                    self.state.active = None;
+                    self.save_state().await;
+                    self.converger.reopen();
+                }
+            }
+            Err(e) => {
+                self.restart_delay = (self.restart_delay * 2).min(RESTART_MAX);
+                tracing::error!(error = %e, retry_in_ms = self.restart_delay.as_millis() as u64, "Restarting llama-server failed.");
+                self.restart = Some((Instant::now() + self.restart_delay, spec));
+            }
+        }
+        self.publish();
     }
 
     /// Starts the deployment that was active before the agent restarted, before any controller contact.
@@ -366,13 +348,7 @@ impl Device {
 
     async fn restore_inner(&mut self, shutdown: &mut watch::Receiver<bool>) {
         let active = self.state.active.clone();
-        let spec = active.as_ref().and_then(|active| {
-            Some(LaunchSpec {
-                model_path: active.model_path()?.to_owned(),
-                settings: active.launch.clone(),
-                bundle_digest: active.bundle.digest.to_string(),
-            })
-        });
+        let spec = active.as_ref().and_then(Deployment::launch_spec);
         if self.supervisor.adopt(spec.as_ref()).await.is_some() {
             return;
         }
@@ -526,50 +502,35 @@ impl Device {
         }
     }
 
+    /// Acquires `bundle` on a task of its own, reporting progress as PULLING statuses.
     async fn spawn_pull(
         &self,
         desired: &Desired,
         bundle: BundleLocation,
     ) -> JoinHandle<Result<PulledBundle, PullError>> {
-        let access = self.registry.access().await;
-        let store = self.store.clone();
+        let acquirer = self.acquirer.clone();
         let bundles_dir = self.bundles_dir.clone();
         let statuses = self.statuses.clone();
         let template = self.status(desired, Phase::Pulling);
-        let (keep, keep_variants) = self.kept().await;
+        let Kept { blobs, variants } = self.kept().await;
         let options = PullOptions {
             disk_reserve: self.policy.disk_reserve,
-            keep,
-            keep_variants,
+            keep: blobs,
+            keep_variants: variants,
             bandwidth: self.policy.bandwidth,
-            trust: RepositoryTrust::default(),
             preferred_variant: desired.preferred_variant.clone(),
+            ..PullOptions::default()
         };
-        let trust_store = self.registry.trust.clone();
-        let repository = bundle.repository.clone();
-        let builds_dir = self.builds_dir.clone();
         tokio::spawn(
             async move {
-                let memory = tokio::task::spawn_blocking(crate::inventory::memory_available).await.unwrap_or_default();
-                // The policy file and its keys are small files: read them off the async threads.
-                let builds_trust = trust_store.clone();
-                let trust = tokio::task::spawn_blocking(move || trust_store.for_repository(&repository))
-                    .await
-                    .unwrap_or_default();
-                let options = PullOptions { trust, ..options };
                 let mut progress = move |p: PullProgress| {
                     let mut status = template.clone();
                     status.progress = Some(proto::Progress { bytes_done: p.bytes_done, bytes_total: p.bytes_total });
                     // Progress is advisory: when the queue is full it is skipped, never waited for.
                     let _ = statuses.try_send(status);
                 };
-                let mut pulled =
-                    pull_bundle_with(&access, &store, &bundles_dir, &bundle, memory, &options, &mut progress).await?;
-                // The llama.cpp build the bundle names, if any: verified, pulled and extracted like a layer.
-                let build_store = crate::builds::Fetch { registry: &access, store: &store, builds_dir: &builds_dir };
-                crate::builds::attach(&mut pulled, &bundle, &build_store, &builds_trust, &options, &mut progress)
-                    .await?;
-                Ok(pulled)
+                let want = Want { bundle: &bundle, into: &bundles_dir, memory: None, trust: None, options };
+                acquirer.acquire(want, &mut progress).await
             }
             .in_current_span(),
         )
@@ -591,38 +552,16 @@ impl Device {
             }
         };
         let Ok(bundle) = desired.target.clone() else { return Outcome::Failed { retryable: false } };
-        let mut status = self.status(desired, Phase::Verifying);
-        status.variant_digest = pulled.variant_digest.to_string();
-        self.report(status).await;
-        // The signature was verified against the trust policy before any layer was fetched, and layer digests
-        // while streaming into the content store; check the files llama-server will open are there.
-        for file in &pulled.model_files {
-            if let Err(e) = tokio::fs::metadata(file).await {
-                let message = format!("bundle {bundle}: model file {} is missing after the pull ({e})", file.display());
-                self.fail(desired, activation_error(ErrorCode::Io, message, None)).await;
-                return Outcome::Failed { retryable: true };
-            }
-        }
-        let Some(model_path) = pulled.model_files.first().cloned() else {
-            let message = format!("bundle {bundle}: the variant has no GGUF file");
-            self.fail(desired, activation_error(ErrorCode::BundleInvalid, message, None)).await;
-            return Outcome::Failed { retryable: false };
+        let spec = match self.verify(desired, &bundle, &pulled).await {
+            Ok(spec) => spec,
+            Err(outcome) => return outcome,
         };
-        let defaults = pulled.runtime_defaults.clone().unwrap_or_default();
-        let launch = LaunchSettings {
-            llama_server: pulled.runtime_server.clone(),
-            ..LaunchSettings::resolve(&defaults, &desired.overrides)
-        };
-        let spec = LaunchSpec { model_path, settings: launch.clone(), bundle_digest: bundle.digest.to_string() };
-        let mut status = self.status(desired, Phase::Starting);
-        status.variant_digest = pulled.variant_digest.to_string();
-        self.report(status).await;
-        let needs = model_memory_needs(&pulled).await;
-        let strategy = self.choose_strategy(needs).await;
+        let launch = spec.settings.clone();
+        self.report(self.variant_status(desired, Phase::Starting, &pulled)).await;
+        let strategy = self.choose_strategy(pulled.memory_needs().await).await;
         // A model still under watch is taken as good once a newer activation starts.
         self.watching = None;
-        let restore_active = self.state.active.clone();
-        let restore_previous = self.state.previous.clone();
+        let restore = (self.state.active.clone(), self.state.previous.clone());
         let swapped = tokio::select! {
             result = self.supervisor.swap_watched(spec, strategy) => result.map_err(SwapFailure::Start),
             _ = shutdown.wait_for(|stop| *stop) => Err(SwapFailure::ShuttingDown),
@@ -640,14 +579,59 @@ impl Device {
                 return Outcome::Failed { retryable: false };
             }
         }
+        let variant_digest = pulled.variant_digest.clone();
         let deployment = Deployment {
             bundle,
-            variant_digest: pulled.variant_digest.clone(),
+            variant_digest: variant_digest.clone(),
             model_files: pulled.model_files,
             overrides: desired.overrides,
             launch,
             generation: desired.generation,
         };
+        self.activated(desired, deployment, restore).await;
+        let mut status = self.status(desired, Phase::Active);
+        status.variant_digest = variant_digest.to_string();
+        self.report(status).await;
+        self.publish();
+        Outcome::Active
+    }
+
+    /// Reports VERIFYING and checks what llama-server will open: the signature was verified against the
+    /// trust policy before any layer was fetched, and layer digests while streaming into the content store,
+    /// so what is left is that the files are there. The launch spec, or the outcome of a failure (reported).
+    async fn verify(
+        &mut self,
+        desired: &Desired,
+        bundle: &BundleLocation,
+        pulled: &PulledBundle,
+    ) -> Result<LaunchSpec, Outcome> {
+        self.report(self.variant_status(desired, Phase::Verifying, pulled)).await;
+        for file in &pulled.model_files {
+            if let Err(e) = tokio::fs::metadata(file).await {
+                let message = format!("bundle {bundle}: model file {} is missing after the pull ({e})", file.display());
+                self.fail(desired, activation_error(ErrorCode::Io, message, None)).await;
+                return Err(Outcome::Failed { retryable: true });
+            }
+        }
+        match pulled.launch_spec(&bundle.digest, &desired.overrides) {
+            Some(spec) => Ok(spec),
+            None => {
+                let message = format!("bundle {bundle}: the variant has no GGUF file");
+                self.fail(desired, activation_error(ErrorCode::BundleInvalid, message, None)).await;
+                Err(Outcome::Failed { retryable: false })
+            }
+        }
+    }
+
+    /// The swap to `deployment` happened: it is the active deployment now (what served before becomes the
+    /// previous one), saved; committed at once, or watched for the watch window with `restore` (active,
+    /// previous) to put back on a failure.
+    async fn activated(
+        &mut self,
+        desired: &Desired,
+        deployment: Deployment,
+        restore: (Option<Deployment>, Option<Deployment>),
+    ) {
         let new_digest = deployment.bundle.digest.clone();
         self.state.serve_nothing = false;
         self.supervisor.proxy().set_unassigned(false);
@@ -663,24 +647,27 @@ impl Device {
         if self.policy.watch_window.is_zero() || !self.supervisor.can_roll_back() {
             self.supervisor.commit();
             self.collect_garbage().await;
-        } else {
-            // Garbage is collected when the watch window passes: a rollback may still need what is there.
-            let now = Instant::now();
-            tracing::info!(generation = %desired.generation, window_s = self.policy.watch_window.as_secs(), "Watching the new model; a failure within the window swaps back.");
-            self.watching = Some(Watch {
-                until: now + self.policy.watch_window,
-                next_probe: now + WATCH_PROBE_INTERVAL,
-                failures: 0,
-                desired: desired.clone(),
-                restore_active,
-                restore_previous,
-            });
+            return;
         }
-        let mut status = self.status(desired, Phase::Active);
+        // Garbage is collected when the watch window passes: a rollback may still need what is there.
+        let now = Instant::now();
+        tracing::info!(generation = %desired.generation, window_s = self.policy.watch_window.as_secs(), "Watching the new model; a failure within the window swaps back.");
+        let (restore_active, restore_previous) = restore;
+        self.watching = Some(Watch {
+            until: now + self.policy.watch_window,
+            next_probe: now + WATCH_PROBE_INTERVAL,
+            failures: 0,
+            desired: desired.clone(),
+            restore_active,
+            restore_previous,
+        });
+    }
+
+    /// A status of `desired` in `phase`, naming the variant pulled.
+    fn variant_status(&self, desired: &Desired, phase: Phase, pulled: &PulledBundle) -> proto::Status {
+        let mut status = self.status(desired, phase);
         status.variant_digest = pulled.variant_digest.to_string();
-        self.report(status).await;
-        self.publish();
-        Outcome::Active
+        status
     }
 
     /// Applies a reloaded config: swap policy, store limits, bandwidth, registries, and how llama-server is
@@ -688,8 +675,8 @@ impl Device {
     fn apply_config(&mut self, config: &crate::Config) {
         self.policy = SwapPolicy::from_config(config);
         self.gap_wait = config.gap_wait();
-        let device_token = self.registry.device_token.clone();
-        self.registry = RegistrySettings { device_token, ..RegistrySettings::from_config(config) };
+        let device_token = self.acquirer.registry.device_token.clone();
+        self.acquirer.registry = RegistrySettings::from_config(config, device_token);
         let opts = crate::runtime::InstanceOptions {
             llama_server: config.runtime.llama_server.clone(),
             extra_args: config.runtime.extra_args.clone(),
@@ -702,24 +689,18 @@ impl Device {
     }
 
     /// Blobs and variant directories of the active and previous deployments: never evicted.
-    async fn kept(&self) -> (std::collections::HashSet<Digest>, Vec<Digest>) {
-        let mut keep = std::collections::HashSet::new();
-        let mut variants = Vec::new();
-        for d in [&self.state.active, &self.state.previous].into_iter().flatten() {
-            keep.extend(deployment_blobs(&self.store, &d.bundle.digest, &d.variant_digest).await);
-            variants.push(d.variant_digest.clone());
-        }
-        (keep, variants)
+    async fn kept(&self) -> Kept {
+        kept(&self.acquirer.store, deployments_of(&self.state)).await
     }
 
     /// Removes variant directories no deployment uses and, under a budget, the least recently used blobs of
     /// bundles other than the active and previous ones.
     async fn collect_garbage(&self) {
-        let (keep, variants) = self.kept().await;
+        let Kept { blobs: keep, variants } = self.kept().await;
         prune_variant_dirs(&self.bundles_dir, &variants).await;
-        crate::builds::prune(&self.builds_dir, &keep).await;
+        crate::pull::extract::prune(&self.acquirer.builds_dir, &keep).await;
         let Some(budget) = self.policy.store_budget else { return };
-        match self.store.evict(&keep, budget).await {
+        match self.acquirer.store.evict(&keep, budget).await {
             Ok((removed, freed)) if !removed.is_empty() => {
                 tracing::info!(blobs = removed.len(), freed, budget, "Evicted least recently used blobs.")
             }
@@ -789,7 +770,7 @@ impl Device {
         let failed = self.state.active.as_ref().map(|a| a.bundle.to_string()).unwrap_or_default();
         let window = self.policy.watch_window.as_secs();
         tracing::error!(generation = %watch.desired.generation, %cause, "The new model failed within its watch window; swapping back.");
-        self.hooks.metrics.activation(crate::metrics::ActivationOutcome::RolledBack);
+        self.hooks.metrics.activation(ActivationOutcome::RolledBack);
         let message = match self.supervisor.roll_back().await {
             Ok(()) => {
                 let back = watch.restore_active.as_ref().map(|a| a.bundle.to_string()).unwrap_or_default();
@@ -823,12 +804,7 @@ impl Device {
             self.report_runtime_failure(&format!("{cause}; there is no previous bundle to fall back to"), code).await;
             return false;
         };
-        let Some(model) = previous.model_path() else { return false };
-        let spec = LaunchSpec {
-            model_path: model.to_owned(),
-            settings: previous.launch.clone(),
-            bundle_digest: previous.bundle.digest.to_string(),
-        };
+        let Some(spec) = previous.launch_spec() else { return false };
         tracing::error!(%cause, previous = %previous.bundle, "The serving model failed; falling back to the previous bundle.");
         match self.supervisor.restart(spec).await {
             Ok(()) => {
@@ -891,25 +867,6 @@ impl Device {
 
 fn activation_error(code: ErrorCode, message: String, layer: Option<String>) -> proto::ActivationError {
     proto::ActivationError { code: code as i32, message, layer_digest: layer.unwrap_or_default() }
-}
-
-fn activation_error_from_pull(e: PullError) -> proto::ActivationError {
-    activation_error(e.code(), e.to_string(), e.layer_digest().map(ToString::to_string))
-}
-
-/// Memory the pulled variant needs: the index's annotation when there is one, else its GGUF files' size.
-async fn model_memory_needs(pulled: &PulledBundle) -> u64 {
-    if let Some(v) = &pulled.variant {
-        let annotated = v.memory_bytes.max(v.weights_bytes);
-        if annotated > 0 {
-            return annotated;
-        }
-    }
-    let mut total = 0u64;
-    for file in &pulled.model_files {
-        total = total.saturating_add(tokio::fs::metadata(file).await.map(|m| m.len()).unwrap_or(0));
-    }
-    total
 }
 
 /// The next reloaded config; None when the watcher is gone; pending forever without one.

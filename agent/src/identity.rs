@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use alki_shared::clock::UnixMs;
 use alki_shared::proto;
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 use tokio::sync::watch;
@@ -100,17 +101,17 @@ impl IdentityFiles {
 /// The registry token the controller handed this device in its latest Welcome, shared by the session (which
 /// sets it) and pulls (which send it to the embedded registry).
 #[derive(Clone, Debug, Default)]
-pub struct DeviceRegistryToken(std::sync::Arc<std::sync::Mutex<Option<(String, i64)>>>);
+pub struct DeviceRegistryToken(std::sync::Arc<std::sync::Mutex<Option<(String, UnixMs)>>>);
 
 impl DeviceRegistryToken {
     pub fn set(&self, token: String, expires_unix_ms: i64) {
-        let value = (!token.is_empty()).then_some((token, expires_unix_ms));
+        let value = (!token.is_empty()).then_some((token, UnixMs(expires_unix_ms)));
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = value;
     }
 
     /// The token, unless it has expired.
     pub fn current(&self) -> Option<String> {
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+        let now = UnixMs::now();
         let guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
         guard.as_ref().filter(|(_, expires)| *expires > now).map(|(token, _)| token.clone())
     }

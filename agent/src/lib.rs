@@ -5,8 +5,6 @@
 //! can learn the front address (configured as port 0) before the agent runs.
 
 pub mod bench;
-pub mod builds;
-pub mod calibrate;
 pub mod config;
 pub mod converge;
 mod device;
@@ -23,9 +21,13 @@ pub mod session;
 pub mod settings;
 pub mod stage;
 pub mod state;
+pub mod stats;
 pub mod store;
 pub mod systemd;
 pub mod trust;
+
+/// Runtime builds, by the path they had before the pull module held them (`alki_agent::builds::DIR_NAME`).
+pub use pull::build as builds;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,14 +37,20 @@ use std::time::Duration;
 
 use alki_shared::ids::DeviceId;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 pub use config::Config;
 use converge::Converger;
-use device::{Device, RegistrySettings};
+use device::{Device, DeviceHooks};
+use identity::DeviceRegistryToken;
+use metrics::AgentMetrics;
+use pull::{Acquirer, RegistrySettings};
+use reload::ConfigState;
+use runtime::front::FrontStop;
 use runtime::{InstanceOptions, Proxy, StopPolicy, Supervisor, http_client};
-use session::{SessionContext, Snapshot};
-use state::{AgentState, StateError, StateFile};
+use session::{SessionContext, SessionTelemetry};
+use state::{AgentState, Snapshot, StateError, StateFile};
 use store::{ContentStore, StoreError};
 
 /// Statuses queued from the device loop to the session.
@@ -82,7 +90,7 @@ impl Layout {
     }
     /// Extracted runtime builds, one directory per tar layer digest.
     pub fn runtime_builds(&self) -> PathBuf {
-        self.data_dir.join(builds::DIR_NAME)
+        self.data_dir.join(pull::build::DIR_NAME)
     }
     pub fn logs(&self) -> PathBuf {
         self.data_dir.join("logs")
@@ -223,10 +231,10 @@ impl Agent {
         self.run_inner(exit).instrument(span).await
     }
 
+    /// Wires the parts (front proxy, benchmarks, metrics, staging, device loop, session) as tasks, signals
+    /// readiness, and on `shutdown` stops them in order.
     async fn run_inner(self, shutdown: impl Future<Output = Exit> + Send) -> Result<(), AgentError> {
         let Agent { config, notifier, config_file, device_id, state, state_file, store, front, metrics } = self;
-        let metrics_listener = metrics;
-        let layout = Layout { data_dir: config.data_dir.clone() };
         let (stop_tx, stop_rx) = watch::channel(false);
         let proxy = Proxy::new(http_client());
         proxy.set_unassigned(state.serve_nothing);
@@ -234,174 +242,30 @@ impl Agent {
             // Requests wait while the model that served before the restart is adopted or started again.
             proxy.hold(config.gap_wait());
         }
-        let (front_stop_tx, front_stop_rx) = tokio::sync::oneshot::channel::<runtime::front::FrontStop>();
-        let front_addr = front.local_addr().ok();
-        let router = proxy.router();
-        let server = tokio::spawn(
-            runtime::front::serve(
-                front,
-                router,
-                async move { front_stop_rx.await.unwrap_or(runtime::front::FrontStop::Close) },
-                config.drain_timeout(),
-            )
-            .in_current_span(),
-        );
-        tracing::info!(front = ?front_addr, "Front proxy listening.");
-
-        let mut reload_task = None;
-        let config_rx = match config_file {
-            Some(path) => match reload::watch_config(path.clone(), config.clone(), stop_rx.clone()) {
-                Ok((rx, task)) => {
-                    reload_task = Some(task);
-                    Some(rx)
-                }
-                Err(e) => {
-                    tracing::error!(file = %path.display(), error = %e, "Cannot watch the config file; changes need a restart.");
-                    None
-                }
-            },
-            None => None,
-        };
-        let (status_tx, status_rx) = mpsc::channel(STATUS_CAPACITY);
+        let (front_stop, front_task) = spawn_front(front, &proxy, config.drain_timeout());
+        let (reloads, reload_task) = watch_config_file(config_file, &config, &stop_rx);
         let (snapshot_tx, snapshot_rx) = watch::channel(Snapshot::default());
-        let (desired_tx, desired_rx) = watch::channel(None);
-        let registry_token = identity::DeviceRegistryToken::default();
-        let opts = InstanceOptions {
-            llama_server: config.runtime.llama_server.clone(),
-            extra_args: config.runtime.extra_args.clone(),
-            log_dir: layout.logs(),
-            health_timeout: config.health_timeout(),
-            stop: StopPolicy::default(),
-        };
-        let drain_timeout = config.drain_timeout();
-        let metrics = Arc::new(metrics::AgentMetrics::default());
-        let (reports_tx, reports_rx) = mpsc::channel(bench::JOB_QUEUE);
-        let (data_dir, labels) = (config.data_dir.clone(), config.labels.clone());
-        let hardware_class = tokio::task::spawn_blocking(move || inventory::collect(&data_dir, &labels).hardware_class)
-            .await
-            .unwrap_or_default();
-        let benchmarker = bench::Benchmarker {
-            identity: bench::Identity { device_id: device_id.to_string(), hardware_class },
-            proxy: Arc::clone(&proxy),
-            http: http_client(),
-            snapshot: snapshot_rx.clone(),
-            results: bench::ResultsFile::new(&layout.data_dir),
-            serving_file: bench::ServingFile::new(&layout.data_dir),
-            reports: reports_tx,
-            metrics: Arc::clone(&metrics),
-            calibration: calibrate::Calibration {
-                registry: RegistrySettings {
-                    device_token: registry_token.clone(),
-                    ..RegistrySettings::from_config(&config)
-                },
-                store: store.clone(),
-                data_dir: layout.data_dir.clone(),
-                instance: InstanceOptions { log_dir: layout.logs().join("calibration"), ..opts.clone() },
-                memory_reserve: config.memory_reserve_bytes(),
-                http: http_client(),
-            },
-        };
-        let (bench_jobs, bench_task) = benchmarker.spawn(stop_rx.clone());
-        let metrics_task = metrics_listener.map(|listener| {
-            let state = metrics::MetricsState {
-                proxy: Arc::clone(&proxy),
-                snapshot: snapshot_rx.clone(),
-                metrics: Arc::clone(&metrics),
-                http: http_client(),
-            };
-            tokio::spawn(metrics::serve(listener, state, stop_rx.clone()).in_current_span())
-        });
-        // Pre-staging: staged bundles are pinned in the store before the device loop may evict anything.
-        let stager = stage::Stager {
-            registry: RegistrySettings {
-                device_token: registry_token.clone(),
-                ..RegistrySettings::from_config(&config)
-            },
-            store: store.clone(),
-            bundles_dir: layout.bundles(),
-            data_dir: layout.data_dir.clone(),
-            config: Arc::new(config.clone()),
-            reloads: config_rx.clone(),
-            snapshot: snapshot_rx.clone(),
-            metrics: Arc::clone(&metrics),
-        };
-        let (staging, stage_task) = stager.spawn(stop_rx.clone()).await;
-        let hand_over: Arc<std::sync::atomic::AtomicBool>;
-        let device = Device {
-            converger: Converger::new(state.last_applied_generation),
-            state,
-            state_file,
-            store,
-            bundles_dir: layout.bundles(),
-            builds_dir: layout.runtime_builds(),
-            registry: RegistrySettings {
-                device_token: registry_token.clone(),
-                ..RegistrySettings::from_config(&config)
-            },
-            supervisor: {
-                let mut supervisor = Supervisor::new(opts.clone(), drain_timeout, Arc::clone(&proxy));
-                supervisor.set_gap_wait(config.gap_wait());
-                supervisor.set_recorder(runtime::Recorder::open(&layout.data_dir));
-                hand_over = supervisor.hand_over_switch();
-                supervisor
-            },
-            statuses: status_tx,
-            snapshot: snapshot_tx,
-            desired: desired_rx,
-            retry: None,
-            retry_delay: device::RETRY_MIN,
-            policy: device::SwapPolicy::from_config(&config),
-            config: config_rx.clone(),
-            instance_base: opts.clone(),
-            gap_wait: config.gap_wait(),
-            watching: None,
-            crashes: std::collections::VecDeque::with_capacity(device::CRASH_LOOP_COUNT),
-            hooks: metrics::DeviceHooks {
-                metrics: Arc::clone(&metrics),
-                bench: config.benchmark_after_activation.then(|| bench_jobs.clone()),
-            },
-        };
-        let device_task = tokio::spawn(device.run(stop_rx.clone()).in_current_span());
+        let parts = Parts::new(config, store, proxy, reloads, snapshot_rx, stop_rx);
 
-        let session = SessionContext {
-            device_id,
-            url: config.controller.url.clone(),
-            token_file: config.controller.token_file.clone(),
-            labels: config.labels.clone(),
-            data_dir: config.data_dir.clone(),
-            proxy,
-            snapshot: snapshot_rx,
-            desired: desired_tx,
-            statuses: status_rx,
-            config: config_rx,
-            telemetry: metrics::SessionTelemetry {
-                collector: metrics::TelemetryCollector::new(http_client()),
-                metrics,
-                bench: Some(bench_jobs),
-                reports: reports_rx,
-            },
-            settings: config.clone(),
-            registry_token,
-            staging,
-        };
+        let (reports_tx, reports_rx) = mpsc::channel(bench::JOB_QUEUE);
+        let (bench_jobs, bench_task) = parts.benchmarker(&device_id, reports_tx).await.spawn(parts.stop.clone());
+        let metrics_task = metrics.map(|listener| parts.spawn_metrics_server(listener));
+        // Pre-staging: staged bundles are pinned in the store before the device loop may evict anything.
+        let (staging, stage_task) = parts.stager().spawn(parts.stop.clone()).await;
+        let (status_tx, status_rx) = mpsc::channel(STATUS_CAPACITY);
+        let (desired_tx, desired_rx) = watch::channel(None);
+        let bench_after = parts.config.benchmark_after_activation.then(|| bench_jobs.clone());
+        let (device, hand_over) = parts.device(state, state_file, status_tx, snapshot_tx, desired_rx, bench_after);
+        let device_task = tokio::spawn(device.run(parts.stop.clone()).in_current_span());
+        let session = parts.session(device_id, desired_tx, status_rx, reports_rx, bench_jobs, staging);
         // Device certificates renew themselves at two thirds of their life (not in the insecure token mode).
-        let renewal = (!config.controller.insecure_plaintext)
-            .then(|| tokio::spawn(identity::renew_loop(config.clone(), stop_rx.clone()).in_current_span()));
-        let session_task = tokio::spawn(session::run(session, stop_rx.clone()).in_current_span());
+        let renewal = (!parts.config.controller.insecure_plaintext)
+            .then(|| tokio::spawn(identity::renew_loop(parts.config.clone(), parts.stop.clone()).in_current_span()));
+        let session_task = tokio::spawn(session::run(session, parts.stop.clone()).in_current_span());
 
         // Ready: the front port accepts clients (held requests wait while the previous model starts).
         notifier.ready();
-        let watchdog = notifier.watchdog_interval().map(|every| {
-            let notifier = notifier.clone();
-            // The pings come from the async runtime: a wedged runtime stops them and systemd restarts the agent.
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                loop {
-                    tick.tick().await;
-                    notifier.watchdog();
-                }
-            })
-        });
+        let watchdog = spawn_watchdog(&notifier);
 
         let exit = shutdown.await;
         tracing::info!(?exit, "Shutting down.");
@@ -409,41 +273,251 @@ impl Agent {
         if exit == Exit::HandOver {
             hand_over.store(true, std::sync::atomic::Ordering::SeqCst);
         }
-        let _ = front_stop_tx.send(match exit {
-            Exit::Stop => runtime::front::FrontStop::Close,
-            Exit::HandOver => runtime::front::FrontStop::HandOver,
+        let _ = front_stop.send(match exit {
+            Exit::Stop => FrontStop::Close,
+            Exit::HandOver => FrontStop::HandOver,
         });
         let _ = stop_tx.send(true);
+        let drain_timeout = parts.config.drain_timeout();
         // The device loop's own waits are bounded (drain timeout, stop sequence); this bound is a backstop.
-        let device_bound = drain_timeout + Duration::from_secs(30);
-        for (name, task, bound) in [
-            ("device loop", device_task, device_bound),
+        let tasks = [
+            ("device loop", device_task, drain_timeout + Duration::from_secs(30)),
             ("session", session_task, TASK_SHUTDOWN),
-            ("front server", server, drain_timeout + TASK_SHUTDOWN),
+            ("front server", front_task, drain_timeout + TASK_SHUTDOWN),
             ("benchmarks", bench_task, TASK_SHUTDOWN),
             ("staging", stage_task, TASK_SHUTDOWN),
-        ]
-        .into_iter()
-        .chain(metrics_task.map(|task| ("metrics server", task, TASK_SHUTDOWN)))
-        {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(bound, task).await.is_err() {
-                tracing::warn!(task = name, "Did not stop in time; aborted.");
-                abort.abort();
-            }
-        }
+        ];
+        let metrics_task = metrics_task.map(|task| ("metrics server", task, TASK_SHUTDOWN));
+        join_bounded(tasks.into_iter().chain(metrics_task)).await;
         // Pings continue through the (bounded) stop so systemd does not kill a graceful drain.
-        if let Some(watchdog) = watchdog {
-            watchdog.abort();
-        }
-        if let Some(task) = reload_task {
-            task.abort();
-        }
-        if let Some(task) = renewal {
+        for task in [watchdog, reload_task, renewal].into_iter().flatten() {
             task.abort();
         }
         tracing::info!("Stopped.");
         Ok(())
+    }
+}
+
+/// Serves clients on `front` through `proxy` until the returned sender says how to stop.
+fn spawn_front(
+    front: tokio::net::TcpListener,
+    proxy: &Arc<Proxy>,
+    drain_timeout: Duration,
+) -> (tokio::sync::oneshot::Sender<FrontStop>, JoinHandle<()>) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<FrontStop>();
+    let front_addr = front.local_addr().ok();
+    let stop = async move { stop_rx.await.unwrap_or(FrontStop::Close) };
+    let task = tokio::spawn(runtime::front::serve(front, proxy.router(), stop, drain_timeout).in_current_span());
+    tracing::info!(front = ?front_addr, "Front proxy listening.");
+    (stop_tx, task)
+}
+
+/// Watches the config file, when there is one; a watcher that cannot start leaves changes for a restart.
+fn watch_config_file(
+    path: Option<PathBuf>,
+    config: &Config,
+    stop: &watch::Receiver<bool>,
+) -> (Option<watch::Receiver<ConfigState>>, Option<JoinHandle<()>>) {
+    let Some(path) = path else { return (None, None) };
+    match reload::watch_config(path.clone(), config.clone(), stop.clone()) {
+        Ok((rx, task)) => (Some(rx), Some(task)),
+        Err(e) => {
+            tracing::error!(file = %path.display(), error = %e, "Cannot watch the config file; changes need a restart.");
+            (None, None)
+        }
+    }
+}
+
+/// Pings systemd's watchdog from the async runtime, when the unit asks for it: a wedged runtime stops the
+/// pings and systemd restarts the agent.
+fn spawn_watchdog(notifier: &systemd::Notifier) -> Option<JoinHandle<()>> {
+    let every = notifier.watchdog_interval()?;
+    let notifier = notifier.clone();
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            notifier.watchdog();
+        }
+    }))
+}
+
+/// Waits for each task in turn, within its bound; one that does not stop in time is aborted.
+async fn join_bounded(tasks: impl Iterator<Item = (&'static str, JoinHandle<()>, Duration)>) {
+    for (name, task, bound) in tasks {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(bound, task).await.is_err() {
+            tracing::warn!(task = name, "Did not stop in time; aborted.");
+            abort.abort();
+        }
+    }
+}
+
+/// What the agent's tasks share: the config, the front proxy, the counters, the acquire path, how
+/// llama-server is run, the device loop's snapshot, config reloads and the stop signal.
+struct Parts {
+    config: Config,
+    layout: Layout,
+    proxy: Arc<Proxy>,
+    metrics: Arc<AgentMetrics>,
+    /// Registry settings with the token from the controller's Welcome, the content store, runtime builds.
+    acquirer: Acquirer,
+    /// How llama-server instances run (the configured binary and flags, logs, stop sequence).
+    instance: InstanceOptions,
+    snapshot: watch::Receiver<Snapshot>,
+    reloads: Option<watch::Receiver<ConfigState>>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Parts {
+    fn new(
+        config: Config,
+        store: ContentStore,
+        proxy: Arc<Proxy>,
+        reloads: Option<watch::Receiver<ConfigState>>,
+        snapshot: watch::Receiver<Snapshot>,
+        stop: watch::Receiver<bool>,
+    ) -> Parts {
+        let layout = Layout { data_dir: config.data_dir.clone() };
+        let instance = InstanceOptions {
+            llama_server: config.runtime.llama_server.clone(),
+            extra_args: config.runtime.extra_args.clone(),
+            log_dir: layout.logs(),
+            health_timeout: config.health_timeout(),
+            stop: StopPolicy::default(),
+        };
+        // One token for every pull: the session sets it from each Welcome.
+        let registry = RegistrySettings::from_config(&config, DeviceRegistryToken::default());
+        let acquirer = Acquirer { registry, store, builds_dir: layout.runtime_builds() };
+        let metrics = Arc::new(AgentMetrics::default());
+        Parts { config, layout, proxy, metrics, acquirer, instance, snapshot, reloads, stop }
+    }
+
+    /// The benchmark task (with calibration), for this device and its hardware class.
+    async fn benchmarker(
+        &self,
+        device_id: &DeviceId,
+        reports: mpsc::Sender<alki_shared::proto::BenchmarkReport>,
+    ) -> bench::Benchmarker {
+        let (data_dir, labels) = (self.config.data_dir.clone(), self.config.labels.clone());
+        let hardware_class = tokio::task::spawn_blocking(move || inventory::collect(&data_dir, &labels).hardware_class)
+            .await
+            .unwrap_or_default();
+        bench::Benchmarker {
+            identity: bench::Identity { device_id: device_id.to_string(), hardware_class },
+            proxy: Arc::clone(&self.proxy),
+            http: http_client(),
+            snapshot: self.snapshot.clone(),
+            results: bench::ResultsFile::new(&self.layout.data_dir),
+            serving_file: bench::ServingFile::new(&self.layout.data_dir),
+            reports,
+            metrics: Arc::clone(&self.metrics),
+            calibration: bench::Calibration {
+                acquirer: self.acquirer.clone(),
+                data_dir: self.layout.data_dir.clone(),
+                instance: InstanceOptions { log_dir: self.layout.logs().join("calibration"), ..self.instance.clone() },
+                memory_reserve: self.config.memory_reserve_bytes(),
+                http: http_client(),
+            },
+        }
+    }
+
+    /// The agent's own `/metrics` on `listener`.
+    fn spawn_metrics_server(&self, listener: tokio::net::TcpListener) -> JoinHandle<()> {
+        let state = metrics::MetricsState {
+            proxy: Arc::clone(&self.proxy),
+            snapshot: self.snapshot.clone(),
+            metrics: Arc::clone(&self.metrics),
+            http: http_client(),
+        };
+        tokio::spawn(metrics::serve(listener, state, self.stop.clone()).in_current_span())
+    }
+
+    fn stager(&self) -> stage::Stager {
+        stage::Stager {
+            acquirer: self.acquirer.clone(),
+            bundles_dir: self.layout.bundles(),
+            data_dir: self.layout.data_dir.clone(),
+            config: Arc::new(self.config.clone()),
+            reloads: self.reloads.clone(),
+            snapshot: self.snapshot.clone(),
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+
+    /// The device loop, and the switch that makes its shutdown a hand-over (llama-server left running).
+    fn device(
+        &self,
+        state: AgentState,
+        state_file: StateFile,
+        statuses: mpsc::Sender<alki_shared::proto::Status>,
+        snapshot: watch::Sender<Snapshot>,
+        desired: watch::Receiver<Option<alki_shared::proto::DesiredState>>,
+        bench: Option<bench::Jobs>,
+    ) -> (Device, Arc<std::sync::atomic::AtomicBool>) {
+        let config = &self.config;
+        let mut supervisor = Supervisor::new(self.instance.clone(), config.drain_timeout(), Arc::clone(&self.proxy));
+        supervisor.set_gap_wait(config.gap_wait());
+        supervisor.set_recorder(runtime::Recorder::open(&self.layout.data_dir));
+        let hand_over = supervisor.hand_over_switch();
+        let device = Device {
+            converger: Converger::new(state.last_applied_generation),
+            state,
+            state_file,
+            acquirer: self.acquirer.clone(),
+            bundles_dir: self.layout.bundles(),
+            supervisor,
+            statuses,
+            snapshot,
+            desired,
+            retry: None,
+            retry_delay: device::RETRY_MIN,
+            restart: None,
+            restart_delay: device::RESTART_MIN,
+            policy: device::SwapPolicy::from_config(config),
+            config: self.reloads.clone(),
+            instance_base: self.instance.clone(),
+            gap_wait: config.gap_wait(),
+            watching: None,
+            crashes: std::collections::VecDeque::with_capacity(device::CRASH_LOOP_COUNT),
+            hooks: DeviceHooks { metrics: Arc::clone(&self.metrics), bench },
+        };
+        (device, hand_over)
+    }
+
+    /// The controller session: desired states down, statuses, telemetry and reports up, commands to the
+    /// benchmark and staging queues.
+    fn session(
+        &self,
+        device_id: DeviceId,
+        desired: watch::Sender<Option<alki_shared::proto::DesiredState>>,
+        statuses: mpsc::Receiver<alki_shared::proto::Status>,
+        reports: mpsc::Receiver<alki_shared::proto::BenchmarkReport>,
+        bench: bench::Jobs,
+        staging: stage::SessionStaging,
+    ) -> SessionContext {
+        let config = &self.config;
+        SessionContext {
+            device_id,
+            url: config.controller.url.clone(),
+            token_file: config.controller.token_file.clone(),
+            labels: config.labels.clone(),
+            data_dir: config.data_dir.clone(),
+            proxy: Arc::clone(&self.proxy),
+            snapshot: self.snapshot.clone(),
+            desired,
+            statuses,
+            config: self.reloads.clone(),
+            telemetry: SessionTelemetry {
+                collector: metrics::TelemetryCollector::new(http_client()),
+                metrics: Arc::clone(&self.metrics),
+                bench: Some(bench),
+                reports,
+            },
+            settings: config.clone(),
+            registry_token: self.acquirer.registry.device_token.clone(),
+            staging,
+        }
     }
 }
 

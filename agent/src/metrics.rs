@@ -10,12 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use alki_shared::clock::UnixMs;
 use alki_shared::proto;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::runtime::proxy::{HistogramSnapshot, LATENCY_BUCKETS_MS};
 use crate::runtime::{HttpClient, Proxy};
-use crate::session::Snapshot;
+use crate::state::Snapshot;
+use crate::stats::median;
 
 /// Bound on one scrape of llama-server's `/metrics`.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -183,31 +185,6 @@ impl AgentMetrics {
     }
 }
 
-/// What the device loop reports to the metrics and the benchmark task.
-#[derive(Clone, Debug, Default)]
-pub struct DeviceHooks {
-    pub metrics: Arc<AgentMetrics>,
-    /// Benchmarks after every activation; None turns them off.
-    pub bench: Option<crate::bench::Jobs>,
-}
-
-impl DeviceHooks {
-    /// An activation ended: count it.
-    pub fn activation(&self, outcome: ActivationOutcome) {
-        self.metrics.activation(outcome);
-    }
-
-    /// A new model is committed (its watch window passed, or there was none): benchmark it. Not during the
-    /// watch window, where the benchmark's load could be taken for the new model's failure.
-    pub fn benchmark(&self) {
-        if let Some(jobs) = &self.bench
-            && !jobs.offer(crate::bench::Job::Activation)
-        {
-            tracing::info!("Benchmarks are queued already; this activation is not benchmarked.");
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // Telemetry
 
@@ -247,7 +224,7 @@ impl TelemetryCollector {
         let throttled = self.throttle.map(|before| throttle.throttled_since(&before)).unwrap_or(throttle.now);
         self.throttle = Some(throttle);
         let mut t = proto::Telemetry {
-            at_unix_ms: crate::bench::now_unix_ms(),
+            at_unix_ms: UnixMs::now().as_millis(),
             memory_available_bytes: memory,
             max_temperature_celsius: crate::inventory::max_temperature(&temperatures).unwrap_or_default(),
             throttled,
@@ -266,7 +243,7 @@ impl TelemetryCollector {
             if snapshot.running.as_ref().is_some_and(|r| r.digest == t.bundle_digest) {
                 t.variant_digest = snapshot.variant_digest.clone();
             }
-            t.ttft_ms = crate::bench::median(&proxy.take_ttft_samples(upstream.bundle_digest())).unwrap_or_default();
+            t.ttft_ms = median(&proxy.take_ttft_samples(upstream.bundle_digest())).unwrap_or_default();
             match scrape_llama(&self.http, upstream.addr()).await {
                 Ok(now) => {
                     t.prompt_tokens_total = now.prompt_tokens as u64;
@@ -287,46 +264,6 @@ impl TelemetryCollector {
     }
 }
 
-/// What the session needs for telemetry and commands; built by [`crate::Agent::run`].
-pub struct SessionTelemetry {
-    pub collector: TelemetryCollector,
-    pub metrics: Arc<AgentMetrics>,
-    /// The benchmark queue, for controller commands; None when benchmarks are off.
-    pub bench: Option<crate::bench::Jobs>,
-    /// Benchmark reports to send up.
-    pub reports: mpsc::Receiver<proto::BenchmarkReport>,
-}
-
-/// A controller command as a benchmark job; an immediate report when it cannot be queued.
-pub fn command_job(bench: Option<&crate::bench::Jobs>, command: proto::Command) -> Result<(), proto::BenchmarkReport> {
-    let refuse = |error: &str| proto::BenchmarkReport {
-        command_id: command.id.clone(),
-        results: Vec::new(),
-        error: error.to_owned(),
-    };
-    let job = match &command.kind {
-        Some(proto::command::Kind::RunBenchmark(r)) => {
-            crate::bench::Job::OnDemand { command_id: command.id.clone(), repetitions: r.repetitions }
-        }
-        Some(proto::command::Kind::Calibrate(c)) => crate::bench::Job::Calibrate {
-            command_id: command.id.clone(),
-            bundle: c.bundle.clone(),
-            repetitions: c.repetitions,
-        },
-        // The session hands Prestage to the staging queue (crate::stage); it is never a benchmark.
-        Some(proto::command::Kind::Prestage(_)) => {
-            return Err(refuse("a prestage command is not a benchmark; the staging queue runs it"));
-        }
-        None => return Err(refuse("this agent does not know the command; upgrade the agent")),
-    };
-    let Some(bench) = bench else { return Err(refuse("benchmarks are turned off on this device")) };
-    if bench.offer(job) {
-        Ok(())
-    } else {
-        Err(refuse("the device is busy with other benchmarks; send the command again later"))
-    }
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // Prometheus endpoint
 
@@ -343,64 +280,111 @@ fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-fn histogram(out: &mut String, name: &str, help: &str, bundle: &str, h: &HistogramSnapshot) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-    for (i, count) in h.cumulative.iter().enumerate() {
-        let le = LATENCY_BUCKETS_MS.get(i).map(|ms| format!("{}", ms / 1000.0)).unwrap_or_else(|| "+Inf".to_owned());
-        let _ = writeln!(out, "{name}_bucket{{bundle=\"{bundle}\",le=\"{le}\"}} {count}");
+/// Prometheus text being written: metric families with their HELP and TYPE lines.
+#[derive(Default)]
+struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    /// One family: each line is the metric's labels (or a space) and value.
+    fn family(&mut self, name: &str, kind: &str, help: &str, lines: Vec<String>) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for line in lines {
+            let _ = writeln!(self.out, "{name}{line}");
+        }
     }
-    let _ = writeln!(out, "{name}_sum{{bundle=\"{bundle}\"}} {}", h.sum_ms / 1000.0);
-    let _ = writeln!(out, "{name}_count{{bundle=\"{bundle}\"}} {}", h.count());
+
+    /// A family with one unlabelled value.
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, kind, help, vec![format!(" {value}")]);
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, bundle: &str, h: &HistogramSnapshot) {
+        let out = &mut self.out;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, count) in h.cumulative.iter().enumerate() {
+            let le =
+                LATENCY_BUCKETS_MS.get(i).map(|ms| format!("{}", ms / 1000.0)).unwrap_or_else(|| "+Inf".to_owned());
+            let _ = writeln!(out, "{name}_bucket{{bundle=\"{bundle}\",le=\"{le}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_sum{{bundle=\"{bundle}\"}} {}", h.sum_ms / 1000.0);
+        let _ = writeln!(out, "{name}_count{{bundle=\"{bundle}\"}} {}", h.count());
+    }
 }
 
 /// The Prometheus text exposition of the agent's metrics. `llama`: llama-server's counters read now.
 pub fn render(state: &MetricsState, llama: Option<LlamaCounters>) -> String {
-    let mut out = String::new();
+    let mut out = Exposition::default();
     let all = state.proxy.all_stats();
-    let mut family = |name: &str, kind: &str, help: &str, lines: Vec<String>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for line in lines {
-            let _ = writeln!(out, "{name}{line}");
-        }
-    };
-    family(
+    proxy_families(&mut out, &state.proxy, &all);
+    agent_families(&mut out, &state.metrics);
+    let serving = state.proxy.current();
+    bundle_info(&mut out, &state.snapshot.borrow(), serving.as_deref());
+    if let (Some(c), Some(upstream)) = (llama, &serving) {
+        llama_families(&mut out, &escape(upstream.bundle_digest()), c);
+    }
+    let last = state.metrics.last_telemetry.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    if let Some(t) = last {
+        telemetry_families(&mut out, &t);
+    }
+    if let Some(b) = state.metrics.last_benchmark() {
+        benchmark_families(&mut out, &b);
+    }
+    for s in &all {
+        let help = "Request latency through the front proxy, to the end of the response.";
+        out.histogram("alki_agent_request_duration_seconds", help, &escape(&s.bundle_digest), &s.latency);
+    }
+    for s in &all {
+        let help = "Time to the first bytes of streamed responses through the front proxy.";
+        out.histogram("alki_agent_time_to_first_token_seconds", help, &escape(&s.bundle_digest), &s.ttft);
+    }
+    out.out
+}
+
+/// The front proxy's counters, per bundle.
+fn proxy_families(out: &mut Exposition, proxy: &Proxy, all: &[crate::runtime::ProxyStats]) {
+    out.family(
         "alki_agent_requests_total",
         "counter",
         "Requests forwarded by the front proxy, per bundle.",
         all.iter().map(|s| format!("{{bundle=\"{}\"}} {}", escape(&s.bundle_digest), s.requests_total)).collect(),
     );
-    family(
+    out.family(
         "alki_agent_request_errors_total",
         "counter",
         "Forwarded requests that failed (5xx, upstream unreachable or timed out), per bundle.",
         all.iter().map(|s| format!("{{bundle=\"{}\"}} {}", escape(&s.bundle_digest), s.request_errors_total)).collect(),
     );
-    family(
+    out.single(
         "alki_agent_requests_unserved_total",
         "counter",
         "Requests answered 503 because no model was served.",
-        vec![format!(" {}", state.proxy.unserved_total())],
+        proxy.unserved_total(),
     );
-    family(
+    out.single(
         "alki_agent_requests_in_flight",
         "gauge",
         "Requests in flight to the serving llama-server.",
-        vec![format!(" {}", state.proxy.in_flight())],
+        proxy.in_flight(),
     );
-    let m = &state.metrics;
-    family(
+}
+
+/// The agent's own counters: activations, pulls, staging, telemetry, the outbox.
+fn agent_families(out: &mut Exposition, m: &AgentMetrics) {
+    out.family(
         "alki_agent_activations_total",
         "counter",
         "Activations of desired states, by outcome.",
         ActivationOutcome::ALL.iter().map(|o| format!("{{outcome=\"{}\"}} {}", o.label(), m.activations(*o))).collect(),
     );
-    family(
+    out.single(
         "alki_agent_pull_bytes_total",
         "counter",
         "Bytes fetched from registries by bundle pulls.",
-        vec![format!(" {}", m.pull_bytes.load(Ordering::Relaxed))],
+        m.pull_bytes.load(Ordering::Relaxed),
     );
-    family(
+    out.family(
         "alki_agent_prestages_total",
         "counter",
         "Prestage commands answered (bundles downloaded and verified ahead of activation), by outcome.",
@@ -410,17 +394,17 @@ pub fn render(state: &MetricsState, llama: Option<LlamaCounters>) -> String {
             .map(|(outcome, n)| format!("{{outcome=\"{outcome}\"}} {}", n.load(Ordering::Relaxed)))
             .collect(),
     );
-    family(
+    out.single(
         "alki_agent_staged_bundles",
         "gauge",
         "Bundles staged in the content store, pinned until activated or superseded.",
-        vec![format!(" {}", m.staged.load(Ordering::Relaxed))],
+        m.staged.load(Ordering::Relaxed),
     );
-    family(
+    out.single(
         "alki_agent_telemetry_reports_total",
         "counter",
         "Telemetry messages built for the controller.",
-        vec![format!(" {}", m.telemetry_sent.load(Ordering::Relaxed))],
+        m.telemetry_sent.load(Ordering::Relaxed),
     );
     let by_kind = |values: &[AtomicU64; 4]| {
         crate::outbox::ReportKind::ALL
@@ -428,22 +412,23 @@ pub fn render(state: &MetricsState, llama: Option<LlamaCounters>) -> String {
             .map(|k| format!("{{kind=\"{}\"}} {}", k.label(), values[*k as usize].load(Ordering::Relaxed)))
             .collect()
     };
-    family(
+    out.family(
         "alki_agent_reports_buffered",
         "gauge",
         "Reports kept for the controller while it is unreachable, by kind.",
         by_kind(&m.reports_buffered),
     );
-    family(
+    out.family(
         "alki_agent_reports_dropped_total",
         "counter",
         "Reports dropped (oldest first) because the controller stayed unreachable past their bound, by kind.",
         by_kind(&m.reports_dropped),
     );
-    let snapshot = state.snapshot.borrow().clone();
-    let serving = state.proxy.current();
-    let bundle = serving.as_ref().map(|u| escape(u.bundle_digest())).unwrap_or_default();
-    let info = match (&snapshot.running, &serving) {
+}
+
+/// The bundle served now (value 1), named as the device loop knows it when it agrees with the proxy.
+fn bundle_info(out: &mut Exposition, snapshot: &Snapshot, serving: Option<&crate::runtime::Upstream>) {
+    let info = match (&snapshot.running, serving) {
         (Some(r), Some(_)) => vec![format!(
             "{{bundle=\"{}\",repository=\"{}\",tag=\"{}\",variant=\"{}\"}} 1",
             escape(&r.digest),
@@ -456,134 +441,118 @@ pub fn render(state: &MetricsState, llama: Option<LlamaCounters>) -> String {
         }
         _ => Vec::new(),
     };
-    family("alki_agent_bundle_info", "gauge", "The bundle served now (value 1).", info);
-    if let Some(c) = llama.filter(|_| serving.is_some()) {
-        let line = |v: f64| vec![format!("{{bundle=\"{bundle}\"}} {v}")];
-        family(
-            "alki_agent_prompt_tokens_total",
-            "counter",
-            "Prompt tokens processed by the serving llama-server since it started.",
-            line(c.prompt_tokens),
-        );
-        family(
-            "alki_agent_prompt_seconds_total",
-            "counter",
-            "Seconds the serving llama-server spent processing prompts.",
-            line(c.prompt_seconds),
-        );
-        family(
-            "alki_agent_generated_tokens_total",
-            "counter",
-            "Tokens generated by the serving llama-server since it started.",
-            line(c.predicted_tokens),
-        );
-        family(
-            "alki_agent_generation_seconds_total",
-            "counter",
-            "Seconds the serving llama-server spent generating.",
-            line(c.predicted_seconds),
-        );
-        family(
-            "alki_agent_llama_requests_processing",
-            "gauge",
-            "Requests llama-server is processing.",
-            line(c.requests_processing),
-        );
-        family(
-            "alki_agent_llama_requests_deferred",
-            "gauge",
-            "Requests llama-server has deferred (all slots busy).",
-            line(c.requests_deferred),
-        );
-    }
-    let last = m.last_telemetry.lock().unwrap_or_else(PoisonError::into_inner).clone();
-    if let Some(t) = last {
-        let bundle = escape(&t.bundle_digest);
-        family(
-            "alki_agent_generation_tokens_per_second",
-            "gauge",
-            "Generation speed over the last telemetry interval (0 when idle).",
-            vec![format!("{{bundle=\"{bundle}\"}} {}", t.generation_tokens_per_second)],
-        );
-        family(
-            "alki_agent_prompt_tokens_per_second",
-            "gauge",
-            "Prompt processing speed over the last telemetry interval (0 when idle).",
-            vec![format!("{{bundle=\"{bundle}\"}} {}", t.prompt_tokens_per_second)],
-        );
-        family(
-            "alki_agent_memory_available_bytes",
-            "gauge",
-            "Memory available at the last telemetry interval.",
-            vec![format!(" {}", t.memory_available_bytes)],
-        );
-        family(
-            "alki_agent_temperature_max_celsius",
-            "gauge",
-            "The hottest sensor at the last telemetry interval.",
-            vec![format!(" {}", t.max_temperature_celsius)],
-        );
-        family(
-            "alki_agent_throttled",
-            "gauge",
-            "1 when the CPU throttled during the last telemetry interval.",
-            vec![format!(" {}", u8::from(t.throttled))],
-        );
-    }
-    if let Some(b) = m.last_benchmark() {
-        let labels = format!(
-            "{{bundle=\"{}\",variant=\"{}\",prompt_set=\"{}\"}}",
-            escape(b.bundle.as_ref().map(|r| r.digest.as_str()).unwrap_or_default()),
-            escape(&b.variant_digest),
-            escape(&b.prompt_set)
-        );
-        let median = |s: &Option<proto::Stat>| s.as_ref().map(|s| s.median).unwrap_or_default();
-        family(
-            "alki_agent_benchmark_generation_tokens_per_second",
-            "gauge",
-            "Median generation speed of the last local benchmark.",
-            vec![format!("{labels} {}", median(&b.generation_tokens_per_second))],
-        );
-        family(
-            "alki_agent_benchmark_prompt_tokens_per_second",
-            "gauge",
-            "Median prompt processing speed of the last local benchmark.",
-            vec![format!("{labels} {}", median(&b.prompt_tokens_per_second))],
-        );
-        family(
-            "alki_agent_benchmark_ttft_seconds",
-            "gauge",
-            "Median time to first token of the last local benchmark.",
-            vec![format!("{labels} {}", median(&b.ttft_ms) / 1000.0)],
-        );
-        family(
-            "alki_agent_benchmark_peak_rss_bytes",
-            "gauge",
-            "Peak resident memory of llama-server during the last local benchmark.",
-            vec![format!("{labels} {}", b.peak_rss_bytes)],
-        );
-    }
-    for s in &all {
-        let bundle = escape(&s.bundle_digest);
-        histogram(
-            &mut out,
-            "alki_agent_request_duration_seconds",
-            "Request latency through the front proxy, to the end of the response.",
-            &bundle,
-            &s.latency,
-        );
-    }
-    for s in &all {
-        let bundle = escape(&s.bundle_digest);
-        histogram(
-            &mut out,
-            "alki_agent_time_to_first_token_seconds",
-            "Time to the first bytes of streamed responses through the front proxy.",
-            &bundle,
-            &s.ttft,
-        );
-    }
-    out
+    out.family("alki_agent_bundle_info", "gauge", "The bundle served now (value 1).", info);
+}
+
+/// The serving llama-server's own counters, read now.
+fn llama_families(out: &mut Exposition, bundle: &str, c: LlamaCounters) {
+    let line = |v: f64| vec![format!("{{bundle=\"{bundle}\"}} {v}")];
+    out.family(
+        "alki_agent_prompt_tokens_total",
+        "counter",
+        "Prompt tokens processed by the serving llama-server since it started.",
+        line(c.prompt_tokens),
+    );
+    out.family(
+        "alki_agent_prompt_seconds_total",
+        "counter",
+        "Seconds the serving llama-server spent processing prompts.",
+        line(c.prompt_seconds),
+    );
+    out.family(
+        "alki_agent_generated_tokens_total",
+        "counter",
+        "Tokens generated by the serving llama-server since it started.",
+        line(c.predicted_tokens),
+    );
+    out.family(
+        "alki_agent_generation_seconds_total",
+        "counter",
+        "Seconds the serving llama-server spent generating.",
+        line(c.predicted_seconds),
+    );
+    out.family(
+        "alki_agent_llama_requests_processing",
+        "gauge",
+        "Requests llama-server is processing.",
+        line(c.requests_processing),
+    );
+    out.family(
+        "alki_agent_llama_requests_deferred",
+        "gauge",
+        "Requests llama-server has deferred (all slots busy).",
+        line(c.requests_deferred),
+    );
+}
+
+/// Gauges from the last telemetry built.
+fn telemetry_families(out: &mut Exposition, t: &proto::Telemetry) {
+    let bundle = escape(&t.bundle_digest);
+    out.family(
+        "alki_agent_generation_tokens_per_second",
+        "gauge",
+        "Generation speed over the last telemetry interval (0 when idle).",
+        vec![format!("{{bundle=\"{bundle}\"}} {}", t.generation_tokens_per_second)],
+    );
+    out.family(
+        "alki_agent_prompt_tokens_per_second",
+        "gauge",
+        "Prompt processing speed over the last telemetry interval (0 when idle).",
+        vec![format!("{{bundle=\"{bundle}\"}} {}", t.prompt_tokens_per_second)],
+    );
+    out.single(
+        "alki_agent_memory_available_bytes",
+        "gauge",
+        "Memory available at the last telemetry interval.",
+        t.memory_available_bytes,
+    );
+    out.single(
+        "alki_agent_temperature_max_celsius",
+        "gauge",
+        "The hottest sensor at the last telemetry interval.",
+        t.max_temperature_celsius,
+    );
+    out.single(
+        "alki_agent_throttled",
+        "gauge",
+        "1 when the CPU throttled during the last telemetry interval.",
+        u8::from(t.throttled),
+    );
+}
+
+/// Gauges from the last local benchmark.
+fn benchmark_families(out: &mut Exposition, b: &proto::BenchmarkResult) {
+    let labels = format!(
+        "{{bundle=\"{}\",variant=\"{}\",prompt_set=\"{}\"}}",
+        escape(b.bundle.as_ref().map(|r| r.digest.as_str()).unwrap_or_default()),
+        escape(&b.variant_digest),
+        escape(&b.prompt_set)
+    );
+    let median = |s: &Option<proto::Stat>| s.as_ref().map(|s| s.median).unwrap_or_default();
+    out.family(
+        "alki_agent_benchmark_generation_tokens_per_second",
+        "gauge",
+        "Median generation speed of the last local benchmark.",
+        vec![format!("{labels} {}", median(&b.generation_tokens_per_second))],
+    );
+    out.family(
+        "alki_agent_benchmark_prompt_tokens_per_second",
+        "gauge",
+        "Median prompt processing speed of the last local benchmark.",
+        vec![format!("{labels} {}", median(&b.prompt_tokens_per_second))],
+    );
+    out.family(
+        "alki_agent_benchmark_ttft_seconds",
+        "gauge",
+        "Median time to first token of the last local benchmark.",
+        vec![format!("{labels} {}", median(&b.ttft_ms) / 1000.0)],
+    );
+    out.family(
+        "alki_agent_benchmark_peak_rss_bytes",
+        "gauge",
+        "Peak resident memory of llama-server during the last local benchmark.",
+        vec![format!("{labels} {}", b.peak_rss_bytes)],
+    );
 }
 
 async fn metrics_handler(axum::extract::State(state): axum::extract::State<MetricsState>) -> axum::response::Response {
@@ -679,18 +648,5 @@ llamacpp:requests_deferred 0
         assert_eq!(buckets.len(), LATENCY_BUCKETS_MS.len() + 1);
         assert_eq!(buckets[0].le_ms, LATENCY_BUCKETS_MS[0]);
         assert!(buckets.last().is_some_and(|b| b.inf && b.le_ms == 0.0));
-    }
-
-    #[test]
-    fn commands_become_jobs_or_refusals() {
-        let run = proto::Command {
-            id: "c1".into(),
-            kind: Some(proto::command::Kind::RunBenchmark(proto::RunBenchmark { repetitions: 2 })),
-        };
-        let refused = command_job(None, run).expect_err("benchmarks off");
-        assert_eq!(refused.command_id, "c1");
-        assert!(refused.error.contains("turned off"));
-        let unknown = command_job(None, proto::Command { id: "c2".into(), kind: None }).expect_err("unknown");
-        assert!(unknown.error.contains("upgrade"));
     }
 }

@@ -7,16 +7,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use alki_shared::ids::{DeviceId, Generation};
+use alki_shared::clock::UnixMs;
+use alki_shared::ids::DeviceId;
 use alki_shared::proto::{self, agent_message, controller_message};
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::metrics::AgentMetrics;
+use crate::bench::{Jobs, command_job};
+use crate::metrics::{AgentMetrics, TelemetryCollector};
 use crate::outbox::{Outbox, Pushed, Report, ReportKind};
 use crate::runtime::Proxy;
+use crate::state::Snapshot;
 
 /// Messages waiting to go up one session; a full queue means the session is stuck.
 const OUTBOUND_CAPACITY: usize = 64;
@@ -26,16 +29,6 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
 pub const TELEMETRY_INTERVAL: Duration = Duration::from_secs(30);
 /// A session that lasted this long resets the reconnect backoff.
 const SESSION_LASTED: Duration = Duration::from_secs(30);
-
-/// What the device runs, as the session reports it in Hello.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Snapshot {
-    pub running: Option<proto::BundleRef>,
-    pub last_applied: Generation,
-    /// The variant of `running` and its model file, for telemetry and benchmarks.
-    pub variant_digest: String,
-    pub model_path: Option<PathBuf>,
-}
 
 /// Everything one session loop needs; built by [`crate::run`].
 pub struct SessionContext {
@@ -52,7 +45,7 @@ pub struct SessionContext {
     /// Reloaded configs: a change of labels starts a new session (a new Hello carries them).
     pub config: Option<watch::Receiver<crate::reload::ConfigState>>,
     /// Telemetry building, benchmark commands and reports.
-    pub telemetry: crate::metrics::SessionTelemetry,
+    pub telemetry: SessionTelemetry,
     /// The config at start: how to reach the controller (mTLS with the device identity, or the insecure
     /// token mode) and how to enroll.
     pub settings: crate::Config,
@@ -60,6 +53,16 @@ pub struct SessionContext {
     pub registry_token: crate::identity::DeviceRegistryToken,
     /// Prestage commands, their reports, and the staged bundles Hello lists.
     pub staging: crate::stage::SessionStaging,
+}
+
+/// What the session needs for telemetry and commands; built by [`crate::Agent::run`].
+pub struct SessionTelemetry {
+    pub collector: TelemetryCollector,
+    pub metrics: Arc<AgentMetrics>,
+    /// The benchmark queue, for controller commands; None when benchmarks are off.
+    pub bench: Option<Jobs>,
+    /// Benchmark reports to send up.
+    pub reports: mpsc::Receiver<proto::BenchmarkReport>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -273,13 +276,8 @@ async fn send(out: &mpsc::Sender<proto::AgentMessage>, msg: agent_message::Msg) 
     }
 }
 
-fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or_default()
-}
-
+/// One session: connect, Hello, replay what was kept, then serve the stream until it ends, the labels
+/// change (a new Hello must carry them) or the agent shuts down.
 async fn one_session(
     ctx: &mut SessionContext,
     outbox: &mut Outbox,
@@ -287,55 +285,15 @@ async fn one_session(
     statuses_open: &mut bool,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
-    // mTLS with the device certificate (enrolling first if needed), or a bearer token in the insecure mode.
-    let (token, channel) = if ctx.settings.controller.insecure_plaintext {
-        let token = read_token(&ctx.token_file).await?;
-        (Some(token), crate::identity::connect(&ctx.settings, None).await?)
-    } else {
-        crate::enroll::ensure_enrolled(&ctx.settings, &ctx.device_id).await?;
-        let client = crate::identity::IdentityFiles::of(&ctx.settings).tls_identity()?;
-        (None, crate::identity::connect(&ctx.settings, Some(client)).await?)
-    };
-    let mut client = proto::agent_service_client::AgentServiceClient::new(channel);
-
+    let (token, channel) = connect(ctx).await?;
     let (out, out_rx) = mpsc::channel::<proto::AgentMessage>(OUTBOUND_CAPACITY);
-    let (data_dir, labels) = (ctx.data_dir.clone(), ctx.labels.clone());
-    let inventory = tokio::task::spawn_blocking(move || crate::inventory::collect(&data_dir, &labels)).await.ok();
-    let snapshot = ctx.snapshot.borrow().clone();
-    let staged = ctx.staging.staged.borrow().listed(snapshot.running.as_ref());
-    let hello = proto::Hello {
-        device_id: ctx.device_id.to_string(),
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        inventory,
-        labels: ctx.labels.clone().into_iter().collect(),
-        running: snapshot.running,
-        last_applied_generation: snapshot.last_applied.0,
-        staged,
-    };
-    send(&out, agent_message::Msg::Hello(hello)).await?;
-
-    let mut request = tonic::Request::new(ReceiverStream::new(out_rx));
-    if let Some(token) = token {
-        let bearer = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| SessionError::Unauthenticated("the token holds characters not allowed in a header".into()))?;
-        request.metadata_mut().insert("authorization", bearer);
-    }
-    let response = match tokio::time::timeout(CONNECT_TIMEOUT, client.session(request)).await {
-        Err(_) => return Err(SessionError::ConnectTimeout),
-        Ok(Err(status))
-            if status.code() == tonic::Code::Unauthenticated || status.code() == tonic::Code::PermissionDenied =>
-        {
-            return Err(SessionError::Unauthenticated(status.message().to_owned()));
-        }
-        Ok(Err(status)) => return Err(SessionError::Rpc(status)),
-        Ok(Ok(response)) => response,
-    };
-    let mut inbound = response.into_inner();
+    send(&out, agent_message::Msg::Hello(hello(ctx).await)).await?;
+    let mut inbound = open_stream(channel, out_rx, token).await?;
     tracing::info!(url = %ctx.url, "Connected to the controller.");
     // Reports kept while disconnected go right after the Hello, now that the stream is being read.
     replay(&out, outbox, &ctx.telemetry.metrics).await?;
 
+    // The first heartbeat goes at once; the Welcome sets the controller's interval.
     let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -343,49 +301,20 @@ async fn one_session(
             message = inbound.message() => match message {
                 Ok(Some(proto::ControllerMessage { msg: Some(msg) })) => match msg {
                     controller_message::Msg::Welcome(welcome) => {
-                        if !welcome.device_id.is_empty() && welcome.device_id != ctx.device_id.as_str() {
-                            tracing::warn!(controller_says = %welcome.device_id, "The controller knows this device by another id.");
-                        }
-                        let every = match welcome.heartbeat_interval_seconds {
-                            0 => DEFAULT_HEARTBEAT,
-                            s => Duration::from_secs(u64::from(s.clamp(1, 300))),
-                        };
-                        ctx.registry_token.set(welcome.registry_token, welcome.registry_token_expires_unix_ms);
-                        heartbeat = tokio::time::interval_at(Instant::now() + every, every);
-                        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                        tracing::debug!(heartbeat_secs = every.as_secs(), "Welcomed by the controller.");
-                        let telemetry = match welcome.telemetry_interval_seconds {
-                            0 => TELEMETRY_INTERVAL,
-                            s => Duration::from_secs(u64::from(s.clamp(1, 3600))),
-                        };
-                        clock.set(telemetry);
+                        heartbeat = on_welcome(ctx, welcome, clock);
                     }
                     controller_message::Msg::DesiredState(desired) => {
                         tracing::info!(generation = desired.generation, "Received a desired state.");
                         ctx.desired.send_replace(Some(desired));
                     }
-                    controller_message::Msg::Command(command) => {
-                        tracing::info!(command_id = %command.id, "Received a command.");
-                        if let Some(proto::command::Kind::Prestage(prestage)) = &command.kind {
-                            if let Err(refusal) = ctx.staging.jobs.offer(&command.id, prestage.clone()) {
-                                tracing::warn!(command_id = %command.id, "Prestage refused: the staging queue is full.");
-                                send_or_keep(&out, outbox, &ctx.telemetry.metrics, Report::Prestage(*refusal)).await?;
-                            }
-                        } else if let Err(refusal) = crate::metrics::command_job(ctx.telemetry.bench.as_ref(), command) {
-                            tracing::warn!(command_id = %refusal.command_id, error = %refusal.error, "Command refused.");
-                            send_or_keep(&out, outbox, &ctx.telemetry.metrics, Report::Benchmark(refusal)).await?;
-                        }
-                    }
+                    controller_message::Msg::Command(command) => on_command(ctx, command, &out, outbox).await?,
                 },
                 Ok(Some(proto::ControllerMessage { msg: None })) => {}
                 Ok(None) => return Err(SessionError::Closed),
-                Err(status) if status.code() == tonic::Code::Unauthenticated || status.code() == tonic::Code::PermissionDenied => {
-                    return Err(SessionError::Unauthenticated(status.message().to_owned()));
-                }
-                Err(status) => return Err(SessionError::Rpc(status)),
+                Err(status) => return Err(refused_or_failed(status)),
             },
             _ = heartbeat.tick() => {
-                send(&out, agent_message::Msg::Heartbeat(proto::Heartbeat { sent_unix_ms: now_unix_ms() })).await?;
+                send(&out, agent_message::Msg::Heartbeat(proto::Heartbeat { sent_unix_ms: UnixMs::now().as_millis() })).await?;
             }
             _ = clock.tick.tick() => {
                 let t = collect_telemetry(ctx, clock.every).await;
@@ -412,6 +341,112 @@ async fn one_session(
             _ = shutdown.changed() => return Ok(()),
         }
     }
+}
+
+/// The channel to the controller: mTLS with the device certificate (enrolling first if needed), or a bearer
+/// token (returned) in the insecure mode.
+async fn connect(ctx: &SessionContext) -> Result<(Option<String>, tonic::transport::Channel), SessionError> {
+    if ctx.settings.controller.insecure_plaintext {
+        let token = read_token(&ctx.token_file).await?;
+        return Ok((Some(token), crate::identity::connect(&ctx.settings, None).await?));
+    }
+    crate::enroll::ensure_enrolled(&ctx.settings, &ctx.device_id).await?;
+    let client = crate::identity::IdentityFiles::of(&ctx.settings).tls_identity()?;
+    Ok((None, crate::identity::connect(&ctx.settings, Some(client)).await?))
+}
+
+/// The Hello: who the device is, what it has and runs, what it last applied and what is staged.
+async fn hello(ctx: &SessionContext) -> proto::Hello {
+    let (data_dir, labels) = (ctx.data_dir.clone(), ctx.labels.clone());
+    let inventory = tokio::task::spawn_blocking(move || crate::inventory::collect(&data_dir, &labels)).await.ok();
+    let snapshot = ctx.snapshot.borrow().clone();
+    let staged = ctx.staging.staged.borrow().listed(snapshot.running.as_ref());
+    proto::Hello {
+        device_id: ctx.device_id.to_string(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        inventory,
+        labels: ctx.labels.clone().into_iter().collect(),
+        running: snapshot.running,
+        last_applied_generation: snapshot.last_applied.0,
+        staged,
+    }
+}
+
+/// Opens the session stream with `outbound` as what goes up (the Hello is already queued in it).
+async fn open_stream(
+    channel: tonic::transport::Channel,
+    outbound: mpsc::Receiver<proto::AgentMessage>,
+    token: Option<String>,
+) -> Result<tonic::Streaming<proto::ControllerMessage>, SessionError> {
+    let mut client = proto::agent_service_client::AgentServiceClient::new(channel);
+    let mut request = tonic::Request::new(ReceiverStream::new(outbound));
+    if let Some(token) = token {
+        let bearer = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| SessionError::Unauthenticated("the token holds characters not allowed in a header".into()))?;
+        request.metadata_mut().insert("authorization", bearer);
+    }
+    match tokio::time::timeout(CONNECT_TIMEOUT, client.session(request)).await {
+        Err(_) => Err(SessionError::ConnectTimeout),
+        Ok(Err(status)) => Err(refused_or_failed(status)),
+        Ok(Ok(response)) => Ok(response.into_inner()),
+    }
+}
+
+/// A failed RPC: refused (the credentials) or failed otherwise.
+fn refused_or_failed(status: tonic::Status) -> SessionError {
+    match status.code() {
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            SessionError::Unauthenticated(status.message().to_owned())
+        }
+        _ => SessionError::Rpc(status),
+    }
+}
+
+fn heartbeat_every(every: Duration) -> tokio::time::Interval {
+    let mut heartbeat = tokio::time::interval_at(Instant::now() + every, every);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    heartbeat
+}
+
+/// The Welcome: the registry token for pulls, and the heartbeat (returned) and telemetry intervals.
+fn on_welcome(ctx: &SessionContext, welcome: proto::Welcome, clock: &mut TelemetryClock) -> tokio::time::Interval {
+    if !welcome.device_id.is_empty() && welcome.device_id != ctx.device_id.as_str() {
+        tracing::warn!(controller_says = %welcome.device_id, "The controller knows this device by another id.");
+    }
+    let every = match welcome.heartbeat_interval_seconds {
+        0 => DEFAULT_HEARTBEAT,
+        s => Duration::from_secs(u64::from(s.clamp(1, 300))),
+    };
+    ctx.registry_token.set(welcome.registry_token, welcome.registry_token_expires_unix_ms);
+    tracing::debug!(heartbeat_secs = every.as_secs(), "Welcomed by the controller.");
+    let telemetry = match welcome.telemetry_interval_seconds {
+        0 => TELEMETRY_INTERVAL,
+        s => Duration::from_secs(u64::from(s.clamp(1, 3600))),
+    };
+    clock.set(telemetry);
+    heartbeat_every(every)
+}
+
+/// A command: Prestage to the staging queue, the others to the benchmark queue; a refusal is reported at once.
+async fn on_command(
+    ctx: &SessionContext,
+    command: proto::Command,
+    out: &mpsc::Sender<proto::AgentMessage>,
+    outbox: &mut Outbox,
+) -> Result<(), SessionError> {
+    tracing::info!(command_id = %command.id, "Received a command.");
+    let metrics = &ctx.telemetry.metrics;
+    if let Some(proto::command::Kind::Prestage(prestage)) = &command.kind {
+        if let Err(refusal) = ctx.staging.jobs.offer(&command.id, prestage.clone()) {
+            tracing::warn!(command_id = %command.id, "Prestage refused: the staging queue is full.");
+            send_or_keep(out, outbox, metrics, Report::Prestage(*refusal)).await?;
+        }
+    } else if let Err(refusal) = command_job(ctx.telemetry.bench.as_ref(), command) {
+        tracing::warn!(command_id = %refusal.command_id, error = %refusal.error, "Command refused.");
+        send_or_keep(out, outbox, metrics, Report::Benchmark(refusal)).await?;
+    }
+    Ok(())
 }
 
 /// Resolves with new labels when a reloaded config changes them; None when the watcher is gone.

@@ -1,4 +1,7 @@
-//! Runtime settings: the controller's overrides, the bundle's defaults, and what llama-server finally runs with.
+//! Runtime settings: the controller's overrides, the bundle's defaults, what llama-server finally runs with,
+//! and the launch spec (model file + settings) that the runtime starts and records.
+
+use std::path::PathBuf;
 
 use alki_shared::bundle::RuntimeDefaults;
 use alki_shared::proto;
@@ -79,6 +82,16 @@ impl LaunchSettings {
         }
         args
     }
+}
+
+/// What to run: a model file with settings, on behalf of a bundle.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LaunchSpec {
+    /// The GGUF file given to `-m` (split parts lie beside it).
+    pub model_path: PathBuf,
+    pub settings: LaunchSettings,
+    /// The bundle this serves; the proxy's counters are kept per bundle.
+    pub bundle_digest: String,
 }
 
 #[cfg(test)]

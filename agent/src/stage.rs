@@ -2,15 +2,16 @@
 //! one job at a time from a small bounded queue, and the bookkeeping of staged bundles: persisted in
 //! `<data_dir>/staged.json`, pinned against eviction until activated or superseded, listed in Hello.
 //!
-//! A staging job runs the activation's own path (variant choice, trust policy, signature before any layer,
-//! bandwidth limit, disk checks, digests while streaming) through [`crate::pull::pull_bundle_with`], and stops
-//! before starting anything. Because pulls keep the verified signature in the content store, the later
+//! A staging job runs the activation's own acquire path (variant choice, trust policy, signature before any
+//! layer, bandwidth limit, disk checks, digests while streaming, the runtime build) through
+//! [`crate::pull::Acquirer`], and stops before starting anything. Because pulls keep the verified signature in the content store, the later
 //! activation verifies everything again from the store and needs no network.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use alki_shared::clock::UnixMs;
 use alki_shared::digest::Digest;
 use alki_shared::oci::{MAX_MANIFEST_BYTES, Manifest};
 use alki_shared::proto::{self, ErrorCode};
@@ -18,10 +19,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use crate::device::RegistrySettings;
-use crate::pull::{PullError, PullOptions, deployment_blobs, pull_bundle_with};
+use crate::metrics::AgentMetrics;
+use crate::pull::keep::{Kept, deployed, deployment_blobs, kept};
+use crate::pull::{Acquirer, PullError, PullOptions, Want};
 use crate::reference::BundleLocation;
-use crate::session::Snapshot;
+use crate::state::Snapshot;
 use crate::store::ContentStore;
 
 /// Staging jobs waiting behind the one running; a full queue refuses with "busy".
@@ -39,7 +41,7 @@ pub struct StagedBundle {
     pub bundle: BundleLocation,
     /// The variant manifest that was staged (the bundle's digest for a single-manifest bundle).
     pub variant_digest: Digest,
-    pub staged_unix_ms: i64,
+    pub staged_unix_ms: UnixMs,
 }
 
 /// The staged bundles, oldest first, at most [`MAX_STAGED`]. Pure.
@@ -148,15 +150,14 @@ pub struct SessionStaging {
 
 /// Everything the staging task needs; built by [`crate::Agent::run`].
 pub(crate) struct Stager {
-    pub(crate) registry: RegistrySettings,
-    pub(crate) store: ContentStore,
+    pub(crate) acquirer: Acquirer,
     pub(crate) bundles_dir: PathBuf,
     pub(crate) data_dir: PathBuf,
     /// The config at start and its reloads: disk reserve and bandwidth limit are read for each job.
     pub(crate) config: Arc<crate::Config>,
     pub(crate) reloads: Option<watch::Receiver<crate::reload::ConfigState>>,
     pub(crate) snapshot: watch::Receiver<Snapshot>,
-    pub(crate) metrics: Arc<crate::metrics::AgentMetrics>,
+    pub(crate) metrics: Arc<AgentMetrics>,
 }
 
 fn error(code: ErrorCode, message: String) -> proto::ActivationError {
@@ -186,9 +187,8 @@ impl Stager {
         let mut set = file.load().await;
         let mut present = StagedSet::default();
         for entry in set.entries.drain(..) {
-            if variant_present(&self.store, &entry.variant_digest).await
-                && self.store.contains(&entry.bundle.digest).await
-            {
+            let store = &self.acquirer.store;
+            if variant_present(store, &entry.variant_digest).await && store.contains(&entry.bundle.digest).await {
                 present.entries.push(entry);
             } else {
                 tracing::warn!(bundle = %entry.bundle, "A staged bundle is no longer complete in the content store; dropped.");
@@ -282,9 +282,9 @@ impl Stager {
     async fn pin(&self, set: &StagedSet) {
         let mut pins = HashSet::new();
         for e in &set.entries {
-            pins.extend(deployment_blobs(&self.store, &e.bundle.digest, &e.variant_digest).await);
+            pins.extend(deployment_blobs(&self.acquirer.store, &e.bundle.digest, &e.variant_digest).await);
         }
-        self.store.set_pinned(pins);
+        self.acquirer.store.set_pinned(pins);
     }
 
     fn current_config(&self) -> Arc<crate::Config> {
@@ -294,127 +294,84 @@ impl Stager {
         }
     }
 
-    /// Active and previous deployments (from the state file the device loop keeps) and the staged bundles:
-    /// what a staging pull must never evict to make room.
-    async fn kept(&self, set: &StagedSet) -> (HashSet<Digest>, Vec<Digest>) {
-        let state_file = crate::state::StateFile::new(&self.data_dir);
-        let state = tokio::task::spawn_blocking(move || state_file.load()).await.ok().and_then(Result::ok).flatten();
-        let mut keep = HashSet::new();
-        let mut variants = Vec::new();
-        let deployed = state
-            .iter()
-            .flat_map(|s| [&s.active, &s.previous])
-            .flatten()
-            .map(|d| (d.bundle.digest.clone(), d.variant_digest.clone()));
-        let staged = set.entries.iter().map(|e| (e.bundle.digest.clone(), e.variant_digest.clone()));
-        for (bundle, variant) in deployed.chain(staged).collect::<Vec<_>>() {
-            keep.extend(deployment_blobs(&self.store, &bundle, &variant).await);
-            variants.push(variant);
-        }
-        (keep, variants)
-    }
-
-    async fn options(&self, bundle: &BundleLocation, set: &StagedSet, preferred: Option<Digest>) -> PullOptions {
+    /// Disk reserve and bandwidth from the config now, and what a staging pull must never evict to make room:
+    /// the active and previous deployments (from the state file the device loop keeps) and the staged bundles.
+    async fn options(&self, set: &StagedSet, preferred: Option<Digest>) -> PullOptions {
         let config = self.current_config();
-        let (keep, keep_variants) = self.kept(set).await;
-        let trust_store = self.registry.trust.clone();
-        let repository = bundle.repository.clone();
-        // The policy file and its keys are small files: read them off the async threads.
-        let trust =
-            tokio::task::spawn_blocking(move || trust_store.for_repository(&repository)).await.unwrap_or_default();
+        let mut deployments = deployed(&self.data_dir).await;
+        deployments.extend(set.entries.iter().map(|e| (e.bundle.digest.clone(), e.variant_digest.clone())));
+        let Kept { blobs, variants } = kept(&self.acquirer.store, deployments).await;
         PullOptions {
             disk_reserve: config.disk_reserve_bytes(),
-            keep,
-            keep_variants,
+            keep: blobs,
+            keep_variants: variants,
             bandwidth: config.bandwidth_limit(),
-            trust,
             preferred_variant: preferred,
+            ..PullOptions::default()
         }
     }
 
-    /// Runs one Prestage command: pull and verify without activating; records the bundle as staged.
+    /// Runs one Prestage command: acquire without activating; records the bundle as staged.
     async fn stage(&self, job: &Job, file: &StagedFile, staged: &watch::Sender<StagedSet>) -> proto::PrestageReport {
-        let bundle = match BundleLocation::from_proto(job.prestage.bundle.as_ref()) {
-            Ok(b) => b,
-            Err(e) => {
-                let message = format!("{e}; the controller sent an unusable bundle reference");
-                return report(job, None, Err(error(ErrorCode::BundleInvalid, message)));
-            }
-        };
-        let preferred = match job.prestage.variant_digest.as_str() {
-            "" => None,
-            text => match text.parse::<Digest>() {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    let message = format!("variant digest {text:?} is not valid ({e}); send a sha256:<hex> digest");
-                    return report(job, None, Err(error(ErrorCode::BundleInvalid, message)));
-                }
-            },
+        let (bundle, preferred) = match parse(job) {
+            Ok(parsed) => parsed,
+            Err(refusal) => return report(job, None, Err(refusal)),
         };
         tracing::info!(bundle = %bundle, "Staging a bundle ahead of its activation.");
         let set = staged.borrow().clone();
-        let options = self.options(&bundle, &set, preferred).await;
-        let access = self.registry.access().await;
-        let memory = tokio::task::spawn_blocking(crate::inventory::memory_available).await.unwrap_or_default();
-        let mut pulled =
-            pull_bundle_with(&access, &self.store, &self.bundles_dir, &bundle, memory, &options, &mut |_| {}).await;
-        if let Ok(pulled) = &mut pulled {
-            // The llama.cpp build the bundle names, too: its activation then needs no network either.
-            let builds_dir = self.data_dir.join(crate::builds::DIR_NAME);
-            let fetch = crate::builds::Fetch { registry: &access, store: &self.store, builds_dir: &builds_dir };
-            if let Err(e) =
-                crate::builds::attach(pulled, &bundle, &fetch, &self.registry.trust, &options, &mut |_| {}).await
-            {
-                tracing::warn!(bundle = %bundle, error = %e, "Staging the bundle's runtime build failed.");
-                return report(job, None, Err(activation_error(&e)));
-            }
-        }
-        match pulled {
-            Ok(pulled) => {
-                self.metrics.pulled(pulled.bytes_fetched);
-                tracing::info!(bundle = %bundle, variant = %pulled.variant_digest, bytes_downloaded = pulled.bytes_fetched, "Bundle staged.");
-                let mut set = staged.borrow().clone();
-                let running =
-                    self.snapshot.borrow().running.as_ref().is_some_and(|r| r.digest == bundle.digest.as_str());
-                if running {
-                    // Already served: the active deployment keeps it; nothing to stage.
-                    return report(job, Some(&pulled.variant_digest), Ok(pulled.bytes_fetched));
-                }
-                let entry = StagedBundle {
-                    bundle: bundle.clone(),
-                    variant_digest: pulled.variant_digest.clone(),
-                    staged_unix_ms: crate::bench::now_unix_ms(),
-                };
-                for dropped in set.add(entry) {
-                    tracing::info!(bundle = %dropped.bundle, "A staged bundle was superseded by a newer one; it may be evicted.");
-                }
-                self.commit(file, staged, set).await;
-                report(job, Some(&pulled.variant_digest), Ok(pulled.bytes_fetched))
-            }
+        let options = self.options(&set, preferred).await;
+        // The llama.cpp build the bundle names comes too: its activation then needs no network either.
+        let want = Want { bundle: &bundle, into: &self.bundles_dir, memory: None, trust: None, options };
+        let pulled = match self.acquirer.acquire(want, &mut |_| {}).await {
+            Ok(pulled) => pulled,
             Err(e) => {
                 tracing::warn!(bundle = %bundle, error = %e, "Staging failed.");
-                report(job, None, Err(activation_error(&e)))
+                return report(job, None, Err(e.activation_error()));
             }
+        };
+        self.metrics.pulled(pulled.bytes_fetched);
+        tracing::info!(bundle = %bundle, variant = %pulled.variant_digest, bytes_downloaded = pulled.bytes_fetched, "Bundle staged.");
+        let running = self.snapshot.borrow().running.as_ref().is_some_and(|r| r.digest == bundle.digest.as_str());
+        // Already served: the active deployment keeps it; nothing to stage.
+        if !running {
+            let entry = StagedBundle {
+                bundle: bundle.clone(),
+                variant_digest: pulled.variant_digest.clone(),
+                staged_unix_ms: UnixMs::now(),
+            };
+            let mut set = staged.borrow().clone();
+            for dropped in set.add(entry) {
+                tracing::info!(bundle = %dropped.bundle, "A staged bundle was superseded by a newer one; it may be evicted.");
+            }
+            self.commit(file, staged, set).await;
         }
+        report(job, Some(&pulled.variant_digest), Ok(pulled.bytes_fetched))
     }
 
     /// Verifies a staged bundle again from the content store alone (no network).
     async fn verify_stored(&self, entry: &StagedBundle) -> Result<(), PullError> {
         let set = StagedSet { entries: vec![entry.clone()] };
-        let options = self.options(&entry.bundle, &set, Some(entry.variant_digest.clone())).await;
+        let options = self.options(&set, Some(entry.variant_digest.clone())).await;
         // The memory check was made when it was staged; the activation makes it again.
-        crate::pull::verify_from_store(&self.store, &self.bundles_dir, &entry.bundle, u64::MAX, &options)
-            .await
-            .map(|_| ())
+        let want =
+            Want { bundle: &entry.bundle, into: &self.bundles_dir, memory: Some(u64::MAX), trust: None, options };
+        self.acquirer.verify_stored(want).await.map(|_| ())
     }
 }
 
-fn activation_error(e: &PullError) -> proto::ActivationError {
-    proto::ActivationError {
-        code: e.code() as i32,
-        message: e.to_string(),
-        layer_digest: e.layer_digest().map(ToString::to_string).unwrap_or_default(),
-    }
+/// The bundle and preferred variant a Prestage command names; the refusal when they are unusable.
+fn parse(job: &Job) -> Result<(BundleLocation, Option<Digest>), proto::ActivationError> {
+    let bundle = BundleLocation::from_proto(job.prestage.bundle.as_ref()).map_err(|e| {
+        error(ErrorCode::BundleInvalid, format!("{e}; the controller sent an unusable bundle reference"))
+    })?;
+    let preferred = match job.prestage.variant_digest.as_str() {
+        "" => None,
+        text => Some(text.parse::<Digest>().map_err(|e| {
+            let message = format!("variant digest {text:?} is not valid ({e}); send a sha256:<hex> digest");
+            error(ErrorCode::BundleInvalid, message)
+        })?),
+    };
+    Ok((bundle, preferred))
 }
 
 /// True when the variant manifest and every blob it names are in the store with the sizes it says.
@@ -446,7 +403,7 @@ mod tests {
                 tag: String::new(),
             },
             variant_digest: Digest::of(format!("variant {name}").as_bytes()),
-            staged_unix_ms: at,
+            staged_unix_ms: UnixMs(at),
         }
     }
 

@@ -1,17 +1,19 @@
-//! The agent's small state file (`<data_dir>/state.json`): identity, what is active, what was before, the
-//! last applied generation, and whether nothing is to be served. Replaced atomically (fsynced), so a crash
-//! leaves the old or the new file. The llama-server processes themselves are recorded beside it, in
-//! `runtime.json` ([`crate::runtime::record`]).
+//! The agent's state: the small state file (`<data_dir>/state.json`: identity, what is active, what was
+//! before, the last applied generation, and whether nothing is to be served), replaced atomically (fsynced)
+//! so a crash leaves the old or the new file, and the [`Snapshot`] of it the device loop publishes to the
+//! rest of the agent. The llama-server processes themselves are recorded beside it, in `runtime.json`
+//! ([`crate::runtime::record`]).
 
 use std::path::{Path, PathBuf};
 
 use alki_shared::digest::Digest;
 use alki_shared::fsutil::write_atomic;
 use alki_shared::ids::{DeviceId, Generation};
+use alki_shared::proto;
 use serde::{Deserialize, Serialize};
 
 use crate::reference::BundleLocation;
-use crate::settings::{LaunchSettings, RuntimeOverrides};
+use crate::settings::{LaunchSettings, LaunchSpec, RuntimeOverrides};
 
 const STATE_VERSION: u32 = 1;
 
@@ -54,6 +56,26 @@ impl Deployment {
     pub fn model_path(&self) -> Option<&Path> {
         self.model_files.first().map(PathBuf::as_path)
     }
+
+    /// How llama-server runs this deployment; None without a model file.
+    pub fn launch_spec(&self) -> Option<LaunchSpec> {
+        Some(LaunchSpec {
+            model_path: self.model_path()?.to_owned(),
+            settings: self.launch.clone(),
+            bundle_digest: self.bundle.digest.to_string(),
+        })
+    }
+}
+
+/// What the device runs now, as the device loop publishes it (a watch channel) for the session's Hello,
+/// telemetry, benchmarks, the metrics endpoint and staging.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub running: Option<proto::BundleRef>,
+    pub last_applied: Generation,
+    /// The variant of `running` and its model file, for telemetry and benchmarks.
+    pub variant_digest: String,
+    pub model_path: Option<PathBuf>,
 }
 
 impl AgentState {
@@ -118,10 +140,7 @@ impl StateFile {
         match serde_json::from_slice::<AgentState>(&bytes) {
             Ok(state) => Ok(Some(state)),
             Err(source) => {
-                let stamp = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or_default();
+                let stamp = alki_shared::clock::UnixMs::now().as_millis() / 1000;
                 let moved_to = self.path.with_extension(format!("json.corrupt-{stamp}"));
                 std::fs::rename(&self.path, &moved_to)
                     .map_err(|source| StateError::Write { path: self.path.clone(), source })?;

@@ -221,6 +221,13 @@ impl TrustStore {
             },
         }
     }
+
+    /// [`TrustStore::for_repository`] on a blocking thread: the policy file and its keys are small files, but
+    /// file reads stay off the async threads.
+    pub async fn for_repository_off_thread(&self, repository: &str) -> RepositoryTrust {
+        let (store, repository) = (self.clone(), repository.to_owned());
+        tokio::task::spawn_blocking(move || store.for_repository(&repository)).await.unwrap_or_default()
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use alki_agent::bench::{self, Identity};
 use alki_agent::metrics::{AgentMetrics, TelemetryCollector};
 use alki_agent::runtime::{InstanceOptions, Proxy, StopPolicy, Supervisor, http_client};
-use alki_agent::session::Snapshot;
+use alki_agent::state::Snapshot;
 use alki_e2e::tiny_model::{self, TinyModelOptions};
 use alki_shared::proto::{self, BenchmarkTrigger};
 use common::launch_settings;

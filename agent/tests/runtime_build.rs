@@ -46,7 +46,7 @@ async fn put(store: &ContentStore, bytes: &[u8]) -> Digest {
 }
 
 fn here() -> (String, String) {
-    (std::env::consts::OS.to_owned(), alki_agent::builds::oci_architecture(std::env::consts::ARCH).to_owned())
+    (std::env::consts::OS.to_owned(), alki_agent::pull::build::oci_architecture(std::env::consts::ARCH).to_owned())
 }
 
 /// Stages a runtime build whose `llama-server` is `server` (a file copied in with mode 0755), with one

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::proxy::HttpClient;
 use super::record::{ProcessRecord, Recorder, Role, process_identity};
-use crate::settings::LaunchSettings;
+pub use crate::settings::LaunchSpec;
 
 /// Log files kept per data dir; instances use them in turn, each truncated when an instance starts.
 const LOG_FILES: u64 = 6;
@@ -38,16 +38,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const HEALTH_POLL: Duration = Duration::from_millis(100);
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
-
-/// What to run: a model file with settings, on behalf of a bundle.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LaunchSpec {
-    /// The GGUF file given to `-m` (split parts lie beside it).
-    pub model_path: PathBuf,
-    pub settings: LaunchSettings,
-    /// The bundle this serves; the proxy's counters are kept per bundle.
-    pub bundle_digest: String,
-}
 
 /// How instances are run, from the agent's configuration.
 #[derive(Clone, Debug)]
@@ -153,8 +143,10 @@ pub enum AdoptError {
 }
 
 impl Instance {
-    /// Starts llama-server and waits until it is healthy and a smoke completion succeeds. The process dies
-    /// with the agent (benchmarks, calibration); the supervisor uses [`Instance::start_recorded`].
+    /// Starts llama-server on a loopback port of its own (never behind the front proxy) and waits until it is
+    /// healthy and a smoke completion succeeds. The process dies with the agent: this is how a variant runs
+    /// for a benchmark or a calibration (its spec from `PulledBundle::launch_spec`); the supervisor, whose
+    /// instances serve clients, uses [`Instance::start_recorded`].
     pub async fn start(opts: &InstanceOptions, spec: LaunchSpec, http: &HttpClient) -> Result<Instance, StartError> {
         Instance::start_recorded(opts, spec, http, None).await
     }
@@ -170,47 +162,15 @@ impl Instance {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let port = free_loopback_port().map_err(|source| StartError::Io { what: "port", source })?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        std::fs::create_dir_all(&opts.log_dir).map_err(|source| StartError::Io { what: "log directory", source })?;
-        let slot = LogSlot::take(&opts.log_dir, id);
+        let (slot, log_file) = open_log(&opts.log_dir, id)?;
         let log = slot.0.clone();
-        // Appending, so that capping the file (copy, then truncate) makes llama-server write from its start again.
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .and_then(|f| f.set_len(0).map(|()| f))
-            .map_err(|source| StartError::Io { what: "log file", source })?;
-        let log_err = log_file.try_clone().map_err(|source| StartError::Io { what: "log file", source })?;
-
-        // A runtime build's llama-server loads the libraries packed beside it, whatever its RUNPATH says.
         let program = spec.settings.program(&opts.llama_server).to_owned();
-        let mut command = tokio::process::Command::new(&program);
-        if let Some(build_dir) = spec.settings.llama_server.as_ref().and_then(|p| p.parent()) {
-            command.env("LD_LIBRARY_PATH", build_dir);
-        }
-        command
-            .arg("-m")
-            .arg(&spec.model_path)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(spec.settings.args())
-            .args(["--metrics", "--no-webui"])
-            .args(&opts.extra_args)
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDNAMES")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log_file))
-            .stderr(Stdio::from(log_err));
+        let mut command = llama_server_command(opts, &spec, port, log_file)?;
         if recorder.is_some() {
             own_session(&mut command);
         } else {
             die_with_parent(&mut command);
         }
-        // Recorded before the fork (by port, pid unknown yet): an agent killed right after the fork still
-        // leaves a record the next agent finds the process by.
         let pending = ProcessRecord {
             pid: 0,
             start_time: 0,
@@ -222,43 +182,10 @@ impl Instance {
             log: log.clone(),
             role: Role::Starting,
         };
-        if let Some(recorder) = recorder {
-            recorder.add(pending.clone());
-        }
-        let spawned = command.spawn();
-        let mut child = match spawned {
-            Ok(child) => child,
-            Err(source) => {
-                if let Some(recorder) = recorder {
-                    recorder.remove_pending(port);
-                }
-                return Err(StartError::Spawn { program: program.clone(), source });
-            }
-        };
-        let pid = child.id();
+        let (child, pid) = spawn_recorded(command, &program, pending, recorder)?;
         // The child is not reaped before its waiter runs, so this pidfd names it.
         let pidfd = pid.and_then(|p| pidfd_open(p).ok()).map(Arc::new);
-        if let Some(recorder) = recorder {
-            recorder.remove_pending(port);
-            match pid.and_then(|pid| Some((pid, process_identity(pid)?))) {
-                Some((pid, identity)) => {
-                    recorder.add(ProcessRecord { pid, start_time: identity.start_time, exe: identity.exe, ..pending })
-                }
-                None => tracing::warn!(?pid, "llama-server exited at once; not recorded."),
-            }
-        }
-        let (exit_tx, exit) = watch::channel(None);
-        let record = recorder.cloned();
-        let waiter = tokio::spawn(async move {
-            let status = match child.wait().await {
-                Ok(status) => status.to_string(),
-                Err(e) => format!("wait failed: {e}"),
-            };
-            if let (Some(recorder), Some(pid)) = (&record, pid) {
-                recorder.remove(pid);
-            }
-            let _ = exit_tx.send(Some(status));
-        });
+        let (exit, waiter) = wait_for_exit(child, pid, recorder.cloned());
         tracing::info!(instance = id, pid, %addr, model = %spec.model_path.display(), detached = recorder.is_some(), "Started llama-server.");
         let log_cap = tokio::spawn(cap_log(log.clone()));
         let mut instance = Instance {
@@ -689,6 +616,105 @@ fn slots_busy(body: &[u8]) -> bool {
     serde_json::from_slice::<Vec<serde_json::Value>>(body)
         .map(|slots| slots.iter().any(|s| s.get("is_processing").and_then(|v| v.as_bool()) == Some(true)))
         .unwrap_or(false)
+}
+
+/// A log file for instance `id`, emptied: the slot that holds it and the file opened for appending (so that
+/// capping the file, copy then truncate, makes llama-server write from its start again).
+fn open_log(dir: &Path, id: u64) -> Result<(LogSlot, std::fs::File), StartError> {
+    std::fs::create_dir_all(dir).map_err(|source| StartError::Io { what: "log directory", source })?;
+    let slot = LogSlot::take(dir, id);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&slot.0)
+        .and_then(|f| f.set_len(0).map(|()| f))
+        .map_err(|source| StartError::Io { what: "log file", source })?;
+    Ok((slot, file))
+}
+
+/// The llama-server command for `spec` on `port`, its output going to `log`, with none of the agent's
+/// systemd variables (they are not meant for it).
+fn llama_server_command(
+    opts: &InstanceOptions,
+    spec: &LaunchSpec,
+    port: u16,
+    log: std::fs::File,
+) -> Result<tokio::process::Command, StartError> {
+    let log_err = log.try_clone().map_err(|source| StartError::Io { what: "log file", source })?;
+    let mut command = tokio::process::Command::new(spec.settings.program(&opts.llama_server));
+    // A runtime build's llama-server loads the libraries packed beside it, whatever its RUNPATH says.
+    if let Some(build_dir) = spec.settings.llama_server.as_ref().and_then(|p| p.parent()) {
+        command.env("LD_LIBRARY_PATH", build_dir);
+    }
+    command
+        .arg("-m")
+        .arg(&spec.model_path)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(spec.settings.args())
+        .args(["--metrics", "--no-webui"])
+        .args(&opts.extra_args)
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err));
+    Ok(command)
+}
+
+/// Spawns `command`, recorded before the fork (by port, pid unknown yet: an agent killed right after the fork
+/// still leaves a record the next agent finds the process by) and again with its pid and start time after.
+fn spawn_recorded(
+    mut command: tokio::process::Command,
+    program: &Path,
+    pending: ProcessRecord,
+    recorder: Option<&Recorder>,
+) -> Result<(tokio::process::Child, Option<u32>), StartError> {
+    let port = pending.port;
+    if let Some(recorder) = recorder {
+        recorder.add(pending.clone());
+    }
+    let child = command.spawn().map_err(|source| {
+        if let Some(recorder) = recorder {
+            recorder.remove_pending(port);
+        }
+        StartError::Spawn { program: program.to_owned(), source }
+    })?;
+    let pid = child.id();
+    if let Some(recorder) = recorder {
+        recorder.remove_pending(port);
+        match pid.and_then(|pid| Some((pid, process_identity(pid)?))) {
+            Some((pid, identity)) => {
+                recorder.add(ProcessRecord { pid, start_time: identity.start_time, exe: identity.exe, ..pending })
+            }
+            None => tracing::warn!(?pid, "llama-server exited at once; not recorded."),
+        }
+    }
+    Ok((child, pid))
+}
+
+/// Waits for the child's exit on a task of its own: the exit status (when it comes) and the task. The record
+/// of the process goes with it.
+fn wait_for_exit(
+    mut child: tokio::process::Child,
+    pid: Option<u32>,
+    recorder: Option<Recorder>,
+) -> (watch::Receiver<Option<String>>, tokio::task::JoinHandle<()>) {
+    let (exit_tx, exit) = watch::channel(None);
+    let waiter = tokio::spawn(async move {
+        let status = match child.wait().await {
+            Ok(status) => status.to_string(),
+            Err(e) => format!("wait failed: {e}"),
+        };
+        if let (Some(recorder), Some(pid)) = (&recorder, pid) {
+            recorder.remove(pid);
+        }
+        let _ = exit_tx.send(Some(status));
+    });
+    (exit, waiter)
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.

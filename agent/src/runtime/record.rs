@@ -10,8 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use alki_shared::fsutil::write_atomic;
 use serde::{Deserialize, Serialize};
 
-use super::instance::LaunchSpec;
-use crate::settings::LaunchSettings;
+use crate::settings::{LaunchSettings, LaunchSpec};
 
 const RECORD_VERSION: u32 = 1;
 
