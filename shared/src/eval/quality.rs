@@ -594,4 +594,23 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn real_tool_results_separate_q8_0_from_other_weights() {
+        let fixture = |name: &str| {
+            let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/eval/");
+            std::fs::read_to_string(format!("{dir}{name}")).expect("fixture")
+        };
+        let measured_from = |name: &str| {
+            let kld = crate::eval::perplexity::parse_kl_divergence(&fixture(&format!("{name}.stdout")), &fixture(&format!("{name}.stderr")))
+                .expect("summary");
+            measured(Some(kld), (0, 0))
+        };
+        // Thresholds that fit the tiny model: its near-uniform outputs keep every KLD small.
+        let gates = QualityGates { max_kld: Some(0.001), min_top1_agreement: Some(0.9), ..QualityGates::default() };
+        let (q8, other) = (measured_from("kld_q8_0"), measured_from("kld_other_seed"));
+        assert_eq!(judge_class(&gates, [("pi-1", &q8)], 1), Verdict::Pass);
+        let Verdict::Fail(breach) = judge_class(&gates, [("pi-1", &q8), ("pi-2", &other)], 1) else { panic!("B2 is far") };
+        assert_eq!(breach.to_string(), "KL divergence 0.0080 > --max-kld 0.001 on device pi-2 (1 of 2 measured devices break it)");
+    }
 }
