@@ -366,4 +366,25 @@ mod tests {
         assert_eq!(err.path, "/completion");
         assert!(prompts[0].read_reply(b"<html>").is_err());
     }
+
+    /// Answers of the real llama-server (`tests/fixtures/eval/README.md`) to this prompt at `max_tokens` 8:
+    /// the tiny model A under ChatML, and B3 (A's weights under a mismatched template).
+    #[test]
+    fn real_answers_read_back_and_a_golden_reply_recorded_on_a_fails_on_b3() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/eval/");
+        let answer = |name: &str| std::fs::read(format!("{dir}{name}")).expect("fixture");
+        let recorded = r#"{"id":"capital","messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":8,"checks":[{"exact":"utilizigarekim protocolearchспорт largevre"}]}"#;
+        let prompt = &parse(recorded).expect("valid")[0];
+        let on_a = prompt.read_reply(&answer("chat_reply_a.json")).expect("A's answer");
+        assert_eq!(on_a.finish, FinishReason::Limit, "a random model runs to max_tokens");
+        assert!(prompt.judge(&on_a, &[]).is_empty(), "{:?}", prompt.judge(&on_a, &[]));
+        let on_b3 = prompt.read_reply(&answer("chat_reply_b3.json")).expect("B3's answer");
+        let failures = prompt.judge(&on_b3, &[]);
+        assert_eq!(failures.len(), 1);
+        assert!(failures[0].reason.contains("Premgodarten"), "{}", failures[0]);
+
+        let plain = &parse(GOOD).expect("valid")[1];
+        let reply = plain.read_reply(&answer("completion_reply_a.json")).expect("completion answer");
+        assert_eq!((reply.text.as_str(), &reply.finish), (" Champcould levelenez", &FinishReason::Limit));
+    }
 }
