@@ -37,7 +37,8 @@ pub const WEIGHT_SCALE: f32 = 0.02;
 
 /// Values per Q8_0 block: llama-quantize falls back to another type for rows that are not a multiple of it.
 pub const Q8_0_BLOCK: u64 = 32;
-const _: () = assert!(N_EMBD % Q8_0_BLOCK == 0 && N_FF % Q8_0_BLOCK == 0, "rows must quantize to Q8_0");
+const _: () =
+    assert!(N_EMBD.is_multiple_of(Q8_0_BLOCK) && N_FF.is_multiple_of(Q8_0_BLOCK), "rows must quantize to Q8_0");
 
 /// The GGUF key llama-server reads a model's chat template from (when its command line names none).
 pub const CHAT_TEMPLATE_KEY: &str = "tokenizer.chat_template";

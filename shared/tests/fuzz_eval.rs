@@ -166,7 +166,8 @@ fn hostile_suite_manifests_are_refused_or_valid() {
 
 #[test]
 fn random_checks_judge_random_replies_without_panicking() {
-    let finish = prop_oneof![Just(FinishReason::EndOfTurn), Just(FinishReason::Limit), text().prop_map(FinishReason::Other)];
+    let finish =
+        prop_oneof![Just(FinishReason::EndOfTurn), Just(FinishReason::Limit), text().prop_map(FinishReason::Other)];
     runner()
         .run(&(check(), text(), finish, prop::collection::vec(text(), 0..3)), |(check, reply, finish, tokens)| {
             if let Ok(check) = serde_json::from_value::<Check>(check)

@@ -50,9 +50,9 @@ fn main() -> anyhow::Result<()> {
     let template = match (args.chat_template, &args.chat_template_file) {
         (Some(Template::Chatml), _) => Some(tiny_model::CHATML_TEMPLATE.to_owned()),
         (Some(Template::Mismatched), _) => Some(tiny_model::MISMATCHED_TEMPLATE.to_owned()),
-        (None, Some(file)) => {
-            Some(std::fs::read_to_string(file).with_context(|| format!("reading the chat template {}", file.display()))?)
-        }
+        (None, Some(file)) => Some(
+            std::fs::read_to_string(file).with_context(|| format!("reading the chat template {}", file.display()))?,
+        ),
         (None, None) => None,
     };
     if let Some(template) = template {

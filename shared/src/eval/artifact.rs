@@ -34,7 +34,9 @@ pub const EMPTY_CONFIG: &[u8] = b"{}";
 /// Why a manifest is not a usable eval suite.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ArtifactError {
-    #[error("not an eval suite: artifactType is {0:?}, not {ARTIFACT_TYPE_EVAL_SUITE}; push suites with alkictl eval push")]
+    #[error(
+        "not an eval suite: artifactType is {0:?}, not {ARTIFACT_TYPE_EVAL_SUITE}; push suites with alkictl eval push"
+    )]
     NotASuite(Option<String>),
     #[error("eval suite manifest {0}; push the suite again with alkictl eval push")]
     Malformed(String),
@@ -117,7 +119,9 @@ pub fn read_manifest(manifest: &ImageManifest) -> Result<SuiteLayers, ArtifactEr
         prompts: one_layer(manifest, MEDIA_TYPE_PROMPTS, MAX_PROMPTS_BYTES)?,
     };
     if layers.manifest.annotation(ANNOTATION_TITLE) != Some(SUITE_FILE) {
-        return Err(ArtifactError::Malformed(format!("names its {MEDIA_TYPE_SUITE_TOML} layer other than {SUITE_FILE}")));
+        return Err(ArtifactError::Malformed(format!(
+            "names its {MEDIA_TYPE_SUITE_TOML} layer other than {SUITE_FILE}"
+        )));
     }
     Ok(layers)
 }
@@ -129,7 +133,9 @@ fn one_layer(manifest: &ImageManifest, media_type: &str, max: usize) -> Result<D
         return Err(ArtifactError::Malformed(format!("does not have exactly one {media_type} layer")));
     };
     let Some(title) = crate::bundle::safe_file_name(layer) else {
-        return Err(ArtifactError::Malformed(format!("has a {media_type} layer without a plain file name as its title")));
+        return Err(ArtifactError::Malformed(format!(
+            "has a {media_type} layer without a plain file name as its title"
+        )));
     };
     if layer.size > max as u64 {
         return Err(ArtifactError::TooLarge { file: title.to_owned(), size: layer.size, max: max as u64 });
@@ -210,7 +216,14 @@ time_budget_seconds = 120
         let mut m = built();
         m.layers[1].size = MAX_CORPUS_BYTES as u64 + 1;
         let err = read_manifest(&m).expect_err("too large");
-        assert_eq!(err, ArtifactError::TooLarge { file: "wiki.txt".into(), size: MAX_CORPUS_BYTES as u64 + 1, max: MAX_CORPUS_BYTES as u64 });
+        assert_eq!(
+            err,
+            ArtifactError::TooLarge {
+                file: "wiki.txt".into(),
+                size: MAX_CORPUS_BYTES as u64 + 1,
+                max: MAX_CORPUS_BYTES as u64
+            }
+        );
         let mut m = built();
         m.layers[2].size = u64::MAX;
         assert!(matches!(read_manifest(&m), Err(ArtifactError::TooLarge { .. })));

@@ -164,7 +164,12 @@ impl fmt::Display for CheckFailure {
 }
 
 /// Judges a reply against every check of a prompt: the failures, in check order (empty when it passes).
-pub fn judge_all(prompt: &str, checks: &[CompiledCheck], reply: &Reply, control_tokens: &[String]) -> Vec<CheckFailure> {
+pub fn judge_all(
+    prompt: &str,
+    checks: &[CompiledCheck],
+    reply: &Reply,
+    control_tokens: &[String],
+) -> Vec<CheckFailure> {
     checks
         .iter()
         .zip(1u32..)
@@ -250,8 +255,8 @@ fn compile_schema(schema: &serde_json::Value) -> Result<jsonschema::Validator, C
 }
 
 fn judge_json(validator: &jsonschema::Validator, text: &str) -> Result<(), String> {
-    let value: serde_json::Value = serde_json::from_str(text.trim())
-        .map_err(|e| format!("reply {:?} is not JSON: {e}", excerpt(text.trim())))?;
+    let value: serde_json::Value =
+        serde_json::from_str(text.trim()).map_err(|e| format!("reply {:?} is not JSON: {e}", excerpt(text.trim())))?;
     match validator.iter_errors(&value).next() {
         None => Ok(()),
         Some(error) => {
@@ -308,7 +313,8 @@ mod tests {
         assert_eq!(checks[4], Check::ChatTemplateSmoke);
         let kinds: Vec<_> = checks.iter().map(Check::kind).collect();
         assert_eq!(kinds, ["contains", "regex", "exact", "json_schema", "chat_template_smoke"]);
-        for bad in [json!({"contain": "x"}), json!({"contains": "x", "exact": "y"}), json!({"contains": 3}), json!("regex")]
+        for bad in
+            [json!({"contain": "x"}), json!({"contains": "x", "exact": "y"}), json!({"contains": 3}), json!("regex")]
         {
             assert!(serde_json::from_value::<Check>(bad.clone()).is_err(), "{bad}");
         }
@@ -319,7 +325,10 @@ mod tests {
         assert_eq!(judge(Check::Contains("Paris".into()), "It is Paris."), Ok(()));
         let why = judge(Check::Contains("Paris".into()), "It is Lyon.").expect_err("missing");
         assert!(why.contains("\"It is Lyon.\"") && why.contains("\"Paris\""), "{why}");
-        assert_eq!(judge(Check::Contains("paris".into()), "Paris"), Err("reply \"Paris\" does not contain \"paris\"".into()));
+        assert_eq!(
+            judge(Check::Contains("paris".into()), "Paris"),
+            Err("reply \"Paris\" does not contain \"paris\"".into())
+        );
         assert_eq!(judge(Check::Exact("4".into()), "  4\n"), Ok(()));
         assert!(judge(Check::Exact("4".into()), "4.").is_err());
         assert_eq!(judge(Check::Regex(r"^\s*\d+\s*$".into()), " 42 "), Ok(()));

@@ -118,19 +118,27 @@ pub struct KlDivergence {
 /// Why a llama-perplexity run gave no result. The tool exits 0 on all of these but the last.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ToolError {
-    #[error("the corpus tokenizes to {got} tokens, fewer than the {needed} llama-perplexity needs (2 × context size); lengthen the corpus or lower context_size")]
+    #[error(
+        "the corpus tokenizes to {got} tokens, fewer than the {needed} llama-perplexity needs (2 × context size); lengthen the corpus or lower context_size"
+    )]
     NotEnoughTokens { needed: u64, got: u64 },
-    #[error("the base-logits file ends before chunk {chunk} (an interrupted baseline run?); delete it so the baseline is computed again")]
+    #[error(
+        "the base-logits file ends before chunk {chunk} (an interrupted baseline run?); delete it so the baseline is computed again"
+    )]
     FailedReadingLogProbs { chunk: u64 },
     #[error("the base-logits file cannot be used: {0}; delete it so the baseline is computed again")]
     BaseLogitsUnreadable(String),
-    #[error("the base-logits file does not match the candidate: {0}; the candidate must share the baseline's vocabulary and context size")]
+    #[error(
+        "the base-logits file does not match the candidate: {0}; the candidate must share the baseline's vocabulary and context size"
+    )]
     BaseMismatch(String),
     #[error("llama-perplexity failed to decode a batch; the model or the build cannot run here")]
     DecodeFailed,
     #[error("llama-perplexity printed no final estimate (its output: {0:?})")]
     MissingEstimate(String),
-    #[error("llama-perplexity printed no KL-divergence summary (fewer than 100 tokens scored, or the run was cut short; its output: {0:?})")]
+    #[error(
+        "llama-perplexity printed no KL-divergence summary (fewer than 100 tokens scored, or the run was cut short; its output: {0:?})"
+    )]
     MissingSummary(String),
     #[error("llama-perplexity's {what} line {line:?} cannot be read")]
     Unreadable { what: &'static str, line: String },
@@ -149,7 +157,10 @@ pub fn parse_perplexity(stdout: &str, stderr: &str) -> Result<Perplexity, ToolEr
     let rest = line.split_once(marker).map(|(_, r)| r).unwrap_or_default();
     let unreadable = || ToolError::Unreadable { what: "final estimate", line: line.to_owned() };
     let (value, uncertainty) = rest.split_once("+/-").ok_or_else(unreadable)?;
-    let ppl = Estimate { value: number(value).ok_or_else(unreadable)?, uncertainty: number(uncertainty).ok_or_else(unreadable)? };
+    let ppl = Estimate {
+        value: number(value).ok_or_else(unreadable)?,
+        uncertainty: number(uncertainty).ok_or_else(unreadable)?,
+    };
     Ok(Perplexity { ppl })
 }
 
@@ -302,7 +313,11 @@ impl BaseLogitsHeader {
             let value = i32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
             u32::try_from(value).ok().filter(|v| *v > 0).ok_or(BaseLogitsError::BadCount { field, value })
         };
-        Ok(BaseLogitsHeader { n_ctx: count("n_ctx", 8)?, n_vocab: count("n_vocab", 12)?, n_chunk: count("n_chunk", 16)? })
+        Ok(BaseLogitsHeader {
+            n_ctx: count("n_ctx", 8)?,
+            n_vocab: count("n_vocab", 12)?,
+            n_chunk: count("n_chunk", 16)?,
+        })
     }
 
     /// The file's size according to the header.
@@ -312,7 +327,13 @@ impl BaseLogitsHeader {
 
     /// Checks a cached file against what the evaluation needs: the suite's context size, at most its chunk
     /// count, the candidate's vocabulary when known, and complete (an interrupted run leaves it short).
-    pub fn check(&self, file_len: u64, context_size: u32, max_chunks: u32, n_vocab: Option<u32>) -> Result<(), BaseLogitsError> {
+    pub fn check(
+        &self,
+        file_len: u64,
+        context_size: u32,
+        max_chunks: u32,
+        n_vocab: Option<u32>,
+    ) -> Result<(), BaseLogitsError> {
         if self.n_ctx != context_size {
             return Err(BaseLogitsError::Mismatch { field: "n_ctx", found: self.n_ctx, expected: context_size });
         }
@@ -322,7 +343,8 @@ impl BaseLogitsHeader {
         if let Some(expected) = n_vocab.filter(|v| *v != self.n_vocab) {
             return Err(BaseLogitsError::Mismatch { field: "n_vocab", found: self.n_vocab, expected });
         }
-        let expected = self.expected_size().ok_or(BaseLogitsError::WrongSize { found: file_len, expected: u64::MAX })?;
+        let expected =
+            self.expected_size().ok_or(BaseLogitsError::WrongSize { found: file_len, expected: u64::MAX })?;
         if file_len != expected {
             return Err(BaseLogitsError::WrongSize { found: file_len, expected });
         }
@@ -369,7 +391,8 @@ Same top p: 99.213 \u{b1} 0.556 %
 
     #[test]
     fn reads_the_final_estimate() {
-        let stderr = "perplexity: calculating perplexity over 4 chunks\nFinal estimate: PPL = 31994.2841 +/- 1407.83812\n";
+        let stderr =
+            "perplexity: calculating perplexity over 4 chunks\nFinal estimate: PPL = 31994.2841 +/- 1407.83812\n";
         let result = parse_perplexity("[1]31000.1,[2]31994.3,\n", stderr).expect("estimate");
         assert_eq!(result.ppl, Estimate { value: 31994.2841, uncertainty: 1407.83812 });
         let err = parse_perplexity("", "llama_perf_context_print: load time = 1 ms\n").expect_err("no estimate");
@@ -392,7 +415,8 @@ Same top p: 99.213 \u{b1} 0.556 %
 
     #[test]
     fn garbage_numbers_are_read_as_such() {
-        let nan = KLD_STDOUT.replace("Mean    KLD:   0.000043 \u{b1}   0.000002", "Mean    KLD:        nan \u{b1}       -nan");
+        let nan = KLD_STDOUT
+            .replace("Mean    KLD:   0.000043 \u{b1}   0.000002", "Mean    KLD:        nan \u{b1}       -nan");
         let kld = parse_kl_divergence(&nan, "").expect("nan is a measurement");
         assert!(kld.kld_mean.value.is_nan() && kld.kld_mean.uncertainty.is_nan());
         let inf = KLD_STDOUT.replace("Maximum KLD:   0.000512", "Maximum KLD:        inf");
@@ -425,9 +449,14 @@ Same top p: 99.213 \u{b1} 0.556 %
             ("kl_divergence: failed reading log-probs for chunk 3\n", ToolError::FailedReadingLogProbs { chunk: 3 }),
             (
                 "kl_divergence: /tmp/a.kld does not look like a file containing log-probabilities\n",
-                ToolError::BaseLogitsUnreadable("/tmp/a.kld does not look like a file containing log-probabilities".into()),
+                ToolError::BaseLogitsUnreadable(
+                    "/tmp/a.kld does not look like a file containing log-probabilities".into(),
+                ),
             ),
-            ("kl_divergence: inconsistent vocabulary (32000 vs 151936)\n", ToolError::BaseMismatch("inconsistent vocabulary (32000 vs 151936)".into())),
+            (
+                "kl_divergence: inconsistent vocabulary (32000 vs 151936)\n",
+                ToolError::BaseMismatch("inconsistent vocabulary (32000 vs 151936)".into()),
+            ),
             ("perplexity : failed to decode\n", ToolError::DecodeFailed),
         ];
         for (stderr, expected) in cases {
@@ -440,8 +469,10 @@ Same top p: 99.213 \u{b1} 0.556 %
     #[test]
     fn arguments_keep_both_modes_on_the_same_context() {
         let settings = PerplexitySettings { context_size: 128, chunks: 8, threads: 2, gpu_layers: 0 };
-        let text = |args: Vec<OsString>| args.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
-        let base = text(settings.perplexity_args(Path::new("a.gguf"), Path::new("corpus.txt"), Some(Path::new("a.kld"))));
+        let text =
+            |args: Vec<OsString>| args.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        let base =
+            text(settings.perplexity_args(Path::new("a.gguf"), Path::new("corpus.txt"), Some(Path::new("a.kld"))));
         assert_eq!(base, "-m a.gguf -c 128 -b 128 --chunks 8 -t 2 -f corpus.txt --kl-divergence-base a.kld");
         let plain = text(settings.perplexity_args(Path::new("b.gguf"), Path::new("corpus.txt"), None));
         assert_eq!(plain, "-m b.gguf -c 128 -b 128 --chunks 8 -t 2 -f corpus.txt");
@@ -481,7 +512,10 @@ Same top p: 99.213 \u{b1} 0.556 %
         assert!(matches!(h.check(size, 256, 8, None), Err(BaseLogitsError::Mismatch { field: "n_ctx", .. })));
         assert!(matches!(h.check(size, 128, 4, None), Err(BaseLogitsError::Mismatch { field: "n_chunk", .. })));
         assert!(matches!(h.check(size, 128, 8, Some(151936)), Err(BaseLogitsError::Mismatch { field: "n_vocab", .. })));
-        assert_eq!(h.check(size - 1, 128, 8, None), Err(BaseLogitsError::WrongSize { found: size - 1, expected: size }));
+        assert_eq!(
+            h.check(size - 1, 128, 8, None),
+            Err(BaseLogitsError::WrongSize { found: size - 1, expected: size })
+        );
 
         assert_eq!(BaseLogitsHeader::read(&b"_logits_\x80"[..]), Err(BaseLogitsError::Truncated));
         assert_eq!(BaseLogitsHeader::read(&header(b"_logitz_", 1, 1, 1)[..]), Err(BaseLogitsError::BadMagic));
@@ -504,7 +538,8 @@ Same top p: 99.213 \u{b1} 0.556 %
         #[test]
         fn plain_and_baseline_runs_give_the_final_estimate() {
             // The estimate shares its line with the ETA (which ends on stdout) and a log timestamp.
-            let plain = parse_perplexity(fixture!("perplexity_a.stdout"), fixture!("perplexity_a.stderr")).expect("plain");
+            let plain =
+                parse_perplexity(fixture!("perplexity_a.stdout"), fixture!("perplexity_a.stderr")).expect("plain");
             assert_eq!(plain.ppl, Estimate { value: 32107.1245, uncertainty: 88.24379 });
             let base = parse_perplexity(fixture!("base_a.stdout"), fixture!("base_a.stderr")).expect("baseline");
             assert_eq!(base.ppl, Estimate { value: 32107.1240, uncertainty: 88.24377 });
@@ -531,11 +566,13 @@ Same top p: 99.213 \u{b1} 0.556 %
 
         #[test]
         fn other_weights_disagree_and_another_template_changes_nothing_here() {
-            let far = parse_kl_divergence(fixture!("kld_other_seed.stdout"), fixture!("kld_other_seed.stderr")).expect("B2");
+            let far =
+                parse_kl_divergence(fixture!("kld_other_seed.stdout"), fixture!("kld_other_seed.stderr")).expect("B2");
             assert_eq!((far.kld_mean.value, far.kld_p99, far.top1_agreement.value), (0.007954, 0.008103, 0.0));
             assert_eq!(far.ppl_ratio.value, 0.996170, "near-uniform tiny models: perplexity alone cannot tell");
-            let same = parse_kl_divergence(fixture!("kld_other_template.stdout"), fixture!("kld_other_template.stderr"))
-                .expect("B3");
+            let same =
+                parse_kl_divergence(fixture!("kld_other_template.stdout"), fixture!("kld_other_template.stderr"))
+                    .expect("B3");
             assert_eq!(same.top1_agreement.value, 1.0, "only golden prompts see a template");
         }
 
@@ -554,7 +591,8 @@ Same top p: 99.213 \u{b1} 0.556 %
 
         #[test]
         fn the_real_base_logits_header_predicts_the_real_size() {
-            let header_bytes = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/eval/base_a.kld.header"));
+            let header_bytes =
+                include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/eval/base_a.kld.header"));
             let header = BaseLogitsHeader::read(&header_bytes[..]).expect("header");
             assert_eq!(header, BaseLogitsHeader { n_ctx: 128, n_vocab: 32000, n_chunk: 16 });
             // `ls -l` of the file the run wrote: 64,528,276 bytes.

@@ -105,7 +105,13 @@ pub fn parse_prompts(bytes: &[u8], max_bytes: usize) -> Result<Vec<GoldenPrompt>
         }
         let prompt = parse_line(line_no, line)?;
         if !ids.insert(prompt.id.clone()) {
-            return Err(invalid(line_no, Some(&prompt.id), "id", "repeats an earlier prompt's id", "give every prompt its own id"));
+            return Err(invalid(
+                line_no,
+                Some(&prompt.id),
+                "id",
+                "repeats an earlier prompt's id",
+                "give every prompt its own id",
+            ));
         }
         prompts.push(prompt);
     }
@@ -167,7 +173,10 @@ fn chat_input(messages: Vec<Message>) -> Result<PromptInput, (String, &'static s
     Ok(PromptInput::Chat(messages))
 }
 
-fn compile_checks(checks: Vec<Check>, input: &PromptInput) -> Result<Vec<CompiledCheck>, (String, String, &'static str)> {
+fn compile_checks(
+    checks: Vec<Check>,
+    input: &PromptInput,
+) -> Result<Vec<CompiledCheck>, (String, String, &'static str)> {
     if checks.is_empty() || checks.len() > MAX_CHECKS {
         let problem = format!("has {} checks", checks.len());
         return Err(("checks".to_owned(), problem, "give 1 to 16 checks: a prompt without one proves nothing"));
@@ -212,9 +221,7 @@ impl GoldenPrompt {
     pub fn request(&self, seed: u32) -> LlamaRequest {
         let common = json!({"temperature": TEMPERATURE, "seed": seed, "cache_prompt": false, "stream": false});
         let (path, mut body) = match &self.input {
-            PromptInput::Chat(messages) => {
-                (CHAT_PATH, json!({"messages": messages, "max_tokens": self.max_tokens}))
-            }
+            PromptInput::Chat(messages) => (CHAT_PATH, json!({"messages": messages, "max_tokens": self.max_tokens})),
             PromptInput::Plain(prompt) => (COMPLETION_PATH, json!({"prompt": prompt, "n_predict": self.max_tokens})),
         };
         if let (Some(body), Some(common)) = (body.as_object_mut(), common.as_object()) {
@@ -296,13 +303,22 @@ mod tests {
             (r#"{"id":"x","max_tokens":4,"checks":[{"exact":"b"}]}"#, "messages"),
             (r#"{"id":"x","prompt":"a","messages":[],"max_tokens":4,"checks":[{"exact":"b"}]}"#, "messages"),
             (r#"{"id":"x","messages":[],"max_tokens":4,"checks":[{"exact":"b"}]}"#, "messages"),
-            (r#"{"id":"x","messages":[{"role":"assistant","content":"hi"}],"max_tokens":4,"checks":[{"exact":"b"}]}"#, "messages"),
-            (r#"{"id":"x","messages":[{"role":"robot","content":"hi"}],"max_tokens":4,"checks":[{"exact":"b"}]}"#, "line"),
+            (
+                r#"{"id":"x","messages":[{"role":"assistant","content":"hi"}],"max_tokens":4,"checks":[{"exact":"b"}]}"#,
+                "messages",
+            ),
+            (
+                r#"{"id":"x","messages":[{"role":"robot","content":"hi"}],"max_tokens":4,"checks":[{"exact":"b"}]}"#,
+                "line",
+            ),
             (r#"{"id":"x","prompt":"","max_tokens":4,"checks":[{"exact":"b"}]}"#, "prompt"),
             (r#"{"id":"x","prompt":"a","max_tokens":0,"checks":[{"exact":"b"}]}"#, "max_tokens"),
             (r#"{"id":"x","prompt":"a","max_tokens":99999,"checks":[{"exact":"b"}]}"#, "max_tokens"),
             (r#"{"id":"x","prompt":"a","max_tokens":4,"checks":[]}"#, "checks"),
-            (r#"{"id":"x","prompt":"a","max_tokens":4,"checks":["chat_template_smoke"]}"#, "checks[1] (chat_template_smoke)"),
+            (
+                r#"{"id":"x","prompt":"a","max_tokens":4,"checks":["chat_template_smoke"]}"#,
+                "checks[1] (chat_template_smoke)",
+            ),
             (r#"{"id":"x","prompt":"a","max_tokens":4,"checks":[{"exact":"b"},{"regex":"("}]}"#, "checks[2] (regex)"),
             ("not json", "line"),
         ];
@@ -312,7 +328,8 @@ mod tests {
             assert_eq!(field_of(err), (2, field.to_owned()), "{bad}: {text}");
             assert!(text.starts_with("prompts file line 2"), "{text}");
         }
-        let err = parse(&line(r#"{"id":"x","prompt":"a","max_tokens":4,"checks":[{"regex":"("}]}"#)).expect_err("regex");
+        let err =
+            parse(&line(r#"{"id":"x","prompt":"a","max_tokens":4,"checks":[{"regex":"("}]}"#)).expect_err("regex");
         assert!(err.to_string().contains("(prompt \"x\"): checks[1] (regex): regex \"(\" does not compile"), "{err}");
     }
 
@@ -320,10 +337,15 @@ mod tests {
     fn sizes_are_capped() {
         let err = parse_prompts(GOOD.as_bytes(), 10).expect_err("file cap");
         assert_eq!(err, PromptsError::TooLarge { len: GOOD.len(), max: 10 });
-        let long = format!(r#"{{"id":"x","prompt":"{}","max_tokens":4,"checks":[{{"exact":"b"}}]}}"#, "a".repeat(MAX_LINE_BYTES));
+        let long = format!(
+            r#"{{"id":"x","prompt":"{}","max_tokens":4,"checks":[{{"exact":"b"}}]}}"#,
+            "a".repeat(MAX_LINE_BYTES)
+        );
         assert_eq!(field_of(parse(&long).expect_err("line cap")).1, "line");
         let many: String = (0..=MAX_PROMPTS)
-            .map(|i| format!("{{\"id\":\"p{i}\",\"prompt\":\"a\",\"max_tokens\":1,\"checks\":[{{\"exact\":\"b\"}}]}}\n"))
+            .map(|i| {
+                format!("{{\"id\":\"p{i}\",\"prompt\":\"a\",\"max_tokens\":1,\"checks\":[{{\"exact\":\"b\"}}]}}\n")
+            })
             .collect();
         assert_eq!(parse(&many).expect_err("count cap"), PromptsError::TooMany { max: MAX_PROMPTS });
     }
@@ -349,7 +371,8 @@ mod tests {
     #[test]
     fn replies_are_read_from_both_endpoints_and_judged() {
         let prompts = parse(GOOD).expect("valid");
-        let chat_answer = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Paris."},"finish_reason":"stop"}]}"#;
+        let chat_answer =
+            br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Paris."},"finish_reason":"stop"}]}"#;
         let reply = prompts[0].read_reply(chat_answer).expect("chat answer");
         assert_eq!(reply, Reply { text: "Paris.".into(), finish: FinishReason::EndOfTurn });
         assert!(prompts[0].judge(&reply, &["<|im_end|>".into()]).is_empty());

@@ -263,7 +263,9 @@ impl QualityGates {
             let Some(limit) = gate.limit(self) else { continue };
             let (ok, fix) = match gate {
                 Gate::Kld => (limit >= 0.0, "give a KL divergence of 0 or more, e.g. 0.05"),
-                Gate::Top1Agreement | Gate::GoldenPass => ((0.0..=1.0).contains(&limit), "give a fraction from 0 to 1, e.g. 0.9"),
+                Gate::Top1Agreement | Gate::GoldenPass => {
+                    ((0.0..=1.0).contains(&limit), "give a fraction from 0 to 1, e.g. 0.9")
+                }
                 Gate::PerplexityRatio => (limit > 0.0, "give a ratio above 0, e.g. 1.05 for at most 5% worse"),
             };
             if !limit.is_finite() || !ok {
@@ -358,7 +360,14 @@ fn breach(gate: Gate, limit: f64, results: &[(&str, &Outcome)]) -> Option<Breach
     let all: Vec<(&str, f64)> = samples(gate, results).collect();
     let breaking: Vec<&(&str, f64)> = all.iter().filter(|(_, v)| gate.breaks(*v, limit)).collect();
     let (device, measured) = breaking.iter().copied().min_by(|a, b| worse_first(gate, **a, **b))?;
-    Some(Breach { gate, measured: *measured, limit, device: (*device).to_owned(), breaking: breaking.len(), samples: all.len() })
+    Some(Breach {
+        gate,
+        measured: *measured,
+        limit,
+        device: (*device).to_owned(),
+        breaking: breaking.len(),
+        samples: all.len(),
+    })
 }
 
 /// Orders samples worst first: values that are not finite, then the furthest past the limit, then by device id.
@@ -444,7 +453,10 @@ mod tests {
         let Verdict::Fail(breach) = judge(&results, 10) else { panic!("far from A") };
         assert_eq!((breach.gate, breach.measured, breach.device.as_str()), (Gate::Kld, 2.5, "b"));
         assert_eq!((breach.breaking, breach.samples), (2, 3));
-        assert_eq!(breach.to_string(), "KL divergence 2.5000 > --max-kld 0.05 on device b (2 of 3 measured devices break it)");
+        assert_eq!(
+            breach.to_string(),
+            "KL divergence 2.5000 > --max-kld 0.05 on device b (2 of 3 measured devices break it)"
+        );
     }
 
     #[test]
@@ -462,7 +474,13 @@ mod tests {
         let results = [
             ("a", measured(Some(kl(0.0, 1.0, 1.0)), (1, 1))),
             ("b", Outcome::CouldNotRun(CouldNotRun::DoesNotFit { needed_bytes: 1 << 30, available_bytes: 1 << 29 })),
-            ("c", Outcome::CouldNotRun(CouldNotRun::SuiteTooLargeForBudget { estimated_seconds: 900, budget_seconds: 300 })),
+            (
+                "c",
+                Outcome::CouldNotRun(CouldNotRun::SuiteTooLargeForBudget {
+                    estimated_seconds: 900,
+                    budget_seconds: 300,
+                }),
+            ),
             // Ran nothing before: no baseline, so golden prompts only.
             ("d", measured(None, (1, 1))),
         ];
@@ -499,7 +517,8 @@ mod tests {
         };
         let back: QualityResult = serde_json::from_slice(&serde_json::to_vec(&result).expect("json")).expect("parse");
         assert_eq!(back, result);
-        let unable = Outcome::CouldNotRun(CouldNotRun::SuiteTooLargeForBudget { estimated_seconds: 420, budget_seconds: 300 });
+        let unable =
+            Outcome::CouldNotRun(CouldNotRun::SuiteTooLargeForBudget { estimated_seconds: 420, budget_seconds: 300 });
         let json = serde_json::to_value(&unable).expect("json");
         assert_eq!(json["could_not_run"]["reason"], "suite_too_large_for_budget");
         let Outcome::CouldNotRun(why) = &unable else { unreachable!() };
@@ -510,7 +529,12 @@ mod tests {
 
     #[test]
     fn golden_summaries_count_prompts_not_checks() {
-        let failure = |prompt: &str, check| CheckFailure { prompt: prompt.into(), check, label: "exact \"x\"".into(), reason: "no".into() };
+        let failure = |prompt: &str, check| CheckFailure {
+            prompt: prompt.into(),
+            check,
+            label: "exact \"x\"".into(),
+            reason: "no".into(),
+        };
         let summary = GoldenSummary::new(5, vec![failure("p1", 1), failure("p1", 2), failure("p3", 1)]);
         assert_eq!((summary.prompts, summary.passed, summary.pass_fraction()), (5, 3, Some(0.6)));
         assert_eq!(GoldenSummary::new(0, Vec::new()).pass_fraction(), None);
@@ -602,15 +626,23 @@ mod tests {
             std::fs::read_to_string(format!("{dir}{name}")).expect("fixture")
         };
         let measured_from = |name: &str| {
-            let kld = crate::eval::perplexity::parse_kl_divergence(&fixture(&format!("{name}.stdout")), &fixture(&format!("{name}.stderr")))
-                .expect("summary");
+            let kld = crate::eval::perplexity::parse_kl_divergence(
+                &fixture(&format!("{name}.stdout")),
+                &fixture(&format!("{name}.stderr")),
+            )
+            .expect("summary");
             measured(Some(kld), (0, 0))
         };
         // Thresholds that fit the tiny model: its near-uniform outputs keep every KLD small.
         let gates = QualityGates { max_kld: Some(0.001), min_top1_agreement: Some(0.9), ..QualityGates::default() };
         let (q8, other) = (measured_from("kld_q8_0"), measured_from("kld_other_seed"));
         assert_eq!(judge_class(&gates, [("pi-1", &q8)], 1), Verdict::Pass);
-        let Verdict::Fail(breach) = judge_class(&gates, [("pi-1", &q8), ("pi-2", &other)], 1) else { panic!("B2 is far") };
-        assert_eq!(breach.to_string(), "KL divergence 0.0080 > --max-kld 0.001 on device pi-2 (1 of 2 measured devices break it)");
+        let Verdict::Fail(breach) = judge_class(&gates, [("pi-1", &q8), ("pi-2", &other)], 1) else {
+            panic!("B2 is far")
+        };
+        assert_eq!(
+            breach.to_string(),
+            "KL divergence 0.0080 > --max-kld 0.001 on device pi-2 (1 of 2 measured devices break it)"
+        );
     }
 }

@@ -101,15 +101,27 @@ impl SuiteManifest {
                 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
         };
         if !simple(&self.name, 128) {
-            return Err(invalid("name", format!("{:?} is not a suite name", self.name), "use 1 to 128 characters from a-z, 0-9, '.', '_' and '-'"));
+            return Err(invalid(
+                "name",
+                format!("{:?} is not a suite name", self.name),
+                "use 1 to 128 characters from a-z, 0-9, '.', '_' and '-'",
+            ));
         }
         if self.version.is_empty() || self.version.len() > 64 || self.version.chars().any(char::is_whitespace) {
-            return Err(invalid("version", format!("{:?} is not a version", self.version), "use 1 to 64 characters without spaces"));
+            return Err(invalid(
+                "version",
+                format!("{:?} is not a version", self.version),
+                "use 1 to 64 characters without spaces",
+            ));
         }
         check_file_name("corpus", &self.corpus)?;
         check_file_name("prompts", &self.prompts)?;
         if self.corpus == self.prompts {
-            return Err(invalid("prompts", "names the same file as corpus", "keep the corpus and the prompts in two files"));
+            return Err(invalid(
+                "prompts",
+                "names the same file as corpus",
+                "keep the corpus and the prompts in two files",
+            ));
         }
         check_range("context_size", self.context_size, &CONTEXT_SIZES, "llama-perplexity's -c")?;
         check_range("chunks", self.chunks, &CHUNKS, "how many chunks of context_size tokens to score")?;
@@ -149,15 +161,28 @@ fn check_file_name(field: &'static str, name: &str) -> Result<(), SuiteError> {
     if plain {
         Ok(())
     } else {
-        Err(invalid(field, format!("{name:?} is not a plain file name"), format!("name a file at the top of the suite directory, not {SUITE_FILE}")))
+        Err(invalid(
+            field,
+            format!("{name:?} is not a plain file name"),
+            format!("name a file at the top of the suite directory, not {SUITE_FILE}"),
+        ))
     }
 }
 
-fn check_range(field: &'static str, value: u32, range: &std::ops::RangeInclusive<u32>, what: &str) -> Result<(), SuiteError> {
+fn check_range(
+    field: &'static str,
+    value: u32,
+    range: &std::ops::RangeInclusive<u32>,
+    what: &str,
+) -> Result<(), SuiteError> {
     if range.contains(&value) {
         Ok(())
     } else {
-        Err(invalid(field, format!("{value} is outside {}..={}", range.start(), range.end()), format!("give {what} within that range")))
+        Err(invalid(
+            field,
+            format!("{value} is outside {}..={}", range.start(), range.end()),
+            format!("give {what} within that range"),
+        ))
     }
 }
 
@@ -283,8 +308,12 @@ time_budget_seconds = 300
     #[test]
     fn reads_a_whole_suite() {
         let corpus = corpus();
-        let suite = Suite::parse(SuiteFiles { manifest: MANIFEST.as_bytes(), corpus: corpus.as_bytes(), prompts: PROMPTS.as_bytes() })
-            .expect("valid suite");
+        let suite = Suite::parse(SuiteFiles {
+            manifest: MANIFEST.as_bytes(),
+            corpus: corpus.as_bytes(),
+            prompts: PROMPTS.as_bytes(),
+        })
+        .expect("valid suite");
         assert_eq!(suite.manifest.seed, DEFAULT_SEED);
         assert_eq!((suite.manifest.scored_tokens(), suite.manifest.evaluated_tokens()), (16 * 63, 16 * 128));
         assert_eq!(suite.prompts.len(), 2);
@@ -318,7 +347,12 @@ time_budget_seconds = 300
 
     #[test]
     fn unknown_missing_and_mistyped_keys_are_refused() {
-        for text in [with("temperature = 0.7"), MANIFEST.replace("chunks = 16", ""), MANIFEST.replace("16", "\"16\""), "[".into()] {
+        for text in [
+            with("temperature = 0.7"),
+            MANIFEST.replace("chunks = 16", ""),
+            MANIFEST.replace("16", "\"16\""),
+            "[".into(),
+        ] {
             let err = SuiteManifest::parse(text.as_bytes()).expect_err(&text);
             assert!(matches!(err, SuiteError::Toml(_)), "{err}");
         }
