@@ -388,9 +388,15 @@ mod tests {
         assert!(matches!(err, CheckError::Regex { .. }), "{err}");
         let err = CompiledCheck::compile(Check::JsonSchema(json!({"type": "nonsense"}))).expect_err("bad schema");
         assert!(matches!(err, CheckError::Schema { .. }), "{err}");
-        let remote = json!({"$ref": "https://example.invalid/schema.json"});
-        let err = CompiledCheck::compile(Check::JsonSchema(remote)).expect_err("remote ref");
-        assert!(err.to_string().contains("inline any $ref"), "{err}");
+        // A schema file that exists and is valid: refused all the same, since nothing is read from the device.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = dir.path().join("schema.json");
+        std::fs::write(&local, br#"{"type": "string"}"#).expect("write");
+        let local = format!("file://{}", local.display());
+        for remote in ["https://example.invalid/schema.json", local.as_str()] {
+            let err = CompiledCheck::compile(Check::JsonSchema(json!({"$ref": remote}))).expect_err(remote);
+            assert!(err.to_string().contains("inline any $ref"), "{err}");
+        }
     }
 
     #[test]

@@ -265,11 +265,12 @@ pub struct Workload {
 impl Workload {
     /// Seconds the evaluation takes at the given prompt-processing and generation speeds (tokens/s), at
     /// most: perplexity is prompt processing, golden replies are generation. Prompt tokens of the golden
-    /// prompts are small beside both and left out.
+    /// prompts are small beside both and left out. An unknown speed (0 or less) gives infinity: no budget
+    /// can be promised.
     pub fn estimated_seconds(&self, prompt_tokens_per_second: f64, generation_tokens_per_second: f64) -> f64 {
-        let perplexity = (u64::from(self.perplexity_runs) * self.tokens_per_run) as f64 / prompt_tokens_per_second;
-        let golden = self.reply_tokens as f64 / generation_tokens_per_second;
-        perplexity + golden
+        let seconds = |tokens: u64, rate: f64| if rate > 0.0 { tokens as f64 / rate } else { f64::INFINITY };
+        seconds(u64::from(self.perplexity_runs) * self.tokens_per_run, prompt_tokens_per_second)
+            + seconds(self.reply_tokens, generation_tokens_per_second)
     }
 }
 
@@ -320,6 +321,7 @@ time_budget_seconds = 300
         let work = suite.workload(2);
         assert_eq!(work, Workload { perplexity_runs: 2, tokens_per_run: 2048, prompts: 2, reply_tokens: 32 });
         assert_eq!(work.estimated_seconds(1024.0, 16.0), 4.0 + 2.0);
+        assert_eq!(work.estimated_seconds(0.0, 16.0), f64::INFINITY);
         assert_eq!(SuiteManifest::parse(with("seed = 7").as_bytes()).expect("seed").seed, 7);
     }
 
