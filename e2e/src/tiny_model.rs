@@ -2,6 +2,11 @@
 //!
 //! The model follows `notes/llama-server.md` ("A tiny model for tests"): 2 layers, n_embd 64, 4 heads,
 //! n_ff 128, F16 matrices and F32 norms. It generates nonsense, fast, which is what plumbing tests need.
+//!
+//! Quality tests build three relatives of a model A from it: every matrix row is a multiple of 32 values,
+//! so `llama-quantize A Q8_0` really quantizes (B1, close to A); another seed gives the same architecture
+//! with other weights (B2, far from A); [`with_chat_template`] gives A's weights under another chat
+//! template (B3, which breaks golden prompts recorded from A).
 
 use std::io::Write;
 use std::path::Path;
@@ -29,6 +34,26 @@ pub const ALIGNMENT: u64 = 32;
 pub const FILE_TYPE_F16: u32 = 1;
 /// Weights are drawn uniformly from ±this.
 pub const WEIGHT_SCALE: f32 = 0.02;
+
+/// Values per Q8_0 block: llama-quantize falls back to another type for rows that are not a multiple of it.
+pub const Q8_0_BLOCK: u64 = 32;
+const _: () =
+    assert!(N_EMBD.is_multiple_of(Q8_0_BLOCK) && N_FF.is_multiple_of(Q8_0_BLOCK), "rows must quantize to Q8_0");
+
+/// The GGUF key llama-server reads a model's chat template from (when its command line names none).
+pub const CHAT_TEMPLATE_KEY: &str = "tokenizer.chat_template";
+
+/// ChatML, written out: what llama-server falls back to for a model without a template, made explicit so
+/// a test does not depend on the fallback.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + \
+message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// A wrong chat template for a ChatML model, as a real packaging mistake makes one: another family's
+/// markers (Llama 2's `[INST]`), no system turn and no generation prompt. Every chat prompt renders to other
+/// tokens than under [`CHATML_TEMPLATE`], so replies recorded under ChatML no longer match.
+pub const MISMATCHED_TEMPLATE: &str = "{% for message in messages %}{% if message['role'] == 'user' %}\
+{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] }}\
+{% endif %}{% endfor %}";
 
 const GGML_TYPE_F32: u32 = 0;
 const GGML_TYPE_F16: u32 = 1;
@@ -75,6 +100,14 @@ pub fn read_tokenizer(vocab: &Path) -> anyhow::Result<Vec<MetadataEntry>> {
         );
     }
     Ok(entries)
+}
+
+/// `tokenizer` with [`CHAT_TEMPLATE_KEY`] set to `template` (replacing any): with the same options, the model
+/// has the same weights under another template.
+pub fn with_chat_template(tokenizer: &[MetadataEntry], template: &str) -> Vec<MetadataEntry> {
+    let mut entries: Vec<MetadataEntry> = tokenizer.iter().filter(|e| e.key != CHAT_TEMPLATE_KEY).cloned().collect();
+    entries.push(MetadataEntry { key: CHAT_TEMPLATE_KEY.to_owned(), value: Value::String(template.to_owned()) });
+    entries
 }
 
 /// A small SentencePiece-style ("llama") vocabulary for tests that cannot rely on a vocab file:
@@ -427,6 +460,34 @@ mod tests {
         let max_abs = halves.iter().map(|h| h & 0x7fff).max().expect("values");
         assert!(max_abs <= f32_to_f16_bits(WEIGHT_SCALE), "weights stay within ±{WEIGHT_SCALE}");
         assert!(halves.iter().any(|h| *h != halves[0]), "weights vary");
+    }
+
+    #[test]
+    fn every_matrix_row_quantizes_to_q8_0() {
+        let bytes = tiny("q8", 1);
+        let file = gguf::read(&mut Cursor::new(&bytes)).expect("valid");
+        for t in file.tensors.iter().filter(|t| t.dims.len() == 2) {
+            assert_eq!(t.dims[0] % Q8_0_BLOCK, 0, "{} rows of {} values fall back from Q8_0", t.name, t.dims[0]);
+        }
+    }
+
+    #[test]
+    fn a_chat_template_changes_the_metadata_and_nothing_else() {
+        let options = TinyModelOptions { name: "a".to_owned(), seed: 1 };
+        let tokenizer = synthetic_tokenizer(100);
+        let chatml = tiny_model_bytes(&options, &with_chat_template(&tokenizer, CHATML_TEMPLATE)).expect("A");
+        let twice = with_chat_template(&with_chat_template(&tokenizer, CHATML_TEMPLATE), MISMATCHED_TEMPLATE);
+        assert_eq!(twice.iter().filter(|e| e.key == CHAT_TEMPLATE_KEY).count(), 1, "replaced, not added");
+        let mismatched = tiny_model_bytes(&options, &twice).expect("B3");
+
+        let read = |bytes: &[u8]| gguf::read_with_arrays(&mut Cursor::new(bytes), |_| false).expect("valid");
+        let (a, b3) = (read(&chatml), read(&mismatched));
+        assert_eq!(a.get_str(CHAT_TEMPLATE_KEY), Some(CHATML_TEMPLATE));
+        assert_eq!(b3.get_str(CHAT_TEMPLATE_KEY), Some(MISMATCHED_TEMPLATE));
+        assert!(CHATML_TEMPLATE.contains("'<|im_start|>assistant\\n'"), "Jinja sees the escape, renders a newline");
+        let data = |bytes: &[u8], f: &gguf::GgufFile| bytes[f.data_offset as usize..].to_vec();
+        assert_eq!(data(&chatml, &a), data(&mismatched, &b3), "same weights");
+        assert_eq!(data(&chatml, &a), data(&tiny("a", 1), &read(&tiny("a", 1))), "and the same as without a template");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Alki Fleet's common crate: the wire contract, the bundle format, digests, identifiers, and file helpers.
+//! Alki Fleet's common crate: the wire contract, the bundle and eval suite formats, digests, identifiers, and
+//! file helpers.
 //!
 //! Only this crate knows protobuf: the generated code lives in [`proto`], and the other crates convert
 //! at their edges.
@@ -6,6 +7,7 @@
 pub mod bundle;
 pub mod clock;
 pub mod digest;
+pub mod eval;
 pub mod fsutil;
 pub mod gguf;
 pub mod ids;

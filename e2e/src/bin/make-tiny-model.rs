@@ -23,6 +23,19 @@ struct Args {
     /// Seed of the random weights: same seed, same bytes.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Writes a chat template into tokenizer.chat_template: `chatml`, or `mismatched` (another family's
+    /// markers, which breaks golden prompts recorded under ChatML). The weights stay those of --seed.
+    #[arg(long, value_enum, conflicts_with = "chat_template_file")]
+    chat_template: Option<Template>,
+    /// Writes this file's Jinja source into tokenizer.chat_template.
+    #[arg(long)]
+    chat_template_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Template {
+    Chatml,
+    Mismatched,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,7 +46,18 @@ fn main() -> anyhow::Result<()> {
             "no --vocab given and no cached ggml-vocab-llama-spm.gguf; run e2e/scripts/build-llama-server.sh",
         )?,
     };
-    let tokenizer = tiny_model::read_tokenizer(&vocab)?;
+    let mut tokenizer = tiny_model::read_tokenizer(&vocab)?;
+    let template = match (args.chat_template, &args.chat_template_file) {
+        (Some(Template::Chatml), _) => Some(tiny_model::CHATML_TEMPLATE.to_owned()),
+        (Some(Template::Mismatched), _) => Some(tiny_model::MISMATCHED_TEMPLATE.to_owned()),
+        (None, Some(file)) => Some(
+            std::fs::read_to_string(file).with_context(|| format!("reading the chat template {}", file.display()))?,
+        ),
+        (None, None) => None,
+    };
+    if let Some(template) = template {
+        tokenizer = tiny_model::with_chat_template(&tokenizer, &template);
+    }
     let options = TinyModelOptions { name: args.name, seed: args.seed };
     let size = tiny_model::write_tiny_model(&args.out, &options, &tokenizer)?;
     println!("{} {size}", args.out.display());
