@@ -2,12 +2,12 @@
 
 use std::collections::BTreeMap;
 
+use alki_shared::ids::DeviceId;
 use alki_shared::proto::{self, security_service_server::SecurityService};
 use rand::RngCore as _;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Action, Authenticator};
-use crate::fleet::Fleet;
+use crate::app::App;
 use crate::store::identity::{EnrollTokenRecord, TOKEN_ID_LEN};
 
 const SECRET_PREFIX: &str = "alkienroll_";
@@ -17,8 +17,7 @@ const MAX_USES: u32 = 100_000;
 const MAX_LABELS: usize = 64;
 
 pub struct SecurityApi {
-    pub fleet: Fleet,
-    pub auth: Authenticator,
+    pub app: App,
 }
 
 fn to_proto(r: EnrollTokenRecord) -> proto::EnrollToken {
@@ -62,7 +61,7 @@ impl SecurityService for SecurityApi {
         &self,
         request: Request<proto::CreateEnrollTokenRequest>,
     ) -> Result<Response<proto::CreateEnrollTokenResponse>, Status> {
-        let who = super::authorize(&self.auth, &request, Action::ManageTokens)?;
+        let who = super::principal(&request)?;
         let req = request.into_inner();
         if req.uses == 0 || req.uses > MAX_USES {
             return Err(Status::invalid_argument(format!("uses is {}; allow 1 to {MAX_USES} enrollments", req.uses)));
@@ -79,7 +78,7 @@ impl SecurityService for SecurityApi {
         rand::rng().fill_bytes(&mut bytes);
         let secret = format!("{SECRET_PREFIX}{}", hex::encode(bytes));
         let hash = super::enroll::hash_secret(&secret);
-        let now = crate::now_unix_ms();
+        let now = self.app.clock.now().as_millis();
         let record = EnrollTokenRecord {
             id: hash[..TOKEN_ID_LEN].to_owned(),
             labels,
@@ -90,7 +89,7 @@ impl SecurityService for SecurityApi {
             revoked: false,
         };
         let stored = record.clone();
-        super::with_store(&self.fleet.store, move |store| store.put_enroll_token(&hash, &stored)).await?;
+        super::with_store(&self.app.store, move |store| store.put_enroll_token(&hash, &stored)).await?;
         tracing::info!(token = %record.id, by = %who.name, uses = record.uses_allowed, "Created a bootstrap token.");
         Ok(Response::new(proto::CreateEnrollTokenResponse { secret, token: Some(to_proto(record)) }))
     }
@@ -99,8 +98,8 @@ impl SecurityService for SecurityApi {
         &self,
         request: Request<proto::ListEnrollTokensRequest>,
     ) -> Result<Response<proto::ListEnrollTokensResponse>, Status> {
-        super::authorize(&self.auth, &request, Action::ManageTokens)?;
-        let mut tokens = super::with_store(&self.fleet.store, |store| store.enroll_tokens()).await?;
+        super::principal(&request)?;
+        let mut tokens = super::with_store(&self.app.store, |store| store.enroll_tokens()).await?;
         tokens.sort_by_key(|t| t.created_unix_ms);
         Ok(Response::new(proto::ListEnrollTokensResponse { tokens: tokens.into_iter().map(to_proto).collect() }))
     }
@@ -109,10 +108,10 @@ impl SecurityService for SecurityApi {
         &self,
         request: Request<proto::RevokeEnrollTokenRequest>,
     ) -> Result<Response<proto::RevokeEnrollTokenResponse>, Status> {
-        let who = super::authorize(&self.auth, &request, Action::ManageTokens)?;
+        let who = super::principal(&request)?;
         let id = request.into_inner().id;
         let revoking = id.clone();
-        match super::with_store(&self.fleet.store, move |store| store.revoke_enroll_token(&revoking)).await? {
+        match super::with_store(&self.app.store, move |store| store.revoke_enroll_token(&revoking)).await? {
             Some(token) => {
                 tracing::info!(token = %id, by = %who.name, "Revoked a bootstrap token.");
                 Ok(Response::new(proto::RevokeEnrollTokenResponse { token: Some(to_proto(token)) }))
@@ -125,23 +124,26 @@ impl SecurityService for SecurityApi {
         &self,
         request: Request<proto::DecommissionDeviceRequest>,
     ) -> Result<Response<proto::DecommissionDeviceResponse>, Status> {
-        let who = super::authorize(&self.auth, &request, Action::WriteFleet)?;
-        let device_id = request.into_inner().device_id;
-        let now = crate::now_unix_ms();
-        let decommissioning = device_id.clone();
-        let identity =
-            super::with_store(&self.fleet.store, move |store| store.decommission(&decommissioning, now)).await?;
-        let Some(identity) = identity else {
-            return Err(Status::not_found(format!(
-                "device {device_id:?} never enrolled; see alkictl devices list for enrolled devices"
-            )));
+        let who = super::principal(&request)?;
+        let requested = request.into_inner().device_id;
+        let never_enrolled = || {
+            Status::not_found(format!(
+                "device {requested:?} never enrolled; see alkictl devices list for enrolled devices"
+            ))
         };
+        // An id that does not parse was never enrolled (enrollment refuses it).
+        let device_id = DeviceId::new(requested.clone()).map_err(|_| never_enrolled())?;
+        let now = self.app.clock.now().as_millis();
+        let decommissioning = device_id.clone();
+        let identity = super::with_store(&self.app.store, move |store| store.decommission(decommissioning.as_str(), now))
+            .await?;
+        let Some(identity) = identity else { return Err(never_enrolled()) };
         // After the store says so, so a reconnect racing with this is refused at its session start.
-        let session_closed = self.fleet.hub.close(&device_id);
-        tracing::info!(device_id, by = %who.name, session_closed, "Decommissioned a device.");
-        self.fleet.changed.notify_one();
+        let session_closed = self.app.fleet.hub.close(device_id.as_str());
+        tracing::info!(%device_id, by = %who.name, session_closed, "Decommissioned a device.");
+        self.app.fleet.changed.notify_one();
         Ok(Response::new(proto::DecommissionDeviceResponse {
-            device_id,
+            device_id: device_id.to_string(),
             decommissioned_unix_ms: identity.decommissioned_unix_ms.unwrap_or(now),
             session_closed,
         }))

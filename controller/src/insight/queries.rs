@@ -8,7 +8,8 @@ use alki_shared::proto::{self, controller_message::Msg};
 
 use super::compare::{self, Measurements};
 use super::recommend::{self, RecommendError};
-use crate::fleet::{Fleet, selects};
+use crate::facts::selects;
+use crate::fleet::Fleet;
 use crate::store::{BenchmarkFilter, StoreError};
 
 /// Most benchmark results one answer carries.
