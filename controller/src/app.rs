@@ -45,7 +45,11 @@ impl App {
     /// What `/metrics` renders now: devices (with their live session state), rollouts, and every counter.
     /// Blocking (reads the store).
     pub fn scrape(&self) -> Result<Scrape, StoreError> {
-        Ok(Scrape { devices: self.fleet.devices(&Default::default())?, rollouts: self.store.rollouts()?, counters: self.counters() })
+        Ok(Scrape {
+            devices: self.fleet.devices(&Default::default())?,
+            rollouts: self.store.rollouts()?,
+            counters: self.counters(),
+        })
     }
 
     fn counters(&self) -> Counters {

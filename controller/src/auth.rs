@@ -158,8 +158,10 @@ impl Authenticator {
             }
         };
         let hash = chosen.0.clone();
-        let record =
-            self.store.revoke_token(&hash, self.clock.now().as_millis())?.ok_or_else(|| TokenError::NotFound(hash.clone()))?;
+        let record = self
+            .store
+            .revoke_token(&hash, self.clock.now().as_millis())?
+            .ok_or_else(|| TokenError::NotFound(hash.clone()))?;
         Ok(TokenInfo::new(&hash, record))
     }
 }

@@ -99,8 +99,9 @@ fn open_app(
         auditor: crate::audit::Auditor::start(store.clone(), config.audit_retention, clock.clone()),
         token_limiter: Arc::new(crate::limits::RateLimiter::new(config.limits.token_rate)),
     };
-    let registry = Registry::open_with_clock(&config.data_dir, store.database(), config.registry.clone(), clock.clone())
-        .context("opening the registry")?;
+    let registry =
+        Registry::open_with_clock(&config.data_dir, store.database(), config.registry.clone(), clock.clone())
+            .context("opening the registry")?;
     let sources = Sources {
         registry: Arc::new(registry),
         registry_host: config.registry_host.clone().unwrap_or_else(|| http_addr.to_string()),
@@ -138,7 +139,12 @@ impl Background {
         let reconciler_stop = Arc::new(tokio::sync::Notify::new());
         let tasks = vec![
             tokio::spawn(reconcile::reconcile_loop(app.rollouts.clone(), app.clock.clone(), reconciler_stop.clone())),
-            tokio::spawn(crate::insight::flush_loop(app.ingest.clone(), app.store.clone(), app.clock.clone(), stop.clone())),
+            tokio::spawn(crate::insight::flush_loop(
+                app.ingest.clone(),
+                app.store.clone(),
+                app.clock.clone(),
+                stop.clone(),
+            )),
             tokio::spawn(api::enroll::refresh_registry_tokens(
                 app.fleet.clone(),
                 app.pki.clone(),

@@ -180,7 +180,9 @@ fn device_id_of(identity: Option<&DeviceIdentity>, hello: &proto::Hello) -> Resu
             )))
         }
         // Enrollment validated the id the certificate was issued for.
-        Some(identity) => DeviceId::new(identity.device_id.clone()).map_err(|e| Status::permission_denied(e.to_string())),
+        Some(identity) => {
+            DeviceId::new(identity.device_id.clone()).map_err(|e| Status::permission_denied(e.to_string()))
+        }
         None => DeviceId::new(hello.device_id.clone()).map_err(|e| Status::invalid_argument(e.to_string())),
     }
 }
@@ -195,7 +197,12 @@ struct Session {
 impl Session {
     /// Queues every message the agent sends until the session ends (the agent leaves, floods, or the
     /// controller stops), then records when the device was last seen.
-    async fn serve(self, mut inbound: Streaming<AgentMessage>, refuse: mpsc::WeakSender<Result<ControllerMessage, Status>>, session_id: u64) {
+    async fn serve(
+        self,
+        mut inbound: Streaming<AgentMessage>,
+        refuse: mpsc::WeakSender<Result<ControllerMessage, Status>>,
+        session_id: u64,
+    ) {
         let device_id = &self.device_id;
         loop {
             match inbound.next().await {

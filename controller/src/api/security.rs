@@ -135,8 +135,8 @@ impl SecurityService for SecurityApi {
         let device_id = DeviceId::new(requested.clone()).map_err(|_| never_enrolled())?;
         let now = self.app.clock.now().as_millis();
         let decommissioning = device_id.clone();
-        let identity = super::with_store(&self.app.store, move |store| store.decommission(decommissioning.as_str(), now))
-            .await?;
+        let identity =
+            super::with_store(&self.app.store, move |store| store.decommission(decommissioning.as_str(), now)).await?;
         let Some(identity) = identity else { return Err(never_enrolled()) };
         // After the store says so, so a reconnect racing with this is refused at its session start.
         let session_closed = self.app.fleet.hub.close(device_id.as_str());

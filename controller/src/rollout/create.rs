@@ -90,7 +90,8 @@ pub async fn create(
     let Request { mut spec, override_signature_check, override_reason, by } = request;
     crate::limits::check_labels("rollout selector", spec.selector.iter())
         .map_err(|e| CreateError::Refused(e.to_string()))?;
-    let check = crate::trust::check_candidate(&sources.registry, &sources.externals, &sources.trusted_keys, &spec).await;
+    let check =
+        crate::trust::check_candidate(&sources.registry, &sources.externals, &sources.trusted_keys, &spec).await;
     let overridden = signature_override(check, override_signature_check, &override_reason)?;
     let external = external::split(&sources.externals, &spec.repository).map(|(r, repo)| (r.clone(), repo.to_owned()));
     let pinned = match external {

@@ -476,8 +476,7 @@ fn move_to_candidate(
 /// A device's record as it joins B: what it runs now is its baseline (with its runtime settings when its
 /// desired state named the same bundle).
 fn new_member(rollout_id: &str, device: &proto::Device, class: String, now: i64) -> proto::RolloutDevice {
-    let baseline_runtime = if device.desired.as_ref().map(|b| &b.digest) == device.running.as_ref().map(|b| &b.digest)
-    {
+    let baseline_runtime = if device.desired.as_ref().map(|b| &b.digest) == device.running.as_ref().map(|b| &b.digest) {
         device.desired_runtime
     } else {
         None

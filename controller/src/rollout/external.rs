@@ -129,8 +129,12 @@ pub async fn pin(registry: &ExternalRegistry, repository: &str, reference: &str)
         _ => {}
     }
     let tag = if expected.is_some() { String::new() } else { reference.to_owned() };
-    let bundle =
-        proto::BundleRef { registry: registry.host.clone(), repository: repository.to_owned(), digest: digest.to_string(), tag };
+    let bundle = proto::BundleRef {
+        registry: registry.host.clone(),
+        repository: repository.to_owned(),
+        digest: digest.to_string(),
+        tag,
+    };
     Ok(Pinned { bundle, manifest })
 }
 

@@ -53,8 +53,7 @@ fn reconcile_once_with(rollouts: &Rollouts, now: UnixMs, include_finished: bool)
     let now = now.as_millis();
     let _guard = rollouts.lock();
     let stored = fleet.store.rollouts()?;
-    let active_ids: HashSet<String> =
-        stored.iter().filter(|r| rollout_is_active(r)).map(|r| r.id.clone()).collect();
+    let active_ids: HashSet<String> = stored.iter().filter(|r| rollout_is_active(r)).map(|r| r.id.clone()).collect();
     let considered: Vec<proto::Rollout> = stored
         .into_iter()
         .filter(|r| rollout_is_active(r) || (include_finished && r.state == RolloutState::Aborted as i32))
@@ -307,4 +306,3 @@ pub fn operate(
     fleet.changed.notify_one();
     Ok(plan.rollout)
 }
-
