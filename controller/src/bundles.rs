@@ -1,6 +1,7 @@
 //! Bundles as ListBundles and the dashboard show them: the model manifests and indexes of the embedded
 //! registry, with their signatures checked against the fleet's trusted keys, and the bundles of external
-//! registries the controller pinned for rollouts. Also what one bundle manifest holds ([`summarize`]).
+//! registries the controller pinned for rollouts. Also what one bundle manifest holds ([`summarize`]), and
+//! pinning a tag of the embedded registry to the digest agents are given ([`pin_embedded`]).
 
 use std::collections::HashSet;
 
@@ -63,6 +64,24 @@ pub fn summarize(manifest: &Manifest) -> Option<(Vec<proto::Variant>, u64)> {
         Manifest::Image(image) => (image.artifact_type.as_deref() == Some(alki_shared::bundle::ARTIFACT_TYPE_MODEL))
             .then(|| (Vec::new(), image.layers.iter().map(|l| l.size).sum())),
     }
+}
+
+/// Pins `reference` (a tag or a digest) in `repository` of the embedded registry, reached by agents at
+/// `registry_host`, to the bundle reference agents are given (its tag is empty when a digest was named).
+/// None when the registry does not hold it. Blocking (the index and a small file).
+pub fn pin_embedded(
+    registry: &Registry,
+    registry_host: &str,
+    repository: &str,
+    reference: &str,
+) -> Result<Option<proto::BundleRef>, RegistryError> {
+    let Some(manifest) = registry.resolve(repository, reference)? else { return Ok(None) };
+    Ok(Some(proto::BundleRef {
+        registry: registry_host.to_owned(),
+        repository: repository.to_owned(),
+        digest: manifest.digest.to_string(),
+        tag: if reference.starts_with("sha256:") { String::new() } else { reference.to_owned() },
+    }))
 }
 
 /// How a bundle pinned in an external registry is listed (recorded when a rollout names it, at `now`).

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod bundles;
 pub mod cli;
 pub mod config;
+pub mod enrollment;
 pub mod facts;
 pub mod fleet;
 pub mod insight;

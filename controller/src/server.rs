@@ -145,7 +145,7 @@ impl Background {
                 app.clock.clone(),
                 stop.clone(),
             )),
-            tokio::spawn(api::enroll::refresh_registry_tokens(
+            tokio::spawn(crate::enrollment::refresh_registry_tokens(
                 app.fleet.clone(),
                 app.pki.clone(),
                 app.clock.clone(),

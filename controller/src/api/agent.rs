@@ -143,14 +143,8 @@ impl AgentApi {
 
     /// Queues the Welcome (with a fresh registry token) and the device's desired state, if it has one.
     fn greet(&self, tx: &Outbound, device_id: &DeviceId, record: &proto::Device) {
-        let (registry_token, expires) = super::enroll::registry_token(&self.app.pki, device_id, self.app.clock.now());
-        let welcome = proto::Welcome {
-            device_id: device_id.to_string(),
-            heartbeat_interval_seconds: self.heartbeat_interval.as_secs().max(1) as u32,
-            registry_token,
-            registry_token_expires_unix_ms: expires.as_millis(),
-            telemetry_interval_seconds: crate::insight::TELEMETRY_INTERVAL_SECONDS,
-        };
+        let welcome =
+            crate::enrollment::welcome(&self.app.pki, device_id, self.heartbeat_interval, self.app.clock.now());
         let mut first = vec![Msg::Welcome(welcome)];
         first.extend(desired_state(record).map(Msg::DesiredState));
         for msg in first {

@@ -1,35 +1,22 @@
 //! `EnrollmentService`: devices trade a bootstrap token and a CSR for their certificate, and renew it over
-//! mTLS. Also where a session's device identity is read from its client certificate, and the refresher
-//! that hands connected devices new short-lived registry tokens.
+//! mTLS. Also where a session's device identity is read from its client certificate.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use alki_shared::clock::{SharedClock, UnixMs};
 use alki_shared::ids::DeviceId;
 use alki_shared::proto::{self, enrollment_service_server::EnrollmentService};
-use sha2::{Digest as _, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::app::App;
-use crate::fleet::Fleet;
-use crate::pki::{PeerDevice, Pki};
+use crate::pki::PeerDevice;
 use crate::store::Store;
 use crate::store::identity::{DeviceIdentity, IdentityError, Issued};
 
-/// How long a registry token handed to a device lives; sessions get a fresh one well before.
-pub const REGISTRY_TOKEN_TTL: Duration = Duration::from_secs(3600);
-/// How often connected devices are handed a fresh registry token.
-const REGISTRY_TOKEN_REFRESH: Duration = Duration::from_secs(20 * 60);
 /// Labels a device may ask for at enrollment.
 const MAX_LABELS: usize = 64;
 
 pub struct EnrollApi {
     pub app: App,
-}
-
-pub fn hash_secret(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.trim().as_bytes()))
 }
 
 /// The device identity the session's client certificate proves, checked against the store (current
@@ -72,7 +59,8 @@ impl EnrollmentService for EnrollApi {
         let now = self.app.clock.now().as_millis();
         let pki = self.app.pki.clone();
         let store = self.app.store.clone();
-        let (hash, csr, id) = (hash_secret(&req.bootstrap_token), req.csr_pem.clone(), device_id.clone());
+        let (hash, csr, id) =
+            (crate::enrollment::hash_secret(&req.bootstrap_token), req.csr_pem.clone(), device_id.clone());
         // Signing and the fsynced commit are blocking work.
         let result = tokio::task::spawn_blocking(move || {
             store.enroll(&hash, id.as_str(), now, |_token| {
@@ -137,42 +125,5 @@ impl EnrollmentService for EnrollApi {
             ca_certificate_pem: self.app.pki.ca_pem().to_owned(),
             expires_unix_ms: cert.not_after_unix_ms,
         }))
-    }
-}
-
-/// A registry token for `device_id` issued at `now`, and when it expires.
-pub fn registry_token(pki: &Pki, device_id: &DeviceId, now: UnixMs) -> (String, UnixMs) {
-    let expires = now.plus(REGISTRY_TOKEN_TTL);
-    (pki.registry_token(device_id.as_str(), expires.as_millis()), expires)
-}
-
-/// Every [`REGISTRY_TOKEN_REFRESH`], sends each connected device a Welcome with a fresh registry token, so a
-/// session that lasts days keeps pulling. Stops when `stop` is cancelled.
-pub async fn refresh_registry_tokens(
-    fleet: Fleet,
-    pki: Pki,
-    clock: SharedClock,
-    heartbeat: Duration,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let mut tick =
-        tokio::time::interval_at(tokio::time::Instant::now() + REGISTRY_TOKEN_REFRESH, REGISTRY_TOKEN_REFRESH);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        for device_id in fleet.hub.connected_ids() {
-            let (token, expires) = registry_token(&pki, &device_id, clock.now());
-            let welcome = proto::Welcome {
-                device_id: device_id.to_string(),
-                heartbeat_interval_seconds: heartbeat.as_secs().max(1) as u32,
-                registry_token: token,
-                registry_token_expires_unix_ms: expires.as_millis(),
-                // A Welcome is complete: the agent applies every field of it.
-                telemetry_interval_seconds: crate::insight::TELEMETRY_INTERVAL_SECONDS,
-            };
-            fleet.hub.send(device_id.as_str(), proto::controller_message::Msg::Welcome(welcome));
-        }
     }
 }

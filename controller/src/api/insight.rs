@@ -32,16 +32,11 @@ impl InsightApi {
             return Err(Status::invalid_argument("name the bundle's repository and its tag or digest"));
         }
         let sources = &self.app.sources;
-        let manifest = sources.registry.resolve(repository, reference).map_err(super::internal)?.ok_or_else(|| {
+        let pinned = crate::bundles::pin_embedded(&sources.registry, &sources.registry_host, repository, reference);
+        pinned.map_err(super::internal)?.ok_or_else(|| {
             Status::not_found(format!(
                 "bundle {repository}:{reference} is not in the registry; push it with `alkictl bundle push` or check the name"
             ))
-        })?;
-        Ok(proto::BundleRef {
-            registry: sources.registry_host.clone(),
-            repository: repository.to_owned(),
-            digest: manifest.digest.to_string(),
-            tag: if reference.starts_with("sha256:") { String::new() } else { reference.to_owned() },
         })
     }
 }

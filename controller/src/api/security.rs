@@ -4,17 +4,11 @@ use std::collections::BTreeMap;
 
 use alki_shared::ids::DeviceId;
 use alki_shared::proto::{self, security_service_server::SecurityService};
-use rand::RngCore as _;
 use tonic::{Request, Response, Status};
 
 use crate::app::App;
-use crate::store::identity::{EnrollTokenRecord, TOKEN_ID_LEN};
-
-const SECRET_PREFIX: &str = "alkienroll_";
-/// Longest a bootstrap token may live: they are for provisioning, not standing credentials.
-const MAX_TOKEN_LIFETIME_SECS: u64 = 366 * 24 * 3600;
-const MAX_USES: u32 = 100_000;
-const MAX_LABELS: usize = 64;
+use crate::enrollment::{self, BootstrapToken};
+use crate::store::identity::EnrollTokenRecord;
 
 pub struct SecurityApi {
     pub app: App,
@@ -32,29 +26,6 @@ fn to_proto(r: EnrollTokenRecord) -> proto::EnrollToken {
     }
 }
 
-/// Label keys and values as the agent's config accepts them.
-fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), Status> {
-    if labels.len() > MAX_LABELS {
-        return Err(Status::invalid_argument(format!("at most {MAX_LABELS} labels")));
-    }
-    for (k, v) in labels {
-        let key_ok = !k.is_empty()
-            && k.len() <= 63
-            && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
-        if !key_ok {
-            return Err(Status::invalid_argument(format!(
-                "label key {k:?}: use 1 to 63 characters from a-z, A-Z, 0-9, '.', '_', '-' and '/'"
-            )));
-        }
-        if v.len() > 255 || v.chars().any(char::is_control) {
-            return Err(Status::invalid_argument(format!(
-                "label {k:?}: use at most 255 printable characters for the value"
-            )));
-        }
-    }
-    Ok(())
-}
-
 #[tonic::async_trait]
 impl SecurityService for SecurityApi {
     async fn create_enroll_token(
@@ -63,31 +34,11 @@ impl SecurityService for SecurityApi {
     ) -> Result<Response<proto::CreateEnrollTokenResponse>, Status> {
         let who = super::principal(&request)?;
         let req = request.into_inner();
-        if req.uses == 0 || req.uses > MAX_USES {
-            return Err(Status::invalid_argument(format!("uses is {}; allow 1 to {MAX_USES} enrollments", req.uses)));
-        }
-        if req.expires_in_seconds == 0 || req.expires_in_seconds > MAX_TOKEN_LIFETIME_SECS {
-            return Err(Status::invalid_argument(format!(
-                "expires_in_seconds is {}; use 1 s to 366 days",
-                req.expires_in_seconds
-            )));
-        }
         let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
-        check_labels(&labels)?;
-        let mut bytes = [0u8; 32];
-        rand::rng().fill_bytes(&mut bytes);
-        let secret = format!("{SECRET_PREFIX}{}", hex::encode(bytes));
-        let hash = super::enroll::hash_secret(&secret);
-        let now = self.app.clock.now().as_millis();
-        let record = EnrollTokenRecord {
-            id: hash[..TOKEN_ID_LEN].to_owned(),
-            labels,
-            uses_allowed: req.uses,
-            uses: 0,
-            expires_unix_ms: now.saturating_add((req.expires_in_seconds as i64).saturating_mul(1000)),
-            created_unix_ms: now,
-            revoked: false,
-        };
+        let now = self.app.clock.now();
+        let minted = enrollment::mint_bootstrap_token(labels, req.uses, req.expires_in_seconds, now)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let BootstrapToken { secret, hash, record } = minted;
         let stored = record.clone();
         super::with_store(&self.app.store, move |store| store.put_enroll_token(&hash, &stored)).await?;
         tracing::info!(token = %record.id, by = %who.name, uses = record.uses_allowed, "Created a bootstrap token.");

@@ -150,21 +150,13 @@ fn create_embedded(
     now: UnixMs,
 ) -> Result<proto::Rollout, CreateError> {
     check_spec(&mut spec)?;
-    let manifest = sources
-        .registry
-        .resolve(&spec.repository, &spec.candidate)
-        .map_err(|e| CreateError::Registry(e.to_string()))?
-        .ok_or_else(|| CreateError::BundleNotFound {
-            repository: spec.repository.clone(),
-            reference: spec.candidate.clone(),
-        })?;
-    let tag = if spec.candidate.starts_with("sha256:") { String::new() } else { spec.candidate.clone() };
-    let candidate = proto::BundleRef {
-        registry: sources.registry_host.clone(),
-        repository: spec.repository.clone(),
-        digest: manifest.digest.to_string(),
-        tag,
-    };
+    let candidate =
+        crate::bundles::pin_embedded(&sources.registry, &sources.registry_host, &spec.repository, &spec.candidate)
+            .map_err(|e| CreateError::Registry(e.to_string()))?
+            .ok_or_else(|| CreateError::BundleNotFound {
+                repository: spec.repository.clone(),
+                reference: spec.candidate.clone(),
+            })?;
     create_pinned(rollouts, spec, candidate, now)
 }
 
