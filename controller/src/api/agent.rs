@@ -252,12 +252,12 @@ impl Session {
                 hub.touch(device_id, now);
                 // Counters arrive again with the next report: no fsync for each.
                 let (ingest, id) = (app.ingest.clone(), device_id.clone());
-                reports.run(device_id, move |store| ingest.telemetry(store, id.as_str(), &t, now).map(|()| false)).await
+                reports.run(device_id, move |store| ingest.telemetry(store, &id, &t, now).map(|()| false)).await
             }
             Some(agent_message::Msg::Benchmark(report)) => {
                 // Recorded benchmarks wake the reconciler: performance gates may now decide.
                 let (ingest, id) = (app.ingest.clone(), device_id.clone());
-                reports.run(device_id, move |store| ingest.benchmarks(store, id.as_str(), &report, now)).await
+                reports.run(device_id, move |store| ingest.benchmarks(store, &id, &report, now)).await
             }
             Some(agent_message::Msg::Prestage(report)) => {
                 hub.touch(device_id, now);

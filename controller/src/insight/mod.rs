@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use alki_shared::clock::{SharedClock, UnixMs};
+use alki_shared::ids::DeviceId;
 use alki_shared::proto;
 
 use crate::store::{Rollup, Store, StoreError};
@@ -54,13 +55,13 @@ impl Ingest {
     pub fn telemetry(
         &self,
         store: &Store,
-        device_id: &str,
+        device_id: &DeviceId,
         t: &proto::Telemetry,
         now: UnixMs,
     ) -> Result<(), StoreError> {
-        let class = store.record_telemetry(device_id, t, now.as_millis())?;
+        let class = store.record_telemetry(device_id.as_str(), t, now.as_millis())?;
         self.telemetry_reports.fetch_add(1, Ordering::Relaxed);
-        self.roll_up(device_id, &class, t, now);
+        self.roll_up(device_id.as_str(), &class, t, now);
         Ok(())
     }
 
@@ -69,7 +70,7 @@ impl Ingest {
     pub fn benchmarks(
         &self,
         store: &Store,
-        device_id: &str,
+        device_id: &DeviceId,
         report: &proto::BenchmarkReport,
         now: UnixMs,
     ) -> Result<bool, StoreError> {
@@ -79,7 +80,7 @@ impl Ingest {
         if report.results.is_empty() {
             return Ok(false);
         }
-        store.record_benchmarks(device_id, &report.results, now.as_millis())?;
+        store.record_benchmarks(device_id.as_str(), &report.results, now.as_millis())?;
         self.benchmark_results.fetch_add(report.results.len() as u64, Ordering::Relaxed);
         tracing::info!(command_id = %report.command_id, results = report.results.len(), "Recorded benchmark results.");
         Ok(true)

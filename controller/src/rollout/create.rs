@@ -318,6 +318,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_failed_signature_check_is_refused_unless_overridden_with_a_reason() {
+        let failed = || {
+            Err::<(), _>(CandidateError::Read {
+                repository: "acme/qwen".into(),
+                digest: alki_shared::digest::Digest::of(b""),
+                reason: "registry down".into(),
+            })
+        };
+        assert!(matches!(signature_override(Ok::<(), CandidateError>(()), true, ""), Ok(None)), "nothing to override");
+        assert!(matches!(signature_override(failed(), false, "hotfix"), Err(CreateError::Signature(_))));
+        assert!(matches!(signature_override(failed(), true, "  "), Err(CreateError::Refused(_))), "a reason is needed");
+        let overridden = signature_override(failed(), true, "hotfix").ok().flatten().unwrap_or_default();
+        assert!(overridden.contains("registry down"), "the problem is kept for the event: {overridden}");
+    }
+
+    #[test]
     fn a_schedule_window_is_validated_and_its_weekdays_sorted() {
         let window = |start, end, weekdays: &[u32]| proto::RolloutSpec {
             schedule: Some(proto::ScheduleWindow {
