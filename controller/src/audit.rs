@@ -2,8 +2,10 @@
 //! [`crate::auth`], rate-limit per token ([`crate::limits`]), and record each state-changing call in the
 //! audit log (who, what, target, when, result) before its response leaves.
 //!
-//! Handlers keep their own role checks (defence in depth, and they need the principal); this layer makes
-//! sure a method or route nobody listed is refused rather than open.
+//! This is the one gRPC auth check: an admitted token's [`Principal`] rides in the request's extensions,
+//! and handlers read it (`api::principal`) instead of checking a role again; a handler that finds none
+//! refuses, so a service mounted without this layer fails closed. A method or route nobody listed is
+//! refused rather than open.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use alki_shared::clock::SharedClock;
 use alki_shared::proto;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -18,7 +21,6 @@ use axum::response::{IntoResponse, Response};
 use futures::future::BoxFuture;
 use http::StatusCode;
 use http_body_util::BodyExt as _;
-use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::{Access, AuthError, Authenticator, Policy, Principal};
@@ -53,9 +55,9 @@ pub struct Auditor {
 
 impl Auditor {
     /// Starts the writer; it ends when the last `Auditor` clone is dropped.
-    pub fn start(store: Store, retention: AuditRetention) -> Auditor {
+    pub fn start(store: Store, retention: AuditRetention, clock: SharedClock) -> Auditor {
         let (tx, rx) = mpsc::channel(AUDIT_QUEUE);
-        tokio::spawn(write_loop(store, retention, rx));
+        tokio::spawn(write_loop(store, retention, clock, rx));
         Auditor { tx }
     }
 
@@ -71,11 +73,11 @@ impl Auditor {
     }
 }
 
-async fn write_loop(store: Store, retention: AuditRetention, mut rx: mpsc::Receiver<Pending>) {
+async fn write_loop(store: Store, retention: AuditRetention, clock: SharedClock, mut rx: mpsc::Receiver<Pending>) {
     let seq = AtomicU64::new(0);
     let mut batch = Vec::with_capacity(AUDIT_BATCH);
     while rx.recv_many(&mut batch, AUDIT_BATCH).await > 0 {
-        let now = crate::now_unix_ms();
+        let now = clock.now().as_millis();
         let (entries, waiters): (Vec<proto::AuditEntry>, Vec<oneshot::Sender<()>>) = batch
             .drain(..)
             .map(|(e, done)| {
@@ -118,10 +120,12 @@ pub struct Gate {
 
 /// The outcome of checking a caller against a policy.
 enum Admission {
-    /// May proceed; `actor` and `role` name it for the audit log and the rate limiter.
+    /// May proceed; `actor` and `role` name it for the audit log and the rate limiter, and `principal` is
+    /// the token's holder when the access needed one (the handler reads it).
     Allowed {
         actor: String,
         role: String,
+        principal: Option<Principal>,
     },
     Refused(Refusal),
 }
@@ -136,10 +140,14 @@ impl Gate {
     /// Authenticates (on a blocking thread: the token lookup reads the store) and rate-limits.
     async fn admit(&self, policy: Policy, authorization: Option<String>, peer: &str) -> Admission {
         let principal = match policy.access {
-            Access::Public => return Admission::Allowed { actor: "anonymous".into(), role: String::new() },
+            Access::Public => {
+                return Admission::Allowed { actor: "anonymous".into(), role: String::new(), principal: None };
+            }
             // The handler checks the certificate, and limits each device's session opens and messages itself
             // (only it knows the device id; many devices may share one address behind NAT).
-            Access::Device => return Admission::Allowed { actor: "device".into(), role: String::new() },
+            Access::Device => {
+                return Admission::Allowed { actor: "device".into(), role: String::new(), principal: None };
+            }
             // The handler checks the bootstrap token; the limit is per peer address so a guesser cannot try
             // tokens quickly.
             Access::BootstrapToken => {
@@ -147,7 +155,7 @@ impl Gate {
                 if let Err(wait) = self.token_limiter.check(&key, Instant::now()) {
                     return Admission::Refused(Refusal::RateLimited(key, wait));
                 }
-                return Admission::Allowed { actor: "bootstrap".into(), role: String::new() };
+                return Admission::Allowed { actor: "bootstrap".into(), role: String::new(), principal: None };
             }
             Access::Token(action) => {
                 let auth = self.auth.clone();
@@ -158,12 +166,12 @@ impl Gate {
                 }
             }
         };
-        let Principal { ref role, .. } = principal;
         let actor = principal.actor();
         if let Err(wait) = self.token_limiter.check(&actor, Instant::now()) {
             return Admission::Refused(Refusal::RateLimited(actor, wait));
         }
-        Admission::Allowed { actor, role: format!("{role:?}").to_lowercase() }
+        let role = format!("{:?}", principal.role).to_lowercase();
+        Admission::Allowed { actor, role, principal: Some(principal) }
     }
 }
 
@@ -215,7 +223,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: GrpcRequest) -> Self::Future {
+    fn call(&mut self, mut request: GrpcRequest) -> Self::Future {
         // The clone that was polled ready serves this call; the fresh clone waits for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -232,7 +240,13 @@ where
             let authorization =
                 request.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
             let (actor, role) = match gate.admit(policy, authorization, &peer).await {
-                Admission::Allowed { actor, role } => (actor, role),
+                Admission::Allowed { actor, role, principal } => {
+                    // The handler reads who was admitted from here (`api::principal`).
+                    if let Some(principal) = principal {
+                        request.extensions_mut().insert(principal);
+                    }
+                    (actor, role)
+                }
                 Admission::Refused(refusal) => {
                     let known = refused_actor(&refusal);
                     let status = refusal_status(refusal);
@@ -347,39 +361,14 @@ fn code_name(code: tonic::Code) -> String {
     out
 }
 
-/// What a state-changing call acts on, read from its request message (one gRPC frame after 5 header bytes).
+/// What a state-changing call acts on, read from its request (one gRPC frame: a compression flag and a
+/// length, 5 bytes, then the message, which only `alki_shared::proto` decodes).
 fn grpc_target(path: &str, frame: &[u8]) -> String {
     let Some(message) = frame.get(5..) else { return String::new() };
     if frame.first() != Some(&0) {
         return String::new(); // Compressed: the target stays unnamed rather than decompressed here.
     }
-    let method = path.rsplit('/').next().unwrap_or_default();
-    match method {
-        "CreateRollout" => proto::CreateRolloutRequest::decode(message)
-            .ok()
-            .and_then(|r| r.spec)
-            .map(|s| format!("{}:{}", s.repository, s.candidate))
-            .unwrap_or_default(),
-        "PauseRollout" | "ResumeRollout" | "PromoteRollout" | "AbortRollout" | "RetryRollout" => {
-            proto::RolloutActionRequest::decode(message).map(|r| format!("rollout {}", r.id)).unwrap_or_default()
-        }
-        "CreateToken" => proto::CreateTokenRequest::decode(message)
-            .map(|r| format!("token {} ({:?})", r.name, proto::Role::try_from(r.role).unwrap_or_default()))
-            .unwrap_or_default(),
-        "RevokeToken" => {
-            proto::RevokeTokenRequest::decode(message).map(|r| format!("token {}", r.token)).unwrap_or_default()
-        }
-        "Enroll" => {
-            proto::EnrollRequest::decode(message).map(|r| format!("device {}", r.device_id)).unwrap_or_default()
-        }
-        "DecommissionDevice" => proto::DecommissionDeviceRequest::decode(message)
-            .map(|r| format!("device {}", r.device_id))
-            .unwrap_or_default(),
-        "RevokeEnrollToken" => proto::RevokeEnrollTokenRequest::decode(message)
-            .map(|r| format!("enroll token {}", r.id))
-            .unwrap_or_default(),
-        _ => String::new(),
-    }
+    proto::audit_target(path, message)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -399,7 +388,7 @@ pub async fn http_gate(State(gate): State<Gate>, request: Request, next: Next) -
     let authorization =
         request.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let (actor, role) = match gate.admit(policy, authorization, &peer).await {
-        Admission::Allowed { actor, role } => (actor, role),
+        Admission::Allowed { actor, role, .. } => (actor, role),
         Admission::Refused(refusal) => {
             if let (true, Some((actor, role))) = (policy.mutates, refused_actor(&refusal)) {
                 let (action, target) = http_action(&method, &path);

@@ -1,76 +1,23 @@
-//! Who may do what: bearer tokens with roles, checked in one place for gRPC and HTTP alike.
+//! Who may do what: bearer tokens with roles, and the access tables of every gRPC method
+//! ([`grpc_policy`]) and HTTP route ([`http_policy`]). The gate (`audit`) authenticates each call by
+//! these tables before any handler runs; a gRPC handler only asks for the [`Principal`] the gate admitted,
+//! so a method's required action is written in one place.
 //!
-//! Tokens are 32 random bytes shown once; the store keeps only their SHA-256. mTLS device identity
-//! (a later change) plugs in here as another kind of [`Principal`].
+//! Tokens are 32 random bytes shown once; the store keeps only their SHA-256. Enrolled devices present
+//! the short-lived registry tokens `pki` signs, as role agent.
 
 use std::path::{Path, PathBuf};
 
+use alki_shared::clock::{self, SharedClock};
 use alki_shared::proto;
 use base64::Engine as _;
 use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
 
+pub use crate::roles::{Action, Role};
 use crate::store::{Store, StoreError, TokenRecord};
 
 const TOKEN_PREFIX: &str = "alki_";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Viewer,
-    Operator,
-    Admin,
-    Push,
-    Agent,
-}
-
-impl Role {
-    pub fn from_proto(role: proto::Role) -> Option<Role> {
-        match role {
-            proto::Role::Unspecified => None,
-            proto::Role::Viewer => Some(Role::Viewer),
-            proto::Role::Operator => Some(Role::Operator),
-            proto::Role::Admin => Some(Role::Admin),
-            proto::Role::Push => Some(Role::Push),
-            proto::Role::Agent => Some(Role::Agent),
-        }
-    }
-
-    pub fn to_proto(self) -> proto::Role {
-        match self {
-            Role::Viewer => proto::Role::Viewer,
-            Role::Operator => proto::Role::Operator,
-            Role::Admin => proto::Role::Admin,
-            Role::Push => proto::Role::Push,
-            Role::Agent => proto::Role::Agent,
-        }
-    }
-
-    /// The one table of permissions.
-    pub fn allows(self, action: Action) -> bool {
-        use Action::*;
-        match self {
-            Role::Admin => true,
-            Role::Operator => matches!(action, ReadFleet | WriteFleet | RegistryRead | RegistryWrite),
-            Role::Viewer => matches!(action, ReadFleet | RegistryRead),
-            Role::Push => matches!(action, RegistryRead | RegistryWrite),
-            Role::Agent => matches!(action, AgentSession | RegistryRead),
-        }
-    }
-}
-
-/// What a caller wants to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    ReadFleet,
-    WriteFleet,
-    ManageTokens,
-    /// Reading the audit log: admin only, since it names every credential and device and shows refused attempts.
-    ReadAudit,
-    RegistryRead,
-    RegistryWrite,
-    AgentSession,
-}
 
 /// An authenticated caller.
 #[derive(Clone, Debug, PartialEq)]
@@ -108,11 +55,19 @@ pub struct Authenticator {
     store: Store,
     /// Verifies the short-lived registry tokens handed to enrolled devices (see `pki::Pki::registry_token`).
     device_tokens: Option<crate::pki::Pki>,
+    /// When tokens are created and revoked, and whether a device's registry token has expired.
+    clock: SharedClock,
 }
 
 impl Authenticator {
     pub fn new(store: Store) -> Authenticator {
-        Authenticator { store, device_tokens: None }
+        Authenticator { store, device_tokens: None, clock: clock::system() }
+    }
+
+    /// Reads time from `clock` instead of the system clock.
+    pub fn with_clock(mut self, clock: SharedClock) -> Authenticator {
+        self.clock = clock;
+        self
     }
 
     /// Also accepts the registry tokens `pki` signs for devices, as role agent, while the device is not
@@ -127,7 +82,7 @@ impl Authenticator {
     pub fn authorize(&self, authorization: Option<&str>, action: Action) -> Result<Principal, AuthError> {
         let token = authorization.and_then(token_from_header).ok_or(AuthError::Missing)?;
         if let Some(pki) = &self.device_tokens
-            && let Some(device_id) = pki.verify_registry_token(&token, crate::now_unix_ms())
+            && let Some(device_id) = pki.verify_registry_token(&token, self.clock.now().as_millis())
         {
             let live = self.store.device_identity(&device_id)?.is_some_and(|d| d.decommissioned_unix_ms.is_none());
             if !live {
@@ -155,8 +110,8 @@ impl Authenticator {
         rand::rng().fill_bytes(&mut bytes);
         let token = format!("{TOKEN_PREFIX}{}", hex::encode(bytes));
         check_token_name(name)?;
-        let record =
-            TokenRecord { name: name.to_owned(), role, created_unix_ms: crate::now_unix_ms(), revoked_unix_ms: None };
+        let created_unix_ms = self.clock.now().as_millis();
+        let record = TokenRecord { name: name.to_owned(), role, created_unix_ms, revoked_unix_ms: None };
         self.store.put_token(&hash_token(&token), &record)?;
         Ok(token)
     }
@@ -203,8 +158,10 @@ impl Authenticator {
             }
         };
         let hash = chosen.0.clone();
-        let record =
-            self.store.revoke_token(&hash, crate::now_unix_ms())?.ok_or_else(|| TokenError::NotFound(hash.clone()))?;
+        let record = self
+            .store
+            .revoke_token(&hash, self.clock.now().as_millis())?
+            .ok_or_else(|| TokenError::NotFound(hash.clone()))?;
         Ok(TokenInfo::new(&hash, record))
     }
 }
@@ -259,12 +216,17 @@ pub enum Access {
     Public,
     /// Presents a bootstrap token in the request itself (Enroll); the handler checks it.
     BootstrapToken,
-    /// An enrolled device by its mTLS certificate (or, with `--insecure-agent-tokens`, an agent token);
-    /// the handler checks it, since only it sees the certificate and the Hello.
+    /// An enrolled device by its mTLS certificate (or, with `--insecure-agent-tokens`, a bearer token
+    /// allowing [`DEVICE_TOKEN_ACTION`]); the handler checks it, since only it sees the certificate and
+    /// the Hello.
     Device,
     /// A bearer token whose role allows this.
     Token(Action),
 }
+
+/// What a bearer token must allow to stand in for a device certificate ([`Access::Device`]), where
+/// `--insecure-agent-tokens` admits one.
+pub const DEVICE_TOKEN_ACTION: Action = Action::AgentSession;
 
 /// A method's or route's access and whether it changes state (and so is audited).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -281,8 +243,10 @@ const fn write(action: Action) -> Policy {
     Policy { access: Access::Token(action), mutates: true }
 }
 
-/// The one table of gRPC methods. A method missing here is refused for everyone (and
-/// controller/tests/authz.rs, which enumerates the proto descriptors, fails naming it).
+/// The one table of gRPC methods: the gate authenticates every call by it, and handlers read the
+/// principal the gate admitted (`api::principal`) instead of naming an action again. A method missing
+/// here is refused for everyone (and controller/tests/authz.rs, which enumerates the proto descriptors,
+/// fails naming it).
 pub fn grpc_policy(path: &str) -> Option<Policy> {
     use Action::*;
     // The standard health service is the gRPC twin of /healthz: load balancers and Kubernetes probes call it

@@ -4,28 +4,31 @@
 //! run a real controller on port 0.
 
 pub mod api;
+pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod bundles;
 pub mod cli;
 pub mod config;
+pub mod enrollment;
+pub mod facts;
 pub mod fleet;
 pub mod insight;
 pub mod limits;
 pub mod metrics;
 pub mod pki;
 pub mod registry;
+pub mod roles;
 pub mod rollout;
 pub mod server;
 pub mod store;
 pub mod tls;
 pub mod trust;
 
-pub use server::{Listeners, serve};
+pub use server::{Listeners, serve, serve_with_clock};
 
-/// Milliseconds since the Unix epoch, for records and reports (never for deciding anything in pure logic).
+/// Milliseconds since the Unix epoch, for alkictl's output. The server never calls it: it reads the clock
+/// its application context holds (`app::App::clock`), so tests can drive time.
 pub fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    alki_shared::clock::UnixMs::now().as_millis()
 }

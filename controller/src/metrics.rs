@@ -1,6 +1,8 @@
-//! Prometheus metrics in the text exposition format: counters the HTTP side and ingestion keep, and fleet
-//! gauges computed from the store at scrape time (devices by state, phase and class; rollout progress and
-//! per-class A/B ratios; serving speed per class and bundle; registry traffic; telemetry ingestion).
+//! Prometheus metrics in the text exposition format: fleet gauges computed at scrape time (devices by
+//! state, phase and class; rollout progress and per-class A/B ratios; serving speed per class and bundle)
+//! and counters (registry traffic, which [`count_registry`] keeps here; telemetry ingestion; the report
+//! writer). [`render`] is pure: it renders the [`Scrape`] it is handed, which the application context
+//! gathers from the store, the sessions and the counters' owners.
 //!
 //! [`NAMES`] lists every metric this module can export: the Grafana dashboard's test checks its queries
 //! against a real scrape, and a unit test checks the scrape names nothing outside this list.
@@ -16,10 +18,8 @@ use axum::middleware::Next;
 use axum::response::Response;
 use http_body_util::BodyExt as _;
 
-use crate::fleet::Fleet;
+use crate::facts::{hardware_class, is_active};
 use crate::insight::stats::median;
-use crate::rollout::engine::hardware_class;
-use crate::store::StoreError;
 
 /// Every metric name exported, with its type and help.
 pub const NAMES: &[(&str, &str, &str)] = &[
@@ -89,12 +89,52 @@ pub struct HttpCounters {
     registry_bytes_out: Arc<AtomicU64>,
 }
 
+impl HttpCounters {
+    /// Their values now.
+    pub fn registry(&self) -> RegistryTraffic {
+        RegistryTraffic {
+            requests: std::array::from_fn(|i| self.registry_requests[i].load(Ordering::Relaxed)),
+            bytes_in: self.registry_bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.registry_bytes_out.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Registry traffic so far: requests by method (in the order of `METHODS`) and body bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RegistryTraffic {
+    pub requests: [u64; 7],
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// Counter values at scrape time.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Counters {
+    pub registry: RegistryTraffic,
+    pub telemetry_reports: u64,
+    pub benchmark_results: u64,
+    pub rollups_dropped: u64,
+    pub rollup_flushes: u64,
+    pub reports_queued: u64,
+    pub reports_written: u64,
+    pub report_commits: u64,
+}
+
+/// What one scrape renders.
+#[derive(Clone, Debug, Default)]
+pub struct Scrape {
+    /// Every device record, with `connected` filled from the live sessions.
+    pub devices: Vec<proto::Device>,
+    pub rollouts: Vec<proto::Rollout>,
+    pub counters: Counters,
+}
+
 /// Counts registry requests and the bytes of their bodies as they stream (uploads and downloads alike).
-pub async fn count_registry(State(fleet): State<Fleet>, request: Request, next: Next) -> Response {
+pub async fn count_registry(State(counters): State<Arc<HttpCounters>>, request: Request, next: Next) -> Response {
     if !request.uri().path().starts_with("/v2/") {
         return next.run(request).await;
     }
-    let counters = fleet.http.clone();
     let method = METHODS.iter().position(|m| *m == request.method().as_str()).unwrap_or(METHODS.len() - 1);
     counters.registry_requests[method].fetch_add(1, Ordering::Relaxed);
     let bytes_in = counters.registry_bytes_in.clone();
@@ -175,33 +215,43 @@ fn prestage_index(state: i32) -> usize {
     }
 }
 
-/// Renders every metric from the fleet's state now. Blocking (reads the store).
-pub fn render(fleet: &Fleet) -> Result<String, StoreError> {
+/// Renders every metric of `scrape`.
+pub fn render(scrape: &Scrape) -> String {
     let mut e = Exposition::default();
-    let devices = fleet.devices(&Default::default())?;
+    device_metrics(&mut e, &scrape.devices);
+    rollout_metrics(&mut e, &scrape.rollouts);
+    counter_metrics(&mut e, &scrape.counters);
+    e.render()
+}
 
-    let mut by_state: BTreeMap<(&str, &str, String), u64> = BTreeMap::new();
-    let mut serving: BTreeMap<(String, String), Serving> = BTreeMap::new();
-    let mut prestaging: BTreeMap<(String, String), Prestaging> = BTreeMap::new();
-    let mut connected = 0u64;
-    for d in &devices {
+/// Devices per class: how many there are by state and phase, what they serve, and their pre-staging.
+#[derive(Default)]
+struct DeviceTally {
+    by_state: BTreeMap<(&'static str, &'static str, String), u64>,
+    serving: BTreeMap<(String, String), Serving>,
+    prestaging: BTreeMap<(String, String), Prestaging>,
+    connected: u64,
+}
+
+impl DeviceTally {
+    fn add(&mut self, d: &proto::Device) {
         let state = if d.decommissioned {
             "decommissioned"
         } else if d.connected {
-            connected += 1;
+            self.connected += 1;
             "connected"
         } else {
             "disconnected"
         };
         let class = hardware_class(d);
-        *by_state.entry((state, phase_label(d.phase), class.clone())).or_default() += 1;
+        *self.by_state.entry((state, phase_label(d.phase), class.clone())).or_default() += 1;
         if let Some(p) = d.prestage.as_ref().filter(|p| !p.rollout_id.is_empty()) {
-            let entry = prestaging.entry((p.rollout_id.clone(), class.clone())).or_default();
+            let entry = self.prestaging.entry((p.rollout_id.clone(), class.clone())).or_default();
             entry.devices[prestage_index(p.state)] += 1;
             entry.attempts += u64::from(p.attempts);
         }
         if let Some(t) = d.latest_telemetry.as_ref().filter(|t| !t.bundle_digest.is_empty() && d.connected) {
-            let entry = serving.entry((class, t.bundle_digest.clone())).or_default();
+            let entry = self.serving.entry((class, t.bundle_digest.clone())).or_default();
             if t.generation_tokens_per_second > 0.0 {
                 entry.0.push(t.generation_tokens_per_second);
             }
@@ -211,11 +261,18 @@ pub fn render(fleet: &Fleet) -> Result<String, StoreError> {
             entry.2 += 1;
         }
     }
-    e.add("alki_devices_connected", &[], connected as f64);
-    for ((state, phase, class), n) in &by_state {
+}
+
+fn device_metrics(e: &mut Exposition, devices: &[proto::Device]) {
+    let mut tally = DeviceTally::default();
+    for d in devices {
+        tally.add(d);
+    }
+    e.add("alki_devices_connected", &[], tally.connected as f64);
+    for ((state, phase, class), n) in &tally.by_state {
         e.add("alki_devices", &[("state", state), ("phase", phase), ("class", class)], *n as f64);
     }
-    for ((class, bundle), (tps, ttft, n)) in &serving {
+    for ((class, bundle), (tps, ttft, n)) in &tally.serving {
         let labels = [("class", class.as_str()), ("bundle", bundle.as_str())];
         if let Some(m) = median(tps) {
             e.add("alki_class_generation_tokens_per_second", &labels, m);
@@ -225,7 +282,7 @@ pub fn render(fleet: &Fleet) -> Result<String, StoreError> {
         }
         e.add("alki_class_serving_devices", &labels, *n as f64);
     }
-    for ((rollout, class), p) in &prestaging {
+    for ((rollout, class), p) in &tally.prestaging {
         for (state, n) in PRESTAGE_STATES.iter().zip(p.devices) {
             let labels = [("rollout_id", rollout.as_str()), ("class", class.as_str()), ("state", state)];
             e.add("alki_rollout_prestage_devices", &labels, n as f64);
@@ -233,46 +290,42 @@ pub fn render(fleet: &Fleet) -> Result<String, StoreError> {
         let labels = [("rollout_id", rollout.as_str()), ("class", class.as_str())];
         e.add("alki_rollout_prestage_attempts", &labels, p.attempts as f64);
     }
-
-    let mut rollouts = fleet.store.rollouts()?;
-    let mut by_rollout_state: BTreeMap<&str, u64> = BTreeMap::new();
-    for r in &rollouts {
-        *by_rollout_state.entry(RolloutState::try_from(r.state).unwrap_or_default().label()).or_default() += 1;
-    }
-    for (state, n) in &by_rollout_state {
-        e.add("alki_rollouts", &[("state", state)], *n as f64);
-    }
-    rollouts.sort_by_key(|r| std::cmp::Reverse(r.updated_unix_ms));
-    let (active, finished): (Vec<&proto::Rollout>, Vec<&proto::Rollout>) = rollouts
-        .iter()
-        .partition(|r| crate::rollout::engine::is_active(RolloutState::try_from(r.state).unwrap_or_default()));
-    for r in active.into_iter().chain(finished.into_iter().take(RECENT_FINISHED)) {
-        rollout_metrics(&mut e, r);
-    }
-
-    let http = &fleet.http;
-    for (i, method) in METHODS.iter().enumerate() {
-        e.add(
-            "alki_registry_requests_total",
-            &[("method", method)],
-            http.registry_requests[i].load(Ordering::Relaxed) as f64,
-        );
-    }
-    e.add("alki_registry_bytes_total", &[("direction", "in")], http.registry_bytes_in.load(Ordering::Relaxed) as f64);
-    e.add("alki_registry_bytes_total", &[("direction", "out")], http.registry_bytes_out.load(Ordering::Relaxed) as f64);
-    let ingest = &fleet.insight;
-    e.add("alki_telemetry_reports_total", &[], ingest.telemetry_reports.load(Ordering::Relaxed) as f64);
-    e.add("alki_benchmark_results_total", &[], ingest.benchmark_results.load(Ordering::Relaxed) as f64);
-    e.add("alki_telemetry_rollups_dropped_total", &[], ingest.rollups_dropped.load(Ordering::Relaxed) as f64);
-    e.add("alki_telemetry_rollup_flushes_total", &[], ingest.rollup_flushes.load(Ordering::Relaxed) as f64);
-    let reports = &fleet.reports;
-    e.add("alki_agent_reports_queued", &[], reports.queued.load(Ordering::Relaxed) as f64);
-    e.add("alki_agent_reports_written_total", &[], reports.written.load(Ordering::Relaxed) as f64);
-    e.add("alki_agent_report_commits_total", &[], reports.commits.load(Ordering::Relaxed) as f64);
-    Ok(e.render())
 }
 
-fn rollout_metrics(e: &mut Exposition, r: &proto::Rollout) {
+/// Rollouts by state, and the progress of the active ones and of the most recently finished.
+fn rollout_metrics(e: &mut Exposition, rollouts: &[proto::Rollout]) {
+    let mut by_state: BTreeMap<&str, u64> = BTreeMap::new();
+    for r in rollouts {
+        *by_state.entry(RolloutState::try_from(r.state).unwrap_or_default().label()).or_default() += 1;
+    }
+    for (state, n) in &by_state {
+        e.add("alki_rollouts", &[("state", state)], *n as f64);
+    }
+    let mut newest_first: Vec<&proto::Rollout> = rollouts.iter().collect();
+    newest_first.sort_by_key(|r| std::cmp::Reverse(r.updated_unix_ms));
+    let (active, finished): (Vec<&proto::Rollout>, Vec<&proto::Rollout>) =
+        newest_first.into_iter().partition(|r| is_active(RolloutState::try_from(r.state).unwrap_or_default()));
+    for r in active.into_iter().chain(finished.into_iter().take(RECENT_FINISHED)) {
+        one_rollout_metrics(e, r);
+    }
+}
+
+fn counter_metrics(e: &mut Exposition, c: &Counters) {
+    for (method, n) in METHODS.iter().zip(c.registry.requests) {
+        e.add("alki_registry_requests_total", &[("method", method)], n as f64);
+    }
+    e.add("alki_registry_bytes_total", &[("direction", "in")], c.registry.bytes_in as f64);
+    e.add("alki_registry_bytes_total", &[("direction", "out")], c.registry.bytes_out as f64);
+    e.add("alki_telemetry_reports_total", &[], c.telemetry_reports as f64);
+    e.add("alki_benchmark_results_total", &[], c.benchmark_results as f64);
+    e.add("alki_telemetry_rollups_dropped_total", &[], c.rollups_dropped as f64);
+    e.add("alki_telemetry_rollup_flushes_total", &[], c.rollup_flushes as f64);
+    e.add("alki_agent_reports_queued", &[], c.reports_queued as f64);
+    e.add("alki_agent_reports_written_total", &[], c.reports_written as f64);
+    e.add("alki_agent_report_commits_total", &[], c.report_commits as f64);
+}
+
+fn one_rollout_metrics(e: &mut Exposition, r: &proto::Rollout) {
     let id = r.id.as_str();
     let steps = r.spec.as_ref().map(|s| s.steps.len()).unwrap_or(0);
     let percent = r.spec.as_ref().and_then(|s| s.steps.get(r.current_step as usize)).map(|s| s.percent).unwrap_or(0);
@@ -325,6 +378,14 @@ fn rollout_metrics(e: &mut Exposition, r: &proto::Rollout) {
 mod tests {
     use super::*;
 
+    fn scrape(store: &crate::store::Store) -> Scrape {
+        Scrape {
+            devices: store.devices().expect("devices"),
+            rollouts: store.rollouts().expect("rollouts"),
+            counters: Counters::default(),
+        }
+    }
+
     #[test]
     fn a_scrape_names_only_listed_metrics_and_counts_the_fleet() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -337,7 +398,6 @@ mod tests {
                 })
                 .expect("device");
         }
-        let fleet = Fleet::new(store);
         let rollout = proto::Rollout {
             id: "ro-1".into(),
             state: RolloutState::Progressing as i32,
@@ -348,8 +408,8 @@ mod tests {
             }],
             ..Default::default()
         };
-        fleet.store.put_rollout(&rollout).expect("rollout");
-        let text = render(&fleet).expect("render");
+        store.put_rollout(&rollout).expect("rollout");
+        let text = render(&scrape(&store));
         assert!(text.contains("alki_devices{state=\"disconnected\",phase=\"active\",class=\"pi5-8g\"} 2"), "{text}");
         assert!(text.contains(
             "alki_rollout_class_ratio{rollout_id=\"ro-1\",class=\"pi5-8g\",metric=\"tokens_per_second\"} 0.7"
@@ -387,7 +447,7 @@ mod tests {
         }
         // A device never told to pre-stage counts nowhere.
         store.update_device("d7", |d| d.phase = Phase::Active as i32).expect("device");
-        let text = render(&Fleet::new(store)).expect("render");
+        let text = render(&scrape(&store));
         for expected in [
             r#"alki_rollout_prestage_devices{rollout_id="ro-1",class="pi5-8g",state="ready"} 2"#,
             r#"alki_rollout_prestage_devices{rollout_id="ro-1",class="pi5-8g",state="failed"} 1"#,

@@ -1,9 +1,11 @@
-//! Wiring: opens the store and registry, starts gRPC, HTTP and the rollout reconciler, and shuts them down.
-//! This is the single place where listeners are set up, so TLS plugs in here.
+//! Wiring: opens the store and registry, builds the application context (`app::App`), starts gRPC, HTTP,
+//! the rollout reconciler and the background loops, and shuts them down. This is the single place where
+//! listeners are set up, so TLS plugs in here.
 
 use std::future::Future;
 use std::sync::Arc;
 
+use alki_shared::clock::{self, SharedClock};
 use alki_shared::proto::admin_service_server::AdminServiceServer;
 use alki_shared::proto::agent_service_server::AgentServiceServer;
 use alki_shared::proto::enrollment_service_server::EnrollmentServiceServer;
@@ -16,11 +18,15 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::api;
+use crate::app::App;
 use crate::auth::Authenticator;
 use crate::config::ControllerConfig;
 use crate::fleet::Fleet;
+use crate::fleet::reports::{ReportCounters, ReportWriter, WriterTask};
 use crate::registry::Registry;
-use crate::rollout;
+use crate::rollout::Rollouts;
+use crate::rollout::create::Sources;
+use crate::rollout::reconcile;
 use crate::store::Store;
 
 /// Already-bound listeners: tests bind 127.0.0.1:0 and pass them in.
@@ -35,73 +41,151 @@ pub async fn serve(
     config: ControllerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_with_clock(listeners, config, clock::system(), shutdown).await
+}
+
+/// [`serve`] with every record and report stamped by `clock` (tests drive time with it).
+pub async fn serve_with_clock(
+    listeners: Listeners,
+    config: ControllerConfig,
+    clock: SharedClock,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let http_addr = listeners.http.local_addr()?;
+    let (app, gate, report_writer_task) = open_app(&config, clock, http_addr)?;
+    let stop = CancellationToken::new();
+    let background = Background::start(&app, &config, stop.clone());
+    let grpc = grpc_server(&app, &config, gate.clone(), listeners.grpc, stop.clone()).await?;
+    let http = http_server(&app, gate, listeners.http, config.insecure_plaintext, stop.clone());
+
+    tracing::info!(http = %http_addr, "Controller is serving.");
+    let hub = app.fleet.hub.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("Shutting down.");
+        stop.cancel();
+        // Agent sessions never end on their own: close them so the gRPC server's graceful shutdown can
+        // finish. Agents reconnect to whichever controller comes back.
+        let closed = hub.close_all();
+        tracing::info!(sessions = closed, "Closed agent sessions.");
+    });
+    let (grpc_result, http_result) = tokio::join!(grpc, http);
+    // What the agents reported last is written before the store is let go.
+    report_writer_task.finish().await;
+    background.finish().await;
+    grpc_result.context("gRPC server")?;
+    http_result.context("HTTP server")?;
+    Ok(())
+}
+
+/// Opens the store, the CA and the registry and builds the application context around them, with the
+/// gate every call passes and the report writer's task (to finish at shutdown).
+fn open_app(
+    config: &ControllerConfig,
+    clock: SharedClock,
+    http_addr: std::net::SocketAddr,
+) -> anyhow::Result<(App, crate::audit::Gate, WriterTask)> {
     let store =
         Store::open(&config.data_dir).with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     crate::pki::install_crypto_provider();
     let pki = crate::pki::Pki::load_or_create(&config.data_dir, &config.pki).context("setting up the controller CA")?;
-    let auth = Authenticator::new(store.clone()).with_device_tokens(pki.clone());
+    let auth = Authenticator::new(store.clone()).with_device_tokens(pki.clone()).with_clock(clock.clone());
     if let Some(path) = auth.bootstrap_admin(&config.data_dir)? {
         tracing::info!(path = %path.display(), "First start: wrote the bootstrap admin token.");
     }
     // Every call passes the gate (authentication by table, rate limits, audit) before any handler.
-    let limits = config.limits.clone();
     let gate = crate::audit::Gate {
         auth: auth.clone(),
-        auditor: crate::audit::Auditor::start(store.clone(), config.audit_retention),
-        token_limiter: Arc::new(crate::limits::RateLimiter::new(limits.token_rate)),
+        auditor: crate::audit::Auditor::start(store.clone(), config.audit_retention, clock.clone()),
+        token_limiter: Arc::new(crate::limits::RateLimiter::new(config.limits.token_rate)),
     };
-    let admin_api = api::admin::AdminApi { auth: auth.clone(), store: store.clone() };
-    let registry = Arc::new(
-        Registry::open(&config.data_dir, store.database(), config.registry.clone()).context("opening the registry")?,
-    );
-    let http_addr = listeners.http.local_addr()?;
-    let registry_host = config.registry_host.clone().unwrap_or_else(|| http_addr.to_string());
-    let fleet = Fleet::new(store);
-
-    let stop = CancellationToken::new();
-    let reconciler_stop = Arc::new(tokio::sync::Notify::new());
-    let reconciler = tokio::spawn(rollout::reconcile_loop(fleet.clone(), reconciler_stop.clone()));
-    let rollup_flush = tokio::spawn(crate::insight::flush_loop(fleet.clone(), stop.clone()));
-    let dashboard = api::dashboard::DashboardState {
-        fleet: fleet.clone(),
-        auth: auth.clone(),
-        registry: registry.clone(),
+    let registry =
+        Registry::open_with_clock(&config.data_dir, store.database(), config.registry.clone(), clock.clone())
+            .context("opening the registry")?;
+    let sources = Sources {
+        registry: Arc::new(registry),
+        registry_host: config.registry_host.clone().unwrap_or_else(|| http_addr.to_string()),
+        externals: config.external_registries.clone().into(),
         trusted_keys: config.trusted_keys.clone().into(),
     };
+    let fleet = Fleet::new(store.clone());
+    let report_counters = Arc::new(ReportCounters::default());
+    let (reports, report_writer_task) = ReportWriter::start(fleet.clone(), report_counters.clone());
+    let app = App {
+        clock,
+        store,
+        rollouts: Rollouts::new(fleet.clone()),
+        fleet,
+        auth,
+        pki,
+        sources,
+        ingest: Arc::default(),
+        reports,
+        http_counters: Arc::default(),
+        report_counters,
+    };
+    Ok((app, gate, report_writer_task))
+}
 
-    let (report_writer, report_writer_task) = crate::fleet::reports::ReportWriter::start(fleet.clone());
+/// The loops that run beside the servers: the rollout reconciler, the rollup flush, the registry token
+/// refresher and the registry's garbage collection schedule.
+struct Background {
+    reconciler_stop: Arc<tokio::sync::Notify>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Background {
+    fn start(app: &App, config: &ControllerConfig, stop: CancellationToken) -> Background {
+        let reconciler_stop = Arc::new(tokio::sync::Notify::new());
+        let tasks = vec![
+            tokio::spawn(reconcile::reconcile_loop(app.rollouts.clone(), app.clock.clone(), reconciler_stop.clone())),
+            tokio::spawn(crate::insight::flush_loop(
+                app.ingest.clone(),
+                app.store.clone(),
+                app.clock.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(crate::enrollment::refresh_registry_tokens(
+                app.fleet.clone(),
+                app.pki.clone(),
+                app.clock.clone(),
+                config.heartbeat_interval,
+                stop.clone(),
+            )),
+            tokio::spawn(app.sources.registry.clone().run_gc_schedule(stop)),
+        ];
+        Background { reconciler_stop, tasks }
+    }
+
+    /// Stops the reconciler (the others stop with the shutdown token) and waits for every loop to end.
+    async fn finish(self) {
+        self.reconciler_stop.notify_one();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// The gRPC server: every service behind the gate, the standard health service and reflection.
+async fn grpc_server(
+    app: &App,
+    config: &ControllerConfig,
+    gate: crate::audit::Gate,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> anyhow::Result<impl Future<Output = Result<(), tonic::transport::Error>>> {
+    let limits = &config.limits;
     let agent_api = api::agent::AgentApi {
-        fleet: fleet.clone(),
-        auth: auth.clone(),
+        app: app.clone(),
         heartbeat_interval: config.heartbeat_interval,
-        pki: pki.clone(),
         insecure_agent_tokens: config.insecure_agent_tokens,
         device_limiter: Arc::new(crate::limits::RateLimiter::new(limits.device_rate)),
-        reports: report_writer,
     };
-    let enroll_api = api::enroll::EnrollApi { fleet: fleet.clone(), pki: pki.clone() };
-    let security_api = api::security::SecurityApi { fleet: fleet.clone(), auth: auth.clone() };
-    let token_refresher = tokio::spawn(api::enroll::refresh_registry_tokens(
-        fleet.clone(),
-        pki.clone(),
-        config.heartbeat_interval,
-        stop.clone(),
-    ));
-    let hub = fleet.hub.clone();
-    let insight_api = api::insight::InsightApi {
-        fleet: fleet.clone(),
-        auth: auth.clone(),
-        registry: registry.clone(),
-        registry_host: registry_host.clone(),
-    };
-    let fleet_api = api::fleet::FleetApi {
-        fleet,
-        auth: auth.clone(),
-        registry: registry.clone(),
-        registry_host,
-        external_registries: config.external_registries.clone().into(),
-        trusted_keys: config.trusted_keys.clone().into(),
-    };
+    let admin_api = api::admin::AdminApi { app: app.clone() };
+    let enroll_api = api::enroll::EnrollApi { app: app.clone() };
+    let security_api = api::security::SecurityApi { app: app.clone() };
+    let insight_api = api::insight::InsightApi { app: app.clone() };
+    let fleet_api = api::fleet::FleetApi { app: app.clone() };
     // The standard health service: every Alki service is SERVING while the listener is up (a stopping
     // controller stops answering altogether).
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -119,17 +203,16 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(alki_shared::proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("the gRPC reflection service")?;
-    let grpc_stop = stop.clone();
     let mut grpc = tonic::transport::Server::builder();
     if config.insecure_plaintext {
         tracing::warn!("Serving gRPC and HTTP WITHOUT TLS (--insecure-plaintext): use only on a loopback test bench.");
     } else {
-        grpc = grpc.tls_config(crate::tls::grpc_config(&pki)).context("the gRPC listener's TLS settings")?;
+        grpc = grpc.tls_config(crate::tls::grpc_config(&app.pki)).context("the gRPC listener's TLS settings")?;
     }
-    let grpc = grpc
+    Ok(grpc
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
-        .layer(crate::audit::GrpcGateLayer::new(gate.clone(), limits.grpc_max_message))
+        .layer(crate::audit::GrpcGateLayer::new(gate, limits.grpc_max_message))
         .add_service(AgentServiceServer::new(agent_api).max_decoding_message_size(limits.session_max_message))
         .add_service(AdminServiceServer::new(admin_api).max_decoding_message_size(limits.grpc_max_message))
         .add_service(FleetServiceServer::new(fleet_api).max_decoding_message_size(limits.grpc_max_message))
@@ -138,56 +221,39 @@ pub async fn serve(
         .add_service(SecurityServiceServer::new(security_api).max_decoding_message_size(limits.grpc_max_message))
         .add_service(health_service)
         .add_service(reflection)
-        .serve_with_incoming_shutdown(nodelay(TcpListenerStream::new(listeners.grpc)), async move {
-            grpc_stop.cancelled().await
-        });
+        .serve_with_incoming_shutdown(nodelay(TcpListenerStream::new(listener)), async move { stop.cancelled().await }))
+}
 
-    let gc_schedule = tokio::spawn(registry.clone().run_gc_schedule(stop.clone()));
-    let http_stop = stop.clone();
-    let counted = dashboard.fleet.clone();
-    let router = api::http::router(registry, auth)
-        .merge(api::dashboard::router(dashboard))
-        .layer(axum::middleware::from_fn_with_state(counted, crate::metrics::count_registry))
+/// The HTTP server: probes, the registry and the dashboard API, counted and behind the gate, over TLS
+/// unless `insecure_plaintext`.
+fn http_server(
+    app: &App,
+    gate: crate::audit::Gate,
+    listener: TcpListener,
+    insecure_plaintext: bool,
+    stop: CancellationToken,
+) -> impl Future<Output = std::io::Result<()>> {
+    let router = api::http::router(app.sources.registry.clone(), app.auth.clone())
+        .merge(api::dashboard::router(api::dashboard::DashboardState { app: app.clone() }))
+        .layer(axum::middleware::from_fn_with_state(app.http_counters.clone(), crate::metrics::count_registry))
         .layer(axum::middleware::from_fn_with_state(gate, crate::audit::http_gate));
-    let http_shutdown = async move { http_stop.cancelled().await };
-    let http = async move {
-        if config.insecure_plaintext {
+    let pki = app.pki.clone();
+    async move {
+        let shutdown = async move { stop.cancelled().await };
+        if insecure_plaintext {
             use axum::serve::ListenerExt as _;
-            let listener = listeners.http.tap_io(|tcp| {
+            let listener = listener.tap_io(|tcp| {
                 if let Err(error) = tcp.set_nodelay(true) {
                     tracing::debug!(%error, "TCP_NODELAY could not be set.");
                 }
             });
-            axum::serve(listener, router).with_graceful_shutdown(http_shutdown).await
+            axum::serve(listener, router).with_graceful_shutdown(shutdown).await
         } else {
             let tls = crate::tls::http_config(&pki).map_err(std::io::Error::other)?;
-            let listener = crate::tls::TlsListener::new(listeners.http, tls)?;
-            axum::serve(listener, router).with_graceful_shutdown(http_shutdown).await
+            let listener = crate::tls::TlsListener::new(listener, tls)?;
+            axum::serve(listener, router).with_graceful_shutdown(shutdown).await
         }
-    };
-
-    tracing::info!(http = %http_addr, "Controller is serving.");
-    let trigger = stop.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!("Shutting down.");
-        trigger.cancel();
-        // Agent sessions never end on their own: close them so the gRPC server's graceful shutdown can
-        // finish. Agents reconnect to whichever controller comes back.
-        let closed = hub.close_all();
-        tracing::info!(sessions = closed, "Closed agent sessions.");
-    });
-    let (grpc_result, http_result) = tokio::join!(grpc, http);
-    // What the agents reported last is written before the store is let go.
-    report_writer_task.finish().await;
-    reconciler_stop.notify_one();
-    let _ = reconciler.await;
-    let _ = gc_schedule.await;
-    let _ = rollup_flush.await;
-    let _ = token_refresher.await;
-    grpc_result.context("gRPC server")?;
-    http_result.context("HTTP server")?;
-    Ok(())
+    }
 }
 
 /// Accepted connections with TCP_NODELAY: without it a reply's last small write can wait for the peer's

@@ -1,5 +1,6 @@
 //! The fleet's trusted signing keys: checking a rollout candidate's cosign signature before the rollout is
-//! created, the signatures ListBundles shows, and recording an operator's override in the rollout's events.
+//! created (whether a failed check may be overridden is the rollout's creation rule, `rollout::create`),
+//! and reading the signatures the embedded registry holds for a digest (ListBundles shows them).
 //!
 //! Signatures live in the same registry as the bundle (`sha256-<hex>.sig`); the embedded registry is read
 //! directly, an external one over OCI.
@@ -10,7 +11,6 @@ use alki_shared::proto;
 use alki_shared::signing::{self, PublicKey, SignatureLayer, SignatureProblem, Verified};
 
 use crate::config::ExternalRegistry;
-use crate::fleet::Fleet;
 use crate::registry::Registry;
 
 /// Why a rollout's candidate is refused.
@@ -53,19 +53,6 @@ pub fn embedded_signatures(registry: &Registry, repository: &str, digest: &Diges
         }
     }
     layers
-}
-
-/// What ListBundles shows for one digest's signatures.
-pub fn signature_infos(digest: &Digest, layers: &[SignatureLayer], keys: &[PublicKey]) -> Vec<proto::SignatureInfo> {
-    signing::check_each(digest, layers, keys)
-        .into_iter()
-        .map(|c| proto::SignatureInfo {
-            signed_digest: if c.signed_digest.is_empty() { digest.to_string() } else { c.signed_digest },
-            key_fingerprint: c.key_fingerprint.unwrap_or_default(),
-            verified: c.verified,
-            problem: c.problem.unwrap_or_default(),
-        })
-        .collect()
 }
 
 /// Checks the candidate `digest` in `repository` (embedded registry) against the fleet's keys.
@@ -114,32 +101,6 @@ fn refused(repository: &str, digest: &Digest, problem: SignatureProblem, keys: &
     CandidateError::Signature { repository: repository.to_owned(), digest: digest.clone(), problem, trusted }
 }
 
-/// Appends a `signature_override` event to a just-created rollout: who overrode which problem, and why.
-/// Under the rollouts lock, like every other change to a rollout, so sequence numbers stay dense.
-pub fn record_override(
-    fleet: &Fleet,
-    rollout_id: &str,
-    by: &str,
-    reason: &str,
-    problem: &str,
-    now_unix_ms: i64,
-) -> Result<(), crate::store::StoreError> {
-    let _guard = fleet.rollouts_lock.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(mut rollout) = fleet.store.rollout(rollout_id)? else { return Ok(()) };
-    rollout.event_seq += 1;
-    let event = proto::RolloutEvent {
-        rollout_id: rollout_id.to_owned(),
-        seq: rollout.event_seq,
-        unix_ms: now_unix_ms,
-        kind: "signature_override".into(),
-        message: format!("signature check overridden by {by}: {reason} (the check said: {problem})"),
-        device_id: String::new(),
-    };
-    fleet.store.commit_rollout(&rollout, &[], &[event])?;
-    tracing::warn!(rollout_id, by, reason, "Rollout created with its signature check overridden.");
-    Ok(())
-}
-
 /// The digest a candidate reference resolves to in the embedded registry, if it is there.
 pub fn resolve_embedded(registry: &Registry, repository: &str, reference: &str) -> Option<Digest> {
     let stored = registry.resolve(repository, reference).ok()??;
@@ -158,7 +119,7 @@ pub async fn check_candidate(
         let Ok(pinned) = crate::rollout::external::pin(external, repository, &spec.candidate).await else {
             return Ok(None);
         };
-        let Ok(digest) = pinned.0.digest.parse::<Digest>() else { return Ok(None) };
+        let Ok(digest) = pinned.bundle.digest.parse::<Digest>() else { return Ok(None) };
         return check_external(external, repository, &digest, keys).await.map(Some);
     }
     let (registry, repository, candidate, keys) =

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use alki_controller::config::ControllerConfig;
 use alki_controller::registry::{self, GcReport};
+use alki_shared::clock::{ManualClock, UnixMs};
 use alki_shared::digest::Digest;
 use alki_shared::oci::{MEDIA_TYPE_EMPTY, MEDIA_TYPE_IMAGE_INDEX, MEDIA_TYPE_IMAGE_MANIFEST};
 use clap::Parser as _;
@@ -15,7 +16,7 @@ use serde_json::json;
 
 mod common;
 
-use common::{Harness, bounded, start};
+use common::{Harness, bounded, start, start_with_clock};
 
 impl Harness {
     /// Pushes an empty config, one layer, and an image manifest referencing them under `reference`.
@@ -139,7 +140,9 @@ async fn gc_sweeps_unreferenced_blobs_and_keeps_everything_a_manifest_references
 #[tokio::test]
 async fn gc_keeps_unreferenced_blobs_younger_than_the_grace_period() {
     bounded(async {
-        let h = start().await;
+        // The registry's clock moves only when the test says: no waiting out the grace period.
+        let clock = ManualClock::starting_at(UnixMs::now());
+        let h = start_with_clock(registry::RegistryConfig::default(), clock.clone()).await;
         let stray = h.push_blob("acme/qwen", b"pushed a moment ago").await;
         let report = h.gc(3600).await;
         assert_eq!((report.unreferenced, report.kept_recent, report.blobs_deleted), (1, 1, 0));
@@ -147,12 +150,12 @@ async fn gc_keeps_unreferenced_blobs_younger_than_the_grace_period() {
 
         // A client that just found the blob present may reference it next: reading it makes it young again.
         let grace = Duration::from_secs(2);
-        tokio::time::sleep(grace + Duration::from_millis(100)).await;
+        clock.advance(grace + Duration::from_millis(100));
         assert_eq!(h.blob_status("acme/qwen", &stray).await, StatusCode::OK);
         let report = h.gc_direct(grace).await;
         assert_eq!((report.kept_recent, report.blobs_deleted), (1, 0), "read within the grace period");
 
-        tokio::time::sleep(grace + Duration::from_millis(100)).await;
+        clock.advance(grace + Duration::from_millis(100));
         let report = h.gc_direct(grace).await;
         assert_eq!((report.kept_recent, report.blobs_deleted), (0, 1), "older than the grace period");
         assert_eq!(h.blob_status("acme/qwen", &stray).await, StatusCode::NOT_FOUND);

@@ -78,6 +78,23 @@ macro_rules! string_newtype_impls {
                 write!(f, "{}({})", stringify!($t), self.0)
             }
         }
+        // Hashes and compares exactly as its string does, so maps keyed by the id are looked up by `&str`
+        // (records on the wire and in the store carry ids as strings).
+        impl std::borrow::Borrow<str> for $t {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+        impl AsRef<str> for $t {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+        impl PartialEq<str> for $t {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
     };
 }
 string_newtype_impls!(DeviceId);
@@ -102,6 +119,15 @@ impl fmt::Display for Generation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_looked_up_by_their_string() {
+        let mut seen = std::collections::HashMap::new();
+        seen.insert(DeviceId::new("pi-1").expect("id"), 1);
+        assert_eq!(seen.get("pi-1"), Some(&1));
+        assert!(RolloutId::new("ro-1").expect("id") == *"ro-1");
+        assert_eq!(Generation(4).next(), Generation(5));
+    }
 
     #[test]
     fn device_ids_are_validated() {

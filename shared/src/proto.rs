@@ -65,3 +65,54 @@ impl BundleRef {
         }
     }
 }
+
+/// What a state-changing call acts on, read from its request message, for the audit log (`rollout ro-1`,
+/// `acme/qwen:v2`, `device pi-1`). `method` is the method's name or its full gRPC path
+/// (`/alki.v1.FleetService/CreateRollout`); `message` the request's protobuf bytes. Empty for a method
+/// that names nothing and for a message that does not decode: the audit entry then has no target.
+pub fn audit_target(method: &str, message: &[u8]) -> String {
+    use prost::Message as _;
+    let method = method.rsplit('/').next().unwrap_or_default();
+    let target = match method {
+        "CreateRollout" => CreateRolloutRequest::decode(message)
+            .ok()
+            .and_then(|r| r.spec)
+            .map(|s| format!("{}:{}", s.repository, s.candidate)),
+        "PauseRollout" | "ResumeRollout" | "PromoteRollout" | "AbortRollout" | "RetryRollout" => {
+            RolloutActionRequest::decode(message).ok().map(|r| format!("rollout {}", r.id))
+        }
+        "CreateToken" => CreateTokenRequest::decode(message)
+            .ok()
+            .map(|r| format!("token {} ({:?})", r.name, Role::try_from(r.role).unwrap_or_default())),
+        "RevokeToken" => RevokeTokenRequest::decode(message).ok().map(|r| format!("token {}", r.token)),
+        "Enroll" => EnrollRequest::decode(message).ok().map(|r| format!("device {}", r.device_id)),
+        "DecommissionDevice" => {
+            DecommissionDeviceRequest::decode(message).ok().map(|r| format!("device {}", r.device_id))
+        }
+        "RevokeEnrollToken" => RevokeEnrollTokenRequest::decode(message).ok().map(|r| format!("enroll token {}", r.id)),
+        _ => None,
+    };
+    target.unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    #[test]
+    fn audit_targets_name_what_a_call_acts_on() {
+        let action = RolloutActionRequest { id: "ro-1".into(), ..Default::default() }.encode_to_vec();
+        assert_eq!(audit_target("/alki.v1.FleetService/AbortRollout", &action), "rollout ro-1");
+        let create = CreateRolloutRequest {
+            spec: Some(RolloutSpec { repository: "acme/qwen".into(), candidate: "v2".into(), ..Default::default() }),
+            ..Default::default()
+        };
+        assert_eq!(audit_target("CreateRollout", &create.encode_to_vec()), "acme/qwen:v2");
+        let token = CreateTokenRequest { name: "ci".into(), role: Role::Push as i32 };
+        assert_eq!(audit_target("CreateToken", &token.encode_to_vec()), "token ci (Push)");
+        assert_eq!(audit_target("ListDevices", &[]), "", "reads name nothing");
+        assert_eq!(audit_target("RevokeToken", &[0xff, 0xff]), "", "a message that does not decode");
+    }
+}

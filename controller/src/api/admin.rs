@@ -3,8 +3,7 @@
 use alki_shared::proto::{self, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Action, Authenticator};
-use crate::store::Store;
+use crate::app::App;
 use crate::store::audit::AuditQuery;
 
 /// Entries a ListAudit answers when the request names no limit, and at most.
@@ -12,8 +11,7 @@ const DEFAULT_AUDIT_LIMIT: usize = 1000;
 const MAX_AUDIT_LIMIT: usize = 10_000;
 
 pub struct AdminApi {
-    pub auth: Authenticator,
-    pub store: Store,
+    pub app: App,
 }
 
 #[tonic::async_trait]
@@ -22,8 +20,8 @@ impl AdminService for AdminApi {
         &self,
         request: Request<proto::ListTokensRequest>,
     ) -> Result<Response<proto::ListTokensResponse>, Status> {
-        super::authorize(&self.auth, &request, Action::ManageTokens)?;
-        let tokens = self.auth.list_tokens().map_err(super::internal)?;
+        super::principal(&request)?;
+        let tokens = self.app.auth.list_tokens().map_err(super::internal)?;
         Ok(Response::new(proto::ListTokensResponse { tokens: tokens.iter().map(|t| t.to_proto()).collect() }))
     }
 
@@ -31,13 +29,10 @@ impl AdminService for AdminApi {
         &self,
         request: Request<proto::RevokeTokenRequest>,
     ) -> Result<Response<proto::RevokeTokenResponse>, Status> {
-        let principal = super::authorize(&self.auth, &request, Action::ManageTokens)?;
+        let principal = super::principal(&request)?;
         let wanted = request.into_inner().token;
-        let auth = self.auth.clone();
-        let revoked = tokio::task::spawn_blocking(move || auth.revoke_token(&wanted))
-            .await
-            .map_err(super::internal)?
-            .map_err(super::token_status)?;
+        let auth = self.app.auth.clone();
+        let revoked = super::blocking(move || auth.revoke_token(&wanted)).await?.map_err(super::token_status)?;
         tracing::info!(token = %revoked.record.name, id = %revoked.id, by = %principal.name, "Token revoked.");
         Ok(Response::new(proto::RevokeTokenResponse { token: Some(revoked.to_proto()) }))
     }
@@ -46,18 +41,14 @@ impl AdminService for AdminApi {
         &self,
         request: Request<proto::ListAuditRequest>,
     ) -> Result<Response<proto::ListAuditResponse>, Status> {
-        super::authorize(&self.auth, &request, Action::ReadAudit)?;
+        super::principal(&request)?;
         let req = request.into_inner();
         let limit = match usize::try_from(req.limit).unwrap_or(usize::MAX) {
             0 => DEFAULT_AUDIT_LIMIT,
             n => n.min(MAX_AUDIT_LIMIT),
         };
         let query = AuditQuery { since_unix_ms: req.since_unix_ms, actor: req.actor, limit };
-        let store = self.store.clone();
-        let entries = tokio::task::spawn_blocking(move || store.audit(&query))
-            .await
-            .map_err(super::internal)?
-            .map_err(super::internal)?;
+        let entries = super::with_store(&self.app.store, move |store| store.audit(&query)).await?;
         Ok(Response::new(proto::ListAuditResponse { entries }))
     }
 }

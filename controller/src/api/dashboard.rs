@@ -1,13 +1,12 @@
 //! The dashboards' HTTP API: the FleetService and InsightService data as JSON under `/api/v1/`, its
 //! OpenAPI document at `/api/v1/openapi.json`, and Prometheus metrics at `/metrics`. Every route needs a
-//! token of role viewer (or above), checked by the same [`Authenticator`] as gRPC. Thin: handlers
-//! authenticate, parse the query, and call `fleet`, `insight::queries` and `metrics`.
+//! token of role viewer (or above), checked by the same `auth::Authenticator` as gRPC. Thin: handlers
+//! authenticate, parse the query, and call `fleet`, `bundles`, `insight::queries` and `metrics`.
 //!
 //! JSON bodies are the wire contract's messages as serde writes them (enums as their numbers, as in the
 //! proto), so a dashboard reads exactly what a gRPC client would.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use alki_shared::proto;
 use axum::Json;
@@ -18,10 +17,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 
-use crate::auth::{Action, AuthError, Authenticator};
-use crate::fleet::Fleet;
+use crate::app::App;
+use crate::auth::{Action, AuthError};
 use crate::insight::queries::{self, QueryError};
-use crate::registry::Registry;
 use crate::store::BenchmarkFilter;
 
 /// Every route this module serves (axum path syntax), in the order the OpenAPI document lists them.
@@ -40,11 +38,7 @@ pub const ROUTES: &[&str] = &[
 
 #[derive(Clone)]
 pub struct DashboardState {
-    pub fleet: Fleet,
-    pub auth: Authenticator,
-    pub registry: Arc<Registry>,
-    /// Keys bundle signatures are checked against when listing bundles (as FleetService.ListBundles does).
-    pub trusted_keys: Arc<[alki_shared::signing::PublicKey]>,
+    pub app: App,
 }
 
 pub fn router(state: DashboardState) -> Router {
@@ -95,7 +89,7 @@ impl From<QueryError> for ApiError {
 
 fn authorize(state: &DashboardState, headers: &HeaderMap) -> Result<(), ApiError> {
     let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    match state.auth.authorize(header, Action::ReadFleet) {
+    match state.app.auth.authorize(header, Action::ReadFleet) {
         Ok(_) => Ok(()),
         Err(e @ (AuthError::Missing | AuthError::Invalid)) => Err(ApiError(StatusCode::UNAUTHORIZED, e.to_string())),
         Err(e @ AuthError::Forbidden { .. }) => Err(ApiError(StatusCode::FORBIDDEN, e.to_string())),
@@ -137,7 +131,7 @@ async fn devices(
 ) -> Result<Json<proto::ListDevicesResponse>, ApiError> {
     authorize(&state, &headers)?;
     let selector = parse_selector(q.selector.as_deref())?;
-    let fleet = state.fleet.clone();
+    let fleet = state.app.fleet.clone();
     let devices = blocking(move || fleet.devices(&selector).map_err(ApiError::internal)).await?;
     Ok(Json(proto::ListDevicesResponse { devices }))
 }
@@ -148,7 +142,7 @@ async fn device(
     Path(id): Path<String>,
 ) -> Result<Json<proto::Device>, ApiError> {
     authorize(&state, &headers)?;
-    let fleet = state.fleet.clone();
+    let fleet = state.app.fleet.clone();
     let found = blocking(move || {
         let d = fleet.device(&id).map_err(ApiError::internal)?;
         d.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("device {id:?} is not known to this controller")))
@@ -162,7 +156,7 @@ async fn rollouts(
     headers: HeaderMap,
 ) -> Result<Json<proto::ListRolloutsResponse>, ApiError> {
     authorize(&state, &headers)?;
-    let fleet = state.fleet.clone();
+    let fleet = state.app.fleet.clone();
     let rollouts = blocking(move || fleet.store.rollouts().map_err(ApiError::internal)).await?;
     Ok(Json(proto::ListRolloutsResponse { rollouts }))
 }
@@ -173,7 +167,7 @@ async fn rollout(
     Path(id): Path<String>,
 ) -> Result<Json<proto::Rollout>, ApiError> {
     authorize(&state, &headers)?;
-    let fleet = state.fleet.clone();
+    let fleet = state.app.fleet.clone();
     let found = blocking(move || {
         let r = fleet.store.rollout(&id).map_err(ApiError::internal)?;
         r.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("rollout {id:?} does not exist")))
@@ -194,14 +188,11 @@ async fn bundles(
     Query(q): Query<BundlesQuery>,
 ) -> Result<Json<proto::ListBundlesResponse>, ApiError> {
     authorize(&state, &headers)?;
-    let (registry, keys) = (state.registry.clone(), state.trusted_keys.clone());
-    let store = state.fleet.store.clone();
+    let app = state.app.clone();
     let bundles = blocking(move || {
         let repository = q.repository.as_deref().filter(|r| !r.is_empty());
-        let entries = registry.manifests(repository).map_err(ApiError::internal)?;
-        let mut bundles = super::fleet::bundles_from(&registry, &entries, &keys);
-        bundles.extend(super::fleet::external_bundles(&store, repository).map_err(ApiError::internal)?);
-        Ok(bundles)
+        let (sources, store) = (&app.sources, &app.store);
+        crate::bundles::list(&sources.registry, store, &sources.trusted_keys, repository).map_err(ApiError::internal)
     })
     .await?;
     Ok(Json(proto::ListBundlesResponse { bundles }))
@@ -222,7 +213,7 @@ async fn compare(
     let Some(id) = q.rollout.filter(|r| !r.is_empty()) else {
         return Err(ApiError(StatusCode::BAD_REQUEST, "name the rollout: /api/v1/compare?rollout=ID".into()));
     };
-    let fleet = state.fleet.clone();
+    let fleet = state.app.fleet.clone();
     Ok(Json(blocking(move || Ok(queries::comparison(&fleet, &id)?)).await?))
 }
 
@@ -246,7 +237,7 @@ async fn benchmarks(
         bundle_digest: q.bundle.unwrap_or_default(),
         class: q.class.unwrap_or_default(),
     };
-    let fleet = state.fleet.clone();
+    let fleet = state.app.fleet.clone();
     let results = blocking(move || Ok(queries::benchmarks(&fleet, &filter, q.limit.unwrap_or(0))?)).await?;
     Ok(Json(proto::ListBenchmarksResponse { results }))
 }
@@ -271,7 +262,7 @@ async fn recommend(
             "name the bundle by digest: /api/v1/recommend?bundle=sha256:...".into(),
         ));
     };
-    let fleet = state.fleet.clone();
+    let fleet = state.app.fleet.clone();
     let min = q.min_quantization.unwrap_or_default();
     let d = digest.clone();
     let classes = blocking(move || Ok(queries::recommendation(&fleet, &d, &min)?)).await?;
@@ -286,8 +277,8 @@ async fn openapi(State(state): State<DashboardState>, headers: HeaderMap) -> Res
 
 async fn metrics(State(state): State<DashboardState>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let fleet = state.fleet.clone();
-    let text = blocking(move || crate::metrics::render(&fleet).map_err(ApiError::internal)).await?;
+    let app = state.app.clone();
+    let text = blocking(move || app.scrape().map(|s| crate::metrics::render(&s)).map_err(ApiError::internal)).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 

@@ -1,43 +1,32 @@
 //! `EnrollmentService`: devices trade a bootstrap token and a CSR for their certificate, and renew it over
-//! mTLS. Also where a session's device identity is read from its client certificate, and the refresher
-//! that hands connected devices new short-lived registry tokens.
+//! mTLS. Also where a session's device identity is read from its client certificate.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use alki_shared::ids::DeviceId;
 use alki_shared::proto::{self, enrollment_service_server::EnrollmentService};
-use sha2::{Digest as _, Sha256};
 use tonic::{Request, Response, Status};
 
-use crate::fleet::Fleet;
-use crate::pki::{PeerDevice, Pki};
+use crate::app::App;
+use crate::pki::PeerDevice;
+use crate::store::Store;
 use crate::store::identity::{DeviceIdentity, IdentityError, Issued};
 
-/// How long a registry token handed to a device lives; sessions get a fresh one well before.
-pub const REGISTRY_TOKEN_TTL: Duration = Duration::from_secs(3600);
-/// How often connected devices are handed a fresh registry token.
-const REGISTRY_TOKEN_REFRESH: Duration = Duration::from_secs(20 * 60);
 /// Labels a device may ask for at enrollment.
 const MAX_LABELS: usize = 64;
 
 pub struct EnrollApi {
-    pub fleet: Fleet,
-    pub pki: Pki,
-}
-
-pub fn hash_secret(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.trim().as_bytes()))
+    pub app: App,
 }
 
 /// The device identity the session's client certificate proves, checked against the store (current
 /// serial, not decommissioned). `Ok(None)`: the connection carried no client certificate.
-pub fn peer_identity<T>(fleet: &Fleet, request: &Request<T>) -> Result<Option<DeviceIdentity>, Status> {
+pub fn peer_identity<T>(store: &Store, request: &Request<T>) -> Result<Option<DeviceIdentity>, Status> {
     let Some(certs) = request.peer_certs() else { return Ok(None) };
     let Some(leaf) = certs.first() else { return Ok(None) };
     let PeerDevice { device_id, serial } =
         crate::pki::peer_device(leaf).map_err(|e| Status::permission_denied(e.to_string()))?;
-    fleet.store.check_device_certificate(&device_id, &serial).map(Some).map_err(identity_status)
+    store.check_device_certificate(&device_id, &serial).map(Some).map_err(identity_status)
 }
 
 pub fn identity_status(error: IdentityError) -> Status {
@@ -60,22 +49,22 @@ impl EnrollmentService for EnrollApi {
     async fn enroll(&self, request: Request<proto::EnrollRequest>) -> Result<Response<proto::EnrollResponse>, Status> {
         let req = request.into_inner();
         let device_id = DeviceId::new(req.device_id.clone())
-            .map_err(|e| Status::invalid_argument(format!("device id {:?}: {e}", req.device_id)))?
-            .to_string();
+            .map_err(|e| Status::invalid_argument(format!("device id {:?}: {e}", req.device_id)))?;
         if req.labels.len() > MAX_LABELS {
             return Err(Status::invalid_argument(format!("at most {MAX_LABELS} labels may be requested")));
         }
         if req.bootstrap_token.trim().is_empty() {
             return Err(Status::unauthenticated("no bootstrap token; ask an admin (alkictl enroll token create)"));
         }
-        let now = crate::now_unix_ms();
-        let pki = self.pki.clone();
-        let store = self.fleet.store.clone();
-        let (hash, csr, id) = (hash_secret(&req.bootstrap_token), req.csr_pem.clone(), device_id.clone());
+        let now = self.app.clock.now().as_millis();
+        let pki = self.app.pki.clone();
+        let store = self.app.store.clone();
+        let (hash, csr, id) =
+            (crate::enrollment::hash_secret(&req.bootstrap_token), req.csr_pem.clone(), device_id.clone());
         // Signing and the fsynced commit are blocking work.
         let result = tokio::task::spawn_blocking(move || {
-            store.enroll(&hash, &id, now, |_token| {
-                let cert = pki.sign_device(&csr, &id, now).map_err(|e| e.to_string())?;
+            store.enroll(&hash, id.as_str(), now, |_token| {
+                let cert = pki.sign_device(&csr, id.as_str(), now).map_err(|e| e.to_string())?;
                 Ok((Issued { serial: cert.serial.clone(), not_after_unix_ms: cert.not_after_unix_ms }, cert))
             })
         })
@@ -84,26 +73,26 @@ impl EnrollmentService for EnrollApi {
         let (identity, cert) = match result {
             Ok(ok) => ok,
             Err(error) => {
-                tracing::warn!(device_id, %error, "Refused an enrollment.");
+                tracing::warn!(%device_id, %error, "Refused an enrollment.");
                 return Err(identity_status(error));
             }
         };
         let mut labels: BTreeMap<String, String> = req.labels.into_iter().collect();
         labels.extend(identity.labels.clone());
-        let record_labels = labels.clone();
-        self.fleet
-            .store
-            .update_device(&device_id, |d| {
+        let (record_labels, inventory, id) = (labels.clone(), req.inventory, device_id.clone());
+        super::with_store(&self.app.store, move |store| {
+            store.update_device(id.as_str(), |d| {
                 d.labels = record_labels.into_iter().collect();
-                d.inventory = req.inventory;
+                d.inventory = inventory;
             })
-            .map_err(super::internal)?;
-        tracing::info!(device_id, token = %identity.token_id, serial = %cert.serial, "Enrolled a device.");
-        self.fleet.changed.notify_one();
+        })
+        .await?;
+        tracing::info!(%device_id, token = %identity.token_id, serial = %cert.serial, "Enrolled a device.");
+        self.app.fleet.changed.notify_one();
         Ok(Response::new(proto::EnrollResponse {
-            device_id,
+            device_id: device_id.to_string(),
             certificate_pem: cert.pem,
-            ca_certificate_pem: self.pki.ca_pem().to_owned(),
+            ca_certificate_pem: self.app.pki.ca_pem().to_owned(),
             expires_unix_ms: cert.not_after_unix_ms,
             labels: labels.into_iter().collect(),
         }))
@@ -116,7 +105,7 @@ impl EnrollmentService for EnrollApi {
         let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let peer = crate::pki::peer_device(leaf).map_err(|e| Status::permission_denied(e.to_string()))?;
         let csr = request.into_inner().csr_pem;
-        let (pki, store, now) = (self.pki.clone(), self.fleet.store.clone(), crate::now_unix_ms());
+        let (pki, store, now) = (self.app.pki.clone(), self.app.store.clone(), self.app.clock.now().as_millis());
         let id = peer.device_id.clone();
         let result = tokio::task::spawn_blocking(move || {
             store.renew(&id, &peer.serial, || {
@@ -133,44 +122,8 @@ impl EnrollmentService for EnrollApi {
         tracing::info!(device_id = %peer.device_id, serial = %cert.serial, "Renewed a device certificate.");
         Ok(Response::new(proto::RenewResponse {
             certificate_pem: cert.pem,
-            ca_certificate_pem: self.pki.ca_pem().to_owned(),
+            ca_certificate_pem: self.app.pki.ca_pem().to_owned(),
             expires_unix_ms: cert.not_after_unix_ms,
         }))
-    }
-}
-
-/// A registry token for `device_id` and when it expires.
-pub fn registry_token(pki: &Pki, device_id: &str) -> (String, i64) {
-    let expires = crate::now_unix_ms() + REGISTRY_TOKEN_TTL.as_millis() as i64;
-    (pki.registry_token(device_id, expires), expires)
-}
-
-/// Every [`REGISTRY_TOKEN_REFRESH`], sends each connected device a Welcome with a fresh registry token, so a
-/// session that lasts days keeps pulling. Stops when `stop` is cancelled.
-pub async fn refresh_registry_tokens(
-    fleet: Fleet,
-    pki: Pki,
-    heartbeat: Duration,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let mut tick =
-        tokio::time::interval_at(tokio::time::Instant::now() + REGISTRY_TOKEN_REFRESH, REGISTRY_TOKEN_REFRESH);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        for device_id in fleet.hub.connected_ids() {
-            let (token, expires) = registry_token(&pki, &device_id);
-            let welcome = proto::Welcome {
-                device_id: device_id.clone(),
-                heartbeat_interval_seconds: heartbeat.as_secs().max(1) as u32,
-                registry_token: token,
-                registry_token_expires_unix_ms: expires,
-                // A Welcome is complete: the agent applies every field of it.
-                telemetry_interval_seconds: crate::insight::TELEMETRY_INTERVAL_SECONDS,
-            };
-            fleet.hub.send(&device_id, proto::controller_message::Msg::Welcome(welcome));
-        }
     }
 }

@@ -1,23 +1,15 @@
 //! `InsightService`: benchmark commands, stored benchmarks, A/B comparisons and recommendations.
 //! Thin: authenticates, converts, and calls `insight::queries`.
 
-use std::sync::Arc;
-
 use alki_shared::proto::{self, insight_service_server::InsightService};
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Action, Authenticator};
-use crate::fleet::Fleet;
+use crate::app::App;
 use crate::insight::queries::{self, QueryError};
-use crate::registry::Registry;
 use crate::store::BenchmarkFilter;
 
 pub struct InsightApi {
-    pub fleet: Fleet,
-    pub auth: Authenticator,
-    pub registry: Arc<Registry>,
-    /// host:port agents use to reach the embedded registry.
-    pub registry_host: String,
+    pub app: App,
 }
 
 pub fn query_status(error: QueryError) -> Status {
@@ -39,16 +31,12 @@ impl InsightApi {
         if repository.is_empty() || reference.is_empty() {
             return Err(Status::invalid_argument("name the bundle's repository and its tag or digest"));
         }
-        let manifest = self.registry.resolve(repository, reference).map_err(super::internal)?.ok_or_else(|| {
+        let sources = &self.app.sources;
+        let pinned = crate::bundles::pin_embedded(&sources.registry, &sources.registry_host, repository, reference);
+        pinned.map_err(super::internal)?.ok_or_else(|| {
             Status::not_found(format!(
                 "bundle {repository}:{reference} is not in the registry; push it with `alkictl bundle push` or check the name"
             ))
-        })?;
-        Ok(proto::BundleRef {
-            registry: self.registry_host.clone(),
-            repository: repository.to_owned(),
-            digest: manifest.digest.to_string(),
-            tag: if reference.starts_with("sha256:") { String::new() } else { reference.to_owned() },
         })
     }
 }
@@ -59,12 +47,12 @@ impl InsightService for InsightApi {
         &self,
         request: Request<proto::RunBenchmarkRequest>,
     ) -> Result<Response<proto::CommandsResponse>, Status> {
-        let principal = super::authorize(&self.auth, &request, Action::WriteFleet)?;
+        let principal = super::principal(&request)?;
         let r = request.into_inner();
-        let fleet = self.fleet.clone();
+        let fleet = self.app.fleet.clone();
         let targets = blocking(move || queries::targets(&fleet, &r.device_ids, &r.selector)).await?;
         let kind = proto::command::Kind::RunBenchmark(proto::RunBenchmark { repetitions: r.repetitions });
-        let commands = queries::send_commands(&self.fleet, &targets, &kind);
+        let commands = queries::send_commands(&self.app.fleet, &targets, &kind);
         tracing::info!(by = %principal.name, devices = commands.len(), "Benchmark requested.");
         Ok(Response::new(proto::CommandsResponse { commands }))
     }
@@ -73,16 +61,16 @@ impl InsightService for InsightApi {
         &self,
         request: Request<proto::CalibrateRequest>,
     ) -> Result<Response<proto::CommandsResponse>, Status> {
-        let principal = super::authorize(&self.auth, &request, Action::WriteFleet)?;
+        let principal = super::principal(&request)?;
         let r = request.into_inner();
         let bundle = self.pin(&r.repository, &r.bundle)?;
-        let fleet = self.fleet.clone();
+        let fleet = self.app.fleet.clone();
         let targets = blocking(move || queries::targets(&fleet, &r.device_ids, &r.selector)).await?;
         let kind = proto::command::Kind::Calibrate(proto::Calibrate {
             bundle: Some(bundle.clone()),
             repetitions: r.repetitions,
         });
-        let commands = queries::send_commands(&self.fleet, &targets, &kind);
+        let commands = queries::send_commands(&self.app.fleet, &targets, &kind);
         tracing::info!(by = %principal.name, bundle = %bundle.digest, devices = commands.len(), "Calibration requested.");
         Ok(Response::new(proto::CommandsResponse { commands }))
     }
@@ -91,19 +79,19 @@ impl InsightService for InsightApi {
         &self,
         request: Request<proto::ListBenchmarksRequest>,
     ) -> Result<Response<proto::ListBenchmarksResponse>, Status> {
-        super::authorize(&self.auth, &request, Action::ReadFleet)?;
+        super::principal(&request)?;
         let r = request.into_inner();
         let filter =
             BenchmarkFilter { device_id: r.device_id, bundle_digest: r.bundle_digest, class: r.hardware_class };
-        let fleet = self.fleet.clone();
+        let fleet = self.app.fleet.clone();
         let results = blocking(move || queries::benchmarks(&fleet, &filter, r.limit)).await?;
         Ok(Response::new(proto::ListBenchmarksResponse { results }))
     }
 
     async fn compare(&self, request: Request<proto::CompareRequest>) -> Result<Response<proto::Comparison>, Status> {
-        super::authorize(&self.auth, &request, Action::ReadFleet)?;
+        super::principal(&request)?;
         let id = request.into_inner().rollout_id;
-        let fleet = self.fleet.clone();
+        let fleet = self.app.fleet.clone();
         Ok(Response::new(blocking(move || queries::comparison(&fleet, &id)).await?))
     }
 
@@ -111,10 +99,10 @@ impl InsightService for InsightApi {
         &self,
         request: Request<proto::RecommendRequest>,
     ) -> Result<Response<proto::Recommendation>, Status> {
-        super::authorize(&self.auth, &request, Action::ReadFleet)?;
+        super::principal(&request)?;
         let r = request.into_inner();
         let bundle = self.pin(&r.repository, &r.bundle)?;
-        let fleet = self.fleet.clone();
+        let fleet = self.app.fleet.clone();
         let digest = bundle.digest.clone();
         let classes = blocking(move || queries::recommendation(&fleet, &digest, &r.min_quantization)).await?;
         Ok(Response::new(proto::Recommendation { bundle: Some(bundle), classes }))

@@ -1,5 +1,6 @@
-//! The controller's front doors: gRPC for agents and operators, HTTP for the registry and probes.
-//! Handlers are thin: they authenticate, convert, and call into `fleet`, `rollout` and `registry`.
+//! The controller's front doors: gRPC for agents and operators, HTTP for the registry, the dashboards and
+//! probes. Handlers are thin: they read who called, convert, and call into the domain modules (`fleet`,
+//! `rollout`, `bundles`, `insight`, `registry`) with what the application context (`app`) holds.
 
 pub mod admin;
 pub mod agent;
@@ -10,16 +11,16 @@ pub mod http;
 pub mod insight;
 pub mod security;
 
-use crate::auth::{Action, AuthError, Authenticator, Principal};
+use crate::auth::{AuthError, Principal};
 
-/// The one place gRPC calls are authenticated.
-pub fn authorize<T>(
-    auth: &Authenticator,
-    request: &tonic::Request<T>,
-    action: Action,
-) -> Result<Principal, tonic::Status> {
-    let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-    auth.authorize(header, action).map_err(auth_status)
+/// The caller the gate admitted for this call, authenticated by `auth::grpc_policy` (the one gRPC auth
+/// check: handlers name no action of their own). A call that did not pass the gate carries none and is
+/// refused, so a service mounted without it fails closed.
+pub fn principal<T>(request: &tonic::Request<T>) -> Result<Principal, tonic::Status> {
+    request.extensions().get::<Principal>().cloned().ok_or_else(|| {
+        tracing::error!("A gRPC call reached its handler without passing the gate; refusing it.");
+        tonic::Status::unauthenticated("the call was not authenticated by the controller's gate")
+    })
 }
 
 pub fn auth_status(error: AuthError) -> tonic::Status {
@@ -55,4 +56,9 @@ pub async fn with_store<T: Send + 'static>(
 ) -> Result<T, tonic::Status> {
     let store = store.clone();
     tokio::task::spawn_blocking(move || work(&store)).await.map_err(internal)?.map_err(internal)
+}
+
+/// Runs other blocking work (file reads, several store calls) off the async workers.
+pub async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, tonic::Status> {
+    tokio::task::spawn_blocking(work).await.map_err(internal)
 }

@@ -1,4 +1,6 @@
-//! The fleet as the controller sees it: connected sessions and each device's desired state.
+//! The fleet as the controller sees it: device records, connected sessions, and each device's desired
+//! state. Agents' reports reach the store through `reports`; the rollout reconciler is woken through
+//! [`Fleet::changed`].
 
 pub mod hub;
 pub mod reports;
@@ -6,9 +8,11 @@ pub mod reports;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use alki_shared::ids::{Generation, RolloutId};
 use alki_shared::proto::{self, controller_message::Msg};
 use tokio::sync::Notify;
 
+use crate::facts::selects;
 use crate::store::{Store, StoreError};
 pub use hub::Hub;
 
@@ -18,7 +22,7 @@ pub struct Assignment {
     /// None: serve nothing (a rollout returned a device that ran nothing before it).
     pub bundle: Option<proto::BundleRef>,
     pub runtime: proto::RuntimeSettings,
-    pub rollout_id: String,
+    pub rollout_id: RolloutId,
     pub cohort: String,
     /// Variant manifest digest to run; empty: the device chooses.
     pub variant_digest: String,
@@ -31,28 +35,11 @@ pub struct Fleet {
     pub hub: Arc<Hub>,
     /// Woken whenever a device's facts change, so the rollout reconciler looks again at once.
     pub changed: Arc<Notify>,
-    /// Serialises read-modify-write of rollout records between the reconciler and operator verbs.
-    /// Never held across an await.
-    pub rollouts_lock: Arc<std::sync::Mutex<()>>,
-    /// Telemetry ingestion: counters and the rollup accumulator.
-    pub insight: Arc<crate::insight::Ingest>,
-    /// Counters of the HTTP side (registry traffic), for `/metrics`.
-    pub http: Arc<crate::metrics::HttpCounters>,
-    /// Counters of the agent report writer, for `/metrics`.
-    pub reports: Arc<reports::ReportCounters>,
 }
 
 impl Fleet {
     pub fn new(store: Store) -> Fleet {
-        Fleet {
-            store,
-            hub: Arc::new(Hub::default()),
-            changed: Arc::new(Notify::new()),
-            rollouts_lock: Arc::new(std::sync::Mutex::new(())),
-            insight: Arc::default(),
-            http: Arc::default(),
-            reports: Arc::default(),
-        }
+        Fleet { store, hub: Arc::new(Hub::default()), changed: Arc::new(Notify::new()) }
     }
 
     /// Gives many devices their desired states in one transaction, then sends them to connected devices.
@@ -68,17 +55,17 @@ impl Fleet {
             let unchanged = d.desired == assignment.bundle
                 && d.desired_serve_nothing == assignment.bundle.is_none()
                 && d.desired_runtime.as_ref() == Some(&assignment.runtime)
-                && d.rollout_id == assignment.rollout_id
+                && assignment.rollout_id == *d.rollout_id
                 && d.cohort == assignment.cohort
                 && d.desired_variant == assignment.variant_digest;
             if unchanged && !force {
                 return None;
             }
-            d.desired_generation += 1;
+            d.desired_generation = Generation(d.desired_generation).next().0;
             d.desired = assignment.bundle.clone();
             d.desired_serve_nothing = assignment.bundle.is_none();
             d.desired_runtime = Some(assignment.runtime);
-            d.rollout_id = assignment.rollout_id.clone();
+            d.rollout_id = assignment.rollout_id.to_string();
             d.cohort = assignment.cohort.clone();
             d.desired_variant = assignment.variant_digest.clone();
             desired_state(d)
@@ -103,7 +90,7 @@ impl Fleet {
     /// (kept in memory, written through coarsely).
     fn fill_live(&self, d: &mut proto::Device) {
         d.connected = self.hub.is_connected(&d.id);
-        d.last_seen_unix_ms = d.last_seen_unix_ms.max(self.hub.last_seen(&d.id).unwrap_or(0));
+        d.last_seen_unix_ms = d.last_seen_unix_ms.max(self.hub.last_seen(&d.id).map_or(0, |t| t.as_millis()));
     }
 
     /// Devices as the API shows them: stored records with `connected` filled from the live sessions.
@@ -138,12 +125,4 @@ pub fn desired_state(d: &proto::Device) -> Option<proto::DesiredState> {
         cohort: d.cohort.clone(),
         variant_digest: d.desired_variant.clone(),
     })
-}
-
-/// True when `labels` carry every key/value of `selector` (an empty selector selects everything).
-pub fn selects<'a>(
-    selector: impl IntoIterator<Item = (&'a String, &'a String)>,
-    labels: &HashMap<String, String>,
-) -> bool {
-    selector.into_iter().all(|(k, v)| labels.get(k) == Some(v))
 }

@@ -18,8 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use alki_shared::proto;
 
 use super::stats::{median, stat};
-use crate::fleet::selects;
-use crate::rollout::engine::hardware_class;
+use crate::facts::{hardware_class, selects};
 use crate::store::PerfRecord;
 
 /// One device's representative measurement of one bundle.

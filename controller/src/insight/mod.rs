@@ -12,13 +12,14 @@ pub mod recommend;
 pub mod stats;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use alki_shared::clock::{SharedClock, UnixMs};
+use alki_shared::ids::DeviceId;
 use alki_shared::proto;
 
-use crate::fleet::Fleet;
 use crate::store::{Rollup, Store, StoreError};
 
 /// How often agents are asked to report serving telemetry (Welcome): often enough for a gate to see a
@@ -50,8 +51,43 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Ingest {
+    /// Records a telemetry report (the store I/O is one transaction without fsync) and rolls it up.
+    pub fn telemetry(
+        &self,
+        store: &Store,
+        device_id: &DeviceId,
+        t: &proto::Telemetry,
+        now: UnixMs,
+    ) -> Result<(), StoreError> {
+        let class = store.record_telemetry(device_id.as_str(), t, now.as_millis())?;
+        self.telemetry_reports.fetch_add(1, Ordering::Relaxed);
+        self.roll_up(device_id.as_str(), &class, t, now);
+        Ok(())
+    }
+
+    /// Records a benchmark report durably. True when results were recorded: performance gates may now
+    /// decide, so the rollout reconciler should look again.
+    pub fn benchmarks(
+        &self,
+        store: &Store,
+        device_id: &DeviceId,
+        report: &proto::BenchmarkReport,
+        now: UnixMs,
+    ) -> Result<bool, StoreError> {
+        if !report.error.is_empty() {
+            tracing::warn!(command_id = %report.command_id, error = %report.error, "Agent could not run a benchmark.");
+        }
+        if report.results.is_empty() {
+            return Ok(false);
+        }
+        store.record_benchmarks(device_id.as_str(), &report.results, now.as_millis())?;
+        self.benchmark_results.fetch_add(report.results.len() as u64, Ordering::Relaxed);
+        tracing::info!(command_id = %report.command_id, results = report.results.len(), "Recorded benchmark results.");
+        Ok(true)
+    }
+
     /// Adds one report of a device of `class` to its bucket.
-    pub fn roll_up(&self, device_id: &str, class: &str, t: &proto::Telemetry, now: i64) {
+    pub fn roll_up(&self, device_id: &str, class: &str, t: &proto::Telemetry, now: UnixMs) {
         let (requests, errors) = {
             let mut counters = lock(&self.counters);
             let previous = counters
@@ -65,7 +101,7 @@ impl Ingest {
                 None => (0, 0),
             }
         };
-        let at = if t.at_unix_ms > 0 { t.at_unix_ms } else { now };
+        let at = if t.at_unix_ms > 0 { t.at_unix_ms } else { now.as_millis() };
         let mut add = Rollup {
             bucket_unix_ms: at - at.rem_euclid(BUCKET_MS),
             class: class.to_owned(),
@@ -98,9 +134,9 @@ impl Ingest {
 
     /// Writes the accumulated rollups and applies the retention. On a store error the rollups are kept
     /// for the next flush.
-    pub fn flush(&self, store: &Store, now: i64) -> Result<usize, StoreError> {
+    pub fn flush(&self, store: &Store, now: UnixMs) -> Result<usize, StoreError> {
         let batch: Vec<Rollup> = lock(&self.pending).drain().map(|(_, r)| r).collect();
-        match store.flush_rollups(&batch, now - RETENTION_MS) {
+        match store.flush_rollups(&batch, now.as_millis() - RETENTION_MS) {
             Ok(pruned) => {
                 self.rollup_flushes.fetch_add(1, Ordering::Relaxed);
                 Ok(pruned)
@@ -121,43 +157,20 @@ impl Ingest {
     }
 }
 
-/// Records a telemetry report (handlers call this; it does the store I/O without fsync).
-pub fn ingest_telemetry(fleet: &Fleet, device_id: &str, t: &proto::Telemetry, now: i64) -> Result<(), StoreError> {
-    let class = fleet.store.record_telemetry(device_id, t, now)?;
-    fleet.insight.telemetry_reports.fetch_add(1, Ordering::Relaxed);
-    fleet.insight.roll_up(device_id, &class, t, now);
-    Ok(())
-}
-
-/// Records a benchmark report durably and wakes the reconciler (performance gates may now decide).
-pub fn ingest_benchmarks(
-    fleet: &Fleet,
-    device_id: &str,
-    report: &proto::BenchmarkReport,
-    now: i64,
-) -> Result<(), StoreError> {
-    if !report.error.is_empty() {
-        tracing::warn!(command_id = %report.command_id, error = %report.error, "Agent could not run a benchmark.");
-    }
-    if report.results.is_empty() {
-        return Ok(());
-    }
-    fleet.store.record_benchmarks(device_id, &report.results, now)?;
-    fleet.insight.benchmark_results.fetch_add(report.results.len() as u64, Ordering::Relaxed);
-    tracing::info!(command_id = %report.command_id, results = report.results.len(), "Recorded benchmark results.");
-    fleet.changed.notify_one();
-    Ok(())
-}
-
-/// Flushes rollups every [`FLUSH_INTERVAL`] until `stop` is cancelled, then once more.
-pub async fn flush_loop(fleet: Fleet, stop: tokio_util::sync::CancellationToken) {
+/// Flushes `ingest`'s rollups into `store` every [`FLUSH_INTERVAL`] until `stop` is cancelled, then once more.
+pub async fn flush_loop(
+    ingest: Arc<Ingest>,
+    store: Store,
+    clock: SharedClock,
+    stop: tokio_util::sync::CancellationToken,
+) {
     loop {
         let stopping = tokio::select! {
             _ = tokio::time::sleep(FLUSH_INTERVAL) => false,
             _ = stop.cancelled() => true,
         };
-        let pass = fleet.clone();
-        let result = tokio::task::spawn_blocking(move || pass.insight.flush(&pass.store, crate::now_unix_ms())).await;
+        let (ingest, store, now) = (ingest.clone(), store.clone(), clock.now());
+        let result = tokio::task::spawn_blocking(move || ingest.flush(&store, now)).await;
         match result {
             Ok(Ok(pruned)) if pruned > 0 => tracing::info!(pruned, "Pruned telemetry rollups past their retention."),
             Ok(Ok(_)) => {}
@@ -186,12 +199,12 @@ mod tests {
             generation_tokens_per_second: tps,
             ..Default::default()
         };
-        ingest.roll_up("d1", "pi5-8g", &t(1_000, 10, 5.0), 0);
-        ingest.roll_up("d1", "pi5-8g", &t(2_000, 25, 7.0), 0);
-        ingest.roll_up("d1", "pi5-8g", &t(BUCKET_MS + 1, 30, 0.0), 0);
+        ingest.roll_up("d1", "pi5-8g", &t(1_000, 10, 5.0), UnixMs::EPOCH);
+        ingest.roll_up("d1", "pi5-8g", &t(2_000, 25, 7.0), UnixMs::EPOCH);
+        ingest.roll_up("d1", "pi5-8g", &t(BUCKET_MS + 1, 30, 0.0), UnixMs::EPOCH);
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        ingest.flush(&store, BUCKET_MS * 2).expect("flush");
+        ingest.flush(&store, UnixMs(BUCKET_MS * 2)).expect("flush");
         let rollups = store.rollups(0).expect("rollups");
         assert_eq!(rollups.len(), 2);
         let first = &rollups[0];

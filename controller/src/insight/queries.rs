@@ -4,11 +4,13 @@
 
 use std::collections::HashMap;
 
+use alki_shared::ids::DeviceId;
 use alki_shared::proto::{self, controller_message::Msg};
 
 use super::compare::{self, Measurements};
 use super::recommend::{self, RecommendError};
-use crate::fleet::{Fleet, selects};
+use crate::facts::selects;
+use crate::fleet::Fleet;
 use crate::store::{BenchmarkFilter, StoreError};
 
 /// Most benchmark results one answer carries.
@@ -63,31 +65,35 @@ pub fn targets(
     fleet: &Fleet,
     device_ids: &[String],
     selector: &HashMap<String, String>,
-) -> Result<Vec<String>, QueryError> {
+) -> Result<Vec<DeviceId>, QueryError> {
     if device_ids.is_empty() && selector.is_empty() {
         return Err(QueryError::NoTargets);
     }
     if !device_ids.is_empty() {
+        let mut named = Vec::with_capacity(device_ids.len());
         for id in device_ids {
-            if fleet.store.device(id)?.is_none() {
-                return Err(QueryError::DeviceNotFound(id.clone()));
-            }
+            // An id that does not parse names no device this controller knows.
+            let not_found = || QueryError::DeviceNotFound(id.clone());
+            let device_id = DeviceId::new(id.clone()).map_err(|_| not_found())?;
+            fleet.store.device(device_id.as_str())?.ok_or_else(not_found)?;
+            named.push(device_id);
         }
-        return Ok(device_ids.to_vec());
+        return Ok(named);
     }
-    Ok(fleet.store.devices()?.into_iter().filter(|d| selects(selector, &d.labels)).map(|d| d.id).collect())
+    let devices = fleet.store.devices()?;
+    Ok(devices.into_iter().filter(|d| selects(selector, &d.labels)).filter_map(|d| DeviceId::new(d.id).ok()).collect())
 }
 
 /// Sends one command per device over its session; devices not connected now are reported undelivered.
-pub fn send_commands(fleet: &Fleet, devices: &[String], kind: &proto::command::Kind) -> Vec<proto::SentCommand> {
+pub fn send_commands(fleet: &Fleet, devices: &[DeviceId], kind: &proto::command::Kind) -> Vec<proto::SentCommand> {
     devices
         .iter()
         .map(|device_id| {
             let command_id = format!("cmd-{}", uuid::Uuid::new_v4().simple());
             let command = proto::Command { id: command_id.clone(), kind: Some(kind.clone()) };
-            let delivered = fleet.hub.send(device_id, Msg::Command(command));
-            tracing::info!(device_id, command_id, delivered, "Sent a benchmark command.");
-            proto::SentCommand { device_id: device_id.clone(), command_id, delivered }
+            let delivered = fleet.hub.send(device_id.as_str(), Msg::Command(command));
+            tracing::info!(%device_id, command_id, delivered, "Sent a benchmark command.");
+            proto::SentCommand { device_id: device_id.to_string(), command_id, delivered }
         })
         .collect()
 }

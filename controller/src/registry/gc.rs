@@ -78,7 +78,7 @@ impl Registry {
         report.unreferenced = candidates.len() as u64;
         for batch in candidates.chunks(SWEEP_BATCH) {
             let _files = self.store.lock_files();
-            let now = crate::now_unix_ms();
+            let now = self.now().as_millis();
             let cutoff = now.saturating_sub(grace_ms);
             let busy = self.busy_repositories();
             let (swept, kept) = self.index.sweep(batch, |digest, links: &[Link]| {
@@ -99,7 +99,7 @@ impl Registry {
         }
 
         // Files no repository links: a crash between a file's rename and its link, or a failed removal.
-        let cutoff = crate::now_unix_ms().saturating_sub(grace_ms);
+        let cutoff = self.now().as_millis().saturating_sub(grace_ms);
         let mut unlinked = Vec::new();
         self.store.for_each_file(|digest, modified_unix_ms| {
             if modified_unix_ms <= cutoff {
@@ -168,7 +168,7 @@ impl Registry {
 
     /// Marks a blob as just read or checked: the collector spares it for a grace period.
     pub(super) fn touch(&self, digest: &Digest) {
-        let now = crate::now_unix_ms();
+        let now = self.now().as_millis();
         let mut touched = self.touched.lock().unwrap_or_else(PoisonError::into_inner);
         if touched.len() >= MAX_TOUCHED && !touched.contains_key(digest) {
             // Collections prune the map; without them (schedule off) it is pruned here.

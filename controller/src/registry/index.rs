@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use alki_shared::clock::SharedClock;
 use alki_shared::digest::Digest;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
@@ -101,11 +102,13 @@ from_redb!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::
 #[derive(Clone)]
 pub struct Index {
     db: Arc<Database>,
+    /// When blobs are linked (the garbage collector's grace period counts from then).
+    clock: SharedClock,
 }
 
 impl Index {
     /// Creates the registry's tables if they are missing.
-    pub fn open(db: Arc<Database>) -> Result<Index, RegistryError> {
+    pub fn open(db: Arc<Database>, clock: SharedClock) -> Result<Index, RegistryError> {
         let txn = db.begin_write()?;
         txn.open_table(BLOBS)?;
         txn.open_table(MANIFESTS)?;
@@ -113,7 +116,7 @@ impl Index {
         txn.open_table(REFS)?;
         txn.open_table(LINKED)?;
         txn.commit()?;
-        Ok(Index { db })
+        Ok(Index { db, clock })
     }
 
     /// The size of a blob if the repository holds it.
@@ -127,7 +130,7 @@ impl Index {
     pub fn link_blob(&self, repository: &str, digest: &Digest, size: u64) -> Result<(), RegistryError> {
         let txn = self.db.begin_write()?;
         txn.open_table(BLOBS)?.insert((digest.as_str(), repository), size)?;
-        txn.open_table(LINKED)?.insert((digest.as_str(), repository), crate::now_unix_ms())?;
+        txn.open_table(LINKED)?.insert((digest.as_str(), repository), self.clock.now().as_millis())?;
         txn.commit()?;
         Ok(())
     }
@@ -195,7 +198,7 @@ impl Index {
                 }
             }
             blobs.insert((digest.as_str(), repository), record.size)?;
-            txn.open_table(LINKED)?.insert((digest.as_str(), repository), crate::now_unix_ms())?;
+            txn.open_table(LINKED)?.insert((digest.as_str(), repository), self.clock.now().as_millis())?;
             if let Some(tag) = tag {
                 txn.open_table(TAGS)?.insert((repository, tag), digest.as_str())?;
             }
@@ -481,11 +484,12 @@ fn decode(repository: &str, digest: &str, bytes: &[u8]) -> Result<ManifestRecord
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alki_shared::clock;
 
     fn index() -> (tempfile::TempDir, Index) {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = Database::create(dir.path().join("t.redb")).expect("db");
-        (dir, Index::open(Arc::new(db)).expect("index"))
+        (dir, Index::open(Arc::new(db), clock::system()).expect("index"))
     }
 
     fn record(references: Vec<Digest>) -> ManifestRecord {

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use alki_shared::clock::{self, SharedClock, UnixMs};
 use alki_shared::digest::{Digest, DigestError};
 use alki_shared::oci::MAX_MANIFEST_BYTES;
 
@@ -123,14 +124,26 @@ pub struct Registry {
     pushing: Mutex<HashMap<String, usize>>,
     /// Serialises garbage collections (scheduled and requested).
     gc_running: Mutex<()>,
+    /// When manifests are pushed and blobs linked and read; the garbage collector's grace counts by it.
+    clock: SharedClock,
 }
 
 impl Registry {
     /// Opens the registry under `data_dir` (`blobs/`, `uploads/`), creating its tables in `db`, and
     /// deletes upload temporaries an earlier run left behind. Blocking.
     pub fn open(data_dir: &Path, db: Arc<redb::Database>, config: RegistryConfig) -> Result<Registry, RegistryError> {
+        Registry::open_with_clock(data_dir, db, config, clock::system())
+    }
+
+    /// [`Registry::open`] reading time from `clock` (a test advances it past a grace period).
+    pub fn open_with_clock(
+        data_dir: &Path,
+        db: Arc<redb::Database>,
+        config: RegistryConfig,
+        clock: SharedClock,
+    ) -> Result<Registry, RegistryError> {
         let store = BlobStore::open(data_dir)?;
-        let index = Index::open(db)?;
+        let index = Index::open(db, clock.clone())?;
         let uploads = Arc::new(Uploads::new(config.max_open_uploads));
         Ok(Registry {
             config,
@@ -141,7 +154,12 @@ impl Registry {
             touched: Mutex::new(HashMap::new()),
             pushing: Mutex::new(HashMap::new()),
             gc_running: Mutex::new(()),
+            clock,
         })
+    }
+
+    fn now(&self) -> UnixMs {
+        self.clock.now()
     }
 
     pub fn config(&self) -> &RegistryConfig {

@@ -628,7 +628,7 @@ async fn put_manifest(
             "the manifest's digest is {digest}, not {expected} as the URL says"
         )));
     }
-    let record = manifest_record(&manifest, content_type, bytes.len() as u64);
+    let record = manifest_record(&manifest, content_type, bytes.len() as u64, registry.now());
     let subject = record.subject.clone();
     let is_index = matches!(manifest, Manifest::Index(_));
     let tag = match &reference {
@@ -665,7 +665,12 @@ async fn put_manifest(
     }
 }
 
-fn manifest_record(manifest: &Manifest, content_type: Option<&str>, size: u64) -> ManifestRecord {
+fn manifest_record(
+    manifest: &Manifest,
+    content_type: Option<&str>,
+    size: u64,
+    pushed: alki_shared::clock::UnixMs,
+) -> ManifestRecord {
     let declared = content_type.map(|c| c.split(';').next().unwrap_or(c).trim()).filter(|c| !c.is_empty());
     let field = match manifest {
         Manifest::Image(m) => m.media_type.as_deref(),
@@ -681,7 +686,7 @@ fn manifest_record(manifest: &Manifest, content_type: Option<&str>, size: u64) -
         media_type: field.or(declared).unwrap_or(manifest.media_type()).to_owned(),
         artifact_type: manifest.artifact_type().map(str::to_owned),
         size,
-        pushed_unix_ms: crate::now_unix_ms(),
+        pushed_unix_ms: pushed.as_millis(),
         subject: manifest.subject().map(|s| s.digest.clone()),
         references,
         annotations: manifest.annotations().clone(),

@@ -55,15 +55,13 @@ use alki_shared::proto::{
 use sha2::{Digest as _, Sha256};
 
 use super::schedule::Window;
-use crate::fleet::selects;
+use crate::facts::{hardware_class, is_active, selects};
 use crate::insight::compare::{self, Measurements, PerfVerdict};
 
 /// The candidate cohort within a rollout.
 pub const COHORT_CANDIDATE: &str = "B";
 /// The baseline cohort: devices returned to what they ran before.
 pub const COHORT_BASELINE: &str = "A";
-/// The label that overrides a device's inventory hardware class.
-pub const CLASS_LABEL: &str = "class";
 /// Prestage commands sent to one device per rollout, retries after failures included.
 pub const PRESTAGE_MAX_ATTEMPTS: u32 = 4;
 /// Wait before telling a device again after its failed staging: this, doubled per attempt.
@@ -83,17 +81,6 @@ pub fn bucket(rollout_id: &str, device_id: &str) -> u32 {
 /// True when the device is in the candidate cohort at `percent`.
 pub fn in_candidate(rollout_id: &str, device_id: &str, percent: u32) -> bool {
     bucket(rollout_id, device_id) < percent.min(100) * 100
-}
-
-/// A device's hardware class: its `class` label, else its inventory's, else "unknown".
-pub fn hardware_class(device: &proto::Device) -> String {
-    if let Some(class) = device.labels.get(CLASS_LABEL).filter(|c| !c.is_empty()) {
-        return class.clone();
-    }
-    match device.inventory.as_ref().map(|i| i.hardware_class.as_str()) {
-        Some(class) if !class.is_empty() => class.to_owned(),
-        _ => "unknown".to_owned(),
-    }
 }
 
 /// What the engine needs to know about the fleet besides the rollout itself.
@@ -188,11 +175,6 @@ impl Plan {
             && self.prestage.is_empty()
             && self.rollout == *before)
     }
-}
-
-/// True while a rollout may still move devices.
-pub fn is_active(state: RolloutState) -> bool {
-    matches!(state, RolloutState::Pending | RolloutState::Progressing | RolloutState::Paused)
 }
 
 fn assigned_candidate(rollout: &proto::Rollout, device: &proto::Device) -> bool {
@@ -302,45 +284,90 @@ fn rfc3339(unix_ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// What one pass over an active rollout at its current step reads; fixed for the whole pass.
+struct Pass<'a> {
+    rollout: &'a proto::Rollout,
+    facts: &'a Facts<'a>,
+    spec: &'a proto::RolloutSpec,
+    step: proto::RolloutStep,
+    gates: proto::RolloutGates,
+    halted: HashSet<String>,
+    /// The schedule window while it is closed (an operator's promote opens it for good).
+    closed: Option<Window>,
+    paused: bool,
+    now: i64,
+}
+
+/// The device records of a rollout, by device id, as this pass changes them.
+type Records = BTreeMap<String, proto::RolloutDevice>;
+
 fn decide_steps(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
     let mut plan = Plan::new(rollout);
-    let mut records: BTreeMap<String, proto::RolloutDevice> =
-        facts.records.iter().map(|r| (r.device_id.clone(), r.clone())).collect();
+    let mut records: Records = facts.records.iter().map(|r| (r.device_id.clone(), r.clone())).collect();
     let devices: HashMap<&str, &proto::Device> = facts.devices.iter().map(|d| (d.id.as_str(), d)).collect();
+    enforce_records(&mut plan, rollout, &records, &devices);
+    if !is_active(plan.state()) {
+        return plan;
+    }
+    let Some(pass) = start_step(&mut plan, rollout, facts, now) else { return plan };
+    update_outcomes(&pass, &mut plan, &mut records, &devices);
+    let selected = selected_devices(&pass, &records);
+    let mut classes = selected_per_class(&selected, &records);
+    let waiting_turn = move_to_candidate(&pass, &mut plan, &mut records, &selected);
+    count_candidates(&mut classes, &records, &waiting_turn);
+    judge_classes(&pass, &plan, &records, &mut classes);
+    halt_or_abort(&pass, &mut plan, &mut records, &mut classes);
+    finish_counts(&mut plan, &classes);
+    if plan.state() != RolloutState::Progressing {
+        if plan.state() == RolloutState::Paused && plan.rollout.message.is_empty() {
+            plan.rollout.message = "paused".into();
+        }
+        return plan;
+    }
+    advance_hold_or_wait(&pass, &mut plan, &classes);
+    plan
+}
 
-    // Level-based enforcement of what the records say, whatever the state (a crash between persisting a
-    // plan and applying it is repaired here).
-    let state = plan.state();
+/// Level-based enforcement of what the records say, whatever the state (a crash between persisting a
+/// plan and applying it is repaired here).
+fn enforce_records(
+    plan: &mut Plan,
+    rollout: &proto::Rollout,
+    records: &Records,
+    devices: &HashMap<&str, &proto::Device>,
+) {
+    let active = is_active(plan.state());
     for record in records.values() {
         let Some(device) = devices.get(record.device_id.as_str()) else { continue };
         if outcome_of(record) == DeviceOutcome::Reverted {
             if device.rollout_id == rollout.id && device.cohort == COHORT_CANDIDATE {
                 plan.to_baseline.push(revert_of(record));
             }
-        } else if is_active(state) && !assigned_candidate(rollout, device) {
+        } else if active && !assigned_candidate(rollout, device) {
             plan.to_candidate.push(record.device_id.clone());
         }
     }
-    if !is_active(state) {
-        return plan;
-    }
+}
+
+/// Starts a pending rollout unless its schedule window is closed, and reads the current step. None when
+/// the pass ends here (waiting for the window, no spec or candidate, no step left), the plan saying why.
+fn start_step<'a>(plan: &mut Plan, rollout: &'a proto::Rollout, facts: &'a Facts<'a>, now: i64) -> Option<Pass<'a>> {
+    let state = plan.state();
     let (Some(spec), Some(_)) = (&rollout.spec, &rollout.candidate) else {
         plan.set_state(RolloutState::Aborted);
         plan.rollout.message = "the rollout has no spec or candidate; create it again".to_owned();
         plan.event(now, "aborted", plan.rollout.message.clone(), "");
-        return plan;
+        return None;
     };
     // Closed window: no start, no advance, no new B device. An operator's promote overrides it.
-    let window = window_of(rollout).filter(|_| !rollout.promoted);
-    let closed = window.as_ref().filter(|w| !w.is_open(now));
-    plan.rollout.window_opens_unix_ms = closed.map(|w| w.next_opening(now)).unwrap_or(0);
-    if state == RolloutState::Pending
-        && let Some(w) = closed
-    {
-        plan.rollout.message = format!("waiting to start: {}", closed_message(w, plan.rollout.window_opens_unix_ms));
-        return plan;
-    }
+    let closed = window_of(rollout).filter(|w| !rollout.promoted && !w.is_open(now));
+    plan.rollout.window_opens_unix_ms = closed.as_ref().map(|w| w.next_opening(now)).unwrap_or(0);
     if state == RolloutState::Pending {
+        if let Some(w) = &closed {
+            plan.rollout.message =
+                format!("waiting to start: {}", closed_message(w, plan.rollout.window_opens_unix_ms));
+            return None;
+        }
         plan.set_state(RolloutState::Progressing);
         plan.rollout.step_started_unix_ms = now;
         plan.event(now, "started", format!("step 1 of {} started", spec.steps.len()), "");
@@ -348,24 +375,35 @@ fn decide_steps(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
     let Some(step) = spec.steps.get(plan.rollout.current_step as usize).copied() else {
         plan.set_state(RolloutState::Completed);
         plan.event(now, "completed", "no steps left".into(), "");
-        return plan;
+        return None;
     };
-    let gates = spec.gates.unwrap_or_default();
-    let deadline_ms = i64::from(spec.device_deadline_seconds) * 1000;
-    let halted: HashSet<String> = plan.rollout.halted_classes.iter().cloned().collect();
+    Some(Pass {
+        rollout,
+        facts,
+        spec,
+        step,
+        gates: spec.gates.unwrap_or_default(),
+        halted: plan.rollout.halted_classes.iter().cloned().collect(),
+        closed,
+        paused: state == RolloutState::Paused,
+        now,
+    })
+}
 
-    // Outcomes of devices already in B.
+/// Outcomes of devices already in B, from their facts; a new failure is an event.
+fn update_outcomes(pass: &Pass<'_>, plan: &mut Plan, records: &mut Records, devices: &HashMap<&str, &proto::Device>) {
+    let deadline_ms = i64::from(pass.spec.device_deadline_seconds) * 1000;
     for record in records.values_mut() {
         // A halted class is out of the rollout: its devices' outcomes no longer change anything.
-        if outcome_of(record) == DeviceOutcome::Reverted || halted.contains(&record.class) {
+        if outcome_of(record) == DeviceOutcome::Reverted || pass.halted.contains(&record.class) {
             continue;
         }
-        let (outcome, reason) =
-            derive_outcome(rollout, record, devices.get(record.device_id.as_str()).copied(), deadline_ms, now);
+        let device = devices.get(record.device_id.as_str()).copied();
+        let (outcome, reason) = derive_outcome(pass.rollout, record, device, deadline_ms, pass.now);
         if outcome as i32 != record.outcome || (outcome == DeviceOutcome::Failed && reason != record.reason) {
             if outcome == DeviceOutcome::Failed {
                 plan.event(
-                    now,
+                    pass.now,
                     "device_failed",
                     format!("{} ({}) failed: {reason}", record.device_id, record.class),
                     &record.device_id,
@@ -376,64 +414,92 @@ fn decide_steps(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
             plan.records.push(record.clone());
         }
     }
+}
 
-    // Selected devices, and their classes.
-    let selected: Vec<&proto::Device> = facts
+/// Devices the rollout selects: its members, and devices its selector picks that no other active rollout has.
+fn selected_devices<'a>(pass: &Pass<'a>, records: &Records) -> Vec<&'a proto::Device> {
+    pass.facts
         .devices
         .iter()
-        .filter(|d| selects(&spec.selector, &d.labels) || records.contains_key(&d.id))
-        .filter(|d| records.contains_key(&d.id) || !facts.other_active.contains(&d.rollout_id))
-        .collect();
+        .filter(|d| selects(&pass.spec.selector, &d.labels) || records.contains_key(&d.id))
+        .filter(|d| records.contains_key(&d.id) || !pass.facts.other_active.contains(&d.rollout_id))
+        .collect()
+}
+
+/// Per class, how many devices are selected (a member counts in the class it joined with).
+fn selected_per_class(selected: &[&proto::Device], records: &Records) -> BTreeMap<String, proto::ClassStatus> {
     let mut classes: BTreeMap<String, proto::ClassStatus> = BTreeMap::new();
-    for device in &selected {
+    for device in selected {
         let class = records.get(&device.id).map(|r| r.class.clone()).unwrap_or_else(|| hardware_class(device));
         let entry = classes.entry(class.clone()).or_insert_with(|| proto::ClassStatus { class, ..Default::default() });
         entry.counts.get_or_insert_default().selected += 1;
     }
+    classes
+}
 
-    // New members of B at the current percentage, within the concurrency budget, in bucket order.
-    let paused = state == RolloutState::Paused;
+/// New members of B at the current percentage, within the concurrency budget, in bucket order; each keeps
+/// what it ran as its baseline. Returns, per class, the devices due in B that wait their turn (paused,
+/// over budget, or the window closed).
+fn move_to_candidate(
+    pass: &Pass<'_>,
+    plan: &mut Plan,
+    records: &mut Records,
+    selected: &[&proto::Device],
+) -> HashMap<String, u32> {
+    let rollout_id = &pass.rollout.id;
     let mut eligible: Vec<(u32, &proto::Device)> = selected
         .iter()
-        .filter(|d| !records.contains_key(&d.id) && in_candidate(&rollout.id, &d.id, step.percent))
-        .filter(|d| !halted.contains(&hardware_class(d)))
-        .map(|d| (bucket(&rollout.id, &d.id), *d))
+        .filter(|d| !records.contains_key(&d.id) && in_candidate(rollout_id, &d.id, pass.step.percent))
+        .filter(|d| !pass.halted.contains(&hardware_class(d)))
+        .map(|d| (bucket(rollout_id, &d.id), *d))
         .collect();
     eligible.sort_by_key(|(b, d)| (*b, d.id.clone()));
     let converging = records.values().filter(|r| outcome_of(r) == DeviceOutcome::Pending).count() as u64;
-    let mut budget = if spec.max_concurrent == 0 { u64::MAX } else { u64::from(spec.max_concurrent) };
+    let mut budget = if pass.spec.max_concurrent == 0 { u64::MAX } else { u64::from(pass.spec.max_concurrent) };
     budget = budget.saturating_sub(converging);
     let mut waiting_turn: HashMap<String, u32> = HashMap::new();
     for (_, device) in eligible {
         let class = hardware_class(device);
-        if paused || budget == 0 || closed.is_some() {
+        if pass.paused || budget == 0 || pass.closed.is_some() {
             *waiting_turn.entry(class).or_default() += 1;
             continue;
         }
         budget -= 1;
-        let baseline_runtime =
-            if device.desired.as_ref().map(|b| &b.digest) == device.running.as_ref().map(|b| &b.digest) {
-                device.desired_runtime
-            } else {
-                None
-            };
-        let record = proto::RolloutDevice {
-            rollout_id: rollout.id.clone(),
-            device_id: device.id.clone(),
-            class,
-            baseline: device.running.clone(),
-            baseline_runtime,
-            assigned_unix_ms: now,
-            outcome: DeviceOutcome::Pending as i32,
-            reason: String::new(),
-            attempts: 1,
-        };
+        let record = new_member(rollout_id, device, class, pass.now);
         plan.to_candidate.push(device.id.clone());
         plan.records.push(record.clone());
         records.insert(device.id.clone(), record);
     }
+    waiting_turn
+}
 
-    // Per-class counts and verdicts.
+/// A device's record as it joins B: what it runs now is its baseline (with its runtime settings when its
+/// desired state named the same bundle).
+fn new_member(rollout_id: &str, device: &proto::Device, class: String, now: i64) -> proto::RolloutDevice {
+    let baseline_runtime = if device.desired.as_ref().map(|b| &b.digest) == device.running.as_ref().map(|b| &b.digest) {
+        device.desired_runtime
+    } else {
+        None
+    };
+    proto::RolloutDevice {
+        rollout_id: rollout_id.to_owned(),
+        device_id: device.id.clone(),
+        class,
+        baseline: device.running.clone(),
+        baseline_runtime,
+        assigned_unix_ms: now,
+        outcome: DeviceOutcome::Pending as i32,
+        reason: String::new(),
+        attempts: 1,
+    }
+}
+
+/// Per class, B's devices by outcome (those waiting their turn count as pending).
+fn count_candidates(
+    classes: &mut BTreeMap<String, proto::ClassStatus>,
+    records: &Records,
+    waiting_turn: &HashMap<String, u32>,
+) {
     for record in records.values() {
         let entry = classes
             .entry(record.class.clone())
@@ -447,142 +513,130 @@ fn decide_steps(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
         }
         counts.candidate += 1;
     }
-    for (class, n) in &waiting_turn {
+    for (class, n) in waiting_turn {
         if let Some(entry) = classes.get_mut(class) {
             let counts = entry.counts.get_or_insert_default();
             counts.candidate += n;
             counts.pending += n;
         }
     }
-    let accept_inconclusive = plan.rollout.inconclusive_accepted
-        || plan.rollout.promoted
-        || spec.on_inconclusive == InconclusivePolicy::Advance as i32;
+}
+
+/// Each class's verdict from its counts, its A/B comparison and the gates.
+fn judge_classes(pass: &Pass<'_>, plan: &Plan, records: &Records, classes: &mut BTreeMap<String, proto::ClassStatus>) {
+    let (gates, measurements) = (&pass.gates, pass.facts.measurements);
     let perf_on = gates.min_tokens_per_second_ratio.is_some() || gates.max_ttft_ratio.is_some();
-    let comparison = if perf_on || !facts.measurements.is_empty() {
+    let comparison: HashMap<String, proto::ClassComparison> = if perf_on || !measurements.is_empty() {
         let current: Vec<proto::RolloutDevice> = records.values().cloned().collect();
-        let c = compare::compare(
-            &plan.rollout,
-            facts.devices,
-            &current,
-            facts.measurements,
-            gates.min_devices.max(1) as usize,
-        );
+        let min_samples = gates.min_devices.max(1) as usize;
+        let c = compare::compare(&plan.rollout, pass.facts.devices, &current, measurements, min_samples);
         c.classes.into_iter().map(|c| (c.class.clone(), c)).collect()
     } else {
         HashMap::new()
     };
-    let candidate_digest = rollout.candidate.as_ref().map(|c| c.digest.as_str()).unwrap_or_default();
+    let candidate_digest = pass.rollout.candidate.as_ref().map(|c| c.digest.as_str()).unwrap_or_default();
     for status in classes.values_mut() {
         let unmeasured = records
             .values()
             .filter(|r| r.class == status.class && outcome_of(r) == DeviceOutcome::Active)
-            .filter(|r| facts.measurements.get(&r.device_id, candidate_digest).is_none())
+            .filter(|r| measurements.get(&r.device_id, candidate_digest).is_none())
             .count() as u32;
         let perf = Perf { comparison: comparison.get(&status.class), unmeasured };
-        judge(status, &gates, halted.contains(&status.class), &perf);
+        judge(status, gates, pass.halted.contains(&status.class), &perf);
     }
+}
 
-    // Failing classes: halt them or abort.
+/// Failing classes: each is halted (its B devices return to A) under `HALT_CLASS`, else, or when every
+/// sampled class is halted, the rollout aborts. A paused rollout waits for its operator.
+fn halt_or_abort(
+    pass: &Pass<'_>,
+    plan: &mut Plan,
+    records: &mut Records,
+    classes: &mut BTreeMap<String, proto::ClassStatus>,
+) {
     let failing: Vec<String> =
         classes.values().filter(|c| c.verdict == GateVerdict::Fail as i32).map(|c| c.class.clone()).collect();
-    let halt_only = spec.on_class_failure == ClassFailurePolicy::HaltClass as i32;
-    if !failing.is_empty() && !paused {
-        if halt_only {
-            for class in &failing {
-                let (reverted, to_nothing) = revert(&mut plan, &mut records, Some(class));
-                plan.rollout.halted_classes.push(class.clone());
-                let reason = classes.get(class).map(|c| c.reason.clone()).unwrap_or_default();
-                plan.event(
-                    now,
-                    "class_halted",
-                    format!("class {class} halted ({reason}); {}", returned(reverted, to_nothing)),
-                    "",
-                );
-                if let Some(c) = classes.get_mut(class) {
-                    c.verdict = GateVerdict::Halted as i32;
-                }
+    if failing.is_empty() || pass.paused {
+        return;
+    }
+    let halt_only = pass.spec.on_class_failure == ClassFailurePolicy::HaltClass as i32;
+    if halt_only {
+        for class in &failing {
+            let (reverted, to_nothing) = revert(plan, records, Some(class));
+            plan.rollout.halted_classes.push(class.clone());
+            let reason = classes.get(class).map(|c| c.reason.clone()).unwrap_or_default();
+            plan.event(
+                pass.now,
+                "class_halted",
+                format!("class {class} halted ({reason}); {}", returned(reverted, to_nothing)),
+                "",
+            );
+            if let Some(c) = classes.get_mut(class) {
+                c.verdict = GateVerdict::Halted as i32;
             }
         }
-        let all_halted = classes
-            .values()
-            .all(|c| c.verdict == GateVerdict::Halted as i32 || c.verdict == GateVerdict::NotSampled as i32);
-        if !halt_only || all_halted {
-            let (reverted, to_nothing) = revert(&mut plan, &mut records, None);
-            let why: Vec<String> = failing
-                .iter()
-                .map(|c| format!("{c}: {}", classes.get(c).map(|s| s.reason.as_str()).unwrap_or("")))
-                .collect();
-            plan.set_state(RolloutState::Aborted);
-            plan.rollout.message = format!(
-                "aborted at step {}: gates failed ({}); {}",
-                plan.rollout.current_step + 1,
-                why.join("; "),
-                returned(reverted, to_nothing)
-            );
-            plan.event(now, "aborted", plan.rollout.message.clone(), "");
-        }
     }
-    finish_counts(&mut plan, &classes);
-    if plan.state() != RolloutState::Progressing {
-        if plan.state() == RolloutState::Paused && plan.rollout.message.is_empty() {
-            plan.rollout.message = "paused".into();
-        }
-        return plan;
+    let all_halted = classes
+        .values()
+        .all(|c| c.verdict == GateVerdict::Halted as i32 || c.verdict == GateVerdict::NotSampled as i32);
+    if !halt_only || all_halted {
+        let (reverted, to_nothing) = revert(plan, records, None);
+        let why: Vec<String> = failing
+            .iter()
+            .map(|c| format!("{c}: {}", classes.get(c).map(|s| s.reason.as_str()).unwrap_or("")))
+            .collect();
+        plan.set_state(RolloutState::Aborted);
+        plan.rollout.message = format!(
+            "aborted at step {}: gates failed ({}); {}",
+            plan.rollout.current_step + 1,
+            why.join("; "),
+            returned(reverted, to_nothing)
+        );
+        plan.event(pass.now, "aborted", plan.rollout.message.clone(), "");
     }
+}
 
-    // Advance, hold or wait.
+/// "class: reason" of the judged classes with `verdict`, joined.
+fn reasons_of(judged: &[&proto::ClassStatus], verdict: GateVerdict) -> Vec<String> {
+    judged.iter().filter(|c| c.verdict == verdict as i32).map(|c| format!("{}: {}", c.class, c.reason)).collect()
+}
+
+/// Advance, hold or wait: a waiting class waits; an inconclusive one holds the rollout for a human unless
+/// accepted; once every class passed and the step soaked, the rollout advances (the window permitting)
+/// or, after its last step, completes.
+fn advance_hold_or_wait(pass: &Pass<'_>, plan: &mut Plan, classes: &BTreeMap<String, proto::ClassStatus>) {
+    let now = pass.now;
     let step_no = plan.rollout.current_step + 1;
     let judged: Vec<&proto::ClassStatus> =
         classes.values().filter(|c| c.verdict != GateVerdict::Halted as i32).collect();
-    let waiting: Vec<&str> =
-        judged.iter().filter(|c| c.verdict == GateVerdict::Waiting as i32).map(|c| c.class.as_str()).collect();
-    let inconclusive: Vec<&str> =
-        judged.iter().filter(|c| c.verdict == GateVerdict::Inconclusive as i32).map(|c| c.class.as_str()).collect();
-    let soaked = now.saturating_sub(plan.rollout.step_started_unix_ms) >= i64::from(step.min_soak_seconds) * 1000;
-    let last_step = plan.rollout.current_step as usize + 1 >= spec.steps.len();
+    let waiting = reasons_of(&judged, GateVerdict::Waiting);
+    let inconclusive = reasons_of(&judged, GateVerdict::Inconclusive);
+    let accept_inconclusive = plan.rollout.inconclusive_accepted
+        || plan.rollout.promoted
+        || pass.spec.on_inconclusive == InconclusivePolicy::Advance as i32;
+    let soaked = now.saturating_sub(plan.rollout.step_started_unix_ms) >= i64::from(pass.step.min_soak_seconds) * 1000;
+    let last_step = plan.rollout.current_step as usize + 1 >= pass.spec.steps.len();
+    let closed = pass.closed.as_ref();
     if !waiting.is_empty() {
-        let reasons: Vec<String> = judged
-            .iter()
-            .filter(|c| c.verdict == GateVerdict::Waiting as i32)
-            .map(|c| format!("{}: {}", c.class, c.reason))
-            .collect();
-        plan.rollout.message = format!("step {step_no}: waiting ({})", reasons.join("; "));
+        plan.rollout.message = format!("step {step_no}: waiting ({})", waiting.join("; "));
     } else if !inconclusive.is_empty() && !accept_inconclusive {
         plan.set_state(RolloutState::Paused);
         plan.rollout.pause_reason = PauseReason::Inconclusive as i32;
-        let reasons: Vec<String> = judged
-            .iter()
-            .filter(|c| c.verdict == GateVerdict::Inconclusive as i32)
-            .map(|c| format!("{}: {}", c.class, c.reason))
-            .collect();
         plan.rollout.message = format!(
             "step {step_no}: held for a human, inconclusive ({}; min {} devices); resume to accept, or abort",
-            reasons.join("; "),
-            gates.min_devices.max(1)
+            inconclusive.join("; "),
+            pass.gates.min_devices.max(1)
         );
         plan.event(now, "held", plan.rollout.message.clone(), "");
     } else if !soaked {
-        plan.rollout.message = format!("step {step_no}: soaking for {} s", step.min_soak_seconds);
+        plan.rollout.message = format!("step {step_no}: soaking for {} s", pass.step.min_soak_seconds);
     } else if let Some(w) = closed.filter(|_| !last_step) {
         plan.rollout.message =
             format!("step {step_no}: done; {}", closed_message(w, plan.rollout.window_opens_unix_ms));
     } else if last_step {
-        plan.set_state(RolloutState::Completed);
-        let active: u32 = plan.rollout.counts.map(|c| c.active).unwrap_or(0);
-        let halted = if plan.rollout.halted_classes.is_empty() {
-            String::new()
-        } else {
-            format!("; halted classes: {}", plan.rollout.halted_classes.join(", "))
-        };
-        plan.rollout.message = format!("completed: {active} devices run the candidate{halted}");
-        plan.event(now, "completed", plan.rollout.message.clone(), "");
+        complete(plan, now);
     } else {
-        plan.rollout.current_step += 1;
-        plan.rollout.step_started_unix_ms = now;
-        plan.rollout.inconclusive_accepted = false;
-        let percent = spec.steps.get(plan.rollout.current_step as usize).map(|s| s.percent).unwrap_or(100);
-        plan.rollout.message = format!("advanced to step {} ({percent}%)", step_no + 1);
-        plan.event(now, "advanced", plan.rollout.message.clone(), "");
+        advance(plan, pass.spec, now);
     }
     if let Some(w) = closed
         && plan.state() == RolloutState::Progressing
@@ -591,7 +645,28 @@ fn decide_steps(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
         let note = closed_message(w, plan.rollout.window_opens_unix_ms);
         plan.rollout.message = format!("{}; {note}", plan.rollout.message);
     }
-    plan
+}
+
+fn complete(plan: &mut Plan, now: i64) {
+    plan.set_state(RolloutState::Completed);
+    let active: u32 = plan.rollout.counts.map(|c| c.active).unwrap_or(0);
+    let halted = if plan.rollout.halted_classes.is_empty() {
+        String::new()
+    } else {
+        format!("; halted classes: {}", plan.rollout.halted_classes.join(", "))
+    };
+    plan.rollout.message = format!("completed: {active} devices run the candidate{halted}");
+    plan.event(now, "completed", plan.rollout.message.clone(), "");
+}
+
+fn advance(plan: &mut Plan, spec: &proto::RolloutSpec, now: i64) {
+    let step_no = plan.rollout.current_step + 1;
+    plan.rollout.current_step += 1;
+    plan.rollout.step_started_unix_ms = now;
+    plan.rollout.inconclusive_accepted = false;
+    let percent = spec.steps.get(plan.rollout.current_step as usize).map(|s| s.percent).unwrap_or(100);
+    plan.rollout.message = format!("advanced to step {} ({percent}%)", step_no + 1);
+    plan.event(now, "advanced", plan.rollout.message.clone(), "");
 }
 
 /// Which selected devices to tell to pre-stage the candidate now, and per class how many report it staged

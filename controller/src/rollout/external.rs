@@ -15,8 +15,31 @@ use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
-use super::CreateError;
 use crate::config::ExternalRegistry;
+
+/// Why a bundle could not be pinned in an external registry.
+#[derive(Debug, thiserror::Error)]
+pub enum ExternalError {
+    #[error(
+        "bundle {repository}:{reference} is not in the registry; push it with `alkictl bundle push` or check the name"
+    )]
+    NotFound { repository: String, reference: String },
+    /// The reference or what it names is not a bundle; the message says why.
+    #[error("{0}")]
+    Invalid(String),
+    /// The registry could not be read or served wrong bytes; the message says which and what to check.
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+/// A bundle pinned by digest in an external registry.
+#[derive(Clone, Debug)]
+pub struct Pinned {
+    /// The reference agents are given (its tag is empty when the rollout named a digest).
+    pub bundle: proto::BundleRef,
+    /// The bundle's manifest, checked against the digest.
+    pub manifest: Manifest,
+}
 
 const ACCEPTED_MANIFESTS: [&str; 4] =
     [MEDIA_TYPE_IMAGE_INDEX, MEDIA_TYPE_IMAGE_MANIFEST, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_DOCKER_MANIFEST];
@@ -30,13 +53,9 @@ pub fn split<'a>(registries: &'a [ExternalRegistry], repository: &'a str) -> Opt
 
 /// Resolves `reference` (a tag or a digest) in `repository` of `registry` to a digest, checks the bytes
 /// against it and that the manifest is a bundle (an index with variants, or a manifest with GGUF layers),
-/// and returns the bundle reference agents are given with what ListBundles shows of it.
-pub async fn pin(
-    registry: &ExternalRegistry,
-    repository: &str,
-    reference: &str,
-) -> Result<(proto::BundleRef, proto::Bundle), CreateError> {
-    let not_found = || CreateError::BundleNotFound {
+/// and returns the bundle reference agents are given with its manifest.
+pub async fn pin(registry: &ExternalRegistry, repository: &str, reference: &str) -> Result<Pinned, ExternalError> {
+    let not_found = || ExternalError::NotFound {
         repository: format!("{}/{repository}", registry.host),
         reference: reference.to_owned(),
     };
@@ -52,7 +71,7 @@ pub async fn pin(
         ..Default::default()
     });
     let expected = if reference.starts_with("sha256:") {
-        Some(reference.parse::<Digest>().map_err(|e| CreateError::Invalid(format!("candidate {reference:?}: {e}")))?)
+        Some(reference.parse::<Digest>().map_err(|e| ExternalError::Invalid(format!("candidate {reference:?}: {e}")))?)
     } else {
         None
     };
@@ -76,14 +95,14 @@ pub async fn pin(
         {
             not_found()
         }
-        other => CreateError::External(format!(
+        other => ExternalError::Unreachable(format!(
             "cannot read {}/{repository}:{reference} from external registry {}: {other}; check that it is \
              reachable from the controller and the controller's credentials for it",
             registry.host, registry.host
         )),
     })?;
     if bytes.len() > MAX_MANIFEST_BYTES {
-        return Err(CreateError::Invalid(format!(
+        return Err(ExternalError::Invalid(format!(
             "the manifest of {repository}:{reference} is too large for a bundle"
         )));
     }
@@ -91,14 +110,14 @@ pub async fn pin(
     if let Some(expected) = &expected
         && expected != &digest
     {
-        return Err(CreateError::External(format!(
+        return Err(ExternalError::Unreachable(format!(
             "external registry {} served {repository}@{expected} with bytes of digest {digest}; the registry copy \
              is corrupt",
             registry.host
         )));
     }
     let not_bundle = |why: &str| {
-        CreateError::Invalid(format!(
+        ExternalError::Invalid(format!(
             "{}/{repository}:{reference} ({digest}) is not a bundle: {why}; push one made by alkictl bundle pack",
             registry.host
         ))
@@ -110,25 +129,13 @@ pub async fn pin(
         _ => {}
     }
     let tag = if expected.is_some() { String::new() } else { reference.to_owned() };
-    let (variants, total_size) = crate::api::fleet::summarize(&manifest).unwrap_or_default();
-    let listed = proto::Bundle {
-        registry: registry.host.clone(),
-        repository: repository.to_owned(),
-        digest: digest.to_string(),
-        tags: if tag.is_empty() { Vec::new() } else { vec![tag.clone()] },
-        media_type: manifest.media_type().to_owned(),
-        total_size,
-        pushed_unix_ms: crate::now_unix_ms(),
-        variants,
-        signatures: Vec::new(),
-    };
-    let pinned = proto::BundleRef {
+    let bundle = proto::BundleRef {
         registry: registry.host.clone(),
         repository: repository.to_owned(),
         digest: digest.to_string(),
         tag,
     };
-    Ok((pinned, listed))
+    Ok(Pinned { bundle, manifest })
 }
 
 #[cfg(test)]
@@ -152,7 +159,7 @@ mod tests {
         drop(closed);
         let registry = ExternalRegistry { plain_http: true, ..ExternalRegistry::new(host.clone()) };
         let err = pin(&registry, "acme/tiny", "v1").await.expect_err("nothing listens");
-        assert!(matches!(err, CreateError::External(_)), "{err:?}");
+        assert!(matches!(err, ExternalError::Unreachable(_)), "{err:?}");
         let text = err.to_string();
         assert!(text.contains(&host) && text.contains("reachable from the controller"), "{text}");
     }

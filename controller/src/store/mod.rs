@@ -58,7 +58,7 @@ from_redb!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TokenRecord {
     pub name: String,
-    pub role: crate::auth::Role,
+    pub role: crate::roles::Role,
     pub created_unix_ms: i64,
     /// Set when an admin revoked the token; the record stays so the audit log's names keep meaning.
     #[serde(default)]

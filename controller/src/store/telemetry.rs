@@ -161,7 +161,7 @@ impl Store {
                 inv.memory_available_bytes = t.memory_available_bytes;
             }
             device.latest_telemetry = Some(t.clone());
-            let class = crate::rollout::engine::hardware_class(&device);
+            let class = crate::facts::hardware_class(&device);
             devices.insert(device_id, encode(&device, super::DEVICES)?.as_slice())?;
             class
         };
@@ -209,7 +209,7 @@ impl Store {
                 Some(v) => decode("devices".into(), device_id, v.value())?,
                 None => proto::Device { id: device_id.to_owned(), ..Default::default() },
             };
-            let class = crate::rollout::engine::hardware_class(&device);
+            let class = crate::facts::hardware_class(&device);
             let mut benchmarks = txn.open_table(BENCHMARKS)?;
             let mut perf = txn.open_table(PERF)?;
             for r in results {
@@ -448,7 +448,7 @@ mod tests {
         assert_eq!(s.len(), 1);
         assert_eq!((s[0].id.as_str(), s[0].labels.get("site").map(String::as_str)), ("d1", Some("lab")));
         assert_eq!(s[0].running.as_ref().map(|b| b.digest.as_str()), Some("sha256:aa"));
-        assert_eq!(crate::rollout::engine::hardware_class(&s[0]), "pi5-8g");
+        assert_eq!(crate::facts::hardware_class(&s[0]), "pi5-8g");
         assert!(s[0].agent_version.is_empty(), "only the fields comparisons read are decoded");
     }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use alki_controller::auth::{Authenticator, Role};
 use alki_controller::registry::{self, Registry, RegistryConfig};
 use alki_controller::store::Store;
+use alki_shared::clock::SharedClock;
 use alki_shared::digest::Digest;
 use reqwest::{Method, StatusCode};
 
@@ -47,13 +48,18 @@ pub async fn start() -> Harness {
 }
 
 pub async fn start_with(config: RegistryConfig) -> Harness {
+    start_with_clock(config, alki_shared::clock::system()).await
+}
+
+/// A registry reading time from `clock`, so a test can move it past a grace period instead of sleeping.
+pub async fn start_with_clock(config: RegistryConfig, clock: SharedClock) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("store");
     let auth = Authenticator::new(store.clone());
     let push = auth.create_token("ci", Role::Push).expect("push token");
     let agent = auth.create_token("pi-1", Role::Agent).expect("agent token");
     let admin = auth.create_token("root", Role::Admin).expect("admin token");
-    let registry = Arc::new(Registry::open(dir.path(), store.database(), config).expect("registry"));
+    let registry = Arc::new(Registry::open_with_clock(dir.path(), store.database(), config, clock).expect("registry"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     let app = registry::router(registry.clone(), auth);

@@ -1,0 +1,68 @@
+//! The application context: what the controller's parts share, built once by `server` (the store, the
+//! fleet's sessions, the rollouts, ingestion, the report writer, the counters and the clock) and handed to
+//! the front doors in `api`. Domain modules never see it: each is handed the pieces it uses.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use alki_shared::clock::SharedClock;
+
+use crate::auth::Authenticator;
+use crate::fleet::Fleet;
+use crate::fleet::reports::{ReportCounters, ReportWriter};
+use crate::insight::Ingest;
+use crate::metrics::{Counters, HttpCounters, Scrape};
+use crate::pki::Pki;
+use crate::rollout::Rollouts;
+use crate::rollout::create::Sources;
+use crate::store::{Store, StoreError};
+
+/// Cheap to clone: every field is shared.
+#[derive(Clone)]
+pub struct App {
+    /// Where "now" comes from, for every record and report the controller stamps.
+    pub clock: SharedClock,
+    pub store: Store,
+    /// Device records, live sessions, desired-state assignment.
+    pub fleet: Fleet,
+    pub rollouts: Rollouts,
+    pub auth: Authenticator,
+    /// The controller CA: device certificates and registry tokens.
+    pub pki: Pki,
+    /// The registries bundles come from and the keys rollout candidates must be signed with.
+    pub sources: Sources,
+    /// Telemetry ingestion: the rollup accumulator and its counters.
+    pub ingest: Arc<Ingest>,
+    /// Agent reports reach the store through it, by group commit.
+    pub reports: ReportWriter,
+    /// Registry traffic, counted by `metrics::count_registry`.
+    pub http_counters: Arc<HttpCounters>,
+    /// What the report writer has done.
+    pub report_counters: Arc<ReportCounters>,
+}
+
+impl App {
+    /// What `/metrics` renders now: devices (with their live session state), rollouts, and every counter.
+    /// Blocking (reads the store).
+    pub fn scrape(&self) -> Result<Scrape, StoreError> {
+        Ok(Scrape {
+            devices: self.fleet.devices(&Default::default())?,
+            rollouts: self.store.rollouts()?,
+            counters: self.counters(),
+        })
+    }
+
+    fn counters(&self) -> Counters {
+        let (ingest, reports) = (&self.ingest, &self.report_counters);
+        Counters {
+            registry: self.http_counters.registry(),
+            telemetry_reports: ingest.telemetry_reports.load(Ordering::Relaxed),
+            benchmark_results: ingest.benchmark_results.load(Ordering::Relaxed),
+            rollups_dropped: ingest.rollups_dropped.load(Ordering::Relaxed),
+            rollup_flushes: ingest.rollup_flushes.load(Ordering::Relaxed),
+            reports_queued: reports.queued.load(Ordering::Relaxed),
+            reports_written: reports.written.load(Ordering::Relaxed),
+            report_commits: reports.commits.load(Ordering::Relaxed),
+        }
+    }
+}

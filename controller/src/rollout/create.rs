@@ -1,0 +1,382 @@
+//! Creating a rollout: the request's labels and spec checked (a ramp expanded into steps), the candidate's
+//! signature checked against the fleet's trusted keys, or the check overridden with a reason that is kept
+//! in the rollout's events, the candidate pinned by digest in the embedded or an external registry,
+//! overlaps with active rollouts refused, and the rollout stored as Pending for the reconciler.
+
+use std::sync::Arc;
+
+use alki_shared::clock::UnixMs;
+use alki_shared::ids::RolloutId;
+use alki_shared::proto::{self, RolloutState};
+use alki_shared::signing::PublicKey;
+
+use super::Rollouts;
+use super::external::{self, ExternalError};
+use super::schedule;
+use crate::config::ExternalRegistry;
+use crate::facts::{rollout_is_active, selects};
+use crate::registry::Registry;
+use crate::store::StoreError;
+use crate::trust::CandidateError;
+
+/// Where candidates come from and what they must be signed with.
+#[derive(Clone)]
+pub struct Sources {
+    pub registry: Arc<Registry>,
+    /// host:port agents use to reach the embedded registry.
+    pub registry_host: String,
+    /// External registries rollouts may name (see `external`).
+    pub externals: Arc<[ExternalRegistry]>,
+    /// Keys a rollout candidate must be signed with (see `trust`).
+    pub trusted_keys: Arc<[PublicKey]>,
+}
+
+/// An operator's request to create a rollout.
+pub struct Request {
+    pub spec: proto::RolloutSpec,
+    /// Create it even when the candidate's signature check fails...
+    pub override_signature_check: bool,
+    /// ...for this reason, which must be given and is kept in the rollout's events.
+    pub override_reason: String,
+    /// Who asks (the audit log's and the events' name for them).
+    pub by: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("invalid rollout: {0}")]
+    Invalid(String),
+    /// The request itself is refused (labels, an override without a reason); the message says why.
+    #[error("{0}")]
+    Refused(String),
+    /// The candidate's signature does not verify against the fleet's keys, or could not be read.
+    #[error(transparent)]
+    Signature(CandidateError),
+    #[error(
+        "bundle {repository}:{reference} is not in the registry; push it with `alkictl bundle push` or check the name"
+    )]
+    BundleNotFound { repository: String, reference: String },
+    #[error("device {device} is already in active rollout {rollout}; wait for it, or abort it first")]
+    Conflict { device: String, rollout: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("registry: {0}")]
+    Registry(String),
+    /// An external registry could not be read or served wrong bytes; the message says which and what to check.
+    #[error("{0}")]
+    External(String),
+    #[error("creating the rollout failed inside the controller: {0}")]
+    Task(String),
+}
+
+impl From<ExternalError> for CreateError {
+    fn from(e: ExternalError) -> CreateError {
+        match e {
+            ExternalError::NotFound { repository, reference } => CreateError::BundleNotFound { repository, reference },
+            ExternalError::Invalid(why) => CreateError::Invalid(why),
+            ExternalError::Unreachable(why) => CreateError::External(why),
+        }
+    }
+}
+
+/// Creates a rollout from an operator's request (see the module docs). The store is written on a blocking
+/// thread, never on the async worker.
+pub async fn create(
+    rollouts: &Rollouts,
+    sources: &Sources,
+    request: Request,
+    now: UnixMs,
+) -> Result<proto::Rollout, CreateError> {
+    let Request { mut spec, override_signature_check, override_reason, by } = request;
+    crate::limits::check_labels("rollout selector", spec.selector.iter())
+        .map_err(|e| CreateError::Refused(e.to_string()))?;
+    let check =
+        crate::trust::check_candidate(&sources.registry, &sources.externals, &sources.trusted_keys, &spec).await;
+    let overridden = signature_override(check, override_signature_check, &override_reason)?;
+    let external = external::split(&sources.externals, &spec.repository).map(|(r, repo)| (r.clone(), repo.to_owned()));
+    let pinned = match external {
+        Some((registry, repository)) => {
+            check_spec(&mut spec)?;
+            Some(external::pin(&registry, &repository, &spec.candidate).await?)
+        }
+        None => None,
+    };
+    let (rollouts, sources) = (rollouts.clone(), sources.clone());
+    let created = tokio::task::spawn_blocking(move || {
+        let rollout = match pinned {
+            Some(pinned) => {
+                let rollout = create_pinned(&rollouts, spec, pinned.bundle.clone(), now)?;
+                rollouts.fleet.store.record_external_bundle(crate::bundles::pinned_external(&pinned, now))?;
+                rollout
+            }
+            None => create_embedded(&rollouts, &sources, spec, now)?,
+        };
+        if let Some(problem) = overridden {
+            record_override(&rollouts, &rollout.id, &by, &override_reason, &problem, now)?;
+        }
+        Ok::<_, CreateError>(rollout)
+    });
+    created.await.map_err(|e| CreateError::Task(e.to_string()))?
+}
+
+/// The signature-override rule: a candidate whose signature check fails is refused unless the operator
+/// overrides the check with a reason. Returns the problem overridden, if any.
+fn signature_override<T>(
+    check: Result<T, CandidateError>,
+    requested: bool,
+    reason: &str,
+) -> Result<Option<String>, CreateError> {
+    match check {
+        Ok(_) => Ok(None),
+        Err(e) if requested => {
+            if reason.trim().is_empty() {
+                return Err(CreateError::Refused(
+                    "overriding the signature check needs a reason (alkictl rollout create --reason \"...\"); it is \
+                     kept in the rollout's events"
+                        .into(),
+                ));
+            }
+            Ok(Some(e.to_string()))
+        }
+        Err(e) => Err(CreateError::Signature(e)),
+    }
+}
+
+/// Pins the candidate in the embedded registry and stores the rollout. Blocking (the index and the store).
+fn create_embedded(
+    rollouts: &Rollouts,
+    sources: &Sources,
+    mut spec: proto::RolloutSpec,
+    now: UnixMs,
+) -> Result<proto::Rollout, CreateError> {
+    check_spec(&mut spec)?;
+    let candidate =
+        crate::bundles::pin_embedded(&sources.registry, &sources.registry_host, &spec.repository, &spec.candidate)
+            .map_err(|e| CreateError::Registry(e.to_string()))?
+            .ok_or_else(|| CreateError::BundleNotFound {
+                repository: spec.repository.clone(),
+                reference: spec.candidate.clone(),
+            })?;
+    create_pinned(rollouts, spec, candidate, now)
+}
+
+fn check_spec(spec: &mut proto::RolloutSpec) -> Result<(), CreateError> {
+    if spec.repository.is_empty() || spec.candidate.is_empty() {
+        return Err(CreateError::Invalid("name the bundle's repository and its tag or digest".into()));
+    }
+    normalize_spec(spec).map_err(CreateError::Invalid)
+}
+
+/// Refuses overlaps with active rollouts and stores the rollout, pinned to `candidate`, as Pending.
+fn create_pinned(
+    rollouts: &Rollouts,
+    spec: proto::RolloutSpec,
+    candidate: proto::BundleRef,
+    now: UnixMs,
+) -> Result<proto::Rollout, CreateError> {
+    let fleet = &rollouts.fleet;
+    let digest = candidate.digest.clone();
+    let _guard = rollouts.lock();
+    refuse_overlaps(rollouts, &spec)?;
+    let now = now.as_millis();
+    let rollout = proto::Rollout {
+        id: RolloutId::generate().to_string(),
+        candidate: Some(candidate),
+        spec: Some(spec),
+        state: RolloutState::Pending as i32,
+        created_unix_ms: now,
+        updated_unix_ms: now,
+        message: "waiting for the reconciler".into(),
+        ..Default::default()
+    };
+    let created = proto::RolloutEvent {
+        rollout_id: rollout.id.clone(),
+        seq: 1,
+        unix_ms: now,
+        kind: "created".into(),
+        message: format!("created for {} with steps {:?}", digest, spec_percents(&rollout)),
+        device_id: String::new(),
+    };
+    let rollout = proto::Rollout { event_seq: 1, ..rollout };
+    fleet.store.commit_rollout(&rollout, &[], &[created])?;
+    tracing::info!(rollout_id = %rollout.id, candidate = %digest, "Created a rollout.");
+    fleet.changed.notify_one();
+    Ok(rollout)
+}
+
+/// A device the spec selects that an active rollout already selects (or moved) belongs to that rollout.
+/// Called under the rollouts lock.
+fn refuse_overlaps(rollouts: &Rollouts, spec: &proto::RolloutSpec) -> Result<(), CreateError> {
+    let store = &rollouts.fleet.store;
+    let all = store.rollouts()?;
+    let active: Vec<&proto::Rollout> = all.iter().filter(|r| rollout_is_active(r)).collect();
+    for device in store.devices()? {
+        if !selects(&spec.selector, &device.labels) {
+            continue;
+        }
+        let overlapping = active.iter().find(|r| {
+            r.spec.as_ref().is_some_and(|s| selects(&s.selector, &device.labels)) || r.id == device.rollout_id
+        });
+        if let Some(other) = overlapping {
+            return Err(CreateError::Conflict { device: device.id, rollout: other.id.clone() });
+        }
+    }
+    Ok(())
+}
+
+/// Appends a `signature_override` event to a just-created rollout: who overrode which problem, and why.
+/// Under the rollouts lock, like every other change to a rollout, so sequence numbers stay dense.
+fn record_override(
+    rollouts: &Rollouts,
+    rollout_id: &str,
+    by: &str,
+    reason: &str,
+    problem: &str,
+    now: UnixMs,
+) -> Result<(), StoreError> {
+    let store = &rollouts.fleet.store;
+    let _guard = rollouts.lock();
+    let Some(mut rollout) = store.rollout(rollout_id)? else { return Ok(()) };
+    rollout.event_seq += 1;
+    let event = proto::RolloutEvent {
+        rollout_id: rollout_id.to_owned(),
+        seq: rollout.event_seq,
+        unix_ms: now.as_millis(),
+        kind: "signature_override".into(),
+        message: format!("signature check overridden by {by}: {reason} (the check said: {problem})"),
+        device_id: String::new(),
+    };
+    store.commit_rollout(&rollout, &[], &[event])?;
+    tracing::warn!(rollout_id, by, reason, "Rollout created with its signature check overridden.");
+    Ok(())
+}
+
+/// Expands an exponential ramp into steps, fills defaults and checks every field, naming the one at fault.
+pub fn normalize_spec(spec: &mut proto::RolloutSpec) -> Result<(), String> {
+    if let Some(window) = &mut spec.schedule {
+        schedule::Window::new(window).map_err(|e| e.to_string())?;
+        window.weekdays.sort_unstable();
+    }
+    if let Some(ramp) = spec.ramp {
+        if !spec.steps.is_empty() {
+            return Err("give either steps or a ramp, not both".into());
+        }
+        if !(1..=100).contains(&ramp.start_percent) {
+            return Err(format!("ramp.start_percent {} must be from 1 to 100", ramp.start_percent));
+        }
+        if !(ramp.factor > 1.0 && ramp.factor.is_finite()) {
+            return Err(format!("ramp.factor {} must be greater than 1 (e.g. 2 doubles each step)", ramp.factor));
+        }
+        let mut percent = f64::from(ramp.start_percent);
+        while percent < 100.0 && spec.steps.len() < 100 {
+            spec.steps.push(proto::RolloutStep { percent: percent as u32, min_soak_seconds: ramp.min_soak_seconds });
+            percent *= ramp.factor;
+        }
+        spec.steps.push(proto::RolloutStep { percent: 100, min_soak_seconds: ramp.min_soak_seconds });
+        spec.steps.dedup_by_key(|s| s.percent);
+    }
+    if spec.steps.is_empty() {
+        spec.steps.push(proto::RolloutStep { percent: 100, min_soak_seconds: 0 });
+    }
+    let percents: Vec<u32> = spec.steps.iter().map(|s| s.percent).collect();
+    if percents.iter().any(|p| !(1..=100).contains(p)) || percents.windows(2).any(|w| w[0] > w[1]) {
+        return Err(format!("steps {percents:?} must be percentages from 1 to 100 that never decrease"));
+    }
+    if percents.last() != Some(&100) {
+        return Err(format!("the last step must be 100%, not {:?}", percents.last()));
+    }
+    if let Some(g) = &spec.gates {
+        for (name, value) in
+            [("gates.min_success_ratio", g.min_success_ratio), ("gates.max_failure_ratio", g.max_failure_ratio)]
+        {
+            if let Some(v) = value
+                && !(0.0..=1.0).contains(&v)
+            {
+                return Err(format!("{name} {v} must be a ratio from 0 to 1"));
+            }
+        }
+        for (name, value) in [
+            ("gates.min_tokens_per_second_ratio", g.min_tokens_per_second_ratio),
+            ("gates.max_ttft_ratio", g.max_ttft_ratio),
+        ] {
+            if let Some(v) = value
+                && !(v > 0.0 && v.is_finite())
+            {
+                return Err(format!("{name} {v} must be a positive ratio relative to A (e.g. 0.9)"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn spec_percents(rollout: &proto::Rollout) -> Vec<u32> {
+    rollout.spec.as_ref().map(|s| s.steps.iter().map(|s| s.percent).collect()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_signature_check_is_refused_unless_overridden_with_a_reason() {
+        let failed = || {
+            Err::<(), _>(CandidateError::Read {
+                repository: "acme/qwen".into(),
+                digest: alki_shared::digest::Digest::of(b""),
+                reason: "registry down".into(),
+            })
+        };
+        assert!(matches!(signature_override(Ok::<(), CandidateError>(()), true, ""), Ok(None)), "nothing to override");
+        assert!(matches!(signature_override(failed(), false, "hotfix"), Err(CreateError::Signature(_))));
+        assert!(matches!(signature_override(failed(), true, "  "), Err(CreateError::Refused(_))), "a reason is needed");
+        let overridden = signature_override(failed(), true, "hotfix").ok().flatten().unwrap_or_default();
+        assert!(overridden.contains("registry down"), "the problem is kept for the event: {overridden}");
+    }
+
+    #[test]
+    fn a_schedule_window_is_validated_and_its_weekdays_sorted() {
+        let window = |start, end, weekdays: &[u32]| proto::RolloutSpec {
+            schedule: Some(proto::ScheduleWindow {
+                start_minute_utc: start,
+                end_minute_utc: end,
+                weekdays: weekdays.to_vec(),
+            }),
+            ..Default::default()
+        };
+        let mut spec = window(22 * 60, 120, &[5, 1]);
+        normalize_spec(&mut spec).expect("a window spanning midnight");
+        assert_eq!(spec.schedule.map(|w| w.weekdays), Some(vec![1, 5]));
+        assert!(normalize_spec(&mut window(60, 60, &[])).expect_err("empty").contains("same minute"));
+        assert!(normalize_spec(&mut window(60, 1440, &[])).expect_err("minute").contains("end_minute_utc 1440"));
+        assert!(normalize_spec(&mut window(60, 120, &[9])).expect_err("weekday").contains("9"));
+        assert!(normalize_spec(&mut window(60, 120, &[2, 2])).expect_err("twice").contains("twice"));
+    }
+
+    #[test]
+    fn a_ramp_expands_into_steps_and_bad_fields_are_named() {
+        let mut spec = proto::RolloutSpec {
+            ramp: Some(proto::ExponentialRamp { start_percent: 1, factor: 2.0, min_soak_seconds: 60 }),
+            ..Default::default()
+        };
+        normalize_spec(&mut spec).expect("valid ramp");
+        let percents: Vec<u32> = spec.steps.iter().map(|s| s.percent).collect();
+        assert_eq!(percents, [1, 2, 4, 8, 16, 32, 64, 100]);
+        assert!(spec.steps.iter().all(|s| s.min_soak_seconds == 60));
+
+        let mut spec = proto::RolloutSpec {
+            ramp: Some(proto::ExponentialRamp { start_percent: 5, factor: 1.0, min_soak_seconds: 0 }),
+            ..Default::default()
+        };
+        assert!(normalize_spec(&mut spec).expect_err("factor 1").contains("ramp.factor"));
+        let mut spec = proto::RolloutSpec {
+            gates: Some(proto::RolloutGates { max_failure_ratio: Some(5.0), ..Default::default() }),
+            ..Default::default()
+        };
+        assert!(normalize_spec(&mut spec).expect_err("ratio 5").contains("gates.max_failure_ratio"));
+        let mut spec = proto::RolloutSpec {
+            steps: vec![proto::RolloutStep { percent: 50, min_soak_seconds: 0 }],
+            ..Default::default()
+        };
+        assert!(normalize_spec(&mut spec).expect_err("no 100%").contains("last step must be 100%"));
+    }
+}
