@@ -6,7 +6,6 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
-pub mod cli;
 pub mod config;
 pub mod fleet;
 pub mod insight;

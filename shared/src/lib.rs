@@ -1,4 +1,5 @@
-//! Alki Fleet's common crate: the wire contract, the bundle format, digests, identifiers, and file helpers.
+//! Alki Fleet's common crate: the wire contract, the bundle format, digests, identifiers, file helpers, and
+//! the pure rules both the controller and alkictl apply (schedule windows, quantization ranks, GC reports).
 //!
 //! Only this crate knows protobuf: the generated code lives in [`proto`], and the other crates convert
 //! at their edges.
@@ -7,8 +8,11 @@ pub mod bundle;
 pub mod clock;
 pub mod digest;
 pub mod fsutil;
+pub mod gc;
 pub mod gguf;
 pub mod ids;
 pub mod oci;
 pub mod proto;
+pub mod quantization;
+pub mod schedule;
 pub mod signing;

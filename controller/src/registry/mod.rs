@@ -31,7 +31,7 @@ use std::time::Duration;
 use alki_shared::digest::{Digest, DigestError};
 use alki_shared::oci::MAX_MANIFEST_BYTES;
 
-pub use gc::GcReport;
+pub use alki_shared::gc::GcReport;
 pub use routes::router;
 
 use blobs::{BlobStore, Finished, blocking};

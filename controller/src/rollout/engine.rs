@@ -54,7 +54,7 @@ use alki_shared::proto::{
 };
 use sha2::{Digest as _, Sha256};
 
-use super::schedule::Window;
+use alki_shared::schedule::Window;
 use crate::fleet::selects;
 use crate::insight::compare::{self, Measurements, PerfVerdict};
 

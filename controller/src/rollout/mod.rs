@@ -2,7 +2,6 @@
 
 pub mod engine;
 pub mod external;
-pub mod schedule;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -10,6 +9,7 @@ use std::time::Duration;
 
 use alki_shared::ids::RolloutId;
 use alki_shared::proto::{self, RolloutState, VariantPolicy, controller_message};
+use alki_shared::schedule;
 
 use crate::fleet::{Assignment, Fleet, selects};
 use crate::insight::compare::Measurements;

@@ -3,11 +3,14 @@
 
 use std::fmt::Write as _;
 
-use alki_shared::proto::{self, insight_service_client::InsightServiceClient};
+use alki_bundle::BundleRef;
+use alki_shared::proto;
 use clap::Subcommand;
 use serde::Serialize;
 
-use super::{Cli, SelectorArgs, print, short, split_bundle_ref, status, table};
+use crate::cli::SelectorArgs;
+use crate::connection::{Connection, status};
+use crate::output::{Output, print, short, table};
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
@@ -24,8 +27,8 @@ pub enum BenchCmd {
     },
     /// Ask devices to benchmark every variant of a bundle that fits them: `alkictl bench calibrate acme/qwen:v2 -l site=lab`.
     Calibrate {
-        /// REPOSITORY:TAG or REPOSITORY@sha256:...
-        bundle: String,
+        /// [REGISTRY/]REPOSITORY:TAG or [REGISTRY/]REPOSITORY@sha256:...
+        bundle: BundleRef,
         #[arg(long = "device")]
         devices: Vec<String>,
         #[command(flatten)]
@@ -54,19 +57,12 @@ pub enum BenchCmd {
     },
     /// Per hardware class, the fastest calibrated variant of a bundle at or above a quality floor.
     Recommend {
-        /// REPOSITORY:TAG or REPOSITORY@sha256:...
-        bundle: String,
+        /// [REGISTRY/]REPOSITORY:TAG or [REGISTRY/]REPOSITORY@sha256:...
+        bundle: BundleRef,
         /// Lowest acceptable quantization, e.g. Q4_K_M.
         #[arg(long, default_value = "")]
         min_quantization: String,
     },
-}
-
-type Client =
-    InsightServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, super::Auth>>;
-
-async fn client(cli: &Cli) -> anyhow::Result<Client> {
-    Ok(InsightServiceClient::with_interceptor(cli.channel().await?, cli.auth()?))
 }
 
 #[derive(Serialize)]
@@ -197,48 +193,46 @@ fn recommendation_table(r: &proto::Recommendation) -> String {
     t.to_string()
 }
 
-pub async fn run(cli: &Cli, cmd: &BenchCmd) -> anyhow::Result<()> {
-    let mut client = client(cli).await?;
+/// Runs one `alkictl bench` command.
+pub async fn run(connection: &Connection, output: Output, cmd: BenchCmd) -> anyhow::Result<()> {
+    let mut client = connection.insight().await?;
     match cmd {
         BenchCmd::Run { devices, selector, repetitions } => {
-            let request = proto::RunBenchmarkRequest {
-                device_ids: devices.clone(),
-                selector: selector.selector.iter().cloned().collect(),
-                repetitions: *repetitions,
-            };
+            let request =
+                proto::RunBenchmarkRequest { device_ids: devices, selector: selector.selector.into_iter().collect(), repetitions };
             let sent = client.run_benchmark(request).await.map_err(status)?.into_inner().commands;
             let views: Vec<CommandView> = sent
                 .into_iter()
                 .map(|c| CommandView { device_id: c.device_id, command_id: c.command_id, delivered: c.delivered })
                 .collect();
-            print(cli.output, &views, |v| commands_table(v))
+            print(output, &views, |v| commands_table(v))
         }
         BenchCmd::Calibrate { bundle, devices, selector, repetitions } => {
-            let (repository, reference) = split_bundle_ref(bundle)?;
+            let (repository, reference) = connection.controller_bundle(&bundle);
             let request = proto::CalibrateRequest {
                 repository,
                 bundle: reference,
-                device_ids: devices.clone(),
-                selector: selector.selector.iter().cloned().collect(),
-                repetitions: *repetitions,
+                device_ids: devices,
+                selector: selector.selector.into_iter().collect(),
+                repetitions,
             };
             let sent = client.calibrate(request).await.map_err(status)?.into_inner().commands;
             let views: Vec<CommandView> = sent
                 .into_iter()
                 .map(|c| CommandView { device_id: c.device_id, command_id: c.command_id, delivered: c.delivered })
                 .collect();
-            print(cli.output, &views, |v| commands_table(v))
+            print(output, &views, |v| commands_table(v))
         }
         BenchCmd::List { device, bundle_digest, class, limit } => {
             let request = proto::ListBenchmarksRequest {
-                device_id: device.clone().unwrap_or_default(),
-                bundle_digest: bundle_digest.clone().unwrap_or_default(),
-                hardware_class: class.clone().unwrap_or_default(),
-                limit: *limit,
+                device_id: device.unwrap_or_default(),
+                bundle_digest: bundle_digest.unwrap_or_default(),
+                hardware_class: class.unwrap_or_default(),
+                limit,
             };
             let results = client.list_benchmarks(request).await.map_err(status)?.into_inner().results;
             let views: Vec<BenchmarkView> = results.iter().map(BenchmarkView::from).collect();
-            print(cli.output, &views, |vs| {
+            print(output, &views, |vs| {
                 let mut t = table([
                     "DEVICE",
                     "CLASS",
@@ -279,18 +273,17 @@ pub async fn run(cli: &Cli, cmd: &BenchCmd) -> anyhow::Result<()> {
         }
         BenchCmd::Compare { rollout, devices } => {
             let c = client
-                .compare(proto::CompareRequest { rollout_id: rollout.clone() })
+                .compare(proto::CompareRequest { rollout_id: rollout })
                 .await
                 .map_err(status)?
                 .into_inner();
-            print(cli.output, &c, |c| comparison_table(c, *devices))
+            print(output, &c, |c| comparison_table(c, devices))
         }
         BenchCmd::Recommend { bundle, min_quantization } => {
-            let (repository, reference) = split_bundle_ref(bundle)?;
-            let request =
-                proto::RecommendRequest { repository, bundle: reference, min_quantization: min_quantization.clone() };
+            let (repository, reference) = connection.controller_bundle(&bundle);
+            let request = proto::RecommendRequest { repository, bundle: reference, min_quantization };
             let r = client.recommend(request).await.map_err(status)?.into_inner();
-            print(cli.output, &r, recommendation_table)
+            print(output, &r, recommendation_table)
         }
     }
 }

@@ -5,12 +5,17 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use alki_bundle::BundleRef;
 use alki_shared::proto::{self, ClassFailurePolicy, GateVerdict, InconclusivePolicy, RolloutState};
+use alki_shared::quantization::quantization_rank;
+use alki_shared::schedule;
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use super::{Cli, Output, SelectorArgs, print, short_ref, split_bundle_ref, status, table};
+use crate::cli::SelectorArgs;
+use crate::connection::{Connection, name_for_controller, status};
+use crate::output::{Output, print, rfc3339, short_ref, table};
 
 #[derive(Subcommand)]
 // Parsed once per run: the size of the largest variant costs nothing worth a Box.
@@ -79,7 +84,8 @@ pub struct CreateArgs {
     /// A rollout spec file, TOML or YAML by extension (see `SpecFile`); flags given as well override its fields.
     #[arg(long)]
     pub file: Option<PathBuf>,
-    /// The candidate: REPOSITORY:TAG or REPOSITORY@sha256:...
+    /// The candidate: [REGISTRY/]REPOSITORY:TAG or [REGISTRY/]REPOSITORY@sha256:... (a registry other than
+    /// --registry is one of the controller's external registries).
     #[arg(long)]
     pub bundle: Option<String>,
     #[command(flatten)]
@@ -255,8 +261,9 @@ fn read_spec_file(path: &Path) -> anyhow::Result<SpecFile> {
     if yaml { serde_norway::from_str(&text).with_context(invalid) } else { toml::from_str(&text).with_context(invalid) }
 }
 
-/// Builds the wire spec from a spec file and flags; flags override the file.
-pub fn build_spec(args: &CreateArgs) -> anyhow::Result<proto::RolloutSpec> {
+/// Builds the wire spec from a spec file and flags; flags override the file. `own_registry` is how alkictl
+/// reaches the controller's registry (--registry): a candidate there is named without its host.
+pub fn build_spec(args: &CreateArgs, own_registry: &str) -> anyhow::Result<proto::RolloutSpec> {
     let file = match &args.file {
         Some(path) => read_spec_file(path)?,
         None => SpecFile::default(),
@@ -264,7 +271,8 @@ pub fn build_spec(args: &CreateArgs) -> anyhow::Result<proto::RolloutSpec> {
     let Some(bundle) = args.bundle.clone().or(file.bundle) else {
         bail!("name the candidate with --bundle REPOSITORY:TAG or `bundle = ...` in the spec file");
     };
-    let (repository, candidate) = split_bundle_ref(&bundle)?;
+    let bundle: BundleRef = bundle.parse()?;
+    let (repository, candidate) = name_for_controller(&bundle, own_registry);
     let mut selector: BTreeMap<String, String> = file.selector;
     selector.extend(args.selector.selector.iter().cloned());
     let soak = args.soak_seconds.or(file.soak_seconds).unwrap_or(0);
@@ -298,7 +306,7 @@ pub fn build_spec(args: &CreateArgs) -> anyhow::Result<proto::RolloutSpec> {
     let variant_min_quantization =
         args.variant_min_quantization.clone().or(file.variant_min_quantization).unwrap_or_default();
     if !variant_min_quantization.is_empty()
-        && crate::insight::recommend::quantization_rank(&variant_min_quantization).is_none()
+        && quantization_rank(&variant_min_quantization).is_none()
     {
         bail!("--variant-min-quantization {variant_min_quantization:?} is not a llama.cpp quantization (e.g. Q4_K_M)");
     }
@@ -346,120 +354,130 @@ pub fn build_spec(args: &CreateArgs) -> anyhow::Result<proto::RolloutSpec> {
 /// `01:00-05:00` and weekday names into a checked wire window.
 fn schedule_window(window: &str, days: &[String]) -> anyhow::Result<proto::ScheduleWindow> {
     let (start_minute_utc, end_minute_utc) =
-        crate::rollout::schedule::parse_range(window).map_err(anyhow::Error::msg)?;
+        schedule::parse_range(window).map_err(anyhow::Error::msg)?;
     let weekdays = days
         .iter()
-        .map(|d| crate::rollout::schedule::parse_weekday(d))
+        .map(|d| schedule::parse_weekday(d))
         .collect::<Result<Vec<u32>, String>>()
         .map_err(anyhow::Error::msg)?;
     let w = proto::ScheduleWindow { start_minute_utc, end_minute_utc, weekdays };
-    crate::rollout::schedule::Window::new(&w).with_context(|| format!("--window {window}"))?;
+    schedule::Window::new(&w).with_context(|| format!("--window {window}"))?;
     Ok(w)
 }
 
 /// Runs one `alkictl rollout` command.
-pub async fn run(cli: &Cli, cmd: &RolloutCmd) -> anyhow::Result<()> {
+pub async fn run(connection: &Connection, output: Output, cmd: RolloutCmd) -> anyhow::Result<()> {
     match cmd {
-        RolloutCmd::Create(args) => {
-            let spec = build_spec(args)?;
-            let created = cli
-                .fleet()
-                .await?
-                .create_rollout(proto::CreateRolloutRequest {
-                    spec: Some(spec),
-                    override_signature_check: args.override_signature_check,
-                    override_reason: args.reason.clone().unwrap_or_default(),
-                })
-                .await
-                .map_err(status)?;
-            let view = RolloutView::from(&created.into_inner());
-            print(cli.output, &view, |r| format!("rollout {} created for {} (steps {:?})", r.id, r.candidate, r.steps))
-        }
+        RolloutCmd::Create(args) => create(connection, output, &args).await,
         RolloutCmd::Get { id } => {
-            let r =
-                cli.fleet().await?.get_rollout(proto::GetRolloutRequest { id: id.clone() }).await.map_err(status)?;
+            let r = connection.fleet().await?.get_rollout(proto::GetRolloutRequest { id }).await.map_err(status)?;
             let view = RolloutView::from(&r.into_inner());
-            print(cli.output, &view, |r| rollout_table(std::slice::from_ref(r)))
+            print(output, &view, |r| rollout_table(std::slice::from_ref(r)))
         }
         RolloutCmd::List => {
-            let rs = cli.fleet().await?.list_rollouts(proto::ListRolloutsRequest {}).await.map_err(status)?;
+            let rs = connection.fleet().await?.list_rollouts(proto::ListRolloutsRequest {}).await.map_err(status)?;
             let views: Vec<RolloutView> = rs.into_inner().rollouts.iter().map(RolloutView::from).collect();
-            print(cli.output, &views, |rs| rollout_table(rs))
+            print(output, &views, |rs| rollout_table(rs))
         }
-        RolloutCmd::Status { id, watch } => {
-            let mut client = cli.fleet().await?;
-            loop {
-                let r =
-                    client.get_rollout(proto::GetRolloutRequest { id: id.clone() }).await.map_err(status)?.into_inner();
-                let events = client
-                    .list_rollout_events(proto::ListRolloutEventsRequest { id: id.clone(), after_seq: 0 })
-                    .await
-                    .map_err(status)?
-                    .into_inner()
-                    .events;
-                let view = StatusView::new(&r, &events);
-                if *watch && cli.output == Output::Table {
-                    // Clear the screen and home the cursor, then redraw.
-                    print!("\x1b[2J\x1b[H");
-                }
-                print(cli.output, &view, status_text)?;
-                let finished = !matches!(
-                    RolloutState::try_from(r.state).unwrap_or_default(),
-                    RolloutState::Pending | RolloutState::Progressing | RolloutState::Paused
-                );
-                if !*watch || finished {
-                    return Ok(());
-                }
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        }
-        RolloutCmd::Pause(a)
-        | RolloutCmd::Resume(a)
-        | RolloutCmd::Promote(a)
-        | RolloutCmd::Abort(a)
-        | RolloutCmd::Retry(a) => {
-            let request = proto::RolloutActionRequest { id: a.id.clone(), reason: a.reason.clone() };
-            let mut client = cli.fleet().await?;
-            let r = match cmd {
-                RolloutCmd::Pause(_) => client.pause_rollout(request).await,
-                RolloutCmd::Resume(_) => client.resume_rollout(request).await,
-                RolloutCmd::Promote(_) => client.promote_rollout(request).await,
-                RolloutCmd::Abort(_) => client.abort_rollout(request).await,
-                _ => client.retry_rollout(request).await,
-            }
-            .map_err(status)?;
-            let view = RolloutView::from(&r.into_inner());
-            print(cli.output, &view, |r| format!("rollout {}: {} ({})", r.id, r.state, r.message))
-        }
-        RolloutCmd::History { id } => {
-            let events = cli
-                .fleet()
-                .await?
-                .list_rollout_events(proto::ListRolloutEventsRequest { id: id.clone(), after_seq: 0 })
-                .await
-                .map_err(status)?
-                .into_inner()
-                .events;
-            let views: Vec<EventView> = events.iter().map(EventView::from).collect();
-            print(cli.output, &views, |es| {
-                let mut t = table(["SEQ", "TIME", "KIND", "DEVICE", "MESSAGE"]);
-                for e in es {
-                    t.add_row([
-                        e.seq.to_string(),
-                        e.time.clone(),
-                        e.kind.clone(),
-                        e.device_id.clone(),
-                        e.message.clone(),
-                    ]);
-                }
-                t.to_string()
-            })
-        }
+        RolloutCmd::Status { id, watch } => status_of(connection, output, id, watch).await,
+        RolloutCmd::Pause(a) => act(connection, output, Verb::Pause, a).await,
+        RolloutCmd::Resume(a) => act(connection, output, Verb::Resume, a).await,
+        RolloutCmd::Promote(a) => act(connection, output, Verb::Promote, a).await,
+        RolloutCmd::Abort(a) => act(connection, output, Verb::Abort, a).await,
+        RolloutCmd::Retry(a) => act(connection, output, Verb::Retry, a).await,
+        RolloutCmd::History { id } => history(connection, output, id).await,
     }
 }
 
+async fn create(connection: &Connection, output: Output, args: &CreateArgs) -> anyhow::Result<()> {
+    let spec = build_spec(args, &connection.registry)?;
+    let created = connection
+        .fleet()
+        .await?
+        .create_rollout(proto::CreateRolloutRequest {
+            spec: Some(spec),
+            override_signature_check: args.override_signature_check,
+            override_reason: args.reason.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(status)?;
+    let view = RolloutView::from(&created.into_inner());
+    print(output, &view, |r| format!("rollout {} created for {} (steps {:?})", r.id, r.candidate, r.steps))
+}
+
+/// `rollout status`, redrawn every 2 s with `--watch` until the rollout completes or aborts.
+async fn status_of(connection: &Connection, output: Output, id: String, watch: bool) -> anyhow::Result<()> {
+    let mut client = connection.fleet().await?;
+    loop {
+        let r = client.get_rollout(proto::GetRolloutRequest { id: id.clone() }).await.map_err(status)?.into_inner();
+        let events = client
+            .list_rollout_events(proto::ListRolloutEventsRequest { id: id.clone(), after_seq: 0 })
+            .await
+            .map_err(status)?
+            .into_inner()
+            .events;
+        let view = StatusView::new(&r, &events);
+        if watch && output == Output::Table {
+            // Clear the screen and home the cursor, then redraw.
+            print!("\x1b[2J\x1b[H");
+        }
+        print(output, &view, status_text)?;
+        let finished = !matches!(
+            RolloutState::try_from(r.state).unwrap_or_default(),
+            RolloutState::Pending | RolloutState::Progressing | RolloutState::Paused
+        );
+        if !watch || finished {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// The operator verbs, each one RPC.
+enum Verb {
+    Pause,
+    Resume,
+    Promote,
+    Abort,
+    Retry,
+}
+
+async fn act(connection: &Connection, output: Output, verb: Verb, a: ActionArgs) -> anyhow::Result<()> {
+    let request = proto::RolloutActionRequest { id: a.id, reason: a.reason };
+    let mut client = connection.fleet().await?;
+    let r = match verb {
+        Verb::Pause => client.pause_rollout(request).await,
+        Verb::Resume => client.resume_rollout(request).await,
+        Verb::Promote => client.promote_rollout(request).await,
+        Verb::Abort => client.abort_rollout(request).await,
+        Verb::Retry => client.retry_rollout(request).await,
+    }
+    .map_err(status)?;
+    let view = RolloutView::from(&r.into_inner());
+    print(output, &view, |r| format!("rollout {}: {} ({})", r.id, r.state, r.message))
+}
+
+async fn history(connection: &Connection, output: Output, id: String) -> anyhow::Result<()> {
+    let events = connection
+        .fleet()
+        .await?
+        .list_rollout_events(proto::ListRolloutEventsRequest { id, after_seq: 0 })
+        .await
+        .map_err(status)?
+        .into_inner()
+        .events;
+    let views: Vec<EventView> = events.iter().map(EventView::from).collect();
+    print(output, &views, |es| {
+        let mut t = table(["SEQ", "TIME", "KIND", "DEVICE", "MESSAGE"]);
+        for e in es {
+            t.add_row([e.seq.to_string(), e.time.clone(), e.kind.clone(), e.device_id.clone(), e.message.clone()]);
+        }
+        t.to_string()
+    })
+}
+
 #[derive(Serialize)]
-pub(super) struct RolloutView {
+pub struct RolloutView {
     id: String,
     state: String,
     candidate: String,
@@ -500,7 +518,7 @@ impl From<&proto::Rollout> for RolloutView {
                 .spec
                 .as_ref()
                 .and_then(|s| s.schedule.as_ref())
-                .and_then(|w| crate::rollout::schedule::Window::new(w).ok())
+                .and_then(|w| schedule::Window::new(w).ok())
                 .map(|w| w.describe())
                 .unwrap_or_default(),
             window_opens_unix_ms: r.window_opens_unix_ms,
@@ -560,12 +578,6 @@ struct EventView {
     kind: String,
     device_id: String,
     message: String,
-}
-
-fn rfc3339(unix_ms: i64) -> String {
-    u64::try_from(unix_ms)
-        .map(|ms| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string())
-        .unwrap_or_default()
 }
 
 impl From<&proto::RolloutEvent> for EventView {
@@ -722,6 +734,9 @@ fn status_text(s: &StatusView) -> String {
 mod tests {
     use super::*;
 
+    /// How these tests reach the controller's registry.
+    const REGISTRY: &str = "127.0.0.1:7080";
+
     #[test]
     fn a_spec_file_is_read_and_flags_override_it() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -743,7 +758,7 @@ context_size = 4096
         )
         .expect("write");
         let args = CreateArgs { file: Some(path.clone()), max_concurrent: Some(7), ..Default::default() };
-        let spec = build_spec(&args).expect("spec");
+        let spec = build_spec(&args, REGISTRY).expect("spec");
         assert_eq!((spec.repository.as_str(), spec.candidate.as_str()), ("acme/qwen", "v2"));
         assert_eq!(spec.steps.iter().map(|s| (s.percent, s.min_soak_seconds)).collect::<Vec<_>>()[0], (5, 600));
         assert_eq!(spec.on_class_failure, ClassFailurePolicy::HaltClass as i32);
@@ -751,8 +766,24 @@ context_size = 4096
         assert_eq!((spec.max_concurrent, spec.runtime.map(|r| r.context_size)), (7, Some(4096)));
 
         std::fs::write(&path, "bundle = \"a/b:c\"\nstepz = [1]\n").expect("write");
-        let err = build_spec(&args).expect_err("unknown field");
+        let err = build_spec(&args, REGISTRY).expect_err("unknown field");
         assert!(format!("{err:#}").contains("stepz"), "{err:#}");
+    }
+
+    #[test]
+    fn a_candidate_named_as_push_printed_it_is_the_controllers_own_and_another_registry_is_external() {
+        let spec = |bundle: &str| {
+            build_spec(&CreateArgs { bundle: Some(bundle.into()), ..Default::default() }, REGISTRY).expect(bundle)
+        };
+        let own = spec("127.0.0.1:7080/acme/gemma:v1");
+        assert_eq!((own.repository.as_str(), own.candidate.as_str()), ("acme/gemma", "v1"));
+        let external = spec("127.0.0.1:5000/acme/gemma:v1");
+        assert_eq!(external.repository, "127.0.0.1:5000/acme/gemma");
+        let digest = alki_shared::digest::Digest::of(b"bundle").to_string();
+        assert_eq!(spec(&format!("acme/gemma@{digest}")).candidate, digest, "as devices and rollouts print it");
+        let err = build_spec(&CreateArgs { bundle: Some("acme/gemma@abc123".into()), ..Default::default() }, REGISTRY)
+            .expect_err("short digest");
+        assert!(format!("{err:#}").contains("shortened digest"), "{err:#}");
     }
 
     #[test]
@@ -763,7 +794,7 @@ context_size = 4096
             "bundle = \"acme/qwen:v2\"\nvariant_policy = \"recommended\"\n[gates]\nmin_tokens_per_second_ratio = 0.9\n";
         std::fs::write(&path, file).expect("write");
         let args = CreateArgs { file: Some(path.clone()), max_ttft_ratio: Some(1.2), ..Default::default() };
-        let spec = build_spec(&args).expect("spec");
+        let spec = build_spec(&args, REGISTRY).expect("spec");
         assert_eq!(spec.variant_policy, proto::VariantPolicy::RecommendedPerClass as i32);
         let gates = spec.gates.expect("gates");
         assert_eq!((gates.min_tokens_per_second_ratio, gates.max_ttft_ratio), (Some(0.9), Some(1.2)));
@@ -774,7 +805,7 @@ context_size = 4096
             variant_min_quantization: Some("Q9_X".into()),
             ..Default::default()
         };
-        let err = build_spec(&args).expect_err("unknown quantization");
+        let err = build_spec(&args, REGISTRY).expect_err("unknown quantization");
         assert!(format!("{err:#}").contains("Q9_X"), "{err:#}");
     }
 
@@ -787,7 +818,7 @@ context_size = 4096
             prestage: true,
             ..Default::default()
         };
-        let spec = build_spec(&args).expect("spec");
+        let spec = build_spec(&args, REGISTRY).expect("spec");
         let w = spec.schedule.expect("window");
         assert_eq!((w.start_minute_utc, w.end_minute_utc, w.weekdays), (1350, 120, vec![5, 6]));
         assert!(spec.prestage);
@@ -796,7 +827,7 @@ context_size = 4096
         let path = dir.path().join("spec.toml");
         let file = "bundle = \"acme/qwen:v2\"\nwindow = \"01:00-05:00\"\nwindow_days = [\"mon\"]\nprestage = true\n";
         std::fs::write(&path, file).expect("write");
-        let spec = build_spec(&CreateArgs { file: Some(path.clone()), ..Default::default() }).expect("spec");
+        let spec = build_spec(&CreateArgs { file: Some(path.clone()), ..Default::default() }, REGISTRY).expect("spec");
         let w = spec.schedule.expect("window");
         assert_eq!((w.start_minute_utc, w.end_minute_utc, w.weekdays), (60, 300, vec![1]));
         assert!(spec.prestage);
@@ -808,14 +839,14 @@ context_size = 4096
                 window_days: days.iter().map(|d| d.to_string()).collect(),
                 ..Default::default()
             };
-            format!("{:#}", build_spec(&args).expect_err("bad window"))
+            format!("{:#}", build_spec(&args, REGISTRY).expect_err("bad window"))
         };
         assert!(bad("1am-5am", &[]).contains("HH:MM-HH:MM"));
         assert!(bad("01:00-01:00", &[]).contains("same minute"));
         assert!(bad("01:00-05:00", &["mon", "funday"]).contains("\"funday\" is not a weekday"));
         assert!(bad("01:00-05:00", &["mon", "monday"]).contains("twice"));
         std::fs::write(&path, "bundle = \"acme/qwen:v2\"\nwindow_days = [\"mon\"]\n").expect("write");
-        let err = build_spec(&CreateArgs { file: Some(path), ..Default::default() }).expect_err("days without window");
+        let err = build_spec(&CreateArgs { file: Some(path), ..Default::default() }, REGISTRY).expect_err("days without window");
         assert!(format!("{err:#}").contains("needs a window"), "{err:#}");
     }
 
@@ -826,7 +857,7 @@ context_size = 4096
         let yaml = "bundle: acme/qwen:v2\nselector: {site: shop-7}\nsteps: [10, 100]\nwindow: \"23:00-03:00\"\n\
                     window_days: [fri]\nprestage: true\ngates:\n  max_failures: 2\n";
         std::fs::write(&path, yaml).expect("write");
-        let spec = build_spec(&CreateArgs { file: Some(path.clone()), ..Default::default() }).expect("spec");
+        let spec = build_spec(&CreateArgs { file: Some(path.clone()), ..Default::default() }, REGISTRY).expect("spec");
         assert_eq!(spec.steps.iter().map(|s| s.percent).collect::<Vec<_>>(), [10, 100]);
         assert_eq!(
             spec.schedule.map(|w| (w.start_minute_utc, w.end_minute_utc, w.weekdays)),
@@ -835,7 +866,7 @@ context_size = 4096
         assert!(spec.prestage);
         assert_eq!(spec.gates.and_then(|g| g.max_failures), Some(2));
         std::fs::write(&path, "bundle: a/b:c\nwindw: \"01:00-02:00\"\n").expect("write");
-        let err = build_spec(&CreateArgs { file: Some(path), ..Default::default() }).expect_err("unknown field");
+        let err = build_spec(&CreateArgs { file: Some(path), ..Default::default() }, REGISTRY).expect_err("unknown field");
         assert!(format!("{err:#}").contains("windw"), "{err:#}");
     }
 

@@ -6,39 +6,51 @@ use std::path::{Path, PathBuf};
 
 use alki_shared::digest::{Digest, Hasher};
 use alki_shared::oci::{ANNOTATION_REF_NAME, Descriptor, ImageIndex, MEDIA_TYPE_IMAGE_INDEX, Manifest};
-use anyhow::{Context as _, bail};
 
+use crate::error::{Error, IoContext as _, ManifestContext as _, Result, refuse};
+use crate::progress::Progress;
+
+/// An OCI image layout directory.
 pub struct Layout {
     root: PathBuf,
 }
 
 impl Layout {
     /// Creates an empty layout at `root`, which must not exist or be an empty directory.
-    pub fn create(root: &Path) -> anyhow::Result<Layout> {
-        if root.exists() && std::fs::read_dir(root)?.next().is_some() {
-            bail!("{} is not empty; choose a new directory for the bundle", root.display());
+    pub fn create(root: &Path) -> Result<Layout> {
+        if root.exists() && std::fs::read_dir(root).doing(|| format!("reading {}", root.display()))?.next().is_some() {
+            refuse!("{} is not empty; choose a new directory for the bundle", root.display());
         }
-        std::fs::create_dir_all(root.join("blobs/sha256")).with_context(|| format!("creating {}", root.display()))?;
-        std::fs::write(root.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        std::fs::create_dir_all(root.join("blobs/sha256")).doing(|| format!("creating {}", root.display()))?;
+        std::fs::write(root.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+            .doing(|| format!("writing {}/oci-layout", root.display()))?;
         Ok(Layout { root: root.to_owned() })
     }
 
-    pub fn open(root: &Path) -> anyhow::Result<Layout> {
+    /// Opens an existing layout.
+    pub fn open(root: &Path) -> Result<Layout> {
         let marker = root.join("oci-layout");
         if !marker.is_file() {
-            bail!("{} is not an OCI layout (no oci-layout file); make one with `alkictl bundle pack`", root.display());
+            refuse!("{} is not an OCI layout (no oci-layout file); make one with `alkictl bundle pack`", root.display());
         }
         Ok(Layout { root: root.to_owned() })
     }
 
+    /// The directory the layout is in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the blob `digest` is (or would be) stored.
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.root.join("blobs/sha256").join(digest.hex())
     }
 
     /// Writes a small blob held in memory.
-    pub fn write_blob(&self, bytes: &[u8]) -> anyhow::Result<Digest> {
+    pub fn write_blob(&self, bytes: &[u8]) -> Result<Digest> {
         let digest = Digest::of(bytes);
-        std::fs::write(self.blob_path(&digest), bytes)?;
+        let path = self.blob_path(&digest);
+        std::fs::write(&path, bytes).doing(|| format!("writing {}", path.display()))?;
         Ok(digest)
     }
 
@@ -47,16 +59,16 @@ impl Layout {
     /// (`copy_file_range`: no second trip through user space, a reflink on filesystems that share extents)
     /// while the chunk is still in the page cache and the next one is being hashed. Packing therefore runs
     /// at about the speed of hashing alone. A file that changes while it is packed is refused: the copy
-    /// would no longer match the digest. `progress` is called with the bytes hashed so far.
-    pub fn copy_blob(&self, source: &Path, mut progress: impl FnMut(u64)) -> anyhow::Result<(Digest, u64)> {
+    /// would no longer match the digest. `progress` advances by the bytes hashed.
+    pub fn copy_blob(&self, source: &Path, progress: &Progress) -> Result<(Digest, u64)> {
         const CHUNK: usize = 4 << 20;
-        let mut input = std::fs::File::open(source).with_context(|| format!("opening {}", source.display()))?;
-        let before = input.metadata().with_context(|| format!("reading {}", source.display()))?;
+        let mut input = std::fs::File::open(source).doing(|| format!("opening {}", source.display()))?;
+        let before = input.metadata().doing(|| format!("reading {}", source.display()))?;
         let dir = self.root.join("blobs/sha256");
-        let tmp = tempfile::NamedTempFile::new_in(&dir)?;
-        let out = tmp.reopen()?;
+        let tmp = tempfile::NamedTempFile::new_in(&dir).doing(|| format!("creating a file in {}", dir.display()))?;
+        let out = tmp.reopen().doing(|| format!("opening {}", tmp.path().display()))?;
         // Offsets are explicit in every copy, so sharing the reader's file position is harmless.
-        let copy_source = input.try_clone()?;
+        let copy_source = input.try_clone().doing(|| format!("opening {}", source.display()))?;
         // Two ranges may wait: the copier stays at most two chunks behind, inside the page cache.
         let (ranges_tx, ranges_rx) = std::sync::mpsc::sync_channel::<(u64, usize)>(2);
         let copier = std::thread::spawn(move || -> std::io::Result<()> {
@@ -67,9 +79,9 @@ impl Layout {
         });
         let mut hasher = Hasher::new();
         let mut buf = vec![0u8; CHUNK];
-        let read_result = (|| -> anyhow::Result<()> {
+        let read_result = (|| -> Result<()> {
             loop {
-                let n = input.read(&mut buf).with_context(|| format!("reading {}", source.display()))?;
+                let n = input.read(&mut buf).doing(|| format!("reading {}", source.display()))?;
                 if n == 0 {
                     return Ok(());
                 }
@@ -79,50 +91,38 @@ impl Layout {
                     // The copier stopped: its error is reported below.
                     return Ok(());
                 }
-                progress(hasher.len());
+                progress.inc(n as u64);
             }
         })();
         drop(ranges_tx);
-        let copied = copier.join().map_err(|_| anyhow::anyhow!("the layout copier thread panicked"))?;
+        let copied = copier.join().unwrap_or_else(|_| Err(std::io::Error::other("the layout copier thread panicked")));
         read_result?;
-        copied.with_context(|| format!("copying {} into {}", source.display(), dir.display()))?;
-        let after = std::fs::metadata(source).with_context(|| format!("reading {}", source.display()))?;
-        if after.len() != hasher.len() || after.modified().ok() != before.modified().ok() {
-            bail!(
-                "{} changed while it was being packed; pack it again once nothing is writing to it",
-                source.display()
-            );
-        }
+        copied.doing(|| format!("copying {} into {}", source.display(), dir.display()))?;
+        unchanged_since(source, &before, hasher.len())?;
         let len = hasher.len();
         let digest = hasher.finish();
-        tmp.persist(self.blob_path(&digest)).map_err(|e| e.error)?;
+        self.persist(tmp, &digest)?;
         Ok((digest, len))
     }
 
     /// Hashes a file and hard-links it into the layout under its digest: no byte is copied. Where a link
-    /// cannot be made (another filesystem), the file is copied instead and the message says so. A file that
-    /// changes while it is hashed is refused, as in [`Layout::copy_blob`].
-    pub fn link_blob(&self, source: &Path, mut progress: impl FnMut(u64)) -> anyhow::Result<(Digest, u64)> {
+    /// cannot be made (another filesystem), the file is copied instead and a [`Progress::note`] says so. A file
+    /// that changes while it is hashed is refused, as in [`Layout::copy_blob`].
+    pub fn link_blob(&self, source: &Path, progress: &Progress) -> Result<(Digest, u64)> {
         const CHUNK: usize = 4 << 20;
-        let mut input = std::fs::File::open(source).with_context(|| format!("opening {}", source.display()))?;
-        let before = input.metadata().with_context(|| format!("reading {}", source.display()))?;
+        let mut input = std::fs::File::open(source).doing(|| format!("opening {}", source.display()))?;
+        let before = input.metadata().doing(|| format!("reading {}", source.display()))?;
         let mut hasher = Hasher::new();
         let mut buf = vec![0u8; CHUNK];
         loop {
-            let n = input.read(&mut buf).with_context(|| format!("reading {}", source.display()))?;
+            let n = input.read(&mut buf).doing(|| format!("reading {}", source.display()))?;
             if n == 0 {
                 break;
             }
             hasher.update(&buf[..n]);
-            progress(hasher.len());
+            progress.inc(n as u64);
         }
-        let after = std::fs::metadata(source).with_context(|| format!("reading {}", source.display()))?;
-        if after.len() != hasher.len() || after.modified().ok() != before.modified().ok() {
-            bail!(
-                "{} changed while it was being packed; pack it again once nothing is writing to it",
-                source.display()
-            );
-        }
+        unchanged_since(source, &before, hasher.len())?;
         let len = hasher.len();
         let digest = hasher.finish();
         let target = self.blob_path(&digest);
@@ -131,22 +131,24 @@ impl Layout {
             // The same content packed twice (two names for one file): the blob is already there.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => {
-                eprintln!(
+                progress.note(&format!(
                     "cannot hard-link {} into {} ({e}); copying it instead",
                     source.display(),
                     self.root.display()
-                );
-                let tmp = tempfile::NamedTempFile::new_in(self.root.join("blobs/sha256"))?;
+                ));
+                let dir = self.root.join("blobs/sha256");
+                let tmp =
+                    tempfile::NamedTempFile::new_in(&dir).doing(|| format!("creating a file in {}", dir.display()))?;
                 // std::fs::copy copies inside the kernel where it can (copy_file_range).
-                std::fs::copy(source, tmp.path()).with_context(|| format!("copying {}", source.display()))?;
-                tmp.persist(&target).map_err(|e| e.error)?;
+                std::fs::copy(source, tmp.path()).doing(|| format!("copying {}", source.display()))?;
+                self.persist(tmp, &digest)?;
             }
         }
         Ok((digest, len))
     }
 
     /// Writes `index.json` naming the bundle's top-level manifest under `tag`.
-    pub fn write_index(&self, bundle: Descriptor, tag: &str) -> anyhow::Result<()> {
+    pub fn write_index(&self, bundle: Descriptor, tag: &str) -> Result<()> {
         let mut entry = bundle;
         entry.annotations.insert(ANNOTATION_REF_NAME.to_owned(), tag.to_owned());
         let index = ImageIndex {
@@ -157,33 +159,50 @@ impl Layout {
             subject: None,
             annotations: Default::default(),
         };
-        std::fs::write(self.root.join("index.json"), serde_json::to_vec_pretty(&index)?)?;
-        Ok(())
+        let path = self.root.join("index.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&index)?).doing(|| format!("writing {}", path.display()))
     }
 
     /// The layout's entries from `index.json`.
-    pub fn entries(&self) -> anyhow::Result<Vec<Descriptor>> {
+    pub fn entries(&self) -> Result<Vec<Descriptor>> {
         let path = self.root.join("index.json");
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        match Manifest::parse(&bytes, None).with_context(|| format!("parsing {}", path.display()))? {
+        let bytes = std::fs::read(&path).doing(|| format!("reading {}", path.display()))?;
+        match Manifest::parse(&bytes, None).parsing(|| format!("parsing {}", path.display()))? {
             Manifest::Index(index) => Ok(index.manifests),
-            Manifest::Image(_) => bail!("{} is a manifest, not an index", path.display()),
+            Manifest::Image(_) => refuse!("{} is a manifest, not an index", path.display()),
         }
     }
 
     /// Reads a small blob (a manifest or config), checking it against its digest.
-    pub fn read_blob(&self, digest: &Digest) -> anyhow::Result<Vec<u8>> {
+    pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
         let path = self.blob_path(digest);
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let bytes = std::fs::read(&path).doing(|| format!("reading {}", path.display()))?;
         let actual = Digest::of(&bytes);
         if &actual != digest {
-            bail!(
+            return Err(Error::Corrupt(format!(
                 "{} does not match its digest {digest} (it hashes to {actual}); pack the bundle again",
                 path.display()
-            );
+            )));
         }
         Ok(bytes)
     }
+
+    /// Moves a finished temporary file into place as the blob `digest`.
+    fn persist(&self, tmp: tempfile::NamedTempFile, digest: &Digest) -> Result<()> {
+        let path = self.blob_path(digest);
+        tmp.persist(&path).map_err(|e| e.error).doing(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+}
+
+/// Refuses a file that changed while it was hashed (size or modification time): the stored copy would no
+/// longer match the digest.
+fn unchanged_since(source: &Path, before: &std::fs::Metadata, hashed: u64) -> Result<()> {
+    let after = std::fs::metadata(source).doing(|| format!("reading {}", source.display()))?;
+    if after.len() != hashed || after.modified().ok() != before.modified().ok() {
+        refuse!("{} changed while it was being packed; pack it again once nothing is writing to it", source.display());
+    }
+    Ok(())
 }
 
 /// Copies `len` bytes at `offset` of `from` to the same offset of `to` inside the kernel; where the kernel
@@ -232,6 +251,16 @@ fn copy_range_buffered(
 mod tests {
     use super::*;
 
+    /// Counts the bytes progress reports.
+    #[derive(Clone, Default)]
+    struct Counted(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+    impl crate::progress::ProgressSink for Counted {
+        fn inc(&self, bytes: u64) {
+            self.0.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     #[test]
     fn a_copied_blob_is_byte_identical_and_named_by_its_digest() {
         let dir = tempfile::tempdir().expect("test setup");
@@ -241,11 +270,11 @@ mod tests {
         let source = dir.path().join("model.gguf");
         std::fs::write(&source, &bytes).expect("test setup");
         let layout = Layout::create(&dir.path().join("out")).expect("test setup");
-        let mut reported = 0;
-        let (digest, len) = layout.copy_blob(&source, |n| reported = n).expect("test setup");
+        let counted = Counted::default();
+        let (digest, len) = layout.copy_blob(&source, &Progress::to(counted.clone())).expect("test setup");
         assert_eq!(digest, Digest::of(&bytes));
         assert_eq!(len, bytes.len() as u64);
-        assert_eq!(reported, len);
+        assert_eq!(counted.0.load(std::sync::atomic::Ordering::Relaxed), len, "progress counts every byte");
         assert_eq!(std::fs::read(layout.blob_path(&digest)).expect("test setup"), bytes);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("out/blobs/sha256")).expect("test setup").collect();
         assert_eq!(leftovers.len(), 1, "only the blob itself: no temporary file left behind");
@@ -259,13 +288,13 @@ mod tests {
         let source = dir.path().join("model.gguf");
         std::fs::write(&source, &bytes).expect("test setup");
         let layout = Layout::create(&dir.path().join("out")).expect("test setup");
-        let (digest, len) = layout.link_blob(&source, |_| {}).expect("link");
+        let (digest, len) = layout.link_blob(&source, &Progress::none()).expect("link");
         assert_eq!((digest.clone(), len), (Digest::of(&bytes), bytes.len() as u64));
         let (blob, original) =
             (std::fs::metadata(layout.blob_path(&digest)).expect("blob"), std::fs::metadata(&source).expect("source"));
         assert_eq!(blob.ino(), original.ino(), "one file, two names: nothing was copied");
         // Linking the same content again is not an error.
-        assert_eq!(layout.link_blob(&source, |_| {}).expect("again").0, digest);
+        assert_eq!(layout.link_blob(&source, &Progress::none()).expect("again").0, digest);
     }
 
     #[test]

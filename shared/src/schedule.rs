@@ -5,7 +5,7 @@
 //! and such a window belongs to the weekday it *starts* on (Friday 22:00-02:00 is open Friday night until
 //! Saturday 02:00, not Saturday night). Weekdays are 0 = Sunday .. 6 = Saturday; none listed means every day.
 
-use alki_shared::proto;
+use crate::proto;
 
 const MINUTES_PER_DAY: i64 = 24 * 60;
 const MS_PER_MINUTE: i64 = 60_000;

@@ -1,15 +1,53 @@
-//! `alkictl token list|revoke` and `alkictl audit list`: the AdminService commands.
+//! `alkictl token create|list|revoke` and `alkictl audit list`: access tokens and the audit log (admin only).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use alki_shared::proto::{self, admin_service_client::AdminServiceClient};
-use clap::Subcommand;
+use alki_shared::proto;
+use clap::{Subcommand, ValueEnum};
 use serde::Serialize;
 
-use super::{Cli, print, status, table};
+use crate::connection::{Connection, status};
+use crate::output::{Output, print, rfc3339, table};
 
-type Admin =
-    AdminServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, super::Auth>>;
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Create a token; it is printed once and never again.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        role: RoleArg,
+    },
+    /// Every token: id, name, role, when created and revoked (never the secrets).
+    List,
+    /// Revoke a token by its id (from `list`) or by a name only one live token has; refused from the next request.
+    Revoke {
+        /// Not named `token`: that id is the global --token flag's.
+        #[arg(value_name = "ID_OR_NAME")]
+        which: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RoleArg {
+    Viewer,
+    Operator,
+    Admin,
+    Push,
+    Agent,
+}
+
+impl From<RoleArg> for proto::Role {
+    fn from(role: RoleArg) -> proto::Role {
+        match role {
+            RoleArg::Viewer => proto::Role::Viewer,
+            RoleArg::Operator => proto::Role::Operator,
+            RoleArg::Admin => proto::Role::Admin,
+            RoleArg::Push => proto::Role::Push,
+            RoleArg::Agent => proto::Role::Agent,
+        }
+    }
+}
 
 #[derive(Subcommand)]
 pub enum AuditCmd {
@@ -38,10 +76,6 @@ fn parse_since(s: &str) -> Result<i64, String> {
     Ok(i64::try_from(ms).unwrap_or(i64::MAX))
 }
 
-async fn client(cli: &Cli) -> anyhow::Result<Admin> {
-    Ok(AdminServiceClient::with_interceptor(cli.channel().await?, cli.auth()?))
-}
-
 #[derive(Serialize)]
 struct TokenView {
     id: String,
@@ -58,8 +92,8 @@ impl From<proto::TokenInfo> for TokenView {
             id: t.id,
             name: t.name,
             role: role_name(t.role),
-            created: time(t.created_unix_ms),
-            revoked: if t.revoked_unix_ms == 0 { String::new() } else { time(t.revoked_unix_ms) },
+            created: rfc3339(t.created_unix_ms),
+            revoked: if t.revoked_unix_ms == 0 { String::new() } else { rfc3339(t.revoked_unix_ms) },
         }
     }
 }
@@ -69,16 +103,37 @@ fn role_name(role: i32) -> String {
     role.as_str_name().trim_start_matches("ROLE_").to_lowercase()
 }
 
-fn time(unix_ms: i64) -> String {
-    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(unix_ms).unwrap_or(0));
-    humantime::format_rfc3339_seconds(at).to_string()
+/// Runs one `alkictl token` command.
+pub async fn run_token(connection: &Connection, output: Output, cmd: TokenCmd) -> anyhow::Result<()> {
+    match cmd {
+        TokenCmd::Create { name, role } => token_create(connection, output, name, role.into()).await,
+        TokenCmd::List => token_list(connection, output).await,
+        TokenCmd::Revoke { which } => token_revoke(connection, output, which).await,
+    }
 }
 
-/// `alkictl token list`.
-pub async fn token_list(cli: &Cli) -> anyhow::Result<()> {
-    let tokens = client(cli).await?.list_tokens(proto::ListTokensRequest {}).await.map_err(status)?.into_inner();
+async fn token_create(connection: &Connection, output: Output, name: String, role: proto::Role) -> anyhow::Result<()> {
+    let created = connection
+        .fleet()
+        .await?
+        .create_token(proto::CreateTokenRequest { name, role: role as i32 })
+        .await
+        .map_err(status)?
+        .into_inner();
+    #[derive(Serialize)]
+    struct Created {
+        name: String,
+        role: String,
+        token: String,
+    }
+    let view = Created { name: created.name, role: format!("{role:?}").to_lowercase(), token: created.token };
+    print(output, &view, |t| t.token.clone())
+}
+
+async fn token_list(connection: &Connection, output: Output) -> anyhow::Result<()> {
+    let tokens = connection.admin().await?.list_tokens(proto::ListTokensRequest {}).await.map_err(status)?.into_inner();
     let views: Vec<TokenView> = tokens.tokens.into_iter().map(TokenView::from).collect();
-    print(cli.output, &views, |views| {
+    print(output, &views, |views| {
         let mut t = table(["ID", "NAME", "ROLE", "CREATED", "REVOKED"]);
         for v in views {
             t.add_row([&v.id, &v.name, &v.role, &v.created, &v.revoked]);
@@ -87,18 +142,18 @@ pub async fn token_list(cli: &Cli) -> anyhow::Result<()> {
     })
 }
 
-/// `alkictl token revoke ID|NAME`.
-pub async fn token_revoke(cli: &Cli, token: &str) -> anyhow::Result<()> {
-    let revoked = client(cli)
+async fn token_revoke(connection: &Connection, output: Output, token: String) -> anyhow::Result<()> {
+    let revoked = connection
+        .admin()
         .await?
-        .revoke_token(proto::RevokeTokenRequest { token: token.to_owned() })
+        .revoke_token(proto::RevokeTokenRequest { token })
         .await
         .map_err(status)?
         .into_inner()
         .token
         .unwrap_or_default();
     let view = TokenView::from(revoked);
-    print(cli.output, &view, |v| format!("Revoked token {} ({}, {}); it is refused from now on.", v.id, v.name, v.role))
+    print(output, &view, |v| format!("Revoked token {} ({}, {}); it is refused from now on.", v.id, v.name, v.role))
 }
 
 #[derive(Serialize)]
@@ -115,19 +170,16 @@ struct AuditView {
     peer: String,
 }
 
-/// `alkictl audit list`.
-pub async fn audit(cli: &Cli, cmd: &AuditCmd) -> anyhow::Result<()> {
+/// Runs `alkictl audit list`.
+pub async fn run_audit(connection: &Connection, output: Output, cmd: AuditCmd) -> anyhow::Result<()> {
     let AuditCmd::List { since, actor, limit } = cmd;
-    let request = proto::ListAuditRequest {
-        since_unix_ms: since.unwrap_or(0),
-        actor: actor.clone().unwrap_or_default(),
-        limit: *limit,
-    };
-    let entries = client(cli).await?.list_audit(request).await.map_err(status)?.into_inner().entries;
+    let request =
+        proto::ListAuditRequest { since_unix_ms: since.unwrap_or(0), actor: actor.unwrap_or_default(), limit };
+    let entries = connection.admin().await?.list_audit(request).await.map_err(status)?.into_inner().entries;
     let views: Vec<AuditView> = entries
         .into_iter()
         .map(|e| AuditView {
-            time: time(e.unix_ms),
+            time: rfc3339(e.unix_ms),
             id: e.id,
             unix_ms: e.unix_ms,
             actor: e.actor,
@@ -139,7 +191,7 @@ pub async fn audit(cli: &Cli, cmd: &AuditCmd) -> anyhow::Result<()> {
             peer: e.peer,
         })
         .collect();
-    print(cli.output, &views, |views| {
+    print(output, &views, |views| {
         let mut t = table(["TIME", "ACTOR", "ROLE", "ACTION", "TARGET", "RESULT"]);
         for v in views {
             t.add_row([&v.time, &v.actor, &v.role, &v.action, &v.target, &v.result]);

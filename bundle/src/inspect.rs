@@ -1,17 +1,17 @@
-//! `alkictl bundle inspect REF|DIR`: a bundle's variants, layers, sizes, metadata and signatures (and whether
-//! they verify against the keys given), from a packed OCI layout or a registry.
+//! Inspecting a bundle (`alkictl bundle inspect REF|DIR`): its variants, layers, sizes, metadata and
+//! signatures (and whether they verify against the keys given), from a packed OCI layout or a registry.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use alki_shared::bundle::{self, ANNOTATION_CONTEXT_LENGTH, ANNOTATION_PARAMETERS, RuntimeDefaults};
 use alki_shared::digest::Digest;
 use alki_shared::oci::{ANNOTATION_TITLE, MAX_MANIFEST_BYTES, Manifest};
 use alki_shared::signing::{self, PublicKey, SignatureCheck};
-use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use super::layout::Layout;
-use super::sign::Remote;
+use crate::error::{ManifestContext as _, Result, refuse};
+use crate::layout::Layout;
+use crate::registry::Remote;
 
 #[derive(Debug, Serialize)]
 pub struct Inspected {
@@ -59,18 +59,27 @@ pub struct SignatureView {
     pub check: SignatureCheck,
 }
 
+/// What to inspect.
+pub enum Target {
+    /// A packed OCI layout directory.
+    Layout(PathBuf),
+    /// A tag or digest (`tag_or_digest`) in a registry repository.
+    Registry { remote: Remote, tag_or_digest: String },
+}
+
+/// Where the blobs are read from.
 enum Source {
     Layout(Layout),
     Remote(Remote, oci_client::Client),
 }
 
 impl Source {
-    async fn blob(&self, digest: &Digest, limit: u64) -> anyhow::Result<Vec<u8>> {
+    async fn blob(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>> {
         match self {
             Source::Layout(layout) => {
                 let size = std::fs::metadata(layout.blob_path(digest)).map(|m| m.len()).unwrap_or(0);
                 if size > limit {
-                    bail!("blob {digest} is {size} bytes, more than the {limit} expected");
+                    refuse!("blob {digest} is {size} bytes, more than the {limit} expected");
                 }
                 layout.read_blob(digest)
             }
@@ -79,31 +88,31 @@ impl Source {
     }
 }
 
-/// Inspects `target`: an existing directory is read as an OCI layout, anything else as a registry reference.
-pub async fn inspect(
-    cli: &super::Cli,
-    target: &str,
-    key_files: &[PathBuf],
-    plain_http: bool,
-) -> anyhow::Result<Inspected> {
-    let keys = key_files.iter().map(|p| PublicKey::load(p)).collect::<Result<Vec<_>, _>>()?;
-    let (source, digest, bytes, shown) = if Path::new(target).is_dir() {
-        let layout = Layout::open(Path::new(target))?;
-        let entries = layout.entries()?;
-        let Some(top) = entries.first() else { bail!("{target} has no bundle in index.json") };
-        let bytes = layout.read_blob(&top.digest)?;
-        (Source::Layout(layout), top.digest.clone(), bytes, target.to_owned())
-    } else {
-        let (repository, reference) = super::split_bundle_ref(target)?;
-        let remote = Remote::new(cli.registry.clone(), repository, cli.registry_auth()?, plain_http);
-        let client = remote.client();
-        let Some((bytes, digest)) = remote.manifest(&client, &reference).await? else {
-            bail!("{target} is not in the registry at {}; check the name or push it", remote.registry);
-        };
-        let shown = remote.docker_reference();
-        (Source::Remote(remote, client), digest, bytes, shown)
-    };
-    let manifest = Manifest::parse(&bytes, None).with_context(|| format!("parsing {digest}"))?;
+/// The top manifest of a target: where it was read, its digest, its bytes and how to show where it is.
+async fn open(target: Target) -> Result<(Source, Digest, Vec<u8>, String)> {
+    match target {
+        Target::Layout(dir) => {
+            let layout = Layout::open(&dir)?;
+            let entries = layout.entries()?;
+            let Some(top) = entries.first() else { refuse!("{} has no bundle in index.json", dir.display()) };
+            let bytes = layout.read_blob(&top.digest)?;
+            Ok((Source::Layout(layout), top.digest.clone(), bytes, dir.display().to_string()))
+        }
+        Target::Registry { remote, tag_or_digest } => {
+            let client = remote.client();
+            let Some((bytes, digest)) = remote.manifest(&client, &tag_or_digest).await? else {
+                refuse!("{} is not in the registry; check the name or push it", remote.named(&tag_or_digest));
+            };
+            let shown = remote.docker_reference();
+            Ok((Source::Remote(remote, client), digest, bytes, shown))
+        }
+    }
+}
+
+/// Inspects `target`, checking every signature found against `keys`.
+pub async fn inspect(target: Target, keys: &[PublicKey]) -> Result<Inspected> {
+    let (source, digest, bytes, shown) = open(target).await?;
+    let manifest = Manifest::parse(&bytes, None).parsing(|| format!("parsing {digest}"))?;
     let mut variants = Vec::new();
     let mut signed = vec![("index".to_owned(), digest.clone())];
     match &manifest {
@@ -124,7 +133,7 @@ pub async fn inspect(
                     runtime: None,
                 };
                 let child = source.blob(&d.digest, MAX_MANIFEST_BYTES as u64).await?;
-                if let Manifest::Image(m) = Manifest::parse(&child, None)? {
+                if let Manifest::Image(m) = Manifest::parse(&child, None).parsing(|| format!("variant {}", d.digest))? {
                     view.layers = m.layers.iter().map(layer_view).collect();
                     if let Some(runtime) = bundle::runtime_layer(&m) {
                         let bytes = source.blob(&runtime.digest, 64 << 10).await?;
@@ -179,45 +188,4 @@ fn layer_view(l: &alki_shared::oci::Descriptor) -> LayerView {
         size: l.size,
         title: l.annotation(ANNOTATION_TITLE).unwrap_or_default().to_owned(),
     }
-}
-
-/// The table for people.
-pub fn render(r: &Inspected) -> String {
-    let mut out = format!("bundle {} in {} ({})\n", r.digest, r.source, r.media_type);
-    let mut t = super::table(["VARIANT", "QUANT", "ARCH", "PARAMS", "CONTEXT", "WEIGHTS", "MEMORY", "LAYERS"]);
-    for v in &r.variants {
-        t.add_row([
-            super::short(v.digest.as_str()),
-            v.quantization.clone(),
-            v.architecture.clone(),
-            v.parameters.to_string(),
-            v.context_length.to_string(),
-            super::bytes(v.weights_bytes),
-            super::bytes(v.memory_bytes),
-            v.layers.iter().map(|l| l.title.as_str()).filter(|t| !t.is_empty()).collect::<Vec<_>>().join(" "),
-        ]);
-    }
-    out.push_str(&t.to_string());
-    out.push('\n');
-    if r.signatures.is_empty() {
-        out.push_str("signatures: none found (a packed directory holds none; sign with `alkictl bundle sign`)\n");
-    } else {
-        let mut t = super::table(["SIGNED", "DIGEST", "KEY", "VERIFIED", "PROBLEM"]);
-        for s in &r.signatures {
-            t.add_row([
-                s.of.clone(),
-                super::short(s.digest.as_str()),
-                s.check.key_fingerprint.as_deref().map(signing::short_fingerprint).unwrap_or_else(|| "-".into()),
-                if s.check.verified { "yes".into() } else { "no".into() },
-                s.check.problem.clone().unwrap_or_default(),
-            ]);
-        }
-        out.push_str(&t.to_string());
-        out.push('\n');
-    }
-    if r.keys.is_empty() && !r.signatures.is_empty() {
-        out.push_str("no --key given: signatures were read but none could be verified\n");
-    }
-    out.push_str(if r.verified { "verified: yes" } else { "verified: no" });
-    out
 }

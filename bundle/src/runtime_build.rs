@@ -1,6 +1,7 @@
-//! `alkictl runtime push`: packs llama.cpp builds (a directory with `llama-server` and the shared libraries
-//! beside it, per platform) into a runtime build (an OCI image index, one manifest per platform with a tar
-//! layer) and pushes it with the bundle push code. Bundles name it by digest (`bundle pack --runtime-build`).
+//! Packing llama.cpp builds as a runtime build (`alkictl runtime push`): a directory with `llama-server` and
+//! the shared libraries beside it, per platform, becomes an OCI image index with one manifest per platform
+//! carrying one deterministic tar layer, pushed like a bundle ([`crate::push`]). Bundles name it by digest
+//! (`bundle pack --runtime-build`).
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt as _;
@@ -15,10 +16,11 @@ use alki_shared::oci::{
     ANNOTATION_TITLE, Descriptor, ImageIndex, ImageManifest, MEDIA_TYPE_IMAGE_INDEX, MEDIA_TYPE_IMAGE_MANIFEST,
     Platform,
 };
-use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use super::layout::Layout;
+use crate::error::{Error, IoContext as _, Result, refuse};
+use crate::layout::Layout;
+use crate::progress::Progress;
 
 /// Accelerators a build may be made for.
 pub const ACCELERATORS: [&str; 2] = ["cpu", "cuda"];
@@ -51,10 +53,10 @@ impl PlatformBuild {
 }
 
 /// Parses `OS/ARCH[/VARIANT][/ACCELERATOR]=DIR`.
-pub fn parse_platform(arg: &str) -> anyhow::Result<PlatformBuild> {
+pub fn parse_platform(arg: &str) -> Result<PlatformBuild> {
     let usage = "write --platform OS/ARCH[/VARIANT][/cpu|cuda]=DIR, e.g. linux/amd64=build/bin or \
                  linux/arm64/cuda=jetson/bin";
-    let Some((platform, dir)) = arg.split_once('=') else { bail!("--platform {arg:?} names no directory; {usage}") };
+    let Some((platform, dir)) = arg.split_once('=') else { refuse!("--platform {arg:?} names no directory; {usage}") };
     let mut parts: Vec<&str> = platform.split('/').collect();
     let accelerator = match parts.last() {
         Some(last) if parts.len() > 2 && ACCELERATORS.contains(last) => {
@@ -68,10 +70,10 @@ pub fn parse_platform(arg: &str) -> anyhow::Result<PlatformBuild> {
     let (os, architecture, variant) = match parts.as_slice() {
         [os, arch] if valid(os) && valid(arch) => (os, arch, None),
         [os, arch, variant] if valid(os) && valid(arch) && valid(variant) => (os, arch, Some(variant.to_string())),
-        _ => bail!("--platform {platform:?} is not a platform; {usage}"),
+        _ => refuse!("--platform {platform:?} is not a platform; {usage}"),
     };
     if dir.is_empty() {
-        bail!("--platform {arg:?} names no directory; {usage}");
+        refuse!("--platform {arg:?} names no directory; {usage}");
     }
     Ok(PlatformBuild {
         os: os.to_string(),
@@ -82,19 +84,7 @@ pub fn parse_platform(arg: &str) -> anyhow::Result<PlatformBuild> {
     })
 }
 
-/// What was packed (and pushed), for the table or `-o json`.
-#[derive(Debug, Serialize)]
-pub struct RuntimePushed {
-    /// `registry/repository:tag`.
-    pub reference: String,
-    pub digest: Digest,
-    /// What a bundle names: `alkictl bundle pack --runtime-build <pinned>`.
-    pub pinned: String,
-    pub uploaded_bytes: u64,
-    pub skipped_blobs: usize,
-    pub platforms: Vec<PackedPlatform>,
-}
-
+/// One platform's build as packed, for the table or `-o json`.
 #[derive(Debug, Serialize)]
 pub struct PackedPlatform {
     pub platform: String,
@@ -112,19 +102,9 @@ pub fn pack(
     version: &str,
     out: &Path,
     tag: &str,
-    progress: &indicatif::ProgressBar,
-) -> anyhow::Result<(Digest, Vec<PackedPlatform>)> {
-    if builds.is_empty() {
-        bail!("name at least one build: --platform linux/amd64=DIR");
-    }
-    for (i, a) in builds.iter().enumerate() {
-        if builds[..i].iter().any(|b| b.label() == a.label()) {
-            bail!("--platform {} is given twice; a build has one entry per platform and accelerator", a.label());
-        }
-        check_build_dir(&a.dir)?;
-    }
-    let files: Vec<Vec<(PathBuf, String)>> =
-        builds.iter().map(|b| list_files(&b.dir)).collect::<anyhow::Result<_>>()?;
+    progress: &Progress,
+) -> Result<(Digest, Vec<PackedPlatform>)> {
+    let files = check_builds(builds)?;
     let total: u64 = files
         .iter()
         .flatten()
@@ -137,55 +117,10 @@ pub fn pack(
     let mut entries = Vec::new();
     let mut packed = Vec::new();
     for (build, files) in builds.iter().zip(&files) {
-        progress.set_message(build.label());
-        let (layer_digest, layer_size) = write_tar(&layout, &build.dir, files, progress)
-            .with_context(|| format!("packing {} for {}", build.dir.display(), build.label()))?;
-        let build_info = build_info(build);
-        let config = RuntimeBuildConfig {
-            version: version.to_owned(),
-            build_info: build_info.clone(),
-            accelerator: build.accelerator.clone(),
-            os: build.os.clone(),
-            architecture: build.architecture.clone(),
-            variant: build.variant.clone(),
-        };
-        let config_bytes = serde_json::to_vec(&config)?;
-        let config_desc = Descriptor::new(
-            MEDIA_TYPE_RUNTIME_BUILD_CONFIG,
-            layout.write_blob(&config_bytes)?,
-            config_bytes.len() as u64,
-        );
-        let mut layer = Descriptor::new(MEDIA_TYPE_RUNTIME_BUILD_TAR, layer_digest.clone(), layer_size);
-        let title = format!("llama-server-{}.tar", build.label().replace('/', "-"));
-        layer.annotations.insert(ANNOTATION_TITLE.into(), title);
-        let manifest = ImageManifest {
-            schema_version: 2,
-            media_type: Some(MEDIA_TYPE_IMAGE_MANIFEST.into()),
-            artifact_type: Some(ARTIFACT_TYPE_RUNTIME_BUILD.into()),
-            config: config_desc,
-            layers: vec![layer],
-            subject: None,
-            annotations: [(ANNOTATION_ACCELERATOR.to_owned(), build.accelerator.clone())].into(),
-        };
-        let bytes = serde_json::to_vec(&manifest)?;
-        let mut entry = Descriptor::new(MEDIA_TYPE_IMAGE_MANIFEST, layout.write_blob(&bytes)?, bytes.len() as u64);
-        entry.artifact_type = Some(ARTIFACT_TYPE_RUNTIME_BUILD.into());
-        entry.platform = Some(Platform {
-            architecture: build.architecture.clone(),
-            os: build.os.clone(),
-            variant: build.variant.clone(),
-        });
-        entry.annotations.insert(ANNOTATION_ACCELERATOR.into(), build.accelerator.clone());
-        packed.push(PackedPlatform {
-            platform: build.label(),
-            accelerator: build.accelerator.clone(),
-            manifest: entry.digest.clone(),
-            layer: layer_digest,
-            layer_size,
-            files: files.len(),
-            build_info,
-        });
+        progress.set_message(&build.label());
+        let (entry, platform) = pack_platform(&layout, build, files, version, progress)?;
         entries.push(entry);
+        packed.push(platform);
     }
     let index = ImageIndex {
         schema_version: 2,
@@ -198,41 +133,111 @@ pub fn pack(
     let bytes = serde_json::to_vec(&index)?;
     let digest = layout.write_blob(&bytes)?;
     layout.write_index(Descriptor::new(MEDIA_TYPE_IMAGE_INDEX, digest.clone(), bytes.len() as u64), tag)?;
-    progress.finish_and_clear();
+    progress.finish();
     Ok((digest, packed))
 }
 
+/// Refuses an empty list, a platform given twice and a directory without `llama-server`; lists each
+/// build's files.
+fn check_builds(builds: &[PlatformBuild]) -> Result<Vec<Vec<(PathBuf, String)>>> {
+    if builds.is_empty() {
+        refuse!("name at least one build: --platform linux/amd64=DIR");
+    }
+    for (i, a) in builds.iter().enumerate() {
+        if builds[..i].iter().any(|b| b.label() == a.label()) {
+            refuse!("--platform {} is given twice; a build has one entry per platform and accelerator", a.label());
+        }
+        check_build_dir(&a.dir)?;
+    }
+    builds.iter().map(|b| list_files(&b.dir)).collect()
+}
+
+/// One platform's tar layer, config and manifest; returns its index entry.
+fn pack_platform(
+    layout: &Layout,
+    build: &PlatformBuild,
+    files: &[(PathBuf, String)],
+    version: &str,
+    progress: &Progress,
+) -> Result<(Descriptor, PackedPlatform)> {
+    let (layer_digest, layer_size) = write_tar(layout, files, progress)
+        .map_err(|e| e.during(&format!("packing {} for {}", build.dir.display(), build.label())))?;
+    let build_info = build_info(build);
+    let config = RuntimeBuildConfig {
+        version: version.to_owned(),
+        build_info: build_info.clone(),
+        accelerator: build.accelerator.clone(),
+        os: build.os.clone(),
+        architecture: build.architecture.clone(),
+        variant: build.variant.clone(),
+    };
+    let config_bytes = serde_json::to_vec(&config)?;
+    let config_desc =
+        Descriptor::new(MEDIA_TYPE_RUNTIME_BUILD_CONFIG, layout.write_blob(&config_bytes)?, config_bytes.len() as u64);
+    let mut layer = Descriptor::new(MEDIA_TYPE_RUNTIME_BUILD_TAR, layer_digest.clone(), layer_size);
+    let title = format!("llama-server-{}.tar", build.label().replace('/', "-"));
+    layer.annotations.insert(ANNOTATION_TITLE.into(), title);
+    let manifest = ImageManifest {
+        schema_version: 2,
+        media_type: Some(MEDIA_TYPE_IMAGE_MANIFEST.into()),
+        artifact_type: Some(ARTIFACT_TYPE_RUNTIME_BUILD.into()),
+        config: config_desc,
+        layers: vec![layer],
+        subject: None,
+        annotations: [(ANNOTATION_ACCELERATOR.to_owned(), build.accelerator.clone())].into(),
+    };
+    let bytes = serde_json::to_vec(&manifest)?;
+    let mut entry = Descriptor::new(MEDIA_TYPE_IMAGE_MANIFEST, layout.write_blob(&bytes)?, bytes.len() as u64);
+    entry.artifact_type = Some(ARTIFACT_TYPE_RUNTIME_BUILD.into());
+    entry.platform =
+        Some(Platform { architecture: build.architecture.clone(), os: build.os.clone(), variant: build.variant.clone() });
+    entry.annotations.insert(ANNOTATION_ACCELERATOR.into(), build.accelerator.clone());
+    let packed = PackedPlatform {
+        platform: build.label(),
+        accelerator: build.accelerator.clone(),
+        manifest: entry.digest.clone(),
+        layer: layer_digest,
+        layer_size,
+        files: files.len(),
+        build_info,
+    };
+    Ok((entry, packed))
+}
+
 /// A build directory must hold an executable `llama-server`.
-fn check_build_dir(dir: &Path) -> anyhow::Result<()> {
+fn check_build_dir(dir: &Path) -> Result<()> {
     let server = dir.join(RUNTIME_BUILD_SERVER);
-    let meta = std::fs::metadata(&server).with_context(|| {
-        format!("{} has no {RUNTIME_BUILD_SERVER}; name llama.cpp's build/bin directory", dir.display())
+    let meta = std::fs::metadata(&server).map_err(|e| {
+        Error::Refused(format!(
+            "{} has no {RUNTIME_BUILD_SERVER} ({e}); name llama.cpp's build/bin directory",
+            dir.display()
+        ))
     })?;
     if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
-        bail!("{} is not an executable file; name llama.cpp's build/bin directory", server.display());
+        refuse!("{} is not an executable file; name llama.cpp's build/bin directory", server.display());
     }
     Ok(())
 }
 
 /// Every entry under `dir` (files, directories, symbolic links), sorted, with its path inside the build.
-fn list_files(dir: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
+fn list_files(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
     let mut out = Vec::new();
     let mut stack = vec![(dir.to_owned(), String::new())];
     while let Some((at, prefix)) = stack.pop() {
-        let mut names: Vec<_> = std::fs::read_dir(&at)
-            .with_context(|| format!("reading {}", at.display()))?
-            .collect::<Result<Vec<_>, _>>()?;
+        let reading = || format!("reading {}", at.display());
+        let mut names: Vec<_> =
+            std::fs::read_dir(&at).doing(reading)?.collect::<std::io::Result<Vec<_>>>().doing(reading)?;
         names.sort_by_key(|e| e.file_name());
         for entry in names {
             let name = entry.file_name().into_string().map_err(|n| {
-                anyhow::anyhow!("{} has a file name that is not UTF-8 ({n:?}); rename it", at.display())
+                Error::Refused(format!("{} has a file name that is not UTF-8 ({n:?}); rename it", at.display()))
             })?;
             let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
-            let kind = entry.file_type()?;
+            let kind = entry.file_type().doing(reading)?;
             if kind.is_dir() {
                 stack.push((entry.path(), rel.clone()));
             } else if !kind.is_file() && !kind.is_symlink() {
-                bail!("{} is neither a file, a directory nor a link; a build holds only those", entry.path().display());
+                refuse!("{} is neither a file, a directory nor a link; a build holds only those", entry.path().display());
             }
             out.push((entry.path(), rel));
         }
@@ -242,32 +247,30 @@ fn list_files(dir: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
 }
 
 /// Writes the tar of `files` into the layout, hashing it on the way (never held in memory).
-fn write_tar(
-    layout: &Layout,
-    dir: &Path,
-    files: &[(PathBuf, String)],
-    progress: &indicatif::ProgressBar,
-) -> anyhow::Result<(Digest, u64)> {
-    let tmp = tempfile::NamedTempFile::new_in(layout.blob_path(&Digest::of(b"")).parent().unwrap_or(dir))?;
-    let writer =
-        HashingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, tmp.reopen()?), hasher: Hasher::new() };
+fn write_tar(layout: &Layout, files: &[(PathBuf, String)], progress: &Progress) -> Result<(Digest, u64)> {
+    let dir = layout.root().join("blobs/sha256");
+    let tmp = tempfile::NamedTempFile::new_in(&dir).doing(|| format!("creating a file in {}", dir.display()))?;
+    let writing = || format!("writing {}", tmp.path().display());
+    let file = tmp.reopen().doing(writing)?;
+    let writer = HashingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, file), hasher: Hasher::new() };
     let mut builder = tar::Builder::new(writer);
     builder.follow_symlinks(false);
     // Same files, same bytes: owners and times are left out so a rebuild of the same tree has the same digest.
     builder.mode(tar::HeaderMode::Deterministic);
     for (path, rel) in files {
-        builder.append_path_with_name(path, rel).with_context(|| format!("adding {}", path.display()))?;
+        builder.append_path_with_name(path, rel).doing(|| format!("adding {}", path.display()))?;
         if let Ok(meta) = std::fs::symlink_metadata(path)
             && meta.is_file()
         {
             progress.inc(meta.len());
         }
     }
-    let mut writer = builder.into_inner()?;
-    writer.inner.flush()?;
+    let mut writer = builder.into_inner().doing(writing)?;
+    writer.inner.flush().doing(writing)?;
     let len = writer.hasher.len();
     let digest = writer.hasher.finish();
-    tmp.persist(layout.blob_path(&digest)).map_err(|e| e.error)?;
+    let path = layout.blob_path(&digest);
+    tmp.persist(&path).map_err(|e| e.error).doing(|| format!("writing {}", path.display()))?;
     Ok((digest, len))
 }
 
@@ -372,7 +375,7 @@ mod tests {
             parse_platform(&format!("linux/amd64={}", bin.display())).expect("amd64"),
             parse_platform(&format!("linux/arm64/cuda={}", bin.display())).expect("arm64"),
         ];
-        let bar = indicatif::ProgressBar::hidden();
+        let bar = Progress::none();
         let (digest, packed) = pack(&builds, "b1", &dir.path().join("one"), "b1", &bar).expect("pack");
         assert_eq!(packed.len(), 2);
         assert_eq!(packed[0].files, 3);

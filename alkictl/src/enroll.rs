@@ -1,13 +1,16 @@
-//! `alkictl enroll token create|list|revoke` and `alkictl devices decommission`.
+//! `alkictl enroll token create|list|revoke`: the bootstrap tokens devices enroll with (admin only).
 
 use std::time::Duration;
 
-use alki_shared::proto::{self, security_service_client::SecurityServiceClient};
+use alki_shared::clock::UnixMs;
+use alki_shared::proto;
 use anyhow::Context as _;
 use clap::Subcommand;
 use serde::Serialize;
 
-use super::{Cli, parse_label, print, status, table};
+use crate::cli::parse_label;
+use crate::connection::{Connection, status};
+use crate::output::{Output, print, rfc3339, table};
 
 #[derive(Subcommand)]
 pub enum EnrollCmd {
@@ -36,13 +39,6 @@ pub enum TokenCmd {
     Revoke { id: String },
 }
 
-type Security =
-    SecurityServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, super::Auth>>;
-
-async fn client(cli: &Cli) -> anyhow::Result<Security> {
-    Ok(SecurityServiceClient::with_interceptor(cli.channel().await?, cli.auth()?))
-}
-
 #[derive(Serialize)]
 struct TokenView {
     id: String,
@@ -55,7 +51,7 @@ struct TokenView {
 
 impl From<proto::EnrollToken> for TokenView {
     fn from(t: proto::EnrollToken) -> Self {
-        let now = crate::now_unix_ms();
+        let now = UnixMs::now().as_millis();
         let state = if t.revoked {
             "revoked"
         } else if t.expires_unix_ms <= now {
@@ -70,32 +66,29 @@ impl From<proto::EnrollToken> for TokenView {
             labels: t.labels.into_iter().collect(),
             uses: t.uses,
             uses_allowed: t.uses_allowed,
-            expires: time_of(t.expires_unix_ms),
+            expires: rfc3339(t.expires_unix_ms),
             state,
         }
     }
-}
-
-fn time_of(unix_ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(unix_ms).unwrap_or(0));
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 fn labels_text(labels: &std::collections::BTreeMap<String, String>) -> String {
     labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
-pub async fn run(cli: &Cli, cmd: &EnrollCmd) -> anyhow::Result<()> {
+/// Runs one `alkictl enroll` command.
+pub async fn run(connection: &Connection, output: Output, cmd: EnrollCmd) -> anyhow::Result<()> {
     match cmd {
         EnrollCmd::Token(TokenCmd::Create { labels, uses, expires }) => {
             if expires.as_secs() == 0 {
                 anyhow::bail!("--expires {expires:?} is shorter than a second; give e.g. 24h");
             }
-            let created = client(cli)
+            let created = connection
+                .security()
                 .await?
                 .create_enroll_token(proto::CreateEnrollTokenRequest {
-                    labels: labels.iter().cloned().collect(),
-                    uses: *uses,
+                    labels: labels.into_iter().collect(),
+                    uses,
                     expires_in_seconds: expires.as_secs(),
                 })
                 .await
@@ -108,7 +101,7 @@ pub async fn run(cli: &Cli, cmd: &EnrollCmd) -> anyhow::Result<()> {
                 token: TokenView,
             }
             let view = Created { secret: created.secret, token: token.into() };
-            print(cli.output, &view, |c| {
+            print(output, &view, |c| {
                 format!(
                     "{}\n(bootstrap token {}: {} uses, expires {}; shown once — put it in the device's \
                      controller.bootstrap_token_file)",
@@ -117,7 +110,8 @@ pub async fn run(cli: &Cli, cmd: &EnrollCmd) -> anyhow::Result<()> {
             })
         }
         EnrollCmd::Token(TokenCmd::List) => {
-            let tokens = client(cli)
+            let tokens = connection
+                .security()
                 .await?
                 .list_enroll_tokens(proto::ListEnrollTokensRequest {})
                 .await
@@ -125,7 +119,7 @@ pub async fn run(cli: &Cli, cmd: &EnrollCmd) -> anyhow::Result<()> {
                 .into_inner()
                 .tokens;
             let views: Vec<TokenView> = tokens.into_iter().map(TokenView::from).collect();
-            print(cli.output, &views, |vs| {
+            print(output, &views, |vs| {
                 let mut t = table(["ID", "STATE", "USES", "EXPIRES", "LABELS"]);
                 for v in vs {
                     t.add_row([
@@ -140,41 +134,15 @@ pub async fn run(cli: &Cli, cmd: &EnrollCmd) -> anyhow::Result<()> {
             })
         }
         EnrollCmd::Token(TokenCmd::Revoke { id }) => {
-            let revoked = client(cli)
+            let revoked = connection
+                .security()
                 .await?
-                .revoke_enroll_token(proto::RevokeEnrollTokenRequest { id: id.clone() })
+                .revoke_enroll_token(proto::RevokeEnrollTokenRequest { id })
                 .await
                 .map_err(status)?
                 .into_inner();
             let view: TokenView = revoked.token.context("the controller returned no token record")?.into();
-            print(cli.output, &view, |v| format!("revoked bootstrap token {}", v.id))
+            print(output, &view, |v| format!("revoked bootstrap token {}", v.id))
         }
     }
-}
-
-pub async fn decommission(cli: &Cli, id: &str) -> anyhow::Result<()> {
-    let done = client(cli)
-        .await?
-        .decommission_device(proto::DecommissionDeviceRequest { device_id: id.to_owned() })
-        .await
-        .map_err(status)?
-        .into_inner();
-    #[derive(Serialize)]
-    struct View {
-        device_id: String,
-        decommissioned: String,
-        session_closed: bool,
-    }
-    let view = View {
-        device_id: done.device_id,
-        decommissioned: time_of(done.decommissioned_unix_ms),
-        session_closed: done.session_closed,
-    };
-    print(cli.output, &view, |v| {
-        format!(
-            "decommissioned {}{}; its certificate is refused from now on",
-            v.device_id,
-            if v.session_closed { " (its session was closed)" } else { "" }
-        )
-    })
 }
