@@ -3,7 +3,7 @@
 //! computed on the way, fsynced, then linked for llama-server) against `curl -o` of the same layer followed
 //! by `openssl dgst -sha256` of the file, in one run, best of N rounds each. Goal: ours ≥ 1.3× faster.
 //!
-//!   cargo run --release -p alki-agent --example bench-pull -- [--size-mib 1024] [--rounds 3]
+//!   cargo run --release -p alki-e2e --example bench-pull -- [--size-mib 1024] [--rounds 3]
 //!
 //! A command, not a test: it prints figures for the note.
 
@@ -15,8 +15,9 @@ use alki_agent::pull::{PullOptions, RegistryAccess, pull_bundle_with};
 use alki_agent::reference::BundleLocation;
 use alki_agent::store::ContentStore;
 use alki_agent::trust::RepositoryTrust;
-use alki_controller::cli::sign::{Remote, sign};
-use alki_controller::cli::{pack, push};
+use alki_bundle::pack::{self, PackOptions};
+use alki_bundle::sign::sign;
+use alki_bundle::{Progress, Remote};
 use alki_controller::config::ControllerConfig;
 use alki_shared::digest::Digest;
 use alki_shared::signing::SigningKey;
@@ -52,8 +53,8 @@ async fn main() -> anyhow::Result<()> {
     let model = work.path().join("big.gguf");
     write_gguf(&model, size_mib << 20)?;
     let layout = work.path().join("layout");
-    let bar = indicatif::ProgressBar::hidden();
-    let options = pack::PackOptions {
+    let none = Progress::none();
+    let options = PackOptions {
         files: vec![model.clone()],
         out: layout.clone(),
         name: None,
@@ -62,18 +63,11 @@ async fn main() -> anyhow::Result<()> {
         context: 256,
         tag: "v1".into(),
     };
-    pack::pack(&options, &bar)?;
+    pack::pack(&options, &none)?;
     std::fs::remove_file(&model)?;
-    let target = push::PushTarget {
-        registry: registry.clone(),
-        repository: REPOSITORY.into(),
-        tag: "v1".into(),
-        auth: push::token_auth(Some(admin.clone())),
-        plain_http: true,
-    };
-    let bundle = push::push(&layout, &target, &bar).await?.digest;
-    let key = SigningKey::generate()?;
     let remote = Remote::with_token(registry.clone(), REPOSITORY.into(), Some(admin.clone()), true);
+    let bundle = alki_bundle::push::push(&layout, &remote, "v1", &none).await?.digest;
+    let key = SigningKey::generate()?;
     sign(&remote, bundle.as_str(), &key).await?;
     let layer = largest_blob(&layout)?;
     std::fs::remove_dir_all(&layout)?;

@@ -2,7 +2,7 @@
 //! down, keeps the telemetry it builds meanwhile in its outbox, and replays it after the Hello when the
 //! controller comes back on the same port, so the controller's store counts every interval the agent measured.
 
-mod common;
+mod agent_support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,7 +17,7 @@ use alki_shared::digest::Digest;
 use alki_shared::ids::{DeviceId, Generation};
 use alki_shared::proto;
 use alki_shared::proto::fleet_service_client::FleetServiceClient;
-use common::{fake_llama_server, fake_model, launch_settings};
+use agent_support::{fake_llama_server, fake_model, launch_settings};
 
 const DEVICE: &str = "pi-offline";
 /// Covers one telemetry interval of the controller (10 s) during the outage, plus the reconnect backoff.
@@ -52,7 +52,7 @@ fn prepared_data_dir(dir: &Path) -> PathBuf {
 fn agent_config(dir: &Path, data_dir: &Path, controller: SocketAddr, token: &str) -> Config {
     let token_file = dir.join("agent.token");
     std::fs::write(&token_file, format!("{token}\n")).expect("token");
-    let trust = common::unsigned_trust_policy(dir);
+    let trust = agent_support::unsigned_trust_policy(dir);
     let text = format!(
         r#"
 data_dir = {data_dir:?}

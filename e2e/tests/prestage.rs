@@ -4,9 +4,7 @@
 //! again against the trust policy as it is at activation, so a key removed since refuses); an unsigned bundle
 //! is refused before any layer is fetched; a restarted agent lists what it has staged in its Hello.
 
-mod common;
-#[path = "../../e2e/fixtures/tiny_bundle.rs"]
-mod tiny_bundle;
+mod agent_support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,17 +12,18 @@ use std::time::Duration;
 
 use alki_agent::reference::BundleLocation;
 use alki_agent::{Agent, Config};
-use alki_controller::cli::sign::{Remote, sign};
-use alki_controller::cli::{pack, push};
+use alki_bundle::pack::{self, PackExtras, PackOptions};
+use alki_bundle::sign::sign;
+use alki_bundle::{Progress, Remote, runtime_build};
 use alki_controller::config::ControllerConfig;
 use alki_e2e::tiny_model::{TinyModelOptions, synthetic_tokenizer, write_tiny_model};
 use alki_shared::digest::Digest;
 use alki_shared::oci::ImageIndex;
 use alki_shared::proto::{self, ErrorCode, Phase, agent_message, controller_message};
 use alki_shared::signing::SigningKey;
-use common::controller::{FakeController, next_where};
-use common::{TEST_TIMEOUT, fake_llama_server};
-use tiny_bundle::push_tiny_bundle_sized;
+use alki_e2e::fake_controller::FakeController;
+use alki_e2e::tiny_bundle::push_tiny_bundle_sized;
+use agent_support::{TEST_TIMEOUT, fake_llama_server, next_where};
 use tokio::sync::mpsc;
 
 const TOKEN: &str = "agent-secret";
@@ -82,7 +81,8 @@ impl Registry {
 
     /// [`Registry::publish`] with a vocabulary of `vocab` tokens (about `vocab` × 512 bytes of weights).
     async fn publish_sized(&self, tag: &str, seed: u64, key: Option<&SigningKey>, vocab: usize) -> BundleLocation {
-        let digest = push_tiny_bundle_sized(&self.addr, REPOSITORY, &self.admin, tag, seed, vocab).await;
+        let digest =
+            push_tiny_bundle_sized(&self.addr, REPOSITORY, &self.admin, tag, seed, vocab).await.expect("push");
         if let Some(key) = key {
             sign(&self.remote(), tag, key).await.expect("sign");
         }
@@ -185,7 +185,7 @@ async fn start_agent(config: Config) -> Running {
     let (controller, mut up, mut downs) = FakeController::new(1, TOKEN);
     let down = downs.remove(0);
     let mut config = config;
-    config.controller.url = format!("http://{}", controller.serve().await);
+    config.controller.url = format!("http://{}", controller.serve().await.expect("fake controller"));
     let agent = Agent::start(config).await.expect("agent starts");
     let front = agent.front_addr();
     let metrics = agent.metrics_addr().expect("metrics listener");
@@ -492,7 +492,6 @@ async fn bytes_changed_in_the_content_store_are_not_trusted_offline() {
 /// in the content store), so with the registry gone the bundle activates and runs that build's llama-server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_staged_bundle_naming_a_runtime_build_activates_on_that_build_with_the_registry_gone() {
-    use alki_controller::cli::runtime;
     tokio::time::timeout(TEST_TIMEOUT * 2, async {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = SigningKey::generate().expect("key");
@@ -505,26 +504,20 @@ async fn a_staged_bundle_naming_a_runtime_build_activates_on_that_build_with_the
         std::fs::create_dir_all(&build_dir).expect("build dir");
         std::fs::copy(fake_llama_server(), build_dir.join("llama-server")).expect("server");
         let arch = alki_agent::builds::oci_architecture(std::env::consts::ARCH);
-        let platform = runtime::parse_platform(&format!("linux/{arch}={}", build_dir.display())).expect("platform");
-        let bar = indicatif::ProgressBar::hidden();
+        let platform =
+            runtime_build::parse_platform(&format!("linux/{arch}={}", build_dir.display())).expect("platform");
+        let none = Progress::none();
         let layout = work.path().join("build-layout");
-        runtime::pack(&[platform], "b1", &layout, "b1", &bar).expect("pack build");
-        let target = push::PushTarget {
-            registry: registry.addr.clone(),
-            repository: "acme/llama-server".into(),
-            tag: "b1".into(),
-            auth: registry.auth(),
-            plain_http: true,
-        };
-        let build_digest = push::push(&layout, &target, &bar).await.expect("push build").digest;
-        let build_remote = Remote::new(registry.addr.clone(), "acme/llama-server".into(), registry.auth(), true);
+        runtime_build::pack(&[platform], "b1", &layout, "b1", &none).expect("pack build");
+        let build_remote = registry.remote().in_repository("acme/llama-server");
+        let build_digest = alki_bundle::push::push(&layout, &build_remote, "b1", &none).await.expect("push build").digest;
         sign(&build_remote, "b1", &key).await.expect("sign build");
 
         // Bundle B names that build.
         let model = work.path().join("tiny-b.gguf");
         write_tiny_model(&model, &TinyModelOptions { name: "tiny-b".into(), seed: 2 }, &synthetic_tokenizer(64))
             .expect("model");
-        let opts = pack::PackOptions {
+        let opts = PackOptions {
             files: vec![model],
             out: work.path().join("layout"),
             name: None,
@@ -533,13 +526,12 @@ async fn a_staged_bundle_naming_a_runtime_build_activates_on_that_build_with_the
             context: 256,
             tag: "b".into(),
         };
-        let extras = pack::PackExtras {
+        let extras = PackExtras {
             runtime_build: Some(format!("{}/acme/llama-server@{build_digest}", registry.addr)),
-            ..pack::PackExtras::default()
+            ..PackExtras::default()
         };
-        pack::pack_with(&opts, &extras, &bar).expect("pack bundle");
-        let target = push::PushTarget { repository: REPOSITORY.into(), tag: "b".into(), ..target };
-        let digest = push::push(&opts.out, &target, &bar).await.expect("push bundle").digest;
+        pack::pack_with(&opts, &extras, &none).expect("pack bundle");
+        let digest = alki_bundle::push::push(&opts.out, &registry.remote(), "b", &none).await.expect("push bundle").digest;
         sign(&registry.remote(), "b", &key).await.expect("sign bundle");
         let b =
             BundleLocation { registry: registry.addr.clone(), repository: REPOSITORY.into(), digest, tag: "b".into() };

@@ -2,9 +2,7 @@
 //! bundles signed with alkictl's code, through the tamper matrix. Each case is refused with its own reason
 //! and nothing of it is materialised for llama-server.
 
-mod common;
-#[path = "../../e2e/fixtures/tiny_bundle.rs"]
-mod tiny_bundle;
+mod agent_support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,7 +11,8 @@ use alki_agent::pull::{PullError, PullOptions, PulledBundle, RegistryAccess, VER
 use alki_agent::reference::BundleLocation;
 use alki_agent::store::ContentStore;
 use alki_agent::trust::{RepositoryTrust, TrustStore};
-use alki_controller::cli::sign::{Remote, sign};
+use alki_bundle::Remote;
+use alki_bundle::sign::sign;
 use alki_controller::config::ControllerConfig;
 use alki_shared::bundle::{ANNOTATION_WEIGHTS_BYTES, MEDIA_TYPE_WEIGHT_RAW};
 use alki_shared::digest::Digest;
@@ -43,7 +42,7 @@ async fn start() -> Fixture {
         let _ = stopped.await;
     }));
     let token = data.path().join("admin.token");
-    let admin = tokio::time::timeout(common::TEST_TIMEOUT, async {
+    let admin = tokio::time::timeout(agent_support::TEST_TIMEOUT, async {
         loop {
             if let Ok(t) = tokio::fs::read_to_string(&token).await
                 && !t.trim().is_empty()
@@ -64,7 +63,9 @@ impl Fixture {
     }
 
     async fn push(&self, tag: &str, seed: u64) -> Digest {
-        tiny_bundle::push_tiny_bundle(&self.registry, "acme/tiny", &self.admin, tag, seed).await
+        alki_e2e::tiny_bundle::push_tiny_bundle(&self.registry, "acme/tiny", &self.admin, tag, seed)
+            .await
+            .expect("push the tiny bundle")
     }
 
     async fn manifest(&self, digest: &Digest) -> Vec<u8> {
@@ -155,7 +156,7 @@ impl Device {
         };
         let options = PullOptions { trust, disk_reserve: 0, ..PullOptions::default() };
         tokio::time::timeout(
-            common::TEST_TIMEOUT,
+            agent_support::TEST_TIMEOUT,
             pull_bundle_with(&access, &self.store, &self.bundles(), &location, 1 << 30, &options, &mut |_| {}),
         )
         .await

@@ -46,3 +46,11 @@ pub fn unsigned_trust_policy(dir: &Path) -> PathBuf {
     std::fs::write(&path, "[[repository]]\npattern = \"*\"\nrequired = false\n").expect("trust policy");
     path
 }
+
+/// The next message up the session that `wanted` accepts; the session must still be open.
+pub async fn next_where(
+    up: &mut tokio::sync::mpsc::Receiver<alki_shared::proto::AgentMessage>,
+    wanted: impl FnMut(&alki_shared::proto::agent_message::Msg) -> bool,
+) -> alki_shared::proto::agent_message::Msg {
+    alki_e2e::fake_controller::next_where(up, wanted).await.expect("agent stream open")
+}
