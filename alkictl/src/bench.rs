@@ -198,8 +198,11 @@ pub async fn run(connection: &Connection, output: Output, cmd: BenchCmd) -> anyh
     let mut client = connection.insight().await?;
     match cmd {
         BenchCmd::Run { devices, selector, repetitions } => {
-            let request =
-                proto::RunBenchmarkRequest { device_ids: devices, selector: selector.selector.into_iter().collect(), repetitions };
+            let request = proto::RunBenchmarkRequest {
+                device_ids: devices,
+                selector: selector.selector.into_iter().collect(),
+                repetitions,
+            };
             let sent = client.run_benchmark(request).await.map_err(status)?.into_inner().commands;
             let views: Vec<CommandView> = sent
                 .into_iter()
@@ -272,11 +275,7 @@ pub async fn run(connection: &Connection, output: Output, cmd: BenchCmd) -> anyh
             })
         }
         BenchCmd::Compare { rollout, devices } => {
-            let c = client
-                .compare(proto::CompareRequest { rollout_id: rollout })
-                .await
-                .map_err(status)?
-                .into_inner();
+            let c = client.compare(proto::CompareRequest { rollout_id: rollout }).await.map_err(status)?.into_inner();
             print(output, &c, |c| comparison_table(c, devices))
         }
         BenchCmd::Recommend { bundle, min_quantization } => {

@@ -226,7 +226,14 @@ fn bundles_table(bundles: &[proto::Bundle]) -> String {
         } else {
             (format!("{}/{}", b.registry, b.repository), "at rollout")
         };
-        t.add_row([repository, b.tags.join(","), short(&b.digest), variants.join(","), bytes(b.total_size), signed.into()]);
+        t.add_row([
+            repository,
+            b.tags.join(","),
+            short(&b.digest),
+            variants.join(","),
+            bytes(b.total_size),
+            signed.into(),
+        ]);
     }
     t.to_string()
 }

@@ -88,9 +88,7 @@ pub fn command() -> clap::Command {
 }
 
 fn with_hidden_globals(cmd: clap::Command, hidden: &[clap::Arg]) -> clap::Command {
-    cmd.args(hidden.iter().cloned())
-        .after_help(SHARED_OPTIONS)
-        .mut_subcommands(|sub| with_hidden_globals(sub, hidden))
+    cmd.args(hidden.iter().cloned()).after_help(SHARED_OPTIONS).mut_subcommands(|sub| with_hidden_globals(sub, hidden))
 }
 
 /// Parses alkictl's arguments (the first is the program name), as `main` does.

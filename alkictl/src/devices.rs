@@ -36,7 +36,8 @@ pub async fn run(connection: &Connection, output: Output, cmd: DevicesCmd) -> an
 
 async fn list(connection: &Connection, output: Output, sel: SelectorArgs) -> anyhow::Result<()> {
     let selector: HashMap<String, String> = sel.selector.into_iter().collect();
-    let devices = connection.fleet().await?.list_devices(proto::ListDevicesRequest { selector }).await.map_err(status)?;
+    let devices =
+        connection.fleet().await?.list_devices(proto::ListDevicesRequest { selector }).await.map_err(status)?;
     let devices: Vec<DeviceView> = devices.into_inner().devices.iter().map(DeviceView::from).collect();
     print(output, &devices, |ds| {
         let mut t = table(["DEVICE", "CONNECTED", "PHASE", "RUNNING", "GEN", "CLASS", "ERROR"]);

@@ -305,9 +305,7 @@ pub fn build_spec(args: &CreateArgs, own_registry: &str) -> anyhow::Result<proto
     };
     let variant_min_quantization =
         args.variant_min_quantization.clone().or(file.variant_min_quantization).unwrap_or_default();
-    if !variant_min_quantization.is_empty()
-        && quantization_rank(&variant_min_quantization).is_none()
-    {
+    if !variant_min_quantization.is_empty() && quantization_rank(&variant_min_quantization).is_none() {
         bail!("--variant-min-quantization {variant_min_quantization:?} is not a llama.cpp quantization (e.g. Q4_K_M)");
     }
     let days = if args.window_days.is_empty() { file.window_days } else { args.window_days.clone() };
@@ -353,8 +351,7 @@ pub fn build_spec(args: &CreateArgs, own_registry: &str) -> anyhow::Result<proto
 
 /// `01:00-05:00` and weekday names into a checked wire window.
 fn schedule_window(window: &str, days: &[String]) -> anyhow::Result<proto::ScheduleWindow> {
-    let (start_minute_utc, end_minute_utc) =
-        schedule::parse_range(window).map_err(anyhow::Error::msg)?;
+    let (start_minute_utc, end_minute_utc) = schedule::parse_range(window).map_err(anyhow::Error::msg)?;
     let weekdays = days
         .iter()
         .map(|d| schedule::parse_weekday(d))
@@ -846,7 +843,8 @@ context_size = 4096
         assert!(bad("01:00-05:00", &["mon", "funday"]).contains("\"funday\" is not a weekday"));
         assert!(bad("01:00-05:00", &["mon", "monday"]).contains("twice"));
         std::fs::write(&path, "bundle = \"acme/qwen:v2\"\nwindow_days = [\"mon\"]\n").expect("write");
-        let err = build_spec(&CreateArgs { file: Some(path), ..Default::default() }, REGISTRY).expect_err("days without window");
+        let err = build_spec(&CreateArgs { file: Some(path), ..Default::default() }, REGISTRY)
+            .expect_err("days without window");
         assert!(format!("{err:#}").contains("needs a window"), "{err:#}");
     }
 
@@ -866,7 +864,8 @@ context_size = 4096
         assert!(spec.prestage);
         assert_eq!(spec.gates.and_then(|g| g.max_failures), Some(2));
         std::fs::write(&path, "bundle: a/b:c\nwindw: \"01:00-02:00\"\n").expect("write");
-        let err = build_spec(&CreateArgs { file: Some(path), ..Default::default() }, REGISTRY).expect_err("unknown field");
+        let err =
+            build_spec(&CreateArgs { file: Some(path), ..Default::default() }, REGISTRY).expect_err("unknown field");
         assert!(format!("{err:#}").contains("windw"), "{err:#}");
     }
 

@@ -164,7 +164,7 @@ pub async fn inspect(target: Target, keys: &[PublicKey]) -> Result<Inspected> {
     if let Source::Remote(remote, client) = &source {
         for (of, d) in signed {
             let layers = remote.signatures(client, &d).await?;
-            for check in signing::check_each(&d, &layers, &keys) {
+            for check in signing::check_each(&d, &layers, keys) {
                 signatures.push(SignatureView { of: of.clone(), digest: d.clone(), check });
             }
         }

@@ -31,7 +31,10 @@ impl Layout {
     pub fn open(root: &Path) -> Result<Layout> {
         let marker = root.join("oci-layout");
         if !marker.is_file() {
-            refuse!("{} is not an OCI layout (no oci-layout file); make one with `alkictl bundle pack`", root.display());
+            refuse!(
+                "{} is not an OCI layout (no oci-layout file); make one with `alkictl bundle pack`",
+                root.display()
+            );
         }
         Ok(Layout { root: root.to_owned() })
     }

@@ -72,7 +72,12 @@ pub async fn push(dir: &Path, remote: &Remote, tag: &str, progress: &Progress) -
     push_manifests(&client, remote, manifests, tag).await?;
     progress.finish();
     let reference = BundleRef::tagged(Some(&remote.registry), &remote.repository, tag);
-    Ok(Pushed { reference: reference.to_string(), digest: top.digest, uploaded_bytes: uploaded, skipped_blobs: skipped })
+    Ok(Pushed {
+        reference: reference.to_string(),
+        digest: top.digest,
+        uploaded_bytes: uploaded,
+        skipped_blobs: skipped,
+    })
 }
 
 /// The layout's top manifest and, for an index, the manifests it lists: children first, since a registry
@@ -127,7 +132,8 @@ async fn push_blob(
 async fn push_manifests(client: &Client, remote: &Remote, manifests: Vec<LayoutManifest>, tag: &str) -> Result<()> {
     let last = manifests.len().saturating_sub(1);
     for (i, m) in manifests.into_iter().enumerate() {
-        let reference: Reference = if i == last { remote.reference(tag) } else { remote.reference(m.descriptor.digest.as_str()) };
+        let reference: Reference =
+            if i == last { remote.reference(tag) } else { remote.reference(m.descriptor.digest.as_str()) };
         let content_type = http::HeaderValue::from_str(m.manifest.media_type())
             .map_err(|_| Error::Refused(format!("manifest {} has an unusable media type", m.descriptor.digest)))?;
         client

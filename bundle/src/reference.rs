@@ -24,7 +24,9 @@ pub struct BundleRef {
 
 /// Why a text is not a bundle reference; the message says how to write one.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{text:?} is not a bundle reference: {problem}; write [REGISTRY/]REPOSITORY[:TAG] or [REGISTRY/]REPOSITORY@sha256:<64 hex digits>")]
+#[error(
+    "{text:?} is not a bundle reference: {problem}; write [REGISTRY/]REPOSITORY[:TAG] or [REGISTRY/]REPOSITORY@sha256:<64 hex digits>"
+)]
 pub struct ReferenceError {
     pub text: String,
     pub problem: String,
@@ -110,9 +112,7 @@ impl FromStr for BundleRef {
 fn parse_digest(text: &str) -> Result<Digest, String> {
     text.parse().map_err(|_| {
         if text.len() < 64 && text.trim_start_matches("sha256:").bytes().all(|b| b.is_ascii_hexdigit()) {
-            format!(
-                "{text} is a shortened digest (as tables show it); give all 64 hex digits (`-o json` prints them)"
-            )
+            format!("{text} is a shortened digest (as tables show it); give all 64 hex digits (`-o json` prints them)")
         } else {
             format!("{text} is not a sha256 digest")
         }

@@ -155,7 +155,9 @@ impl Remote {
             }
         }
         if &Digest::of(&out) != digest {
-            return Err(Error::Corrupt(format!("blob {digest} does not match its digest; the registry copy is corrupt")));
+            return Err(Error::Corrupt(format!(
+                "blob {digest} does not match its digest; the registry copy is corrupt"
+            )));
         }
         Ok(out)
     }

@@ -189,8 +189,11 @@ fn pack_platform(
     let bytes = serde_json::to_vec(&manifest)?;
     let mut entry = Descriptor::new(MEDIA_TYPE_IMAGE_MANIFEST, layout.write_blob(&bytes)?, bytes.len() as u64);
     entry.artifact_type = Some(ARTIFACT_TYPE_RUNTIME_BUILD.into());
-    entry.platform =
-        Some(Platform { architecture: build.architecture.clone(), os: build.os.clone(), variant: build.variant.clone() });
+    entry.platform = Some(Platform {
+        architecture: build.architecture.clone(),
+        os: build.os.clone(),
+        variant: build.variant.clone(),
+    });
     entry.annotations.insert(ANNOTATION_ACCELERATOR.into(), build.accelerator.clone());
     let packed = PackedPlatform {
         platform: build.label(),
@@ -237,7 +240,10 @@ fn list_files(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
             if kind.is_dir() {
                 stack.push((entry.path(), rel.clone()));
             } else if !kind.is_file() && !kind.is_symlink() {
-                refuse!("{} is neither a file, a directory nor a link; a build holds only those", entry.path().display());
+                refuse!(
+                    "{} is neither a file, a directory nor a link; a build holds only those",
+                    entry.path().display()
+                );
             }
             out.push((entry.path(), rel));
         }

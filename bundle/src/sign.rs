@@ -49,7 +49,8 @@ pub async fn sign(remote: &Remote, reference: &str, key: &SigningKey) -> Result<
     }
     let mut signed = Vec::new();
     for (what, d) in targets {
-        let count = sign_digest(&client, remote, &d, key).await.map_err(|e| e.during(&format!("signing {what} {d}")))?;
+        let count =
+            sign_digest(&client, remote, &d, key).await.map_err(|e| e.during(&format!("signing {what} {d}")))?;
         signed.push(SignedDigest { what, tag: signature_tag(&d), digest: d, signatures_at_tag: count });
     }
     Ok(Signed {

@@ -42,12 +42,8 @@ fn a_split_model_is_one_variant_with_ordered_layers_docs_and_an_sbom_of_every_fi
         link_weights: false,
     };
     // Named out of order: the layers still come in part order.
-    let packed = pack_with(
-        &options(vec![two.clone(), one.clone()], out.clone()),
-        &extras,
-        &Progress::none(),
-    )
-    .expect("pack");
+    let packed =
+        pack_with(&options(vec![two.clone(), one.clone()], out.clone()), &extras, &Progress::none()).expect("pack");
     assert_eq!(packed.variants.len(), 1);
     let v = &packed.variants[0];
     assert_eq!(v.parts, vec![one.clone(), two.clone()]);
@@ -68,8 +64,7 @@ fn a_split_model_is_one_variant_with_ordered_layers_docs_and_an_sbom_of_every_fi
     let runtime: RuntimeDefaults =
         serde_json::from_slice(&layout.read_blob(&runtime.digest).expect("blob")).expect("json");
     assert_eq!(runtime.threads, 4);
-    let sbom_desc =
-        manifest.layers.iter().find(|l| l.annotation(ANNOTATION_TITLE) == Some(SBOM_NAME)).expect("sbom");
+    let sbom_desc = manifest.layers.iter().find(|l| l.annotation(ANNOTATION_TITLE) == Some(SBOM_NAME)).expect("sbom");
     let sbom: serde_json::Value =
         serde_json::from_slice(&layout.read_blob(&sbom_desc.digest).expect("blob")).expect("json");
     assert_eq!(sbom["spdxVersion"], "SPDX-2.3");
@@ -83,4 +78,3 @@ fn a_split_model_is_one_variant_with_ordered_layers_docs_and_an_sbom_of_every_fi
     let gguf_hex = Digest::of(&std::fs::read(&one).expect("read")).hex().to_owned();
     assert!(sbom.to_string().contains(&gguf_hex));
 }
-

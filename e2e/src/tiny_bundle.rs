@@ -11,7 +11,13 @@ use crate::tiny_model::{TinyModelOptions, synthetic_tokenizer, write_tiny_model}
 
 /// Packs a tiny model `tiny-<tag>` (weights from `seed`) and pushes it as `<repository>:<tag>` to the registry
 /// at `registry` (plain HTTP) with the `admin` token; returns the bundle's digest.
-pub async fn push_tiny_bundle(registry: &str, repository: &str, admin: &str, tag: &str, seed: u64) -> anyhow::Result<Digest> {
+pub async fn push_tiny_bundle(
+    registry: &str,
+    repository: &str,
+    admin: &str,
+    tag: &str,
+    seed: u64,
+) -> anyhow::Result<Digest> {
     push_tiny_bundle_sized(registry, repository, admin, tag, seed, 64).await
 }
 

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use agent_support::{fake_llama_server, fake_model, launch_settings};
 use alki_agent::reference::BundleLocation;
 use alki_agent::settings::RuntimeOverrides;
 use alki_agent::state::{AgentState, Deployment, StateFile};
@@ -17,7 +18,6 @@ use alki_shared::digest::Digest;
 use alki_shared::ids::{DeviceId, Generation};
 use alki_shared::proto;
 use alki_shared::proto::fleet_service_client::FleetServiceClient;
-use agent_support::{fake_llama_server, fake_model, launch_settings};
 
 const DEVICE: &str = "pi-offline";
 /// Covers one telemetry interval of the controller (10 s) during the outage, plus the reconnect backoff.

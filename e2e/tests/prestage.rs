@@ -10,20 +10,20 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use agent_support::{TEST_TIMEOUT, fake_llama_server, next_where};
 use alki_agent::reference::BundleLocation;
 use alki_agent::{Agent, Config};
 use alki_bundle::pack::{self, PackExtras, PackOptions};
 use alki_bundle::sign::sign;
 use alki_bundle::{Progress, Remote, runtime_build};
 use alki_controller::config::ControllerConfig;
+use alki_e2e::fake_controller::FakeController;
+use alki_e2e::tiny_bundle::push_tiny_bundle_sized;
 use alki_e2e::tiny_model::{TinyModelOptions, synthetic_tokenizer, write_tiny_model};
 use alki_shared::digest::Digest;
 use alki_shared::oci::ImageIndex;
 use alki_shared::proto::{self, ErrorCode, Phase, agent_message, controller_message};
 use alki_shared::signing::SigningKey;
-use alki_e2e::fake_controller::FakeController;
-use alki_e2e::tiny_bundle::push_tiny_bundle_sized;
-use agent_support::{TEST_TIMEOUT, fake_llama_server, next_where};
 use tokio::sync::mpsc;
 
 const TOKEN: &str = "agent-secret";
@@ -81,8 +81,7 @@ impl Registry {
 
     /// [`Registry::publish`] with a vocabulary of `vocab` tokens (about `vocab` × 512 bytes of weights).
     async fn publish_sized(&self, tag: &str, seed: u64, key: Option<&SigningKey>, vocab: usize) -> BundleLocation {
-        let digest =
-            push_tiny_bundle_sized(&self.addr, REPOSITORY, &self.admin, tag, seed, vocab).await.expect("push");
+        let digest = push_tiny_bundle_sized(&self.addr, REPOSITORY, &self.admin, tag, seed, vocab).await.expect("push");
         if let Some(key) = key {
             sign(&self.remote(), tag, key).await.expect("sign");
         }
@@ -510,7 +509,8 @@ async fn a_staged_bundle_naming_a_runtime_build_activates_on_that_build_with_the
         let layout = work.path().join("build-layout");
         runtime_build::pack(&[platform], "b1", &layout, "b1", &none).expect("pack build");
         let build_remote = registry.remote().in_repository("acme/llama-server");
-        let build_digest = alki_bundle::push::push(&layout, &build_remote, "b1", &none).await.expect("push build").digest;
+        let build_digest =
+            alki_bundle::push::push(&layout, &build_remote, "b1", &none).await.expect("push build").digest;
         sign(&build_remote, "b1", &key).await.expect("sign build");
 
         // Bundle B names that build.
@@ -531,7 +531,8 @@ async fn a_staged_bundle_naming_a_runtime_build_activates_on_that_build_with_the
             ..PackExtras::default()
         };
         pack::pack_with(&opts, &extras, &none).expect("pack bundle");
-        let digest = alki_bundle::push::push(&opts.out, &registry.remote(), "b", &none).await.expect("push bundle").digest;
+        let digest =
+            alki_bundle::push::push(&opts.out, &registry.remote(), "b", &none).await.expect("push bundle").digest;
         sign(&registry.remote(), "b", &key).await.expect("sign bundle");
         let b =
             BundleLocation { registry: registry.addr.clone(), repository: REPOSITORY.into(), digest, tag: "b".into() };

@@ -69,7 +69,9 @@ fn every_bundle_reference_alkictl_prints_is_accepted_back() -> anyhow::Result<()
     let inspected = controller.alkictl_json(&["bundle", "inspect", &bare])?;
     ensure!(inspected["digest"] == digest.as_str(), "inspect {bare}: {inspected}");
     for reference in [&pushed_ref, &signed_ref, &bare] {
-        controller.alkictl_json(&["bench", "recommend", reference]).with_context(|| format!("recommend {reference}"))?;
+        controller
+            .alkictl_json(&["bench", "recommend", reference])
+            .with_context(|| format!("recommend {reference}"))?;
     }
 
     runtime_build_references(&controller, dir.path(), &key, &model)

@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use alkictl::{parse_from, run};
 use alki_controller::config::ControllerConfig;
 use alki_e2e::registries::{Distribution, require_tool};
 use alki_e2e::tiny_model::{TinyModelOptions, synthetic_tokenizer, write_tiny_model};
 use alki_shared::digest::Digest;
 use alki_shared::oci::{MEDIA_TYPE_IMAGE_INDEX, MEDIA_TYPE_IMAGE_MANIFEST, Manifest};
+use alkictl::{parse_from, run};
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
@@ -364,9 +364,7 @@ async fn alkictl_pushes_a_bundle_to_cncf_distribution_and_it_pulls_back_intact()
             "acme/tiny:v1",
             "--insecure-plain-http",
         ];
-        run(parse_from(args)?)
-            .await
-            .with_context(|| format!("alkictl bundle push\n{}", registry.log_tail()))?;
+        run(parse_from(args)?).await.with_context(|| format!("alkictl bundle push\n{}", registry.log_tail()))?;
 
         // Pull everything back by plain HTTP and compare with the layout.
         let blobs = layout_blobs(&bundle)?;

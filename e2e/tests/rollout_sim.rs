@@ -109,8 +109,7 @@ impl Controller {
             tag: tag.into(),
         };
         let packed = pack::pack(&opts, &Progress::none()).expect("pack");
-        let remote =
-            Remote::with_token(self.http_addr.to_string(), "acme/tiny".into(), Some(self.admin.clone()), true);
+        let remote = Remote::with_token(self.http_addr.to_string(), "acme/tiny".into(), Some(self.admin.clone()), true);
         alki_bundle::push::push(&opts.out, &remote, tag, &Progress::none()).await.expect("push");
         alki_bundle::sign::sign(&remote, tag, signing_key()).await.expect("sign");
         proto::BundleRef {

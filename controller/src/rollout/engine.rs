@@ -54,9 +54,9 @@ use alki_shared::proto::{
 };
 use sha2::{Digest as _, Sha256};
 
-use alki_shared::schedule::Window;
 use crate::fleet::selects;
 use crate::insight::compare::{self, Measurements, PerfVerdict};
+use alki_shared::schedule::Window;
 
 /// The candidate cohort within a rollout.
 pub const COHORT_CANDIDATE: &str = "B";
