@@ -8,8 +8,8 @@ use alki_shared::proto;
 use clap::Subcommand;
 use serde::Serialize;
 
-use crate::cli::SelectorArgs;
 use crate::connection::{Connection, status};
+use crate::labels::SelectorArgs;
 use crate::output::{Output, print, short, table};
 
 #[derive(Subcommand)]
@@ -117,6 +117,40 @@ impl From<&proto::BenchmarkResult> for BenchmarkView {
     }
 }
 
+/// The commands sent, and whether each device got its one.
+fn print_commands(output: Output, sent: Vec<proto::SentCommand>) -> anyhow::Result<()> {
+    let views: Vec<CommandView> = sent
+        .into_iter()
+        .map(|c| CommandView { device_id: c.device_id, command_id: c.command_id, delivered: c.delivered })
+        .collect();
+    print(output, &views, |v| commands_table(v))
+}
+
+fn benchmarks_table(views: &[BenchmarkView]) -> String {
+    let mut t = table(["DEVICE", "CLASS", "VARIANT", "TRIGGER", "LOAD ms", "TTFT ms", "GEN tok/s", "PP tok/s", "NOTE"]);
+    for v in views {
+        let note = if !v.error.is_empty() {
+            v.error.clone()
+        } else if v.throttled {
+            "throttled".into()
+        } else {
+            String::new()
+        };
+        t.add_row([
+            v.device_id.clone(),
+            v.class.clone(),
+            if v.variant.is_empty() { short(&v.variant_digest) } else { v.variant.clone() },
+            v.trigger.clone(),
+            f(v.load_ms),
+            f(v.ttft_ms_median),
+            format!("{} ±{:.1}", f(v.generation_tokens_per_second_median), v.generation_tokens_per_second_stddev),
+            f(v.prompt_tokens_per_second_median),
+            note,
+        ]);
+    }
+    t.to_string()
+}
+
 fn commands_table(commands: &[CommandView]) -> String {
     let mut t = table(["DEVICE", "COMMAND", "DELIVERED"]);
     for c in commands {
@@ -204,11 +238,7 @@ pub async fn run(connection: &Connection, output: Output, cmd: BenchCmd) -> anyh
                 repetitions,
             };
             let sent = client.run_benchmark(request).await.map_err(status)?.into_inner().commands;
-            let views: Vec<CommandView> = sent
-                .into_iter()
-                .map(|c| CommandView { device_id: c.device_id, command_id: c.command_id, delivered: c.delivered })
-                .collect();
-            print(output, &views, |v| commands_table(v))
+            print_commands(output, sent)
         }
         BenchCmd::Calibrate { bundle, devices, selector, repetitions } => {
             let (repository, reference) = connection.controller_bundle(&bundle);
@@ -220,11 +250,7 @@ pub async fn run(connection: &Connection, output: Output, cmd: BenchCmd) -> anyh
                 repetitions,
             };
             let sent = client.calibrate(request).await.map_err(status)?.into_inner().commands;
-            let views: Vec<CommandView> = sent
-                .into_iter()
-                .map(|c| CommandView { device_id: c.device_id, command_id: c.command_id, delivered: c.delivered })
-                .collect();
-            print(output, &views, |v| commands_table(v))
+            print_commands(output, sent)
         }
         BenchCmd::List { device, bundle_digest, class, limit } => {
             let request = proto::ListBenchmarksRequest {
@@ -235,44 +261,7 @@ pub async fn run(connection: &Connection, output: Output, cmd: BenchCmd) -> anyh
             };
             let results = client.list_benchmarks(request).await.map_err(status)?.into_inner().results;
             let views: Vec<BenchmarkView> = results.iter().map(BenchmarkView::from).collect();
-            print(output, &views, |vs| {
-                let mut t = table([
-                    "DEVICE",
-                    "CLASS",
-                    "VARIANT",
-                    "TRIGGER",
-                    "LOAD ms",
-                    "TTFT ms",
-                    "GEN tok/s",
-                    "PP tok/s",
-                    "NOTE",
-                ]);
-                for v in vs {
-                    let note = if !v.error.is_empty() {
-                        v.error.clone()
-                    } else if v.throttled {
-                        "throttled".into()
-                    } else {
-                        String::new()
-                    };
-                    t.add_row([
-                        v.device_id.clone(),
-                        v.class.clone(),
-                        if v.variant.is_empty() { short(&v.variant_digest) } else { v.variant.clone() },
-                        v.trigger.clone(),
-                        f(v.load_ms),
-                        f(v.ttft_ms_median),
-                        format!(
-                            "{} ±{:.1}",
-                            f(v.generation_tokens_per_second_median),
-                            v.generation_tokens_per_second_stddev
-                        ),
-                        f(v.prompt_tokens_per_second_median),
-                        note,
-                    ]);
-                }
-                t.to_string()
-            })
+            print(output, &views, |vs| benchmarks_table(vs))
         }
         BenchCmd::Compare { rollout, devices } => {
             let c = client.compare(proto::CompareRequest { rollout_id: rollout }).await.map_err(status)?.into_inner();

@@ -1,7 +1,7 @@
 //! alkictl's command line: the global connection and output options, declared once, and the command
 //! groups (each group's subcommands live in the module that runs them).
 
-use clap::{Args, CommandFactory as _, Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 use crate::connection::Connection;
 use crate::output::Output;
@@ -58,22 +58,6 @@ pub enum Command {
     Runtime(runtime::RuntimeCmd),
     /// Print a shell completion script: `alkictl completion bash > /etc/bash_completion.d/alkictl`.
     Completion(completion::CompletionArgs),
-}
-
-/// Devices chosen by their labels.
-#[derive(Args, Default)]
-pub struct SelectorArgs {
-    /// key=value; repeat for several.
-    #[arg(long = "selector", short = 'l', value_parser = parse_label)]
-    pub selector: Vec<(String, String)>,
-}
-
-/// `key=value` of a label flag.
-pub fn parse_label(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("{s:?} is not key=value")),
-    }
 }
 
 /// alkictl's command as parsed and as its help shows it: the global options are documented once, in

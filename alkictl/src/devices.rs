@@ -7,8 +7,8 @@ use alki_shared::proto;
 use clap::Subcommand;
 use serde::Serialize;
 
-use crate::cli::SelectorArgs;
 use crate::connection::{Connection, status};
+use crate::labels::SelectorArgs;
 use crate::output::{Output, print, rfc3339, short_ref, table};
 
 #[derive(Subcommand)]

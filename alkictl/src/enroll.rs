@@ -8,8 +8,8 @@ use anyhow::Context as _;
 use clap::Subcommand;
 use serde::Serialize;
 
-use crate::cli::parse_label;
 use crate::connection::{Connection, status};
+use crate::labels::parse_label;
 use crate::output::{Output, print, rfc3339, table};
 
 #[derive(Subcommand)]

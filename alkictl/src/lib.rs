@@ -14,6 +14,7 @@ pub mod devices;
 pub mod enroll;
 pub mod inspect;
 pub mod key;
+pub mod labels;
 pub mod output;
 pub mod registry;
 pub mod rollout;

@@ -13,8 +13,8 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use crate::cli::SelectorArgs;
 use crate::connection::{Connection, name_for_controller, status};
+use crate::labels::SelectorArgs;
 use crate::output::{Output, print, rfc3339, short_ref, table};
 
 #[derive(Subcommand)]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use alki_shared::bundle::{
     ANNOTATION_ACCELERATOR, ARTIFACT_TYPE_RUNTIME_BUILD, MEDIA_TYPE_RUNTIME_BUILD_CONFIG, MEDIA_TYPE_RUNTIME_BUILD_TAR,
-    RUNTIME_BUILD_SERVER, RuntimeBuildConfig,
+    RUNTIME_BUILD_SERVER, RuntimeBuildConfig, oci_architecture,
 };
 use alki_shared::digest::{Digest, Hasher};
 use alki_shared::oci::{
@@ -332,17 +332,6 @@ fn build_info(build: &PlatformBuild) -> String {
         let _ = err.by_ref().take(4096).read_to_string(&mut text);
     }
     text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
-}
-
-/// Rust's architecture names to OCI's.
-pub fn oci_architecture(rust: &str) -> &str {
-    match rust {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        other => other,
-    }
 }
 
 #[cfg(test)]

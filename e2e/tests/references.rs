@@ -90,7 +90,7 @@ fn runtime_build_references(
     let server = build.join("llama-server");
     std::fs::write(&server, "#!/bin/sh\necho 'version: 1 (e2e)' >&2\n")?;
     std::fs::set_permissions(&server, std::fs::Permissions::from_mode(0o755))?;
-    let arch = alki_bundle::runtime_build::oci_architecture(std::env::consts::ARCH);
+    let arch = alki_shared::bundle::oci_architecture(std::env::consts::ARCH);
     let platform = format!("linux/{arch}={}", path(&build)?);
     let pushed = controller.alkictl_json(&["runtime", "push", "acme/llama-server:b1", "--platform", &platform])?;
     let (reference, pinned) = (text(&pushed, "reference")?, text(&pushed, "pinned")?);

@@ -176,6 +176,17 @@ pub fn is_registry_host(component: &str) -> bool {
     component.contains(['.', ':']) || component == "localhost"
 }
 
+/// Rust's architecture names (`std::env::consts::ARCH`) to OCI's platform architectures.
+pub fn oci_architecture(rust: &str) -> &str {
+    match rust {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
 /// What the agent needs to know about one variant to choose it, read from the index entry's annotations.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct VariantInfo {
