@@ -82,7 +82,7 @@ pub fn short(digest: &str) -> String {
 /// `name@sha256:<hex>` with the digest shortened to 12 hex digits, as tables show it.
 pub fn short_ref(r: &str) -> String {
     match r.split_once("@sha256:") {
-        Some((name, hex)) => format!("{name}@{}", &hex[..hex.len().min(12)]),
+        Some((name, hex)) => format!("{name}@{}", hex.chars().take(12).collect::<String>()),
         None => r.to_owned(),
     }
 }
