@@ -8,7 +8,6 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod bundles;
-pub mod cli;
 pub mod config;
 pub mod enrollment;
 pub mod facts;

@@ -77,12 +77,7 @@ pub async fn check_external(
         Some((user, password)) => oci_client::secrets::RegistryAuth::Basic(user.clone(), password.clone()),
         None => oci_client::secrets::RegistryAuth::Anonymous,
     };
-    let remote = crate::cli::sign::Remote {
-        registry: external.host.clone(),
-        repository: repository.to_owned(),
-        auth,
-        plain_http: external.plain_http,
-    };
+    let remote = alki_bundle::Remote::new(external.host.clone(), repository.to_owned(), auth, external.plain_http);
     let shown = format!("{}/{repository}", external.host);
     let layers = remote.signatures(&remote.client(), digest).await.map_err(|e| CandidateError::Read {
         repository: shown.clone(),

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use alki_controller::cli::{pack, push};
+use alki_bundle::pack::{self, PackOptions};
+use alki_bundle::{Progress, Remote};
 use alki_controller::config::ControllerConfig;
 use alki_e2e::tiny_model::{TinyModelOptions, synthetic_tokenizer, write_tiny_model};
 use alki_shared::proto::{
@@ -90,7 +91,7 @@ async fn push_bundle(c: &Controller, tag: &str, seed: u64) -> String {
     let model = work.path().join(format!("tiny-{tag}.gguf"));
     let options = TinyModelOptions { name: format!("tiny-{tag}"), seed };
     write_tiny_model(&model, &options, &synthetic_tokenizer(64)).expect("model");
-    let opts = pack::PackOptions {
+    let opts = PackOptions {
         files: vec![model],
         out: work.path().join("layout"),
         name: None,
@@ -99,23 +100,10 @@ async fn push_bundle(c: &Controller, tag: &str, seed: u64) -> String {
         context: 512,
         tag: tag.into(),
     };
-    let bar = indicatif::ProgressBar::hidden();
-    let packed = pack::pack(&opts, &bar).expect("pack");
-    let target = push::PushTarget {
-        registry: c.registry.clone(),
-        repository: "acme/tiny".into(),
-        tag: tag.into(),
-        auth: alki_controller::cli::push::token_auth(Some(c.admin.clone())),
-        plain_http: true,
-    };
-    let pushed = push::push(&opts.out, &target, &bar).await.expect("push");
-    let remote = alki_controller::cli::sign::Remote::with_token(
-        c.registry.clone(),
-        "acme/tiny".into(),
-        Some(c.admin.clone()),
-        true,
-    );
-    alki_controller::cli::sign::sign(&remote, tag, signing_key()).await.expect("sign");
+    let packed = pack::pack(&opts, &Progress::none()).expect("pack");
+    let remote = Remote::with_token(c.registry.clone(), "acme/tiny".into(), Some(c.admin.clone()), true);
+    let pushed = alki_bundle::push::push(&opts.out, &remote, tag, &Progress::none()).await.expect("push");
+    alki_bundle::sign::sign(&remote, tag, signing_key()).await.expect("sign");
     assert_eq!(pushed.digest, packed.digest);
     packed.digest.to_string()
 }

@@ -10,7 +10,6 @@ use alki_controller::registry::{self, GcReport};
 use alki_shared::clock::{ManualClock, UnixMs};
 use alki_shared::digest::Digest;
 use alki_shared::oci::{MEDIA_TYPE_EMPTY, MEDIA_TYPE_IMAGE_INDEX, MEDIA_TYPE_IMAGE_MANIFEST};
-use clap::Parser as _;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
@@ -269,7 +268,7 @@ async fn alkictl_registry_gc_runs_a_collection() {
         let run = |token: &str| {
             let args = ["alkictl", "--registry", h.addr.as_str(), "--token", token, "-o", "json", "registry", "gc"];
             let args = args.into_iter().chain(["--grace-secs", "0", "--insecure-plain-http"]);
-            alki_controller::cli::run(alki_controller::cli::Cli::try_parse_from(args).expect("arguments parse"))
+            alkictl::run(alkictl::parse_from(args).expect("arguments parse"))
         };
         let refused = run(&h.push).await.expect_err("a push token may not collect garbage");
         assert!(format!("{refused:#}").contains("admin token"), "{refused:#}");
@@ -277,7 +276,8 @@ async fn alkictl_registry_gc_runs_a_collection() {
         run(&h.admin).await.expect("alkictl registry gc");
         assert_eq!(h.blob_status("acme/qwen", &stray).await, StatusCode::NOT_FOUND);
 
-        let report = registry::gc::request_gc(&format!("http://{}", h.addr), Some(&h.admin), None).await.expect("gc");
+        let report =
+            alkictl::registry::request_gc(&format!("http://{}", h.addr), Some(&h.admin), None, &[]).await.expect("gc");
         assert_eq!(report.grace_secs, 3600);
     })
     .await;

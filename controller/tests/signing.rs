@@ -5,16 +5,15 @@
 
 use std::time::Duration;
 
-use alki_controller::cli::inspect;
-use alki_controller::cli::sign::{Remote, sign};
+use alki_bundle::Remote;
+use alki_bundle::inspect::{self, Target};
+use alki_bundle::sign::sign;
 use alki_controller::config::ControllerConfig;
 use alki_shared::digest::Digest;
 use alki_shared::proto::{self, fleet_service_client::FleetServiceClient};
 use alki_shared::signing::{SigningKey, signature_tag};
 
 mod common;
-#[path = "../../e2e/fixtures/tiny_bundle.rs"]
-mod tiny_bundle;
 
 struct Controller {
     _dir: tempfile::TempDir,
@@ -56,7 +55,9 @@ impl Controller {
     }
 
     async fn push(&self, tag: &str, seed: u64) -> Digest {
-        tiny_bundle::push_tiny_bundle(&self.registry, "acme/tiny", &self.admin, tag, seed).await
+        alki_e2e::tiny_bundle::push_tiny_bundle(&self.registry, "acme/tiny", &self.admin, tag, seed)
+            .await
+            .expect("push the tiny bundle")
     }
 
     async fn create(&self, candidate: &str, override_reason: Option<&str>) -> Result<proto::Rollout, tonic::Status> {
@@ -121,19 +122,8 @@ async fn rollouts_need_a_signature_by_a_fleet_key_or_an_explicit_override() {
         );
 
         // bundle inspect's registry path reports the same.
-        let pub_file = c._dir.path().join("fleet.pub");
-        std::fs::write(&pub_file, fleet_key.public_key().to_pem()).expect("write");
-        let cli = <alki_controller::cli::Cli as clap::Parser>::parse_from([
-            "alkictl",
-            "--registry",
-            &c.registry,
-            "--token",
-            &c.admin,
-            "bundle",
-            "inspect",
-            "acme/tiny:v1",
-        ]);
-        let report = inspect::inspect(&cli, "acme/tiny:v1", &[pub_file], true).await.expect("inspect");
+        let target = Target::Registry { remote: c.remote(), tag_or_digest: "v1".into() };
+        let report = inspect::inspect(target, &[fleet_key.public_key().clone()]).await.expect("inspect");
         assert!(report.verified, "{report:?}");
         assert_eq!(report.variants.len(), 1);
         assert!(report.signatures.iter().any(|s| s.of == "index" && s.check.verified));

@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 size_mib="${1:-1024}"
 if [ -z "${ALKICTL:-}" ]; then
-  cargo build --release --quiet -p alki-controller --bin alkictl
+  cargo build --release --quiet -p alkictl --bin alkictl
 fi
 alkictl="${ALKICTL:-$PWD/target/release/alkictl}"
 work="$(mktemp -d "${TMPDIR:-/tmp}/alki-bench-pack.XXXXXX")"

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/../.."
 N=${N:-5000}
 bin=target/release
 # Always the current code: a stale release binary would measure an older controller.
-cargo build --release -q -p alki-controller -p alki-e2e --bins
+cargo build --release -q -p alki-controller -p alkictl -p alki-e2e --bins
 work=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; [ -n "${KEEP_LOG:-}" ] && cp "$work/controller.log" "$KEEP_LOG"; rm -rf "$work"' EXIT
 RUST_LOG=${CONTROLLER_LOG:-warn} "$bin/alki-controller" --data-dir "$work/data" --grpc-addr 127.0.0.1:${GRPC_PORT:-27070} --http-addr 127.0.0.1:${HTTP_PORT:-27080} \

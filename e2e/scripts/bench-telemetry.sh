@@ -3,7 +3,7 @@
 # each with a baseline bundle A it benchmarked. Prints the controller's CPU share and RSS while ingesting,
 # the store's growth extrapolated to a day, a 4-step rollout of B (30% slower on pi5-8g, gated on tokens/s)
 # and the time to answer an A/B comparison over the whole fleet.
-# Build first: cargo build --release -p alki-controller -p alki-e2e --bins
+# Build first: cargo build --release -p alki-controller -p alkictl -p alki-e2e --bins
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 N=${N:-5000}

@@ -7,14 +7,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use alki_controller::cli::{Cli, run};
 use alki_controller::config::ControllerConfig;
 use alki_e2e::registries::{Distribution, require_tool};
 use alki_e2e::tiny_model::{TinyModelOptions, synthetic_tokenizer, write_tiny_model};
 use alki_shared::digest::Digest;
 use alki_shared::oci::{MEDIA_TYPE_IMAGE_INDEX, MEDIA_TYPE_IMAGE_MANIFEST, Manifest};
+use alkictl::{parse_from, run};
 use anyhow::{Context as _, bail, ensure};
-use clap::Parser as _;
 use serde_json::Value;
 
 /// Every test is bounded; child processes are killed when a timed-out test drops them.
@@ -92,7 +91,7 @@ async fn pack_bundle(work: &Path, name: &str, tag: &str) -> anyhow::Result<PathB
     let layout = work.join(name);
     let (model_arg, layout_arg) = (model.display().to_string(), layout.display().to_string());
     let args = ["alkictl", "-o", "json", "bundle", "pack", &model_arg, "--out", &layout_arg, "--tag", tag];
-    run(Cli::try_parse_from(args.into_iter().chain(["--license", "Apache-2.0", "--context", "512"]))?)
+    run(parse_from(args.into_iter().chain(["--license", "Apache-2.0", "--context", "512"]))?)
         .await
         .context("alkictl bundle pack")?;
     Ok(layout)
@@ -365,9 +364,7 @@ async fn alkictl_pushes_a_bundle_to_cncf_distribution_and_it_pulls_back_intact()
             "acme/tiny:v1",
             "--insecure-plain-http",
         ];
-        run(Cli::try_parse_from(args)?)
-            .await
-            .with_context(|| format!("alkictl bundle push\n{}", registry.log_tail()))?;
+        run(parse_from(args)?).await.with_context(|| format!("alkictl bundle push\n{}", registry.log_tail()))?;
 
         // Pull everything back by plain HTTP and compare with the layout.
         let blobs = layout_blobs(&bundle)?;

@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use alki_controller::cli::{pack, push};
+use alki_bundle::pack::{self, PackOptions};
+use alki_bundle::{Progress, Remote};
 use alki_controller::config::ControllerConfig;
 use alki_e2e::sim::{self, Behaviour, SimConfig, SimFleet};
 use alki_e2e::tiny_model::{TinyModelOptions, synthetic_tokenizer, write_tiny_model};
@@ -98,7 +99,7 @@ impl Controller {
         let model = work.path().join(format!("tiny-{tag}.gguf"));
         let options = TinyModelOptions { name: format!("tiny-{tag}"), seed };
         write_tiny_model(&model, &options, &synthetic_tokenizer(64)).expect("model");
-        let opts = pack::PackOptions {
+        let opts = PackOptions {
             files: vec![model],
             out: work.path().join("layout"),
             name: None,
@@ -107,23 +108,10 @@ impl Controller {
             context: 512,
             tag: tag.into(),
         };
-        let bar = indicatif::ProgressBar::hidden();
-        let packed = pack::pack(&opts, &bar).expect("pack");
-        let target = push::PushTarget {
-            registry: self.http_addr.to_string(),
-            repository: "acme/tiny".into(),
-            tag: tag.into(),
-            auth: push::token_auth(Some(self.admin.clone())),
-            plain_http: true,
-        };
-        push::push(&opts.out, &target, &bar).await.expect("push");
-        let remote = alki_controller::cli::sign::Remote::with_token(
-            self.http_addr.to_string(),
-            "acme/tiny".into(),
-            Some(self.admin.clone()),
-            true,
-        );
-        alki_controller::cli::sign::sign(&remote, tag, signing_key()).await.expect("sign");
+        let packed = pack::pack(&opts, &Progress::none()).expect("pack");
+        let remote = Remote::with_token(self.http_addr.to_string(), "acme/tiny".into(), Some(self.admin.clone()), true);
+        alki_bundle::push::push(&opts.out, &remote, tag, &Progress::none()).await.expect("push");
+        alki_bundle::sign::sign(&remote, tag, signing_key()).await.expect("sign");
         proto::BundleRef {
             registry: self.http_addr.to_string(),
             repository: "acme/tiny".into(),

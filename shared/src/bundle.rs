@@ -161,13 +161,30 @@ pub fn parse_runtime_build(reference: &str) -> Result<(String, String, crate::di
         _ => name,
     };
     let (registry, repository) = match name.split_once('/') {
-        Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => (first, rest),
+        Some((first, rest)) if is_registry_host(first) => (first, rest),
         _ => ("", name),
     };
     if repository.is_empty() {
         return Err(format!("runtime build {reference:?} names no repository"));
     }
     Ok((registry.to_owned(), repository.to_owned(), digest))
+}
+
+/// True when the first path component of a reference names a registry rather than a repository: it has a
+/// `.` or `:` (`registry.example.com`, `127.0.0.1:7080`) or is `localhost`, as Docker decides.
+pub fn is_registry_host(component: &str) -> bool {
+    component.contains(['.', ':']) || component == "localhost"
+}
+
+/// Rust's architecture names (`std::env::consts::ARCH`) to OCI's platform architectures.
+pub fn oci_architecture(rust: &str) -> &str {
+    match rust {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
 }
 
 /// What the agent needs to know about one variant to choose it, read from the index entry's annotations.

@@ -1,6 +1,6 @@
 //! Garbage collection of unreferenced blobs: mark and sweep with a grace period, safe against pushes
 //! running at the same time, on a schedule ([`Registry::run_gc_schedule`]) or on request
-//! (`POST /api/v1/registry/gc`, [`request_gc`] for alkictl).
+//! (`POST /api/v1/registry/gc`, which `alkictl registry gc` calls).
 //!
 //! A blob is garbage when no manifest of any repository references it and it is not a manifest itself.
 //! Mark: one read transaction lists such digests. Sweep: in batches, under the files lock that orders
@@ -16,7 +16,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use alki_shared::digest::Digest;
-use anyhow::Context as _;
+use alki_shared::gc::GcReport;
 use tokio_util::sync::CancellationToken;
 
 use super::index::Link;
@@ -26,25 +26,6 @@ use super::{Registry, RegistryError};
 const SWEEP_BATCH: usize = 128;
 /// Recently read blobs remembered at most (each entry is a digest and a timestamp, about 100 bytes).
 const MAX_TOUCHED: usize = 100_000;
-
-/// What one collection did.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct GcReport {
-    /// The grace period the collection ran with.
-    pub grace_secs: u64,
-    /// Unreferenced blobs found by the mark phase.
-    pub unreferenced: u64,
-    /// Blob files deleted (unreferenced blobs, and files no repository linked).
-    pub blobs_deleted: u64,
-    /// Bytes those files held.
-    pub bytes_freed: u64,
-    /// Repository links removed (one blob may be linked in several repositories).
-    pub links_removed: u64,
-    /// Unreferenced blobs kept: younger than the grace period, recently read, or in a repository
-    /// with an upload in flight.
-    pub kept_recent: u64,
-    pub duration_ms: u64,
-}
 
 /// Counts a single-request upload in flight in its repository until dropped.
 pub(super) struct PushGuard<'a> {
@@ -199,38 +180,4 @@ impl Registry {
         busy.extend(self.pushing.lock().unwrap_or_else(PoisonError::into_inner).keys().cloned());
         busy
     }
-}
-
-/// Asks the controller at `base_url` (`http://host:port`) to collect garbage now, with `grace` or the
-/// controller's configured grace period. The token must be an admin's. What `alkictl registry gc` runs.
-pub async fn request_gc(base_url: &str, token: Option<&str>, grace: Option<Duration>) -> anyhow::Result<GcReport> {
-    let url = format!("{}/api/v1/registry/gc", base_url.trim_end_matches('/'));
-    let mut builder = reqwest::Client::builder();
-    for pem in crate::cli::ca_roots() {
-        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem).context("the controller CA")?);
-    }
-    let client = builder
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(60 * 60))
-        .build()
-        .context("building the HTTP client")?;
-    let mut request = client.post(&url);
-    if let Some(grace) = grace {
-        request = request.query(&[("grace_secs", grace.as_secs())]);
-    }
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request.send().await.with_context(|| format!("cannot reach the controller at {url}"))?;
-    let status = response.status();
-    if status.is_success() {
-        return response.json().await.with_context(|| format!("{url} answered something other than a GC report"));
-    }
-    let body: serde_json::Value = response.json().await.unwrap_or_default();
-    let message = body["errors"][0]["message"].as_str().unwrap_or("no error message").to_owned();
-    let hint = match status.as_u16() {
-        401 | 403 => "; registry gc needs an admin token (--token-file <data-dir>/admin.token or ALKI_TOKEN)",
-        _ => "",
-    };
-    anyhow::bail!("the controller refused garbage collection ({status}): {message}{hint}")
 }

@@ -32,7 +32,7 @@ use alki_shared::clock::{self, SharedClock, UnixMs};
 use alki_shared::digest::{Digest, DigestError};
 use alki_shared::oci::MAX_MANIFEST_BYTES;
 
-pub use gc::GcReport;
+pub use alki_shared::gc::GcReport;
 pub use routes::router;
 
 use blobs::{BlobStore, Finished, blocking};

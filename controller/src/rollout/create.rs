@@ -12,7 +12,7 @@ use alki_shared::signing::PublicKey;
 
 use super::Rollouts;
 use super::external::{self, ExternalError};
-use super::schedule;
+use alki_shared::schedule;
 use crate::config::ExternalRegistry;
 use crate::facts::{rollout_is_active, selects};
 use crate::registry::Registry;

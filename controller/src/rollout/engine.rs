@@ -35,7 +35,7 @@
 //!   pause, resume, promote (jump to the last step; inconclusive gates pass, failures still count), abort,
 //!   retry (failed B devices get a new generation and a fresh deadline).
 //! - `max_concurrent` bounds B devices converging at once; the rest wait their turn in bucket order.
-//! - **Schedule window** (`spec.schedule`, [`super::schedule`]): while it is closed the rollout does not
+//! - **Schedule window** (`spec.schedule`, [`alki_shared::schedule`]): while it is closed the rollout does not
 //!   start, advance or move any new device to B (refills under `max_concurrent` and devices joining the
 //!   selector included); it says when the window opens (`window_opens_unix_ms`, message). Safety acts at any
 //!   time: gates still fail classes and abort, devices return to A, and a rollout whose last step has
@@ -54,9 +54,9 @@ use alki_shared::proto::{
 };
 use sha2::{Digest as _, Sha256};
 
-use super::schedule::Window;
 use crate::facts::{hardware_class, is_active, selects};
 use crate::insight::compare::{self, Measurements, PerfVerdict};
+use alki_shared::schedule::Window;
 
 /// The candidate cohort within a rollout.
 pub const COHORT_CANDIDATE: &str = "B";

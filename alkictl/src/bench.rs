@@ -1,0 +1,277 @@
+//! `alkictl bench`: benchmark and calibrate devices, list results, compare a rollout's A and B per
+//! hardware class, and recommend a variant per class. Tables for people, `-o json` for scripts.
+
+use std::fmt::Write as _;
+
+use alki_bundle::BundleRef;
+use alki_shared::proto;
+use clap::Subcommand;
+use serde::Serialize;
+
+use crate::connection::{Connection, status};
+use crate::labels::SelectorArgs;
+use crate::output::{Output, print, short, table};
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Ask devices to benchmark what they serve now (results arrive as they finish: `alkictl bench list`).
+    Run {
+        /// Device ids; or select devices with -l.
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        #[command(flatten)]
+        selector: SelectorArgs,
+        /// Repetitions of the prompt set; default: the agent's.
+        #[arg(long, default_value_t = 0)]
+        repetitions: u32,
+    },
+    /// Ask devices to benchmark every variant of a bundle that fits them: `alkictl bench calibrate acme/qwen:v2 -l site=lab`.
+    Calibrate {
+        /// [REGISTRY/]REPOSITORY:TAG or [REGISTRY/]REPOSITORY@sha256:...
+        bundle: BundleRef,
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        #[command(flatten)]
+        selector: SelectorArgs,
+        #[arg(long, default_value_t = 0)]
+        repetitions: u32,
+    },
+    /// Stored benchmark results, newest first.
+    List {
+        #[arg(long)]
+        device: Option<String>,
+        /// Bundle (index) digest.
+        #[arg(long)]
+        bundle_digest: Option<String>,
+        #[arg(long)]
+        class: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// A rollout's candidate B against its baseline A per hardware class: medians, spreads, samples, pairs.
+    Compare {
+        rollout: String,
+        /// Also list every paired device (its own A before the swap and B after).
+        #[arg(long)]
+        devices: bool,
+    },
+    /// Per hardware class, the fastest calibrated variant of a bundle at or above a quality floor.
+    Recommend {
+        /// [REGISTRY/]REPOSITORY:TAG or [REGISTRY/]REPOSITORY@sha256:...
+        bundle: BundleRef,
+        /// Lowest acceptable quantization, e.g. Q4_K_M.
+        #[arg(long, default_value = "")]
+        min_quantization: String,
+    },
+}
+
+#[derive(Serialize)]
+struct CommandView {
+    device_id: String,
+    command_id: String,
+    delivered: bool,
+}
+
+#[derive(Serialize)]
+struct BenchmarkView {
+    device_id: String,
+    class: String,
+    bundle: String,
+    variant: String,
+    variant_digest: String,
+    trigger: String,
+    at_unix_ms: i64,
+    load_ms: f64,
+    ttft_ms_median: f64,
+    generation_tokens_per_second_median: f64,
+    generation_tokens_per_second_stddev: f64,
+    prompt_tokens_per_second_median: f64,
+    peak_rss_bytes: u64,
+    repetitions: u32,
+    throttled: bool,
+    error: String,
+}
+
+impl From<&proto::BenchmarkResult> for BenchmarkView {
+    fn from(r: &proto::BenchmarkResult) -> Self {
+        let stat = |s: Option<proto::Stat>| s.unwrap_or_default();
+        let trigger = proto::BenchmarkTrigger::try_from(r.trigger).unwrap_or_default();
+        BenchmarkView {
+            device_id: r.device_id.clone(),
+            class: r.hardware_class.clone(),
+            bundle: r.bundle.as_ref().map(|b| b.digest.clone()).unwrap_or_default(),
+            variant: r.variant_name.clone(),
+            variant_digest: r.variant_digest.clone(),
+            trigger: trigger.as_str_name().trim_start_matches("BENCHMARK_TRIGGER_").to_ascii_lowercase(),
+            at_unix_ms: r.at_unix_ms,
+            load_ms: r.load_ms,
+            ttft_ms_median: stat(r.ttft_ms).median,
+            generation_tokens_per_second_median: stat(r.generation_tokens_per_second).median,
+            generation_tokens_per_second_stddev: stat(r.generation_tokens_per_second).stddev,
+            prompt_tokens_per_second_median: stat(r.prompt_tokens_per_second).median,
+            peak_rss_bytes: r.peak_rss_bytes,
+            repetitions: r.repetitions,
+            throttled: r.throttled,
+            error: r.error.clone(),
+        }
+    }
+}
+
+/// The commands sent, and whether each device got its one.
+fn print_commands(output: Output, sent: Vec<proto::SentCommand>) -> anyhow::Result<()> {
+    let views: Vec<CommandView> = sent
+        .into_iter()
+        .map(|c| CommandView { device_id: c.device_id, command_id: c.command_id, delivered: c.delivered })
+        .collect();
+    print(output, &views, |v| commands_table(v))
+}
+
+fn benchmarks_table(views: &[BenchmarkView]) -> String {
+    let mut t = table(["DEVICE", "CLASS", "VARIANT", "TRIGGER", "LOAD ms", "TTFT ms", "GEN tok/s", "PP tok/s", "NOTE"]);
+    for v in views {
+        let note = if !v.error.is_empty() {
+            v.error.clone()
+        } else if v.throttled {
+            "throttled".into()
+        } else {
+            String::new()
+        };
+        t.add_row([
+            v.device_id.clone(),
+            v.class.clone(),
+            if v.variant.is_empty() { short(&v.variant_digest) } else { v.variant.clone() },
+            v.trigger.clone(),
+            f(v.load_ms),
+            f(v.ttft_ms_median),
+            format!("{} ±{:.1}", f(v.generation_tokens_per_second_median), v.generation_tokens_per_second_stddev),
+            f(v.prompt_tokens_per_second_median),
+            note,
+        ]);
+    }
+    t.to_string()
+}
+
+fn commands_table(commands: &[CommandView]) -> String {
+    let mut t = table(["DEVICE", "COMMAND", "DELIVERED"]);
+    for c in commands {
+        t.add_row([c.device_id.clone(), c.command_id.clone(), if c.delivered { "yes" } else { "no: offline" }.into()]);
+    }
+    let delivered = commands.iter().filter(|c| c.delivered).count();
+    format!("{t}\n{delivered} of {} devices got the command; results: alkictl bench list", commands.len())
+}
+
+fn f(v: f64) -> String {
+    if v == 0.0 { "-".into() } else { format!("{v:.1}") }
+}
+
+fn ratio(v: f64) -> String {
+    if v == 0.0 { "-".into() } else { format!("{v:.2}") }
+}
+
+fn spread(s: &Option<proto::Stat>) -> String {
+    match s {
+        Some(s) if s.samples > 0 => format!("{:.1} ±{:.1} (n={})", s.median, s.stddev, s.samples),
+        _ => "-".into(),
+    }
+}
+
+fn comparison_table(c: &proto::Comparison, devices: bool) -> String {
+    let mut t = table(["CLASS", "A tok/s", "B tok/s", "B/A tok/s", "A TTFT ms", "B TTFT ms", "B/A TTFT", "PAIRED"]);
+    for class in &c.classes {
+        let tps = class.generation_tokens_per_second.unwrap_or_default();
+        let ttft = class.ttft_ms.unwrap_or_default();
+        t.add_row([
+            class.class.clone(),
+            spread(&tps.a),
+            spread(&tps.b),
+            ratio(tps.gate_ratio),
+            spread(&ttft.a),
+            spread(&ttft.b),
+            ratio(ttft.gate_ratio),
+            class.paired.to_string(),
+        ]);
+    }
+    let mut out = format!(
+        "rollout {} candidate {}\n{t}",
+        c.rollout_id,
+        c.candidate.as_ref().map(|b| b.display()).unwrap_or_default()
+    );
+    if devices {
+        let mut d = table(["DEVICE", "CLASS", "A tok/s", "B tok/s", "A TTFT ms", "B TTFT ms"]);
+        for p in &c.devices {
+            d.add_row([
+                p.device_id.clone(),
+                p.class.clone(),
+                f(p.a_tokens_per_second),
+                f(p.b_tokens_per_second),
+                f(p.a_ttft_ms),
+                f(p.b_ttft_ms),
+            ]);
+        }
+        let _ = write!(out, "\n\n{d}");
+    }
+    out
+}
+
+fn recommendation_table(r: &proto::Recommendation) -> String {
+    let mut t = table(["CLASS", "VARIANT", "TOK/S", "DIGEST", "WHY"]);
+    for c in &r.classes {
+        t.add_row([
+            c.class.clone(),
+            if c.variant_name.is_empty() { "-".into() } else { c.variant_name.clone() },
+            f(c.generation_tokens_per_second),
+            short(&c.variant_digest),
+            c.reason.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
+/// Runs one `alkictl bench` command.
+pub async fn run(connection: &Connection, output: Output, cmd: BenchCmd) -> anyhow::Result<()> {
+    let mut client = connection.insight().await?;
+    match cmd {
+        BenchCmd::Run { devices, selector, repetitions } => {
+            let request = proto::RunBenchmarkRequest {
+                device_ids: devices,
+                selector: selector.selector.into_iter().collect(),
+                repetitions,
+            };
+            let sent = client.run_benchmark(request).await.map_err(status)?.into_inner().commands;
+            print_commands(output, sent)
+        }
+        BenchCmd::Calibrate { bundle, devices, selector, repetitions } => {
+            let (repository, reference) = connection.controller_bundle(&bundle);
+            let request = proto::CalibrateRequest {
+                repository,
+                bundle: reference,
+                device_ids: devices,
+                selector: selector.selector.into_iter().collect(),
+                repetitions,
+            };
+            let sent = client.calibrate(request).await.map_err(status)?.into_inner().commands;
+            print_commands(output, sent)
+        }
+        BenchCmd::List { device, bundle_digest, class, limit } => {
+            let request = proto::ListBenchmarksRequest {
+                device_id: device.unwrap_or_default(),
+                bundle_digest: bundle_digest.unwrap_or_default(),
+                hardware_class: class.unwrap_or_default(),
+                limit,
+            };
+            let results = client.list_benchmarks(request).await.map_err(status)?.into_inner().results;
+            let views: Vec<BenchmarkView> = results.iter().map(BenchmarkView::from).collect();
+            print(output, &views, |vs| benchmarks_table(vs))
+        }
+        BenchCmd::Compare { rollout, devices } => {
+            let c = client.compare(proto::CompareRequest { rollout_id: rollout }).await.map_err(status)?.into_inner();
+            print(output, &c, |c| comparison_table(c, devices))
+        }
+        BenchCmd::Recommend { bundle, min_quantization } => {
+            let (repository, reference) = connection.controller_bundle(&bundle);
+            let request = proto::RecommendRequest { repository, bundle: reference, min_quantization };
+            let r = client.recommend(request).await.map_err(status)?.into_inner();
+            print(output, &r, recommendation_table)
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! `alkictl devices list|get|decommission`: the fleet's devices as people and scripts read them (enums as
+//! words, a device told to serve nothing said so), and revoking a device.
+
+use std::collections::HashMap;
+
+use alki_shared::proto;
+use clap::Subcommand;
+use serde::Serialize;
+
+use crate::connection::{Connection, status};
+use crate::labels::SelectorArgs;
+use crate::output::{Output, print, rfc3339, short_ref, table};
+
+#[derive(Subcommand)]
+pub enum DevicesCmd {
+    /// List devices, optionally only those carrying labels (`--selector site=lab`).
+    List(SelectorArgs),
+    /// One device in full.
+    Get { id: String },
+    /// Revoke a device: its session is closed and its certificate refused from now on.
+    Decommission { id: String },
+}
+
+/// Runs one `alkictl devices` command.
+pub async fn run(connection: &Connection, output: Output, cmd: DevicesCmd) -> anyhow::Result<()> {
+    match cmd {
+        DevicesCmd::List(sel) => list(connection, output, sel).await,
+        DevicesCmd::Get { id } => {
+            let device = connection.fleet().await?.get_device(proto::GetDeviceRequest { id }).await.map_err(status)?;
+            let view = DeviceView::from(&device.into_inner());
+            print(output, &view, |d| serde_json::to_string_pretty(d).unwrap_or_default())
+        }
+        DevicesCmd::Decommission { id } => decommission(connection, output, id).await,
+    }
+}
+
+async fn list(connection: &Connection, output: Output, sel: SelectorArgs) -> anyhow::Result<()> {
+    let selector: HashMap<String, String> = sel.selector.into_iter().collect();
+    let devices =
+        connection.fleet().await?.list_devices(proto::ListDevicesRequest { selector }).await.map_err(status)?;
+    let devices: Vec<DeviceView> = devices.into_inner().devices.iter().map(DeviceView::from).collect();
+    print(output, &devices, |ds| {
+        let mut t = table(["DEVICE", "CONNECTED", "PHASE", "RUNNING", "GEN", "CLASS", "ERROR"]);
+        for d in ds {
+            t.add_row([
+                d.id.clone(),
+                if d.connected { "yes".into() } else { "no".into() },
+                d.phase.clone(),
+                d.running_cell(),
+                format!("{}/{}", d.applied_generation, d.desired_generation),
+                d.hardware_class.clone(),
+                d.error.clone().unwrap_or_default(),
+            ]);
+        }
+        t.to_string()
+    })
+}
+
+async fn decommission(connection: &Connection, output: Output, device_id: String) -> anyhow::Result<()> {
+    let done = connection
+        .security()
+        .await?
+        .decommission_device(proto::DecommissionDeviceRequest { device_id })
+        .await
+        .map_err(status)?
+        .into_inner();
+    #[derive(Serialize)]
+    struct View {
+        device_id: String,
+        decommissioned: String,
+        session_closed: bool,
+    }
+    let view = View {
+        device_id: done.device_id,
+        decommissioned: rfc3339(done.decommissioned_unix_ms),
+        session_closed: done.session_closed,
+    };
+    print(output, &view, |v| {
+        format!(
+            "decommissioned {}{}; its certificate is refused from now on",
+            v.device_id,
+            if v.session_closed { " (its session was closed)" } else { "" }
+        )
+    })
+}
+
+/// A device for people and scripts: enums as words, not numbers.
+#[derive(Serialize)]
+struct DeviceView {
+    id: String,
+    connected: bool,
+    phase: String,
+    running: Option<String>,
+    desired: Option<String>,
+    /// Serving nothing on purpose: a rollout returned the device to a baseline of nothing served.
+    desired_serve_nothing: bool,
+    applied_generation: u64,
+    desired_generation: u64,
+    rollout_id: String,
+    hardware_class: String,
+    agent_version: String,
+    last_seen_unix_ms: i64,
+    labels: std::collections::BTreeMap<String, String>,
+    error: Option<String>,
+    error_code: Option<String>,
+}
+
+impl From<&proto::Device> for DeviceView {
+    fn from(d: &proto::Device) -> Self {
+        DeviceView {
+            id: d.id.clone(),
+            connected: d.connected,
+            phase: proto::Phase::try_from(d.phase).unwrap_or(proto::Phase::Unspecified).label().into(),
+            running: d.running.as_ref().map(|b| b.display()),
+            // Scripts read `desired_serve_nothing`; `desired` stays a bundle reference or null.
+            desired: d.desired.as_ref().map(|b| b.display()),
+            desired_serve_nothing: d.desired_serve_nothing,
+            applied_generation: d.applied_generation,
+            desired_generation: d.desired_generation,
+            rollout_id: d.rollout_id.clone(),
+            hardware_class: d.inventory.as_ref().map(|i| i.hardware_class.clone()).unwrap_or_default(),
+            agent_version: d.agent_version.clone(),
+            last_seen_unix_ms: d.last_seen_unix_ms,
+            labels: d.labels.clone().into_iter().collect(),
+            error: d.error.as_ref().map(|e| e.message.clone()),
+            error_code: d.error.as_ref().map(|e| proto::ErrorCode::try_from(e.code).unwrap_or_default().label().into()),
+        }
+    }
+}
+
+/// How a device told to serve nothing (`Device.desired_serve_nothing`) reads, so it is not taken for a fault.
+const SERVE_NOTHING: &str = "nothing (by rollout)";
+
+impl DeviceView {
+    /// The RUNNING cell: the bundle, nothing on purpose, or "-" (nothing yet or nothing known).
+    fn running_cell(&self) -> String {
+        match &self.running {
+            Some(r) => short_ref(r),
+            None if self.desired_serve_nothing => SERVE_NOTHING.into(),
+            None => "-".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_serving_nothing_by_rollout_says_so() {
+        let nothing = proto::Device { id: "pi-1".into(), desired_serve_nothing: true, ..Default::default() };
+        let view = DeviceView::from(&nothing);
+        assert_eq!(view.running_cell(), "nothing (by rollout)");
+        assert_eq!(view.desired, None, "desired stays a bundle reference or null for scripts");
+        let json = serde_json::to_value(&view).expect("json");
+        assert_eq!(json["desired_serve_nothing"], true);
+
+        let unknown = DeviceView::from(&proto::Device { id: "pi-2".into(), ..Default::default() });
+        assert_eq!(unknown.running_cell(), "-");
+        assert_eq!(unknown.desired, None);
+    }
+}

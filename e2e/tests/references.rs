@@ -1,0 +1,106 @@
+//! Every reference alkictl prints is accepted back by every command that takes one, with the real binaries
+//! over TLS: `bundle push`'s `HOST:PORT/REPOSITORY:TAG`, `bundle sign`'s `HOST:PORT/REPOSITORY@DIGEST`, a
+//! rollout's candidate (the same form, as devices show what they run), the same without its registry, and
+//! `runtime push`'s reference and pinned reference, each given to `bundle inspect`, `bundle sign`, `bundle
+//! push`, `rollout create`, `bench recommend` and `bundle pack --runtime-build`.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::Command;
+
+use alki_e2e::harness::{self, Controller, binary, run};
+use anyhow::{Context as _, ensure};
+use serde_json::Value;
+
+fn text(value: &Value, field: &str) -> anyhow::Result<String> {
+    value[field].as_str().map(str::to_owned).with_context(|| format!("no {field} in {value}"))
+}
+
+fn path(p: &Path) -> anyhow::Result<&str> {
+    p.to_str().context("a UTF-8 path")
+}
+
+/// A rollout of `bundle` to no device (its own selector, so rollouts never overlap); returns its candidate.
+fn rollout_candidate(controller: &Controller, bundle: &str, site: &str) -> anyhow::Result<String> {
+    let selector = format!("site={site}");
+    let rollout = controller.alkictl_json(&["rollout", "create", "--bundle", bundle, "--selector", &selector])?;
+    text(&rollout, "candidate")
+}
+
+#[test]
+fn every_bundle_reference_alkictl_prints_is_accepted_back() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let key = harness::generate_key(dir.path(), "release")?;
+    let public = path(&key.public_key)?;
+    let controller = harness::start_controller(dir.path(), &["--trusted-key", public])?;
+    let registry = controller.registry.clone();
+
+    let model = dir.path().join("gemma.gguf");
+    run(Command::new(binary("make-tiny-model")?).arg("--out").arg(&model).args(["--name", "gemma"]))?;
+    let layout = dir.path().join("layout");
+    controller.alkictl_json(&["bundle", "pack", path(&model)?, "--out", path(&layout)?, "--tag", "v1"])?;
+
+    // bundle push prints HOST:PORT/REPOSITORY:TAG.
+    let pushed = controller.alkictl_json(&["bundle", "push", path(&layout)?, "acme/gemma:v1"])?;
+    let (pushed_ref, digest) = (text(&pushed, "reference")?, text(&pushed, "digest")?);
+    ensure!(pushed_ref == format!("{registry}/acme/gemma:v1"), "{pushed}");
+    let inspected = controller.alkictl_json(&["bundle", "inspect", &pushed_ref])?;
+    ensure!(inspected["digest"] == digest.as_str(), "inspect {pushed_ref}: {inspected}");
+    // ... and bundle push takes its own form as a target.
+    let again = controller.alkictl_json(&["bundle", "push", path(&layout)?, &format!("{registry}/acme/gemma:v2")])?;
+    ensure!(again["reference"] == format!("{registry}/acme/gemma:v2").as_str(), "{again}");
+
+    // bundle sign takes push's form and prints HOST:PORT/REPOSITORY@DIGEST.
+    let signed = controller.sign(&pushed_ref, &key)?;
+    let signed_ref = text(&signed, "reference")?;
+    ensure!(signed_ref == format!("{registry}/acme/gemma@{digest}"), "{signed}");
+    let inspected = controller.alkictl_json(&["bundle", "inspect", &signed_ref, "--key", public])?;
+    ensure!(inspected["verified"] == true, "inspect {signed_ref}: {inspected}");
+
+    // rollout create takes both; its candidate (as devices print what they run) and the same without the
+    // registry are accepted back by rollout create, bundle inspect and bench recommend.
+    let candidate = rollout_candidate(&controller, &pushed_ref, "refs-pushed")?;
+    ensure!(candidate == signed_ref, "the candidate is pinned where it was pushed: {candidate}");
+    let bare = format!("acme/gemma@{digest}");
+    for (reference, site) in [(&signed_ref, "refs-signed"), (&bare, "refs-bare")] {
+        let pinned = rollout_candidate(&controller, reference, site)?;
+        ensure!(pinned == candidate, "rollout create --bundle {reference}: {pinned}");
+    }
+    let inspected = controller.alkictl_json(&["bundle", "inspect", &bare])?;
+    ensure!(inspected["digest"] == digest.as_str(), "inspect {bare}: {inspected}");
+    for reference in [&pushed_ref, &signed_ref, &bare] {
+        controller
+            .alkictl_json(&["bench", "recommend", reference])
+            .with_context(|| format!("recommend {reference}"))?;
+    }
+
+    runtime_build_references(&controller, dir.path(), &key, &model)
+}
+
+/// `runtime push` prints a reference (signed as printed) and a pinned reference (inspected, and named by
+/// `bundle pack --runtime-build`).
+fn runtime_build_references(
+    controller: &Controller,
+    dir: &Path,
+    key: &harness::SigningKey,
+    model: &Path,
+) -> anyhow::Result<()> {
+    let build = dir.join("build");
+    std::fs::create_dir_all(&build)?;
+    let server = build.join("llama-server");
+    std::fs::write(&server, "#!/bin/sh\necho 'version: 1 (e2e)' >&2\n")?;
+    std::fs::set_permissions(&server, std::fs::Permissions::from_mode(0o755))?;
+    let arch = alki_shared::bundle::oci_architecture(std::env::consts::ARCH);
+    let platform = format!("linux/{arch}={}", path(&build)?);
+    let pushed = controller.alkictl_json(&["runtime", "push", "acme/llama-server:b1", "--platform", &platform])?;
+    let (reference, pinned) = (text(&pushed, "reference")?, text(&pushed, "pinned")?);
+    ensure!(reference == format!("{}/acme/llama-server:b1", controller.registry), "{pushed}");
+    controller.sign(&reference, key)?;
+    let inspected = controller.alkictl_json(&["bundle", "inspect", &pinned, "--key", path(&key.public_key)?])?;
+    ensure!(inspected["verified"] == true, "inspect {pinned}: {inspected}");
+    let layout = dir.join("with-build");
+    let args = ["bundle", "pack", path(model)?, "--out", path(&layout)?, "--runtime-build", &pinned];
+    let packed = controller.alkictl_json(&args)?;
+    ensure!(packed["digest"].is_string(), "{packed}");
+    Ok(())
+}
