@@ -25,9 +25,3 @@ pub mod tls;
 pub mod trust;
 
 pub use server::{Listeners, serve, serve_with_clock};
-
-/// Milliseconds since the Unix epoch, for alkictl's output. The server never calls it: it reads the clock
-/// its application context holds (`app::App::clock`), so tests can drive time.
-pub fn now_unix_ms() -> i64 {
-    alki_shared::clock::UnixMs::now().as_millis()
-}
