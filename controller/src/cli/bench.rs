@@ -216,6 +216,7 @@ pub async fn run(cli: &Cli, cmd: &BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Calibrate { bundle, devices, selector, repetitions } => {
             let (repository, reference) = split_bundle_ref(bundle)?;
             let request = proto::CalibrateRequest {
+                suite: String::new(),
                 repository,
                 bundle: reference,
                 device_ids: devices.clone(),
@@ -287,8 +288,12 @@ pub async fn run(cli: &Cli, cmd: &BenchCmd) -> anyhow::Result<()> {
         }
         BenchCmd::Recommend { bundle, min_quantization } => {
             let (repository, reference) = split_bundle_ref(bundle)?;
-            let request =
-                proto::RecommendRequest { repository, bundle: reference, min_quantization: min_quantization.clone() };
+            let request = proto::RecommendRequest {
+                repository,
+                bundle: reference,
+                min_quantization: min_quantization.clone(),
+                ..Default::default()
+            };
             let r = client.recommend(request).await.map_err(status)?.into_inner();
             print(cli.output, &r, recommendation_table)
         }

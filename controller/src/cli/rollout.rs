@@ -290,6 +290,7 @@ pub fn build_spec(args: &CreateArgs) -> anyhow::Result<proto::RolloutSpec> {
         max_failures: args.max_failures.or(g.max_failures),
         min_tokens_per_second_ratio: args.min_tokens_per_second_ratio.or(g.min_tokens_per_second_ratio),
         max_ttft_ratio: args.max_ttft_ratio.or(g.max_ttft_ratio),
+        ..Default::default()
     };
     let variant_policy = match args.variant_policy.or(file.variant_policy) {
         Some(VariantChoice::Recommended) => proto::VariantPolicy::RecommendedPerClass,
@@ -340,6 +341,7 @@ pub fn build_spec(args: &CreateArgs) -> anyhow::Result<proto::RolloutSpec> {
         variant_min_quantization,
         schedule,
         prestage: args.prestage || file.prestage.unwrap_or(false),
+        ..Default::default()
     })
 }
 
