@@ -67,6 +67,7 @@ fn desired_state() -> impl Strategy<Value = proto::DesiredState> {
             cohort,
             variant_digest,
             serve_nothing,
+            ..Default::default()
         },
     )
 }

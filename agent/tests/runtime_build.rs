@@ -286,7 +286,7 @@ async fn calibration_runs_a_variant_on_the_build_its_runtime_layer_names() {
         let mut agent = start_agent(dir.path(), &data_dir, "").await;
         until_served_by(agent.front, "model-a.gguf").await;
 
-        let calibrate = proto::Calibrate { bundle: Some(b.to_proto()), repetitions: 1 };
+        let calibrate = proto::Calibrate { bundle: Some(b.to_proto()), repetitions: 1, suite: None };
         agent.command("cal-b", proto::command::Kind::Calibrate(calibrate)).await;
         let report = agent.benchmark_report("cal-b").await;
         assert!(report.error.is_empty(), "{}", report.error);
@@ -299,7 +299,7 @@ async fn calibration_runs_a_variant_on_the_build_its_runtime_layer_names() {
         assert!(ran_from[0].ends_with("/llama-server"), "{ran_from:?}");
 
         // A build this device cannot run: the variant's result says why; nothing else changes.
-        let calibrate = proto::Calibrate { bundle: Some(c.to_proto()), repetitions: 1 };
+        let calibrate = proto::Calibrate { bundle: Some(c.to_proto()), repetitions: 1, suite: None };
         agent.command("cal-c", proto::command::Kind::Calibrate(calibrate)).await;
         let report = agent.benchmark_report("cal-c").await;
         assert_eq!(report.results.len(), 1);

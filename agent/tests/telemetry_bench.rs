@@ -353,7 +353,7 @@ async fn an_activation_is_benchmarked_and_calibration_covers_every_variant_that_
         assert_eq!(r.repetitions, alki_agent::bench::DEFAULT_REPETITIONS);
 
         // Calibration: each variant that fits in a llama-server of its own; the one that cannot fit says so.
-        let calibrate = proto::Calibrate { bundle: Some(calibrated.to_proto()), repetitions: 1 };
+        let calibrate = proto::Calibrate { bundle: Some(calibrated.to_proto()), repetitions: 1, suite: None };
         agent.command("cal-1", proto::command::Kind::Calibrate(calibrate)).await;
         let report = agent.report("cal-1").await;
         assert!(report.error.is_empty(), "{}", report.error);
@@ -379,7 +379,8 @@ async fn an_activation_is_benchmarked_and_calibration_covers_every_variant_that_
         assert!(!data_dir.join("calibration").join(variants[0].hex()).exists(), "calibration cleans up");
 
         // A calibration of a bundle that is nowhere to be found fails as a whole, with the reason.
-        let missing = proto::Calibrate { bundle: Some(location(Digest::of(b"nothing")).to_proto()), repetitions: 1 };
+        let missing =
+            proto::Calibrate { bundle: Some(location(Digest::of(b"nothing")).to_proto()), repetitions: 1, suite: None };
         agent.command("cal-2", proto::command::Kind::Calibrate(missing)).await;
         let report = agent.report("cal-2").await;
         assert!(report.results.is_empty());

@@ -243,6 +243,7 @@ pub async fn run(connection: &Connection, output: Output, cmd: BenchCmd) -> anyh
         BenchCmd::Calibrate { bundle, devices, selector, repetitions } => {
             let (repository, reference) = connection.controller_bundle(&bundle);
             let request = proto::CalibrateRequest {
+                suite: String::new(),
                 repository,
                 bundle: reference,
                 device_ids: devices,
@@ -269,7 +270,8 @@ pub async fn run(connection: &Connection, output: Output, cmd: BenchCmd) -> anyh
         }
         BenchCmd::Recommend { bundle, min_quantization } => {
             let (repository, reference) = connection.controller_bundle(&bundle);
-            let request = proto::RecommendRequest { repository, bundle: reference, min_quantization };
+            let request =
+                proto::RecommendRequest { repository, bundle: reference, min_quantization, ..Default::default() };
             let r = client.recommend(request).await.map_err(status)?.into_inner();
             print(output, &r, recommendation_table)
         }

@@ -298,6 +298,7 @@ pub fn build_spec(args: &CreateArgs, own_registry: &str) -> anyhow::Result<proto
         max_failures: args.max_failures.or(g.max_failures),
         min_tokens_per_second_ratio: args.min_tokens_per_second_ratio.or(g.min_tokens_per_second_ratio),
         max_ttft_ratio: args.max_ttft_ratio.or(g.max_ttft_ratio),
+        ..Default::default()
     };
     let variant_policy = match args.variant_policy.or(file.variant_policy) {
         Some(VariantChoice::Recommended) => proto::VariantPolicy::RecommendedPerClass,
@@ -346,6 +347,7 @@ pub fn build_spec(args: &CreateArgs, own_registry: &str) -> anyhow::Result<proto
         variant_min_quantization,
         schedule,
         prestage: args.prestage || file.prestage.unwrap_or(false),
+        ..Default::default()
     })
 }
 

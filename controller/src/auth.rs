@@ -281,8 +281,8 @@ pub fn grpc_policy(path: &str) -> Option<Policy> {
         ("SecurityService", "CreateEnrollToken" | "RevokeEnrollToken") => write(ManageTokens),
         ("SecurityService", "ListEnrollTokens") => read(ManageTokens),
         ("SecurityService", "DecommissionDevice") => write(WriteFleet),
-        ("InsightService", "RunBenchmark" | "Calibrate") => write(WriteFleet),
-        ("InsightService", "ListBenchmarks" | "Compare" | "Recommend") => read(ReadFleet),
+        ("InsightService", "RunBenchmark" | "Calibrate" | "Evaluate") => write(WriteFleet),
+        ("InsightService", "ListBenchmarks" | "Compare" | "Recommend" | "ListEvaluations") => read(ReadFleet),
         _ => return None,
     })
 }

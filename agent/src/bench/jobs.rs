@@ -173,6 +173,9 @@ pub fn command_job(bench: Option<&Jobs>, command: proto::Command) -> Result<(), 
         Some(proto::command::Kind::Prestage(_)) => {
             return Err(refuse("a prestage command is not a benchmark; the staging queue runs it"));
         }
+        Some(proto::command::Kind::Evaluate(_)) => {
+            return Err(refuse("an evaluate command is not a benchmark; the evaluation queue runs it"));
+        }
         None => return Err(refuse("this agent does not know the command; upgrade the agent")),
     };
     let Some(bench) = bench else { return Err(refuse("benchmarks are turned off on this device")) };

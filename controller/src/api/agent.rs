@@ -264,6 +264,10 @@ impl Session {
                 log_prestage(&report);
                 reports.update(device_id, Durability::Durable, move |d| record_prestage(d, &report)).await
             }
+            Some(agent_message::Msg::Eval(_)) => {
+                tracing::warn!("Ignored an evaluation report: this controller does not record them yet.");
+                Ok(())
+            }
             Some(agent_message::Msg::Hello(_)) => {
                 tracing::warn!("Ignored a second Hello within one session.");
                 Ok(())

@@ -69,6 +69,7 @@ impl InsightService for InsightApi {
         let kind = proto::command::Kind::Calibrate(proto::Calibrate {
             bundle: Some(bundle.clone()),
             repetitions: r.repetitions,
+            suite: None,
         });
         let commands = queries::send_commands(&self.app.fleet, &targets, &kind);
         tracing::info!(by = %principal.name, bundle = %bundle.digest, devices = commands.len(), "Calibration requested.");
@@ -106,5 +107,21 @@ impl InsightService for InsightApi {
         let digest = bundle.digest.clone();
         let classes = blocking(move || queries::recommendation(&fleet, &digest, &r.min_quantization)).await?;
         Ok(Response::new(proto::Recommendation { bundle: Some(bundle), classes }))
+    }
+
+    async fn evaluate(
+        &self,
+        request: Request<proto::EvaluateRequest>,
+    ) -> Result<Response<proto::CommandsResponse>, Status> {
+        super::principal(&request)?;
+        Err(Status::unimplemented("this controller cannot ask devices for evaluations yet"))
+    }
+
+    async fn list_evaluations(
+        &self,
+        request: Request<proto::ListEvaluationsRequest>,
+    ) -> Result<Response<proto::ListEvaluationsResponse>, Status> {
+        super::principal(&request)?;
+        Err(Status::unimplemented("this controller does not record evaluations yet"))
     }
 }

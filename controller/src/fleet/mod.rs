@@ -124,5 +124,6 @@ pub fn desired_state(d: &proto::Device) -> Option<proto::DesiredState> {
         rollout_id: d.rollout_id.clone(),
         cohort: d.cohort.clone(),
         variant_digest: d.desired_variant.clone(),
+        ..Default::default()
     })
 }

@@ -181,6 +181,7 @@ pub fn compare(
                 a_samples: s.a_devices,
                 b_samples: s.b_devices,
                 paired: s.paired,
+                quality: None,
             })
             .collect(),
         devices: paired_devices,

@@ -63,6 +63,7 @@ pub fn recommend(
                     generation_tokens_per_second: Some(stat(&tps)),
                     ttft_ms: Some(stat(&ttft)),
                     devices: devices.len() as u32,
+                    quality: None,
                 }
             })
             .collect();

@@ -12,12 +12,12 @@ use alki_shared::signing::PublicKey;
 
 use super::Rollouts;
 use super::external::{self, ExternalError};
-use alki_shared::schedule;
 use crate::config::ExternalRegistry;
 use crate::facts::{rollout_is_active, selects};
 use crate::registry::Registry;
 use crate::store::StoreError;
 use crate::trust::CandidateError;
+use alki_shared::schedule;
 
 /// Where candidates come from and what they must be signed with.
 #[derive(Clone)]

@@ -3,7 +3,7 @@
 //! gates rollouts; both call these.
 //!
 //! Imports run one way: `checks` (a leaf) ← `prompts` ← `suite` ← `artifact`; `perplexity` is a leaf;
-//! `quality` uses `checks` and `perplexity`.
+//! `quality` uses `checks` and `perplexity`; `wire` converts `quality` to and from its protobuf mirror.
 
 pub mod artifact;
 pub mod checks;
@@ -11,3 +11,4 @@ pub mod perplexity;
 pub mod prompts;
 pub mod quality;
 pub mod suite;
+pub mod wire;
