@@ -91,6 +91,9 @@ struct Pulling {
 }
 
 /// The device loop's state; see [`Device::run`].
+/// How long after a failed state save (a full disk) the agent tries again.
+const SAVE_RETRY: Duration = Duration::from_secs(5);
+
 pub struct Device {
     pub(crate) state: AgentState,
     pub(crate) state_file: StateFile,
@@ -120,6 +123,9 @@ pub struct Device {
     pub(crate) instance_base: crate::runtime::InstanceOptions,
     /// Activation counters and the benchmark after every activation.
     pub(crate) hooks: DeviceHooks,
+    /// When to try again to save a state whose last save failed (a full disk): the state in memory is
+    /// newer than the file until a save succeeds, on this timer, at the next change, or at shutdown.
+    pub(crate) save_retry: Option<Instant>,
 }
 
 /// What the device loop reports to the metrics and the benchmark task.
@@ -203,10 +209,14 @@ impl Device {
                     let Some((_, spec)) = self.restart.take() else { continue };
                     self.restart_after_crash(spec, &mut shutdown).await;
                 }
+                _ = sleep_until(self.save_retry) => self.save_state().await,
             }
         }
         if let Some(p) = pulling.take() {
             p.task.abort();
+        }
+        if self.save_retry.is_some() {
+            self.save_state().await;
         }
         tracing::info!("Stopping llama-server.");
         self.supervisor.shutdown().await;
@@ -419,9 +429,13 @@ impl Device {
         }
     }
 
-    async fn save_state(&self) {
-        if let Err(e) = self.state_file.save_async(&self.state).await {
-            tracing::error!(error = %e, "Saving the agent state failed.");
+    async fn save_state(&mut self) {
+        match self.state_file.save_async(&self.state).await {
+            Ok(()) => self.save_retry = None,
+            Err(e) => {
+                tracing::error!(error = %e, "Saving the agent state failed; trying again in a few seconds.");
+                self.save_retry = Some(Instant::now() + SAVE_RETRY);
+            }
         }
     }
 

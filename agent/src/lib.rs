@@ -481,6 +481,7 @@ impl Parts {
             watching: None,
             crashes: std::collections::VecDeque::with_capacity(device::CRASH_LOOP_COUNT),
             hooks: DeviceHooks { metrics: Arc::clone(&self.metrics), bench },
+            save_retry: None,
         };
         (device, hand_over)
     }

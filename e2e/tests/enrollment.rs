@@ -210,8 +210,11 @@ fn an_agent_enrolls_on_first_start_and_renews_its_certificate_without_an_operato
         }
         Ok((seen.len() >= 3).then_some(()))
     })?;
-    let log = std::fs::read_to_string(&agent.log)?;
-    ensure!(log.matches("Renewed the device certificate").count() >= 2, "{log}");
+    // The agent logs a renewal after it has written the certificate: wait for the line, don't race it.
+    wait_for("two renewals in the agent's log", Duration::from_secs(10), &[&controller.proc, &agent], || {
+        let log = std::fs::read_to_string(&agent.log)?;
+        Ok((log.matches("Renewed the device certificate").count() >= 2).then_some(()))
+    })?;
     // A restarted agent connects with the renewed certificate (the enrolled one expired long ago).
     agent.stop(Duration::from_secs(10))?;
     let agent = harness::start_agent(dir.path(), &agent_setup)?;
