@@ -265,7 +265,7 @@ async fn recommend(
     let fleet = state.app.fleet.clone();
     let min = q.min_quantization.unwrap_or_default();
     let d = digest.clone();
-    let classes = blocking(move || Ok(queries::recommendation(&fleet, &d, &min)?)).await?;
+    let classes = blocking(move || Ok(queries::recommendation(&fleet, &d, &min, None)?)).await?;
     let bundle = proto::BundleRef { digest, ..Default::default() };
     Ok(Json(proto::Recommendation { bundle: Some(bundle), classes }))
 }

@@ -105,7 +105,7 @@ impl InsightService for InsightApi {
         let bundle = self.pin(&r.repository, &r.bundle)?;
         let fleet = self.app.fleet.clone();
         let digest = bundle.digest.clone();
-        let classes = blocking(move || queries::recommendation(&fleet, &digest, &r.min_quantization)).await?;
+        let classes = blocking(move || queries::recommendation(&fleet, &digest, &r.min_quantization, None)).await?;
         Ok(Response::new(proto::Recommendation { bundle: Some(bundle), classes }))
     }
 

@@ -4,11 +4,13 @@
 
 use std::collections::HashMap;
 
+use alki_shared::eval::quality::QualityGates;
 use alki_shared::ids::DeviceId;
 use alki_shared::proto::{self, controller_message::Msg};
 
 use super::compare::{self, Measurements};
-use super::recommend::{self, RecommendError};
+use super::quality::Evaluations;
+use super::recommend::{self, QualityFloor, RecommendError};
 use crate::facts::selects;
 use crate::fleet::Fleet;
 use crate::store::{BenchmarkFilter, StoreError};
@@ -49,15 +51,22 @@ pub fn benchmarks(
     Ok(fleet.store.benchmarks(filter, limit)?)
 }
 
-/// Per-class recommendation for a bundle digest from every stored benchmark of it.
+/// Per-class recommendation for a bundle digest from every stored benchmark of it: at or above
+/// `min_quantization`, or, with `floor` (thresholds and the suite digest they are measured with), within it.
 pub fn recommendation(
     fleet: &Fleet,
     bundle_digest: &str,
     min_quantization: &str,
+    floor: Option<(QualityGates, &str)>,
 ) -> Result<Vec<proto::ClassRecommendation>, QueryError> {
     let filter = BenchmarkFilter { bundle_digest: bundle_digest.to_owned(), ..Default::default() };
     let results = fleet.store.benchmarks(&filter, usize::MAX)?;
-    Ok(recommend::recommend(bundle_digest, &results, min_quantization)?)
+    let Some((gates, suite_digest)) = floor else {
+        return Ok(recommend::recommend(bundle_digest, &results, min_quantization, None)?);
+    };
+    let evaluations = Evaluations::from_samples(fleet.store.eval_samples(bundle_digest, suite_digest)?);
+    let floor = QualityFloor { gates, evaluations: &evaluations };
+    Ok(recommend::recommend(bundle_digest, &results, min_quantization, Some(&floor))?)
 }
 
 /// The devices a command targets: the named ones (each must exist), else those the selector picks.
