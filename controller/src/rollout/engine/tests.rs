@@ -1,9 +1,13 @@
 //! Engine tests with a fake clock: unit scenarios and property tests of cohorts, gates and abort.
 
 use super::*;
+use crate::insight::compare::Measure;
 use crate::store::{EvalSample, Traffic};
 use alki_shared::eval::quality::Outcome;
 use proptest::prelude::*;
+use std::collections::BTreeSet;
+
+mod quality;
 
 pub(super) fn rollout(steps: &[(u32, u32)]) -> proto::Rollout {
     proto::Rollout {
