@@ -112,6 +112,33 @@ pub fn describe(q: &proto::ClassQuality, gates: &QualityGates) -> String {
     format!("quality on {} devices: {}", q.measured, parts.join(", "))
 }
 
+/// Adds B's quality per class to a rollout's comparison: each candidate device (not returned to A) counts
+/// its newest evaluation against its own baseline, as the quality gates count it.
+pub fn fill_comparison(
+    comparison: &mut proto::Comparison,
+    records: &[proto::RolloutDevice],
+    evaluations: &Evaluations,
+) {
+    let mut per_class: BTreeMap<&str, Vec<&Outcome>> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.outcome != proto::DeviceOutcome::Reverted as i32) {
+        if let Some(sample) = evaluations.newest(&r.device_id, r.baseline.as_ref().map(|b| b.digest.as_str())) {
+            per_class.entry(r.class.as_str()).or_default().push(&sample.outcome);
+        }
+    }
+    for (class, outcomes) in per_class {
+        let summary = summarize(outcomes);
+        match comparison.classes.iter_mut().find(|c| c.class == class) {
+            Some(c) => c.quality = Some(summary),
+            None => comparison.classes.push(proto::ClassComparison {
+                class: class.to_owned(),
+                quality: Some(summary),
+                ..Default::default()
+            }),
+        }
+    }
+    comparison.classes.sort_by(|a, b| a.class.cmp(&b.class));
+}
+
 /// A rollout's quality thresholds.
 pub fn gates_of(g: &proto::RolloutGates) -> QualityGates {
     QualityGates {

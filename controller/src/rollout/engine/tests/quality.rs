@@ -101,7 +101,8 @@ fn a_far_candidate_halts_its_class_with_the_gate_the_value_the_device_and_the_li
 
 #[test]
 fn a_broken_chat_template_fails_the_golden_gate_and_aborts_under_the_abort_policy() {
-    let mut sim = quality_sim(ClassFailurePolicy::Abort, &[("pi5", good()), ("orin", broken_template()), ("x86", good())]);
+    let mut sim =
+        quality_sim(ClassFailurePolicy::Abort, &[("pi5", good()), ("orin", broken_template()), ("x86", good())]);
     sim.run(0, 100_000, 1_000);
     assert_eq!(sim.state(), RolloutState::Aborted);
     assert!(
@@ -154,8 +155,7 @@ fn a_class_waits_for_devices_that_have_not_reported_until_their_deadline_then_ho
 
 #[test]
 fn devices_that_could_not_run_make_the_class_inconclusive_naming_why() {
-    let mut sim =
-        quality_sim(ClassFailurePolicy::Abort, &[("pi5", good()), ("orin", does_not_fit()), ("x86", good())]);
+    let mut sim = quality_sim(ClassFailurePolicy::Abort, &[("pi5", good()), ("orin", does_not_fit()), ("x86", good())]);
     sim.run(0, 100_000, 1_000);
     assert_eq!(sim.state(), RolloutState::Paused, "{}", sim.rollout.message);
     assert!(sim.rollout.message.contains("held for a human, inconclusive"), "{}", sim.rollout.message);
