@@ -15,7 +15,7 @@ use alki_shared::signing::PublicKey;
 use crate::config::ExternalRegistry;
 use crate::registry::Registry;
 use crate::rollout::external::{self, ExternalError};
-use crate::trust::{self, CandidateError};
+use crate::trust::{self, Artifact, CandidateError};
 
 /// Why a suite reference cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -119,18 +119,22 @@ pub async fn check_signature(
     keys: &[PublicKey],
 ) -> Result<(), CandidateError> {
     let digest: Digest = suite.digest.parse().map_err(|_| CandidateError::Read {
+        what: Artifact::EvalSuite,
         repository: suite.repository.clone(),
         digest: Digest::of(b""),
         reason: format!("{:?} is not a digest", suite.digest),
     })?;
     if let Some(external) = sources.externals.iter().find(|r| r.host == suite.registry) {
-        return trust::check_external(external, &suite.repository, &digest, keys).await.map(drop);
+        return trust::check_external(external, Artifact::EvalSuite, &suite.repository, &digest, keys).await.map(drop);
     }
     let (registry, repository, keys) = (sources.registry.clone(), suite.repository.clone(), keys.to_vec());
-    let check = tokio::task::spawn_blocking(move || trust::check_embedded(&registry, &repository, &digest, &keys));
+    let check = tokio::task::spawn_blocking(move || {
+        trust::check_embedded(&registry, Artifact::EvalSuite, &repository, &digest, &keys)
+    });
     check
         .await
         .map_err(|e| CandidateError::Read {
+            what: Artifact::EvalSuite,
             repository: suite.repository.clone(),
             digest: Digest::of(b""),
             reason: e.to_string(),

@@ -112,15 +112,16 @@ pub fn describe(q: &proto::ClassQuality, gates: &QualityGates) -> String {
     format!("quality on {} devices: {}", q.measured, parts.join(", "))
 }
 
-/// Adds B's quality per class to a rollout's comparison: each candidate device (not returned to A) counts
-/// its newest evaluation against its own baseline, as the quality gates count it.
+/// Adds B's quality per class to a rollout's comparison: each device the rollout moved to B (returned to A
+/// since or not: what it measured of B stays true) counts its newest evaluation against its own baseline,
+/// as the quality gates count it.
 pub fn fill_comparison(
     comparison: &mut proto::Comparison,
     records: &[proto::RolloutDevice],
     evaluations: &Evaluations,
 ) {
     let mut per_class: BTreeMap<&str, Vec<&Outcome>> = BTreeMap::new();
-    for r in records.iter().filter(|r| r.outcome != proto::DeviceOutcome::Reverted as i32) {
+    for r in records {
         if let Some(sample) = evaluations.newest(&r.device_id, r.baseline.as_ref().map(|b| b.digest.as_str())) {
             per_class.entry(r.class.as_str()).or_default().push(&sample.outcome);
         }

@@ -394,6 +394,7 @@ mod tests {
     fn a_failed_signature_check_is_refused_unless_overridden_with_a_reason() {
         let failed = || {
             Err(CandidateError::Read {
+                what: crate::trust::Artifact::Bundle,
                 repository: "acme/qwen".into(),
                 digest: alki_shared::digest::Digest::of(b""),
                 reason: "registry down".into(),

@@ -578,8 +578,15 @@ fn judge_classes(pass: &Pass<'_>, plan: &Plan, records: &Records, classes: &mut 
             traffic: traffic.get(&status.class),
             untrafficked: unreported(&|d| measurements.get(d, candidate_digest).is_some_and(|m| m.traffic.is_some())),
         };
-        let quality = pass.rollout.eval_suite.is_some().then(|| class_quality(pass, &active));
-        judge(status, gates, pass.halted.contains(&status.class), &perf, quality.as_ref());
+        let halted = pass.halted.contains(&status.class);
+        // A halted class still shows what its devices measured of B before they returned to A.
+        let evaluated: Vec<&proto::RolloutDevice> = if halted {
+            records.values().filter(|r| r.class == status.class && outcome_of(r) == DeviceOutcome::Reverted).collect()
+        } else {
+            active.clone()
+        };
+        let quality = pass.rollout.eval_suite.is_some().then(|| class_quality(pass, &evaluated));
+        judge(status, gates, halted, &perf, quality.as_ref());
     }
 }
 
