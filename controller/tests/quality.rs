@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use alki_controller::config::ControllerConfig;
 use alki_shared::digest::Digest;
 use alki_shared::eval::artifact::{EMPTY_CONFIG, build_manifest};
 use alki_shared::eval::perplexity::{PerplexitySettings, parse_kl_divergence};
@@ -31,14 +30,13 @@ mod tiny_bundle;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The controller under test, trusting the test's signing key.
 struct Controller {
+    inner: common::PlainController,
     grpc: String,
     /// host:port of the embedded registry (and the dashboard API).
     registry: String,
     admin: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    _dir: tempfile::TempDir,
 }
 
 fn signing_key() -> &'static SigningKey {
@@ -47,29 +45,9 @@ fn signing_key() -> &'static SigningKey {
 }
 
 async fn start() -> Controller {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind http");
-    let (grpc_addr, http_addr) = (grpc.local_addr().expect("addr"), http.local_addr().expect("addr"));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut config = ControllerConfig::new(dir.path().to_owned());
-    config.trusted_keys = vec![signing_key().public_key().clone()];
-    // Scripted agents over plaintext with tokens of role agent, as the other in-process tests.
-    config.insecure_plaintext = true;
-    config.insecure_agent_tokens = true;
-    config.heartbeat_interval = Duration::from_secs(1);
-    let task = tokio::spawn(alki_controller::serve(alki_controller::Listeners { grpc, http }, config, async {
-        let _ = stopped.await;
-    }));
-    let admin = common::admin_token(dir.path()).await;
-    Controller {
-        grpc: format!("http://{grpc_addr}"),
-        registry: http_addr.to_string(),
-        admin,
-        stop: Some(stop),
-        task,
-        _dir: dir,
-    }
+    let inner = common::start_plaintext(|config| config.trusted_keys = vec![signing_key().public_key().clone()]).await;
+    let (grpc, registry, admin) = (inner.grpc.clone(), inner.http.clone(), inner.admin.clone());
+    Controller { inner, grpc, registry, admin }
 }
 
 mod common;
@@ -190,11 +168,8 @@ impl Controller {
         reached.unwrap_or_else(|_| panic!("rollout did not reach the state: {last:?}"))
     }
 
-    async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(TIMEOUT, &mut self.task).await.expect("shuts down").expect("join").expect("serve ok");
+    async fn shutdown(self) {
+        self.inner.shutdown().await;
     }
 }
 
@@ -385,7 +360,7 @@ async fn quality_gates_complete_b1_and_halt_b2_and_b3_in_their_classes_with_the_
         assert_eq!(d.eval_suite.as_ref().map(|s| s.digest.as_str()), Some(pinned.digest.as_str()));
         assert_eq!(d.eval_baseline, Some(baseline_a()), "evaluated against what {} ran before", agent.id);
         agent.activate(&d).await;
-        desired.push((d, outcome.clone()));
+        desired.push((d, *outcome));
     }
     // Active, not evaluated yet: every class waits for its evaluations.
     let waiting = c
@@ -399,7 +374,10 @@ async fn quality_gates_complete_b1_and_halt_b2_and_b3_in_their_classes_with_the_
         agent.report_evaluation(d, &variant, outcome()).await;
     }
     let done = c.wait_rollout(&rollout.id, |r| r.state == proto::RolloutState::Completed as i32).await;
-    assert_eq!(done.halted_classes, vec!["orin".to_owned(), "x86".to_owned()], "{}", done.message);
+    let mut halted = done.halted_classes.clone();
+    halted.sort();
+    assert_eq!(halted, ["orin", "x86"], "{}", done.message);
+    assert!(done.message.starts_with("completed: 2 devices run the candidate"), "{}", done.message);
     let pi5 = class_status(&done, "pi5");
     assert_eq!(pi5.verdict, proto::GateVerdict::Pass as i32, "{}", pi5.reason);
     let q = pi5.quality.expect("quality of pi5");

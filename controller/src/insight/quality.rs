@@ -161,12 +161,13 @@ pub fn floor_gates(f: &proto::QualityFloor) -> QualityGates {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use alki_shared::eval::perplexity::{Estimate, KlDivergence, PerplexitySettings};
     use alki_shared::eval::quality::{CouldNotRun, EvalSettings, GoldenSummary, Measurement};
 
     use super::*;
 
+    /// A measured outcome: `kld` also sets the perplexity ratio (1 + kld); golden is (prompts, passed).
     pub(crate) fn measured(kld: f64, top1: f64, golden: (u32, u32)) -> Outcome {
         let e = |value| Estimate { value, uncertainty: 0.0 };
         Outcome::Measured(Measurement {

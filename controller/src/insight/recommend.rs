@@ -257,10 +257,8 @@ fn pick_within(
 
 #[cfg(test)]
 mod tests {
-    use alki_shared::eval::perplexity::{Estimate, KlDivergence, PerplexitySettings};
-    use alki_shared::eval::quality::{EvalSettings, GoldenSummary, Measurement};
-
     use super::*;
+    use crate::insight::quality::tests::measured;
 
     fn result(device: &str, class: &str, variant: &str, tps: f64) -> proto::BenchmarkResult {
         proto::BenchmarkResult {
@@ -311,17 +309,6 @@ mod tests {
     }
 
     fn evaluated(device: &str, class: &str, variant: &str, kld: f64) -> EvalSample {
-        let e = |value| Estimate { value, uncertainty: 0.0 };
-        let kl = KlDivergence {
-            ppl: e(10.0),
-            base_ppl: e(10.0),
-            ppl_ratio: e(1.0),
-            kld_mean: e(kld),
-            kld_median: kld,
-            kld_p99: kld,
-            kld_max: kld,
-            top1_agreement: e(1.0 - kld),
-        };
         EvalSample {
             device_id: device.into(),
             class: class.into(),
@@ -330,17 +317,7 @@ mod tests {
             baseline_variant: "sha256:F16".into(),
             rollout_id: String::new(),
             received_unix_ms: 1,
-            outcome: Outcome::Measured(Measurement {
-                perplexity: Some(e(10.0)),
-                kl_divergence: Some(kl),
-                golden: GoldenSummary::default(),
-                build: "b".into(),
-                settings: EvalSettings {
-                    perplexity: PerplexitySettings { context_size: 64, chunks: 4, threads: 0, gpu_layers: 0 },
-                    seed: 42,
-                },
-                duration_ms: 1,
-            }),
+            outcome: measured(kld, 1.0 - kld, (0, 0)),
         }
     }
 

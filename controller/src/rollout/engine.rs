@@ -640,6 +640,9 @@ fn halt_or_abort(
             );
             if let Some(c) = classes.get_mut(class) {
                 c.verdict = GateVerdict::Halted as i32;
+                // Its devices left B in this pass: count them as the next pass will.
+                let selected = c.counts.map(|n| n.selected).unwrap_or(0);
+                c.counts = Some(RolloutCounts { selected, ..Default::default() });
             }
         }
     }

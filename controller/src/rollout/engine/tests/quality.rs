@@ -2,35 +2,10 @@
 //! that have not reported, hold when inconclusive, halt only the failing class; and a property test holding
 //! the engine to the quality rules of its module documentation.
 
-use alki_shared::eval::perplexity::{Estimate, KlDivergence, PerplexitySettings};
-use alki_shared::eval::quality::{CouldNotRun, EvalSettings, GoldenSummary, Measurement};
+use alki_shared::eval::quality::CouldNotRun;
 
 use super::*;
-
-/// What a device reports when it evaluates the candidate.
-pub(super) fn measured(kld: f64, top1: f64, golden: (u32, u32)) -> Outcome {
-    let e = |value| Estimate { value, uncertainty: 0.0 };
-    Outcome::Measured(Measurement {
-        perplexity: Some(e(10.0)),
-        kl_divergence: Some(KlDivergence {
-            ppl: e(10.0 * (1.0 + kld)),
-            base_ppl: e(10.0),
-            ppl_ratio: e(1.0 + kld),
-            kld_mean: e(kld),
-            kld_median: kld,
-            kld_p99: kld * 4.0,
-            kld_max: kld * 10.0,
-            top1_agreement: e(top1),
-        }),
-        golden: GoldenSummary { prompts: golden.0, passed: golden.1, failures: Vec::new() },
-        build: "test".into(),
-        settings: EvalSettings {
-            perplexity: PerplexitySettings { context_size: 64, chunks: 4, threads: 0, gpu_layers: 0 },
-            seed: 42,
-        },
-        duration_ms: 100,
-    })
-}
+use crate::insight::quality::tests::measured;
 
 fn good() -> Outcome {
     measured(0.001, 0.99, (20, 20))
