@@ -732,3 +732,62 @@ async fn recommend_prefers_the_smaller_variant_only_while_it_stays_within_the_fl
     drop(agents);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_serving_errors_far_more_often_than_its_baseline_is_stopped_by_the_error_rate_gate() {
+    let c = start().await;
+    c.push_bundle("v2", 3).await;
+    let token = c.token("agents", proto::Role::Agent).await;
+    let telemetry = |bundle: &proto::BundleRef, requests, errors| {
+        agent_message::Msg::Telemetry(proto::Telemetry {
+            bundle_digest: bundle.digest.clone(),
+            requests_total: requests,
+            request_errors_total: errors,
+            ..Default::default()
+        })
+    };
+    let mut agents = Vec::new();
+    for i in 1..=2 {
+        let agent = Agent::connect(&c, &token, &format!("pi5-{i}"), "pi5").await;
+        // A served 10,000 requests with 10 errors on each device.
+        agent.send(telemetry(&baseline_a(), 10_000, 10)).await;
+        agents.push(agent);
+    }
+    let spec = proto::RolloutSpec {
+        repository: "acme/tiny".into(),
+        candidate: "v2".into(),
+        selector: [("site".to_owned(), "lab".to_owned())].into(),
+        gates: Some(proto::RolloutGates {
+            min_devices: 2,
+            max_failures: Some(0),
+            max_error_rate_ratio: Some(2.0),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let rollout = c.create_rollout(spec).await.expect("created");
+    let mut desired = Vec::new();
+    for agent in &mut agents {
+        let d = agent.desired().await;
+        assert!(d.eval_suite.is_none(), "no suite, no evaluation");
+        agent.activate(&d).await;
+        desired.push(d);
+    }
+    let waiting = c.wait_rollout(&rollout.id, |r| r.message.contains("waiting for telemetry from 2")).await;
+    assert_eq!(waiting.state, proto::RolloutState::Progressing as i32);
+    // B fails one request in ten.
+    for (agent, d) in agents.iter().zip(&desired) {
+        let b = d.bundle.clone().expect("bundle");
+        agent.send(telemetry(&b, 1_000, 100)).await;
+    }
+    let aborted = c.wait_rollout(&rollout.id, |r| r.state == proto::RolloutState::Aborted as i32).await;
+    assert!(
+        aborted.message.contains("pi5: error rate 0.1000 > max 0.0020 (--max-error-rate-ratio 2 x A's 0.0010"),
+        "{}",
+        aborted.message
+    );
+    let pi5 = class_status(&aborted, "pi5");
+    assert!((pi5.b_error_rate - 0.1).abs() < 1e-9 && (pi5.a_error_rate - 0.001).abs() < 1e-9, "{pi5:?}");
+    drop(agents);
+    c.shutdown().await;
+}

@@ -104,6 +104,7 @@ pub fn ingest(
         Err(error) => {
             counters.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
+                %device_id,
                 command_id = %report.command_id,
                 rollout_id = %report.rollout_id,
                 %error,
@@ -118,6 +119,7 @@ pub fn ingest(
         Outcome::Measured(m) => {
             counters.measured.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
+                %device_id,
                 command_id = %report.command_id,
                 rollout_id = %report.rollout_id,
                 %bundle,
@@ -130,6 +132,7 @@ pub fn ingest(
         Outcome::CouldNotRun(why) => {
             counters.could_not_run[kind_index(why)].fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
+                %device_id,
                 command_id = %report.command_id,
                 rollout_id = %report.rollout_id,
                 %bundle,
