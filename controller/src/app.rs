@@ -63,6 +63,7 @@ impl App {
             reports_queued: reports.queued.load(Ordering::Relaxed),
             reports_written: reports.written.load(Ordering::Relaxed),
             report_commits: reports.commits.load(Ordering::Relaxed),
+            evaluations: ingest.evaluations.snapshot(),
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod roles;
 pub mod rollout;
 pub mod server;
 pub mod store;
+pub mod suites;
 pub mod tls;
 pub mod trust;
 

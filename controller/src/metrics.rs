@@ -1,7 +1,7 @@
 //! Prometheus metrics in the text exposition format: fleet gauges computed at scrape time (devices by
-//! state, phase and class; rollout progress and per-class A/B ratios; serving speed per class and bundle)
-//! and counters (registry traffic, which [`count_registry`] keeps here; telemetry ingestion; the report
-//! writer). [`render`] is pure: it renders the [`Scrape`] it is handed, which the application context
+//! state, phase and class; rollout progress and per-class A/B ratios, quality and error rates; serving
+//! speed per class and bundle) and counters (registry traffic, which [`count_registry`] keeps here;
+//! telemetry and evaluation ingestion; the report writer). [`render`] is pure: it renders the [`Scrape`] it is handed, which the application context
 //! gathers from the store, the sessions and the counters' owners.
 //!
 //! [`NAMES`] lists every metric this module can export: the Grafana dashboard's test checks its queries
@@ -19,6 +19,7 @@ use axum::response::Response;
 use http_body_util::BodyExt as _;
 
 use crate::facts::{hardware_class, is_active};
+use crate::insight::evaluations::{COULD_NOT_RUN_KINDS, EvalCounts};
 use crate::insight::stats::median;
 
 /// Every metric name exported, with its type and help.
@@ -41,6 +42,22 @@ pub const NAMES: &[(&str, &str, &str)] = &[
     ),
     ("alki_rollout_class_samples", "gauge", "Devices measured per hardware class and cohort behind the ratios."),
     (
+        "alki_rollout_class_quality",
+        "gauge",
+        "Quality of B against A per hardware class and candidate bundle, worst across devices (metric: kld, \
+         top1_agreement, perplexity_ratio, golden_pass).",
+    ),
+    (
+        "alki_rollout_class_evaluations",
+        "gauge",
+        "Candidate devices per hardware class whose evaluation measured the suite or could not run it (result).",
+    ),
+    (
+        "alki_rollout_class_error_rate",
+        "gauge",
+        "Serving error rate (errors / requests at the front port) per hardware class and cohort (A, B).",
+    ),
+    (
         "alki_rollout_prestage_devices",
         "gauge",
         "Devices of a rollout by hardware class and pre-staging state (pending: to be sent, sent, ready, failed).",
@@ -61,6 +78,12 @@ pub const NAMES: &[(&str, &str, &str)] = &[
     ("alki_registry_bytes_total", "counter", "Registry (/v2/) body bytes by direction (in: uploads, out: downloads)."),
     ("alki_telemetry_reports_total", "counter", "Telemetry reports ingested."),
     ("alki_benchmark_results_total", "counter", "Benchmark results ingested."),
+    (
+        "alki_evaluations_received_total",
+        "counter",
+        "Quality evaluation reports received, by result (measured, could_not_run, refused: did not parse).",
+    ),
+    ("alki_evaluations_could_not_run_total", "counter", "Evaluations devices could not run, by kind."),
     (
         "alki_telemetry_rollups_dropped_total",
         "counter",
@@ -119,6 +142,7 @@ pub struct Counters {
     pub reports_queued: u64,
     pub reports_written: u64,
     pub report_commits: u64,
+    pub evaluations: EvalCounts,
 }
 
 /// What one scrape renders.
@@ -323,6 +347,14 @@ fn counter_metrics(e: &mut Exposition, c: &Counters) {
     e.add("alki_agent_reports_queued", &[], c.reports_queued as f64);
     e.add("alki_agent_reports_written_total", &[], c.reports_written as f64);
     e.add("alki_agent_report_commits_total", &[], c.report_commits as f64);
+    let ev = &c.evaluations;
+    let could_not_run: u64 = ev.could_not_run.iter().sum();
+    for (result, n) in [("measured", ev.measured), ("could_not_run", could_not_run), ("refused", ev.refused)] {
+        e.add("alki_evaluations_received_total", &[("result", result)], n as f64);
+    }
+    for (kind, n) in COULD_NOT_RUN_KINDS.iter().zip(ev.could_not_run) {
+        e.add("alki_evaluations_could_not_run_total", &[("kind", kind)], n as f64);
+    }
 }
 
 fn one_rollout_metrics(e: &mut Exposition, r: &proto::Rollout) {
@@ -371,6 +403,36 @@ fn one_rollout_metrics(e: &mut Exposition, r: &proto::Rollout) {
             &[("rollout_id", id), ("class", &c.class), ("cohort", "B")],
             f64::from(c.b_samples),
         );
+        if let Some(q) = &c.quality {
+            class_quality_metrics(e, r, &c.class, q);
+        }
+        if c.a_error_rate > 0.0 || c.b_error_rate > 0.0 {
+            for (cohort, rate) in [("A", c.a_error_rate), ("B", c.b_error_rate)] {
+                let labels = [("rollout_id", id), ("class", c.class.as_str()), ("cohort", cohort)];
+                e.add("alki_rollout_class_error_rate", &labels, rate);
+            }
+        }
+    }
+}
+
+/// A class's quality (worst values) and how many devices measured or could not run the suite.
+fn class_quality_metrics(e: &mut Exposition, r: &proto::Rollout, class: &str, q: &proto::ClassQuality) {
+    let bundle = r.candidate.as_ref().map(|b| b.digest.as_str()).unwrap_or_default();
+    let values = [
+        ("kld", q.max_kld),
+        ("top1_agreement", q.min_top1_agreement),
+        ("perplexity_ratio", q.max_perplexity_ratio),
+        ("golden_pass", q.min_golden_pass),
+    ];
+    for (metric, value) in values {
+        if let Some(v) = value {
+            let labels = [("rollout_id", r.id.as_str()), ("class", class), ("bundle", bundle), ("metric", metric)];
+            e.add("alki_rollout_class_quality", &labels, v);
+        }
+    }
+    for (result, n) in [("measured", q.measured), ("could_not_run", q.could_not_run)] {
+        let labels = [("rollout_id", r.id.as_str()), ("class", class), ("result", result)];
+        e.add("alki_rollout_class_evaluations", &labels, f64::from(n));
     }
 }
 
@@ -401,15 +463,39 @@ mod tests {
         let rollout = proto::Rollout {
             id: "ro-1".into(),
             state: RolloutState::Progressing as i32,
+            candidate: Some(proto::BundleRef { digest: "sha256:bb".into(), ..Default::default() }),
             classes: vec![proto::ClassStatus {
                 class: "pi5-8g".into(),
                 tokens_per_second_ratio: 0.7,
+                quality: Some(proto::ClassQuality {
+                    measured: 3,
+                    could_not_run: 1,
+                    max_kld: Some(0.25),
+                    min_golden_pass: Some(0.5),
+                    ..Default::default()
+                }),
+                b_error_rate: 0.02,
+                a_error_rate: 0.001,
                 ..Default::default()
             }],
             ..Default::default()
         };
         store.put_rollout(&rollout).expect("rollout");
-        let text = render(&scrape(&store));
+        let mut scraped = scrape(&store);
+        scraped.counters.evaluations = EvalCounts { measured: 5, could_not_run: [2, 0, 1, 0, 0], refused: 1 };
+        let text = render(&scraped);
+        for expected in [
+            r#"alki_rollout_class_quality{rollout_id="ro-1",class="pi5-8g",bundle="sha256:bb",metric="kld"} 0.25"#,
+            r#"alki_rollout_class_quality{rollout_id="ro-1",class="pi5-8g",bundle="sha256:bb",metric="golden_pass"} 0.5"#,
+            r#"alki_rollout_class_evaluations{rollout_id="ro-1",class="pi5-8g",result="could_not_run"} 1"#,
+            r#"alki_rollout_class_error_rate{rollout_id="ro-1",class="pi5-8g",cohort="B"} 0.02"#,
+            r#"alki_evaluations_received_total{result="could_not_run"} 3"#,
+            r#"alki_evaluations_received_total{result="refused"} 1"#,
+            r#"alki_evaluations_could_not_run_total{kind="does_not_fit"} 2"#,
+        ] {
+            assert!(text.lines().any(|l| l == expected), "missing {expected}:\n{text}");
+        }
+        assert!(!text.contains("metric=\"top1_agreement\""), "an unmeasured value is not exported");
         assert!(text.contains("alki_devices{state=\"disconnected\",phase=\"active\",class=\"pi5-8g\"} 2"), "{text}");
         assert!(text.contains(
             "alki_rollout_class_ratio{rollout_id=\"ro-1\",class=\"pi5-8g\",metric=\"tokens_per_second\"} 0.7"

@@ -17,14 +17,30 @@ use crate::registry::Registry;
 #[derive(Debug, thiserror::Error)]
 pub enum CandidateError {
     #[error(
-        "bundle {repository}@{digest} cannot be rolled out: {problem}; the controller trusts {trusted} (--trusted-key). \
+        "{what} {repository}@{digest} cannot be rolled out: {problem}; the controller trusts {trusted} (--trusted-key). \
          Sign it with `alkictl bundle sign {repository}@{digest} --key KEY` using a key the controller and the \
          agents trust, or pass --override-signature-check --reason \"...\" to alkictl rollout create (agents \
          still enforce their own trust policy)"
     )]
-    Signature { repository: String, digest: Digest, problem: SignatureProblem, trusted: String },
-    #[error("cannot read the signatures of {repository}@{digest}: {reason}; check the registry and retry")]
-    Read { repository: String, digest: Digest, reason: String },
+    Signature { what: Artifact, repository: String, digest: Digest, problem: SignatureProblem, trusted: String },
+    #[error("cannot read the signatures of {what} {repository}@{digest}: {reason}; check the registry and retry")]
+    Read { what: Artifact, repository: String, digest: Digest, reason: String },
+}
+
+/// What a rollout names that must be signed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Artifact {
+    Bundle,
+    EvalSuite,
+}
+
+impl std::fmt::Display for Artifact {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Artifact::Bundle => "bundle",
+            Artifact::EvalSuite => "eval suite",
+        })
+    }
 }
 
 impl CandidateError {
@@ -55,20 +71,22 @@ pub fn embedded_signatures(registry: &Registry, repository: &str, digest: &Diges
     layers
 }
 
-/// Checks the candidate `digest` in `repository` (embedded registry) against the fleet's keys.
+/// Checks `digest` (a candidate or an eval suite) in `repository` (embedded registry) against the fleet's keys.
 pub fn check_embedded(
     registry: &Registry,
+    what: Artifact,
     repository: &str,
     digest: &Digest,
     keys: &[PublicKey],
 ) -> Result<Verified, CandidateError> {
     let layers = embedded_signatures(registry, repository, digest);
-    signing::verify(digest, &layers, keys).map_err(|problem| refused(repository, digest, problem, keys))
+    signing::verify(digest, &layers, keys).map_err(|problem| refused(what, repository, digest, problem, keys))
 }
 
-/// Checks a candidate in an external registry, reading its signature tag there.
+/// Checks a candidate or an eval suite in an external registry, reading its signature tag there.
 pub async fn check_external(
     external: &ExternalRegistry,
+    what: Artifact,
     repository: &str,
     digest: &Digest,
     keys: &[PublicKey],
@@ -80,20 +98,27 @@ pub async fn check_external(
     let remote = alki_bundle::Remote::new(external.host.clone(), repository.to_owned(), auth, external.plain_http);
     let shown = format!("{}/{repository}", external.host);
     let layers = remote.signatures(&remote.client(), digest).await.map_err(|e| CandidateError::Read {
+        what,
         repository: shown.clone(),
         digest: digest.clone(),
         reason: format!("{e:#}"),
     })?;
-    signing::verify(digest, &layers, keys).map_err(|problem| refused(&shown, digest, problem, keys))
+    signing::verify(digest, &layers, keys).map_err(|problem| refused(what, &shown, digest, problem, keys))
 }
 
-fn refused(repository: &str, digest: &Digest, problem: SignatureProblem, keys: &[PublicKey]) -> CandidateError {
+fn refused(
+    what: Artifact,
+    repository: &str,
+    digest: &Digest,
+    problem: SignatureProblem,
+    keys: &[PublicKey],
+) -> CandidateError {
     let trusted = if keys.is_empty() {
         "no key".to_owned()
     } else {
         keys.iter().map(|k| signing::short_fingerprint(k.fingerprint())).collect::<Vec<_>>().join(", ")
     };
-    CandidateError::Signature { repository: repository.to_owned(), digest: digest.clone(), problem, trusted }
+    CandidateError::Signature { what, repository: repository.to_owned(), digest: digest.clone(), problem, trusted }
 }
 
 /// The digest a candidate reference resolves to in the embedded registry, if it is there.
@@ -115,18 +140,19 @@ pub async fn check_candidate(
             return Ok(None);
         };
         let Ok(digest) = pinned.bundle.digest.parse::<Digest>() else { return Ok(None) };
-        return check_external(external, repository, &digest, keys).await.map(Some);
+        return check_external(external, Artifact::Bundle, repository, &digest, keys).await.map(Some);
     }
     let (registry, repository, candidate, keys) =
         (registry.clone(), spec.repository.clone(), spec.candidate.clone(), keys.to_vec());
     // Reading the index and small blobs is blocking I/O.
     tokio::task::spawn_blocking(move || {
         let Some(digest) = resolve_embedded(&registry, &repository, &candidate) else { return Ok(None) };
-        check_embedded(&registry, &repository, &digest, &keys).map(Some)
+        check_embedded(&registry, Artifact::Bundle, &repository, &digest, &keys).map(Some)
     })
     .await
     .unwrap_or_else(|join| {
         Err(CandidateError::Read {
+            what: Artifact::Bundle,
             repository: spec.repository.clone(),
             digest: Digest::of(b""),
             reason: join.to_string(),

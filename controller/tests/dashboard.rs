@@ -101,12 +101,23 @@ fn seed_fleet(store: &alki_controller::store::Store) {
             steps: vec![proto::RolloutStep { percent: 100, min_soak_seconds: 0 }],
             ..Default::default()
         }),
+        candidate: Some(proto::BundleRef { digest: format!("sha256:{}", "b".repeat(64)), ..Default::default() }),
         classes: vec![proto::ClassStatus {
             class: "pi5-8g".into(),
             tokens_per_second_ratio: 0.7,
             ttft_ratio: 1.4,
             a_samples: 3,
             b_samples: 3,
+            quality: Some(proto::ClassQuality {
+                measured: 3,
+                could_not_run: 1,
+                max_kld: Some(0.0008),
+                min_top1_agreement: Some(0.97),
+                max_perplexity_ratio: Some(1.01),
+                min_golden_pass: Some(1.0),
+            }),
+            a_error_rate: 0.001,
+            b_error_rate: 0.0012,
             ..Default::default()
         }],
         ..Default::default()

@@ -264,9 +264,15 @@ impl Session {
                 log_prestage(&report);
                 reports.update(device_id, Durability::Durable, move |d| record_prestage(d, &report)).await
             }
-            Some(agent_message::Msg::Eval(_)) => {
-                tracing::warn!("Ignored an evaluation report: this controller does not record them yet.");
-                Ok(())
+            Some(agent_message::Msg::Eval(report)) => {
+                hub.touch(device_id, now);
+                // A stored result wakes the reconciler: quality gates may now decide.
+                let (ingest, id) = (app.ingest.clone(), device_id.clone());
+                reports
+                    .run(device_id, move |store| {
+                        crate::insight::evaluations::ingest(store, &ingest.evaluations, &id, &report, now)
+                    })
+                    .await
             }
             Some(agent_message::Msg::Hello(_)) => {
                 tracing::warn!("Ignored a second Hello within one session.");

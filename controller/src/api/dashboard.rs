@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use alki_shared::eval::quality::QualityGates;
 use alki_shared::proto;
 use axum::Json;
 use axum::Router;
@@ -20,7 +21,7 @@ use serde::Deserialize;
 use crate::app::App;
 use crate::auth::{Action, AuthError};
 use crate::insight::queries::{self, QueryError};
-use crate::store::BenchmarkFilter;
+use crate::store::{BenchmarkFilter, EvaluationFilter};
 
 /// Every route this module serves (axum path syntax), in the order the OpenAPI document lists them.
 pub const ROUTES: &[&str] = &[
@@ -31,6 +32,7 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/bundles",
     "/api/v1/compare",
     "/api/v1/benchmarks",
+    "/api/v1/evaluations",
     "/api/v1/recommend",
     "/api/v1/openapi.json",
     "/metrics",
@@ -50,6 +52,7 @@ pub fn router(state: DashboardState) -> Router {
         .route("/api/v1/bundles", get(bundles))
         .route("/api/v1/compare", get(compare))
         .route("/api/v1/benchmarks", get(benchmarks))
+        .route("/api/v1/evaluations", get(evaluations))
         .route("/api/v1/recommend", get(recommend))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
@@ -244,10 +247,45 @@ async fn benchmarks(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct EvaluationsQuery {
+    device: Option<String>,
+    bundle: Option<String>,
+    suite: Option<String>,
+    class: Option<String>,
+    rollout: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn evaluations(
+    State(state): State<DashboardState>,
+    headers: HeaderMap,
+    Query(q): Query<EvaluationsQuery>,
+) -> Result<Json<proto::ListEvaluationsResponse>, ApiError> {
+    authorize(&state, &headers)?;
+    let filter = EvaluationFilter {
+        device_id: q.device.unwrap_or_default(),
+        bundle_digest: q.bundle.unwrap_or_default(),
+        suite_digest: q.suite.unwrap_or_default(),
+        class: q.class.unwrap_or_default(),
+        rollout_id: q.rollout.unwrap_or_default(),
+    };
+    let fleet = state.app.fleet.clone();
+    let evaluations = blocking(move || Ok(queries::evaluations(&fleet, &filter, q.limit.unwrap_or(0))?)).await?;
+    Ok(Json(proto::ListEvaluationsResponse { evaluations }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RecommendQuery {
     /// Bundle (index) digest.
     bundle: Option<String>,
     min_quantization: Option<String>,
+    /// The quality floor (replaces min_quantization), measured with the eval suite of this digest.
+    suite: Option<String>,
+    max_kld: Option<f64>,
+    min_top1_agreement: Option<f64>,
+    max_perplexity_ratio: Option<f64>,
+    min_golden_pass: Option<f64>,
 }
 
 async fn recommend(
@@ -262,10 +300,30 @@ async fn recommend(
             "name the bundle by digest: /api/v1/recommend?bundle=sha256:...".into(),
         ));
     };
+    let gates = QualityGates {
+        max_kld: q.max_kld,
+        min_top1_agreement: q.min_top1_agreement,
+        max_perplexity_ratio: q.max_perplexity_ratio,
+        min_golden_pass: q.min_golden_pass,
+    };
+    let floor = match (gates.is_empty(), q.suite.filter(|s| s.starts_with("sha256:"))) {
+        (true, _) => None,
+        (false, Some(suite)) => Some((gates, suite)),
+        (false, None) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "a quality floor is measured with an eval suite: add suite=sha256:... (its digest)".into(),
+            ));
+        }
+    };
     let fleet = state.app.fleet.clone();
     let min = q.min_quantization.unwrap_or_default();
     let d = digest.clone();
-    let classes = blocking(move || Ok(queries::recommendation(&fleet, &d, &min)?)).await?;
+    let classes = blocking(move || {
+        let floor = floor.as_ref().map(|(gates, suite)| (*gates, suite.as_str()));
+        Ok(queries::recommendation(&fleet, &d, &min, floor)?)
+    })
+    .await?;
     let bundle = proto::BundleRef { digest, ..Default::default() };
     Ok(Json(proto::Recommendation { bundle: Some(bundle), classes }))
 }

@@ -203,6 +203,7 @@ fn create_status(error: CreateError) -> Status {
         e @ CreateError::BundleNotFound { .. } => Status::not_found(e.to_string()),
         e @ CreateError::Conflict { .. } => Status::failed_precondition(e.to_string()),
         e @ CreateError::External(_) => Status::unavailable(e.to_string()),
+        CreateError::Suite(e) => super::suite_status(e),
         e => super::internal(e),
     }
 }

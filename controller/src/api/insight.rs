@@ -1,12 +1,16 @@
-//! `InsightService`: benchmark commands, stored benchmarks, A/B comparisons and recommendations.
-//! Thin: authenticates, converts, and calls `insight::queries`.
+//! `InsightService`: benchmark, calibration and evaluation commands, stored benchmarks and evaluations,
+//! A/B comparisons and recommendations. Thin: authenticates, pins what the request names (`bundles`,
+//! `suites`), converts, and calls `insight::queries`.
 
 use alki_shared::proto::{self, insight_service_server::InsightService};
 use tonic::{Request, Response, Status};
 
 use crate::app::App;
+use crate::insight::quality;
 use crate::insight::queries::{self, QueryError};
-use crate::store::BenchmarkFilter;
+use crate::rollout::external::{self, ExternalError};
+use crate::store::{BenchmarkFilter, EvaluationFilter};
+use crate::suites::{self, SuiteSources};
 
 pub struct InsightApi {
     pub app: App,
@@ -26,18 +30,43 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, QueryError> +
 }
 
 impl InsightApi {
-    /// Pins `reference` (a digest or a tag in `repository`) to a bundle in the embedded registry.
-    fn pin(&self, repository: &str, reference: &str) -> Result<proto::BundleRef, Status> {
+    /// Pins `reference` (a digest or a tag in `repository`) to a bundle in the embedded registry, or in the
+    /// configured external registry whose host starts `repository`.
+    async fn pin(&self, repository: &str, reference: &str) -> Result<proto::BundleRef, Status> {
         if repository.is_empty() || reference.is_empty() {
             return Err(Status::invalid_argument("name the bundle's repository and its tag or digest"));
         }
         let sources = &self.app.sources;
-        let pinned = crate::bundles::pin_embedded(&sources.registry, &sources.registry_host, repository, reference);
-        pinned.map_err(super::internal)?.ok_or_else(|| {
+        if let Some((registry, inner)) = external::split(&sources.externals, repository) {
+            return external::pin(registry, inner, reference).await.map(|p| p.bundle).map_err(|e| match e {
+                e @ ExternalError::NotFound { .. } => Status::not_found(e.to_string()),
+                e @ ExternalError::Invalid(_) => Status::invalid_argument(e.to_string()),
+                e @ ExternalError::Unreachable(_) => Status::unavailable(e.to_string()),
+            });
+        }
+        let (registry, host) = (sources.registry.clone(), sources.registry_host.clone());
+        let (repository, reference) = (repository.to_owned(), reference.to_owned());
+        let pinned = super::blocking(move || {
+            let pinned = crate::bundles::pin_embedded(&registry, &host, &repository, &reference);
+            pinned.map(|p| p.ok_or((repository, reference)))
+        })
+        .await?;
+        pinned.map_err(super::internal)?.map_err(|(repository, reference)| {
             Status::not_found(format!(
                 "bundle {repository}:{reference} is not in the registry; push it with `alkictl bundle push` or check the name"
             ))
         })
+    }
+
+    /// Pins an eval suite reference (`repo:tag` / `repo@sha256:...`), checked to be a suite.
+    async fn pin_suite(&self, reference: &str) -> Result<proto::BundleRef, Status> {
+        let sources = &self.app.sources;
+        let from = SuiteSources {
+            registry: &sources.registry,
+            registry_host: &sources.registry_host,
+            externals: &sources.externals,
+        };
+        suites::pin(&from, reference).await.map_err(super::suite_status)
     }
 }
 
@@ -63,16 +92,21 @@ impl InsightService for InsightApi {
     ) -> Result<Response<proto::CommandsResponse>, Status> {
         let principal = super::principal(&request)?;
         let r = request.into_inner();
-        let bundle = self.pin(&r.repository, &r.bundle)?;
+        let bundle = self.pin(&r.repository, &r.bundle).await?;
+        let suite = match r.suite.trim() {
+            "" => None,
+            reference => Some(self.pin_suite(reference).await?),
+        };
         let fleet = self.app.fleet.clone();
         let targets = blocking(move || queries::targets(&fleet, &r.device_ids, &r.selector)).await?;
         let kind = proto::command::Kind::Calibrate(proto::Calibrate {
             bundle: Some(bundle.clone()),
             repetitions: r.repetitions,
-            suite: None,
+            suite: suite.clone(),
         });
         let commands = queries::send_commands(&self.app.fleet, &targets, &kind);
-        tracing::info!(by = %principal.name, bundle = %bundle.digest, devices = commands.len(), "Calibration requested.");
+        let suite = suite.map(|s| s.digest).unwrap_or_default();
+        tracing::info!(by = %principal.name, bundle = %bundle.digest, %suite, devices = commands.len(), "Calibration requested.");
         Ok(Response::new(proto::CommandsResponse { commands }))
     }
 
@@ -102,10 +136,25 @@ impl InsightService for InsightApi {
     ) -> Result<Response<proto::Recommendation>, Status> {
         super::principal(&request)?;
         let r = request.into_inner();
-        let bundle = self.pin(&r.repository, &r.bundle)?;
+        let bundle = self.pin(&r.repository, &r.bundle).await?;
+        let gates = r.quality_floor.as_ref().map(quality::floor_gates).filter(|g| !g.is_empty());
+        let suite = match (&gates, r.suite.trim()) {
+            (None, _) => None,
+            (Some(_), "") => {
+                return Err(Status::invalid_argument(
+                    "a quality floor is measured with an eval suite: name it (--suite REPO:TAG), the one the \
+                     bundle was calibrated with",
+                ));
+            }
+            (Some(_), reference) => Some(self.pin_suite(reference).await?),
+        };
         let fleet = self.app.fleet.clone();
         let digest = bundle.digest.clone();
-        let classes = blocking(move || queries::recommendation(&fleet, &digest, &r.min_quantization)).await?;
+        let classes = blocking(move || {
+            let floor = gates.zip(suite.as_ref().map(|s| s.digest.as_str()));
+            queries::recommendation(&fleet, &digest, &r.min_quantization, floor)
+        })
+        .await?;
         Ok(Response::new(proto::Recommendation { bundle: Some(bundle), classes }))
     }
 
@@ -113,8 +162,43 @@ impl InsightService for InsightApi {
         &self,
         request: Request<proto::EvaluateRequest>,
     ) -> Result<Response<proto::CommandsResponse>, Status> {
-        super::principal(&request)?;
-        Err(Status::unimplemented("this controller cannot ask devices for evaluations yet"))
+        let principal = super::principal(&request)?;
+        let r = request.into_inner();
+        let bundle = self.pin(&r.repository, &r.bundle).await?;
+        if r.suite.trim().is_empty() {
+            return Err(Status::invalid_argument("name the eval suite to evaluate with (--suite REPO:TAG)"));
+        }
+        let suite = self.pin_suite(&r.suite).await?;
+        let baseline = match r.baseline.trim() {
+            "" => None,
+            reference => {
+                let (repository, tag_or_digest) = suites::parse_reference(reference).ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "baseline {reference:?}: name it as repository:tag or repository@sha256:<digest>"
+                    ))
+                })?;
+                Some(self.pin(repository, tag_or_digest).await?)
+            }
+        };
+        let fleet = self.app.fleet.clone();
+        let targets = blocking(move || queries::targets(&fleet, &r.device_ids, &r.selector)).await?;
+        let kind = proto::command::Kind::Evaluate(proto::Evaluate {
+            bundle: Some(bundle.clone()),
+            variant_digest: String::new(),
+            suite: Some(suite.clone()),
+            baseline: baseline.clone(),
+            baseline_variant_digest: String::new(),
+        });
+        let commands = queries::send_commands(&self.app.fleet, &targets, &kind);
+        tracing::info!(
+            by = %principal.name,
+            bundle = %bundle.digest,
+            suite = %suite.digest,
+            baseline = %baseline.map(|b| b.digest).unwrap_or_default(),
+            devices = commands.len(),
+            "Evaluation requested."
+        );
+        Ok(Response::new(proto::CommandsResponse { commands }))
     }
 
     async fn list_evaluations(
@@ -122,6 +206,16 @@ impl InsightService for InsightApi {
         request: Request<proto::ListEvaluationsRequest>,
     ) -> Result<Response<proto::ListEvaluationsResponse>, Status> {
         super::principal(&request)?;
-        Err(Status::unimplemented("this controller does not record evaluations yet"))
+        let r = request.into_inner();
+        let filter = EvaluationFilter {
+            device_id: r.device_id,
+            bundle_digest: r.bundle_digest,
+            suite_digest: r.suite_digest,
+            class: r.hardware_class,
+            rollout_id: r.rollout_id,
+        };
+        let fleet = self.app.fleet.clone();
+        let evaluations = blocking(move || queries::evaluations(&fleet, &filter, r.limit)).await?;
+        Ok(Response::new(proto::ListEvaluationsResponse { evaluations }))
     }
 }

@@ -43,6 +43,18 @@ pub fn token_status(error: crate::auth::TokenError) -> tonic::Status {
     }
 }
 
+/// An eval suite that cannot be used, answered with whose fault it is.
+pub fn suite_status(error: crate::suites::SuiteError) -> tonic::Status {
+    use crate::suites::SuiteError;
+    match error {
+        e @ SuiteError::BadReference(_) => tonic::Status::invalid_argument(e.to_string()),
+        e @ SuiteError::NotFound(_) => tonic::Status::not_found(e.to_string()),
+        e @ SuiteError::NotASuite { .. } => tonic::Status::failed_precondition(e.to_string()),
+        e @ SuiteError::External(_) => tonic::Status::unavailable(e.to_string()),
+        e @ SuiteError::Registry(..) => internal(e),
+    }
+}
+
 /// An internal failure: logged in full, answered without internals.
 pub fn internal(error: impl std::fmt::Display) -> tonic::Status {
     tracing::error!(%error, "Request failed inside the controller.");

@@ -26,6 +26,17 @@ pub struct Assignment {
     pub cohort: String,
     /// Variant manifest digest to run; empty: the device chooses.
     pub variant_digest: String,
+    /// What the device evaluates once the bundle is active; None: no evaluation.
+    pub eval: Option<EvalAssignment>,
+}
+
+/// A candidate device's evaluation order: the rollout's eval suite, against what the device ran before.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalAssignment {
+    pub suite: proto::BundleRef,
+    /// None: the device ran nothing before (golden prompts only).
+    pub baseline: Option<proto::BundleRef>,
+    pub baseline_variant: String,
 }
 
 /// Devices, their sessions and their desired state. Cheap to clone.
@@ -57,7 +68,11 @@ impl Fleet {
                 && d.desired_runtime.as_ref() == Some(&assignment.runtime)
                 && assignment.rollout_id == *d.rollout_id
                 && d.cohort == assignment.cohort
-                && d.desired_variant == assignment.variant_digest;
+                && d.desired_variant == assignment.variant_digest
+                && d.desired_eval_suite == assignment.eval.as_ref().map(|e| e.suite.clone())
+                && d.desired_eval_baseline == assignment.eval.as_ref().and_then(|e| e.baseline.clone())
+                && d.desired_eval_baseline_variant
+                    == assignment.eval.as_ref().map(|e| e.baseline_variant.as_str()).unwrap_or_default();
             if unchanged && !force {
                 return None;
             }
@@ -68,6 +83,10 @@ impl Fleet {
             d.rollout_id = assignment.rollout_id.to_string();
             d.cohort = assignment.cohort.clone();
             d.desired_variant = assignment.variant_digest.clone();
+            d.desired_eval_suite = assignment.eval.as_ref().map(|e| e.suite.clone());
+            d.desired_eval_baseline = assignment.eval.as_ref().and_then(|e| e.baseline.clone());
+            d.desired_eval_baseline_variant =
+                assignment.eval.as_ref().map(|e| e.baseline_variant.clone()).unwrap_or_default();
             desired_state(d)
         })?;
         let mut count = 0;
@@ -124,6 +143,8 @@ pub fn desired_state(d: &proto::Device) -> Option<proto::DesiredState> {
         rollout_id: d.rollout_id.clone(),
         cohort: d.cohort.clone(),
         variant_digest: d.desired_variant.clone(),
-        ..Default::default()
+        eval_suite: d.desired_eval_suite.clone(),
+        eval_baseline: d.desired_eval_baseline.clone(),
+        eval_baseline_variant_digest: d.desired_eval_baseline_variant.clone(),
     })
 }

@@ -19,13 +19,16 @@ use alki_shared::proto;
 
 use super::stats::{median, stat};
 use crate::facts::{hardware_class, selects};
-use crate::store::PerfRecord;
+use crate::store::{PerfRecord, Traffic};
 
 /// One device's representative measurement of one bundle.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Measure {
     pub tokens_per_second: Option<f64>,
     pub ttft_ms: Option<f64>,
+    /// Requests and errors its front proxy counted while serving the bundle; None until it reported
+    /// telemetry of the bundle (the input of the error-rate gate in `insight::errors`).
+    pub traffic: Option<Traffic>,
 }
 
 impl Measure {
@@ -34,11 +37,17 @@ impl Measure {
         Measure {
             tokens_per_second: r.benchmark_tokens_per_second.or_else(|| median(&r.tokens_per_second)),
             ttft_ms: r.benchmark_ttft_ms.or_else(|| median(&r.ttft_ms)),
+            traffic: r.traffic,
         }
     }
 
+    /// True when it measured speed (tokens/s or time to first token).
+    pub fn has_speed(&self) -> bool {
+        self.tokens_per_second.is_some() || self.ttft_ms.is_some()
+    }
+
     fn is_empty(&self) -> bool {
-        self.tokens_per_second.is_none() && self.ttft_ms.is_none()
+        !self.has_speed() && self.traffic.is_none()
     }
 }
 
@@ -65,6 +74,11 @@ impl Measurements {
 
     pub fn get(&self, device_id: &str, bundle_digest: &str) -> Option<Measure> {
         self.by_device.get(device_id)?.get(bundle_digest).copied()
+    }
+
+    /// The device's speed measurement of the bundle, if it measured one.
+    pub fn speed(&self, device_id: &str, bundle_digest: &str) -> Option<Measure> {
+        self.get(device_id, bundle_digest).filter(Measure::has_speed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -118,8 +132,8 @@ pub fn compare(
             continue;
         }
         let sides = classes.entry(r.class.clone()).or_default();
-        let before = r.baseline.as_ref().and_then(|b| m.get(&r.device_id, &b.digest));
-        let after = m.get(&r.device_id, &candidate);
+        let before = r.baseline.as_ref().and_then(|b| m.speed(&r.device_id, &b.digest));
+        let after = m.speed(&r.device_id, &candidate);
         if let Some(a) = before {
             sides.a_devices += 1;
             sides.a_tps.extend(a.tokens_per_second);
@@ -161,7 +175,7 @@ pub fn compare(
         let Some(running) = d.running.as_ref().map(|b| b.digest.as_str()).filter(|r| *r != candidate) else {
             continue;
         };
-        if let Some(a) = m.get(&d.id, running) {
+        if let Some(a) = m.speed(&d.id, running) {
             let sides = classes.entry(hardware_class(d)).or_default();
             sides.a_devices += 1;
             sides.a_tps.extend(a.tokens_per_second);
@@ -280,7 +294,7 @@ mod tests {
     }
 
     fn measure(tps: f64, ttft: f64) -> Measure {
-        Measure { tokens_per_second: Some(tps), ttft_ms: Some(ttft) }
+        Measure { tokens_per_second: Some(tps), ttft_ms: Some(ttft), traffic: None }
     }
 
     /// Ten pi devices and ten x86 devices; the first four of each moved to B. B is 30% slower on pi.

@@ -1,5 +1,7 @@
-//! Performance insight: ingesting agents' telemetry and benchmarks, time-bucketed rollups with retention,
-//! and the pure A/B comparison and variant recommendation that the API, the CLI and the rollout gates share.
+//! Performance and quality insight: ingesting agents' telemetry, benchmarks and quality evaluations
+//! (`evaluations`), time-bucketed rollups with retention, and the pure A/B comparison (`compare`), serving
+//! error rates (`errors`), quality summaries (`quality`) and variant recommendation that the API, the CLI
+//! and the rollout gates share.
 //!
 //! Ingestion is cheap per report: a telemetry report is one transaction without fsync (the device's newest
 //! telemetry and its measurement window); rollups accumulate in memory, bounded, and are merged into the
@@ -7,6 +9,9 @@
 //! retention.
 
 pub mod compare;
+pub mod errors;
+pub mod evaluations;
+pub mod quality;
 pub mod queries;
 pub mod recommend;
 pub mod stats;
@@ -43,6 +48,8 @@ pub struct Ingest {
     /// Telemetry reports not rolled up because the accumulator was full.
     pub rollups_dropped: AtomicU64,
     pub rollup_flushes: AtomicU64,
+    /// Quality evaluation reports, by outcome.
+    pub evaluations: evaluations::EvalCounters,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

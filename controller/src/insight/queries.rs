@@ -1,20 +1,25 @@
-//! What the gRPC InsightService and the dashboard's HTTP API ask: a rollout's comparison, stored
-//! benchmarks, recommendations, and benchmark commands to devices. Both front doors call these, so they
+//! What the gRPC InsightService and the dashboard's HTTP API ask: a rollout's comparison (speed and
+//! quality), stored benchmarks and evaluations, recommendations, and benchmark, calibration and evaluation
+//! commands to devices. Both front doors call these, so they
 //! answer with the same data.
 
 use std::collections::HashMap;
 
+use alki_shared::eval::quality::QualityGates;
 use alki_shared::ids::DeviceId;
 use alki_shared::proto::{self, controller_message::Msg};
 
 use super::compare::{self, Measurements};
-use super::recommend::{self, RecommendError};
+use super::quality::{self, Evaluations};
+use super::recommend::{self, QualityFloor, RecommendError};
 use crate::facts::selects;
 use crate::fleet::Fleet;
-use crate::store::{BenchmarkFilter, StoreError};
+use crate::store::{BenchmarkFilter, EvaluationFilter, StoreError, StoredEvaluation};
 
 /// Most benchmark results one answer carries.
 pub const MAX_BENCHMARKS: usize = 1000;
+/// Most evaluations one answer carries.
+pub const MAX_EVALUATIONS: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -30,14 +35,26 @@ pub enum QueryError {
     Store(#[from] StoreError),
 }
 
-/// A rollout's A/B comparison per hardware class, with the sample floor its gates use.
+/// A rollout's A/B comparison per hardware class, with the sample floor its gates use, and B's quality
+/// against A per class when the rollout has an eval suite.
 pub fn comparison(fleet: &Fleet, rollout_id: &str) -> Result<proto::Comparison, QueryError> {
     let rollout = fleet.store.rollout(rollout_id)?.ok_or_else(|| QueryError::RolloutNotFound(rollout_id.to_owned()))?;
     let records = fleet.store.rollout_devices(rollout_id)?;
     let devices = fleet.store.device_summaries()?;
     let measurements = Measurements::from_records(&fleet.store.perf_records()?);
     let min = rollout.spec.as_ref().and_then(|s| s.gates).map(|g| g.min_devices).unwrap_or(0).max(1) as usize;
-    Ok(compare::compare(&rollout, &devices, &records, &measurements, min))
+    let mut comparison = compare::compare(&rollout, &devices, &records, &measurements, min);
+    if let (Some(candidate), Some(suite)) = (&rollout.candidate, &rollout.eval_suite) {
+        let evaluations = Evaluations::from_samples(fleet.store.eval_samples(&candidate.digest, &suite.digest)?);
+        quality::fill_comparison(&mut comparison, &records, &evaluations);
+    }
+    Ok(comparison)
+}
+
+/// Stored evaluations matching `filter`, newest first (`limit` 0: [`MAX_EVALUATIONS`]).
+pub fn evaluations(fleet: &Fleet, filter: &EvaluationFilter, limit: u32) -> Result<Vec<proto::Evaluation>, QueryError> {
+    let limit = if limit == 0 { MAX_EVALUATIONS } else { (limit as usize).min(MAX_EVALUATIONS) };
+    Ok(fleet.store.evaluations(filter, limit)?.iter().map(StoredEvaluation::to_proto).collect())
 }
 
 pub fn benchmarks(
@@ -49,15 +66,22 @@ pub fn benchmarks(
     Ok(fleet.store.benchmarks(filter, limit)?)
 }
 
-/// Per-class recommendation for a bundle digest from every stored benchmark of it.
+/// Per-class recommendation for a bundle digest from every stored benchmark of it: at or above
+/// `min_quantization`, or, with `floor` (thresholds and the suite digest they are measured with), within it.
 pub fn recommendation(
     fleet: &Fleet,
     bundle_digest: &str,
     min_quantization: &str,
+    floor: Option<(QualityGates, &str)>,
 ) -> Result<Vec<proto::ClassRecommendation>, QueryError> {
     let filter = BenchmarkFilter { bundle_digest: bundle_digest.to_owned(), ..Default::default() };
     let results = fleet.store.benchmarks(&filter, usize::MAX)?;
-    Ok(recommend::recommend(bundle_digest, &results, min_quantization)?)
+    let Some((gates, suite_digest)) = floor else {
+        return Ok(recommend::recommend(bundle_digest, &results, min_quantization, None)?);
+    };
+    let evaluations = Evaluations::from_samples(fleet.store.eval_samples(bundle_digest, suite_digest)?);
+    let floor = QualityFloor { gates, evaluations: &evaluations };
+    Ok(recommend::recommend(bundle_digest, &results, min_quantization, Some(&floor))?)
 }
 
 /// The devices a command targets: the named ones (each must exist), else those the selector picks.
@@ -86,13 +110,19 @@ pub fn targets(
 
 /// Sends one command per device over its session; devices not connected now are reported undelivered.
 pub fn send_commands(fleet: &Fleet, devices: &[DeviceId], kind: &proto::command::Kind) -> Vec<proto::SentCommand> {
+    let what = match kind {
+        proto::command::Kind::RunBenchmark(_) => "benchmark",
+        proto::command::Kind::Calibrate(_) => "calibration",
+        proto::command::Kind::Prestage(_) => "prestage",
+        proto::command::Kind::Evaluate(_) => "evaluation",
+    };
     devices
         .iter()
         .map(|device_id| {
             let command_id = format!("cmd-{}", uuid::Uuid::new_v4().simple());
             let command = proto::Command { id: command_id.clone(), kind: Some(kind.clone()) };
             let delivered = fleet.hub.send(device_id.as_str(), Msg::Command(command));
-            tracing::info!(%device_id, command_id, delivered, "Sent a benchmark command.");
+            tracing::info!(%device_id, command_id, delivered, command = what, "Sent a command.");
             proto::SentCommand { device_id: device_id.to_string(), command_id, delivered }
         })
         .collect()

@@ -1,7 +1,8 @@
-//! Creating a rollout: the request's labels and spec checked (a ramp expanded into steps), the candidate's
-//! signature checked against the fleet's trusted keys, or the check overridden with a reason that is kept
-//! in the rollout's events, the candidate pinned by digest in the embedded or an external registry,
-//! overlaps with active rollouts refused, and the rollout stored as Pending for the reconciler.
+//! Creating a rollout: the request's labels and spec checked (a ramp expanded into steps; quality gates
+//! need an eval suite), the candidate's and the eval suite's signatures checked against the fleet's trusted
+//! keys, or the checks overridden with a reason that is kept in the rollout's events, the candidate and the
+//! suite pinned by digest in the embedded or an external registry (the suite checked to be one, within its
+//! size caps), overlaps with active rollouts refused, and the rollout stored as Pending for the reconciler.
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use crate::config::ExternalRegistry;
 use crate::facts::{rollout_is_active, selects};
 use crate::registry::Registry;
 use crate::store::StoreError;
+use crate::suites::{self, SuiteError, SuiteSources};
 use crate::trust::CandidateError;
 use alki_shared::schedule;
 
@@ -52,6 +54,9 @@ pub enum CreateError {
     /// The candidate's signature does not verify against the fleet's keys, or could not be read.
     #[error(transparent)]
     Signature(CandidateError),
+    /// The eval suite cannot be pinned or is not a usable suite; the message says why.
+    #[error(transparent)]
+    Suite(#[from] SuiteError),
     #[error(
         "bundle {repository}:{reference} is not in the registry; push it with `alkictl bundle push` or check the name"
     )]
@@ -90,9 +95,11 @@ pub async fn create(
     let Request { mut spec, override_signature_check, override_reason, by } = request;
     crate::limits::check_labels("rollout selector", spec.selector.iter())
         .map_err(|e| CreateError::Refused(e.to_string()))?;
+    check_quality(&spec).map_err(CreateError::Invalid)?;
     let check =
         crate::trust::check_candidate(&sources.registry, &sources.externals, &sources.trusted_keys, &spec).await;
-    let overridden = signature_override(check, override_signature_check, &override_reason)?;
+    let (suite, suite_check) = pin_suite(sources, &spec.eval_suite).await?;
+    let overridden = signature_override([check.map(drop), suite_check], override_signature_check, &override_reason)?;
     let external = external::split(&sources.externals, &spec.repository).map(|(r, repo)| (r.clone(), repo.to_owned()));
     let pinned = match external {
         Some((registry, repository)) => {
@@ -105,11 +112,11 @@ pub async fn create(
     let created = tokio::task::spawn_blocking(move || {
         let rollout = match pinned {
             Some(pinned) => {
-                let rollout = create_pinned(&rollouts, spec, pinned.bundle.clone(), now)?;
+                let rollout = create_pinned(&rollouts, spec, pinned.bundle.clone(), suite, now)?;
                 rollouts.fleet.store.record_external_bundle(crate::bundles::pinned_external(&pinned, now))?;
                 rollout
             }
-            None => create_embedded(&rollouts, &sources, spec, now)?,
+            None => create_embedded(&rollouts, &sources, spec, suite, now)?,
         };
         if let Some(problem) = overridden {
             record_override(&rollouts, &rollout.id, &by, &override_reason, &problem, now)?;
@@ -119,27 +126,46 @@ pub async fn create(
     created.await.map_err(|e| CreateError::Task(e.to_string()))?
 }
 
-/// The signature-override rule: a candidate whose signature check fails is refused unless the operator
-/// overrides the check with a reason. Returns the problem overridden, if any.
-fn signature_override<T>(
-    check: Result<T, CandidateError>,
+/// The spec's eval suite pinned and checked to be a suite, with its signature check; none without one.
+async fn pin_suite(
+    sources: &Sources,
+    reference: &str,
+) -> Result<(Option<proto::BundleRef>, Result<(), CandidateError>), CreateError> {
+    if reference.trim().is_empty() {
+        return Ok((None, Ok(())));
+    }
+    let from = SuiteSources {
+        registry: &sources.registry,
+        registry_host: &sources.registry_host,
+        externals: &sources.externals,
+    };
+    let suite = suites::pin(&from, reference).await?;
+    let check = suites::check_signature(&from, &suite, &sources.trusted_keys).await;
+    Ok((Some(suite), check))
+}
+
+/// The signature-override rule: a candidate or eval suite whose signature check fails is refused unless the
+/// operator overrides the checks with a reason. Returns the problems overridden, if any.
+fn signature_override(
+    checks: impl IntoIterator<Item = Result<(), CandidateError>>,
     requested: bool,
     reason: &str,
 ) -> Result<Option<String>, CreateError> {
-    match check {
-        Ok(_) => Ok(None),
-        Err(e) if requested => {
-            if reason.trim().is_empty() {
-                return Err(CreateError::Refused(
-                    "overriding the signature check needs a reason (alkictl rollout create --reason \"...\"); it is \
-                     kept in the rollout's events"
-                        .into(),
-                ));
-            }
-            Ok(Some(e.to_string()))
-        }
-        Err(e) => Err(CreateError::Signature(e)),
+    let mut failed: Vec<CandidateError> = checks.into_iter().filter_map(Result::err).collect();
+    if failed.is_empty() {
+        return Ok(None);
     }
+    if !requested {
+        return Err(CreateError::Signature(failed.swap_remove(0)));
+    }
+    if reason.trim().is_empty() {
+        return Err(CreateError::Refused(
+            "overriding the signature check needs a reason (alkictl rollout create --reason \"...\"); it is \
+             kept in the rollout's events"
+                .into(),
+        ));
+    }
+    Ok(Some(failed.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))
 }
 
 /// Pins the candidate in the embedded registry and stores the rollout. Blocking (the index and the store).
@@ -147,6 +173,7 @@ fn create_embedded(
     rollouts: &Rollouts,
     sources: &Sources,
     mut spec: proto::RolloutSpec,
+    suite: Option<proto::BundleRef>,
     now: UnixMs,
 ) -> Result<proto::Rollout, CreateError> {
     check_spec(&mut spec)?;
@@ -157,7 +184,7 @@ fn create_embedded(
                 repository: spec.repository.clone(),
                 reference: spec.candidate.clone(),
             })?;
-    create_pinned(rollouts, spec, candidate, now)
+    create_pinned(rollouts, spec, candidate, suite, now)
 }
 
 fn check_spec(spec: &mut proto::RolloutSpec) -> Result<(), CreateError> {
@@ -167,11 +194,13 @@ fn check_spec(spec: &mut proto::RolloutSpec) -> Result<(), CreateError> {
     normalize_spec(spec).map_err(CreateError::Invalid)
 }
 
-/// Refuses overlaps with active rollouts and stores the rollout, pinned to `candidate`, as Pending.
+/// Refuses overlaps with active rollouts and stores the rollout, pinned to `candidate` (and its eval
+/// suite), as Pending.
 fn create_pinned(
     rollouts: &Rollouts,
     spec: proto::RolloutSpec,
     candidate: proto::BundleRef,
+    eval_suite: Option<proto::BundleRef>,
     now: UnixMs,
 ) -> Result<proto::Rollout, CreateError> {
     let fleet = &rollouts.fleet;
@@ -182,6 +211,7 @@ fn create_pinned(
     let rollout = proto::Rollout {
         id: RolloutId::generate().to_string(),
         candidate: Some(candidate),
+        eval_suite,
         spec: Some(spec),
         state: RolloutState::Pending as i32,
         created_unix_ms: now,
@@ -194,7 +224,12 @@ fn create_pinned(
         seq: 1,
         unix_ms: now,
         kind: "created".into(),
-        message: format!("created for {} with steps {:?}", digest, spec_percents(&rollout)),
+        message: format!(
+            "created for {} with steps {:?}{}",
+            digest,
+            spec_percents(&rollout),
+            rollout.eval_suite.as_ref().map(|s| format!(", evaluated with suite {}", s.digest)).unwrap_or_default()
+        ),
         device_id: String::new(),
     };
     let rollout = proto::Rollout { event_seq: 1, ..rollout };
@@ -309,6 +344,44 @@ pub fn normalize_spec(spec: &mut proto::RolloutSpec) -> Result<(), String> {
     Ok(())
 }
 
+/// The quality thresholds: each in range (`QualityGates::validate`), none without an eval suite to measure
+/// it, the error-rate ratio positive, and a variant quality floor only for the recommended-variant policy.
+pub fn check_quality(spec: &proto::RolloutSpec) -> Result<(), String> {
+    let no_suite = spec.eval_suite.trim().is_empty();
+    if let Some(g) = &spec.gates {
+        let gates = crate::insight::quality::gates_of(g);
+        gates.validate().map_err(|e| format!("gates: {e}"))?;
+        if !gates.is_empty() && no_suite {
+            return Err("quality gates (max_kld, min_top1_agreement, max_perplexity_ratio, min_golden_pass) are \
+                        measured with an eval suite: name one in eval_suite (alkictl rollout create --eval-suite \
+                        REPO:TAG), or drop the quality gates"
+                .into());
+        }
+        if let Some(v) = g.max_error_rate_ratio
+            && !(v > 0.0 && v.is_finite())
+        {
+            return Err(format!(
+                "gates.max_error_rate_ratio {v} must be a positive ratio relative to A's error rate (e.g. 1.5)"
+            ));
+        }
+    }
+    if let Some(floor) = &spec.variant_quality_floor {
+        let gates = crate::insight::quality::floor_gates(floor);
+        gates.validate().map_err(|e| format!("variant_quality_floor: {e}"))?;
+        if !gates.is_empty() && spec.variant_policy != proto::VariantPolicy::RecommendedPerClass as i32 {
+            return Err("variant_quality_floor applies to the recommended-per-class variant policy; set \
+                        variant_policy to it, or drop the floor"
+                .into());
+        }
+        if !gates.is_empty() && no_suite {
+            return Err("variant_quality_floor is measured with an eval suite (calibration evaluations): name \
+                        it in eval_suite"
+                .into());
+        }
+    }
+    Ok(())
+}
+
 fn spec_percents(rollout: &proto::Rollout) -> Vec<u32> {
     rollout.spec.as_ref().map(|s| s.steps.iter().map(|s| s.percent).collect()).unwrap_or_default()
 }
@@ -320,17 +393,19 @@ mod tests {
     #[test]
     fn a_failed_signature_check_is_refused_unless_overridden_with_a_reason() {
         let failed = || {
-            Err::<(), _>(CandidateError::Read {
+            Err(CandidateError::Read {
+                what: crate::trust::Artifact::Bundle,
                 repository: "acme/qwen".into(),
                 digest: alki_shared::digest::Digest::of(b""),
                 reason: "registry down".into(),
             })
         };
-        assert!(matches!(signature_override(Ok::<(), CandidateError>(()), true, ""), Ok(None)), "nothing to override");
-        assert!(matches!(signature_override(failed(), false, "hotfix"), Err(CreateError::Signature(_))));
-        assert!(matches!(signature_override(failed(), true, "  "), Err(CreateError::Refused(_))), "a reason is needed");
-        let overridden = signature_override(failed(), true, "hotfix").ok().flatten().unwrap_or_default();
+        assert!(matches!(signature_override([Ok(()), Ok(())], true, ""), Ok(None)), "nothing to override");
+        assert!(matches!(signature_override([Ok(()), failed()], false, "hotfix"), Err(CreateError::Signature(_))));
+        assert!(matches!(signature_override([failed()], true, "  "), Err(CreateError::Refused(_))), "a reason");
+        let overridden = signature_override([failed(), failed()], true, "hotfix").ok().flatten().unwrap_or_default();
         assert!(overridden.contains("registry down"), "the problem is kept for the event: {overridden}");
+        assert_eq!(overridden.matches("registry down").count(), 2, "the candidate's and the suite's");
     }
 
     #[test]
@@ -378,5 +453,33 @@ mod tests {
             ..Default::default()
         };
         assert!(normalize_spec(&mut spec).expect_err("no 100%").contains("last step must be 100%"));
+    }
+
+    #[test]
+    fn quality_gates_need_a_suite_and_thresholds_in_range() {
+        let spec = |gates: proto::RolloutGates, suite: &str| proto::RolloutSpec {
+            gates: Some(gates),
+            eval_suite: suite.into(),
+            ..Default::default()
+        };
+        let kld = proto::RolloutGates { max_kld: Some(0.05), ..Default::default() };
+        assert_eq!(check_quality(&spec(kld, "acme/suite:v1")), Ok(()));
+        assert!(check_quality(&spec(kld, "")).expect_err("no suite").contains("measured with an eval suite"));
+        let bad = proto::RolloutGates { min_top1_agreement: Some(90.0), ..Default::default() };
+        assert!(check_quality(&spec(bad, "acme/suite:v1")).expect_err("range").contains("--min-top1-agreement"));
+        let errors = proto::RolloutGates { max_error_rate_ratio: Some(0.0), ..Default::default() };
+        assert!(check_quality(&spec(errors, "")).expect_err("ratio").contains("max_error_rate_ratio"));
+        let errors = proto::RolloutGates { max_error_rate_ratio: Some(1.5), ..Default::default() };
+        assert_eq!(check_quality(&spec(errors, "")), Ok(()), "the error-rate gate reads telemetry, not a suite");
+        let floor = proto::RolloutSpec {
+            variant_quality_floor: Some(proto::QualityFloor { max_kld: Some(0.05), ..Default::default() }),
+            eval_suite: "acme/suite:v1".into(),
+            ..Default::default()
+        };
+        assert!(check_quality(&floor).expect_err("policy").contains("recommended-per-class"));
+        let floor = proto::RolloutSpec { variant_policy: proto::VariantPolicy::RecommendedPerClass as i32, ..floor };
+        assert_eq!(check_quality(&floor), Ok(()));
+        let floor = proto::RolloutSpec { eval_suite: String::new(), ..floor };
+        assert!(check_quality(&floor).expect_err("suite").contains("eval_suite"));
     }
 }

@@ -26,6 +26,24 @@
 //!   active candidate devices have not all reported a measurement yet WAITS for them; with everyone
 //!   measured and still too few samples it is INCONCLUSIVE (the inconclusive policy applies); a ratio
 //!   past its threshold FAILS the class like any other gate.
+//! - **Quality gates** (`max_kld`, `min_top1_agreement`, `max_perplexity_ratio`, `min_golden_pass`; they
+//!   need `spec.eval_suite`, pinned as `rollout.eval_suite`): a sample is an ACTIVE candidate device's newest
+//!   evaluation ([`Facts::evaluations`]) of the candidate with that suite against its own baseline (its
+//!   record's `baseline`; none when it ran nothing, which leaves golden prompts only). Per class,
+//!   `alki_shared::eval::quality::judge_class` with `min_devices` samples decides (its module doc is the
+//!   gate math). A breach FAILS the class at once, even while other devices converge (more samples cannot
+//!   undo it), its reason naming the gate, the worst value, its device and the limit. Otherwise, once the
+//!   class's devices settled: while an active candidate device has not reported, the class WAITS (a device
+//!   still silent `device_deadline_seconds` after its assignment, when a deadline is set, is no longer
+//!   waited for); then too few samples is INCONCLUSIVE (the inconclusive policy applies), else the quality
+//!   gates pass. Devices that could not run the suite give no sample; the reason counts them by kind.
+//!   With a suite and no quality gate, evaluations are only shown. `ClassStatus.quality` holds the class's
+//!   worst values and counts whenever the rollout has a suite.
+//! - **Error-rate gate** (`max_error_rate_ratio`), by `crate::insight::errors`: per class, B's pooled error
+//!   rate against A's from the front proxy's per-bundle counters, judged with the speed gates once the
+//!   class settled: it WAITS while an active candidate device has not reported telemetry of B, is
+//!   INCONCLUSIVE with fewer than `min_devices` devices serving traffic on either side, and FAILS past the
+//!   ratio. `ClassStatus.b_error_rate` / `a_error_rate` show both rates once both sides served traffic.
 //! - **Outcomes per step**: a failing class aborts the rollout, or with `HALT_CLASS` only that class is
 //!   halted (its B devices return to A) while the others continue; if every sampled class is halted the
 //!   rollout aborts. An inconclusive class pauses the rollout for a human (`resume` accepts the step) or,
@@ -54,9 +72,13 @@ use alki_shared::proto::{
 };
 use sha2::{Digest as _, Sha256};
 
+use alki_shared::eval::quality::{Verdict, judge_class};
+use alki_shared::schedule::Window;
+
 use crate::facts::{hardware_class, is_active, selects};
 use crate::insight::compare::{self, Measurements, PerfVerdict};
-use alki_shared::schedule::Window;
+use crate::insight::errors::{self, ClassErrors};
+use crate::insight::quality::{self, Evaluations};
 
 /// The candidate cohort within a rollout.
 pub const COHORT_CANDIDATE: &str = "B";
@@ -90,8 +112,11 @@ pub struct Facts<'a> {
     pub records: &'a [proto::RolloutDevice],
     /// Ids of the other active rollouts: their devices are left alone.
     pub other_active: &'a HashSet<String>,
-    /// Devices' measurements per bundle, for the performance gates (empty when no gate needs them).
+    /// Devices' measurements per bundle, for the performance and error-rate gates (empty when no gate
+    /// needs them).
     pub measurements: &'a Measurements,
+    /// Devices' evaluations of this rollout's candidate with its eval suite (empty without a suite).
+    pub evaluations: &'a Evaluations,
 }
 
 /// A device going back to its baseline.
@@ -481,6 +506,7 @@ fn new_member(rollout_id: &str, device: &proto::Device, class: String, now: i64)
     } else {
         None
     };
+    let baseline_variant = if device.running.is_some() { device.running_variant.clone() } else { String::new() };
     proto::RolloutDevice {
         rollout_id: rollout_id.to_owned(),
         device_id: device.id.clone(),
@@ -491,6 +517,7 @@ fn new_member(rollout_id: &str, device: &proto::Device, class: String, now: i64)
         outcome: DeviceOutcome::Pending as i32,
         reason: String::new(),
         attempts: 1,
+        baseline_variant,
     }
 }
 
@@ -522,27 +549,67 @@ fn count_candidates(
     }
 }
 
-/// Each class's verdict from its counts, its A/B comparison and the gates.
+/// Each class's verdict from its counts, its A/B comparison, its evaluations, its traffic and the gates.
 fn judge_classes(pass: &Pass<'_>, plan: &Plan, records: &Records, classes: &mut BTreeMap<String, proto::ClassStatus>) {
     let (gates, measurements) = (&pass.gates, pass.facts.measurements);
     let perf_on = gates.min_tokens_per_second_ratio.is_some() || gates.max_ttft_ratio.is_some();
+    let current: Vec<proto::RolloutDevice> = records.values().cloned().collect();
     let comparison: HashMap<String, proto::ClassComparison> = if perf_on || !measurements.is_empty() {
-        let current: Vec<proto::RolloutDevice> = records.values().cloned().collect();
         let min_samples = gates.min_devices.max(1) as usize;
         let c = compare::compare(&plan.rollout, pass.facts.devices, &current, measurements, min_samples);
         c.classes.into_iter().map(|c| (c.class.clone(), c)).collect()
     } else {
         HashMap::new()
     };
+    let traffic = if gates.max_error_rate_ratio.is_some() {
+        errors::per_class(&plan.rollout, pass.facts.devices, &current, measurements)
+    } else {
+        BTreeMap::new()
+    };
     let candidate_digest = pass.rollout.candidate.as_ref().map(|c| c.digest.as_str()).unwrap_or_default();
     for status in classes.values_mut() {
-        let unmeasured = records
-            .values()
-            .filter(|r| r.class == status.class && outcome_of(r) == DeviceOutcome::Active)
-            .filter(|r| measurements.get(&r.device_id, candidate_digest).is_none())
-            .count() as u32;
-        let perf = Perf { comparison: comparison.get(&status.class), unmeasured };
-        judge(status, gates, pass.halted.contains(&status.class), &perf);
+        let active: Vec<&proto::RolloutDevice> =
+            records.values().filter(|r| r.class == status.class && outcome_of(r) == DeviceOutcome::Active).collect();
+        let unreported =
+            |measured: &dyn Fn(&str) -> bool| active.iter().filter(|r| !measured(&r.device_id)).count() as u32;
+        let perf = Perf {
+            comparison: comparison.get(&status.class),
+            unmeasured: unreported(&|d| measurements.speed(d, candidate_digest).is_some()),
+            traffic: traffic.get(&status.class),
+            untrafficked: unreported(&|d| measurements.get(d, candidate_digest).is_some_and(|m| m.traffic.is_some())),
+        };
+        let halted = pass.halted.contains(&status.class);
+        // A halted class still shows what its devices measured of B before they returned to A.
+        let evaluated: Vec<&proto::RolloutDevice> = if halted {
+            records.values().filter(|r| r.class == status.class && outcome_of(r) == DeviceOutcome::Reverted).collect()
+        } else {
+            active.clone()
+        };
+        let quality = pass.rollout.eval_suite.is_some().then(|| class_quality(pass, &evaluated));
+        judge(status, gates, halted, &perf, quality.as_ref());
+    }
+}
+
+/// The quality facts of one class: its active candidate devices' newest evaluations against their own
+/// baselines, judged by the shared gate math, and how many devices the class still waits for.
+fn class_quality(pass: &Pass<'_>, active: &[&proto::RolloutDevice]) -> QualityFacts {
+    let deadline_ms = i64::from(pass.spec.device_deadline_seconds) * 1000;
+    let mut results = Vec::new();
+    let mut unreported = 0;
+    for r in active {
+        match pass.facts.evaluations.newest(&r.device_id, r.baseline.as_ref().map(|b| b.digest.as_str())) {
+            Some(sample) => results.push((r.device_id.as_str(), &sample.outcome)),
+            // Still silent past its deadline: judged without it.
+            None if deadline_ms > 0 && pass.now.saturating_sub(r.assigned_unix_ms) >= deadline_ms => {}
+            None => unreported += 1,
+        }
+    }
+    let gates = quality::gates_of(&pass.gates);
+    QualityFacts {
+        verdict: judge_class(&gates, results.iter().copied(), pass.gates.min_devices),
+        summary: quality::summarize(results.iter().map(|(_, o)| *o)),
+        gates_set: !gates.is_empty(),
+        unreported,
     }
 }
 
@@ -573,6 +640,9 @@ fn halt_or_abort(
             );
             if let Some(c) = classes.get_mut(class) {
                 c.verdict = GateVerdict::Halted as i32;
+                // Its devices left B in this pass: count them as the next pass will.
+                let selected = c.counts.map(|n| n.selected).unwrap_or(0);
+                c.counts = Some(RolloutCounts { selected, ..Default::default() });
             }
         }
     }
@@ -772,18 +842,118 @@ fn finish_counts(plan: &mut Plan, classes: &BTreeMap<String, proto::ClassStatus>
     plan.rollout.classes = classes.values().cloned().collect();
 }
 
-/// What the performance gates of one class see.
+/// What the performance and error-rate gates of one class see.
 struct Perf<'a> {
     comparison: Option<&'a proto::ClassComparison>,
-    /// Active candidate devices with no measurement of the candidate yet.
+    /// Active candidate devices with no speed measurement of the candidate yet.
     unmeasured: u32,
+    traffic: Option<&'a ClassErrors>,
+    /// Active candidate devices with no telemetry of the candidate yet.
+    untrafficked: u32,
 }
 
-/// Sets a class's verdict, ratios and reason from its counts, its A/B comparison and the gates.
-fn judge(status: &mut proto::ClassStatus, gates: &proto::RolloutGates, halted: bool, perf: &Perf<'_>) {
+/// What the quality gates of one class see (only for rollouts with an eval suite).
+struct QualityFacts {
+    verdict: Verdict,
+    summary: proto::ClassQuality,
+    /// Whether any quality threshold is set (else the evaluations are only shown).
+    gates_set: bool,
+    /// Active candidate devices the class still waits for.
+    unreported: u32,
+}
+
+/// Sets a class's verdict, ratios, quality and reason from its counts, its A/B comparison, its
+/// evaluations, its traffic and the gates.
+fn judge(
+    status: &mut proto::ClassStatus,
+    gates: &proto::RolloutGates,
+    halted: bool,
+    perf: &Perf<'_>,
+    quality: Option<&QualityFacts>,
+) {
     let n = status.counts.unwrap_or_default();
     let settled = n.active + n.failed;
     let min_devices = gates.min_devices.max(1);
+    let (mut values, mut failed_gate) = failure_gates(status, gates, min_devices);
+    fill_measures(status, perf, quality);
+    // A quality breach is a fact more samples cannot undo: it fails the class at once.
+    if let (None, Some(QualityFacts { verdict: Verdict::Fail(breach), .. })) = (&failed_gate, quality) {
+        failed_gate = Some(format!("quality: {breach}"));
+    }
+    // Not measured yet: (devices still to report, why). Judged once the class's devices settled.
+    let mut unmeasured: Vec<(u32, String)> = Vec::new();
+    if failed_gate.is_none() && n.pending == 0 && settled >= min_devices {
+        let min = min_devices as usize;
+        let measured = [
+            (compare::judge(perf.comparison, gates), perf.unmeasured, "measurements"),
+            (errors::judge(perf.traffic, gates.max_error_rate_ratio, min), perf.untrafficked, "telemetry"),
+        ];
+        for (verdict, missing, what) in measured {
+            match verdict {
+                PerfVerdict::Off => {}
+                PerfVerdict::Pass(v) => values.push(v),
+                PerfVerdict::Fail(why) => failed_gate = failed_gate.or(Some(why)),
+                PerfVerdict::Unmeasured(why) if missing > 0 => {
+                    unmeasured.push((missing, format!("waiting for {what} from {missing} candidate devices; {why}")))
+                }
+                PerfVerdict::Unmeasured(why) => unmeasured.push((0, why)),
+            }
+        }
+        if let Some(q) = quality.filter(|q| q.gates_set) {
+            match &q.verdict {
+                _ if q.unreported > 0 => unmeasured.push((
+                    q.unreported,
+                    format!("waiting for quality evaluations from {} candidate devices", q.unreported),
+                )),
+                Verdict::Pass => values.push(quality::describe(&q.summary, &quality::gates_of(gates))),
+                Verdict::Inconclusive { why } => unmeasured.push((0, why.clone())),
+                Verdict::Fail(_) => {}
+            }
+        }
+    }
+    let no_failure_gate =
+        gates.max_failures.is_none() && gates.max_failure_ratio.is_none() && gates.min_success_ratio.is_none();
+    let (verdict, reason) = if halted {
+        (GateVerdict::Halted, "halted by its gates; its devices returned to A".to_owned())
+    } else if let Some(why) = failed_gate {
+        (GateVerdict::Fail, why)
+    } else if n.candidate == 0 {
+        (GateVerdict::NotSampled, "no candidate device at this step yet".to_owned())
+    } else if n.pending > 0 {
+        (
+            GateVerdict::Waiting,
+            format!("{} of {} candidate devices converging; {}", n.pending, n.candidate, values.join(", ")),
+        )
+    } else if no_failure_gate && n.failed > 0 {
+        (
+            GateVerdict::Waiting,
+            format!(
+                "held: {} of {} candidate devices failed and no failure gate is set; retry, promote or abort",
+                n.failed, n.candidate
+            ),
+        )
+    } else if settled < min_devices {
+        (GateVerdict::Inconclusive, format!("{settled} settled, fewer than min {min_devices}"))
+    } else if unmeasured.iter().any(|(missing, _)| *missing > 0) {
+        let waiting: Vec<String> = unmeasured.into_iter().filter(|(m, _)| *m > 0).map(|(_, why)| why).collect();
+        (GateVerdict::Waiting, waiting.join("; "))
+    } else if !unmeasured.is_empty() {
+        (GateVerdict::Inconclusive, unmeasured.into_iter().map(|(_, why)| why).collect::<Vec<_>>().join("; "))
+    } else {
+        (GateVerdict::Pass, values.join(", "))
+    };
+    status.verdict = verdict as i32;
+    status.reason = reason;
+}
+
+/// The failure-count gates: the values shown, and the first gate the class breaks.
+fn failure_gates(
+    status: &mut proto::ClassStatus,
+    gates: &proto::RolloutGates,
+    min_devices: u32,
+) -> (Vec<String>, Option<String>) {
+    let n = status.counts.unwrap_or_default();
+    let settled = n.active + n.failed;
     if settled > 0 {
         status.success_ratio = f64::from(n.active) / f64::from(settled);
         status.failure_ratio = f64::from(n.failed) / f64::from(settled);
@@ -810,59 +980,23 @@ fn judge(status: &mut proto::ClassStatus, gates: &proto::RolloutGates, halted: b
             }
         }
     }
+    (values, failed_gate)
+}
+
+/// Copies what the class measured into its status: speed ratios, error rates, quality.
+fn fill_measures(status: &mut proto::ClassStatus, perf: &Perf<'_>, quality: Option<&QualityFacts>) {
     if let Some(c) = perf.comparison {
         status.tokens_per_second_ratio = c.generation_tokens_per_second.as_ref().map(|m| m.gate_ratio).unwrap_or(0.0);
         status.ttft_ratio = c.ttft_ms.as_ref().map(|m| m.gate_ratio).unwrap_or(0.0);
         status.a_samples = c.a_samples;
         status.b_samples = c.b_samples;
     }
-    // Performance is judged once the failure gates had their say and the class's devices settled.
-    let mut perf_unmeasured = None;
-    if failed_gate.is_none() && n.pending == 0 && settled >= min_devices {
-        match compare::judge(perf.comparison, gates) {
-            PerfVerdict::Off => {}
-            PerfVerdict::Pass(v) => values.push(v),
-            PerfVerdict::Fail(why) => failed_gate = Some(why),
-            PerfVerdict::Unmeasured(why) => perf_unmeasured = Some(why),
-        }
+    if let Some(t) = perf.traffic
+        && let (Some(a), Some(b)) = (t.a.rate(), t.b.rate())
+    {
+        (status.a_error_rate, status.b_error_rate) = (a, b);
     }
-    let no_failure_gate =
-        gates.max_failures.is_none() && gates.max_failure_ratio.is_none() && gates.min_success_ratio.is_none();
-    let (verdict, reason) = if halted {
-        (GateVerdict::Halted, "halted by its gates; its devices returned to A".to_owned())
-    } else if let Some(why) = failed_gate {
-        (GateVerdict::Fail, why)
-    } else if n.candidate == 0 {
-        (GateVerdict::NotSampled, "no candidate device at this step yet".to_owned())
-    } else if n.pending > 0 {
-        (
-            GateVerdict::Waiting,
-            format!("{} of {} candidate devices converging; {}", n.pending, n.candidate, values.join(", ")),
-        )
-    } else if no_failure_gate && n.failed > 0 {
-        (
-            GateVerdict::Waiting,
-            format!(
-                "held: {} of {} candidate devices failed and no failure gate is set; retry, promote or abort",
-                n.failed, n.candidate
-            ),
-        )
-    } else if settled < min_devices {
-        (GateVerdict::Inconclusive, format!("{settled} settled, fewer than min {min_devices}"))
-    } else if let Some(why) = perf_unmeasured {
-        if perf.unmeasured > 0 {
-            (
-                GateVerdict::Waiting,
-                format!("waiting for measurements from {} candidate devices; {why}", perf.unmeasured),
-            )
-        } else {
-            (GateVerdict::Inconclusive, why)
-        }
-    } else {
-        (GateVerdict::Pass, values.join(", "))
-    };
-    status.verdict = verdict as i32;
-    status.reason = reason;
+    status.quality = quality.map(|q| q.summary);
 }
 
 /// An operator's verb.

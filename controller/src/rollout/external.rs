@@ -1,4 +1,5 @@
-//! Bundles in external registries: which rollouts name one, and pinning the candidate there by digest.
+//! Bundles in external registries: which rollouts name one, and pinning the candidate there by digest
+//! ([`pin`]; [`fetch`] reads any manifest there, e.g. an eval suite's).
 //!
 //! A rollout names an external registry by prefixing the repository with its `host:port` exactly as
 //! configured (`127.0.0.1:5000/acme/qwen:v2`). Any other repository is the embedded registry's, unchanged.
@@ -55,6 +56,25 @@ pub fn split<'a>(registries: &'a [ExternalRegistry], repository: &'a str) -> Opt
 /// against it and that the manifest is a bundle (an index with variants, or a manifest with GGUF layers),
 /// and returns the bundle reference agents are given with its manifest.
 pub async fn pin(registry: &ExternalRegistry, repository: &str, reference: &str) -> Result<Pinned, ExternalError> {
+    let pinned = fetch(registry, repository, reference).await?;
+    let digest = &pinned.bundle.digest;
+    let not_bundle = |why: &str| {
+        ExternalError::Invalid(format!(
+            "{}/{repository}:{reference} ({digest}) is not a bundle: {why}; push one made by alkictl bundle pack",
+            registry.host
+        ))
+    };
+    match &pinned.manifest {
+        Manifest::Index(index) if variants(index).is_empty() => return Err(not_bundle("its index lists no variants")),
+        Manifest::Image(m) if weight_layers(m).is_empty() => return Err(not_bundle("it has no GGUF weight layer")),
+        _ => {}
+    }
+    Ok(pinned)
+}
+
+/// Resolves `reference` (a tag or a digest) in `repository` of `registry` to a digest and reads its
+/// manifest, checked against the digest and parsed, whatever artifact it is (bundles, eval suites).
+pub async fn fetch(registry: &ExternalRegistry, repository: &str, reference: &str) -> Result<Pinned, ExternalError> {
     let not_found = || ExternalError::NotFound {
         repository: format!("{}/{repository}", registry.host),
         reference: reference.to_owned(),
@@ -116,18 +136,12 @@ pub async fn pin(registry: &ExternalRegistry, repository: &str, reference: &str)
             registry.host
         )));
     }
-    let not_bundle = |why: &str| {
+    let manifest = Manifest::parse(&bytes, None).map_err(|e| {
         ExternalError::Invalid(format!(
-            "{}/{repository}:{reference} ({digest}) is not a bundle: {why}; push one made by alkictl bundle pack",
+            "{}/{repository}:{reference} ({digest}) is not an OCI manifest: {e}; push it again",
             registry.host
         ))
-    };
-    let manifest = Manifest::parse(&bytes, None).map_err(|e| not_bundle(&e.to_string()))?;
-    match &manifest {
-        Manifest::Index(index) if variants(index).is_empty() => return Err(not_bundle("its index lists no variants")),
-        Manifest::Image(m) if weight_layers(m).is_empty() => return Err(not_bundle("it has no GGUF weight layer")),
-        _ => {}
-    }
+    })?;
     let tag = if expected.is_some() { String::new() } else { reference.to_owned() };
     let bundle = proto::BundleRef {
         registry: registry.host.clone(),

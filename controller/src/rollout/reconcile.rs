@@ -14,8 +14,10 @@ use alki_shared::proto::{self, RolloutState, VariantPolicy, controller_message};
 use super::Rollouts;
 use super::engine;
 use crate::facts::rollout_is_active;
-use crate::fleet::{Assignment, Fleet};
+use crate::fleet::{Assignment, EvalAssignment, Fleet};
 use crate::insight::compare::Measurements;
+use crate::insight::quality::{self, Evaluations};
+use crate::insight::recommend::{self, QualityFloor};
 use crate::store::{BenchmarkFilter, StoreError};
 
 /// How often the reconciler looks even when nothing woke it (soak timers, deadlines).
@@ -72,6 +74,7 @@ fn reconcile_once_with(rollouts: &Rollouts, now: UnixMs, include_finished: bool)
         let span = tracing::info_span!("rollout", rollout_id = %rollout.id);
         let _entered = span.enter();
         let mut records = fleet.store.rollout_devices(&rollout.id)?;
+        let evaluations = evaluations_of(fleet, &rollout)?;
         let mut others = active_ids.clone();
         others.remove(&rollout.id);
         // Zero-soak steps advance several times in one pass; bounded by the number of steps.
@@ -82,6 +85,7 @@ fn reconcile_once_with(rollouts: &Rollouts, now: UnixMs, include_finished: bool)
                 records: &records,
                 other_active: &others,
                 measurements: &measurements,
+                evaluations: &evaluations,
             };
             let plan = engine::decide(&rollout, &facts, now);
             if !plan.changes(&rollout) {
@@ -111,7 +115,20 @@ fn load_devices(fleet: &Fleet) -> Result<Vec<proto::Device>, StoreError> {
 
 fn needs_measurements(r: &proto::Rollout) -> bool {
     let gates = r.spec.as_ref().and_then(|s| s.gates);
-    rollout_is_active(r) && gates.is_some_and(|g| g.min_tokens_per_second_ratio.is_some() || g.max_ttft_ratio.is_some())
+    rollout_is_active(r)
+        && gates.is_some_and(|g| {
+            g.min_tokens_per_second_ratio.is_some() || g.max_ttft_ratio.is_some() || g.max_error_rate_ratio.is_some()
+        })
+}
+
+/// The devices' evaluations of an active rollout's candidate with its eval suite (none without a suite).
+fn evaluations_of(fleet: &Fleet, rollout: &proto::Rollout) -> Result<Evaluations, StoreError> {
+    match (&rollout.candidate, &rollout.eval_suite) {
+        (Some(candidate), Some(suite)) if rollout_is_active(rollout) => {
+            Ok(Evaluations::from_samples(fleet.store.eval_samples(&candidate.digest, &suite.digest)?))
+        }
+        _ => Ok(Evaluations::default()),
+    }
 }
 
 fn merge_records(records: &mut Vec<proto::RolloutDevice>, changed: &[proto::RolloutDevice]) {
@@ -157,18 +174,25 @@ fn apply(fleet: &Fleet, before: &proto::Rollout, plan: &engine::Plan, now: i64) 
         rollout_id: rollout_id.clone(),
         cohort: engine::COHORT_CANDIDATE.into(),
         variant_digest: String::new(),
+        eval: None,
     };
     let per_device: HashMap<String, Assignment> = if plan.to_candidate.is_empty() && plan.retry.is_empty() {
         HashMap::new()
     } else {
+        // Each B device: its class's recommended variant, and its evaluation against its own baseline.
         let by_class = recommended_variants(fleet, &rollout)?;
         fleet
             .store
             .rollout_devices(&rollout.id)?
             .into_iter()
-            .filter_map(|r| {
-                let variant = by_class.get(&r.class)?;
-                Some((r.device_id, Assignment { variant_digest: variant.clone(), ..to_b.clone() }))
+            .map(|r| {
+                let eval = rollout.eval_suite.clone().map(|suite| EvalAssignment {
+                    suite,
+                    baseline: r.baseline.clone(),
+                    baseline_variant: r.baseline_variant.clone(),
+                });
+                let variant_digest = by_class.get(&r.class).cloned().unwrap_or_default();
+                (r.device_id, Assignment { variant_digest, eval, ..to_b.clone() })
             })
             .collect()
     };
@@ -182,6 +206,7 @@ fn apply(fleet: &Fleet, before: &proto::Rollout, plan: &engine::Plan, now: i64) 
             rollout_id: rollout_id.clone(),
             cohort: engine::COHORT_BASELINE.into(),
             variant_digest: String::new(),
+            eval: None,
         })
         .collect();
     let mut moves: Vec<(&str, &Assignment, bool)> = Vec::new();
@@ -201,8 +226,10 @@ fn apply(fleet: &Fleet, before: &proto::Rollout, plan: &engine::Plan, now: i64) 
 }
 
 /// Under the "recommended per class" variant policy, the candidate's variant per hardware class that has a
-/// calibrated recommendation (class → variant digest). Classes without calibration data keep the device's
-/// own choice; other policies give an empty map.
+/// calibrated recommendation (class → variant digest), within `variant_quality_floor` when one is set (as
+/// `Recommend` with a floor: measured with the rollout's eval suite), else at or above
+/// `variant_min_quantization`. Classes without a recommendation keep the device's own choice; other
+/// policies give an empty map.
 fn recommended_variants(fleet: &Fleet, rollout: &proto::Rollout) -> Result<HashMap<String, String>, StoreError> {
     let Some(spec) = rollout.spec.as_ref().filter(|s| s.variant_policy == VariantPolicy::RecommendedPerClass as i32)
     else {
@@ -211,7 +238,14 @@ fn recommended_variants(fleet: &Fleet, rollout: &proto::Rollout) -> Result<HashM
     let digest = rollout.candidate.as_ref().map(|c| c.digest.clone()).unwrap_or_default();
     let filter = BenchmarkFilter { bundle_digest: digest.clone(), ..Default::default() };
     let results = fleet.store.benchmarks(&filter, usize::MAX)?;
-    Ok(match crate::insight::recommend::recommend(&digest, &results, &spec.variant_min_quantization) {
+    let gates = spec.variant_quality_floor.as_ref().map(quality::floor_gates).filter(|g| !g.is_empty());
+    let evaluations = match (&gates, &rollout.eval_suite) {
+        (Some(_), Some(suite)) => Evaluations::from_samples(fleet.store.eval_samples(&digest, &suite.digest)?),
+        _ => Evaluations::default(),
+    };
+    let floor = gates.map(|gates| QualityFloor { gates, evaluations: &evaluations });
+    let recommended = recommend::recommend(&digest, &results, &spec.variant_min_quantization, floor.as_ref());
+    Ok(match recommended {
         Ok(recs) => {
             recs.into_iter().filter(|r| !r.variant_digest.is_empty()).map(|r| (r.class, r.variant_digest)).collect()
         }

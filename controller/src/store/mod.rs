@@ -1,4 +1,5 @@
-//! Controller state in redb: devices, rollouts (with their per-device records and event log), tokens.
+//! Controller state in redb: devices, rollouts (with their per-device records and event log), tokens;
+//! telemetry, benchmarks and quality evaluations in their own modules.
 //! One ACID, fsynced transaction per change.
 //!
 //! Records are the wire contract's messages kept as JSON (see shared/build.rs): prost defaults fill
@@ -6,6 +7,7 @@
 //! the same database (see `registry::index`).
 
 pub mod audit;
+pub mod evaluations;
 pub mod identity;
 
 use std::path::Path;
@@ -16,7 +18,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Serialize, de::DeserializeOwned};
 
 mod telemetry;
-pub use telemetry::{BenchmarkFilter, MAX_ROLLUP_KEYS, PerfRecord, Rollup};
+pub use evaluations::{EvalSample, EvaluationFilter, StoredEvaluation};
+pub use telemetry::{BenchmarkFilter, MAX_ROLLUP_KEYS, PerfRecord, Rollup, Traffic};
 
 type Table = TableDefinition<'static, &'static str, &'static [u8]>;
 
@@ -77,8 +80,10 @@ impl Store {
         std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Database(redb::StorageError::Io(e).into()))?;
         let db = Database::create(data_dir.join("controller.redb"))?;
         let txn = db.begin_write()?;
-        for table in
-            [DEVICES, ROLLOUTS, TOKENS, ROLLOUT_DEVICES, EVENTS, EXTERNAL_BUNDLES].into_iter().chain(telemetry::TABLES)
+        for table in [DEVICES, ROLLOUTS, TOKENS, ROLLOUT_DEVICES, EVENTS, EXTERNAL_BUNDLES]
+            .into_iter()
+            .chain(telemetry::TABLES)
+            .chain(evaluations::TABLES)
         {
             txn.open_table(table)?;
         }

@@ -42,6 +42,38 @@ pub struct PerfRecord {
     /// Recent telemetry rates (generation tokens/s, time to first token), newest last, at most PERF_WINDOW.
     pub tokens_per_second: Vec<f64>,
     pub ttft_ms: Vec<f64>,
+    /// Requests and errors the device's front proxy counted for this bundle (the increments of its
+    /// cumulative counters, added up); None until telemetry of this bundle arrived.
+    pub traffic: Option<Traffic>,
+    /// The cumulative counters of the newest report, to turn the next one into increments.
+    pub last_requests_total: u64,
+    pub last_errors_total: u64,
+}
+
+/// Requests served and how many of them failed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub requests: u64,
+    pub errors: u64,
+}
+
+impl Traffic {
+    /// Adds a report's cumulative counters to the traffic seen so far. The agent's counters count since it
+    /// started: the first report of a bundle counts whole, and so does a report after an agent restart (the
+    /// counters went backwards).
+    fn add_report(record: &mut PerfRecord, requests_total: u64, errors_total: u64) {
+        let first = record.traffic.is_none();
+        let traffic = record.traffic.get_or_insert_default();
+        let restarted = requests_total < record.last_requests_total || errors_total < record.last_errors_total;
+        if first || restarted {
+            traffic.requests = traffic.requests.saturating_add(requests_total);
+            traffic.errors = traffic.errors.saturating_add(errors_total);
+        } else {
+            traffic.requests = traffic.requests.saturating_add(requests_total - record.last_requests_total);
+            traffic.errors = traffic.errors.saturating_add(errors_total - record.last_errors_total);
+        }
+        (record.last_requests_total, record.last_errors_total) = (requests_total, errors_total);
+    }
 }
 
 /// Aggregates of telemetry reports in one time bucket for one (class, bundle, variant).
@@ -177,6 +209,7 @@ impl Store {
                 },
             };
             let new = record.updated_unix_ms == 0;
+            Traffic::add_report(&mut record, t.requests_total, t.request_errors_total);
             record.class = class.clone();
             record.updated_unix_ms = now;
             if !t.variant_digest.is_empty() {
@@ -429,6 +462,24 @@ mod tests {
         let r = &store2.perf_records().expect("records")[0];
         assert_eq!(r.tokens_per_second.len(), PERF_WINDOW);
         assert_eq!(r.tokens_per_second.last(), Some(&40.0), "newest kept");
+    }
+
+    #[test]
+    fn front_proxy_counters_add_up_per_bundle_across_agent_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let counters = |requests, errors| proto::Telemetry {
+            bundle_digest: "sha256:aa".into(),
+            requests_total: requests,
+            request_errors_total: errors,
+            ..Default::default()
+        };
+        // 100 requests before the first report count; then increments; then the agent restarted.
+        for (i, (r, e)) in [(100, 2), (150, 2), (160, 5), (10, 1), (30, 1)].into_iter().enumerate() {
+            store.record_telemetry("d1", &counters(r, e), 1 + i as i64).expect("record");
+        }
+        let record = &store.perf_records().expect("records")[0];
+        assert_eq!(record.traffic, Some(Traffic { requests: 190, errors: 6 }));
     }
 
     #[test]

@@ -132,7 +132,17 @@ pub async fn admin_token(data_dir: &std::path::Path) -> String {
     .expect("admin token written")
 }
 
-pub async fn start_secure(configure: impl FnOnce(&mut alki_controller::config::ControllerConfig)) -> SecureController {
+/// A controller started on 127.0.0.1:0 with `configure`d defaults, until its stop channel fires.
+struct Started {
+    dir: tempfile::TempDir,
+    grpc: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+    admin: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start_controller(configure: impl FnOnce(&mut alki_controller::config::ControllerConfig)) -> Started {
     let dir = tempfile::tempdir().expect("tempdir");
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind http");
@@ -146,6 +156,11 @@ pub async fn start_secure(configure: impl FnOnce(&mut alki_controller::config::C
     }));
     // The admin token is written after the CA: once it is there, both are.
     let admin = admin_token(dir.path()).await;
+    Started { dir, grpc: grpc_addr, http: http_addr, admin, stop, task }
+}
+
+pub async fn start_secure(configure: impl FnOnce(&mut alki_controller::config::ControllerConfig)) -> SecureController {
+    let Started { dir, grpc: grpc_addr, http: http_addr, admin, stop, task } = start_controller(configure).await;
     let ca_pem = std::fs::read_to_string(dir.path().join("pki/ca.crt")).expect("the CA is written on first start");
     SecureController {
         dir,
@@ -191,4 +206,46 @@ pub fn bearer_request<T>(token: &str, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
     request
+}
+
+/// A whole controller on 127.0.0.1:0 over plaintext, admitting agent sessions with role-agent tokens (the
+/// scripted agents of in-process tests; TLS and enrollment have their own tests).
+pub struct PlainController {
+    pub dir: tempfile::TempDir,
+    /// `http://127.0.0.1:<port>` of gRPC.
+    pub grpc: String,
+    /// `127.0.0.1:<port>` of the HTTP listener (registry, dashboard API, metrics).
+    pub http: String,
+    pub admin: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+pub async fn start_plaintext(
+    configure: impl FnOnce(&mut alki_controller::config::ControllerConfig),
+) -> PlainController {
+    let Started { dir, grpc: grpc_addr, http: http_addr, admin, stop, task } = start_controller(|config| {
+        config.insecure_plaintext = true;
+        config.insecure_agent_tokens = true;
+        configure(config);
+    })
+    .await;
+    PlainController {
+        dir,
+        grpc: format!("http://{grpc_addr}"),
+        http: http_addr.to_string(),
+        admin,
+        stop: Some(stop),
+        task,
+    }
+}
+
+impl PlainController {
+    /// Stops the controller and waits for it (connected agent sessions must have been dropped).
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(TEST_TIMEOUT, &mut self.task).await.expect("shuts down").expect("join").expect("serve ok");
+    }
 }

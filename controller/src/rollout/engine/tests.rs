@@ -1,7 +1,13 @@
 //! Engine tests with a fake clock: unit scenarios and property tests of cohorts, gates and abort.
 
 use super::*;
+use crate::insight::compare::Measure;
+use crate::store::{EvalSample, Traffic};
+use alki_shared::eval::quality::Outcome;
 use proptest::prelude::*;
+use std::collections::BTreeSet;
+
+mod quality;
 
 pub(super) fn rollout(steps: &[(u32, u32)]) -> proto::Rollout {
     proto::Rollout {
@@ -59,6 +65,14 @@ struct Sim {
     stage_failing: HashSet<String>,
     /// Every Prestage command sent, as (device, attempt, now).
     prestaged: Vec<(String, u32, i64)>,
+    /// What a device of each class that activates B reports of its evaluation (none for a class not here).
+    quality: HashMap<String, Outcome>,
+    /// Devices that never report an evaluation.
+    silent: HashSet<String>,
+    /// The evaluations reported so far.
+    evaluations: Vec<EvalSample>,
+    /// What a device of each class that activates B reports of its traffic on B.
+    b_traffic: HashMap<String, Traffic>,
 }
 
 impl Sim {
@@ -74,6 +88,10 @@ impl Sim {
             b_speed: HashMap::new(),
             stage_failing: HashSet::new(),
             prestaged: Vec::new(),
+            quality: HashMap::new(),
+            silent: HashSet::new(),
+            evaluations: Vec::new(),
+            b_traffic: HashMap::new(),
         }
     }
 
@@ -140,13 +158,28 @@ impl Sim {
                 d.error = None;
                 d.running = d.desired.clone();
                 let running = d.running.as_ref().map(|b| b.digest.clone()).unwrap_or_default();
-                let (a, factor) = (self.measurements.get(&d.id, "sha256:aa"), self.b_speed.get(&d.labels["class"]));
+                let class = d.labels["class"].clone();
+                let (a, factor) = (self.measurements.get(&d.id, "sha256:aa"), self.b_speed.get(&class));
+                let mut b = crate::insight::compare::Measure::default();
                 if let (true, Some(a), Some(f)) = (to_b, a, factor) {
-                    let b = crate::insight::compare::Measure {
-                        tokens_per_second: a.tokens_per_second.map(|v| v * f),
-                        ttft_ms: a.ttft_ms.map(|v| v / f),
-                    };
+                    b.tokens_per_second = a.tokens_per_second.map(|v| v * f);
+                    b.ttft_ms = a.ttft_ms.map(|v| v / f);
+                }
+                if to_b {
+                    b.traffic = self.b_traffic.get(&class).copied();
                     self.measurements.insert(&d.id, &running, b);
+                }
+                if let (true, Some(outcome), false) = (to_b, self.quality.get(&class), self.silent.contains(&d.id)) {
+                    self.evaluations.push(EvalSample {
+                        device_id: d.id.clone(),
+                        class,
+                        variant_digest: "sha256:bbv".into(),
+                        baseline_bundle: "sha256:aa".into(),
+                        baseline_variant: String::new(),
+                        rollout_id: id.clone(),
+                        received_unix_ms: now,
+                        outcome: outcome.clone(),
+                    });
                 }
             }
         }
@@ -155,11 +188,13 @@ impl Sim {
 
     fn step(&mut self, now: i64) -> Plan {
         let other = HashSet::new();
+        let evaluations = Evaluations::from_samples(self.evaluations.clone());
         let facts = Facts {
             devices: &self.devices,
             records: &self.records,
             other_active: &other,
             measurements: &self.measurements,
+            evaluations: &evaluations,
         };
         let plan = decide(&self.rollout, &facts, now);
         self.apply_at(plan.clone(), now);
@@ -269,6 +304,7 @@ fn a_failing_candidate_aborts_and_every_b_device_returns_to_exactly_its_a() {
         records: &sim.records,
         other_active: &other,
         measurements: &Measurements::default(),
+        evaluations: &Evaluations::default(),
     };
     assert!(!decide(&sim.rollout, &facts, 200_000).changes(&sim.rollout));
 }
@@ -454,8 +490,13 @@ fn devices_that_served_nothing_go_back_to_serving_nothing_on_abort() {
     // the facts repeats nothing for devices already moved, and everything for a device still in B.
     sim.devices[0].cohort = COHORT_CANDIDATE.into();
     let other = HashSet::new();
-    let facts =
-        Facts { devices: &sim.devices, records: &sim.records, other_active: &other, measurements: &sim.measurements };
+    let facts = Facts {
+        devices: &sim.devices,
+        records: &sim.records,
+        other_active: &other,
+        measurements: &sim.measurements,
+        evaluations: &Evaluations::default(),
+    };
     let again = decide(&sim.rollout, &facts, 2);
     assert_eq!(
         again.to_baseline.iter().map(|r| (r.device_id.as_str(), r.bundle.is_none())).collect::<Vec<_>>(),
@@ -470,7 +511,14 @@ fn devices_in_another_active_rollout_are_left_alone() {
     devices[0].cohort = COHORT_CANDIDATE.into();
     let other = HashSet::from(["ro-other".to_owned()]);
     let r = rollout(&[(100, 0)]);
-    let facts = Facts { devices: &devices, records: &[], other_active: &other, measurements: &Measurements::default() };
+    let none = Evaluations::default();
+    let facts = Facts {
+        devices: &devices,
+        records: &[],
+        other_active: &other,
+        measurements: &Measurements::default(),
+        evaluations: &none,
+    };
     let plan = decide(&r, &facts, 0);
     assert_eq!(plan.to_candidate.len(), 9);
     assert!(!plan.to_candidate.contains(&"d0000".to_owned()));
@@ -480,6 +528,7 @@ fn devices_in_another_active_rollout_are_left_alone() {
         records: &[],
         other_active: &HashSet::new(),
         measurements: &Measurements::default(),
+        evaluations: &none,
     };
     assert_eq!(decide(&r, &facts, 0).to_candidate.len(), 10);
 }
@@ -562,6 +611,7 @@ fn perf_sim(policy: ClassFailurePolicy, b_speed: &[(&str, f64)]) -> Sim {
         let m = crate::insight::compare::Measure {
             tokens_per_second: Some(10.0 + (i % 7) as f64),
             ttft_ms: Some(300.0 + (i % 5) as f64),
+            traffic: None,
         };
         sim.measurements.insert(&d.id, "sha256:aa", m);
     }
