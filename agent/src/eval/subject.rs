@@ -66,7 +66,7 @@ pub enum Offer {
 /// single manifest), from the content store when there, else from its registry. Nothing else is fetched.
 pub async fn offer(acquirer: &Acquirer, bundle: &BundleLocation, options: &PullOptions) -> Result<Offer, CouldNotRun> {
     let read = acquirer.acquire_artifact(bundle, None, &|_| Ok(Vec::new()), options).await;
-    match read.map_err(|e| CouldNotRun::Failed { problem: e.to_string() })? {
+    match read.map_err(|e| CouldNotRun::Failed { problem: e.about_bundle(bundle).to_string() })? {
         (Manifest::Index(index), _) => Ok(Offer::Index(variants(&index))),
         (Manifest::Image(m), _) => {
             Ok(Offer::Single { weights: weight_layers(&m).iter().map(|l| l.size).fold(0, u64::saturating_add) })

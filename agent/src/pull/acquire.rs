@@ -88,6 +88,7 @@ impl Acquirer {
     /// their declared sizes, before anything is downloaded), and those fetched into the content store
     /// (verified, sealed, evictable like every blob). The content store is asked first: an artifact that is
     /// all there is used without a registry. Mirrors are tried in order before the artifact's registry.
+    /// Errors are bare: the caller says which artifact they are about.
     pub async fn acquire_artifact(
         &self,
         artifact: &BundleLocation,
@@ -101,7 +102,7 @@ impl Acquirer {
             None => self.registry.trust.for_repository_off_thread(&artifact.repository).await,
         };
         let mut attempt = ArtifactPull { store: &self.store, registry: &access, trust: &trust, layers, options };
-        access.from_each_endpoint(artifact, &mut attempt).await.map_err(|e| e.about_bundle(artifact))
+        access.from_each_endpoint(artifact, &mut attempt).await
     }
 
     /// The bundle pulled as `want` says, and the options it was pulled with.
