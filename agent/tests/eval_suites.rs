@@ -169,12 +169,12 @@ async fn a_candidate_that_does_not_fit_or_a_build_without_llama_perplexity_says_
         let model = s.dir.path().join("model.gguf");
         std::fs::write(&model, vec![7u8; 4096]).expect("model bytes");
         let bundle = s.registry.push_bundle("acme/models", &[("Q8_0", &model)]).await;
-        s.registry.sign("acme/models", &bundle, &s.key).await;
+        s.registry.sign("acme/models", &bundle.location.digest, &s.key).await;
         let (files, parsed) = suite("refusals");
         let suite_digest = s.registry.push_suite("acme/suites", "refusals", &files, &parsed).await;
         s.registry.sign("acme/suites", &suite_digest, &s.key).await;
         let request = Request {
-            candidate: s.registry.location("acme/models", &bundle),
+            candidate: bundle.location.clone(),
             variant: None,
             suite: s.registry.location("acme/suites", &suite_digest),
             baseline: None,
@@ -193,7 +193,7 @@ async fn a_candidate_that_does_not_fit_or_a_build_without_llama_perplexity_says_
 
         let result = env(&s, server, 0).evaluate(&request).await;
         assert_eq!(result.outcome, Outcome::CouldNotRun(CouldNotRun::ToolMissing { tool: "llama-perplexity".into() }));
-        assert_ne!(result.candidate, bundle, "the variant evaluated is named, not the bundle");
+        assert_eq!(result.candidate, bundle.variants[0], "the variant evaluated is named, not the bundle");
     })
     .await
     .expect("bounded");

@@ -7,7 +7,10 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
 use alki_shared::digest::Digest;
+use alki_shared::eval::quality::QualityResult;
+use alki_shared::eval::wire;
 use alki_shared::proto;
+use serde::{Deserialize, Serialize};
 
 /// The reports file in the data directory.
 pub const EVALUATIONS_FILE: &str = "evaluations.json";
@@ -17,6 +20,45 @@ pub const EVALUATIONS_KEPT: usize = 64;
 pub const DONE_FILE: &str = "evaluated.json";
 /// Keys kept in it (the newest win): far more than a device's distinct rollouts between restarts.
 pub const DONE_KEPT: usize = 256;
+
+/// An eval report as the device keeps it: the result in `alki_shared::eval::quality`'s form, whose JSON keeps
+/// a NaN a model computed (the protobuf messages' JSON cannot read one back).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredReport {
+    #[serde(default)]
+    pub command_id: String,
+    #[serde(default)]
+    pub rollout_id: String,
+    pub bundle: Option<proto::BundleRef>,
+    pub suite: Option<proto::BundleRef>,
+    pub baseline: Option<proto::BundleRef>,
+    /// None for a refusal that could not name a variant or a suite (`refused` says why).
+    pub result: Option<QualityResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    pub at_unix_ms: i64,
+}
+
+impl StoredReport {
+    pub fn of(report: &proto::EvalReport) -> StoredReport {
+        let result = report.result.as_ref().map(wire::from_proto);
+        let refused = match (&result, report.result.as_ref().and_then(|r| r.outcome.as_ref())) {
+            (Some(Ok(_)), _) => None,
+            (_, Some(proto::quality_result::Outcome::CouldNotRun(c))) => Some(c.problem.clone()),
+            _ => Some("the report holds no readable result".to_owned()),
+        };
+        StoredReport {
+            command_id: report.command_id.clone(),
+            rollout_id: report.rollout_id.clone(),
+            bundle: report.bundle.clone(),
+            suite: report.suite.clone(),
+            baseline: report.baseline.clone(),
+            result: result.and_then(Result::ok),
+            refused,
+            at_unix_ms: report.at_unix_ms,
+        }
+    }
+}
 
 /// `<data_dir>/evaluations.json`: the newest [`EVALUATIONS_KEPT`] eval reports, oldest first.
 #[derive(Clone, Debug)]
@@ -34,21 +76,21 @@ impl EvaluationsFile {
     }
 
     /// The stored reports; empty when there are none or the file is unreadable.
-    pub fn load(&self) -> Vec<proto::EvalReport> {
+    pub fn load(&self) -> Vec<StoredReport> {
         read_json(&self.path, "evaluations")
     }
 
     /// Appends `report`, keeping the newest. Blocking.
-    pub fn append(&self, report: proto::EvalReport) -> std::io::Result<()> {
+    pub fn append(&self, report: &proto::EvalReport) -> std::io::Result<()> {
         let mut all = self.load();
-        all.push(report);
+        all.push(StoredReport::of(report));
         all.drain(..all.len().saturating_sub(EVALUATIONS_KEPT));
         write_json(&self.path, &all)
     }
 
     pub async fn append_async(&self, report: proto::EvalReport) {
         let file = self.clone();
-        if !matches!(tokio::task::spawn_blocking(move || file.append(report)).await, Ok(Ok(()))) {
+        if !matches!(tokio::task::spawn_blocking(move || file.append(&report)).await, Ok(Ok(()))) {
             tracing::warn!(file = %self.path.display(), "Cannot store the evaluation report.");
         }
     }
@@ -117,12 +159,45 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = EvaluationsFile::new(dir.path());
         for i in 0..(EVALUATIONS_KEPT + 2) {
-            file.append(proto::EvalReport { at_unix_ms: i as i64, ..Default::default() }).expect("append");
+            file.append(&proto::EvalReport { at_unix_ms: i as i64, ..Default::default() }).expect("append");
         }
         let all = file.load();
         assert_eq!((all.len(), all[0].at_unix_ms), (EVALUATIONS_KEPT, 2));
+        assert_eq!(all[0].refused.as_deref(), Some("the report holds no readable result"));
         std::fs::write(file.path(), b"[{").expect("corrupt");
         assert!(file.load().is_empty());
+    }
+
+    #[test]
+    fn a_result_with_nan_survives_the_file() {
+        use alki_shared::eval::perplexity::{Estimate, PerplexitySettings};
+        use alki_shared::eval::quality::{EvalSettings, GoldenSummary, Measurement, Outcome};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = EvaluationsFile::new(dir.path());
+        let result = QualityResult {
+            suite: Digest::of(b"suite"),
+            candidate: Digest::of(b"b"),
+            baseline: None,
+            outcome: Outcome::Measured(Measurement {
+                perplexity: Some(Estimate { value: 31.5, uncertainty: f64::NAN }),
+                kl_divergence: None,
+                golden: GoldenSummary::new(0, Vec::new()),
+                build: "llama.cpp test".into(),
+                settings: EvalSettings {
+                    perplexity: PerplexitySettings { context_size: 128, chunks: 16, threads: 0, gpu_layers: 0 },
+                    seed: 42,
+                },
+                duration_ms: 5,
+            }),
+        };
+        let report =
+            proto::EvalReport { command_id: "c".into(), result: Some(wire::to_proto(&result)), ..Default::default() };
+        file.append(&report).expect("append");
+        file.append(&report).expect("append again: the file reads back");
+        let all = file.load();
+        assert_eq!(all.len(), 2);
+        let Some(Outcome::Measured(m)) = all[1].result.as_ref().map(|r| &r.outcome) else { panic!("measured") };
+        assert!(m.perplexity.expect("ppl").uncertainty.is_nan());
     }
 
     #[tokio::test]

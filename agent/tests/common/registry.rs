@@ -30,6 +30,13 @@ pub struct Registry {
     client: Client,
 }
 
+/// A bundle pushed: where it is, and its variants' manifest digests in index order.
+#[derive(Clone, Debug)]
+pub struct PushedBundle {
+    pub location: BundleLocation,
+    pub variants: Vec<Digest>,
+}
+
 /// The three files of a suite, as bytes.
 #[derive(Clone, Debug)]
 pub struct SuiteBytes {
@@ -88,9 +95,9 @@ impl Registry {
         digest
     }
 
-    /// A bundle whose variants are GGUF files (quantization name, file), as an index; its digest. Each
-    /// variant's memory need is twice its weights.
-    pub async fn push_bundle(&self, repository: &str, variants: &[(&str, &Path)]) -> Digest {
+    /// A bundle whose variants are GGUF files (quantization name, file), as an index. Each variant's memory
+    /// need is twice its weights.
+    pub async fn push_bundle(&self, repository: &str, variants: &[(&str, &Path)]) -> PushedBundle {
         let config = self.blob(repository, EMPTY_CONFIG).await;
         let mut entries = Vec::new();
         for (quantization, file) in variants {
@@ -116,6 +123,7 @@ impl Registry {
             entry.annotations = variant_annotations(quantization, "llama", "alki-tiny", 1, 2048, w, 2 * w);
             entries.push(entry);
         }
+        let variants = entries.iter().map(|e| e.digest.clone()).collect();
         let index = ImageIndex {
             schema_version: 2,
             media_type: Some(MEDIA_TYPE_IMAGE_INDEX.to_owned()),
@@ -124,7 +132,9 @@ impl Registry {
             subject: None,
             annotations: Default::default(),
         };
-        self.manifest(repository, "latest", MEDIA_TYPE_IMAGE_INDEX, serde_json::to_vec(&index).expect("json")).await
+        let bytes = serde_json::to_vec(&index).expect("json");
+        let digest = self.manifest(repository, "latest", MEDIA_TYPE_IMAGE_INDEX, bytes).await;
+        PushedBundle { location: self.location(repository, &digest), variants }
     }
 
     /// An eval suite as `alkictl eval push` pushes it (the manifest of `alki_shared::eval::artifact`); its
