@@ -442,3 +442,45 @@ async fn alki_agent_eval_runs_one_evaluation_by_hand() {
     let suite = alki_agent::eval::cli::read_suite_dir(&suite_dir).expect("suite dir");
     assert_eq!(result.suite, suite.digest, "the digest the suite would have in a registry");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calibration_with_a_suite_evaluates_each_variant_against_the_most_precise_one() {
+    let Some(bin) = bin_dir() else { return };
+    tokio::time::timeout(REAL_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let [a, b1, ..] = models(dir.path(), &bin);
+        let registry = Registry::start(dir.path());
+        let (key, policy) = trusted_key(dir.path());
+        let bundle = registry.push_bundle("acme/tiny", &[("F16", &a), ("Q8_0", &b1)]).await;
+        registry.sign("acme/tiny", &bundle.location.digest, &key).await;
+        let prompts = r#"{"id":"count","prompt":"1, 2, 3,","max_tokens":4,"checks":[{"regex":"."}]}"#;
+        let files = suite_files(&corpus(), prompts, 600);
+        let suite = Suite::parse(files.files()).expect("suite");
+        let suite_digest = registry.push_suite("acme/suites", "smoke", &files, &suite).await;
+        registry.sign("acme/suites", &suite_digest, &key).await;
+        let mut running =
+            start_agent(TOKEN, |controller| agent_config(dir.path(), &bin, &registry.host(), &policy, controller))
+                .await;
+
+        let calibrate = proto::Calibrate {
+            bundle: Some(bundle.location.to_proto()),
+            repetitions: 1,
+            suite: Some(registry.location("acme/suites", &suite_digest).to_proto()),
+        };
+        running.command("cal", proto::command::Kind::Calibrate(calibrate)).await;
+        let benchmarks = running.benchmark_report("cal").await;
+        assert_eq!(benchmarks.results.len(), 2, "both variants benchmarked first: {:?}", benchmarks.error);
+        let f16 = eval_report(&mut running.up, |r| r.command_id == "cal").await;
+        let q8 = eval_report(&mut running.up, |r| r.command_id == "cal").await;
+        let (f16_variant, q8_variant) = (&bundle.variants[0], &bundle.variants[1]);
+        assert_eq!((&f16.candidate, f16.baseline.as_ref()), (f16_variant, Some(f16_variant)), "in index order");
+        assert_eq!((&q8.candidate, q8.baseline.as_ref()), (q8_variant, Some(f16_variant)), "against the most precise");
+        let kld = |r: &QualityResult| measured(r).kl_divergence.expect("KLD");
+        assert_eq!(kld(&f16).top1_agreement.value, 1.0, "the baseline against itself");
+        assert!(kld(&q8).top1_agreement.value >= 0.9 && kld(&q8).kld_mean.value < 0.001, "{:?}", kld(&q8));
+        assert_eq!(measured(&q8).golden.passed, 1);
+        running.stop().await;
+    })
+    .await
+    .expect("bounded");
+}
