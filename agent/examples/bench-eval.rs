@@ -17,10 +17,8 @@ use std::time::{Duration, Instant};
 
 use alki_agent::eval::logits::BaseLogits;
 use alki_agent::eval::measure::{Baseline, Meter, Model, SuiteRef};
-use alki_agent::eval::{tool, vocab};
 use alki_agent::runtime::priority::Priority;
-use alki_agent::runtime::{InstanceOptions, LaunchSpec, StopPolicy, http_client};
-use alki_agent::settings::LaunchSettings;
+use alki_agent::runtime::{InstanceOptions, StopPolicy, http_client};
 use alki_agent::store::ContentStore;
 use alki_e2e::tiny_model::{self, CHATML_TEMPLATE, TinyModelOptions};
 use alki_shared::digest::Digest;
@@ -171,18 +169,8 @@ fn suite(dir: &Path) -> anyhow::Result<Suite> {
 }
 
 async fn model(bin: &Path, path: &Path) -> anyhow::Result<Model> {
-    let settings = LaunchSettings {
-        context_size: 512,
-        threads: 0,
-        gpu_layers: 0,
-        parallel_slots: 1,
-        chat_template: None,
-        llama_server: None,
-    };
-    let tool = tool::find(&settings, &bin.join("llama-server")).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (digest, _) = alki_shared::digest::hash_file(path).await?;
-    let spec = LaunchSpec { model_path: path.to_owned(), settings, bundle_digest: String::new() };
-    Ok(Model { digest, spec, tool, vocab: vocab::read(path).await })
+    let (_, model) = alki_agent::eval::cli::file_model(&bin.join("llama-server"), path).await?;
+    model.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// The agent's side: the two models, the suite with and without golden prompts, how instances run.

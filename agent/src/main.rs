@@ -116,12 +116,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { config, model, repetitions, output } => {
-            tracing_subscriber::fmt()
-                .with_writer(std::io::stderr)
-                .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
-                .init();
-            let config = alki_agent::Config::load(&config)?;
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let (config, runtime) = one_shot(&config)?;
             let result = runtime.block_on(alki_agent::bench::run_cli(&config, model.as_deref(), repetitions))?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&result)?),
@@ -131,12 +126,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Eval { config, suite, model, baseline, output } => {
-            tracing_subscriber::fmt()
-                .with_writer(std::io::stderr)
-                .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
-                .init();
-            let config = alki_agent::Config::load(&config)?;
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let (config, runtime) = one_shot(&config)?;
             eprintln!("Evaluating {} with the suite in {} ...", model.display(), suite.display());
             let result = runtime.block_on(alki_agent::eval::run_cli(&config, &suite, &model, baseline.as_deref()))?;
             match output {
@@ -181,6 +171,17 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// What a one-shot command (`bench`, `eval`) needs: warnings on stderr (stdout is the result), the config,
+/// an async runtime.
+fn one_shot(config: &std::path::Path) -> anyhow::Result<(alki_agent::Config, tokio::runtime::Runtime)> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .init();
+    let config = alki_agent::Config::load(config)?;
+    Ok((config, tokio::runtime::Runtime::new().context("starting the async runtime")?))
 }
 
 fn unix_seconds(t: std::time::SystemTime) -> String {

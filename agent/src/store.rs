@@ -142,6 +142,30 @@ impl ContentStore {
         BlobLease { in_use: Arc::clone(&self.in_use), digest: digest.clone() }
     }
 
+    /// Puts a verified file at `digest`'s blob path with `persist` (a rename), makes the rename durable and
+    /// seals the blob; off the async threads.
+    async fn install(
+        &self,
+        digest: &Digest,
+        persist: impl FnOnce(&Path) -> std::io::Result<()> + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let target = self.path(digest);
+        let dir = target.parent().map(Path::to_owned).unwrap_or_else(|| self.blobs.clone());
+        let (moved, seal) = (target.clone(), self.seal_path(digest));
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            persist(&moved)?;
+            alki_shared::fsutil::sync_dir(&dir)?;
+            if let Err(e) = write_seal(&moved, &seal) {
+                tracing::debug!(error = %e, blob = %moved.display(), "Cannot seal a verified blob.");
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|join| io_at(&target)(std::io::Error::other(join)))?
+        .map_err(io_at(&target))
+    }
+
     /// Removes one blob unless it is pinned or in use; true when it is gone.
     pub async fn evict_blob(&self, digest: &Digest) -> bool {
         !self.pinned().contains(digest) && self.remove(digest).await.is_ok()
@@ -159,22 +183,7 @@ impl ContentStore {
     /// sealed. Returns the blob's digest and size.
     pub async fn adopt(&self, file: tempfile::TempPath) -> Result<(Digest, u64), StoreError> {
         let (digest, size) = alki_shared::digest::hash_file(&file).await.map_err(io_at(&file))?;
-        let target = self.path(&digest);
-        let dir = target.parent().map(Path::to_owned).unwrap_or_else(|| self.blobs.clone());
-        let seal = self.seal_path(&digest);
-        let moved = target.clone();
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dir)?;
-            file.persist(&moved).map_err(|e| e.error)?;
-            alki_shared::fsutil::sync_dir(&dir)?;
-            if let Err(e) = write_seal(&moved, &seal) {
-                tracing::debug!(error = %e, blob = %moved.display(), "Cannot seal an adopted blob.");
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|join| io_at(&target)(std::io::Error::other(join)))?
-        .map_err(io_at(&target))?;
+        self.install(&digest, move |target| file.persist(target).map_err(|e| e.error)).await?;
         Ok((digest, size))
     }
 
@@ -440,20 +449,7 @@ impl ContentStore {
         if &actual != expected {
             return Err(StoreError::DigestMismatch { expected: expected.clone(), actual });
         }
-        let dir = final_path.parent().map(Path::to_owned).unwrap_or_else(|| self.blobs.clone());
-        tokio::fs::create_dir_all(&dir).await.map_err(io_at(&dir))?;
-        let (target, seal) = (final_path.clone(), self.seal_path(expected));
-        tokio::task::spawn_blocking(move || {
-            tmp.persist(&target).map_err(|e| e.error)?;
-            alki_shared::fsutil::sync_dir(&dir)?;
-            if let Err(e) = write_seal(&target, &seal) {
-                tracing::debug!(error = %e, blob = %target.display(), "Cannot seal a verified blob.");
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|join| io_at(&final_path)(std::io::Error::other(join)))?
-        .map_err(io_at(&final_path))?;
+        self.install(expected, move |target| tmp.persist(target).map(drop).map_err(|e| e.error)).await?;
         Ok(final_path)
     }
 }

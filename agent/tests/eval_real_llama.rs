@@ -16,10 +16,8 @@ use std::time::Duration;
 use alki_agent::Config;
 use alki_agent::eval::logits::BaseLogits;
 use alki_agent::eval::measure::{Baseline, Meter, Model, SuiteRef};
-use alki_agent::eval::tool;
 use alki_agent::runtime::priority::Priority;
-use alki_agent::runtime::{InstanceOptions, LaunchSpec, StopPolicy, http_client};
-use alki_agent::settings::LaunchSettings;
+use alki_agent::runtime::{InstanceOptions, StopPolicy, http_client};
 use alki_agent::store::ContentStore;
 use alki_e2e::tiny_model::{self, CHATML_TEMPLATE, MISMATCHED_TEMPLATE, TinyModelOptions};
 use alki_shared::digest::Digest;
@@ -334,18 +332,8 @@ async fn an_agent_evaluates_b1_b2_and_b3_against_the_served_a_and_again_after_an
 
 /// A model file on the real build, for the library-level tests.
 async fn file_model(bin: &Path, path: &Path) -> Model {
-    let settings = LaunchSettings {
-        context_size: 512,
-        threads: 0,
-        gpu_layers: 0,
-        parallel_slots: 1,
-        chat_template: None,
-        llama_server: None,
-    };
-    let tool = tool::find(&settings, &bin.join("llama-server")).await.expect("llama-perplexity beside llama-server");
-    let spec = LaunchSpec { model_path: path.to_owned(), settings, bundle_digest: String::new() };
-    let (digest, _) = alki_shared::digest::hash_file(path).await.expect("hash");
-    Model { digest, spec, tool, vocab: alki_agent::eval::vocab::read(path).await }
+    let (_, model) = alki_agent::eval::cli::file_model(&bin.join("llama-server"), path).await.expect("a model file");
+    model.expect("llama-perplexity beside llama-server")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,7 +382,10 @@ async fn a_run_past_the_suites_time_budget_is_killed_and_reported_out_of_time() 
             "killed at the deadline, not waited for: {:?}",
             started.elapsed()
         );
-        assert_eq!(logits.bytes().await, 0, "an interrupted baseline run leaves nothing cached");
+        // The deadline fell in the baseline's run (nothing cached) or in the candidate's (the baseline whole).
+        let whole = alki_shared::eval::perplexity::base_logits_size(128, 32000, 16).expect("size");
+        let cached = logits.bytes().await;
+        assert!(cached == 0 || cached == whole, "only whole baseline logits are cached: {cached} bytes");
     })
     .await
     .expect("bounded");

@@ -54,9 +54,9 @@ pub async fn run_cli(
 ) -> anyhow::Result<QualityResult> {
     let SuiteDir { suite, digest } = read_suite_dir(suite_dir)?;
     let corpus = suite_dir.join(&suite.manifest.corpus);
-    let (candidate_digest, candidate) = file_model(config, model).await?;
+    let (candidate_digest, candidate) = file_model(&config.runtime.llama_server, model).await?;
     let baseline_model = match baseline {
-        Some(path) => Some(file_model(config, path).await?),
+        Some(path) => Some(file_model(&config.runtime.llama_server, path).await?),
         None => None,
     };
     let mut result = QualityResult {
@@ -120,12 +120,13 @@ async fn measure(
     meter.measure(&candidate, baseline.map(|m| Baseline::Model(Box::new(m))), suite).await
 }
 
-/// A GGUF file as a model on the configured llama-server's build; its digest is the file's.
-async fn file_model(config: &crate::Config, path: &Path) -> anyhow::Result<(Digest, Result<Model, CouldNotRun>)> {
+/// A GGUF file as a model on the build of `llama_server` (the bundle defaults: one slot, the golden
+/// context), named by the file's digest; [`CouldNotRun::ToolMissing`] when the build has no llama-perplexity.
+pub async fn file_model(llama_server: &Path, path: &Path) -> anyhow::Result<(Digest, Result<Model, CouldNotRun>)> {
     anyhow::ensure!(path.is_file(), "{}: no such model file; give the path of a GGUF file", path.display());
     let (digest, _) = hash_file(path).await.with_context(|| format!("reading {}", path.display()))?;
     let settings = LaunchSettings::resolve(&RuntimeDefaults::default(), &RuntimeOverrides::default());
-    let tool = match tool::find(&settings, &config.runtime.llama_server).await {
+    let tool = match tool::find(&settings, llama_server).await {
         Ok(tool) => tool,
         Err(why) => return Ok((digest, Err(why))),
     };
