@@ -44,6 +44,24 @@ pub struct Config {
     /// every activation and report it to the controller.
     #[serde(default = "default_true")]
     pub benchmark_after_activation: bool,
+    /// How quality evaluations run (eval suites named by a desired state, an Evaluate command or a
+    /// calibration).
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+/// Quality evaluations: llama-perplexity and a loopback llama-server beside the serving model.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// CPU priority of the evaluation's processes: `idle` (default: SCHED_IDLE and nice 19, they run only on
+    /// CPU time the serving model leaves), `nice` (nice 19 only) or `normal`. An evaluation that cannot
+    /// finish within its suite's time budget at this priority reports "out of time".
+    #[serde(default)]
+    pub priority: crate::runtime::priority::Priority,
+    /// llama-perplexity's threads (`-t`); 0 lets the tool decide.
+    #[serde(default)]
+    pub threads: u32,
 }
 
 fn default_true() -> bool {
@@ -646,6 +664,7 @@ llama_server = "/bin/llama-server"
         assert_eq!(config.embedded_registry(), "ctl.example:7070");
         assert!(config.plain_http_registries().is_empty(), "the embedded registry is reached over HTTPS");
         assert_eq!(config.identity_dir(), PathBuf::from("/data/identity"));
+        assert_eq!((config.eval.priority, config.eval.threads), (crate::runtime::priority::Priority::Idle, 0));
     }
 
     #[test]

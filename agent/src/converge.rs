@@ -23,6 +23,33 @@ pub struct Desired {
     pub preferred_variant: Option<Digest>,
     /// Nothing is to be served (`DesiredState.serve_nothing`); `target` is then not used.
     pub serve_nothing: bool,
+    /// The evaluation to run once the bundle is active (`eval_suite`), or why its references cannot be used.
+    pub eval: Option<Result<EvalWanted, String>>,
+}
+
+/// What a desired state asks to evaluate the active bundle with, once it is committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EvalWanted {
+    pub suite: BundleLocation,
+    /// What the device ran before, for KL divergence and top-1 agreement; None: no comparison.
+    pub baseline: Option<BundleLocation>,
+    pub baseline_variant: Option<Digest>,
+}
+
+impl EvalWanted {
+    /// The evaluation a desired state names, if any.
+    fn from_proto(d: &proto::DesiredState) -> Option<Result<EvalWanted, String>> {
+        let suite = d.eval_suite.as_ref()?;
+        let wanted = || -> Result<EvalWanted, String> {
+            let suite = BundleLocation::from_proto(Some(suite)).map_err(|e| format!("eval suite: {e}"))?;
+            let baseline = match &d.eval_baseline {
+                Some(b) => Some(BundleLocation::from_proto(Some(b)).map_err(|e| format!("eval baseline: {e}"))?),
+                None => None,
+            };
+            Ok(EvalWanted { suite, baseline, baseline_variant: d.eval_baseline_variant_digest.parse().ok() })
+        };
+        Some(wanted())
+    }
 }
 
 impl Desired {
@@ -37,6 +64,7 @@ impl Desired {
             // A malformed preference is only a preference: the device then chooses for itself.
             preferred_variant: d.variant_digest.parse().ok(),
             serve_nothing: d.serve_nothing,
+            eval: EvalWanted::from_proto(d),
         }
     }
 }
@@ -175,7 +203,23 @@ mod tests {
             named: Some(bundle(name).to_proto()),
             preferred_variant: None,
             serve_nothing: false,
+            eval: None,
         }
+    }
+
+    #[test]
+    fn an_eval_suite_in_a_desired_state_is_read_with_its_baseline() {
+        let mut d = proto::DesiredState { generation: 1, bundle: Some(bundle("b").to_proto()), ..Default::default() };
+        assert_eq!(Desired::from_proto(&d).eval, None);
+        d.eval_suite = Some(bundle("suite").to_proto());
+        d.eval_baseline = Some(bundle("a").to_proto());
+        d.eval_baseline_variant_digest = Digest::of(b"a-q8").to_string();
+        let wanted = Desired::from_proto(&d).eval.expect("asked").expect("usable");
+        assert_eq!(wanted.suite, bundle("suite"));
+        assert_eq!((wanted.baseline, wanted.baseline_variant), (Some(bundle("a")), Some(Digest::of(b"a-q8"))));
+        d.eval_suite = Some(proto::BundleRef { digest: "sha256:nope".into(), ..bundle("suite").to_proto() });
+        let refused = Desired::from_proto(&d).eval.expect("asked").expect_err("bad digest");
+        assert!(refused.starts_with("eval suite: "), "{refused}");
     }
 
     fn serving(name: &str) -> ServingKey {

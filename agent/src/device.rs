@@ -128,12 +128,14 @@ pub struct Device {
     pub(crate) save_retry: Option<Instant>,
 }
 
-/// What the device loop reports to the metrics and the benchmark task.
+/// What the device loop reports to the metrics, the benchmark task and the evaluation task.
 #[derive(Clone, Debug, Default)]
 pub struct DeviceHooks {
     pub metrics: Arc<AgentMetrics>,
     /// Benchmarks after every activation; None turns them off.
     pub bench: Option<Jobs>,
+    /// Evaluations after activations whose desired state names an eval suite.
+    pub eval: Option<crate::eval::Jobs>,
 }
 
 impl DeviceHooks {
@@ -148,6 +150,31 @@ impl DeviceHooks {
         if let Some(jobs) = &self.bench {
             jobs.offer_activation();
         }
+    }
+
+    /// The active deployment is committed for `desired` (or `desired` asks for what is served already):
+    /// evaluate it when `desired` names an eval suite. The evaluation task runs each variant × suite ×
+    /// baseline once, so offering it again (a reconnect, a restart) is harmless.
+    pub fn evaluate(&self, desired: &Desired, active: Option<&Deployment>) {
+        let (Some(jobs), Some(wanted), Some(active)) = (&self.eval, &desired.eval, active) else { return };
+        let wanted = match wanted {
+            Ok(wanted) => wanted,
+            Err(reason) => {
+                tracing::warn!(%reason, "The desired state names an eval suite that cannot be used; not evaluated.");
+                return;
+            }
+        };
+        let baseline = wanted
+            .baseline
+            .clone()
+            .map(|bundle| crate::eval::run::BaselineRef { bundle, variant: wanted.baseline_variant.clone() });
+        let request = crate::eval::Request {
+            candidate: active.bundle.clone(),
+            variant: Some(active.variant_digest.clone()),
+            suite: wanted.suite.clone(),
+            baseline,
+        };
+        jobs.submit(crate::eval::Job::Activation { rollout_id: desired.rollout_id.clone(), request });
     }
 }
 
@@ -240,9 +267,10 @@ impl Device {
         match self.finish_activation(&desired, outcome, shutdown).await {
             Outcome::Active => {
                 self.hooks.activation(ActivationOutcome::Active);
-                // Benchmarked once proven: at once without a watch window, else when it passes.
+                // Benchmarked and evaluated once proven: at once without a watch window, else when it passes.
                 if self.watching.is_none() {
                     self.hooks.benchmark();
+                    self.hooks.evaluate(&desired, self.state.active.as_ref());
                 }
                 self.restart = None;
                 self.restart_delay = RESTART_MIN;
@@ -456,6 +484,7 @@ impl Device {
                     self.state.active.as_ref().map(|a| a.variant_digest.to_string()).unwrap_or_default();
                 self.report(status).await;
                 self.publish();
+                self.hooks.evaluate(&desired, self.state.active.as_ref());
             }
             Decision::Activate(desired) => self.start_activation(desired, pulling).await,
         }
@@ -752,9 +781,11 @@ impl Device {
         let now = Instant::now();
         if now >= watch.until {
             tracing::info!(generation = %watch.desired.generation, "The new model passed its watch window; the previous one is released.");
+            let desired = watch.desired.clone();
             self.watching = None;
             self.supervisor.commit();
             self.hooks.benchmark();
+            self.hooks.evaluate(&desired, self.state.active.as_ref());
             self.collect_garbage().await;
             return;
         }

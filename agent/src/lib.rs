@@ -9,6 +9,7 @@ pub mod config;
 pub mod converge;
 mod device;
 pub mod enroll;
+pub mod eval;
 pub mod identity;
 pub mod inventory;
 pub mod metrics;
@@ -94,6 +95,10 @@ impl Layout {
     }
     pub fn logs(&self) -> PathBuf {
         self.data_dir.join("logs")
+    }
+    /// Where evaluations materialise the variants they run (hard links into the content store).
+    pub fn evaluation(&self) -> PathBuf {
+        self.data_dir.join("evaluation")
     }
 }
 
@@ -247,17 +252,22 @@ impl Agent {
         let (snapshot_tx, snapshot_rx) = watch::channel(Snapshot::default());
         let parts = Parts::new(config, store, proxy, reloads, snapshot_rx, stop_rx);
 
+        let (eval_reports_tx, eval_reports_rx) = mpsc::channel(eval::jobs::REPORTS);
+        let (evals, eval_task) = parts.evaluator(eval_reports_tx).spawn(parts.stop.clone());
         let (reports_tx, reports_rx) = mpsc::channel(bench::JOB_QUEUE);
-        let (bench_jobs, bench_task) = parts.benchmarker(&device_id, reports_tx).await.spawn(parts.stop.clone());
+        let benchmarker = parts.benchmarker(&device_id, reports_tx, evals.clone()).await;
+        let (bench_jobs, bench_task) = benchmarker.spawn(parts.stop.clone());
         let metrics_task = metrics.map(|listener| parts.spawn_metrics_server(listener));
         // Pre-staging: staged bundles are pinned in the store before the device loop may evict anything.
         let (staging, stage_task) = parts.stager().spawn(parts.stop.clone()).await;
         let (status_tx, status_rx) = mpsc::channel(STATUS_CAPACITY);
         let (desired_tx, desired_rx) = watch::channel(None);
         let bench_after = parts.config.benchmark_after_activation.then(|| bench_jobs.clone());
-        let (device, hand_over) = parts.device(state, state_file, status_tx, snapshot_tx, desired_rx, bench_after);
+        let hooks = DeviceHooks { metrics: Arc::clone(&parts.metrics), bench: bench_after, eval: Some(evals.clone()) };
+        let (device, hand_over) = parts.device(state, state_file, status_tx, snapshot_tx, desired_rx, hooks);
         let device_task = tokio::spawn(device.run(parts.stop.clone()).in_current_span());
-        let session = parts.session(device_id, desired_tx, status_rx, reports_rx, bench_jobs, staging);
+        let reports = SessionReports { benchmarks: reports_rx, evals, eval_reports: eval_reports_rx };
+        let session = parts.session(device_id, desired_tx, status_rx, reports, bench_jobs, staging);
         // Device certificates renew themselves at two thirds of their life (not in the insecure token mode).
         let renewal = (!parts.config.controller.insecure_plaintext)
             .then(|| tokio::spawn(identity::renew_loop(parts.config.clone(), parts.stop.clone()).in_current_span()));
@@ -285,6 +295,7 @@ impl Agent {
             ("session", session_task, TASK_SHUTDOWN),
             ("front server", front_task, drain_timeout + TASK_SHUTDOWN),
             ("benchmarks", bench_task, TASK_SHUTDOWN),
+            ("evaluations", eval_task, TASK_SHUTDOWN),
             ("staging", stage_task, TASK_SHUTDOWN),
         ];
         let metrics_task = metrics_task.map(|task| ("metrics server", task, TASK_SHUTDOWN));
@@ -398,6 +409,7 @@ impl Parts {
         &self,
         device_id: &DeviceId,
         reports: mpsc::Sender<alki_shared::proto::BenchmarkReport>,
+        evals: eval::Jobs,
     ) -> bench::Benchmarker {
         let (data_dir, labels) = (self.config.data_dir.clone(), self.config.labels.clone());
         let hardware_class = tokio::task::spawn_blocking(move || inventory::collect(&data_dir, &labels).hardware_class)
@@ -419,6 +431,33 @@ impl Parts {
                 memory_reserve: self.config.memory_reserve_bytes(),
                 http: http_client(),
             },
+            evals: Some(evals),
+        }
+    }
+
+    /// The evaluation task: suites, candidates and baselines through the acquire path, tools at the
+    /// configured priority, baseline logits cached in the content store.
+    fn evaluator(&self, reports: mpsc::Sender<alki_shared::proto::EvalReport>) -> eval::Evaluator {
+        let (config, layout) = (&self.config, &self.layout);
+        let env = eval::Env {
+            acquirer: self.acquirer.clone(),
+            data_dir: layout.data_dir.clone(),
+            work_dir: layout.evaluation(),
+            instance: InstanceOptions { log_dir: layout.logs().join("evaluation"), ..self.instance.clone() },
+            http: http_client(),
+            logits: eval::logits::BaseLogits::new(self.acquirer.store.clone(), &layout.content()),
+            priority: config.eval.priority,
+            threads: config.eval.threads,
+            memory_reserve: config.memory_reserve_bytes(),
+            disk_reserve: config.disk_reserve_bytes(),
+            bandwidth: config.bandwidth_limit(),
+            metrics: Arc::clone(&self.metrics),
+        };
+        eval::Evaluator {
+            env,
+            reports,
+            file: eval::files::EvaluationsFile::new(&layout.data_dir),
+            done: eval::files::DoneFile::new(&layout.data_dir),
         }
     }
 
@@ -453,7 +492,7 @@ impl Parts {
         statuses: mpsc::Sender<alki_shared::proto::Status>,
         snapshot: watch::Sender<Snapshot>,
         desired: watch::Receiver<Option<alki_shared::proto::DesiredState>>,
-        bench: Option<bench::Jobs>,
+        hooks: DeviceHooks,
     ) -> (Device, Arc<std::sync::atomic::AtomicBool>) {
         let config = &self.config;
         let mut supervisor = Supervisor::new(self.instance.clone(), config.drain_timeout(), Arc::clone(&self.proxy));
@@ -480,7 +519,7 @@ impl Parts {
             gap_wait: config.gap_wait(),
             watching: None,
             crashes: std::collections::VecDeque::with_capacity(device::CRASH_LOOP_COUNT),
-            hooks: DeviceHooks { metrics: Arc::clone(&self.metrics), bench },
+            hooks,
             save_retry: None,
         };
         (device, hand_over)
@@ -493,7 +532,7 @@ impl Parts {
         device_id: DeviceId,
         desired: watch::Sender<Option<alki_shared::proto::DesiredState>>,
         statuses: mpsc::Receiver<alki_shared::proto::Status>,
-        reports: mpsc::Receiver<alki_shared::proto::BenchmarkReport>,
+        reports: SessionReports,
         bench: bench::Jobs,
         staging: stage::SessionStaging,
     ) -> SessionContext {
@@ -513,13 +552,22 @@ impl Parts {
                 collector: metrics::TelemetryCollector::new(http_client()),
                 metrics: Arc::clone(&self.metrics),
                 bench: Some(bench),
-                reports,
+                reports: reports.benchmarks,
+                evals: reports.evals,
+                eval_reports: reports.eval_reports,
             },
             settings: config.clone(),
             registry_token: self.acquirer.registry.device_token.clone(),
             staging,
         }
     }
+}
+
+/// What the session forwards and where Evaluate commands go.
+struct SessionReports {
+    benchmarks: mpsc::Receiver<alki_shared::proto::BenchmarkReport>,
+    evals: eval::Jobs,
+    eval_reports: mpsc::Receiver<alki_shared::proto::EvalReport>,
 }
 
 /// How the agent ends.

@@ -50,6 +50,25 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Evaluate a GGUF file's quality with an eval suite directory (perplexity, KL divergence and top-1
+    /// agreement against a baseline, golden prompts), on the configured llama.cpp build.
+    Eval {
+        /// The agent's TOML configuration file (llama-server's path, priority, threads, memory reserve).
+        #[arg(long, env = "ALKI_AGENT_CONFIG", default_value = "/etc/alki/agent.toml")]
+        config: PathBuf,
+        /// The suite directory: suite.toml and the corpus and prompts files it names.
+        #[arg(long)]
+        suite: PathBuf,
+        /// The candidate GGUF file.
+        #[arg(long)]
+        model: PathBuf,
+        /// A baseline GGUF file to compare with (KL divergence, top-1 agreement, perplexity ratio).
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Print the agent's version.
     Version,
 }
@@ -97,18 +116,26 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { config, model, repetitions, output } => {
-            tracing_subscriber::fmt()
-                .with_writer(std::io::stderr)
-                .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
-                .init();
-            let config = alki_agent::Config::load(&config)?;
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let (config, runtime) = one_shot(&config)?;
             let result = runtime.block_on(alki_agent::bench::run_cli(&config, model.as_deref(), repetitions))?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&result)?),
                 Output::Table => print!("{}", alki_agent::bench::table(&result)),
             }
             anyhow::ensure!(result.error.is_empty(), "the benchmark failed: {}", result.error);
+            Ok(())
+        }
+        Command::Eval { config, suite, model, baseline, output } => {
+            let (config, runtime) = one_shot(&config)?;
+            eprintln!("Evaluating {} with the suite in {} ...", model.display(), suite.display());
+            let result = runtime.block_on(alki_agent::eval::run_cli(&config, &suite, &model, baseline.as_deref()))?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&result)?),
+                Output::Table => print!("{}", alki_agent::eval::table(&result)),
+            }
+            if let alki_shared::eval::quality::Outcome::CouldNotRun(why) = &result.outcome {
+                anyhow::bail!("the evaluation could not run: {why}");
+            }
             Ok(())
         }
         Command::Run { config } => {
@@ -144,6 +171,17 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// What a one-shot command (`bench`, `eval`) needs: warnings on stderr (stdout is the result), the config,
+/// an async runtime.
+fn one_shot(config: &std::path::Path) -> anyhow::Result<(alki_agent::Config, tokio::runtime::Runtime)> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .init();
+    let config = alki_agent::Config::load(config)?;
+    Ok((config, tokio::runtime::Runtime::new().context("starting the async runtime")?))
 }
 
 fn unix_seconds(t: std::time::SystemTime) -> String {

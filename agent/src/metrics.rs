@@ -1,7 +1,7 @@
 //! Serving metrics: llama-server's `/metrics` read by the agent (its only scraper; rates come from the
 //! `_total` counters, never from the gauges each scrape resets), the Telemetry message built at each
 //! interval from those and the front proxy's counters, the agent's own counters (activations, pulled bytes,
-//! the last benchmark), and the agent's Prometheus `/metrics` endpoint.
+//! the last benchmark, quality evaluations), and the agent's Prometheus `/metrics` endpoint.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -133,8 +133,41 @@ pub struct AgentMetrics {
     /// The last telemetry built (speeds, temperature, throttling), for the gauges.
     last_telemetry: Mutex<Option<proto::Telemetry>>,
     /// Reports kept while the controller is unreachable, and dropped past their bound, by kind.
-    reports_buffered: [AtomicU64; 4],
-    reports_dropped: [AtomicU64; 4],
+    reports_buffered: [AtomicU64; crate::outbox::KINDS],
+    reports_dropped: [AtomicU64; crate::outbox::KINDS],
+    /// Quality evaluations reported, by outcome ([`EVAL_OUTCOMES`]), and how long they took.
+    evaluations: [AtomicU64; EVAL_OUTCOMES.len()],
+    eval_seconds: Mutex<DurationHistogram>,
+    /// Baseline logits computed by a llama-perplexity run, and reused from the cache.
+    base_logits: [AtomicU64; 2],
+    /// Bytes of cached baseline logits in the content store.
+    base_logits_bytes: AtomicU64,
+}
+
+/// How an evaluation ended, for `alki_agent_evaluations_total{outcome}`: measured, or the kinds of
+/// "could not run" (`alki_shared::eval::wire`'s names).
+pub const EVAL_OUTCOMES: [&str; 6] =
+    ["measured", "does_not_fit", "suite_too_large_for_budget", "out_of_time", "tool_missing", "failed"];
+
+/// Upper bounds (seconds) of the evaluation duration histogram: a tiny suite takes seconds, a large model
+/// on a small board up to the longest time budget (an hour).
+pub const EVAL_SECONDS_BUCKETS: [f64; 9] = [5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
+
+/// A cumulative histogram of durations in seconds over [`EVAL_SECONDS_BUCKETS`] (the last count is +Inf).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DurationHistogram {
+    pub counts: [u64; EVAL_SECONDS_BUCKETS.len() + 1],
+    pub sum: f64,
+}
+
+impl DurationHistogram {
+    pub fn observe(&mut self, seconds: f64) {
+        let bucket = EVAL_SECONDS_BUCKETS.iter().position(|le| seconds <= *le).unwrap_or(EVAL_SECONDS_BUCKETS.len());
+        for count in &mut self.counts[bucket..] {
+            *count += 1;
+        }
+        self.sum += seconds;
+    }
 }
 
 impl AgentMetrics {
@@ -177,6 +210,32 @@ impl AgentMetrics {
 
     pub fn last_benchmark(&self) -> Option<proto::BenchmarkResult> {
         self.last_benchmark.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// An evaluation was reported: `outcome` is one of [`EVAL_OUTCOMES`] (others count as failed).
+    pub fn evaluated(&self, outcome: &str, seconds: f64) {
+        let index = EVAL_OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(EVAL_OUTCOMES.len() - 1);
+        self.evaluations[index].fetch_add(1, Ordering::Relaxed);
+        self.eval_seconds.lock().unwrap_or_else(PoisonError::into_inner).observe(seconds);
+    }
+
+    /// Evaluations reported with `outcome` since the agent started.
+    pub fn evaluations(&self, outcome: &str) -> u64 {
+        EVAL_OUTCOMES.iter().position(|o| *o == outcome).map_or(0, |i| self.evaluations[i].load(Ordering::Relaxed))
+    }
+
+    /// Baseline logits were computed (`reused` false) or taken from the cache.
+    pub fn base_logits(&self, reused: bool) {
+        self.base_logits[usize::from(reused)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (computed, reused) baseline logits since the agent started.
+    pub fn base_logits_runs(&self) -> (u64, u64) {
+        (self.base_logits[0].load(Ordering::Relaxed), self.base_logits[1].load(Ordering::Relaxed))
+    }
+
+    pub fn set_base_logits_bytes(&self, bytes: u64) {
+        self.base_logits_bytes.store(bytes, Ordering::Relaxed);
     }
 
     fn set_last_telemetry(&self, t: &proto::Telemetry) {
@@ -406,7 +465,7 @@ fn agent_families(out: &mut Exposition, m: &AgentMetrics) {
         "Telemetry messages built for the controller.",
         m.telemetry_sent.load(Ordering::Relaxed),
     );
-    let by_kind = |values: &[AtomicU64; 4]| {
+    let by_kind = |values: &[AtomicU64; crate::outbox::KINDS]| {
         crate::outbox::ReportKind::ALL
             .iter()
             .map(|k| format!("{{kind=\"{}\"}} {}", k.label(), values[*k as usize].load(Ordering::Relaxed)))
@@ -423,6 +482,50 @@ fn agent_families(out: &mut Exposition, m: &AgentMetrics) {
         "counter",
         "Reports dropped (oldest first) because the controller stayed unreachable past their bound, by kind.",
         by_kind(&m.reports_dropped),
+    );
+    eval_families(out, m);
+}
+
+/// Quality evaluations: outcomes, durations, the baseline-logits cache.
+fn eval_families(out: &mut Exposition, m: &AgentMetrics) {
+    out.family(
+        "alki_agent_evaluations_total",
+        "counter",
+        "Quality evaluations reported, by outcome (measured, or why the device could not run it).",
+        EVAL_OUTCOMES
+            .iter()
+            .zip(&m.evaluations)
+            .map(|(outcome, n)| format!("{{outcome=\"{outcome}\"}} {}", n.load(Ordering::Relaxed)))
+            .collect(),
+    );
+    let h = m.eval_seconds.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let name = "alki_agent_evaluation_duration_seconds";
+    let mut lines: Vec<String> = EVAL_SECONDS_BUCKETS
+        .iter()
+        .map(|le| le.to_string())
+        .chain(std::iter::once("+Inf".to_owned()))
+        .zip(h.counts)
+        .map(|(le, count)| format!("_bucket{{le=\"{le}\"}} {count}"))
+        .collect();
+    lines.push(format!("_sum {}", h.sum));
+    lines.push(format!("_count {}", h.counts[EVAL_SECONDS_BUCKETS.len()]));
+    let _ = writeln!(out.out, "# HELP {name} Wall-clock time of quality evaluations, suite and candidate acquired.");
+    let _ = writeln!(out.out, "# TYPE {name} histogram");
+    for line in lines {
+        let _ = writeln!(out.out, "{name}{line}");
+    }
+    let (computed, reused) = m.base_logits_runs();
+    out.family(
+        "alki_agent_eval_base_logits_total",
+        "counter",
+        "Baseline logits for KL divergence: computed by a llama-perplexity run, or reused from the cache.",
+        vec![format!("{{result=\"computed\"}} {computed}"), format!("{{result=\"reused\"}} {reused}")],
+    );
+    out.single(
+        "alki_agent_eval_base_logits_bytes",
+        "gauge",
+        "Bytes of cached baseline logits in the content store (per baseline variant and suite; evicted like blobs).",
+        m.base_logits_bytes.load(Ordering::Relaxed),
     );
 }
 

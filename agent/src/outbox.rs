@@ -1,4 +1,5 @@
-//! Reports kept while the controller is unreachable: bounded per kind (the oldest of a kind is dropped first
+//! Reports kept while the controller is unreachable (statuses, telemetry, benchmark, prestage and eval
+//! reports): bounded per kind (the oldest of a kind is dropped first
 //! and counted), replayed in the order they were produced right after the next session's Hello.
 
 use std::collections::VecDeque;
@@ -12,11 +13,12 @@ pub enum ReportKind {
     Telemetry,
     Benchmark,
     Prestage,
+    Eval,
 }
 
 impl ReportKind {
-    pub const ALL: [ReportKind; 4] =
-        [ReportKind::Status, ReportKind::Telemetry, ReportKind::Benchmark, ReportKind::Prestage];
+    pub const ALL: [ReportKind; 5] =
+        [ReportKind::Status, ReportKind::Telemetry, ReportKind::Benchmark, ReportKind::Prestage, ReportKind::Eval];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -24,6 +26,7 @@ impl ReportKind {
             ReportKind::Telemetry => "telemetry",
             ReportKind::Benchmark => "benchmark",
             ReportKind::Prestage => "prestage",
+            ReportKind::Eval => "eval",
         }
     }
 
@@ -39,6 +42,8 @@ pub enum Report {
     Telemetry(proto::Telemetry),
     Benchmark(proto::BenchmarkReport),
     Prestage(proto::PrestageReport),
+    /// Boxed: a quality result is several times larger than the other reports.
+    Eval(Box<proto::EvalReport>),
 }
 
 impl Report {
@@ -48,6 +53,7 @@ impl Report {
             Report::Telemetry(_) => ReportKind::Telemetry,
             Report::Benchmark(_) => ReportKind::Benchmark,
             Report::Prestage(_) => ReportKind::Prestage,
+            Report::Eval(_) => ReportKind::Eval,
         }
     }
 
@@ -57,9 +63,13 @@ impl Report {
             Report::Telemetry(t) => agent_message::Msg::Telemetry(t),
             Report::Benchmark(b) => agent_message::Msg::Benchmark(b),
             Report::Prestage(p) => agent_message::Msg::Prestage(p),
+            Report::Eval(e) => agent_message::Msg::Eval(*e),
         }
     }
 }
+
+/// How many kinds of report there are.
+pub const KINDS: usize = ReportKind::ALL.len();
 
 /// How many reports of each kind are kept. The sum stays well under the controller's per-device message
 /// burst (200), so a replay is never taken for a flood.
@@ -74,11 +84,13 @@ pub struct Bounds {
     pub benchmark: usize,
     /// Answers to Prestage commands; the rollout waits on them.
     pub prestage: usize,
+    /// Quality evaluations (one per candidate variant and suite); the quality gates wait on them.
+    pub eval: usize,
 }
 
 impl Default for Bounds {
     fn default() -> Self {
-        Bounds { status: 16, telemetry: 40, benchmark: 8, prestage: 16 }
+        Bounds { status: 16, telemetry: 40, benchmark: 8, prestage: 16, eval: 16 }
     }
 }
 
@@ -89,6 +101,7 @@ impl Bounds {
             ReportKind::Telemetry => self.telemetry,
             ReportKind::Benchmark => self.benchmark,
             ReportKind::Prestage => self.prestage,
+            ReportKind::Eval => self.eval,
         }
     }
 }
@@ -108,10 +121,10 @@ pub enum Pushed {
 pub struct Outbox {
     bounds: Bounds,
     queue: VecDeque<Report>,
-    held: [usize; 4],
+    held: [usize; KINDS],
     /// Drops since the last replay (for the one log line), and since the agent started (for the metric).
-    dropped_now: [u64; 4],
-    dropped_total: [u64; 4],
+    dropped_now: [u64; KINDS],
+    dropped_total: [u64; KINDS],
 }
 
 impl Outbox {
@@ -159,7 +172,7 @@ impl Outbox {
             self.held[report.kind().index()] -= 1;
         }
         if self.queue.is_empty() {
-            self.dropped_now = [0; 4];
+            self.dropped_now = [0; KINDS];
         }
     }
 
@@ -210,7 +223,7 @@ mod tests {
 
     #[test]
     fn each_kind_keeps_its_newest_within_its_bound_and_counts_drops() {
-        let bounds = Bounds { status: 2, telemetry: 3, benchmark: 1, prestage: 1 };
+        let bounds = Bounds { status: 2, telemetry: 3, benchmark: 1, prestage: 1, eval: 1 };
         let mut outbox = Outbox::new(bounds);
         let mut firsts = Vec::new();
         for i in 0..5 {
@@ -244,13 +257,15 @@ mod tests {
             outbox.push(telemetry(i));
         }
         outbox.push(Report::Prestage(proto::PrestageReport { command_id: "c1".into(), ..Default::default() }));
+        outbox.push(Report::Eval(Box::new(proto::EvalReport { command_id: "e1".into(), ..Default::default() })));
         outbox.push(status(7));
-        assert_eq!(outbox.len(), Bounds::default().telemetry + 2, "telemetry never pushes out a status");
+        assert_eq!(outbox.len(), Bounds::default().telemetry + 3, "telemetry never pushes out a status");
         // A failed send leaves the report in front, for the next session.
         assert_eq!(outbox.front(), Some(&telemetry(60)));
         assert_eq!(outbox.front(), Some(&telemetry(60)));
         let replay = drain(&mut outbox);
-        assert_eq!(replay.len(), Bounds::default().telemetry + 2);
+        assert_eq!(replay.len(), Bounds::default().telemetry + 3);
+        assert!(matches!(&replay[replay.len() - 2], Report::Eval(e) if e.command_id == "e1"));
         assert_eq!(replay.last(), Some(&status(7)));
         assert!(outbox.is_empty());
     }

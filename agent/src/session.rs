@@ -1,6 +1,7 @@
 //! The one gRPC session to the controller: Hello, heartbeats, statuses and telemetry up; Welcome and desired
 //! states down; reconnecting with jittered exponential backoff, and meanwhile keeping every report (statuses,
-//! telemetry, benchmarks, prestage answers) in the bounded [`crate::outbox::Outbox`], replayed after the Hello.
+//! telemetry, benchmarks, prestage answers, evaluations) in the bounded [`crate::outbox::Outbox`], replayed
+//! after the Hello.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -63,6 +64,10 @@ pub struct SessionTelemetry {
     pub bench: Option<Jobs>,
     /// Benchmark reports to send up.
     pub reports: mpsc::Receiver<proto::BenchmarkReport>,
+    /// The evaluation queue, for Evaluate commands.
+    pub evals: crate::eval::Jobs,
+    /// Evaluation reports to send up.
+    pub eval_reports: mpsc::Receiver<proto::EvalReport>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +251,9 @@ pub async fn run(mut ctx: SessionContext, mut shutdown: watch::Receiver<bool>) {
                 Some(report) = ctx.staging.reports.recv() => {
                     keep(&mut outbox, &ctx.telemetry.metrics, Report::Prestage(report));
                 }
+                Some(report) = ctx.telemetry.eval_reports.recv() => {
+                    keep(&mut outbox, &ctx.telemetry.metrics, Report::Eval(Box::new(report)));
+                }
                 status = ctx.statuses.recv(), if statuses_open => match status {
                     Some(s) => keep(&mut outbox, &ctx.telemetry.metrics, Report::Status(s)),
                     None => statuses_open = false,
@@ -325,6 +333,9 @@ async fn one_session(
             }
             Some(report) = ctx.staging.reports.recv() => {
                 send_or_keep(&out, outbox, &ctx.telemetry.metrics, Report::Prestage(report)).await?;
+            }
+            Some(report) = ctx.telemetry.eval_reports.recv() => {
+                send_or_keep(&out, outbox, &ctx.telemetry.metrics, Report::Eval(Box::new(report))).await?;
             }
             status = ctx.statuses.recv(), if *statuses_open => match status {
                 Some(status) => send_or_keep(&out, outbox, &ctx.telemetry.metrics, Report::Status(status)).await?,
@@ -428,7 +439,8 @@ fn on_welcome(ctx: &SessionContext, welcome: proto::Welcome, clock: &mut Telemet
     heartbeat_every(every)
 }
 
-/// A command: Prestage to the staging queue, the others to the benchmark queue; a refusal is reported at once.
+/// A command: Prestage to the staging queue, Evaluate to the evaluation queue (its baseline, unless named,
+/// what the device serves now), the others to the benchmark queue; a refusal is reported at once.
 async fn on_command(
     ctx: &SessionContext,
     command: proto::Command,
@@ -441,6 +453,18 @@ async fn on_command(
         if let Err(refusal) = ctx.staging.jobs.offer(&command.id, prestage.clone()) {
             tracing::warn!(command_id = %command.id, "Prestage refused: the staging queue is full.");
             send_or_keep(out, outbox, metrics, Report::Prestage(*refusal)).await?;
+        }
+    } else if let Some(proto::command::Kind::Evaluate(evaluate)) = &command.kind {
+        let snapshot = ctx.snapshot.borrow().clone();
+        let serving = snapshot.running.as_ref().map(|running| (running, snapshot.variant_digest.as_str()));
+        match crate::eval::Job::command(&command.id, evaluate, serving) {
+            Ok(job) => {
+                ctx.telemetry.evals.submit(job);
+            }
+            Err(refusal) => {
+                tracing::warn!(command_id = %command.id, "Evaluate command refused: it names no usable bundle or suite.");
+                send_or_keep(out, outbox, metrics, Report::Eval(refusal)).await?;
+            }
         }
     } else if let Err(refusal) = command_job(ctx.telemetry.bench.as_ref(), command) {
         tracing::warn!(command_id = %refusal.command_id, error = %refusal.error, "Command refused.");

@@ -5,7 +5,9 @@
 //! sealed (`seals/<hex>`: its file's identity, size and modification time); [`ContentStore::verified`] takes a
 //! blob whose file still matches its seal as verified and hashes any other again, so reusing gigabytes
 //! already on the device (a pre-staged bundle, a return to an earlier one) costs no rehash while any write to
-//! a blob, or a file put in its place, is still caught.
+//! a blob, or a file put in its place, is still caught. A file another program wrote (an evaluation's base
+//! logits) becomes a blob with [`ContentStore::adopt`]; a blob being read holds a [`BlobLease`], and eviction
+//! never removes it meanwhile.
 
 use std::collections::HashSet;
 use std::io::Write as _;
@@ -54,6 +56,9 @@ pub struct ContentStore {
     seals: PathBuf,
     /// Blobs [`ContentStore::evict`] never removes whatever its caller keeps (pre-staged bundles).
     pinned: std::sync::Arc<std::sync::Mutex<HashSet<Digest>>>,
+    /// Blobs a task reads right now (an evaluation's suite and base logits), with their reader counts:
+    /// [`ContentStore::evict`] never removes them while a [`BlobLease`] is held.
+    in_use: Arc<std::sync::Mutex<std::collections::HashMap<Digest, usize>>>,
     /// One pull at a time per store: two pulls appending to the same `partial/` file would corrupt it.
     pulls: std::sync::Arc<tokio::sync::Semaphore>,
 }
@@ -72,6 +77,7 @@ impl ContentStore {
             signatures: root.join("signatures"),
             seals: root.join("seals"),
             pinned: Default::default(),
+            in_use: Default::default(),
             pulls: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
         };
         std::fs::create_dir_all(&store.blobs).map_err(io_at(&store.blobs))?;
@@ -89,6 +95,11 @@ impl ContentStore {
         std::fs::create_dir_all(&store.tmp).map_err(io_at(&store.tmp))?;
         std::fs::create_dir_all(&store.partial).map_err(io_at(&store.partial))?;
         Ok(store)
+    }
+
+    /// The directory blobs live under (for free-space checks of the store's disk).
+    pub fn blobs_dir(&self) -> &Path {
+        &self.blobs
     }
 
     /// Where the blob with this digest lives (whether or not it is present).
@@ -112,11 +123,68 @@ impl ContentStore {
         }
     }
 
+    /// The pinned blobs and those in use now: eviction keeps both.
     fn pinned(&self) -> HashSet<Digest> {
-        match self.pinned.lock() {
+        let mut pinned = match self.pinned.lock() {
             Ok(guard) => guard.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        };
+        let in_use = self.in_use.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        pinned.extend(in_use.keys().cloned());
+        pinned
+    }
+
+    /// Marks `digest` as in use until the lease is dropped: [`ContentStore::evict`] keeps it meanwhile,
+    /// whoever asks (the device loop's budget, a pull making room).
+    pub fn lease(&self, digest: &Digest) -> BlobLease {
+        let mut in_use = self.in_use.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *in_use.entry(digest.clone()).or_insert(0) += 1;
+        BlobLease { in_use: Arc::clone(&self.in_use), digest: digest.clone() }
+    }
+
+    /// Puts a verified file at `digest`'s blob path with `persist` (a rename), makes the rename durable and
+    /// seals the blob; off the async threads.
+    async fn install(
+        &self,
+        digest: &Digest,
+        persist: impl FnOnce(&Path) -> std::io::Result<()> + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let target = self.path(digest);
+        let dir = target.parent().map(Path::to_owned).unwrap_or_else(|| self.blobs.clone());
+        let (moved, seal) = (target.clone(), self.seal_path(digest));
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            persist(&moved)?;
+            alki_shared::fsutil::sync_dir(&dir)?;
+            if let Err(e) = write_seal(&moved, &seal) {
+                tracing::debug!(error = %e, blob = %moved.display(), "Cannot seal a verified blob.");
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|join| io_at(&target)(std::io::Error::other(join)))?
+        .map_err(io_at(&target))
+    }
+
+    /// Removes one blob unless it is pinned or in use; true when it is gone.
+    pub async fn evict_blob(&self, digest: &Digest) -> bool {
+        !self.pinned().contains(digest) && self.remove(digest).await.is_ok()
+    }
+
+    /// A new empty file in the store's temporary directory (removed when dropped, and at the next open), for a
+    /// program that writes content the store then takes with [`ContentStore::adopt`].
+    pub fn scratch(&self, prefix: &str) -> Result<tempfile::TempPath, StoreError> {
+        let file = tempfile::Builder::new().prefix(prefix).tempfile_in(&self.tmp).map_err(io_at(&self.tmp))?;
+        Ok(file.into_temp_path())
+    }
+
+    /// Takes a file written by another program into the store as a blob: hashed, renamed to its digest's
+    /// path (it must be on the store's file system, as [`ContentStore::scratch`] files are), synced and
+    /// sealed. Returns the blob's digest and size.
+    pub async fn adopt(&self, file: tempfile::TempPath) -> Result<(Digest, u64), StoreError> {
+        let (digest, size) = alki_shared::digest::hash_file(&file).await.map_err(io_at(&file))?;
+        self.install(&digest, move |target| file.persist(target).map_err(|e| e.error)).await?;
+        Ok((digest, size))
     }
 
     /// The digest of the signature manifest last verified for `bundle`, if one was recorded. Only a pointer:
@@ -381,20 +449,7 @@ impl ContentStore {
         if &actual != expected {
             return Err(StoreError::DigestMismatch { expected: expected.clone(), actual });
         }
-        let dir = final_path.parent().map(Path::to_owned).unwrap_or_else(|| self.blobs.clone());
-        tokio::fs::create_dir_all(&dir).await.map_err(io_at(&dir))?;
-        let (target, seal) = (final_path.clone(), self.seal_path(expected));
-        tokio::task::spawn_blocking(move || {
-            tmp.persist(&target).map_err(|e| e.error)?;
-            alki_shared::fsutil::sync_dir(&dir)?;
-            if let Err(e) = write_seal(&target, &seal) {
-                tracing::debug!(error = %e, blob = %target.display(), "Cannot seal a verified blob.");
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|join| io_at(&final_path)(std::io::Error::other(join)))?
-        .map_err(io_at(&final_path))?;
+        self.install(expected, move |target| tmp.persist(target).map(drop).map_err(|e| e.error)).await?;
         Ok(final_path)
     }
 }
@@ -459,6 +514,31 @@ fn start_writeback(file: &std::fs::File, offset: u64, len: u64) -> std::io::Resu
     // SAFETY: the descriptor belongs to `file`, borrowed for the whole call; the call touches no memory of ours.
     let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
     Ok(())
+}
+
+/// A blob in use: [`ContentStore::evict`] keeps it until every lease on it is dropped.
+#[derive(Debug)]
+pub struct BlobLease {
+    in_use: Arc<std::sync::Mutex<std::collections::HashMap<Digest, usize>>>,
+    digest: Digest,
+}
+
+impl BlobLease {
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+}
+
+impl Drop for BlobLease {
+    fn drop(&mut self) {
+        let mut in_use = self.in_use.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = in_use.get_mut(&self.digest) {
+            *count -= 1;
+            if *count == 0 {
+                in_use.remove(&self.digest);
+            }
+        }
+    }
 }
 
 /// A blob in the store, as eviction sees it.
@@ -804,6 +884,28 @@ mod tests {
         let (removed, freed) = store.evict(&[b.clone()].into(), 0).await.expect("evict");
         assert_eq!((removed, freed), (vec![a.clone()], 4));
         assert!(!store.contains(&a).await && store.contains(&b).await);
+    }
+
+    #[tokio::test]
+    async fn leased_blobs_survive_eviction_until_released_and_adopted_files_become_sealed_blobs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ContentStore::open(dir.path()).expect("open");
+        let scratch = store.scratch("logits").expect("scratch");
+        std::fs::write(&scratch, b"written by a tool").expect("tool writes");
+        let (digest, size) = store.adopt(scratch).await.expect("adopt");
+        assert_eq!((digest.clone(), size), (Digest::of(b"written by a tool"), 17));
+        assert!(store.verified(&digest, 17).await.expect("verified"));
+        assert_eq!(seal_on_disk(&store, &digest), Some(seal_now(&store, &digest)), "sealed when adopted");
+
+        let lease = store.lease(&digest);
+        let second = store.lease(&digest);
+        let (removed, _) = store.evict(&HashSet::new(), 0).await.expect("evict");
+        assert!(removed.is_empty() && store.contains(&digest).await, "in use: kept");
+        drop(lease);
+        assert!(store.evict(&HashSet::new(), 0).await.expect("evict").0.is_empty(), "one reader is left");
+        drop(second);
+        let (removed, freed) = store.evict(&HashSet::new(), 0).await.expect("evict");
+        assert_eq!((removed, freed), (vec![digest.clone()], 17));
     }
 
     #[tokio::test]

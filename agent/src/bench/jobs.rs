@@ -26,8 +26,14 @@ pub enum Job {
     Activation,
     /// A controller command: benchmark what is served now.
     OnDemand { command_id: String, repetitions: u32 },
-    /// A controller command: benchmark every variant of a bundle that fits.
-    Calibrate { command_id: String, bundle: Option<proto::BundleRef>, repetitions: u32 },
+    /// A controller command: benchmark every variant of a bundle that fits; with a suite, the evaluation
+    /// task then evaluates them too.
+    Calibrate {
+        command_id: String,
+        bundle: Option<proto::BundleRef>,
+        repetitions: u32,
+        suite: Option<proto::BundleRef>,
+    },
 }
 
 impl Job {
@@ -50,6 +56,9 @@ pub struct Benchmarker {
     pub reports: mpsc::Sender<proto::BenchmarkReport>,
     pub metrics: Arc<AgentMetrics>,
     pub calibration: Calibration,
+    /// Where a calibration with a suite hands its evaluations, once its benchmarks are done (one after the
+    /// other: both load models beside the serving one).
+    pub evals: Option<crate::eval::Jobs>,
 }
 
 /// The sending side of the benchmark queue.
@@ -142,14 +151,24 @@ impl Benchmarker {
             Job::OnDemand { command_id, repetitions } => {
                 self.benchmark_serving(command_id, proto::BenchmarkTrigger::OnDemand, repetitions).await
             }
-            Job::Calibrate { command_id, bundle, repetitions } => {
-                match self.calibration.run(&self.identity, bundle.as_ref(), repetitions).await {
-                    Ok(results) => proto::BenchmarkReport { command_id, results, error: String::new() },
+            Job::Calibrate { command_id, bundle, repetitions, suite } => {
+                let report = match self.calibration.run(&self.identity, bundle.as_ref(), repetitions).await {
+                    Ok(results) => {
+                        proto::BenchmarkReport { command_id: command_id.clone(), results, error: String::new() }
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "Calibration could not run.");
-                        proto::BenchmarkReport { command_id, results: Vec::new(), error: e.to_string() }
+                        proto::BenchmarkReport {
+                            command_id: command_id.clone(),
+                            results: Vec::new(),
+                            error: e.to_string(),
+                        }
                     }
+                };
+                if let (Some(suite), Some(evals)) = (suite, &self.evals) {
+                    evals.calibrate(&command_id, bundle.as_ref(), &suite);
                 }
+                report
             }
         }
     }
@@ -166,9 +185,12 @@ pub fn command_job(bench: Option<&Jobs>, command: proto::Command) -> Result<(), 
         Some(proto::command::Kind::RunBenchmark(r)) => {
             Job::OnDemand { command_id: command.id.clone(), repetitions: r.repetitions }
         }
-        Some(proto::command::Kind::Calibrate(c)) => {
-            Job::Calibrate { command_id: command.id.clone(), bundle: c.bundle.clone(), repetitions: c.repetitions }
-        }
+        Some(proto::command::Kind::Calibrate(c)) => Job::Calibrate {
+            command_id: command.id.clone(),
+            bundle: c.bundle.clone(),
+            repetitions: c.repetitions,
+            suite: c.suite.clone(),
+        },
         // The session hands Prestage to the staging queue (crate::stage); it is never a benchmark.
         Some(proto::command::Kind::Prestage(_)) => {
             return Err(refuse("a prestage command is not a benchmark; the staging queue runs it"));

@@ -5,11 +5,15 @@
 
 use std::path::{Path, PathBuf};
 
-use super::blob::PullProgress;
+use alki_shared::oci::{Descriptor, Manifest};
+
+use super::blob::{Pace, PullProgress, check_disk, fetch_blob};
 use super::build::{Builds, attach};
 use super::bundle::{PullOptions, PulledBundle, pull_bundle_with, verify_from_store};
 use super::error::PullError;
-use super::registry::{RegistryAccess, RegistrySettings};
+use super::manifest::fetch_manifest;
+use super::registry::{Attempt, RegistryAccess, RegistrySettings};
+use super::signature::check_signature_store_first;
 use crate::reference::BundleLocation;
 use crate::store::ContentStore;
 use crate::trust::RepositoryTrust;
@@ -78,6 +82,29 @@ impl Acquirer {
         verify_from_store(&self.store, want.into, want.bundle, memory, &options).await
     }
 
+    /// A signed artifact other than a bundle (an eval suite), or a bundle's top manifest alone: the signature
+    /// checked against `trust` (None: the trust policy for its repository, read now) before anything else,
+    /// its manifest read, `layers` choosing the blobs to download from it (refusing the artifact, e.g. by
+    /// their declared sizes, before anything is downloaded), and those fetched into the content store
+    /// (verified, sealed, evictable like every blob). The content store is asked first: an artifact that is
+    /// all there is used without a registry. Mirrors are tried in order before the artifact's registry.
+    /// Errors are bare: the caller says which artifact they are about.
+    pub async fn acquire_artifact(
+        &self,
+        artifact: &BundleLocation,
+        trust: Option<RepositoryTrust>,
+        layers: &LayerChoice<'_>,
+        options: &PullOptions,
+    ) -> Result<(Manifest, Vec<Descriptor>), PullError> {
+        let access = self.registry.access().await;
+        let trust = match trust {
+            Some(trust) => trust,
+            None => self.registry.trust.for_repository_off_thread(&artifact.repository).await,
+        };
+        let mut attempt = ArtifactPull { store: &self.store, registry: &access, trust: &trust, layers, options };
+        access.from_each_endpoint(artifact, &mut attempt).await
+    }
+
     /// The bundle pulled as `want` says, and the options it was pulled with.
     async fn pull_bundle(
         &self,
@@ -113,5 +140,46 @@ impl Acquirer {
             None => self.registry.trust.for_repository_off_thread(&want.bundle.repository).await,
         };
         (memory, PullOptions { trust, ..want.options.clone() })
+    }
+}
+
+/// Chooses the blobs to download from an artifact's manifest, or refuses the artifact.
+pub type LayerChoice<'a> = dyn Fn(&Manifest) -> Result<Vec<Descriptor>, PullError> + Send + Sync + 'a;
+
+/// One attempt of [`Acquirer::acquire_artifact`] at one endpoint.
+struct ArtifactPull<'a> {
+    store: &'a ContentStore,
+    registry: &'a RegistryAccess,
+    trust: &'a RepositoryTrust,
+    layers: &'a LayerChoice<'a>,
+    options: &'a PullOptions,
+}
+
+impl Attempt for ArtifactPull<'_> {
+    type Output = (Manifest, Vec<Descriptor>);
+    fn attempt<'a>(
+        &'a mut self,
+        at: &'a BundleLocation,
+    ) -> impl Future<Output = Result<Self::Output, PullError>> + Send + 'a {
+        self.from(at)
+    }
+}
+
+impl ArtifactPull<'_> {
+    async fn from(&self, at: &BundleLocation) -> Result<(Manifest, Vec<Descriptor>), PullError> {
+        check_signature_store_first(self.registry, self.store, at, self.trust).await?;
+        let manifest = fetch_manifest(self.registry, self.store, at, &at.digest, "manifest").await?;
+        let layers = (self.layers)(&manifest)?;
+        let mut pace = self.options.bandwidth.map(Pace::new);
+        for d in &layers {
+            if self.store.verified(&d.digest, d.size).await.map_err(PullError::Store)? {
+                self.store.touch(&d.digest).await;
+                continue;
+            }
+            check_disk(self.store.blobs_dir(), d.size, self.options.disk_reserve).await?;
+            fetch_blob(self.registry, self.store, at, d, &mut pace, &mut |_| {}).await?;
+        }
+        self.store.touch(&at.digest).await;
+        Ok((manifest, layers))
     }
 }

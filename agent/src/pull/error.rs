@@ -41,6 +41,10 @@ pub enum PullError {
     Manifest { what: String, digest: Digest, source: ManifestError },
     #[error("{0}; push a bundle made by alkictl bundle pack")]
     NotABundle(String),
+    /// An artifact other than a bundle (an eval suite) refused by what its manifest says; the text says
+    /// what and how to fix it.
+    #[error("{0}")]
+    Unusable(String),
     #[error(
         "no variant fits in the {} of memory available (variants need: {needs}); free memory or add a smaller \
          quantization to the bundle", human_bytes(*available)
@@ -141,6 +145,7 @@ impl PullError {
             }
             PullError::Manifest { .. }
             | PullError::NotABundle(_)
+            | PullError::Unusable(_)
             | PullError::BadFileName { .. }
             | PullError::RuntimeLayer { .. }
             | PullError::VariantSize { .. }

@@ -21,7 +21,7 @@ mod materialise;
 mod registry;
 pub mod signature;
 
-pub use acquire::{Acquirer, Want};
+pub use acquire::{Acquirer, LayerChoice, Want};
 pub use blob::{PROGRESS_INTERVAL, Pace, PullProgress, throttled};
 pub use bundle::{DEFAULT_DISK_RESERVE_BYTES, PullOptions, PulledBundle, pull_bundle_with, verify_from_store};
 pub use error::{ArchiveProblem, PullError, human_bytes};

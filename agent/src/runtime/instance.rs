@@ -15,6 +15,7 @@ use http_body_util::BodyExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::priority::Priority;
 use super::proxy::HttpClient;
 use super::record::{ProcessRecord, Recorder, Role, process_identity};
 pub use crate::settings::LaunchSpec;
@@ -148,7 +149,18 @@ impl Instance {
     /// for a benchmark or a calibration (its spec from `PulledBundle::launch_spec`); the supervisor, whose
     /// instances serve clients, uses [`Instance::start_recorded`].
     pub async fn start(opts: &InstanceOptions, spec: LaunchSpec, http: &HttpClient) -> Result<Instance, StartError> {
-        Instance::start_recorded(opts, spec, http, None).await
+        Instance::start_inner(opts, spec, http, None, Priority::Normal).await
+    }
+
+    /// [`Instance::start`] at a lower CPU priority (an evaluation's loopback instance, which must yield to
+    /// the serving model): every thread of the process runs at `priority`.
+    pub async fn start_at(
+        opts: &InstanceOptions,
+        spec: LaunchSpec,
+        http: &HttpClient,
+        priority: Priority,
+    ) -> Result<Instance, StartError> {
+        Instance::start_inner(opts, spec, http, None, priority).await
     }
 
     /// [`Instance::start`]; with a recorder, llama-server runs in a session of its own, outlives the agent
@@ -158,6 +170,16 @@ impl Instance {
         spec: LaunchSpec,
         http: &HttpClient,
         recorder: Option<&Recorder>,
+    ) -> Result<Instance, StartError> {
+        Instance::start_inner(opts, spec, http, recorder, Priority::Normal).await
+    }
+
+    async fn start_inner(
+        opts: &InstanceOptions,
+        spec: LaunchSpec,
+        http: &HttpClient,
+        recorder: Option<&Recorder>,
+        priority: Priority,
     ) -> Result<Instance, StartError> {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let port = free_loopback_port().map_err(|source| StartError::Io { what: "port", source })?;
@@ -171,6 +193,7 @@ impl Instance {
         } else {
             die_with_parent(&mut command);
         }
+        super::priority::lower(&mut command, priority);
         let pending = ProcessRecord {
             pid: 0,
             start_time: 0,
@@ -450,7 +473,7 @@ impl Instance {
 /// Makes the kernel SIGKILL llama-server if the agent dies without stopping it (SIGKILL, crash): a graceful
 /// agent shutdown uses the safe stop sequence instead; this only keeps orphans from holding memory and ports.
 #[cfg(target_os = "linux")]
-fn die_with_parent(command: &mut tokio::process::Command) {
+pub(crate) fn die_with_parent(command: &mut tokio::process::Command) {
     // SAFETY: `getpid` is called before the fork; between fork and exec the closure only calls the
     // async-signal-safe `prctl` and `getppid` and allocates nothing (errors are raw OS error codes).
     let agent = unsafe { libc::getpid() };
@@ -469,7 +492,7 @@ fn die_with_parent(command: &mut tokio::process::Command) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn die_with_parent(_command: &mut tokio::process::Command) {}
+pub(crate) fn die_with_parent(_command: &mut tokio::process::Command) {}
 
 impl Instance {
     /// Sends `signal`, through the pidfd when there is one (it cannot reach a process that reused the pid).

@@ -6,6 +6,7 @@
 
 pub mod front;
 pub mod instance;
+pub mod priority;
 pub mod proxy;
 pub mod record;
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod controller;
+pub mod registry;
 pub mod running;
 
 use std::net::SocketAddr;

@@ -15,6 +15,8 @@ use super::{fake_llama_server, unsigned_trust_policy};
 
 pub struct Running {
     pub front: SocketAddr,
+    /// The agent's own `/metrics`, when its config names `metrics_addr`.
+    pub metrics: Option<SocketAddr>,
     pub up: mpsc::Receiver<proto::AgentMessage>,
     pub down: mpsc::Sender<proto::ControllerMessage>,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -28,7 +30,7 @@ pub async fn start_agent(token: &str, config: impl FnOnce(SocketAddr) -> Config)
     let down = downs.remove(0);
     let controller_addr = controller.serve().await;
     let agent = Agent::start(config(controller_addr)).await.expect("agent starts");
-    let front = agent.front_addr();
+    let (front, metrics) = (agent.front_addr(), agent.metrics_addr());
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(agent.run(async move {
         let _ = stop_rx.await;
@@ -38,7 +40,7 @@ pub async fn start_agent(token: &str, config: impl FnOnce(SocketAddr) -> Config)
     down.send(proto::ControllerMessage { msg: Some(controller_message::Msg::Welcome(welcome)) })
         .await
         .expect("welcome");
-    Running { front, up, down, stop, task }
+    Running { front, metrics, up, down, stop, task }
 }
 
 /// [`start_agent`] with the [`config`] for the fake llama-server, `runtime_extra` in its `[runtime]` section.
