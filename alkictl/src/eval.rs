@@ -168,9 +168,10 @@ async fn push(
     print(output, &PushView { pushed, signed }, |v| {
         let p = &v.pushed;
         let mut text = format!(
-            "pushed eval suite {} {} ({} prompts, {}): {} uploaded, {} blobs already present\npinned: {}",
+            "pushed eval suite {} {} as {} ({} prompts, {}): {} uploaded, {} blobs already present\npinned: {}",
             p.summary.name,
             p.summary.version,
+            p.reference,
             p.summary.prompts,
             bytes(p.summary.size),
             bytes(p.uploaded_bytes),
@@ -226,6 +227,10 @@ fn inspected_text(r: &InspectedSuite) -> String {
         t.add_row([l.title.clone(), l.media_type.clone(), short(l.digest.as_str()), bytes(l.size)]);
     }
     out.push_str(&format!("{t}\n"));
+    if !r.from_registry {
+        out.push_str("valid: this is what `alkictl eval push` sends (signatures live in the registry, once pushed)");
+        return out;
+    }
     match &r.content_problem {
         Some(problem) => out.push_str(&format!("content: UNUSABLE: {problem}\n")),
         None => out.push_str("content: verified against its digests and the suite format\n"),

@@ -6,9 +6,12 @@ use alki_shared::eval::quality::{Gate, QualityGates};
 use alki_shared::proto;
 use anyhow::bail;
 use clap::Args;
+use serde::Deserialize;
 
-/// A quality floor as measured numbers against a baseline; unset flags are off.
-#[derive(Args, Clone, Copy, Debug, Default, PartialEq)]
+/// A quality floor as measured numbers against a baseline; unset flags are off. Spec files use the same
+/// names (`max_kld = 0.05`).
+#[derive(Args, Clone, Copy, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct QualityArgs {
     /// Highest mean KL divergence from the baseline, e.g. 0.05.
     #[arg(long)]

@@ -251,17 +251,8 @@ pub struct SpecFile {
     pub window_days: Vec<String>,
     pub prestage: Option<bool>,
     pub eval_suite: Option<String>,
-    pub variant_quality_floor: Option<FloorFile>,
-}
-
-/// The quality floor of a spec file (`variant_quality_floor`), the same keys as the gates'.
-#[derive(Deserialize, Default, Clone, Copy)]
-#[serde(deny_unknown_fields)]
-pub struct FloorFile {
-    pub max_kld: Option<f64>,
-    pub min_top1_agreement: Option<f64>,
-    pub max_perplexity_ratio: Option<f64>,
-    pub min_golden_pass: Option<f64>,
+    /// The same keys as the quality gates'.
+    pub variant_quality_floor: Option<QualityArgs>,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -421,7 +412,7 @@ pub fn build_spec(args: &CreateArgs, own_registry: &str) -> anyhow::Result<proto
 }
 
 /// The recommended variant's quality floor: the --variant-* flags over the spec file's.
-fn variant_floor(args: &CreateArgs, file: FloorFile) -> QualityArgs {
+fn variant_floor(args: &CreateArgs, file: QualityArgs) -> QualityArgs {
     QualityArgs {
         max_kld: args.variant_max_kld.or(file.max_kld),
         min_top1_agreement: args.variant_min_top1_agreement.or(file.min_top1_agreement),

@@ -17,7 +17,7 @@ use std::time::Duration;
 use alki_bundle::layout::Layout;
 use alki_bundle::suite::SuiteSource;
 use alki_bundle::{Progress, Remote};
-use alki_e2e::harness::{self, AgentSetup, Controller, Proc, free_port, llama_bin_dir, run, wait_for};
+use alki_e2e::harness::{self, Controller, Proc, llama_bin_dir, run, wait_for};
 use alki_shared::digest::Digest;
 use alki_shared::eval::artifact::MEDIA_TYPE_CORPUS;
 use alki_shared::eval::suite::MAX_CORPUS_BYTES;
@@ -54,20 +54,8 @@ impl Fleet {
         let trust_policy = harness::write_trust_policy(dir.path(), &key.public_key)?;
         let mut agents = Vec::new();
         for device_id in devices {
-            let bootstrap = controller.bootstrap_token(1)?;
-            let setup = AgentSetup {
-                device_id,
-                site: "lab",
-                controller: &controller.grpc,
-                ca_file: &controller.ca_file,
-                bootstrap_token: &bootstrap,
-                registry: "",
-                llama_server: &llama_bin.join("llama-server"),
-                front_port: free_port()?,
-                health_timeout_secs: 120,
-                trust_policy: &trust_policy,
-            };
-            agents.push(harness::start_agent(dir.path(), &setup)?);
+            let server = llama_bin.join("llama-server");
+            agents.push(controller.start_agent(dir.path(), device_id, "lab", &server, &trust_policy)?.0);
         }
         let fleet =
             Fleet { dir, controller, key, llama_bin, agents, devices: devices.iter().map(|d| d.to_string()).collect() };

@@ -32,18 +32,31 @@ fn rollout_candidate(controller: &Controller, bundle: &str, site: &str) -> anyho
     text(&rollout, "candidate")
 }
 
-#[test]
-fn every_bundle_reference_alkictl_prints_is_accepted_back() -> anyhow::Result<()> {
+/// A controller trusting a fresh key, and the tiny model packed as `acme/gemma:v1` (not pushed).
+struct Setup {
+    dir: tempfile::TempDir,
+    key: harness::SigningKey,
+    controller: Controller,
+    model: std::path::PathBuf,
+    layout: std::path::PathBuf,
+}
+
+fn setup() -> anyhow::Result<Setup> {
     let dir = tempfile::tempdir()?;
     let key = harness::generate_key(dir.path(), "release")?;
-    let public = path(&key.public_key)?;
-    let controller = harness::start_controller(dir.path(), &["--trusted-key", public])?;
-    let registry = controller.registry.clone();
-
+    let controller = harness::start_controller(dir.path(), &["--trusted-key", path(&key.public_key)?])?;
     let model = dir.path().join("gemma.gguf");
     run(Command::new(binary("make-tiny-model")?).arg("--out").arg(&model).args(["--name", "gemma"]))?;
     let layout = dir.path().join("layout");
     controller.alkictl_json(&["bundle", "pack", path(&model)?, "--out", path(&layout)?, "--tag", "v1"])?;
+    Ok(Setup { dir, key, controller, model, layout })
+}
+
+#[test]
+fn every_bundle_reference_alkictl_prints_is_accepted_back() -> anyhow::Result<()> {
+    let Setup { dir, key, controller, model, layout } = setup()?;
+    let public = path(&key.public_key)?;
+    let registry = controller.registry.clone();
 
     // bundle push prints HOST:PORT/REPOSITORY:TAG.
     let pushed = controller.alkictl_json(&["bundle", "push", path(&layout)?, "acme/gemma:v1"])?;
@@ -84,15 +97,9 @@ fn every_bundle_reference_alkictl_prints_is_accepted_back() -> anyhow::Result<()
 
 #[test]
 fn every_eval_suite_reference_alkictl_prints_is_accepted_back() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let key = harness::generate_key(dir.path(), "release")?;
+    let Setup { dir, key, controller, layout, .. } = setup()?;
     let public = path(&key.public_key)?;
-    let controller = harness::start_controller(dir.path(), &["--trusted-key", public])?;
     let registry = controller.registry.clone();
-    let model = dir.path().join("gemma.gguf");
-    run(Command::new(binary("make-tiny-model")?).arg("--out").arg(&model).args(["--name", "gemma"]))?;
-    let layout = dir.path().join("layout");
-    controller.alkictl_json(&["bundle", "pack", path(&model)?, "--out", path(&layout)?, "--tag", "v1"])?;
     controller.alkictl_json(&["bundle", "push", path(&layout)?, "acme/gemma:v1"])?;
     controller.sign("acme/gemma:v1", &key)?;
     let suite = quality_support::write_suite(
