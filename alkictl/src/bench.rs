@@ -326,3 +326,48 @@ pub async fn run(connection: &Connection, output: Output, cmd: BenchCmd) -> anyh
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn variant(name: &str, tps: f64, top1: f64) -> proto::VariantScore {
+        proto::VariantScore {
+            variant_digest: alki_shared::digest::Digest::of(name.as_bytes()).to_string(),
+            variant_name: name.into(),
+            generation_tokens_per_second: Some(proto::Stat { median: tps, samples: 2, ..Default::default() }),
+            devices: 2,
+            quality: Some(proto::ClassQuality {
+                measured: 2,
+                max_kld: Some(0.0),
+                min_top1_agreement: Some(top1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_recommendation_shows_the_chosen_variants_quality_and_every_variant_on_request() {
+        let (f16, q8) = (variant("F16", 150.0, 1.0), variant("Q8_0", 900.0, 0.982));
+        let r = proto::Recommendation {
+            classes: vec![proto::ClassRecommendation {
+                class: "x86-avx512".into(),
+                variant_digest: f16.variant_digest.clone(),
+                variant_name: "F16".into(),
+                generation_tokens_per_second: 150.0,
+                variants: vec![q8, f16],
+                reason: "Q8_0 is faster but top-1 agreement 98.2% < 99%".into(),
+            }],
+            ..Default::default()
+        };
+        let short = recommendation_table(&r, false);
+        let row = short.lines().find(|l| l.contains("x86-avx512")).expect("class row");
+        for cell in ["F16", "150.0", "0.000000", "100.0%", "Q8_0 is faster"] {
+            assert!(row.contains(cell), "{cell} in {row}");
+        }
+        assert_eq!(short.lines().count(), 2, "one class, no variant list: {short}");
+        let long = recommendation_table(&r, true);
+        assert!(long.lines().any(|l| l.contains("Q8_0") && l.contains("98.2%") && l.contains("900.0")), "{long}");
+    }
+}
