@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::connection::{Connection, status};
 use crate::labels::SelectorArgs;
 use crate::output::{Output, print, short, table};
+use crate::quality::{self, QualityArgs};
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
@@ -35,6 +36,10 @@ pub enum BenchCmd {
         selector: SelectorArgs,
         #[arg(long, default_value_t = 0)]
         repetitions: u32,
+        /// Also evaluate each variant with this eval suite against the bundle's most precise variant on the
+        /// same device (`alkictl eval list`), which `bench recommend --suite` with a quality floor reads.
+        #[arg(long)]
+        suite: Option<BundleRef>,
     },
     /// Stored benchmark results, newest first.
     List {
@@ -55,13 +60,23 @@ pub enum BenchCmd {
         #[arg(long)]
         devices: bool,
     },
-    /// Per hardware class, the fastest calibrated variant of a bundle at or above a quality floor.
+    /// Per hardware class, the fastest calibrated variant of a bundle within a quality floor: measured
+    /// numbers against the most precise variant (`--max-kld 0.05 --suite REF`, from `bench calibrate
+    /// --suite`), or a quantization name (`--min-quantization Q4_K_M`).
     Recommend {
         /// [REGISTRY/]REPOSITORY:TAG or [REGISTRY/]REPOSITORY@sha256:...
         bundle: BundleRef,
-        /// Lowest acceptable quantization, e.g. Q4_K_M.
+        /// Lowest acceptable quantization, e.g. Q4_K_M (ignored when a measured floor is given).
         #[arg(long, default_value = "")]
         min_quantization: String,
+        #[command(flatten)]
+        floor: QualityArgs,
+        /// The eval suite the floor was measured with (as given to `bench calibrate --suite`).
+        #[arg(long)]
+        suite: Option<BundleRef>,
+        /// Also list every calibrated variant of each class with its speed and quality.
+        #[arg(long)]
+        variants: bool,
     },
 }
 
@@ -117,13 +132,13 @@ impl From<&proto::BenchmarkResult> for BenchmarkView {
     }
 }
 
-/// The commands sent, and whether each device got its one.
-fn print_commands(output: Output, sent: Vec<proto::SentCommand>) -> anyhow::Result<()> {
+/// The commands sent, and whether each device got its one; `results` is the command that lists the results.
+pub fn print_commands(output: Output, sent: Vec<proto::SentCommand>, results: &str) -> anyhow::Result<()> {
     let views: Vec<CommandView> = sent
         .into_iter()
         .map(|c| CommandView { device_id: c.device_id, command_id: c.command_id, delivered: c.delivered })
         .collect();
-    print(output, &views, |v| commands_table(v))
+    print(output, &views, |v| commands_table(v, results))
 }
 
 fn benchmarks_table(views: &[BenchmarkView]) -> String {
@@ -151,13 +166,13 @@ fn benchmarks_table(views: &[BenchmarkView]) -> String {
     t.to_string()
 }
 
-fn commands_table(commands: &[CommandView]) -> String {
+fn commands_table(commands: &[CommandView], results: &str) -> String {
     let mut t = table(["DEVICE", "COMMAND", "DELIVERED"]);
     for c in commands {
         t.add_row([c.device_id.clone(), c.command_id.clone(), if c.delivered { "yes" } else { "no: offline" }.into()]);
     }
     let delivered = commands.iter().filter(|c| c.delivered).count();
-    format!("{t}\n{delivered} of {} devices got the command; results: alkictl bench list", commands.len())
+    format!("{t}\n{delivered} of {} devices got the command; results: {results}", commands.len())
 }
 
 fn f(v: f64) -> String {
@@ -213,18 +228,41 @@ fn comparison_table(c: &proto::Comparison, devices: bool) -> String {
     out
 }
 
-fn recommendation_table(r: &proto::Recommendation) -> String {
-    let mut t = table(["CLASS", "VARIANT", "TOK/S", "DIGEST", "WHY"]);
+fn recommendation_table(r: &proto::Recommendation, variants: bool) -> String {
+    let header = ["CLASS", "VARIANT", "TOK/S"].into_iter().chain(quality::COLUMNS).chain(["DIGEST", "WHY"]);
+    let mut t = table(header);
     for c in &r.classes {
-        t.add_row([
+        let chosen = c.variants.iter().find(|v| !c.variant_digest.is_empty() && v.variant_digest == c.variant_digest);
+        let mut row = vec![
             c.class.clone(),
             if c.variant_name.is_empty() { "-".into() } else { c.variant_name.clone() },
             f(c.generation_tokens_per_second),
-            short(&c.variant_digest),
-            c.reason.clone(),
-        ]);
+        ];
+        row.extend(quality::cells(chosen.and_then(|v| v.quality.as_ref())));
+        row.extend([short(&c.variant_digest), c.reason.clone()]);
+        t.add_row(row);
     }
-    t.to_string()
+    if !variants {
+        return t.to_string();
+    }
+    let header =
+        ["CLASS", "VARIANT", "TOK/S", "TTFT ms", "DEVICES"].into_iter().chain(quality::COLUMNS).chain(["DIGEST"]);
+    let mut all = table(header);
+    for c in &r.classes {
+        for v in &c.variants {
+            let mut row = vec![
+                c.class.clone(),
+                v.variant_name.clone(),
+                spread(&v.generation_tokens_per_second),
+                spread(&v.ttft_ms),
+                v.devices.to_string(),
+            ];
+            row.extend(quality::cells(v.quality.as_ref()));
+            row.push(short(&v.variant_digest));
+            all.add_row(row);
+        }
+    }
+    format!("{t}\n\n{all}")
 }
 
 /// Runs one `alkictl bench` command.
@@ -238,12 +276,12 @@ pub async fn run(connection: &Connection, output: Output, cmd: BenchCmd) -> anyh
                 repetitions,
             };
             let sent = client.run_benchmark(request).await.map_err(status)?.into_inner().commands;
-            print_commands(output, sent)
+            print_commands(output, sent, "alkictl bench list")
         }
-        BenchCmd::Calibrate { bundle, devices, selector, repetitions } => {
+        BenchCmd::Calibrate { bundle, devices, selector, repetitions, suite } => {
             let (repository, reference) = connection.controller_bundle(&bundle);
             let request = proto::CalibrateRequest {
-                suite: String::new(),
+                suite: suite.map(|s| connection.controller_reference(&s)).unwrap_or_default(),
                 repository,
                 bundle: reference,
                 device_ids: devices,
@@ -251,7 +289,7 @@ pub async fn run(connection: &Connection, output: Output, cmd: BenchCmd) -> anyh
                 repetitions,
             };
             let sent = client.calibrate(request).await.map_err(status)?.into_inner().commands;
-            print_commands(output, sent)
+            print_commands(output, sent, "alkictl bench list")
         }
         BenchCmd::List { device, bundle_digest, class, limit } => {
             let request = proto::ListBenchmarksRequest {
@@ -268,12 +306,68 @@ pub async fn run(connection: &Connection, output: Output, cmd: BenchCmd) -> anyh
             let c = client.compare(proto::CompareRequest { rollout_id: rollout }).await.map_err(status)?.into_inner();
             print(output, &c, |c| comparison_table(c, devices))
         }
-        BenchCmd::Recommend { bundle, min_quantization } => {
+        BenchCmd::Recommend { bundle, min_quantization, floor, suite, variants } => {
+            floor.validate("")?;
+            if let (Some(flag), None) = (floor.first_flag(""), &suite) {
+                anyhow::bail!(
+                    "{flag} needs --suite REF: the eval suite the variants were measured with (bench calibrate --suite)"
+                );
+            }
             let (repository, reference) = connection.controller_bundle(&bundle);
-            let request =
-                proto::RecommendRequest { repository, bundle: reference, min_quantization, ..Default::default() };
+            let request = proto::RecommendRequest {
+                repository,
+                bundle: reference,
+                min_quantization,
+                quality_floor: floor.floor(),
+                suite: suite.map(|s| connection.controller_reference(&s)).unwrap_or_default(),
+            };
             let r = client.recommend(request).await.map_err(status)?.into_inner();
-            print(output, &r, recommendation_table)
+            print(output, &r, |r| recommendation_table(r, variants))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn variant(name: &str, tps: f64, top1: f64) -> proto::VariantScore {
+        proto::VariantScore {
+            variant_digest: alki_shared::digest::Digest::of(name.as_bytes()).to_string(),
+            variant_name: name.into(),
+            generation_tokens_per_second: Some(proto::Stat { median: tps, samples: 2, ..Default::default() }),
+            devices: 2,
+            quality: Some(proto::ClassQuality {
+                measured: 2,
+                max_kld: Some(0.0),
+                min_top1_agreement: Some(top1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_recommendation_shows_the_chosen_variants_quality_and_every_variant_on_request() {
+        let (f16, q8) = (variant("F16", 150.0, 1.0), variant("Q8_0", 900.0, 0.982));
+        let r = proto::Recommendation {
+            classes: vec![proto::ClassRecommendation {
+                class: "x86-avx512".into(),
+                variant_digest: f16.variant_digest.clone(),
+                variant_name: "F16".into(),
+                generation_tokens_per_second: 150.0,
+                variants: vec![q8, f16],
+                reason: "Q8_0 is faster but top-1 agreement 98.2% < 99%".into(),
+            }],
+            ..Default::default()
+        };
+        let short = recommendation_table(&r, false);
+        let row = short.lines().find(|l| l.contains("x86-avx512")).expect("class row");
+        for cell in ["F16", "150.0", "0.000000", "100.0%", "Q8_0 is faster"] {
+            assert!(row.contains(cell), "{cell} in {row}");
+        }
+        assert_eq!(short.lines().count(), 2, "one class, no variant list: {short}");
+        let long = recommendation_table(&r, true);
+        assert!(long.lines().any(|l| l.contains("Q8_0") && l.contains("98.2%") && l.contains("900.0")), "{long}");
     }
 }

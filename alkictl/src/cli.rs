@@ -5,7 +5,7 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 
 use crate::connection::Connection;
 use crate::output::Output;
-use crate::{admin, bench, bundle, completion, devices, enroll, key, registry, rollout, runtime};
+use crate::{admin, bench, bundle, completion, devices, enroll, eval, key, registry, rollout, runtime};
 
 /// Where every subcommand's help points for the options shared by all commands.
 const SHARED_OPTIONS: &str = "Connection and output options (--controller, --ca-file, --registry, --token, --token-file, \
@@ -38,6 +38,9 @@ pub enum Command {
     /// Benchmarks, calibration, A/B comparisons and variant recommendations.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Eval suites (push, inspect), quality evaluations on devices (run, list) and a rollout's quality (compare).
+    #[command(subcommand)]
+    Eval(eval::EvalCmd),
     /// Access tokens (admin only).
     #[command(subcommand)]
     Token(admin::TokenCmd),

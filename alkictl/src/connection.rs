@@ -4,11 +4,12 @@
 use std::path::PathBuf;
 
 use alki_bundle::{BundleRef, Remote};
+use alki_shared::digest::Digest;
 use alki_shared::proto::{
     admin_service_client::AdminServiceClient, fleet_service_client::FleetServiceClient,
     insight_service_client::InsightServiceClient, security_service_client::SecurityServiceClient,
 };
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use clap::Args;
 use oci_client::secrets::RegistryAuth;
 use tonic::service::interceptor::InterceptedService;
@@ -116,6 +117,30 @@ impl Connection {
         name_for_controller(reference, &self.registry)
     }
 
+    /// A reference as one text the controller resolves (an eval suite, a baseline): see
+    /// [`text_for_controller`].
+    pub fn controller_reference(&self, reference: &BundleRef) -> String {
+        text_for_controller(reference, &self.registry)
+    }
+
+    /// The manifest digest `text` names: a digest as it is, a pinned reference's digest, or a tag looked up
+    /// in the registry the reference names (else --registry).
+    pub async fn resolve_digest(&self, text: &str, plain_http: bool) -> anyhow::Result<Digest> {
+        if let Ok(digest) = text.parse::<Digest>() {
+            return Ok(digest);
+        }
+        let reference: BundleRef = text.parse()?;
+        if let Some(digest) = reference.digest {
+            return Ok(digest);
+        }
+        let remote = self.remote(&reference, plain_http)?;
+        let tag = reference.tag_or_digest();
+        match remote.manifest(&remote.client(), &tag).await? {
+            Some((_, digest)) => Ok(digest),
+            None => bail!("{} is not in the registry; check the name or give its digest", remote.named(&tag)),
+        }
+    }
+
     fn auth(&self) -> anyhow::Result<Auth> {
         let header = match self.token()? {
             Some(t) => Some(format!("Bearer {t}").parse().context("the token has characters a header cannot carry")?),
@@ -174,6 +199,14 @@ pub fn name_for_controller(reference: &BundleRef, own_registry: &str) -> (String
     (repository, reference.tag_or_digest())
 }
 
+/// A reference as one text for the controller: `REPOSITORY:TAG` or `REPOSITORY@sha256:...` (the digest
+/// wins over a tag), with the registry host in front when it is not `own_registry`.
+pub fn text_for_controller(reference: &BundleRef, own_registry: &str) -> String {
+    let (repository, tag_or_digest) = name_for_controller(reference, own_registry);
+    let separator = if reference.digest.is_some() { '@' } else { ':' };
+    format!("{repository}{separator}{tag_or_digest}")
+}
+
 /// A gRPC error as one line for people.
 pub fn status(s: tonic::Status) -> anyhow::Error {
     match s.code() {
@@ -210,6 +243,10 @@ mod tests {
         );
         let pinned = format!("acme/gemma@{}", alki_shared::digest::Digest::of(b"x"));
         assert_eq!(c.controller_bundle(&parse(&pinned)).1, alki_shared::digest::Digest::of(b"x").to_string());
+        assert_eq!(c.controller_reference(&parse("127.0.0.1:7080/acme/evals:v1")), "acme/evals:v1");
+        assert_eq!(c.controller_reference(&parse("acme/evals")), "acme/evals:latest");
+        assert_eq!(c.controller_reference(&parse(&format!("127.0.0.1:7080/{pinned}"))), pinned);
+        assert_eq!(c.controller_reference(&parse("127.0.0.1:5000/acme/evals:v1")), "127.0.0.1:5000/acme/evals:v1");
     }
 
     #[test]

@@ -12,10 +12,12 @@ pub mod completion;
 pub mod connection;
 pub mod devices;
 pub mod enroll;
+pub mod eval;
 pub mod inspect;
 pub mod key;
 pub mod labels;
 pub mod output;
+pub mod quality;
 pub mod registry;
 pub mod rollout;
 pub mod runtime;
@@ -30,6 +32,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Devices(cmd) => devices::run(connection, output, cmd).await,
         Command::Rollout(cmd) => rollout::run(connection, output, cmd).await,
         Command::Bench(cmd) => bench::run(connection, output, cmd).await,
+        Command::Eval(cmd) => eval::run(connection, output, cmd).await,
         Command::Token(cmd) => admin::run_token(connection, output, cmd).await,
         Command::Audit(cmd) => admin::run_audit(connection, output, cmd).await,
         Command::Enroll(cmd) => enroll::run(connection, output, cmd).await,

@@ -23,9 +23,9 @@ pub fn print<T: Serialize>(output: Output, value: &T, table: impl FnOnce(&T) -> 
 }
 
 /// An empty table with these column names, borderless.
-pub fn table<const N: usize>(header: [&str; N]) -> Table {
+pub fn table<'a>(header: impl IntoIterator<Item = &'a str>) -> Table {
     let mut t = Table::new();
-    t.load_preset(comfy_table::presets::NOTHING).set_header(header);
+    t.load_preset(comfy_table::presets::NOTHING).set_header(header.into_iter().collect::<Vec<_>>());
     t
 }
 

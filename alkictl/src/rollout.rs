@@ -13,9 +13,10 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use crate::connection::{Connection, name_for_controller, status};
+use crate::connection::{Connection, name_for_controller, status, text_for_controller};
 use crate::labels::SelectorArgs;
 use crate::output::{Output, print, rfc3339, short_ref, table};
+use crate::quality::{self, QualityArgs};
 
 #[derive(Subcommand)]
 // Parsed once per run: the size of the largest variant costs nothing worth a Box.
@@ -158,6 +159,31 @@ pub struct CreateArgs {
     /// activation at its step needs no network (devices connecting later are told when they connect).
     #[arg(long)]
     pub prestage: bool,
+    /// An eval suite every candidate device runs once active, against what it ran before (KL divergence,
+    /// top-1 agreement, perplexity, golden prompts): [REGISTRY/]REPOSITORY:TAG or ...@sha256:..., as `eval
+    /// push` printed it. Needed by the quality gates (--max-kld, --min-top1-agreement, ...).
+    #[arg(long)]
+    pub eval_suite: Option<String>,
+    /// Quality gates per hardware class, from the eval suite: a class with a device past one halts (or
+    /// aborts) with the measured value in the reason.
+    #[command(flatten)]
+    pub quality: QualityArgs,
+    /// Highest acceptable ratio of B's error rate to A's at the devices' front port (real traffic), e.g. 1.5.
+    #[arg(long)]
+    pub max_error_rate_ratio: Option<f64>,
+    /// With --variant-policy recommended: the highest KL divergence a recommended variant may have against
+    /// the bundle's most precise variant (measured by `bench calibrate --suite` with --eval-suite).
+    #[arg(long)]
+    pub variant_max_kld: Option<f64>,
+    /// With --variant-policy recommended: the lowest top-1 agreement (0..1) of a recommended variant.
+    #[arg(long)]
+    pub variant_min_top1_agreement: Option<f64>,
+    /// With --variant-policy recommended: the highest perplexity ratio of a recommended variant.
+    #[arg(long)]
+    pub variant_max_perplexity_ratio: Option<f64>,
+    /// With --variant-policy recommended: the lowest golden pass rate (0..1) of a recommended variant.
+    #[arg(long)]
+    pub variant_min_golden_pass: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -185,6 +211,8 @@ pub enum VariantChoice {
 /// window = "01:00-05:00"          # UTC; steps advance only inside it
 /// window_days = ["mon", "tue"]    # default: every day
 /// prestage = true                 # download and verify on every selected device first
+/// eval_suite = "acme/evals:v1"    # run on every candidate device; needed by the quality gates
+/// variant_quality_floor = { max_kld = 0.05 }   # with variant_policy = "recommended"
 /// [gates]
 /// min_devices = 5
 /// min_success_ratio = 0.95
@@ -192,6 +220,11 @@ pub enum VariantChoice {
 /// max_failures = 3
 /// min_tokens_per_second_ratio = 0.9
 /// max_ttft_ratio = 1.2
+/// max_kld = 0.05                  # quality: highest mean KL divergence from A
+/// min_top1_agreement = 0.9        # lowest top-1 agreement with A (0..1)
+/// max_perplexity_ratio = 1.05     # highest PPL(B)/PPL(A)
+/// min_golden_pass = 1.0           # lowest fraction of golden prompts passed
+/// max_error_rate_ratio = 1.5      # B's front-port error rate against A's
 /// [runtime]
 /// context_size = 4096
 /// ```
@@ -217,6 +250,9 @@ pub struct SpecFile {
     #[serde(default)]
     pub window_days: Vec<String>,
     pub prestage: Option<bool>,
+    pub eval_suite: Option<String>,
+    /// The same keys as the quality gates'.
+    pub variant_quality_floor: Option<QualityArgs>,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -235,6 +271,11 @@ pub struct GatesFile {
     pub max_failures: Option<u32>,
     pub min_tokens_per_second_ratio: Option<f64>,
     pub max_ttft_ratio: Option<f64>,
+    pub max_kld: Option<f64>,
+    pub min_top1_agreement: Option<f64>,
+    pub max_perplexity_ratio: Option<f64>,
+    pub min_golden_pass: Option<f64>,
+    pub max_error_rate_ratio: Option<f64>,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -291,6 +332,13 @@ pub fn build_spec(args: &CreateArgs, own_registry: &str) -> anyhow::Result<proto
         percents.iter().map(|&percent| proto::RolloutStep { percent, min_soak_seconds: soak }).collect()
     };
     let g = file.gates.unwrap_or_default();
+    let quality = QualityArgs {
+        max_kld: args.quality.max_kld.or(g.max_kld),
+        min_top1_agreement: args.quality.min_top1_agreement.or(g.min_top1_agreement),
+        max_perplexity_ratio: args.quality.max_perplexity_ratio.or(g.max_perplexity_ratio),
+        min_golden_pass: args.quality.min_golden_pass.or(g.min_golden_pass),
+    };
+    let max_error_rate_ratio = args.max_error_rate_ratio.or(g.max_error_rate_ratio);
     let gates = proto::RolloutGates {
         min_devices: args.min_devices.or(g.min_devices).unwrap_or(0),
         min_success_ratio: args.min_success_ratio.or(g.min_success_ratio),
@@ -298,11 +346,22 @@ pub fn build_spec(args: &CreateArgs, own_registry: &str) -> anyhow::Result<proto
         max_failures: args.max_failures.or(g.max_failures),
         min_tokens_per_second_ratio: args.min_tokens_per_second_ratio.or(g.min_tokens_per_second_ratio),
         max_ttft_ratio: args.max_ttft_ratio.or(g.max_ttft_ratio),
-        ..Default::default()
+        max_kld: quality.max_kld,
+        min_top1_agreement: quality.min_top1_agreement,
+        max_perplexity_ratio: quality.max_perplexity_ratio,
+        min_golden_pass: quality.min_golden_pass,
+        max_error_rate_ratio,
     };
     let variant_policy = match args.variant_policy.or(file.variant_policy) {
         Some(VariantChoice::Recommended) => proto::VariantPolicy::RecommendedPerClass,
         Some(VariantChoice::Device) | None => proto::VariantPolicy::Unspecified,
+    };
+    let floor = variant_floor(args, file.variant_quality_floor.unwrap_or_default());
+    let eval_suite = args.eval_suite.clone().or(file.eval_suite);
+    check_quality(&quality, max_error_rate_ratio, &floor, eval_suite.is_some(), variant_policy)?;
+    let eval_suite = match eval_suite {
+        Some(text) => text_for_controller(&text.parse::<BundleRef>()?, own_registry),
+        None => String::new(),
     };
     let variant_min_quantization =
         args.variant_min_quantization.clone().or(file.variant_min_quantization).unwrap_or_default();
@@ -347,8 +406,48 @@ pub fn build_spec(args: &CreateArgs, own_registry: &str) -> anyhow::Result<proto
         variant_min_quantization,
         schedule,
         prestage: args.prestage || file.prestage.unwrap_or(false),
-        ..Default::default()
+        eval_suite,
+        variant_quality_floor: floor.floor(),
     })
+}
+
+/// The recommended variant's quality floor: the --variant-* flags over the spec file's.
+fn variant_floor(args: &CreateArgs, file: QualityArgs) -> QualityArgs {
+    QualityArgs {
+        max_kld: args.variant_max_kld.or(file.max_kld),
+        min_top1_agreement: args.variant_min_top1_agreement.or(file.min_top1_agreement),
+        max_perplexity_ratio: args.variant_max_perplexity_ratio.or(file.max_perplexity_ratio),
+        min_golden_pass: args.variant_min_golden_pass.or(file.min_golden_pass),
+    }
+}
+
+/// Refuses quality thresholds out of range, and quality gates or a floor without the suite that measures
+/// them, before anything is sent.
+fn check_quality(
+    gates: &QualityArgs,
+    max_error_rate_ratio: Option<f64>,
+    floor: &QualityArgs,
+    has_suite: bool,
+    policy: proto::VariantPolicy,
+) -> anyhow::Result<()> {
+    gates.validate("")?;
+    floor.validate("variant-")?;
+    if let Some(ratio) = max_error_rate_ratio
+        && !(ratio.is_finite() && ratio > 0.0)
+    {
+        bail!(
+            "--max-error-rate-ratio: {ratio} is out of range; give a ratio above 0, e.g. 1.5 for at most 50% more errors"
+        );
+    }
+    if let (Some(flag), false) = (gates.first_flag("").or(floor.first_flag("variant-")), has_suite) {
+        bail!(
+            "{flag} needs --eval-suite REF (or eval_suite in the spec file): the suite candidate devices are measured with"
+        );
+    }
+    if let (Some(flag), false) = (floor.first_flag("variant-"), policy == proto::VariantPolicy::RecommendedPerClass) {
+        bail!("{flag} applies to --variant-policy recommended; add it or drop the flag");
+    }
+    Ok(())
 }
 
 /// `01:00-05:00` and weekday names into a checked wire window.
@@ -370,8 +469,8 @@ pub async fn run(connection: &Connection, output: Output, cmd: RolloutCmd) -> an
         RolloutCmd::Create(args) => create(connection, output, &args).await,
         RolloutCmd::Get { id } => {
             let r = connection.fleet().await?.get_rollout(proto::GetRolloutRequest { id }).await.map_err(status)?;
-            let view = RolloutView::from(&r.into_inner());
-            print(output, &view, |r| rollout_table(std::slice::from_ref(r)))
+            let view = GetView::from(&r.into_inner());
+            print(output, &view, get_text)
         }
         RolloutCmd::List => {
             let rs = connection.fleet().await?.list_rollouts(proto::ListRolloutsRequest {}).await.map_err(status)?;
@@ -495,6 +594,8 @@ pub struct RolloutView {
     window_opens_unix_ms: i64,
     window_opens: String,
     prestage: bool,
+    /// The eval suite pinned by digest (empty: none).
+    eval_suite: String,
 }
 
 impl From<&proto::Rollout> for RolloutView {
@@ -523,8 +624,40 @@ impl From<&proto::Rollout> for RolloutView {
             window_opens_unix_ms: r.window_opens_unix_ms,
             window_opens: if r.window_opens_unix_ms > 0 { rfc3339(r.window_opens_unix_ms) } else { String::new() },
             prestage: r.spec.as_ref().is_some_and(|s| s.prestage),
+            eval_suite: r.eval_suite.as_ref().map(|b| b.display()).unwrap_or_default(),
         }
     }
+}
+
+/// `rollout get`: the rollout in one line, then each class's verdict, quality values and why.
+#[derive(Serialize)]
+struct GetView {
+    #[serde(flatten)]
+    rollout: RolloutView,
+    classes: Vec<ClassView>,
+}
+
+impl From<&proto::Rollout> for GetView {
+    fn from(r: &proto::Rollout) -> Self {
+        GetView { rollout: RolloutView::from(r), classes: r.classes.iter().map(ClassView::from).collect() }
+    }
+}
+
+fn get_text(v: &GetView) -> String {
+    let mut out = rollout_table(std::slice::from_ref(&v.rollout));
+    if v.classes.is_empty() {
+        return out;
+    }
+    let header = ["CLASS", "VERDICT", "EVALUATED"].into_iter().chain(quality::COLUMNS).chain(["WHY"]);
+    let mut t = table(header);
+    for c in &v.classes {
+        let mut row = vec![c.class.clone(), c.verdict.clone(), quality::counts(c.quality.as_ref())];
+        row.extend(quality::cells(c.quality.as_ref()));
+        row.push(c.reason.clone());
+        t.add_row(row);
+    }
+    out.push_str(&format!("\n\n{t}"));
+    out
 }
 
 fn rollout_table(rs: &[RolloutView]) -> String {
@@ -566,7 +699,40 @@ struct ClassView {
     /// With prestage: selected devices that report the candidate staged, and that failed to stage it.
     staged: u32,
     stage_failed: u32,
+    /// Quality of B against A from the eval suite: the worst values across measured devices, and how many
+    /// devices measured or could not run it.
+    quality: Option<proto::ClassQuality>,
+    /// B's and A's error rates at the front port (0: no traffic).
+    b_error_rate: f64,
+    a_error_rate: f64,
     reason: String,
+}
+
+impl From<&proto::ClassStatus> for ClassView {
+    fn from(c: &proto::ClassStatus) -> Self {
+        let n = c.counts.unwrap_or_default();
+        ClassView {
+            class: c.class.clone(),
+            verdict: verdict_label(c.verdict).into(),
+            selected: n.selected,
+            candidate: n.candidate,
+            active: n.active,
+            failed: n.failed,
+            pending: n.pending,
+            success_ratio: c.success_ratio,
+            failure_ratio: c.failure_ratio,
+            tokens_per_second_ratio: c.tokens_per_second_ratio,
+            ttft_ratio: c.ttft_ratio,
+            a_samples: c.a_samples,
+            b_samples: c.b_samples,
+            staged: c.staged,
+            stage_failed: c.stage_failed,
+            quality: c.quality,
+            b_error_rate: c.b_error_rate,
+            a_error_rate: c.a_error_rate,
+            reason: c.reason.clone(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -624,33 +790,13 @@ impl StatusView {
         if let Some(v) = g.max_ttft_ratio {
             gates.push(format!("B/A ttft <= {v:.2}"));
         }
+        gates.extend(quality::thresholds_text(&quality::rollout_gates(&g)));
+        if let Some(v) = g.max_error_rate_ratio {
+            gates.push(format!("B/A error rate <= {v:.2}"));
+        }
         let policy = if spec.on_class_failure == ClassFailurePolicy::HaltClass as i32 { "halt class" } else { "abort" };
         gates.push(format!("on failure: {policy}"));
-        let classes = r
-            .classes
-            .iter()
-            .map(|c| {
-                let n = c.counts.unwrap_or_default();
-                ClassView {
-                    class: c.class.clone(),
-                    verdict: verdict_label(c.verdict).into(),
-                    selected: n.selected,
-                    candidate: n.candidate,
-                    active: n.active,
-                    failed: n.failed,
-                    pending: n.pending,
-                    success_ratio: c.success_ratio,
-                    failure_ratio: c.failure_ratio,
-                    tokens_per_second_ratio: c.tokens_per_second_ratio,
-                    ttft_ratio: c.ttft_ratio,
-                    a_samples: c.a_samples,
-                    b_samples: c.b_samples,
-                    staged: c.staged,
-                    stage_failed: c.stage_failed,
-                    reason: c.reason.clone(),
-                }
-            })
-            .collect();
+        let classes = r.classes.iter().map(ClassView::from).collect();
         let skip = events.len().saturating_sub(5);
         StatusView {
             rollout: RolloutView::from(r),
@@ -663,7 +809,7 @@ impl StatusView {
     }
 }
 
-fn verdict_label(v: i32) -> &'static str {
+pub(crate) fn verdict_label(v: i32) -> &'static str {
     match GateVerdict::try_from(v).unwrap_or_default() {
         GateVerdict::Unspecified => "-",
         GateVerdict::NotSampled => "not sampled",
@@ -689,6 +835,9 @@ fn status_text(s: &StatusView) -> String {
         r.message,
         s.gates
     );
+    if !r.eval_suite.is_empty() {
+        out.insert_str(out.len() - 1, &format!("eval suite: {}\n", short_ref(&r.eval_suite)));
+    }
     if !r.window.is_empty() {
         let state = if r.window_opens.is_empty() { "open now".to_owned() } else { format!("opens {}", r.window_opens) };
         out.insert_str(out.len() - 1, &format!("window: {} ({state})\n", r.window));
@@ -697,6 +846,15 @@ fn status_text(s: &StatusView) -> String {
         vec!["CLASS", "VERDICT", "SELECTED", "B", "ACTIVE", "FAILED", "PENDING", "SUCCESS", "B/A TOK/S", "B/A TTFT"];
     if r.prestage {
         header.extend(["STAGED", "STAGE FAILED"]);
+    }
+    let quality = !r.eval_suite.is_empty() || s.classes.iter().any(|c| c.quality.is_some());
+    if quality {
+        header.push("EVALUATED");
+        header.extend(quality::COLUMNS);
+    }
+    let errors = s.classes.iter().any(|c| c.b_error_rate > 0.0 || c.a_error_rate > 0.0);
+    if errors {
+        header.extend(["B ERR", "A ERR"]);
     }
     header.push("WHY");
     let mut t = comfy_table::Table::new();
@@ -717,6 +875,13 @@ fn status_text(s: &StatusView) -> String {
         ];
         if r.prestage {
             row.extend([c.staged.to_string(), c.stage_failed.to_string()]);
+        }
+        if quality {
+            row.push(quality::counts(c.quality.as_ref()));
+            row.extend(quality::cells(c.quality.as_ref()));
+        }
+        if errors {
+            row.extend([quality::percent(Some(c.b_error_rate)), quality::percent(Some(c.a_error_rate))]);
         }
         row.push(c.reason.clone());
         t.add_row(row);
@@ -905,5 +1070,137 @@ context_size = 4096
         assert_eq!(json["classes"][0]["stage_failed"], 2);
         assert_eq!(json["rollout"]["window_opens"], "2026-11-23T01:00:00Z");
         assert_eq!(json["rollout"]["prestage"], true);
+    }
+
+    #[test]
+    fn quality_gates_and_the_eval_suite_come_from_flags_or_the_file() {
+        let suite = format!("{REGISTRY}/acme/evals@{}", alki_shared::digest::Digest::of(b"suite"));
+        let args = CreateArgs {
+            bundle: Some("acme/qwen:v2".into()),
+            eval_suite: Some(suite.clone()),
+            quality: QualityArgs { max_kld: Some(0.001), min_top1_agreement: Some(0.9), ..Default::default() },
+            max_error_rate_ratio: Some(1.5),
+            variant_policy: Some(VariantChoice::Recommended),
+            variant_max_kld: Some(0.05),
+            ..Default::default()
+        };
+        let spec = build_spec(&args, REGISTRY).expect("spec");
+        assert_eq!(spec.eval_suite, suite.trim_start_matches(&format!("{REGISTRY}/")), "the controller's own registry");
+        let g = spec.gates.expect("gates");
+        assert_eq!((g.max_kld, g.min_top1_agreement, g.min_golden_pass), (Some(0.001), Some(0.9), None));
+        assert_eq!(g.max_error_rate_ratio, Some(1.5));
+        assert_eq!(spec.variant_quality_floor.and_then(|f| f.max_kld), Some(0.05));
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("spec.yaml");
+        let yaml = "bundle: acme/qwen:v2\neval_suite: acme/evals:v1\nvariant_policy: recommended\n\
+                    variant_quality_floor: {min_top1_agreement: 0.95}\ngates:\n  min_golden_pass: 1.0\n  max_perplexity_ratio: 1.05\n";
+        std::fs::write(&path, yaml).expect("write");
+        let args = CreateArgs {
+            file: Some(path),
+            quality: QualityArgs { min_golden_pass: Some(0.5), ..Default::default() },
+            ..Default::default()
+        };
+        let spec = build_spec(&args, REGISTRY).expect("spec");
+        assert_eq!(spec.eval_suite, "acme/evals:v1");
+        let g = spec.gates.expect("gates");
+        assert_eq!((g.min_golden_pass, g.max_perplexity_ratio), (Some(0.5), Some(1.05)), "the flag wins");
+        assert_eq!(spec.variant_quality_floor.and_then(|f| f.min_top1_agreement), Some(0.95));
+        assert_eq!(
+            build_spec(&CreateArgs { bundle: Some("a/b:c".into()), ..Default::default() }, REGISTRY)
+                .expect("spec")
+                .variant_quality_floor,
+            None
+        );
+    }
+
+    #[test]
+    fn quality_thresholds_without_a_suite_or_out_of_range_are_refused_before_sending() {
+        let refused = |args: CreateArgs| {
+            format!(
+                "{:#}",
+                build_spec(&CreateArgs { bundle: Some("acme/qwen:v2".into()), ..args }, REGISTRY).expect_err("refused")
+            )
+        };
+        let no_suite = refused(CreateArgs {
+            quality: QualityArgs { min_golden_pass: Some(1.0), ..Default::default() },
+            ..Default::default()
+        });
+        assert!(no_suite.starts_with("--min-golden-pass needs --eval-suite REF"), "{no_suite}");
+        let kld = refused(CreateArgs {
+            eval_suite: Some("acme/evals:v1".into()),
+            quality: QualityArgs { max_kld: Some(-1.0), ..Default::default() },
+            ..Default::default()
+        });
+        assert!(kld.starts_with("--max-kld: -1 is out of range"), "{kld}");
+        let ratio = refused(CreateArgs { max_error_rate_ratio: Some(0.0), ..Default::default() });
+        assert!(ratio.starts_with("--max-error-rate-ratio: 0 is out of range"), "{ratio}");
+        let floor = refused(CreateArgs {
+            eval_suite: Some("acme/evals:v1".into()),
+            variant_max_kld: Some(0.05),
+            ..Default::default()
+        });
+        assert!(floor.starts_with("--variant-max-kld applies to --variant-policy recommended"), "{floor}");
+        let bad_suite = refused(CreateArgs { eval_suite: Some("acme/evals@abc".into()), ..Default::default() });
+        assert!(bad_suite.contains("shortened digest"), "{bad_suite}");
+    }
+
+    #[test]
+    fn status_and_get_show_each_class_quality_and_why_it_halted() {
+        let quality = proto::ClassQuality {
+            measured: 2,
+            could_not_run: 1,
+            max_kld: Some(0.007954),
+            min_top1_agreement: Some(0.0),
+            ..Default::default()
+        };
+        let reason =
+            "quality: KL divergence 0.0080 > --max-kld 0.001 on device pi-2 (2 of 2 measured devices break it)";
+        let r = proto::Rollout {
+            id: "ro-2".into(),
+            state: RolloutState::Aborted as i32,
+            spec: Some(proto::RolloutSpec {
+                steps: vec![proto::RolloutStep { percent: 100, min_soak_seconds: 0 }],
+                gates: Some(proto::RolloutGates {
+                    max_kld: Some(0.001),
+                    min_top1_agreement: Some(0.9),
+                    max_error_rate_ratio: Some(1.5),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            eval_suite: Some(proto::BundleRef {
+                repository: "acme/evals".into(),
+                digest: alki_shared::digest::Digest::of(b"s").to_string(),
+                ..Default::default()
+            }),
+            classes: vec![proto::ClassStatus {
+                class: "x86_64-8g".into(),
+                verdict: GateVerdict::Fail as i32,
+                reason: reason.into(),
+                quality: Some(quality),
+                b_error_rate: 0.02,
+                a_error_rate: 0.01,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = status_text(&StatusView::new(&r, &[]));
+        assert!(text.contains("KLD <= 0.001, top-1 >= 0.9, B/A error rate <= 1.50"), "{text}");
+        assert!(text.contains("eval suite: acme/evals@"), "{text}");
+        let row = text.lines().find(|l| l.contains("x86_64-8g")).expect("class row");
+        for cell in ["fail", "2 measured, 1 could not run", "0.007954", "0.0%", "2.0%", "1.0%", reason] {
+            assert!(row.contains(cell), "{cell} in {row}");
+        }
+        let get = GetView::from(&r);
+        let text = get_text(&get);
+        assert!(
+            text.lines().any(|l| l.contains("x86_64-8g") && l.contains("0.007954") && l.contains(reason)),
+            "{text}"
+        );
+        let json = serde_json::to_value(&get).expect("json");
+        assert_eq!(json["id"], "ro-2");
+        assert_eq!(json["classes"][0]["quality"]["max_kld"], 0.007954);
+        assert!(json["eval_suite"].as_str().is_some_and(|s| s.starts_with("acme/evals@sha256:")), "{json}");
     }
 }

@@ -1,7 +1,9 @@
 //! Signing a pushed bundle (`alkictl bundle sign`): its index digest and each variant manifest with cosign's
-//! classic key-based scheme, appending to any signatures already at each `sha256-<hex>.sig` tag.
+//! classic key-based scheme, appending to any signatures already at each `sha256-<hex>.sig` tag. A single
+//! manifest (an eval suite, a runtime build's platform manifest) is signed alone, the same way.
 
 use alki_shared::digest::Digest;
+use alki_shared::eval::artifact::ARTIFACT_TYPE_EVAL_SUITE;
 use alki_shared::oci::{MEDIA_TYPE_IMAGE_MANIFEST, Manifest};
 use alki_shared::signing::{self, SigningKey, signature_layer, signature_manifest, signature_tag};
 use oci_client::Client;
@@ -21,7 +23,7 @@ pub struct Signed {
 
 #[derive(Debug, Serialize)]
 pub struct SignedDigest {
-    /// `index` or `variant <quantization>`.
+    /// `index`, `variant <quantization>`, `suite` or `manifest`.
     pub what: String,
     pub digest: Digest,
     pub tag: String,
@@ -40,12 +42,16 @@ pub async fn sign(remote: &Remote, reference: &str, key: &SigningKey) -> Result<
         refuse!("{} is not in the registry; push it first with `alkictl bundle push`", remote.named(reference));
     };
     let mut targets = vec![("index".to_owned(), digest.clone())];
-    if let Manifest::Index(index) = Manifest::parse(&bytes, None).parsing(|| format!("manifest {digest}"))? {
-        for v in alki_shared::bundle::variants(&index) {
-            targets.push((format!("variant {}", v.quantization), v.descriptor.digest.clone()));
+    match Manifest::parse(&bytes, None).parsing(|| format!("manifest {digest}"))? {
+        Manifest::Index(index) => {
+            for v in alki_shared::bundle::variants(&index) {
+                targets.push((format!("variant {}", v.quantization), v.descriptor.digest.clone()));
+            }
         }
-    } else {
-        targets[0].0 = "manifest".to_owned();
+        Manifest::Image(image) if image.artifact_type.as_deref() == Some(ARTIFACT_TYPE_EVAL_SUITE) => {
+            targets[0].0 = "suite".to_owned();
+        }
+        Manifest::Image(_) => targets[0].0 = "manifest".to_owned(),
     }
     let mut signed = Vec::new();
     for (what, d) in targets {

@@ -244,6 +244,34 @@ impl Controller {
         serde_json::from_str(&out).with_context(|| format!("alkictl bundle sign printed non-JSON: {out}"))
     }
 
+    /// Starts a real `alki-agent` under `root`, labelled `site=<site>`, that enrolls with a fresh bootstrap
+    /// token of this controller, runs `llama_server` (a real build: two minutes to get healthy) and trusts
+    /// `trust_policy`; returns it and its front port.
+    pub fn start_agent(
+        &self,
+        root: &Path,
+        device_id: &str,
+        site: &str,
+        llama_server: &Path,
+        trust_policy: &Path,
+    ) -> anyhow::Result<(Proc, u16)> {
+        let bootstrap = self.bootstrap_token(1)?;
+        let front_port = free_port()?;
+        let setup = AgentSetup {
+            device_id,
+            site,
+            controller: &self.grpc,
+            ca_file: &self.ca_file,
+            bootstrap_token: &bootstrap,
+            registry: "",
+            llama_server,
+            front_port,
+            health_timeout_secs: 120,
+            trust_policy,
+        };
+        Ok((start_agent(root, &setup)?, front_port))
+    }
+
     /// A bootstrap token for `uses` enrollments, valid for an hour.
     pub fn bootstrap_token(&self, uses: u32) -> anyhow::Result<String> {
         let created =

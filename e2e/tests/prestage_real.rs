@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use alki_e2e::harness::{self, AgentSetup, binary, free_port, llama_bin_dir, run, wait_for};
+use alki_e2e::harness::{self, binary, llama_bin_dir, run, wait_for};
 use alki_shared::digest::Digest;
 use anyhow::Context as _;
 use serde_json::Value;
@@ -63,22 +63,9 @@ fn a_prestaged_candidate_activates_from_the_device_store_when_the_registry_copy_
     let a = publish(&controller, &key, &model_a, "a")?;
     let b = publish(&controller, &key, &model_b, "b")?;
 
-    let front_port = free_port()?;
-    let bootstrap = controller.bootstrap_token(1)?;
     let trust_policy = harness::write_trust_policy(dir.path(), &key.public_key)?;
-    let setup = AgentSetup {
-        device_id: "pi-001",
-        site: "lab",
-        controller: &controller.grpc,
-        ca_file: &controller.ca_file,
-        bootstrap_token: &bootstrap,
-        registry: "",
-        llama_server: &llama_bin.join("llama-server"),
-        front_port,
-        health_timeout_secs: 120,
-        trust_policy: &trust_policy,
-    };
-    let agent = harness::start_agent(dir.path(), &setup)?;
+    let (agent, front_port) =
+        controller.start_agent(dir.path(), "pi-001", "lab", &llama_bin.join("llama-server"), &trust_policy)?;
     let procs = [&controller.proc, &agent];
     let device = || -> anyhow::Result<Option<Value>> {
         let devices = controller.alkictl_json(&["devices", "list"])?;

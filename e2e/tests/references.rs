@@ -2,7 +2,12 @@
 //! over TLS: `bundle push`'s `HOST:PORT/REPOSITORY:TAG`, `bundle sign`'s `HOST:PORT/REPOSITORY@DIGEST`, a
 //! rollout's candidate (the same form, as devices show what they run), the same without its registry, and
 //! `runtime push`'s reference and pinned reference, each given to `bundle inspect`, `bundle sign`, `bundle
-//! push`, `rollout create`, `bench recommend` and `bundle pack --runtime-build`.
+//! push`, `rollout create`, `bench recommend` and `bundle pack --runtime-build`; and `eval push`'s reference
+//! and pinned reference of an eval suite (and a rollout's pinned suite), each given to `eval inspect`, `bundle
+//! sign`, `eval run`, `eval list`, `rollout create --eval-suite`, `bench calibrate --suite` and `bench
+//! recommend --suite`.
+
+mod quality_support;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
@@ -27,18 +32,31 @@ fn rollout_candidate(controller: &Controller, bundle: &str, site: &str) -> anyho
     text(&rollout, "candidate")
 }
 
-#[test]
-fn every_bundle_reference_alkictl_prints_is_accepted_back() -> anyhow::Result<()> {
+/// A controller trusting a fresh key, and the tiny model packed as `acme/gemma:v1` (not pushed).
+struct Setup {
+    dir: tempfile::TempDir,
+    key: harness::SigningKey,
+    controller: Controller,
+    model: std::path::PathBuf,
+    layout: std::path::PathBuf,
+}
+
+fn setup() -> anyhow::Result<Setup> {
     let dir = tempfile::tempdir()?;
     let key = harness::generate_key(dir.path(), "release")?;
-    let public = path(&key.public_key)?;
-    let controller = harness::start_controller(dir.path(), &["--trusted-key", public])?;
-    let registry = controller.registry.clone();
-
+    let controller = harness::start_controller(dir.path(), &["--trusted-key", path(&key.public_key)?])?;
     let model = dir.path().join("gemma.gguf");
     run(Command::new(binary("make-tiny-model")?).arg("--out").arg(&model).args(["--name", "gemma"]))?;
     let layout = dir.path().join("layout");
     controller.alkictl_json(&["bundle", "pack", path(&model)?, "--out", path(&layout)?, "--tag", "v1"])?;
+    Ok(Setup { dir, key, controller, model, layout })
+}
+
+#[test]
+fn every_bundle_reference_alkictl_prints_is_accepted_back() -> anyhow::Result<()> {
+    let Setup { dir, key, controller, model, layout } = setup()?;
+    let public = path(&key.public_key)?;
+    let registry = controller.registry.clone();
 
     // bundle push prints HOST:PORT/REPOSITORY:TAG.
     let pushed = controller.alkictl_json(&["bundle", "push", path(&layout)?, "acme/gemma:v1"])?;
@@ -75,6 +93,81 @@ fn every_bundle_reference_alkictl_prints_is_accepted_back() -> anyhow::Result<()
     }
 
     runtime_build_references(&controller, dir.path(), &key, &model)
+}
+
+#[test]
+fn every_eval_suite_reference_alkictl_prints_is_accepted_back() -> anyhow::Result<()> {
+    let Setup { dir, key, controller, layout, .. } = setup()?;
+    let public = path(&key.public_key)?;
+    let registry = controller.registry.clone();
+    controller.alkictl_json(&["bundle", "push", path(&layout)?, "acme/gemma:v1"])?;
+    controller.sign("acme/gemma:v1", &key)?;
+    let suite = quality_support::write_suite(
+        &dir.path().join("suite"),
+        &quality_support::SMOKE,
+        &quality_support::lenient_prompts(),
+    )?;
+
+    // eval push prints HOST:PORT/REPOSITORY:TAG and the pinned HOST:PORT/REPOSITORY@DIGEST, and takes its own
+    // form as a target.
+    let pushed = controller.alkictl_json(&["eval", "push", path(&suite)?, "acme/evals:v1"])?;
+    let (reference, pinned, digest) = (text(&pushed, "reference")?, text(&pushed, "pinned")?, text(&pushed, "digest")?);
+    ensure!(reference == format!("{registry}/acme/evals:v1"), "{pushed}");
+    ensure!(pinned == format!("{registry}/acme/evals@{digest}"), "{pushed}");
+    let again = controller.alkictl_json(&["eval", "push", path(&suite)?, &format!("{registry}/acme/evals:v2")])?;
+    ensure!(again["digest"] == digest.as_str(), "the same suite, the same digest: {again}");
+
+    // bundle sign takes the suite as push printed it and prints the pinned form.
+    let signed = controller.sign(&reference, &key)?;
+    ensure!(text(&signed, "reference")? == pinned, "{signed}");
+    ensure!(signed["signatures"][0]["what"] == "suite", "{signed}");
+
+    let bare = format!("acme/evals@{digest}");
+    let mut forms = vec![reference.clone(), pinned.clone(), bare];
+    // A rollout pins the suite; the form it prints is accepted back too.
+    let rollout = controller.alkictl_json(&[
+        "rollout",
+        "create",
+        "--bundle",
+        "acme/gemma:v1",
+        "--selector",
+        "site=refs-suite",
+        "--eval-suite",
+        &reference,
+    ])?;
+    let rollout_suite = text(&rollout, "eval_suite")?;
+    ensure!(rollout_suite.ends_with(&digest), "the rollout pins the suite: {rollout}");
+    forms.push(rollout_suite);
+    for (i, form) in forms.iter().enumerate() {
+        let inspected = controller.alkictl_json(&["eval", "inspect", form, "--key", public])?;
+        ensure!(inspected["digest"] == digest.as_str() && inspected["verified"] == true, "inspect {form}: {inspected}");
+        controller
+            .alkictl_json(&["eval", "list", "--suite", form])
+            .with_context(|| format!("eval list --suite {form}"))?;
+        let site = format!("site=refs-suite-{i}");
+        let pinned_again = controller.alkictl_json(&[
+            "rollout",
+            "create",
+            "--bundle",
+            "acme/gemma:v1",
+            "--selector",
+            &site,
+            "--eval-suite",
+            form,
+        ])?;
+        ensure!(
+            pinned_again["eval_suite"].as_str().is_some_and(|s| s.ends_with(&digest)),
+            "--eval-suite {form}: {pinned_again}"
+        );
+        for args in [
+            &["eval", "run", "--bundle", "acme/gemma:v1", "--suite", form, "--selector", &site][..],
+            &["bench", "calibrate", "acme/gemma:v1", "--suite", form, "--selector", &site],
+            &["bench", "recommend", "acme/gemma:v1", "--suite", form, "--max-kld", "0.05"],
+        ] {
+            controller.alkictl_json(args).with_context(|| format!("alkictl {args:?}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// `runtime push` prints a reference (signed as printed) and a pinned reference (inspected, and named by

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use alki_e2e::harness::{self, AgentSetup, Proc, binary, free_port, llama_bin_dir, run, wait_for};
+use alki_e2e::harness::{self, Proc, binary, llama_bin_dir, run, wait_for};
 use alki_shared::digest::Digest;
 use anyhow::Context as _;
 use serde_json::Value;
@@ -46,22 +46,9 @@ fn make_model(out: &Path, name: &str, seed: u64) -> anyhow::Result<()> {
 }
 
 fn start_agent(fleet: &Fleet, device_id: &str, llama_bin: &Path) -> anyhow::Result<(Proc, u16)> {
-    let bootstrap = fleet.controller.bootstrap_token(1)?;
-    let front_port = free_port()?;
     let trust_policy = harness::write_trust_policy(fleet.dir.path(), &fleet.key.public_key)?;
-    let setup = AgentSetup {
-        device_id,
-        site: "lab",
-        controller: &fleet.controller.grpc,
-        ca_file: &fleet.controller.ca_file,
-        bootstrap_token: &bootstrap,
-        registry: "",
-        llama_server: &llama_bin.join("llama-server"),
-        front_port,
-        health_timeout_secs: 120,
-        trust_policy: &trust_policy,
-    };
-    Ok((harness::start_agent(fleet.dir.path(), &setup)?, front_port))
+    let server = llama_bin.join("llama-server");
+    fleet.controller.start_agent(fleet.dir.path(), device_id, "lab", &server, &trust_policy)
 }
 
 fn device(fleet: &Fleet, id: &str) -> anyhow::Result<Option<Value>> {
