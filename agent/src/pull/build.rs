@@ -62,16 +62,8 @@ impl DevicePlatform {
     }
 }
 
-/// Rust's architecture names (`std::env::consts::ARCH`) to OCI's.
-pub fn oci_architecture(rust: &str) -> &str {
-    match rust {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        other => other,
-    }
-}
+/// Rust's architecture names (`std::env::consts::ARCH`) to OCI's: the one mapping alkictl packs builds by.
+pub use alki_shared::bundle::oci_architecture;
 
 fn accelerator(entry: &Descriptor) -> &str {
     entry.annotation(ANNOTATION_ACCELERATOR).unwrap_or("cpu")
