@@ -17,6 +17,8 @@ use crate::runtime::priority::{Priority, lower};
 
 /// Bytes kept of each output stream; the rest is read and dropped (a 1,024-chunk run prints ~200 KB).
 pub const MAX_OUTPUT_BYTES: usize = 4 << 20;
+/// Runs of one measurement when the tool's output keeps losing its end.
+const RUNS_IF_CUT: u32 = 3;
 /// Characters of the output quoted when the tool exits with an error.
 const TAIL_CHARS: usize = 400;
 
@@ -94,19 +96,24 @@ impl Runner<'_> {
         }
     }
 
-    /// Runs with `args` and reads the result; a result cut from the output is run for once more.
+    /// Runs with `args` and reads the result; a run whose output lost its end is run again, at most
+    /// [`RUNS_IF_CUT`] runs in all. The tool logs through a thread it never flushes at exit
+    /// (llama.cpp's `common_log_main` is leaked on purpose), so under load its last lines, the summary
+    /// among them, can be lost from a run that succeeded.
     async fn twice_if_cut<T>(
         &self,
         args: &[OsString],
         read: impl Fn(&Output) -> Result<T, ToolError>,
     ) -> Result<T, RunError> {
-        let first = read(&self.run(args).await?).map_err(RunError::from);
-        match first {
-            Err(e) if e.lost_its_tail() => {
-                tracing::warn!(error = %e, "llama-perplexity's output lost its end; running it once more.");
-                Ok(read(&self.run(args).await?)?)
+        let mut runs = 1;
+        loop {
+            match read(&self.run(args).await?).map_err(RunError::from) {
+                Err(e) if e.lost_its_tail() && runs < RUNS_IF_CUT => {
+                    runs += 1;
+                    tracing::warn!(error = %e, run = runs, "llama-perplexity's output lost its end; running it again.");
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 
@@ -196,6 +203,15 @@ mod tests {
             Runner { tool: &tool, priority: Priority::Normal, deadline: Instant::now() + Duration::from_secs(20) };
         let ppl = runner.perplexity(&settings(), Path::new("m.gguf"), Path::new("c.txt")).await.expect("second run");
         assert_eq!(ppl.ppl.value, 12.5);
+
+        // A tool that always loses its tail is run RUNS_IF_CUT times, then the cut is the answer.
+        let runs = dir.path().join("runs");
+        let always_cut = script(dir.path(), &format!("echo run >> {}; echo '[1]12.0,'", runs.display()));
+        let cut = Runner { tool: &always_cut, ..runner };
+        let err = cut.perplexity(&settings(), Path::new("m.gguf"), Path::new("c.txt")).await.expect_err("cut");
+        assert!(matches!(err, RunError::Tool(ToolError::MissingEstimate(_))), "{err}");
+        let count = std::fs::read_to_string(&runs).expect("runs").lines().count();
+        assert_eq!(count, RUNS_IF_CUT as usize);
 
         let short = script(dir.path(), "echo 'perplexity: you need at least 256 tokens for a context of 128' >&2");
         let runner = Runner { tool: &short, ..runner };
