@@ -5,10 +5,11 @@
 //! 1,000 tokens. N rounds, the three runs interleaved in each (so a neighbour's load falls on all alike),
 //! median and minimum; the agent's runs at normal priority so both compete alike.
 //!
-//!   cargo run --release -p alki-agent --example bench-eval -- [--rounds 3] [--model B.gguf --baseline A.gguf]
+//!   cargo run --release -p alki-agent --example bench-eval -- [--rounds 3] [--large | --model B.gguf --baseline A.gguf]
 //!
 //! Without files it makes the tiny model A (llama-spm vocabulary, F16) and B1 = A in Q8_0 with the real
-//! `llama-quantize`. The llama.cpp build is `ALKI_LLAMA_BIN_DIR` (or the cached one). A command, not a test:
+//! `llama-quantize`; `--large` makes A a llama of 12 layers, n_embd 768 (134 M parameters, 268 MB in F16)
+//! with random weights the same way. The llama.cpp build is `ALKI_LLAMA_BIN_DIR` (or the cached one). A command, not a test:
 //! it prints figures for the note.
 
 use std::path::{Path, PathBuf};
@@ -34,13 +35,14 @@ const GOLDEN_PROMPTS: usize = 20;
 async fn main() -> anyhow::Result<()> {
     let (mut rounds, mut files) = (3usize, None::<(PathBuf, PathBuf)>);
     let mut args = std::env::args().skip(1);
-    let (mut model, mut baseline) = (None, None);
+    let (mut model, mut baseline, mut large) = (None, None, false);
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--rounds" => rounds = value()?.parse().context("--rounds takes a number")?,
             "--model" => model = Some(PathBuf::from(value()?)),
             "--baseline" => baseline = Some(PathBuf::from(value()?)),
+            "--large" => large = true,
             other => bail!("unknown argument {other:?}; use --rounds N, --model FILE --baseline FILE"),
         }
     }
@@ -55,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     let (candidate, base) = match files {
         Some(pair) => pair,
-        None => tiny_models(work.path(), &bin)?,
+        None => models(work.path(), &bin, large)?,
     };
     let suite = suite(work.path())?;
     let corpus = work.path().join("corpus.txt");
@@ -73,6 +75,8 @@ async fn main() -> anyhow::Result<()> {
     let settings = PerplexitySettings { context_size: CONTEXT, chunks: CHUNKS, threads: 0, gpu_layers: 0 };
     let bench = Bench::new(&bin, &candidate, &base, suite, work.path()).await?;
     let (mut hand, mut ppl, mut full, mut hand_rss, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), 0u64, 0u64);
+    // A warm-up, untimed, so no run pays for reading the models from disk.
+    by_hand(&bin, &candidate, &base, &corpus, &settings, work.path())?;
     // Interleaved, so a neighbour's load on the machine falls on all three alike.
     for round in 0..rounds {
         let (took, rss) = by_hand(&bin, &candidate, &base, &corpus, &settings, work.path())?;
@@ -106,7 +110,10 @@ async fn main() -> anyhow::Result<()> {
         full.1,
         mib(children_max_rss())
     );
-    println!("agent process itself: peak RSS {:.1} MiB", mib(own_hwm()));
+    println!(
+        "this process (the agent's code, and the model generator with --large): peak RSS {:.1} MiB",
+        mib(own_hwm())
+    );
     println!(
         "cached base logits: {bytes} bytes for {tokens} tokens = {:.1} MiB per 1,000 tokens",
         bytes as f64 / (1 << 20) as f64 / tokens as f64 * 1000.0
@@ -132,16 +139,84 @@ fn stats(mut v: Vec<Duration>) -> (f64, f64) {
     (secs(v[v.len() / 2]), secs(v[0]))
 }
 
-/// A (seed 1, ChatML) and B1 = A quantized to Q8_0.
-fn tiny_models(dir: &Path, bin: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+/// A (seed 1, ChatML; tiny, or `large`) and B1 = A quantized to Q8_0.
+fn models(dir: &Path, bin: &Path, large: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
     let vocab = tiny_model::cached_vocab_path().context("the llama.cpp build caches the vocab file")?;
     let tokenizer = tiny_model::with_chat_template(&tiny_model::read_tokenizer(&vocab)?, CHATML_TEMPLATE);
     let a = dir.join("a.gguf");
-    tiny_model::write_tiny_model(&a, &TinyModelOptions { name: "a".into(), seed: 1 }, &tokenizer)?;
+    if large {
+        write_large_model(&a, &tokenizer)?;
+    } else {
+        tiny_model::write_tiny_model(&a, &TinyModelOptions { name: "a".into(), seed: 1 }, &tokenizer)?;
+    }
     let b1 = dir.join("b1.gguf");
     let out = Command::new(bin.join("llama-quantize")).arg(&a).arg(&b1).arg("Q8_0").output()?;
     anyhow::ensure!(out.status.success(), "llama-quantize: {}", String::from_utf8_lossy(&out.stderr));
     Ok((b1, a))
+}
+
+/// A llama of 12 layers, n_embd 768, 12 heads, n_ff 2048 with `tokenizer`, random F16 weights.
+fn write_large_model(path: &Path, tokenizer: &[alki_shared::gguf::MetadataEntry]) -> anyhow::Result<()> {
+    use alki_shared::gguf::{MetadataEntry, Value};
+    use tiny_model::Tensor;
+    const EMBD: u64 = 768;
+    const LAYERS: u64 = 12;
+    const HEADS: u64 = 12;
+    const FF: u64 = 2048;
+    let n_vocab = tiny_model::vocab_size(tokenizer)?;
+    let u = |v: u64| Value::U32(v as u32);
+    let mut metadata: Vec<MetadataEntry> = [
+        ("general.architecture", Value::String("llama".into())),
+        ("general.name", Value::String("alki-bench-large".into())),
+        ("general.file_type", Value::U32(tiny_model::FILE_TYPE_F16)),
+        ("llama.vocab_size", u(n_vocab)),
+        ("llama.context_length", u(2048)),
+        ("llama.embedding_length", u(EMBD)),
+        ("llama.block_count", u(LAYERS)),
+        ("llama.feed_forward_length", u(FF)),
+        ("llama.attention.head_count", u(HEADS)),
+        ("llama.attention.head_count_kv", u(HEADS)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("llama.rope.dimension_count", u(EMBD / HEADS)),
+    ]
+    .into_iter()
+    .map(|(key, value)| MetadataEntry { key: key.to_owned(), value })
+    .collect();
+    metadata.extend(tokenizer.iter().filter(|e| e.key.starts_with("tokenizer.")).cloned());
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut matrix = |name: &str, ne0: u64, ne1: u64| {
+        let mut data = Vec::with_capacity((2 * ne0 * ne1) as usize);
+        for _ in 0..ne0 * ne1 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let w = ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * 0.02;
+            data.extend_from_slice(&tiny_model::f32_to_f16_bits(w).to_le_bytes());
+        }
+        Tensor { name: name.to_owned(), dims: vec![ne0, ne1], ggml_type: 1, data }
+    };
+    let norm = |name: &str| Tensor {
+        name: name.to_owned(),
+        dims: vec![EMBD],
+        ggml_type: 0,
+        data: (0..EMBD).flat_map(|_| 1.0f32.to_le_bytes()).collect(),
+    };
+    let mut tensors = vec![matrix("token_embd.weight", EMBD, n_vocab), norm("output_norm.weight")];
+    tensors.push(matrix("output.weight", EMBD, n_vocab));
+    for layer in 0..LAYERS {
+        let name = |t: &str| format!("blk.{layer}.{t}.weight");
+        tensors.push(norm(&name("attn_norm")));
+        for t in ["attn_q", "attn_k", "attn_v", "attn_output"] {
+            tensors.push(matrix(&name(t), EMBD, EMBD));
+        }
+        tensors.push(norm(&name("ffn_norm")));
+        tensors.push(matrix(&name("ffn_gate"), EMBD, FF));
+        tensors.push(matrix(&name("ffn_up"), EMBD, FF));
+        tensors.push(matrix(&name("ffn_down"), FF, EMBD));
+    }
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    tiny_model::write_gguf(&mut out, &metadata, &tensors)?;
+    Ok(())
 }
 
 /// The suite: this repository's architecture notes as the corpus, 20 plain golden prompts; written to `dir`.

@@ -745,6 +745,36 @@ llamacpp:requests_deferred 0
     }
 
     #[test]
+    fn evaluations_are_counted_by_outcome_with_their_durations() {
+        let m = AgentMetrics::default();
+        m.evaluated("measured", 12.0);
+        m.evaluated("does_not_fit", 0.5);
+        m.evaluated("something new", 4000.0);
+        m.base_logits(false);
+        m.base_logits(true);
+        m.base_logits(true);
+        m.set_base_logits_bytes(64_528_276);
+        let mut out = Exposition::default();
+        eval_families(&mut out, &m);
+        let text = out.out;
+        for line in [
+            "alki_agent_evaluations_total{outcome=\"measured\"} 1",
+            "alki_agent_evaluations_total{outcome=\"does_not_fit\"} 1",
+            "alki_agent_evaluations_total{outcome=\"failed\"} 1",
+            "alki_agent_evaluation_duration_seconds_bucket{le=\"5\"} 1",
+            "alki_agent_evaluation_duration_seconds_bucket{le=\"15\"} 2",
+            "alki_agent_evaluation_duration_seconds_bucket{le=\"3600\"} 2",
+            "alki_agent_evaluation_duration_seconds_bucket{le=\"+Inf\"} 3",
+            "alki_agent_evaluation_duration_seconds_count 3",
+            "alki_agent_eval_base_logits_total{result=\"computed\"} 1",
+            "alki_agent_eval_base_logits_total{result=\"reused\"} 2",
+            "alki_agent_eval_base_logits_bytes 64528276",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
+
+    #[test]
     fn histogram_buckets_end_with_inf() {
         let h = HistogramSnapshot { cumulative: vec![1; LATENCY_BUCKETS_MS.len() + 1], sum_ms: 3.0 };
         let buckets = histogram_buckets(&h);
