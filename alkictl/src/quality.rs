@@ -89,25 +89,7 @@ fn short_metric(gate: Gate) -> &'static str {
     }
 }
 
-/// The quality gates of a rollout's wire gates.
-pub fn rollout_gates(g: &proto::RolloutGates) -> QualityGates {
-    QualityGates {
-        max_kld: g.max_kld,
-        min_top1_agreement: g.min_top1_agreement,
-        max_perplexity_ratio: g.max_perplexity_ratio,
-        min_golden_pass: g.min_golden_pass,
-    }
-}
-
-/// The quality floor on the wire as gates.
-pub fn floor_gates(f: &proto::QualityFloor) -> QualityGates {
-    QualityGates {
-        max_kld: f.max_kld,
-        min_top1_agreement: f.min_top1_agreement,
-        max_perplexity_ratio: f.max_perplexity_ratio,
-        min_golden_pass: f.min_golden_pass,
-    }
-}
+pub use alki_shared::eval::wire::{floor_gates, rollout_gates};
 
 /// The column names of [`cells`].
 pub const COLUMNS: [&str; 4] = ["KLD", "TOP-1", "PPL RATIO", "GOLDEN"];

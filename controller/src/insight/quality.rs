@@ -140,25 +140,7 @@ pub fn fill_comparison(
     comparison.classes.sort_by(|a, b| a.class.cmp(&b.class));
 }
 
-/// A rollout's quality thresholds.
-pub fn gates_of(g: &proto::RolloutGates) -> QualityGates {
-    QualityGates {
-        max_kld: g.max_kld,
-        min_top1_agreement: g.min_top1_agreement,
-        max_perplexity_ratio: g.max_perplexity_ratio,
-        min_golden_pass: g.min_golden_pass,
-    }
-}
-
-/// A quality floor's thresholds (recommendations, the rollout's recommended-variant policy).
-pub fn floor_gates(f: &proto::QualityFloor) -> QualityGates {
-    QualityGates {
-        max_kld: f.max_kld,
-        min_top1_agreement: f.min_top1_agreement,
-        max_perplexity_ratio: f.max_perplexity_ratio,
-        min_golden_pass: f.min_golden_pass,
-    }
-}
+pub use alki_shared::eval::wire::{floor_gates, rollout_gates};
 
 #[cfg(test)]
 pub(crate) mod tests {

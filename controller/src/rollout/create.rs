@@ -349,7 +349,7 @@ pub fn normalize_spec(spec: &mut proto::RolloutSpec) -> Result<(), String> {
 pub fn check_quality(spec: &proto::RolloutSpec) -> Result<(), String> {
     let no_suite = spec.eval_suite.trim().is_empty();
     if let Some(g) = &spec.gates {
-        let gates = crate::insight::quality::gates_of(g);
+        let gates = crate::insight::quality::rollout_gates(g);
         gates.validate().map_err(|e| format!("gates: {e}"))?;
         if !gates.is_empty() && no_suite {
             return Err("quality gates (max_kld, min_top1_agreement, max_perplexity_ratio, min_golden_pass) are \

@@ -604,7 +604,7 @@ fn class_quality(pass: &Pass<'_>, active: &[&proto::RolloutDevice]) -> QualityFa
             None => unreported += 1,
         }
     }
-    let gates = quality::gates_of(&pass.gates);
+    let gates = quality::rollout_gates(&pass.gates);
     QualityFacts {
         verdict: judge_class(&gates, results.iter().copied(), pass.gates.min_devices),
         summary: quality::summarize(results.iter().map(|(_, o)| *o)),
@@ -905,7 +905,7 @@ fn judge(
                     q.unreported,
                     format!("waiting for quality evaluations from {} candidate devices", q.unreported),
                 )),
-                Verdict::Pass => values.push(quality::describe(&q.summary, &quality::gates_of(gates))),
+                Verdict::Pass => values.push(quality::describe(&q.summary, &quality::rollout_gates(gates))),
                 Verdict::Inconclusive { why } => unmeasured.push((0, why.clone())),
                 Verdict::Fail(_) => {}
             }

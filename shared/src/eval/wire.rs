@@ -3,7 +3,7 @@
 
 use super::checks::CheckFailure;
 use super::perplexity::{Estimate, KlDivergence, PerplexitySettings};
-use super::quality::{CouldNotRun, EvalSettings, GoldenSummary, Measurement, Outcome, QualityResult};
+use super::quality::{CouldNotRun, EvalSettings, GoldenSummary, Measurement, Outcome, QualityGates, QualityResult};
 use crate::digest::Digest;
 use crate::proto;
 
@@ -50,6 +50,26 @@ pub fn from_proto(result: &proto::QualityResult) -> Result<QualityResult, WireEr
         baseline,
         outcome,
     })
+}
+
+/// A rollout's quality gates on the wire, as the gate math takes them.
+pub fn rollout_gates(g: &proto::RolloutGates) -> QualityGates {
+    QualityGates {
+        max_kld: g.max_kld,
+        min_top1_agreement: g.min_top1_agreement,
+        max_perplexity_ratio: g.max_perplexity_ratio,
+        min_golden_pass: g.min_golden_pass,
+    }
+}
+
+/// A quality floor on the wire (recommendations, the recommended-variant policy), as gates.
+pub fn floor_gates(f: &proto::QualityFloor) -> QualityGates {
+    QualityGates {
+        max_kld: f.max_kld,
+        min_top1_agreement: f.min_top1_agreement,
+        max_perplexity_ratio: f.max_perplexity_ratio,
+        min_golden_pass: f.min_golden_pass,
+    }
 }
 
 fn digest(field: &'static str, value: &str) -> Result<Digest, WireError> {
