@@ -99,16 +99,6 @@ pub fn rollout_gates(g: &proto::RolloutGates) -> QualityGates {
     }
 }
 
-/// The quality floor on the wire as gates.
-pub fn floor_gates(f: &proto::QualityFloor) -> QualityGates {
-    QualityGates {
-        max_kld: f.max_kld,
-        min_top1_agreement: f.min_top1_agreement,
-        max_perplexity_ratio: f.max_perplexity_ratio,
-        min_golden_pass: f.min_golden_pass,
-    }
-}
-
 /// The column names of [`cells`].
 pub const COLUMNS: [&str; 4] = ["KLD", "TOP-1", "PPL RATIO", "GOLDEN"];
 
