@@ -281,7 +281,7 @@ pub async fn run(connection: &Connection, output: Output, cmd: BenchCmd) -> anyh
         BenchCmd::Calibrate { bundle, devices, selector, repetitions, suite } => {
             let (repository, reference) = connection.controller_bundle(&bundle);
             let request = proto::CalibrateRequest {
-                suite: suite.map(|s| connection.controller_reference(&s)).unwrap_or_default(),
+                suite: suite.as_ref().map(|s| connection.controller_reference(s)).unwrap_or_default(),
                 repository,
                 bundle: reference,
                 device_ids: devices,
@@ -289,7 +289,8 @@ pub async fn run(connection: &Connection, output: Output, cmd: BenchCmd) -> anyh
                 repetitions,
             };
             let sent = client.calibrate(request).await.map_err(status)?.into_inner().commands;
-            print_commands(output, sent, "alkictl bench list")
+            let results = if suite.is_some() { "alkictl bench list, alkictl eval list" } else { "alkictl bench list" };
+            print_commands(output, sent, results)
         }
         BenchCmd::List { device, bundle_digest, class, limit } => {
             let request = proto::ListBenchmarksRequest {

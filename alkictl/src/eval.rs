@@ -272,6 +272,9 @@ pub struct EvaluationView {
     golden_passed: Option<u32>,
     /// `prompt: check: reason` of every failed golden check.
     failed_checks: Vec<String>,
+    /// `prompt: check` of every failed golden check, for the table (the reasons quote long replies).
+    #[serde(skip)]
+    failed_labels: Vec<String>,
     /// Why the device could not run the suite.
     could_not_run: Option<String>,
     duration_ms: Option<u64>,
@@ -309,6 +312,7 @@ impl From<&proto::Evaluation> for EvaluationView {
             golden_prompts: None,
             golden_passed: None,
             failed_checks: Vec::new(),
+            failed_labels: Vec::new(),
             could_not_run: None,
             duration_ms: None,
             result: None,
@@ -335,8 +339,10 @@ impl EvaluationView {
                 }
                 self.golden_prompts = Some(m.golden.prompts);
                 self.golden_passed = Some(m.golden.passed);
+                let failures = &m.golden.failures;
                 self.failed_checks =
-                    m.golden.failures.iter().map(|f| format!("{}: {}: {}", f.prompt, f.label, f.reason)).collect();
+                    failures.iter().map(|f| format!("{}: {}: {}", f.prompt, f.label, f.reason)).collect();
+                self.failed_labels = failures.iter().map(|f| format!("{}: {}", f.prompt, f.label)).collect();
                 self.duration_ms = Some(m.duration_ms);
             }
             Outcome::CouldNotRun(why) => self.could_not_run = Some(why.to_string()),
@@ -351,7 +357,7 @@ impl EvaluationView {
         if let Some(problem) = &self.problem {
             return problem.clone();
         }
-        self.failed_checks.join("; ")
+        if self.failed_labels.is_empty() { String::new() } else { format!("failed {}", self.failed_labels.join("; ")) }
     }
 }
 
@@ -477,11 +483,8 @@ fn comparison_text(c: &QualityComparison) -> String {
     for class in &c.classes {
         let mut row = vec![class.class.clone(), class.verdict.clone(), quality::counts(class.quality.as_ref())];
         row.extend(quality::cells(class.quality.as_ref()));
-        row.extend([
-            quality::percent(Some(class.b_error_rate)),
-            quality::percent(Some(class.a_error_rate)),
-            class.reason.clone(),
-        ]);
+        row.extend(quality::error_rates(class.b_error_rate, class.a_error_rate));
+        row.push(class.reason.clone());
         t.add_row(row);
     }
     format!(
@@ -570,10 +573,10 @@ mod tests {
         };
         let view = EvaluationView::from(&evaluation(proto::quality_result::Outcome::Measured(measured)));
         assert_eq!((view.kld_mean, view.top1_agreement, view.golden_passed), (Some(0.007954), Some(0.0), Some(2)));
+        assert_eq!(view.failed_checks, ["capital: exact \"Paris\": the reply is \"Lyon\""], "the reasons in JSON");
         let table = evaluations_table(&[view]);
         let row = table.lines().find(|l| l.contains("pi-1")).expect("row");
-        for cell in ["32107.10", "0.007954/0.008103", "0.0%", "2/3", "capital: exact \"Paris\": the reply is \"Lyon\""]
-        {
+        for cell in ["32107.10", "0.007954/0.008103", "0.0%", "2/3", "failed capital: exact \"Paris\""] {
             assert!(row.contains(cell), "{cell} in {row}");
         }
     }

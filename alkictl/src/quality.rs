@@ -125,6 +125,11 @@ pub fn percent(v: Option<f64>) -> String {
     v.map(|v| format!("{:.1}%", v * 100.0)).unwrap_or_else(|| "-".into())
 }
 
+/// B's and A's error rates at the front port; `-` for both while neither is known (the controller sends 0).
+pub fn error_rates(b: f64, a: f64) -> [String; 2] {
+    if b == 0.0 && a == 0.0 { ["-".into(), "-".into()] } else { [percent(Some(b)), percent(Some(a))] }
+}
+
 pub fn ratio(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into())
 }

@@ -881,7 +881,7 @@ fn status_text(s: &StatusView) -> String {
             row.extend(quality::cells(c.quality.as_ref()));
         }
         if errors {
-            row.extend([quality::percent(Some(c.b_error_rate)), quality::percent(Some(c.a_error_rate))]);
+            row.extend(quality::error_rates(c.b_error_rate, c.a_error_rate));
         }
         row.push(c.reason.clone());
         t.add_row(row);

@@ -245,8 +245,8 @@ impl Controller {
     }
 
     /// Starts a real `alki-agent` under `root`, labelled `site=<site>`, that enrolls with a fresh bootstrap
-    /// token of this controller, runs `llama_server` (a real build: two minutes to get healthy) and trusts
-    /// `trust_policy`; returns it and its front port.
+    /// token of this controller, runs `llama_server` (a real build: two minutes to get healthy), trusts
+    /// `trust_policy` and has `runtime_extra` in its `[runtime]` section; returns it and its front port.
     pub fn start_agent(
         &self,
         root: &Path,
@@ -254,6 +254,7 @@ impl Controller {
         site: &str,
         llama_server: &Path,
         trust_policy: &Path,
+        runtime_extra: &str,
     ) -> anyhow::Result<(Proc, u16)> {
         let bootstrap = self.bootstrap_token(1)?;
         let front_port = free_port()?;
@@ -268,6 +269,7 @@ impl Controller {
             front_port,
             health_timeout_secs: 120,
             trust_policy,
+            runtime_extra,
         };
         Ok((start_agent(root, &setup)?, front_port))
     }
@@ -298,6 +300,8 @@ pub struct AgentSetup<'a> {
     pub health_timeout_secs: u32,
     /// The agent's trust policy file (see [`write_trust_policy`]).
     pub trust_policy: &'a Path,
+    /// More lines for the `[runtime]` section (e.g. `watch_window_secs = 1`); empty for the defaults.
+    pub runtime_extra: &'a str,
 }
 
 /// The agent's directory for `device_id` under `root` (config, bootstrap token, data).
@@ -341,6 +345,7 @@ bootstrap_token_file = "{token_file}"
 llama_server = "{llama}"
 front_addr = "127.0.0.1:{front}"
 health_timeout_secs = {health}
+{runtime_extra}
 "#,
         id = setup.device_id,
         data = dir.join("data").display(),
@@ -353,6 +358,7 @@ health_timeout_secs = {health}
         front = setup.front_port,
         health = setup.health_timeout_secs,
         trust = setup.trust_policy.display(),
+        runtime_extra = setup.runtime_extra,
     );
     let config_path = dir.join("agent.toml");
     std::fs::write(&config_path, config)?;

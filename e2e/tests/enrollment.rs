@@ -36,6 +36,7 @@ fn setup<'a>(
         front_port: free_port()?,
         health_timeout_secs: 30,
         trust_policy,
+        runtime_extra: "",
     })
 }
 

@@ -89,6 +89,7 @@ fn start_agent(fleet: &Fleet, _embedded: &str, id: &str, site: &str, registry: &
         front_port: free_port()?,
         health_timeout_secs: 30,
         trust_policy: &trust_policy,
+        runtime_extra: "",
     };
     harness::start_agent(fleet.dir.path(), &setup)
 }

@@ -65,7 +65,7 @@ fn a_prestaged_candidate_activates_from_the_device_store_when_the_registry_copy_
 
     let trust_policy = harness::write_trust_policy(dir.path(), &key.public_key)?;
     let (agent, front_port) =
-        controller.start_agent(dir.path(), "pi-001", "lab", &llama_bin.join("llama-server"), &trust_policy)?;
+        controller.start_agent(dir.path(), "pi-001", "lab", &llama_bin.join("llama-server"), &trust_policy, "")?;
     let procs = [&controller.proc, &agent];
     let device = || -> anyhow::Result<Option<Value>> {
         let devices = controller.alkictl_json(&["devices", "list"])?;

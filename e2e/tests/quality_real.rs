@@ -3,7 +3,8 @@
 //! prompts whose `exact` checks were recorded from A's real replies) is pushed and signed with alkictl; a
 //! rollout to B1 (A in Q8_0) completes; rollouts to B2 (other weights) and B3 (a broken chat template) halt
 //! with the gate and the measured values in the reason; devices that cannot run a suite hold the rollout
-//! for a human; `bench recommend` prefers the smaller variant only while it stays within a measured floor;
+//! for a human; `bench recommend` chooses the fastest variant only among those within a measured floor (F16
+//! when the floor excludes Q8_0, none when it excludes both);
 //! eval suites that are unsigned, tampered or too large are refused with their reason.
 //!
 //! The tests share two cores with everything else, so they run one at a time ([`SERIAL`]).
@@ -32,6 +33,10 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// How long a rollout step may take: pull, start llama-server, benchmark, evaluate, judge.
 const ROLLOUT_DEADLINE: Duration = Duration::from_secs(240);
 
+/// Devices evaluate a candidate once its watch window passed (the previous model released): one second
+/// here, not the default minute.
+const WATCH_WINDOW: &str = "watch_window_secs = 1";
+
 /// The gates that separate B1 from B2 and B3 on the tiny model (see shared/tests/fixtures/eval/README.md).
 const GATES: [&str; 6] = ["--max-kld", "0.001", "--min-top1-agreement", "0.9", "--min-golden-pass", "1"];
 
@@ -55,7 +60,7 @@ impl Fleet {
         let mut agents = Vec::new();
         for device_id in devices {
             let server = llama_bin.join("llama-server");
-            agents.push(controller.start_agent(dir.path(), device_id, "lab", &server, &trust_policy)?.0);
+            agents.push(controller.start_agent(dir.path(), device_id, "lab", &server, &trust_policy, WATCH_WINDOW)?.0);
         }
         let fleet =
             Fleet { dir, controller, key, llama_bin, agents, devices: devices.iter().map(|d| d.to_string()).collect() };
@@ -189,6 +194,26 @@ impl Fleet {
     }
 }
 
+/// The text of the one could-not-run reason tolerated in these tests: llama.cpp's logger writes from a
+/// thread its tools do not wait for at exit, so the end of llama-perplexity's output (the KL-divergence
+/// summary) is sometimes lost (here 7-20% of runs, under load); the agent runs it once more, and both runs
+/// can still lose it.
+const LOST_SUMMARY: &str = "printed no KL-divergence summary";
+
+/// The evaluations that measured; every other one must be the known lost summary, and one at least measured.
+fn measured(evaluations: &[Value]) -> anyhow::Result<Vec<&Value>> {
+    let mut measured = Vec::new();
+    for e in evaluations {
+        match e["could_not_run"].as_str() {
+            None => measured.push(e),
+            Some(why) if why.contains(LOST_SUMMARY) => eprintln!("tolerated: {} {why}", e["device_id"]),
+            Some(why) => bail!("{} could not run the suite: {why}", e["device_id"]),
+        }
+    }
+    ensure!(!measured.is_empty(), "no device measured: {evaluations:?}");
+    Ok(measured)
+}
+
 fn path(p: &Path) -> anyhow::Result<&str> {
     p.to_str().context("temporary paths are UTF-8")
 }
@@ -229,8 +254,8 @@ fn quality_gates_pass_a_close_quantization_and_halt_far_weights_and_a_broken_tem
 
     let a = fleet.push_bundle(&[&kit.models.a], "acme/tiny:a")?;
     let b1 = fleet.push_bundle(&[&kit.models.b1], "acme/tiny:b1")?;
-    let b2 = fleet.push_bundle(&[&kit.models.b2], "acme/tiny:b2")?;
-    let b3 = fleet.push_bundle(&[&kit.models.b3], "acme/tiny:b3")?;
+    fleet.push_bundle(&[&kit.models.b2], "acme/tiny:b2")?;
+    fleet.push_bundle(&[&kit.models.b3], "acme/tiny:b3")?;
     let first = fleet.rollout("acme/tiny:a", &[])?;
     fleet.wait_state(&first, "completed")?;
     fleet.wait_serving(&a)?;
@@ -244,8 +269,8 @@ fn quality_gates_pass_a_close_quantization_and_halt_far_weights_and_a_broken_tem
     let reasons = fleet.reasons(&far)?;
     let kld = number_after(&reasons, "KL divergence ").with_context(|| format!("no KL divergence named: {reasons}"))?;
     ensure!(kld > 0.001 && reasons.contains("> --max-kld 0.001"), "the gate and the value: {reasons}");
-    let measured = fleet.evaluations(&["--rollout", &far])?;
-    for e in &measured {
+    let evaluations = fleet.evaluations(&["--rollout", &far])?;
+    for e in measured(&evaluations)? {
         ensure!(e["kld_mean"].as_f64().is_some_and(|k| k > 0.001), "B2 is far from A on every device: {e}");
         ensure!(e["top1_agreement"].as_f64().is_some_and(|t| t < 0.9), "{e}");
         ensure!(e["baseline"].as_str().is_some_and(|b| b.ends_with(&a)), "measured against A: {e}");
@@ -260,7 +285,7 @@ fn quality_gates_pass_a_close_quantization_and_halt_far_weights_and_a_broken_tem
     ensure!(halted["halted_classes"].as_array().is_some_and(|c| !c.is_empty()), "the class halted: {halted}");
     let reasons = fleet.reasons(&broken)?;
     ensure!(reasons.contains("golden pass rate") && reasons.contains("< --min-golden-pass 1"), "{reasons}");
-    for e in fleet.evaluations(&["--rollout", &broken])? {
+    for e in measured(&fleet.evaluations(&["--rollout", &broken])?)? {
         ensure!(e["kld_mean"].as_f64().is_some_and(|k| k <= 0.001), "B3 has A's weights: {e}");
         let failed = e["failed_checks"].as_array().context("failed checks")?;
         ensure!(failed.iter().any(|f| f.as_str().is_some_and(|f| f.starts_with("capital: exact"))), "{e}");
@@ -288,24 +313,23 @@ fn quality_gates_pass_a_close_quantization_and_halt_far_weights_and_a_broken_tem
     let close = fleet.rollout("acme/tiny:b1", &with_gates("abort"))?;
     let done = fleet.wait_state(&close, "completed")?;
     fleet.wait_serving(&b1)?;
-    for e in fleet.evaluations(&["--rollout", &close])? {
+    for e in measured(&fleet.evaluations(&["--rollout", &close])?)? {
         ensure!(e["kld_mean"].as_f64().is_some_and(|k| k <= 0.001), "{e}");
         ensure!(e["top1_agreement"].as_f64().is_some_and(|t| t >= 0.9), "{e}");
         ensure!(e["golden_passed"] == e["golden_prompts"] && e["golden_prompts"].as_u64() > Some(0), "{e}");
     }
-    ensure!(
-        done["classes"].as_array().is_some_and(|cs| cs.iter().all(|c| c["quality"]["measured"].as_u64() == Some(2))),
-        "{done}"
-    );
+    let reported = |c: &Value| {
+        c["quality"]["measured"].as_u64().unwrap_or(0) + c["quality"]["could_not_run"].as_u64().unwrap_or(0)
+    };
+    let classes = done["classes"].as_array().context("classes")?;
+    ensure!(classes.iter().all(|c| reported(c) == 2 && c["quality"]["max_kld"].as_f64() <= Some(0.001)), "{done}");
     let listed = fleet.json(&["eval", "list", "--suite", &pinned, "--bundle", &format!("acme/tiny@{b1}")])?;
     ensure!(listed.as_array().is_some_and(|l| l.len() >= 2), "eval list finds them by references: {listed}");
-    let _ = b2;
-    let _ = b3;
     Ok(())
 }
 
 #[test]
-fn bench_recommend_prefers_the_smaller_variant_only_while_it_stays_within_the_floor() -> anyhow::Result<()> {
+fn bench_recommend_chooses_the_fastest_variant_only_within_the_measured_floor() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let fleet = Fleet::start(&["pi-1", "pi-2"])?;
     let kit = kit(&fleet)?;
@@ -336,10 +360,13 @@ fn bench_recommend_prefers_the_smaller_variant_only_while_it_stays_within_the_fl
         class["variants"].as_array()?.iter().find(|v| v["variant_name"] == name)?["generation_tokens_per_second"]["median"].as_f64()
     };
 
-    // Within a loose floor both variants qualify: the faster one is chosen (on these devices, Q8_0).
+    // Within a loose floor both variants qualify and the faster one is chosen: the smaller Q8_0 whenever it
+    // measured at least as fast. (The tiny model is cache-resident: its F16 and Q8_0 generate at about the same
+    // speed, so which is faster here is the machine's noise; the floor below decides whatever the speeds.)
     let loose = recommend(&["--max-kld", "0.001", "--min-top1-agreement", "0.9"])?;
     let (f16, q8) =
         (tokens(&loose, "F16").context("F16 calibrated")?, tokens(&loose, "Q8_0").context("Q8_0 calibrated")?);
+    eprintln!("calibrated: F16 {f16:.0} tokens/s, Q8_0 {q8:.0} tokens/s");
     let fastest = if q8 >= f16 { "Q8_0" } else { "F16" };
     ensure!(loose["variant_name"] == fastest, "the fastest within the floor ({f16} vs {q8} tok/s): {loose}");
     let q8_quality =
@@ -384,17 +411,10 @@ fn push_oversized_suite(fleet: &Fleet, valid: &Path) -> anyhow::Result<String> {
     text(&signed, "reference")
 }
 
-/// Asks pi-1 to evaluate `bundle` with `suite` and returns why it could not (its report in `eval list`); the
-/// controller may refuse first, which then is the reason.
+/// Asks pi-1 to evaluate `bundle` with `suite` and returns why it could not (its report in `eval list`).
 fn refusal_on_device(fleet: &Fleet, bundle: &str, suite: &str) -> anyhow::Result<String> {
     let digest = suite.rsplit_once('@').map(|(_, d)| d.to_owned()).context("a pinned suite")?;
-    let asked = run(fleet
-        .controller
-        .alkictl()?
-        .args(["eval", "run", "--bundle", bundle, "--suite", suite, "--device", "pi-1"]));
-    if let Err(refused) = asked {
-        return Ok(format!("{refused:#}"));
-    }
+    fleet.json(&["eval", "run", "--bundle", bundle, "--suite", suite, "--device", "pi-1"])?;
     fleet.wait(&format!("pi-1's report on suite {digest}"), ROLLOUT_DEADLINE, || {
         let list = fleet.json(&["eval", "list", "--suite", &digest, "--device", "pi-1"])?;
         let first = list.as_array().and_then(|l| l.first()).cloned();
@@ -420,21 +440,29 @@ fn eval_suites_that_are_unsigned_tampered_or_too_large_are_refused_with_their_re
     );
     let absent = fleet.refused(&["eval", "inspect", "acme/evals:big"])?;
     ensure!(absent.contains("not in the registry"), "nothing was pushed: {absent}");
-    // ... and a manifest that declares one is refused by the device before it downloads the corpus.
+    // ... and a manifest that declares one is refused by its declared size, before anything is downloaded:
+    // by inspect, and by the controller before any device is told (agents refuse it too: agent/tests/eval.rs).
     let oversized = push_oversized_suite(&fleet, &valid)?;
     let inspected = fleet.refused(&["eval", "inspect", &oversized])?;
     ensure!(inspected.contains("over the limit"), "{inspected}");
-    let why = refusal_on_device(&fleet, "acme/tiny:a", &oversized)?;
-    ensure!(why.contains("over the limit"), "{why}");
+    let asked =
+        fleet.refused(&["eval", "run", "--bundle", "acme/tiny:a", "--suite", &oversized, "--device", "pi-1"])?;
+    ensure!(asked.contains("corpus.txt") && asked.contains("over the limit"), "{asked}");
+    let rollout = ["rollout", "create", "--bundle", "acme/tiny:a", "-l", "site=lab", "--eval-suite", &oversized];
+    ensure!(fleet.refused(&rollout)?.contains("over the limit"), "a rollout cannot name it either");
 
-    // Unsigned: inspect says so, and the device (or the controller) refuses it naming the signature.
+    // Unsigned: inspect says so, a rollout naming it is refused unless overridden, and a device asked to
+    // evaluate with it refuses it naming the signature.
     let unsigned =
         run(fleet.controller.alkictl()?.args(["eval", "push", path(&valid)?, "acme/evals:unsigned", "-o", "json"]))?;
     let unsigned = text(&serde_json::from_str(&unsigned)?, "pinned")?;
     let inspected = fleet.json(&["eval", "inspect", &unsigned, "--key", path(&fleet.key.public_key)?])?;
     ensure!(inspected["verified"] == false && inspected["content_problem"].is_null(), "{inspected}");
+    let rollout = ["rollout", "create", "--bundle", "acme/tiny:a", "-l", "site=lab", "--eval-suite", &unsigned];
+    let refused = fleet.refused(&rollout)?;
+    ensure!(refused.contains("eval suite") && refused.contains("not signed"), "{refused}");
     let why = refusal_on_device(&fleet, "acme/tiny:a", &unsigned)?;
-    ensure!(why.contains("sign"), "{why}");
+    ensure!(why.contains("not signed") && why.contains("alkictl bundle sign"), "{why}");
 
     // Tampered in the registry after signing: inspect and the device name the digest that does not match.
     let tampered_dir =
@@ -452,6 +480,6 @@ fn eval_suites_that_are_unsigned_tampered_or_too_large_are_refused_with_their_re
     let problem = inspected["content_problem"].as_str().unwrap_or_default();
     ensure!(problem.contains("digest") && problem.contains(corpus.hex()), "names the corpus: {inspected}");
     let why = refusal_on_device(&fleet, "acme/tiny:a", &tampered)?;
-    ensure!(why.contains("digest") || why.contains(corpus.hex()), "{why}");
+    ensure!(why.contains(corpus.hex()) && why.contains("does not match its digest"), "{why}");
     Ok(())
 }

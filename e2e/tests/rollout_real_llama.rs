@@ -48,7 +48,7 @@ fn make_model(out: &Path, name: &str, seed: u64) -> anyhow::Result<()> {
 fn start_agent(fleet: &Fleet, device_id: &str, llama_bin: &Path) -> anyhow::Result<(Proc, u16)> {
     let trust_policy = harness::write_trust_policy(fleet.dir.path(), &fleet.key.public_key)?;
     let server = llama_bin.join("llama-server");
-    fleet.controller.start_agent(fleet.dir.path(), device_id, "lab", &server, &trust_policy)
+    fleet.controller.start_agent(fleet.dir.path(), device_id, "lab", &server, &trust_policy, "")
 }
 
 fn device(fleet: &Fleet, id: &str) -> anyhow::Result<Option<Value>> {

@@ -110,6 +110,7 @@ fn a_bundle_naming_a_signed_runtime_build_is_served_by_that_build_of_real_llama_
         front_port,
         health_timeout_secs: 120,
         trust_policy: &trust_policy,
+        runtime_extra: "",
     };
     let agent = harness::start_agent(dir.path(), &setup)?;
     let procs = [&controller.proc, &agent];

@@ -470,8 +470,9 @@ impl Instance {
     }
 }
 
-/// Makes the kernel SIGKILL llama-server if the agent dies without stopping it (SIGKILL, crash): a graceful
-/// agent shutdown uses the safe stop sequence instead; this only keeps orphans from holding memory and ports.
+/// Makes the kernel SIGKILL llama-server (or an evaluation's llama-perplexity) if the agent dies without
+/// stopping it (SIGKILL, crash): a graceful agent shutdown uses the safe stop sequence instead; this only keeps
+/// orphans from holding memory and ports.
 #[cfg(target_os = "linux")]
 pub(crate) fn die_with_parent(command: &mut tokio::process::Command) {
     // SAFETY: `getpid` is called before the fork; between fork and exec the closure only calls the
