@@ -191,6 +191,24 @@ pub struct RuntimeConfig {
     /// model before it gets 503 with Retry-After.
     #[serde(default = "default_gap_wait")]
     pub gap_wait_secs: u64,
+    /// API keys clients must present on the front port (`Authorization: Bearer KEY`), one per line; read
+    /// again when the file changes. Unset: no key is asked for (keep the port on loopback then).
+    #[serde(default)]
+    pub api_keys_file: Option<PathBuf>,
+    /// Requests one client address may make per minute on the front port; 0: no limit.
+    #[serde(default)]
+    pub requests_per_minute_per_client: u32,
+    /// Largest request body the front port accepts (413 beyond it).
+    #[serde(default = "default_max_body")]
+    pub max_body_mib: u64,
+    /// Client connections open at once on the front port; at the cap the oldest idle one is closed, and
+    /// when all are busy a new one gets 503. Lowered to the file-descriptor limit less a reserve.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers (and to start the next request on a
+    /// kept-alive connection) before the connection is closed.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_secs: u64,
 }
 
 /// How swaps place the new model; see [`RuntimeConfig::swap_strategy`].
@@ -220,6 +238,15 @@ fn default_memory_reserve() -> u64 {
 }
 fn default_gap_wait() -> u64 {
     30
+}
+fn default_max_body() -> u64 {
+    32
+}
+fn default_max_connections() -> usize {
+    512
+}
+fn default_header_read_timeout() -> u64 {
+    15
 }
 
 /// Why a configuration cannot be used.
@@ -398,6 +425,32 @@ impl Config {
         Ok(())
     }
 
+    /// The front port's bounds.
+    fn validate_front(&self) -> Result<(), ConfigError> {
+        let r = &self.runtime;
+        if !(1..=4096).contains(&r.max_body_mib) {
+            return Err(invalid("runtime.max_body_mib", format!("is {}", r.max_body_mib), "use 1 to 4096 MiB"));
+        }
+        if !(1..=1_000_000).contains(&r.max_connections) {
+            return Err(invalid("runtime.max_connections", format!("is {}", r.max_connections), "use 1 to 1000000"));
+        }
+        if !(1..=3600).contains(&r.header_read_timeout_secs) {
+            return Err(invalid(
+                "runtime.header_read_timeout_secs",
+                format!("is {}", r.header_read_timeout_secs),
+                "use 1 to 3600 seconds",
+            ));
+        }
+        if r.api_keys_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(invalid(
+                "runtime.api_keys_file",
+                "is empty",
+                "give the path of the keys file or remove the field",
+            ));
+        }
+        Ok(())
+    }
+
     /// How llama-server runs and is swapped, and the agent's own addresses.
     fn validate_runtime(&self) -> Result<(), ConfigError> {
         if self.runtime.llama_server.as_os_str().is_empty() {
@@ -439,6 +492,7 @@ impl Config {
                 "use at most 1048576 MiB (1 TiB)",
             ));
         }
+        self.validate_front()?;
         self.metrics_addr()?;
         const RESERVED: [&str; 6] = ["-m", "--model", "--host", "--port", "-np", "--parallel"];
         if let Some(arg) = self.runtime.extra_args.iter().find(|a| RESERVED.contains(&a.as_str())) {
@@ -641,6 +695,15 @@ disk_reserve_mib = 512
         let text = include_str!("../../deploy/config/agent.toml");
         let config = Config::from_toml(text).expect("deploy/config/agent.toml is valid");
         assert_eq!(config.runtime.swap_strategy, SwapStrategyChoice::Auto);
+    }
+
+    #[test]
+    fn the_example_config_and_the_socket_unit_bind_the_same_loopback_front_port() {
+        let config = Config::from_toml(include_str!("../../deploy/config/agent.toml")).expect("valid");
+        let socket = include_str!("../../deploy/systemd/alki-agent.socket");
+        let listen = socket.lines().find_map(|l| l.strip_prefix("ListenStream=")).expect("ListenStream");
+        assert_eq!(listen, config.runtime.front_addr);
+        assert!(config.front_addr().expect("addr").ip().is_loopback(), "loopback unless an operator opens it");
     }
 
     #[test]

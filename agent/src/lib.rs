@@ -48,7 +48,8 @@ use identity::DeviceRegistryToken;
 use metrics::AgentMetrics;
 use pull::{Acquirer, RegistrySettings};
 use reload::ConfigState;
-use runtime::front::FrontStop;
+use runtime::admission::AdmissionSettings;
+use runtime::front::{FrontLimits, FrontStop};
 use runtime::{InstanceOptions, Proxy, StopPolicy, Supervisor, http_client};
 use session::{SessionContext, SessionTelemetry};
 use state::{AgentState, Snapshot, StateError, StateFile};
@@ -247,7 +248,7 @@ impl Agent {
             // Requests wait while the model that served before the restart is adopted or started again.
             proxy.hold(config.gap_wait());
         }
-        let (front_stop, front_task) = spawn_front(front, &proxy, config.drain_timeout());
+        let (front_stop, front_task) = spawn_front(front, &proxy, &config);
         let (reloads, reload_task) = watch_config_file(config_file, &config, &stop_rx);
         let (snapshot_tx, snapshot_rx) = watch::channel(Snapshot::default());
         let parts = Parts::new(config, store, proxy, reloads, snapshot_rx, stop_rx);
@@ -313,13 +314,33 @@ impl Agent {
 fn spawn_front(
     front: tokio::net::TcpListener,
     proxy: &Arc<Proxy>,
-    drain_timeout: Duration,
+    config: &Config,
 ) -> (tokio::sync::oneshot::Sender<FrontStop>, JoinHandle<()>) {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<FrontStop>();
     let front_addr = front.local_addr().ok();
     let stop = async move { stop_rx.await.unwrap_or(FrontStop::Close) };
-    let task = tokio::spawn(runtime::front::serve(front, proxy.router(), stop, drain_timeout).in_current_span());
-    tracing::info!(front = ?front_addr, "Front proxy listening.");
+    let drain_timeout = config.drain_timeout();
+    let fd_limit = runtime::front::raise_fd_limit();
+    let limits = FrontLimits {
+        max_connections: runtime::front::connection_cap(config.runtime.max_connections, fd_limit),
+        header_read_timeout: Duration::from_secs(config.runtime.header_read_timeout_secs),
+    };
+    let admission = AdmissionSettings {
+        api_keys_file: config.runtime.api_keys_file.clone(),
+        requests_per_minute_per_client: config.runtime.requests_per_minute_per_client,
+        max_body_bytes: config.runtime.max_body_mib << 20,
+    };
+    if limits.max_connections < config.runtime.max_connections {
+        tracing::warn!(
+            fd_limit,
+            cap = limits.max_connections,
+            "runtime.max_connections is lowered to fit the file-descriptor limit; raise LimitNOFILE."
+        );
+    }
+    let counters = proxy.front_counters().clone();
+    let serve = runtime::front::serve(front, proxy.router_with(admission), stop, drain_timeout, limits, counters);
+    let task = tokio::spawn(serve.in_current_span());
+    tracing::info!(front = ?front_addr, max_connections = limits.max_connections, keys = config.runtime.api_keys_file.is_some(), "Front proxy listening.");
     (stop_tx, task)
 }
 

@@ -14,6 +14,7 @@ use alki_shared::clock::UnixMs;
 use alki_shared::proto;
 use tokio::sync::watch;
 
+use crate::runtime::admission::{FrontCounters, Refusal};
 use crate::runtime::proxy::{HistogramSnapshot, LATENCY_BUCKETS_MS};
 use crate::runtime::{HttpClient, Proxy};
 use crate::state::Snapshot;
@@ -426,6 +427,29 @@ fn proxy_families(out: &mut Exposition, proxy: &Proxy, all: &[crate::runtime::Pr
         "gauge",
         "Requests in flight to the serving llama-server.",
         proxy.in_flight(),
+    );
+    front_families(out, proxy.front_counters());
+}
+
+/// The front port's connections and refusals.
+fn front_families(out: &mut Exposition, front: &FrontCounters) {
+    out.single(
+        "alki_agent_front_connections",
+        "gauge",
+        "Client connections open on the front port.",
+        front.open.load(Ordering::Relaxed),
+    );
+    out.single(
+        "alki_agent_front_connections_evicted_total",
+        "counter",
+        "Idle client connections closed to make room at runtime.max_connections.",
+        front.evicted.load(Ordering::Relaxed),
+    );
+    out.family(
+        "alki_agent_front_refused_total",
+        "counter",
+        "Requests and connections the front port refused, by reason (path, auth, rate, body_too_large, connections).",
+        Refusal::ALL.iter().map(|r| format!("{{reason=\"{}\"}} {}", r.label(), front.refused(*r))).collect(),
     );
 }
 

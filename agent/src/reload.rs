@@ -119,6 +119,14 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.runtime.front_addr != new.runtime.front_addr {
         changed.push("runtime.front_addr");
     }
+    let r = (&old.runtime, &new.runtime);
+    if (&r.0.api_keys_file, r.0.requests_per_minute_per_client, r.0.max_body_mib)
+        != (&r.1.api_keys_file, r.1.requests_per_minute_per_client, r.1.max_body_mib)
+        || (r.0.max_connections, r.0.header_read_timeout_secs) != (r.1.max_connections, r.1.header_read_timeout_secs)
+    {
+        // The keys file's content is read again by itself; which file, and the port's bounds, need a restart.
+        changed.push("runtime front port admission");
+    }
     changed
 }
 

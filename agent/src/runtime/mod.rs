@@ -4,6 +4,7 @@
 //! previous instance (or, after stop-then-start, its launch spec) until [`Supervisor::commit`] or
 //! [`Supervisor::roll_back`].
 
+pub mod admission;
 pub mod front;
 pub mod instance;
 pub mod priority;

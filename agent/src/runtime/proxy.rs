@@ -3,6 +3,7 @@
 //! to first token (streamed responses) per bundle.
 //! During a gap with no upstream (a stop-then-start swap, a rollback) the proxy *holds*: requests wait,
 //! bounded in time and number, for the next upstream, and get 503 with `Retry-After` if it does not come.
+//! What reaches the proxy passed [`super::admission`] first.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -23,6 +24,8 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+
+use super::admission::{Admission, AdmissionSettings, FrontCounters, Refusal, admit};
 
 /// How long an upstream may take to start answering a request. Non-streaming completions answer only
 /// when generation ends, so this is generous; streaming responses are not bounded once they start.
@@ -227,6 +230,8 @@ pub struct Proxy {
     waited: AtomicU64,
     /// The controller assigned no model to this device: requests get a 503 saying so.
     unassigned: AtomicBool,
+    /// The front port's connection and refusal counters.
+    front: Arc<FrontCounters>,
 }
 
 impl Proxy {
@@ -241,6 +246,7 @@ impl Proxy {
             waiters: Semaphore::new(MAX_GAP_WAITERS),
             waited: AtomicU64::new(0),
             unassigned: AtomicBool::new(false),
+            front: Arc::default(),
         })
     }
 
@@ -291,9 +297,23 @@ impl Proxy {
         }
     }
 
-    /// The axum router serving every path by forwarding it.
+    /// The front port's router with the default admission (the inference API only, no key, no rate limit).
     pub fn router(self: &Arc<Self>) -> axum::Router {
-        axum::Router::new().fallback(forward).with_state(self.clone())
+        self.router_with(AdmissionSettings::default())
+    }
+
+    /// The front port's router: requests pass [`admit`] as `settings` say, then are forwarded.
+    pub fn router_with(self: &Arc<Self>, settings: AdmissionSettings) -> axum::Router {
+        let admission = Admission::new(settings, self.front.clone());
+        axum::Router::new()
+            .fallback(forward)
+            .layer(axum::middleware::from_fn_with_state(admission, admit))
+            .with_state(self.clone())
+    }
+
+    /// The front port's connection and refusal counters.
+    pub fn front_counters(&self) -> &Arc<FrontCounters> {
+        &self.front
     }
 
     /// An upstream for an instance serving `bundle_digest`, sharing that bundle's counters.
@@ -419,7 +439,7 @@ fn stats_of(bundle_digest: &str, c: &Counters) -> ProxyStats {
     }
 }
 
-fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
+pub(crate) fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
     let body = serde_json::json!({"error": {"code": status.as_u16(), "message": message, "type": kind}});
     let mut response = (status, axum::Json(body)).into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {
@@ -492,6 +512,11 @@ async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response 
             });
             Response::from_parts(parts, Body::from_stream(stream))
         }
+        Ok(Err(error)) if body_over_cap(&error) => {
+            proxy.front.refuse(Refusal::BodyTooLarge);
+            let message = "the request body is larger than this port accepts (runtime.max_body_mib)";
+            error_response(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", message)
+        }
         Ok(Err(error)) => {
             count_error();
             tracing::warn!(upstream = %upstream.addr, %error, "Forwarding a request to llama-server failed.");
@@ -502,6 +527,19 @@ async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response 
             error_response(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "the model server took too long to answer")
         }
     }
+}
+
+/// Whether forwarding failed because the client's body passed the admission's cap (a chunked body without a
+/// length, cut by `http_body_util::Limited`): the client's fault, not the model server's.
+fn body_over_cap(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 pub mod controller;
 pub mod registry;
 pub mod running;
+pub mod staged;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

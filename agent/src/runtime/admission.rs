@@ -1,0 +1,452 @@
+//! Who and what the front port admits before a request reaches llama-server: the path allow-list (the
+//! inference API only; llama-server's `/slots`, `/props`, `/metrics` and the like show other users' prompts or
+//! change the server, so only the agent reads them, on the instance's loopback port), the API keys when
+//! configured, a per-client rate limit, and the body size cap. Refusals answer at once and never count in the
+//! serving counters the rollout gates read.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use http::{HeaderMap, StatusCode, header};
+use sha2::{Digest as _, Sha256};
+
+use super::proxy::error_response;
+
+/// Paths clients may call: llama-server's inference API (OpenAI- and Anthropic-compatible routes and its
+/// own), health and the model list. Anything else is refused with 404.
+const ALLOWED_PATHS: &[&str] = &[
+    "/health",
+    "/v1/health",
+    "/models",
+    "/v1/models",
+    "/completion",
+    "/completions",
+    "/v1/completions",
+    "/chat/completions",
+    "/v1/chat/completions",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/embedding",
+    "/embeddings",
+    "/v1/embeddings",
+    "/rerank",
+    "/reranking",
+    "/v1/rerank",
+    "/v1/reranking",
+    "/infill",
+    "/tokenize",
+    "/detokenize",
+    "/apply-template",
+];
+
+/// Paths that need no API key: a load balancer's health probe.
+const OPEN_PATHS: &[&str] = &["/health", "/v1/health"];
+
+/// Whether the front port forwards `path` (exact match; no prefix, so `/slots/0?action=save` is refused).
+pub fn path_allowed(path: &str) -> bool {
+    ALLOWED_PATHS.contains(&path)
+}
+
+/// How often the API keys file is looked at for changes, at most.
+const KEYS_RECHECK: Duration = Duration::from_secs(2);
+/// Clients whose rate-limit buckets are kept; the least recently seen is dropped beyond it.
+pub const MAX_RATE_CLIENTS: usize = 10_000;
+/// The shortest API key accepted from the keys file (shorter lines are ignored with a warning).
+const MIN_KEY_LEN: usize = 16;
+
+/// Why a request was refused, as the metrics label it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Path,
+    Auth,
+    Rate,
+    BodyTooLarge,
+    Connections,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 5] =
+        [Refusal::Path, Refusal::Auth, Refusal::Rate, Refusal::BodyTooLarge, Refusal::Connections];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Path => "path",
+            Refusal::Auth => "auth",
+            Refusal::Rate => "rate",
+            Refusal::BodyTooLarge => "body_too_large",
+            Refusal::Connections => "connections",
+        }
+    }
+}
+
+/// The front port's own counters, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct FrontCounters {
+    refused: [AtomicU64; 5],
+    /// Client connections open now.
+    pub open: AtomicU64,
+    /// Idle connections closed to make room for a new one at the connection cap.
+    pub evicted: AtomicU64,
+}
+
+impl FrontCounters {
+    pub fn refuse(&self, why: Refusal) {
+        self.refused[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn refused(&self, why: Refusal) -> u64 {
+        self.refused[why as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// What the front port admits, from `[runtime]` in agent.toml.
+#[derive(Clone, Debug)]
+pub struct AdmissionSettings {
+    /// One key per line; None: no key needed.
+    pub api_keys_file: Option<PathBuf>,
+    /// Requests a client (by IP address) may make per minute; 0: no limit.
+    pub requests_per_minute_per_client: u32,
+    pub max_body_bytes: u64,
+}
+
+/// The default body cap: chat requests with a few images inlined fit.
+pub const DEFAULT_MAX_BODY_MIB: u64 = 32;
+
+impl Default for AdmissionSettings {
+    /// The inference API only, no key, no rate limit, the default body cap.
+    fn default() -> AdmissionSettings {
+        AdmissionSettings {
+            api_keys_file: None,
+            requests_per_minute_per_client: 0,
+            max_body_bytes: DEFAULT_MAX_BODY_MIB << 20,
+        }
+    }
+}
+
+/// The admission state shared by every request.
+pub struct Admission {
+    settings: AdmissionSettings,
+    keys: Mutex<KeyFile>,
+    limiter: Mutex<RateLimiter>,
+    counters: Arc<FrontCounters>,
+}
+
+impl Admission {
+    pub fn new(settings: AdmissionSettings, counters: Arc<FrontCounters>) -> Arc<Admission> {
+        let limiter = RateLimiter::new(settings.requests_per_minute_per_client, MAX_RATE_CLIENTS);
+        Arc::new(Admission { keys: Mutex::new(KeyFile::default()), settings, limiter: Mutex::new(limiter), counters })
+    }
+
+    fn refuse(&self, why: Refusal, status: StatusCode, kind: &str, message: &str) -> Response {
+        self.counters.refuse(why);
+        error_response(status, kind, message)
+    }
+
+    /// Checks the request; None admits it.
+    async fn check(&self, asked: Asked) -> Option<Response> {
+        let path = asked.path.as_str();
+        if !path_allowed(path) {
+            let message = format!(
+                "{path} is not served on this port: the front port serves the inference API only \
+                 (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /health, ...)"
+            );
+            return Some(self.refuse(Refusal::Path, StatusCode::NOT_FOUND, "not_found_error", &message));
+        }
+        if let Some(file) = &self.settings.api_keys_file
+            && !OPEN_PATHS.contains(&path)
+        {
+            let keys = self.current_keys(file).await;
+            if !asked.key.as_deref().is_some_and(|k| keys.verify(k)) {
+                let message = "a valid API key is required: send it as `Authorization: Bearer KEY`";
+                return Some(self.refuse(Refusal::Auth, StatusCode::UNAUTHORIZED, "authentication_error", message));
+            }
+        }
+        if let Some(ip) = asked.client {
+            let allowed = self.limiter.lock().unwrap_or_else(PoisonError::into_inner).allow(ip, Instant::now());
+            if !allowed {
+                let message = format!(
+                    "more than {} requests a minute from {ip}: slow down and retry",
+                    self.settings.requests_per_minute_per_client
+                );
+                return Some(self.refuse(Refusal::Rate, StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", &message));
+            }
+        }
+        if asked.length.is_some_and(|n| n > self.settings.max_body_bytes) {
+            return Some(self.body_too_large());
+        }
+        None
+    }
+
+    pub fn body_too_large(&self) -> Response {
+        let message = format!(
+            "the request body is larger than the {} bytes this port accepts (runtime.max_body_mib)",
+            self.settings.max_body_bytes
+        );
+        self.refuse(Refusal::BodyTooLarge, StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", &message)
+    }
+
+    pub fn max_body_bytes(&self) -> u64 {
+        self.settings.max_body_bytes
+    }
+
+    /// The keys in the file now: read again when its modification time or size changed, looked at no more
+    /// often than [`KEYS_RECHECK`]. A file that cannot be read keeps the last keys read (none at first:
+    /// every request is refused rather than admitted without a key).
+    async fn current_keys(&self, file: &std::path::Path) -> ApiKeys {
+        let due = {
+            let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+            keys.checked.is_none_or(|at| at.elapsed() >= KEYS_RECHECK)
+        };
+        if due {
+            let path = file.to_owned();
+            let stamp = tokio::task::spawn_blocking(move || file_stamp(&path)).await.ok().flatten();
+            let changed = {
+                let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+                keys.checked = Some(Instant::now());
+                stamp.is_some() && stamp != keys.stamp
+            };
+            if changed {
+                let path = file.to_owned();
+                match tokio::task::spawn_blocking(move || ApiKeys::read(&path)).await {
+                    Ok(Ok(read)) => {
+                        tracing::info!(keys = read.len(), file = %file.display(), "API keys of the front port read.");
+                        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+                        (keys.keys, keys.stamp) = (read, stamp);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, file = %file.display(), "The API keys file could not be read; the last keys read stay in force.")
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner).keys.clone()
+    }
+}
+
+/// The axum middleware: refuses what [`Admission::check`] refuses, forwards the rest with the body capped.
+pub async fn admit(State(admission): State<Arc<Admission>>, request: Request, next: Next) -> Response {
+    if let Some(refused) = admission.check(Asked::of(&request)).await {
+        return refused;
+    }
+    let cap = usize::try_from(admission.max_body_bytes()).unwrap_or(usize::MAX);
+    let request = request.map(|body| axum::body::Body::new(http_body_util::Limited::new(body, cap)));
+    next.run(request).await
+}
+
+/// What admission looks at in a request (taken out first: a request's body is not `Sync`).
+struct Asked {
+    path: String,
+    key: Option<String>,
+    client: Option<IpAddr>,
+    /// The declared body length.
+    length: Option<u64>,
+}
+
+impl Asked {
+    fn of(request: &Request) -> Asked {
+        let headers = request.headers();
+        Asked {
+            path: request.uri().path().to_owned(),
+            key: presented_key(headers).map(str::to_owned),
+            client: request.extensions().get::<ClientAddr>().map(|c| c.0),
+            length: headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()),
+        }
+    }
+}
+
+/// The client's address, put in each request's extensions by the front server.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub IpAddr);
+
+/// The key a request presents: `Authorization: Bearer KEY` (OpenAI clients) or `x-api-key: KEY` (Anthropic's).
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim))
+}
+
+#[derive(Default)]
+struct KeyFile {
+    keys: ApiKeys,
+    stamp: Option<(SystemTime, u64)>,
+    checked: Option<Instant>,
+}
+
+fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// API keys, kept as SHA-256 digests and compared in constant time, so neither a key's bytes nor how much
+/// of it matched leaks through timing.
+#[derive(Clone, Debug, Default)]
+pub struct ApiKeys(Arc<Vec<[u8; 32]>>);
+
+impl ApiKeys {
+    /// One key per line; blank lines and `#` comments are skipped, and lines shorter than 16 characters are
+    /// ignored with a warning (a key that short can be guessed).
+    pub fn parse(text: &str) -> ApiKeys {
+        let mut digests = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let key = line.trim();
+            if key.is_empty() || key.starts_with('#') {
+                continue;
+            }
+            if key.len() < MIN_KEY_LEN {
+                tracing::warn!(line = n + 1, "An API key shorter than {MIN_KEY_LEN} characters is ignored.");
+                continue;
+            }
+            digests.push(Sha256::digest(key.as_bytes()).into());
+        }
+        ApiKeys(Arc::new(digests))
+    }
+
+    pub fn read(path: &std::path::Path) -> std::io::Result<ApiKeys> {
+        std::fs::read_to_string(path).map(|text| ApiKeys::parse(&text))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `presented` is one of the keys; every key is compared whole, whatever matches.
+    pub fn verify(&self, presented: &str) -> bool {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let mut found = 0u8;
+        for key in self.0.iter() {
+            let diff = key.iter().zip(digest.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            found |= u8::from(diff == 0);
+        }
+        found == 1
+    }
+}
+
+/// A token bucket per client address: `per_minute` requests a minute, in bursts of up to `per_minute`.
+/// Bounded: beyond `max_clients` the least recently seen client's bucket is dropped (it starts full again).
+pub struct RateLimiter {
+    per_minute: u32,
+    max_clients: usize,
+    buckets: HashMap<IpAddr, Bucket>,
+}
+
+#[derive(Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateLimiter {
+    pub fn new(per_minute: u32, max_clients: usize) -> RateLimiter {
+        RateLimiter { per_minute, max_clients: max_clients.max(1), buckets: HashMap::new() }
+    }
+
+    /// Whether `client` may make a request at `now` (and takes a token if so). Always true without a limit.
+    pub fn allow(&mut self, client: IpAddr, now: Instant) -> bool {
+        if self.per_minute == 0 {
+            return true;
+        }
+        let capacity = f64::from(self.per_minute);
+        if !self.buckets.contains_key(&client) && self.buckets.len() >= self.max_clients {
+            self.drop_least_recent();
+        }
+        let bucket = self.buckets.entry(client).or_insert(Bucket { tokens: capacity, at: now });
+        let refill = now.saturating_duration_since(bucket.at).as_secs_f64() * capacity / 60.0;
+        bucket.tokens = (bucket.tokens + refill).min(capacity);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn drop_least_recent(&mut self) {
+        if let Some(oldest) = self.buckets.iter().min_by_key(|(_, b)| b.at).map(|(ip, _)| *ip) {
+            self.buckets.remove(&oldest);
+        }
+    }
+
+    pub fn clients(&self) -> usize {
+        self.buckets.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_inference_api_is_allowed() {
+        for path in ["/v1/chat/completions", "/completion", "/v1/embeddings", "/health", "/v1/models", "/tokenize"] {
+            assert!(path_allowed(path), "{path}");
+        }
+        for path in ["/slots", "/slots/0", "/props", "/metrics", "/lora-adapters", "/", "/v1/chat/completions/x"] {
+            assert!(!path_allowed(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn keys_are_verified_whole_and_short_or_commented_lines_are_not_keys() {
+        let keys = ApiKeys::parse("# the app\nsk-0123456789abcdef\n\nshort\n  sk-fedcba9876543210  \n");
+        assert_eq!(keys.len(), 2);
+        assert!(keys.verify("sk-0123456789abcdef"));
+        assert!(keys.verify("sk-fedcba9876543210"));
+        assert!(!keys.verify("sk-0123456789abcde"));
+        assert!(!keys.verify("short"));
+        assert!(!keys.verify(""));
+        assert!(!ApiKeys::default().verify(""));
+    }
+
+    #[test]
+    fn a_key_is_read_from_either_header() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, "Bearer sk-1".parse().expect("value"));
+        assert_eq!(presented_key(&headers), Some("sk-1"));
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", "sk-2".parse().expect("value"));
+        assert_eq!(presented_key(&headers), Some("sk-2"));
+        assert_eq!(presented_key(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn a_client_gets_its_rate_and_refills_over_time() {
+        let ip: IpAddr = "192.0.2.1".parse().expect("ip");
+        let other: IpAddr = "192.0.2.2".parse().expect("ip");
+        let start = Instant::now();
+        let mut limiter = RateLimiter::new(3, 100);
+        assert!((0..3).all(|_| limiter.allow(ip, start)));
+        assert!(!limiter.allow(ip, start), "the fourth in the same instant is refused");
+        assert!(limiter.allow(other, start), "another client has its own bucket");
+        assert!(limiter.allow(ip, start + Duration::from_secs(20)), "a third of a minute refills one");
+        assert!(!limiter.allow(ip, start + Duration::from_secs(20)));
+        assert!(RateLimiter::new(0, 1).allow(ip, start), "0 is no limit");
+    }
+
+    #[test]
+    fn the_rate_limiter_keeps_a_bounded_number_of_clients() {
+        let start = Instant::now();
+        let mut limiter = RateLimiter::new(1, 3);
+        for i in 0..10u8 {
+            limiter.allow(IpAddr::from([10, 0, 0, i]), start + Duration::from_millis(u64::from(i)));
+        }
+        assert_eq!(limiter.clients(), 3);
+        // The newest clients are the ones kept: client 9 already spent its token.
+        assert!(!limiter.allow(IpAddr::from([10, 0, 0, 9]), start + Duration::from_millis(10)));
+    }
+}
