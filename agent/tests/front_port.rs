@@ -155,6 +155,26 @@ async fn api_keys_are_required_when_configured_and_read_again_when_their_file_ch
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_rate_gets_429_and_is_not_counted_as_served() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let agent = serving(dir.path(), "requests_per_minute_per_client = 3").await;
+        let client = reqwest::Client::new();
+        let mut statuses = Vec::new();
+        for _ in 0..6 {
+            let response = client.get(format!("http://{}/v1/models", agent.front)).send().await.expect("answer");
+            statuses.push(response.status().as_u16());
+        }
+        assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 3, "{statuses:?}");
+        let text = metrics(&agent).await;
+        assert_eq!(metric(&text, "alki_agent_front_refused_total{reason=\"rate\"}"), Some(3.0), "{text}");
+        agent.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_idle_sockets_leave_completions_and_the_controller_session_working() {
     tokio::time::timeout(Duration::from_secs(120), async {
         let dir = tempfile::tempdir().expect("tempdir");

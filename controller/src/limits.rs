@@ -1,9 +1,7 @@
 //! Limits on what callers may send: message sizes, streams per connection, label counts and lengths, and
-//! request rates per token and per device (a keyed token bucket). Pure logic; callers pass the clock in.
+//! request rates per token and per device (`alki_shared::ratelimit`). Pure logic; callers pass the clock in.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
 
 /// Most labels a device (Hello), a rollout selector or a bootstrap token may carry.
 pub const MAX_LABELS: usize = 64;
@@ -42,64 +40,12 @@ impl Default for Limits {
     }
 }
 
-/// A token bucket's shape: `burst` requests at once, refilled at `per_second`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Rate {
-    pub per_second: f64,
-    pub burst: u32,
-}
+/// The controller's keyed rate limiter: a token name or a device id to its bucket.
+pub type RateLimiter = alki_shared::ratelimit::RateLimiter<String>;
+pub use alki_shared::ratelimit::{Rate, RetryAfter};
 
-#[derive(Clone, Copy, Debug)]
-struct Bucket {
-    tokens: f64,
-    updated: Instant,
-}
-
-/// Token buckets keyed by caller (a token name, a device id). Bounded: at most `max_keys` buckets, and
-/// buckets that have refilled completely are forgotten first (forgetting them changes nothing).
-pub struct RateLimiter {
-    rate: Rate,
-    max_keys: usize,
-    buckets: Mutex<HashMap<String, Bucket>>,
-}
-
-/// A refusal: how long until one more request would pass.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RetryAfter(pub Duration);
-
-impl RateLimiter {
-    pub fn new(rate: Rate) -> RateLimiter {
-        RateLimiter { rate, max_keys: 100_000, buckets: Mutex::new(HashMap::new()) }
-    }
-
-    /// Takes one request from `key`'s bucket at time `now`.
-    pub fn check(&self, key: &str, now: Instant) -> Result<(), RetryAfter> {
-        let burst = f64::from(self.rate.burst.max(1));
-        let per_second = self.rate.per_second.max(f64::MIN_POSITIVE);
-        // A poisoned lock only means another thread panicked mid-update of plain numbers: keep going.
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() >= self.max_keys && !buckets.contains_key(key) {
-            buckets.retain(|_, b| refill(b, now, per_second, burst) < burst);
-            if buckets.len() >= self.max_keys {
-                buckets.clear();
-            }
-        }
-        let bucket = buckets.entry(key.to_owned()).or_insert(Bucket { tokens: burst, updated: now });
-        bucket.tokens = refill(bucket, now, per_second, burst);
-        bucket.updated = now.max(bucket.updated);
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(RetryAfter(Duration::from_secs_f64((1.0 - bucket.tokens) / per_second)))
-        }
-    }
-}
-
-fn refill(bucket: &Bucket, now: Instant, per_second: f64, burst: f64) -> f64 {
-    let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
-    (bucket.tokens + elapsed * per_second).min(burst)
-}
+/// Callers whose buckets are kept; see [`alki_shared::ratelimit::RateLimiter`] for what happens beyond.
+pub const MAX_RATE_KEYS: usize = 100_000;
 
 /// Why a label set was refused.
 #[derive(Debug, PartialEq, thiserror::Error)]
@@ -144,36 +90,6 @@ pub fn check_label_map(what: &'static str, labels: &BTreeMap<String, String>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_bucket_allows_its_burst_then_refills_at_its_rate_per_key() {
-        let limiter = RateLimiter::new(Rate { per_second: 2.0, burst: 3 });
-        let t0 = Instant::now();
-        for _ in 0..3 {
-            assert!(limiter.check("ci", t0).is_ok());
-        }
-        let RetryAfter(wait) = limiter.check("ci", t0).expect_err("burst spent");
-        assert_eq!(wait, Duration::from_millis(500));
-        assert!(limiter.check("other", t0).is_ok(), "buckets are per key");
-        assert!(limiter.check("ci", t0 + Duration::from_millis(500)).is_ok());
-        assert!(limiter.check("ci", t0 + Duration::from_millis(500)).is_err());
-        // Long idle refills to the burst, never beyond.
-        for _ in 0..3 {
-            assert!(limiter.check("ci", t0 + Duration::from_secs(60)).is_ok());
-        }
-        assert!(limiter.check("ci", t0 + Duration::from_secs(60)).is_err());
-    }
-
-    #[test]
-    fn the_key_table_stays_bounded() {
-        let mut limiter = RateLimiter::new(Rate { per_second: 1.0, burst: 1 });
-        limiter.max_keys = 10;
-        let t0 = Instant::now();
-        for i in 0..100 {
-            assert!(limiter.check(&format!("k{i}"), t0).is_ok());
-            assert!(limiter.buckets.lock().expect("lock").len() <= 10);
-        }
-    }
 
     #[test]
     fn labels_are_bounded_in_count_and_length() {

@@ -97,7 +97,10 @@ fn open_app(
     let gate = crate::audit::Gate {
         auth: auth.clone(),
         auditor: crate::audit::Auditor::start(store.clone(), config.audit_retention, clock.clone()),
-        token_limiter: Arc::new(crate::limits::RateLimiter::new(config.limits.token_rate)),
+        token_limiter: Arc::new(crate::limits::RateLimiter::new(
+            config.limits.token_rate,
+            crate::limits::MAX_RATE_KEYS,
+        )),
     };
     let registry =
         Registry::open_with_clock(&config.data_dir, store.database(), config.registry.clone(), clock.clone())
@@ -179,7 +182,7 @@ async fn grpc_server(
         app: app.clone(),
         heartbeat_interval: config.heartbeat_interval,
         insecure_agent_tokens: config.insecure_agent_tokens,
-        device_limiter: Arc::new(crate::limits::RateLimiter::new(limits.device_rate)),
+        device_limiter: Arc::new(crate::limits::RateLimiter::new(limits.device_rate, crate::limits::MAX_RATE_KEYS)),
     };
     let admin_api = api::admin::AdminApi { app: app.clone() };
     let enroll_api = api::enroll::EnrollApi { app: app.clone() };

@@ -1,6 +1,6 @@
 //! Alki Fleet's common crate: the wire contract, the bundle and eval suite formats, digests, identifiers, file
 //! helpers, and the pure rules both the controller and alkictl apply (schedule windows, quantization ranks, GC
-//! reports).
+//! reports) or both daemons do (rate limits).
 //!
 //! Only this crate knows protobuf: the generated code lives in [`proto`], and the other crates convert
 //! at their edges.
@@ -16,5 +16,6 @@ pub mod ids;
 pub mod oci;
 pub mod proto;
 pub mod quantization;
+pub mod ratelimit;
 pub mod schedule;
 pub mod signing;

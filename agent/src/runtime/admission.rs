@@ -4,13 +4,13 @@
 //! configured, a per-client rate limit, and the body size cap. Refusals answer at once and never count in the
 //! serving counters the rollout gates read.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use alki_shared::ratelimit::{Rate, RateLimiter};
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -56,7 +56,7 @@ pub fn path_allowed(path: &str) -> bool {
 
 /// How often the API keys file is looked at for changes, at most.
 const KEYS_RECHECK: Duration = Duration::from_secs(2);
-/// Clients whose rate-limit buckets are kept; the least recently seen is dropped beyond it.
+/// Clients whose rate-limit buckets are kept (the least recently seen are dropped beyond it).
 pub const MAX_RATE_CLIENTS: usize = 10_000;
 /// The shortest API key accepted from the keys file (shorter lines are ignored with a warning).
 const MIN_KEY_LEN: usize = 16;
@@ -134,14 +134,18 @@ impl Default for AdmissionSettings {
 pub struct Admission {
     settings: AdmissionSettings,
     keys: Mutex<KeyFile>,
-    limiter: Mutex<RateLimiter>,
+    /// None without a limit.
+    limiter: Option<RateLimiter<IpAddr>>,
     counters: Arc<FrontCounters>,
 }
 
 impl Admission {
     pub fn new(settings: AdmissionSettings, counters: Arc<FrontCounters>) -> Arc<Admission> {
-        let limiter = RateLimiter::new(settings.requests_per_minute_per_client, MAX_RATE_CLIENTS);
-        Arc::new(Admission { keys: Mutex::new(KeyFile::default()), settings, limiter: Mutex::new(limiter), counters })
+        let limiter = match settings.requests_per_minute_per_client {
+            0 => None,
+            n => Some(RateLimiter::new(Rate::per_minute(n), MAX_RATE_CLIENTS)),
+        };
+        Arc::new(Admission { keys: Mutex::new(KeyFile::default()), settings, limiter, counters })
     }
 
     fn refuse(&self, why: Refusal, status: StatusCode, kind: &str, message: &str) -> Response {
@@ -168,15 +172,14 @@ impl Admission {
                 return Some(self.refuse(Refusal::Auth, StatusCode::UNAUTHORIZED, "authentication_error", message));
             }
         }
-        if let Some(ip) = asked.client {
-            let allowed = self.limiter.lock().unwrap_or_else(PoisonError::into_inner).allow(ip, Instant::now());
-            if !allowed {
-                let message = format!(
-                    "more than {} requests a minute from {ip}: slow down and retry",
-                    self.settings.requests_per_minute_per_client
-                );
-                return Some(self.refuse(Refusal::Rate, StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", &message));
-            }
+        if let (Some(ip), Some(limiter)) = (asked.client, &self.limiter)
+            && limiter.check(&ip, Instant::now()).is_err()
+        {
+            let message = format!(
+                "more than {} requests a minute from {ip}: slow down and retry",
+                self.settings.requests_per_minute_per_client
+            );
+            return Some(self.refuse(Refusal::Rate, StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", &message));
         }
         if asked.length.is_some_and(|n| n > self.settings.max_body_bytes) {
             return Some(self.body_too_large());
@@ -336,57 +339,6 @@ impl ApiKeys {
     }
 }
 
-/// A token bucket per client address: `per_minute` requests a minute, in bursts of up to `per_minute`.
-/// Bounded: beyond `max_clients` the least recently seen client's bucket is dropped (it starts full again).
-pub struct RateLimiter {
-    per_minute: u32,
-    max_clients: usize,
-    buckets: HashMap<IpAddr, Bucket>,
-}
-
-#[derive(Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl RateLimiter {
-    pub fn new(per_minute: u32, max_clients: usize) -> RateLimiter {
-        RateLimiter { per_minute, max_clients: max_clients.max(1), buckets: HashMap::new() }
-    }
-
-    /// Whether `client` may make a request at `now` (and takes a token if so). Always true without a limit.
-    pub fn allow(&mut self, client: IpAddr, now: Instant) -> bool {
-        if self.per_minute == 0 {
-            return true;
-        }
-        let capacity = f64::from(self.per_minute);
-        if !self.buckets.contains_key(&client) && self.buckets.len() >= self.max_clients {
-            self.drop_least_recent();
-        }
-        let bucket = self.buckets.entry(client).or_insert(Bucket { tokens: capacity, at: now });
-        let refill = now.saturating_duration_since(bucket.at).as_secs_f64() * capacity / 60.0;
-        bucket.tokens = (bucket.tokens + refill).min(capacity);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn drop_least_recent(&mut self) {
-        if let Some(oldest) = self.buckets.iter().min_by_key(|(_, b)| b.at).map(|(ip, _)| *ip) {
-            self.buckets.remove(&oldest);
-        }
-    }
-
-    pub fn clients(&self) -> usize {
-        self.buckets.len()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,31 +374,5 @@ mod tests {
         headers.insert("x-api-key", "sk-2".parse().expect("value"));
         assert_eq!(presented_key(&headers), Some("sk-2"));
         assert_eq!(presented_key(&HeaderMap::new()), None);
-    }
-
-    #[test]
-    fn a_client_gets_its_rate_and_refills_over_time() {
-        let ip: IpAddr = "192.0.2.1".parse().expect("ip");
-        let other: IpAddr = "192.0.2.2".parse().expect("ip");
-        let start = Instant::now();
-        let mut limiter = RateLimiter::new(3, 100);
-        assert!((0..3).all(|_| limiter.allow(ip, start)));
-        assert!(!limiter.allow(ip, start), "the fourth in the same instant is refused");
-        assert!(limiter.allow(other, start), "another client has its own bucket");
-        assert!(limiter.allow(ip, start + Duration::from_secs(20)), "a third of a minute refills one");
-        assert!(!limiter.allow(ip, start + Duration::from_secs(20)));
-        assert!(RateLimiter::new(0, 1).allow(ip, start), "0 is no limit");
-    }
-
-    #[test]
-    fn the_rate_limiter_keeps_a_bounded_number_of_clients() {
-        let start = Instant::now();
-        let mut limiter = RateLimiter::new(1, 3);
-        for i in 0..10u8 {
-            limiter.allow(IpAddr::from([10, 0, 0, i]), start + Duration::from_millis(u64::from(i)));
-        }
-        assert_eq!(limiter.clients(), 3);
-        // The newest clients are the ones kept: client 9 already spent its token.
-        assert!(!limiter.allow(IpAddr::from([10, 0, 0, 9]), start + Duration::from_millis(10)));
     }
 }
