@@ -20,13 +20,24 @@ pub enum KeyCmd {
         /// Replace existing files.
         #[arg(long)]
         force: bool,
+        /// Write the private key unprotected by a password (an empty one). Without this flag an empty
+        /// password is refused: anyone who copies the file could then sign bundles your fleet trusts.
+        #[arg(long)]
+        no_password: bool,
     },
 }
 
 /// Runs one `alkictl key` command.
 pub fn run(output: Output, cmd: KeyCmd) -> anyhow::Result<()> {
-    let KeyCmd::Generate { output_prefix, force } = cmd;
-    let password = password(true)?;
+    let KeyCmd::Generate { output_prefix, force, no_password } = cmd;
+    let password = if no_password { Vec::new() } else { password(true)? };
+    if password.is_empty() && !no_password {
+        bail!(
+            "the key password is empty: set {} to a password (or answer the prompt with one); pass --no-password \
+             only if the private key is protected otherwise (a hardware token, a secrets manager)",
+            PASSWORD_ENV_VARS[0]
+        );
+    }
     let made = alki_bundle::keys::generate(&output_prefix, &password, force)?;
     print(output, &made, |m| {
         format!(

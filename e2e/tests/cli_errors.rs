@@ -32,3 +32,28 @@ fn a_bad_gguf_is_named_by_pack() -> anyhow::Result<()> {
     assert!(!out.exists(), "a refused pack writes nothing");
     Ok(())
 }
+
+#[test]
+fn an_empty_key_password_is_refused_unless_no_password_is_asked_for() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let prefix = dir.path().join("ci");
+    let generate = |extra: &[&str]| -> anyhow::Result<(bool, String)> {
+        let out = Command::new(binary("alkictl")?)
+            .args(["key", "generate", "--output-prefix"])
+            .arg(&prefix)
+            .args(extra)
+            .env("ALKI_KEY_PASSWORD", "")
+            .env_remove("COSIGN_PASSWORD")
+            .stdin(Stdio::null())
+            .output()?;
+        Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    };
+    let (ok, stderr) = generate(&[])?;
+    assert!(!ok);
+    assert!(stderr.contains("password is empty") && stderr.contains("--no-password"), "{stderr}");
+    assert!(!prefix.with_extension("key").exists(), "nothing written");
+    let (ok, stderr) = generate(&["--no-password"])?;
+    assert!(ok, "{stderr}");
+    assert!(prefix.with_extension("key").is_file() && prefix.with_extension("pub").is_file());
+    Ok(())
+}
