@@ -99,21 +99,32 @@ impl IdentityFiles {
 }
 
 /// The registry token the controller handed this device in its latest Welcome, shared by the session (which
-/// sets it) and pulls (which send it to the embedded registry).
+/// sets it) and pulls (which send it to the registry it is for, and nowhere else).
 #[derive(Clone, Debug, Default)]
-pub struct DeviceRegistryToken(std::sync::Arc<std::sync::Mutex<Option<(String, UnixMs)>>>);
+pub struct DeviceRegistryToken(std::sync::Arc<std::sync::Mutex<Option<IssuedToken>>>);
+
+#[derive(Clone, Debug)]
+struct IssuedToken {
+    token: String,
+    expires: UnixMs,
+    /// The `host:port` the controller named for it; empty from a controller that names none.
+    registry: String,
+}
 
 impl DeviceRegistryToken {
-    pub fn set(&self, token: String, expires_unix_ms: i64) {
-        let value = (!token.is_empty()).then_some((token, UnixMs(expires_unix_ms)));
+    pub fn set(&self, token: String, expires_unix_ms: i64, registry: String) {
+        let value = (!token.is_empty()).then_some(IssuedToken { token, expires: UnixMs(expires_unix_ms), registry });
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = value;
     }
 
-    /// The token, unless it has expired.
-    pub fn current(&self) -> Option<String> {
+    /// The token and the registry it is for (None: the embedded registry as configured), unless it expired.
+    pub fn current(&self) -> Option<(String, Option<String>)> {
         let now = UnixMs::now();
         let guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        guard.as_ref().filter(|(_, expires)| *expires > now).map(|(token, _)| token.clone())
+        guard
+            .as_ref()
+            .filter(|t| t.expires > now)
+            .map(|t| (t.token.clone(), (!t.registry.is_empty()).then(|| t.registry.clone())))
     }
 }
 

@@ -429,7 +429,7 @@ fn on_welcome(ctx: &SessionContext, welcome: proto::Welcome, clock: &mut Telemet
         0 => DEFAULT_HEARTBEAT,
         s => Duration::from_secs(u64::from(s.clamp(1, 300))),
     };
-    ctx.registry_token.set(welcome.registry_token, welcome.registry_token_expires_unix_ms);
+    ctx.registry_token.set(welcome.registry_token, welcome.registry_token_expires_unix_ms, welcome.registry);
     tracing::debug!(heartbeat_secs = every.as_secs(), "Welcomed by the controller.");
     let telemetry = match welcome.telemetry_interval_seconds {
         0 => TELEMETRY_INTERVAL,

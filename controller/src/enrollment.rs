@@ -98,8 +98,9 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), InvalidBootstra
 }
 
 /// The Welcome a device's session gets at `now`: its heartbeat and telemetry intervals and a fresh registry
-/// token. A Welcome is complete: the agent applies every field of it.
-pub fn welcome(pki: &Pki, device_id: &DeviceId, heartbeat: Duration, now: UnixMs) -> proto::Welcome {
+/// token for `registry` (the embedded registry's `host:port`, named so the agent sends it nowhere else). A
+/// Welcome is complete: the agent applies every field of it.
+pub fn welcome(pki: &Pki, device_id: &DeviceId, heartbeat: Duration, registry: &str, now: UnixMs) -> proto::Welcome {
     let expires = now.plus(REGISTRY_TOKEN_TTL);
     proto::Welcome {
         device_id: device_id.to_string(),
@@ -107,6 +108,7 @@ pub fn welcome(pki: &Pki, device_id: &DeviceId, heartbeat: Duration, now: UnixMs
         registry_token: pki.registry_token(device_id.as_str(), expires.as_millis()),
         registry_token_expires_unix_ms: expires.as_millis(),
         telemetry_interval_seconds: crate::insight::TELEMETRY_INTERVAL_SECONDS,
+        registry: registry.to_owned(),
     }
 }
 
@@ -117,6 +119,7 @@ pub async fn refresh_registry_tokens(
     pki: Pki,
     clock: SharedClock,
     heartbeat: Duration,
+    registry: String,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut tick =
@@ -127,7 +130,7 @@ pub async fn refresh_registry_tokens(
             _ = tick.tick() => {}
         }
         for device_id in fleet.hub.connected_ids() {
-            let welcome = welcome(&pki, &device_id, heartbeat, clock.now());
+            let welcome = welcome(&pki, &device_id, heartbeat, &registry, clock.now());
             fleet.hub.send(device_id.as_str(), proto::controller_message::Msg::Welcome(welcome));
         }
     }

@@ -153,6 +153,7 @@ impl Background {
                 app.pki.clone(),
                 app.clock.clone(),
                 config.heartbeat_interval,
+                app.sources.registry_host.clone(),
                 stop.clone(),
             )),
             tokio::spawn(app.sources.registry.clone().run_gc_schedule(stop)),

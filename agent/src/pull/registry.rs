@@ -28,6 +28,8 @@ pub struct RegistryAccess {
     client: Arc<Client>,
     embedded: String,
     token: Option<String>,
+    /// The exact `host:port` the token is sent to: the registry the controller named for it, else `embedded`.
+    token_registry: String,
     /// Mirrors per registry (`host:port`), tried in order before the registry itself.
     mirrors: BTreeMap<String, Vec<String>>,
     /// Basic credentials (username, password) per `host:port`, sent to that exact `host:port` only.
@@ -42,8 +44,8 @@ impl std::fmt::Debug for RegistryAccess {
 
 impl RegistryAccess {
     /// `plain_http`: registries (`host:port`) reached over HTTP. `embedded`: the registry used when a bundle
-    /// names none. `token`: sent (Basic, user `alki-agent`) only to registries on the embedded registry's host
-    /// (any port: the controller serves gRPC and its registry on different ports), never elsewhere.
+    /// names none. `token`: sent (Basic, user `alki-agent`) only to the embedded registry's exact `host:port`
+    /// (or the one [`RegistryAccess::token_for`] names), never to another port of the same host.
     pub fn new(plain_http: Vec<String>, embedded: String, token: Option<String>) -> RegistryAccess {
         RegistryAccess::with_roots(plain_http, embedded, token, Vec::new())
     }
@@ -73,11 +75,18 @@ impl RegistryAccess {
         };
         RegistryAccess {
             client: Arc::new(Client::new(config)),
+            token_registry: embedded.clone(),
             embedded,
             token,
             mirrors: Default::default(),
             credentials: Default::default(),
         }
+    }
+
+    /// Sends the token to `registry` (exactly that `host:port`) instead of the embedded registry.
+    pub fn token_for(mut self, registry: String) -> RegistryAccess {
+        self.token_registry = registry;
+        self
     }
 
     /// Mirrors per registry (`host:port` to an ordered list of `host:port`), like containerd's hosts: pulls
@@ -149,7 +158,8 @@ impl RegistryAccess {
             return RegistryAuth::Basic(username.clone(), password.clone());
         }
         match &self.token {
-            Some(token) if host_of(self.registry_of(bundle)) == host_of(&self.embedded) => {
+            // A bundle naming no registry goes to the embedded one, which the operator configured.
+            Some(token) if bundle.registry.is_empty() || bundle.registry == self.token_registry => {
                 RegistryAuth::Basic(BASIC_USER.to_owned(), token.clone())
             }
             _ => RegistryAuth::Anonymous,
@@ -166,14 +176,6 @@ pub trait Attempt {
         &'a mut self,
         at: &'a BundleLocation,
     ) -> impl Future<Output = Result<Self::Output, PullError>> + Send + 'a;
-}
-
-/// The host of `host[:port]` (IPv6 in brackets).
-fn host_of(authority: &str) -> &str {
-    if authority.starts_with('[') {
-        return authority.split_once(']').map(|(h, _)| &authority[..=h.len()]).unwrap_or(authority);
-    }
-    authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority)
 }
 
 /// True when the registry said the manifest or repository does not exist.
@@ -234,26 +236,35 @@ impl RegistrySettings {
 
     /// Registry access as the settings say now: the current token, passwords and CA.
     pub async fn access(&self) -> RegistryAccess {
-        let token = self.token().await;
+        let (token, named) = self.token().await;
         let credentials = self.credentials().await;
         let roots = self.ca_file.as_ref().and_then(|path| std::fs::read(path).ok()).into_iter().collect();
-        RegistryAccess::with_roots(self.plain_http.clone(), self.embedded.clone(), token, roots)
+        let access = RegistryAccess::with_roots(self.plain_http.clone(), self.embedded.clone(), token, roots)
             .with_mirrors(self.mirrors.clone())
-            .with_credentials(credentials)
+            .with_credentials(credentials);
+        match named {
+            Some(registry) => access.token_for(registry),
+            None => access,
+        }
     }
 
-    /// The device's registry token from the last Welcome, else the token file; None pulls anonymously.
-    async fn token(&self) -> Option<String> {
+    /// The device's registry token from the last Welcome (with the registry the controller named for it),
+    /// else the token file (for the embedded registry); None pulls anonymously.
+    async fn token(&self) -> (Option<String>, Option<String>) {
+        let mut named = None;
         let token = match self.device_token.current() {
-            Some(token) => Ok(token),
+            Some((token, registry)) => {
+                named = registry;
+                Ok(token)
+            }
             None if self.token_file.as_os_str().is_empty() => Err(std::io::ErrorKind::NotFound.into()),
             None => tokio::fs::read_to_string(&self.token_file).await,
         };
         match token {
-            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
+            Ok(t) if !t.trim().is_empty() => (Some(t.trim().to_owned()), named),
             Ok(_) | Err(_) => {
                 tracing::warn!(file = %self.token_file.display(), "No agent token; pulling anonymously.");
-                None
+                (None, None)
             }
         }
     }
@@ -291,15 +302,20 @@ mod tests {
     }
 
     #[test]
-    fn the_token_follows_the_embedded_registry_host() {
-        assert_eq!(host_of("127.0.0.1:7080"), "127.0.0.1");
-        assert_eq!(host_of("registry.local"), "registry.local");
-        assert_eq!(host_of("[::1]:5000"), "[::1]");
+    fn the_token_goes_to_the_exact_registry_it_is_for_only() {
         let access = RegistryAccess::new(vec![], "ctl.example:7070".to_owned(), Some("t".to_owned()));
         assert!(matches!(access.auth(&at("")), RegistryAuth::Basic(..)));
-        assert!(matches!(access.auth(&at("ctl.example:7080")), RegistryAuth::Basic(..)));
+        assert!(matches!(access.auth(&at("ctl.example:7070")), RegistryAuth::Basic(..)));
+        assert!(matches!(access.auth(&at("ctl.example:7080")), RegistryAuth::Anonymous), "another port of the host");
         assert!(matches!(access.auth(&at("docker.io")), RegistryAuth::Anonymous));
         assert!(matches!(access.auth(&at("ctl.example.evil:7070")), RegistryAuth::Anonymous));
+        // The controller named its registry (HTTP port) for the token: that one only, not the gRPC port.
+        let named = RegistryAccess::new(vec![], "ctl.example:7070".to_owned(), Some("t".to_owned()))
+            .token_for("ctl.example:7080".to_owned());
+        assert!(matches!(named.auth(&at("ctl.example:7080")), RegistryAuth::Basic(..)));
+        assert!(matches!(named.auth(&at("ctl.example:7070")), RegistryAuth::Anonymous));
+        assert!(matches!(named.auth(&at("")), RegistryAuth::Basic(..)), "naming none is the embedded registry");
+        assert!(matches!(named.auth(&at("ctl.example:9999")), RegistryAuth::Anonymous));
     }
 
     fn mirrored() -> RegistryAccess {

@@ -143,8 +143,8 @@ impl AgentApi {
 
     /// Queues the Welcome (with a fresh registry token) and the device's desired state, if it has one.
     fn greet(&self, tx: &Outbound, device_id: &DeviceId, record: &proto::Device) {
-        let welcome =
-            crate::enrollment::welcome(&self.app.pki, device_id, self.heartbeat_interval, self.app.clock.now());
+        let (pki, registry, now) = (&self.app.pki, &self.app.sources.registry_host, self.app.clock.now());
+        let welcome = crate::enrollment::welcome(pki, device_id, self.heartbeat_interval, registry, now);
         let mut first = vec![Msg::Welcome(welcome)];
         first.extend(desired_state(record).map(Msg::DesiredState));
         for msg in first {
