@@ -152,6 +152,41 @@ async fn an_enrolled_device_is_known_by_its_certificate_and_decommissioning_refu
     .await;
 }
 
+/// An agent token's session naming `hello_id`: the Welcome, or the refusal.
+async fn token_session(c: &SecureController, token: &str, hello_id: &str) -> Result<proto::Welcome, tonic::Status> {
+    let mut client = AgentServiceClient::new(c.channel(None).await.expect("connect"));
+    let (tx, rx) = mpsc::channel(8);
+    let hello = proto::Hello { device_id: hello_id.to_owned(), agent_version: "test".into(), ..Default::default() };
+    tx.send(AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) }).await.expect("queue hello");
+    let mut inbound = client.session(bearer_request(token, ReceiverStream::new(rx))).await?.into_inner();
+    match inbound.message().await? {
+        Some(proto::ControllerMessage { msg: Some(Msg::Welcome(welcome)) }) => Ok(welcome),
+        other => panic!("expected a Welcome, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn insecure_agent_tokens_cannot_speak_for_an_enrolled_device() {
+    bounded(async {
+        let c = start_secure(|config| config.insecure_agent_tokens = true).await;
+        let token = bootstrap_token(&c, 1).await;
+        enroll(&c, &token, "pi-1").await.expect("enroll");
+        let mut admin = FleetServiceClient::new(c.channel(None).await.expect("connect"));
+        let request = proto::CreateTokenRequest { name: "sim".into(), role: proto::Role::Agent as i32 };
+        let agent_token =
+            admin.create_token(bearer_request(&c.admin, request)).await.expect("token").into_inner().token;
+
+        let refused = token_session(&c, &agent_token, "pi-1").await.expect_err("an enrolled id is refused");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        assert!(refused.message().contains("certificate identity"), "{refused:?}");
+        let welcome = token_session(&c, &agent_token, "sim-7").await.expect("an id without a certificate is admitted");
+        assert_eq!(welcome.device_id, "sim-7");
+        assert_eq!(welcome.registry, c.registry, "the Welcome names the registry its token is for");
+        c.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn bootstrap_tokens_are_single_purpose_and_ids_cannot_be_claimed_twice() {
     bounded(async {

@@ -53,6 +53,9 @@ impl AgentService for AgentApi {
         let mut inbound = request.into_inner();
         let hello = receive_hello(&mut inbound).await?;
         let device_id = device_id_of(identity.as_ref(), &hello)?;
+        if identity.is_none() {
+            self.refuse_token_for_enrolled(&device_id)?;
+        }
         self.admit(&device_id, &hello)?;
         let agent_version = hello.agent_version.clone();
         let record = self.record_hello(&device_id, identity.as_ref(), hello).await?;
@@ -89,6 +92,18 @@ impl AgentApi {
             self.app.auth.authorize(header, crate::auth::DEVICE_TOKEN_ACTION).map_err(super::auth_status)?;
         }
         Ok(identity)
+    }
+
+    /// A token session (`--insecure-agent-tokens`) may not speak for a device that has a certificate identity:
+    /// a role-agent token would otherwise take over any enrolled device by naming it in Hello.
+    fn refuse_token_for_enrolled(&self, device_id: &DeviceId) -> Result<(), Status> {
+        match self.app.store.device_identity(device_id.as_str()) {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => Err(Status::permission_denied(format!(
+                "device {device_id} has a certificate identity: it connects with its certificate (mTLS), not a token"
+            ))),
+            Err(e) => Err(super::internal(e)),
+        }
     }
 
     /// Refuses a Hello with too many or malformed labels, and a device opening sessions too often.
