@@ -7,7 +7,6 @@
 //! refuses, so a service mounted without this layer fails closed. A method or route nobody listed is
 //! refused rather than open.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -382,8 +381,8 @@ pub async fn http_gate(State(gate): State<Gate>, request: Request, next: Next) -
     let registry = path == "/v2" || path.starts_with("/v2/");
     let peer = request
         .extensions()
-        .get::<axum::extract::ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.to_string())
+        .get::<axum::extract::ConnectInfo<crate::listen::PeerAddr>>()
+        .map(|c| c.0.0.to_string())
         .unwrap_or_default();
     let authorization =
         request.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);

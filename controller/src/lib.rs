@@ -14,6 +14,7 @@ pub mod facts;
 pub mod fleet;
 pub mod insight;
 pub mod limits;
+pub mod listen;
 pub mod metrics;
 pub mod pki;
 pub mod registry;

@@ -237,6 +237,7 @@ fn http_server(
     insecure_plaintext: bool,
     stop: CancellationToken,
 ) -> impl Future<Output = std::io::Result<()>> {
+    // With connect info, so the audit log and the per-peer limits see the client's address.
     let router = api::http::router(app.sources.registry.clone(), app.auth.clone())
         .merge(api::dashboard::router(api::dashboard::DashboardState { app: app.clone() }))
         .layer(axum::middleware::from_fn_with_state(app.http_counters.clone(), crate::metrics::count_registry))
@@ -245,17 +246,16 @@ fn http_server(
     async move {
         let shutdown = async move { stop.cancelled().await };
         if insecure_plaintext {
-            use axum::serve::ListenerExt as _;
-            let listener = listener.tap_io(|tcp| {
-                if let Err(error) = tcp.set_nodelay(true) {
-                    tracing::debug!(%error, "TCP_NODELAY could not be set.");
-                }
-            });
-            axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+            let listener = crate::listen::PlainListener(listener);
+            axum::serve(listener, router.into_make_service_with_connect_info::<crate::listen::PeerAddr>())
+                .with_graceful_shutdown(shutdown)
+                .await
         } else {
             let tls = crate::tls::http_config(&pki).map_err(std::io::Error::other)?;
             let listener = crate::tls::TlsListener::new(listener, tls)?;
-            axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+            axum::serve(listener, router.into_make_service_with_connect_info::<crate::listen::PeerAddr>())
+                .with_graceful_shutdown(shutdown)
+                .await
         }
     }
 }

@@ -572,6 +572,8 @@ async fn state_changing_calls_are_audited_with_who_what_target_and_result() {
         assert_eq!(denied.result, "PERMISSION_DENIED");
         let pushed = find("token:push", "PUT /v2/{name}/manifests/{reference}");
         assert_eq!((pushed.target.as_str(), pushed.result.as_str()), ("acme/none:latest", "http_400"));
+        assert!(pushed.peer.starts_with("127.0.0.1:"), "the HTTP caller's address is recorded: {pushed:?}");
+        assert!(created.peer.starts_with("127.0.0.1:"), "and the gRPC caller's: {created:?}");
         let tokens_made = entries.iter().filter(|e| e.action == "/alki.v1.FleetService/CreateToken").count();
         assert_eq!(tokens_made, 5, "each CreateToken is audited");
         assert!(entries.iter().all(|e| !e.action.contains("List")), "reads are not audited: {entries:#?}");
