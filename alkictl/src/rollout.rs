@@ -1246,8 +1246,11 @@ context_size = 4096
         let args = CreateArgs { file: Some(path), max_p95_latency_ratio: Some(1.5), ..Default::default() };
         assert_eq!(build_spec(&args, REGISTRY).expect("spec").gates.and_then(|g| g.max_p95_latency_ratio), Some(1.5));
         for bad in [0.0, -1.0, f64::NAN] {
-            let args =
-                CreateArgs { bundle: Some("acme/qwen:v2".into()), max_p95_latency_ratio: Some(bad), ..Default::default() };
+            let args = CreateArgs {
+                bundle: Some("acme/qwen:v2".into()),
+                max_p95_latency_ratio: Some(bad),
+                ..Default::default()
+            };
             let err = format!("{:#}", build_spec(&args, REGISTRY).expect_err("refused"));
             assert!(err.starts_with(&format!("--max-p95-latency-ratio: {bad} is out of range")), "{err}");
         }
@@ -1275,9 +1278,9 @@ context_size = 4096
         let row = text.lines().find(|l| l.contains("pi5")).expect("class row");
         assert!(row.contains("840 ms") && row.contains("400 ms") && row.contains(reason), "{row}");
         let json = serde_json::to_value(&view).expect("json");
-        assert_eq!((json["classes"][0]["b_p95_latency_ms"].as_f64(), json["classes"][0]["a_p95_latency_ms"].as_f64()), (
-            Some(840.0),
-            Some(400.0)
-        ));
+        assert_eq!(
+            (json["classes"][0]["b_p95_latency_ms"].as_f64(), json["classes"][0]["a_p95_latency_ms"].as_f64()),
+            (Some(840.0), Some(400.0))
+        );
     }
 }

@@ -795,7 +795,11 @@ async fn a_candidate_serving_errors_far_more_often_than_its_baseline_is_stopped_
 /// at `upper`.
 fn latency_buckets(upper: f64, n: u64) -> Vec<proto::HistogramBucket> {
     const BOUNDS: [f64; 8] = [5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0];
-    let finite = BOUNDS.iter().map(|le| proto::HistogramBucket { le_ms: *le, inf: false, count: if *le >= upper { n } else { 0 } });
+    let finite = BOUNDS.iter().map(|le| proto::HistogramBucket {
+        le_ms: *le,
+        inf: false,
+        count: if *le >= upper { n } else { 0 },
+    });
     finite.chain([proto::HistogramBucket { le_ms: 0.0, inf: true, count: n }]).collect()
 }
 

@@ -91,9 +91,8 @@ impl Fleet {
             wait_for(&format!("{id} to serve {digest}"), STEP_TIMEOUT, &self.procs(), || {
                 let devices = self.controller.alkictl_json(&["devices", "list"])?;
                 let device = devices.as_array().and_then(|ds| ds.iter().find(|d| d["id"] == id)).cloned();
-                Ok(device.filter(|d| {
-                    d["phase"] == "active" && d["running"].as_str().is_some_and(|r| r.ends_with(digest))
-                }))
+                Ok(device
+                    .filter(|d| d["phase"] == "active" && d["running"].as_str().is_some_and(|r| r.ends_with(digest))))
             })?;
         }
         Ok(())
@@ -116,18 +115,24 @@ impl Fleet {
     /// counts the requests [`Fleet::serve`] sent.
     fn wait_counted(&self, digest: &str) -> anyhow::Result<()> {
         for id in DEVICES {
-            wait_for(&format!("telemetry of {digest} with the requests from {id}"), STEP_TIMEOUT, &self.procs(), || {
-                let device: Value = self
-                    .https
-                    .get(format!("https://{}/api/v1/devices/{id}", self.controller.registry))
-                    .bearer_auth(std::fs::read_to_string(&self.controller.token_file)?.trim())
-                    .send()?
-                    .error_for_status()?
-                    .json()?;
-                let t = &device["latest_telemetry"];
-                let measured = t["latency_buckets"].as_array().and_then(|b| b.last()).and_then(|b| b["count"].as_u64());
-                Ok((t["bundle_digest"] == digest && measured.is_some_and(|n| n >= REQUESTS)).then_some(()))
-            })?;
+            wait_for(
+                &format!("telemetry of {digest} with the requests from {id}"),
+                STEP_TIMEOUT,
+                &self.procs(),
+                || {
+                    let device: Value = self
+                        .https
+                        .get(format!("https://{}/api/v1/devices/{id}", self.controller.registry))
+                        .bearer_auth(std::fs::read_to_string(&self.controller.token_file)?.trim())
+                        .send()?
+                        .error_for_status()?
+                        .json()?;
+                    let t = &device["latest_telemetry"];
+                    let measured =
+                        t["latency_buckets"].as_array().and_then(|b| b.last()).and_then(|b| b["count"].as_u64());
+                    Ok((t["bundle_digest"] == digest && measured.is_some_and(|n| n >= REQUESTS)).then_some(()))
+                },
+            )?;
         }
         Ok(())
     }

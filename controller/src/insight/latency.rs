@@ -80,7 +80,7 @@ pub fn cumulative_at(h: &LatencyHistogram, x: f64) -> f64 {
 pub fn quantile(q: f64, bounds_ms: &[f64], cumulative: &[f64]) -> Option<f64> {
     let total = *cumulative.last()?;
     let last_bound = *bounds_ms.last()?;
-    if !(total > 0.0) || cumulative.len() != bounds_ms.len() + 1 || !(0.0..=1.0).contains(&q) {
+    if total.is_nan() || total <= 0.0 || cumulative.len() != bounds_ms.len() + 1 || !(0.0..=1.0).contains(&q) {
         return None;
     }
     let rank = q * total;
@@ -171,13 +171,8 @@ pub fn judge(c: Option<&ClassLatency>, max_ratio: Option<f64>, min_samples: usiz
     let none = ClassLatency::default();
     let c = c.unwrap_or(&none);
     let min = min_samples.max(1) as u32;
-    let counts = format!(
-        "A {} requests on {} devices, B {} on {}",
-        c.a.requests(),
-        c.a.devices,
-        c.b.requests(),
-        c.b.devices
-    );
+    let counts =
+        format!("A {} requests on {} devices, B {} on {}", c.a.requests(), c.a.devices, c.b.requests(), c.b.devices);
     let (Some(a), Some(b)) = (c.a.p95(), c.b.p95()) else {
         return PerfVerdict::Unmeasured(format!("p95 latency not measured: no requests on both sides ({counts})"));
     };
@@ -286,7 +281,9 @@ mod tests {
             "{why}"
         );
         assert!(why.contains("A 300 requests on 3 devices, B 200 on 2"), "{why}");
-        assert!(matches!(judge(Some(&c), Some(2.0), 2), PerfVerdict::Pass(v) if v == "p95 latency 975 ms (A 488 ms, max 2x)"));
+        assert!(
+            matches!(judge(Some(&c), Some(2.0), 2), PerfVerdict::Pass(v) if v == "p95 latency 975 ms (A 488 ms, max 2x)")
+        );
         assert_eq!(judge(Some(&c), None, 2), PerfVerdict::Off);
         let few = judge(Some(&c), Some(1.5), 3);
         assert!(matches!(&few, PerfVerdict::Unmeasured(why) if why.contains("too few devices, 3 needed")), "{few:?}");

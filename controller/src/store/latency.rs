@@ -205,23 +205,21 @@ mod tests {
     fn malformed_buckets_are_refused_with_what_is_wrong() {
         let bad = |b: Vec<proto::HistogramBucket>| LatencyHistogram::from_report(&b, 1.0).expect_err("malformed");
         assert_eq!(LatencyHistogram::from_report(&[], 0.0), Ok(None));
-        assert_eq!(bad(buckets(&[10.0, 5.0], &[1, 2, 3])), BadHistogram::BoundsNotIncreasing {
-            index: 1,
-            bound: 5.0,
-            previous: 10.0
-        });
-        assert_eq!(bad(buckets(&[10.0, 20.0], &[3, 2, 4])), BadHistogram::NotCumulative {
-            index: 1,
-            count: 2,
-            previous: 3
-        });
+        assert_eq!(
+            bad(buckets(&[10.0, 5.0], &[1, 2, 3])),
+            BadHistogram::BoundsNotIncreasing { index: 1, bound: 5.0, previous: 10.0 }
+        );
+        assert_eq!(
+            bad(buckets(&[10.0, 20.0], &[3, 2, 4])),
+            BadHistogram::NotCumulative { index: 1, count: 2, previous: 3 }
+        );
         assert_eq!(bad(buckets(&[10.0, 20.0], &[1, 2])), BadHistogram::NoInfBucket);
         assert_eq!(bad(buckets(&[-1.0], &[1, 2])), BadHistogram::BadBound { index: 0, bound: -1.0 });
         assert!(matches!(bad(buckets(&[f64::NAN], &[1, 2])), BadHistogram::BadBound { index: 0, .. }));
-        assert_eq!(bad(buckets(&[10.0], &[1, MAX_LATENCY_COUNT + 1])), BadHistogram::AbsurdCount {
-            index: 1,
-            count: MAX_LATENCY_COUNT + 1
-        });
+        assert_eq!(
+            bad(buckets(&[10.0], &[1, MAX_LATENCY_COUNT + 1])),
+            BadHistogram::AbsurdCount { index: 1, count: MAX_LATENCY_COUNT + 1 }
+        );
         let mut inf_first = buckets(&[10.0], &[1, 2]);
         inf_first[0].inf = true;
         assert_eq!(bad(inf_first), BadHistogram::InfNotLast(0));

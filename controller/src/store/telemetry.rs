@@ -535,7 +535,8 @@ mod tests {
         let latency = record.latency.as_ref().expect("latency accumulated");
         assert_eq!((latency.bounds_ms.as_slice(), latency.cumulative.as_slice()), (&[10.0, 100.0][..], &[4, 7, 9][..]));
         // A report without buckets leaves what was measured alone.
-        store.record_telemetry("d1", &proto::Telemetry { bundle_digest: "sha256:aa".into(), ..Default::default() }, 5)
+        store
+            .record_telemetry("d1", &proto::Telemetry { bundle_digest: "sha256:aa".into(), ..Default::default() }, 5)
             .expect("record");
         assert_eq!(store.perf_records().expect("records")[0].latency.as_ref().map(|h| h.count()), Some(9));
     }

@@ -84,7 +84,11 @@ fn a_slower_candidate_aborts_under_the_abort_policy_and_every_device_returns_to_
     let mut sim = latency_sim(ClassFailurePolicy::Abort);
     run_serving(&mut sim, &[("pi5", 1000.0), ("orin", 250.0)], 0, 100_000);
     assert_eq!(sim.state(), RolloutState::Aborted);
-    assert!(sim.rollout.message.contains("pi5: p95 latency 975 ms on B is 4.02x A's 242 ms"), "{}", sim.rollout.message);
+    assert!(
+        sim.rollout.message.contains("pi5: p95 latency 975 ms on B is 4.02x A's 242 ms"),
+        "{}",
+        sim.rollout.message
+    );
     assert!(sim.in_b().is_empty());
 }
 
@@ -118,5 +122,9 @@ fn an_unmeasured_a_holds_the_class_for_a_human() {
     run_serving(&mut sim, &[("pi5", 250.0), ("orin", 250.0)], 0, 20_000);
     assert_eq!(sim.state(), RolloutState::Paused, "{}", sim.rollout.message);
     assert!(sim.rollout.message.contains("held for a human, inconclusive"), "{}", sim.rollout.message);
-    assert!(sim.rollout.message.contains("p95 latency not measured: no requests on both sides"), "{}", sim.rollout.message);
+    assert!(
+        sim.rollout.message.contains("p95 latency not measured: no requests on both sides"),
+        "{}",
+        sim.rollout.message
+    );
 }
