@@ -611,7 +611,8 @@ fn judge_classes(pass: &Pass<'_>, plan: &Plan, records: &Records, classes: &mut 
 /// `device_deadline_seconds` after their assignment (when a deadline is set): they are judged without.
 fn unsampled_latency(pass: &Pass<'_>, active: &[&proto::RolloutDevice], candidate: &str) -> u32 {
     let deadline_ms = i64::from(pass.spec.device_deadline_seconds) * 1000;
-    let past_deadline = |r: &proto::RolloutDevice| deadline_ms > 0 && pass.now - r.assigned_unix_ms >= deadline_ms;
+    let past_deadline =
+        |r: &proto::RolloutDevice| deadline_ms > 0 && pass.now.saturating_sub(r.assigned_unix_ms) >= deadline_ms;
     active
         .iter()
         .filter(|r| pass.facts.measurements.latency(&r.device_id, candidate).is_none() && !past_deadline(r))
