@@ -171,6 +171,10 @@ pub struct CreateArgs {
     /// Highest acceptable ratio of B's error rate to A's at the devices' front port (real traffic), e.g. 1.5.
     #[arg(long)]
     pub max_error_rate_ratio: Option<f64>,
+    /// Highest acceptable ratio of B's p95 request latency to A's at the devices' front port (real
+    /// traffic, pooled per hardware class), e.g. 1.5.
+    #[arg(long)]
+    pub max_p95_latency_ratio: Option<f64>,
     /// With --variant-policy recommended: the highest KL divergence a recommended variant may have against
     /// the bundle's most precise variant (measured by `bench calibrate --suite` with --eval-suite).
     #[arg(long)]
@@ -225,6 +229,7 @@ pub enum VariantChoice {
 /// max_perplexity_ratio = 1.05     # highest PPL(B)/PPL(A)
 /// min_golden_pass = 1.0           # lowest fraction of golden prompts passed
 /// max_error_rate_ratio = 1.5      # B's front-port error rate against A's
+/// max_p95_latency_ratio = 1.5     # B's front-port p95 latency against A's
 /// [runtime]
 /// context_size = 4096
 /// ```
@@ -276,6 +281,7 @@ pub struct GatesFile {
     pub max_perplexity_ratio: Option<f64>,
     pub min_golden_pass: Option<f64>,
     pub max_error_rate_ratio: Option<f64>,
+    pub max_p95_latency_ratio: Option<f64>,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -339,6 +345,7 @@ pub fn build_spec(args: &CreateArgs, own_registry: &str) -> anyhow::Result<proto
         min_golden_pass: args.quality.min_golden_pass.or(g.min_golden_pass),
     };
     let max_error_rate_ratio = args.max_error_rate_ratio.or(g.max_error_rate_ratio);
+    let max_p95_latency_ratio = args.max_p95_latency_ratio.or(g.max_p95_latency_ratio);
     let gates = proto::RolloutGates {
         min_devices: args.min_devices.or(g.min_devices).unwrap_or(0),
         min_success_ratio: args.min_success_ratio.or(g.min_success_ratio),
@@ -351,6 +358,7 @@ pub fn build_spec(args: &CreateArgs, own_registry: &str) -> anyhow::Result<proto
         max_perplexity_ratio: quality.max_perplexity_ratio,
         min_golden_pass: quality.min_golden_pass,
         max_error_rate_ratio,
+        max_p95_latency_ratio,
     };
     let variant_policy = match args.variant_policy.or(file.variant_policy) {
         Some(VariantChoice::Recommended) => proto::VariantPolicy::RecommendedPerClass,
@@ -358,7 +366,9 @@ pub fn build_spec(args: &CreateArgs, own_registry: &str) -> anyhow::Result<proto
     };
     let floor = variant_floor(args, file.variant_quality_floor.unwrap_or_default());
     let eval_suite = args.eval_suite.clone().or(file.eval_suite);
-    check_quality(&quality, max_error_rate_ratio, &floor, eval_suite.is_some(), variant_policy)?;
+    check_traffic_ratio("--max-error-rate-ratio", max_error_rate_ratio, "50% more errors")?;
+    check_traffic_ratio("--max-p95-latency-ratio", max_p95_latency_ratio, "a 50% slower p95")?;
+    check_quality(&quality, &floor, eval_suite.is_some(), variant_policy)?;
     let eval_suite = match eval_suite {
         Some(text) => text_for_controller(&text.parse::<BundleRef>()?, own_registry),
         None => String::new(),
@@ -421,24 +431,26 @@ fn variant_floor(args: &CreateArgs, file: QualityArgs) -> QualityArgs {
     }
 }
 
+/// Refuses a real-traffic gate's ratio (B's against A's) that is not a positive number.
+fn check_traffic_ratio(flag: &str, ratio: Option<f64>, example: &str) -> anyhow::Result<()> {
+    if let Some(ratio) = ratio
+        && !(ratio.is_finite() && ratio > 0.0)
+    {
+        bail!("{flag}: {ratio} is out of range; give a ratio above 0, e.g. 1.5 for at most {example}");
+    }
+    Ok(())
+}
+
 /// Refuses quality thresholds out of range, and quality gates or a floor without the suite that measures
 /// them, before anything is sent.
 fn check_quality(
     gates: &QualityArgs,
-    max_error_rate_ratio: Option<f64>,
     floor: &QualityArgs,
     has_suite: bool,
     policy: proto::VariantPolicy,
 ) -> anyhow::Result<()> {
     gates.validate("")?;
     floor.validate("variant-")?;
-    if let Some(ratio) = max_error_rate_ratio
-        && !(ratio.is_finite() && ratio > 0.0)
-    {
-        bail!(
-            "--max-error-rate-ratio: {ratio} is out of range; give a ratio above 0, e.g. 1.5 for at most 50% more errors"
-        );
-    }
     if let (Some(flag), false) = (gates.first_flag("").or(floor.first_flag("variant-")), has_suite) {
         bail!(
             "{flag} needs --eval-suite REF (or eval_suite in the spec file): the suite candidate devices are measured with"
@@ -705,6 +717,9 @@ struct ClassView {
     /// B's and A's error rates at the front port (0: no traffic).
     b_error_rate: f64,
     a_error_rate: f64,
+    /// B's and A's p95 request latency at the front port in milliseconds (0: not measured).
+    b_p95_latency_ms: f64,
+    a_p95_latency_ms: f64,
     reason: String,
 }
 
@@ -730,6 +745,8 @@ impl From<&proto::ClassStatus> for ClassView {
             quality: c.quality,
             b_error_rate: c.b_error_rate,
             a_error_rate: c.a_error_rate,
+            b_p95_latency_ms: c.b_p95_latency_ms,
+            a_p95_latency_ms: c.a_p95_latency_ms,
             reason: c.reason.clone(),
         }
     }
@@ -794,6 +811,9 @@ impl StatusView {
         if let Some(v) = g.max_error_rate_ratio {
             gates.push(format!("B/A error rate <= {v:.2}"));
         }
+        if let Some(v) = g.max_p95_latency_ratio {
+            gates.push(format!("B/A p95 latency <= {v:.2}"));
+        }
         let policy = if spec.on_class_failure == ClassFailurePolicy::HaltClass as i32 { "halt class" } else { "abort" };
         gates.push(format!("on failure: {policy}"));
         let classes = r.classes.iter().map(ClassView::from).collect();
@@ -819,6 +839,11 @@ pub(crate) fn verdict_label(v: i32) -> &'static str {
         GateVerdict::Fail => "fail",
         GateVerdict::Halted => "halted",
     }
+}
+
+/// A p95 latency cell: milliseconds, or "-" when not measured.
+fn p95_cell(ms: f64) -> String {
+    if ms > 0.0 { format!("{ms:.0} ms") } else { "-".into() }
 }
 
 fn status_text(s: &StatusView) -> String {
@@ -856,6 +881,10 @@ fn status_text(s: &StatusView) -> String {
     if errors {
         header.extend(["B ERR", "A ERR"]);
     }
+    let latency = s.classes.iter().any(|c| c.b_p95_latency_ms > 0.0 || c.a_p95_latency_ms > 0.0);
+    if latency {
+        header.extend(["B P95", "A P95"]);
+    }
     header.push("WHY");
     let mut t = comfy_table::Table::new();
     t.load_preset(comfy_table::presets::NOTHING).set_header(header);
@@ -882,6 +911,9 @@ fn status_text(s: &StatusView) -> String {
         }
         if errors {
             row.extend(quality::error_rates(c.b_error_rate, c.a_error_rate));
+        }
+        if latency {
+            row.extend([c.b_p95_latency_ms, c.a_p95_latency_ms].map(p95_cell));
         }
         row.push(c.reason.clone());
         t.add_row(row);
@@ -1202,5 +1234,53 @@ context_size = 4096
         assert_eq!(json["id"], "ro-2");
         assert_eq!(json["classes"][0]["quality"]["max_kld"], 0.007954);
         assert!(json["eval_suite"].as_str().is_some_and(|s| s.starts_with("acme/evals@sha256:")), "{json}");
+    }
+
+    #[test]
+    fn the_p95_latency_gate_comes_from_the_flag_or_the_file_is_checked_and_shows_both_sides() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("spec.yaml");
+        std::fs::write(&path, "bundle: acme/qwen:v2\ngates:\n  max_p95_latency_ratio: 2.0\n").expect("write");
+        let from_file = build_spec(&CreateArgs { file: Some(path.clone()), ..Default::default() }, REGISTRY);
+        assert_eq!(from_file.expect("spec").gates.and_then(|g| g.max_p95_latency_ratio), Some(2.0));
+        let args = CreateArgs { file: Some(path), max_p95_latency_ratio: Some(1.5), ..Default::default() };
+        assert_eq!(build_spec(&args, REGISTRY).expect("spec").gates.and_then(|g| g.max_p95_latency_ratio), Some(1.5));
+        for bad in [0.0, -1.0, f64::NAN] {
+            let args = CreateArgs {
+                bundle: Some("acme/qwen:v2".into()),
+                max_p95_latency_ratio: Some(bad),
+                ..Default::default()
+            };
+            let err = format!("{:#}", build_spec(&args, REGISTRY).expect_err("refused"));
+            assert!(err.starts_with(&format!("--max-p95-latency-ratio: {bad} is out of range")), "{err}");
+        }
+
+        let reason = "p95 latency 840 ms on B is 2.1x A's 400 ms, over the gate 1.5x";
+        let r = proto::Rollout {
+            id: "ro-3".into(),
+            spec: Some(proto::RolloutSpec {
+                gates: Some(proto::RolloutGates { max_p95_latency_ratio: Some(1.5), ..Default::default() }),
+                ..Default::default()
+            }),
+            classes: vec![proto::ClassStatus {
+                class: "pi5".into(),
+                verdict: GateVerdict::Fail as i32,
+                reason: reason.into(),
+                b_p95_latency_ms: 840.0,
+                a_p95_latency_ms: 400.0,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let view = StatusView::new(&r, &[]);
+        let text = status_text(&view);
+        assert!(text.contains("B/A p95 latency <= 1.50") && text.contains("B P95") && text.contains("A P95"), "{text}");
+        let row = text.lines().find(|l| l.contains("pi5")).expect("class row");
+        assert!(row.contains("840 ms") && row.contains("400 ms") && row.contains(reason), "{row}");
+        let json = serde_json::to_value(&view).expect("json");
+        assert_eq!(
+            (json["classes"][0]["b_p95_latency_ms"].as_f64(), json["classes"][0]["a_p95_latency_ms"].as_f64()),
+            (Some(840.0), Some(400.0))
+        );
     }
 }

@@ -58,6 +58,12 @@ pub const NAMES: &[(&str, &str, &str)] = &[
         "Serving error rate (errors / requests at the front port) per hardware class and cohort (A, B).",
     ),
     (
+        "alki_rollout_class_p95_latency_ms",
+        "gauge",
+        "p95 request latency at the front port in milliseconds per hardware class and cohort (A, B), from the \
+         devices' pooled proxy histograms.",
+    ),
+    (
         "alki_rollout_prestage_devices",
         "gauge",
         "Devices of a rollout by hardware class and pre-staging state (pending: to be sent, sent, ready, failed).",
@@ -412,6 +418,12 @@ fn one_rollout_metrics(e: &mut Exposition, r: &proto::Rollout) {
                 e.add("alki_rollout_class_error_rate", &labels, rate);
             }
         }
+        for (cohort, ms) in [("A", c.a_p95_latency_ms), ("B", c.b_p95_latency_ms)] {
+            if ms > 0.0 {
+                let labels = [("rollout_id", id), ("class", c.class.as_str()), ("cohort", cohort)];
+                e.add("alki_rollout_class_p95_latency_ms", &labels, ms);
+            }
+        }
     }
 }
 
@@ -476,6 +488,8 @@ mod tests {
                 }),
                 b_error_rate: 0.02,
                 a_error_rate: 0.001,
+                b_p95_latency_ms: 840.0,
+                a_p95_latency_ms: 400.0,
                 ..Default::default()
             }],
             ..Default::default()
@@ -489,6 +503,8 @@ mod tests {
             r#"alki_rollout_class_quality{rollout_id="ro-1",class="pi5-8g",bundle="sha256:bb",metric="golden_pass"} 0.5"#,
             r#"alki_rollout_class_evaluations{rollout_id="ro-1",class="pi5-8g",result="could_not_run"} 1"#,
             r#"alki_rollout_class_error_rate{rollout_id="ro-1",class="pi5-8g",cohort="B"} 0.02"#,
+            r#"alki_rollout_class_p95_latency_ms{rollout_id="ro-1",class="pi5-8g",cohort="B"} 840"#,
+            r#"alki_rollout_class_p95_latency_ms{rollout_id="ro-1",class="pi5-8g",cohort="A"} 400"#,
             r#"alki_evaluations_received_total{result="could_not_run"} 3"#,
             r#"alki_evaluations_received_total{result="refused"} 1"#,
             r#"alki_evaluations_could_not_run_total{kind="does_not_fit"} 2"#,

@@ -118,6 +118,8 @@ fn seed_fleet(store: &alki_controller::store::Store) {
             }),
             a_error_rate: 0.001,
             b_error_rate: 0.0012,
+            a_p95_latency_ms: 400.0,
+            b_p95_latency_ms: 420.0,
             ..Default::default()
         }],
         ..Default::default()

@@ -790,3 +790,76 @@ async fn a_candidate_serving_errors_far_more_often_than_its_baseline_is_stopped_
     drop(agents);
     c.shutdown().await;
 }
+
+/// The agent's latency bounds (ms) and a cumulative histogram with `n` requests, all in the bucket ending
+/// at `upper`.
+fn latency_buckets(upper: f64, n: u64) -> Vec<proto::HistogramBucket> {
+    const BOUNDS: [f64; 8] = [5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0];
+    let finite = BOUNDS.iter().map(|le| proto::HistogramBucket {
+        le_ms: *le,
+        inf: false,
+        count: if *le >= upper { n } else { 0 },
+    });
+    finite.chain([proto::HistogramBucket { le_ms: 0.0, inf: true, count: n }]).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_answering_far_slower_than_its_baseline_is_stopped_by_the_p95_latency_gate() {
+    let c = start().await;
+    c.push_bundle("v2", 3).await;
+    let token = c.token("agents", proto::Role::Agent).await;
+    let telemetry = |bundle: &proto::BundleRef, buckets: Vec<proto::HistogramBucket>| {
+        let requests_total = buckets.last().map(|b| b.count).unwrap_or(0);
+        agent_message::Msg::Telemetry(proto::Telemetry {
+            bundle_digest: bundle.digest.clone(),
+            requests_total,
+            latency_buckets: buckets,
+            ..Default::default()
+        })
+    };
+    let mut agents = Vec::new();
+    for i in 1..=2 {
+        let agent = Agent::connect(&c, &token, &format!("pi5-{i}"), "pi5").await;
+        // A answered 1,000 requests in (100, 250] ms on each device.
+        agent.send(telemetry(&baseline_a(), latency_buckets(250.0, 1_000))).await;
+        agents.push(agent);
+    }
+    let spec = proto::RolloutSpec {
+        repository: "acme/tiny".into(),
+        candidate: "v2".into(),
+        selector: [("site".to_owned(), "lab".to_owned())].into(),
+        gates: Some(proto::RolloutGates {
+            min_devices: 2,
+            max_failures: Some(0),
+            max_p95_latency_ratio: Some(1.5),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let rollout = c.create_rollout(spec).await.expect("created");
+    let mut desired = Vec::new();
+    for agent in &mut agents {
+        let d = agent.desired().await;
+        agent.activate(&d).await;
+        // The first report after the swap, before any request finished on B: no latency sample yet.
+        agent.send(telemetry(d.bundle.as_ref().expect("bundle"), Vec::new())).await;
+        desired.push(d);
+    }
+    let waiting = c.wait_rollout(&rollout.id, |r| r.message.contains("waiting for latency samples from 2")).await;
+    assert_eq!(waiting.state, proto::RolloutState::Progressing as i32, "{}", waiting.message);
+    // B answers in (500, 1000] ms.
+    for (agent, d) in agents.iter().zip(&desired) {
+        agent.send(telemetry(d.bundle.as_ref().expect("bundle"), latency_buckets(1000.0, 100))).await;
+    }
+    let aborted = c.wait_rollout(&rollout.id, |r| r.state == proto::RolloutState::Aborted as i32).await;
+    assert!(
+        aborted.message.contains("pi5: p95 latency 975 ms on B is 4.02x A's 242 ms, over the gate 1.5x"),
+        "{}",
+        aborted.message
+    );
+    assert!(aborted.message.contains("A 2000 requests on 2 devices, B 200 on 2"), "{}", aborted.message);
+    let pi5 = class_status(&aborted, "pi5");
+    assert_eq!((pi5.a_p95_latency_ms, pi5.b_p95_latency_ms), (242.5, 975.0), "{pi5:?}");
+    drop(agents);
+    c.shutdown().await;
+}

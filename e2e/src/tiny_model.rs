@@ -40,6 +40,10 @@ pub const Q8_0_BLOCK: u64 = 32;
 const _: () =
     assert!(N_EMBD.is_multiple_of(Q8_0_BLOCK) && N_FF.is_multiple_of(Q8_0_BLOCK), "rows must quantize to Q8_0");
 
+/// The GGUF key the fake llama-server reads its fault knobs from (`KEY=VALUE` lines, e.g.
+/// `FAKE_LLAMA_TOKEN_MS=150`), so a packed bundle carries its own behaviour; llama.cpp ignores it.
+pub const FAKE_KNOBS_KEY: &str = "alki.fake_llama.knobs";
+
 /// The GGUF key llama-server reads a model's chat template from (when its command line names none).
 pub const CHAT_TEMPLATE_KEY: &str = "tokenizer.chat_template";
 
@@ -170,6 +174,16 @@ pub fn vocab_size(tokenizer: &[MetadataEntry]) -> anyhow::Result<u64> {
 
 /// The tiny model's GGUF bytes: llama metadata, `tokenizer` copied as is, seeded random weights.
 pub fn tiny_model_bytes(options: &TinyModelOptions, tokenizer: &[MetadataEntry]) -> anyhow::Result<Vec<u8>> {
+    tiny_model_bytes_with_knobs(options, tokenizer, &[])
+}
+
+/// [`tiny_model_bytes`] with `knobs` (`KEY=VALUE`) for the fake llama-server under [`FAKE_KNOBS_KEY`]
+/// (none: the key is not written, and the bytes are [`tiny_model_bytes`]').
+pub fn tiny_model_bytes_with_knobs(
+    options: &TinyModelOptions,
+    tokenizer: &[MetadataEntry],
+    knobs: &[String],
+) -> anyhow::Result<Vec<u8>> {
     let n_vocab = vocab_size(tokenizer)?;
     let u32_value = |v: u64| Value::U32(u32::try_from(v).unwrap_or(u32::MAX));
     let mut metadata = vec![
@@ -190,6 +204,9 @@ pub fn tiny_model_bytes(options: &TinyModelOptions, tokenizer: &[MetadataEntry])
     .map(|(key, value)| MetadataEntry { key: key.to_owned(), value })
     .collect::<Vec<_>>();
     metadata.extend(tokenizer.iter().filter(|e| e.key.starts_with("tokenizer.")).cloned());
+    if !knobs.is_empty() {
+        metadata.push(MetadataEntry { key: FAKE_KNOBS_KEY.to_owned(), value: Value::String(knobs.join("\n")) });
+    }
 
     let mut rng = XorShift::new(options.seed);
     let mut tensors = vec![matrix(&mut rng, "token_embd.weight", N_EMBD, n_vocab), norm("output_norm.weight")];
@@ -215,7 +232,17 @@ pub fn tiny_model_bytes(options: &TinyModelOptions, tokenizer: &[MetadataEntry])
 
 /// Writes the tiny model to `out` atomically and returns its size in bytes.
 pub fn write_tiny_model(out: &Path, options: &TinyModelOptions, tokenizer: &[MetadataEntry]) -> anyhow::Result<u64> {
-    let bytes = tiny_model_bytes(options, tokenizer)?;
+    write_tiny_model_with_knobs(out, options, tokenizer, &[])
+}
+
+/// [`write_tiny_model`] with fault knobs for the fake llama-server (see [`tiny_model_bytes_with_knobs`]).
+pub fn write_tiny_model_with_knobs(
+    out: &Path,
+    options: &TinyModelOptions,
+    tokenizer: &[MetadataEntry],
+    knobs: &[String],
+) -> anyhow::Result<u64> {
+    let bytes = tiny_model_bytes_with_knobs(options, tokenizer, knobs)?;
     alki_shared::fsutil::write_atomic(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
     Ok(bytes.len() as u64)
 }

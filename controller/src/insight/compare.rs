@@ -19,7 +19,7 @@ use alki_shared::proto;
 
 use super::stats::{median, stat};
 use crate::facts::{hardware_class, selects};
-use crate::store::{PerfRecord, Traffic};
+use crate::store::{LatencyHistogram, PerfRecord, Traffic};
 
 /// One device's representative measurement of one bundle.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -55,6 +55,9 @@ impl Measure {
 #[derive(Clone, Debug, Default)]
 pub struct Measurements {
     by_device: HashMap<String, HashMap<String, Measure>>,
+    /// Front-proxy latency histograms with at least one observation (the input of the p95 latency gate in
+    /// `insight::latency`), apart from the small copyable [`Measure`].
+    latency: HashMap<String, HashMap<String, LatencyHistogram>>,
 }
 
 impl Measurements {
@@ -62,8 +65,23 @@ impl Measurements {
         let mut m = Measurements::default();
         for r in records {
             m.insert(&r.device_id, &r.bundle_digest, Measure::from_record(r));
+            if let Some(h) = &r.latency {
+                m.insert_latency(&r.device_id, &r.bundle_digest, h.clone());
+            }
         }
         m
+    }
+
+    /// Keeps a device's latency histogram of a bundle when it holds an observation.
+    pub fn insert_latency(&mut self, device_id: &str, bundle_digest: &str, h: LatencyHistogram) {
+        if h.count() > 0 {
+            self.latency.entry(device_id.to_owned()).or_default().insert(bundle_digest.to_owned(), h);
+        }
+    }
+
+    /// The device's latency histogram of the bundle, if it measured a request there.
+    pub fn latency(&self, device_id: &str, bundle_digest: &str) -> Option<&LatencyHistogram> {
+        self.latency.get(device_id)?.get(bundle_digest)
     }
 
     pub fn insert(&mut self, device_id: &str, bundle_digest: &str, measure: Measure) {
@@ -82,7 +100,7 @@ impl Measurements {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_device.is_empty()
+        self.by_device.is_empty() && self.latency.is_empty()
     }
 }
 

@@ -1,7 +1,7 @@
 //! Performance and quality insight: ingesting agents' telemetry, benchmarks and quality evaluations
 //! (`evaluations`), time-bucketed rollups with retention, and the pure A/B comparison (`compare`), serving
-//! error rates (`errors`), quality summaries (`quality`) and variant recommendation that the API, the CLI
-//! and the rollout gates share.
+//! error rates (`errors`), p95 serving latency (`latency`), quality summaries (`quality`) and variant
+//! recommendation that the API, the CLI and the rollout gates share.
 //!
 //! Ingestion is cheap per report: a telemetry report is one transaction without fsync (the device's newest
 //! telemetry and its measurement window); rollups accumulate in memory, bounded, and are merged into the
@@ -11,6 +11,7 @@
 pub mod compare;
 pub mod errors;
 pub mod evaluations;
+pub mod latency;
 pub mod quality;
 pub mod queries;
 pub mod recommend;

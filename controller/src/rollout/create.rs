@@ -345,7 +345,7 @@ pub fn normalize_spec(spec: &mut proto::RolloutSpec) -> Result<(), String> {
 }
 
 /// The quality thresholds: each in range (`QualityGates::validate`), none without an eval suite to measure
-/// it, the error-rate ratio positive, and a variant quality floor only for the recommended-variant policy.
+/// it, the error-rate and p95 latency ratios positive, and a variant quality floor only for the recommended-variant policy.
 pub fn check_quality(spec: &proto::RolloutSpec) -> Result<(), String> {
     let no_suite = spec.eval_suite.trim().is_empty();
     if let Some(g) = &spec.gates {
@@ -362,6 +362,14 @@ pub fn check_quality(spec: &proto::RolloutSpec) -> Result<(), String> {
         {
             return Err(format!(
                 "gates.max_error_rate_ratio {v} must be a positive ratio relative to A's error rate (e.g. 1.5)"
+            ));
+        }
+        if let Some(v) = g.max_p95_latency_ratio
+            && !(v > 0.0 && v.is_finite())
+        {
+            return Err(format!(
+                "gates.max_p95_latency_ratio {v} must be a positive ratio relative to A's p95 latency (e.g. 1.5 \
+                 for at most 50% slower)"
             ));
         }
     }
@@ -471,6 +479,13 @@ mod tests {
         assert!(check_quality(&spec(errors, "")).expect_err("ratio").contains("max_error_rate_ratio"));
         let errors = proto::RolloutGates { max_error_rate_ratio: Some(1.5), ..Default::default() };
         assert_eq!(check_quality(&spec(errors, "")), Ok(()), "the error-rate gate reads telemetry, not a suite");
+        for bad in [0.0, -2.0, f64::INFINITY, f64::NAN] {
+            let latency = proto::RolloutGates { max_p95_latency_ratio: Some(bad), ..Default::default() };
+            let err = check_quality(&spec(latency, "")).expect_err("ratio");
+            assert!(err.starts_with(&format!("gates.max_p95_latency_ratio {bad} must be a positive ratio")), "{err}");
+        }
+        let latency = proto::RolloutGates { max_p95_latency_ratio: Some(1.5), ..Default::default() };
+        assert_eq!(check_quality(&spec(latency, "")), Ok(()), "the p95 latency gate reads telemetry, not a suite");
         let floor = proto::RolloutSpec {
             variant_quality_floor: Some(proto::QualityFloor { max_kld: Some(0.05), ..Default::default() }),
             eval_suite: "acme/suite:v1".into(),

@@ -44,6 +44,15 @@
 //!   class settled: it WAITS while an active candidate device has not reported telemetry of B, is
 //!   INCONCLUSIVE with fewer than `min_devices` devices serving traffic on either side, and FAILS past the
 //!   ratio. `ClassStatus.b_error_rate` / `a_error_rate` show both rates once both sides served traffic.
+//! - **p95 latency gate** (`max_p95_latency_ratio`), by `crate::insight::latency`: per class, B's p95 request
+//!   latency at the front port against A's, each pooled from the proxy's per-bundle histograms (same sides
+//!   as the error rate), judged with the speed gates once the class settled: it WAITS while an active
+//!   candidate device has no latency sample of B (a report without requests says nothing about latency,
+//!   and the first report after a swap usually has none; a device still without one
+//!   `device_deadline_seconds` after its assignment, when a deadline is set, is no longer waited for), is
+//!   INCONCLUSIVE with fewer than `min_devices` sampled devices on either side, and FAILS when B's p95 is
+//!   over the ratio times A's, both values in the reason. `ClassStatus.b_p95_latency_ms` /
+//!   `a_p95_latency_ms` show each side's p95 once it has samples.
 //! - **Outcomes per step**: a failing class aborts the rollout, or with `HALT_CLASS` only that class is
 //!   halted (its B devices return to A) while the others continue; if every sampled class is halted the
 //!   rollout aborts. An inconclusive class pauses the rollout for a human (`resume` accepts the step) or,
@@ -78,6 +87,7 @@ use alki_shared::schedule::Window;
 use crate::facts::{hardware_class, is_active, selects};
 use crate::insight::compare::{self, Measurements, PerfVerdict};
 use crate::insight::errors::{self, ClassErrors};
+use crate::insight::latency::{self, ClassLatency};
 use crate::insight::quality::{self, Evaluations};
 
 /// The candidate cohort within a rollout.
@@ -566,6 +576,11 @@ fn judge_classes(pass: &Pass<'_>, plan: &Plan, records: &Records, classes: &mut 
     } else {
         BTreeMap::new()
     };
+    let latency = if gates.max_p95_latency_ratio.is_some() {
+        latency::per_class(&plan.rollout, pass.facts.devices, &current, measurements)
+    } else {
+        BTreeMap::new()
+    };
     let candidate_digest = pass.rollout.candidate.as_ref().map(|c| c.digest.as_str()).unwrap_or_default();
     for status in classes.values_mut() {
         let active: Vec<&proto::RolloutDevice> =
@@ -577,6 +592,8 @@ fn judge_classes(pass: &Pass<'_>, plan: &Plan, records: &Records, classes: &mut 
             unmeasured: unreported(&|d| measurements.speed(d, candidate_digest).is_some()),
             traffic: traffic.get(&status.class),
             untrafficked: unreported(&|d| measurements.get(d, candidate_digest).is_some_and(|m| m.traffic.is_some())),
+            latency: latency.get(&status.class),
+            unsampled: unsampled_latency(pass, &active, candidate_digest),
         };
         let halted = pass.halted.contains(&status.class);
         // A halted class still shows what its devices measured of B before they returned to A.
@@ -588,6 +605,18 @@ fn judge_classes(pass: &Pass<'_>, plan: &Plan, records: &Records, classes: &mut 
         let quality = pass.rollout.eval_suite.is_some().then(|| class_quality(pass, &evaluated));
         judge(status, gates, halted, &perf, quality.as_ref());
     }
+}
+
+/// Active candidate devices with no latency sample of the candidate yet, except those still without one
+/// `device_deadline_seconds` after their assignment (when a deadline is set): they are judged without.
+fn unsampled_latency(pass: &Pass<'_>, active: &[&proto::RolloutDevice], candidate: &str) -> u32 {
+    let deadline_ms = i64::from(pass.spec.device_deadline_seconds) * 1000;
+    let past_deadline =
+        |r: &proto::RolloutDevice| deadline_ms > 0 && pass.now.saturating_sub(r.assigned_unix_ms) >= deadline_ms;
+    active
+        .iter()
+        .filter(|r| pass.facts.measurements.latency(&r.device_id, candidate).is_none() && !past_deadline(r))
+        .count() as u32
 }
 
 /// The quality facts of one class: its active candidate devices' newest evaluations against their own
@@ -850,6 +879,9 @@ struct Perf<'a> {
     traffic: Option<&'a ClassErrors>,
     /// Active candidate devices with no telemetry of the candidate yet.
     untrafficked: u32,
+    latency: Option<&'a ClassLatency>,
+    /// Active candidate devices with no latency sample of the candidate yet (see [`unsampled_latency`]).
+    unsampled: u32,
 }
 
 /// What the quality gates of one class see (only for rollouts with an eval suite).
@@ -887,6 +919,7 @@ fn judge(
         let measured = [
             (compare::judge(perf.comparison, gates), perf.unmeasured, "measurements"),
             (errors::judge(perf.traffic, gates.max_error_rate_ratio, min), perf.untrafficked, "telemetry"),
+            (latency::judge(perf.latency, gates.max_p95_latency_ratio, min), perf.unsampled, "latency samples"),
         ];
         for (verdict, missing, what) in measured {
             match verdict {
@@ -983,7 +1016,7 @@ fn failure_gates(
     (values, failed_gate)
 }
 
-/// Copies what the class measured into its status: speed ratios, error rates, quality.
+/// Copies what the class measured into its status: speed ratios, error rates, p95 latencies, quality.
 fn fill_measures(status: &mut proto::ClassStatus, perf: &Perf<'_>, quality: Option<&QualityFacts>) {
     if let Some(c) = perf.comparison {
         status.tokens_per_second_ratio = c.generation_tokens_per_second.as_ref().map(|m| m.gate_ratio).unwrap_or(0.0);
@@ -995,6 +1028,10 @@ fn fill_measures(status: &mut proto::ClassStatus, perf: &Perf<'_>, quality: Opti
         && let (Some(a), Some(b)) = (t.a.rate(), t.b.rate())
     {
         (status.a_error_rate, status.b_error_rate) = (a, b);
+    }
+    if let Some(l) = perf.latency {
+        status.a_p95_latency_ms = l.a.p95().unwrap_or(0.0);
+        status.b_p95_latency_ms = l.b.p95().unwrap_or(0.0);
     }
     status.quality = quality.map(|q| q.summary);
 }

@@ -117,7 +117,10 @@ fn needs_measurements(r: &proto::Rollout) -> bool {
     let gates = r.spec.as_ref().and_then(|s| s.gates);
     rollout_is_active(r)
         && gates.is_some_and(|g| {
-            g.min_tokens_per_second_ratio.is_some() || g.max_ttft_ratio.is_some() || g.max_error_rate_ratio.is_some()
+            g.min_tokens_per_second_ratio.is_some()
+                || g.max_ttft_ratio.is_some()
+                || g.max_error_rate_ratio.is_some()
+                || g.max_p95_latency_ratio.is_some()
         })
 }
 

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod evaluations;
 pub mod identity;
+pub mod latency;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 mod telemetry;
 pub use evaluations::{EvalSample, EvaluationFilter, StoredEvaluation};
+pub use latency::LatencyHistogram;
 pub use telemetry::{BenchmarkFilter, MAX_ROLLUP_KEYS, PerfRecord, Rollup, Traffic};
 
 type Table = TableDefinition<'static, &'static str, &'static [u8]>;

@@ -9,6 +9,7 @@ use alki_shared::proto;
 use redb::{ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 
+use super::latency::{self, Added, LatencyHistogram};
 use super::{Store, StoreError, Table, decode};
 
 /// Per-device measurements of one bundle, keyed `<device id>/<bundle digest>`.
@@ -48,6 +49,11 @@ pub struct PerfRecord {
     /// The cumulative counters of the newest report, to turn the next one into increments.
     pub last_requests_total: u64,
     pub last_errors_total: u64,
+    /// Request latency the device's front proxy measured on this bundle (the increments of its cumulative
+    /// histogram, added up); None until a report carried one.
+    pub latency: Option<LatencyHistogram>,
+    /// The histogram of the newest report, to turn the next one into increments.
+    pub last_latency: Option<LatencyHistogram>,
 }
 
 /// Requests served and how many of them failed.
@@ -73,6 +79,29 @@ impl Traffic {
             traffic.errors = traffic.errors.saturating_add(errors_total - record.last_errors_total);
         }
         (record.last_requests_total, record.last_errors_total) = (requests_total, errors_total);
+    }
+}
+
+/// Adds a report's latency histogram to the record; a malformed one is left out, with a warning.
+fn add_latency(record: &mut PerfRecord, t: &proto::Telemetry) {
+    match LatencyHistogram::from_report(&t.latency_buckets, t.latency_sum_ms) {
+        Ok(Some(h)) => {
+            if latency::add_report(&mut record.latency, &mut record.last_latency, h) == Added::NewLayout {
+                tracing::info!(
+                    device_id = %record.device_id,
+                    bundle = %record.bundle_digest,
+                    "The agent's latency buckets changed; its latency on this bundle is counted from this report on."
+                );
+            }
+        }
+        Ok(None) => {}
+        Err(error) => tracing::warn!(
+            device_id = %record.device_id,
+            bundle = %record.bundle_digest,
+            %error,
+            "Ignored a malformed latency histogram in telemetry; the p95 latency gate leaves this report out. \
+             Upgrade or fix the agent."
+        ),
     }
 }
 
@@ -210,6 +239,7 @@ impl Store {
             };
             let new = record.updated_unix_ms == 0;
             Traffic::add_report(&mut record, t.requests_total, t.request_errors_total);
+            add_latency(&mut record, t);
             record.class = class.clone();
             record.updated_unix_ms = now;
             if !t.variant_digest.is_empty() {
@@ -480,6 +510,35 @@ mod tests {
         }
         let record = &store.perf_records().expect("records")[0];
         assert_eq!(record.traffic, Some(Traffic { requests: 190, errors: 6 }));
+    }
+
+    #[test]
+    fn front_proxy_latency_adds_up_per_bundle_and_malformed_histograms_are_left_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let report = |counts: [u64; 3], le: [f64; 2]| proto::Telemetry {
+            bundle_digest: "sha256:aa".into(),
+            latency_buckets: vec![
+                proto::HistogramBucket { le_ms: le[0], inf: false, count: counts[0] },
+                proto::HistogramBucket { le_ms: le[1], inf: false, count: counts[1] },
+                proto::HistogramBucket { le_ms: 0.0, inf: true, count: counts[2] },
+            ],
+            latency_sum_ms: 10.0,
+            ..Default::default()
+        };
+        store.record_telemetry("d1", &report([1, 2, 2], [10.0, 100.0]), 1).expect("record");
+        store.record_telemetry("d1", &report([3, 5, 6], [10.0, 100.0]), 2).expect("record");
+        // Bounds out of order: ignored, and the next good report still counts from the last good one.
+        store.record_telemetry("d1", &report([9, 9, 9], [100.0, 10.0]), 3).expect("record");
+        store.record_telemetry("d1", &report([4, 7, 9], [10.0, 100.0]), 4).expect("record");
+        let record = &store.perf_records().expect("records")[0];
+        let latency = record.latency.as_ref().expect("latency accumulated");
+        assert_eq!((latency.bounds_ms.as_slice(), latency.cumulative.as_slice()), (&[10.0, 100.0][..], &[4, 7, 9][..]));
+        // A report without buckets leaves what was measured alone.
+        store
+            .record_telemetry("d1", &proto::Telemetry { bundle_digest: "sha256:aa".into(), ..Default::default() }, 5)
+            .expect("record");
+        assert_eq!(store.perf_records().expect("records")[0].latency.as_ref().map(|h| h.count()), Some(9));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! model file it was started with.
 //!
 //! Fault knobs, from the environment or from the model file itself (a file whose first line is `FAKE-GGUF`
-//! followed by `KEY=VALUE` lines overrides the environment, so a test bundle can carry its own faults):
+//! followed by `KEY=VALUE` lines, or a real GGUF with such lines under `alki_e2e::tiny_model::FAKE_KNOBS_KEY`
+//! (`make-tiny-model --fake-knob`), overrides the environment, so a test bundle can carry its own faults):
 //! - `FAKE_LLAMA_LOAD_MS` (default 100): how long "loading" takes.
 //! - `FAKE_LLAMA_EXIT_AT_LOAD=1`: exit with code 1 after loading, like a model that cannot load.
 //!   A model file that does not exist does the same.
@@ -27,6 +28,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use alki_e2e::tiny_model::FAKE_KNOBS_KEY;
+use alki_shared::gguf;
 use axum::Json;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
@@ -121,14 +124,24 @@ fn knobs(model_header: &[(String, String)]) -> Knobs {
     }
 }
 
-/// `KEY=VALUE` lines of a model file that starts with `FAKE-GGUF` (read from its first 4 KiB).
+/// `KEY=VALUE` lines of a model file that starts with `FAKE-GGUF` (read from its first 4 KiB), or of a GGUF's
+/// [`FAKE_KNOBS_KEY`].
 fn model_header(bytes: &[u8]) -> Vec<(String, String)> {
+    if bytes.starts_with(&gguf::MAGIC) {
+        let file = gguf::read(&mut std::io::Cursor::new(bytes));
+        let knobs = file.ok().and_then(|f| f.get_str(FAKE_KNOBS_KEY).map(str::to_owned)).unwrap_or_default();
+        return pairs(knobs.lines());
+    }
     let head = &bytes[..bytes.len().min(4096)];
     let text = String::from_utf8_lossy(head);
     let mut lines = text.lines();
     if lines.next().map(str::trim) != Some("FAKE-GGUF") {
         return Vec::new();
     }
+    pairs(lines)
+}
+
+fn pairs<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<(String, String)> {
     lines.filter_map(|l| l.split_once('=')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect()
 }
 
@@ -477,5 +490,18 @@ mod tests {
         assert_eq!(k.token_ms, 20);
         assert_eq!(k.prompt_us_per_token, 500);
         assert!(model_header(b"GGUF\x03\x00\x00\x00").is_empty());
+    }
+
+    #[test]
+    fn knobs_come_from_a_real_ggufs_metadata() {
+        use alki_e2e::tiny_model::{TinyModelOptions, synthetic_tokenizer, tiny_model_bytes_with_knobs};
+        let knobs_of = |lines: &[&str]| {
+            let lines: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+            let bytes = tiny_model_bytes_with_knobs(&TinyModelOptions::default(), &synthetic_tokenizer(16), &lines);
+            knobs(&model_header(&bytes.expect("tiny model")))
+        };
+        let k = knobs_of(&["FAKE_LLAMA_TOKEN_MS=150", "FAKE_LLAMA_LOAD_MS=5"]);
+        assert_eq!((k.token_ms, k.load_ms), (150, 5));
+        assert_eq!(knobs_of(&[]).token_ms, 0, "a GGUF without knobs has none");
     }
 }

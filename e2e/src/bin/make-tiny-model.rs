@@ -30,6 +30,10 @@ struct Args {
     /// Writes this file's Jinja source into tokenizer.chat_template.
     #[arg(long)]
     chat_template_file: Option<PathBuf>,
+    /// A fault knob for the fake llama-server, KEY=VALUE (e.g. FAKE_LLAMA_TOKEN_MS=150 for a slow model),
+    /// written into the model so a bundle packed from it carries it; repeatable. llama.cpp ignores it.
+    #[arg(long = "fake-knob", value_name = "KEY=VALUE")]
+    fake_knobs: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -59,7 +63,10 @@ fn main() -> anyhow::Result<()> {
         tokenizer = tiny_model::with_chat_template(&tokenizer, &template);
     }
     let options = TinyModelOptions { name: args.name, seed: args.seed };
-    let size = tiny_model::write_tiny_model(&args.out, &options, &tokenizer)?;
+    if let Some(bad) = args.fake_knobs.iter().find(|k| !k.contains('=')) {
+        anyhow::bail!("--fake-knob {bad:?} is not KEY=VALUE (e.g. FAKE_LLAMA_TOKEN_MS=150)");
+    }
+    let size = tiny_model::write_tiny_model_with_knobs(&args.out, &options, &tokenizer, &args.fake_knobs)?;
     println!("{} {size}", args.out.display());
     Ok(())
 }

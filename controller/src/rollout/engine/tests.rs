@@ -7,6 +7,7 @@ use alki_shared::eval::quality::Outcome;
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 
+mod latency;
 mod quality;
 
 pub(super) fn rollout(steps: &[(u32, u32)]) -> proto::Rollout {
