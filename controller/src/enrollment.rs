@@ -56,13 +56,12 @@ pub fn mint_bootstrap_token(
     rand::rng().fill_bytes(&mut bytes);
     let secret = format!("{SECRET_PREFIX}{}", hex::encode(bytes));
     let hash = hash_secret(&secret);
-    let now = now.as_millis();
     let record = EnrollTokenRecord {
         id: hash[..TOKEN_ID_LEN].to_owned(),
         labels,
         uses_allowed: uses,
         uses: 0,
-        expires_unix_ms: now.saturating_add((expires_in_seconds as i64).saturating_mul(1000)),
+        expires_unix_ms: now.plus(std::time::Duration::from_secs(u64::from(expires_in_seconds))),
         created_unix_ms: now,
         revoked: false,
     };

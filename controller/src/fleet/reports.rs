@@ -253,7 +253,7 @@ fn commit_devices(writer: &Writer, run: Vec<DeviceReport>) -> bool {
         changes.push(Some(report.change));
         waiters.push(report.done);
     }
-    let id_refs: Vec<&str> = ids.iter().map(DeviceId::as_str).collect();
+    let id_refs: Vec<&DeviceId> = ids.iter().collect();
     let result = writer.fleet.store.update_devices_with(&id_refs, durable, |device, i| {
         if let Some(change) = changes[i].take() {
             change(device);
