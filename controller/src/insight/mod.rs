@@ -212,7 +212,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
         ingest.flush(&store, UnixMs(BUCKET_MS * 2)).expect("flush");
-        let rollups = store.rollups(0).expect("rollups");
+        let rollups = store.rollups(UnixMs::EPOCH).expect("rollups");
         assert_eq!(rollups.len(), 2);
         let first = &rollups[0];
         assert_eq!((first.reports, first.requests, first.tokens_per_second_count), (2, 15, 2));
