@@ -159,10 +159,8 @@ impl Authenticator {
             }
         };
         let hash = chosen.0.clone();
-        let record = self
-            .store
-            .revoke_token(&hash, self.clock.now())?
-            .ok_or_else(|| TokenError::NotFound(hash.clone()))?;
+        let record =
+            self.store.revoke_token(&hash, self.clock.now())?.ok_or_else(|| TokenError::NotFound(hash.clone()))?;
         Ok(TokenInfo::new(&hash, record))
     }
 }

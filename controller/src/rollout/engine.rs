@@ -98,11 +98,8 @@ pub const PRESTAGE_ANSWER: Duration = Duration::from_secs(30 * 60);
 /// Where a device falls in a rollout, in basis points (0..10_000): stable for a (rollout, device)
 /// pair, so a device's cohort survives restarts and a device in B stays in B as the percentage grows.
 pub fn bucket(rollout_id: &RolloutId, device_id: &DeviceId) -> u32 {
-    let hash = Sha256::new()
-        .chain_update(rollout_id.as_str())
-        .chain_update([0u8])
-        .chain_update(device_id.as_str())
-        .finalize();
+    let hash =
+        Sha256::new().chain_update(rollout_id.as_str()).chain_update([0u8]).chain_update(device_id.as_str()).finalize();
     let mut first = [0u8; 8];
     first.copy_from_slice(&hash[..8]);
     (u64::from_be_bytes(first) % 10_000) as u32
@@ -209,8 +206,8 @@ impl Plan {
             && self.rollout == *before)
     }
 
-    /// Records a device's new or changed record.
-    fn record(&mut self, device_id: &DeviceId, record: &proto::RolloutDevice) {
+    /// Adds a device's new or changed record to what the reconciler persists.
+    fn push_record(&mut self, device_id: &DeviceId, record: &proto::RolloutDevice) {
         self.records.push(Keyed::with_id(device_id.clone(), record.clone()));
     }
 }
@@ -278,7 +275,7 @@ fn revert(plan: &mut Plan, records: &mut Records, class: Option<&str>) -> (u32, 
         if record.baseline.is_none() {
             to_nothing += 1;
         }
-        plan.record(device_id, record);
+        plan.push_record(device_id, record);
     }
     (reverted, to_nothing)
 }
@@ -470,7 +467,7 @@ fn update_outcomes(pass: &Pass<'_>, plan: &mut Plan, records: &mut Records, devi
             }
             record.outcome = outcome as i32;
             record.reason = reason;
-            plan.record(device_id, record);
+            plan.push_record(device_id, record);
         }
     }
 }
@@ -486,10 +483,7 @@ fn selected_devices<'a>(pass: &Pass<'a>, records: &Records) -> Vec<&'a Keyed<pro
 }
 
 /// Per class, how many devices are selected (a member counts in the class it joined with).
-fn selected_per_class(
-    selected: &[&Keyed<proto::Device>],
-    records: &Records,
-) -> BTreeMap<String, proto::ClassStatus> {
+fn selected_per_class(selected: &[&Keyed<proto::Device>], records: &Records) -> BTreeMap<String, proto::ClassStatus> {
     let mut classes: BTreeMap<String, proto::ClassStatus> = BTreeMap::new();
     for device in selected {
         let class =
@@ -530,7 +524,7 @@ fn move_to_candidate(
         budget -= 1;
         let record = new_member(rollout_id, device.record(), class, pass.now);
         plan.to_candidate.push(device.id().clone());
-        plan.record(device.id(), &record);
+        plan.push_record(device.id(), &record);
         records.insert(device.id().clone(), record);
     }
     waiting_turn
@@ -1137,7 +1131,7 @@ pub fn command(
                 r.reason.clear();
                 r.assigned_unix_ms = now.as_millis();
                 r.attempts += 1;
-                plan.record(&device_id, &r);
+                plan.push_record(&device_id, &r);
                 plan.retry.push(device_id);
             }
             if plan.retry.is_empty() {

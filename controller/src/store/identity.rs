@@ -191,8 +191,7 @@ impl Store {
         device_id: &DeviceId,
         serial: &str,
     ) -> Result<DeviceIdentity, IdentityError> {
-        let identity =
-            self.device_identity(device_id)?.ok_or_else(|| IdentityError::NotEnrolled(device_id.clone()))?;
+        let identity = self.device_identity(device_id)?.ok_or_else(|| IdentityError::NotEnrolled(device_id.clone()))?;
         check_current(&identity, serial)?;
         Ok(identity)
     }
@@ -277,16 +276,28 @@ mod tests {
         store.put_enroll_token("h1", &token(2, 5_000)).expect("put");
         let (identity, ()) = store.enroll("h1", &id("pi-1"), UnixMs(1_000), issued("s1")).expect("first");
         assert_eq!(identity.labels.get("site").map(String::as_str), Some("lab"));
-        assert!(matches!(store.enroll("h1", &id("pi-1"), UnixMs(1_000), issued("s2")), Err(IdentityError::DeviceClaimed(_))));
+        assert!(matches!(
+            store.enroll("h1", &id("pi-1"), UnixMs(1_000), issued("s2")),
+            Err(IdentityError::DeviceClaimed(_))
+        ));
         store.enroll("h1", &id("pi-2"), UnixMs(1_000), issued("s3")).expect("second use");
-        assert!(matches!(store.enroll("h1", &id("pi-3"), UnixMs(1_000), issued("s4")), Err(IdentityError::TokenUsedUp(_))));
+        assert!(matches!(
+            store.enroll("h1", &id("pi-3"), UnixMs(1_000), issued("s4")),
+            Err(IdentityError::TokenUsedUp(_))
+        ));
         assert_eq!(store.enroll_tokens().expect("list")[0].uses, 2, "a refused claim does not use the token");
         store.put_enroll_token("h2", &EnrollTokenRecord { id: "def".into(), ..token(5, 5_000) }).expect("put");
-        assert!(matches!(store.enroll("h2", &id("pi-4"), UnixMs(5_000), issued("s5")), Err(IdentityError::TokenExpired(_))));
+        assert!(matches!(
+            store.enroll("h2", &id("pi-4"), UnixMs(5_000), issued("s5")),
+            Err(IdentityError::TokenExpired(_))
+        ));
         assert!(matches!(store.enroll("nope", &id("pi-4"), UnixMs(0), issued("s5")), Err(IdentityError::UnknownToken)));
         assert!(store.revoke_enroll_token("def").expect("revoke").is_some());
         assert!(store.revoke_enroll_token("nope").expect("revoke").is_none());
-        assert!(matches!(store.enroll("h2", &id("pi-4"), UnixMs(0), issued("s5")), Err(IdentityError::TokenRevoked(_))));
+        assert!(matches!(
+            store.enroll("h2", &id("pi-4"), UnixMs(0), issued("s5")),
+            Err(IdentityError::TokenRevoked(_))
+        ));
     }
 
     #[test]
@@ -307,7 +318,10 @@ mod tests {
             store.renew(&id("pi-1"), "s2", || Ok((Issued { serial: "s3".into(), not_after_unix_ms: UnixMs(0) }, ()))),
             Err(IdentityError::Decommissioned(_))
         ));
-        assert!(matches!(store.enroll("h1", &id("pi-1"), UnixMs(30_000), issued("s4")), Err(IdentityError::Decommissioned(_))));
+        assert!(matches!(
+            store.enroll("h1", &id("pi-1"), UnixMs(30_000), issued("s4")),
+            Err(IdentityError::Decommissioned(_))
+        ));
         assert!(store.decommission(&id("never"), UnixMs(0)).expect("decommission").is_none());
     }
 }

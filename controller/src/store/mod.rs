@@ -381,7 +381,11 @@ fn event_key(rollout_id: &RolloutId, seq: u64) -> String {
 
 /// A decoded record with its id checked: a bad one is an error naming the record, never a panic.
 fn keyed<T: Record>(table: Table, key: &str, record: T) -> Result<Keyed<T>, StoreError> {
-    Keyed::new(record).map_err(|source| StoreError::InvalidId { table: table.name().to_owned(), key: key.to_owned(), source })
+    Keyed::new(record).map_err(|source| StoreError::InvalidId {
+        table: table.name().to_owned(),
+        key: key.to_owned(),
+        source,
+    })
 }
 
 /// JSON encoding behind a trait object, so one closure encodes every record type of a transaction.

@@ -453,11 +453,17 @@ mod tests {
         let store = Store::open(dir.path()).expect("open");
         store.update_device(&id("d1"), |d| d.labels.insert("class".into(), "pi5-8g".into())).expect("device");
         for i in 0..40 {
-            let class = store.record_telemetry(&id("d1"), &telemetry("sha256:aa", f64::from(i) + 1.0), UnixMs(1_000 + i64::from(i)));
+            let class = store.record_telemetry(
+                &id("d1"),
+                &telemetry("sha256:aa", f64::from(i) + 1.0),
+                UnixMs(1_000 + i64::from(i)),
+            );
             assert_eq!(class.expect("record"), "pi5-8g");
         }
         for b in 0..(MAX_BUNDLES_PER_DEVICE + 3) {
-            store.record_telemetry(&id("d1"), &telemetry(&format!("sha256:b{b}"), 5.0), UnixMs(10_000 + b as i64)).expect("record");
+            store
+                .record_telemetry(&id("d1"), &telemetry(&format!("sha256:b{b}"), 5.0), UnixMs(10_000 + b as i64))
+                .expect("record");
         }
         let records = store.perf_records().expect("records");
         assert_eq!(records.len(), MAX_BUNDLES_PER_DEVICE, "oldest bundles pruned");
@@ -534,7 +540,9 @@ mod tests {
         };
         let many: Vec<_> = (0..40).map(|i| result(i, proto::BenchmarkTrigger::Calibration)).collect();
         store.record_benchmarks(&id("d1"), &many, UnixMs(100)).expect("record");
-        store.record_benchmarks(&id("d2"), &[result(7, proto::BenchmarkTrigger::Activation)], UnixMs(100)).expect("record");
+        store
+            .record_benchmarks(&id("d2"), &[result(7, proto::BenchmarkTrigger::Activation)], UnixMs(100))
+            .expect("record");
         let d1 =
             store.benchmarks(&BenchmarkFilter { device_id: "d1".into(), ..Default::default() }, 1000).expect("list");
         assert_eq!(d1.len(), MAX_BENCHMARKS_PER_DEVICE);

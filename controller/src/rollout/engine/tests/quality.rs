@@ -95,7 +95,10 @@ fn a_breach_fails_the_class_at_once_while_other_devices_still_converge() {
     let pi5: Vec<String> = sim
         .devices
         .iter()
-        .filter(|d| d.labels["class"] == "pi5" && in_candidate(&RolloutId::new("ro-1").expect("id"), &super::device_id(&d.id), 20))
+        .filter(|d| {
+            d.labels["class"] == "pi5"
+                && in_candidate(&RolloutId::new("ro-1").expect("id"), &super::device_id(&d.id), 20)
+        })
         .map(|d| d.id.clone())
         .collect();
     assert!(pi5.len() > 1);
