@@ -61,7 +61,7 @@ pub fn mint_bootstrap_token(
         labels,
         uses_allowed: uses,
         uses: 0,
-        expires_unix_ms: now.plus(std::time::Duration::from_secs(u64::from(expires_in_seconds))),
+        expires_unix_ms: now.plus(std::time::Duration::from_secs(expires_in_seconds)),
         created_unix_ms: now,
         revoked: false,
     };

@@ -7,9 +7,7 @@ use alki_shared::proto;
 
 /// A wire-contract message the store keeps under an id of its own.
 pub trait Record {
-    type Id: Clone + std::fmt::Display;
-    /// What the store calls this kind of record in errors.
-    const KIND: &'static str;
+    type Id: Clone;
     /// The id as the message carries it.
     fn raw_id(&self) -> &str;
     fn parse_id(raw: &str) -> Result<Self::Id, IdError>;
@@ -56,7 +54,6 @@ impl<T: Record> Keyed<T> {
 
 impl Record for proto::Device {
     type Id = DeviceId;
-    const KIND: &'static str = "device";
     fn raw_id(&self) -> &str {
         &self.id
     }
@@ -70,7 +67,6 @@ impl Record for proto::Device {
 
 impl Record for proto::Rollout {
     type Id = RolloutId;
-    const KIND: &'static str = "rollout";
     fn raw_id(&self) -> &str {
         &self.id
     }
@@ -85,7 +81,6 @@ impl Record for proto::Rollout {
 /// A rollout's per-device record, keyed by its device (its rollout is the one it is read with).
 impl Record for proto::RolloutDevice {
     type Id = DeviceId;
-    const KIND: &'static str = "rollout device";
     fn raw_id(&self) -> &str {
         &self.device_id
     }
