@@ -261,8 +261,8 @@ impl Store {
     }
 
     /// Writes a rollout, its changed device records and its new events in one transaction, so a
-    /// restart sees all of a transition or none of it.
-    /// Device records and events are kept under the rollout's id (their own `rollout_id` fields say the same).
+    /// restart sees all of a transition or none of it. Records and events are kept under the rollout's id
+    /// (their own `rollout_id` fields say the same).
     pub fn commit_rollout(
         &self,
         rollout: &Keyed<proto::Rollout>,
@@ -291,9 +291,7 @@ impl Store {
 
     /// The per-device records of one rollout, their device ids checked.
     pub fn rollout_devices(&self, rollout_id: &RolloutId) -> Result<Vec<Keyed<proto::RolloutDevice>>, StoreError> {
-        let records: Vec<(String, proto::RolloutDevice)> =
-            self.range_with_keys(ROLLOUT_DEVICES, &format!("{rollout_id}/"), &format!("{rollout_id}0"))?;
-        records.into_iter().map(|(key, record)| keyed(ROLLOUT_DEVICES, &key, record)).collect()
+        self.range_keyed(ROLLOUT_DEVICES, &format!("{rollout_id}/"), &format!("{rollout_id}0"))
     }
 
     /// Events of one rollout with a sequence number above `after_seq`, oldest first.
@@ -307,21 +305,29 @@ impl Store {
     }
 
     fn range<T: DeserializeOwned>(&self, table: Table, start: &str, end: &str) -> Result<Vec<T>, StoreError> {
-        Ok(self.range_with_keys(table, start, end)?.into_iter().map(|(_, v)| v).collect())
-    }
-
-    fn range_with_keys<T: DeserializeOwned>(
-        &self,
-        table: Table,
-        start: &str,
-        end: &str,
-    ) -> Result<Vec<(String, T)>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(table)?;
         let mut out = Vec::new();
         for entry in t.range(start..end)? {
             let (k, v) = entry?;
-            out.push((k.value().to_owned(), decode(table.name().to_owned(), k.value(), v.value())?));
+            out.push(decode(table.name().to_owned(), k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Records in a key range, their ids checked.
+    fn range_keyed<T: Record + DeserializeOwned>(
+        &self,
+        table: Table,
+        start: &str,
+        end: &str,
+    ) -> Result<Vec<Keyed<T>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(table)?;
+        let mut out = Vec::new();
+        for entry in t.range(start..end)? {
+            let (k, v) = entry?;
+            out.push(keyed(table, k.value(), decode(table.name().to_owned(), k.value(), v.value())?)?);
         }
         Ok(out)
     }
