@@ -15,7 +15,7 @@ use crate::metrics::{Counters, HttpCounters, Scrape};
 use crate::pki::Pki;
 use crate::rollout::Rollouts;
 use crate::rollout::create::Sources;
-use crate::store::{Store, StoreError};
+use crate::store::{Keyed, Store, StoreError};
 
 /// Cheap to clone: every field is shared.
 #[derive(Clone)]
@@ -47,7 +47,7 @@ impl App {
     pub fn scrape(&self) -> Result<Scrape, StoreError> {
         Ok(Scrape {
             devices: self.fleet.devices(&Default::default())?,
-            rollouts: self.store.rollouts()?,
+            rollouts: self.store.rollouts()?.into_iter().map(Keyed::into_record).collect(),
             counters: self.counters(),
         })
     }

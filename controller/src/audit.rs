@@ -76,14 +76,14 @@ async fn write_loop(store: Store, retention: AuditRetention, clock: SharedClock,
     let seq = AtomicU64::new(0);
     let mut batch = Vec::with_capacity(AUDIT_BATCH);
     while rx.recv_many(&mut batch, AUDIT_BATCH).await > 0 {
-        let now = clock.now().as_millis();
+        let now = clock.now();
         let (entries, waiters): (Vec<proto::AuditEntry>, Vec<oneshot::Sender<()>>) = batch
             .drain(..)
             .map(|(e, done)| {
                 let id = audit_key(now, seq.fetch_add(1, Ordering::Relaxed));
                 let entry = proto::AuditEntry {
                     id,
-                    unix_ms: now,
+                    unix_ms: now.as_millis(),
                     actor: e.actor,
                     role: e.role,
                     protocol: e.protocol.to_owned(),

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use alki_shared::clock::{self, SharedClock};
+use alki_shared::clock::{self, SharedClock, UnixMs};
 use alki_shared::proto;
 use base64::Engine as _;
 use rand::RngCore as _;
@@ -88,10 +88,11 @@ impl Authenticator {
             if !live {
                 return Err(AuthError::Invalid);
             }
+            let name = device_id.to_string();
             if !Role::Agent.allows(action) {
-                return Err(AuthError::Forbidden { name: device_id, role: Role::Agent, action });
+                return Err(AuthError::Forbidden { name, role: Role::Agent, action });
             }
-            return Ok(Principal { name: device_id, role: Role::Agent, device: true });
+            return Ok(Principal { name, role: Role::Agent, device: true });
         }
         // Read on every request (no cache), so a revocation holds from the very next request.
         let record = self.store.token(&hash_token(&token))?.ok_or(AuthError::Invalid)?;
@@ -110,7 +111,7 @@ impl Authenticator {
         rand::rng().fill_bytes(&mut bytes);
         let token = format!("{TOKEN_PREFIX}{}", hex::encode(bytes));
         check_token_name(name)?;
-        let created_unix_ms = self.clock.now().as_millis();
+        let created_unix_ms = self.clock.now();
         let record = TokenRecord { name: name.to_owned(), role, created_unix_ms, revoked_unix_ms: None };
         self.store.put_token(&hash_token(&token), &record)?;
         Ok(token)
@@ -158,10 +159,8 @@ impl Authenticator {
             }
         };
         let hash = chosen.0.clone();
-        let record = self
-            .store
-            .revoke_token(&hash, self.clock.now().as_millis())?
-            .ok_or_else(|| TokenError::NotFound(hash.clone()))?;
+        let record =
+            self.store.revoke_token(&hash, self.clock.now())?.ok_or_else(|| TokenError::NotFound(hash.clone()))?;
         Ok(TokenInfo::new(&hash, record))
     }
 }
@@ -189,8 +188,8 @@ impl TokenInfo {
             id: self.id.clone(),
             name: self.record.name.clone(),
             role: self.record.role.to_proto() as i32,
-            created_unix_ms: self.record.created_unix_ms,
-            revoked_unix_ms: self.record.revoked_unix_ms.unwrap_or(0),
+            created_unix_ms: self.record.created_unix_ms.as_millis(),
+            revoked_unix_ms: self.record.revoked_unix_ms.map_or(0, UnixMs::as_millis),
         }
     }
 }

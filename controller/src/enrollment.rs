@@ -56,13 +56,12 @@ pub fn mint_bootstrap_token(
     rand::rng().fill_bytes(&mut bytes);
     let secret = format!("{SECRET_PREFIX}{}", hex::encode(bytes));
     let hash = hash_secret(&secret);
-    let now = now.as_millis();
     let record = EnrollTokenRecord {
         id: hash[..TOKEN_ID_LEN].to_owned(),
         labels,
         uses_allowed: uses,
         uses: 0,
-        expires_unix_ms: now.saturating_add((expires_in_seconds as i64).saturating_mul(1000)),
+        expires_unix_ms: now.plus(std::time::Duration::from_secs(expires_in_seconds)),
         created_unix_ms: now,
         revoked: false,
     };
@@ -146,7 +145,7 @@ mod tests {
         let token = mint_bootstrap_token(labels.clone(), 5, 3600, UnixMs(1_000)).expect("valid");
         assert!(token.secret.starts_with(SECRET_PREFIX));
         assert_eq!(token.hash, hash_secret(&token.secret));
-        assert_eq!((token.record.uses_allowed, token.record.expires_unix_ms), (5, 1_000 + 3_600_000));
+        assert_eq!((token.record.uses_allowed, token.record.expires_unix_ms), (5, UnixMs(1_000 + 3_600_000)));
         assert!(mint_bootstrap_token(labels.clone(), 0, 3600, UnixMs(0)).is_err(), "no uses");
         assert!(mint_bootstrap_token(labels, 1, MAX_TOKEN_LIFETIME_SECS + 1, UnixMs(0)).is_err(), "too long");
         let bad = BTreeMap::from([("bad key".to_owned(), "x".to_owned())]);

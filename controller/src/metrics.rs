@@ -451,11 +451,17 @@ fn class_quality_metrics(e: &mut Exposition, r: &proto::Rollout, class: &str, q:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Keyed;
+    use alki_shared::ids::DeviceId;
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::new(s).expect("device id")
+    }
 
     fn scrape(store: &crate::store::Store) -> Scrape {
         Scrape {
-            devices: store.devices().expect("devices"),
-            rollouts: store.rollouts().expect("rollouts"),
+            devices: store.devices().expect("devices").into_iter().map(Keyed::into_record).collect(),
+            rollouts: store.rollouts().expect("rollouts").into_iter().map(Keyed::into_record).collect(),
             counters: Counters::default(),
         }
     }
@@ -464,9 +470,9 @@ mod tests {
     fn a_scrape_names_only_listed_metrics_and_counts_the_fleet() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = crate::store::Store::open(dir.path()).expect("open");
-        for (id, class) in [("d1", "pi5-8g"), ("d2", "pi5-8g"), ("d3", "x86-avx2")] {
+        for (device, class) in [("d1", "pi5-8g"), ("d2", "pi5-8g"), ("d3", "x86-avx2")] {
             store
-                .update_device(id, |d| {
+                .update_device(&id(device), |d| {
                     d.labels.insert("class".into(), class.into());
                     d.phase = Phase::Active as i32;
                 })
@@ -494,7 +500,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        store.put_rollout(&rollout).expect("rollout");
+        store.put_rollout(&Keyed::new(rollout).expect("rollout id")).expect("rollout");
         let mut scraped = scrape(&store);
         scraped.counters.evaluations = EvalCounts { measured: 5, could_not_run: [2, 0, 1, 0, 0], refused: 1 };
         let text = render(&scraped);
@@ -534,9 +540,9 @@ mod tests {
             ("d5", "x86-avx2", "ro-1", proto::PrestageState::Unspecified, 2),
             ("d6", "pi5-8g", "ro-2", proto::PrestageState::Sent, 1),
         ];
-        for (id, class, rollout, state, attempts) in devices {
+        for (device, class, rollout, state, attempts) in devices {
             store
-                .update_device(id, |d| {
+                .update_device(&id(device), |d| {
                     d.labels.insert("class".into(), class.into());
                     d.prestage = Some(proto::DevicePrestage {
                         rollout_id: rollout.into(),
@@ -548,7 +554,7 @@ mod tests {
                 .expect("device");
         }
         // A device never told to pre-stage counts nowhere.
-        store.update_device("d7", |d| d.phase = Phase::Active as i32).expect("device");
+        store.update_device(&id("d7"), |d| d.phase = Phase::Active as i32).expect("device");
         let text = render(&scrape(&store));
         for expected in [
             r#"alki_rollout_prestage_devices{rollout_id="ro-1",class="pi5-8g",state="ready"} 2"#,

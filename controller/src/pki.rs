@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use alki_shared::ids::DeviceId;
 use hmac::{Hmac, Mac as _};
 use rand::RngCore as _;
 use rcgen::{
@@ -93,7 +94,7 @@ pub struct DeviceCert {
 /// Who a verified client certificate names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerDevice {
-    pub device_id: String,
+    pub device_id: DeviceId,
     pub serial: String,
 }
 
@@ -203,7 +204,7 @@ impl Pki {
     }
 
     /// The device a registry token was issued to, when it is genuine and not expired at `now_unix_ms`.
-    pub fn verify_registry_token(&self, token: &str, now_unix_ms: i64) -> Option<String> {
+    pub fn verify_registry_token(&self, token: &str, now_unix_ms: i64) -> Option<DeviceId> {
         let rest = token.strip_prefix(REGISTRY_TOKEN_PREFIX)?;
         let (payload, mac_hex) = rest.rsplit_once('.')?;
         let (device_id, expires) = payload.rsplit_once('.')?;
@@ -213,7 +214,8 @@ impl Pki {
         check.update(payload.as_bytes());
         // Constant-time comparison.
         check.verify_slice(&mac).ok()?;
-        (expires > now_unix_ms).then(|| device_id.to_owned())
+        // Tokens are issued to enrolled (valid) ids only: one that does not parse is no token of ours.
+        (expires > now_unix_ms).then(|| DeviceId::new(device_id).ok()).flatten()
     }
 
     fn mac(&self, payload: &str) -> Vec<u8> {
@@ -238,8 +240,9 @@ pub fn peer_device(cert_der: &[u8]) -> Result<PeerDevice, PkiError> {
         .iter_common_name()
         .next()
         .and_then(|cn| cn.as_str().ok())
-        .ok_or_else(|| PkiError::NotADevice("it names no device".into()))?
-        .to_owned();
+        .ok_or_else(|| PkiError::NotADevice("it names no device".into()))?;
+    let device_id =
+        DeviceId::new(device_id).map_err(|e| PkiError::NotADevice(format!("it names no valid device: {e}")))?;
     Ok(PeerDevice { device_id, serial: hex::encode(cert.raw_serial()) })
 }
 
@@ -370,7 +373,8 @@ mod tests {
         let cert = pki.sign_device(&csr, "pi-7", 1_700_000_000_000).expect("sign");
         let der = rustls_pemfile_der(&cert.pem);
         let peer = peer_device(&der).expect("device");
-        assert_eq!(peer, PeerDevice { device_id: "pi-7".into(), serial: cert.serial.clone() });
+        let pi7 = DeviceId::new("pi-7").expect("id");
+        assert_eq!(peer, PeerDevice { device_id: pi7, serial: cert.serial.clone() });
         use x509_parser::prelude::*;
         let (_, parsed) = X509Certificate::from_der(&der).expect("parse");
         assert!(!parsed.is_ca(), "a CSR asking for a CA certificate gets a leaf");
@@ -386,7 +390,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = pki(dir.path());
         let token = pki.registry_token("pi-1", 2_000);
-        assert_eq!(pki.verify_registry_token(&token, 1_000).as_deref(), Some("pi-1"));
+        assert_eq!(pki.verify_registry_token(&token, 1_000).as_ref().map(DeviceId::as_str), Some("pi-1"));
         assert_eq!(pki.verify_registry_token(&token, 2_000), None, "expired");
         let forged = token.replace("pi-1.2000", "pi-2.2000");
         assert_eq!(pki.verify_registry_token(&forged, 1_000), None, "another device's name breaks the MAC");

@@ -88,7 +88,7 @@ impl Controller {
 
 fn seed_fleet(store: &alki_controller::store::Store) {
     store
-        .update_device("pi-1", |d| {
+        .update_device(&alki_shared::ids::DeviceId::new("pi-1").expect("id"), |d| {
             d.labels.insert("class".into(), "pi5-8g".into());
             d.phase = proto::Phase::Active as i32;
         })
@@ -124,7 +124,7 @@ fn seed_fleet(store: &alki_controller::store::Store) {
         }],
         ..Default::default()
     };
-    store.put_rollout(&rollout).expect("rollout");
+    store.put_rollout(&alki_controller::store::Keyed::new(rollout).expect("rollout id")).expect("rollout");
 }
 
 /// A route with its parameters filled in.

@@ -252,6 +252,16 @@ async fn bad_requests_get_clear_errors_and_failures_hold_the_rollout() {
     let err = err.expect_err("unknown device");
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert!(err.message().contains("ghost"), "{}", err.message());
+    // An id that does not parse is parsed once, at this edge, and names nothing.
+    let err = client.get_device(with_token(&c.admin, proto::GetDeviceRequest { id: "../ghost".into() })).await;
+    let err = err.expect_err("an id that does not parse");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("../ghost"), "{}", err.message());
+    let err = client.get_rollout(with_token(&c.admin, proto::GetRolloutRequest { id: "ro 1".into() })).await;
+    assert_eq!(err.expect_err("an invalid rollout id").code(), tonic::Code::NotFound);
+    let events = proto::ListRolloutEventsRequest { id: String::new(), after_seq: 0 };
+    let err = client.list_rollout_events(with_token(&c.admin, events)).await.expect_err("an empty rollout id");
+    assert_eq!(err.code(), tonic::Code::NotFound);
 
     let spec = proto::RolloutSpec { repository: "acme/none".into(), candidate: "v9".into(), ..Default::default() };
     let err = client

@@ -223,7 +223,8 @@ async fn telemetry_built_while_the_controller_is_down_reaches_its_store_after_it
         // Every telemetry interval the agent built (the one from the outage too) is in the controller's
         // rollups (flushed at each stop), each counted once as a report.
         let store = alki_controller::store::Store::open(&controller_data).expect("open the controller store");
-        let reports: u64 = store.rollups(0).expect("rollups").iter().map(|r| r.reports).sum();
+        let reports: u64 =
+            store.rollups(alki_shared::clock::UnixMs::EPOCH).expect("rollups").iter().map(|r| r.reports).sum();
         assert!(
             reports as f64 >= built,
             "the controller recorded {reports} telemetry reports, the agent built {built}: the outage's were lost"

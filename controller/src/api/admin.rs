@@ -1,5 +1,6 @@
 //! `AdminService`: operator tokens (list, revoke) and the audit log, for admins.
 
+use alki_shared::clock::UnixMs;
 use alki_shared::proto::{self, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
 
@@ -47,7 +48,7 @@ impl AdminService for AdminApi {
             0 => DEFAULT_AUDIT_LIMIT,
             n => n.min(MAX_AUDIT_LIMIT),
         };
-        let query = AuditQuery { since_unix_ms: req.since_unix_ms, actor: req.actor, limit };
+        let query = AuditQuery { since: UnixMs(req.since_unix_ms), actor: req.actor, limit };
         let entries = super::with_store(&self.app.store, move |store| store.audit(&query)).await?;
         Ok(Response::new(proto::ListAuditResponse { entries }))
     }

@@ -97,7 +97,7 @@ impl AgentApi {
     /// A token session (`--insecure-agent-tokens`) may not speak for a device that has a certificate identity:
     /// a role-agent token would otherwise take over any enrolled device by naming it in Hello.
     fn refuse_token_for_enrolled(&self, device_id: &DeviceId) -> Result<(), Status> {
-        match self.app.store.device_identity(device_id.as_str()) {
+        match self.app.store.device_identity(device_id) {
             Ok(None) => Ok(()),
             Ok(Some(_)) => Err(Status::permission_denied(format!(
                 "device {device_id} has a certificate identity: it connects with its certificate (mTLS), not a token"
@@ -182,16 +182,15 @@ async fn receive_hello(inbound: &mut Streaming<AgentMessage>) -> Result<proto::H
 /// The session's device: the certificate's (a Hello naming another device is refused), else Hello's.
 fn device_id_of(identity: Option<&DeviceIdentity>, hello: &proto::Hello) -> Result<DeviceId, Status> {
     match identity {
-        Some(identity) if !hello.device_id.is_empty() && hello.device_id != identity.device_id => {
+        Some(identity) if !hello.device_id.is_empty() && identity.device_id != *hello.device_id => {
             Err(Status::permission_denied(format!(
                 "this certificate belongs to device {:?}, not {:?}",
-                identity.device_id, hello.device_id
+                identity.device_id.as_str(),
+                hello.device_id
             )))
         }
-        // Enrollment validated the id the certificate was issued for.
-        Some(identity) => {
-            DeviceId::new(identity.device_id.clone()).map_err(|e| Status::permission_denied(e.to_string()))
-        }
+        // The store checked the id when it read the identity (enrollment had validated it).
+        Some(identity) => Ok(identity.device_id.clone()),
         None => DeviceId::new(hello.device_id.clone()).map_err(|e| Status::invalid_argument(e.to_string())),
     }
 }

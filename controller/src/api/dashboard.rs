@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 
 use alki_shared::eval::quality::QualityGates;
+use alki_shared::ids::{DeviceId, RolloutId};
 use alki_shared::proto;
 use axum::Json;
 use axum::Router;
@@ -21,7 +22,7 @@ use serde::Deserialize;
 use crate::app::App;
 use crate::auth::{Action, AuthError};
 use crate::insight::queries::{self, QueryError};
-use crate::store::{BenchmarkFilter, EvaluationFilter};
+use crate::store::{BenchmarkFilter, EvaluationFilter, Keyed};
 
 /// Every route this module serves (axum path syntax), in the order the OpenAPI document lists them.
 pub const ROUTES: &[&str] = &[
@@ -147,8 +148,10 @@ async fn device(
     authorize(&state, &headers)?;
     let fleet = state.app.fleet.clone();
     let found = blocking(move || {
-        let d = fleet.device(&id).map_err(ApiError::internal)?;
-        d.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("device {id:?} is not known to this controller")))
+        let not_found = || ApiError(StatusCode::NOT_FOUND, format!("device {id:?} is not known to this controller"));
+        // An id that does not parse names no device.
+        let Ok(device_id) = DeviceId::new(id.clone()) else { return Err(not_found()) };
+        fleet.device(&device_id).map_err(ApiError::internal)?.ok_or_else(not_found)
     })
     .await?;
     Ok(Json(found))
@@ -161,6 +164,7 @@ async fn rollouts(
     authorize(&state, &headers)?;
     let fleet = state.app.fleet.clone();
     let rollouts = blocking(move || fleet.store.rollouts().map_err(ApiError::internal)).await?;
+    let rollouts = rollouts.into_iter().map(Keyed::into_record).collect();
     Ok(Json(proto::ListRolloutsResponse { rollouts }))
 }
 
@@ -172,8 +176,10 @@ async fn rollout(
     authorize(&state, &headers)?;
     let fleet = state.app.fleet.clone();
     let found = blocking(move || {
-        let r = fleet.store.rollout(&id).map_err(ApiError::internal)?;
-        r.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("rollout {id:?} does not exist")))
+        let not_found = || ApiError(StatusCode::NOT_FOUND, format!("rollout {id:?} does not exist"));
+        // An id that does not parse names no rollout.
+        let Ok(rollout_id) = RolloutId::new(id.clone()) else { return Err(not_found()) };
+        fleet.store.rollout(&rollout_id).map_err(ApiError::internal)?.ok_or_else(not_found)
     })
     .await?;
     Ok(Json(found))
@@ -216,6 +222,8 @@ async fn compare(
     let Some(id) = q.rollout.filter(|r| !r.is_empty()) else {
         return Err(ApiError(StatusCode::BAD_REQUEST, "name the rollout: /api/v1/compare?rollout=ID".into()));
     };
+    // An id that does not parse names no rollout.
+    let id = RolloutId::new(id.clone()).map_err(|_| ApiError::from(QueryError::RolloutNotFound(id)))?;
     let fleet = state.app.fleet.clone();
     Ok(Json(blocking(move || Ok(queries::comparison(&fleet, &id)?)).await?))
 }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use alki_shared::clock::UnixMs;
 use alki_shared::ids::DeviceId;
 use alki_shared::proto::{self, enrollment_service_server::EnrollmentService};
 use tonic::{Request, Response, Status};
@@ -56,16 +57,16 @@ impl EnrollmentService for EnrollApi {
         if req.bootstrap_token.trim().is_empty() {
             return Err(Status::unauthenticated("no bootstrap token; ask an admin (alkictl enroll token create)"));
         }
-        let now = self.app.clock.now().as_millis();
+        let now = self.app.clock.now();
         let pki = self.app.pki.clone();
         let store = self.app.store.clone();
         let (hash, csr, id) =
             (crate::enrollment::hash_secret(&req.bootstrap_token), req.csr_pem.clone(), device_id.clone());
         // Signing and the fsynced commit are blocking work.
         let result = tokio::task::spawn_blocking(move || {
-            store.enroll(&hash, id.as_str(), now, |_token| {
-                let cert = pki.sign_device(&csr, id.as_str(), now).map_err(|e| e.to_string())?;
-                Ok((Issued { serial: cert.serial.clone(), not_after_unix_ms: cert.not_after_unix_ms }, cert))
+            store.enroll(&hash, &id, now, |_token| {
+                let cert = pki.sign_device(&csr, id.as_str(), now.as_millis()).map_err(|e| e.to_string())?;
+                Ok((Issued { serial: cert.serial.clone(), not_after_unix_ms: UnixMs(cert.not_after_unix_ms) }, cert))
             })
         })
         .await
@@ -81,7 +82,7 @@ impl EnrollmentService for EnrollApi {
         labels.extend(identity.labels.clone());
         let (record_labels, inventory, id) = (labels.clone(), req.inventory, device_id.clone());
         super::with_store(&self.app.store, move |store| {
-            store.update_device(id.as_str(), |d| {
+            store.update_device(&id, |d| {
                 d.labels = record_labels.into_iter().collect();
                 d.inventory = inventory;
             })
@@ -109,8 +110,8 @@ impl EnrollmentService for EnrollApi {
         let id = peer.device_id.clone();
         let result = tokio::task::spawn_blocking(move || {
             store.renew(&id, &peer.serial, || {
-                let cert = pki.sign_device(&csr, &id, now).map_err(|e| e.to_string())?;
-                Ok((Issued { serial: cert.serial.clone(), not_after_unix_ms: cert.not_after_unix_ms }, cert))
+                let cert = pki.sign_device(&csr, id.as_str(), now).map_err(|e| e.to_string())?;
+                Ok((Issued { serial: cert.serial.clone(), not_after_unix_ms: UnixMs(cert.not_after_unix_ms) }, cert))
             })
         })
         .await

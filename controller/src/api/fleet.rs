@@ -1,6 +1,6 @@
 //! `FleetService`: what operators, CI and dashboards ask of the controller.
 
-use alki_shared::ids::RolloutId;
+use alki_shared::ids::{DeviceId, RolloutId};
 use alki_shared::proto::{self, fleet_service_server::FleetService};
 use tonic::{Request, Response, Status};
 
@@ -10,6 +10,7 @@ use crate::bundles::ListError;
 use crate::rollout::create::{self, CreateError};
 use crate::rollout::engine::Verb;
 use crate::rollout::reconcile::{self, OperateError};
+use crate::store::Keyed;
 use crate::trust::CandidateError;
 
 pub struct FleetApi {
@@ -30,9 +31,12 @@ impl FleetService for FleetApi {
     async fn get_device(&self, request: Request<proto::GetDeviceRequest>) -> Result<Response<proto::Device>, Status> {
         super::principal(&request)?;
         let id = &request.get_ref().id;
-        match self.app.fleet.device(id).map_err(super::internal)? {
+        let not_found = || Status::not_found(format!("device {id:?} is not known to this controller"));
+        // An id that does not parse names no device.
+        let device_id = DeviceId::new(id.clone()).map_err(|_| not_found())?;
+        match self.app.fleet.device(&device_id).map_err(super::internal)? {
             Some(device) => Ok(Response::new(device)),
-            None => Err(Status::not_found(format!("device {id:?} is not known to this controller"))),
+            None => Err(not_found()),
         }
     }
 
@@ -79,9 +83,12 @@ impl FleetService for FleetApi {
     ) -> Result<Response<proto::Rollout>, Status> {
         super::principal(&request)?;
         let id = &request.get_ref().id;
-        match self.app.store.rollout(id).map_err(super::internal)? {
+        let not_found = || Status::not_found(format!("rollout {id:?} does not exist"));
+        // An id that does not parse names no rollout.
+        let rollout_id = RolloutId::new(id.clone()).map_err(|_| not_found())?;
+        match self.app.store.rollout(&rollout_id).map_err(super::internal)? {
             Some(r) => Ok(Response::new(r)),
-            None => Err(Status::not_found(format!("rollout {id:?} does not exist"))),
+            None => Err(not_found()),
         }
     }
 
@@ -90,7 +97,8 @@ impl FleetService for FleetApi {
         request: Request<proto::ListRolloutsRequest>,
     ) -> Result<Response<proto::ListRolloutsResponse>, Status> {
         super::principal(&request)?;
-        let mut rollouts = self.app.store.rollouts().map_err(super::internal)?;
+        let stored = self.app.store.rollouts().map_err(super::internal)?;
+        let mut rollouts: Vec<proto::Rollout> = stored.into_iter().map(Keyed::into_record).collect();
         rollouts.sort_by_key(|r| std::cmp::Reverse(r.created_unix_ms));
         Ok(Response::new(proto::ListRolloutsResponse { rollouts }))
     }
@@ -136,8 +144,8 @@ impl FleetService for FleetApi {
     ) -> Result<Response<proto::ListRolloutEventsResponse>, Status> {
         super::principal(&request)?;
         let req = request.into_inner();
-        self.require_rollout(&req.id)?;
-        let events = self.app.store.rollout_events(&req.id, req.after_seq).map_err(super::internal)?;
+        let id = self.require_rollout(&req.id)?;
+        let events = self.app.store.rollout_events(&id, req.after_seq).map_err(super::internal)?;
         Ok(Response::new(proto::ListRolloutEventsResponse { events }))
     }
 
@@ -146,9 +154,9 @@ impl FleetService for FleetApi {
         request: Request<proto::ListRolloutDevicesRequest>,
     ) -> Result<Response<proto::ListRolloutDevicesResponse>, Status> {
         super::principal(&request)?;
-        let id = request.into_inner().id;
-        self.require_rollout(&id)?;
-        let devices = self.app.store.rollout_devices(&id).map_err(super::internal)?;
+        let id = self.require_rollout(&request.into_inner().id)?;
+        let stored = self.app.store.rollout_devices(&id).map_err(super::internal)?;
+        let devices = stored.into_iter().map(Keyed::into_record).collect();
         Ok(Response::new(proto::ListRolloutDevicesResponse { devices }))
     }
 
@@ -170,10 +178,14 @@ impl FleetService for FleetApi {
 }
 
 impl FleetApi {
-    fn require_rollout(&self, id: &str) -> Result<(), Status> {
-        match self.app.store.rollout(id).map_err(super::internal)? {
-            Some(_) => Ok(()),
-            None => Err(Status::not_found(format!("rollout {id:?} does not exist; alkictl rollout list shows them"))),
+    /// The rollout the request names, if it exists.
+    fn require_rollout(&self, id: &str) -> Result<RolloutId, Status> {
+        let not_found = || Status::not_found(format!("rollout {id:?} does not exist; alkictl rollout list shows them"));
+        // An id that does not parse names no rollout.
+        let rollout_id = RolloutId::new(id).map_err(|_| not_found())?;
+        match self.app.store.rollout(&rollout_id).map_err(super::internal)? {
+            Some(_) => Ok(rollout_id),
+            None => Err(not_found()),
         }
     }
 

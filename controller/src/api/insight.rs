@@ -2,6 +2,7 @@
 //! A/B comparisons and recommendations. Thin: authenticates, pins what the request names (`bundles`,
 //! `suites`), converts, and calls `insight::queries`.
 
+use alki_shared::ids::RolloutId;
 use alki_shared::proto::{self, insight_service_server::InsightService};
 use tonic::{Request, Response, Status};
 
@@ -125,7 +126,10 @@ impl InsightService for InsightApi {
 
     async fn compare(&self, request: Request<proto::CompareRequest>) -> Result<Response<proto::Comparison>, Status> {
         super::principal(&request)?;
-        let id = request.into_inner().rollout_id;
+        let requested = request.into_inner().rollout_id;
+        // An id that does not parse names no rollout.
+        let id = RolloutId::new(requested.clone())
+            .map_err(|_| query_status(QueryError::RolloutNotFound(requested.clone())))?;
         let fleet = self.app.fleet.clone();
         Ok(Response::new(blocking(move || queries::comparison(&fleet, &id)).await?))
     }

@@ -20,8 +20,8 @@ fn to_proto(r: EnrollTokenRecord) -> proto::EnrollToken {
         labels: r.labels.into_iter().collect(),
         uses_allowed: r.uses_allowed,
         uses: r.uses,
-        expires_unix_ms: r.expires_unix_ms,
-        created_unix_ms: r.created_unix_ms,
+        expires_unix_ms: r.expires_unix_ms.as_millis(),
+        created_unix_ms: r.created_unix_ms.as_millis(),
         revoked: r.revoked,
     }
 }
@@ -84,10 +84,10 @@ impl SecurityService for SecurityApi {
         };
         // An id that does not parse was never enrolled (enrollment refuses it).
         let device_id = DeviceId::new(requested.clone()).map_err(|_| never_enrolled())?;
-        let now = self.app.clock.now().as_millis();
+        let now = self.app.clock.now();
         let decommissioning = device_id.clone();
         let identity =
-            super::with_store(&self.app.store, move |store| store.decommission(decommissioning.as_str(), now)).await?;
+            super::with_store(&self.app.store, move |store| store.decommission(&decommissioning, now)).await?;
         let Some(identity) = identity else { return Err(never_enrolled()) };
         // After the store says so, so a reconnect racing with this is refused at its session start.
         let session_closed = self.app.fleet.hub.close(device_id.as_str());
@@ -95,7 +95,7 @@ impl SecurityService for SecurityApi {
         self.app.fleet.changed.notify_one();
         Ok(Response::new(proto::DecommissionDeviceResponse {
             device_id: device_id.to_string(),
-            decommissioned_unix_ms: identity.decommissioned_unix_ms.unwrap_or(now),
+            decommissioned_unix_ms: identity.decommissioned_unix_ms.unwrap_or(now).as_millis(),
             session_closed,
         }))
     }

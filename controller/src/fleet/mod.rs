@@ -8,7 +8,7 @@ pub mod reports;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use alki_shared::ids::{Generation, RolloutId};
+use alki_shared::ids::{DeviceId, Generation, RolloutId};
 use alki_shared::proto::{self, controller_message::Msg};
 use tokio::sync::Notify;
 
@@ -56,11 +56,11 @@ impl Fleet {
     /// Gives many devices their desired states in one transaction, then sends them to connected devices.
     /// Assigning what a device is already assigned changes nothing (idempotent), unless `force` bumps the
     /// generation anyway (a retry). Returns how many devices got a new generation.
-    pub fn assign_many(&self, assignments: &[(&str, &Assignment, bool)]) -> Result<usize, StoreError> {
+    pub fn assign_many(&self, assignments: &[(&DeviceId, &Assignment, bool)]) -> Result<usize, StoreError> {
         if assignments.is_empty() {
             return Ok(0);
         }
-        let ids: Vec<&str> = assignments.iter().map(|(id, _, _)| *id).collect();
+        let ids: Vec<&DeviceId> = assignments.iter().map(|(id, _, _)| *id).collect();
         let sent = self.store.update_devices(&ids, |d, i| {
             let (_, assignment, force) = assignments[i];
             let unchanged = d.desired == assignment.bundle
@@ -94,37 +94,41 @@ impl Fleet {
             let Some(desired) = desired else { continue };
             count += 1;
             tracing::debug!(
-                device_id,
+                %device_id,
                 generation = desired.generation,
                 cohort = %desired.cohort,
                 bundle = %desired.bundle.as_ref().map(|b| b.display()).unwrap_or_default(),
                 "Assigned a new desired state."
             );
-            self.hub.send(device_id, Msg::DesiredState(desired));
+            self.hub.send(device_id.as_str(), Msg::DesiredState(desired));
         }
         Ok(count)
     }
 
     /// What only the live sessions know: whether the device is connected, and when it was last heard from
     /// (kept in memory, written through coarsely).
-    fn fill_live(&self, d: &mut proto::Device) {
-        d.connected = self.hub.is_connected(&d.id);
-        d.last_seen_unix_ms = d.last_seen_unix_ms.max(self.hub.last_seen(&d.id).map_or(0, |t| t.as_millis()));
+    fn fill_live(&self, id: &DeviceId, d: &mut proto::Device) {
+        d.connected = self.hub.is_connected(id.as_str());
+        d.last_seen_unix_ms = d.last_seen_unix_ms.max(self.hub.last_seen(id.as_str()).map_or(0, |t| t.as_millis()));
     }
 
     /// Devices as the API shows them: stored records with `connected` filled from the live sessions.
     pub fn devices(&self, selector: &HashMap<String, String>) -> Result<Vec<proto::Device>, StoreError> {
-        let mut devices = self.store.devices()?;
-        devices.retain(|d| selects(selector, &d.labels));
-        for d in &mut devices {
-            self.fill_live(d);
+        let mut devices = Vec::new();
+        for keyed in self.store.devices()? {
+            if selects(selector, &keyed.record().labels) {
+                let id = keyed.id().clone();
+                let mut device = keyed.into_record();
+                self.fill_live(&id, &mut device);
+                devices.push(device);
+            }
         }
         Ok(devices)
     }
 
-    pub fn device(&self, id: &str) -> Result<Option<proto::Device>, StoreError> {
+    pub fn device(&self, id: &DeviceId) -> Result<Option<proto::Device>, StoreError> {
         Ok(self.store.device(id)?.map(|mut d| {
-            self.fill_live(&mut d);
+            self.fill_live(id, &mut d);
             d
         }))
     }

@@ -253,7 +253,7 @@ fn commit_devices(writer: &Writer, run: Vec<DeviceReport>) -> bool {
         changes.push(Some(report.change));
         waiters.push(report.done);
     }
-    let id_refs: Vec<&str> = ids.iter().map(DeviceId::as_str).collect();
+    let id_refs: Vec<&DeviceId> = ids.iter().collect();
     let result = writer.fleet.store.update_devices_with(&id_refs, durable, |device, i| {
         if let Some(change) = changes[i].take() {
             change(device);
@@ -321,7 +321,7 @@ mod tests {
         let record = writer.update_and_read(&pi1(), |d| d.agent_version = "1.2.3".into()).await.expect("running");
         let record = record.expect("committed");
         assert_eq!((record.applied_generation, record.agent_version.as_str()), (50, "1.2.3"));
-        let stored = fleet.store.device("pi-1").expect("read").expect("device");
+        let stored = fleet.store.device(&pi1()).expect("read").expect("device");
         assert_eq!(stored.applied_generation, 50, "what was read back is in the store");
         assert_eq!(counters.queued.load(Ordering::Relaxed), 0);
         assert_eq!(counters.written.load(Ordering::Relaxed), 51);
@@ -335,8 +335,8 @@ mod tests {
         writer.update(&pi1(), Durability::Volatile, |d| d.applied_generation = 1).await.expect("queued");
         writer
             .run(&pi1(), |store| {
-                let seen = store.device("pi-1")?.map(|d| d.applied_generation);
-                store.update_device("pi-1", |d| d.agent_version = format!("saw {seen:?}"))?;
+                let seen = store.device(&pi1())?.map(|d| d.applied_generation);
+                store.update_device(&pi1(), |d| d.agent_version = format!("saw {seen:?}"))?;
                 Ok(false)
             })
             .await
@@ -358,7 +358,7 @@ mod tests {
                 .expect("queued");
         }
         task.finish().await;
-        let stored = fleet.store.device("pi-1").expect("read").expect("device");
+        let stored = fleet.store.device(&pi1()).expect("read").expect("device");
         assert_eq!(stored.applied_generation, 100, "every queued report was written before the writer ended");
         let refused = writer.update(&pi1(), Durability::Durable, |d| d.applied_generation = 0).await;
         assert!(refused.is_err(), "a stopped writer refuses reports");
@@ -380,7 +380,7 @@ mod tests {
         };
         assert!(!write(&writer, vec![device(false), device(false)]), "last-seen times alone wake nothing");
         assert!(write(&writer, vec![device(false), device(true)]), "a status in the same batch wakes it");
-        let stored = fleet.store.device("pi-1").expect("read").expect("device");
+        let stored = fleet.store.device(&pi1()).expect("read").expect("device");
         assert_eq!(stored.last_seen_unix_ms, 4, "every change was written");
     }
 

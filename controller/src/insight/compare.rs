@@ -133,9 +133,9 @@ fn metric(a: &[f64], b: &[f64], pairs: &[f64], min_samples: usize) -> proto::Met
 
 /// Compares a rollout's candidate with its baseline per hardware class. `records` are the rollout's
 /// per-device records; `devices` the fleet (the rollout's selector picks the devices still on A).
-pub fn compare(
+pub fn compare<'a>(
     rollout: &proto::Rollout,
-    devices: &[proto::Device],
+    devices: impl IntoIterator<Item = &'a proto::Device>,
     records: &[proto::RolloutDevice],
     m: &Measurements,
     min_samples: usize,

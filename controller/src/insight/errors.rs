@@ -55,9 +55,9 @@ pub struct ClassErrors {
 }
 
 /// Each class's A and B traffic (see the module documentation for who counts on which side).
-pub fn per_class(
+pub fn per_class<'a>(
     rollout: &proto::Rollout,
-    devices: &[proto::Device],
+    devices: impl IntoIterator<Item = &'a proto::Device>,
     records: &[proto::RolloutDevice],
     m: &Measurements,
 ) -> BTreeMap<String, ClassErrors> {

@@ -67,7 +67,7 @@ impl Ingest {
         t: &proto::Telemetry,
         now: UnixMs,
     ) -> Result<(), StoreError> {
-        let class = store.record_telemetry(device_id.as_str(), t, now.as_millis())?;
+        let class = store.record_telemetry(device_id, t, now)?;
         self.telemetry_reports.fetch_add(1, Ordering::Relaxed);
         self.roll_up(device_id.as_str(), &class, t, now);
         Ok(())
@@ -88,7 +88,7 @@ impl Ingest {
         if report.results.is_empty() {
             return Ok(false);
         }
-        store.record_benchmarks(device_id.as_str(), &report.results, now.as_millis())?;
+        store.record_benchmarks(device_id, &report.results, now)?;
         self.benchmark_results.fetch_add(report.results.len() as u64, Ordering::Relaxed);
         tracing::info!(command_id = %report.command_id, results = report.results.len(), "Recorded benchmark results.");
         Ok(true)
@@ -144,7 +144,7 @@ impl Ingest {
     /// for the next flush.
     pub fn flush(&self, store: &Store, now: UnixMs) -> Result<usize, StoreError> {
         let batch: Vec<Rollup> = lock(&self.pending).drain().map(|(_, r)| r).collect();
-        match store.flush_rollups(&batch, now.as_millis() - RETENTION_MS) {
+        match store.flush_rollups(&batch, UnixMs(now.as_millis() - RETENTION_MS)) {
             Ok(pruned) => {
                 self.rollup_flushes.fetch_add(1, Ordering::Relaxed);
                 Ok(pruned)
@@ -213,7 +213,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
         ingest.flush(&store, UnixMs(BUCKET_MS * 2)).expect("flush");
-        let rollups = store.rollups(0).expect("rollups");
+        let rollups = store.rollups(UnixMs::EPOCH).expect("rollups");
         assert_eq!(rollups.len(), 2);
         let first = &rollups[0];
         assert_eq!((first.reports, first.requests, first.tokens_per_second_count), (2, 15, 2));

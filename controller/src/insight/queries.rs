@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use alki_shared::eval::quality::QualityGates;
-use alki_shared::ids::DeviceId;
+use alki_shared::ids::{DeviceId, RolloutId};
 use alki_shared::proto::{self, controller_message::Msg};
 
 use super::compare::{self, Measurements};
@@ -14,7 +14,7 @@ use super::quality::{self, Evaluations};
 use super::recommend::{self, QualityFloor, RecommendError};
 use crate::facts::selects;
 use crate::fleet::Fleet;
-use crate::store::{BenchmarkFilter, EvaluationFilter, StoreError, StoredEvaluation};
+use crate::store::{BenchmarkFilter, EvaluationFilter, Keyed, StoreError, StoredEvaluation};
 
 /// Most benchmark results one answer carries.
 pub const MAX_BENCHMARKS: usize = 1000;
@@ -37,9 +37,11 @@ pub enum QueryError {
 
 /// A rollout's A/B comparison per hardware class, with the sample floor its gates use, and B's quality
 /// against A per class when the rollout has an eval suite.
-pub fn comparison(fleet: &Fleet, rollout_id: &str) -> Result<proto::Comparison, QueryError> {
-    let rollout = fleet.store.rollout(rollout_id)?.ok_or_else(|| QueryError::RolloutNotFound(rollout_id.to_owned()))?;
-    let records = fleet.store.rollout_devices(rollout_id)?;
+pub fn comparison(fleet: &Fleet, rollout_id: &RolloutId) -> Result<proto::Comparison, QueryError> {
+    let rollout =
+        fleet.store.rollout(rollout_id)?.ok_or_else(|| QueryError::RolloutNotFound(rollout_id.to_string()))?;
+    let records: Vec<proto::RolloutDevice> =
+        fleet.store.rollout_devices(rollout_id)?.into_iter().map(Keyed::into_record).collect();
     let devices = fleet.store.device_summaries()?;
     let measurements = Measurements::from_records(&fleet.store.perf_records()?);
     let min = rollout.spec.as_ref().and_then(|s| s.gates).map(|g| g.min_devices).unwrap_or(0).max(1) as usize;
@@ -99,13 +101,13 @@ pub fn targets(
             // An id that does not parse names no device this controller knows.
             let not_found = || QueryError::DeviceNotFound(id.clone());
             let device_id = DeviceId::new(id.clone()).map_err(|_| not_found())?;
-            fleet.store.device(device_id.as_str())?.ok_or_else(not_found)?;
+            fleet.store.device(&device_id)?.ok_or_else(not_found)?;
             named.push(device_id);
         }
         return Ok(named);
     }
     let devices = fleet.store.devices()?;
-    Ok(devices.into_iter().filter(|d| selects(selector, &d.labels)).filter_map(|d| DeviceId::new(d.id).ok()).collect())
+    Ok(devices.into_iter().filter(|d| selects(selector, &d.record().labels)).map(|d| d.id().clone()).collect())
 }
 
 /// Sends one command per device over its session; devices not connected now are reported undelivered.

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use alki_shared::clock::UnixMs;
-use alki_shared::ids::RolloutId;
+use alki_shared::ids::{DeviceId, RolloutId};
 use alki_shared::proto::{self, RolloutState};
 use alki_shared::signing::PublicKey;
 
@@ -16,7 +16,7 @@ use super::external::{self, ExternalError};
 use crate::config::ExternalRegistry;
 use crate::facts::{rollout_is_active, selects};
 use crate::registry::Registry;
-use crate::store::StoreError;
+use crate::store::{Keyed, StoreError};
 use crate::suites::{self, SuiteError, SuiteSources};
 use crate::trust::CandidateError;
 use alki_shared::schedule;
@@ -62,7 +62,7 @@ pub enum CreateError {
     )]
     BundleNotFound { repository: String, reference: String },
     #[error("device {device} is already in active rollout {rollout}; wait for it, or abort it first")]
-    Conflict { device: String, rollout: String },
+    Conflict { device: DeviceId, rollout: RolloutId },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("registry: {0}")]
@@ -119,9 +119,9 @@ pub async fn create(
             None => create_embedded(&rollouts, &sources, spec, suite, now)?,
         };
         if let Some(problem) = overridden {
-            record_override(&rollouts, &rollout.id, &by, &override_reason, &problem, now)?;
+            record_override(&rollouts, rollout.id(), &by, &override_reason, &problem, now)?;
         }
-        Ok::<_, CreateError>(rollout)
+        Ok::<_, CreateError>(rollout.into_record())
     });
     created.await.map_err(|e| CreateError::Task(e.to_string()))?
 }
@@ -175,7 +175,7 @@ fn create_embedded(
     mut spec: proto::RolloutSpec,
     suite: Option<proto::BundleRef>,
     now: UnixMs,
-) -> Result<proto::Rollout, CreateError> {
+) -> Result<Keyed<proto::Rollout>, CreateError> {
     check_spec(&mut spec)?;
     let candidate =
         crate::bundles::pin_embedded(&sources.registry, &sources.registry_host, &spec.repository, &spec.candidate)
@@ -202,14 +202,15 @@ fn create_pinned(
     candidate: proto::BundleRef,
     eval_suite: Option<proto::BundleRef>,
     now: UnixMs,
-) -> Result<proto::Rollout, CreateError> {
+) -> Result<Keyed<proto::Rollout>, CreateError> {
     let fleet = &rollouts.fleet;
     let digest = candidate.digest.clone();
     let _guard = rollouts.lock();
     refuse_overlaps(rollouts, &spec)?;
+    let id = RolloutId::generate();
     let now = now.as_millis();
     let rollout = proto::Rollout {
-        id: RolloutId::generate().to_string(),
+        id: id.to_string(),
         candidate: Some(candidate),
         eval_suite,
         spec: Some(spec),
@@ -232,9 +233,9 @@ fn create_pinned(
         ),
         device_id: String::new(),
     };
-    let rollout = proto::Rollout { event_seq: 1, ..rollout };
+    let rollout = Keyed::with_id(id, proto::Rollout { event_seq: 1, ..rollout });
     fleet.store.commit_rollout(&rollout, &[], &[created])?;
-    tracing::info!(rollout_id = %rollout.id, candidate = %digest, "Created a rollout.");
+    tracing::info!(rollout_id = %rollout.id(), candidate = %digest, "Created a rollout.");
     fleet.changed.notify_one();
     Ok(rollout)
 }
@@ -244,16 +245,18 @@ fn create_pinned(
 fn refuse_overlaps(rollouts: &Rollouts, spec: &proto::RolloutSpec) -> Result<(), CreateError> {
     let store = &rollouts.fleet.store;
     let all = store.rollouts()?;
-    let active: Vec<&proto::Rollout> = all.iter().filter(|r| rollout_is_active(r)).collect();
-    for device in store.devices()? {
+    let active: Vec<&Keyed<proto::Rollout>> = all.iter().filter(|r| rollout_is_active(r.record())).collect();
+    for keyed in store.devices()? {
+        let device = keyed.record();
         if !selects(&spec.selector, &device.labels) {
             continue;
         }
         let overlapping = active.iter().find(|r| {
-            r.spec.as_ref().is_some_and(|s| selects(&s.selector, &device.labels)) || r.id == device.rollout_id
+            r.record().spec.as_ref().is_some_and(|s| selects(&s.selector, &device.labels))
+                || *r.id() == *device.rollout_id
         });
         if let Some(other) = overlapping {
-            return Err(CreateError::Conflict { device: device.id, rollout: other.id.clone() });
+            return Err(CreateError::Conflict { device: keyed.id().clone(), rollout: other.id().clone() });
         }
     }
     Ok(())
@@ -263,7 +266,7 @@ fn refuse_overlaps(rollouts: &Rollouts, spec: &proto::RolloutSpec) -> Result<(),
 /// Under the rollouts lock, like every other change to a rollout, so sequence numbers stay dense.
 fn record_override(
     rollouts: &Rollouts,
-    rollout_id: &str,
+    rollout_id: &RolloutId,
     by: &str,
     reason: &str,
     problem: &str,
@@ -274,15 +277,15 @@ fn record_override(
     let Some(mut rollout) = store.rollout(rollout_id)? else { return Ok(()) };
     rollout.event_seq += 1;
     let event = proto::RolloutEvent {
-        rollout_id: rollout_id.to_owned(),
+        rollout_id: rollout_id.to_string(),
         seq: rollout.event_seq,
         unix_ms: now.as_millis(),
         kind: "signature_override".into(),
         message: format!("signature check overridden by {by}: {reason} (the check said: {problem})"),
         device_id: String::new(),
     };
-    store.commit_rollout(&rollout, &[], &[event])?;
-    tracing::warn!(rollout_id, by, reason, "Rollout created with its signature check overridden.");
+    store.commit_rollout(&Keyed::with_id(rollout_id.clone(), rollout), &[], &[event])?;
+    tracing::warn!(%rollout_id, by, reason, "Rollout created with its signature check overridden.");
     Ok(())
 }
 

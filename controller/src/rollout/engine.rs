@@ -70,11 +70,14 @@
 //! - **Pre-staging** (`spec.prestage`): while the rollout is active, every selected device that is connected,
 //!   does not run or report the candidate staged, and was not already told, gets a Prestage command
 //!   ([`Plan::prestage`]), once per rollout; a device that reports a failure (or does not answer within
-//!   [`PRESTAGE_ANSWER_MS`]) is told again after a backoff, at most [`PRESTAGE_MAX_ATTEMPTS`] times. The
+//!   [`PRESTAGE_ANSWER`]) is told again after a backoff, at most [`PRESTAGE_MAX_ATTEMPTS`] times. The
 //!   window does not apply: staging downloads, it does not change what a device serves.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
 
+use alki_shared::clock::UnixMs;
+use alki_shared::ids::{DeviceId, RolloutId};
 use alki_shared::proto::{
     self, ClassFailurePolicy, DeviceOutcome, GateVerdict, InconclusivePolicy, PauseReason, Phase, RolloutCounts,
     RolloutState,
@@ -89,6 +92,7 @@ use crate::insight::compare::{self, Measurements, PerfVerdict};
 use crate::insight::errors::{self, ClassErrors};
 use crate::insight::latency::{self, ClassLatency};
 use crate::insight::quality::{self, Evaluations};
+use crate::store::Keyed;
 
 /// The candidate cohort within a rollout.
 pub const COHORT_CANDIDATE: &str = "B";
@@ -97,31 +101,32 @@ pub const COHORT_BASELINE: &str = "A";
 /// Prestage commands sent to one device per rollout, retries after failures included.
 pub const PRESTAGE_MAX_ATTEMPTS: u32 = 4;
 /// Wait before telling a device again after its failed staging: this, doubled per attempt.
-pub const PRESTAGE_BACKOFF_MS: i64 = 30_000;
+pub const PRESTAGE_BACKOFF: Duration = Duration::from_secs(30);
 /// A Prestage command unanswered this long counts as failed (the device may have restarted mid-download).
-pub const PRESTAGE_ANSWER_MS: i64 = 30 * 60_000;
+pub const PRESTAGE_ANSWER: Duration = Duration::from_secs(30 * 60);
 
 /// Where a device falls in a rollout, in basis points (0..10_000): stable for a (rollout, device)
 /// pair, so a device's cohort survives restarts and a device in B stays in B as the percentage grows.
-pub fn bucket(rollout_id: &str, device_id: &str) -> u32 {
-    let hash = Sha256::new().chain_update(rollout_id).chain_update([0u8]).chain_update(device_id).finalize();
+pub fn bucket(rollout_id: &RolloutId, device_id: &DeviceId) -> u32 {
+    let hash =
+        Sha256::new().chain_update(rollout_id.as_str()).chain_update([0u8]).chain_update(device_id.as_str()).finalize();
     let mut first = [0u8; 8];
     first.copy_from_slice(&hash[..8]);
     (u64::from_be_bytes(first) % 10_000) as u32
 }
 
 /// True when the device is in the candidate cohort at `percent`.
-pub fn in_candidate(rollout_id: &str, device_id: &str, percent: u32) -> bool {
+pub fn in_candidate(rollout_id: &RolloutId, device_id: &DeviceId, percent: u32) -> bool {
     bucket(rollout_id, device_id) < percent.min(100) * 100
 }
 
 /// What the engine needs to know about the fleet besides the rollout itself.
 pub struct Facts<'a> {
-    pub devices: &'a [proto::Device],
+    pub devices: &'a [Keyed<proto::Device>],
     /// This rollout's per-device records.
-    pub records: &'a [proto::RolloutDevice],
+    pub records: &'a [Keyed<proto::RolloutDevice>],
     /// Ids of the other active rollouts: their devices are left alone.
-    pub other_active: &'a HashSet<String>,
+    pub other_active: &'a HashSet<RolloutId>,
     /// Devices' measurements per bundle, for the performance and error-rate gates (empty when no gate
     /// needs them).
     pub measurements: &'a Measurements,
@@ -132,7 +137,7 @@ pub struct Facts<'a> {
 /// A device going back to its baseline.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Revert {
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// None: the device ran nothing before the rollout and must serve nothing again.
     pub bundle: Option<proto::BundleRef>,
     pub runtime: proto::RuntimeSettings,
@@ -141,7 +146,7 @@ pub struct Revert {
 /// A Prestage command to send: the reconciler records it on the device when it is delivered.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PrestageOrder {
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// The device's hardware class (the variant policy picks a variant per class).
     pub class: String,
     /// The attempt this is (1 for the first).
@@ -154,14 +159,14 @@ pub struct Plan {
     /// The rollout record after this pass.
     pub rollout: proto::Rollout,
     /// Device records that are new or changed.
-    pub records: Vec<proto::RolloutDevice>,
+    pub records: Vec<Keyed<proto::RolloutDevice>>,
     pub events: Vec<proto::RolloutEvent>,
     /// Devices that must be given the candidate (idempotent: only devices not already assigned it).
-    pub to_candidate: Vec<String>,
+    pub to_candidate: Vec<DeviceId>,
     /// Devices that must go back to their baseline.
     pub to_baseline: Vec<Revert>,
     /// Failed devices to give a new generation of the candidate (operator retry).
-    pub retry: Vec<String>,
+    pub retry: Vec<DeviceId>,
     /// Devices to send a Prestage command for the candidate (not persisted in the plan: the device record
     /// keeps what was sent, so this is recomputed, idempotently, from facts on every pass).
     pub prestage: Vec<PrestageOrder>,
@@ -180,12 +185,12 @@ impl Plan {
         }
     }
 
-    fn event(&mut self, now: i64, kind: &str, message: String, device_id: &str) {
+    fn event(&mut self, now: UnixMs, kind: &str, message: String, device_id: &str) {
         self.rollout.event_seq += 1;
         self.events.push(proto::RolloutEvent {
             rollout_id: self.rollout.id.clone(),
             seq: self.rollout.event_seq,
-            unix_ms: now,
+            unix_ms: now.as_millis(),
             kind: kind.to_owned(),
             message,
             device_id: device_id.to_owned(),
@@ -210,6 +215,21 @@ impl Plan {
             && self.prestage.is_empty()
             && self.rollout == *before)
     }
+
+    /// Adds a device's new or changed record to what the reconciler persists.
+    fn push_record(&mut self, device_id: &DeviceId, record: &proto::RolloutDevice) {
+        self.records.push(Keyed::with_id(device_id.clone(), record.clone()));
+    }
+}
+
+/// A device's deadline (none when `seconds` is 0), for the outcome and the quality gates.
+fn deadline_of(seconds: u32) -> Option<Duration> {
+    (seconds > 0).then(|| Duration::from_secs(u64::from(seconds)))
+}
+
+/// True once `deadline` has passed since `assigned_unix_ms` (a record's assignment time).
+fn past_deadline(deadline: Option<Duration>, assigned_unix_ms: i64, now: UnixMs) -> bool {
+    deadline.is_some_and(|d| now >= UnixMs(assigned_unix_ms).plus(d))
 }
 
 fn assigned_candidate(rollout: &proto::Rollout, device: &proto::Device) -> bool {
@@ -224,8 +244,8 @@ fn derive_outcome(
     rollout: &proto::Rollout,
     record: &proto::RolloutDevice,
     device: Option<&proto::Device>,
-    deadline_ms: i64,
-    now: i64,
+    deadline: Option<Duration>,
+    now: UnixMs,
 ) -> (DeviceOutcome, String) {
     if let Some(d) = device.filter(|d| assigned_candidate(rollout, d) && d.applied_generation >= d.desired_generation) {
         let candidate = rollout.candidate.as_ref().map(|c| c.digest.as_str());
@@ -238,7 +258,7 @@ fn derive_outcome(
             return (DeviceOutcome::Failed, code.unwrap_or("failed").to_owned());
         }
     }
-    if deadline_ms > 0 && now.saturating_sub(record.assigned_unix_ms) >= deadline_ms {
+    if past_deadline(deadline, record.assigned_unix_ms, now) {
         return (DeviceOutcome::Failed, "deadline".to_owned());
     }
     (DeviceOutcome::Pending, String::new())
@@ -250,29 +270,29 @@ fn outcome_of(record: &proto::RolloutDevice) -> DeviceOutcome {
 
 /// Returns every B device still in B to its baseline (serving nothing when it ran nothing before).
 /// Returns how many, and how many of them go back to serving nothing.
-fn revert(plan: &mut Plan, records: &mut BTreeMap<String, proto::RolloutDevice>, class: Option<&str>) -> (u32, u32) {
+fn revert(plan: &mut Plan, records: &mut Records, class: Option<&str>) -> (u32, u32) {
     let (mut reverted, mut to_nothing) = (0, 0);
-    for record in records.values_mut() {
+    for (device_id, record) in records.iter_mut() {
         if outcome_of(record) == DeviceOutcome::Reverted || class.is_some_and(|c| c != record.class) {
             continue;
         }
         record.outcome = DeviceOutcome::Reverted as i32;
         // A device assigned B earlier in this same decision must not be sent B after all.
-        plan.to_candidate.retain(|id| id != &record.device_id);
-        plan.retry.retain(|id| id != &record.device_id);
-        plan.to_baseline.push(revert_of(record));
+        plan.to_candidate.retain(|id| id != device_id);
+        plan.retry.retain(|id| id != device_id);
+        plan.to_baseline.push(revert_of(device_id, record));
         reverted += 1;
         if record.baseline.is_none() {
             to_nothing += 1;
         }
-        plan.records.push(record.clone());
+        plan.push_record(device_id, record);
     }
     (reverted, to_nothing)
 }
 
-fn revert_of(record: &proto::RolloutDevice) -> Revert {
+fn revert_of(device_id: &DeviceId, record: &proto::RolloutDevice) -> Revert {
     Revert {
-        device_id: record.device_id.clone(),
+        device_id: device_id.clone(),
         bundle: record.baseline.clone(),
         runtime: record.baseline_runtime.unwrap_or_default(),
     }
@@ -289,10 +309,10 @@ fn returned(reverted: u32, to_nothing: u32) -> String {
 
 /// Decides the next plan for a rollout. Idempotent: deciding again on the facts after applying a plan
 /// changes nothing until time passes or facts change.
-pub fn decide(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
+pub fn decide(rollout: &Keyed<proto::Rollout>, facts: &Facts<'_>, now: UnixMs) -> Plan {
     let mut plan = decide_steps(rollout, facts, now);
-    if is_active(plan.state()) && rollout.spec.as_ref().is_some_and(|s| s.prestage) {
-        plan_prestage(&mut plan, facts, now);
+    if is_active(plan.state()) && rollout.record().spec.as_ref().is_some_and(|s| s.prestage) {
+        plan_prestage(&mut plan, rollout.id(), facts, now);
     }
     if !is_active(plan.state()) {
         // A finished rollout waits for no window.
@@ -321,6 +341,7 @@ fn rfc3339(unix_ms: i64) -> String {
 
 /// What one pass over an active rollout at its current step reads; fixed for the whole pass.
 struct Pass<'a> {
+    id: &'a RolloutId,
     rollout: &'a proto::Rollout,
     facts: &'a Facts<'a>,
     spec: &'a proto::RolloutSpec,
@@ -330,17 +351,26 @@ struct Pass<'a> {
     /// The schedule window while it is closed (an operator's promote opens it for good).
     closed: Option<Window>,
     paused: bool,
-    now: i64,
+    /// How long a B device has to become active (none: no deadline).
+    deadline: Option<Duration>,
+    now: UnixMs,
 }
 
 /// The device records of a rollout, by device id, as this pass changes them.
-type Records = BTreeMap<String, proto::RolloutDevice>;
+type Records = BTreeMap<DeviceId, proto::RolloutDevice>;
 
-fn decide_steps(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
-    let mut plan = Plan::new(rollout);
-    let mut records: Records = facts.records.iter().map(|r| (r.device_id.clone(), r.clone())).collect();
-    let devices: HashMap<&str, &proto::Device> = facts.devices.iter().map(|d| (d.id.as_str(), d)).collect();
-    enforce_records(&mut plan, rollout, &records, &devices);
+/// The facts' devices by id.
+type Devices<'a> = HashMap<&'a DeviceId, &'a proto::Device>;
+
+fn records_of(records: &[Keyed<proto::RolloutDevice>]) -> Records {
+    records.iter().map(|r| (r.id().clone(), r.record().clone())).collect()
+}
+
+fn decide_steps(rollout: &Keyed<proto::Rollout>, facts: &Facts<'_>, now: UnixMs) -> Plan {
+    let mut plan = Plan::new(rollout.record());
+    let mut records = records_of(facts.records);
+    let devices: Devices<'_> = facts.devices.iter().map(|d| (d.id(), d.record())).collect();
+    enforce_records(&mut plan, rollout.record(), &records, &devices);
     if !is_active(plan.state()) {
         return plan;
     }
@@ -365,29 +395,29 @@ fn decide_steps(rollout: &proto::Rollout, facts: &Facts<'_>, now: i64) -> Plan {
 
 /// Level-based enforcement of what the records say, whatever the state (a crash between persisting a
 /// plan and applying it is repaired here).
-fn enforce_records(
-    plan: &mut Plan,
-    rollout: &proto::Rollout,
-    records: &Records,
-    devices: &HashMap<&str, &proto::Device>,
-) {
+fn enforce_records(plan: &mut Plan, rollout: &proto::Rollout, records: &Records, devices: &Devices<'_>) {
     let active = is_active(plan.state());
-    for record in records.values() {
-        let Some(device) = devices.get(record.device_id.as_str()) else { continue };
+    for (device_id, record) in records {
+        let Some(device) = devices.get(device_id) else { continue };
         if outcome_of(record) == DeviceOutcome::Reverted {
             if device.rollout_id == rollout.id && device.cohort == COHORT_CANDIDATE {
-                plan.to_baseline.push(revert_of(record));
+                plan.to_baseline.push(revert_of(device_id, record));
             }
         } else if active && !assigned_candidate(rollout, device) {
-            plan.to_candidate.push(record.device_id.clone());
+            plan.to_candidate.push(device_id.clone());
         }
     }
 }
 
 /// Starts a pending rollout unless its schedule window is closed, and reads the current step. None when
 /// the pass ends here (waiting for the window, no spec or candidate, no step left), the plan saying why.
-fn start_step<'a>(plan: &mut Plan, rollout: &'a proto::Rollout, facts: &'a Facts<'a>, now: i64) -> Option<Pass<'a>> {
-    let state = plan.state();
+fn start_step<'a>(
+    plan: &mut Plan,
+    keyed: &'a Keyed<proto::Rollout>,
+    facts: &'a Facts<'a>,
+    now: UnixMs,
+) -> Option<Pass<'a>> {
+    let (state, rollout) = (plan.state(), keyed.record());
     let (Some(spec), Some(_)) = (&rollout.spec, &rollout.candidate) else {
         plan.set_state(RolloutState::Aborted);
         plan.rollout.message = "the rollout has no spec or candidate; create it again".to_owned();
@@ -395,8 +425,8 @@ fn start_step<'a>(plan: &mut Plan, rollout: &'a proto::Rollout, facts: &'a Facts
         return None;
     };
     // Closed window: no start, no advance, no new B device. An operator's promote overrides it.
-    let closed = window_of(rollout).filter(|w| !rollout.promoted && !w.is_open(now));
-    plan.rollout.window_opens_unix_ms = closed.as_ref().map(|w| w.next_opening(now)).unwrap_or(0);
+    let closed = window_of(rollout).filter(|w| !rollout.promoted && !w.is_open(now.as_millis()));
+    plan.rollout.window_opens_unix_ms = closed.as_ref().map(|w| w.next_opening(now.as_millis())).unwrap_or(0);
     if state == RolloutState::Pending {
         if let Some(w) = &closed {
             plan.rollout.message =
@@ -404,7 +434,7 @@ fn start_step<'a>(plan: &mut Plan, rollout: &'a proto::Rollout, facts: &'a Facts
             return None;
         }
         plan.set_state(RolloutState::Progressing);
-        plan.rollout.step_started_unix_ms = now;
+        plan.rollout.step_started_unix_ms = now.as_millis();
         plan.event(now, "started", format!("step 1 of {} started", spec.steps.len()), "");
     }
     let Some(step) = spec.steps.get(plan.rollout.current_step as usize).copied() else {
@@ -413,6 +443,7 @@ fn start_step<'a>(plan: &mut Plan, rollout: &'a proto::Rollout, facts: &'a Facts
         return None;
     };
     Some(Pass {
+        id: keyed.id(),
         rollout,
         facts,
         spec,
@@ -421,51 +452,52 @@ fn start_step<'a>(plan: &mut Plan, rollout: &'a proto::Rollout, facts: &'a Facts
         halted: plan.rollout.halted_classes.iter().cloned().collect(),
         closed,
         paused: state == RolloutState::Paused,
+        deadline: deadline_of(spec.device_deadline_seconds),
         now,
     })
 }
 
 /// Outcomes of devices already in B, from their facts; a new failure is an event.
-fn update_outcomes(pass: &Pass<'_>, plan: &mut Plan, records: &mut Records, devices: &HashMap<&str, &proto::Device>) {
-    let deadline_ms = i64::from(pass.spec.device_deadline_seconds) * 1000;
-    for record in records.values_mut() {
+fn update_outcomes(pass: &Pass<'_>, plan: &mut Plan, records: &mut Records, devices: &Devices<'_>) {
+    for (device_id, record) in records.iter_mut() {
         // A halted class is out of the rollout: its devices' outcomes no longer change anything.
         if outcome_of(record) == DeviceOutcome::Reverted || pass.halted.contains(&record.class) {
             continue;
         }
-        let device = devices.get(record.device_id.as_str()).copied();
-        let (outcome, reason) = derive_outcome(pass.rollout, record, device, deadline_ms, pass.now);
+        let device = devices.get(device_id).copied();
+        let (outcome, reason) = derive_outcome(pass.rollout, record, device, pass.deadline, pass.now);
         if outcome as i32 != record.outcome || (outcome == DeviceOutcome::Failed && reason != record.reason) {
             if outcome == DeviceOutcome::Failed {
                 plan.event(
                     pass.now,
                     "device_failed",
-                    format!("{} ({}) failed: {reason}", record.device_id, record.class),
-                    &record.device_id,
+                    format!("{device_id} ({}) failed: {reason}", record.class),
+                    device_id.as_str(),
                 );
             }
             record.outcome = outcome as i32;
             record.reason = reason;
-            plan.records.push(record.clone());
+            plan.push_record(device_id, record);
         }
     }
 }
 
 /// Devices the rollout selects: its members, and devices its selector picks that no other active rollout has.
-fn selected_devices<'a>(pass: &Pass<'a>, records: &Records) -> Vec<&'a proto::Device> {
+fn selected_devices<'a>(pass: &Pass<'a>, records: &Records) -> Vec<&'a Keyed<proto::Device>> {
     pass.facts
         .devices
         .iter()
-        .filter(|d| selects(&pass.spec.selector, &d.labels) || records.contains_key(&d.id))
-        .filter(|d| records.contains_key(&d.id) || !pass.facts.other_active.contains(&d.rollout_id))
+        .filter(|d| selects(&pass.spec.selector, &d.record().labels) || records.contains_key(d.id()))
+        .filter(|d| records.contains_key(d.id()) || !pass.facts.other_active.contains(d.record().rollout_id.as_str()))
         .collect()
 }
 
 /// Per class, how many devices are selected (a member counts in the class it joined with).
-fn selected_per_class(selected: &[&proto::Device], records: &Records) -> BTreeMap<String, proto::ClassStatus> {
+fn selected_per_class(selected: &[&Keyed<proto::Device>], records: &Records) -> BTreeMap<String, proto::ClassStatus> {
     let mut classes: BTreeMap<String, proto::ClassStatus> = BTreeMap::new();
     for device in selected {
-        let class = records.get(&device.id).map(|r| r.class.clone()).unwrap_or_else(|| hardware_class(device));
+        let class =
+            records.get(device.id()).map(|r| r.class.clone()).unwrap_or_else(|| hardware_class(device.record()));
         let entry = classes.entry(class.clone()).or_insert_with(|| proto::ClassStatus { class, ..Default::default() });
         entry.counts.get_or_insert_default().selected += 1;
     }
@@ -479,38 +511,38 @@ fn move_to_candidate(
     pass: &Pass<'_>,
     plan: &mut Plan,
     records: &mut Records,
-    selected: &[&proto::Device],
+    selected: &[&Keyed<proto::Device>],
 ) -> HashMap<String, u32> {
-    let rollout_id = &pass.rollout.id;
-    let mut eligible: Vec<(u32, &proto::Device)> = selected
+    let rollout_id = pass.id;
+    let mut eligible: Vec<(u32, &Keyed<proto::Device>)> = selected
         .iter()
-        .filter(|d| !records.contains_key(&d.id) && in_candidate(rollout_id, &d.id, pass.step.percent))
-        .filter(|d| !pass.halted.contains(&hardware_class(d)))
-        .map(|d| (bucket(rollout_id, &d.id), *d))
+        .filter(|d| !records.contains_key(d.id()) && in_candidate(rollout_id, d.id(), pass.step.percent))
+        .filter(|d| !pass.halted.contains(&hardware_class(d.record())))
+        .map(|d| (bucket(rollout_id, d.id()), *d))
         .collect();
-    eligible.sort_by_key(|(b, d)| (*b, d.id.clone()));
+    eligible.sort_by_key(|(b, d)| (*b, d.id().clone()));
     let converging = records.values().filter(|r| outcome_of(r) == DeviceOutcome::Pending).count() as u64;
     let mut budget = if pass.spec.max_concurrent == 0 { u64::MAX } else { u64::from(pass.spec.max_concurrent) };
     budget = budget.saturating_sub(converging);
     let mut waiting_turn: HashMap<String, u32> = HashMap::new();
     for (_, device) in eligible {
-        let class = hardware_class(device);
+        let class = hardware_class(device.record());
         if pass.paused || budget == 0 || pass.closed.is_some() {
             *waiting_turn.entry(class).or_default() += 1;
             continue;
         }
         budget -= 1;
-        let record = new_member(rollout_id, device, class, pass.now);
-        plan.to_candidate.push(device.id.clone());
-        plan.records.push(record.clone());
-        records.insert(device.id.clone(), record);
+        let record = new_member(rollout_id, device.record(), class, pass.now);
+        plan.to_candidate.push(device.id().clone());
+        plan.push_record(device.id(), &record);
+        records.insert(device.id().clone(), record);
     }
     waiting_turn
 }
 
 /// A device's record as it joins B: what it runs now is its baseline (with its runtime settings when its
 /// desired state named the same bundle).
-fn new_member(rollout_id: &str, device: &proto::Device, class: String, now: i64) -> proto::RolloutDevice {
+fn new_member(rollout_id: &RolloutId, device: &proto::Device, class: String, now: UnixMs) -> proto::RolloutDevice {
     let baseline_runtime = if device.desired.as_ref().map(|b| &b.digest) == device.running.as_ref().map(|b| &b.digest) {
         device.desired_runtime
     } else {
@@ -518,12 +550,12 @@ fn new_member(rollout_id: &str, device: &proto::Device, class: String, now: i64)
     };
     let baseline_variant = if device.running.is_some() { device.running_variant.clone() } else { String::new() };
     proto::RolloutDevice {
-        rollout_id: rollout_id.to_owned(),
+        rollout_id: rollout_id.to_string(),
         device_id: device.id.clone(),
         class,
         baseline: device.running.clone(),
         baseline_runtime,
-        assigned_unix_ms: now,
+        assigned_unix_ms: now.as_millis(),
         outcome: DeviceOutcome::Pending as i32,
         reason: String::new(),
         attempts: 1,
@@ -566,18 +598,19 @@ fn judge_classes(pass: &Pass<'_>, plan: &Plan, records: &Records, classes: &mut 
     let current: Vec<proto::RolloutDevice> = records.values().cloned().collect();
     let comparison: HashMap<String, proto::ClassComparison> = if perf_on || !measurements.is_empty() {
         let min_samples = gates.min_devices.max(1) as usize;
-        let c = compare::compare(&plan.rollout, pass.facts.devices, &current, measurements, min_samples);
+        let devices = pass.facts.devices.iter().map(Keyed::record);
+        let c = compare::compare(&plan.rollout, devices, &current, measurements, min_samples);
         c.classes.into_iter().map(|c| (c.class.clone(), c)).collect()
     } else {
         HashMap::new()
     };
     let traffic = if gates.max_error_rate_ratio.is_some() {
-        errors::per_class(&plan.rollout, pass.facts.devices, &current, measurements)
+        errors::per_class(&plan.rollout, pass.facts.devices.iter().map(Keyed::record), &current, measurements)
     } else {
         BTreeMap::new()
     };
     let latency = if gates.max_p95_latency_ratio.is_some() {
-        latency::per_class(&plan.rollout, pass.facts.devices, &current, measurements)
+        latency::per_class(&plan.rollout, pass.facts.devices.iter().map(Keyed::record), &current, measurements)
     } else {
         BTreeMap::new()
     };
@@ -610,26 +643,24 @@ fn judge_classes(pass: &Pass<'_>, plan: &Plan, records: &Records, classes: &mut 
 /// Active candidate devices with no latency sample of the candidate yet, except those still without one
 /// `device_deadline_seconds` after their assignment (when a deadline is set): they are judged without.
 fn unsampled_latency(pass: &Pass<'_>, active: &[&proto::RolloutDevice], candidate: &str) -> u32 {
-    let deadline_ms = i64::from(pass.spec.device_deadline_seconds) * 1000;
-    let past_deadline =
-        |r: &proto::RolloutDevice| deadline_ms > 0 && pass.now.saturating_sub(r.assigned_unix_ms) >= deadline_ms;
+    let deadline = deadline_of(pass.spec.device_deadline_seconds);
     active
         .iter()
-        .filter(|r| pass.facts.measurements.latency(&r.device_id, candidate).is_none() && !past_deadline(r))
+        .filter(|r| pass.facts.measurements.latency(&r.device_id, candidate).is_none())
+        .filter(|r| !past_deadline(deadline, r.assigned_unix_ms, pass.now))
         .count() as u32
 }
 
 /// The quality facts of one class: its active candidate devices' newest evaluations against their own
 /// baselines, judged by the shared gate math, and how many devices the class still waits for.
 fn class_quality(pass: &Pass<'_>, active: &[&proto::RolloutDevice]) -> QualityFacts {
-    let deadline_ms = i64::from(pass.spec.device_deadline_seconds) * 1000;
     let mut results = Vec::new();
     let mut unreported = 0;
     for r in active {
         match pass.facts.evaluations.newest(&r.device_id, r.baseline.as_ref().map(|b| b.digest.as_str())) {
             Some(sample) => results.push((r.device_id.as_str(), &sample.outcome)),
             // Still silent past its deadline: judged without it.
-            None if deadline_ms > 0 && pass.now.saturating_sub(r.assigned_unix_ms) >= deadline_ms => {}
+            None if past_deadline(pass.deadline, r.assigned_unix_ms, pass.now) => {}
             None => unreported += 1,
         }
     }
@@ -713,7 +744,8 @@ fn advance_hold_or_wait(pass: &Pass<'_>, plan: &mut Plan, classes: &BTreeMap<Str
     let accept_inconclusive = plan.rollout.inconclusive_accepted
         || plan.rollout.promoted
         || pass.spec.on_inconclusive == InconclusivePolicy::Advance as i32;
-    let soaked = now.saturating_sub(plan.rollout.step_started_unix_ms) >= i64::from(pass.step.min_soak_seconds) * 1000;
+    let soak = Duration::from_secs(u64::from(pass.step.min_soak_seconds));
+    let soaked = now >= UnixMs(plan.rollout.step_started_unix_ms).plus(soak);
     let last_step = plan.rollout.current_step as usize + 1 >= pass.spec.steps.len();
     let closed = pass.closed.as_ref();
     if !waiting.is_empty() {
@@ -746,7 +778,7 @@ fn advance_hold_or_wait(pass: &Pass<'_>, plan: &mut Plan, classes: &BTreeMap<Str
     }
 }
 
-fn complete(plan: &mut Plan, now: i64) {
+fn complete(plan: &mut Plan, now: UnixMs) {
     plan.set_state(RolloutState::Completed);
     let active: u32 = plan.rollout.counts.map(|c| c.active).unwrap_or(0);
     let halted = if plan.rollout.halted_classes.is_empty() {
@@ -758,10 +790,10 @@ fn complete(plan: &mut Plan, now: i64) {
     plan.event(now, "completed", plan.rollout.message.clone(), "");
 }
 
-fn advance(plan: &mut Plan, spec: &proto::RolloutSpec, now: i64) {
+fn advance(plan: &mut Plan, spec: &proto::RolloutSpec, now: UnixMs) {
     let step_no = plan.rollout.current_step + 1;
     plan.rollout.current_step += 1;
-    plan.rollout.step_started_unix_ms = now;
+    plan.rollout.step_started_unix_ms = now.as_millis();
     plan.rollout.inconclusive_accepted = false;
     let percent = spec.steps.get(plan.rollout.current_step as usize).map(|s| s.percent).unwrap_or(100);
     plan.rollout.message = format!("advanced to step {} ({percent}%)", step_no + 1);
@@ -770,23 +802,23 @@ fn advance(plan: &mut Plan, spec: &proto::RolloutSpec, now: i64) {
 
 /// Which selected devices to tell to pre-stage the candidate now, and per class how many report it staged
 /// or failed to stage it. Idempotent: the device records keep what was sent and answered.
-fn plan_prestage(plan: &mut Plan, facts: &Facts<'_>, now: i64) {
+fn plan_prestage(plan: &mut Plan, rollout_id: &RolloutId, facts: &Facts<'_>, now: UnixMs) {
     let Some(spec) = plan.rollout.spec.as_ref() else { return };
     let Some(candidate) = plan.rollout.candidate.as_ref().map(|c| c.digest.clone()) else { return };
-    let rollout_id = plan.rollout.id.clone();
-    let records: HashMap<&str, &proto::RolloutDevice> =
-        facts.records.iter().map(|r| (r.device_id.as_str(), r)).collect();
+    let records: HashMap<&DeviceId, &proto::RolloutDevice> =
+        facts.records.iter().map(|r| (r.id(), r.record())).collect();
     let halted: HashSet<&str> = plan.rollout.halted_classes.iter().map(String::as_str).collect();
     let mut per_class: BTreeMap<String, (u32, u32, u32)> = BTreeMap::new();
     let mut orders = Vec::new();
     let mut failures = Vec::new();
-    for device in facts.devices {
-        let record = records.get(device.id.as_str());
+    for keyed in facts.devices {
+        let (device_id, device) = (keyed.id(), keyed.record());
+        let record = records.get(device_id);
         let member = record.is_some();
         if !(member || selects(&spec.selector, &device.labels)) {
             continue;
         }
-        if !member && facts.other_active.contains(&device.rollout_id) {
+        if !member && facts.other_active.contains(device.rollout_id.as_str()) {
             continue;
         }
         let class = record.map(|r| r.class.clone()).unwrap_or_else(|| hardware_class(device));
@@ -796,7 +828,7 @@ fn plan_prestage(plan: &mut Plan, facts: &Facts<'_>, now: i64) {
         }
         let entry = per_class.entry(class.clone()).or_default();
         entry.0 += 1;
-        let ours = device.prestage.as_ref().filter(|p| p.rollout_id == rollout_id);
+        let ours = device.prestage.as_ref().filter(|p| p.rollout_id == rollout_id.as_str());
         let state = ours.map(|p| proto::PrestageState::try_from(p.state).unwrap_or_default());
         let staged = device.staged.iter().any(|b| b.digest == candidate)
             || state == Some(proto::PrestageState::Ready)
@@ -812,32 +844,31 @@ fn plan_prestage(plan: &mut Plan, facts: &Facts<'_>, now: i64) {
             continue;
         }
         let attempts = ours.map(|p| p.attempts).unwrap_or(0);
-        let since = now.saturating_sub(ours.map(|p| p.sent_unix_ms).unwrap_or(0));
+        let sent = UnixMs(ours.map(|p| p.sent_unix_ms).unwrap_or(0));
         let due = match state {
             None | Some(proto::PrestageState::Unspecified) => true,
             Some(proto::PrestageState::Ready) => false,
-            Some(proto::PrestageState::Sent) => since >= PRESTAGE_ANSWER_MS,
+            Some(proto::PrestageState::Sent) => now >= sent.plus(PRESTAGE_ANSWER),
             Some(proto::PrestageState::Failed) => {
-                since >= PRESTAGE_BACKOFF_MS.saturating_mul(1 << attempts.saturating_sub(1).min(10))
+                now >= sent.plus(PRESTAGE_BACKOFF.saturating_mul(1 << attempts.saturating_sub(1).min(10)))
             }
         };
         if due && attempts < PRESTAGE_MAX_ATTEMPTS {
             if state == Some(proto::PrestageState::Failed) {
                 let why = ours.and_then(|p| p.error.as_ref()).map(|e| e.message.as_str()).unwrap_or("no reason given");
                 failures.push((
-                    device.id.clone(),
+                    device_id,
                     format!(
-                        "{} failed to stage the candidate ({why}); attempt {} of {PRESTAGE_MAX_ATTEMPTS}",
-                        device.id,
+                        "{device_id} failed to stage the candidate ({why}); attempt {} of {PRESTAGE_MAX_ATTEMPTS}",
                         attempts + 1
                     ),
                 ));
             }
-            orders.push(PrestageOrder { device_id: device.id.clone(), class, attempt: attempts + 1 });
+            orders.push(PrestageOrder { device_id: device_id.clone(), class, attempt: attempts + 1 });
         }
     }
     for (device_id, message) in failures {
-        plan.event(now, "prestage_retry", message, &device_id);
+        plan.event(now, "prestage_retry", message, device_id.as_str());
     }
     plan.prestage = orders;
     for (class, (selected, staged, failed)) in per_class {
@@ -1061,23 +1092,24 @@ impl Verb {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum VerbError {
     #[error("rollout {id} is {state}; {verb} applies only to {allowed} rollouts")]
-    WrongState { id: String, state: &'static str, verb: &'static str, allowed: &'static str },
+    WrongState { id: RolloutId, state: &'static str, verb: &'static str, allowed: &'static str },
     #[error("rollout {id} has no failed candidate devices to retry")]
-    NothingToRetry { id: String },
+    NothingToRetry { id: RolloutId },
 }
 
 /// Applies an operator's verb to a rollout. Pure: the reconciler persists and applies the plan.
 pub fn command(
-    rollout: &proto::Rollout,
-    records: &[proto::RolloutDevice],
+    keyed: &Keyed<proto::Rollout>,
+    records: &[Keyed<proto::RolloutDevice>],
     verb: Verb,
     reason: &str,
-    now: i64,
+    now: UnixMs,
 ) -> Result<Plan, VerbError> {
+    let rollout = keyed.record();
     let mut plan = Plan::new(rollout);
     let state = plan.state();
     let wrong = |allowed: &'static str| VerbError::WrongState {
-        id: rollout.id.clone(),
+        id: keyed.id().clone(),
         state: state.label(),
         verb: verb.label(),
         allowed,
@@ -1111,7 +1143,7 @@ pub fn command(
             plan.set_state(RolloutState::Progressing);
             plan.rollout.pause_reason = PauseReason::Unspecified as i32;
             plan.rollout.current_step = steps as u32 - 1;
-            plan.rollout.step_started_unix_ms = now;
+            plan.rollout.step_started_unix_ms = now.as_millis();
             plan.rollout.promoted = true;
             plan.rollout.message = format!("promoted to the last step{by}");
         }
@@ -1119,9 +1151,7 @@ pub fn command(
             if !is_active(state) {
                 return Err(wrong("pending, progressing or paused"));
             }
-            let mut map: BTreeMap<String, proto::RolloutDevice> =
-                records.iter().map(|r| (r.device_id.clone(), r.clone())).collect();
-            let (reverted, to_nothing) = revert(&mut plan, &mut map, None);
+            let (reverted, to_nothing) = revert(&mut plan, &mut records_of(records), None);
             plan.set_state(RolloutState::Aborted);
             plan.rollout.message = format!("aborted by an operator{by}; {}", returned(reverted, to_nothing));
         }
@@ -1129,20 +1159,19 @@ pub fn command(
             if !is_active(state) {
                 return Err(wrong("pending, progressing or paused"));
             }
-            for record in records.iter().filter(|r| outcome_of(r) == DeviceOutcome::Failed) {
-                if rollout.halted_classes.contains(&record.class) {
+            for (device_id, mut r) in records_of(records) {
+                if outcome_of(&r) != DeviceOutcome::Failed || rollout.halted_classes.contains(&r.class) {
                     continue;
                 }
-                let mut r = record.clone();
                 r.outcome = DeviceOutcome::Pending as i32;
                 r.reason.clear();
-                r.assigned_unix_ms = now;
+                r.assigned_unix_ms = now.as_millis();
                 r.attempts += 1;
-                plan.retry.push(r.device_id.clone());
-                plan.records.push(r);
+                plan.push_record(&device_id, &r);
+                plan.retry.push(device_id);
             }
             if plan.retry.is_empty() {
-                return Err(VerbError::NothingToRetry { id: rollout.id.clone() });
+                return Err(VerbError::NothingToRetry { id: keyed.id().clone() });
             }
             plan.rollout.message = format!("retrying {} failed devices{by}", plan.retry.len());
         }

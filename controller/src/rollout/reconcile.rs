@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use alki_shared::clock::{SharedClock, UnixMs};
-use alki_shared::ids::RolloutId;
+use alki_shared::ids::{DeviceId, RolloutId};
 use alki_shared::proto::{self, RolloutState, VariantPolicy, controller_message};
 
 use super::Rollouts;
@@ -18,7 +18,7 @@ use crate::fleet::{Assignment, EvalAssignment, Fleet};
 use crate::insight::compare::Measurements;
 use crate::insight::quality::{self, Evaluations};
 use crate::insight::recommend::{self, QualityFloor};
-use crate::store::{BenchmarkFilter, StoreError};
+use crate::store::{BenchmarkFilter, Keyed, StoreError};
 
 /// How often the reconciler looks even when nothing woke it (soak timers, deadlines).
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
@@ -52,33 +52,36 @@ pub fn reconcile_once(rollouts: &Rollouts, now: UnixMs) -> Result<(), StoreError
 
 fn reconcile_once_with(rollouts: &Rollouts, now: UnixMs, include_finished: bool) -> Result<(), StoreError> {
     let fleet = &rollouts.fleet;
-    let now = now.as_millis();
     let _guard = rollouts.lock();
     let stored = fleet.store.rollouts()?;
-    let active_ids: HashSet<String> = stored.iter().filter(|r| rollout_is_active(r)).map(|r| r.id.clone()).collect();
-    let considered: Vec<proto::Rollout> = stored
+    let active_ids: HashSet<RolloutId> =
+        stored.iter().filter(|r| rollout_is_active(r.record())).map(|r| r.id().clone()).collect();
+    let considered: Vec<Keyed<proto::Rollout>> = stored
         .into_iter()
-        .filter(|r| rollout_is_active(r) || (include_finished && r.state == RolloutState::Aborted as i32))
+        .filter(|r| {
+            let r = r.record();
+            rollout_is_active(r) || (include_finished && r.state == RolloutState::Aborted as i32)
+        })
         .collect();
     if considered.is_empty() {
         return Ok(());
     }
     let mut devices = load_devices(fleet)?;
     // Measurements are read only when a rollout's performance gates need them.
-    let measurements = if considered.iter().any(needs_measurements) {
+    let measurements = if considered.iter().any(|r| needs_measurements(r.record())) {
         Measurements::from_records(&fleet.store.perf_records()?)
     } else {
         Measurements::default()
     };
     for mut rollout in considered {
-        let span = tracing::info_span!("rollout", rollout_id = %rollout.id);
+        let span = tracing::info_span!("rollout", rollout_id = %rollout.id());
         let _entered = span.enter();
-        let mut records = fleet.store.rollout_devices(&rollout.id)?;
-        let evaluations = evaluations_of(fleet, &rollout)?;
+        let mut records = fleet.store.rollout_devices(rollout.id())?;
+        let evaluations = evaluations_of(fleet, rollout.record())?;
         let mut others = active_ids.clone();
-        others.remove(&rollout.id);
+        others.remove(rollout.id());
         // Zero-soak steps advance several times in one pass; bounded by the number of steps.
-        let max_passes = rollout.spec.as_ref().map(|s| s.steps.len()).unwrap_or(0) + 2;
+        let max_passes = rollout.record().spec.as_ref().map(|s| s.steps.len()).unwrap_or(0) + 2;
         for _ in 0..max_passes {
             let facts = engine::Facts {
                 devices: &devices,
@@ -88,14 +91,15 @@ fn reconcile_once_with(rollouts: &Rollouts, now: UnixMs, include_finished: bool)
                 evaluations: &evaluations,
             };
             let plan = engine::decide(&rollout, &facts, now);
-            if !plan.changes(&rollout) {
+            let before = rollout.record();
+            if !plan.changes(before) {
                 break;
             }
-            let moved = plan.rollout.state != rollout.state || plan.rollout.current_step != rollout.current_step;
+            let moved = plan.rollout.state != before.state || plan.rollout.current_step != before.current_step;
             apply(fleet, &rollout, &plan, now)?;
             merge_records(&mut records, &plan.records);
-            rollout = plan.rollout;
-            if !moved || !rollout_is_active(&rollout) {
+            rollout = Keyed::with_id(rollout.id().clone(), plan.rollout);
+            if !moved || !rollout_is_active(rollout.record()) {
                 break;
             }
             devices = load_devices(fleet)?;
@@ -105,10 +109,11 @@ fn reconcile_once_with(rollouts: &Rollouts, now: UnixMs, include_finished: bool)
 }
 
 /// Device records with `connected` filled from the live sessions (pre-staging only asks connected devices).
-fn load_devices(fleet: &Fleet) -> Result<Vec<proto::Device>, StoreError> {
+fn load_devices(fleet: &Fleet) -> Result<Vec<Keyed<proto::Device>>, StoreError> {
     let mut devices = fleet.store.devices()?;
     for d in &mut devices {
-        d.connected = fleet.hub.is_connected(&d.id);
+        let connected = fleet.hub.is_connected(d.id().as_str());
+        d.record_mut().connected = connected;
     }
     Ok(devices)
 }
@@ -134,9 +139,9 @@ fn evaluations_of(fleet: &Fleet, rollout: &proto::Rollout) -> Result<Evaluations
     }
 }
 
-fn merge_records(records: &mut Vec<proto::RolloutDevice>, changed: &[proto::RolloutDevice]) {
+fn merge_records(records: &mut Vec<Keyed<proto::RolloutDevice>>, changed: &[Keyed<proto::RolloutDevice>]) {
     for c in changed {
-        match records.iter_mut().find(|r| r.device_id == c.device_id) {
+        match records.iter_mut().find(|r| r.id() == c.id()) {
             Some(r) => *r = c.clone(),
             None => records.push(c.clone()),
         }
@@ -145,14 +150,18 @@ fn merge_records(records: &mut Vec<proto::RolloutDevice>, changed: &[proto::Roll
 
 /// Persists a plan (rollout, records and events in one transaction), then applies its device moves.
 /// Persisting first means a crash in between is repaired by the next pass: records say what must hold.
-fn apply(fleet: &Fleet, before: &proto::Rollout, plan: &engine::Plan, now: i64) -> Result<(), StoreError> {
+fn apply(fleet: &Fleet, before: &Keyed<proto::Rollout>, plan: &engine::Plan, now: UnixMs) -> Result<(), StoreError> {
+    let rollout_id = before.id();
     let mut rollout = plan.rollout.clone();
-    if rollout != *before {
-        rollout.updated_unix_ms = now;
+    let changed = rollout != *before.record();
+    if changed {
+        rollout.updated_unix_ms = now.as_millis();
     }
-    if rollout != *before || !plan.records.is_empty() || !plan.events.is_empty() {
+    let rollout = Keyed::with_id(rollout_id.clone(), rollout);
+    if changed || !plan.records.is_empty() || !plan.events.is_empty() {
         fleet.store.commit_rollout(&rollout, &plan.records, &plan.events)?;
     }
+    let rollout = rollout.record();
     for event in &plan.events {
         tracing::info!(
             seq = event.seq,
@@ -163,13 +172,8 @@ fn apply(fleet: &Fleet, before: &proto::Rollout, plan: &engine::Plan, now: i64) 
         );
     }
     let Some(candidate) = &rollout.candidate else { return Ok(()) };
-    // Stored rollouts carry ids this controller generated; one that does not parse moves no device.
-    let Ok(rollout_id) = RolloutId::new(rollout.id.clone()) else {
-        tracing::error!(rollout_id = %rollout.id, "A stored rollout has an invalid id; its devices are left alone.");
-        return Ok(());
-    };
     if !plan.prestage.is_empty() {
-        send_prestage(fleet, &rollout, candidate, &plan.prestage, now)?;
+        send_prestage(fleet, rollout, candidate, &plan.prestage, now)?;
     }
     let to_b = Assignment {
         bundle: Some(candidate.clone()),
@@ -179,27 +183,28 @@ fn apply(fleet: &Fleet, before: &proto::Rollout, plan: &engine::Plan, now: i64) 
         variant_digest: String::new(),
         eval: None,
     };
-    let per_device: HashMap<String, Assignment> = if plan.to_candidate.is_empty() && plan.retry.is_empty() {
+    let per_device: HashMap<DeviceId, Assignment> = if plan.to_candidate.is_empty() && plan.retry.is_empty() {
         HashMap::new()
     } else {
         // Each B device: its class's recommended variant, and its evaluation against its own baseline.
-        let by_class = recommended_variants(fleet, &rollout)?;
+        let by_class = recommended_variants(fleet, rollout)?;
         fleet
             .store
-            .rollout_devices(&rollout.id)?
+            .rollout_devices(rollout_id)?
             .into_iter()
-            .map(|r| {
+            .map(|keyed| {
+                let r = keyed.record();
                 let eval = rollout.eval_suite.clone().map(|suite| EvalAssignment {
                     suite,
                     baseline: r.baseline.clone(),
                     baseline_variant: r.baseline_variant.clone(),
                 });
                 let variant_digest = by_class.get(&r.class).cloned().unwrap_or_default();
-                (r.device_id, Assignment { variant_digest, eval, ..to_b.clone() })
+                (keyed.id().clone(), Assignment { variant_digest, eval, ..to_b.clone() })
             })
             .collect()
     };
-    let to_b_of = |id: &str| per_device.get(id).unwrap_or(&to_b);
+    let to_b_of = |id: &DeviceId| per_device.get(id).unwrap_or(&to_b);
     let to_a: Vec<Assignment> = plan
         .to_baseline
         .iter()
@@ -212,10 +217,10 @@ fn apply(fleet: &Fleet, before: &proto::Rollout, plan: &engine::Plan, now: i64) 
             eval: None,
         })
         .collect();
-    let mut moves: Vec<(&str, &Assignment, bool)> = Vec::new();
-    moves.extend(plan.to_candidate.iter().map(|id| (id.as_str(), to_b_of(id), false)));
-    moves.extend(plan.retry.iter().map(|id| (id.as_str(), to_b_of(id), true)));
-    moves.extend(plan.to_baseline.iter().zip(&to_a).map(|(r, a)| (r.device_id.as_str(), a, false)));
+    let mut moves: Vec<(&DeviceId, &Assignment, bool)> = Vec::new();
+    moves.extend(plan.to_candidate.iter().map(|id| (id, to_b_of(id), false)));
+    moves.extend(plan.retry.iter().map(|id| (id, to_b_of(id), true)));
+    moves.extend(plan.to_baseline.iter().zip(&to_a).map(|(r, a)| (&r.device_id, a, false)));
     let sent = fleet.assign_many(&moves)?;
     if sent > 0 {
         tracing::info!(
@@ -268,7 +273,7 @@ fn send_prestage(
     rollout: &proto::Rollout,
     candidate: &proto::BundleRef,
     orders: &[engine::PrestageOrder],
-    now: i64,
+    now: UnixMs,
 ) -> Result<(), StoreError> {
     let variants = recommended_variants(fleet, rollout)?;
     let commands: Vec<(proto::Command, proto::DevicePrestage)> = orders
@@ -286,27 +291,27 @@ fn send_prestage(
                 command_id,
                 state: proto::PrestageState::Sent as i32,
                 attempts: order.attempt,
-                sent_unix_ms: now,
+                sent_unix_ms: now.as_millis(),
                 error: None,
                 bytes_downloaded: 0,
             };
             (command, record)
         })
         .collect();
-    let ids: Vec<&str> = orders.iter().map(|o| o.device_id.as_str()).collect();
+    let ids: Vec<&DeviceId> = orders.iter().map(|o| &o.device_id).collect();
     let previous = fleet.store.update_devices(&ids, |d, i| d.prestage.replace(commands[i].1.clone()))?;
-    let mut undelivered: Vec<(&str, Option<proto::DevicePrestage>)> = Vec::new();
-    for ((id, (command, _)), previous) in ids.iter().zip(commands).zip(previous) {
-        let attempt = orders.iter().find(|o| o.device_id == *id).map(|o| o.attempt).unwrap_or(0);
+    let mut undelivered: Vec<(&DeviceId, Option<proto::DevicePrestage>)> = Vec::new();
+    for ((order, (command, _)), previous) in orders.iter().zip(commands).zip(previous) {
+        let (id, attempt) = (&order.device_id, order.attempt);
         let command_id = command.id.clone();
-        let delivered = fleet.hub.send(id, controller_message::Msg::Command(command));
+        let delivered = fleet.hub.send(id.as_str(), controller_message::Msg::Command(command));
         tracing::info!(device_id = %id, command_id, attempt, delivered, "Sent a prestage command.");
         if !delivered {
             undelivered.push((id, previous));
         }
     }
     if !undelivered.is_empty() {
-        let ids: Vec<&str> = undelivered.iter().map(|(id, _)| *id).collect();
+        let ids: Vec<&DeviceId> = undelivered.iter().map(|(id, _)| *id).collect();
         fleet.store.update_devices(&ids, |d, i| d.prestage = undelivered[i].1.clone())?;
     }
     Ok(())
@@ -332,12 +337,12 @@ pub fn operate(
     now: UnixMs,
 ) -> Result<proto::Rollout, OperateError> {
     let fleet = &rollouts.fleet;
-    let now = now.as_millis();
     let _guard = rollouts.lock();
-    let rollout = fleet.store.rollout(id.as_str())?.ok_or_else(|| OperateError::NotFound(id.to_string()))?;
-    let records = fleet.store.rollout_devices(id.as_str())?;
+    let rollout = fleet.store.rollout(id)?.ok_or_else(|| OperateError::NotFound(id.to_string()))?;
+    let rollout = Keyed::with_id(id.clone(), rollout);
+    let records = fleet.store.rollout_devices(id)?;
     let plan = engine::command(&rollout, &records, verb, reason, now)?;
-    let span = tracing::info_span!("rollout", rollout_id = %rollout.id);
+    let span = tracing::info_span!("rollout", rollout_id = %id);
     let _entered = span.enter();
     apply(fleet, &rollout, &plan, now)?;
     fleet.changed.notify_one();

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use alki_shared::clock::UnixMs;
 use alki_shared::proto;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
 
@@ -30,7 +31,7 @@ impl Default for AuditRetention {
 /// Which entries a query wants.
 #[derive(Clone, Debug, Default)]
 pub struct AuditQuery {
-    pub since_unix_ms: i64,
+    pub since: UnixMs,
     /// Exact actor (`token:ci`) or the name after the kind (`ci`); empty: everyone.
     pub actor: String,
     pub limit: usize,
@@ -42,17 +43,17 @@ pub(super) fn create_tables(txn: &redb::WriteTransaction) -> Result<(), StoreErr
 }
 
 /// The key (and public id) of an entry.
-pub fn audit_key(unix_ms: i64, seq: u64) -> String {
-    format!("{:013}-{seq:010}", unix_ms.max(0))
+pub fn audit_key(at: UnixMs, seq: u64) -> String {
+    format!("{:013}-{seq:010}", at.as_millis().max(0))
 }
 
 impl Store {
-    /// Appends entries (their `id` is their key) in one transaction, then applies `retention` as of `now_unix_ms`.
+    /// Appends entries (their `id` is their key) in one transaction, then applies `retention` as of `now`.
     pub fn append_audit(
         &self,
         entries: &[proto::AuditEntry],
         retention: AuditRetention,
-        now_unix_ms: i64,
+        now: UnixMs,
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
@@ -61,8 +62,7 @@ impl Store {
                 let bytes = serde_json::to_vec(entry).map_err(|e| StoreError::Encode(e, AUDIT.name().to_owned()))?;
                 t.insert(entry.id.as_str(), bytes.as_slice())?;
             }
-            let max_age_ms = i64::try_from(retention.max_age.as_millis()).unwrap_or(i64::MAX);
-            let cutoff = audit_key(now_unix_ms.saturating_sub(max_age_ms), 0);
+            let cutoff = audit_key(now.minus(retention.max_age), 0);
             let mut excess = t.len()?.saturating_sub(retention.max_entries);
             loop {
                 let expired = match t.first()? {
@@ -84,7 +84,7 @@ impl Store {
     pub fn audit(&self, query: &AuditQuery) -> Result<Vec<proto::AuditEntry>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(AUDIT)?;
-        let start = audit_key(query.since_unix_ms, 0);
+        let start = audit_key(query.since, 0);
         let mut out = Vec::new();
         for entry in t.range(start.as_str()..)?.rev() {
             if out.len() >= query.limit {
@@ -114,7 +114,7 @@ mod tests {
     use super::*;
 
     fn entry(ms: i64, seq: u64, actor: &str) -> proto::AuditEntry {
-        proto::AuditEntry { id: audit_key(ms, seq), unix_ms: ms, actor: actor.into(), ..Default::default() }
+        proto::AuditEntry { id: audit_key(UnixMs(ms), seq), unix_ms: ms, actor: actor.into(), ..Default::default() }
     }
 
     #[test]
@@ -122,10 +122,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
         let entries = [entry(1_000, 1, "token:ci"), entry(2_000, 2, "token:root"), entry(3_000, 3, "device:pi-1")];
-        store.append_audit(&entries, AuditRetention::default(), 3_000).expect("append");
+        store.append_audit(&entries, AuditRetention::default(), UnixMs(3_000)).expect("append");
         let all = store.audit(&AuditQuery { limit: 10, ..Default::default() }).expect("query");
         assert_eq!(all.iter().map(|e| e.unix_ms).collect::<Vec<_>>(), [3_000, 2_000, 1_000]);
-        let since = store.audit(&AuditQuery { since_unix_ms: 2_000, limit: 10, ..Default::default() }).expect("q");
+        let since = store.audit(&AuditQuery { since: UnixMs(2_000), limit: 10, ..Default::default() }).expect("q");
         assert_eq!(since.len(), 2);
         for wanted in ["ci", "token:ci"] {
             let by = store.audit(&AuditQuery { actor: wanted.into(), limit: 10, ..Default::default() }).expect("q");
@@ -140,11 +140,11 @@ mod tests {
         let store = Store::open(dir.path()).expect("store");
         let retention = AuditRetention { max_entries: 3, max_age: Duration::from_secs(10) };
         let batch: Vec<_> = (0..5).map(|i| entry(100_000 + i, i as u64, "token:a")).collect();
-        store.append_audit(&batch, retention, 100_005).expect("append");
+        store.append_audit(&batch, retention, UnixMs(100_005)).expect("append");
         let kept = store.audit(&AuditQuery { limit: 10, ..Default::default() }).expect("q");
         assert_eq!(kept.iter().map(|e| e.unix_ms).collect::<Vec<_>>(), [100_004, 100_003, 100_002]);
         // 20 s later everything above is older than 10 s.
-        store.append_audit(&[entry(120_000, 9, "token:a")], retention, 120_000).expect("append");
+        store.append_audit(&[entry(120_000, 9, "token:a")], retention, UnixMs(120_000)).expect("append");
         assert_eq!(store.audit_len().expect("len"), 1);
     }
 }

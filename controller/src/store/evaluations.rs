@@ -255,7 +255,11 @@ mod tests {
     fn the_newest_per_key_is_kept_with_its_class_and_indexed_by_bundle_and_suite() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        store.update_device("pi-1", |d| d.labels.insert("class".into(), "pi5-8g".into())).expect("device");
+        store
+            .update_device(&alki_shared::ids::DeviceId::new("pi-1").expect("id"), |d| {
+                d.labels.insert("class".into(), "pi5-8g".into())
+            })
+            .expect("device");
         assert!(store.record_evaluation(&evaluation("pi-1", b"q8", 10, 1)).expect("record"));
         assert!(store.record_evaluation(&evaluation("pi-1", b"q8", 20, 2)).expect("record"));
         assert!(!store.record_evaluation(&evaluation("pi-1", b"q8", 15, 3)).expect("record"), "an older replay");

@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use alki_shared::clock::UnixMs;
+use alki_shared::ids::DeviceId;
 use redb::{ReadableTable, TableDefinition, TableHandle};
 
 use super::{Store, StoreError, Table, decode};
@@ -23,24 +25,25 @@ pub struct EnrollTokenRecord {
     pub labels: BTreeMap<String, String>,
     pub uses_allowed: u32,
     pub uses: u32,
-    pub expires_unix_ms: i64,
-    pub created_unix_ms: i64,
+    pub expires_unix_ms: UnixMs,
+    pub created_unix_ms: UnixMs,
     pub revoked: bool,
 }
 
 /// What the controller knows of one device's identity.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceIdentity {
-    pub device_id: String,
+    /// Checked when the record is read: an id that does not parse makes the record unreadable.
+    pub device_id: DeviceId,
     /// Hex serial of the one certificate that is valid for this device; older ones are refused.
     pub serial: String,
-    pub not_after_unix_ms: i64,
-    pub enrolled_unix_ms: i64,
+    pub not_after_unix_ms: UnixMs,
+    pub enrolled_unix_ms: UnixMs,
     /// The bootstrap token it enrolled with.
     pub token_id: String,
     /// Labels from the bootstrap token; they win over what the device reports.
     pub labels: BTreeMap<String, String>,
-    pub decommissioned_unix_ms: Option<i64>,
+    pub decommissioned_unix_ms: Option<UnixMs>,
 }
 
 /// Why an enrollment or renewal was refused; nothing changed in the store.
@@ -55,15 +58,16 @@ pub enum IdentityError {
     #[error("the bootstrap token {0} was revoked; ask an admin for a new one")]
     TokenRevoked(String),
     #[error(
-        "device id {0:?} is already enrolled with a live certificate; pick another id, or decommission the old device"
+        "device id \"{0}\" is already enrolled with a live certificate; pick another id, or decommission the old \
+         device"
     )]
-    DeviceClaimed(String),
-    #[error("device {0:?} was decommissioned; enroll the hardware again under a new device id")]
-    Decommissioned(String),
-    #[error("device {0:?} is not enrolled; enroll it with a bootstrap token (alki-agent enroll)")]
-    NotEnrolled(String),
-    #[error("this certificate of device {0:?} was replaced by a newer one; use the newest certificate")]
-    StaleCertificate(String),
+    DeviceClaimed(DeviceId),
+    #[error("device \"{0}\" was decommissioned; enroll the hardware again under a new device id")]
+    Decommissioned(DeviceId),
+    #[error("device \"{0}\" is not enrolled; enroll it with a bootstrap token (alki-agent enroll)")]
+    NotEnrolled(DeviceId),
+    #[error("this certificate of device \"{0}\" was replaced by a newer one; use the newest certificate")]
+    StaleCertificate(DeviceId),
     #[error("{0}")]
     Sign(String),
     #[error(transparent)]
@@ -73,7 +77,7 @@ pub enum IdentityError {
 /// A certificate the caller signed inside the transaction.
 pub struct Issued {
     pub serial: String,
-    pub not_after_unix_ms: i64,
+    pub not_after_unix_ms: UnixMs,
 }
 
 pub(super) fn create_tables(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
@@ -119,8 +123,8 @@ impl Store {
         Ok(found)
     }
 
-    pub fn device_identity(&self, device_id: &str) -> Result<Option<DeviceIdentity>, StoreError> {
-        self.get(DEVICE_IDENTITIES, device_id)
+    pub fn device_identity(&self, device_id: &DeviceId) -> Result<Option<DeviceIdentity>, StoreError> {
+        self.get(DEVICE_IDENTITIES, device_id.as_str())
     }
 
     /// Enrolls `device_id` with the token hashing to `token_hash`, in one transaction: the token must be
@@ -130,8 +134,8 @@ impl Store {
     pub fn enroll<T>(
         &self,
         token_hash: &str,
-        device_id: &str,
-        now_unix_ms: i64,
+        device_id: &DeviceId,
+        now: UnixMs,
         sign: impl FnOnce(&EnrollTokenRecord) -> Result<(Issued, T), String>,
     ) -> Result<(DeviceIdentity, T), IdentityError> {
         let txn = self.db.begin_write().map_err(StoreError::from)?;
@@ -144,35 +148,37 @@ impl Store {
             if token.revoked {
                 return Err(IdentityError::TokenRevoked(token.id));
             }
-            if token.expires_unix_ms <= now_unix_ms {
+            if token.expires_unix_ms <= now {
                 return Err(IdentityError::TokenExpired(token.id));
             }
             if token.uses >= token.uses_allowed {
                 return Err(IdentityError::TokenUsedUp(token.id));
             }
             let mut identities = txn.open_table(DEVICE_IDENTITIES).map_err(StoreError::from)?;
-            if let Some(v) = identities.get(device_id).map_err(StoreError::from)? {
-                let existing: DeviceIdentity = decode(DEVICE_IDENTITIES.name().to_owned(), device_id, v.value())?;
+            if let Some(v) = identities.get(device_id.as_str()).map_err(StoreError::from)? {
+                let existing: DeviceIdentity =
+                    decode(DEVICE_IDENTITIES.name().to_owned(), device_id.as_str(), v.value())?;
                 if existing.decommissioned_unix_ms.is_some() {
-                    return Err(IdentityError::Decommissioned(device_id.to_owned()));
+                    return Err(IdentityError::Decommissioned(device_id.clone()));
                 }
-                if existing.not_after_unix_ms > now_unix_ms {
-                    return Err(IdentityError::DeviceClaimed(device_id.to_owned()));
+                if existing.not_after_unix_ms > now {
+                    return Err(IdentityError::DeviceClaimed(device_id.clone()));
                 }
             }
             let (issued, extra) = sign(&token).map_err(IdentityError::Sign)?;
             token.uses += 1;
             let identity = DeviceIdentity {
-                device_id: device_id.to_owned(),
+                device_id: device_id.clone(),
                 serial: issued.serial,
                 not_after_unix_ms: issued.not_after_unix_ms,
-                enrolled_unix_ms: now_unix_ms,
+                enrolled_unix_ms: now,
                 token_id: token.id.clone(),
                 labels: token.labels.clone(),
                 decommissioned_unix_ms: None,
             };
             tokens.insert(token_hash, encode(&token, ENROLL_TOKENS)?.as_slice()).map_err(StoreError::from)?;
-            identities.insert(device_id, encode(&identity, DEVICE_IDENTITIES)?.as_slice()).map_err(StoreError::from)?;
+            let bytes = encode(&identity, DEVICE_IDENTITIES)?;
+            identities.insert(device_id.as_str(), bytes.as_slice()).map_err(StoreError::from)?;
             (identity, extra)
         };
         txn.commit().map_err(StoreError::from)?;
@@ -180,9 +186,12 @@ impl Store {
     }
 
     /// Checks that certificate `serial` is the device's current one and it is not decommissioned.
-    pub fn check_device_certificate(&self, device_id: &str, serial: &str) -> Result<DeviceIdentity, IdentityError> {
-        let identity =
-            self.device_identity(device_id)?.ok_or_else(|| IdentityError::NotEnrolled(device_id.to_owned()))?;
+    pub fn check_device_certificate(
+        &self,
+        device_id: &DeviceId,
+        serial: &str,
+    ) -> Result<DeviceIdentity, IdentityError> {
+        let identity = self.device_identity(device_id)?.ok_or_else(|| IdentityError::NotEnrolled(device_id.clone()))?;
         check_current(&identity, serial)?;
         Ok(identity)
     }
@@ -190,22 +199,23 @@ impl Store {
     /// Replaces the device's certificate in one transaction, if `serial` is still its current one.
     pub fn renew<T>(
         &self,
-        device_id: &str,
+        device_id: &DeviceId,
         serial: &str,
         sign: impl FnOnce() -> Result<(Issued, T), String>,
     ) -> Result<(DeviceIdentity, T), IdentityError> {
         let txn = self.db.begin_write().map_err(StoreError::from)?;
         let result = {
             let mut identities = txn.open_table(DEVICE_IDENTITIES).map_err(StoreError::from)?;
-            let mut identity: DeviceIdentity = match identities.get(device_id).map_err(StoreError::from)? {
-                None => return Err(IdentityError::NotEnrolled(device_id.to_owned())),
-                Some(v) => decode(DEVICE_IDENTITIES.name().to_owned(), device_id, v.value())?,
+            let mut identity: DeviceIdentity = match identities.get(device_id.as_str()).map_err(StoreError::from)? {
+                None => return Err(IdentityError::NotEnrolled(device_id.clone())),
+                Some(v) => decode(DEVICE_IDENTITIES.name().to_owned(), device_id.as_str(), v.value())?,
             };
             check_current(&identity, serial)?;
             let (issued, extra) = sign().map_err(IdentityError::Sign)?;
             identity.serial = issued.serial;
             identity.not_after_unix_ms = issued.not_after_unix_ms;
-            identities.insert(device_id, encode(&identity, DEVICE_IDENTITIES)?.as_slice()).map_err(StoreError::from)?;
+            let bytes = encode(&identity, DEVICE_IDENTITIES)?;
+            identities.insert(device_id.as_str(), bytes.as_slice()).map_err(StoreError::from)?;
             (identity, extra)
         };
         txn.commit().map_err(StoreError::from)?;
@@ -214,11 +224,11 @@ impl Store {
 
     /// Decommissions a device: its certificates are refused from now on. Returns the identity, or None when
     /// the device never enrolled. Decommissioning twice keeps the first time.
-    pub fn decommission(&self, device_id: &str, now_unix_ms: i64) -> Result<Option<DeviceIdentity>, StoreError> {
-        self.update(DEVICE_IDENTITIES, device_id, |current: Option<DeviceIdentity>| match current {
+    pub fn decommission(&self, device_id: &DeviceId, now: UnixMs) -> Result<Option<DeviceIdentity>, StoreError> {
+        self.update(DEVICE_IDENTITIES, device_id.as_str(), |current: Option<DeviceIdentity>| match current {
             None => (None, None),
             Some(mut identity) => {
-                identity.decommissioned_unix_ms.get_or_insert(now_unix_ms);
+                identity.decommissioned_unix_ms.get_or_insert(now);
                 (Some(identity.clone()), Some(identity))
             }
         })
@@ -239,20 +249,24 @@ fn check_current(identity: &DeviceIdentity, serial: &str) -> Result<(), Identity
 mod tests {
     use super::*;
 
+    fn id(s: &str) -> DeviceId {
+        DeviceId::new(s).expect("device id")
+    }
+
     fn token(uses_allowed: u32, expires_unix_ms: i64) -> EnrollTokenRecord {
         EnrollTokenRecord {
             id: "abc".into(),
             labels: BTreeMap::from([("site".into(), "lab".into())]),
             uses_allowed,
             uses: 0,
-            expires_unix_ms,
-            created_unix_ms: 0,
+            expires_unix_ms: UnixMs(expires_unix_ms),
+            created_unix_ms: UnixMs(0),
             revoked: false,
         }
     }
 
     fn issued(serial: &str) -> impl FnOnce(&EnrollTokenRecord) -> Result<(Issued, ()), String> + '_ {
-        move |_| Ok((Issued { serial: serial.into(), not_after_unix_ms: 10_000 }, ()))
+        move |_| Ok((Issued { serial: serial.into(), not_after_unix_ms: UnixMs(10_000) }, ()))
     }
 
     #[test]
@@ -260,18 +274,30 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
         store.put_enroll_token("h1", &token(2, 5_000)).expect("put");
-        let (identity, ()) = store.enroll("h1", "pi-1", 1_000, issued("s1")).expect("first");
+        let (identity, ()) = store.enroll("h1", &id("pi-1"), UnixMs(1_000), issued("s1")).expect("first");
         assert_eq!(identity.labels.get("site").map(String::as_str), Some("lab"));
-        assert!(matches!(store.enroll("h1", "pi-1", 1_000, issued("s2")), Err(IdentityError::DeviceClaimed(_))));
-        store.enroll("h1", "pi-2", 1_000, issued("s3")).expect("second use");
-        assert!(matches!(store.enroll("h1", "pi-3", 1_000, issued("s4")), Err(IdentityError::TokenUsedUp(_))));
+        assert!(matches!(
+            store.enroll("h1", &id("pi-1"), UnixMs(1_000), issued("s2")),
+            Err(IdentityError::DeviceClaimed(_))
+        ));
+        store.enroll("h1", &id("pi-2"), UnixMs(1_000), issued("s3")).expect("second use");
+        assert!(matches!(
+            store.enroll("h1", &id("pi-3"), UnixMs(1_000), issued("s4")),
+            Err(IdentityError::TokenUsedUp(_))
+        ));
         assert_eq!(store.enroll_tokens().expect("list")[0].uses, 2, "a refused claim does not use the token");
         store.put_enroll_token("h2", &EnrollTokenRecord { id: "def".into(), ..token(5, 5_000) }).expect("put");
-        assert!(matches!(store.enroll("h2", "pi-4", 5_000, issued("s5")), Err(IdentityError::TokenExpired(_))));
-        assert!(matches!(store.enroll("nope", "pi-4", 0, issued("s5")), Err(IdentityError::UnknownToken)));
+        assert!(matches!(
+            store.enroll("h2", &id("pi-4"), UnixMs(5_000), issued("s5")),
+            Err(IdentityError::TokenExpired(_))
+        ));
+        assert!(matches!(store.enroll("nope", &id("pi-4"), UnixMs(0), issued("s5")), Err(IdentityError::UnknownToken)));
         assert!(store.revoke_enroll_token("def").expect("revoke").is_some());
         assert!(store.revoke_enroll_token("nope").expect("revoke").is_none());
-        assert!(matches!(store.enroll("h2", "pi-4", 0, issued("s5")), Err(IdentityError::TokenRevoked(_))));
+        assert!(matches!(
+            store.enroll("h2", &id("pi-4"), UnixMs(0), issued("s5")),
+            Err(IdentityError::TokenRevoked(_))
+        ));
     }
 
     #[test]
@@ -279,20 +305,23 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
         store.put_enroll_token("h1", &token(5, 50_000)).expect("put");
-        store.enroll("h1", "pi-1", 1_000, issued("s1")).expect("enroll");
-        store.check_device_certificate("pi-1", "s1").expect("current");
+        store.enroll("h1", &id("pi-1"), UnixMs(1_000), issued("s1")).expect("enroll");
+        store.check_device_certificate(&id("pi-1"), "s1").expect("current");
         store
-            .renew("pi-1", "s1", || Ok((Issued { serial: "s2".into(), not_after_unix_ms: 20_000 }, ())))
+            .renew(&id("pi-1"), "s1", || Ok((Issued { serial: "s2".into(), not_after_unix_ms: UnixMs(20_000) }, ())))
             .expect("renew");
-        assert!(matches!(store.check_device_certificate("pi-1", "s1"), Err(IdentityError::StaleCertificate(_))));
-        store.check_device_certificate("pi-1", "s2").expect("renewed");
-        store.decommission("pi-1", 3_000).expect("decommission").expect("known");
-        assert!(matches!(store.check_device_certificate("pi-1", "s2"), Err(IdentityError::Decommissioned(_))));
+        assert!(matches!(store.check_device_certificate(&id("pi-1"), "s1"), Err(IdentityError::StaleCertificate(_))));
+        store.check_device_certificate(&id("pi-1"), "s2").expect("renewed");
+        store.decommission(&id("pi-1"), UnixMs(3_000)).expect("decommission").expect("known");
+        assert!(matches!(store.check_device_certificate(&id("pi-1"), "s2"), Err(IdentityError::Decommissioned(_))));
         assert!(matches!(
-            store.renew("pi-1", "s2", || Ok((Issued { serial: "s3".into(), not_after_unix_ms: 0 }, ()))),
+            store.renew(&id("pi-1"), "s2", || Ok((Issued { serial: "s3".into(), not_after_unix_ms: UnixMs(0) }, ()))),
             Err(IdentityError::Decommissioned(_))
         ));
-        assert!(matches!(store.enroll("h1", "pi-1", 30_000, issued("s4")), Err(IdentityError::Decommissioned(_))));
-        assert!(store.decommission("never", 0).expect("decommission").is_none());
+        assert!(matches!(
+            store.enroll("h1", &id("pi-1"), UnixMs(30_000), issued("s4")),
+            Err(IdentityError::Decommissioned(_))
+        ));
+        assert!(store.decommission(&id("never"), UnixMs(0)).expect("decommission").is_none());
     }
 }

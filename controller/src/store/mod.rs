@@ -9,17 +9,21 @@
 pub mod audit;
 pub mod evaluations;
 pub mod identity;
+mod keyed;
 pub mod latency;
 
 use std::path::Path;
 use std::sync::Arc;
 
+use alki_shared::clock::UnixMs;
+use alki_shared::ids::{DeviceId, IdError, RolloutId};
 use alki_shared::proto;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
 use serde::{Serialize, de::DeserializeOwned};
 
 mod telemetry;
 pub use evaluations::{EvalSample, EvaluationFilter, StoredEvaluation};
+pub use keyed::{Keyed, Record};
 pub use latency::LatencyHistogram;
 pub use telemetry::{BenchmarkFilter, MAX_ROLLUP_KEYS, PerfRecord, Rollup, Traffic};
 
@@ -41,6 +45,12 @@ pub enum StoreError {
     Database(#[from] redb::Error),
     #[error("store record {table}/{key} is unreadable: {source}")]
     Corrupt { table: String, key: String, source: serde_json::Error },
+    /// Ids are checked before they are written, so only something else changing the database stores a bad one.
+    #[error(
+        "store record {table}/{key} carries an id this controller cannot have written ({source}); the database \
+         was changed by something else: restore it from a backup"
+    )]
+    InvalidId { table: String, key: String, source: IdError },
     #[error("could not encode a {table} record: {0}", table = .1)]
     Encode(serde_json::Error, String),
     /// A write committed together with others failed; each caller gets the cause as text.
@@ -64,10 +74,10 @@ from_redb!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::
 pub struct TokenRecord {
     pub name: String,
     pub role: crate::roles::Role,
-    pub created_unix_ms: i64,
+    pub created_unix_ms: UnixMs,
     /// Set when an admin revoked the token; the record stays so the audit log's names keep meaning.
     #[serde(default)]
-    pub revoked_unix_ms: Option<i64>,
+    pub revoked_unix_ms: Option<UnixMs>,
 }
 
 /// The controller's durable state.
@@ -157,19 +167,20 @@ impl Store {
         Ok(result)
     }
 
-    pub fn device(&self, id: &str) -> Result<Option<proto::Device>, StoreError> {
-        self.get(DEVICES, id)
+    pub fn device(&self, id: &DeviceId) -> Result<Option<proto::Device>, StoreError> {
+        self.get(DEVICES, id.as_str())
     }
 
-    pub fn devices(&self) -> Result<Vec<proto::Device>, StoreError> {
-        self.list(DEVICES)
+    /// Every device record, its id checked.
+    pub fn devices(&self) -> Result<Vec<Keyed<proto::Device>>, StoreError> {
+        self.list_keyed(DEVICES)
     }
 
     /// Creates or changes a device record atomically; `f` gets the current record (or a new one with only
     /// the id set) and returns whatever the caller wants back.
-    pub fn update_device<R>(&self, id: &str, f: impl FnOnce(&mut proto::Device) -> R) -> Result<R, StoreError> {
-        self.update(DEVICES, id, |current: Option<proto::Device>| {
-            let mut device = current.unwrap_or_else(|| proto::Device { id: id.to_owned(), ..Default::default() });
+    pub fn update_device<R>(&self, id: &DeviceId, f: impl FnOnce(&mut proto::Device) -> R) -> Result<R, StoreError> {
+        self.update(DEVICES, id.as_str(), |current: Option<proto::Device>| {
+            let mut device = current.unwrap_or_else(|| proto::Device { id: id.to_string(), ..Default::default() });
             let r = f(&mut device);
             (Some(device), r)
         })
@@ -179,7 +190,7 @@ impl Store {
     /// `f` gets each current record (or a new one with only the id set) and its index in `ids`.
     pub fn update_devices<R>(
         &self,
-        ids: &[&str],
+        ids: &[&DeviceId],
         f: impl FnMut(&mut proto::Device, usize) -> R,
     ) -> Result<Vec<R>, StoreError> {
         self.update_devices_with(ids, true, f)
@@ -190,7 +201,7 @@ impl Store {
     /// may appear more than once: each change sees the one before it.
     pub fn update_devices_with<R>(
         &self,
-        ids: &[&str],
+        ids: &[&DeviceId],
         durable: bool,
         mut f: impl FnMut(&mut proto::Device, usize) -> R,
     ) -> Result<Vec<R>, StoreError> {
@@ -202,16 +213,15 @@ impl Store {
         {
             let mut t = txn.open_table(DEVICES)?;
             for (i, id) in ids.iter().enumerate() {
-                let current: Option<proto::Device> = match t.get(*id)? {
+                let current: Option<proto::Device> = match t.get(id.as_str())? {
                     None => None,
-                    Some(v) => Some(decode(DEVICES.name().to_owned(), id, v.value())?),
+                    Some(v) => Some(decode(DEVICES.name().to_owned(), id.as_str(), v.value())?),
                 };
-                let mut device =
-                    current.unwrap_or_else(|| proto::Device { id: (*id).to_owned(), ..Default::default() });
+                let mut device = current.unwrap_or_else(|| proto::Device { id: id.to_string(), ..Default::default() });
                 out.push(f(&mut device, i));
                 let bytes =
                     serde_json::to_vec(&device).map_err(|e| StoreError::Encode(e, DEVICES.name().to_owned()))?;
-                t.insert(*id, bytes.as_slice())?;
+                t.insert(id.as_str(), bytes.as_slice())?;
             }
         }
         txn.commit()?;
@@ -239,52 +249,59 @@ impl Store {
         self.list(EXTERNAL_BUNDLES)
     }
 
-    pub fn rollout(&self, id: &str) -> Result<Option<proto::Rollout>, StoreError> {
-        self.get(ROLLOUTS, id)
+    pub fn rollout(&self, id: &RolloutId) -> Result<Option<proto::Rollout>, StoreError> {
+        self.get(ROLLOUTS, id.as_str())
     }
 
-    pub fn rollouts(&self) -> Result<Vec<proto::Rollout>, StoreError> {
-        self.list(ROLLOUTS)
+    /// Every rollout, its id checked.
+    pub fn rollouts(&self) -> Result<Vec<Keyed<proto::Rollout>>, StoreError> {
+        self.list_keyed(ROLLOUTS)
     }
 
-    pub fn put_rollout(&self, rollout: &proto::Rollout) -> Result<(), StoreError> {
-        self.put(ROLLOUTS, &rollout.id, rollout)
+    pub fn put_rollout(&self, rollout: &Keyed<proto::Rollout>) -> Result<(), StoreError> {
+        self.put(ROLLOUTS, rollout.id().as_str(), rollout.record())
     }
 
     /// Writes a rollout, its changed device records and its new events in one transaction, so a
-    /// restart sees all of a transition or none of it.
+    /// restart sees all of a transition or none of it. Records and events are kept under the rollout's id
+    /// (their own `rollout_id` fields say the same).
     pub fn commit_rollout(
         &self,
-        rollout: &proto::Rollout,
-        devices: &[proto::RolloutDevice],
+        rollout: &Keyed<proto::Rollout>,
+        devices: &[Keyed<proto::RolloutDevice>],
         events: &[proto::RolloutEvent],
     ) -> Result<(), StoreError> {
         let encode = |value: &dyn erased::Encode, table: Table| {
             value.encode().map_err(|e| StoreError::Encode(e, table.name().to_owned()))
         };
+        let id = rollout.id();
         let txn = self.db.begin_write()?;
         {
-            txn.open_table(ROLLOUTS)?.insert(rollout.id.as_str(), encode(rollout, ROLLOUTS)?.as_slice())?;
+            txn.open_table(ROLLOUTS)?.insert(id.as_str(), encode(rollout.record(), ROLLOUTS)?.as_slice())?;
             let mut t = txn.open_table(ROLLOUT_DEVICES)?;
             for d in devices {
-                t.insert(format!("{}/{}", d.rollout_id, d.device_id).as_str(), encode(d, ROLLOUT_DEVICES)?.as_slice())?;
+                t.insert(format!("{id}/{}", d.id()).as_str(), encode(d.record(), ROLLOUT_DEVICES)?.as_slice())?;
             }
             let mut t = txn.open_table(EVENTS)?;
             for e in events {
-                t.insert(event_key(&e.rollout_id, e.seq).as_str(), encode(e, EVENTS)?.as_slice())?;
+                t.insert(event_key(id, e.seq).as_str(), encode(e, EVENTS)?.as_slice())?;
             }
         }
         txn.commit()?;
         Ok(())
     }
 
-    /// The per-device records of one rollout.
-    pub fn rollout_devices(&self, rollout_id: &str) -> Result<Vec<proto::RolloutDevice>, StoreError> {
-        self.range(ROLLOUT_DEVICES, &format!("{rollout_id}/"), &format!("{rollout_id}0"))
+    /// The per-device records of one rollout, their device ids checked.
+    pub fn rollout_devices(&self, rollout_id: &RolloutId) -> Result<Vec<Keyed<proto::RolloutDevice>>, StoreError> {
+        self.range_keyed(ROLLOUT_DEVICES, &format!("{rollout_id}/"), &format!("{rollout_id}0"))
     }
 
     /// Events of one rollout with a sequence number above `after_seq`, oldest first.
-    pub fn rollout_events(&self, rollout_id: &str, after_seq: u64) -> Result<Vec<proto::RolloutEvent>, StoreError> {
+    pub fn rollout_events(
+        &self,
+        rollout_id: &RolloutId,
+        after_seq: u64,
+    ) -> Result<Vec<proto::RolloutEvent>, StoreError> {
         let start = event_key(rollout_id, after_seq.saturating_add(1));
         self.range(EVENTS, &start, &format!("{rollout_id}0"))
     }
@@ -296,6 +313,35 @@ impl Store {
         for entry in t.range(start..end)? {
             let (k, v) = entry?;
             out.push(decode(table.name().to_owned(), k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Records in a key range, their ids checked.
+    fn range_keyed<T: Record + DeserializeOwned>(
+        &self,
+        table: Table,
+        start: &str,
+        end: &str,
+    ) -> Result<Vec<Keyed<T>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(table)?;
+        let mut out = Vec::new();
+        for entry in t.range(start..end)? {
+            let (k, v) = entry?;
+            out.push(keyed(table, k.value(), decode(table.name().to_owned(), k.value(), v.value())?)?);
+        }
+        Ok(out)
+    }
+
+    /// Every record of a table, its id checked.
+    fn list_keyed<T: Record + DeserializeOwned>(&self, table: Table) -> Result<Vec<Keyed<T>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(table)?;
+        let mut out = Vec::new();
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            out.push(keyed(table, k.value(), decode(table.name().to_owned(), k.value(), v.value())?)?);
         }
         Ok(out)
     }
@@ -321,11 +367,11 @@ impl Store {
     }
 
     /// Marks the token stored under `hash_hex` revoked (keeping the first revocation time) and returns it.
-    pub fn revoke_token(&self, hash_hex: &str, now_unix_ms: i64) -> Result<Option<TokenRecord>, StoreError> {
+    pub fn revoke_token(&self, hash_hex: &str, now: UnixMs) -> Result<Option<TokenRecord>, StoreError> {
         self.update(TOKENS, hash_hex, |current: Option<TokenRecord>| match current {
             None => (None, None),
             Some(mut record) => {
-                record.revoked_unix_ms.get_or_insert(now_unix_ms);
+                record.revoked_unix_ms.get_or_insert(now);
                 (Some(record.clone()), Some(record))
             }
         })
@@ -337,8 +383,17 @@ impl Store {
     }
 }
 
-fn event_key(rollout_id: &str, seq: u64) -> String {
+fn event_key(rollout_id: &RolloutId, seq: u64) -> String {
     format!("{rollout_id}/{seq:020}")
+}
+
+/// A decoded record with its id checked: a bad one is an error naming the record, never a panic.
+fn keyed<T: Record>(table: Table, key: &str, record: T) -> Result<Keyed<T>, StoreError> {
+    Keyed::new(record).map_err(|source| StoreError::InvalidId {
+        table: table.name().to_owned(),
+        key: key.to_owned(),
+        source,
+    })
 }
 
 /// JSON encoding behind a trait object, so one closure encodes every record type of a transaction.
@@ -361,24 +416,35 @@ fn decode<T: DeserializeOwned>(table: String, key: &str, bytes: &[u8]) -> Result
 mod tests {
     use super::*;
 
+    fn device_id(s: &str) -> DeviceId {
+        DeviceId::new(s).expect("device id")
+    }
+
+    fn rollout_id(s: &str) -> RolloutId {
+        RolloutId::new(s).expect("rollout id")
+    }
+
     #[test]
     fn device_updates_persist_across_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
+        let pi1 = device_id("pi-1");
         {
             let store = Store::open(dir.path()).expect("open");
             store
-                .update_device("pi-1", |d| {
+                .update_device(&pi1, |d| {
                     d.agent_version = "1.0".into();
                     d.desired_generation = 3;
                 })
                 .expect("update");
-            store.update_device("pi-1", |d| d.applied_generation = 3).expect("second update");
+            store.update_device(&pi1, |d| d.applied_generation = 3).expect("second update");
         }
         let store = Store::open(dir.path()).expect("reopen");
-        let d = store.device("pi-1").expect("read").expect("present");
+        let d = store.device(&pi1).expect("read").expect("present");
         assert_eq!((d.agent_version.as_str(), d.desired_generation, d.applied_generation), ("1.0", 3, 3));
-        assert_eq!(store.devices().expect("list").len(), 1);
-        assert!(store.device("nope").expect("read").is_none());
+        let all = store.devices().expect("list");
+        assert_eq!(all.iter().map(|d| d.id()).collect::<Vec<_>>(), [&pi1]);
+        assert_eq!(all[0].record().id, "pi-1", "a new record carries its id");
+        assert!(store.device(&device_id("nope")).expect("read").is_none());
     }
 
     #[test]
@@ -386,23 +452,46 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
         for (id, n) in [("ro-a", 12u64), ("ro-b", 2)] {
-            let rollout = proto::Rollout { id: id.into(), event_seq: n, ..Default::default() };
+            let id = rollout_id(id);
+            let rollout = Keyed::with_id(id.clone(), proto::Rollout { event_seq: n, ..Default::default() });
             let devices: Vec<_> = (0..3)
-                .map(|i| proto::RolloutDevice {
-                    rollout_id: id.into(),
-                    device_id: format!("d{i}"),
-                    ..Default::default()
+                .map(|i| {
+                    let record = proto::RolloutDevice { rollout_id: id.to_string(), ..Default::default() };
+                    Keyed::with_id(device_id(&format!("d{i}")), record)
                 })
                 .collect();
-            let events: Vec<_> =
-                (1..=n).map(|seq| proto::RolloutEvent { rollout_id: id.into(), seq, ..Default::default() }).collect();
+            let events: Vec<_> = (1..=n)
+                .map(|seq| proto::RolloutEvent { rollout_id: id.to_string(), seq, ..Default::default() })
+                .collect();
             store.commit_rollout(&rollout, &devices, &events).expect("commit");
         }
-        assert_eq!(store.rollout_devices("ro-a").expect("devices").len(), 3);
-        let seqs: Vec<u64> = store.rollout_events("ro-a", 0).expect("events").iter().map(|e| e.seq).collect();
+        let (a, b) = (rollout_id("ro-a"), rollout_id("ro-b"));
+        let records = store.rollout_devices(&a).expect("devices");
+        assert_eq!(records.iter().map(|r| r.id().as_str()).collect::<Vec<_>>(), ["d0", "d1", "d2"]);
+        assert_eq!(records[1].record().device_id, "d1");
+        let seqs: Vec<u64> = store.rollout_events(&a, 0).expect("events").iter().map(|e| e.seq).collect();
         assert_eq!(seqs, (1..=12).collect::<Vec<_>>());
-        assert_eq!(store.rollout_events("ro-a", 10).expect("events").len(), 2);
-        assert_eq!(store.rollout_events("ro-b", 0).expect("events").len(), 2);
-        assert_eq!(store.rollout("ro-b").expect("read").map(|r| r.event_seq), Some(2));
+        assert_eq!(store.rollout_events(&a, 10).expect("events").len(), 2);
+        assert_eq!(store.rollout_events(&b, 0).expect("events").len(), 2);
+        assert_eq!(store.rollout(&b).expect("read").map(|r| r.event_seq), Some(2));
+        assert_eq!(store.rollouts().expect("list").iter().map(|r| r.id()).collect::<Vec<_>>(), [&a, &b]);
+    }
+
+    #[test]
+    fn a_stored_id_that_does_not_parse_is_an_error_naming_the_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        // Only something writing the database behind the controller's back stores such a record.
+        store.put(DEVICES, "bad id", &proto::Device { id: "bad id".into(), ..Default::default() }).expect("put");
+        let error = store.devices().expect_err("an invalid id");
+        assert!(matches!(error, StoreError::InvalidId { .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(message.contains("devices/bad id") && message.contains("restore it from a backup"), "{message}");
+
+        let rollout = rollout_id("ro-1");
+        let record = proto::RolloutDevice { device_id: "../etc".into(), ..Default::default() };
+        store.put(ROLLOUT_DEVICES, "ro-1/../etc", &record).expect("put");
+        let error = store.rollout_devices(&rollout).expect_err("an invalid device id");
+        assert!(error.to_string().contains("rollout_devices/ro-1/../etc"), "{error}");
     }
 }

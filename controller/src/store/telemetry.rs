@@ -5,6 +5,8 @@
 //! [`MAX_BENCHMARKS_PER_DEVICE`] benchmark results (oldest dropped first), rollups and measurements older
 //! than the retention are pruned at each rollup flush, and a flush carries at most [`MAX_ROLLUP_KEYS`] keys.
 
+use alki_shared::clock::UnixMs;
+use alki_shared::ids::DeviceId;
 use alki_shared::proto;
 use redb::{ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
@@ -208,7 +210,13 @@ impl Store {
     /// Records a telemetry report: the device's newest telemetry and its measurement window for the
     /// bundle, in one transaction without fsync (the agent reports again at its next interval).
     /// Returns the device's hardware class, for rollups.
-    pub fn record_telemetry(&self, device_id: &str, t: &proto::Telemetry, now: i64) -> Result<String, StoreError> {
+    pub fn record_telemetry(
+        &self,
+        device_id: &DeviceId,
+        t: &proto::Telemetry,
+        now: UnixMs,
+    ) -> Result<String, StoreError> {
+        let (device_id, now) = (device_id.as_str(), now.as_millis());
         let mut txn = self.db.begin_write()?;
         txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Database(e.into()))?;
         let class = {
@@ -261,10 +269,11 @@ impl Store {
     /// its measurement of that bundle. Results that carry an error are kept (they say why) but measure nothing.
     pub fn record_benchmarks(
         &self,
-        device_id: &str,
+        device_id: &DeviceId,
         results: &[proto::BenchmarkResult],
-        now: i64,
+        now: UnixMs,
     ) -> Result<(), StoreError> {
+        let (device_id, now) = (device_id.as_str(), now.as_millis());
         let txn = self.db.begin_write()?;
         {
             let mut devices = txn.open_table(super::DEVICES)?;
@@ -394,10 +403,10 @@ impl Store {
         Ok(all)
     }
 
-    /// Merges rollups into their buckets and prunes everything older than `retain_after_unix_ms`
-    /// (rollups and device measurements), in one durable transaction. Returns how many rollup keys were
-    /// pruned.
-    pub fn flush_rollups(&self, rollups: &[Rollup], retain_after_unix_ms: i64) -> Result<usize, StoreError> {
+    /// Merges rollups into their buckets and prunes everything older than `retain_after` (rollups and
+    /// device measurements), in one durable transaction. Returns how many rollup keys were pruned.
+    pub fn flush_rollups(&self, rollups: &[Rollup], retain_after: UnixMs) -> Result<usize, StoreError> {
+        let retain_after_unix_ms = retain_after.as_millis();
         let txn = self.db.begin_write()?;
         let pruned = {
             let mut t = txn.open_table(ROLLUPS)?;
@@ -437,11 +446,11 @@ impl Store {
         Ok(pruned)
     }
 
-    /// Rollups from `since_unix_ms` on, oldest first.
-    pub fn rollups(&self, since_unix_ms: i64) -> Result<Vec<Rollup>, StoreError> {
+    /// Rollups from `since` on, oldest first.
+    pub fn rollups(&self, since: UnixMs) -> Result<Vec<Rollup>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(ROLLUPS)?;
-        let start = format!("{:013}", since_unix_ms.max(0));
+        let start = format!("{:013}", since.as_millis().max(0));
         let mut out = Vec::new();
         for entry in t.range(start.as_str()..)? {
             let (k, v) = entry?;
@@ -454,6 +463,10 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::new(s).expect("device id")
+    }
 
     fn telemetry(bundle: &str, tps: f64) -> proto::Telemetry {
         proto::Telemetry {
@@ -468,18 +481,24 @@ mod tests {
     fn telemetry_keeps_a_bounded_window_per_bundle_and_a_bounded_number_of_bundles() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        store.update_device("d1", |d| d.labels.insert("class".into(), "pi5-8g".into())).expect("device");
+        store.update_device(&id("d1"), |d| d.labels.insert("class".into(), "pi5-8g".into())).expect("device");
         for i in 0..40 {
-            let class = store.record_telemetry("d1", &telemetry("sha256:aa", f64::from(i) + 1.0), 1_000 + i64::from(i));
+            let class = store.record_telemetry(
+                &id("d1"),
+                &telemetry("sha256:aa", f64::from(i) + 1.0),
+                UnixMs(1_000 + i64::from(i)),
+            );
             assert_eq!(class.expect("record"), "pi5-8g");
         }
         for b in 0..(MAX_BUNDLES_PER_DEVICE + 3) {
-            store.record_telemetry("d1", &telemetry(&format!("sha256:b{b}"), 5.0), 10_000 + b as i64).expect("record");
+            store
+                .record_telemetry(&id("d1"), &telemetry(&format!("sha256:b{b}"), 5.0), UnixMs(10_000 + b as i64))
+                .expect("record");
         }
         let records = store.perf_records().expect("records");
         assert_eq!(records.len(), MAX_BUNDLES_PER_DEVICE, "oldest bundles pruned");
         assert!(records.iter().all(|r| r.bundle_digest != "sha256:aa"), "the oldest bundle went first");
-        let device = store.device("d1").expect("read").expect("present");
+        let device = store.device(&id("d1")).expect("read").expect("present");
         assert_eq!(
             device.latest_telemetry.map(|t| t.bundle_digest),
             Some(format!("sha256:b{}", MAX_BUNDLES_PER_DEVICE + 2))
@@ -487,7 +506,7 @@ mod tests {
 
         let store2 = Store::open(tempfile::tempdir().expect("tempdir").path()).expect("open");
         for i in 0..40 {
-            store2.record_telemetry("d2", &telemetry("sha256:aa", f64::from(i) + 1.0), 1).expect("record");
+            store2.record_telemetry(&id("d2"), &telemetry("sha256:aa", f64::from(i) + 1.0), UnixMs(1)).expect("record");
         }
         let r = &store2.perf_records().expect("records")[0];
         assert_eq!(r.tokens_per_second.len(), PERF_WINDOW);
@@ -506,7 +525,7 @@ mod tests {
         };
         // 100 requests before the first report count; then increments; then the agent restarted.
         for (i, (r, e)) in [(100, 2), (150, 2), (160, 5), (10, 1), (30, 1)].into_iter().enumerate() {
-            store.record_telemetry("d1", &counters(r, e), 1 + i as i64).expect("record");
+            store.record_telemetry(&id("d1"), &counters(r, e), UnixMs(1 + i as i64)).expect("record");
         }
         let record = &store.perf_records().expect("records")[0];
         assert_eq!(record.traffic, Some(Traffic { requests: 190, errors: 6 }));
@@ -526,17 +545,21 @@ mod tests {
             latency_sum_ms: 10.0,
             ..Default::default()
         };
-        store.record_telemetry("d1", &report([1, 2, 2], [10.0, 100.0]), 1).expect("record");
-        store.record_telemetry("d1", &report([3, 5, 6], [10.0, 100.0]), 2).expect("record");
+        store.record_telemetry(&id("d1"), &report([1, 2, 2], [10.0, 100.0]), UnixMs(1)).expect("record");
+        store.record_telemetry(&id("d1"), &report([3, 5, 6], [10.0, 100.0]), UnixMs(2)).expect("record");
         // Bounds out of order: ignored, and the next good report still counts from the last good one.
-        store.record_telemetry("d1", &report([9, 9, 9], [100.0, 10.0]), 3).expect("record");
-        store.record_telemetry("d1", &report([4, 7, 9], [10.0, 100.0]), 4).expect("record");
+        store.record_telemetry(&id("d1"), &report([9, 9, 9], [100.0, 10.0]), UnixMs(3)).expect("record");
+        store.record_telemetry(&id("d1"), &report([4, 7, 9], [10.0, 100.0]), UnixMs(4)).expect("record");
         let record = &store.perf_records().expect("records")[0];
         let latency = record.latency.as_ref().expect("latency accumulated");
         assert_eq!((latency.bounds_ms.as_slice(), latency.cumulative.as_slice()), (&[10.0, 100.0][..], &[4, 7, 9][..]));
         // A report without buckets leaves what was measured alone.
         store
-            .record_telemetry("d1", &proto::Telemetry { bundle_digest: "sha256:aa".into(), ..Default::default() }, 5)
+            .record_telemetry(
+                &id("d1"),
+                &proto::Telemetry { bundle_digest: "sha256:aa".into(), ..Default::default() },
+                UnixMs(5),
+            )
             .expect("record");
         assert_eq!(store.perf_records().expect("records")[0].latency.as_ref().map(|h| h.count()), Some(9));
     }
@@ -546,7 +569,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
         store
-            .update_device("d1", |d| {
+            .update_device(&id("d1"), |d| {
                 d.labels.insert("site".into(), "lab".into());
                 d.running = Some(proto::BundleRef { digest: "sha256:aa".into(), ..Default::default() });
                 d.inventory =
@@ -579,15 +602,17 @@ mod tests {
             ..Default::default()
         };
         let many: Vec<_> = (0..40).map(|i| result(i, proto::BenchmarkTrigger::Calibration)).collect();
-        store.record_benchmarks("d1", &many, 100).expect("record");
-        store.record_benchmarks("d2", &[result(7, proto::BenchmarkTrigger::Activation)], 100).expect("record");
+        store.record_benchmarks(&id("d1"), &many, UnixMs(100)).expect("record");
+        store
+            .record_benchmarks(&id("d2"), &[result(7, proto::BenchmarkTrigger::Activation)], UnixMs(100))
+            .expect("record");
         let d1 =
             store.benchmarks(&BenchmarkFilter { device_id: "d1".into(), ..Default::default() }, 1000).expect("list");
         assert_eq!(d1.len(), MAX_BENCHMARKS_PER_DEVICE);
         assert_eq!(d1[0].at_unix_ms, 40, "newest first");
         let all = store.benchmarks(&BenchmarkFilter::default(), 5).expect("list");
         assert_eq!(all.len(), 5);
-        let d2 = store.device("d2").expect("read").expect("present");
+        let d2 = store.device(&id("d2")).expect("read").expect("present");
         assert_eq!(d2.latest_benchmark.map(|b| b.variant_digest), Some("sha256:v7".to_owned()));
         let perf = store.perf_records().expect("perf");
         assert_eq!(perf.len(), 1, "only the activation benchmark measures the bundle the device runs");
@@ -609,13 +634,13 @@ mod tests {
             tokens_per_second_max: tps,
             ..Default::default()
         };
-        store.flush_rollups(&[rollup(1_000, 4.0), rollup(2_000, 1.0)], 0).expect("flush");
-        store.flush_rollups(&[rollup(2_000, 3.0)], 0).expect("flush");
-        let all = store.rollups(0).expect("rollups");
+        store.flush_rollups(&[rollup(1_000, 4.0), rollup(2_000, 1.0)], UnixMs(0)).expect("flush");
+        store.flush_rollups(&[rollup(2_000, 3.0)], UnixMs(0)).expect("flush");
+        let all = store.rollups(UnixMs(0)).expect("rollups");
         assert_eq!(all.len(), 2);
         assert_eq!((all[1].reports, all[1].tokens_per_second_min, all[1].tokens_per_second_max), (2, 1.0, 3.0));
-        let pruned = store.flush_rollups(&[], 1_500).expect("prune");
+        let pruned = store.flush_rollups(&[], UnixMs(1_500)).expect("prune");
         assert_eq!(pruned, 1);
-        assert_eq!(store.rollups(0).expect("rollups").len(), 1);
+        assert_eq!(store.rollups(UnixMs(0)).expect("rollups").len(), 1);
     }
 }

@@ -2,13 +2,30 @@
 
 use super::*;
 use crate::insight::compare::Measure;
-use crate::store::{EvalSample, Traffic};
+use crate::store::{EvalSample, Record, Traffic};
 use alki_shared::eval::quality::Outcome;
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 
 mod latency;
 mod quality;
+
+pub(super) fn device_id(id: &str) -> DeviceId {
+    DeviceId::new(id).expect("device id")
+}
+
+fn rollout_id(id: &str) -> RolloutId {
+    RolloutId::new(id).expect("rollout id")
+}
+
+/// Records with their ids checked, as the store hands them to the reconciler.
+fn keyed<T: Record + Clone>(records: &[T]) -> Vec<Keyed<T>> {
+    records.iter().map(|r| Keyed::new(r.clone()).expect("a valid id")).collect()
+}
+
+fn keyed_rollout(rollout: &proto::Rollout) -> Keyed<proto::Rollout> {
+    Keyed::new(rollout.clone()).expect("a valid rollout id")
+}
 
 pub(super) fn rollout(steps: &[(u32, u32)]) -> proto::Rollout {
     proto::Rollout {
@@ -102,8 +119,8 @@ impl Sim {
 
     fn apply_at(&mut self, plan: Plan, now: i64) {
         for order in &plan.prestage {
-            self.prestaged.push((order.device_id.clone(), order.attempt, now));
-            let Some(d) = self.devices.iter_mut().find(|d| d.id == order.device_id) else { continue };
+            self.prestaged.push((order.device_id.to_string(), order.attempt, now));
+            let Some(d) = self.devices.iter_mut().find(|d| order.device_id.as_str() == d.id) else { continue };
             let state = if self.stage_failing.contains(&d.id) {
                 proto::PrestageState::Failed
             } else {
@@ -118,7 +135,7 @@ impl Sim {
                 ..Default::default()
             });
         }
-        for r in &plan.records {
+        for r in plan.records.iter().map(Keyed::record) {
             match self.records.iter_mut().find(|x| x.device_id == r.device_id) {
                 Some(x) => *x = r.clone(),
                 None => self.records.push(r.clone()),
@@ -128,8 +145,9 @@ impl Sim {
         let candidate = plan.rollout.candidate.clone();
         let id = plan.rollout.id.clone();
         for d in self.devices.iter_mut() {
-            let to_b = plan.to_candidate.contains(&d.id) || plan.retry.contains(&d.id);
-            let to_a = plan.to_baseline.iter().find(|r| r.device_id == d.id);
+            let named = |ids: &[DeviceId]| ids.iter().any(|id| id.as_str() == d.id);
+            let to_b = named(&plan.to_candidate) || named(&plan.retry);
+            let to_a = plan.to_baseline.iter().find(|r| r.device_id.as_str() == d.id);
             if to_b {
                 d.rollout_id = id.clone();
                 d.cohort = COHORT_CANDIDATE.into();
@@ -191,15 +209,20 @@ impl Sim {
         let other = HashSet::new();
         let evaluations = Evaluations::from_samples(self.evaluations.clone());
         let facts = Facts {
-            devices: &self.devices,
-            records: &self.records,
+            devices: &keyed(&self.devices),
+            records: &keyed(&self.records),
             other_active: &other,
             measurements: &self.measurements,
             evaluations: &evaluations,
         };
-        let plan = decide(&self.rollout, &facts, now);
+        let plan = decide(&keyed_rollout(&self.rollout), &facts, UnixMs(now));
         self.apply_at(plan.clone(), now);
         plan
+    }
+
+    /// An operator's verb on the rollout as it is now.
+    fn command(&self, verb: Verb, reason: &str, now: i64) -> Result<Plan, VerbError> {
+        command(&keyed_rollout(&self.rollout), &keyed(&self.records), verb, reason, UnixMs(now))
     }
 
     fn state(&self) -> RolloutState {
@@ -301,13 +324,13 @@ fn a_failing_candidate_aborts_and_every_b_device_returns_to_exactly_its_a() {
     // Deciding again changes nothing.
     let other = HashSet::new();
     let facts = Facts {
-        devices: &sim.devices,
-        records: &sim.records,
+        devices: &keyed(&sim.devices),
+        records: &keyed(&sim.records),
         other_active: &other,
         measurements: &Measurements::default(),
         evaluations: &Evaluations::default(),
     };
-    assert!(!decide(&sim.rollout, &facts, 200_000).changes(&sim.rollout));
+    assert!(!decide(&keyed_rollout(&sim.rollout), &facts, UnixMs(200_000)).changes(&sim.rollout));
 }
 
 #[test]
@@ -414,7 +437,7 @@ fn inconclusive_classes_hold_for_a_human_and_resume_accepts_the_step() {
     assert_eq!(sim.state(), RolloutState::Paused, "{}", sim.rollout.message);
     assert_eq!(sim.rollout.pause_reason, PauseReason::Inconclusive as i32);
     assert!(sim.rollout.message.contains("pi5"), "{}", sim.rollout.message);
-    let plan = command(&sim.rollout, &sim.records, Verb::Resume, "looked fine", 2).expect("resume");
+    let plan = sim.command(Verb::Resume, "looked fine", 2).expect("resume");
     sim.apply(plan);
     sim.step(3);
     assert_eq!(sim.state(), RolloutState::Completed, "{}", sim.rollout.message);
@@ -424,21 +447,21 @@ fn inconclusive_classes_hold_for_a_human_and_resume_accepts_the_step() {
 fn operator_verbs_have_explicit_transitions() {
     let mut sim = Sim::new(rollout(&[(10, 0), (50, 0), (100, 0)]), fleet(50, &["pi5"]));
     sim.step(0);
-    let plan = command(&sim.rollout, &sim.records, Verb::Pause, "", 1).expect("pause");
+    let plan = sim.command(Verb::Pause, "", 1).expect("pause");
     sim.apply(plan);
     assert_eq!(sim.state(), RolloutState::Paused);
     let b = sim.in_b().len();
     sim.step(2);
     sim.step(3);
     assert_eq!((sim.state(), sim.in_b().len()), (RolloutState::Paused, b), "paused moves nothing");
-    assert!(matches!(command(&sim.rollout, &sim.records, Verb::Pause, "", 4), Err(VerbError::WrongState { .. })));
-    let plan = command(&sim.rollout, &sim.records, Verb::Promote, "urgent fix", 5).expect("promote");
+    assert!(matches!(sim.command(Verb::Pause, "", 4), Err(VerbError::WrongState { .. })));
+    let plan = sim.command(Verb::Promote, "urgent fix", 5).expect("promote");
     sim.apply(plan);
     sim.step(6);
     assert_eq!(sim.in_b().len(), 50, "promote goes to 100%");
     sim.step(7);
     assert_eq!(sim.state(), RolloutState::Completed);
-    let err = command(&sim.rollout, &sim.records, Verb::Abort, "", 8).expect_err("completed");
+    let err = sim.command(Verb::Abort, "", 8).expect_err("completed");
     assert!(err.to_string().contains("completed"), "{err}");
     let kinds: Vec<&str> = sim.events.iter().map(|e| e.kind.as_str()).collect();
     assert!(kinds.contains(&"pause") && kinds.contains(&"promote") && kinds.contains(&"completed"), "{kinds:?}");
@@ -453,13 +476,13 @@ fn retry_gives_failed_devices_a_new_generation() {
     assert_eq!(sim.rollout.counts.map(|c| c.failed), Some(1));
     let generation = sim.devices[2].desired_generation;
     sim.failing.clear();
-    let plan = command(&sim.rollout, &sim.records, Verb::Retry, "", 2).expect("retry");
-    assert_eq!(plan.retry, vec!["d0002".to_owned()]);
+    let plan = sim.command(Verb::Retry, "", 2).expect("retry");
+    assert_eq!(plan.retry, vec![device_id("d0002")]);
     sim.apply(plan);
     assert_eq!(sim.devices[2].desired_generation, generation + 1);
     sim.step(3);
     assert_eq!(sim.state(), RolloutState::Completed, "{}", sim.rollout.message);
-    assert!(matches!(command(&sim.rollout, &sim.records, Verb::Retry, "", 4), Err(VerbError::WrongState { .. })));
+    assert!(matches!(sim.command(Verb::Retry, "", 4), Err(VerbError::WrongState { .. })));
 }
 
 #[test]
@@ -474,7 +497,7 @@ fn devices_that_served_nothing_go_back_to_serving_nothing_on_abort() {
     sim.offline.insert("d0000".into());
     sim.step(0);
     assert!(sim.devices[1].running.is_some(), "d0001 runs B");
-    let plan = command(&sim.rollout, &sim.records, Verb::Abort, "bad", 1).expect("abort");
+    let plan = sim.command(Verb::Abort, "bad", 1).expect("abort");
     assert_eq!(plan.to_baseline.len(), 4, "every B device returns, with or without a bundle before");
     let nothing: Vec<&str> =
         plan.to_baseline.iter().filter(|r| r.bundle.is_none()).map(|r| r.device_id.as_str()).collect();
@@ -492,13 +515,13 @@ fn devices_that_served_nothing_go_back_to_serving_nothing_on_abort() {
     sim.devices[0].cohort = COHORT_CANDIDATE.into();
     let other = HashSet::new();
     let facts = Facts {
-        devices: &sim.devices,
-        records: &sim.records,
+        devices: &keyed(&sim.devices),
+        records: &keyed(&sim.records),
         other_active: &other,
         measurements: &sim.measurements,
         evaluations: &Evaluations::default(),
     };
-    let again = decide(&sim.rollout, &facts, 2);
+    let again = decide(&keyed_rollout(&sim.rollout), &facts, UnixMs(2));
     assert_eq!(
         again.to_baseline.iter().map(|r| (r.device_id.as_str(), r.bundle.is_none())).collect::<Vec<_>>(),
         [("d0000", true)]
@@ -510,9 +533,10 @@ fn devices_in_another_active_rollout_are_left_alone() {
     let mut devices = fleet(10, &["pi5"]);
     devices[0].rollout_id = "ro-other".into();
     devices[0].cohort = COHORT_CANDIDATE.into();
-    let other = HashSet::from(["ro-other".to_owned()]);
-    let r = rollout(&[(100, 0)]);
+    let other = HashSet::from([rollout_id("ro-other")]);
+    let r = keyed_rollout(&rollout(&[(100, 0)]));
     let none = Evaluations::default();
+    let devices = keyed(&devices);
     let facts = Facts {
         devices: &devices,
         records: &[],
@@ -520,9 +544,9 @@ fn devices_in_another_active_rollout_are_left_alone() {
         measurements: &Measurements::default(),
         evaluations: &none,
     };
-    let plan = decide(&r, &facts, 0);
+    let plan = decide(&r, &facts, UnixMs(0));
     assert_eq!(plan.to_candidate.len(), 9);
-    assert!(!plan.to_candidate.contains(&"d0000".to_owned()));
+    assert!(!plan.to_candidate.contains(&device_id("d0000")));
     // A finished rollout's devices are free again.
     let facts = Facts {
         devices: &devices,
@@ -531,14 +555,14 @@ fn devices_in_another_active_rollout_are_left_alone() {
         measurements: &Measurements::default(),
         evaluations: &none,
     };
-    assert_eq!(decide(&r, &facts, 0).to_candidate.len(), 10);
+    assert_eq!(decide(&r, &facts, UnixMs(0)).to_candidate.len(), 10);
 }
 
 proptest! {
     #[test]
     fn cohort_sizes_are_close_to_the_percentage(percent in 1u32..=100, n in 200usize..1500, seed in "[a-z0-9]{6}") {
-        let rollout_id = format!("ro-{seed}");
-        let in_b = (0..n).filter(|i| in_candidate(&rollout_id, &format!("dev-{i}"), percent)).count();
+        let rollout_id = rollout_id(&format!("ro-{seed}"));
+        let in_b = (0..n).filter(|i| in_candidate(&rollout_id, &device_id(&format!("dev-{i}")), percent)).count();
         let expected = n as f64 * f64::from(percent) / 100.0;
         // Binomial: 5 standard deviations plus one device.
         let sd = (n as f64 * f64::from(percent) / 100.0 * (1.0 - f64::from(percent) / 100.0)).sqrt();
@@ -548,8 +572,9 @@ proptest! {
     #[test]
     fn membership_is_monotonic_in_percent(device in "[a-z0-9-]{1,20}", p in 0u32..=100, q in 0u32..=100) {
         let (lo, hi) = (p.min(q), p.max(q));
-        prop_assert!(!in_candidate("ro-x", &device, lo) || in_candidate("ro-x", &device, hi));
-        prop_assert!(in_candidate("ro-x", &device, 100));
+        let (rollout, device) = (rollout_id("ro-x"), device_id(&device));
+        prop_assert!(!in_candidate(&rollout, &device, lo) || in_candidate(&rollout, &device, hi));
+        prop_assert!(in_candidate(&rollout, &device, 100));
     }
 
     #[test]
@@ -585,7 +610,7 @@ proptest! {
         }
         let originally: HashMap<String, Option<proto::BundleRef>> =
             fleet(n, &["pi5"]).into_iter().map(|d| (d.id.clone(), d.running)).collect();
-        let plan = command(&sim.rollout, &sim.records, Verb::Abort, "", 100).expect("abort an active rollout");
+        let plan = sim.command(Verb::Abort, "", 100).expect("abort an active rollout");
         sim.offline.clear();
         sim.apply(plan);
         sim.step(101);
@@ -762,7 +787,7 @@ fn refills_and_joiners_wait_for_the_window_while_safety_acts_at_once() {
     assert!(sim.rollout.message.contains("outside the schedule window"), "{}", sim.rollout.message);
     assert_eq!(sim.rollout.counts.map(|c| c.selected), Some(13));
     // An operator's abort outside the window returns every B device at once.
-    let plan = command(&sim.rollout, &sim.records, Verb::Abort, "night is over", closed + MINUTE).expect("abort");
+    let plan = sim.command(Verb::Abort, "night is over", closed + MINUTE).expect("abort");
     assert_eq!(plan.to_baseline.len(), 4);
     assert_eq!(plan.rollout.state, RolloutState::Aborted as i32);
     assert!(sim.rollout.window_opens_unix_ms > 0);
@@ -794,7 +819,7 @@ fn failing_gates_abort_outside_the_window_and_promote_ignores_it() {
     let closed = MONDAY + 12 * HOUR;
     sim.step(closed);
     assert_eq!(sim.in_b().len(), first, "nothing moves while closed");
-    let plan = command(&sim.rollout, &sim.records, Verb::Promote, "", closed).expect("promote");
+    let plan = sim.command(Verb::Promote, "", closed).expect("promote");
     sim.apply(plan);
     sim.step(closed + MINUTE);
     assert_eq!(sim.in_b().len(), 20);
@@ -890,7 +915,7 @@ fn a_failed_staging_is_retried_with_backoff_and_bounded() {
         sim.prestaged.iter().filter(|(id, _, _)| id == "d0001").map(|(_, a, t)| (*a, *t)).collect();
     assert_eq!(attempts.len() as u32, PRESTAGE_MAX_ATTEMPTS, "{attempts:?}");
     for pair in attempts.windows(2) {
-        let backoff = PRESTAGE_BACKOFF_MS << (pair[0].0 - 1);
+        let backoff = (PRESTAGE_BACKOFF.as_millis() as i64) << (pair[0].0 - 1);
         assert!(pair[1].1 - pair[0].1 >= backoff, "{attempts:?}");
         assert_eq!(pair[1].0, pair[0].0 + 1);
     }

@@ -95,7 +95,10 @@ fn a_breach_fails_the_class_at_once_while_other_devices_still_converge() {
     let pi5: Vec<String> = sim
         .devices
         .iter()
-        .filter(|d| d.labels["class"] == "pi5" && in_candidate("ro-1", &d.id, 20))
+        .filter(|d| {
+            d.labels["class"] == "pi5"
+                && in_candidate(&RolloutId::new("ro-1").expect("id"), &super::device_id(&d.id), 20)
+        })
         .map(|d| d.id.clone())
         .collect();
     assert!(pi5.len() > 1);
@@ -142,7 +145,7 @@ fn devices_that_could_not_run_make_the_class_inconclusive_naming_why() {
     let why = format!("could not run: does not fit: {candidates}");
     assert!(sim.rollout.message.contains(&why), "{}", sim.rollout.message);
     // An operator accepts the step; the rollout goes on.
-    let plan = command(&sim.rollout, &sim.records, Verb::Resume, "checked by hand", 200_000).expect("resume");
+    let plan = sim.command(Verb::Resume, "checked by hand", 200_000).expect("resume");
     sim.apply(plan);
     sim.step(201_000);
     assert_eq!(sim.rollout.current_step, 1, "{}", sim.rollout.message);
