@@ -17,7 +17,7 @@ use axum::response::Response;
 use http::{HeaderMap, StatusCode, header};
 use sha2::{Digest as _, Sha256};
 
-use super::proxy::error_response;
+use super::answer::error_response;
 
 /// Paths clients may call: llama-server's inference API (OpenAI- and Anthropic-compatible routes and its
 /// own), health and the model list. Anything else is refused with 404.

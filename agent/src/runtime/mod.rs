@@ -5,6 +5,7 @@
 //! [`Supervisor::roll_back`].
 
 pub mod admission;
+pub mod answer;
 pub mod front;
 pub mod instance;
 pub mod priority;

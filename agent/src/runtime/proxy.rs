@@ -16,7 +16,7 @@ use tokio::sync::{Semaphore, watch};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use futures::StreamExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Uri};
@@ -26,12 +26,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use super::admission::{Admission, AdmissionSettings, FrontCounters, Refusal, admit};
+use super::answer::error_response;
 
 /// How long an upstream may take to start answering a request. Non-streaming completions answer only
 /// when generation ends, so this is generous; streaming responses are not bounded once they start.
 pub const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(600);
-/// What `Retry-After` says while no model is served.
-const RETRY_AFTER_SECS: &str = "5";
 /// Requests that may wait at once for an upstream during a gap; more get 503 at once.
 pub const MAX_GAP_WAITERS: usize = 1024;
 
@@ -437,15 +436,6 @@ fn stats_of(bundle_digest: &str, c: &Counters) -> ProxyStats {
         latency: c.latency.snapshot(),
         ttft: c.ttft.snapshot(),
     }
-}
-
-pub(crate) fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
-    let body = serde_json::json!({"error": {"code": status.as_u16(), "message": message, "type": kind}});
-    let mut response = (status, axum::Json(body)).into_response();
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
-    }
-    response
 }
 
 async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
