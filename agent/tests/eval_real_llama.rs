@@ -277,7 +277,7 @@ async fn an_agent_evaluates_b1_b2_and_b3_against_the_served_a_and_again_after_an
         let text = scrape(metrics).await;
         assert!(text.contains("alki_agent_eval_base_logits_total{result=\"computed\"} 1\n"), "{text}");
         assert!(text.contains("alki_agent_eval_base_logits_total{result=\"reused\"} 2\n"), "{text}");
-        assert!(text.contains("alki_agent_evaluations_total{outcome=\"measured\"} 3\n"), "{text}");
+        assert!(text.contains("alki_agent_evaluations_total{outcome=\"measured\",place=\"beside\"} 3\n"), "{text}");
         let index = dir.path().join("data/content").join(alki_agent::eval::logits::DIR_NAME);
         let entries: Vec<_> = std::fs::read_dir(&index).expect("the cache index").flatten().collect();
         assert_eq!(entries.len(), 1, "one baseline × suite");
