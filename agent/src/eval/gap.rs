@@ -151,8 +151,12 @@ impl GapWork for GapEvaluation {
     /// new instance is idle (requests are held), so its replies at temperature 0 with the suite's seed, one
     /// request at a time, are those of a private instance, and no second load of the model is paid.
     async fn started(&mut self, addr: SocketAddr) {
-        let State::Scored { candidate, mut scored, paused } = std::mem::replace(&mut self.state, State::Planned) else {
-            return;
+        let (candidate, mut scored, paused) = match std::mem::replace(&mut self.state, State::Planned) {
+            State::Scored { candidate, scored, paused } => (candidate, scored, paused),
+            other => {
+                self.state = other;
+                return;
+            }
         };
         // The candidate's start is the swap's, not the evaluation's: the budget resumes where it paused.
         scored.limit.at += paused.elapsed();
