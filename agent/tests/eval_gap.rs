@@ -23,7 +23,7 @@ use alki_shared::eval::quality::{CouldNotRun, Outcome, QualityResult};
 use alki_shared::eval::suite::Suite;
 use alki_shared::eval::wire;
 use alki_shared::proto::{self, Phase, agent_message, controller_message};
-use common::controller::{next_where, status_with};
+use common::controller::{next_where, report_and_status, status_with};
 use common::registry::{PushedBundle, Registry, corpus, suite_files, trusted_key};
 use common::running::{Running, start_agent, until_served_by};
 use common::{TEST_TIMEOUT, fake_llama_server, fake_model};
@@ -148,7 +148,7 @@ gap_budget_seconds = {budget}
 }
 
 /// Serves A, then activates B with a desired state naming the suite (rollout `r-gap`, baseline A); returns
-/// the rollout's eval report.
+/// the rollout's eval report once B is active too.
 async fn swap_to_b_with_the_suite(running: &mut Running, s: &Setup) -> proto::EvalReport {
     running.desire(1, &s.a.location).await;
     next_where(&mut running.up, status_with(Phase::Active, 1)).await;
@@ -165,10 +165,7 @@ async fn swap_to_b_with_the_suite(running: &mut Running, s: &Setup) -> proto::Ev
     };
     let message = proto::ControllerMessage { msg: Some(controller_message::Msg::DesiredState(desired)) };
     running.down.send(message).await.expect("desired state");
-    let report =
-        next_where(&mut running.up, |m| matches!(m, agent_message::Msg::Eval(r) if r.rollout_id == "r-gap")).await;
-    let agent_message::Msg::Eval(report) = report else { unreachable!("matched eval reports only") };
-    report
+    report_and_status(&mut running.up, |r| r.rollout_id == "r-gap", Phase::Active, 2).await
 }
 
 /// Logs to the test's output (`RUST_LOG`, warnings by default).
@@ -212,7 +209,6 @@ async fn a_candidate_that_does_not_fit_beside_itself_is_evaluated_in_the_gap_the
         let key = done_key(&s.b.variants[0], &result.suite, Some(&s.a.variants[0]));
         assert!(DoneFile::new(&s.dir.path().join("data")).contains(&key).await);
 
-        next_where(&mut running.up, status_with(Phase::Active, 2)).await;
         until_served_by(running.front, "b.gguf").await;
         // Evaluations run in order: the next report is this command's, not a second one of the rollout's.
         let missing = proto::BundleRef { digest: Digest::of(b"no such suite").to_string(), ..s.suite.clone() };
@@ -252,7 +248,6 @@ async fn an_evaluation_past_the_gap_budget_is_cut_and_reported_and_the_candidate
             panic!("could not run");
         };
         assert!(c.problem.contains("[eval] gap_budget_seconds = 1"), "the reason names the budget: {}", c.problem);
-        next_where(&mut running.up, status_with(Phase::Active, 2)).await;
         until_served_by(running.front, "b.gguf").await;
         let text = scrape(&running).await;
         let line = "alki_agent_evaluations_total{outcome=\"out_of_time\",place=\"gap\"} 1";
