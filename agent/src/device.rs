@@ -630,13 +630,7 @@ impl Device {
         self.report(self.variant_status(desired, Phase::Starting, &pulled)).await;
         let needs = pulled.memory_needs().await;
         let strategy = self.choose_strategy(needs).await;
-        let mut gap = match strategy {
-            SwapStrategy::StopThenStart => {
-                let budget = self.policy.eval_gap_budget;
-                self.hooks.gap_evaluation(desired, &bundle, &pulled.variant_digest, needs, budget).await
-            }
-            SwapStrategy::BlueGreen => None,
-        };
+        let mut gap = self.plan_gap(desired, &bundle, &pulled.variant_digest, needs, strategy, shutdown).await;
         // A model still under watch is taken as good once a newer activation starts.
         self.watching = None;
         let restore = (self.state.active.clone(), self.state.previous.clone());
@@ -648,7 +642,7 @@ impl Device {
         match swapped {
             Ok(()) => {
                 if let Some(gap) = gap {
-                    gap.conclude().await;
+                    gap.conclude(true).await;
                 }
             }
             Err(SwapFailure::ShuttingDown) => {
@@ -657,6 +651,9 @@ impl Device {
                 return Outcome::Abandoned;
             }
             Err(SwapFailure::Start(e)) => {
+                if let Some(gap) = gap {
+                    gap.conclude(false).await;
+                }
                 let message = format!("bundle {bundle}: {e}");
                 self.fail(desired, activation_error(ErrorCode::StartFailed, message, None)).await;
                 return Outcome::Failed { retryable: false };
@@ -789,6 +786,27 @@ impl Device {
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "Evicting blobs over the store budget failed."),
+        }
+    }
+
+    /// Before a swap: the evaluation to run in its gap, when it goes stop-then-start and `desired` names a
+    /// suite. Planning fetches the suite, so a shutdown meanwhile skips it (and then abandons the swap).
+    async fn plan_gap(
+        &self,
+        desired: &Desired,
+        bundle: &BundleLocation,
+        variant: &Digest,
+        needs: u64,
+        strategy: SwapStrategy,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<crate::eval::GapEvaluation> {
+        if strategy != SwapStrategy::StopThenStart {
+            return None;
+        }
+        let budget = self.policy.eval_gap_budget;
+        tokio::select! {
+            planned = self.hooks.gap_evaluation(desired, bundle, variant, needs, budget) => planned,
+            _ = shutdown.wait_for(|stop| *stop) => None,
         }
     }
 

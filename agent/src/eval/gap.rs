@@ -205,18 +205,21 @@ impl GapEvaluation {
         Ok(Ok((candidate, scored)))
     }
 
-    /// After the swap: the outcome reported (counted as run in the gap) and remembered, so the evaluation
-    /// after the activation does not run it again. Nothing when it was left to that evaluation, or when the
-    /// candidate never started (its activation failed, which says why).
-    pub async fn conclude(mut self) {
-        let outcome = match std::mem::replace(&mut self.state, State::Planned) {
-            State::Done(outcome) => outcome,
-            State::Scored { .. } | State::Planned => {
-                tracing::warn!("The candidate did not start after the gap; its evaluation is not reported.");
-                return;
-            }
+    /// After the swap (`serving`: the candidate serves now): the outcome reported (counted as run in the gap)
+    /// and remembered, so the evaluation after the activation does not run it again. Nothing is reported when
+    /// it was left to that evaluation, or when the candidate did not start (its activation failed and says
+    /// why; the candidate was not evaluated as it would serve).
+    pub async fn conclude(mut self, serving: bool) {
+        let state = std::mem::replace(&mut self.state, State::Planned);
+        let outcome = match state {
+            State::Done(outcome) if serving => outcome,
             State::Left(place) => {
                 tracing::info!(?place, "Not evaluated in the gap; the evaluation after the activation runs it.");
+                return;
+            }
+            _ => {
+                tracing::warn!("The candidate did not start after the gap; its evaluation is not reported.");
+                self.evaluator.env.tidy().await;
                 return;
             }
         };
