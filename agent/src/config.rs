@@ -50,8 +50,9 @@ pub struct Config {
     pub eval: EvalConfig,
 }
 
-/// Quality evaluations: llama-perplexity and a loopback llama-server beside the serving model.
-#[derive(Clone, Debug, Default, Deserialize)]
+/// Quality evaluations: llama-perplexity and a loopback llama-server beside the serving model, or in a
+/// stop-then-start swap's gap when they do not fit beside it.
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
     /// CPU priority of the evaluation's processes: `idle` (default: SCHED_IDLE and nice 19, they run only on
@@ -62,6 +63,22 @@ pub struct EvalConfig {
     /// llama-perplexity's threads (`-t`); 0 lets the tool decide.
     #[serde(default)]
     pub threads: u32,
+    /// When a stop-then-start swap's candidate is to be evaluated and the evaluation would not fit beside it
+    /// once it serves, it runs in the gap instead (the old model stopped, the memory free), for at most this
+    /// many seconds more of outage; past it the evaluation is stopped, reported as out of time, and the
+    /// candidate starts. 0: never evaluate in the gap (such a device reports "does not fit").
+    #[serde(default = "default_gap_budget")]
+    pub gap_budget_seconds: u32,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig { priority: Default::default(), threads: 0, gap_budget_seconds: default_gap_budget() }
+    }
+}
+
+fn default_gap_budget() -> u32 {
+    120
 }
 
 fn default_true() -> bool {
@@ -288,7 +305,20 @@ impl Config {
         self.validate_identity()?;
         self.validate_controller()?;
         self.validate_registry()?;
-        self.validate_runtime()
+        self.validate_runtime()?;
+        self.validate_eval()
+    }
+
+    /// How evaluations run.
+    fn validate_eval(&self) -> Result<(), ConfigError> {
+        if self.eval.gap_budget_seconds > 3600 {
+            return Err(invalid(
+                "eval.gap_budget_seconds",
+                format!("is {}", self.eval.gap_budget_seconds),
+                "use 0 (never evaluate in a swap's gap) to 3600 seconds: the gap is an outage",
+            ));
+        }
+        Ok(())
     }
 
     /// The device id, the data directory and the labels.
@@ -600,6 +630,11 @@ impl Config {
         Duration::from_secs(self.runtime.gap_wait_secs)
     }
 
+    /// How much longer a stop-then-start gap may last to evaluate the candidate in it; zero: never.
+    pub fn eval_gap_budget(&self) -> Duration {
+        Duration::from_secs(u64::from(self.eval.gap_budget_seconds))
+    }
+
     /// The pull rate limit in bytes per second, if any.
     pub fn bandwidth_limit(&self) -> Option<u64> {
         (self.registry.bandwidth_limit_kib > 0).then(|| self.registry.bandwidth_limit_kib.saturating_mul(1024))
@@ -669,6 +704,8 @@ gap_wait_secs = 30
 [store]
 budget_mib = 20480
 disk_reserve_mib = 512
+[eval]
+gap_budget_seconds = 120
 "#;
 
     fn field_of(err: ConfigError) -> &'static str {
@@ -728,6 +765,7 @@ llama_server = "/bin/llama-server"
         assert!(config.plain_http_registries().is_empty(), "the embedded registry is reached over HTTPS");
         assert_eq!(config.identity_dir(), PathBuf::from("/data/identity"));
         assert_eq!((config.eval.priority, config.eval.threads), (crate::runtime::priority::Priority::Idle, 0));
+        assert_eq!(config.eval_gap_budget(), Duration::from_secs(120));
     }
 
     #[test]
@@ -759,6 +797,7 @@ llama_server = "/bin/llama-server"
             ("watch_window_secs = 60", "watch_window_secs = 3601", "runtime.watch_window_secs"),
             ("gap_wait_secs = 30", "gap_wait_secs = 0", "runtime.gap_wait_secs"),
             ("memory_reserve_mib = 256", "memory_reserve_mib = 2000000", "runtime.memory_reserve_mib"),
+            ("gap_budget_seconds = 120", "gap_budget_seconds = 3601", "eval.gap_budget_seconds"),
             ("site = \"lab\"", "\"bad key\" = \"lab\"", "labels"),
         ];
         for (from, to, field) in cases {

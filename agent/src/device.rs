@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use alki_shared::digest::Digest;
 use alki_shared::proto::{self, ErrorCode, Phase};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -52,6 +53,8 @@ pub struct SwapPolicy {
     pub store_budget: Option<u64>,
     /// Pull rate limit in bytes per second, if any.
     pub bandwidth: Option<u64>,
+    /// How much longer a stop-then-start gap may last to evaluate the candidate in it (zero: never).
+    pub eval_gap_budget: Duration,
 }
 
 impl SwapPolicy {
@@ -63,6 +66,7 @@ impl SwapPolicy {
             disk_reserve: config.disk_reserve_bytes(),
             store_budget: config.store_budget_bytes(),
             bandwidth: config.bandwidth_limit(),
+            eval_gap_budget: config.eval_gap_budget(),
         }
     }
 }
@@ -136,6 +140,8 @@ pub struct DeviceHooks {
     pub bench: Option<Jobs>,
     /// Evaluations after activations whose desired state names an eval suite.
     pub eval: Option<crate::eval::Jobs>,
+    /// Evaluations of such activations in their stop-then-start gap, when they do not fit beside the candidate.
+    pub gap: Option<crate::eval::GapEvaluator>,
 }
 
 impl DeviceHooks {
@@ -156,26 +162,46 @@ impl DeviceHooks {
     /// evaluate it when `desired` names an eval suite. The evaluation task runs each variant × suite ×
     /// baseline once, so offering it again (a reconnect, a restart) is harmless.
     pub fn evaluate(&self, desired: &Desired, active: Option<&Deployment>) {
-        let (Some(jobs), Some(wanted), Some(active)) = (&self.eval, &desired.eval, active) else { return };
-        let wanted = match wanted {
-            Ok(wanted) => wanted,
-            Err(reason) => {
-                tracing::warn!(%reason, "The desired state names an eval suite that cannot be used; not evaluated.");
-                return;
-            }
-        };
-        let baseline = wanted
-            .baseline
-            .clone()
-            .map(|bundle| crate::eval::run::BaselineRef { bundle, variant: wanted.baseline_variant.clone() });
-        let request = crate::eval::Request {
-            candidate: active.bundle.clone(),
-            variant: Some(active.variant_digest.clone()),
-            suite: wanted.suite.clone(),
-            baseline,
-        };
+        let (Some(jobs), Some(active)) = (&self.eval, active) else { return };
+        let Some(request) = evaluation_of(desired, &active.bundle, &active.variant_digest) else { return };
         jobs.submit(crate::eval::Job::Activation { rollout_id: desired.rollout_id.clone(), request });
     }
+
+    /// Before a stop-then-start swap to `variant` of `bundle` (needing `serving` bytes once it serves) for
+    /// `desired`: the evaluation to try in the gap, when `desired` names an eval suite and the budget allows.
+    async fn gap_evaluation(
+        &self,
+        desired: &Desired,
+        bundle: &BundleLocation,
+        variant: &Digest,
+        serving: u64,
+        budget: Duration,
+    ) -> Option<crate::eval::GapEvaluation> {
+        let gap = self.gap.as_ref()?;
+        let request = evaluation_of(desired, bundle, variant)?;
+        gap.plan(&desired.rollout_id, request, serving, budget).await
+    }
+}
+
+/// The evaluation `desired` asks for of `variant` of `bundle`, if it names a usable eval suite.
+fn evaluation_of(desired: &Desired, bundle: &BundleLocation, variant: &Digest) -> Option<crate::eval::Request> {
+    let wanted = match desired.eval.as_ref()? {
+        Ok(wanted) => wanted,
+        Err(reason) => {
+            tracing::warn!(%reason, "The desired state names an eval suite that cannot be used; not evaluated.");
+            return None;
+        }
+    };
+    let baseline = wanted
+        .baseline
+        .clone()
+        .map(|bundle| crate::eval::run::BaselineRef { bundle, variant: wanted.baseline_variant.clone() });
+    Some(crate::eval::Request {
+        candidate: bundle.clone(),
+        variant: Some(variant.clone()),
+        suite: wanted.suite.clone(),
+        baseline,
+    })
 }
 
 /// How an activation ended.
@@ -349,6 +375,7 @@ impl Device {
             result = self.supervisor.restart(spec.clone()) => result.map_err(SwapFailure::Start),
             _ = shutdown.wait_for(|stop| *stop) => Err(SwapFailure::ShuttingDown),
         };
+        self.note_gap();
         match restarted {
             Ok(()) => {
                 tracing::info!("llama-server restarted after a crash.");
@@ -601,22 +628,32 @@ impl Device {
         };
         let launch = spec.settings.clone();
         self.report(self.variant_status(desired, Phase::Starting, &pulled)).await;
-        let strategy = self.choose_strategy(pulled.memory_needs().await).await;
+        let needs = pulled.memory_needs().await;
+        let strategy = self.choose_strategy(needs).await;
+        let mut gap = self.plan_gap(desired, &bundle, &pulled.variant_digest, needs, strategy, shutdown).await;
         // A model still under watch is taken as good once a newer activation starts.
         self.watching = None;
         let restore = (self.state.active.clone(), self.state.previous.clone());
         let swapped = tokio::select! {
-            result = self.supervisor.swap_watched(spec, strategy) => result.map_err(SwapFailure::Start),
+            result = self.supervisor.swap_watched_with(spec, strategy, &mut gap) => result.map_err(SwapFailure::Start),
             _ = shutdown.wait_for(|stop| *stop) => Err(SwapFailure::ShuttingDown),
         };
+        self.note_gap();
         match swapped {
-            Ok(()) => {}
+            Ok(()) => {
+                if let Some(gap) = gap {
+                    gap.conclude(true).await;
+                }
+            }
             Err(SwapFailure::ShuttingDown) => {
                 // Not applied: after the restart the controller's desired state is converged to again.
                 tracing::info!(generation = %desired.generation, "Activation abandoned for shutdown.");
                 return Outcome::Abandoned;
             }
             Err(SwapFailure::Start(e)) => {
+                if let Some(gap) = gap {
+                    gap.conclude(false).await;
+                }
                 let message = format!("bundle {bundle}: {e}");
                 self.fail(desired, activation_error(ErrorCode::StartFailed, message, None)).await;
                 return Outcome::Failed { retryable: false };
@@ -752,6 +789,34 @@ impl Device {
         }
     }
 
+    /// Before a swap: the evaluation to run in its gap, when it goes stop-then-start and `desired` names a
+    /// suite. Planning fetches the suite, so a shutdown meanwhile skips it (and then abandons the swap).
+    async fn plan_gap(
+        &self,
+        desired: &Desired,
+        bundle: &BundleLocation,
+        variant: &Digest,
+        needs: u64,
+        strategy: SwapStrategy,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<crate::eval::GapEvaluation> {
+        if strategy != SwapStrategy::StopThenStart {
+            return None;
+        }
+        let budget = self.policy.eval_gap_budget;
+        tokio::select! {
+            planned = self.hooks.gap_evaluation(desired, bundle, variant, needs, budget) => planned,
+            _ = shutdown.wait_for(|stop| *stop) => None,
+        }
+    }
+
+    /// A stop-then-start gap just ended: how long it held requests, for the metrics.
+    fn note_gap(&mut self) {
+        if let Some(gap) = self.supervisor.take_gap() {
+            self.hooks.metrics.swap_gap(gap);
+        }
+    }
+
     /// Blue/green when the memory available now (the serving model already loaded) holds the new model and
     /// the reserve; stop-then-start otherwise, or when nothing serves there is no difference.
     async fn choose_strategy(&self, needs: u64) -> SwapStrategy {
@@ -816,7 +881,9 @@ impl Device {
         let window = self.policy.watch_window.as_secs();
         tracing::error!(generation = %watch.desired.generation, %cause, "The new model failed within its watch window; swapping back.");
         self.hooks.metrics.activation(ActivationOutcome::RolledBack);
-        let message = match self.supervisor.roll_back().await {
+        let rolled_back = self.supervisor.roll_back().await;
+        self.note_gap();
+        let message = match rolled_back {
             Ok(()) => {
                 let back = watch.restore_active.as_ref().map(|a| a.bundle.to_string()).unwrap_or_default();
                 self.state.active = watch.restore_active;
@@ -851,7 +918,9 @@ impl Device {
         };
         let Some(spec) = previous.launch_spec() else { return false };
         tracing::error!(%cause, previous = %previous.bundle, "The serving model failed; falling back to the previous bundle.");
-        match self.supervisor.restart(spec).await {
+        let restarted = self.supervisor.restart(spec).await;
+        self.note_gap();
+        match restarted {
             Ok(()) => {
                 let failed = self.state.active.replace(previous.clone());
                 self.state.previous = None;

@@ -101,6 +101,11 @@ impl Layout {
     pub fn evaluation(&self) -> PathBuf {
         self.data_dir.join("evaluation")
     }
+
+    /// Where evaluations in a swap's gap materialise theirs (apart: each cleans its own directory up).
+    pub fn evaluation_gap(&self) -> PathBuf {
+        self.data_dir.join("evaluation-gap")
+    }
 }
 
 /// An agent with its identity, state, content store and front listener ready; [`Agent::run`] runs it.
@@ -254,7 +259,9 @@ impl Agent {
         let parts = Parts::new(config, store, proxy, reloads, snapshot_rx, stop_rx);
 
         let (eval_reports_tx, eval_reports_rx) = mpsc::channel(eval::jobs::REPORTS);
-        let (evals, eval_task) = parts.evaluator(eval_reports_tx).spawn(parts.stop.clone());
+        let evaluator = parts.evaluator(eval_reports_tx);
+        let gap_evaluator = parts.gap_evaluator(&evaluator);
+        let (evals, eval_task) = evaluator.spawn(parts.stop.clone());
         let (reports_tx, reports_rx) = mpsc::channel(bench::JOB_QUEUE);
         let benchmarker = parts.benchmarker(&device_id, reports_tx, evals.clone()).await;
         let (bench_jobs, bench_task) = benchmarker.spawn(parts.stop.clone());
@@ -264,7 +271,12 @@ impl Agent {
         let (status_tx, status_rx) = mpsc::channel(STATUS_CAPACITY);
         let (desired_tx, desired_rx) = watch::channel(None);
         let bench_after = parts.config.benchmark_after_activation.then(|| bench_jobs.clone());
-        let hooks = DeviceHooks { metrics: Arc::clone(&parts.metrics), bench: bench_after, eval: Some(evals.clone()) };
+        let hooks = DeviceHooks {
+            metrics: Arc::clone(&parts.metrics),
+            bench: bench_after,
+            eval: Some(evals.clone()),
+            gap: Some(gap_evaluator),
+        };
         let (device, hand_over) = parts.device(state, state_file, status_tx, snapshot_tx, desired_rx, hooks);
         let device_task = tokio::spawn(device.run(parts.stop.clone()).in_current_span());
         let reports = SessionReports { benchmarks: reports_rx, evals, eval_reports: eval_reports_rx };
@@ -474,12 +486,25 @@ impl Parts {
             bandwidth: config.bandwidth_limit(),
             metrics: Arc::clone(&self.metrics),
         };
-        eval::Evaluator {
-            env,
+        let reporter = eval::Reporter {
+            metrics: Arc::clone(&self.metrics),
             reports,
             file: eval::files::EvaluationsFile::new(&layout.data_dir),
             done: eval::files::DoneFile::new(&layout.data_dir),
-        }
+        };
+        eval::Evaluator { env, reporter }
+    }
+
+    /// Evaluations in a stop-then-start swap's gap, run by the device loop: the evaluation task's
+    /// environment with a work directory of its own, and the same reports.
+    fn gap_evaluator(&self, evaluator: &eval::Evaluator) -> eval::GapEvaluator {
+        // Nothing serves in the gap for a low priority to protect, and every second of it is outage.
+        let env = eval::Env {
+            work_dir: self.layout.evaluation_gap(),
+            priority: runtime::priority::Priority::Normal,
+            ..evaluator.env.clone()
+        };
+        eval::GapEvaluator { env, reporter: evaluator.reporter.clone() }
     }
 
     /// The agent's own `/metrics` on `listener`.

@@ -136,9 +136,12 @@ pub struct AgentMetrics {
     /// Reports kept while the controller is unreachable, and dropped past their bound, by kind.
     reports_buffered: [AtomicU64; crate::outbox::KINDS],
     reports_dropped: [AtomicU64; crate::outbox::KINDS],
-    /// Quality evaluations reported, by outcome ([`EVAL_OUTCOMES`]), and how long they took.
-    evaluations: [AtomicU64; EVAL_OUTCOMES.len()],
+    /// Quality evaluations reported, by where they ran ([`EvalPlace`]) and outcome ([`EVAL_OUTCOMES`]), and
+    /// how long they took.
+    evaluations: [[AtomicU64; EVAL_OUTCOMES.len()]; EvalPlace::ALL.len()],
     eval_seconds: Mutex<DurationHistogram>,
+    /// Stop-then-start gaps: how long the front proxy held requests with no model to send them to.
+    swap_gaps: Mutex<DurationHistogram>,
     /// Baseline logits computed by a llama-perplexity run, and reused from the cache.
     base_logits: [AtomicU64; 2],
     /// Bytes of cached baseline logits in the content store.
@@ -150,24 +153,65 @@ pub struct AgentMetrics {
 pub const EVAL_OUTCOMES: [&str; 6] =
     ["measured", "does_not_fit", "suite_too_large_for_budget", "out_of_time", "tool_missing", "failed"];
 
+/// Where an evaluation ran, for `alki_agent_evaluations_total{place}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvalPlace {
+    /// Beside the serving model (or refused before it ran anywhere).
+    Beside,
+    /// In a stop-then-start swap's gap, with the old model stopped.
+    Gap,
+}
+
+impl EvalPlace {
+    const ALL: [EvalPlace; 2] = [EvalPlace::Beside, EvalPlace::Gap];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            EvalPlace::Beside => "beside",
+            EvalPlace::Gap => "gap",
+        }
+    }
+}
+
 /// Upper bounds (seconds) of the evaluation duration histogram: a tiny suite takes seconds, a large model
 /// on a small board up to the longest time budget (an hour).
 pub const EVAL_SECONDS_BUCKETS: [f64; 9] = [5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
+/// Upper bounds (seconds) of the swap gap histogram: a small model loads in a second or two, a large one from
+/// a slow disk in minutes, and an evaluation in the gap adds up to its budget.
+pub const GAP_SECONDS_BUCKETS: [f64; 9] = [1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
-/// A cumulative histogram of durations in seconds over [`EVAL_SECONDS_BUCKETS`] (the last count is +Inf).
+/// A cumulative histogram of durations in seconds over the bounds it is observed with (the last count is
+/// +Inf).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DurationHistogram {
-    pub counts: [u64; EVAL_SECONDS_BUCKETS.len() + 1],
+    /// Cumulative counts per bound, then +Inf; empty until the first observation.
+    pub counts: Vec<u64>,
     pub sum: f64,
 }
 
 impl DurationHistogram {
-    pub fn observe(&mut self, seconds: f64) {
-        let bucket = EVAL_SECONDS_BUCKETS.iter().position(|le| seconds <= *le).unwrap_or(EVAL_SECONDS_BUCKETS.len());
+    pub fn observe(&mut self, bounds: &[f64], seconds: f64) {
+        self.counts.resize(bounds.len() + 1, 0);
+        let bucket = bounds.iter().position(|le| seconds <= *le).unwrap_or(bounds.len());
         for count in &mut self.counts[bucket..] {
             *count += 1;
         }
         self.sum += seconds;
+    }
+
+    /// The histogram's lines (after the family name) over `bounds`.
+    fn lines(&self, bounds: &[f64]) -> Vec<String> {
+        let count = |i: usize| self.counts.get(i).copied().unwrap_or(0);
+        let mut lines: Vec<String> = bounds
+            .iter()
+            .map(|le| le.to_string())
+            .chain(std::iter::once("+Inf".to_owned()))
+            .enumerate()
+            .map(|(i, le)| format!("_bucket{{le=\"{le}\"}} {}", count(i)))
+            .collect();
+        lines.push(format!("_sum {}", self.sum));
+        lines.push(format!("_count {}", count(bounds.len())));
+        lines
     }
 }
 
@@ -213,16 +257,30 @@ impl AgentMetrics {
         self.last_benchmark.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// An evaluation was reported: `outcome` is one of [`EVAL_OUTCOMES`] (others count as failed).
-    pub fn evaluated(&self, outcome: &str, seconds: f64) {
+    /// An evaluation that ran at `place` was reported: `outcome` is one of [`EVAL_OUTCOMES`] (others count as
+    /// failed).
+    pub fn evaluated(&self, outcome: &str, place: EvalPlace, seconds: f64) {
         let index = EVAL_OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(EVAL_OUTCOMES.len() - 1);
-        self.evaluations[index].fetch_add(1, Ordering::Relaxed);
-        self.eval_seconds.lock().unwrap_or_else(PoisonError::into_inner).observe(seconds);
+        self.evaluations[place as usize][index].fetch_add(1, Ordering::Relaxed);
+        self.eval_seconds.lock().unwrap_or_else(PoisonError::into_inner).observe(&EVAL_SECONDS_BUCKETS, seconds);
     }
 
-    /// Evaluations reported with `outcome` since the agent started.
+    /// Evaluations reported with `outcome` since the agent started, wherever they ran.
     pub fn evaluations(&self, outcome: &str) -> u64 {
-        EVAL_OUTCOMES.iter().position(|o| *o == outcome).map_or(0, |i| self.evaluations[i].load(Ordering::Relaxed))
+        EvalPlace::ALL.iter().map(|place| self.evaluations_at(outcome, *place)).sum()
+    }
+
+    /// Evaluations that ran at `place` and were reported with `outcome` since the agent started.
+    pub fn evaluations_at(&self, outcome: &str, place: EvalPlace) -> u64 {
+        EVAL_OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .map_or(0, |i| self.evaluations[place as usize][i].load(Ordering::Relaxed))
+    }
+
+    /// A stop-then-start swap held requests for `gap` with no model to send them to.
+    pub fn swap_gap(&self, gap: Duration) {
+        self.swap_gaps.lock().unwrap_or_else(PoisonError::into_inner).observe(&GAP_SECONDS_BUCKETS, gap.as_secs_f64());
     }
 
     /// Baseline logits were computed (`reused` false) or taken from the cache.
@@ -507,37 +565,41 @@ fn agent_families(out: &mut Exposition, m: &AgentMetrics) {
         "Reports dropped (oldest first) because the controller stayed unreachable past their bound, by kind.",
         by_kind(&m.reports_dropped),
     );
+    let gaps = m.swap_gaps.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    out.family(
+        "alki_agent_swap_gap_seconds",
+        "histogram",
+        "Stop-then-start swaps (and their rollbacks): how long requests were held with no model to serve them, \
+         an evaluation in the gap included.",
+        gaps.lines(&GAP_SECONDS_BUCKETS),
+    );
     eval_families(out, m);
 }
 
 /// Quality evaluations: outcomes, durations, the baseline-logits cache.
 fn eval_families(out: &mut Exposition, m: &AgentMetrics) {
+    let by_place_and_outcome = EvalPlace::ALL
+        .iter()
+        .flat_map(|place| EVAL_OUTCOMES.iter().map(move |outcome| (*place, *outcome)))
+        .map(|(place, outcome)| {
+            let n = m.evaluations_at(outcome, place);
+            format!("{{outcome=\"{outcome}\",place=\"{}\"}} {n}", place.label())
+        })
+        .collect();
     out.family(
         "alki_agent_evaluations_total",
         "counter",
-        "Quality evaluations reported, by outcome (measured, or why the device could not run it).",
-        EVAL_OUTCOMES
-            .iter()
-            .zip(&m.evaluations)
-            .map(|(outcome, n)| format!("{{outcome=\"{outcome}\"}} {}", n.load(Ordering::Relaxed)))
-            .collect(),
+        "Quality evaluations reported, by outcome (measured, or why the device could not run it) and where they \
+         ran (beside the serving model, or in a stop-then-start swap's gap).",
+        by_place_and_outcome,
     );
     let h = m.eval_seconds.lock().unwrap_or_else(PoisonError::into_inner).clone();
-    let name = "alki_agent_evaluation_duration_seconds";
-    let mut lines: Vec<String> = EVAL_SECONDS_BUCKETS
-        .iter()
-        .map(|le| le.to_string())
-        .chain(std::iter::once("+Inf".to_owned()))
-        .zip(h.counts)
-        .map(|(le, count)| format!("_bucket{{le=\"{le}\"}} {count}"))
-        .collect();
-    lines.push(format!("_sum {}", h.sum));
-    lines.push(format!("_count {}", h.counts[EVAL_SECONDS_BUCKETS.len()]));
-    let _ = writeln!(out.out, "# HELP {name} Wall-clock time of quality evaluations, suite and candidate acquired.");
-    let _ = writeln!(out.out, "# TYPE {name} histogram");
-    for line in lines {
-        let _ = writeln!(out.out, "{name}{line}");
-    }
+    out.family(
+        "alki_agent_evaluation_duration_seconds",
+        "histogram",
+        "Wall-clock time of quality evaluations, suite and candidate acquired.",
+        h.lines(&EVAL_SECONDS_BUCKETS),
+    );
     let (computed, reused) = m.base_logits_runs();
     out.family(
         "alki_agent_eval_base_logits_total",
@@ -771,9 +833,10 @@ llamacpp:requests_deferred 0
     #[test]
     fn evaluations_are_counted_by_outcome_with_their_durations() {
         let m = AgentMetrics::default();
-        m.evaluated("measured", 12.0);
-        m.evaluated("does_not_fit", 0.5);
-        m.evaluated("something new", 4000.0);
+        m.evaluated("measured", EvalPlace::Beside, 12.0);
+        m.evaluated("measured", EvalPlace::Gap, 12.0);
+        m.evaluated("does_not_fit", EvalPlace::Beside, 0.5);
+        m.evaluated("something new", EvalPlace::Gap, 4000.0);
         m.base_logits(false);
         m.base_logits(true);
         m.base_logits(true);
@@ -782,19 +845,46 @@ llamacpp:requests_deferred 0
         eval_families(&mut out, &m);
         let text = out.out;
         for line in [
-            "alki_agent_evaluations_total{outcome=\"measured\"} 1",
-            "alki_agent_evaluations_total{outcome=\"does_not_fit\"} 1",
-            "alki_agent_evaluations_total{outcome=\"failed\"} 1",
+            "alki_agent_evaluations_total{outcome=\"measured\",place=\"beside\"} 1",
+            "alki_agent_evaluations_total{outcome=\"measured\",place=\"gap\"} 1",
+            "alki_agent_evaluations_total{outcome=\"does_not_fit\",place=\"beside\"} 1",
+            "alki_agent_evaluations_total{outcome=\"does_not_fit\",place=\"gap\"} 0",
+            "alki_agent_evaluations_total{outcome=\"failed\",place=\"gap\"} 1",
             "alki_agent_evaluation_duration_seconds_bucket{le=\"5\"} 1",
-            "alki_agent_evaluation_duration_seconds_bucket{le=\"15\"} 2",
-            "alki_agent_evaluation_duration_seconds_bucket{le=\"3600\"} 2",
-            "alki_agent_evaluation_duration_seconds_bucket{le=\"+Inf\"} 3",
-            "alki_agent_evaluation_duration_seconds_count 3",
+            "alki_agent_evaluation_duration_seconds_bucket{le=\"15\"} 3",
+            "alki_agent_evaluation_duration_seconds_bucket{le=\"3600\"} 3",
+            "alki_agent_evaluation_duration_seconds_bucket{le=\"+Inf\"} 4",
+            "alki_agent_evaluation_duration_seconds_count 4",
             "alki_agent_eval_base_logits_total{result=\"computed\"} 1",
             "alki_agent_eval_base_logits_total{result=\"reused\"} 2",
             "alki_agent_eval_base_logits_bytes 64528276",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        assert_eq!((m.evaluations("measured"), m.evaluations_at("measured", EvalPlace::Gap)), (2, 1));
+    }
+
+    #[test]
+    fn swap_gaps_are_a_histogram_from_the_first_scrape() {
+        let m = AgentMetrics::default();
+        let mut out = Exposition::default();
+        agent_families(&mut out, &m);
+        assert!(out.out.lines().any(|l| l == "alki_agent_swap_gap_seconds_count 0"), "{}", out.out);
+        m.swap_gap(Duration::from_millis(1500));
+        m.swap_gap(Duration::from_secs(150));
+        let mut out = Exposition::default();
+        agent_families(&mut out, &m);
+        for line in [
+            "# TYPE alki_agent_swap_gap_seconds histogram",
+            "alki_agent_swap_gap_seconds_bucket{le=\"1\"} 0",
+            "alki_agent_swap_gap_seconds_bucket{le=\"2\"} 1",
+            "alki_agent_swap_gap_seconds_bucket{le=\"120\"} 1",
+            "alki_agent_swap_gap_seconds_bucket{le=\"300\"} 2",
+            "alki_agent_swap_gap_seconds_bucket{le=\"+Inf\"} 2",
+            "alki_agent_swap_gap_seconds_sum 151.5",
+            "alki_agent_swap_gap_seconds_count 2",
+        ] {
+            assert!(out.out.lines().any(|l| l == line), "{line} in\n{}", out.out);
         }
     }
 

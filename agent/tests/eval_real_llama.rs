@@ -3,7 +3,8 @@
 //! A), B2 = other weights (far from A), B3 = A under a mismatched chat template. An in-process agent with a
 //! real registry serves A and evaluates B1, B2 and B3 against it on Evaluate commands (the baseline's logits
 //! computed once and reused, the front port answering throughout), then evaluates B1 once after an
-//! activation that names the suite; a run past its time budget is killed; `alki-agent eval` runs one by hand.
+//! activation that names the suite; a run past its time budget is killed; `alki-agent eval` runs one by hand;
+//! a B1 that claims more memory than is left beside itself is evaluated in its stop-then-start gap.
 
 mod common;
 
@@ -26,7 +27,7 @@ use alki_shared::eval::quality::{CouldNotRun, Measurement, Outcome, QualityResul
 use alki_shared::eval::suite::Suite;
 use alki_shared::eval::wire;
 use alki_shared::proto::{self, Phase, agent_message, controller_message};
-use common::controller::{next_where, status_with};
+use common::controller::{next_where, report_and_status, status_with};
 use common::registry::{PushedBundle, Registry, corpus, suite_files, trusted_key};
 use common::running::{Running, start_agent};
 use tokio::sync::mpsc;
@@ -79,6 +80,18 @@ fn models(dir: &Path, bin: &Path) -> [PathBuf; 4] {
 }
 
 fn agent_config(dir: &Path, bin: &Path, registry: &str, policy: &Path, controller: SocketAddr) -> Config {
+    agent_config_with(dir, bin, registry, policy, controller, "")
+}
+
+/// [`agent_config`] with `runtime_extra` lines in its `[runtime]` section.
+fn agent_config_with(
+    dir: &Path,
+    bin: &Path,
+    registry: &str,
+    policy: &Path,
+    controller: SocketAddr,
+    runtime_extra: &str,
+) -> Config {
     let token_file = dir.join("agent.token");
     std::fs::write(&token_file, TOKEN).expect("token");
     // Normal priority: this machine's cores are shared with compilers, which would starve SCHED_IDLE work
@@ -101,6 +114,7 @@ front_addr = "127.0.0.1:0"
 health_timeout_secs = 120
 drain_timeout_secs = 5
 watch_window_secs = 0
+{runtime_extra}
 [eval]
 priority = "normal"
 "#,
@@ -277,7 +291,7 @@ async fn an_agent_evaluates_b1_b2_and_b3_against_the_served_a_and_again_after_an
         let text = scrape(metrics).await;
         assert!(text.contains("alki_agent_eval_base_logits_total{result=\"computed\"} 1\n"), "{text}");
         assert!(text.contains("alki_agent_eval_base_logits_total{result=\"reused\"} 2\n"), "{text}");
-        assert!(text.contains("alki_agent_evaluations_total{outcome=\"measured\"} 3\n"), "{text}");
+        assert!(text.contains("alki_agent_evaluations_total{outcome=\"measured\",place=\"beside\"} 3\n"), "{text}");
         let index = dir.path().join("data/content").join(alki_agent::eval::logits::DIR_NAME);
         let entries: Vec<_> = std::fs::read_dir(&index).expect("the cache index").flatten().collect();
         assert_eq!(entries.len(), 1, "one baseline × suite");
@@ -470,6 +484,64 @@ async fn a_calibration_with_a_suite_evaluates_each_variant_against_the_most_prec
         assert_eq!(kld(&f16).top1_agreement.value, 1.0, "the baseline against itself");
         assert!(kld(&q8).top1_agreement.value >= 0.9 && kld(&q8).kld_mean.value < 0.001, "{:?}", kld(&q8));
         assert_eq!(measured(&q8).golden.passed, 1);
+        running.stop().await;
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_that_does_not_fit_beside_itself_is_evaluated_in_the_stop_then_start_gap() {
+    let Some(bin) = bin_dir() else { return };
+    tokio::time::timeout(REAL_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let [a, b1, ..] = models(dir.path(), &bin);
+        let registry = Registry::start(dir.path());
+        let (key, policy) = trusted_key(dir.path());
+        let bundle_a = registry.push_bundle("acme/a", &[("F16", &a)]).await;
+        registry.sign("acme/a", &bundle_a.location.digest, &key).await;
+        // B1 claims 60% of the memory available: it fits in the gap, not twice (beside itself).
+        let claimed = alki_agent::inventory::memory_available() / 10 * 6;
+        let bundle_b1 = registry.push_bundle_needing("acme/b1", &[("Q8_0", &b1)], Some(claimed)).await;
+        registry.sign("acme/b1", &bundle_b1.location.digest, &key).await;
+        let prompts = r#"{"id":"count","prompt":"1, 2, 3,","max_tokens":4,"checks":[{"regex":"."}]}"#;
+        let files = suite_files(&corpus(), prompts, 600);
+        let suite = Suite::parse(files.files()).expect("suite");
+        let suite_digest = registry.push_suite("acme/suites", "smoke", &files, &suite).await;
+        registry.sign("acme/suites", &suite_digest, &key).await;
+        let runtime = "swap_strategy = \"stop_then_start\"\nmemory_reserve_mib = 0";
+        let mut running = start_agent(TOKEN, |controller| {
+            agent_config_with(dir.path(), &bin, &registry.host(), &policy, controller, runtime)
+        })
+        .await;
+        running.desire(1, &bundle_a.location).await;
+        next_where(&mut running.up, status_with(Phase::Active, 1)).await;
+
+        let desired = proto::DesiredState {
+            generation: 2,
+            bundle: Some(bundle_b1.location.to_proto()),
+            rollout_id: "r-gap".into(),
+            cohort: "B".into(),
+            eval_suite: Some(registry.location("acme/suites", &suite_digest).to_proto()),
+            eval_baseline: Some(bundle_a.location.to_proto()),
+            eval_baseline_variant_digest: bundle_a.variants[0].to_string(),
+            ..Default::default()
+        };
+        desire(&running, desired).await;
+        let report = report_and_status(&mut running.up, |r| r.rollout_id == "r-gap", Phase::Active, 2).await;
+        let result = wire::from_proto(report.result.as_ref().expect("a result")).expect("a well-formed result");
+        let m = measured(&result);
+        let kld = m.kl_divergence.expect("B1 against A's logits, computed in the gap");
+        assert!(kld.top1_agreement.value >= 0.9 && kld.kld_mean.value < 0.001, "{kld:?}");
+        assert_eq!((m.golden.prompts, m.golden.passed), (1, 1), "asked of B1's new instance: {:?}", m.golden);
+        assert!(common::running::completion(running.front).await.is_some(), "B1 serves after the gap");
+        let text = scrape(running.metrics.expect("metrics served")).await;
+        assert!(text.contains("alki_agent_evaluations_total{outcome=\"measured\",place=\"gap\"} 1\n"), "{text}");
+        let gaps: Vec<&str> = text.lines().filter(|l| l.starts_with("alki_agent_swap_gap_seconds_")).collect();
+        eprintln!(
+            "evaluated in the gap in {} ms; swap gaps (A's start, then B1's with the evaluation): {gaps:?}",
+            m.duration_ms
+        );
         running.stop().await;
     })
     .await

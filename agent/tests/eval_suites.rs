@@ -113,6 +113,9 @@ async fn a_signed_suite_is_acquired_and_unsigned_wrongly_signed_tampered_or_over
         std::fs::write(&at_rest, bytes).expect("damage");
         let why = refusal(&s, &tampered).await;
         assert!(why.contains("does not match its digest"), "{why}");
+        assert!(why.starts_with("eval suite "), "{why}");
+        assert!(why.ends_with("the registry copy is corrupt — push the suite again with alkictl eval push"), "{why}");
+        assert!(!why.contains("bundle"), "a suite is not a bundle: {why}");
         assert!(!store.contains(&Digest::of(&files.corpus)).await, "damaged bytes never become a blob");
 
         // A signed suite whose corpus is over the cap: refused by its declared size, never downloaded.

@@ -1,7 +1,9 @@
 //! Golden prompts on a loopback llama-server of the candidate (a port of its own, never behind the front
-//! proxy, at a low CPU priority): each asked deterministically, its reply judged with the prompt's checks and
+//! proxy, at a low CPU priority; or, after a stop-then-start gap, the candidate's new serving instance before
+//! the proxy sends it anything): each asked deterministically, its reply judged with the prompt's checks and
 //! the model's control tokens (from its GGUF and `/props`).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use alki_shared::eval::checks::CheckFailure;
@@ -56,41 +58,53 @@ impl Golden<'_> {
             Ok(Err(e)) => return Err(GoldenError::Start(e.to_string())),
             Err(_) => return Err(GoldenError::OutOfTime),
         };
-        let asked =
-            tokio::time::timeout_at(self.deadline, self.ask_all(&instance, prompts, seed, control_tokens)).await;
+        let asked = self.ask_at(instance.addr(), prompts, seed, control_tokens).await;
         // Nothing else uses this instance and every request has ended: stop it at once.
         instance.stop(&StopPolicy::default()).await;
+        asked
+    }
+
+    /// Asks every prompt of a llama-server already running on `addr` (loopback, nothing else asking it), and
+    /// judges the replies as [`Golden::run`] does.
+    pub async fn ask_at(
+        &self,
+        addr: SocketAddr,
+        prompts: &[GoldenPrompt],
+        seed: u32,
+        control_tokens: &[String],
+    ) -> Result<GoldenSummary, GoldenError> {
+        let asked = tokio::time::timeout_at(self.deadline, self.ask_all(addr, prompts, seed, control_tokens)).await;
         let failures = asked.map_err(|_| GoldenError::OutOfTime)?;
         Ok(GoldenSummary::new(prompts.len() as u32, failures))
     }
 
     async fn ask_all(
         &self,
-        instance: &Instance,
+        addr: SocketAddr,
         prompts: &[GoldenPrompt],
         seed: u32,
         control_tokens: &[String],
     ) -> Vec<CheckFailure> {
         let mut tokens = control_tokens.to_vec();
-        tokens.extend(props_tokens(self.http, instance).await);
+        tokens.extend(props_tokens(self.http, addr).await);
         tokens.sort();
         tokens.dedup();
         let mut failures = Vec::new();
         for prompt in prompts {
-            failures.extend(self.ask(instance, prompt, seed, &tokens).await);
+            failures.extend(self.ask(addr, prompt, seed, &tokens).await);
         }
         failures
     }
 
     /// One prompt's failures: its failed checks, or the reply itself when llama-server gave none.
-    async fn ask(&self, instance: &Instance, prompt: &GoldenPrompt, seed: u32, tokens: &[String]) -> Vec<CheckFailure> {
+    async fn ask(&self, addr: SocketAddr, prompt: &GoldenPrompt, seed: u32, tokens: &[String]) -> Vec<CheckFailure> {
         let asked = prompt.request(seed);
         let body = asked.body.to_string();
         let remaining = self.deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
         let no_reply = |reason: String| {
             vec![CheckFailure { prompt: prompt.id.clone(), check: 0, label: "reply".to_owned(), reason }]
         };
-        match request(self.http, instance.addr(), "POST", asked.path, Some(&body), remaining).await {
+        match request(self.http, addr, "POST", asked.path, Some(&body), remaining).await {
             Ok((200, answer)) => match prompt.read_reply(&answer) {
                 Ok(reply) => prompt.judge(&reply, tokens),
                 Err(e) => no_reply(e.to_string()),
@@ -115,8 +129,8 @@ fn golden_spec(mut spec: LaunchSpec) -> LaunchSpec {
 }
 
 /// The BOS and EOS tokens and the template's markers, as the running llama-server reports them in `/props`.
-async fn props_tokens(http: &HttpClient, instance: &Instance) -> Vec<String> {
-    let Ok((200, body)) = request(http, instance.addr(), "GET", "/props", None, PROPS_TIMEOUT).await else {
+async fn props_tokens(http: &HttpClient, addr: SocketAddr) -> Vec<String> {
+    let Ok((200, body)) = request(http, addr, "GET", "/props", None, PROPS_TIMEOUT).await else {
         return Vec::new();
     };
     let Ok(props) = serde_json::from_slice::<serde_json::Value>(&body) else { return Vec::new() };

@@ -5,6 +5,7 @@
 //! busy), and the task that runs them one at a time, keeps their reports in `evaluations.json`, counts them,
 //! and hands them to the session (which keeps them in its outbox while the controller is unreachable).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use alki_shared::clock::UnixMs;
@@ -19,6 +20,7 @@ use tracing::Instrument;
 use super::files::{DoneFile, EvaluationsFile, done_key};
 use super::run::{BaselineRef, Env, Request, outcome_label};
 use super::subject::{self, Memory, Offer};
+use crate::metrics::{AgentMetrics, EvalPlace};
 use crate::reference::BundleLocation;
 
 /// Evaluations waiting behind the one running; more are refused with a "busy" report.
@@ -161,12 +163,40 @@ impl Jobs {
     }
 }
 
-/// The evaluation task: the environment, where reports go, the files.
-pub struct Evaluator {
-    pub env: Env,
+/// Where finished evaluations go (counted, kept in `evaluations.json`, handed to the session), and the file
+/// of those done after activations. Shared by the evaluation task and the device loop (evaluations in a
+/// swap's gap).
+#[derive(Clone, Debug)]
+pub struct Reporter {
+    pub metrics: Arc<AgentMetrics>,
     pub reports: mpsc::Sender<proto::EvalReport>,
     pub file: EvaluationsFile,
     pub done: DoneFile,
+}
+
+impl Reporter {
+    /// A report is counted (by outcome and where it ran), kept in the reports file, and handed to the session.
+    pub async fn finished(&self, report: proto::EvalReport, outcome: &str, place: EvalPlace, took: Duration) {
+        self.metrics.evaluated(outcome, place, took.as_secs_f64());
+        self.file.append_async(report.clone()).await;
+        let command_id = report.command_id.clone();
+        if tokio::time::timeout(REPORT_WAIT, self.reports.send(report)).await.is_err() {
+            tracing::warn!(%command_id, "The evaluation report could not be queued for the controller; it is kept in the evaluations file.");
+        }
+    }
+}
+
+/// What an evaluation after an activation is remembered by in `evaluated.json`.
+pub(crate) fn activation_key(request: &Request) -> String {
+    let variant = request.variant.as_ref().unwrap_or(&request.candidate.digest);
+    let baseline = request.baseline.as_ref().map(|b| b.variant.as_ref().unwrap_or(&b.bundle.digest));
+    done_key(variant, &request.suite.digest, baseline)
+}
+
+/// The evaluation task: the environment, and where its reports go.
+pub struct Evaluator {
+    pub env: Env,
+    pub reporter: Reporter,
 }
 
 impl Evaluator {
@@ -174,7 +204,7 @@ impl Evaluator {
     /// then is abandoned: its processes are killed).
     pub fn spawn(self, shutdown: watch::Receiver<bool>) -> (Jobs, tokio::task::JoinHandle<()>) {
         let (queue, rx) = mpsc::channel(QUEUE);
-        let jobs = Jobs { queue, reports: self.reports.clone() };
+        let jobs = Jobs { queue, reports: self.reporter.reports.clone() };
         let task = tokio::spawn(self.run(rx, shutdown).in_current_span());
         (jobs, task)
     }
@@ -205,17 +235,16 @@ impl Evaluator {
         }
     }
 
-    /// Once per variant × suite × baseline: a reconnect or a restart that offers it again is ignored.
+    /// Once per variant × suite × baseline: a reconnect or a restart that offers it again is ignored, and so
+    /// is an activation whose candidate was evaluated in its swap's gap.
     async fn after_activation(&self, rollout_id: &str, request: &Request) {
-        let variant = request.variant.as_ref().unwrap_or(&request.candidate.digest);
-        let baseline = request.baseline.as_ref().map(|b| b.variant.as_ref().unwrap_or(&b.bundle.digest));
-        let key = done_key(variant, &request.suite.digest, baseline);
-        if self.done.contains(&key).await {
+        let key = activation_key(request);
+        if self.reporter.done.contains(&key).await {
             tracing::info!(candidate = %request.candidate, suite = %request.suite, "Evaluated already; not again.");
             return;
         }
         self.evaluate("", rollout_id, request).await;
-        self.done.insert(key).await;
+        self.reporter.done.insert(key).await;
     }
 
     async fn evaluate(&self, command_id: &str, rollout_id: &str, request: &Request) {
@@ -269,14 +298,8 @@ impl Evaluator {
         }
     }
 
-    /// A report is counted, kept in the reports file, and handed to the session.
     async fn finished(&self, report: proto::EvalReport, outcome: &str, took: Duration) {
-        self.env.metrics.evaluated(outcome, took.as_secs_f64());
-        self.file.append_async(report.clone()).await;
-        let command_id = report.command_id.clone();
-        if tokio::time::timeout(REPORT_WAIT, self.reports.send(report)).await.is_err() {
-            tracing::warn!(%command_id, "The evaluation report could not be queued for the controller; it is kept in the evaluations file.");
-        }
+        self.reporter.finished(report, outcome, EvalPlace::Beside, took).await;
     }
 }
 
@@ -295,7 +318,7 @@ fn could_not_run(
 }
 
 /// The report of one evaluation.
-fn report(
+pub(crate) fn report(
     command_id: &str,
     rollout_id: &str,
     bundle: &BundleLocation,

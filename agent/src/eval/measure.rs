@@ -1,13 +1,14 @@
 //! One measurement of resolved models with a suite: the time-budget check against the device's measured
-//! speeds, then, within the suite's time budget, the baseline's logits (cached, or computed once and cached),
-//! the candidate's KL-divergence run against them (a plain perplexity run without a baseline), and the golden
-//! prompts. The result is a [`Measurement`], or why the device could not run it.
+//! speeds, then, within the suite's time budget (or a tighter [`Limit`], a swap gap's), the baseline's logits
+//! (cached, or computed once and cached), the candidate's KL-divergence run against them (a plain perplexity
+//! run without a baseline), and the golden prompts (on a loopback instance of their own, or on one already
+//! running). The result is a [`Measurement`], or why the device could not run it.
 
 use std::path::Path;
 use std::time::Duration;
 
 use alki_shared::digest::Digest;
-use alki_shared::eval::perplexity::{KlDivergence, Perplexity, PerplexitySettings};
+use alki_shared::eval::perplexity::{Estimate, KlDivergence, Perplexity, PerplexitySettings};
 use alki_shared::eval::quality::{CouldNotRun, EvalSettings, GoldenSummary, Measurement};
 use alki_shared::eval::suite::{Suite, Workload};
 use tokio::time::Instant;
@@ -82,47 +83,115 @@ fn failed(what: &str, e: impl std::fmt::Display) -> CouldNotRun {
     CouldNotRun::Failed { problem: format!("{what}: {e}") }
 }
 
+/// When a measurement must be done by, and the budget its "out of time" names when that passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limit {
+    pub at: Instant,
+    pub budget_seconds: u32,
+}
+
+impl Limit {
+    /// `budget_seconds` from now.
+    pub fn after(budget_seconds: u32) -> Limit {
+        Limit { at: Instant::now() + Duration::from_secs(u64::from(budget_seconds)), budget_seconds }
+    }
+
+    /// The one that passes first.
+    pub fn earliest(self, other: Limit) -> Limit {
+        if other.at < self.at { other } else { self }
+    }
+
+    fn out_of_time(&self) -> CouldNotRun {
+        CouldNotRun::OutOfTime { budget_seconds: self.budget_seconds }
+    }
+}
+
+/// Perplexity (and KL divergence against a baseline) measured; the golden prompts still to ask.
+#[derive(Clone, Debug)]
+pub struct Scored {
+    perplexity: Option<Estimate>,
+    kl_divergence: Option<KlDivergence>,
+    settings: PerplexitySettings,
+    started: Instant,
+    /// What the golden prompts must finish within too.
+    pub limit: Limit,
+}
+
+impl Scored {
+    fn with_golden(self, golden: GoldenSummary, candidate: &Model, seed: u32) -> Measurement {
+        Measurement {
+            perplexity: self.perplexity,
+            kl_divergence: self.kl_divergence,
+            golden,
+            build: candidate.tool.build.clone(),
+            settings: EvalSettings { perplexity: self.settings, seed },
+            duration_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+}
+
 impl Meter<'_> {
-    /// Measures `candidate` with `suite`, against `baseline` when there is one.
+    /// Measures `candidate` with `suite`, against `baseline` when there is one: [`Meter::score`], then the
+    /// golden prompts on a loopback llama-server of its own.
     pub async fn measure(
         &self,
         candidate: &Model,
         baseline: Option<Baseline>,
         suite: SuiteRef<'_>,
     ) -> Result<Measurement, CouldNotRun> {
-        let manifest = &suite.suite.manifest;
+        let scored = self.score(candidate, baseline, suite, None).await?;
+        let (prompts, seed) = (&suite.suite.prompts, suite.suite.manifest.seed);
+        let golden = self.golden(scored.limit);
+        let asked = golden.run(candidate.spec.clone(), prompts, seed, &candidate.vocab.control_tokens).await;
+        let golden = golden_outcome(asked, scored.limit)?;
+        Ok(scored.with_golden(golden, candidate, seed))
+    }
+
+    /// Completes a [`Meter::score`] with the golden prompts asked of `candidate` already running on `addr`
+    /// (loopback, asked by nothing else meanwhile).
+    pub async fn golden_at(
+        &self,
+        addr: std::net::SocketAddr,
+        candidate: &Model,
+        suite: SuiteRef<'_>,
+        scored: Scored,
+    ) -> Result<Measurement, CouldNotRun> {
+        let (prompts, seed) = (&suite.suite.prompts, suite.suite.manifest.seed);
+        let asked = self.golden(scored.limit).ask_at(addr, prompts, seed, &candidate.vocab.control_tokens).await;
+        let golden = golden_outcome(asked, scored.limit)?;
+        Ok(scored.with_golden(golden, candidate, seed))
+    }
+
+    fn golden(&self, limit: Limit) -> Golden<'_> {
+        Golden { instance: self.instance, http: self.http, priority: self.priority, deadline: limit.at }
+    }
+
+    /// The time-budget check against the device's measured speeds, then, within the suite's time budget (or
+    /// `tighter`, when that passes first), the baseline's logits and the candidate's KL-divergence run against
+    /// them (a plain perplexity run without a baseline).
+    pub async fn score(
+        &self,
+        candidate: &Model,
+        baseline: Option<Baseline>,
+        suite: SuiteRef<'_>,
+        tighter: Option<Limit>,
+    ) -> Result<Scored, CouldNotRun> {
         let runs = 1 + u32::from(matches!(baseline, Some(Baseline::Model(_))));
-        check_budget(&suite.suite.workload(runs), self.speeds, manifest.time_budget_seconds)?;
+        let own = Limit::after(suite.suite.manifest.time_budget_seconds);
+        let limit = tighter.map_or(own, |t| own.earliest(t));
+        check_budget(&suite.suite.workload(runs), self.speeds, limit.budget_seconds)?;
         let started = Instant::now();
-        let budget = manifest.time_budget_seconds;
-        let deadline = started + Duration::from_secs(u64::from(budget));
         let settings = self.settings(suite.suite, &candidate.spec);
-        let runner = Runner { tool: &candidate.tool, priority: self.priority, deadline };
-        let out_of_time = CouldNotRun::OutOfTime { budget_seconds: budget };
+        let runner = Runner { tool: &candidate.tool, priority: self.priority, deadline: limit.at };
         let (perplexity, kl_divergence) = match baseline {
-            None => (Some(self.plain(&runner, &settings, candidate, suite).await?.ppl), None),
+            None => (Some(self.plain(&runner, &settings, candidate, suite, limit).await?.ppl), None),
             Some(baseline) => {
-                let logits = self.baseline_logits(baseline, suite, deadline).await?;
-                let kld = self.kl_divergence(&runner, &settings, candidate, &logits, budget).await?;
+                let logits = self.baseline_logits(baseline, suite, limit).await?;
+                let kld = self.kl_divergence(&runner, &settings, candidate, &logits, limit).await?;
                 (Some(kld.ppl), Some(kld))
             }
         };
-        let golden = Golden { instance: self.instance, http: self.http, priority: self.priority, deadline };
-        let prompts = &suite.suite.prompts;
-        let golden: GoldenSummary =
-            match golden.run(candidate.spec.clone(), prompts, manifest.seed, &candidate.vocab.control_tokens).await {
-                Ok(summary) => summary,
-                Err(GoldenError::OutOfTime) => return Err(out_of_time),
-                Err(e) => return Err(failed("golden prompts", e)),
-            };
-        Ok(Measurement {
-            perplexity,
-            kl_divergence,
-            golden,
-            build: candidate.tool.build.clone(),
-            settings: EvalSettings { perplexity: settings, seed: manifest.seed },
-            duration_ms: started.elapsed().as_millis() as u64,
-        })
+        Ok(Scored { perplexity, kl_divergence, settings, started, limit })
     }
 
     fn settings(&self, suite: &Suite, spec: &LaunchSpec) -> PerplexitySettings {
@@ -145,10 +214,10 @@ impl Meter<'_> {
         settings: &PerplexitySettings,
         candidate: &Model,
         suite: SuiteRef<'_>,
+        limit: Limit,
     ) -> Result<Perplexity, CouldNotRun> {
-        let budget = suite.suite.manifest.time_budget_seconds;
         runner.perplexity(settings, &candidate.spec.model_path, suite.corpus).await.map_err(|e| match e {
-            RunError::OutOfTime => CouldNotRun::OutOfTime { budget_seconds: budget },
+            RunError::OutOfTime => limit.out_of_time(),
             e => failed("the candidate's perplexity run", e),
         })
     }
@@ -159,7 +228,7 @@ impl Meter<'_> {
         settings: &PerplexitySettings,
         candidate: &Model,
         logits: &Cached,
-        budget: u32,
+        limit: Limit,
     ) -> Result<KlDivergence, CouldNotRun> {
         if let Some(n_vocab) = candidate.vocab.n_vocab.filter(|n| *n != logits.header.n_vocab) {
             let problem = format!(
@@ -170,7 +239,7 @@ impl Meter<'_> {
             return Err(CouldNotRun::Failed { problem });
         }
         runner.kl_divergence(settings, &candidate.spec.model_path, &logits.path).await.map_err(|e| match e {
-            RunError::OutOfTime => CouldNotRun::OutOfTime { budget_seconds: budget },
+            RunError::OutOfTime => limit.out_of_time(),
             e => failed("the candidate's KL-divergence run", e),
         })
     }
@@ -181,7 +250,7 @@ impl Meter<'_> {
         &self,
         baseline: Baseline,
         suite: SuiteRef<'_>,
-        deadline: Instant,
+        limit: Limit,
     ) -> Result<Cached, CouldNotRun> {
         let model = match baseline {
             Baseline::Cached(cached) => return Ok(cached),
@@ -196,14 +265,13 @@ impl Meter<'_> {
         };
         let n_vocab = model.vocab.n_vocab.unwrap_or(0);
         self.logits.make_room(key, n_vocab, self.disk_reserve).await.map_err(|e| failed("the baseline's logits", e))?;
-        let runner = Runner { tool: &model.tool, priority: self.priority, deadline };
+        let runner = Runner { tool: &model.tool, priority: self.priority, deadline: limit.at };
         let settings = self.settings(suite.suite, &model.spec);
-        let out_of_time = || CouldNotRun::OutOfTime { budget_seconds: manifest.time_budget_seconds };
         let mut last = String::new();
         for attempt in 1..=2 {
             let scratch = self.logits.scratch().map_err(|e| failed("the baseline's logits", e))?;
             match runner.base_logits(&settings, &model.spec.model_path, suite.corpus, &scratch).await {
-                Err(RunError::OutOfTime) => return Err(out_of_time()),
+                Err(RunError::OutOfTime) => return Err(limit.out_of_time()),
                 Err(e) => return Err(failed("the baseline's run", e)),
                 Ok(()) => {}
             }
@@ -216,6 +284,15 @@ impl Meter<'_> {
             }
         }
         Err(failed("the baseline's run", last))
+    }
+}
+
+/// The golden prompts' summary, or why they could not be asked.
+fn golden_outcome(asked: Result<GoldenSummary, GoldenError>, limit: Limit) -> Result<GoldenSummary, CouldNotRun> {
+    match asked {
+        Ok(summary) => Ok(summary),
+        Err(GoldenError::OutOfTime) => Err(limit.out_of_time()),
+        Err(e) => Err(failed("golden prompts", e)),
     }
 }
 

@@ -9,10 +9,12 @@
 //! llama-server), `measure` (one measurement of resolved models, and its budget), `subject` (a bundle
 //! variant resolved, fit-checked and acquired), `run` (one evaluation of bundles, from request to
 //! [`alki_shared::eval::quality::QualityResult`]), `files` (`evaluations.json`, `evaluated.json`), `jobs`
-//! (the queue, its one-at-a-time task and the three triggers) and `cli` (`alki-agent eval`).
+//! (the queue, its one-at-a-time task and the three triggers), `gap` (an activation's evaluation in its
+//! stop-then-start gap, when it does not fit beside the candidate) and `cli` (`alki-agent eval`).
 
 pub mod cli;
 pub mod files;
+pub mod gap;
 pub mod golden;
 pub mod jobs;
 pub mod logits;
@@ -25,5 +27,6 @@ pub mod tool;
 pub mod vocab;
 
 pub use cli::{run_cli, table};
-pub use jobs::{Evaluator, Job, Jobs, QUEUE};
+pub use gap::{GapEvaluation, GapEvaluator};
+pub use jobs::{Evaluator, Job, Jobs, QUEUE, Reporter};
 pub use run::{Env, Request};

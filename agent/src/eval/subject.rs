@@ -1,7 +1,7 @@
 //! A bundle variant to evaluate, resolved on the device: the bundle's signature checked and its index read
 //! (store first), the variant chosen (the one asked for, or the one this device would run), the memory probe
-//! (it must fit beside what is served, with the reserve), then acquired through the one acquire path (its
-//! runtime build too) into the evaluation's own directory, and made a [`Model`] to measure.
+//! (what is loaded must fit beside what is served, with the reserve), then acquired through the one acquire
+//! path (its runtime build too) into the evaluation's own directory, and made a [`Model`] to measure.
 
 use std::path::Path;
 
@@ -75,7 +75,8 @@ pub async fn offer(acquirer: &Acquirer, bundle: &BundleLocation, options: &PullO
 }
 
 /// The variant of `bundle` to evaluate: `requested`, or the one this device would run within the memory
-/// budget; refused with the numbers when it does not fit.
+/// budget (refused with the numbers when none fits). A requested variant is not checked against the memory:
+/// whether it must fit (a baseline whose logits are cached is never loaded) is the caller's to say.
 pub async fn choose(
     acquirer: &Acquirer,
     bundle: &BundleLocation,
@@ -99,7 +100,6 @@ pub async fn choose(
             choice(found.descriptor.digest.clone(), need(&found))
         }
     };
-    memory.fit(chosen.needs)?;
     Ok(chosen)
 }
 

@@ -48,7 +48,8 @@ pub async fn acquire(
     options: &PullOptions,
 ) -> Result<AcquiredSuite, SuiteRefused> {
     let pulled = acquirer.acquire_artifact(location, None, &suite_layers, options).await;
-    let (_, layers) = pulled.map_err(|source| SuiteRefused::Pull { suite: location.to_string(), source })?;
+    let refused = |source: PullError| SuiteRefused::Pull { suite: location.to_string(), source: source.about_suite() };
+    let (_, layers) = pulled.map_err(refused)?;
     let store = &acquirer.store;
     // Leased at once: the device loop's eviction must not take the files between the pull and their use.
     let leases: Vec<BlobLease> = layers.iter().map(|d| store.lease(&d.digest)).collect();

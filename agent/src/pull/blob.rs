@@ -13,7 +13,7 @@ use oci_client::client::BlobResponse;
 use oci_client::errors::OciDistributionError;
 use tokio::time::Instant;
 
-use super::error::PullError;
+use super::error::{PullError, Pushed};
 use super::registry::RegistryAccess;
 use crate::reference::{BundleLocation, short};
 use crate::store::{ContentStore, PartialBlob, StoreError};
@@ -201,6 +201,7 @@ impl Download<'_> {
                     expected: self.descriptor.size,
                     actual: offset,
                     more: false,
+                    pushed: Pushed::Bundle,
                 }))
             }
             Err(source) if is_transient(&source) && !self.last_attempt() => {
@@ -211,6 +212,7 @@ impl Download<'_> {
                 what: format!("layer {}", short(&self.descriptor.digest)),
                 registry: self.registry_name(),
                 source: Box::new(source),
+                pushed: Pushed::Bundle,
             })),
         }
     }
@@ -232,7 +234,13 @@ impl Download<'_> {
                 source,
             })),
             Err(StoreError::SizeMismatch { digest, expected, actual, more: true }) => {
-                Err(Stop::Discard(PullError::LayerSize { layer: digest, expected, actual, more: true }))
+                Err(Stop::Discard(PullError::LayerSize {
+                    layer: digest,
+                    expected,
+                    actual,
+                    more: true,
+                    pushed: Pushed::Bundle,
+                }))
             }
             // The partial bytes go: a full disk would break the state file, logs and the serving model.
             Err(e) if e.is_disk_full() => {
@@ -253,7 +261,7 @@ impl Download<'_> {
                 Ok(Next::RetryAfterPause)
             }
             Err(StoreError::SizeMismatch { digest, expected, actual, more }) => {
-                Err(Stop::Keep(PullError::LayerSize { layer: digest, expected, actual, more }))
+                Err(Stop::Keep(PullError::LayerSize { layer: digest, expected, actual, more, pushed: Pushed::Bundle }))
             }
             Err(StoreError::DigestMismatch { .. }) if offset > 0 && self.fresh_retry => {
                 // Bytes kept from an earlier attempt may be what was wrong (a power cut): try once from zero.
@@ -263,7 +271,7 @@ impl Download<'_> {
                 Ok(Next::RetryNow)
             }
             Err(StoreError::DigestMismatch { expected, actual }) => {
-                Err(Stop::Keep(PullError::LayerDigest { layer: expected, actual }))
+                Err(Stop::Keep(PullError::LayerDigest { layer: expected, actual, pushed: Pushed::Bundle }))
             }
             Err(e) => Err(Stop::Keep(PullError::Store(e))),
         }

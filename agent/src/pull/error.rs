@@ -26,14 +26,14 @@ pub enum PullError {
     RuntimeBuild { build: String, source: Box<PullError> },
     #[error(
         "cannot fetch {what} from registry {registry}: {source}; check that the registry is reachable from this \
-         device, that the bundle was pushed there, and the agent's token"
+         device, that the {} was pushed there, and the agent's token", pushed.noun()
     )]
-    Registry { what: String, registry: String, source: Box<OciDistributionError> },
+    Registry { what: String, registry: String, source: Box<OciDistributionError>, pushed: Pushed },
     #[error(
-        "{what} {} does not match its digest (got {actual}); the registry copy is corrupt — push the bundle again",
-        short(expected)
+        "{what} {} does not match its digest (got {actual}); the registry copy is corrupt — {}",
+        short(expected), pushed.push_again()
     )]
-    ManifestDigest { what: String, expected: Digest, actual: String },
+    ManifestDigest { what: String, expected: Digest, actual: String, pushed: Pushed },
     #[error(
         "{what} {} is not a valid OCI manifest ({source}); push a bundle made by alkictl bundle pack",
         short(digest)
@@ -51,14 +51,15 @@ pub enum PullError {
     )]
     NoVariantFits { available: u64, needs: String },
     #[error(
-        "layer {layer} does not match its digest (got {actual}); the registry copy is corrupt — push the bundle again"
+        "layer {layer} does not match its digest (got {actual}); the registry copy is corrupt — {}",
+        pushed.push_again()
     )]
-    LayerDigest { layer: Digest, actual: Digest },
+    LayerDigest { layer: Digest, actual: Digest, pushed: Pushed },
     #[error(
-        "layer {} is {actual}{} bytes but its descriptor says {expected}; the registry copy is corrupt — push the \
-         bundle again", short(layer), if *more { " or more" } else { "" }
+        "layer {} is {actual}{} bytes but its descriptor says {expected}; the registry copy is corrupt — {}",
+        short(layer), if *more { " or more" } else { "" }, pushed.push_again()
     )]
-    LayerSize { layer: Digest, expected: u64, actual: u64, more: bool },
+    LayerSize { layer: Digest, expected: u64, actual: u64, more: bool, pushed: Pushed },
     #[error("layer {} has no safe file name ({name:?}); repack the bundle with plain file names", short(layer))]
     BadFileName { layer: Digest, name: String },
     #[error("runtime layer {} is not valid: {reason}; repack the bundle with alkictl bundle pack", short(layer))]
@@ -114,7 +115,49 @@ pub enum PullError {
     Extract { dir: PathBuf, source: std::io::Error },
 }
 
+/// What kind of artifact a pull was for, so a failure says what to push again and how. Errors are made as
+/// [`Pushed::Bundle`] where they happen; [`PullError::about_suite`] says otherwise at the edge that knows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Pushed {
+    #[default]
+    Bundle,
+    EvalSuite,
+}
+
+impl Pushed {
+    fn noun(self) -> &'static str {
+        match self {
+            Pushed::Bundle => "bundle",
+            Pushed::EvalSuite => "eval suite",
+        }
+    }
+
+    fn push_again(self) -> &'static str {
+        match self {
+            Pushed::Bundle => "push the bundle again",
+            Pushed::EvalSuite => "push the suite again with alkictl eval push",
+        }
+    }
+}
+
 impl PullError {
+    /// This error, about an eval suite: what to push again (and with what) names the suite, not a bundle.
+    pub fn about_suite(mut self) -> PullError {
+        self.set_pushed(Pushed::EvalSuite);
+        self
+    }
+
+    fn set_pushed(&mut self, to: Pushed) {
+        match self {
+            PullError::Bundle { source, .. } | PullError::RuntimeBuild { source, .. } => source.set_pushed(to),
+            PullError::Registry { pushed, .. }
+            | PullError::ManifestDigest { pushed, .. }
+            | PullError::LayerDigest { pushed, .. }
+            | PullError::LayerSize { pushed, .. } => *pushed = to,
+            _ => {}
+        }
+    }
+
     /// This error, said to be about `bundle`.
     pub fn about_bundle(self, bundle: impl std::fmt::Display) -> PullError {
         PullError::Bundle { bundle: bundle.to_string(), source: Box::new(self) }
@@ -259,8 +302,9 @@ mod tests {
     #[test]
     fn errors_carry_codes_and_layer_digests_and_say_what_to_do() {
         let layer = Digest::of(b"expected");
-        let err = PullError::LayerDigest { layer: layer.clone(), actual: Digest::of(b"actual") }
-            .about_bundle("acme/qwen@sha256:ab12…");
+        let err =
+            PullError::LayerDigest { layer: layer.clone(), actual: Digest::of(b"actual"), pushed: Pushed::Bundle }
+                .about_bundle("acme/qwen@sha256:ab12…");
         assert_eq!(err.code(), ErrorCode::DigestMismatch);
         assert_eq!(err.layer_digest(), Some(&layer));
         let text = err.to_string();
@@ -281,6 +325,38 @@ mod tests {
     }
 
     #[test]
+    fn a_corrupt_eval_suite_says_to_push_the_suite_again_not_a_bundle() {
+        let layer = Digest::of(b"corpus");
+        let corrupt = [
+            PullError::LayerDigest { layer: layer.clone(), actual: Digest::of(b"x"), pushed: Pushed::Bundle },
+            PullError::LayerSize { layer: layer.clone(), expected: 1, actual: 2, more: false, pushed: Pushed::Bundle },
+            PullError::ManifestDigest {
+                what: "manifest".to_owned(),
+                expected: layer.clone(),
+                actual: "sha256:00".to_owned(),
+                pushed: Pushed::Bundle,
+            },
+        ];
+        for error in corrupt {
+            assert!(error.to_string().contains("push the bundle again"), "{error}");
+            let text = error.about_suite().to_string();
+            assert!(
+                text.contains("the registry copy is corrupt — push the suite again with alkictl eval push"),
+                "{text}"
+            );
+            assert!(!text.contains("bundle"), "{text}");
+        }
+        let unreachable = PullError::Registry {
+            what: "manifest".to_owned(),
+            registry: "r".to_owned(),
+            source: Box::new(OciDistributionError::GenericError(None)),
+            pushed: Pushed::Bundle,
+        };
+        let text = unreachable.about_suite().to_string();
+        assert!(text.contains("that the eval suite was pushed there"), "{text}");
+    }
+
+    #[test]
     fn a_runtime_build_failure_names_bundle_and_build_and_keeps_its_code() {
         let err = PullError::NoPlatform {
             device: "linux/riscv64".to_owned(),
@@ -296,7 +372,8 @@ mod tests {
             "{text}"
         );
         let layer = Digest::of(b"tar");
-        let refused = PullError::LayerDigest { layer: layer.clone(), actual: Digest::of(b"x") }.about_build("b");
+        let refused = PullError::LayerDigest { layer: layer.clone(), actual: Digest::of(b"x"), pushed: Pushed::Bundle }
+            .about_build("b");
         assert!(!refused.may_try_another_source(), "another bundle source does not change the build");
         assert_eq!(refused.layer_digest(), Some(&layer));
     }
@@ -309,10 +386,16 @@ mod tests {
                 what: "m".to_owned(),
                 registry: "r".to_owned(),
                 source: Box::new(OciDistributionError::GenericError(None)),
+                pushed: Pushed::Bundle,
             },
-            PullError::LayerDigest { layer: layer.clone(), actual: Digest::of(b"other") },
-            PullError::LayerSize { layer: layer.clone(), expected: 1, actual: 2, more: true },
-            PullError::ManifestDigest { what: "m".to_owned(), expected: layer.clone(), actual: "x".to_owned() },
+            PullError::LayerDigest { layer: layer.clone(), actual: Digest::of(b"other"), pushed: Pushed::Bundle },
+            PullError::LayerSize { layer: layer.clone(), expected: 1, actual: 2, more: true, pushed: Pushed::Bundle },
+            PullError::ManifestDigest {
+                what: "m".to_owned(),
+                expected: layer.clone(),
+                actual: "x".to_owned(),
+                pushed: Pushed::Bundle,
+            },
             PullError::Transfer {
                 layer: layer.clone(),
                 registry: "r".to_owned(),

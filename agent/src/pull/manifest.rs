@@ -8,7 +8,7 @@ use alki_shared::oci::{
 };
 use oci_client::errors::OciDistributionError;
 
-use super::error::PullError;
+use super::error::{PullError, Pushed};
 use super::registry::{RegistryAccess, Source};
 use crate::reference::{BundleLocation, short};
 use crate::store::ContentStore;
@@ -44,12 +44,18 @@ async fn fetch_and_store(
     let pulled = registry.client().pull_manifest_raw(&reference, &registry.auth(artifact), &ACCEPTED_MANIFESTS).await;
     let (bytes, _) = pulled.map_err(|source| match source {
         OciDistributionError::DigestError(oci_client::errors::DigestError::VerificationError { actual, .. }) => {
-            PullError::ManifestDigest { what: what.to_owned(), expected: digest.clone(), actual }
+            PullError::ManifestDigest {
+                what: what.to_owned(),
+                expected: digest.clone(),
+                actual,
+                pushed: Pushed::Bundle,
+            }
         }
         source => PullError::Registry {
             what: format!("{what} {}", short(digest)),
             registry: registry.registry_of(artifact).to_owned(),
             source: Box::new(source),
+            pushed: Pushed::Bundle,
         },
     })?;
     let actual = Digest::of(&bytes);
@@ -58,6 +64,7 @@ async fn fetch_and_store(
             what: what.to_owned(),
             expected: digest.clone(),
             actual: actual.to_string(),
+            pushed: Pushed::Bundle,
         });
     }
     if bytes.len() <= MAX_MANIFEST_BYTES {

@@ -24,6 +24,6 @@ pub mod signature;
 pub use acquire::{Acquirer, LayerChoice, Want};
 pub use blob::{PROGRESS_INTERVAL, Pace, PullProgress, throttled};
 pub use bundle::{DEFAULT_DISK_RESERVE_BYTES, PullOptions, PulledBundle, pull_bundle_with, verify_from_store};
-pub use error::{ArchiveProblem, PullError, human_bytes};
+pub use error::{ArchiveProblem, PullError, Pushed, human_bytes};
 pub use materialise::{VERIFICATION_RECORD, prune_variant_dirs};
 pub use registry::{RegistryAccess, RegistrySettings, Source};

@@ -358,6 +358,7 @@ mod tests {
             what: "m".to_owned(),
             registry: "r".to_owned(),
             source: Box::new(OciDistributionError::GenericError(None)),
+            pushed: crate::pull::Pushed::Bundle,
         }
     }
 

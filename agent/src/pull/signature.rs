@@ -12,7 +12,7 @@ use futures::StreamExt;
 use oci_client::Reference;
 
 use super::blob::is_stream_digest_error;
-use super::error::PullError;
+use super::error::{PullError, Pushed};
 use super::manifest::read_small;
 use super::registry::{RegistryAccess, Source, is_not_found};
 use crate::reference::{BundleLocation, short};
@@ -98,7 +98,12 @@ async fn fetch_signatures(
         Err(e) if is_not_found(&e) => return Ok((Vec::new(), None)),
         Err(source) => {
             let what = format!("signature manifest {tag}");
-            return Err(PullError::Registry { what, registry: origin, source: Box::new(source) });
+            return Err(PullError::Registry {
+                what,
+                registry: origin,
+                source: Box::new(source),
+                pushed: Pushed::Bundle,
+            });
         }
     };
     let manifest = signature_manifest(&bytes, &tag)?;
@@ -133,6 +138,7 @@ async fn fetch_payload(
             what: format!("signature payload {}", short(&d.digest)),
             registry: origin.clone(),
             source: Box::new(source),
+            pushed: Pushed::Bundle,
         }
     })?;
     let mut payload = Vec::new();

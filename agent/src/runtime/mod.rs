@@ -1,8 +1,8 @@
 //! The runtime supervisor: llama-server instances behind the front proxy, swapped blue/green (start the
 //! candidate beside the old one, prove it, flip the proxy, drain and stop the old one) or, when memory cannot
-//! hold both, stop-then-start with the proxy holding requests through the gap. A watched swap keeps the
-//! previous instance (or, after stop-then-start, its launch spec) until [`Supervisor::commit`] or
-//! [`Supervisor::roll_back`].
+//! hold both, stop-then-start with the proxy holding requests through the gap (where [`GapWork`] may use the
+//! memory the old model freed). A watched swap keeps the previous instance (or, after stop-then-start, its
+//! launch spec) until [`Supervisor::commit`] or [`Supervisor::roll_back`].
 
 pub mod admission;
 pub mod answer;
@@ -12,6 +12,8 @@ pub mod priority;
 pub mod proxy;
 pub mod record;
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -35,6 +37,38 @@ pub enum SwapStrategy {
     BlueGreen,
     /// Old instance drained and stopped first; requests arriving in the gap wait (bounded) or get 503.
     StopThenStart,
+}
+
+/// Work done inside a stop-then-start gap, while the proxy holds requests: the old instance has stopped (its
+/// memory is free) and the new one is not yet behind the proxy. The swap goes on whatever the work does, so
+/// the work bounds its own time.
+pub trait GapWork: Send {
+    /// The old instance has stopped; the new one has not started.
+    fn freed(&mut self) -> impl Future<Output = ()> + Send;
+    /// The new instance answers on `addr` (loopback); the proxy sends it nothing until this returns.
+    fn started(&mut self, addr: SocketAddr) -> impl Future<Output = ()> + Send;
+}
+
+/// Nothing to do in a gap.
+pub struct NoGapWork;
+
+impl GapWork for NoGapWork {
+    async fn freed(&mut self) {}
+    async fn started(&mut self, _: SocketAddr) {}
+}
+
+impl<W: GapWork> GapWork for Option<W> {
+    async fn freed(&mut self) {
+        if let Some(work) = self {
+            work.freed().await;
+        }
+    }
+
+    async fn started(&mut self, addr: SocketAddr) {
+        if let Some(work) = self {
+            work.started(addr).await;
+        }
+    }
 }
 
 /// Why a rollback could not put the previous model back.
@@ -64,6 +98,8 @@ pub struct Supervisor {
     recorder: Option<Recorder>,
     /// Turned on for a hand-over exit: [`Supervisor::shutdown`] then hands over instead of stopping.
     handing_over: Arc<AtomicBool>,
+    /// How long the last stop-then-start held requests, until [`Supervisor::take_gap`].
+    last_gap: Option<Duration>,
 }
 
 struct Serving {
@@ -85,7 +121,13 @@ impl Supervisor {
             retiring: JoinSet::new(),
             recorder: None,
             handing_over: Arc::new(AtomicBool::new(false)),
+            last_gap: None,
         }
+    }
+
+    /// How long the last stop-then-start gap (a swap, a cold rollback, a restart) held requests, once.
+    pub fn take_gap(&mut self) -> Option<Duration> {
+        self.last_gap.take()
     }
 
     /// The switch that turns the next [`Supervisor::shutdown`] into a [`Supervisor::hand_over`].
@@ -243,6 +285,16 @@ impl Supervisor {
     /// [`Supervisor::roll_back`] until [`Supervisor::commit`] (blue/green: the old instance stays loaded, out
     /// of rotation; stop-then-start: its launch spec). On error the old model serves again.
     pub async fn swap_watched(&mut self, spec: LaunchSpec, strategy: SwapStrategy) -> Result<(), StartError> {
+        self.swap_watched_with(spec, strategy, &mut NoGapWork).await
+    }
+
+    /// [`Supervisor::swap_watched`], doing `gap` in a stop-then-start's gap (nothing with blue/green).
+    pub async fn swap_watched_with(
+        &mut self,
+        spec: LaunchSpec,
+        strategy: SwapStrategy,
+        gap: &mut impl GapWork,
+    ) -> Result<(), StartError> {
         self.reap_retired();
         self.commit();
         match strategy {
@@ -254,24 +306,33 @@ impl Supervisor {
             }
             SwapStrategy::StopThenStart => {
                 let old_spec = self.active.as_ref().map(|s| s.instance.spec().clone());
-                self.stop_then_start(spec, old_spec.clone()).await?;
+                self.stop_then_start(spec, old_spec.clone(), gap).await?;
                 self.fallback = old_spec;
                 Ok(())
             }
         }
     }
 
-    /// Stop-then-start: the proxy holds, the serving instance drains and stops, `spec` starts; if it fails,
-    /// `restore` (what served before) starts again. The hold ends either way.
-    async fn stop_then_start(&mut self, spec: LaunchSpec, restore: Option<LaunchSpec>) -> Result<(), StartError> {
+    /// Stop-then-start: the proxy holds, the serving instance drains and stops, `gap` uses the freed memory,
+    /// `spec` starts (and `gap` sees it before the proxy does); if it fails, `restore` (what served before)
+    /// starts again. The hold ends either way.
+    async fn stop_then_start(
+        &mut self,
+        spec: LaunchSpec,
+        restore: Option<LaunchSpec>,
+        gap: &mut impl GapWork,
+    ) -> Result<(), StartError> {
+        let held = Instant::now();
         self.proxy.hold(self.gap_wait);
         self.proxy.switch(None);
         if let Some(old) = self.active.take() {
             tracing::info!(upstream = %old.instance.addr(), "Stopping the serving llama-server first: memory cannot hold both models.");
             retire(old, self.http.clone(), self.drain_timeout, self.opts.stop).await;
         }
+        gap.freed().await;
         let result = match self.start_instance(spec).await {
             Ok(instance) => {
+                gap.started(instance.addr()).await;
                 self.flip_to(instance);
                 Ok(())
             }
@@ -291,6 +352,7 @@ impl Supervisor {
             }
         };
         self.proxy.release();
+        self.last_gap = Some(held.elapsed());
         result
     }
 
@@ -343,7 +405,7 @@ impl Supervisor {
             self.fallback = Some(standby.instance.spec().clone());
         }
         let Some(spec) = self.fallback.take() else { return Err(RollbackError::NothingToRollBackTo) };
-        self.stop_then_start(spec, None).await.map_err(RollbackError::Start)
+        self.stop_then_start(spec, None, &mut NoGapWork).await.map_err(RollbackError::Start)
     }
 
     fn flip_to_serving(&mut self, serving: Serving) -> Option<Serving> {
@@ -360,7 +422,7 @@ impl Supervisor {
     /// Restarts `spec` after a crash with the proxy holding, so requests meanwhile wait (bounded) instead
     /// of failing. Nothing is serving when this is called.
     pub async fn restart(&mut self, spec: LaunchSpec) -> Result<(), StartError> {
-        self.stop_then_start(spec, None).await
+        self.stop_then_start(spec, None, &mut NoGapWork).await
     }
 
     /// Resolves when the serving instance exits (it crashed or was killed); pending forever when none.

@@ -92,3 +92,22 @@ pub async fn next_where(
 pub fn status_with(up_phase: Phase, generation: u64) -> impl FnMut(&agent_message::Msg) -> bool {
     move |m| matches!(m, agent_message::Msg::Status(s) if s.generation == generation && s.phase == up_phase as i32)
 }
+
+/// The eval report `wanted` picks and the status of `generation` in `phase`, in whichever order they come (an
+/// evaluation reported from a swap's gap may arrive before or after the activation's status).
+pub async fn report_and_status(
+    up: &mut mpsc::Receiver<proto::AgentMessage>,
+    wanted: impl Fn(&proto::EvalReport) -> bool,
+    phase: Phase,
+    generation: u64,
+) -> proto::EvalReport {
+    let mut is_status = status_with(phase, generation);
+    let (mut report, mut status) = (None, false);
+    while report.is_none() || !status {
+        match next_where(up, |m| matches!(m, agent_message::Msg::Eval(r) if wanted(r)) || is_status(m)).await {
+            agent_message::Msg::Eval(r) => report = Some(r),
+            _ => status = true,
+        }
+    }
+    report.expect("the loop ends with a report")
+}

@@ -98,6 +98,17 @@ impl Registry {
     /// A bundle whose variants are GGUF files (quantization name, file), as an index. Each variant's memory
     /// need is twice its weights.
     pub async fn push_bundle(&self, repository: &str, variants: &[(&str, &Path)]) -> PushedBundle {
+        self.push_bundle_needing(repository, variants, None).await
+    }
+
+    /// [`Registry::push_bundle`] whose variants say they need `memory` bytes (None: twice their weights), so
+    /// a fake model can claim a real model's memory.
+    pub async fn push_bundle_needing(
+        &self,
+        repository: &str,
+        variants: &[(&str, &Path)],
+        memory: Option<u64>,
+    ) -> PushedBundle {
         let config = self.blob(repository, EMPTY_CONFIG).await;
         let mut entries = Vec::new();
         for (quantization, file) in variants {
@@ -120,7 +131,8 @@ impl Registry {
             let digest = self.manifest(repository, quantization, MEDIA_TYPE_IMAGE_MANIFEST, bytes).await;
             let mut entry = Descriptor::new(MEDIA_TYPE_IMAGE_MANIFEST, digest, size);
             let w = weights.len() as u64;
-            entry.annotations = variant_annotations(quantization, "llama", "alki-tiny", 1, 2048, w, 2 * w);
+            let needs = memory.unwrap_or(2 * w);
+            entry.annotations = variant_annotations(quantization, "llama", "alki-tiny", 1, 2048, w, needs);
             entries.push(entry);
         }
         let variants = entries.iter().map(|e| e.digest.clone()).collect();
