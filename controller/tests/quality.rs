@@ -772,7 +772,7 @@ async fn a_candidate_serving_errors_far_more_often_than_its_baseline_is_stopped_
         agent.activate(&d).await;
         desired.push(d);
     }
-    let waiting = c.wait_rollout(&rollout.id, |r| r.message.contains("waiting for telemetry from 2")).await;
+    let waiting = c.wait_rollout(&rollout.id, |r| r.message.contains("waiting for requests served on B from 2")).await;
     assert_eq!(waiting.state, proto::RolloutState::Progressing as i32);
     // B fails one request in ten.
     for (agent, d) in agents.iter().zip(&desired) {

@@ -41,7 +41,8 @@
 //!   worst values and counts whenever the rollout has a suite.
 //! - **Error-rate gate** (`max_error_rate_ratio`), by `crate::insight::errors`: per class, B's pooled error
 //!   rate against A's from the front proxy's per-bundle counters, judged with the speed gates once the
-//!   class settled: it WAITS while an active candidate device has not reported telemetry of B, is
+//!   class settled: it WAITS while an active candidate device has served no request on B (until its
+//!   `device_deadline_seconds`, when set), is
 //!   INCONCLUSIVE with fewer than `min_devices` devices serving traffic on either side, and FAILS past the
 //!   ratio. `ClassStatus.b_error_rate` / `a_error_rate` show both rates once both sides served traffic.
 //! - **p95 latency gate** (`max_p95_latency_ratio`), by `crate::insight::latency`: per class, B's p95 request
@@ -624,9 +625,11 @@ fn judge_classes(pass: &Pass<'_>, plan: &Plan, records: &Records, classes: &mut 
             comparison: comparison.get(&status.class),
             unmeasured: unreported(&|d| measurements.speed(d, candidate_digest).is_some()),
             traffic: traffic.get(&status.class),
-            untrafficked: unreported(&|d| measurements.get(d, candidate_digest).is_some_and(|m| m.traffic.is_some())),
+            untrafficked: waiting_for(pass, &active, |d| {
+                measurements.get(d, candidate_digest).and_then(|m| m.traffic).is_some_and(|t| t.requests > 0)
+            }),
             latency: latency.get(&status.class),
-            unsampled: unsampled_latency(pass, &active, candidate_digest),
+            unsampled: waiting_for(pass, &active, |d| measurements.latency(d, candidate_digest).is_some()),
         };
         let halted = pass.halted.contains(&status.class);
         // A halted class still shows what its devices measured of B before they returned to A.
@@ -640,13 +643,15 @@ fn judge_classes(pass: &Pass<'_>, plan: &Plan, records: &Records, classes: &mut 
     }
 }
 
-/// Active candidate devices with no latency sample of the candidate yet, except those still without one
-/// `device_deadline_seconds` after their assignment (when a deadline is set): they are judged without.
-fn unsampled_latency(pass: &Pass<'_>, active: &[&proto::RolloutDevice], candidate: &str) -> u32 {
+/// Active candidate devices without a serving sample of the candidate yet (`sampled` says which have one),
+/// except those still without one `device_deadline_seconds` after their assignment (when a deadline is set):
+/// the class is judged without them. A telemetry report without requests is no sample: right after a swap
+/// the first report usually comes before any request finished, and judging then would hold most rollouts.
+fn waiting_for(pass: &Pass<'_>, active: &[&proto::RolloutDevice], sampled: impl Fn(&str) -> bool) -> u32 {
     let deadline = deadline_of(pass.spec.device_deadline_seconds);
     active
         .iter()
-        .filter(|r| pass.facts.measurements.latency(&r.device_id, candidate).is_none())
+        .filter(|r| !sampled(&r.device_id))
         .filter(|r| !past_deadline(deadline, r.assigned_unix_ms, pass.now))
         .count() as u32
 }
@@ -908,7 +913,7 @@ struct Perf<'a> {
     /// Active candidate devices with no speed measurement of the candidate yet.
     unmeasured: u32,
     traffic: Option<&'a ClassErrors>,
-    /// Active candidate devices with no telemetry of the candidate yet.
+    /// Active candidate devices that served no request on the candidate yet (see [`waiting_for`]).
     untrafficked: u32,
     latency: Option<&'a ClassLatency>,
     /// Active candidate devices with no latency sample of the candidate yet (see [`unsampled_latency`]).
@@ -949,7 +954,7 @@ fn judge(
         let min = min_devices as usize;
         let measured = [
             (compare::judge(perf.comparison, gates), perf.unmeasured, "measurements"),
-            (errors::judge(perf.traffic, gates.max_error_rate_ratio, min), perf.untrafficked, "telemetry"),
+            (errors::judge(perf.traffic, gates.max_error_rate_ratio, min), perf.untrafficked, "requests served on B"),
             (latency::judge(perf.latency, gates.max_p95_latency_ratio, min), perf.unsampled, "latency samples"),
         ];
         for (verdict, missing, what) in measured {

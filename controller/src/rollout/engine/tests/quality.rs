@@ -195,19 +195,24 @@ fn a_class_serving_errors_far_more_often_than_a_is_halted_with_both_rates() {
 }
 
 #[test]
-fn the_error_rate_gate_waits_for_telemetry_of_b_then_holds_without_traffic() {
+fn the_error_rate_gate_waits_for_requests_on_b_until_the_deadline_then_holds_without_traffic() {
     let mut sim = error_sim(&[]);
-    sim.run(0, 10_000, 1_000);
-    assert_eq!(sim.state(), RolloutState::Progressing);
-    assert!(sim.rollout.message.contains("waiting for telemetry from"), "{}", sim.rollout.message);
-    // Telemetry arrives, but B served nothing yet: too few samples, held (inconclusive policy HOLD).
     if let Some(spec) = sim.rollout.spec.as_mut() {
         spec.on_inconclusive = InconclusivePolicy::Hold as i32;
+        spec.device_deadline_seconds = 60;
     }
+    sim.run(0, 10_000, 1_000);
+    assert_eq!(sim.state(), RolloutState::Progressing);
+    assert!(sim.rollout.message.contains("waiting for requests served on B from"), "{}", sim.rollout.message);
+    // Telemetry arrives, but B served nothing yet: a report without requests is no sample, still waiting.
     for d in sim.in_b().iter().map(|d| d.id.clone()).collect::<Vec<_>>() {
         sim.measurements.insert(&d, "sha256:bb", Measure { traffic: Some(Traffic::default()), ..Default::default() });
     }
     sim.run(11_000, 20_000, 1_000);
+    assert_eq!(sim.state(), RolloutState::Progressing, "{}", sim.rollout.message);
+    assert!(sim.rollout.message.contains("waiting for requests served on B"), "{}", sim.rollout.message);
+    // Still nothing served past the devices' deadline: too few samples, held (inconclusive policy HOLD).
+    sim.run(21_000, 120_000, 1_000);
     assert_eq!(sim.state(), RolloutState::Paused, "{}", sim.rollout.message);
     assert!(sim.rollout.message.contains("error rate not measured"), "{}", sim.rollout.message);
 }
