@@ -588,6 +588,7 @@ impl Parts {
             url: config.controller.url.clone(),
             token_file: config.controller.token_file.clone(),
             labels: config.labels.clone(),
+            selected_by: Default::default(),
             data_dir: config.data_dir.clone(),
             proxy: Arc::clone(&self.proxy),
             snapshot: self.snapshot.clone(),

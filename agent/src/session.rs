@@ -37,6 +37,9 @@ pub struct SessionContext {
     pub url: String,
     pub token_file: PathBuf,
     pub labels: BTreeMap<String, String>,
+    /// The labels the controller selects this device by (from the Welcome): its enrollment token's and
+    /// operators', and of `labels` only the keys the controller lets devices own.
+    pub selected_by: BTreeMap<String, String>,
     pub data_dir: PathBuf,
     pub proxy: Arc<Proxy>,
     pub snapshot: watch::Receiver<Snapshot>,
@@ -421,7 +424,7 @@ fn heartbeat_every(every: Duration) -> tokio::time::Interval {
 }
 
 /// The Welcome: the registry token for pulls, and the heartbeat (returned) and telemetry intervals.
-fn on_welcome(ctx: &SessionContext, welcome: proto::Welcome, clock: &mut TelemetryClock) -> tokio::time::Interval {
+fn on_welcome(ctx: &mut SessionContext, welcome: proto::Welcome, clock: &mut TelemetryClock) -> tokio::time::Interval {
     if !welcome.device_id.is_empty() && welcome.device_id != ctx.device_id.as_str() {
         tracing::warn!(controller_says = %welcome.device_id, "The controller knows this device by another id.");
     }
@@ -430,6 +433,12 @@ fn on_welcome(ctx: &SessionContext, welcome: proto::Welcome, clock: &mut Telemet
         s => Duration::from_secs(u64::from(s.clamp(1, 300))),
     };
     ctx.registry_token.set(welcome.registry_token, welcome.registry_token_expires_unix_ms, welcome.registry);
+    let selected_by: BTreeMap<String, String> = welcome.labels.into_iter().collect();
+    if selected_by != ctx.selected_by {
+        let shown: Vec<String> = selected_by.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        tracing::info!(labels = %shown.join(","), "The controller selects this device by these labels.");
+        ctx.selected_by = selected_by;
+    }
     tracing::debug!(heartbeat_secs = every.as_secs(), "Welcomed by the controller.");
     let telemetry = match welcome.telemetry_interval_seconds {
         0 => TELEMETRY_INTERVAL,

@@ -3,6 +3,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use alki_shared::proto;
+use alki_shared::text::printable;
 use clap::{Subcommand, ValueEnum};
 use serde::Serialize;
 
@@ -192,9 +193,12 @@ pub async fn run_audit(connection: &Connection, output: Output, cmd: AuditCmd) -
         })
         .collect();
     print(output, &views, |views| {
-        let mut t = table(["TIME", "ACTOR", "ROLE", "ACTION", "TARGET", "RESULT"]);
+        let mut t = table(["TIME", "ACTOR", "ROLE", "ACTION", "TARGET", "RESULT", "PEER"]);
         for v in views {
-            t.add_row([&v.time, &v.actor, &v.role, &v.action, &v.target, &v.result]);
+            // Entries name what callers sent: never let a control character reach the terminal.
+            let cells = [&v.actor, &v.role, &v.action, &v.target, &v.result, &v.peer].map(|c| printable(c, 256));
+            let [actor, role, action, target, result, peer] = cells;
+            t.add_row([v.time.clone(), actor, role, action, target, result, peer]);
         }
         t.to_string()
     })

@@ -1,5 +1,5 @@
-//! `alkictl devices list|get|decommission`: the fleet's devices as people and scripts read them (enums as
-//! words, a device told to serve nothing said so), and revoking a device.
+//! `alkictl devices list|get|label|decommission`: the fleet's devices as people and scripts read them (enums
+//! as words, a device told to serve nothing said so), operators' labels on them, and revoking a device.
 
 use std::collections::HashMap;
 
@@ -8,7 +8,7 @@ use clap::Subcommand;
 use serde::Serialize;
 
 use crate::connection::{Connection, status};
-use crate::labels::SelectorArgs;
+use crate::labels::{LabelChange, SelectorArgs, parse_label_change};
 use crate::output::{Output, print, rfc3339, short_ref, table};
 
 #[derive(Subcommand)]
@@ -17,6 +17,13 @@ pub enum DevicesCmd {
     List(SelectorArgs),
     /// One device in full.
     Get { id: String },
+    /// Set (`key=value`) or remove (`key-`) an operator's labels on a device. They win over the enrollment
+    /// token's and the device's own, rollouts select by them at once, and the device is told.
+    Label {
+        id: String,
+        #[arg(required = true, value_parser = parse_label_change)]
+        changes: Vec<LabelChange>,
+    },
     /// Revoke a device: its session is closed and its certificate refused from now on.
     Decommission { id: String },
 }
@@ -30,8 +37,32 @@ pub async fn run(connection: &Connection, output: Output, cmd: DevicesCmd) -> an
             let view = DeviceView::from(&device.into_inner());
             print(output, &view, |d| serde_json::to_string_pretty(d).unwrap_or_default())
         }
+        DevicesCmd::Label { id, changes } => label(connection, output, id, changes).await,
         DevicesCmd::Decommission { id } => decommission(connection, output, id).await,
     }
+}
+
+async fn label(
+    connection: &Connection,
+    output: Output,
+    device_id: String,
+    changes: Vec<LabelChange>,
+) -> anyhow::Result<()> {
+    let mut request = proto::LabelDeviceRequest { device_id, ..Default::default() };
+    for change in changes {
+        match change {
+            LabelChange::Set(k, v) => {
+                request.set.insert(k, v);
+            }
+            LabelChange::Remove(k) => request.remove.push(k),
+        }
+    }
+    let device = connection.fleet().await?.label_device(request).await.map_err(status)?.into_inner();
+    let view = DeviceView::from(&device);
+    print(output, &view, |d| {
+        let shown: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("labelled {}; rollouts select it by {}", d.id, shown.join(","))
+    })
 }
 
 async fn list(connection: &Connection, output: Output, sel: SelectorArgs) -> anyhow::Result<()> {
@@ -100,7 +131,16 @@ struct DeviceView {
     hardware_class: String,
     agent_version: String,
     last_seen_unix_ms: i64,
+    /// What rollouts select by: the token's and operators' labels, and the device-owned keys it reports.
     labels: std::collections::BTreeMap<String, String>,
+    /// What the device says of itself (not selected by unless the key is device-owned).
+    reported_labels: std::collections::BTreeMap<String, String>,
+    /// Set with `alkictl devices label`.
+    assigned_labels: std::collections::BTreeMap<String, String>,
+    /// The class before the latest change of hardware class, and when (empty: never changed).
+    previous_class: String,
+    class_changed: Option<String>,
+    decommissioned: bool,
     error: Option<String>,
     error_code: Option<String>,
 }
@@ -122,6 +162,11 @@ impl From<&proto::Device> for DeviceView {
             agent_version: d.agent_version.clone(),
             last_seen_unix_ms: d.last_seen_unix_ms,
             labels: d.labels.clone().into_iter().collect(),
+            reported_labels: d.reported_labels.clone().into_iter().collect(),
+            assigned_labels: d.assigned_labels.clone().into_iter().collect(),
+            previous_class: d.previous_class.clone(),
+            class_changed: (d.class_changed_unix_ms > 0).then(|| rfc3339(d.class_changed_unix_ms)),
+            decommissioned: d.decommissioned,
             error: d.error.as_ref().map(|e| e.message.clone()),
             error_code: d.error.as_ref().map(|e| proto::ErrorCode::try_from(e.code).unwrap_or_default().label().into()),
         }

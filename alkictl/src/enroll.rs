@@ -32,6 +32,10 @@ pub enum TokenCmd {
         /// How long it is valid: `30m`, `24h`, `7d`.
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         expires: Duration,
+        /// Bind the token to one device id: it enrolls only that id. This is how a known id enrolls again
+        /// (an expired or lost certificate, replaced hardware); any other token is refused for it.
+        #[arg(long)]
+        device_id: Option<String>,
     },
     /// Bootstrap tokens with their uses, expiry and labels (never the secrets).
     List,
@@ -47,6 +51,8 @@ struct TokenView {
     uses_allowed: u32,
     expires: String,
     state: &'static str,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    device_id: String,
 }
 
 impl From<proto::EnrollToken> for TokenView {
@@ -68,6 +74,7 @@ impl From<proto::EnrollToken> for TokenView {
             uses_allowed: t.uses_allowed,
             expires: rfc3339(t.expires_unix_ms),
             state,
+            device_id: t.device_id,
         }
     }
 }
@@ -79,7 +86,7 @@ fn labels_text(labels: &std::collections::BTreeMap<String, String>) -> String {
 /// Runs one `alkictl enroll` command.
 pub async fn run(connection: &Connection, output: Output, cmd: EnrollCmd) -> anyhow::Result<()> {
     match cmd {
-        EnrollCmd::Token(TokenCmd::Create { labels, uses, expires }) => {
+        EnrollCmd::Token(TokenCmd::Create { labels, uses, expires, device_id }) => {
             if expires.as_secs() == 0 {
                 anyhow::bail!("--expires {expires:?} is shorter than a second; give e.g. 24h");
             }
@@ -90,6 +97,7 @@ pub async fn run(connection: &Connection, output: Output, cmd: EnrollCmd) -> any
                     labels: labels.into_iter().collect(),
                     uses,
                     expires_in_seconds: expires.as_secs(),
+                    device_id: device_id.unwrap_or_default(),
                 })
                 .await
                 .map_err(status)?
@@ -102,8 +110,13 @@ pub async fn run(connection: &Connection, output: Output, cmd: EnrollCmd) -> any
             }
             let view = Created { secret: created.secret, token: token.into() };
             print(output, &view, |c| {
+                let only = if c.token.device_id.is_empty() {
+                    String::new()
+                } else {
+                    format!(" for device {} only", c.token.device_id)
+                };
                 format!(
-                    "{}\n(bootstrap token {}: {} uses, expires {}; shown once — put it in the device's \
+                    "{}\n(bootstrap token {}{only}: {} uses, expires {}; shown once — put it in the device's \
                      controller.bootstrap_token_file)",
                     c.secret, c.token.id, c.token.uses_allowed, c.token.expires
                 )
@@ -120,13 +133,14 @@ pub async fn run(connection: &Connection, output: Output, cmd: EnrollCmd) -> any
                 .tokens;
             let views: Vec<TokenView> = tokens.into_iter().map(TokenView::from).collect();
             print(output, &views, |vs| {
-                let mut t = table(["ID", "STATE", "USES", "EXPIRES", "LABELS"]);
+                let mut t = table(["ID", "STATE", "USES", "EXPIRES", "DEVICE", "LABELS"]);
                 for v in vs {
                     t.add_row([
                         v.id.clone(),
                         v.state.to_owned(),
                         format!("{}/{}", v.uses, v.uses_allowed),
                         v.expires.clone(),
+                        if v.device_id.is_empty() { "any new".to_owned() } else { v.device_id.clone() },
                         labels_text(&v.labels),
                     ]);
                 }

@@ -10,6 +10,22 @@ pub struct SelectorArgs {
     pub selector: Vec<(String, String)>,
 }
 
+/// One change of `alkictl devices label`: `key=value` sets, `key-` removes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LabelChange {
+    Set(String, String),
+    Remove(String),
+}
+
+pub fn parse_label_change(s: &str) -> Result<LabelChange, String> {
+    if let Some(key) = s.strip_suffix('-').filter(|k| !k.is_empty() && !k.contains('=')) {
+        return Ok(LabelChange::Remove(key.to_owned()));
+    }
+    parse_label(s)
+        .map(|(k, v)| LabelChange::Set(k, v))
+        .map_err(|_| format!("{s:?} is neither key=value (set) nor key- (remove)"))
+}
+
 /// `key=value` of a label flag.
 pub fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {

@@ -2,12 +2,17 @@
 //! fleet's sessions, the rollouts, ingestion, the report writer, the counters and the clock) and handed to
 //! the front doors in `api`. Domain modules never see it: each is handed the pieces it uses.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use alki_shared::clock::SharedClock;
+use alki_shared::ids::DeviceId;
+use alki_shared::proto;
 
+use crate::audit::RefusedCalls;
 use crate::auth::Authenticator;
+use crate::facts::LabelTrust;
 use crate::fleet::Fleet;
 use crate::fleet::reports::{ReportCounters, ReportWriter};
 use crate::insight::Ingest;
@@ -39,9 +44,21 @@ pub struct App {
     pub http_counters: Arc<HttpCounters>,
     /// What the report writer has done.
     pub report_counters: Arc<ReportCounters>,
+    /// Calls the gate counted instead of recording them in the audit log.
+    pub refused_calls: Arc<RefusedCalls>,
+    /// Which of a device's own labels rollouts select by.
+    pub label_trust: Arc<LabelTrust>,
+    /// How often agents send a heartbeat (told in every Welcome).
+    pub heartbeat_interval: std::time::Duration,
 }
 
 impl App {
+    /// The Welcome for `device_id`'s session now, selected by `labels`.
+    pub fn welcome(&self, device_id: &DeviceId, labels: &HashMap<String, String>) -> proto::Welcome {
+        let registry = &self.sources.registry_host;
+        crate::enrollment::welcome(&self.pki, device_id, self.heartbeat_interval, registry, labels, self.clock.now())
+    }
+
     /// What `/metrics` renders now: devices (with their live session state), rollouts, and every counter.
     /// Blocking (reads the store).
     pub fn scrape(&self) -> Result<Scrape, StoreError> {
@@ -64,6 +81,8 @@ impl App {
             reports_written: reports.written.load(Ordering::Relaxed),
             report_commits: reports.commits.load(Ordering::Relaxed),
             evaluations: ingest.evaluations.snapshot(),
+            refused_calls: self.refused_calls.snapshot(),
+            sessions_waiting_hello: self.fleet.hub.waiting_count() as u64,
         }
     }
 }

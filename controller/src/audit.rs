@@ -1,19 +1,27 @@
 //! The gate every gRPC call and HTTP request passes before any handler: authenticate by the tables in
-//! [`crate::auth`], rate-limit per token ([`crate::limits`]), and record each state-changing call in the
-//! audit log (who, what, target, when, result) before its response leaves.
+//! [`crate::auth`], rate-limit per token and per peer address ([`crate::limits`]), and record each
+//! state-changing call in the audit log (who, what, target, when, result) before its response leaves.
+//!
+//! Only callers who proved who they are write entries: a call refused before that (no or a bad credential,
+//! over a rate, or an unauthenticated Enroll or Renew its handler refused) is counted in
+//! [`RefusedCalls`] and logged at most once per [`REFUSAL_LOG_EVERY`], so nobody can flood the log or
+//! push genuine history out of its retention. Every stored field is capped and its control characters
+//! escaped ([`alki_shared::text::printable`]).
 //!
 //! This is the one gRPC auth check: an admitted token's [`Principal`] rides in the request's extensions,
 //! and handlers read it (`api::principal`) instead of checking a role again; a handler that finds none
 //! refuses, so a service mounted without this layer fails closed. A method or route nobody listed is
 //! refused rather than open.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use alki_shared::clock::SharedClock;
 use alki_shared::proto;
+use alki_shared::text::printable;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -31,6 +39,12 @@ use crate::store::audit::{AuditRetention, audit_key};
 const AUDIT_QUEUE: usize = 1024;
 /// Entries written in one transaction at most.
 const AUDIT_BATCH: usize = 256;
+/// Longest target, actor and peer kept in an entry (characters); longer ones are cut.
+const MAX_FIELD: usize = 256;
+/// Longest action, role and result kept (characters).
+const MAX_SHORT_FIELD: usize = 128;
+/// At most one log line per this long tells of refused calls (with how many there were since the last).
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// A state-changing call to record; [`Auditor::record`] stamps its id and time.
 #[derive(Clone, Debug, Default)]
@@ -84,13 +98,13 @@ async fn write_loop(store: Store, retention: AuditRetention, clock: SharedClock,
                 let entry = proto::AuditEntry {
                     id,
                     unix_ms: now.as_millis(),
-                    actor: e.actor,
-                    role: e.role,
+                    actor: printable(&e.actor, MAX_FIELD),
+                    role: printable(&e.role, MAX_SHORT_FIELD),
                     protocol: e.protocol.to_owned(),
-                    action: e.action,
-                    target: e.target,
-                    result: e.result,
-                    peer: e.peer,
+                    action: printable(&e.action, MAX_SHORT_FIELD),
+                    target: printable(&e.target, MAX_FIELD),
+                    result: printable(&e.result, MAX_SHORT_FIELD),
+                    peer: printable(&e.peer, MAX_FIELD),
                 };
                 (entry, done)
             })
@@ -109,12 +123,78 @@ async fn write_loop(store: Store, retention: AuditRetention, clock: SharedClock,
     }
 }
 
+/// Why a call was counted instead of recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RefusalReason {
+    /// The caller did not prove who it is (no, a bad or a revoked credential; or an Enroll or Renew that its
+    /// handler refused).
+    Unauthenticated,
+    /// Over its token's or its peer address's rate.
+    RateLimited,
+}
+
+impl RefusalReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            RefusalReason::Unauthenticated => "unauthenticated",
+            RefusalReason::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// Calls refused before their caller was established, counted per method and reason (the methods are the
+/// authorization table's gRPC paths and `http`, so the map stays small), with a sampled log line.
+#[derive(Default)]
+pub struct RefusedCalls {
+    inner: Mutex<RefusedInner>,
+}
+
+#[derive(Default)]
+struct RefusedInner {
+    counts: BTreeMap<(String, RefusalReason), u64>,
+    last_log: Option<Instant>,
+    since_log: u64,
+}
+
+impl RefusedCalls {
+    /// Counts one refused call; logs it (with the count since the last line) unless a line was written
+    /// within [`REFUSAL_LOG_EVERY`].
+    pub fn count(&self, method: &str, reason: RefusalReason, peer: &str, detail: &str) {
+        let since_log = {
+            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            *inner.counts.entry((method.to_owned(), reason)).or_default() += 1;
+            inner.since_log += 1;
+            let now = Instant::now();
+            if inner.last_log.is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_EVERY) {
+                return;
+            }
+            inner.last_log = Some(now);
+            std::mem::take(&mut inner.since_log)
+        };
+        tracing::warn!(
+            method,
+            reason = reason.label(),
+            peer = %printable(peer, 64),
+            detail = %printable(detail, 200),
+            refused_since_last_line = since_log,
+            "Refused calls from unestablished or too fast callers (one line per 10 s; counted in alki_calls_refused_total)."
+        );
+    }
+
+    /// (method, reason, count) for every pair seen.
+    pub fn snapshot(&self) -> Vec<(String, &'static str, u64)> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.counts.iter().map(|((method, reason), n)| (method.clone(), reason.label(), *n)).collect()
+    }
+}
+
 /// What the gate needs; shared by the gRPC layer and the HTTP middleware.
 #[derive(Clone)]
 pub struct Gate {
     pub auth: Authenticator,
     pub auditor: Auditor,
     pub token_limiter: Arc<RateLimiter>,
+    pub refused: Arc<RefusedCalls>,
 }
 
 /// The outcome of checking a caller against a policy.
@@ -142,19 +222,17 @@ impl Gate {
             Access::Public => {
                 return Admission::Allowed { actor: "anonymous".into(), role: String::new(), principal: None };
             }
-            // The handler checks the certificate, and limits each device's session opens and messages itself
-            // (only it knows the device id; many devices may share one address behind NAT).
-            Access::Device => {
-                return Admission::Allowed { actor: "device".into(), role: String::new(), principal: None };
-            }
-            // The handler checks the bootstrap token; the limit is per peer address so a guesser cannot try
-            // tokens quickly.
-            Access::BootstrapToken => {
+            // The handler checks the certificate or the bootstrap token; the limit here is per peer address,
+            // so a guesser cannot try tokens quickly nor a flood of Renew calls crowd others out. (The agent
+            // handler also limits each device's session opens and messages: many devices may share one
+            // address behind NAT, which this limit's burst allows for.)
+            Access::Device | Access::BootstrapToken => {
                 let key = format!("peer:{}", peer.rsplit_once(':').map_or(peer, |(ip, _)| ip));
                 if let Err(wait) = self.token_limiter.check(&key, Instant::now()) {
                     return Admission::Refused(Refusal::RateLimited(key, wait));
                 }
-                return Admission::Allowed { actor: "bootstrap".into(), role: String::new(), principal: None };
+                let actor = if policy.access == Access::Device { "device" } else { "bootstrap" };
+                return Admission::Allowed { actor: actor.into(), role: String::new(), principal: None };
             }
             Access::Token(action) => {
                 let auth = self.auth.clone();
@@ -238,20 +316,26 @@ where
             let peer = grpc_peer(&request);
             let authorization =
                 request.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
-            let (actor, role) = match gate.admit(policy, authorization, &peer).await {
+            let (actor, role, established) = match gate.admit(policy, authorization, &peer).await {
                 Admission::Allowed { actor, role, principal } => {
+                    let established = principal.is_some();
                     // The handler reads who was admitted from here (`api::principal`).
                     if let Some(principal) = principal {
                         request.extensions_mut().insert(principal);
                     }
-                    (actor, role)
+                    (actor, role, established)
                 }
                 Admission::Refused(refusal) => {
                     let known = refused_actor(&refusal);
+                    let reason = refusal_reason(&refusal);
                     let status = refusal_status(refusal);
-                    if let (true, Some((actor, role))) = (policy.mutates, known) {
-                        let result = code_name(status.code());
-                        record(&gate, &actor, &role, &path, String::new(), &result, peer).await;
+                    match (known, reason) {
+                        (Some((actor, role)), _) if policy.mutates => {
+                            let result = code_name(status.code());
+                            record(&gate, &actor, &role, &path, String::new(), &result, peer).await;
+                        }
+                        (_, Some(reason)) => gate.refused.count(&path, reason, &peer, status.message()),
+                        _ => {}
                     }
                     return Ok(status_response(status));
                 }
@@ -264,11 +348,20 @@ where
             let limited = http_body_util::Limited::new(body, max_message.saturating_add(5));
             let bytes = match limited.collect().await {
                 Ok(collected) => collected.to_bytes(),
-                Err(_) => {
-                    let status = tonic::Status::resource_exhausted(format!(
-                        "the request is larger than the controller's limit of {max_message} bytes"
-                    ));
-                    record(&gate, &actor, &role, &path, String::new(), "RESOURCE_EXHAUSTED", peer).await;
+                Err(error) => {
+                    let status = if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                        tonic::Status::resource_exhausted(format!(
+                            "the request is larger than the controller's limit of {max_message} bytes"
+                        ))
+                    } else {
+                        tonic::Status::cancelled(format!("the request did not arrive whole: {error}"))
+                    };
+                    let result = code_name(status.code());
+                    if established {
+                        record(&gate, &actor, &role, &path, String::new(), &result, peer).await;
+                    } else {
+                        gate.refused.count(&path, RefusalReason::Unauthenticated, &peer, &result);
+                    }
                     return Ok(status_response(status));
                 }
             };
@@ -276,7 +369,12 @@ where
             let request = http::Request::from_parts(parts, tonic::body::Body::new(http_body_util::Full::new(bytes)));
             let response = inner.call(request).await?;
             let result = grpc_result(&response);
-            record(&gate, &actor, &role, &path, target, &result, peer).await;
+            if !established && result != "ok" {
+                // An Enroll or Renew its handler refused: the caller never proved who it is.
+                gate.refused.count(&path, RefusalReason::Unauthenticated, &peer, &result);
+            } else {
+                record(&gate, &actor, &role, &path, target, &result, peer).await;
+            }
             Ok(response)
         })
     }
@@ -295,14 +393,25 @@ async fn record(gate: &Gate, actor: &str, role: &str, action: &str, target: Stri
     gate.auditor.record(event).await;
 }
 
-/// A refused caller the log should name: one that authenticated but lacked the role, or went over its rate.
-/// Unauthenticated noise is not recorded (it would let anyone fill the log); it is refused and logged only.
+/// A refused caller the log should name: one that authenticated but lacked the role. Unauthenticated noise
+/// and calls over a rate are counted instead ([`refusal_reason`]): recording them would let anyone fill
+/// the log.
 fn refused_actor(refusal: &Refusal) -> Option<(String, String)> {
     match refusal {
         Refusal::Auth(AuthError::Forbidden { name, role, .. }) => {
             Some((format!("token:{name}"), format!("{role:?}").to_lowercase()))
         }
-        Refusal::RateLimited(actor, _) => Some((actor.clone(), String::new())),
+        _ => None,
+    }
+}
+
+/// How a refusal is counted in [`RefusedCalls`] (a failed credential check is logged where it fails).
+fn refusal_reason(refusal: &Refusal) -> Option<RefusalReason> {
+    match refusal {
+        Refusal::Auth(AuthError::Missing | AuthError::Invalid | AuthError::Revoked { .. }) => {
+            Some(RefusalReason::Unauthenticated)
+        }
+        Refusal::RateLimited(..) => Some(RefusalReason::RateLimited),
         _ => None,
     }
 }
@@ -389,14 +498,15 @@ pub async fn http_gate(State(gate): State<Gate>, request: Request, next: Next) -
     let (actor, role) = match gate.admit(policy, authorization, &peer).await {
         Admission::Allowed { actor, role, .. } => (actor, role),
         Admission::Refused(refusal) => {
-            if let (true, Some((actor, role))) = (policy.mutates, refused_actor(&refusal)) {
-                let (action, target) = http_action(&method, &path);
-                let result = match refusal {
-                    Refusal::RateLimited(..) => "http_429",
-                    _ => "http_403",
-                };
-                let event = Event { actor, role, protocol: "http", action, target, result: result.into(), peer };
-                gate.auditor.record(event).await;
+            match (refused_actor(&refusal), refusal_reason(&refusal)) {
+                (Some((actor, role)), _) if policy.mutates => {
+                    let (action, target) = http_action(&method, &path);
+                    let result = "http_403".to_owned();
+                    let event = Event { actor, role, protocol: "http", action, target, result, peer };
+                    gate.auditor.record(event).await;
+                }
+                (_, Some(reason)) => gate.refused.count("http", reason, &peer, method.as_str()),
+                _ => {}
             }
             return http_refusal(refusal, registry);
         }

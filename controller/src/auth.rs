@@ -271,7 +271,8 @@ pub fn grpc_policy(path: &str) -> Option<Policy> {
         ) => read(ReadFleet),
         (
             "FleetService",
-            "CreateRollout" | "PauseRollout" | "ResumeRollout" | "PromoteRollout" | "AbortRollout" | "RetryRollout",
+            "CreateRollout" | "PauseRollout" | "ResumeRollout" | "PromoteRollout" | "AbortRollout" | "RetryRollout"
+            | "LabelDevice",
         ) => write(WriteFleet),
         ("FleetService", "CreateToken") => write(ManageTokens),
         ("AdminService", "ListTokens") => read(ManageTokens),

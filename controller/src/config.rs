@@ -27,6 +27,9 @@ pub struct ControllerConfig {
     /// trusting the device id in their Hello (`--insecure-agent-tokens`): for the fleet simulator, which
     /// multiplexes thousands of devices over a few connections.
     pub insecure_agent_tokens: bool,
+    /// Which labels a device's own report may set (`--device-owned-label-keys`); by default none: labels
+    /// come from enrollment tokens and operators.
+    pub label_trust: crate::facts::LabelTrust,
     /// Message sizes, streams per connection, request rates per token and per device.
     pub limits: crate::limits::Limits,
     /// How much of the audit log is kept.
@@ -151,6 +154,7 @@ impl ControllerConfig {
             },
             insecure_plaintext: false,
             insecure_agent_tokens: false,
+            label_trust: crate::facts::LabelTrust::default(),
             limits: crate::limits::Limits::default(),
             audit_retention: crate::store::audit::AuditRetention::default(),
             trusted_keys: Vec::new(),

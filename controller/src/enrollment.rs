@@ -2,7 +2,7 @@
 //! of uses and lifetime, the labels they give the devices that use them) and the Welcome that hands an
 //! enrolled device its short-lived registry token, sent when a session opens and refreshed while it lasts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use alki_shared::clock::{SharedClock, UnixMs};
@@ -64,6 +64,7 @@ pub fn mint_bootstrap_token(
         expires_unix_ms: now.plus(std::time::Duration::from_secs(expires_in_seconds)),
         created_unix_ms: now,
         revoked: false,
+        device_id: None,
     };
     Ok(BootstrapToken { secret, hash, record })
 }
@@ -96,10 +97,17 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), InvalidBootstra
     Ok(())
 }
 
-/// The Welcome a device's session gets at `now`: its heartbeat and telemetry intervals and a fresh registry
-/// token for `registry` (the embedded registry's `host:port`, named so the agent sends it nowhere else). A
-/// Welcome is complete: the agent applies every field of it.
-pub fn welcome(pki: &Pki, device_id: &DeviceId, heartbeat: Duration, registry: &str, now: UnixMs) -> proto::Welcome {
+/// The Welcome a device's session gets at `now`: its heartbeat and telemetry intervals, a fresh registry
+/// token for `registry` (the embedded registry's `host:port`, named so the agent sends it nowhere else) and
+/// the `labels` it is selected by. A Welcome is complete: the agent applies every field of it.
+pub fn welcome(
+    pki: &Pki,
+    device_id: &DeviceId,
+    heartbeat: Duration,
+    registry: &str,
+    labels: &HashMap<String, String>,
+    now: UnixMs,
+) -> proto::Welcome {
     let expires = now.plus(REGISTRY_TOKEN_TTL);
     proto::Welcome {
         device_id: device_id.to_string(),
@@ -108,6 +116,7 @@ pub fn welcome(pki: &Pki, device_id: &DeviceId, heartbeat: Duration, registry: &
         registry_token_expires_unix_ms: expires.as_millis(),
         telemetry_interval_seconds: crate::insight::TELEMETRY_INTERVAL_SECONDS,
         registry: registry.to_owned(),
+        labels: labels.clone(),
     }
 }
 
@@ -128,8 +137,21 @@ pub async fn refresh_registry_tokens(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        for device_id in fleet.hub.connected_ids() {
-            let welcome = welcome(&pki, &device_id, heartbeat, &registry, clock.now());
+        let ids = fleet.hub.connected_ids();
+        let store = fleet.store.clone();
+        // The labels each device is selected by go with its token (a Welcome is complete).
+        let labels = tokio::task::spawn_blocking(move || {
+            ids.into_iter()
+                .map(|id| {
+                    let labels = store.device(&id).ok().flatten().map(|d| d.labels).unwrap_or_default();
+                    (id, labels)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (device_id, labels) in labels {
+            let welcome = welcome(&pki, &device_id, heartbeat, &registry, &labels, clock.now());
             fleet.hub.send(device_id.as_str(), proto::controller_message::Msg::Welcome(welcome));
         }
     }

@@ -26,6 +26,11 @@ use crate::insight::stats::median;
 pub const NAMES: &[(&str, &str, &str)] = &[
     ("alki_devices", "gauge", "Devices by connection state, phase and hardware class."),
     ("alki_devices_connected", "gauge", "Devices with an open agent session."),
+    (
+        "alki_sessions_waiting_hello",
+        "gauge",
+        "Agent sessions whose certificate was accepted and that wait for their Hello (at most 30 s each).",
+    ),
     ("alki_rollouts", "gauge", "Rollouts by state."),
     ("alki_rollout_step", "gauge", "Current step (1-based) of an active or recent rollout."),
     ("alki_rollout_steps", "gauge", "Number of steps of a rollout."),
@@ -103,6 +108,12 @@ pub const NAMES: &[(&str, &str, &str)] = &[
         "counter",
         "Store transactions the report writer committed (reports per commit: the group commit at work).",
     ),
+    (
+        "alki_calls_refused_total",
+        "counter",
+        "Calls refused before their caller was established (reason: unauthenticated) or over a token's or peer \
+         address's rate (rate_limited), by gRPC method (http for the HTTP side); counted, not audited.",
+    ),
 ];
 
 /// Finished rollouts kept in the gauges besides the active ones (the newest first).
@@ -138,7 +149,7 @@ pub struct RegistryTraffic {
 }
 
 /// Counter values at scrape time.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Counters {
     pub registry: RegistryTraffic,
     pub telemetry_reports: u64,
@@ -149,6 +160,9 @@ pub struct Counters {
     pub reports_written: u64,
     pub report_commits: u64,
     pub evaluations: EvalCounts,
+    /// (method, reason, count) of calls the gate refused without an audit entry.
+    pub refused_calls: Vec<(String, &'static str, u64)>,
+    pub sessions_waiting_hello: u64,
 }
 
 /// What one scrape renders.
@@ -353,6 +367,10 @@ fn counter_metrics(e: &mut Exposition, c: &Counters) {
     e.add("alki_agent_reports_queued", &[], c.reports_queued as f64);
     e.add("alki_agent_reports_written_total", &[], c.reports_written as f64);
     e.add("alki_agent_report_commits_total", &[], c.report_commits as f64);
+    e.add("alki_sessions_waiting_hello", &[], c.sessions_waiting_hello as f64);
+    for (method, reason, n) in &c.refused_calls {
+        e.add("alki_calls_refused_total", &[("method", method), ("reason", reason)], *n as f64);
+    }
     let ev = &c.evaluations;
     let could_not_run: u64 = ev.could_not_run.iter().sum();
     for (result, n) in [("measured", ev.measured), ("could_not_run", could_not_run), ("refused", ev.refused)] {

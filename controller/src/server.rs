@@ -101,6 +101,7 @@ fn open_app(
             config.limits.token_rate,
             crate::limits::MAX_RATE_KEYS,
         )),
+        refused: Arc::default(),
     };
     let registry =
         Registry::open_with_clock(&config.data_dir, store.database(), config.registry.clone(), clock.clone())
@@ -126,6 +127,9 @@ fn open_app(
         reports,
         http_counters: Arc::default(),
         report_counters,
+        refused_calls: gate.refused.clone(),
+        label_trust: Arc::new(config.label_trust.clone()),
+        heartbeat_interval: config.heartbeat_interval,
     };
     Ok((app, gate, report_writer_task))
 }
@@ -181,7 +185,6 @@ async fn grpc_server(
     let limits = &config.limits;
     let agent_api = api::agent::AgentApi {
         app: app.clone(),
-        heartbeat_interval: config.heartbeat_interval,
         insecure_agent_tokens: config.insecure_agent_tokens,
         device_limiter: Arc::new(crate::limits::RateLimiter::new(limits.device_rate, crate::limits::MAX_RATE_KEYS)),
     };

@@ -27,6 +27,7 @@ async fn bootstrap_token(c: &SecureController, uses: u32) -> String {
         labels: [("site".to_owned(), "lab".to_owned())].into(),
         uses,
         expires_in_seconds: 3600,
+        ..Default::default()
     };
     security.create_enroll_token(bearer_request(&c.admin, request)).await.expect("create token").into_inner().secret
 }
@@ -247,6 +248,216 @@ async fn plaintext_clients_cannot_talk_to_a_default_controller() {
         assert!(http.is_err() || http.is_ok_and(|r| !r.status().is_success()), "plaintext HTTP must not be served");
         let https = c.https().get(format!("https://{}/healthz", c.registry)).send().await.expect("https");
         assert!(https.status().is_success());
+        c.shutdown().await;
+    })
+    .await;
+}
+
+/// The controller's `/metrics` over HTTPS as the admin sees it.
+async fn scrape(c: &SecureController) -> String {
+    let url = format!("https://{}/metrics", c.registry);
+    c.https().get(url).bearer_auth(&c.admin).send().await.expect("scrape").text().await.expect("body")
+}
+
+async fn decommission(c: &SecureController, id: &str) -> proto::DecommissionDeviceResponse {
+    let mut security = SecurityServiceClient::new(c.channel(None).await.expect("connect"));
+    let request = proto::DecommissionDeviceRequest { device_id: id.into() };
+    security.decommission_device(bearer_request(&c.admin, request)).await.expect("decommission").into_inner()
+}
+
+#[tokio::test]
+async fn decommissioning_closes_a_session_still_waiting_for_its_hello() {
+    bounded(async {
+        let c = start_secure(|_| {}).await;
+        let token = bootstrap_token(&c, 1).await;
+        let (cert, key) = enroll(&c, &token, "pi-1").await.expect("enroll");
+
+        // The session opens with the device's certificate and sends nothing yet.
+        let channel = c.channel(Some((&cert, &key))).await.expect("connect");
+        let (tx, rx) = mpsc::channel::<AgentMessage>(8);
+        let opening = tokio::spawn(async move {
+            let mut client = AgentServiceClient::new(channel);
+            match client.session(ReceiverStream::new(rx)).await {
+                Err(status) => Err(status),
+                Ok(response) => {
+                    let mut inbound = response.into_inner();
+                    Ok(inbound.message().await)
+                }
+            }
+        });
+        while !scrape(&c).await.contains("\nalki_sessions_waiting_hello 1") {
+            tokio::task::yield_now().await;
+        }
+        let done = decommission(&c, "pi-1").await;
+        assert!(done.session_closed, "the waiting session was closed");
+
+        // A Hello now is too late: the stream gets no Welcome and no desired state, only the refusal.
+        let hello = proto::Hello { agent_version: "test".into(), ..Default::default() };
+        let _ = tx.send(AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) }).await;
+        let refused = opening.await.expect("session task").expect_err("no session for a decommissioned device");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        assert!(refused.message().contains("decommissioned"), "{refused:?}");
+        assert!(scrape(&c).await.contains("\nalki_sessions_waiting_hello 0"));
+
+        // The device record says so, for the dashboards and the rollout engine.
+        let mut fleet = FleetServiceClient::new(c.channel(None).await.expect("connect"));
+        let request = bearer_request(&c.admin, proto::GetDeviceRequest { id: "pi-1".into() });
+        assert!(fleet.get_device(request).await.expect("device").into_inner().decommissioned);
+        c.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_known_device_id_enrolls_again_only_with_a_token_made_for_it() {
+    bounded(async {
+        let c = start_secure(|_| {}).await;
+        let token = bootstrap_token(&c, 1).await;
+        let (old_cert, old_key) = enroll(&c, &token, "pi-1").await.expect("enroll");
+
+        // Any other bootstrap token is refused for the id (live or expired certificate alike).
+        let unbound = bootstrap_token(&c, 5).await;
+        let claimed = enroll(&c, &unbound, "pi-1").await.expect_err("the id stays bound");
+        assert_eq!(claimed.code(), tonic::Code::AlreadyExists);
+        assert!(claimed.message().contains("--device-id pi-1"), "the error says how: {claimed:?}");
+
+        // An admin makes a token for that id; it enrolls that id and no other.
+        let mut security = SecurityServiceClient::new(c.channel(None).await.expect("connect"));
+        let request = proto::CreateEnrollTokenRequest {
+            uses: 2,
+            expires_in_seconds: 600,
+            device_id: "pi-1".into(),
+            ..Default::default()
+        };
+        let created = security.create_enroll_token(bearer_request(&c.admin, request)).await.expect("create");
+        let created = created.into_inner();
+        assert_eq!(created.token.as_ref().map(|t| t.device_id.as_str()), Some("pi-1"));
+        let other = enroll(&c, &created.secret, "pi-2").await.expect_err("bound to pi-1");
+        assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
+        let (cert, key) = enroll(&c, &created.secret, "pi-1").await.expect("re-enrolled with the bound token");
+        session(&c, Some((&cert, &key)), "").await.map(|_| ()).expect("the new certificate opens a session");
+        let stale = session(&c, Some((&old_cert, &old_key)), "").await.map(|_| ()).expect_err("old one refused");
+        assert_eq!(stale.code(), tonic::Code::PermissionDenied, "{stale:?}");
+        c.shutdown().await;
+    })
+    .await;
+}
+
+/// Opens an mTLS session saying `hello`; returns the Welcome, the stream and the agent's sender.
+async fn session_saying(
+    c: &SecureController,
+    identity: (&str, &str),
+    hello: proto::Hello,
+) -> (proto::Welcome, tonic::Streaming<proto::ControllerMessage>, mpsc::Sender<AgentMessage>) {
+    let mut client = AgentServiceClient::new(c.channel(Some(identity)).await.expect("connect"));
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) }).await.expect("queue hello");
+    let mut inbound = client.session(ReceiverStream::new(rx)).await.expect("session").into_inner();
+    match inbound.message().await.expect("first message") {
+        Some(proto::ControllerMessage { msg: Some(Msg::Welcome(welcome)) }) => (welcome, inbound, tx),
+        other => panic!("expected a Welcome, got {other:?}"),
+    }
+}
+
+fn hello_with(labels: &[(&str, &str)], class: &str) -> proto::Hello {
+    proto::Hello {
+        agent_version: "test".into(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        inventory: Some(proto::Inventory { hardware_class: class.into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+async fn device(c: &SecureController, id: &str) -> proto::Device {
+    let mut fleet = FleetServiceClient::new(c.channel(None).await.expect("connect"));
+    fleet
+        .get_device(bearer_request(&c.admin, proto::GetDeviceRequest { id: id.into() }))
+        .await
+        .expect("device")
+        .into_inner()
+}
+
+#[tokio::test]
+async fn devices_cannot_choose_the_labels_rollouts_select_them_by() {
+    bounded(async {
+        let c = start_secure(|config| {
+            config.label_trust = alki_controller::facts::LabelTrust { device_owned: vec!["zone".into()] };
+        })
+        .await;
+        let token = bootstrap_token(&c, 1).await;
+        let (cert, key) = enroll(&c, &token, "pi-1").await.expect("enroll");
+
+        // A compromised device claims another site and a tier: only its device-owned `zone` counts.
+        let hello = hello_with(&[("site", "shop-9"), ("tier", "gold"), ("zone", "b")], "pi5-8g");
+        let (welcome, mut inbound, tx) = session_saying(&c, (&cert, &key), hello).await;
+        let d = device(&c, "pi-1").await;
+        let labels: std::collections::BTreeMap<_, _> = d.labels.clone().into_iter().collect();
+        let expected: std::collections::BTreeMap<String, String> =
+            [("site".into(), "lab".into()), ("zone".into(), "b".into())].into();
+        assert_eq!(labels, expected, "the token's site and the device-owned zone, nothing else");
+        assert_eq!(d.reported_labels.get("tier").map(String::as_str), Some("gold"), "what it said is kept apart");
+        assert_eq!(welcome.labels, d.labels, "the Welcome tells the device what it is selected by");
+
+        // An operator labels it: recorded in the audit log, selected by at once, and the device is told.
+        let mut fleet = FleetServiceClient::new(c.channel(None).await.expect("connect"));
+        let request = proto::LabelDeviceRequest {
+            device_id: "pi-1".into(),
+            set: [("tier".to_owned(), "silver".to_owned()), ("site".to_owned(), "lab-2".to_owned())].into(),
+            remove: vec![],
+        };
+        let labelled = fleet.label_device(bearer_request(&c.admin, request)).await.expect("label").into_inner();
+        assert_eq!(labelled.labels.get("site").map(String::as_str), Some("lab-2"), "operators win over the token");
+        assert_eq!(labelled.labels.get("tier").map(String::as_str), Some("silver"));
+        let told = loop {
+            match inbound.message().await.expect("stream") {
+                Some(proto::ControllerMessage { msg: Some(Msg::Welcome(w)) }) => break w,
+                Some(_) => continue,
+                None => panic!("the session ended"),
+            }
+        };
+        assert_eq!(told.labels, labelled.labels);
+        let selected = fleet
+            .list_devices(bearer_request(
+                &c.admin,
+                proto::ListDevicesRequest { selector: [("tier".to_owned(), "silver".to_owned())].into() },
+            ))
+            .await
+            .expect("list")
+            .into_inner()
+            .devices;
+        assert_eq!(selected.len(), 1);
+        let removed =
+            proto::LabelDeviceRequest { device_id: "pi-1".into(), remove: vec!["site".into()], ..Default::default() };
+        let after = fleet.label_device(bearer_request(&c.admin, removed)).await.expect("remove").into_inner();
+        assert_eq!(
+            after.labels.get("site").map(String::as_str),
+            Some("lab"),
+            "removing an operator's label uncovers the token's"
+        );
+        let bad = proto::LabelDeviceRequest { device_id: "pi-1".into(), ..Default::default() };
+        let refused = fleet.label_device(bearer_request(&c.admin, bad)).await.expect_err("nothing to change");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        let mut admin = proto::admin_service_client::AdminServiceClient::new(c.channel(None).await.expect("connect"));
+        let audit = admin
+            .list_audit(bearer_request(&c.admin, proto::ListAuditRequest { limit: 100, ..Default::default() }))
+            .await
+            .expect("audit")
+            .into_inner()
+            .entries;
+        assert!(
+            audit.iter().any(|e| e.action.ends_with("/LabelDevice") && e.target.contains("tier=silver")),
+            "{audit:?}"
+        );
+
+        // A new hardware class is recorded for operators to see.
+        drop((inbound, tx));
+        let hello = hello_with(&[("zone", "b")], "x86-avx2");
+        let session = session_saying(&c, (&cert, &key), hello).await;
+        let d = device(&c, "pi-1").await;
+        assert_eq!(d.previous_class, "pi5-8g");
+        assert!(d.class_changed_unix_ms > 0);
+        // A real agent ends its half of the stream when the controller ends its half.
+        drop(session);
         c.shutdown().await;
     })
     .await;

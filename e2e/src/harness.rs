@@ -256,7 +256,7 @@ impl Controller {
         trust_policy: &Path,
         runtime_extra: &str,
     ) -> anyhow::Result<(Proc, u16)> {
-        let bootstrap = self.bootstrap_token(1)?;
+        let bootstrap = self.bootstrap_token(1, site)?;
         let front_port = free_port()?;
         let setup = AgentSetup {
             device_id,
@@ -274,10 +274,12 @@ impl Controller {
         Ok((start_agent(root, &setup)?, front_port))
     }
 
-    /// A bootstrap token for `uses` enrollments, valid for an hour.
-    pub fn bootstrap_token(&self, uses: u32) -> anyhow::Result<String> {
+    /// A bootstrap token for `uses` enrollments, valid for an hour, giving its devices the label
+    /// `site=<site>` (rollouts select by the token's labels, not by what a device says of itself).
+    pub fn bootstrap_token(&self, uses: u32, site: &str) -> anyhow::Result<String> {
+        let (uses, site) = (uses.to_string(), format!("site={site}"));
         let created =
-            self.alkictl_json(&["enroll", "token", "create", "--uses", &uses.to_string(), "--expires", "1h"])?;
+            self.alkictl_json(&["enroll", "token", "create", "--uses", &uses, "--expires", "1h", "--labels", &site])?;
         Ok(created["secret"].as_str().context("no secret in alkictl enroll token create")?.to_owned())
     }
 }
@@ -285,7 +287,7 @@ impl Controller {
 /// What an end-to-end test's agent is configured with (see deploy/config/agent.toml for every field).
 pub struct AgentSetup<'a> {
     pub device_id: &'a str,
-    /// The value of the `site` label rollouts select on.
+    /// The value of the `site` label the agent reports (rollouts select on its token's).
     pub site: &'a str,
     /// gRPC URL of the controller (`https://`).
     pub controller: &'a str,

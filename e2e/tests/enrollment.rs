@@ -83,7 +83,7 @@ fn an_enrolled_agent_rolls_out_over_mtls_and_is_refused_after_decommissioning() 
     let trust = harness::write_trust_policy(dir.path(), &key.public_key)?;
 
     // Enrollment by hand, timed: key generation on the device, CSR, signing, files written.
-    let token = controller.bootstrap_token(1)?;
+    let token = controller.bootstrap_token(1, "lab")?;
     let agent_setup = setup(&controller, "pi-001", &token, &fake, &trust)?;
     let started = Instant::now();
     let enrolled = enroll(dir.path(), &agent_setup)?.map_err(|e| anyhow::anyhow!("enroll failed: {e}"))?;
@@ -123,7 +123,7 @@ fn an_enrolled_agent_rolls_out_over_mtls_and_is_refused_after_decommissioning() 
     ensure!(device(&controller, "pi-001")?.is_some_and(|d| d["connected"] == false), "still refused");
 
     // Enrolling the same id again with a fresh token is refused too.
-    let again = controller.bootstrap_token(1)?;
+    let again = controller.bootstrap_token(1, "lab")?;
     let refused = enroll(dir.path(), &setup(&controller, "pi-001", &again, &fake, &trust)?)?;
     let message = refused.err().context("re-enrolling a decommissioned id must fail")?;
     ensure!(message.contains("decommissioned"), "{message}");
@@ -139,14 +139,14 @@ fn stolen_bootstrap_tokens_past_their_uses_or_expiry_and_claimed_ids_are_refused
     let trust = harness::write_trust_policy(dir.path(), &dir.path().join("unused.pub"))?;
 
     // One use: the first device gets it, a thief with the same token does not.
-    let token = controller.bootstrap_token(1)?;
+    let token = controller.bootstrap_token(1, "lab")?;
     enroll(dir.path(), &setup(&controller, "pi-001", &token, &fake, &trust)?)?.map_err(|e| anyhow::anyhow!("{e}"))?;
     let thief = enroll(dir.path(), &setup(&controller, "thief-1", &token, &fake, &trust)?)?;
     let message = thief.err().context("a used-up token must be refused")?;
     ensure!(message.contains("used as many times as it allows"), "{message}");
 
     // A device id with a live certificate cannot be claimed again, even with a valid token.
-    let fresh = controller.bootstrap_token(5)?;
+    let fresh = controller.bootstrap_token(5, "lab")?;
     let twice = enroll(dir.path(), &setup(&controller, "pi-001", &fresh, &fake, &trust)?)?;
     let message = twice.err().context("claiming an enrolled id must be refused")?;
     ensure!(message.contains("already enrolled"), "{message}");
@@ -191,7 +191,7 @@ fn an_agent_enrolls_on_first_start_and_renews_its_certificate_without_an_operato
     let controller = harness::start_controller(dir.path(), &["--device-cert-validity-secs", "6"])?;
     let fake = binary("fake-llama-server")?;
     let trust = harness::write_trust_policy(dir.path(), &dir.path().join("unused.pub"))?;
-    let token = controller.bootstrap_token(1)?;
+    let token = controller.bootstrap_token(1, "lab")?;
     let agent_setup = setup(&controller, "pi-renew", &token, &fake, &trust)?;
     let mut agent = harness::start_agent(dir.path(), &agent_setup)?;
     wait_for(

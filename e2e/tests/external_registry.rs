@@ -76,7 +76,7 @@ fn path(p: &Path) -> anyhow::Result<&str> {
 /// Starts the real agent (with the fake llama-server) labelled `site = <site>`, with `registry` as the body
 /// of its `[registry]` section.
 fn start_agent(fleet: &Fleet, _embedded: &str, id: &str, site: &str, registry: &str) -> anyhow::Result<Proc> {
-    let bootstrap = fleet.controller.bootstrap_token(1)?;
+    let bootstrap = fleet.controller.bootstrap_token(1, site)?;
     let trust_policy = harness::write_trust_policy(fleet.dir.path(), &fleet.key.public_key)?;
     let setup = AgentSetup {
         device_id: id,

@@ -95,7 +95,7 @@ fn a_bundle_naming_a_signed_runtime_build_is_served_by_that_build_of_real_llama_
     controller.sign("acme/tiny:v1", &key)?;
 
     // The agent's own llama-server is the fake: only the build can make the real one serve.
-    let bootstrap = controller.bootstrap_token(1)?;
+    let bootstrap = controller.bootstrap_token(1, "lab")?;
     let front_port = free_port()?;
     let trust_policy = harness::write_trust_policy(dir.path(), &key.public_key)?;
     let fake = binary("fake-llama-server")?;

@@ -19,3 +19,4 @@ pub mod quantization;
 pub mod ratelimit;
 pub mod schedule;
 pub mod signing;
+pub mod text;

@@ -89,6 +89,12 @@ pub fn audit_target(method: &str, message: &[u8]) -> String {
         "DecommissionDevice" => {
             DecommissionDeviceRequest::decode(message).ok().map(|r| format!("device {}", r.device_id))
         }
+        "LabelDevice" => LabelDeviceRequest::decode(message).ok().map(|r| {
+            let mut changes: Vec<String> = r.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            changes.sort();
+            changes.extend(r.remove.iter().map(|k| format!("{k}-")));
+            format!("device {} {}", r.device_id, changes.join(","))
+        }),
         "RevokeEnrollToken" => RevokeEnrollTokenRequest::decode(message).ok().map(|r| format!("enroll token {}", r.id)),
         _ => None,
     };

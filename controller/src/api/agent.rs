@@ -1,6 +1,8 @@
 //! `AgentService`: the long-lived session each agent keeps open. A session is admitted (the device's
-//! certificate, or with `--insecure-agent-tokens` a token), its Hello recorded, the Welcome and the
-//! desired state sent, and then every message the agent sends is queued for the report writer.
+//! certificate, or with `--insecure-agent-tokens` a token), its Hello recorded, the identity checked again,
+//! the Welcome and the desired state sent, and then every message the agent sends is queued for the report
+//! writer. From the moment its certificate names the device, the hub knows the session, so decommissioning
+//! closes it even while it waits for its Hello.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,8 +22,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::app::App;
+use crate::facts::{effective_labels, hardware_class};
 use crate::fleet::desired_state;
-use crate::fleet::hub::SESSION_QUEUE;
+use crate::fleet::hub::{NotRegistered, SESSION_QUEUE, Waiting};
 use crate::fleet::reports::{Durability, WriterStopped};
 use crate::limits::{RateLimiter, RetryAfter};
 use crate::store::identity::DeviceIdentity;
@@ -34,7 +37,6 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct AgentApi {
     pub app: App,
-    pub heartbeat_interval: Duration,
     /// Admit bearer tokens of role agent (the device id then comes from Hello): `--insecure-agent-tokens`.
     pub insecure_agent_tokens: bool,
     /// Session opens and messages per device (`limits::Limits::device_rate`).
@@ -50,11 +52,22 @@ impl AgentService for AgentApi {
 
     async fn session(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<SessionStream>, Status> {
         let identity = self.authenticate(&request)?;
+        let hub = &self.app.fleet.hub;
+        let waiting = match &identity {
+            Some(identity) => Some(hub.expect(&identity.device_id).map_err(not_registered)?),
+            None => None,
+        };
         let mut inbound = request.into_inner();
-        let hello = receive_hello(&mut inbound).await?;
+        let hello = tokio::select! {
+            hello = receive_hello(&mut inbound) => hello?,
+            () = closed(waiting.as_ref()) => return Err(decommissioned_meanwhile()),
+        };
         let device_id = device_id_of(identity.as_ref(), &hello)?;
-        if identity.is_none() {
-            self.refuse_token_for_enrolled(&device_id)?;
+        match &identity {
+            // Checked again: the device may have been decommissioned or its certificate replaced while
+            // the session waited for its Hello.
+            Some(identity) => self.recheck(identity)?,
+            None => self.refuse_token_for_enrolled(&device_id)?,
         }
         self.admit(&device_id, &hello)?;
         let agent_version = hello.agent_version.clone();
@@ -64,8 +77,9 @@ impl AgentService for AgentApi {
         self.greet(&tx, &device_id, &record);
         // Weak: the session's stream must still end when the hub drops its sender (shutdown, replacement).
         let refuse = tx.downgrade();
-        let hub = &self.app.fleet.hub;
-        let session_id = hub.register(&device_id, tx);
+        // Refused if the device was closed since its Hello: the Welcome queued above is never sent.
+        let session_id = hub.register(&device_id, waiting.as_ref(), tx).map_err(not_registered)?;
+        drop(waiting);
         hub.touch(&device_id, UnixMs(record.last_seen_unix_ms));
         tracing::info!(%device_id, %agent_version, "Agent connected.");
         self.app.fleet.changed.notify_one();
@@ -94,6 +108,15 @@ impl AgentApi {
         Ok(identity)
     }
 
+    /// The certificate's identity is still current (not decommissioned, not replaced by a renewal).
+    fn recheck(&self, identity: &DeviceIdentity) -> Result<(), Status> {
+        self.app
+            .store
+            .check_device_certificate(&identity.device_id, &identity.serial)
+            .map(|_| ())
+            .map_err(super::enroll::identity_status)
+    }
+
     /// A token session (`--insecure-agent-tokens`) may not speak for a device that has a certificate identity:
     /// a role-agent token would otherwise take over any enrolled device by naming it in Hello.
     fn refuse_token_for_enrolled(&self, device_id: &DeviceId) -> Result<(), Status> {
@@ -119,24 +142,31 @@ impl AgentApi {
         Ok(())
     }
 
-    /// Records what Hello says (labels from the bootstrap token win over the device's own) and returns the
-    /// device record as committed.
+    /// Records what Hello says (its labels as reported ones: the device is selected by its token's and
+    /// operators' labels, and by its own only for device-owned keys) and returns the device record as
+    /// committed. A change of hardware class is recorded for operators to see.
     async fn record_hello(
         &self,
         device_id: &DeviceId,
         identity: Option<&DeviceIdentity>,
         hello: proto::Hello,
     ) -> Result<proto::Device, Status> {
-        let mut labels = hello.labels.clone();
-        if let Some(identity) = identity {
-            labels.extend(identity.labels.clone());
-        }
+        let token_labels = identity.map(|i| i.labels.clone()).unwrap_or_default();
+        let (trust, token_session) = (self.app.label_trust.clone(), identity.is_none());
         let now = self.app.clock.now();
-        self.app
+        let record = self
+            .app
             .reports
             .update_and_read(device_id, move |d| {
-                d.labels = labels;
+                let class_before = d.inventory.is_some().then(|| hardware_class(d));
+                d.reported_labels = hello.labels;
                 d.inventory = hello.inventory;
+                d.labels = effective_labels(d, &token_labels, &trust, token_session);
+                let class_now = hardware_class(d);
+                if let Some(before) = class_before.filter(|before| *before != class_now) {
+                    d.previous_class = before;
+                    d.class_changed_unix_ms = now.as_millis();
+                }
                 d.agent_version = hello.agent_version;
                 d.running = hello.running;
                 d.applied_generation = hello.last_applied_generation;
@@ -153,19 +183,45 @@ impl AgentApi {
             })
             .await
             .map_err(|stopped| Status::unavailable(stopped.to_string()))?
-            .map_err(super::internal)
+            .map_err(super::internal)?;
+        if record.class_changed_unix_ms == now.as_millis() {
+            tracing::warn!(
+                %device_id,
+                from = %record.previous_class,
+                to = %hardware_class(&record),
+                "The device's hardware class changed: its rollouts judge it in its new class from now on."
+            );
+        }
+        Ok(record)
     }
 
     /// Queues the Welcome (with a fresh registry token) and the device's desired state, if it has one.
     fn greet(&self, tx: &Outbound, device_id: &DeviceId, record: &proto::Device) {
-        let (pki, registry, now) = (&self.app.pki, &self.app.sources.registry_host, self.app.clock.now());
-        let welcome = crate::enrollment::welcome(pki, device_id, self.heartbeat_interval, registry, now);
-        let mut first = vec![Msg::Welcome(welcome)];
+        let mut first = vec![Msg::Welcome(self.app.welcome(device_id, &record.labels))];
         first.extend(desired_state(record).map(Msg::DesiredState));
         for msg in first {
             // The queue is new and larger than two messages: this cannot fail.
             let _ = tx.try_send(Ok(ControllerMessage { msg: Some(msg) }));
         }
+    }
+}
+
+/// Completes when the expected session's device was closed while it waited; never for a token session.
+async fn closed(waiting: Option<&Waiting>) {
+    match waiting {
+        Some(waiting) => waiting.closed().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn decommissioned_meanwhile() -> Status {
+    Status::permission_denied("the device was decommissioned while its session waited for its Hello")
+}
+
+fn not_registered(error: NotRegistered) -> Status {
+    match error {
+        NotRegistered::TooManyWaiting(_) => Status::resource_exhausted(error.to_string()),
+        NotRegistered::Closed(_) => decommissioned_meanwhile(),
     }
 }
 

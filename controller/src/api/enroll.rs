@@ -1,20 +1,16 @@
 //! `EnrollmentService`: devices trade a bootstrap token and a CSR for their certificate, and renew it over
 //! mTLS. Also where a session's device identity is read from its client certificate.
 
-use std::collections::BTreeMap;
-
 use alki_shared::clock::UnixMs;
 use alki_shared::ids::DeviceId;
 use alki_shared::proto::{self, enrollment_service_server::EnrollmentService};
 use tonic::{Request, Response, Status};
 
 use crate::app::App;
+use crate::facts::effective_labels;
 use crate::pki::PeerDevice;
 use crate::store::Store;
 use crate::store::identity::{DeviceIdentity, IdentityError, Issued};
-
-/// Labels a device may ask for at enrollment.
-const MAX_LABELS: usize = 64;
 
 pub struct EnrollApi {
     pub app: App,
@@ -36,6 +32,7 @@ pub fn identity_status(error: IdentityError) -> Status {
         IdentityError::TokenExpired(_)
         | IdentityError::TokenUsedUp(_)
         | IdentityError::TokenRevoked(_)
+        | IdentityError::TokenForAnotherDevice { .. }
         | IdentityError::Decommissioned(_)
         | IdentityError::NotEnrolled(_)
         | IdentityError::StaleCertificate(_) => Status::permission_denied(error.to_string()),
@@ -51,9 +48,8 @@ impl EnrollmentService for EnrollApi {
         let req = request.into_inner();
         let device_id = DeviceId::new(req.device_id.clone())
             .map_err(|e| Status::invalid_argument(format!("device id {:?}: {e}", req.device_id)))?;
-        if req.labels.len() > MAX_LABELS {
-            return Err(Status::invalid_argument(format!("at most {MAX_LABELS} labels may be requested")));
-        }
+        crate::limits::check_labels("enrollment labels", req.labels.iter())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if req.bootstrap_token.trim().is_empty() {
             return Err(Status::unauthenticated("no bootstrap token; ask an admin (alkictl enroll token create)"));
         }
@@ -78,13 +74,15 @@ impl EnrollmentService for EnrollApi {
                 return Err(identity_status(error));
             }
         };
-        let mut labels: BTreeMap<String, String> = req.labels.into_iter().collect();
-        labels.extend(identity.labels.clone());
-        let (record_labels, inventory, id) = (labels.clone(), req.inventory, device_id.clone());
-        super::with_store(&self.app.store, move |store| {
+        // What the device asks for is kept as reported labels; it is selected by its token's (and operators').
+        let (reported, inventory, id) = (req.labels, req.inventory, device_id.clone());
+        let (token_labels, trust) = (identity.labels.clone(), self.app.label_trust.clone());
+        let labels = super::with_store(&self.app.store, move |store| {
             store.update_device(&id, |d| {
-                d.labels = record_labels.into_iter().collect();
+                d.reported_labels = reported;
                 d.inventory = inventory;
+                d.labels = effective_labels(d, &token_labels, &trust, false);
+                d.labels.clone()
             })
         })
         .await?;
@@ -95,7 +93,7 @@ impl EnrollmentService for EnrollApi {
             certificate_pem: cert.pem,
             ca_certificate_pem: self.app.pki.ca_pem().to_owned(),
             expires_unix_ms: cert.not_after_unix_ms,
-            labels: labels.into_iter().collect(),
+            labels,
         }))
     }
 

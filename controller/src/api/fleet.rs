@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use crate::app::App;
 use crate::auth::Role;
 use crate::bundles::ListError;
+use crate::fleet::labels;
 use crate::rollout::create::{self, CreateError};
 use crate::rollout::engine::Verb;
 use crate::rollout::reconcile::{self, OperateError};
@@ -38,6 +39,27 @@ impl FleetService for FleetApi {
             Some(device) => Ok(Response::new(device)),
             None => Err(not_found()),
         }
+    }
+
+    async fn label_device(
+        &self,
+        request: Request<proto::LabelDeviceRequest>,
+    ) -> Result<Response<proto::Device>, Status> {
+        let who = super::principal(&request)?;
+        let req = request.into_inner();
+        let change = labels::Change::parse(req.set, req.remove).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let not_found = || Status::not_found(format!("device {:?} is not known to this controller", req.device_id));
+        let device_id = DeviceId::new(req.device_id.clone()).map_err(|_| not_found())?;
+        let (id, trust) = (device_id.clone(), self.app.label_trust.clone());
+        let labelled = super::with_store(&self.app.store, move |store| labels::relabel(store, &id, &change, &trust))
+            .await?
+            .ok_or_else(not_found)?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(%device_id, by = %who.name, labels = ?labelled.labels, "Labelled a device.");
+        let welcome = self.app.welcome(&device_id, &labelled.labels);
+        self.app.fleet.hub.send(device_id.as_str(), proto::controller_message::Msg::Welcome(welcome));
+        self.app.fleet.changed.notify_one();
+        Ok(Response::new(labelled))
     }
 
     async fn list_bundles(

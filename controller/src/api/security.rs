@@ -23,6 +23,7 @@ fn to_proto(r: EnrollTokenRecord) -> proto::EnrollToken {
         expires_unix_ms: r.expires_unix_ms.as_millis(),
         created_unix_ms: r.created_unix_ms.as_millis(),
         revoked: r.revoked,
+        device_id: r.device_id.map(|id| id.to_string()).unwrap_or_default(),
     }
 }
 
@@ -35,10 +36,15 @@ impl SecurityService for SecurityApi {
         let who = super::principal(&request)?;
         let req = request.into_inner();
         let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
+        let device_id = match req.device_id.as_str() {
+            "" => None,
+            id => Some(DeviceId::new(id).map_err(|e| Status::invalid_argument(format!("device id {id:?}: {e}")))?),
+        };
         let now = self.app.clock.now();
         let minted = enrollment::mint_bootstrap_token(labels, req.uses, req.expires_in_seconds, now)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let BootstrapToken { secret, hash, record } = minted;
+        let BootstrapToken { secret, hash, mut record } = minted;
+        record.device_id = device_id;
         let stored = record.clone();
         super::with_store(&self.app.store, move |store| store.put_enroll_token(&hash, &stored)).await?;
         tracing::info!(token = %record.id, by = %who.name, uses = record.uses_allowed, "Created a bootstrap token.");
@@ -86,10 +92,18 @@ impl SecurityService for SecurityApi {
         let device_id = DeviceId::new(requested.clone()).map_err(|_| never_enrolled())?;
         let now = self.app.clock.now();
         let decommissioning = device_id.clone();
-        let identity =
-            super::with_store(&self.app.store, move |store| store.decommission(&decommissioning, now)).await?;
+        let identity = super::with_store(&self.app.store, move |store| {
+            let identity = store.decommission(&decommissioning, now)?;
+            if identity.is_some() {
+                // The device record says so too: rollouts stop selecting it and its numbers leave the gates.
+                store.update_device(&decommissioning, |d| d.decommissioned = true)?;
+            }
+            Ok(identity)
+        })
+        .await?;
         let Some(identity) = identity else { return Err(never_enrolled()) };
-        // After the store says so, so a reconnect racing with this is refused at its session start.
+        // After the store says so, so a reconnect racing with this is refused when it registers; sessions
+        // still waiting for their Hello are closed too.
         let session_closed = self.app.fleet.hub.close(device_id.as_str());
         tracing::info!(%device_id, by = %who.name, session_closed, "Decommissioned a device.");
         self.app.fleet.changed.notify_one();

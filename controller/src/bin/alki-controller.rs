@@ -64,6 +64,11 @@ struct Args {
     /// the device id they claim. Only for the fleet simulator.
     #[arg(long)]
     insecure_agent_tokens: bool,
+    /// Label keys devices may set themselves (their agent.toml `labels`, e.g. `zone`): rollouts select by
+    /// these reported values unless the enrollment token or an operator sets the key. Other reported labels
+    /// are only shown, so a device cannot join a selector by claiming a label.
+    #[arg(long, env = "ALKI_DEVICE_OWNED_LABEL_KEYS", value_delimiter = ',')]
+    device_owned_label_keys: Vec<String>,
     /// Your own CA certificate (PEM) to issue device and server certificates with (with --ca-key); default:
     /// <data-dir>/pki/ca.crt, generated on first start.
     #[arg(long, env = "ALKI_CA_CERT", requires = "ca_key")]
@@ -109,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
     config.registry.gc_grace = Duration::from_secs(args.registry_gc_grace_secs);
     config.insecure_plaintext = args.insecure_plaintext;
     config.insecure_agent_tokens = args.insecure_agent_tokens;
+    config.label_trust = alki_controller::facts::LabelTrust { device_owned: args.device_owned_label_keys.clone() };
     config.pki = alki_controller::pki::PkiConfig {
         ca: args.ca_cert.clone().zip(args.ca_key.clone()),
         server: args.tls_cert.clone().zip(args.tls_key.clone()),

@@ -3,6 +3,7 @@
 //! [`Fleet::changed`].
 
 pub mod hub;
+pub mod labels;
 pub mod reports;
 
 use std::collections::HashMap;

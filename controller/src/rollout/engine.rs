@@ -135,6 +135,14 @@ pub struct Facts<'a> {
     pub evaluations: &'a Evaluations,
 }
 
+impl<'a> Facts<'a> {
+    /// Devices still in the fleet: decommissioned ones leave every rollout (not selected, not waited for,
+    /// not counted by any gate).
+    fn live_devices(&self) -> impl Iterator<Item = &'a Keyed<proto::Device>> + 'a {
+        self.devices.iter().filter(|d| !d.record().decommissioned)
+    }
+}
+
 /// A device going back to its baseline.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Revert {
@@ -370,7 +378,9 @@ fn records_of(records: &[Keyed<proto::RolloutDevice>]) -> Records {
 fn decide_steps(rollout: &Keyed<proto::Rollout>, facts: &Facts<'_>, now: UnixMs) -> Plan {
     let mut plan = Plan::new(rollout.record());
     let mut records = records_of(facts.records);
-    let devices: Devices<'_> = facts.devices.iter().map(|d| (d.id(), d.record())).collect();
+    let gone: HashSet<&DeviceId> = facts.devices.iter().filter(|d| d.record().decommissioned).map(Keyed::id).collect();
+    records.retain(|id, _| !gone.contains(id));
+    let devices: Devices<'_> = facts.live_devices().map(|d| (d.id(), d.record())).collect();
     enforce_records(&mut plan, rollout.record(), &records, &devices);
     if !is_active(plan.state()) {
         return plan;
@@ -486,8 +496,7 @@ fn update_outcomes(pass: &Pass<'_>, plan: &mut Plan, records: &mut Records, devi
 /// Devices the rollout selects: its members, and devices its selector picks that no other active rollout has.
 fn selected_devices<'a>(pass: &Pass<'a>, records: &Records) -> Vec<&'a Keyed<proto::Device>> {
     pass.facts
-        .devices
-        .iter()
+        .live_devices()
         .filter(|d| selects(&pass.spec.selector, &d.record().labels) || records.contains_key(d.id()))
         .filter(|d| records.contains_key(d.id()) || !pass.facts.other_active.contains(d.record().rollout_id.as_str()))
         .collect()
@@ -599,19 +608,19 @@ fn judge_classes(pass: &Pass<'_>, plan: &Plan, records: &Records, classes: &mut 
     let current: Vec<proto::RolloutDevice> = records.values().cloned().collect();
     let comparison: HashMap<String, proto::ClassComparison> = if perf_on || !measurements.is_empty() {
         let min_samples = gates.min_devices.max(1) as usize;
-        let devices = pass.facts.devices.iter().map(Keyed::record);
+        let devices = pass.facts.live_devices().map(Keyed::record);
         let c = compare::compare(&plan.rollout, devices, &current, measurements, min_samples);
         c.classes.into_iter().map(|c| (c.class.clone(), c)).collect()
     } else {
         HashMap::new()
     };
     let traffic = if gates.max_error_rate_ratio.is_some() {
-        errors::per_class(&plan.rollout, pass.facts.devices.iter().map(Keyed::record), &current, measurements)
+        errors::per_class(&plan.rollout, pass.facts.live_devices().map(Keyed::record), &current, measurements)
     } else {
         BTreeMap::new()
     };
     let latency = if gates.max_p95_latency_ratio.is_some() {
-        latency::per_class(&plan.rollout, pass.facts.devices.iter().map(Keyed::record), &current, measurements)
+        latency::per_class(&plan.rollout, pass.facts.live_devices().map(Keyed::record), &current, measurements)
     } else {
         BTreeMap::new()
     };
@@ -816,7 +825,7 @@ fn plan_prestage(plan: &mut Plan, rollout_id: &RolloutId, facts: &Facts<'_>, now
     let mut per_class: BTreeMap<String, (u32, u32, u32)> = BTreeMap::new();
     let mut orders = Vec::new();
     let mut failures = Vec::new();
-    for keyed in facts.devices {
+    for keyed in facts.live_devices() {
         let (device_id, device) = (keyed.id(), keyed.record());
         let record = records.get(device_id);
         let member = record.is_some();

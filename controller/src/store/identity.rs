@@ -28,6 +28,9 @@ pub struct EnrollTokenRecord {
     pub expires_unix_ms: UnixMs,
     pub created_unix_ms: UnixMs,
     pub revoked: bool,
+    /// The one device id this token enrolls; the only way a known id enrolls again.
+    #[serde(default)]
+    pub device_id: Option<DeviceId>,
 }
 
 /// What the controller knows of one device's identity.
@@ -58,10 +61,13 @@ pub enum IdentityError {
     #[error("the bootstrap token {0} was revoked; ask an admin for a new one")]
     TokenRevoked(String),
     #[error(
-        "device id \"{0}\" is already enrolled with a live certificate; pick another id, or decommission the old \
-         device"
+        "device id \"{0}\" is already enrolled; a device id stays bound to its identity, even after its \
+         certificate expires. To enroll it again (new hardware, a lost or expired certificate), an admin makes a \
+         token for that id: alkictl enroll token create --device-id {0}"
     )]
     DeviceClaimed(DeviceId),
+    #[error("the bootstrap token {token} enrolls only device \"{bound}\", not \"{asked}\"")]
+    TokenForAnotherDevice { token: String, bound: DeviceId, asked: DeviceId },
     #[error("device \"{0}\" was decommissioned; enroll the hardware again under a new device id")]
     Decommissioned(DeviceId),
     #[error("device \"{0}\" is not enrolled; enroll it with a bootstrap token (alki-agent enroll)")]
@@ -128,8 +134,8 @@ impl Store {
     }
 
     /// Enrolls `device_id` with the token hashing to `token_hash`, in one transaction: the token must be
-    /// known, unrevoked, unexpired and have a use left; the id must not have a live certificate or be
-    /// decommissioned. `sign` (given the token) issues the certificate; only if everything holds is a use
+    /// known, unrevoked, unexpired, have a use left and (when bound to an id) name this one; a known id
+    /// enrolls again only with a token bound to it, and a decommissioned id never. `sign` (given the token) issues the certificate; only if everything holds is a use
     /// counted and the identity written.
     pub fn enroll<T>(
         &self,
@@ -154,6 +160,10 @@ impl Store {
             if token.uses >= token.uses_allowed {
                 return Err(IdentityError::TokenUsedUp(token.id));
             }
+            if let Some(bound) = token.device_id.as_ref().filter(|bound| *bound != device_id) {
+                let (token, bound, asked) = (token.id.clone(), bound.clone(), device_id.clone());
+                return Err(IdentityError::TokenForAnotherDevice { token, bound, asked });
+            }
             let mut identities = txn.open_table(DEVICE_IDENTITIES).map_err(StoreError::from)?;
             if let Some(v) = identities.get(device_id.as_str()).map_err(StoreError::from)? {
                 let existing: DeviceIdentity =
@@ -161,7 +171,9 @@ impl Store {
                 if existing.decommissioned_unix_ms.is_some() {
                     return Err(IdentityError::Decommissioned(device_id.clone()));
                 }
-                if existing.not_after_unix_ms > now {
+                // Bound until an operator decommissions it: an expired certificate does not free the id
+                // for any bootstrap token, only for one made for this id.
+                if token.device_id.as_ref() != Some(device_id) {
                     return Err(IdentityError::DeviceClaimed(device_id.clone()));
                 }
             }
@@ -262,6 +274,7 @@ mod tests {
             expires_unix_ms: UnixMs(expires_unix_ms),
             created_unix_ms: UnixMs(0),
             revoked: false,
+            device_id: None,
         }
     }
 
@@ -323,5 +336,32 @@ mod tests {
             Err(IdentityError::Decommissioned(_))
         ));
         assert!(store.decommission(&id("never"), UnixMs(0)).expect("decommission").is_none());
+    }
+
+    #[test]
+    fn a_known_id_enrolls_again_only_with_a_token_made_for_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        store.put_enroll_token("h1", &token(5, 1_000_000)).expect("put");
+        store.enroll("h1", &id("pi-1"), UnixMs(1_000), issued("s1")).expect("enroll");
+        // Long after the certificate (valid to 10,000) expired, an unbound token still cannot claim the id.
+        assert!(matches!(
+            store.enroll("h1", &id("pi-1"), UnixMs(500_000), issued("s2")),
+            Err(IdentityError::DeviceClaimed(_))
+        ));
+        let bound = EnrollTokenRecord { id: "for-pi-1".into(), device_id: Some(id("pi-1")), ..token(2, 1_000_000) };
+        store.put_enroll_token("h2", &bound).expect("put");
+        assert!(matches!(
+            store.enroll("h2", &id("pi-2"), UnixMs(500_000), issued("s3")),
+            Err(IdentityError::TokenForAnotherDevice { .. })
+        ));
+        let (identity, ()) = store.enroll("h2", &id("pi-1"), UnixMs(500_000), issued("s4")).expect("bound token");
+        assert_eq!(identity.serial, "s4");
+        assert!(matches!(store.check_device_certificate(&id("pi-1"), "s1"), Err(IdentityError::StaleCertificate(_))));
+        store.decommission(&id("pi-1"), UnixMs(600_000)).expect("decommission");
+        assert!(matches!(
+            store.enroll("h2", &id("pi-1"), UnixMs(700_000), issued("s5")),
+            Err(IdentityError::Decommissioned(_))
+        ));
     }
 }

@@ -391,6 +391,32 @@ fn offline_devices_are_pending_until_the_deadline_then_fail() {
 }
 
 #[test]
+fn decommissioned_devices_leave_the_rollout_and_its_gates() {
+    let mut r = gated(&[(100, 0)], ClassFailurePolicy::Abort);
+    if let Some(spec) = r.spec.as_mut() {
+        spec.device_deadline_seconds = 60;
+        spec.gates = Some(proto::RolloutGates { max_failures: Some(0), ..Default::default() });
+    }
+    let mut devices = fleet(10, &["pi5"]);
+    devices[0].decommissioned = true;
+    let mut sim = Sim::new(r, devices);
+    // A member that goes offline for good and is then decommissioned must not fail the rollout at its
+    // deadline, nor be waited for.
+    sim.offline.insert("d0003".into());
+    sim.step(0);
+    sim.step(1_000);
+    assert!(sim.records.iter().all(|r| r.device_id != "d0000"), "a decommissioned device is never selected");
+    assert_eq!(sim.rollout.counts.map(|c| (c.selected, c.active, c.pending)), Some((9, 8, 1)));
+    if let Some(d) = sim.devices.iter_mut().find(|d| d.id == "d0003") {
+        d.decommissioned = true;
+    }
+    sim.step(60_000);
+    sim.step(61_000);
+    assert_eq!(sim.state(), RolloutState::Completed, "{}", sim.rollout.message);
+    assert_eq!(sim.rollout.counts.map(|c| (c.selected, c.active, c.failed)), Some((8, 8, 0)));
+}
+
+#[test]
 fn max_concurrent_bounds_devices_converging_at_once() {
     let mut r = rollout(&[(100, 0)]);
     if let Some(spec) = r.spec.as_mut() {
