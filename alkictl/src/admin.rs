@@ -18,6 +18,10 @@ pub enum TokenCmd {
         name: String,
         #[arg(long, value_enum)]
         role: RoleArg,
+        /// For role push, required: a repository it may push to and read (acme/qwen), everything under a
+        /// prefix (acme/*), or * for every repository. Repeat for several.
+        #[arg(long = "repo", value_name = "PATTERN")]
+        repositories: Vec<String>,
     },
     /// Every token: id, name, role, when created and revoked (never the secrets).
     List,
@@ -85,6 +89,8 @@ struct TokenView {
     created: String,
     /// Empty while the token is valid.
     revoked: String,
+    /// A push token's repository patterns; empty: every repository.
+    repositories: Vec<String>,
 }
 
 impl From<proto::TokenInfo> for TokenView {
@@ -95,6 +101,7 @@ impl From<proto::TokenInfo> for TokenView {
             role: role_name(t.role),
             created: rfc3339(t.created_unix_ms),
             revoked: if t.revoked_unix_ms == 0 { String::new() } else { rfc3339(t.revoked_unix_ms) },
+            repositories: t.repositories,
         }
     }
 }
@@ -107,17 +114,25 @@ fn role_name(role: i32) -> String {
 /// Runs one `alkictl token` command.
 pub async fn run_token(connection: &Connection, output: Output, cmd: TokenCmd) -> anyhow::Result<()> {
     match cmd {
-        TokenCmd::Create { name, role } => token_create(connection, output, name, role.into()).await,
+        TokenCmd::Create { name, role, repositories } => {
+            token_create(connection, output, name, role.into(), repositories).await
+        }
         TokenCmd::List => token_list(connection, output).await,
         TokenCmd::Revoke { which } => token_revoke(connection, output, which).await,
     }
 }
 
-async fn token_create(connection: &Connection, output: Output, name: String, role: proto::Role) -> anyhow::Result<()> {
+async fn token_create(
+    connection: &Connection,
+    output: Output,
+    name: String,
+    role: proto::Role,
+    repositories: Vec<String>,
+) -> anyhow::Result<()> {
     let created = connection
         .fleet()
         .await?
-        .create_token(proto::CreateTokenRequest { name, role: role as i32 })
+        .create_token(proto::CreateTokenRequest { name, role: role as i32, repositories })
         .await
         .map_err(status)?
         .into_inner();
@@ -126,8 +141,10 @@ async fn token_create(connection: &Connection, output: Output, name: String, rol
         name: String,
         role: String,
         token: String,
+        repositories: Vec<String>,
     }
-    let view = Created { name: created.name, role: format!("{role:?}").to_lowercase(), token: created.token };
+    let role = format!("{role:?}").to_lowercase();
+    let view = Created { name: created.name, role, token: created.token, repositories: created.repositories };
     print(output, &view, |t| t.token.clone())
 }
 
@@ -135,9 +152,10 @@ async fn token_list(connection: &Connection, output: Output) -> anyhow::Result<(
     let tokens = connection.admin().await?.list_tokens(proto::ListTokensRequest {}).await.map_err(status)?.into_inner();
     let views: Vec<TokenView> = tokens.tokens.into_iter().map(TokenView::from).collect();
     print(output, &views, |views| {
-        let mut t = table(["ID", "NAME", "ROLE", "CREATED", "REVOKED"]);
+        let mut t = table(["ID", "NAME", "ROLE", "REPOSITORIES", "CREATED", "REVOKED"]);
         for v in views {
-            t.add_row([&v.id, &v.name, &v.role, &v.created, &v.revoked]);
+            let repositories = if v.repositories.is_empty() { "*".to_owned() } else { v.repositories.join(",") };
+            t.add_row([&v.id, &v.name, &v.role, &repositories, &v.created, &v.revoked]);
         }
         t.to_string()
     })

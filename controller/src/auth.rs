@@ -15,6 +15,7 @@ use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
 
 pub use crate::roles::{Action, Role};
+use crate::scope::RepoPattern;
 use crate::store::{Store, StoreError, TokenRecord};
 
 const TOKEN_PREFIX: &str = "alki_";
@@ -26,6 +27,8 @@ pub struct Principal {
     pub role: Role,
     /// Authenticated as an enrolled device (its registry token) rather than by an operator token.
     pub device: bool,
+    /// A push token's repository patterns (empty: every repository; see [`crate::scope`]).
+    pub repositories: Vec<RepoPattern>,
 }
 
 impl Principal {
@@ -92,7 +95,7 @@ impl Authenticator {
             if !Role::Agent.allows(action) {
                 return Err(AuthError::Forbidden { name, role: Role::Agent, action });
             }
-            return Ok(Principal { name, role: Role::Agent, device: true });
+            return Ok(Principal { name, role: Role::Agent, device: true, repositories: Vec::new() });
         }
         // Read on every request (no cache), so a revocation holds from the very next request.
         let record = self.store.token(&hash_token(&token))?.ok_or(AuthError::Invalid)?;
@@ -102,17 +105,25 @@ impl Authenticator {
         if !record.role.allows(action) {
             return Err(AuthError::Forbidden { name: record.name, role: record.role, action });
         }
-        Ok(Principal { name: record.name, role: record.role, device: false })
+        Ok(Principal { name: record.name, role: record.role, device: false, repositories: record.repositories })
     }
 
-    /// Makes a new token, stores its hash, and returns the secret (shown once).
-    pub fn create_token(&self, name: &str, role: Role) -> Result<String, TokenError> {
+    /// Makes a new token, stores its hash, and returns the secret (shown once). A push token must name the
+    /// repositories it may touch; other roles take none.
+    pub fn create_token(&self, name: &str, role: Role, repositories: &[String]) -> Result<String, TokenError> {
         let mut bytes = [0u8; 32];
         rand::rng().fill_bytes(&mut bytes);
         let token = format!("{TOKEN_PREFIX}{}", hex::encode(bytes));
         check_token_name(name)?;
+        if role != Role::Push && !repositories.is_empty() {
+            return Err(TokenError::Scope(
+                "only push tokens take repository patterns; operators and admins reach every repository".into(),
+            ));
+        }
+        let repositories =
+            RepoPattern::parse_all(repositories, role == Role::Push).map_err(|e| TokenError::Scope(e.to_string()))?;
         let created_unix_ms = self.clock.now();
-        let record = TokenRecord { name: name.to_owned(), role, created_unix_ms, revoked_unix_ms: None };
+        let record = TokenRecord { name: name.to_owned(), role, created_unix_ms, revoked_unix_ms: None, repositories };
         self.store.put_token(&hash_token(&token), &record)?;
         Ok(token)
     }
@@ -123,7 +134,7 @@ impl Authenticator {
         if self.store.token_count()? > 0 {
             return Ok(None);
         }
-        let token = self.create_token("bootstrap-admin", Role::Admin)?;
+        let token = self.create_token("bootstrap-admin", Role::Admin, &[])?;
         let path = data_dir.join("admin.token");
         alki_shared::fsutil::write_atomic(&path, format!("{token}\n").as_bytes())?;
         #[cfg(unix)]
@@ -190,6 +201,7 @@ impl TokenInfo {
             role: self.record.role.to_proto() as i32,
             created_unix_ms: self.record.created_unix_ms.as_millis(),
             revoked_unix_ms: self.record.revoked_unix_ms.map_or(0, UnixMs::as_millis),
+            repositories: self.record.repositories.iter().map(|p| p.as_str().to_owned()).collect(),
         }
     }
 }
@@ -204,6 +216,8 @@ pub enum TokenError {
     NotFound(String),
     #[error("{1} live tokens are named {0:?}; revoke one by its id (alkictl token list)")]
     Ambiguous(String, usize),
+    #[error("{0}")]
+    Scope(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -351,7 +365,7 @@ mod tests {
     fn tokens_authenticate_by_bearer_and_basic_and_roles_are_enforced() {
         let dir = tempfile::tempdir().expect("tempdir");
         let auth = Authenticator::new(Store::open(dir.path()).expect("store"));
-        let push = auth.create_token("ci", Role::Push).expect("token");
+        let push = auth.create_token("ci", Role::Push, &["acme/*".to_owned()]).expect("token");
         let bearer = format!("Bearer {push}");
         assert_eq!(auth.authorize(Some(&bearer), Action::RegistryWrite).expect("push").role, Role::Push);
         let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("ci:{push}")));

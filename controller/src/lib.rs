@@ -20,6 +20,7 @@ pub mod pki;
 pub mod registry;
 pub mod roles;
 pub mod rollout;
+pub mod scope;
 pub mod server;
 pub mod store;
 pub mod suites;

@@ -241,7 +241,7 @@ fn http_server(
     stop: CancellationToken,
 ) -> impl Future<Output = std::io::Result<()>> {
     // With connect info, so the audit log and the per-peer limits see the client's address.
-    let router = api::http::router(app.sources.registry.clone(), app.auth.clone())
+    let router = api::http::router(app.sources.registry.clone(), app.auth.clone(), app.store.clone())
         .merge(api::dashboard::router(api::dashboard::DashboardState { app: app.clone() }))
         .layer(axum::middleware::from_fn_with_state(app.http_counters.clone(), crate::metrics::count_registry))
         .layer(axum::middleware::from_fn_with_state(gate, crate::audit::http_gate));

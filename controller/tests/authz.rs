@@ -189,7 +189,14 @@ async fn tokens(channel: &Channel, admin: &str) -> Tokens {
         ("agent", proto::Role::Agent),
     ] {
         let created = fleet
-            .create_token(authed(admin, proto::CreateTokenRequest { name: name.into(), role: role as i32 }))
+            .create_token(authed(
+                admin,
+                proto::CreateTokenRequest {
+                    name: name.into(),
+                    role: role as i32,
+                    repositories: if role == proto::Role::Push { vec!["*".into()] } else { vec![] },
+                },
+            ))
             .await
             .expect("create token")
             .into_inner();
@@ -198,7 +205,11 @@ async fn tokens(channel: &Channel, admin: &str) -> Tokens {
     let revoked_admin = fleet
         .create_token(authed(
             admin,
-            proto::CreateTokenRequest { name: "former-admin".into(), role: proto::Role::Admin as i32 },
+            proto::CreateTokenRequest {
+                name: "former-admin".into(),
+                role: proto::Role::Admin as i32,
+                ..Default::default()
+            },
         ))
         .await
         .expect("create token")
@@ -484,7 +495,11 @@ async fn a_revoked_token_is_refused_on_its_next_request_and_listed_as_revoked() 
         let ci = fleet
             .create_token(authed(
                 &controller.admin,
-                proto::CreateTokenRequest { name: "ci".into(), role: proto::Role::Operator as i32 },
+                proto::CreateTokenRequest {
+                    name: "ci".into(),
+                    role: proto::Role::Operator as i32,
+                    ..Default::default()
+                },
             ))
             .await
             .expect("create")

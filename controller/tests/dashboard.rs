@@ -66,7 +66,10 @@ impl Controller {
 
     async fn token(&self, role: proto::Role) -> String {
         let mut fleet = FleetServiceClient::connect(self.grpc.clone()).await.expect("connect");
-        let request = self.req(&self.admin, proto::CreateTokenRequest { name: format!("{role:?}"), role: role as i32 });
+        let request = self.req(
+            &self.admin,
+            proto::CreateTokenRequest { name: format!("{role:?}"), role: role as i32, ..Default::default() },
+        );
         fleet.create_token(request).await.expect("token").into_inner().token
     }
 

@@ -173,7 +173,8 @@ async fn insecure_agent_tokens_cannot_speak_for_an_enrolled_device() {
         let token = bootstrap_token(&c, 1).await;
         enroll(&c, &token, "pi-1").await.expect("enroll");
         let mut admin = FleetServiceClient::new(c.channel(None).await.expect("connect"));
-        let request = proto::CreateTokenRequest { name: "sim".into(), role: proto::Role::Agent as i32 };
+        let request =
+            proto::CreateTokenRequest { name: "sim".into(), role: proto::Role::Agent as i32, ..Default::default() };
         let agent_token =
             admin.create_token(bearer_request(&c.admin, request)).await.expect("token").into_inner().token;
 

@@ -147,7 +147,11 @@ impl FakeAgent {
 }
 
 async fn create_token(c: &Controller, name: &str, role: proto::Role) -> String {
-    let request = proto::CreateTokenRequest { name: name.into(), role: role as i32 };
+    let request = proto::CreateTokenRequest {
+        name: name.into(),
+        role: role as i32,
+        repositories: if role == proto::Role::Push { vec!["*".into()] } else { vec![] },
+    };
     fleet(c).await.create_token(with_token(&c.admin, request)).await.expect("token").into_inner().token
 }
 
@@ -319,4 +323,74 @@ async fn bad_requests_get_clear_errors_and_failures_hold_the_rollout() {
 fn signing_key() -> &'static alki_shared::signing::SigningKey {
     static KEY: std::sync::OnceLock<alki_shared::signing::SigningKey> = std::sync::OnceLock::new();
     KEY.get_or_init(|| alki_shared::signing::SigningKey::generate().expect("signing key"))
+}
+
+/// A registry request with `token` (HTTP Basic, as registry clients send it).
+fn registry(c: &Controller, method: reqwest::Method, path: &str, token: &str) -> reqwest::RequestBuilder {
+    reqwest::Client::new().request(method, format!("http://{}/v2/{path}", c.registry)).basic_auth("x", Some(token))
+}
+
+#[tokio::test]
+async fn push_tokens_reach_their_repositories_and_pinned_manifests_are_not_deleted() {
+    let c = start(tempfile::tempdir().expect("tempdir")).await;
+    let digest = push_bundle(&c, "v1", 3).await;
+    let mut client = fleet(&c).await;
+
+    // A push token needs repositories; other roles take none.
+    let unscoped =
+        proto::CreateTokenRequest { name: "ci".into(), role: proto::Role::Push as i32, ..Default::default() };
+    let refused = client.create_token(with_token(&c.admin, unscoped)).await.expect_err("no --repo");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("--repo"), "{refused:?}");
+    let scoped = |name: &str, pattern: &str| proto::CreateTokenRequest {
+        name: name.into(),
+        role: proto::Role::Push as i32,
+        repositories: vec![pattern.into()],
+    };
+    let acme = client.create_token(with_token(&c.admin, scoped("acme-ci", "acme/*"))).await.expect("acme");
+    let acme = acme.into_inner().token;
+    let other = client.create_token(with_token(&c.admin, scoped("other-ci", "other/*"))).await.expect("other");
+    let other = other.into_inner().token;
+
+    // Another team's token neither reads, overwrites nor mounts from acme's repositories.
+    let manifest = format!("acme/tiny/manifests/{digest}");
+    let read = registry(&c, reqwest::Method::GET, &manifest, &other).send().await.expect("get");
+    assert_eq!(read.status(), 403);
+    assert!(read.text().await.expect("body").contains("DENIED"));
+    let put =
+        registry(&c, reqwest::Method::PUT, "acme/tiny/manifests/v1", &other).body("{}").send().await.expect("put");
+    assert_eq!(put.status(), 403);
+    let mount = format!("other/x/blobs/uploads/?mount={digest}&from=acme/tiny");
+    let mounted = registry(&c, reqwest::Method::POST, &mount, &other).send().await.expect("mount");
+    assert_eq!(mounted.status(), 403, "a mount from a repository outside the scope is refused");
+    assert_eq!(registry(&c, reqwest::Method::GET, &manifest, &acme).send().await.expect("get").status(), 200);
+
+    // A rollout pins its candidate: its manifest and signature tag are not deleted, not even by acme's token.
+    let agent_token = create_token(&c, "pi-1", proto::Role::Agent).await;
+    let mut agent = connect_agent(&c, &agent_token, "pi-1", 0, None).await;
+    assert!(matches!(agent.next().await, Msg::Welcome(_)));
+    let spec = proto::RolloutSpec {
+        repository: "acme/tiny".into(),
+        candidate: "v1".into(),
+        selector: [("site".to_owned(), "lab".to_owned())].into(),
+        ..Default::default()
+    };
+    let request = with_token(&c.admin, proto::CreateRolloutRequest { spec: Some(spec), ..Default::default() });
+    let rollout = client.create_rollout(request).await.expect("create").into_inner();
+    let deleted = registry(&c, reqwest::Method::DELETE, &manifest, &acme).send().await.expect("delete");
+    assert_eq!(deleted.status(), 403);
+    assert!(deleted.text().await.expect("body").contains("pinned by an active rollout"));
+    let signature = format!("acme/tiny/manifests/{}.sig", digest.replacen(':', "-", 1));
+    let untagged = registry(&c, reqwest::Method::DELETE, &signature, &acme).send().await.expect("delete sig");
+    assert_eq!(untagged.status(), 403, "the signature tag of a pinned bundle stays");
+    let forced = registry(&c, reqwest::Method::DELETE, &format!("{signature}?force=true"), &acme).send().await;
+    assert_eq!(forced.expect("force").status(), 403, "only an admin may force");
+
+    // Once the rollout is over, the same delete goes through.
+    let abort = proto::RolloutActionRequest { id: rollout.id.clone(), reason: "test".into() };
+    client.abort_rollout(with_token(&c.admin, abort)).await.expect("abort");
+    let untagged = registry(&c, reqwest::Method::DELETE, &signature, &acme).send().await.expect("delete sig");
+    assert_eq!(untagged.status(), 202);
+    drop(agent);
+    c.shutdown().await;
 }

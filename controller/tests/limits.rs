@@ -70,7 +70,11 @@ impl Controller {
     }
 
     async fn token(&self, name: &str, role: proto::Role) -> String {
-        let request = proto::CreateTokenRequest { name: name.into(), role: role as i32 };
+        let request = proto::CreateTokenRequest {
+            name: name.into(),
+            role: role as i32,
+            repositories: if role == proto::Role::Push { vec!["*".into()] } else { vec![] },
+        };
         self.fleet().create_token(authed(&self.admin, request)).await.expect("token").into_inner().token
     }
 
@@ -111,7 +115,8 @@ async fn oversized_grpc_messages_are_refused_without_a_state_change() {
         let before = c.state().await;
         // A state-changing call (read by the gate to name its target) and a read (decoded by tonic).
         let big_name = "a".repeat(100 << 10);
-        let request = proto::CreateTokenRequest { name: big_name, role: proto::Role::Viewer as i32 };
+        let request =
+            proto::CreateTokenRequest { name: big_name, role: proto::Role::Viewer as i32, ..Default::default() };
         let refused = c.fleet().create_token(authed(&c.admin, request)).await.expect_err("too large");
         assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
         assert!(refused.message().contains("limit"), "{}", refused.message());
@@ -175,7 +180,11 @@ async fn labels_and_token_names_are_bounded() {
 
         // Token names: empty, too long, and characters that would confuse logs and tables.
         for name in [String::new(), "n".repeat(129), "ci\nadmin".into(), "a b".into()] {
-            let request = proto::CreateTokenRequest { name: name.clone(), role: proto::Role::Viewer as i32 };
+            let request = proto::CreateTokenRequest {
+                name: name.clone(),
+                role: proto::Role::Viewer as i32,
+                ..Default::default()
+            };
             let status = c.fleet().create_token(authed(&c.admin, request)).await.expect_err("refused");
             assert_eq!(status.code(), Code::InvalidArgument, "{name:?}");
         }

@@ -59,8 +59,14 @@ impl Controller {
     }
 
     async fn token(&self, name: &str, role: proto::Role) -> String {
-        let request =
-            common::bearer_request(&self.admin, proto::CreateTokenRequest { name: name.into(), role: role as i32 });
+        let request = common::bearer_request(
+            &self.admin,
+            proto::CreateTokenRequest {
+                name: name.into(),
+                role: role as i32,
+                repositories: if role == proto::Role::Push { vec!["*".into()] } else { vec![] },
+            },
+        );
         self.fleet().await.create_token(request).await.expect("token").into_inner().token
     }
 

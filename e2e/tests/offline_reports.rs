@@ -173,7 +173,8 @@ async fn telemetry_built_while_the_controller_is_down_reaches_its_store_after_it
         let mut controller = Controller::start(&controller_data, any, any).await;
         let (grpc, http) = (controller.grpc, controller.http);
         let admin = controller.admin().await;
-        let request = proto::CreateTokenRequest { name: DEVICE.into(), role: proto::Role::Agent as i32 };
+        let request =
+            proto::CreateTokenRequest { name: DEVICE.into(), role: proto::Role::Agent as i32, ..Default::default() };
         let token =
             controller.fleet().await.create_token(with_token(&admin, request)).await.expect("token").into_inner().token;
 

@@ -121,7 +121,11 @@ impl Controller {
     }
 
     async fn agent_token(&self) -> String {
-        let request = self.req(proto::CreateTokenRequest { name: "fleet-sim".into(), role: proto::Role::Agent as i32 });
+        let request = self.req(proto::CreateTokenRequest {
+            name: "fleet-sim".into(),
+            role: proto::Role::Agent as i32,
+            ..Default::default()
+        });
         self.fleet().await.create_token(request).await.expect("token").into_inner().token
     }
 

@@ -81,9 +81,13 @@ pub fn audit_target(method: &str, message: &[u8]) -> String {
         "PauseRollout" | "ResumeRollout" | "PromoteRollout" | "AbortRollout" | "RetryRollout" => {
             RolloutActionRequest::decode(message).ok().map(|r| format!("rollout {}", r.id))
         }
-        "CreateToken" => CreateTokenRequest::decode(message)
-            .ok()
-            .map(|r| format!("token {} ({:?})", r.name, Role::try_from(r.role).unwrap_or_default())),
+        "CreateToken" => CreateTokenRequest::decode(message).ok().map(|r| {
+            let role = Role::try_from(r.role).unwrap_or_default();
+            match r.repositories.as_slice() {
+                [] => format!("token {} ({role:?})", r.name),
+                repositories => format!("token {} ({role:?}) on {}", r.name, repositories.join(",")),
+            }
+        }),
         "RevokeToken" => RevokeTokenRequest::decode(message).ok().map(|r| format!("token {}", r.token)),
         "Enroll" => EnrollRequest::decode(message).ok().map(|r| format!("device {}", r.device_id)),
         "DecommissionDevice" => {
@@ -116,7 +120,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(audit_target("CreateRollout", &create.encode_to_vec()), "acme/qwen:v2");
-        let token = CreateTokenRequest { name: "ci".into(), role: Role::Push as i32 };
+        let token = CreateTokenRequest { name: "ci".into(), role: Role::Push as i32, ..Default::default() };
         assert_eq!(audit_target("CreateToken", &token.encode_to_vec()), "token ci (Push)");
         assert_eq!(audit_target("ListDevices", &[]), "", "reads name nothing");
         assert_eq!(audit_target("RevokeToken", &[0xff, 0xff]), "", "a message that does not decode");

@@ -192,10 +192,17 @@ impl FleetService for FleetApi {
             .ok()
             .and_then(Role::from_proto)
             .ok_or_else(|| Status::invalid_argument("choose a role: viewer, operator, admin, push or agent"))?;
-        let (auth, name) = (self.app.auth.clone(), req.name.clone());
-        let token = super::blocking(move || auth.create_token(&name, role)).await?.map_err(super::token_status)?;
-        tracing::info!(name = %req.name, ?role, by = %principal.name, "Token created.");
-        Ok(Response::new(proto::CreateTokenResponse { token, name: req.name, role: role.to_proto() as i32 }))
+        let (auth, name, repositories) = (self.app.auth.clone(), req.name.clone(), req.repositories.clone());
+        let token = super::blocking(move || auth.create_token(&name, role, &repositories))
+            .await?
+            .map_err(super::token_status)?;
+        tracing::info!(name = %req.name, ?role, repositories = ?req.repositories, by = %principal.name, "Token created.");
+        Ok(Response::new(proto::CreateTokenResponse {
+            token,
+            name: req.name,
+            role: role.to_proto() as i32,
+            repositories: req.repositories,
+        }))
     }
 }
 

@@ -36,7 +36,7 @@ pub fn auth_status(error: AuthError) -> tonic::Status {
 pub fn token_status(error: crate::auth::TokenError) -> tonic::Status {
     use crate::auth::TokenError;
     match error {
-        TokenError::BadName(_) => tonic::Status::invalid_argument(error.to_string()),
+        TokenError::BadName(_) | TokenError::Scope(_) => tonic::Status::invalid_argument(error.to_string()),
         TokenError::NotFound(_) => tonic::Status::not_found(error.to_string()),
         TokenError::Ambiguous(..) => tonic::Status::failed_precondition(error.to_string()),
         TokenError::Store(e) => internal(e),

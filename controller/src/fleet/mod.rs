@@ -4,6 +4,7 @@
 
 pub mod hub;
 pub mod labels;
+pub mod registry_view;
 pub mod reports;
 
 use std::collections::HashMap;

@@ -13,6 +13,7 @@
 //! garbage collector re-check references in the same transaction, under the files lock); request bodies
 //! are streamed through fixed-size buffers (never a whole blob in memory); no lock is held across an await.
 
+pub mod access;
 mod blobs;
 mod error;
 pub mod gc;

@@ -17,6 +17,7 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
+use super::access::{self, FleetView, Reach};
 use super::blobs::{Partial, read_ahead};
 use super::error::ApiError;
 use super::index::{BlobUnlink, ManifestDelete, ManifestPut, ManifestRecord};
@@ -24,7 +25,7 @@ use super::names::{self, Reference, ReferenceError};
 use super::range::{ByteRange, parse_content_range, parse_range, upload_range};
 use super::uploads::{Lease, LeaseError};
 use super::{Registry, RegistryError};
-use crate::auth::{Action, Authenticator};
+use crate::auth::{Action, Authenticator, Principal};
 
 /// Request bodies go to disk in batches of this many bytes (one blocking write and hash per batch).
 const RECEIVE_BUFFER: usize = 1 << 20;
@@ -37,13 +38,15 @@ const LOCATION: &str = "location";
 struct AppState {
     registry: Arc<Registry>,
     auth: Authenticator,
+    fleet: Arc<dyn FleetView>,
 }
 
 /// The `/v2/` routes, with authentication: reads need Action::RegistryRead, writes Action::RegistryWrite;
 /// and the admin route `POST /api/v1/registry/gc[?grace_secs=N]` (Action::ManageTokens), which collects
 /// garbage now and answers the [`super::GcReport`] as JSON.
+/// Each request is also held to the caller's repository scope and the rollouts' pins ([`super::access`]).
 /// Also starts the registry's upload cleanup task ([`Registry::spawn_cleanup`]) when called in a runtime.
-pub fn router(registry: Arc<Registry>, auth: Authenticator) -> Router {
+pub fn router(registry: Arc<Registry>, auth: Authenticator, fleet: Arc<dyn FleetView>) -> Router {
     registry.spawn_cleanup();
     Router::new()
         .route("/v2", get(root))
@@ -51,13 +54,13 @@ pub fn router(registry: Arc<Registry>, auth: Authenticator) -> Router {
         .route("/v2/{*rest}", any(dispatch))
         .route("/api/v1/registry/gc", post(collect_garbage))
         .layer(DefaultBodyLimit::disable())
-        .with_state(AppState { registry, auth })
+        .with_state(AppState { registry, auth, fleet })
 }
 
 /// `GET /v2/`: tells clients this is a registry and whether their credentials work.
 async fn root(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let response = match authorize(&state, &headers, Action::RegistryRead).await {
-        Ok(()) => respond(StatusCode::OK, vec![(CONTENT_TYPE.as_str(), "application/json".into())], Body::from("{}"))
+        Ok(_) => respond(StatusCode::OK, vec![(CONTENT_TYPE.as_str(), "application/json".into())], Body::from("{}"))
             .unwrap_or_else(IntoResponse::into_response),
         Err(e) => e.into_response(),
     };
@@ -114,10 +117,11 @@ async fn handle(state: AppState, request: Request) -> Result<Response, ApiError>
     let (parts, body) = request.into_parts();
     let method = parts.method.as_str();
     let action = if matches!(method, "GET" | "HEAD") { Action::RegistryRead } else { Action::RegistryWrite };
-    authorize(&state, &parts.headers, action).await?;
+    let principal = authorize(&state, &parts.headers, action).await?;
     let route = Route::parse(parts.uri.path().strip_prefix("/v2/").unwrap_or_default())?;
     tracing::Span::current().record("repository", route.name());
     let query: HashMap<String, String> = Query::try_from_uri(&parts.uri).map(|q| q.0).unwrap_or_default();
+    check_reach(&state, principal, &route, method, &query).await?;
     let headers = &parts.headers;
     let registry = state.registry;
     match (route, method) {
@@ -141,8 +145,37 @@ async fn handle(state: AppState, request: Request) -> Result<Response, ApiError>
     }
 }
 
+/// Holds the request to the caller's scope and the rollouts' pins, on a blocking thread (store reads).
+async fn check_reach(
+    state: &AppState,
+    principal: Principal,
+    route: &Route,
+    method: &str,
+    query: &HashMap<String, String>,
+) -> Result<(), ApiError> {
+    let repository = route.name().to_owned();
+    let mount_from = match route {
+        Route::UploadStart { .. } => query.get("from").cloned(),
+        _ => None,
+    };
+    let deletes = match route {
+        Route::Manifest { reference, .. } if method == "DELETE" => Some(parse_reference(reference)?),
+        _ => None,
+    };
+    let force = query.get("force").is_some_and(|f| f == "true");
+    let (fleet, registry) = (state.fleet.clone(), state.registry.clone());
+    tokio::task::spawn_blocking(move || {
+        let reach =
+            Reach { repository: &repository, mount_from: mount_from.as_deref(), deletes: deletes.as_ref(), force };
+        let tag = |tag: &str| registry.resolve(&repository, tag).ok().flatten().map(|m| m.digest);
+        access::check(fleet.as_ref(), &principal, &reach, tag)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("access check failed: {e}")))?
+}
+
 /// Authenticates on a blocking thread (the token lookup reads the store).
-async fn authorize(state: &AppState, headers: &HeaderMap, action: Action) -> Result<(), ApiError> {
+async fn authorize(state: &AppState, headers: &HeaderMap, action: Action) -> Result<Principal, ApiError> {
     let header = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let auth = state.auth.clone();
     tokio::task::spawn_blocking(move || auth.authorize(header.as_deref(), action))
@@ -150,6 +183,7 @@ async fn authorize(state: &AppState, headers: &HeaderMap, action: Action) -> Res
         .map_err(|e| ApiError::internal(format!("credential check failed: {e}")))?
         .map(|principal| {
             tracing::Span::current().record("principal", principal.name.as_str());
+            principal
         })
         .map_err(ApiError::from)
 }

@@ -78,6 +78,10 @@ pub struct TokenRecord {
     /// Set when an admin revoked the token; the record stays so the audit log's names keep meaning.
     #[serde(default)]
     pub revoked_unix_ms: Option<UnixMs>,
+    /// A push token's repository patterns; empty (every repository) for the other roles, and for push
+    /// tokens made before tokens had scopes.
+    #[serde(default)]
+    pub repositories: Vec<crate::scope::RepoPattern>,
 }
 
 /// The controller's durable state.

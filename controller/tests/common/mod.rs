@@ -56,13 +56,13 @@ pub async fn start_with_clock(config: RegistryConfig, clock: SharedClock) -> Har
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("store");
     let auth = Authenticator::new(store.clone());
-    let push = auth.create_token("ci", Role::Push).expect("push token");
-    let agent = auth.create_token("pi-1", Role::Agent).expect("agent token");
-    let admin = auth.create_token("root", Role::Admin).expect("admin token");
+    let push = auth.create_token("ci", Role::Push, &["*".to_owned()]).expect("push token");
+    let agent = auth.create_token("pi-1", Role::Agent, &[]).expect("agent token");
+    let admin = auth.create_token("root", Role::Admin, &[]).expect("admin token");
     let registry = Arc::new(Registry::open_with_clock(dir.path(), store.database(), config, clock).expect("registry"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
-    let app = registry::router(registry.clone(), auth);
+    let app = registry::router(registry.clone(), auth, Arc::new(registry::access::NoFleet));
     let server = tokio::spawn(async move {
         axum::serve(listener, app).await.expect("serve");
     });

@@ -90,7 +90,11 @@ async fn main() -> anyhow::Result<()> {
     let token = fleet
         .create_token(authed(
             &admin,
-            proto::CreateTokenRequest { name: "fleet-sim".into(), role: proto::Role::Agent as i32 },
+            proto::CreateTokenRequest {
+                name: "fleet-sim".into(),
+                role: proto::Role::Agent as i32,
+                ..Default::default()
+            },
         )?)
         .await
         .context("creating the agents' token")?
