@@ -463,3 +463,23 @@ async fn devices_cannot_choose_the_labels_rollouts_select_them_by() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_device_registry_token_reads_only_its_own_repositories() {
+    bounded(async {
+        let c = start_secure(|_| {}).await;
+        let token = bootstrap_token(&c, 1).await;
+        let (cert, key) = enroll(&c, &token, "pi-1").await.expect("enroll");
+        let (welcome, inbound, tx) = session(&c, Some((&cert, &key)), "").await.expect("session");
+        let https = c.https();
+        let manifest = format!("https://{}/v2/acme/secret/manifests/v1", c.registry);
+        let device = https.get(&manifest).bearer_auth(&welcome.registry_token).send().await.expect("registry");
+        assert_eq!(device.status(), 403, "nothing assigned to the device lives in acme/secret");
+        assert!(device.text().await.expect("body").contains("DENIED"));
+        let admin = https.get(&manifest).bearer_auth(&c.admin).send().await.expect("registry");
+        assert_eq!(admin.status(), 404, "an operator reaches every repository (this one is empty)");
+        drop((inbound, tx));
+        c.shutdown().await;
+    })
+    .await;
+}
