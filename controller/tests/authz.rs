@@ -315,6 +315,17 @@ async fn every_grpc_method_refuses_callers_without_the_right_credential() {
 
 /// `(method, path)` for every `.route("…", …)` under controller/src, with parameters filled in.
 fn http_routes() -> BTreeSet<(http::Method, String)> {
+    let mut routes = BTreeSet::new();
+    for (method, template) in http_route_templates() {
+        for concrete in concrete_paths(&template) {
+            routes.insert((method.clone(), concrete));
+        }
+    }
+    routes
+}
+
+/// Every (method, path template) of a `.route("…", …)` in the controller's source.
+fn http_route_templates() -> BTreeSet<(http::Method, String)> {
     let mut sources = Vec::new();
     collect_sources(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut sources);
     let mut routes = BTreeSet::new();
@@ -326,9 +337,7 @@ fn http_routes() -> BTreeSet<(http::Method, String)> {
             let call = balanced(rest);
             let Some(path) = call.split('"').nth(1) else { continue };
             for method in methods_in(call) {
-                for concrete in concrete_paths(path) {
-                    routes.insert((method.clone(), concrete));
-                }
+                routes.insert((method, path.to_owned()));
             }
         }
     }
@@ -617,4 +626,83 @@ async fn state_changing_calls_are_audited_with_who_what_target_and_result() {
     })
     .await
     .expect("test timed out");
+}
+
+/// How the threat model in ARCHITECTURE.md names what a method or route needs.
+fn needs(access: Access) -> String {
+    match access {
+        Access::Public => "anyone".into(),
+        Access::BootstrapToken => "a bootstrap token".into(),
+        Access::Device => "a device certificate".into(),
+        Access::Token(action) => format!("{action:?}"),
+    }
+}
+
+/// The rows of the markdown table after `<!-- marker -->` in ARCHITECTURE.md, as cells.
+fn documented_rows(marker: &str) -> Vec<Vec<String>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ARCHITECTURE.md");
+    let text = std::fs::read_to_string(path).expect("ARCHITECTURE.md");
+    let start = text.find(&format!("<!-- {marker} -->")).unwrap_or_else(|| panic!("no <!-- {marker} --> table"));
+    text[start..]
+        .lines()
+        .skip(1)
+        .skip_while(|l| l.trim().is_empty())
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .map(|l| l.trim_matches('|').split('|').map(|c| c.trim().trim_matches('`').to_owned()).collect())
+        .collect()
+}
+
+/// The threat model's tables say what the code enforces: every gRPC method and HTTP route with what it needs,
+/// and every role with the actions it allows. A method, route or permission changed without the threat
+/// model fails here, with the rows to write.
+#[test]
+fn the_threat_model_lists_every_method_route_and_permission() {
+    let mut expected: Vec<Vec<String>> = grpc_methods()
+        .iter()
+        .filter(|m| m.starts_with("/alki.v1."))
+        .map(|m| {
+            let access = grpc_policy(m).map(|p| needs(p.access)).unwrap_or_else(|| "nobody".into());
+            vec![m.trim_start_matches("/alki.v1.").to_owned(), access]
+        })
+        .collect();
+    // One row per path template and what it needs, its methods together.
+    let mut by_template: std::collections::BTreeMap<(String, String), Vec<String>> = Default::default();
+    for (method, template) in http_route_templates() {
+        let concrete = concrete_paths(&template).into_iter().next().expect("a concrete path");
+        let need = needs(http_policy(&method, &concrete).access);
+        by_template.entry((template, need)).or_default().push(method.to_string());
+    }
+    let mut routes: Vec<Vec<String>> = by_template
+        .into_iter()
+        .map(|((template, need), methods)| vec![format!("{} {template}", methods.join(",")), need])
+        .collect();
+    let actions = [
+        Action::ReadFleet,
+        Action::WriteFleet,
+        Action::ManageTokens,
+        Action::ReadAudit,
+        Action::RegistryRead,
+        Action::RegistryWrite,
+        Action::AgentSession,
+    ];
+    let mut roles: Vec<Vec<String>> = [Role::Viewer, Role::Operator, Role::Admin, Role::Push, Role::Agent]
+        .iter()
+        .map(|role| {
+            let allowed: Vec<String> = actions.iter().filter(|a| role.allows(**a)).map(|a| format!("{a:?}")).collect();
+            vec![format!("{role:?}").to_lowercase(), allowed.join(", ")]
+        })
+        .collect();
+    expected.sort();
+    routes.sort();
+    roles.sort();
+    let show =
+        |rows: &[Vec<String>]| rows.iter().map(|r| format!("| `{}` | {} |", r[0], r[1])).collect::<Vec<_>>().join("\n");
+    for (marker, want) in
+        [("threat-model:grpc", &expected), ("threat-model:http", &routes), ("threat-model:roles", &roles)]
+    {
+        let mut have = documented_rows(marker);
+        have.sort();
+        assert_eq!(&have, want, "ARCHITECTURE.md's {marker} table is out of date; it should read:\n{}", show(want));
+    }
 }
