@@ -68,7 +68,12 @@ impl Controller {
         let mut fleet = FleetServiceClient::connect(self.grpc.clone()).await.expect("connect");
         let request = self.req(
             &self.admin,
-            proto::CreateTokenRequest { name: format!("{role:?}"), role: role as i32, ..Default::default() },
+            proto::CreateTokenRequest {
+                name: format!("{role:?}"),
+                role: role as i32,
+                // A push token must name its repositories.
+                repositories: if role == proto::Role::Push { vec!["*".into()] } else { vec![] },
+            },
         );
         fleet.create_token(request).await.expect("token").into_inner().token
     }

@@ -171,6 +171,18 @@ async fn wait_rollout(c: &Controller, id: &str, done: impl Fn(&proto::Rollout) -
     .expect("rollout reaches the state")
 }
 
+/// A rollout of acme/tiny:v1 to the devices labelled site=lab.
+async fn create_lab_rollout(c: &Controller, client: &mut FleetServiceClient<Channel>) -> proto::Rollout {
+    let spec = proto::RolloutSpec {
+        repository: "acme/tiny".into(),
+        candidate: "v1".into(),
+        selector: [("site".to_owned(), "lab".to_owned())].into(),
+        ..Default::default()
+    };
+    let request = with_token(&c.admin, proto::CreateRolloutRequest { spec: Some(spec), ..Default::default() });
+    client.create_rollout(request).await.expect("create").into_inner()
+}
+
 fn completed(r: &proto::Rollout) -> bool {
     r.state == proto::RolloutState::Completed as i32
 }
@@ -194,14 +206,7 @@ async fn a_rollout_reaches_a_scripted_agent_and_completes_when_it_reports_active
     assert_eq!(bundle.variants.len(), 1);
     assert_eq!(bundle.variants[0].quantization, "F16");
 
-    let spec = proto::RolloutSpec {
-        repository: "acme/tiny".into(),
-        candidate: "v1".into(),
-        selector: [("site".to_owned(), "lab".to_owned())].into(),
-        ..Default::default()
-    };
-    let request = with_token(&c.admin, proto::CreateRolloutRequest { spec: Some(spec), ..Default::default() });
-    let rollout = fleet_client.create_rollout(request).await.expect("create").into_inner();
+    let rollout = create_lab_rollout(&c, &mut fleet_client).await;
     assert_eq!(rollout.candidate.as_ref().map(|b| b.digest.as_str()), Some(digest.as_str()));
 
     let Msg::DesiredState(desired) = agent.next().await else { panic!("expected a desired state") };
@@ -369,14 +374,7 @@ async fn push_tokens_reach_their_repositories_and_pinned_manifests_are_not_delet
     let agent_token = create_token(&c, "pi-1", proto::Role::Agent).await;
     let mut agent = connect_agent(&c, &agent_token, "pi-1", 0, None).await;
     assert!(matches!(agent.next().await, Msg::Welcome(_)));
-    let spec = proto::RolloutSpec {
-        repository: "acme/tiny".into(),
-        candidate: "v1".into(),
-        selector: [("site".to_owned(), "lab".to_owned())].into(),
-        ..Default::default()
-    };
-    let request = with_token(&c.admin, proto::CreateRolloutRequest { spec: Some(spec), ..Default::default() });
-    let rollout = client.create_rollout(request).await.expect("create").into_inner();
+    let rollout = create_lab_rollout(&c, &mut client).await;
     let deleted = registry(&c, reqwest::Method::DELETE, &manifest, &acme).send().await.expect("delete");
     assert_eq!(deleted.status(), 403);
     assert!(deleted.text().await.expect("body").contains("pinned by an active rollout"));
