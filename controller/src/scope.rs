@@ -93,8 +93,12 @@ impl RepoScope {
     }
 }
 
+/// Most bundles a device record remembers from operators' commands.
+pub const MAX_COMMANDED: usize = 16;
+
 /// The embedded registry's bundles a device has to do with: assigned, running, staged, being pre-staged,
-/// and its eval suite and baseline. Bundles of external registries are not the embedded registry's business.
+/// its eval suite and baseline, and those operators' commands named. (A bundle of an external registry
+/// names a repository there; allowing that name here gives nothing the device was not given.)
 pub fn device_bundles(device: &proto::Device) -> Vec<&proto::BundleRef> {
     let prestage = device.prestage.as_ref().and_then(|p| p.bundle.as_ref());
     [device.desired.as_ref(), device.running.as_ref(), prestage, device.desired_eval_suite.as_ref()]
@@ -102,7 +106,18 @@ pub fn device_bundles(device: &proto::Device) -> Vec<&proto::BundleRef> {
         .flatten()
         .chain(device.desired_eval_baseline.as_ref())
         .chain(device.staged.iter())
+        .chain(device.commanded.iter())
         .collect()
+}
+
+/// Remembers that a command named `bundles` for `device` (the newest [`MAX_COMMANDED`] are kept).
+pub fn remember_commanded<'a>(device: &mut proto::Device, bundles: impl IntoIterator<Item = &'a proto::BundleRef>) {
+    for bundle in bundles {
+        device.commanded.retain(|b| b.digest != bundle.digest || b.repository != bundle.repository);
+        device.commanded.push(bundle.clone());
+    }
+    let excess = device.commanded.len().saturating_sub(MAX_COMMANDED);
+    device.commanded.drain(..excess);
 }
 
 #[cfg(test)]

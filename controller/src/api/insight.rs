@@ -2,7 +2,7 @@
 //! A/B comparisons and recommendations. Thin: authenticates, pins what the request names (`bundles`,
 //! `suites`), converts, and calls `insight::queries`.
 
-use alki_shared::ids::RolloutId;
+use alki_shared::ids::{DeviceId, RolloutId};
 use alki_shared::proto::{self, insight_service_server::InsightService};
 use tonic::{Request, Response, Status};
 
@@ -31,6 +31,21 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, QueryError> +
 }
 
 impl InsightApi {
+    /// The devices a command targets, each with the bundles `kind` names recorded so it may fetch them.
+    async fn targets_granted(
+        &self,
+        device_ids: Vec<String>,
+        selector: std::collections::HashMap<String, String>,
+        kind: &proto::command::Kind,
+    ) -> Result<Vec<DeviceId>, Status> {
+        let (fleet, kind) = (self.app.fleet.clone(), kind.clone());
+        blocking(move || {
+            let targets = queries::targets(&fleet, &device_ids, &selector)?;
+            queries::grant_command_bundles(&fleet, &targets, &kind)?;
+            Ok(targets)
+        })
+        .await
+    }
     /// Pins `reference` (a digest or a tag in `repository`) to a bundle in the embedded registry, or in the
     /// configured external registry whose host starts `repository`.
     async fn pin(&self, repository: &str, reference: &str) -> Result<proto::BundleRef, Status> {
@@ -98,13 +113,12 @@ impl InsightService for InsightApi {
             "" => None,
             reference => Some(self.pin_suite(reference).await?),
         };
-        let fleet = self.app.fleet.clone();
-        let targets = blocking(move || queries::targets(&fleet, &r.device_ids, &r.selector)).await?;
         let kind = proto::command::Kind::Calibrate(proto::Calibrate {
             bundle: Some(bundle.clone()),
             repetitions: r.repetitions,
             suite: suite.clone(),
         });
+        let targets = self.targets_granted(r.device_ids, r.selector, &kind).await?;
         let commands = queries::send_commands(&self.app.fleet, &targets, &kind);
         let suite = suite.map(|s| s.digest).unwrap_or_default();
         tracing::info!(by = %principal.name, bundle = %bundle.digest, %suite, devices = commands.len(), "Calibration requested.");
@@ -184,8 +198,6 @@ impl InsightService for InsightApi {
                 Some(self.pin(repository, tag_or_digest).await?)
             }
         };
-        let fleet = self.app.fleet.clone();
-        let targets = blocking(move || queries::targets(&fleet, &r.device_ids, &r.selector)).await?;
         let kind = proto::command::Kind::Evaluate(proto::Evaluate {
             bundle: Some(bundle.clone()),
             variant_digest: String::new(),
@@ -193,6 +205,7 @@ impl InsightService for InsightApi {
             baseline: baseline.clone(),
             baseline_variant_digest: String::new(),
         });
+        let targets = self.targets_granted(r.device_ids, r.selector, &kind).await?;
         let commands = queries::send_commands(&self.app.fleet, &targets, &kind);
         tracing::info!(
             by = %principal.name,

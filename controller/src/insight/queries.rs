@@ -14,6 +14,7 @@ use super::quality::{self, Evaluations};
 use super::recommend::{self, QualityFloor, RecommendError};
 use crate::facts::selects;
 use crate::fleet::Fleet;
+use crate::scope::remember_commanded;
 use crate::store::{BenchmarkFilter, EvaluationFilter, Keyed, StoreError, StoredEvaluation};
 
 /// Most benchmark results one answer carries.
@@ -108,6 +109,27 @@ pub fn targets(
     }
     let devices = fleet.store.devices()?;
     Ok(devices.into_iter().filter(|d| selects(selector, &d.record().labels)).map(|d| d.id().clone()).collect())
+}
+
+/// Records on each target device the bundles and eval suite `kind` names, so its registry token may read them
+/// (`crate::scope`), before the command is sent. Blocking.
+pub fn grant_command_bundles(
+    fleet: &Fleet,
+    devices: &[DeviceId],
+    kind: &proto::command::Kind,
+) -> Result<(), StoreError> {
+    let bundles: Vec<proto::BundleRef> = match kind {
+        proto::command::Kind::Calibrate(c) => c.bundle.iter().chain(&c.suite).cloned().collect(),
+        proto::command::Kind::Evaluate(e) => e.bundle.iter().chain(&e.suite).chain(&e.baseline).cloned().collect(),
+        proto::command::Kind::Prestage(p) => p.bundle.iter().cloned().collect(),
+        proto::command::Kind::RunBenchmark(_) => Vec::new(),
+    };
+    if bundles.is_empty() || devices.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&DeviceId> = devices.iter().collect();
+    fleet.store.update_devices(&ids, |d, _| remember_commanded(d, &bundles))?;
+    Ok(())
 }
 
 /// Sends one command per device over its session; devices not connected now are reported undelivered.
