@@ -33,3 +33,17 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
         _ => Err(format!("{s:?} is not key=value")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_changes_set_with_equals_and_remove_with_a_trailing_dash() {
+        assert_eq!(parse_label_change("tier=gold"), Ok(LabelChange::Set("tier".into(), "gold".into())));
+        assert_eq!(parse_label_change("zone-"), Ok(LabelChange::Remove("zone".into())));
+        assert_eq!(parse_label_change("a=b-"), Ok(LabelChange::Set("a".into(), "b-".into())), "a value may end in -");
+        assert!(parse_label_change("-").is_err());
+        assert!(parse_label_change("tier").is_err());
+    }
+}
