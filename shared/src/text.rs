@@ -5,8 +5,7 @@
 /// (a cut value ends with `…`).
 pub fn printable(value: &str, max_chars: usize) -> String {
     let mut out = String::with_capacity(value.len().min(max_chars.saturating_mul(4)));
-    let mut kept = 0;
-    for c in value.chars() {
+    for (kept, c) in value.chars().enumerate() {
         if kept == max_chars {
             out.push('…');
             return out;
@@ -16,7 +15,6 @@ pub fn printable(value: &str, max_chars: usize) -> String {
         } else {
             out.push(c);
         }
-        kept += 1;
     }
     out
 }

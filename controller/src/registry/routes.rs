@@ -181,9 +181,8 @@ async fn authorize(state: &AppState, headers: &HeaderMap, action: Action) -> Res
     tokio::task::spawn_blocking(move || auth.authorize(header.as_deref(), action))
         .await
         .map_err(|e| ApiError::internal(format!("credential check failed: {e}")))?
-        .map(|principal| {
+        .inspect(|principal| {
             tracing::Span::current().record("principal", principal.name.as_str());
-            principal
         })
         .map_err(ApiError::from)
 }
