@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use alki_shared::signing::PublicKey;
+use alki_shared::signing::{KeyError, PublicKey};
 use serde::Deserialize;
 
 /// The policy file is a few rules; anything larger is not one.
@@ -101,6 +101,17 @@ impl RepositoryTrust {
 impl TrustPolicy {
     /// Parses a policy; key paths are relative to `path`'s directory.
     pub fn from_toml(text: &str, path: &Path) -> Result<TrustPolicy, TrustError> {
+        TrustPolicy::from_toml_with(text, path, PublicKey::load)
+    }
+
+    /// [`TrustPolicy::from_toml`] with keys read by `load_key` (given the full path of each key file).
+    // Split out for the fuzz target fuzz/fuzz_targets/trust_policy.rs, which serves keys from memory instead of
+    // reading whatever paths the fuzzer writes.
+    pub fn from_toml_with(
+        text: &str,
+        path: &Path,
+        load_key: impl Fn(&Path) -> Result<PublicKey, KeyError>,
+    ) -> Result<TrustPolicy, TrustError> {
         let invalid = |reason: String| TrustError::Invalid { path: path.to_owned(), reason };
         let file: PolicyFile = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -119,7 +130,7 @@ impl TrustPolicy {
             let mut keys = Vec::new();
             for key in &rule.keys {
                 let full = if key.is_absolute() { key.clone() } else { base.join(key) };
-                keys.push(PublicKey::load(&full).map_err(|e| invalid(format!("rule {:?}: {e}", rule.pattern)))?);
+                keys.push(load_key(&full).map_err(|e| invalid(format!("rule {:?}: {e}", rule.pattern)))?);
             }
             rules.push(Rule { pattern: rule.pattern, keys, required: rule.required });
         }

@@ -20,8 +20,9 @@ const PRUNE_GRACE: Duration = Duration::from_secs(3600);
 
 /// Extraction failed: the archive is hostile or broken, or the disk refused (made a [`PullError`] by
 /// [`install`], which knows the layer and the directory).
+// pub for the fuzz target fuzz/fuzz_targets/extract.rs, which calls [`extract`].
 #[derive(Debug)]
-enum ExtractError {
+pub enum ExtractError {
     Archive(ArchiveProblem),
     Io(std::io::Error),
 }
@@ -57,7 +58,8 @@ fn link_goes_down(target: &Path) -> bool {
 /// that leave their directory, hard links, device files and anything written through a link; every file and
 /// directory is fsynced. Modes keep only the owner's bits and read/execute for others (no setuid, no
 /// group/world write). Returns the entries extracted.
-fn extract(archive: impl Read, dest: &Path) -> Result<usize, ExtractError> {
+// pub for the fuzz target fuzz/fuzz_targets/extract.rs, which extracts into a temporary directory.
+pub fn extract(archive: impl Read, dest: &Path) -> Result<usize, ExtractError> {
     let mut archive = tar::Archive::new(archive);
     let mut dirs = vec![dest.to_owned()];
     let mut count = 0usize;
