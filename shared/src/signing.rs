@@ -105,7 +105,13 @@ pub enum KeyError {
     Decrypt { what: String, reason: String },
     #[error("cannot read key file {path}: {source}")]
     Read { path: String, source: std::io::Error },
+    #[error("key file {path} is larger than {MAX_KEY_FILE} bytes, so it is no public key; name the .pub file")]
+    TooLarge { path: String },
 }
+
+/// Largest public key file read (a PEM key is a few hundred bytes): a policy naming `/dev/zero` or a model
+/// file by mistake must not take the agent's memory at every pull.
+pub const MAX_KEY_FILE: u64 = 64 << 10;
 
 /// A public key signatures are checked against.
 #[derive(Clone, Debug)]
@@ -136,8 +142,16 @@ impl PublicKey {
 
     /// Reads a PEM public key file.
     pub fn load(path: &Path) -> Result<PublicKey, KeyError> {
-        let text = std::fs::read(path).map_err(|source| KeyError::Read { path: path.display().to_string(), source })?;
-        PublicKey::from_pem(&text, &path.display().to_string())
+        use std::io::Read as _;
+        let shown = path.display().to_string();
+        let mut text = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|file| file.take(MAX_KEY_FILE + 1).read_to_end(&mut text))
+            .map_err(|source| KeyError::Read { path: shown.clone(), source })?;
+        if text.len() as u64 > MAX_KEY_FILE {
+            return Err(KeyError::TooLarge { path: shown });
+        }
+        PublicKey::from_pem(&text, &shown)
     }
 
     /// `sha256:<hex>` of the key's DER (SubjectPublicKeyInfo) encoding.
@@ -463,6 +477,19 @@ OSWS1X9vPavpiQOoTTGC0xX57OojUadxF1cdQmrsiReWg2Wn4FneJfa8xw==
 
     fn digest(hex: &str) -> Digest {
         format!("sha256:{hex}").parse().expect("digest")
+    }
+
+    #[test]
+    fn key_files_are_read_up_to_a_cap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let good = dir.path().join("ci.pub");
+        std::fs::write(&good, COSIGN_PUBLIC_KEY).expect("write");
+        assert!(PublicKey::load(&good).is_ok());
+        let huge = dir.path().join("model.gguf");
+        std::fs::write(&huge, vec![b'A'; MAX_KEY_FILE as usize + 1]).expect("write");
+        assert!(matches!(PublicKey::load(&huge), Err(KeyError::TooLarge { .. })));
+        // A device file that never ends is refused too, after reading the cap.
+        assert!(matches!(PublicKey::load(Path::new("/dev/zero")), Err(KeyError::TooLarge { .. })));
     }
 
     #[test]
