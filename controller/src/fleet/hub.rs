@@ -137,10 +137,11 @@ impl Hub {
     /// Ends a device's sessions (decommissioning): dropping its sender ends the open one's response stream,
     /// and sessions still waiting for their Hello are cancelled. True when one was open or waiting.
     pub fn close(&self, device_id: &str) -> bool {
-        let mut sessions = self.lock();
+        let sessions = &mut self.lock();
         let open = sessions.remove(device_id).is_some();
         let waiting = self.waiting_lock().remove(device_id).unwrap_or_default();
-        drop(sessions);
+        // Cancelled while `sessions` is held: `register` checks the cancellation under that lock, so a
+        // session either registered before this (and was removed above) or sees itself cancelled.
         for (_, closed) in &waiting {
             closed.cancel();
         }
