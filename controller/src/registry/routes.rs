@@ -163,6 +163,12 @@ async fn check_reach(
         _ => None,
     };
     let force = query.get("force").is_some_and(|f| f == "true");
+    if !principal.device && deletes.is_none() {
+        // A token's patterns and no pins to consult: decided here, without a blocking hop on every chunk
+        // of a push.
+        let reach = Reach { repository: &repository, mount_from: mount_from.as_deref(), deletes: None, force };
+        return access::check(&access::NoFleet, &principal, &reach, |_| None);
+    }
     let (fleet, registry) = (state.fleet.clone(), state.registry.clone());
     tokio::task::spawn_blocking(move || {
         let reach =
