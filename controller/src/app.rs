@@ -50,6 +50,10 @@ pub struct App {
     pub label_trust: Arc<LabelTrust>,
     /// How often agents send a heartbeat (told in every Welcome).
     pub heartbeat_interval: std::time::Duration,
+    /// The webhook delivery tasks.
+    pub deliveries: Arc<crate::events::deliver::Deliveries>,
+    /// The budget of live event watchers.
+    pub watchers: crate::events::watch::Watchers,
 }
 
 impl App {

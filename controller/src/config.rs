@@ -37,6 +37,31 @@ pub struct ControllerConfig {
     /// Public keys (cosign-compatible) a rollout candidate must be signed with (`--trusted-key`). With none,
     /// every rollout needs an explicit override.
     pub trusted_keys: Vec<alki_shared::signing::PublicKey>,
+    /// How webhook deliveries are retried.
+    pub webhook_delivery: DeliveryConfig,
+}
+
+/// How deliveries are attempted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeliveryConfig {
+    /// The first retry waits about this long; each next one twice as long, up to `retry_max`.
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    /// An event still undelivered this long after it happened is given up on (counted as failed).
+    pub give_up_after: Duration,
+    /// One attempt's deadline, connection included.
+    pub timeout: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            give_up_after: Duration::from_secs(24 * 3600),
+            timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// An external registry the controller resolves tags on (and checks bundles in) when a rollout is created.
@@ -158,6 +183,7 @@ impl ControllerConfig {
             limits: crate::limits::Limits::default(),
             audit_retention: crate::store::audit::AuditRetention::default(),
             trusted_keys: Vec::new(),
+            webhook_delivery: DeliveryConfig::default(),
         }
     }
 }

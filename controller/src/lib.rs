@@ -10,6 +10,7 @@ pub mod auth;
 pub mod bundles;
 pub mod config;
 pub mod enrollment;
+pub mod events;
 pub mod facts;
 pub mod fleet;
 pub mod insight;

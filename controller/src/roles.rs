@@ -60,4 +60,7 @@ pub enum Action {
     RegistryRead,
     RegistryWrite,
     AgentSession,
+    /// Adding, removing and testing webhooks: admin only, since a webhook carries the fleet's events (and a
+    /// signing secret) to a URL of its own.
+    ManageWebhooks,
 }

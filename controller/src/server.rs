@@ -9,6 +9,7 @@ use alki_shared::clock::{self, SharedClock};
 use alki_shared::proto::admin_service_server::AdminServiceServer;
 use alki_shared::proto::agent_service_server::AgentServiceServer;
 use alki_shared::proto::enrollment_service_server::EnrollmentServiceServer;
+use alki_shared::proto::event_service_server::EventServiceServer;
 use alki_shared::proto::fleet_service_server::FleetServiceServer;
 use alki_shared::proto::insight_service_server::InsightServiceServer;
 use alki_shared::proto::security_service_server::SecurityServiceServer;
@@ -52,8 +53,8 @@ pub async fn serve_with_clock(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let http_addr = listeners.http.local_addr()?;
-    let (app, gate, report_writer_task) = open_app(&config, clock, http_addr)?;
     let stop = CancellationToken::new();
+    let (app, gate, report_writer_task) = open_app(&config, clock, http_addr, stop.clone())?;
     let background = Background::start(&app, &config, stop.clone());
     let grpc = grpc_server(&app, &config, gate.clone(), listeners.grpc, stop.clone()).await?;
     let http = http_server(&app, gate, listeners.http, config.insecure_plaintext, stop.clone());
@@ -73,6 +74,7 @@ pub async fn serve_with_clock(
     // What the agents reported last is written before the store is let go.
     report_writer_task.finish().await;
     background.finish().await;
+    app.deliveries.finish().await;
     grpc_result.context("gRPC server")?;
     http_result.context("HTTP server")?;
     Ok(())
@@ -84,9 +86,11 @@ fn open_app(
     config: &ControllerConfig,
     clock: SharedClock,
     http_addr: std::net::SocketAddr,
+    stop: CancellationToken,
 ) -> anyhow::Result<(App, crate::audit::Gate, WriterTask)> {
-    let store =
-        Store::open(&config.data_dir).with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    let store = Store::open(&config.data_dir)
+        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?
+        .with_clock(clock.clone());
     crate::pki::install_crypto_provider();
     let pki = crate::pki::Pki::load_or_create(&config.data_dir, &config.pki).context("setting up the controller CA")?;
     let auth = Authenticator::new(store.clone()).with_device_tokens(pki.clone()).with_clock(clock.clone());
@@ -113,6 +117,14 @@ fn open_app(
         trusted_keys: config.trusted_keys.clone().into(),
     };
     let fleet = Fleet::new(store.clone());
+    let deliveries = crate::events::deliver::Deliveries::start(
+        store.clone(),
+        clock.clone(),
+        format!("//{}", sources.registry_host),
+        config.webhook_delivery,
+        stop,
+    )
+    .context("starting webhook deliveries")?;
     let report_counters = Arc::new(ReportCounters::default());
     let (reports, report_writer_task) = ReportWriter::start(fleet.clone(), report_counters.clone());
     let app = App {
@@ -130,6 +142,8 @@ fn open_app(
         refused_calls: gate.refused.clone(),
         label_trust: Arc::new(config.label_trust.clone()),
         heartbeat_interval: config.heartbeat_interval,
+        deliveries,
+        watchers: Default::default(),
     };
     Ok((app, gate, report_writer_task))
 }
@@ -193,6 +207,7 @@ async fn grpc_server(
     let security_api = api::security::SecurityApi { app: app.clone() };
     let insight_api = api::insight::InsightApi { app: app.clone() };
     let fleet_api = api::fleet::FleetApi { app: app.clone() };
+    let events_api = api::events::EventsApi { app: app.clone() };
     // The standard health service: every Alki service is SERVING while the listener is up (a stopping
     // controller stops answering altogether).
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -203,6 +218,7 @@ async fn grpc_server(
         "alki.v1.AdminService",
         "alki.v1.EnrollmentService",
         "alki.v1.SecurityService",
+        "alki.v1.EventService",
     ] {
         health_reporter.set_service_status(service, tonic_health::ServingStatus::Serving).await;
     }
@@ -226,6 +242,7 @@ async fn grpc_server(
         .add_service(InsightServiceServer::new(insight_api).max_decoding_message_size(limits.grpc_max_message))
         .add_service(EnrollmentServiceServer::new(enroll_api).max_decoding_message_size(limits.grpc_max_message))
         .add_service(SecurityServiceServer::new(security_api).max_decoding_message_size(limits.grpc_max_message))
+        .add_service(EventServiceServer::new(events_api).max_decoding_message_size(limits.grpc_max_message))
         .add_service(health_service)
         .add_service(reflection)
         .serve_with_incoming_shutdown(nodelay(TcpListenerStream::new(listener)), async move { stop.cancelled().await }))

@@ -20,3 +20,4 @@ pub mod ratelimit;
 pub mod schedule;
 pub mod signing;
 pub mod text;
+pub mod webhook;

@@ -27,6 +27,7 @@ use crate::fleet::desired_state;
 use crate::fleet::hub::{NotRegistered, SESSION_QUEUE, Waiting};
 use crate::fleet::reports::{Durability, WriterStopped};
 use crate::limits::{RateLimiter, RetryAfter};
+use crate::store::events::NewEvent;
 use crate::store::identity::DeviceIdentity;
 
 /// Most staged bundles kept per device record (an agent keeps few: they cost disk).
@@ -82,6 +83,10 @@ impl AgentService for AgentApi {
         drop(waiting);
         hub.touch(&device_id, UnixMs(record.last_seen_unix_ms));
         tracing::info!(%device_id, %agent_version, "Agent connected.");
+        let online = NewEvent::device(&device_id, "online", format!("agent {agent_version} connected"));
+        if let Err(stopped) = self.app.reports.events(&device_id, vec![online]).await {
+            tracing::info!(%stopped, "The device's online event was not recorded.");
+        }
         self.app.fleet.changed.notify_one();
 
         let span = tracing::info_span!("session", device_id = %device_id);
@@ -293,7 +298,11 @@ impl Session {
                 None => break,
             }
         }
-        self.app.fleet.hub.unregister(device_id, session_id);
+        let offline = self.app.fleet.hub.unregister(device_id, session_id);
+        if offline {
+            let _ =
+                self.app.reports.events(device_id, vec![NewEvent::device(device_id, "offline", "session ended")]).await;
+        }
         let gone = self.app.clock.now().as_millis();
         // The writer wakes the reconciler once this is committed.
         let _ = self.app.reports.update(device_id, Durability::Durable, move |d| d.last_seen_unix_ms = gone).await;

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod agent;
 pub mod dashboard;
 pub mod enroll;
+pub mod events;
 pub mod fleet;
 pub mod http;
 pub mod insight;

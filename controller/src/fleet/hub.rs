@@ -109,11 +109,15 @@ impl Hub {
         Ok(id)
     }
 
-    pub fn unregister(&self, device_id: &DeviceId, session_id: u64) {
+    /// Forgets a session unless a newer one replaced it; true when it was the device's open session (so
+    /// the device is now offline).
+    pub fn unregister(&self, device_id: &DeviceId, session_id: u64) -> bool {
         let mut sessions = self.lock();
         if sessions.get(device_id).is_some_and(|(id, _)| *id == session_id) {
             sessions.remove(device_id);
+            return true;
         }
+        false
     }
 
     pub fn is_connected(&self, device_id: &str) -> bool {

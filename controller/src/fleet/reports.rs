@@ -150,6 +150,16 @@ impl ReportWriter {
         committed.await.map_err(|_| WriterStopped)
     }
 
+    /// Queues events of a device that no record change carries (its session opening or closing), in order
+    /// with its reports.
+    pub async fn events(
+        &self,
+        device_id: &DeviceId,
+        events: Vec<crate::store::events::NewEvent>,
+    ) -> Result<(), WriterStopped> {
+        self.run(device_id, move |store| store.append_events(events).map(|()| false)).await
+    }
+
     /// Queues store work of its own for a device's report (it opens its own transaction). The work returns
     /// whether the rollout reconciler should look again once it is done (benchmarks may let a gate decide).
     pub async fn run(

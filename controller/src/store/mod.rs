@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod evaluations;
+pub mod events;
 pub mod identity;
 mod keyed;
 pub mod latency;
@@ -15,7 +16,7 @@ pub mod latency;
 use std::path::Path;
 use std::sync::Arc;
 
-use alki_shared::clock::UnixMs;
+use alki_shared::clock::{SharedClock, SystemClock, UnixMs};
 use alki_shared::ids::{DeviceId, IdError, RolloutId};
 use alki_shared::proto;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
@@ -88,6 +89,10 @@ pub struct TokenRecord {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
+    /// The time events are stamped with.
+    clock: SharedClock,
+    /// The newest event id committed, for watchers (see `events`).
+    events_announced: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Store {
@@ -105,8 +110,17 @@ impl Store {
         }
         identity::create_tables(&txn)?;
         audit::create_tables(&txn)?;
+        events::create_tables(&txn)?;
         txn.commit()?;
-        Ok(Store { db: Arc::new(db) })
+        let last_event = events::last_id(&db)?;
+        let (events_announced, _) = tokio::sync::watch::channel(last_event);
+        Ok(Store { db: Arc::new(db), clock: Arc::new(SystemClock), events_announced: Arc::new(events_announced) })
+    }
+
+    /// The store with the clock its events are stamped by (the controller's own; tests drive it).
+    pub fn with_clock(mut self, clock: SharedClock) -> Store {
+        self.clock = clock;
+        self
     }
 
     /// The database handle, for modules that keep their own tables (the registry's index).
@@ -183,11 +197,9 @@ impl Store {
     /// Creates or changes a device record atomically; `f` gets the current record (or a new one with only
     /// the id set) and returns whatever the caller wants back.
     pub fn update_device<R>(&self, id: &DeviceId, f: impl FnOnce(&mut proto::Device) -> R) -> Result<R, StoreError> {
-        self.update(DEVICES, id.as_str(), |current: Option<proto::Device>| {
-            let mut device = current.unwrap_or_else(|| proto::Device { id: id.to_string(), ..Default::default() });
-            let r = f(&mut device);
-            (Some(device), r)
-        })
+        let mut f = Some(f);
+        let mut out = self.update_devices_with(&[id], true, |device, _| f.take().map(|f| f(device)))?;
+        out.pop().flatten().ok_or_else(|| StoreError::Batch("a device update ran no change".into()))
     }
 
     /// Changes several device records in one transaction (a rollout step moving many devices at once).
@@ -214,6 +226,7 @@ impl Store {
             txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Database(e.into()))?;
         }
         let mut out = Vec::with_capacity(ids.len());
+        let mut changes = Vec::new();
         {
             let mut t = txn.open_table(DEVICES)?;
             for (i, id) in ids.iter().enumerate() {
@@ -221,14 +234,18 @@ impl Store {
                     None => None,
                     Some(v) => Some(decode(DEVICES.name().to_owned(), id.as_str(), v.value())?),
                 };
-                let mut device = current.unwrap_or_else(|| proto::Device { id: id.to_string(), ..Default::default() });
+                let mut device =
+                    current.clone().unwrap_or_else(|| proto::Device { id: id.to_string(), ..Default::default() });
                 out.push(f(&mut device, i));
+                changes.extend(events::device_changes(current.as_ref(), &device));
                 let bytes =
                     serde_json::to_vec(&device).map_err(|e| StoreError::Encode(e, DEVICES.name().to_owned()))?;
                 t.insert(id.as_str(), bytes.as_slice())?;
             }
         }
+        let last_event = events::append_in(&txn, changes, self.clock.now())?;
         txn.commit()?;
+        self.announce(last_event);
         Ok(out)
     }
 
@@ -291,7 +308,9 @@ impl Store {
                 t.insert(event_key(id, e.seq).as_str(), encode(e, EVENTS)?.as_slice())?;
             }
         }
+        let last_event = events::append_in(&txn, events.iter().map(events::NewEvent::rollout), self.clock.now())?;
         txn.commit()?;
+        self.announce(last_event);
         Ok(())
     }
 
