@@ -5,7 +5,7 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 
 use crate::connection::Connection;
 use crate::output::Output;
-use crate::{admin, bench, bundle, completion, devices, enroll, eval, key, registry, rollout, runtime};
+use crate::{admin, bench, bundle, completion, devices, enroll, eval, events, key, registry, rollout, runtime};
 
 /// Where every subcommand's help points for the options shared by all commands.
 const SHARED_OPTIONS: &str = "Connection and output options (--controller, --ca-file, --registry, --token, --token-file, \
@@ -47,6 +47,12 @@ pub enum Command {
     /// The audit log of state-changing calls (admin only).
     #[command(subcommand)]
     Audit(admin::AuditCmd),
+    /// The fleet's event log: rollout and device events, listed or followed live.
+    #[command(subcommand)]
+    Events(events::EventsCmd),
+    /// Webhooks that receive every event as a signed CloudEvent (changes: admin only).
+    #[command(subcommand)]
+    Webhooks(events::WebhooksCmd),
     /// Device enrollment: bootstrap tokens (admin only).
     #[command(subcommand)]
     Enroll(enroll::EnrollCmd),

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use alki_bundle::{BundleRef, Remote};
 use alki_shared::digest::Digest;
 use alki_shared::proto::{
-    admin_service_client::AdminServiceClient, fleet_service_client::FleetServiceClient,
-    insight_service_client::InsightServiceClient, security_service_client::SecurityServiceClient,
+    admin_service_client::AdminServiceClient, event_service_client::EventServiceClient,
+    fleet_service_client::FleetServiceClient, insight_service_client::InsightServiceClient,
+    security_service_client::SecurityServiceClient,
 };
 use anyhow::{Context as _, bail};
 use clap::Args;
@@ -49,6 +50,7 @@ pub type Fleet = FleetServiceClient<InterceptedService<Channel, Auth>>;
 pub type Admin = AdminServiceClient<InterceptedService<Channel, Auth>>;
 pub type Security = SecurityServiceClient<InterceptedService<Channel, Auth>>;
 pub type Insight = InsightServiceClient<InterceptedService<Channel, Auth>>;
+pub type Events = EventServiceClient<InterceptedService<Channel, Auth>>;
 
 /// Adds the bearer token to every gRPC request.
 #[derive(Clone)]
@@ -184,6 +186,10 @@ impl Connection {
 
     pub async fn insight(&self) -> anyhow::Result<Insight> {
         Ok(InsightServiceClient::with_interceptor(self.channel().await?, self.auth()?))
+    }
+
+    pub async fn events(&self) -> anyhow::Result<Events> {
+        Ok(EventServiceClient::with_interceptor(self.channel().await?, self.auth()?))
     }
 }
 

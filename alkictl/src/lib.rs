@@ -13,6 +13,7 @@ pub mod connection;
 pub mod devices;
 pub mod enroll;
 pub mod eval;
+pub mod events;
 pub mod inspect;
 pub mod key;
 pub mod labels;
@@ -35,6 +36,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(cmd) => eval::run(connection, output, cmd).await,
         Command::Token(cmd) => admin::run_token(connection, output, cmd).await,
         Command::Audit(cmd) => admin::run_audit(connection, output, cmd).await,
+        Command::Events(cmd) => events::run_events(connection, output, cmd).await,
+        Command::Webhooks(cmd) => events::run_webhooks(connection, output, cmd).await,
         Command::Enroll(cmd) => enroll::run(connection, output, cmd).await,
         Command::Registry(cmd) => registry::run(connection, output, cmd).await,
         Command::Key(cmd) => key::run(output, cmd),

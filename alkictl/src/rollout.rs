@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use alki_bundle::BundleRef;
 use alki_shared::proto::{self, ClassFailurePolicy, GateVerdict, InconclusivePolicy, RolloutState};
@@ -515,31 +514,50 @@ async fn create(connection: &Connection, output: Output, args: &CreateArgs) -> a
     print(output, &view, |r| format!("rollout {} created for {} (steps {:?})", r.id, r.candidate, r.steps))
 }
 
-/// `rollout status`, redrawn every 2 s with `--watch` until the rollout completes or aborts.
+/// `rollout status`; with `--watch`, redrawn on each of the rollout's events as the controller streams them
+/// (WatchRollout), until the rollout completes or aborts.
 async fn status_of(connection: &Connection, output: Output, id: String, watch: bool) -> anyhow::Result<()> {
     let mut client = connection.fleet().await?;
-    loop {
+    let mut events = client
+        .list_rollout_events(proto::ListRolloutEventsRequest { id: id.clone(), after_seq: 0 })
+        .await
+        .map_err(status)?
+        .into_inner()
+        .events;
+    if !watch {
         let r = client.get_rollout(proto::GetRolloutRequest { id: id.clone() }).await.map_err(status)?.into_inner();
-        let events = client
-            .list_rollout_events(proto::ListRolloutEventsRequest { id: id.clone(), after_seq: 0 })
-            .await
-            .map_err(status)?
-            .into_inner()
-            .events;
-        let view = StatusView::new(&r, &events);
-        if watch && output == Output::Table {
+        return print(output, &StatusView::new(&r, &events), status_text);
+    }
+    let seen = events.iter().map(|e| e.seq).max().unwrap_or(0);
+    let request = proto::WatchRolloutRequest { id, after_event_id: 0 };
+    let mut updates = connection.events().await?.watch_rollout(request).await.map_err(status)?.into_inner();
+    loop {
+        let update = tokio::select! {
+            update = updates.message() => update.map_err(status)?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let Some(update) = update else { return Ok(()) };
+        if let Some(event) = update.event.filter(|e| e.rollout_seq > seen) {
+            events.push(rollout_event(event));
+        }
+        let Some(r) = update.rollout else { continue };
+        if output == Output::Table {
             // Clear the screen and home the cursor, then redraw.
             print!("\x1b[2J\x1b[H");
         }
-        print(output, &view, status_text)?;
-        let finished = !matches!(
-            RolloutState::try_from(r.state).unwrap_or_default(),
-            RolloutState::Pending | RolloutState::Progressing | RolloutState::Paused
-        );
-        if !watch || finished {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        print(output, &StatusView::new(&r, &events), status_text)?;
+    }
+}
+
+/// A rollout's event as the fleet's log carried it, back in the rollout's own terms.
+fn rollout_event(e: proto::FleetEvent) -> proto::RolloutEvent {
+    proto::RolloutEvent {
+        rollout_id: e.rollout_id,
+        seq: e.rollout_seq,
+        unix_ms: e.unix_ms,
+        kind: e.r#type.strip_prefix("rollout.").unwrap_or(&e.r#type).to_owned(),
+        message: e.message,
+        device_id: e.device_id,
     }
 }
 

@@ -297,7 +297,7 @@ pub fn grpc_policy(path: &str) -> Option<Policy> {
         ("SecurityService", "DecommissionDevice") => write(WriteFleet),
         ("InsightService", "RunBenchmark" | "Calibrate" | "Evaluate") => write(WriteFleet),
         ("InsightService", "ListBenchmarks" | "Compare" | "Recommend" | "ListEvaluations") => read(ReadFleet),
-        ("EventService", "ListEvents" | "WatchRollout" | "WatchDevices") => read(ReadFleet),
+        ("EventService", "ListEvents" | "WatchEvents" | "WatchRollout" | "WatchDevices") => read(ReadFleet),
         // Operators see where deliveries stand (never a secret); only admins point events somewhere.
         ("EventService", "ListWebhooks") => read(WriteFleet),
         ("EventService", "AddWebhook" | "RemoveWebhook") => write(ManageWebhooks),

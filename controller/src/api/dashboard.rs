@@ -15,6 +15,7 @@ use axum::Json;
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
@@ -22,6 +23,7 @@ use serde::Deserialize;
 use crate::app::App;
 use crate::auth::{Action, AuthError};
 use crate::insight::queries::{self, QueryError};
+use crate::store::events::EventQuery;
 use crate::store::{BenchmarkFilter, EvaluationFilter, Keyed};
 
 /// Every route this module serves (axum path syntax), in the order the OpenAPI document lists them.
@@ -35,6 +37,8 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/benchmarks",
     "/api/v1/evaluations",
     "/api/v1/recommend",
+    "/api/v1/events",
+    "/api/v1/events/stream",
     "/api/v1/openapi.json",
     "/metrics",
 ];
@@ -55,6 +59,8 @@ pub fn router(state: DashboardState) -> Router {
         .route("/api/v1/benchmarks", get(benchmarks))
         .route("/api/v1/evaluations", get(evaluations))
         .route("/api/v1/recommend", get(recommend))
+        .route("/api/v1/events", get(events))
+        .route("/api/v1/events/stream", get(events_stream))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -334,6 +340,77 @@ async fn recommend(
     .await?;
     let bundle = proto::BundleRef { digest, ..Default::default() };
     Ok(Json(proto::Recommendation { bundle: Some(bundle), classes }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    after: Option<u64>,
+    rollout: Option<String>,
+    device: Option<String>,
+    /// Comma-separated type prefixes.
+    types: Option<String>,
+    limit: Option<usize>,
+}
+
+impl EventsQuery {
+    /// The store query; a `Last-Event-ID` header (an EventSource reconnecting) wins over `after`.
+    fn into_query(self, headers: &HeaderMap) -> Result<EventQuery, ApiError> {
+        let last_event_id = match headers.get("last-event-id") {
+            None => None,
+            Some(v) => Some(v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()).ok_or_else(|| {
+                ApiError(StatusCode::BAD_REQUEST, "Last-Event-ID must be an event id (a number)".into())
+            })?),
+        };
+        Ok(EventQuery {
+            after: last_event_id.or(self.after).unwrap_or(0),
+            rollout_id: self.rollout.unwrap_or_default(),
+            device_id: self.device.unwrap_or_default(),
+            types: self.types.unwrap_or_default().split(',').filter(|t| !t.is_empty()).map(str::to_owned).collect(),
+            limit: self.limit.unwrap_or(0),
+        })
+    }
+}
+
+async fn events(
+    State(state): State<DashboardState>,
+    headers: HeaderMap,
+    Query(q): Query<EventsQuery>,
+) -> Result<Json<proto::ListEventsResponse>, ApiError> {
+    authorize(&state, &headers)?;
+    let query = q.into_query(&headers)?;
+    let store = state.app.store.clone();
+    Ok(Json(blocking(move || crate::events::list::list(&store, query).map_err(ApiError::internal)).await?))
+}
+
+/// The event log as Server-Sent Events: what matches after `after` (or `Last-Event-ID`), then each new
+/// event as it is committed, each with its id so a reconnecting EventSource resumes where it was.
+async fn events_stream(
+    State(state): State<DashboardState>,
+    headers: HeaderMap,
+    Query(q): Query<EventsQuery>,
+) -> Result<Sse<impl futures::Stream<Item = Result<SseEvent, std::convert::Infallible>>>, ApiError> {
+    authorize(&state, &headers)?;
+    let query = q.into_query(&headers)?;
+    let permit = state.app.watchers.admit().map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let events = crate::events::watch::follow(state.app.store.clone(), query);
+    let stream = async_stream::stream! {
+        let _permit = permit;
+        let mut events = std::pin::pin!(events);
+        while let Some(event) = futures::StreamExt::next(&mut events).await {
+            match event {
+                Ok(event) => {
+                    let data = serde_json::to_string(&event).unwrap_or_default();
+                    yield Ok(SseEvent::default().id(event.id.to_string()).event(event.r#type.clone()).data(data));
+                }
+                Err(error) => {
+                    tracing::error!(%error, "Could not read the event log for a stream; ending it.");
+                    return;
+                }
+            }
+        }
+    };
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15))))
 }
 
 async fn openapi(State(state): State<DashboardState>, headers: HeaderMap) -> Result<Response, ApiError> {

@@ -8,11 +8,8 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::app::App;
-use crate::events::{watch, webhooks};
-use crate::store::events::{EventQuery, WebhookRecord};
-
-/// Events a ListEvents answers when the request names no limit, and at most.
-const MAX_LIST: usize = 1000;
+use crate::events::{list, watch, webhooks};
+use crate::store::events::EventQuery;
 
 type Updates<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -33,18 +30,6 @@ fn too_many(error: watch::TooManyWatchers) -> Status {
     Status::resource_exhausted(error.to_string())
 }
 
-/// Each event with the webhooks that still owe it.
-fn with_pending(mut events: Vec<proto::FleetEvent>, hooks: &[WebhookRecord]) -> Vec<proto::FleetEvent> {
-    for event in &mut events {
-        event.pending_webhooks = hooks
-            .iter()
-            .filter(|w| w.delivered_through < event.id && w.wants(&event.r#type))
-            .map(|w| w.id.clone())
-            .collect();
-    }
-    events
-}
-
 #[tonic::async_trait]
 impl EventService for EventsApi {
     async fn list_events(
@@ -53,24 +38,41 @@ impl EventService for EventsApi {
     ) -> Result<Response<proto::ListEventsResponse>, Status> {
         super::principal(&request)?;
         let req = request.into_inner();
-        let limit = match req.limit as usize {
-            0 => MAX_LIST,
-            n => n.min(MAX_LIST),
-        };
         let query = EventQuery {
             after: req.after_event_id,
             rollout_id: req.rollout_id,
             device_id: req.device_id,
             types: req.types,
-            limit,
+            limit: req.limit as usize,
         };
-        let (page, hooks) =
-            super::with_store(&self.app.store, move |store| Ok((store.events(&query)?, store.webhooks()?))).await?;
-        Ok(Response::new(proto::ListEventsResponse {
-            events: with_pending(page.events, &hooks),
-            last_event_id: page.last,
-            first_event_id: page.first,
-        }))
+        Ok(Response::new(super::with_store(&self.app.store, move |store| list::list(store, query)).await?))
+    }
+
+    type WatchEventsStream = Updates<proto::FleetEvent>;
+
+    async fn watch_events(
+        &self,
+        request: Request<proto::ListEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        super::principal(&request)?;
+        let req = request.into_inner();
+        let permit = self.app.watchers.admit().map_err(too_many)?;
+        let query = EventQuery {
+            after: req.after_event_id,
+            rollout_id: req.rollout_id,
+            device_id: req.device_id,
+            types: req.types,
+            limit: 0,
+        };
+        let events = watch::follow(self.app.store.clone(), query);
+        let updates = async_stream::try_stream! {
+            let _permit = permit;
+            let mut events = std::pin::pin!(events);
+            while let Some(event) = events.next().await {
+                yield event.map_err(super::internal)?;
+            }
+        };
+        Ok(Response::new(Box::pin(updates)))
     }
 
     type WatchRolloutStream = Updates<proto::RolloutUpdate>;
