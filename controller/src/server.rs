@@ -122,7 +122,7 @@ fn open_app(
         clock.clone(),
         format!("//{}", sources.registry_host),
         config.webhook_delivery,
-        stop,
+        stop.clone(),
     )
     .context("starting webhook deliveries")?;
     let report_counters = Arc::new(ReportCounters::default());
@@ -143,7 +143,7 @@ fn open_app(
         label_trust: Arc::new(config.label_trust.clone()),
         heartbeat_interval: config.heartbeat_interval,
         deliveries,
-        watchers: Default::default(),
+        watchers: crate::events::watch::Watchers::new(stop),
     };
     Ok((app, gate, report_writer_task))
 }

@@ -393,7 +393,7 @@ async fn events_stream(
     authorize(&state, &headers)?;
     let query = q.into_query(&headers)?;
     let permit = state.app.watchers.admit().map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    let events = crate::events::watch::follow(state.app.store.clone(), query);
+    let events = crate::events::watch::follow(state.app.store.clone(), query, permit.stop.clone());
     let stream = async_stream::stream! {
         let _permit = permit;
         let mut events = std::pin::pin!(events);

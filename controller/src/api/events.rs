@@ -64,7 +64,7 @@ impl EventService for EventsApi {
             types: req.types,
             limit: 0,
         };
-        let events = watch::follow(self.app.store.clone(), query);
+        let events = watch::follow(self.app.store.clone(), query, permit.stop.clone());
         let updates = async_stream::try_stream! {
             let _permit = permit;
             let mut events = std::pin::pin!(events);
@@ -99,7 +99,7 @@ impl EventService for EventsApi {
             if ended && caught_up(&store, &query).await? {
                 return;
             }
-            let mut events = Box::pin(watch::follow(store.clone(), query));
+            let mut events = Box::pin(watch::follow(store.clone(), query, _permit.stop.clone()));
             while let Some(event) = events.next().await {
                 let event = event.map_err(super::internal)?;
                 let read = (store.clone(), id.clone());
@@ -127,7 +127,7 @@ impl EventService for EventsApi {
         let (store, fleet, selector) = (self.app.store.clone(), self.app.fleet.clone(), req.selector);
         let updates = async_stream::try_stream! {
             let _permit = permit;
-            let mut events = Box::pin(watch::follow(store, query));
+            let mut events = Box::pin(watch::follow(store, query, _permit.stop.clone()));
             while let Some(event) = events.next().await {
                 let event = event.map_err(super::internal)?;
                 let Ok(id) = DeviceId::new(event.device_id.clone()) else { continue };

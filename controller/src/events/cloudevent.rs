@@ -15,8 +15,9 @@ pub fn id(event: &proto::FleetEvent) -> String {
     format!("alki-{}", event.id)
 }
 
-/// The document for `event`, from `source` (the controller, as `//host:port`).
-pub fn document(event: &proto::FleetEvent, source: &str) -> serde_json::Value {
+/// The document for `event` under the CloudEvent `id` (see [`id`]; a test delivery has its own), from
+/// `source` (the controller, as `//host:port`).
+pub fn document(event: &proto::FleetEvent, id: &str, source: &str) -> serde_json::Value {
     let subject = if !event.rollout_id.is_empty() {
         format!("rollouts/{}", event.rollout_id)
     } else {
@@ -25,7 +26,7 @@ pub fn document(event: &proto::FleetEvent, source: &str) -> serde_json::Value {
     let time = UNIX_EPOCH + Duration::from_millis(event.unix_ms.max(0) as u64);
     json!({
         "specversion": "1.0",
-        "id": id(event),
+        "id": id,
         "source": source,
         "type": format!("{TYPE_PREFIX}{}", event.r#type),
         "subject": subject,
@@ -57,7 +58,7 @@ mod tests {
             message: "pi5: 2 failed".into(),
             ..Default::default()
         };
-        let doc = document(&event, "//controller:8443");
+        let doc = document(&event, &id(&event), "//controller:8443");
         assert_eq!(doc["specversion"], "1.0");
         assert_eq!(doc["id"], "alki-42");
         assert_eq!(doc["type"], "ai.alki.rollout.class_halted");
@@ -70,6 +71,6 @@ mod tests {
             rollout_id: String::new(),
             ..event
         };
-        assert_eq!(document(&device, "//c")["subject"], "devices/pi-1");
+        assert_eq!(document(&device, "x", "//c")["subject"], "devices/pi-1");
     }
 }

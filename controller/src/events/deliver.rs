@@ -308,7 +308,7 @@ async fn post(ctx: &Context, record: &WebhookRecord, event: &proto::FleetEvent, 
         Ok(key) => key,
         Err(e) => return Attempt { status: 0, error: Some(e.to_string()), duration: started.elapsed() },
     };
-    let body = cloudevent::document(event, &ctx.source).to_string();
+    let body = cloudevent::document(event, message_id, &ctx.source).to_string();
     let timestamp = ctx.clock.now().as_millis() / 1000;
     let signature = webhook::sign(&key, message_id, timestamp, body.as_bytes());
     let sent = ctx

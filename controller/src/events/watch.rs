@@ -6,6 +6,7 @@ use std::sync::Arc;
 use alki_shared::proto;
 use futures::Stream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::store::events::EventQuery;
 use crate::store::{Store, StoreError};
@@ -15,14 +16,18 @@ pub const MAX_WATCHERS: usize = 256;
 /// Events read per store call.
 const PAGE: usize = 256;
 
-/// The watchers' budget.
+/// The watchers' budget, and the shutdown that ends every watch (a graceful server shutdown waits for
+/// open streams, and a watch has no end of its own).
 #[derive(Clone)]
-pub struct Watchers(Arc<Semaphore>);
+pub struct Watchers {
+    slots: Arc<Semaphore>,
+    stop: CancellationToken,
+}
 
-impl Default for Watchers {
-    fn default() -> Self {
-        Watchers(Arc::new(Semaphore::new(MAX_WATCHERS)))
-    }
+/// A watcher's place: its slot, and the shutdown its stream ends with.
+pub struct Admitted {
+    _slot: OwnedSemaphorePermit,
+    pub stop: CancellationToken,
 }
 
 /// Every watcher slot is taken.
@@ -31,14 +36,23 @@ impl Default for Watchers {
 pub struct TooManyWatchers;
 
 impl Watchers {
-    pub fn admit(&self) -> Result<OwnedSemaphorePermit, TooManyWatchers> {
-        self.0.clone().try_acquire_owned().map_err(|_| TooManyWatchers)
+    pub fn new(stop: CancellationToken) -> Watchers {
+        Watchers { slots: Arc::new(Semaphore::new(MAX_WATCHERS)), stop }
+    }
+
+    pub fn admit(&self) -> Result<Admitted, TooManyWatchers> {
+        let slot = self.slots.clone().try_acquire_owned().map_err(|_| TooManyWatchers)?;
+        Ok(Admitted { _slot: slot, stop: self.stop.clone() })
     }
 }
 
-/// The events matching `query` after `query.after`, then new ones as they come, without end. Reads run on
+/// The events matching `query` after `query.after`, then new ones as they come, until `stop`. Reads run on
 /// blocking threads; waiting costs nothing until the store announces a newer event.
-pub fn follow(store: Store, mut query: EventQuery) -> impl Stream<Item = Result<proto::FleetEvent, StoreError>> {
+pub fn follow(
+    store: Store,
+    mut query: EventQuery,
+    stop: CancellationToken,
+) -> impl Stream<Item = Result<proto::FleetEvent, StoreError>> {
     query.limit = PAGE;
     async_stream::try_stream! {
         let mut announced = store.subscribe_events();
@@ -53,8 +67,11 @@ pub fn follow(store: Store, mut query: EventQuery) -> impl Stream<Item = Result<
             for event in page.events {
                 yield event;
             }
-            if !more && announced.changed().await.is_err() {
-                return;
+            if !more {
+                tokio::select! {
+                    changed = announced.changed() => if changed.is_err() { return },
+                    () = stop.cancelled() => return,
+                }
             }
         }
     }
@@ -77,7 +94,8 @@ mod tests {
             .append_events_at(vec![NewEvent::device(&a, "online", ""), NewEvent::device(&b, "online", "")], UnixMs(1))
             .expect("append");
         let query = EventQuery { device_id: "b".into(), ..Default::default() };
-        let mut events = Box::pin(follow(store.clone(), query));
+        let stop = CancellationToken::new();
+        let mut events = Box::pin(follow(store.clone(), query, stop.clone()));
         assert_eq!(events.next().await.expect("one").expect("ok").id, 2);
         // Many events of other devices pass before b's next one: the watcher skips them without yielding.
         let others: Vec<_> = (0..600).map(|_| NewEvent::device(&a, "offline", "")).collect();
@@ -86,7 +104,10 @@ mod tests {
         let next = events.next().await.expect("one").expect("ok");
         assert_eq!((next.id, next.r#type.as_str()), (603, "device.offline"));
 
-        let watchers = Watchers::default();
+        stop.cancel();
+        assert!(events.next().await.is_none(), "a watch ends at shutdown");
+
+        let watchers = Watchers::new(stop);
         let permits: Vec<_> = (0..MAX_WATCHERS).map(|_| watchers.admit().expect("room")).collect();
         assert!(watchers.admit().is_err());
         drop(permits);

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // Each test binary uses its own subset.
 
+pub mod scripted;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
