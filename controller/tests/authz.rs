@@ -685,6 +685,7 @@ fn the_threat_model_lists_every_method_route_and_permission() {
         Action::RegistryRead,
         Action::RegistryWrite,
         Action::AgentSession,
+        Action::ManageWebhooks,
     ];
     let mut roles: Vec<Vec<String>> = [Role::Viewer, Role::Operator, Role::Admin, Role::Push, Role::Agent]
         .iter()
