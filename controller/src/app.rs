@@ -16,7 +16,7 @@ use crate::facts::LabelTrust;
 use crate::fleet::Fleet;
 use crate::fleet::reports::{ReportCounters, ReportWriter};
 use crate::insight::Ingest;
-use crate::metrics::{Counters, HttpCounters, Scrape};
+use crate::metrics::{Counters, EventCounts, HttpCounters, Scrape};
 use crate::pki::Pki;
 use crate::rollout::Rollouts;
 use crate::rollout::create::Sources;
@@ -69,7 +69,26 @@ impl App {
         Ok(Scrape {
             devices: self.fleet.devices(&Default::default())?,
             rollouts: self.store.rollouts()?.into_iter().map(Keyed::into_record).collect(),
-            counters: self.counters(),
+            counters: Counters { events: self.event_counts()?, ..self.counters() },
+        })
+    }
+
+    /// The event log's position and what webhooks have delivered.
+    fn event_counts(&self) -> Result<EventCounts, StoreError> {
+        let c = self.deliveries.counters();
+        let pending = self
+            .store
+            .webhooks()?
+            .iter()
+            .map(|w| Ok((w.id.clone(), crate::events::webhooks::describe(&self.store, w)?.pending)))
+            .collect::<Result<_, StoreError>>()?;
+        Ok(EventCounts {
+            last_id: *self.store.subscribe_events().borrow(),
+            delivered: c.delivered.load(Ordering::Relaxed),
+            failed_attempts: c.failed_attempts.load(Ordering::Relaxed),
+            given_up: c.given_up.load(Ordering::Relaxed),
+            latency_ms_sum: c.latency_ms_sum.load(Ordering::Relaxed),
+            pending,
         })
     }
 
@@ -87,6 +106,7 @@ impl App {
             evaluations: ingest.evaluations.snapshot(),
             refused_calls: self.refused_calls.snapshot(),
             sessions_waiting_hello: self.fleet.hub.waiting_count() as u64,
+            events: EventCounts::default(),
         }
     }
 }

@@ -32,6 +32,20 @@ pub const NAMES: &[(&str, &str, &str)] = &[
         "Agent sessions whose certificate was accepted and that wait for their Hello (at most 30 s each).",
     ),
     ("alki_rollouts", "gauge", "Rollouts by state."),
+    ("alki_events_last_id", "gauge", "The newest event id in the fleet's event log (its rate is events per second)."),
+    ("alki_webhook_deliveries_total", "counter", "Events webhooks' receivers took (2xx)."),
+    ("alki_webhook_delivery_failures_total", "counter", "Webhook delivery attempts that failed (retried)."),
+    (
+        "alki_webhook_events_given_up_total",
+        "counter",
+        "Events a webhook never got: retried past the give-up age, or pruned first.",
+    ),
+    (
+        "alki_webhook_delivery_latency_ms_sum",
+        "counter",
+        "Milliseconds from each delivered event to its receiver's 2xx, summed.",
+    ),
+    ("alki_webhook_pending_events", "gauge", "Events a webhook has not delivered yet (counted up to 10,000)."),
     ("alki_rollout_step", "gauge", "Current step (1-based) of an active or recent rollout."),
     ("alki_rollout_steps", "gauge", "Number of steps of a rollout."),
     ("alki_rollout_percent", "gauge", "Percentage of selected devices the current step moves to B."),
@@ -163,6 +177,19 @@ pub struct Counters {
     /// (method, reason, count) of calls the gate refused without an audit entry.
     pub refused_calls: Vec<(String, &'static str, u64)>,
     pub sessions_waiting_hello: u64,
+    pub events: EventCounts,
+}
+
+/// The event log and its webhook deliveries.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EventCounts {
+    pub last_id: u64,
+    pub delivered: u64,
+    pub failed_attempts: u64,
+    pub given_up: u64,
+    pub latency_ms_sum: u64,
+    /// (webhook id, pending events).
+    pub pending: Vec<(String, u64)>,
 }
 
 /// What one scrape renders.
@@ -368,6 +395,15 @@ fn counter_metrics(e: &mut Exposition, c: &Counters) {
     e.add("alki_agent_reports_written_total", &[], c.reports_written as f64);
     e.add("alki_agent_report_commits_total", &[], c.report_commits as f64);
     e.add("alki_sessions_waiting_hello", &[], c.sessions_waiting_hello as f64);
+    let ev = &c.events;
+    e.add("alki_events_last_id", &[], ev.last_id as f64);
+    e.add("alki_webhook_deliveries_total", &[], ev.delivered as f64);
+    e.add("alki_webhook_delivery_failures_total", &[], ev.failed_attempts as f64);
+    e.add("alki_webhook_events_given_up_total", &[], ev.given_up as f64);
+    e.add("alki_webhook_delivery_latency_ms_sum", &[], ev.latency_ms_sum as f64);
+    for (webhook, pending) in &ev.pending {
+        e.add("alki_webhook_pending_events", &[("webhook", webhook)], *pending as f64);
+    }
     for (method, reason, n) in &c.refused_calls {
         e.add("alki_calls_refused_total", &[("method", method), ("reason", reason)], *n as f64);
     }

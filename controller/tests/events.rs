@@ -256,6 +256,13 @@ async fn webhooks_get_every_event_signed_in_order_through_errors_a_dead_neighbou
     let test = events(&c).await.test_webhook(request).await.expect("test").into_inner();
     assert_eq!((test.status, test.error.as_str()), (204, ""));
     assert!(live.types().contains(&"ai.alki.webhook.test".to_owned()));
+    let metrics = reqwest::Client::new().get(format!("http://{}/metrics", c.registry)).bearer_auth(&c.admin).send();
+    let metrics = metrics.await.expect("metrics").text().await.expect("text");
+    let value = |line: &str| {
+        metrics.lines().find(|l| l.starts_with(line)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert!(value("alki_webhook_deliveries_total").is_some_and(|n| n > 0.0), "{metrics}");
+    assert_eq!(value(&format!("alki_webhook_pending_events{{webhook=\"{}\"}}", hook.id)), Some(0.0), "{metrics}");
     c.shutdown().await;
 }
 
