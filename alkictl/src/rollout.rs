@@ -8,6 +8,7 @@ use alki_bundle::BundleRef;
 use alki_shared::proto::{self, ClassFailurePolicy, GateVerdict, InconclusivePolicy, RolloutState};
 use alki_shared::quantization::quantization_rank;
 use alki_shared::schedule;
+use alki_shared::text::printable;
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
@@ -93,6 +94,10 @@ pub struct CreateArgs {
     /// Percentages of the selected devices per step, e.g. 5,25,50,100.
     #[arg(long, value_delimiter = ',')]
     pub steps: Vec<u32>,
+    /// A webhook gate configured on the controller (--gates-file) that must approve every step before it
+    /// advances and the rollout before it completes. Repeatable; query gates go in the spec file.
+    #[arg(long = "approval-webhook")]
+    pub approval_webhooks: Vec<String>,
     /// Instead of --steps: an exponential ramp starting here (percent)...
     #[arg(long)]
     pub ramp_start: Option<u32>,
@@ -231,6 +236,15 @@ pub enum VariantChoice {
 /// max_p95_latency_ratio = 1.5     # B's front-port p95 latency against A's
 /// [runtime]
 /// context_size = 4096
+/// [[external_gates]]              # asked once a step's own gates pass (see README "External gates")
+/// name = "change-approval"
+/// webhook = "change-approval"     # a webhook gate in the controller's --gates-file
+/// deadline_seconds = 3600         # no decision by then: inconclusive (on_inconclusive applies)
+/// [[external_gates]]
+/// name = "errors"
+/// promql = 'sum(rate(http_errors_total{class="$class"}[5m]))'
+/// op = "<"
+/// threshold = 0.05
 /// ```
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -257,6 +271,25 @@ pub struct SpecFile {
     pub eval_suite: Option<String>,
     /// The same keys as the quality gates'.
     pub variant_quality_floor: Option<QualityArgs>,
+    #[serde(default)]
+    pub external_gates: Vec<ExternalGateFile>,
+}
+
+/// One external gate in a spec file: a webhook gate by its name on the controller, or a PromQL query.
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalGateFile {
+    pub name: String,
+    #[serde(default)]
+    pub webhook: String,
+    #[serde(default)]
+    pub promql: String,
+    #[serde(default)]
+    pub op: String,
+    #[serde(default)]
+    pub threshold: f64,
+    #[serde(default)]
+    pub deadline_seconds: u32,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -384,7 +417,27 @@ pub fn build_spec(args: &CreateArgs, own_registry: &str) -> anyhow::Result<proto
         None => None,
     };
     let rt = file.runtime.unwrap_or_default();
+    let mut external_gates: Vec<proto::ExternalGate> = file
+        .external_gates
+        .into_iter()
+        .map(|g| proto::ExternalGate {
+            name: g.name,
+            webhook: g.webhook,
+            promql: g.promql,
+            op: g.op,
+            threshold: g.threshold,
+            deadline_seconds: g.deadline_seconds,
+        })
+        .collect();
+    for webhook in &args.approval_webhooks {
+        external_gates.push(proto::ExternalGate {
+            name: webhook.clone(),
+            webhook: webhook.clone(),
+            ..Default::default()
+        });
+    }
     Ok(proto::RolloutSpec {
+        external_gates,
         repository,
         candidate,
         selector: selector.into_iter().collect(),
@@ -801,7 +854,39 @@ struct StatusView {
     soak_seconds: u32,
     gates: String,
     classes: Vec<ClassView>,
+    /// External gates' answers at this step.
+    external_gates: Vec<ExternalGateView>,
     recent_events: Vec<EventView>,
+}
+
+#[derive(Serialize)]
+struct ExternalGateView {
+    gate: String,
+    class: String,
+    state: String,
+    message: String,
+    decided_by: String,
+    value: f64,
+}
+
+impl From<&proto::ExternalGateResult> for ExternalGateView {
+    fn from(r: &proto::ExternalGateResult) -> Self {
+        let state = match proto::ExternalGateState::try_from(r.state).unwrap_or_default() {
+            proto::ExternalGateState::Unspecified => "-",
+            proto::ExternalGateState::Asking => "asking",
+            proto::ExternalGateState::Passed => "passed",
+            proto::ExternalGateState::Failed => "failed",
+            proto::ExternalGateState::RetryLater => "not yet",
+        };
+        ExternalGateView {
+            gate: r.gate.clone(),
+            class: r.class.clone(),
+            state: state.into(),
+            message: r.message.clone(),
+            decided_by: r.decided_by.clone(),
+            value: r.value,
+        }
+    }
 }
 
 impl StatusView {
@@ -832,6 +917,12 @@ impl StatusView {
         if let Some(v) = g.max_p95_latency_ratio {
             gates.push(format!("B/A p95 latency <= {v:.2}"));
         }
+        for g in &spec.external_gates {
+            gates.push(match g.webhook.is_empty() {
+                true => format!("{}: {} {} {}", g.name, g.promql, g.op, g.threshold),
+                false => format!("{}: approval by webhook {}", g.name, g.webhook),
+            });
+        }
         let policy = if spec.on_class_failure == ClassFailurePolicy::HaltClass as i32 { "halt class" } else { "abort" };
         gates.push(format!("on failure: {policy}"));
         let classes = r.classes.iter().map(ClassView::from).collect();
@@ -842,6 +933,7 @@ impl StatusView {
             soak_seconds: step.min_soak_seconds,
             gates: gates.join(", "),
             classes,
+            external_gates: r.external_gates.iter().map(ExternalGateView::from).collect(),
             recent_events: events[skip..].iter().map(EventView::from).collect(),
         }
     }
@@ -884,6 +976,12 @@ fn status_text(s: &StatusView) -> String {
     if !r.window.is_empty() {
         let state = if r.window_opens.is_empty() { "open now".to_owned() } else { format!("opens {}", r.window_opens) };
         out.insert_str(out.len() - 1, &format!("window: {} ({state})\n", r.window));
+    }
+    for g in &s.external_gates {
+        let class = if g.class.is_empty() { String::new() } else { format!(" [{}]", g.class) };
+        let by = if g.decided_by.is_empty() { String::new() } else { format!(" by {}", printable(&g.decided_by, 64)) };
+        let line = format!("external gate {}{class}: {}{by}: {}\n", g.gate, g.state, printable(&g.message, 200));
+        out.insert_str(out.len() - 1, &line);
     }
     let mut header =
         vec!["CLASS", "VERDICT", "SELECTED", "B", "ACTIVE", "FAILED", "PENDING", "SUCCESS", "B/A TOK/S", "B/A TTFT"];

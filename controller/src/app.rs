@@ -31,6 +31,8 @@ pub struct App {
     /// Device records, live sessions, desired-state assignment.
     pub fleet: Fleet,
     pub rollouts: Rollouts,
+    /// Calls to the external gates rollouts name.
+    pub gate_calls: Arc<crate::rollout::gate_calls::GateCalls>,
     pub auth: Authenticator,
     /// The controller CA: device certificates and registry tokens.
     pub pki: Pki,

@@ -39,6 +39,111 @@ pub struct ControllerConfig {
     pub trusted_keys: Vec<alki_shared::signing::PublicKey>,
     /// How webhook deliveries are retried.
     pub webhook_delivery: DeliveryConfig,
+    /// The external gates rollouts may name (`--gates-file`): webhook gates and the operator's Prometheus.
+    pub gates: GatesConfig,
+}
+
+/// The `--gates-file`: the Prometheus that query gates ask, and the webhook gates rollouts name.
+///
+/// ```toml
+/// retry_seconds = 30                      # an unreachable gate or one without data is asked again after this
+/// [prometheus]
+/// url = "https://prometheus.example:9090" # http:// too: this is the admin's own network
+/// bearer_token_file = "/etc/alki/prometheus.token"   # optional
+/// [webhook.change-approval]
+/// url = "https://approvals.example.com/alki"
+/// secret_file = "/etc/alki/change-approval.secret"  # whsec_...; deliveries are signed like event webhooks
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GatesConfig {
+    pub prometheus: Option<PrometheusGateConfig>,
+    pub webhooks: std::collections::BTreeMap<String, WebhookGateConfig>,
+    /// How long before asking again a gate that said not yet without saying when, failed, or had no data.
+    pub retry: Duration,
+}
+
+#[derive(Clone, PartialEq)]
+pub struct PrometheusGateConfig {
+    pub url: String,
+    pub bearer_token: Option<String>,
+}
+
+impl std::fmt::Debug for PrometheusGateConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrometheusGateConfig").field("url", &self.url).finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, PartialEq)]
+pub struct WebhookGateConfig {
+    pub url: String,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for WebhookGateConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookGateConfig").field("url", &self.url).finish_non_exhaustive()
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatesFile {
+    retry_seconds: Option<u32>,
+    prometheus: Option<PrometheusEntry>,
+    #[serde(default)]
+    webhook: std::collections::BTreeMap<String, WebhookGateEntry>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrometheusEntry {
+    url: String,
+    bearer_token_file: Option<PathBuf>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookGateEntry {
+    url: String,
+    secret_file: PathBuf,
+}
+
+/// Reads a gates file (see [`GatesConfig`]); every error names the file and the entry.
+pub fn load_gates(path: &Path) -> Result<GatesConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    parse_gates(&text, |file| std::fs::read_to_string(file)).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn parse_gates(text: &str, read_secret: impl Fn(&Path) -> std::io::Result<String>) -> Result<GatesConfig, String> {
+    let file: GatesFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    let secret = |what: &str, path: &Path| {
+        read_secret(path)
+            .map(|s| s.trim().to_owned())
+            .map_err(|e| format!("{what}: cannot read {}: {e}", path.display()))
+    };
+    let http_url = |what: &str, url: &str| match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => Ok(()),
+        _ => Err(format!("{what}: url {url:?} is not an http(s) URL")),
+    };
+    let prometheus = match file.prometheus {
+        Some(p) => {
+            http_url("prometheus", &p.url)?;
+            let bearer_token = p.bearer_token_file.map(|f| secret("prometheus bearer_token_file", &f)).transpose()?;
+            Some(PrometheusGateConfig { url: p.url.trim_end_matches('/').to_owned(), bearer_token })
+        }
+        None => None,
+    };
+    let mut webhooks = std::collections::BTreeMap::new();
+    for (name, entry) in file.webhook {
+        let what = format!("webhook gate {name:?}");
+        http_url(&what, &entry.url)?;
+        let secret = secret(&what, &entry.secret_file)?;
+        alki_shared::webhook::secret_key(&secret).map_err(|e| format!("{what}: secret_file: {e}"))?;
+        webhooks.insert(name, WebhookGateConfig { url: entry.url, secret });
+    }
+    let retry = Duration::from_secs(u64::from(file.retry_seconds.unwrap_or(30).max(1)));
+    Ok(GatesConfig { prometheus, webhooks, retry })
 }
 
 /// How deliveries are attempted.
@@ -184,6 +289,7 @@ impl ControllerConfig {
             audit_retention: crate::store::audit::AuditRetention::default(),
             trusted_keys: Vec::new(),
             webhook_delivery: DeliveryConfig::default(),
+            gates: GatesConfig { retry: Duration::from_secs(30), ..Default::default() },
         }
     }
 }
@@ -230,6 +336,40 @@ mod tests {
         ];
         for (text, expected) in cases {
             let error = parse_external_registries(text, passwords).err().unwrap_or_default();
+            assert!(error.contains(expected), "{text:?} gave {error:?}, expected {expected:?}");
+        }
+    }
+
+    #[test]
+    fn a_gates_file_names_prometheus_and_webhook_gates_with_their_secrets() {
+        let secret = alki_shared::webhook::secret_from_key(&[1u8; 32]);
+        let read = |path: &Path| match path.to_str() {
+            Some("/s") => Ok(secret.clone()),
+            Some("/t") => Ok("tok\n".to_owned()),
+            _ => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
+        };
+        let text = r#"
+            retry_seconds = 5
+            [prometheus]
+            url = "http://prom:9090/"
+            bearer_token_file = "/t"
+            [webhook.change-approval]
+            url = "https://approve.example/alki"
+            secret_file = "/s"
+        "#;
+        let gates = parse_gates(text, read).expect("valid");
+        assert_eq!(gates.retry, Duration::from_secs(5));
+        let prometheus = gates.prometheus.expect("prometheus");
+        assert_eq!((prometheus.url.as_str(), prometheus.bearer_token.as_deref()), ("http://prom:9090", Some("tok")));
+        assert_eq!(gates.webhooks["change-approval"].secret, secret);
+        for (text, expected) in [
+            ("[prometheus]\nurl = \"prom:9090\"", "not an http(s) URL"),
+            ("[webhook.a]\nurl = \"https://a\"\nsecret_file = \"/missing\"", "cannot read /missing"),
+            ("[webhook.a]\nurl = \"https://a\"\nsecret_file = \"/t\"", "whsec_"),
+            ("[webhook.a]\nurl = \"https://a\"", "secret_file"),
+            ("colour = 1", "unknown field"),
+        ] {
+            let error = parse_gates(text, read).err().unwrap_or_default();
             assert!(error.contains(expected), "{text:?} gave {error:?}, expected {expected:?}");
         }
     }

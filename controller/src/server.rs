@@ -115,6 +115,7 @@ fn open_app(
         registry_host: config.registry_host.clone().unwrap_or_else(|| http_addr.to_string()),
         externals: config.external_registries.clone().into(),
         trusted_keys: config.trusted_keys.clone().into(),
+        gates: Arc::new(config.gates.clone()),
     };
     let fleet = Fleet::new(store.clone());
     let deliveries = crate::events::deliver::Deliveries::start(
@@ -127,10 +128,14 @@ fn open_app(
     .context("starting webhook deliveries")?;
     let report_counters = Arc::new(ReportCounters::default());
     let (reports, report_writer_task) = ReportWriter::start(fleet.clone(), report_counters.clone());
+    let rollouts = Rollouts::new(fleet.clone());
+    let gate_calls = crate::rollout::gate_calls::GateCalls::new(rollouts.clone(), config.gates.clone(), clock.clone())
+        .map_err(anyhow::Error::msg)?;
     let app = App {
         clock,
         store,
-        rollouts: Rollouts::new(fleet.clone()),
+        rollouts,
+        gate_calls,
         fleet,
         auth,
         pki,
@@ -159,7 +164,12 @@ impl Background {
     fn start(app: &App, config: &ControllerConfig, stop: CancellationToken) -> Background {
         let reconciler_stop = Arc::new(tokio::sync::Notify::new());
         let tasks = vec![
-            tokio::spawn(reconcile::reconcile_loop(app.rollouts.clone(), app.clock.clone(), reconciler_stop.clone())),
+            tokio::spawn(reconcile::reconcile_loop(
+                app.rollouts.clone(),
+                app.gate_calls.clone(),
+                app.clock.clone(),
+                reconciler_stop.clone(),
+            )),
             tokio::spawn(crate::insight::flush_loop(
                 app.ingest.clone(),
                 app.store.clone(),

@@ -50,6 +50,10 @@ struct Args {
     /// password_file), for registries that each need their own transport or login.
     #[arg(long, env = "ALKI_EXTERNAL_REGISTRIES_FILE")]
     external_registries_file: Option<PathBuf>,
+    /// A TOML file naming the external gates rollouts may use: the Prometheus query gates ask and the
+    /// webhook gates (url, secret_file) that approve or reject each step. See README "External gates".
+    #[arg(long, env = "ALKI_GATES_FILE")]
+    gates_file: Option<PathBuf>,
     /// Log as JSON lines (for log shippers) instead of text.
     #[arg(long)]
     log_json: bool,
@@ -152,6 +156,9 @@ async fn main() -> anyhow::Result<()> {
             }
             config.external_registries.push(registry);
         }
+    }
+    if let Some(file) = &args.gates_file {
+        config.gates = alki_controller::config::load_gates(file).map_err(anyhow::Error::msg)?;
     }
     for path in &args.trusted_keys {
         let key =

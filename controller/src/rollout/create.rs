@@ -31,6 +31,8 @@ pub struct Sources {
     pub externals: Arc<[ExternalRegistry]>,
     /// Keys a rollout candidate must be signed with (see `trust`).
     pub trusted_keys: Arc<[PublicKey]>,
+    /// The external gates rollouts may name (see `gate_calls`).
+    pub gates: Arc<crate::config::GatesConfig>,
 }
 
 /// An operator's request to create a rollout.
@@ -96,6 +98,7 @@ pub async fn create(
     crate::limits::check_labels("rollout selector", spec.selector.iter())
         .map_err(|e| CreateError::Refused(e.to_string()))?;
     check_quality(&spec).map_err(CreateError::Invalid)?;
+    super::gate_calls::check_spec(&spec.external_gates, &sources.gates).map_err(CreateError::Invalid)?;
     let check =
         crate::trust::check_candidate(&sources.registry, &sources.externals, &sources.trusted_keys, &spec).await;
     let (suite, suite_check) = pin_suite(sources, &spec.eval_suite).await?;

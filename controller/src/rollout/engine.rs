@@ -54,6 +54,11 @@
 //!   INCONCLUSIVE with fewer than `min_devices` sampled devices on either side, and FAILS when B's p95 is
 //!   over the ratio times A's, both values in the reason. `ClassStatus.b_p95_latency_ms` /
 //!   `a_p95_latency_ms` show each side's p95 once it has samples.
+//! - **External gates** (`spec.external_gates`, [`external_gates`]): once a class passed the built-in gates
+//!   and the step soaked (and the rollout is not paused), each external gate's answer for this step is
+//!   needed too: a webhook's (one for the whole rollout) and a Prometheus query's (per class). Missing or
+//!   due answers are asked for ([`Plan::external_asks`]) and the class WAITS; a rejection or a query past its
+//!   threshold FAILS the class; no decision within the gate's deadline is INCONCLUSIVE.
 //! - **Outcomes per step**: a failing class aborts the rollout, or with `HALT_CLASS` only that class is
 //!   halted (its B devices return to A) while the others continue; if every sampled class is halted the
 //!   rollout aborts. An inconclusive class pauses the rollout for a human (`resume` accepts the step) or,
@@ -94,6 +99,8 @@ use crate::insight::errors::{self, ClassErrors};
 use crate::insight::latency::{self, ClassLatency};
 use crate::insight::quality::{self, Evaluations};
 use crate::store::Keyed;
+
+pub mod external_gates;
 
 /// The candidate cohort within a rollout.
 pub const COHORT_CANDIDATE: &str = "B";
@@ -179,6 +186,8 @@ pub struct Plan {
     /// Devices to send a Prestage command for the candidate (not persisted in the plan: the device record
     /// keeps what was sent, so this is recomputed, idempotently, from facts on every pass).
     pub prestage: Vec<PrestageOrder>,
+    /// External gates to ask now (recomputed on every pass; the caller drops asks already in flight).
+    pub external_asks: Vec<external_gates::Ask>,
 }
 
 impl Plan {
@@ -191,6 +200,7 @@ impl Plan {
             to_baseline: Vec::new(),
             retry: Vec::new(),
             prestage: Vec::new(),
+            external_asks: Vec::new(),
         }
     }
 
@@ -392,6 +402,9 @@ fn decide_steps(rollout: &Keyed<proto::Rollout>, facts: &Facts<'_>, now: UnixMs)
     let waiting_turn = move_to_candidate(&pass, &mut plan, &mut records, &selected);
     count_candidates(&mut classes, &records, &waiting_turn);
     judge_classes(&pass, &plan, &records, &mut classes);
+    if !pass.spec.external_gates.is_empty() && !pass.paused && soaked(&pass, &plan) {
+        plan.external_asks = external_gates::apply(&mut plan.rollout, &pass.spec.external_gates, &mut classes, now);
+    }
     halt_or_abort(&pass, &mut plan, &mut records, &mut classes);
     finish_counts(&mut plan, &classes);
     if plan.state() != RolloutState::Progressing {
@@ -758,8 +771,7 @@ fn advance_hold_or_wait(pass: &Pass<'_>, plan: &mut Plan, classes: &BTreeMap<Str
     let accept_inconclusive = plan.rollout.inconclusive_accepted
         || plan.rollout.promoted
         || pass.spec.on_inconclusive == InconclusivePolicy::Advance as i32;
-    let soak = Duration::from_secs(u64::from(pass.step.min_soak_seconds));
-    let soaked = now >= UnixMs(plan.rollout.step_started_unix_ms).plus(soak);
+    let soaked = soaked(pass, plan);
     let last_step = plan.rollout.current_step as usize + 1 >= pass.spec.steps.len();
     let closed = pass.closed.as_ref();
     if !waiting.is_empty() {
@@ -792,6 +804,12 @@ fn advance_hold_or_wait(pass: &Pass<'_>, plan: &mut Plan, classes: &BTreeMap<Str
     }
 }
 
+/// True once the current step has run its minimum soak time.
+fn soaked(pass: &Pass<'_>, plan: &Plan) -> bool {
+    let soak = Duration::from_secs(u64::from(pass.step.min_soak_seconds));
+    pass.now >= UnixMs(plan.rollout.step_started_unix_ms).plus(soak)
+}
+
 fn complete(plan: &mut Plan, now: UnixMs) {
     plan.set_state(RolloutState::Completed);
     let active: u32 = plan.rollout.counts.map(|c| c.active).unwrap_or(0);
@@ -809,6 +827,7 @@ fn advance(plan: &mut Plan, spec: &proto::RolloutSpec, now: UnixMs) {
     plan.rollout.current_step += 1;
     plan.rollout.step_started_unix_ms = now.as_millis();
     plan.rollout.inconclusive_accepted = false;
+    plan.rollout.external_gates.clear();
     let percent = spec.steps.get(plan.rollout.current_step as usize).map(|s| s.percent).unwrap_or(100);
     plan.rollout.message = format!("advanced to step {} ({percent}%)", step_no + 1);
     plan.event(now, "advanced", plan.rollout.message.clone(), "");

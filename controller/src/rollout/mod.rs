@@ -1,11 +1,12 @@
 //! Rollouts: `create` (a spec checked, its candidate's signature checked and pinned by digest, stored as
 //! Pending), the pure `engine` that decides what each rollout does next, and `reconcile`, which persists
 //! and applies the engine's plans (on its loop, and for operators' verbs). `external` pins candidates in
-//! external registries. Schedule windows are `alki_shared::schedule` (alkictl validates them too).
+//! external registries; `gate_calls` asks external gates (webhooks, Prometheus) what the engine needs. Schedule windows are `alki_shared::schedule` (alkictl validates them too).
 
 pub mod create;
 pub mod engine;
 pub mod external;
+pub mod gate_calls;
 pub mod reconcile;
 
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -13,6 +13,7 @@ use alki_shared::proto::{self, RolloutState, VariantPolicy, controller_message};
 
 use super::Rollouts;
 use super::engine;
+use super::gate_calls::GateCalls;
 use crate::facts::rollout_is_active;
 use crate::fleet::{Assignment, EvalAssignment, Fleet};
 use crate::insight::compare::Measurements;
@@ -25,7 +26,12 @@ const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Applies the engine's plans until shutdown: wakes on fleet changes and on a timer. The first pass also
 /// looks at finished rollouts, to finish returning devices to A if the controller stopped mid-abort.
-pub async fn reconcile_loop(rollouts: Rollouts, clock: SharedClock, shutdown: Arc<tokio::sync::Notify>) {
+pub async fn reconcile_loop(
+    rollouts: Rollouts,
+    gates: Arc<GateCalls>,
+    clock: SharedClock,
+    shutdown: Arc<tokio::sync::Notify>,
+) {
     let mut first = true;
     loop {
         let (pass, now) = (rollouts.clone(), clock.now());
@@ -33,7 +39,11 @@ pub async fn reconcile_loop(rollouts: Rollouts, clock: SharedClock, shutdown: Ar
         // Store I/O is blocking; keep it off the async workers.
         let result = tokio::task::spawn_blocking(move || reconcile_once_with(&pass, now, include_finished)).await;
         match result {
-            Ok(Ok(())) => {}
+            Ok(Ok(asks)) => {
+                for (rollout, asks) in asks {
+                    gates.ask(&rollout, asks);
+                }
+            }
             Ok(Err(error)) => tracing::error!(%error, "Rollout reconciliation failed; retrying."),
             Err(error) => tracing::error!(%error, "Rollout reconciliation panicked; retrying."),
         }
@@ -47,10 +57,13 @@ pub async fn reconcile_loop(rollouts: Rollouts, clock: SharedClock, shutdown: Ar
 
 /// One pass over every active rollout. Idempotent: a pass over unchanged facts writes nothing.
 pub fn reconcile_once(rollouts: &Rollouts, now: UnixMs) -> Result<(), StoreError> {
-    reconcile_once_with(rollouts, now, false)
+    reconcile_once_with(rollouts, now, false).map(drop)
 }
 
-fn reconcile_once_with(rollouts: &Rollouts, now: UnixMs, include_finished: bool) -> Result<(), StoreError> {
+/// External gates to ask, per rollout (as it was committed).
+type GateAsks = Vec<(Keyed<proto::Rollout>, Vec<engine::external_gates::Ask>)>;
+
+fn reconcile_once_with(rollouts: &Rollouts, now: UnixMs, include_finished: bool) -> Result<GateAsks, StoreError> {
     let fleet = &rollouts.fleet;
     let _guard = rollouts.lock();
     let stored = fleet.store.rollouts()?;
@@ -63,8 +76,9 @@ fn reconcile_once_with(rollouts: &Rollouts, now: UnixMs, include_finished: bool)
             rollout_is_active(r) || (include_finished && r.state == RolloutState::Aborted as i32)
         })
         .collect();
+    let mut asks = GateAsks::new();
     if considered.is_empty() {
-        return Ok(());
+        return Ok(asks);
     }
     let mut devices = load_devices(fleet)?;
     // Measurements are read only when a rollout's performance gates need them.
@@ -93,19 +107,25 @@ fn reconcile_once_with(rollouts: &Rollouts, now: UnixMs, include_finished: bool)
             let plan = engine::decide(&rollout, &facts, now);
             let before = rollout.record();
             if !plan.changes(before) {
+                if !plan.external_asks.is_empty() {
+                    asks.push((rollout.clone(), plan.external_asks));
+                }
                 break;
             }
             let moved = plan.rollout.state != before.state || plan.rollout.current_step != before.current_step;
             apply(fleet, &rollout, &plan, now)?;
             merge_records(&mut records, &plan.records);
             rollout = Keyed::with_id(rollout.id().clone(), plan.rollout);
+            if !plan.external_asks.is_empty() {
+                asks.push((rollout.clone(), plan.external_asks));
+            }
             if !moved || !rollout_is_active(rollout.record()) {
                 break;
             }
             devices = load_devices(fleet)?;
         }
     }
-    Ok(())
+    Ok(asks)
 }
 
 /// Device records with `connected` filled from the live sessions (pre-staging only asks connected devices).
