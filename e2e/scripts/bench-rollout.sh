@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Bench: 5,000 simulated agents on one controller (release build). Prints the figures fleet-sim measures.
+# Bench: 5,000 simulated agents on one controller (release build). Prints the figures fleet-sim measures;
+# WEBHOOK=1 also delivers every event to a webhook and prints the delivery latency.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 N=${N:-5000}
@@ -19,4 +20,4 @@ export ALKI_CONTROLLER=http://127.0.0.1:${GRPC_PORT:-27070} ALKI_REGISTRY=127.0.
 ulimit -n 65536 2>/dev/null || true
 "$bin/fleet-sim" --controller http://127.0.0.1:${GRPC_PORT:-27070} --admin-token-file "$work/data/admin.token" \
   --devices "$N" --heartbeat-secs 10 --bench --bundle acme/tiny:v2 --steps 10,25,50,100 \
-  --controller-pid "$pid" --idle-secs "${IDLE:-30}"
+  --controller-pid "$pid" --idle-secs "${IDLE:-30}" ${WEBHOOK:+--webhook}

@@ -34,6 +34,7 @@ pub fn document(event: &proto::FleetEvent, id: &str, source: &str) -> serde_json
         "datacontenttype": "application/json",
         "data": {
             "event_id": event.id,
+            "unix_ms": event.unix_ms,
             "type": event.r#type,
             "rollout_id": event.rollout_id,
             "rollout_seq": event.rollout_seq,

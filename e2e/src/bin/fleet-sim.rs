@@ -76,6 +76,10 @@ struct Args {
     /// REPOSITORY:TAG in the embedded registry every device serves at the start (its baseline A).
     #[arg(long)]
     baseline: Option<String>,
+    /// Receive the controller's events on a webhook served here (127.0.0.1:0) from the start, and report
+    /// the delivery latency (event committed -> receiver) over everything the fleet and the bench produce.
+    #[arg(long)]
+    webhook: bool,
 }
 
 #[tokio::main]
@@ -119,6 +123,10 @@ async fn main() -> anyhow::Result<()> {
     for d in devices.iter_mut().filter(|d| Some(&d.class) == args.slow_class.as_ref()) {
         d.b_speed = args.slow_factor;
     }
+    let receiver = match args.webhook {
+        true => Some(webhook_receiver::start(&args.controller, &admin).await?),
+        false => None,
+    };
     let (_address, controller) = tokio::sync::watch::channel(args.controller.clone());
     let config = SimConfig {
         controller,
@@ -270,6 +278,9 @@ async fn main() -> anyhow::Result<()> {
     }
     compare_bench(&args, &admin, &done).await?;
     sims.stop().await;
+    if let Some(receiver) = receiver {
+        receiver.report(&args.controller, &admin).await?;
+    }
     Ok(())
 }
 
@@ -368,4 +379,101 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 /// The value at quantile `p` of sorted `values` (nearest rank).
 fn percentile(sorted: &[i64], p: f64) -> Option<i64> {
     sorted.get(((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied()
+}
+
+/// A webhook receiver for the bench: verifies each delivery's signature, and keeps each event's latency from
+/// its commit (`data.unix_ms`) to its arrival.
+mod webhook_receiver {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use alki_shared::proto::{self, event_service_client::EventServiceClient};
+    use alki_shared::webhook;
+    use anyhow::Context as _;
+    use tonic::transport::Channel;
+
+    pub struct Receiver {
+        state: Arc<State>,
+        webhook_id: String,
+    }
+
+    #[derive(Default)]
+    struct State {
+        key: Vec<u8>,
+        latencies_ms: Mutex<Vec<i64>>,
+        bad: Mutex<u64>,
+    }
+
+    fn now_ms() -> i64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    }
+
+    async fn take(
+        axum::extract::State(s): axum::extract::State<Arc<State>>,
+        headers: axum::http::HeaderMap,
+        body: axum::body::Bytes,
+    ) -> axum::http::StatusCode {
+        let arrived = now_ms();
+        let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        let (id, ts, sig) = (h(webhook::ID_HEADER), h(webhook::TIMESTAMP_HEADER), h(webhook::SIGNATURE_HEADER));
+        if webhook::verify(&s.key, &id, &ts, &sig, &body, arrived / 1000).is_err() {
+            *s.bad.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+            return axum::http::StatusCode::UNAUTHORIZED;
+        }
+        let event: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        if let Some(at) = event["data"]["unix_ms"].as_i64() {
+            s.latencies_ms.lock().unwrap_or_else(|p| p.into_inner()).push(arrived - at);
+        }
+        axum::http::StatusCode::NO_CONTENT
+    }
+
+    async fn client(controller: &str) -> anyhow::Result<EventServiceClient<Channel>> {
+        let channel = Channel::from_shared(controller.to_owned())?.connect().await.context("connecting")?;
+        Ok(EventServiceClient::new(channel))
+    }
+
+    pub async fn start(controller: &str, admin: &str) -> anyhow::Result<Receiver> {
+        let key: Vec<u8> = (0u8..32).collect();
+        let state = Arc::new(State { key: key.clone(), ..Default::default() });
+        let app = axum::Router::new().route("/hook", axum::routing::post(take)).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/hook", listener.local_addr()?);
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let request = proto::AddWebhookRequest {
+            url,
+            secret: webhook::secret_from_key(&key),
+            insecure_http: true,
+            ..Default::default()
+        };
+        let added = client(controller).await?.add_webhook(super::authed(admin, request)?).await?.into_inner();
+        let webhook_id = added.webhook.map(|w| w.id).unwrap_or_default();
+        Ok(Receiver { state, webhook_id })
+    }
+
+    impl Receiver {
+        /// Waits for the webhook to catch up, then prints the latencies.
+        pub async fn report(self, controller: &str, admin: &str) -> anyhow::Result<()> {
+            let mut events = client(controller).await?;
+            for _ in 0..600 {
+                let hooks = events.list_webhooks(super::authed(admin, proto::ListWebhooksRequest {})?).await?;
+                if hooks.into_inner().webhooks.iter().any(|w| w.id == self.webhook_id && w.pending == 0) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let mut latencies = self.state.latencies_ms.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            latencies.sort_unstable();
+            let bad = *self.state.bad.lock().unwrap_or_else(|p| p.into_inner());
+            println!(
+                "webhook: {} events delivered (signatures refused: {bad}); event -> receiver p50 {} ms, p99 {} ms, max {} ms",
+                latencies.len(),
+                super::percentile(&latencies, 0.5).unwrap_or(0),
+                super::percentile(&latencies, 0.99).unwrap_or(0),
+                latencies.last().copied().unwrap_or(0)
+            );
+            Ok(())
+        }
+    }
 }
