@@ -373,4 +373,11 @@ mod tests {
             assert!(error.contains(expected), "{text:?} gave {error:?}, expected {expected:?}");
         }
     }
+
+    #[test]
+    fn the_example_gates_file_parses() {
+        let secret = alki_shared::webhook::secret_from_key(&[2u8; 32]);
+        let gates = parse_gates(include_str!("../../deploy/config/gates.toml"), |_| Ok(secret.clone())).expect("valid");
+        assert!(gates.prometheus.is_some() && gates.webhooks.contains_key("change-approval"));
+    }
 }
