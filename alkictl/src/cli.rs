@@ -34,7 +34,7 @@ pub enum Command {
     Devices(devices::DevicesCmd),
     /// Roll bundles out to devices.
     #[command(subcommand)]
-    Rollout(rollout::RolloutCmd),
+    Rollout(Box<rollout::RolloutCmd>),
     /// Benchmarks, calibration, A/B comparisons and variant recommendations.
     #[command(subcommand)]
     Bench(bench::BenchCmd),

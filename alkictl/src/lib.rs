@@ -31,7 +31,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bundle(cmd) => bundle::run(connection, output, cmd).await,
         Command::Devices(cmd) => devices::run(connection, output, cmd).await,
-        Command::Rollout(cmd) => rollout::run(connection, output, cmd).await,
+        Command::Rollout(cmd) => rollout::run(connection, output, *cmd).await,
         Command::Bench(cmd) => bench::run(connection, output, cmd).await,
         Command::Eval(cmd) => eval::run(connection, output, cmd).await,
         Command::Token(cmd) => admin::run_token(connection, output, cmd).await,

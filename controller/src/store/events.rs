@@ -140,11 +140,11 @@ pub(super) fn append_in(
     now: UnixMs,
 ) -> Result<Option<u64>, StoreError> {
     let mut t = txn.open_table(FLEET_EVENTS)?;
-    let mut next = t.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
+    let first_id = t.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
     let mut appended = None;
-    for event in events {
+    for (id, event) in (first_id..).zip(events) {
         let record = proto::FleetEvent {
-            id: next,
+            id,
             unix_ms: now.as_millis(),
             r#type: event.kind,
             rollout_id: event.rollout_id,
@@ -154,9 +154,8 @@ pub(super) fn append_in(
             pending_webhooks: Vec::new(),
         };
         let bytes = serde_json::to_vec(&record).map_err(|e| StoreError::Encode(e, "fleet_events".into()))?;
-        t.insert(next, bytes.as_slice())?;
-        appended = Some(next);
-        next += 1;
+        t.insert(id, bytes.as_slice())?;
+        appended = Some(id);
     }
     if appended.is_some() {
         prune(&mut t, now)?;
