@@ -83,6 +83,11 @@ impl App {
             evaluations: ingest.evaluations.snapshot(),
             refused_calls: self.refused_calls.snapshot(),
             sessions_waiting_hello: self.fleet.hub.waiting_count() as u64,
+            commands_queued: self.fleet.commands.queued.load(Ordering::Relaxed),
+            commands_expired: self.fleet.commands.expired.load(Ordering::Relaxed),
+            commands_delivered: self.fleet.commands.delivered.load(Ordering::Relaxed),
+            diagnostic_bytes: self.fleet.relay.bytes.load(Ordering::Relaxed),
+            diagnostics_in_flight: self.fleet.relay.in_flight() as u64,
         }
     }
 }

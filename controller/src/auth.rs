@@ -297,6 +297,9 @@ pub fn grpc_policy(path: &str) -> Option<Policy> {
         ("SecurityService", "DecommissionDevice") => write(WriteFleet),
         ("InsightService", "RunBenchmark" | "Calibrate" | "Evaluate") => write(WriteFleet),
         ("InsightService", "ListBenchmarks" | "Compare" | "Recommend" | "ListEvaluations") => read(ReadFleet),
+        // Logs and bundles change nothing, but they show what a device does and may hold users' traffic
+        // details: operators and admins only (WriteFleet), and audited like changes (who read which device).
+        ("DiagnosticsService", "DeviceLogs" | "SupportBundle" | "RestartRuntime" | "Reverify") => write(WriteFleet),
         _ => return None,
     })
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use alki_shared::clock::{self, SharedClock};
 use alki_shared::proto::admin_service_server::AdminServiceServer;
 use alki_shared::proto::agent_service_server::AgentServiceServer;
+use alki_shared::proto::diagnostics_service_server::DiagnosticsServiceServer;
 use alki_shared::proto::enrollment_service_server::EnrollmentServiceServer;
 use alki_shared::proto::fleet_service_server::FleetServiceServer;
 use alki_shared::proto::insight_service_server::InsightServiceServer;
@@ -112,7 +113,7 @@ fn open_app(
         externals: config.external_registries.clone().into(),
         trusted_keys: config.trusted_keys.clone().into(),
     };
-    let fleet = Fleet::new(store.clone());
+    let fleet = Fleet::new(store.clone()).with_command_ttl(config.command_queue_ttl);
     let report_counters = Arc::new(ReportCounters::default());
     let (reports, report_writer_task) = ReportWriter::start(fleet.clone(), report_counters.clone());
     let app = App {
@@ -193,6 +194,7 @@ async fn grpc_server(
     let security_api = api::security::SecurityApi { app: app.clone() };
     let insight_api = api::insight::InsightApi { app: app.clone() };
     let fleet_api = api::fleet::FleetApi { app: app.clone() };
+    let diagnostics_api = api::diagnostics::DiagnosticsApi { app: app.clone() };
     // The standard health service: every Alki service is SERVING while the listener is up (a stopping
     // controller stops answering altogether).
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -203,6 +205,7 @@ async fn grpc_server(
         "alki.v1.AdminService",
         "alki.v1.EnrollmentService",
         "alki.v1.SecurityService",
+        "alki.v1.DiagnosticsService",
     ] {
         health_reporter.set_service_status(service, tonic_health::ServingStatus::Serving).await;
     }
@@ -226,6 +229,7 @@ async fn grpc_server(
         .add_service(InsightServiceServer::new(insight_api).max_decoding_message_size(limits.grpc_max_message))
         .add_service(EnrollmentServiceServer::new(enroll_api).max_decoding_message_size(limits.grpc_max_message))
         .add_service(SecurityServiceServer::new(security_api).max_decoding_message_size(limits.grpc_max_message))
+        .add_service(DiagnosticsServiceServer::new(diagnostics_api).max_decoding_message_size(limits.grpc_max_message))
         .add_service(health_service)
         .add_service(reflection)
         .serve_with_incoming_shutdown(nodelay(TcpListenerStream::new(listener)), async move { stop.cancelled().await }))
