@@ -295,7 +295,10 @@ impl Session {
         let device_id = &self.device_id;
         loop {
             match inbound.next().await {
-                Some(Ok(_)) if self.limiter.check(device_id.as_str(), std::time::Instant::now()).is_err() => {
+                Some(Ok(message))
+                    if !self.solicited(&message)
+                        && self.limiter.check(device_id.as_str(), std::time::Instant::now()).is_err() =>
+                {
                     // Nothing of the flood is recorded: the session ends with a clear error instead.
                     tracing::warn!("Agent exceeded its message rate; closing its session.");
                     if let Some(tx) = refuse.upgrade() {
@@ -325,6 +328,18 @@ impl Session {
         // The writer wakes the reconciler once this is committed.
         let _ = self.app.reports.update(device_id, Durability::Durable, move |d| d.last_seen_unix_ms = gone).await;
         tracing::info!("Agent disconnected.");
+    }
+
+    /// A diagnostics chunk an operator waits for: paced and capped by the device, bounded by the relay's
+    /// slow-caller wait, so it does not count against the device's message rate (a fast log transfer
+    /// would otherwise close the session it travels on).
+    fn solicited(&self, message: &AgentMessage) -> bool {
+        match &message.msg {
+            Some(agent_message::Msg::Diagnostic(chunk)) => {
+                self.app.fleet.relay.expects(&self.device_id, &chunk.command_id)
+            }
+            _ => false,
+        }
     }
 
     /// Queues one message from the agent for the report writer (in-memory facts are kept at once). Only a

@@ -124,6 +124,11 @@ impl Relay {
         }
     }
 
+    /// Whether a caller waits for this answer (its pieces were asked for).
+    pub fn expects(&self, device_id: &DeviceId, command_id: &str) -> bool {
+        self.lock().contains_key(&(device_id.clone(), command_id.to_owned()))
+    }
+
     /// Whether a piece of an answer nobody waits for is the first seen of that answer (the device should
     /// then be told to stop sending it).
     pub fn first_orphan(&self, device_id: &DeviceId, command_id: &str) -> bool {
