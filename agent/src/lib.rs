@@ -293,8 +293,8 @@ impl Agent {
             scrubber,
         };
         let device_task = tokio::spawn(device.run(parts.stop.clone()).in_current_span());
-        let reports = SessionReports { benchmarks: reports_rx, evals, eval_reports: eval_reports_rx };
-        let session = parts.session(device_id, desired_tx, status_rx, reports, bench_jobs, staging, operations);
+        let reports = SessionReports { benchmarks: reports_rx, evals, eval_reports: eval_reports_rx, operations };
+        let session = parts.session(device_id, desired_tx, status_rx, reports, bench_jobs, staging);
         // Device certificates renew themselves at two thirds of their life (not in the insecure token mode).
         let renewal = (!parts.config.controller.insecure_plaintext)
             .then(|| tokio::spawn(identity::renew_loop(parts.config.clone(), parts.stop.clone()).in_current_span()));
@@ -624,7 +624,6 @@ impl Parts {
         reports: SessionReports,
         bench: bench::Jobs,
         staging: stage::SessionStaging,
-        operations: session::Operations,
     ) -> SessionContext {
         let config = &self.config;
         SessionContext {
@@ -650,16 +649,17 @@ impl Parts {
             settings: config.clone(),
             registry_token: self.acquirer.registry.device_token.clone(),
             staging,
-            operations,
+            operations: reports.operations,
         }
     }
 }
 
-/// What the session forwards and where Evaluate commands go.
+/// What the session forwards, and where Evaluate, diagnostics and device commands go.
 struct SessionReports {
     benchmarks: mpsc::Receiver<alki_shared::proto::BenchmarkReport>,
     evals: eval::Jobs,
     eval_reports: mpsc::Receiver<alki_shared::proto::EvalReport>,
+    operations: session::Operations,
 }
 
 /// How the agent ends.

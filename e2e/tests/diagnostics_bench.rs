@@ -2,7 +2,8 @@
 //! agent enrolled with mTLS) and the agent's CPU while it streams. Ignored by default (a benchmark, not a
 //! test); run it with:
 //! `cargo test --release -p alki-e2e --test diagnostics_bench -- --ignored --nocapture`
-//! (`ALKI_BENCH_LOG_MIB`, default 256: the size of the llama-server log read).
+//! (`ALKI_BENCH_LOG_MIB`, default 256: the size of the llama-server log read; `ALKI_BENCH_RATE_KIB`, default
+//! the highest the agent accepts: its `diagnostics.max_kib_per_second`, e.g. 1024 for the shipped pacing).
 
 use std::io::Write as _;
 use std::process::Stdio;
@@ -33,7 +34,15 @@ fn write_log(path: &std::path::Path, mib: u64) -> anyhow::Result<u64> {
         let line = format!(
             "slot update_slots: id {} | task {} | prompt processing progress, n_past = {}, n_tokens = {}, progress = 0.{:06}\n\
              srv  log_server_r: request: POST /v1/chat/completions 127.0.0.1 200 t_prompt={}.{:03}ms t_gen={}.{:03}ms\n",
-            x % 4, x % 100_000, x % 4096, x % 512, x % 1_000_000, x % 900, x % 1000, (x >> 8) % 9000, (x >> 16) % 1000
+            x % 4,
+            x % 100_000,
+            x % 4096,
+            x % 512,
+            x % 1_000_000,
+            x % 900,
+            x % 1000,
+            (x >> 8) % 9000,
+            (x >> 16) % 1000
         );
         out.write_all(line.as_bytes())?;
         written += line.len() as u64;
@@ -51,12 +60,16 @@ fn log_streaming_throughput_through_the_controller_over_tls() -> anyhow::Result<
     let trust = dir.path().join("trust.toml");
     std::fs::write(&trust, "[[repository]]\npattern = \"*\"\nrequired = false\n")?;
     let fake = binary("fake-llama-server")?;
-    // The device's pacing and cap set as high as they go, to measure the path rather than the pacing.
-    let extra = "\n[diagnostics]\nmax_kib_per_second = 1048576\nmax_mib_per_request = 4096\n";
-    let (mut agent, _) = controller.start_agent(dir.path(), DEVICE, "lab", &fake, &trust, extra)?;
+    // By default the device's pacing and cap as high as they go, to measure the path rather than the pacing.
+    let rate: u64 = std::env::var("ALKI_BENCH_RATE_KIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 20);
+    let extra = format!("\n[diagnostics]\nmax_kib_per_second = {rate}\nmax_mib_per_request = 4096\n");
+    let (mut agent, _) = controller.start_agent(dir.path(), DEVICE, "lab", &fake, &trust, &extra)?;
     wait_for("the device to connect", Duration::from_secs(60), &[&agent, &controller.proc], || {
         let devices = controller.alkictl_json(&["devices", "list"])?;
-        Ok(devices.as_array().and_then(|ds| ds.iter().find(|d| d["id"] == DEVICE && d["connected"] == true)).map(|_| ()))
+        Ok(devices
+            .as_array()
+            .and_then(|ds| ds.iter().find(|d| d["id"] == DEVICE && d["connected"] == true))
+            .map(|_| ()))
     })?;
     let logs = harness::agent_dir(dir.path(), DEVICE).join("data").join("logs");
     std::fs::create_dir_all(&logs)?;

@@ -207,10 +207,11 @@ impl Diagnostics {
             }
             offset += piece.len() as u64;
             sink.send("bundle", &piece, false).await.map_err(|stopped| match stopped {
-                Stopped::Capped => Ended::Failed(format!(
+                Stopped::Capped => Ended::Failed(
                     "the support bundle is larger than the device's cap (diagnostics.max_mib_per_request); \
                      ask for a smaller log tail (--log-tail) or raise the cap"
-                )),
+                        .into(),
+                ),
                 other => Ended::Stopped(other),
             })?;
         }
