@@ -75,7 +75,10 @@ pub async fn logs(connection: &Connection, output: Output, args: LogsArgs) -> an
         };
         let Some(chunk) = next else { break };
         if chunk.last && chunk.truncated {
-            eprintln!("(cut at the byte cap: ask for less with --since, or raise --max-bytes up to the device's cap)");
+            eprintln!(
+                "(older lines were left out for the byte cap: narrow it with --since, or raise --max-bytes up to the \
+                 device's cap, diagnostics.max_mib_per_request)"
+            );
         }
         if chunk.data.is_empty() {
             continue;
@@ -229,6 +232,8 @@ pub async fn command(
                 v.device_id,
                 v.expires.clone().unwrap_or_default()
             )
+        } else if v.ok.is_none() {
+            format!("sent to device {} (it connected just now); its result will be in its log", v.device_id)
         } else {
             let corrupt: String = v.corrupt_digests.iter().map(|d| format!("\n  corrupt: {d}")).collect();
             format!("device {}: {}{corrupt}", v.device_id, v.detail)

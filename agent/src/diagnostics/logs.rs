@@ -114,7 +114,8 @@ async fn send_agent_backlog(
         );
         return sink.send("agent", note.as_bytes(), true).await;
     }
-    let (segments, _) = plan(files, since.map_or(0, millis), share);
+    let (segments, cut) = plan(files, since.map_or(0, millis), share);
+    sink.cut |= cut;
     let mut filter = SinceFilter::new(since);
     for segment in segments {
         send_range(sink, "agent", &segment.path, segment.start, segment.len, Some(&mut filter)).await?;
@@ -133,7 +134,8 @@ async fn send_runtime_backlog(
         let note = format!("# no llama-server log in {} yet\n", places.logs_dir.display());
         return sink.send("runtime", note.as_bytes(), true).await;
     }
-    let (segments, _) = plan(files, since.map_or(0, millis), share);
+    let (segments, cut) = plan(files, since.map_or(0, millis), share);
+    sink.cut |= cut;
     for segment in segments {
         let header = format!("==> {} <==\n", file_name(&segment.path));
         sink.send("runtime", header.as_bytes(), true).await?;
@@ -237,7 +239,11 @@ async fn send_journal(unit: &str, since: Option<SystemTime>, sink: &mut Sink, sh
             read = stdout.read(&mut buf) => read.unwrap_or(0),
             _ = sink.cancelled().cancelled() => return Err(Stopped::Cancelled),
         };
-        if n == 0 || sent >= share {
+        if n == 0 {
+            break;
+        }
+        if sent >= share {
+            sink.cut = true;
             break;
         }
         let n = n.min(usize::try_from(share - sent).unwrap_or(usize::MAX));

@@ -172,7 +172,10 @@ impl Diagnostics {
         };
         tracing::info!(bytes = sink.sent, outcome = ?outcome, "Diagnostics answer ended.");
         match outcome {
-            Ok(()) => sink.finish(None, false, false).await,
+            Ok(()) => {
+                let cut = sink.cut;
+                sink.finish(None, false, cut).await
+            }
             Err(Ended::Stopped(Stopped::Capped)) => sink.finish(None, false, true).await,
             Err(Ended::Stopped(Stopped::Cancelled)) => sink.finish(Some("cancelled".into()), false, false).await,
             Err(Ended::Stopped(Stopped::SessionGone)) => {}

@@ -60,6 +60,8 @@ pub struct Sink {
     /// Bytes (uncompressed) this answer may still send.
     left: u64,
     pub sent: u64,
+    /// Something older was left out to stay within a source's share of the cap (said in the last chunk).
+    pub cut: bool,
     metrics: std::sync::Arc<crate::metrics::AgentMetrics>,
 }
 
@@ -79,6 +81,7 @@ impl Sink {
             seq: 0,
             left: settings.max_bytes,
             sent: 0,
+            cut: false,
             metrics,
         }
     }
