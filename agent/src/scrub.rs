@@ -36,15 +36,20 @@ pub struct Scrubber {
     metrics: Arc<AgentMetrics>,
     /// One hashing job at a time: a permit, not a lock on data.
     slot: Arc<Semaphore>,
+    /// One reverify at a time; another asked meanwhile is refused rather than queued.
+    reverifying: Arc<Semaphore>,
 }
 
 impl Scrubber {
     pub fn new(store: ContentStore, metrics: Arc<AgentMetrics>) -> Scrubber {
-        Scrubber { store, metrics, slot: Arc::new(Semaphore::new(1)) }
+        Scrubber { store, metrics, slot: Arc::new(Semaphore::new(1)), reverifying: Arc::new(Semaphore::new(1)) }
     }
 
     /// Hashes every blob now at full speed; corrupt ones are removed.
     pub async fn reverify(&self) -> Result<ScrubReport, String> {
+        let Ok(_running) = self.reverifying.try_acquire() else {
+            return Err("a reverify is already running on this device; its result comes first".into());
+        };
         let blobs = self.store.list().await.map_err(|e| e.to_string())?;
         let mut report = ScrubReport::default();
         for blob in blobs {
