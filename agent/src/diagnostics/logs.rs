@@ -64,7 +64,11 @@ impl LogPlaces {
 
 /// The systemd unit this process runs in, from its cgroup (`.../alki-agent.service`).
 fn own_unit() -> Option<String> {
-    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    unit_of(&std::fs::read_to_string("/proc/self/cgroup").ok()?)
+}
+
+/// The `.service` unit a `/proc/<pid>/cgroup` text places the process in (pure).
+fn unit_of(cgroup: &str) -> Option<String> {
     cgroup.lines().filter_map(|l| l.rsplit('/').next()).find(|u| u.ends_with(".service")).map(str::to_owned)
 }
 
@@ -336,5 +340,21 @@ async fn follow_journal(unit: String, tx: mpsc::Sender<(Source, Vec<u8>)>) {
         if n == 0 || tx.send((Source::Agent, buf[..n].to_vec())).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_and_the_journal_unit_are_read_strictly() {
+        assert_eq!(Source::parse("").expect("all"), vec![Source::Agent, Source::Runtime]);
+        assert_eq!(Source::parse("runtime").expect("runtime"), vec![Source::Runtime]);
+        assert!(Source::parse("shell").expect_err("unknown").contains("use agent, runtime or all"));
+        assert_eq!(unit_of("0::/system.slice/alki-agent.service\n").as_deref(), Some("alki-agent.service"));
+        assert_eq!(unit_of("0::/user.slice/user-1000.slice/session-2.scope\n"), None);
+        assert!(is_runtime_log("llama-server-3.log") && is_runtime_log("llama-server-3.log.old"));
+        assert!(!is_runtime_log("agent.log") && !is_runtime_log("llama-server-3.log.tmp"));
     }
 }
