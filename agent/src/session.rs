@@ -384,7 +384,14 @@ async fn connect(ctx: &SessionContext) -> Result<(Option<String>, tonic::transpo
 /// The Hello: who the device is, what it has and runs, what it last applied and what is staged.
 async fn hello(ctx: &SessionContext) -> proto::Hello {
     let (data_dir, labels) = (ctx.data_dir.clone(), ctx.labels.clone());
-    let inventory = tokio::task::spawn_blocking(move || crate::inventory::collect(&data_dir, &labels)).await.ok();
+    let mut inventory = tokio::task::spawn_blocking(move || crate::inventory::collect(&data_dir, &labels)).await.ok();
+    let remote_logs = match &ctx.config {
+        Some(reloads) => reloads.borrow().config.diagnostics.remote_logs,
+        None => ctx.settings.diagnostics.remote_logs,
+    };
+    if let Some(inventory) = inventory.as_mut() {
+        inventory.remote_diagnostics_refused = !remote_logs;
+    }
     let snapshot = ctx.snapshot.borrow().clone();
     let staged = ctx.staging.staged.borrow().listed(snapshot.running.as_ref());
     proto::Hello {

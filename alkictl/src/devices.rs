@@ -162,6 +162,8 @@ struct DeviceView {
     previous_class: String,
     class_changed: Option<String>,
     decommissioned: bool,
+    /// False when the device refuses remote logs and support bundles (its agent.toml), as of its last Hello.
+    remote_diagnostics: bool,
     error: Option<String>,
     error_code: Option<String>,
 }
@@ -188,6 +190,7 @@ impl From<&proto::Device> for DeviceView {
             previous_class: d.previous_class.clone(),
             class_changed: (d.class_changed_unix_ms > 0).then(|| rfc3339(d.class_changed_unix_ms)),
             decommissioned: d.decommissioned,
+            remote_diagnostics: !d.inventory.as_ref().is_some_and(|i| i.remote_diagnostics_refused),
             error: d.error.as_ref().map(|e| e.message.clone()),
             error_code: d.error.as_ref().map(|e| proto::ErrorCode::try_from(e.code).unwrap_or_default().label().into()),
         }

@@ -374,6 +374,10 @@ async fn a_device_that_disables_remote_logs_refuses_them_and_the_operator_is_tol
         let operator = controller.token("oncall", proto::Role::Operator).await;
         let (ok, _, stderr) = alkictl(&controller, &operator, &["devices", "logs", DEVICE]).await;
         assert!(!ok && stderr.contains("remote_logs = false"), "the refusal names the switch: {stderr}");
+        let (ok, json, stderr) = alkictl(&controller, &operator, &["-o", "json", "devices", "get", DEVICE]).await;
+        assert!(ok, "{stderr}");
+        let device: serde_json::Value = serde_json::from_str(&json).expect("json");
+        assert_eq!(device["remote_diagnostics"], false, "devices get shows the switch: {json}");
         let out = dir.path().join("bundle.tar.zst");
         let path = out.to_str().expect("utf-8");
         let (ok, _, stderr) = alkictl(&controller, &operator, &["devices", "support-bundle", DEVICE, "-f", path]).await;
