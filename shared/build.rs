@@ -3,9 +3,17 @@
 //! Messages also derive serde so the controller can keep them in its store as JSON: prost fills missing
 //! fields with defaults, so records written by an older controller still load after fields are added.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos =
-        ["types.proto", "agent.proto", "fleet.proto", "security.proto", "insight.proto", "admin.proto", "events.proto"]
-            .map(|f| format!("../proto/alki/v1/{f}"));
+    let protos = [
+        "types.proto",
+        "agent.proto",
+        "fleet.proto",
+        "security.proto",
+        "insight.proto",
+        "admin.proto",
+        "diagnostics.proto",
+        "events.proto",
+    ]
+    .map(|f| format!("../proto/alki/v1/{f}"));
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -48,6 +48,54 @@ pub struct Config {
     /// calibration).
     #[serde(default)]
     pub eval: EvalConfig,
+    /// Remote diagnostics: logs and support bundles the controller may ask for, their caps, and the
+    /// agent's own log file.
+    #[serde(default)]
+    pub diagnostics: DiagnosticsConfig,
+}
+
+/// Remote diagnostics (`alkictl devices logs|support-bundle`). No remote shell exists: these only read.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiagnosticsConfig {
+    /// Whether the controller may collect this device's logs and support bundles. False refuses them, and
+    /// the operator is told the device disables remote diagnostics. Read again when the config changes.
+    #[serde(default = "default_true")]
+    pub remote_logs: bool,
+    /// Most bytes (uncompressed) one logs request or support bundle sends, following included.
+    #[serde(default = "default_diag_request_mib")]
+    pub max_mib_per_request: u64,
+    /// Most bytes per second (uncompressed) diagnostics send, so a follow never competes with serving.
+    #[serde(default = "default_diag_rate_kib")]
+    pub max_kib_per_second: u64,
+    /// The agent's own log, copied to `<data_dir>/logs/agent.log` (rotated once to `agent.log.1`, the two at
+    /// most this many MiB together) when the agent does not run under systemd's journal; under journald
+    /// its log is read with `journalctl`. 0: no file (remote logs then have only llama-server's).
+    #[serde(default = "default_agent_log_mib")]
+    pub agent_log_file_mib: u64,
+}
+
+impl Default for DiagnosticsConfig {
+    fn default() -> Self {
+        DiagnosticsConfig {
+            remote_logs: true,
+            max_mib_per_request: default_diag_request_mib(),
+            max_kib_per_second: default_diag_rate_kib(),
+            agent_log_file_mib: default_agent_log_mib(),
+        }
+    }
+}
+
+fn default_diag_request_mib() -> u64 {
+    64
+}
+
+fn default_diag_rate_kib() -> u64 {
+    1024
+}
+
+fn default_agent_log_mib() -> u64 {
+    16
 }
 
 /// Quality evaluations: llama-perplexity and a loopback llama-server beside the serving model, or in a
@@ -96,12 +144,33 @@ pub struct StoreConfig {
     /// refused with the reason (after evicting unused bundles).
     #[serde(default = "default_disk_reserve")]
     pub disk_reserve_mib: u64,
+    /// The background scrub: every blob is hashed again at this rate (KiB/s), also when its file looks
+    /// unchanged (silent media corruption keeps inode, size and mtime), and a corrupt one is removed.
+    /// 0: no background scrub (`alkictl devices reverify` still re-hashes on demand).
+    #[serde(default = "default_scrub_rate")]
+    pub scrub_kib_per_second: u64,
+    /// Hours between the starts of two scrub passes.
+    #[serde(default = "default_scrub_interval")]
+    pub scrub_interval_hours: u64,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { budget_mib: 0, disk_reserve_mib: default_disk_reserve() }
+        StoreConfig {
+            budget_mib: 0,
+            disk_reserve_mib: default_disk_reserve(),
+            scrub_kib_per_second: default_scrub_rate(),
+            scrub_interval_hours: default_scrub_interval(),
+        }
     }
+}
+
+fn default_scrub_rate() -> u64 {
+    2048
+}
+
+fn default_scrub_interval() -> u64 {
+    168
 }
 
 fn default_disk_reserve() -> u64 {
@@ -306,7 +375,42 @@ impl Config {
         self.validate_controller()?;
         self.validate_registry()?;
         self.validate_runtime()?;
-        self.validate_eval()
+        self.validate_eval()?;
+        self.validate_diagnostics()
+    }
+
+    /// Diagnostics caps and the store's scrub.
+    fn validate_diagnostics(&self) -> Result<(), ConfigError> {
+        let d = &self.diagnostics;
+        if !(1..=4096).contains(&d.max_mib_per_request) {
+            return Err(invalid(
+                "diagnostics.max_mib_per_request",
+                format!("is {}", d.max_mib_per_request),
+                "use 1 to 4096 MiB",
+            ));
+        }
+        if !(16..=1 << 20).contains(&d.max_kib_per_second) {
+            return Err(invalid(
+                "diagnostics.max_kib_per_second",
+                format!("is {}", d.max_kib_per_second),
+                "use 16 to 1048576 KiB/s",
+            ));
+        }
+        if d.agent_log_file_mib > 1024 {
+            return Err(invalid(
+                "diagnostics.agent_log_file_mib",
+                format!("is {}", d.agent_log_file_mib),
+                "use 0 (no file) to 1024 MiB",
+            ));
+        }
+        if self.store.scrub_interval_hours == 0 || self.store.scrub_interval_hours > 24 * 365 {
+            return Err(invalid(
+                "store.scrub_interval_hours",
+                format!("is {}", self.store.scrub_interval_hours),
+                "use 1 to 8760 hours (turn the scrub off with scrub_kib_per_second = 0)",
+            ));
+        }
+        Ok(())
     }
 
     /// How evaluations run.

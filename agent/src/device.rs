@@ -130,6 +130,16 @@ pub struct Device {
     /// When to try again to save a state whose last save failed (a full disk): the state in memory is
     /// newer than the file until a save succeeds, on this timer, at the next change, or at shutdown.
     pub(crate) save_retry: Option<Instant>,
+    /// Operators' requests from the session (restart the runtime).
+    pub(crate) requests: Option<mpsc::Receiver<DeviceRequest>>,
+}
+
+/// An operator's request the device loop carries out between its other work.
+#[derive(Debug)]
+pub enum DeviceRequest {
+    /// Restart the serving model blue/green (the same deployment on a new llama-server); the answer is a
+    /// sentence for the operator, or why it was not done.
+    RestartRuntime(tokio::sync::oneshot::Sender<Result<String, String>>),
 }
 
 /// What the device loop reports to the metrics, the benchmark task and the evaluation task.
@@ -263,6 +273,9 @@ impl Device {
                     self.restart_after_crash(spec, &mut shutdown).await;
                 }
                 _ = sleep_until(self.save_retry) => self.save_state().await,
+                Some(request) = next_request(&mut self.requests) => {
+                    self.on_request(request, pulling.is_some(), &mut shutdown).await;
+                }
             }
         }
         if let Some(p) = pulling.take() {
@@ -429,6 +442,39 @@ impl Device {
                 }
             }
             Err(SwapFailure::ShuttingDown) => {}
+        }
+    }
+
+    /// An operator's request. A restart waits for no activation: one in progress (or a swap still watched)
+    /// refuses it, so the restart never races the convergence.
+    async fn on_request(&mut self, request: DeviceRequest, pulling: bool, shutdown: &mut watch::Receiver<bool>) {
+        let DeviceRequest::RestartRuntime(reply) = request;
+        let answer = self.restart_runtime(pulling, shutdown).await;
+        match &answer {
+            Ok(done) => tracing::info!(%done, "Runtime restarted on the operator's request."),
+            Err(why) => tracing::warn!(%why, "Runtime restart refused or failed."),
+        }
+        let _ = reply.send(answer);
+    }
+
+    async fn restart_runtime(&mut self, pulling: bool, shutdown: &mut watch::Receiver<bool>) -> Result<String, String> {
+        if pulling || self.watching.is_some() {
+            return Err("an activation is in progress on the device; restart the runtime once it has settled".into());
+        }
+        let active = self.state.active.clone().ok_or("the device serves no model: there is no runtime to restart")?;
+        let spec = active.launch_spec().ok_or("the active deployment has no model files to start")?;
+        match self.swap(spec, shutdown).await {
+            Ok(()) => {
+                // A fresh instance: earlier crashes no longer count towards a crash loop.
+                self.crashes.clear();
+                self.restart = None;
+                self.publish();
+                Ok(format!("restarted {} blue/green: a new llama-server serves, the old one drains", active.bundle))
+            }
+            Err(SwapFailure::Start(e)) => {
+                Err(format!("the new llama-server did not start ({e}); the old one keeps serving"))
+            }
+            Err(SwapFailure::ShuttingDown) => Err("the agent is shutting down".into()),
         }
     }
 
@@ -999,6 +1045,14 @@ async fn config_changed(
 async fn join_pull(pulling: &mut Option<Pulling>) -> Result<Result<PulledBundle, PullError>, tokio::task::JoinError> {
     match pulling {
         Some(p) => (&mut p.task).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next operator request; never when there is no channel (or it closed).
+async fn next_request(requests: &mut Option<mpsc::Receiver<DeviceRequest>>) -> Option<DeviceRequest> {
+    match requests {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }

@@ -99,6 +99,8 @@ pub fn collect_at(root: &Path, data_dir: &Path, labels: &BTreeMap<String, String
         power_mode: board.power_mode,
         gpus: board.gpus,
         temperatures: read_temperatures(root),
+        // The session fills it from the config it runs with.
+        remote_diagnostics_refused: false,
     }
 }
 

@@ -8,16 +8,19 @@ pub mod bench;
 pub mod config;
 pub mod converge;
 mod device;
+pub mod diagnostics;
 pub mod enroll;
 pub mod eval;
 pub mod identity;
 pub mod inventory;
+pub mod logfile;
 pub mod metrics;
 pub mod outbox;
 pub mod pull;
 pub mod reference;
 pub mod reload;
 pub mod runtime;
+pub mod scrub;
 pub mod session;
 pub mod settings;
 pub mod stage;
@@ -57,6 +60,8 @@ use store::{ContentStore, StoreError};
 
 /// Statuses queued from the device loop to the session.
 const STATUS_CAPACITY: usize = 64;
+/// Operators' requests (restart the runtime) queued for the device loop; more are refused as busy.
+const DEVICE_REQUESTS: usize = 2;
 /// Bound on the front server's and the session's own shutdown, after llama-server has stopped.
 const TASK_SHUTDOWN: Duration = Duration::from_secs(5);
 
@@ -254,7 +259,7 @@ impl Agent {
             proxy.hold(config.gap_wait());
         }
         let (front_stop, front_task) = spawn_front(front, &proxy, &config);
-        let (reloads, reload_task) = watch_config_file(config_file, &config, &stop_rx);
+        let (reloads, reload_task) = watch_config_file(config_file.clone(), &config, &stop_rx);
         let (snapshot_tx, snapshot_rx) = watch::channel(Snapshot::default());
         let parts = Parts::new(config, store, proxy, reloads, snapshot_rx, stop_rx);
 
@@ -277,9 +282,18 @@ impl Agent {
             eval: Some(evals.clone()),
             gap: Some(gap_evaluator),
         };
+        let (requests_tx, requests_rx) = mpsc::channel(DEVICE_REQUESTS);
         let (device, hand_over) = parts.device(state, state_file, status_tx, snapshot_tx, desired_rx, hooks);
+        let device = Device { requests: Some(requests_rx), ..device };
+        let scrubber = scrub::Scrubber::new(parts.acquirer.store.clone(), Arc::clone(&parts.metrics));
+        let scrub_task = parts.spawn_scrub(&scrubber);
+        let operations = session::Operations {
+            diagnostics: parts.diagnostics(&device_id, config_file.clone()),
+            device: requests_tx,
+            scrubber,
+        };
         let device_task = tokio::spawn(device.run(parts.stop.clone()).in_current_span());
-        let reports = SessionReports { benchmarks: reports_rx, evals, eval_reports: eval_reports_rx };
+        let reports = SessionReports { benchmarks: reports_rx, evals, eval_reports: eval_reports_rx, operations };
         let session = parts.session(device_id, desired_tx, status_rx, reports, bench_jobs, staging);
         // Device certificates renew themselves at two thirds of their life (not in the insecure token mode).
         let renewal = (!parts.config.controller.insecure_plaintext)
@@ -314,7 +328,7 @@ impl Agent {
         let metrics_task = metrics_task.map(|task| ("metrics server", task, TASK_SHUTDOWN));
         join_bounded(tasks.into_iter().chain(metrics_task)).await;
         // Pings continue through the (bounded) stop so systemd does not kill a graceful drain.
-        for task in [watchdog, reload_task, renewal].into_iter().flatten() {
+        for task in [watchdog, reload_task, renewal, scrub_task].into_iter().flatten() {
             task.abort();
         }
         tracing::info!("Stopped.");
@@ -507,15 +521,43 @@ impl Parts {
         eval::GapEvaluator { env, reporter: evaluator.reporter.clone() }
     }
 
-    /// The agent's own `/metrics` on `listener`.
-    fn spawn_metrics_server(&self, listener: tokio::net::TcpListener) -> JoinHandle<()> {
-        let state = metrics::MetricsState {
+    fn metrics_state(&self) -> metrics::MetricsState {
+        metrics::MetricsState {
             proxy: Arc::clone(&self.proxy),
             snapshot: self.snapshot.clone(),
             metrics: Arc::clone(&self.metrics),
             http: http_client(),
-        };
-        tokio::spawn(metrics::serve(listener, state, self.stop.clone()).in_current_span())
+        }
+    }
+
+    /// The agent's own `/metrics` on `listener`.
+    fn spawn_metrics_server(&self, listener: tokio::net::TcpListener) -> JoinHandle<()> {
+        tokio::spawn(metrics::serve(listener, self.metrics_state(), self.stop.clone()).in_current_span())
+    }
+
+    /// Remote diagnostics: logs in the data dir's logs directory (or the journal), support bundles.
+    fn diagnostics(&self, device_id: &DeviceId, config_file: Option<PathBuf>) -> diagnostics::Diagnostics {
+        diagnostics::Diagnostics::new(
+            device_id.to_string(),
+            self.layout.data_dir.clone(),
+            config_file,
+            self.config.labels.clone(),
+            self.config.diagnostics.clone(),
+            self.reloads.clone(),
+            self.acquirer.store.clone(),
+            self.metrics_state(),
+        )
+    }
+
+    /// The content store's background scrub, unless `store.scrub_kib_per_second` is 0.
+    fn spawn_scrub(&self, scrubber: &scrub::Scrubber) -> Option<JoinHandle<()>> {
+        let rate = self.config.store.scrub_kib_per_second << 10;
+        if rate == 0 {
+            return None;
+        }
+        let interval = Duration::from_secs(self.config.store.scrub_interval_hours * 3600);
+        let run = scrubber.clone().run(self.layout.data_dir.clone(), rate, interval, self.stop.clone());
+        Some(tokio::spawn(run.in_current_span()))
     }
 
     fn stager(&self) -> stage::Stager {
@@ -567,6 +609,7 @@ impl Parts {
             crashes: std::collections::VecDeque::with_capacity(device::CRASH_LOOP_COUNT),
             hooks,
             save_retry: None,
+            requests: None,
         };
         (device, hand_over)
     }
@@ -606,15 +649,17 @@ impl Parts {
             settings: config.clone(),
             registry_token: self.acquirer.registry.device_token.clone(),
             staging,
+            operations: reports.operations,
         }
     }
 }
 
-/// What the session forwards and where Evaluate commands go.
+/// What the session forwards, and where Evaluate, diagnostics and device commands go.
 struct SessionReports {
     benchmarks: mpsc::Receiver<alki_shared::proto::BenchmarkReport>,
     evals: eval::Jobs,
     eval_reports: mpsc::Receiver<alki_shared::proto::EvalReport>,
+    operations: session::Operations,
 }
 
 /// How the agent ends.

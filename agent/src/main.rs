@@ -139,14 +139,9 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { config } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .init();
             let path = config;
             let config = alki_agent::Config::load(&path)?;
+            init_run_logging(&config);
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let notifier = alki_agent::systemd::Notifier::from_env();
             let front = front.context("the socket passed by systemd (LISTEN_FDS) is not a listening TCP socket")?;
@@ -171,6 +166,29 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The running agent's log: stderr (the journal under systemd) and, when not under journald, a capped copy
+/// in `<data_dir>/logs/agent.log` that remote diagnostics read (`[diagnostics] agent_log_file_mib`).
+fn init_run_logging(config: &alki_agent::Config) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let cap = config.diagnostics.agent_log_file_mib << 20;
+    let file = if cap > 0 && !alki_agent::logfile::under_journald() {
+        match alki_agent::logfile::CappedLog::open(&config.data_dir.join("logs"), cap) {
+            Ok(file) => Some(file),
+            Err(e) => {
+                eprintln!("alki-agent: cannot open its log file under {}: {e}", config.data_dir.display());
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let file_layer = file.map(|f| tracing_subscriber::fmt::layer().with_ansi(false).with_writer(f));
+    tracing_subscriber::registry().with(filter).with(tracing_subscriber::fmt::layer()).with(file_layer).init();
 }
 
 /// What a one-shot command (`bench`, `eval`) needs: warnings on stderr (stdout is the result), the config,

@@ -146,7 +146,15 @@ pub struct AgentMetrics {
     base_logits: [AtomicU64; 2],
     /// Bytes of cached baseline logits in the content store.
     base_logits_bytes: AtomicU64,
+    /// Diagnostics bytes sent (uncompressed) by source ([`DIAGNOSTIC_SOURCES`]), and answers running now.
+    diagnostic_bytes: [AtomicU64; DIAGNOSTIC_SOURCES.len()],
+    diagnostics_active: AtomicU64,
+    /// Content-store blobs hashed again by the scrub or a reverify: checked, found corrupt, removed.
+    scrub: [AtomicU64; 3],
 }
+
+/// Where diagnostics bytes come from, for `alki_agent_diagnostic_bytes_total{source}`.
+pub const DIAGNOSTIC_SOURCES: [&str; 3] = ["agent", "runtime", "bundle"];
 
 /// How an evaluation ended, for `alki_agent_evaluations_total{outcome}`: measured, or the kinds of
 /// "could not run" (`alki_shared::eval::wire`'s names).
@@ -216,6 +224,34 @@ impl DurationHistogram {
 }
 
 impl AgentMetrics {
+    /// Diagnostics bytes (uncompressed) sent from `source`.
+    pub fn diagnostic_bytes(&self, source: &str, bytes: u64) {
+        if let Some(i) = DIAGNOSTIC_SOURCES.iter().position(|s| *s == source) {
+            self.diagnostic_bytes[i].fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// A diagnostics answer started (+1) or ended (-1).
+    pub fn diagnostics_running(&self, started: bool) {
+        if started {
+            self.diagnostics_active.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let _ = self.diagnostics_active.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
+    /// Diagnostics answers running now.
+    pub fn diagnostics_active(&self) -> u64 {
+        self.diagnostics_active.load(Ordering::Relaxed)
+    }
+
+    /// Blobs the scrub or a reverify hashed, found corrupt and removed.
+    pub fn scrubbed(&self, checked: u64, corrupt: u64, removed: u64) {
+        for (counter, n) in self.scrub.iter().zip([checked, corrupt, removed]) {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
     pub fn activation(&self, outcome: ActivationOutcome) {
         let index = ActivationOutcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
         self.activations[index].fetch_add(1, Ordering::Relaxed);
@@ -511,8 +547,39 @@ fn front_families(out: &mut Exposition, front: &FrontCounters) {
     );
 }
 
+/// Remote diagnostics and the content store's scrub.
+fn diagnostics_families(out: &mut Exposition, m: &AgentMetrics) {
+    out.family(
+        "alki_agent_diagnostic_bytes_total",
+        "counter",
+        "Diagnostics bytes (uncompressed) sent to the controller, by source (agent, runtime logs; support bundle).",
+        DIAGNOSTIC_SOURCES
+            .iter()
+            .zip(&m.diagnostic_bytes)
+            .map(|(s, n)| format!("{{source=\"{s}\"}} {}", n.load(Ordering::Relaxed)))
+            .collect(),
+    );
+    out.single(
+        "alki_agent_diagnostics_active",
+        "gauge",
+        "Diagnostics answers (logs, support bundles) being sent now.",
+        m.diagnostics_active(),
+    );
+    out.family(
+        "alki_agent_store_scrub_blobs_total",
+        "counter",
+        "Content-store blobs hashed again by the scrub or a reverify, by result (checked, corrupt, removed).",
+        ["checked", "corrupt", "removed"]
+            .iter()
+            .zip(&m.scrub)
+            .map(|(r, n)| format!("{{result=\"{r}\"}} {}", n.load(Ordering::Relaxed)))
+            .collect(),
+    );
+}
+
 /// The agent's own counters: activations, pulls, staging, telemetry, the outbox.
 fn agent_families(out: &mut Exposition, m: &AgentMetrics) {
+    diagnostics_families(out, m);
     out.family(
         "alki_agent_activations_total",
         "counter",

@@ -57,6 +57,16 @@ pub struct SessionContext {
     pub registry_token: crate::identity::DeviceRegistryToken,
     /// Prestage commands, their reports, and the staged bundles Hello lists.
     pub staging: crate::stage::SessionStaging,
+    /// Remote diagnostics and the operators' device commands.
+    pub(crate) operations: Operations,
+}
+
+/// What the operators' commands reach: diagnostics (logs, support bundles), the device loop (restart the
+/// runtime) and the content store's scrubber (reverify).
+pub(crate) struct Operations {
+    pub diagnostics: crate::diagnostics::Diagnostics,
+    pub device: mpsc::Sender<crate::device::DeviceRequest>,
+    pub scrubber: crate::scrub::Scrubber,
 }
 
 /// What the session needs for telemetry and commands; built by [`crate::Agent::run`].
@@ -217,6 +227,8 @@ pub async fn run(mut ctx: SessionContext, mut shutdown: watch::Receiver<bool>) {
         }
         let started = Instant::now();
         let outcome = one_session(&mut ctx, &mut outbox, &mut clock, &mut statuses_open, &mut shutdown).await;
+        // Nobody reads their answers any more: logs being followed stop on the device too.
+        ctx.operations.diagnostics.cancel_all();
         if *shutdown.borrow() {
             return;
         }
@@ -372,7 +384,14 @@ async fn connect(ctx: &SessionContext) -> Result<(Option<String>, tonic::transpo
 /// The Hello: who the device is, what it has and runs, what it last applied and what is staged.
 async fn hello(ctx: &SessionContext) -> proto::Hello {
     let (data_dir, labels) = (ctx.data_dir.clone(), ctx.labels.clone());
-    let inventory = tokio::task::spawn_blocking(move || crate::inventory::collect(&data_dir, &labels)).await.ok();
+    let mut inventory = tokio::task::spawn_blocking(move || crate::inventory::collect(&data_dir, &labels)).await.ok();
+    let remote_logs = match &ctx.config {
+        Some(reloads) => reloads.borrow().config.diagnostics.remote_logs,
+        None => ctx.settings.diagnostics.remote_logs,
+    };
+    if let Some(inventory) = inventory.as_mut() {
+        inventory.remote_diagnostics_refused = !remote_logs;
+    }
     let snapshot = ctx.snapshot.borrow().clone();
     let staged = ctx.staging.staged.borrow().listed(snapshot.running.as_ref());
     proto::Hello {
@@ -457,6 +476,9 @@ async fn on_command(
     outbox: &mut Outbox,
 ) -> Result<(), SessionError> {
     tracing::info!(command_id = %command.id, "Received a command.");
+    if operation(ctx, &command, out) {
+        return Ok(());
+    }
     let metrics = &ctx.telemetry.metrics;
     if let Some(proto::command::Kind::Prestage(prestage)) = &command.kind {
         if let Err(refusal) = ctx.staging.jobs.offer(&command.id, prestage.clone()) {
@@ -480,6 +502,63 @@ async fn on_command(
         send_or_keep(out, outbox, metrics, Report::Benchmark(refusal)).await?;
     }
     Ok(())
+}
+
+/// An operator's diagnostics or device command, started on its own task (its answer goes up `out` when
+/// done). False for other commands.
+fn operation(ctx: &SessionContext, command: &proto::Command, out: &mpsc::Sender<proto::AgentMessage>) -> bool {
+    use crate::diagnostics::Ask;
+    use proto::command::Kind;
+    let ops = &ctx.operations;
+    let id = command.id.clone();
+    match &command.kind {
+        Some(Kind::CollectLogs(ask)) => ops.diagnostics.start(&id, Ask::Logs(ask.clone()), out.clone()),
+        Some(Kind::SupportBundle(ask)) => ops.diagnostics.start(&id, Ask::Bundle(*ask), out.clone()),
+        Some(Kind::Cancel(cancel)) => ops.diagnostics.cancel(&cancel.command_id),
+        Some(Kind::RestartRuntime(_)) => {
+            let device = ops.device.clone();
+            tokio::spawn(answer(id, out.clone(), async move { restart(device).await }));
+        }
+        Some(Kind::Reverify(_)) => {
+            let scrubber = ops.scrubber.clone();
+            tokio::spawn(answer(id, out.clone(), async move {
+                scrubber.reverify().await.map(|r| proto::CommandResult {
+                    ok: true,
+                    detail: format!("{} blobs hashed, {} corrupt, {} removed", r.checked, r.corrupt, r.removed),
+                    checked: r.checked,
+                    corrupt: r.corrupt,
+                    removed: r.removed,
+                    corrupt_digests: r.corrupt_digests,
+                    ..Default::default()
+                })
+            }));
+        }
+        _ => return false,
+    }
+    true
+}
+
+/// Asks the device loop to restart the runtime and waits for its answer.
+async fn restart(device: mpsc::Sender<crate::device::DeviceRequest>) -> Result<proto::CommandResult, String> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    device
+        .try_send(crate::device::DeviceRequest::RestartRuntime(reply))
+        .map_err(|_| "the device is busy with another restart; retry when it ends".to_owned())?;
+    let detail = answer.await.map_err(|_| "the agent is shutting down".to_owned())??;
+    Ok(proto::CommandResult { ok: true, detail, ..Default::default() })
+}
+
+/// Sends a device command's result (or its failure) up the session it came on.
+async fn answer(
+    command_id: String,
+    out: mpsc::Sender<proto::AgentMessage>,
+    work: impl std::future::Future<Output = Result<proto::CommandResult, String>>,
+) {
+    let mut result = work.await.unwrap_or_else(|error| proto::CommandResult { error, ..Default::default() });
+    result.command_id = command_id;
+    if send(&out, agent_message::Msg::CommandResult(result)).await.is_err() {
+        tracing::warn!("A device command's result was lost with its session.");
+    }
 }
 
 /// Resolves with new labels when a reloaded config changes them; None when the watcher is gone.

@@ -85,6 +85,36 @@ struct CommandView {
     device_id: String,
     command_id: String,
     delivered: bool,
+    /// Offline: waiting in the controller's queue for the device's return, until `expires`.
+    queued: bool,
+    expires: Option<String>,
+    /// Neither delivered nor queued: why.
+    reason: String,
+}
+
+impl From<proto::SentCommand> for CommandView {
+    fn from(c: proto::SentCommand) -> Self {
+        CommandView {
+            device_id: c.device_id,
+            command_id: c.command_id,
+            delivered: c.delivered,
+            queued: c.queued,
+            expires: (c.expires_unix_ms > 0).then(|| crate::output::rfc3339(c.expires_unix_ms)),
+            reason: c.reason,
+        }
+    }
+}
+
+impl CommandView {
+    /// The DELIVERED cell.
+    pub fn delivery(&self) -> String {
+        match (self.delivered, self.queued) {
+            (true, _) => "yes".into(),
+            (false, true) => format!("queued until {}", self.expires.clone().unwrap_or_default()),
+            (false, false) if self.reason.is_empty() => "no: offline".into(),
+            (false, false) => format!("no: {}", self.reason),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -134,10 +164,7 @@ impl From<&proto::BenchmarkResult> for BenchmarkView {
 
 /// The commands sent, and whether each device got its one; `results` is the command that lists the results.
 pub fn print_commands(output: Output, sent: Vec<proto::SentCommand>, results: &str) -> anyhow::Result<()> {
-    let views: Vec<CommandView> = sent
-        .into_iter()
-        .map(|c| CommandView { device_id: c.device_id, command_id: c.command_id, delivered: c.delivered })
-        .collect();
+    let views: Vec<CommandView> = sent.into_iter().map(CommandView::from).collect();
     print(output, &views, |v| commands_table(v, results))
 }
 
@@ -169,10 +196,12 @@ fn benchmarks_table(views: &[BenchmarkView]) -> String {
 fn commands_table(commands: &[CommandView], results: &str) -> String {
     let mut t = table(["DEVICE", "COMMAND", "DELIVERED"]);
     for c in commands {
-        t.add_row([c.device_id.clone(), c.command_id.clone(), if c.delivered { "yes" } else { "no: offline" }.into()]);
+        t.add_row([c.device_id.clone(), c.command_id.clone(), c.delivery()]);
     }
     let delivered = commands.iter().filter(|c| c.delivered).count();
-    format!("{t}\n{delivered} of {} devices got the command; results: {results}", commands.len())
+    let queued = commands.iter().filter(|c| c.queued).count();
+    let queued = if queued > 0 { format!(" ({queued} queued for their return)") } else { String::new() };
+    format!("{t}\n{delivered} of {} devices got the command{queued}; results: {results}", commands.len())
 }
 
 fn f(v: f64) -> String {

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use alki_bundle::{BundleRef, Remote};
 use alki_shared::digest::Digest;
 use alki_shared::proto::{
-    admin_service_client::AdminServiceClient, event_service_client::EventServiceClient,
-    fleet_service_client::FleetServiceClient, insight_service_client::InsightServiceClient,
-    security_service_client::SecurityServiceClient,
+    admin_service_client::AdminServiceClient, diagnostics_service_client::DiagnosticsServiceClient,
+    event_service_client::EventServiceClient, fleet_service_client::FleetServiceClient,
+    insight_service_client::InsightServiceClient, security_service_client::SecurityServiceClient,
 };
 use anyhow::{Context as _, bail};
 use clap::Args;
@@ -51,6 +51,7 @@ pub type Admin = AdminServiceClient<InterceptedService<Channel, Auth>>;
 pub type Security = SecurityServiceClient<InterceptedService<Channel, Auth>>;
 pub type Insight = InsightServiceClient<InterceptedService<Channel, Auth>>;
 pub type Events = EventServiceClient<InterceptedService<Channel, Auth>>;
+pub type Diagnostics = DiagnosticsServiceClient<InterceptedService<Channel, Auth>>;
 
 /// Adds the bearer token to every gRPC request.
 #[derive(Clone)]
@@ -182,6 +183,10 @@ impl Connection {
 
     pub async fn security(&self) -> anyhow::Result<Security> {
         Ok(SecurityServiceClient::with_interceptor(self.channel().await?, self.auth()?))
+    }
+
+    pub async fn diagnostics(&self) -> anyhow::Result<Diagnostics> {
+        Ok(DiagnosticsServiceClient::with_interceptor(self.channel().await?, self.auth()?))
     }
 
     pub async fn insight(&self) -> anyhow::Result<Insight> {

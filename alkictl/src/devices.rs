@@ -1,4 +1,5 @@
-//! `alkictl devices list|get|label|decommission`: the fleet's devices as people and scripts read them (enums
+//! `alkictl devices list|get|label|decommission` (and, through [`crate::diagnostics`], logs, support-bundle,
+//! restart-runtime, reverify): the fleet's devices as people and scripts read them (enums
 //! as words, a device told to serve nothing said so), operators' labels on them, and revoking a device.
 
 use std::collections::HashMap;
@@ -8,6 +9,7 @@ use clap::Subcommand;
 use serde::Serialize;
 
 use crate::connection::{Connection, status};
+use crate::diagnostics;
 use crate::labels::{LabelChange, SelectorArgs, parse_label_change};
 use crate::output::{Output, print, rfc3339, short_ref, table};
 
@@ -26,6 +28,17 @@ pub enum DevicesCmd {
     },
     /// Revoke a device: its session is closed and its certificate refused from now on.
     Decommission { id: String },
+    /// The device's logs (the agent's and llama-server's), read through the controller; `--follow` until
+    /// Ctrl-C. Operators and admins only; refused by a device whose agent.toml says
+    /// `[diagnostics] remote_logs = false`.
+    Logs(diagnostics::LogsArgs),
+    /// A support bundle (tar.zst: inventory, redacted config, state, content store, metrics, log tails).
+    SupportBundle(diagnostics::BundleArgs),
+    /// Restart the device's model blue/green (a new llama-server, then the old one drains). Queued while
+    /// the device is offline.
+    RestartRuntime(diagnostics::CommandArgs),
+    /// Hash the device's content store again now, removing corrupt blobs. Queued while offline.
+    Reverify(diagnostics::CommandArgs),
 }
 
 /// Runs one `alkictl devices` command.
@@ -39,6 +52,14 @@ pub async fn run(connection: &Connection, output: Output, cmd: DevicesCmd) -> an
         }
         DevicesCmd::Label { id, changes } => label(connection, output, id, changes).await,
         DevicesCmd::Decommission { id } => decommission(connection, output, id).await,
+        DevicesCmd::Logs(args) => diagnostics::logs(connection, output, args).await,
+        DevicesCmd::SupportBundle(args) => diagnostics::support_bundle(connection, output, args).await,
+        DevicesCmd::RestartRuntime(args) => {
+            diagnostics::command(connection, output, diagnostics::DeviceCommand::RestartRuntime, args).await
+        }
+        DevicesCmd::Reverify(args) => {
+            diagnostics::command(connection, output, diagnostics::DeviceCommand::Reverify, args).await
+        }
     }
 }
 
@@ -141,6 +162,8 @@ struct DeviceView {
     previous_class: String,
     class_changed: Option<String>,
     decommissioned: bool,
+    /// False when the device refuses remote logs and support bundles (its agent.toml), as of its last Hello.
+    remote_diagnostics: bool,
     error: Option<String>,
     error_code: Option<String>,
 }
@@ -167,6 +190,7 @@ impl From<&proto::Device> for DeviceView {
             previous_class: d.previous_class.clone(),
             class_changed: (d.class_changed_unix_ms > 0).then(|| rfc3339(d.class_changed_unix_ms)),
             decommissioned: d.decommissioned,
+            remote_diagnostics: !d.inventory.as_ref().is_some_and(|i| i.remote_diagnostics_refused),
             error: d.error.as_ref().map(|e| e.message.clone()),
             error_code: d.error.as_ref().map(|e| proto::ErrorCode::try_from(e.code).unwrap_or_default().label().into()),
         }

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod completion;
 pub mod connection;
 pub mod devices;
+pub mod diagnostics;
 pub mod enroll;
 pub mod eval;
 pub mod events;

@@ -109,6 +109,11 @@ impl App {
             refused_calls: self.refused_calls.snapshot(),
             sessions_waiting_hello: self.fleet.hub.waiting_count() as u64,
             events: EventCounts::default(),
+            commands_queued: self.fleet.commands.queued.load(Ordering::Relaxed),
+            commands_expired: self.fleet.commands.expired.load(Ordering::Relaxed),
+            commands_delivered: self.fleet.commands.delivered.load(Ordering::Relaxed),
+            diagnostic_bytes: self.fleet.relay.bytes.load(Ordering::Relaxed),
+            diagnostics_in_flight: self.fleet.relay.in_flight() as u64,
         }
     }
 }

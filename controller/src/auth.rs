@@ -302,6 +302,9 @@ pub fn grpc_policy(path: &str) -> Option<Policy> {
         ("EventService", "ListWebhooks") => read(WriteFleet),
         ("EventService", "AddWebhook" | "RemoveWebhook") => write(ManageWebhooks),
         ("EventService", "TestWebhook") => write(ManageWebhooks),
+        // Logs and bundles change nothing, but they show what a device does and may hold users' traffic
+        // details: operators and admins only (WriteFleet), and audited like changes (who read which device).
+        ("DiagnosticsService", "DeviceLogs" | "SupportBundle" | "RestartRuntime" | "Reverify") => write(WriteFleet),
         _ => return None,
     })
 }

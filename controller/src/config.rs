@@ -14,6 +14,9 @@ pub struct ControllerConfig {
     pub registry_host: Option<String>,
     /// How often agents send heartbeats.
     pub heartbeat_interval: Duration,
+    /// How long a command to an offline device (benchmark, calibrate, evaluate, restart-runtime, reverify)
+    /// waits in the controller's queue for the device's next Hello before it is dropped.
+    pub command_queue_ttl: Duration,
     pub registry: RegistryConfig,
     /// External OCI registries (CNCF distribution, zot, Harbor, a cloud registry) bundles may be rolled out
     /// from, besides the embedded one. A rollout names one by prefixing the repository with its
@@ -276,6 +279,7 @@ impl ControllerConfig {
             data_dir,
             registry_host: None,
             heartbeat_interval: Duration::from_secs(10),
+            command_queue_ttl: crate::fleet::commands::DEFAULT_TTL,
             registry: RegistryConfig::default(),
             external_registries: Vec::new(),
             pki: crate::pki::PkiConfig {

@@ -115,6 +115,19 @@ pub const NAMES: &[(&str, &str, &str)] = &[
         "Telemetry reports not rolled up because the accumulator was full.",
     ),
     ("alki_telemetry_rollup_flushes_total", "counter", "Rollup flushes written to the store."),
+    ("alki_commands_queued_total", "counter", "Commands queued for offline devices (delivered at their next Hello)."),
+    (
+        "alki_commands_expired_total",
+        "counter",
+        "Queued commands dropped because they expired before their device returned.",
+    ),
+    ("alki_commands_delivered_from_queue_total", "counter", "Queued commands delivered when their device returned."),
+    (
+        "alki_diagnostic_bytes_relayed_total",
+        "counter",
+        "Diagnostics bytes (logs and support bundles, compressed as they travel) relayed from devices to operators.",
+    ),
+    ("alki_diagnostics_in_flight", "gauge", "Diagnostics answers and device commands waiting for their device."),
     ("alki_agent_reports_queued", "gauge", "Agent reports (status, heartbeats, telemetry) waiting to be written."),
     ("alki_agent_reports_written_total", "counter", "Agent reports written to the store."),
     (
@@ -177,6 +190,12 @@ pub struct Counters {
     /// (method, reason, count) of calls the gate refused without an audit entry.
     pub refused_calls: Vec<(String, &'static str, u64)>,
     pub sessions_waiting_hello: u64,
+    /// The offline command queue: queued, expired, delivered; and diagnostics relayed.
+    pub commands_queued: u64,
+    pub commands_expired: u64,
+    pub commands_delivered: u64,
+    pub diagnostic_bytes: u64,
+    pub diagnostics_in_flight: u64,
     pub events: EventCounts,
 }
 
@@ -404,6 +423,11 @@ fn counter_metrics(e: &mut Exposition, c: &Counters) {
     for (webhook, pending) in &ev.pending {
         e.add("alki_webhook_pending_events", &[("webhook", webhook)], *pending as f64);
     }
+    e.add("alki_commands_queued_total", &[], c.commands_queued as f64);
+    e.add("alki_commands_expired_total", &[], c.commands_expired as f64);
+    e.add("alki_commands_delivered_from_queue_total", &[], c.commands_delivered as f64);
+    e.add("alki_diagnostic_bytes_relayed_total", &[], c.diagnostic_bytes as f64);
+    e.add("alki_diagnostics_in_flight", &[], c.diagnostics_in_flight as f64);
     for (method, reason, n) in &c.refused_calls {
         e.add("alki_calls_refused_total", &[("method", method), ("reason", reason)], *n as f64);
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use alki_shared::clock::{self, SharedClock};
 use alki_shared::proto::admin_service_server::AdminServiceServer;
 use alki_shared::proto::agent_service_server::AgentServiceServer;
+use alki_shared::proto::diagnostics_service_server::DiagnosticsServiceServer;
 use alki_shared::proto::enrollment_service_server::EnrollmentServiceServer;
 use alki_shared::proto::event_service_server::EventServiceServer;
 use alki_shared::proto::fleet_service_server::FleetServiceServer;
@@ -117,7 +118,7 @@ fn open_app(
         trusted_keys: config.trusted_keys.clone().into(),
         gates: Arc::new(config.gates.clone()),
     };
-    let fleet = Fleet::new(store.clone());
+    let fleet = Fleet::new(store.clone()).with_command_ttl(config.command_queue_ttl);
     let deliveries = crate::events::deliver::Deliveries::start(
         store.clone(),
         clock.clone(),
@@ -218,6 +219,7 @@ async fn grpc_server(
     let insight_api = api::insight::InsightApi { app: app.clone() };
     let fleet_api = api::fleet::FleetApi { app: app.clone() };
     let events_api = api::events::EventsApi { app: app.clone() };
+    let diagnostics_api = api::diagnostics::DiagnosticsApi { app: app.clone() };
     // The standard health service: every Alki service is SERVING while the listener is up (a stopping
     // controller stops answering altogether).
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -229,6 +231,7 @@ async fn grpc_server(
         "alki.v1.EnrollmentService",
         "alki.v1.SecurityService",
         "alki.v1.EventService",
+        "alki.v1.DiagnosticsService",
     ] {
         health_reporter.set_service_status(service, tonic_health::ServingStatus::Serving).await;
     }
@@ -253,6 +256,7 @@ async fn grpc_server(
         .add_service(EnrollmentServiceServer::new(enroll_api).max_decoding_message_size(limits.grpc_max_message))
         .add_service(SecurityServiceServer::new(security_api).max_decoding_message_size(limits.grpc_max_message))
         .add_service(EventServiceServer::new(events_api).max_decoding_message_size(limits.grpc_max_message))
+        .add_service(DiagnosticsServiceServer::new(diagnostics_api).max_decoding_message_size(limits.grpc_max_message))
         .add_service(health_service)
         .add_service(reflection)
         .serve_with_incoming_shutdown(nodelay(TcpListenerStream::new(listener)), async move { stop.cancelled().await }))

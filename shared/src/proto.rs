@@ -99,6 +99,14 @@ pub fn audit_target(method: &str, message: &[u8]) -> String {
             changes.extend(r.remove.iter().map(|k| format!("{k}-")));
             format!("device {} {}", r.device_id, changes.join(","))
         }),
+        "DeviceLogs" => DeviceLogsRequest::decode(message).ok().map(|r| {
+            let source = if r.source.is_empty() { "all" } else { r.source.as_str() };
+            format!("device {} logs {source}{}", r.device_id, if r.follow { " follow" } else { "" })
+        }),
+        "SupportBundle" => SupportBundleRequest::decode(message).ok().map(|r| format!("device {}", r.device_id)),
+        "RestartRuntime" | "Reverify" => {
+            DeviceCommandRequest::decode(message).ok().map(|r| format!("device {}", r.device_id))
+        }
         "RevokeEnrollToken" => RevokeEnrollTokenRequest::decode(message).ok().map(|r| format!("enroll token {}", r.id)),
         _ => None,
     };
@@ -123,6 +131,13 @@ mod tests {
         let token = CreateTokenRequest { name: "ci".into(), role: Role::Push as i32, ..Default::default() };
         assert_eq!(audit_target("CreateToken", &token.encode_to_vec()), "token ci (Push)");
         assert_eq!(audit_target("ListDevices", &[]), "", "reads name nothing");
+        let logs = DeviceLogsRequest { device_id: "pi-1".into(), follow: true, ..Default::default() };
+        assert_eq!(
+            audit_target("/alki.v1.DiagnosticsService/DeviceLogs", &logs.encode_to_vec()),
+            "device pi-1 logs all follow"
+        );
+        let bundle = SupportBundleRequest { device_id: "pi-2".into(), ..Default::default() };
+        assert_eq!(audit_target("SupportBundle", &bundle.encode_to_vec()), "device pi-2");
         assert_eq!(audit_target("RevokeToken", &[0xff, 0xff]), "", "a message that does not decode");
     }
 }

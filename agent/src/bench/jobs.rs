@@ -198,6 +198,16 @@ pub fn command_job(bench: Option<&Jobs>, command: proto::Command) -> Result<(), 
         Some(proto::command::Kind::Evaluate(_)) => {
             return Err(refuse("an evaluate command is not a benchmark; the evaluation queue runs it"));
         }
+        // Diagnostics and device commands are the session's own (crate::session::Operations).
+        Some(
+            proto::command::Kind::CollectLogs(_)
+            | proto::command::Kind::Cancel(_)
+            | proto::command::Kind::SupportBundle(_)
+            | proto::command::Kind::RestartRuntime(_)
+            | proto::command::Kind::Reverify(_),
+        ) => {
+            return Err(refuse("a diagnostics or device command is not a benchmark"));
+        }
         None => return Err(refuse("this agent does not know the command; upgrade the agent")),
     };
     let Some(bench) = bench else { return Err(refuse("benchmarks are turned off on this device")) };

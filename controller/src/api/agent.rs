@@ -25,6 +25,7 @@ use crate::app::App;
 use crate::facts::{effective_labels, hardware_class};
 use crate::fleet::desired_state;
 use crate::fleet::hub::{NotRegistered, SESSION_QUEUE, Waiting};
+use crate::fleet::relay::Reply;
 use crate::fleet::reports::{Durability, WriterStopped};
 use crate::limits::{RateLimiter, RetryAfter};
 use crate::store::events::NewEvent;
@@ -90,6 +91,7 @@ impl AgentService for AgentApi {
         self.app.fleet.changed.notify_one();
 
         let span = tracing::info_span!("session", device_id = %device_id);
+        tokio::spawn(deliver_queued(self.app.clone(), device_id.clone()).instrument(span.clone()));
         let session = Session { app: self.app.clone(), device_id, limiter: self.device_limiter.clone() };
         tokio::spawn(session.serve(inbound, refuse, session_id).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -211,6 +213,29 @@ impl AgentApi {
     }
 }
 
+/// Sends the commands that waited for this device while it was offline, after its Welcome and desired
+/// state (expired ones are dropped and counted); each leaves the queue once it is on the session's queue.
+async fn deliver_queued(app: App, device_id: DeviceId) {
+    let (fleet, id, now) = (app.fleet.clone(), device_id.clone(), app.clock.now());
+    let waiting = match super::blocking(move || fleet.commands.waiting(&fleet.store, &id, now)).await {
+        Ok(Ok(waiting)) => waiting,
+        Ok(Err(error)) => return tracing::error!(%error, "Cannot read the device's queued commands."),
+        Err(_) => return,
+    };
+    let sent: Vec<_> = waiting
+        .into_iter()
+        .take_while(|queued| app.fleet.hub.send(device_id.as_str(), Msg::Command(queued.command.clone())))
+        .collect();
+    if sent.is_empty() {
+        return;
+    }
+    tracing::info!(commands = sent.len(), "Delivered the commands queued while the device was offline.");
+    let fleet = app.fleet.clone();
+    if let Ok(Err(error)) = super::blocking(move || fleet.commands.delivered(&fleet.store, &device_id, &sent)).await {
+        tracing::error!(%error, "Cannot forget delivered queued commands; they may be delivered again.");
+    }
+}
+
 /// Completes when the expected session's device was closed while it waited; never for a token session.
 async fn closed(waiting: Option<&Waiting>) {
     match waiting {
@@ -275,7 +300,10 @@ impl Session {
         let device_id = &self.device_id;
         loop {
             match inbound.next().await {
-                Some(Ok(_)) if self.limiter.check(device_id.as_str(), std::time::Instant::now()).is_err() => {
+                Some(Ok(message))
+                    if !self.solicited(&message)
+                        && self.limiter.check(device_id.as_str(), std::time::Instant::now()).is_err() =>
+                {
                     // Nothing of the flood is recorded: the session ends with a clear error instead.
                     tracing::warn!("Agent exceeded its message rate; closing its session.");
                     if let Some(tx) = refuse.upgrade() {
@@ -299,6 +327,8 @@ impl Session {
             }
         }
         let offline = self.app.fleet.hub.unregister(device_id, session_id);
+        // Answers in flight on this session end with it: their callers are told the device disconnected.
+        self.app.fleet.relay.session_ended(device_id, session_id);
         if offline {
             let _ =
                 self.app.reports.events(device_id, vec![NewEvent::device(device_id, "offline", "session ended")]).await;
@@ -307,6 +337,18 @@ impl Session {
         // The writer wakes the reconciler once this is committed.
         let _ = self.app.reports.update(device_id, Durability::Durable, move |d| d.last_seen_unix_ms = gone).await;
         tracing::info!("Agent disconnected.");
+    }
+
+    /// A diagnostics chunk an operator waits for: paced and capped by the device, bounded by the relay's
+    /// slow-caller wait, so it does not count against the device's message rate (a fast log transfer
+    /// would otherwise close the session it travels on).
+    fn solicited(&self, message: &AgentMessage) -> bool {
+        match &message.msg {
+            Some(agent_message::Msg::Diagnostic(chunk)) => {
+                self.app.fleet.relay.expects(&self.device_id, &chunk.command_id)
+            }
+            _ => false,
+        }
     }
 
     /// Queues one message from the agent for the report writer (in-memory facts are kept at once). Only a
@@ -352,6 +394,30 @@ impl Session {
                         crate::insight::evaluations::ingest(store, &ingest.evaluations, &id, &report, now)
                     })
                     .await
+            }
+            Some(agent_message::Msg::Diagnostic(chunk)) => {
+                let (command_id, last) = (chunk.command_id.clone(), chunk.last);
+                let relay = &app.fleet.relay;
+                if !relay.deliver(device_id, &command_id, Reply::Chunk(chunk)).await
+                    && !last
+                    && relay.first_orphan(device_id, &command_id)
+                {
+                    // Nobody waits: stop the device from sending more of it.
+                    let cancel = proto::command::Kind::Cancel(proto::CancelCommand { command_id });
+                    hub.send(
+                        device_id.as_str(),
+                        Msg::Command(proto::Command { id: String::new(), kind: Some(cancel) }),
+                    );
+                }
+                Ok(())
+            }
+            Some(agent_message::Msg::CommandResult(result)) => {
+                let (command_id, ok, error) = (result.command_id.clone(), result.ok, result.error.clone());
+                if !app.fleet.relay.deliver(device_id, &command_id, Reply::Result(result)).await {
+                    // A queued command's result, or one whose caller stopped waiting: the log keeps it.
+                    tracing::info!(%command_id, ok, %error, "A device command finished with nobody waiting for it.");
+                }
+                Ok(())
             }
             Some(agent_message::Msg::Hello(_)) => {
                 tracing::warn!("Ignored a second Hello within one session.");

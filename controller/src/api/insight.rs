@@ -86,6 +86,18 @@ impl InsightApi {
     }
 }
 
+impl InsightApi {
+    /// Sends (or, for offline devices, queues) `kind` to each target, off the async workers.
+    async fn send(
+        &self,
+        targets: Vec<alki_shared::ids::DeviceId>,
+        kind: proto::command::Kind,
+    ) -> Result<Vec<proto::SentCommand>, Status> {
+        let (fleet, now) = (self.app.fleet.clone(), self.app.clock.now());
+        super::blocking(move || queries::send_commands(&fleet, &targets, &kind, now)).await
+    }
+}
+
 #[tonic::async_trait]
 impl InsightService for InsightApi {
     async fn run_benchmark(
@@ -97,7 +109,7 @@ impl InsightService for InsightApi {
         let fleet = self.app.fleet.clone();
         let targets = blocking(move || queries::targets(&fleet, &r.device_ids, &r.selector)).await?;
         let kind = proto::command::Kind::RunBenchmark(proto::RunBenchmark { repetitions: r.repetitions });
-        let commands = queries::send_commands(&self.app.fleet, &targets, &kind);
+        let commands = self.send(targets, kind.clone()).await?;
         tracing::info!(by = %principal.name, devices = commands.len(), "Benchmark requested.");
         Ok(Response::new(proto::CommandsResponse { commands }))
     }
@@ -119,7 +131,7 @@ impl InsightService for InsightApi {
             suite: suite.clone(),
         });
         let targets = self.targets_granted(r.device_ids, r.selector, &kind).await?;
-        let commands = queries::send_commands(&self.app.fleet, &targets, &kind);
+        let commands = self.send(targets, kind.clone()).await?;
         let suite = suite.map(|s| s.digest).unwrap_or_default();
         tracing::info!(by = %principal.name, bundle = %bundle.digest, %suite, devices = commands.len(), "Calibration requested.");
         Ok(Response::new(proto::CommandsResponse { commands }))
@@ -206,7 +218,7 @@ impl InsightService for InsightApi {
             baseline_variant_digest: String::new(),
         });
         let targets = self.targets_granted(r.device_ids, r.selector, &kind).await?;
-        let commands = queries::send_commands(&self.app.fleet, &targets, &kind);
+        let commands = self.send(targets, kind.clone()).await?;
         tracing::info!(
             by = %principal.name,
             bundle = %bundle.digest,

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod agent;
 pub mod dashboard;
+pub mod diagnostics;
 pub mod enroll;
 pub mod events;
 pub mod fleet;

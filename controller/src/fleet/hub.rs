@@ -155,18 +155,24 @@ impl Hub {
     /// Queues a message without waiting. A session whose queue is full is dropped: desired state is
     /// level-based, so the agent gets everything it missed when it reconnects and says Hello.
     pub fn send(&self, device_id: &str, msg: Msg) -> bool {
+        self.send_on_session(device_id, msg).is_some()
+    }
+
+    /// [`Hub::send`], returning the id of the session the message was queued on.
+    pub fn send_on_session(&self, device_id: &str, msg: Msg) -> Option<u64> {
         let mut sessions = self.lock();
-        let Some((_, tx)) = sessions.get(device_id) else { return false };
+        let (session, tx) = sessions.get(device_id)?;
+        let session = *session;
         match tx.try_send(Ok(ControllerMessage { msg: Some(msg) })) {
-            Ok(()) => true,
+            Ok(()) => Some(session),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(device_id, "Session queue is full; closing it so the agent resynchronises.");
                 sessions.remove(device_id);
-                false
+                None
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 sessions.remove(device_id);
-                false
+                None
             }
         }
     }

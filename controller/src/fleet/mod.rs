@@ -2,9 +2,11 @@
 //! state. Agents' reports reach the store through `reports`; the rollout reconciler is woken through
 //! [`Fleet::changed`].
 
+pub mod commands;
 pub mod hub;
 pub mod labels;
 pub mod registry_view;
+pub mod relay;
 pub mod reports;
 
 use std::collections::HashMap;
@@ -48,11 +50,27 @@ pub struct Fleet {
     pub hub: Arc<Hub>,
     /// Woken whenever a device's facts change, so the rollout reconciler looks again at once.
     pub changed: Arc<Notify>,
+    /// Commands waiting for offline devices.
+    pub commands: Arc<commands::CommandQueue>,
+    /// Devices' answers (diagnostics, command results) on their way to waiting operators.
+    pub relay: Arc<relay::Relay>,
 }
 
 impl Fleet {
     pub fn new(store: Store) -> Fleet {
-        Fleet { store, hub: Arc::new(Hub::default()), changed: Arc::new(Notify::new()) }
+        Fleet {
+            store,
+            hub: Arc::new(Hub::default()),
+            changed: Arc::new(Notify::new()),
+            commands: Arc::default(),
+            relay: Arc::default(),
+        }
+    }
+
+    /// Commands to offline devices wait `ttl` for their device's return.
+    pub fn with_command_ttl(mut self, ttl: std::time::Duration) -> Fleet {
+        self.commands = Arc::new(commands::CommandQueue::new(ttl));
+        self
     }
 
     /// Gives many devices their desired states in one transaction, then sends them to connected devices.

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use alki_shared::clock::UnixMs;
 use alki_shared::eval::quality::QualityGates;
 use alki_shared::ids::{DeviceId, RolloutId};
 use alki_shared::proto::{self, controller_message::Msg};
@@ -14,6 +15,7 @@ use super::quality::{self, Evaluations};
 use super::recommend::{self, QualityFloor, RecommendError};
 use crate::facts::selects;
 use crate::fleet::Fleet;
+use crate::fleet::commands::queueable;
 use crate::scope::remember_commanded;
 use crate::store::{BenchmarkFilter, EvaluationFilter, Keyed, StoreError, StoredEvaluation};
 
@@ -122,7 +124,7 @@ pub fn grant_command_bundles(
         proto::command::Kind::Calibrate(c) => c.bundle.iter().chain(&c.suite).cloned().collect(),
         proto::command::Kind::Evaluate(e) => e.bundle.iter().chain(&e.suite).chain(&e.baseline).cloned().collect(),
         proto::command::Kind::Prestage(p) => p.bundle.iter().cloned().collect(),
-        proto::command::Kind::RunBenchmark(_) => Vec::new(),
+        _ => Vec::new(),
     };
     if bundles.is_empty() || devices.is_empty() {
         return Ok(());
@@ -132,22 +134,58 @@ pub fn grant_command_bundles(
     Ok(())
 }
 
-/// Sends one command per device over its session; devices not connected now are reported undelivered.
-pub fn send_commands(fleet: &Fleet, devices: &[DeviceId], kind: &proto::command::Kind) -> Vec<proto::SentCommand> {
-    let what = match kind {
-        proto::command::Kind::RunBenchmark(_) => "benchmark",
-        proto::command::Kind::Calibrate(_) => "calibration",
-        proto::command::Kind::Prestage(_) => "prestage",
-        proto::command::Kind::Evaluate(_) => "evaluation",
-    };
-    devices
-        .iter()
-        .map(|device_id| {
-            let command_id = format!("cmd-{}", uuid::Uuid::new_v4().simple());
-            let command = proto::Command { id: command_id.clone(), kind: Some(kind.clone()) };
-            let delivered = fleet.hub.send(device_id.as_str(), Msg::Command(command));
-            tracing::info!(%device_id, command_id, delivered, command = what, "Sent a command.");
-            proto::SentCommand { device_id: device_id.to_string(), command_id, delivered }
-        })
-        .collect()
+/// Sends one command per device over its session. A device not connected now gets it queued
+/// (`crate::fleet::commands`: bounded per device, until it expires) when the kind waits for offline devices,
+/// and is reported neither delivered nor queued otherwise, with the reason. Blocking (queueing writes the
+/// store).
+pub fn send_commands(
+    fleet: &Fleet,
+    devices: &[DeviceId],
+    kind: &proto::command::Kind,
+    now: UnixMs,
+) -> Vec<proto::SentCommand> {
+    devices.iter().map(|device_id| send_command(fleet, device_id, kind, now)).collect()
+}
+
+/// One command to one device: sent, queued, or neither with the reason.
+pub fn send_command(
+    fleet: &Fleet,
+    device_id: &DeviceId,
+    kind: &proto::command::Kind,
+    now: UnixMs,
+) -> proto::SentCommand {
+    let command_id = format!("cmd-{}", uuid::Uuid::new_v4().simple());
+    let command = proto::Command { id: command_id.clone(), kind: Some(kind.clone()) };
+    let mut sent = proto::SentCommand { device_id: device_id.to_string(), command_id, ..Default::default() };
+    sent.delivered = fleet.hub.send(device_id.as_str(), Msg::Command(command.clone()));
+    if !sent.delivered {
+        if queueable(kind) {
+            match fleet.commands.enqueue(&fleet.store, device_id, command, now) {
+                Ok(expires) => {
+                    sent.queued = true;
+                    sent.expires_unix_ms = expires.as_millis();
+                }
+                Err(e) => sent.reason = e.to_string(),
+            }
+        } else {
+            sent.reason = format!("device {device_id} is offline, and this command is not queued");
+        }
+    }
+    tracing::info!(%device_id, command_id = %sent.command_id, delivered = sent.delivered, queued = sent.queued, command = kind_label(kind), "Sent a command.");
+    sent
+}
+
+fn kind_label(kind: &proto::command::Kind) -> &'static str {
+    use proto::command::Kind;
+    match kind {
+        Kind::RunBenchmark(_) => "benchmark",
+        Kind::Calibrate(_) => "calibration",
+        Kind::Prestage(_) => "prestage",
+        Kind::Evaluate(_) => "evaluation",
+        Kind::CollectLogs(_) => "logs",
+        Kind::Cancel(_) => "cancel",
+        Kind::SupportBundle(_) => "support_bundle",
+        Kind::RestartRuntime(_) => "restart_runtime",
+        Kind::Reverify(_) => "reverify",
+    }
 }

@@ -7,6 +7,7 @@
 //! the same database (see `registry::index`).
 
 pub mod audit;
+pub mod commands;
 pub mod evaluations;
 pub mod events;
 pub mod identity;
@@ -109,6 +110,7 @@ impl Store {
             txn.open_table(table)?;
         }
         identity::create_tables(&txn)?;
+        commands::create_tables(&txn)?;
         audit::create_tables(&txn)?;
         events::create_tables(&txn)?;
         txn.commit()?;
