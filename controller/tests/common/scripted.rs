@@ -49,19 +49,7 @@ pub async fn start_with(dir: tempfile::TempDir, configure: impl FnOnce(&mut Cont
     let task = tokio::spawn(alki_controller::serve(alki_controller::Listeners { grpc, http }, config, async {
         let _ = stopped.await;
     }));
-    let token_path = dir.path().join("admin.token");
-    let admin = tokio::time::timeout(TIMEOUT, async {
-        loop {
-            if let Ok(t) = tokio::fs::read_to_string(&token_path).await
-                && !t.trim().is_empty()
-            {
-                return t.trim().to_owned();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("admin token written");
+    let admin = super::admin_token(dir.path()).await;
     Controller {
         dir,
         grpc: format!("http://{grpc_addr}"),
