@@ -202,29 +202,50 @@ async fn deliver_page(
         ctx.counters.given_up.fetch_add(lost, Ordering::Relaxed);
         record_position(ctx, id, true, move |w| w.failed += lost).await?;
     }
+    let mut answered = None;
     for event in &page.events {
-        if !deliver_one(ctx, &record, event, cancel).await? {
-            return Ok(Page::Removed);
+        match deliver_one(ctx, &record, event, cancel).await? {
+            Delivery::Taken { status, at } => answered = Some((status, at)),
+            Delivery::GivenUp => answered = None,
+            Delivery::Removed => return Ok(Page::Removed),
         }
     }
     let durable = last_durable.elapsed() >= DURABLE_EVERY;
     if durable {
         *last_durable = Instant::now();
     }
+    // One write per page, not per event: the position (and the last answer) of everything this page delivered.
     let through = page.scanned_through;
-    if !record_position(ctx, id, durable, move |w| w.delivered_through = w.delivered_through.max(through)).await? {
+    let recorded = record_position(ctx, id, durable, move |w| {
+        w.delivered_through = w.delivered_through.max(through);
+        if let Some((status, at)) = answered {
+            (w.last_attempt_unix_ms, w.last_status, w.last_error, w.attempts) =
+                (at.as_millis(), status, String::new(), 0);
+        }
+    });
+    if !recorded.await? {
         return Ok(Page::Removed);
     }
     Ok(if page.scanned_through < page.last { Page::More } else { Page::CaughtUp })
 }
 
-/// Retries one event until the receiver takes it or it is too old; false when the webhook went meanwhile.
+/// How one event's delivery ended.
+enum Delivery {
+    /// The receiver took it (its status, when); the position is recorded with the rest of the page.
+    Taken { status: u16, at: UnixMs },
+    /// Too old to try again: counted as failed and passed (recorded at once).
+    GivenUp,
+    /// The webhook was removed (or the controller stops) meanwhile.
+    Removed,
+}
+
+/// Retries one event until the receiver takes it or it is too old.
 async fn deliver_one(
     ctx: &Context,
     record: &WebhookRecord,
     event: &proto::FleetEvent,
     cancel: &CancellationToken,
-) -> Result<bool, StoreError> {
+) -> Result<Delivery, StoreError> {
     let mut attempts: u32 = 0;
     loop {
         let attempt = post(ctx, record, event, &cloudevent::id(event)).await;
@@ -235,12 +256,7 @@ async fn deliver_one(
         if attempt.succeeded() {
             ctx.counters.delivered.fetch_add(1, Ordering::Relaxed);
             ctx.counters.latency_ms_sum.fetch_add(age.as_millis() as u64, Ordering::Relaxed);
-            let event_id = event.id;
-            return record_position(ctx, &record.id, false, move |w| {
-                w.delivered_through = w.delivered_through.max(event_id);
-                (w.last_attempt_unix_ms, w.last_status, w.last_error, w.attempts) = (now.as_millis(), status, error, 0);
-            })
-            .await;
+            return Ok(Delivery::Taken { status, at: now });
         }
         ctx.counters.failed_attempts.fetch_add(1, Ordering::Relaxed);
         let give_up = age >= ctx.config.give_up_after;
@@ -262,13 +278,13 @@ async fn deliver_one(
         })
         .await?;
         if !kept {
-            return Ok(false);
+            return Ok(Delivery::Removed);
         }
         if give_up {
-            return Ok(true);
+            return Ok(Delivery::GivenUp);
         }
         if sleep_or_cancel(cancel, backoff(ctx.config, attempts)).await {
-            return Ok(false);
+            return Ok(Delivery::Removed);
         }
     }
 }
