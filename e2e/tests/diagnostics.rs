@@ -563,6 +563,21 @@ async fn commands_to_an_offline_device_are_queued_delivered_on_its_return_and_dr
         until(|| async { controller.metric("alki_commands_delivered_from_queue_total").await == 2.0 }).await;
         assert_eq!(controller.metric("alki_commands_expired_total").await, 1.0);
         until(|| async { agent.metric("alki_agent_store_scrub_blobs_total{result=\"checked\"}").await >= 1.0 }).await;
+        // Nobody waited for the queued reverify: its result is in the event log.
+        let events = proto::event_service_client::EventServiceClient::connect(controller.url()).await.expect("connect");
+        let results = || proto::ListEventsRequest {
+            device_id: DEVICE.into(),
+            types: vec!["device.command_result".into()],
+            ..Default::default()
+        };
+        until(|| {
+            let (request, mut events) = (with_token(&operator, results()), events.clone());
+            async move {
+                let listed = events.list_events(request).await.expect("events").into_inner().events;
+                listed.iter().any(|e| e.message.contains("ok") && e.message.contains("blobs checked, 0 corrupt"))
+            }
+        })
+        .await;
         agent.stop().await;
     })
     .await

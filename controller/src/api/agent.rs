@@ -413,11 +413,13 @@ impl Session {
             }
             Some(agent_message::Msg::CommandResult(result)) => {
                 let (command_id, ok, error) = (result.command_id.clone(), result.ok, result.error.clone());
+                // Every result goes in the event log, so one delivered from the offline queue (or whose caller
+                // stopped waiting) is still seen: `alkictl events list --device ID --type device.command`.
+                let event = NewEvent::device(device_id, "command_result", command_summary(&result));
                 if !app.fleet.relay.deliver(device_id, &command_id, Reply::Result(result)).await {
-                    // A queued command's result, or one whose caller stopped waiting: the log keeps it.
                     tracing::info!(%command_id, ok, %error, "A device command finished with nobody waiting for it.");
                 }
-                Ok(())
+                app.reports.events(device_id, vec![event]).await
             }
             Some(agent_message::Msg::Hello(_)) => {
                 tracing::warn!("Ignored a second Hello within one session.");
@@ -426,6 +428,23 @@ impl Session {
             None => Ok(()),
         }
     }
+}
+
+/// A command's result as one line for the event log: what ran and how it ended, with reverify's counts.
+fn command_summary(result: &proto::CommandResult) -> String {
+    let outcome = if result.ok { "ok" } else { "failed" };
+    let mut text = format!("command {} {outcome}", result.command_id);
+    for part in [&result.detail, &result.error].into_iter().filter(|p| !p.is_empty()) {
+        text.push_str(": ");
+        text.push_str(part);
+    }
+    if result.checked > 0 {
+        text.push_str(&format!(
+            " ({} blobs checked, {} corrupt, {} removed)",
+            result.checked, result.corrupt, result.removed
+        ));
+    }
+    alki_shared::text::printable(&text, 512)
 }
 
 /// How an agent's status report changes its device record, and whether that must be durable: outcomes
