@@ -236,12 +236,40 @@ impl Admission {
 
 /// The axum middleware: refuses what [`Admission::check`] refuses, forwards the rest with the body capped.
 pub async fn admit(State(admission): State<Arc<Admission>>, request: Request, next: Next) -> Response {
-    if let Some(refused) = admission.check(Asked::of(&request)).await {
+    let asked = Asked::of(&request);
+    let declared = asked.length;
+    if let Some(refused) = admission.check(asked).await {
+        if refused.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            linger(request.into_body(), declared.unwrap_or(0), admission.max_body_bytes());
+        }
         return refused;
     }
     let cap = usize::try_from(admission.max_body_bytes()).unwrap_or(usize::MAX);
     let request = request.map(|body| axum::body::Body::new(http_body_util::Limited::new(body, cap)));
     next.run(request).await
+}
+
+/// Bytes of a refused body read and dropped at most, and for how long, before the connection closes.
+const LINGER_BYTES: u64 = 64 << 20;
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and drops a refused request's body for a bounded while, so the client, still sending it, reads the
+/// 413 instead of a reset (closing a socket with unread data resets it: nginx's "lingering close").
+fn linger(body: axum::body::Body, declared: u64, cap: u64) {
+    let budget = declared.min(cap.saturating_mul(4)).min(LINGER_BYTES);
+    tokio::spawn(async move {
+        let mut stream = body.into_data_stream();
+        let mut read = 0u64;
+        let drain = async {
+            while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
+                read += chunk.len() as u64;
+                if read >= budget {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    });
 }
 
 /// What admission looks at in a request (taken out first: a request's body is not `Sync`).
