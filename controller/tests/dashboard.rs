@@ -235,6 +235,11 @@ async fn the_grafana_dashboard_queries_only_metrics_a_real_scrape_exports() {
     let sims = alki_e2e::sim::SimFleet::start(config, devices);
     // Registry traffic: one request that the counters see.
     let _ = c.get("/v2/", Some(&c.admin)).await;
+    // A webhook, so the per-webhook delivery gauges have a sample (its receiver need not exist).
+    let mut events = proto::event_service_client::EventServiceClient::connect(c.grpc.clone()).await.expect("connect");
+    let webhook =
+        proto::AddWebhookRequest { url: "http://127.0.0.1:9/hook".into(), insecure_http: true, ..Default::default() };
+    events.add_webhook(c.req(&c.admin, webhook)).await.expect("webhook");
 
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/alki-fleet.json");
     let dashboard: serde_json::Value =
