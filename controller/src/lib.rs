@@ -17,6 +17,7 @@ pub mod insight;
 pub mod limits;
 pub mod listen;
 pub mod metrics;
+pub mod outbound;
 pub mod pki;
 pub mod registry;
 pub mod roles;

@@ -11,15 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent_support::{fake_llama_server, fake_model, launch_settings};
-use alki_agent::reference::BundleLocation;
-use alki_agent::settings::RuntimeOverrides;
-use alki_agent::state::{AgentState, Deployment, StateFile};
+use agent_support::{fake_llama_server, serving_data_dir};
 use alki_agent::{Agent, Config};
 use alki_controller::config::ControllerConfig;
 use alki_shared::clock::{ManualClock, UnixMs};
 use alki_shared::digest::Digest;
-use alki_shared::ids::{DeviceId, Generation};
 use alki_shared::proto;
 use alki_shared::proto::diagnostics_service_client::DiagnosticsServiceClient;
 use alki_shared::proto::fleet_service_client::FleetServiceClient;
@@ -129,32 +125,6 @@ impl Drop for Controller {
     }
 }
 
-/// A data dir whose state says a bundle (a fake model with `knobs`) is active, so the agent serves it.
-fn prepared_data_dir(dir: &Path, knobs: &[&str]) -> PathBuf {
-    let data_dir = dir.join("agent-data");
-    let variant = Digest::of(b"diag variant");
-    let model_dir = data_dir.join("bundles").join(variant.hex());
-    std::fs::create_dir_all(&model_dir).expect("mkdir");
-    let model = fake_model(&model_dir, "model.gguf", knobs);
-    let mut state = AgentState::new(DeviceId::new(DEVICE).expect("id"));
-    state.active = Some(Deployment {
-        bundle: BundleLocation {
-            registry: String::new(),
-            repository: "acme/tiny".to_owned(),
-            digest: Digest::of(b"diag bundle"),
-            tag: "v1".to_owned(),
-        },
-        variant_digest: variant,
-        model_files: vec![model],
-        overrides: RuntimeOverrides::default(),
-        launch: launch_settings(),
-        generation: Generation(1),
-    });
-    state.last_applied_generation = Generation(1);
-    StateFile::new(&data_dir).save(&state).expect("save state");
-    data_dir
-}
-
 /// The agent's config text: `extra` is appended (more tables).
 fn agent_config_text(dir: &Path, data_dir: &Path, controller: &Controller, token: &str, extra: &str) -> String {
     let token_file = dir.join("agent.token");
@@ -230,7 +200,7 @@ impl RunningAgent {
 async fn fleet_with_agent(dir: &Path, knobs: &[&str], extra: &str) -> (Controller, RunningAgent, PathBuf) {
     let controller = Controller::start(&dir.join("controller-data"), None).await;
     let token = controller.token(DEVICE, proto::Role::Agent).await;
-    let data_dir = prepared_data_dir(dir, knobs);
+    let data_dir = serving_data_dir(dir, DEVICE, knobs);
     let text = agent_config_text(dir, &data_dir, &controller, &token, extra);
     let agent = RunningAgent::start(&text, Some(&dir.join("agent.toml"))).await;
     until(|| async { controller.device().await.is_some_and(|d| d.connected) }).await;
@@ -531,7 +501,7 @@ async fn commands_to_an_offline_device_are_queued_delivered_on_its_return_and_dr
         let clock = ManualClock::starting_at(UnixMs::now());
         let controller = Controller::start(&dir.path().join("controller-data"), Some(clock.clone())).await;
         let token = controller.token(DEVICE, proto::Role::Agent).await;
-        let data_dir = prepared_data_dir(dir.path(), &[]);
+        let data_dir = serving_data_dir(dir.path(), DEVICE, &[]);
         let store = alki_agent::store::ContentStore::open(&data_dir.join("content")).expect("store");
         store.write_bytes(&Digest::of(b"a blob"), b"a blob").await.expect("write");
         let text = agent_config_text(dir.path(), &data_dir, &controller, &token, "");

@@ -8,46 +8,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agent_support::{fake_llama_server, fake_model, launch_settings};
-use alki_agent::reference::BundleLocation;
-use alki_agent::settings::RuntimeOverrides;
-use alki_agent::state::{AgentState, Deployment, StateFile};
+use agent_support::{fake_llama_server, serving_data_dir};
 use alki_agent::{Agent, Config};
 use alki_controller::config::ControllerConfig;
-use alki_shared::digest::Digest;
-use alki_shared::ids::{DeviceId, Generation};
 use alki_shared::proto;
 use alki_shared::proto::fleet_service_client::FleetServiceClient;
 
 const DEVICE: &str = "pi-offline";
 /// Covers one telemetry interval of the controller (10 s) during the outage, plus the reconnect backoff.
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// A data dir whose state says a bundle (a fake model) is active, so the agent serves with no controller.
-fn prepared_data_dir(dir: &Path) -> PathBuf {
-    let data_dir = dir.join("agent-data");
-    let variant = Digest::of(b"offline variant");
-    let model_dir = data_dir.join("bundles").join(variant.hex());
-    std::fs::create_dir_all(&model_dir).expect("mkdir");
-    let model = fake_model(&model_dir, "model.gguf", &[]);
-    let mut state = AgentState::new(DeviceId::new(DEVICE).expect("id"));
-    state.active = Some(Deployment {
-        bundle: BundleLocation {
-            registry: String::new(),
-            repository: "acme/tiny".to_owned(),
-            digest: Digest::of(b"offline bundle"),
-            tag: "v1".to_owned(),
-        },
-        variant_digest: variant,
-        model_files: vec![model],
-        overrides: RuntimeOverrides::default(),
-        launch: launch_settings(),
-        generation: Generation(1),
-    });
-    state.last_applied_generation = Generation(1);
-    StateFile::new(&data_dir).save(&state).expect("save state");
-    data_dir
-}
 
 fn agent_config(dir: &Path, data_dir: &Path, controller: SocketAddr, token: &str) -> Config {
     let token_file = dir.join("agent.token");
@@ -178,7 +147,7 @@ async fn telemetry_built_while_the_controller_is_down_reaches_its_store_after_it
         let token =
             controller.fleet().await.create_token(with_token(&admin, request)).await.expect("token").into_inner().token;
 
-        let data_dir = prepared_data_dir(dir.path());
+        let data_dir = serving_data_dir(dir.path(), DEVICE, &[]);
         let agent = Agent::start(agent_config(dir.path(), &data_dir, grpc, &token)).await.expect("agent starts");
         let (front, metrics) = (agent.front_addr(), agent.metrics_addr().expect("metrics listener"));
         let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();

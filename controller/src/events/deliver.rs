@@ -77,13 +77,7 @@ impl Deliveries {
         config: DeliveryConfig,
         stop: CancellationToken,
     ) -> Result<Arc<Deliveries>, StoreError> {
-        // No redirects: a receiver cannot send the signed event somewhere the admin did not name.
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(config.timeout)
-            .user_agent(concat!("alki-controller/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| StoreError::Batch(format!("the webhook HTTP client: {e}")))?;
+        let client = crate::outbound::client(config.timeout).map_err(StoreError::Batch)?;
         let ctx = Context { store, clock, client, source: source.into(), config, counters: Arc::default() };
         let deliveries = Arc::new(Deliveries { ctx, stop, tasks: Mutex::default() });
         for record in deliveries.ctx.store.webhooks()? {

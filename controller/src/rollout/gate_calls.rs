@@ -60,12 +60,7 @@ pub struct GateCalls {
 
 impl GateCalls {
     pub fn new(rollouts: Rollouts, config: GatesConfig, clock: SharedClock) -> Result<Arc<GateCalls>, String> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(CALL_TIMEOUT)
-            .user_agent(concat!("alki-controller/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("the gates' HTTP client: {e}"))?;
+        let client = crate::outbound::client(CALL_TIMEOUT)?;
         Ok(Arc::new(GateCalls { rollouts, config: Arc::new(config), clock, client, in_flight: Mutex::default() }))
     }
 

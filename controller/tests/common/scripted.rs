@@ -4,10 +4,9 @@
 
 use std::time::Duration;
 
-use alki_bundle::pack::{self, PackOptions};
-use alki_bundle::{Progress, Remote};
+use alki_bundle::Remote;
 use alki_controller::config::ControllerConfig;
-use alki_e2e::tiny_model::{TinyModelOptions, synthetic_tokenizer, write_tiny_model};
+use alki_e2e::tiny_bundle::push_tiny_bundle;
 use alki_shared::proto::{
     self, AgentMessage, ControllerMessage, agent_message, agent_service_client::AgentServiceClient,
     controller_message::Msg, fleet_service_client::FleetServiceClient,
@@ -80,27 +79,13 @@ pub async fn fleet(c: &Controller) -> FleetServiceClient<Channel> {
     FleetServiceClient::connect(c.grpc.clone()).await.expect("connect fleet")
 }
 
-/// Packs a tiny model and pushes it to the controller's registry as acme/tiny:<tag>.
+/// Packs a tiny model, pushes it to the controller's registry as acme/tiny:<tag> and signs it with
+/// [`signing_key`]; returns its digest.
 pub async fn push_bundle(c: &Controller, tag: &str, seed: u64) -> String {
-    let work = tempfile::tempdir().expect("tempdir");
-    let model = work.path().join(format!("tiny-{tag}.gguf"));
-    let options = TinyModelOptions { name: format!("tiny-{tag}"), seed };
-    write_tiny_model(&model, &options, &synthetic_tokenizer(64)).expect("model");
-    let opts = PackOptions {
-        files: vec![model],
-        out: work.path().join("layout"),
-        name: None,
-        version: None,
-        license: Some("Apache-2.0".into()),
-        context: 512,
-        tag: tag.into(),
-    };
-    let packed = pack::pack(&opts, &Progress::none()).expect("pack");
+    let digest = push_tiny_bundle(&c.registry, "acme/tiny", &c.admin, tag, seed).await.expect("push");
     let remote = Remote::with_token(c.registry.clone(), "acme/tiny".into(), Some(c.admin.clone()), true);
-    let pushed = alki_bundle::push::push(&opts.out, &remote, tag, &Progress::none()).await.expect("push");
     alki_bundle::sign::sign(&remote, tag, signing_key()).await.expect("sign");
-    assert_eq!(pushed.digest, packed.digest);
-    packed.digest.to_string()
+    digest.to_string()
 }
 
 pub struct FakeAgent {

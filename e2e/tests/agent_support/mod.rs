@@ -1,5 +1,6 @@
 //! Helpers for the end-to-end tests that run an agent in-process (offline reports, pre-staging, trust):
-//! the fake llama-server binary, fake model files, launch settings and a permissive trust policy.
+//! the fake llama-server binary, fake model files, a data directory already serving one, launch settings and
+//! a permissive trust policy.
 
 #![allow(dead_code)]
 
@@ -37,6 +38,36 @@ pub fn launch_settings() -> LaunchSettings {
         chat_template: None,
         llama_server: None,
     }
+}
+
+/// `<dir>/agent-data` with a state file saying `device_id` serves a fake model (with `knobs`) of acme/tiny:v1,
+/// so an agent started on it serves at once, with or without a controller.
+pub fn serving_data_dir(dir: &Path, device_id: &str, knobs: &[&str]) -> PathBuf {
+    use alki_agent::state::{AgentState, Deployment, StateFile};
+    use alki_shared::digest::Digest;
+    use alki_shared::ids::{DeviceId, Generation};
+    let data_dir = dir.join("agent-data");
+    let variant = Digest::of(format!("{device_id} variant").as_bytes());
+    let model_dir = data_dir.join("bundles").join(variant.hex());
+    std::fs::create_dir_all(&model_dir).expect("mkdir");
+    let model = fake_model(&model_dir, "model.gguf", knobs);
+    let mut state = AgentState::new(DeviceId::new(device_id).expect("id"));
+    state.active = Some(Deployment {
+        bundle: alki_agent::reference::BundleLocation {
+            registry: String::new(),
+            repository: "acme/tiny".to_owned(),
+            digest: Digest::of(format!("{device_id} bundle").as_bytes()),
+            tag: "v1".to_owned(),
+        },
+        variant_digest: variant,
+        model_files: vec![model],
+        overrides: alki_agent::settings::RuntimeOverrides::default(),
+        launch: launch_settings(),
+        generation: Generation(1),
+    });
+    state.last_applied_generation = Generation(1);
+    StateFile::new(&data_dir).save(&state).expect("save state");
+    data_dir
 }
 
 /// Writes `<dir>/trust.toml` letting unsigned bundles through, for tests whose bundles are not signed
