@@ -32,6 +32,9 @@ pub enum EventsCmd {
         /// Keep following: each new event is printed as it is committed (JSON: one object per line).
         #[arg(long)]
         follow: bool,
+        /// The latest events, newest first (e.g. a device's recent history: `--device pi-1 --newest --limit 20`).
+        #[arg(long, conflicts_with = "follow")]
+        newest: bool,
     },
 }
 
@@ -99,13 +102,14 @@ fn event_row(v: &EventView) -> [String; 6] {
 const EVENT_COLUMNS: [&str; 6] = ["ID", "TIME", "TYPE", "ROLLOUT/DEVICE", "MESSAGE", "PENDING"];
 
 pub async fn run_events(connection: &Connection, output: Output, cmd: EventsCmd) -> anyhow::Result<()> {
-    let EventsCmd::List { after, rollout, device, types, limit, follow } = cmd;
+    let EventsCmd::List { after, rollout, device, types, limit, follow, newest } = cmd;
     let request = proto::ListEventsRequest {
         after_event_id: after,
         rollout_id: rollout.unwrap_or_default(),
         device_id: device.unwrap_or_default(),
         types,
         limit,
+        newest_first: newest,
     };
     let mut client = connection.events().await?;
     if follow {

@@ -31,6 +31,7 @@ use http_body_util::BodyExt as _;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::{Access, AuthError, Authenticator, Policy, Principal};
+use crate::console::session::{SessionRefusal, Sessions};
 use crate::limits::{RateLimiter, RetryAfter};
 use crate::store::Store;
 use crate::store::audit::{AuditRetention, audit_key};
@@ -195,6 +196,24 @@ pub struct Gate {
     pub auditor: Auditor,
     pub token_limiter: Arc<RateLimiter>,
     pub refused: Arc<RefusedCalls>,
+    /// Web console logins: an HTTP request without an Authorization header may present one's cookie.
+    pub sessions: Arc<Sessions>,
+}
+
+/// What a caller presented.
+enum Credential {
+    /// The `Authorization` header, if any.
+    Header(Option<String>),
+    /// A console session's token (its hash).
+    Session(String),
+}
+
+/// The console session an HTTP request was admitted by, for the handlers that read it (`/ui/session`,
+/// `/ui/logout`, event streams that end when it does).
+#[derive(Clone, Debug)]
+pub struct ConsoleSession {
+    pub id: String,
+    pub session: crate::console::session::Session,
 }
 
 /// The outcome of checking a caller against a policy.
@@ -211,13 +230,14 @@ enum Admission {
 
 enum Refusal {
     Auth(AuthError),
+    Session(SessionRefusal),
     RateLimited(String, RetryAfter),
     Internal(String),
 }
 
 impl Gate {
     /// Authenticates (on a blocking thread: the token lookup reads the store) and rate-limits.
-    async fn admit(&self, policy: Policy, authorization: Option<String>, peer: &str) -> Admission {
+    async fn admit(&self, policy: Policy, credential: Credential, peer: &str) -> Admission {
         let principal = match policy.access {
             Access::Public => {
                 return Admission::Allowed { actor: "anonymous".into(), role: String::new(), principal: None };
@@ -226,17 +246,25 @@ impl Gate {
             // so a guesser cannot try tokens quickly nor a flood of Renew calls crowd others out. (The agent
             // handler also limits each device's session opens and messages: many devices may share one
             // address behind NAT, which this limit's burst allows for.)
-            Access::Device | Access::BootstrapToken => {
+            Access::Device | Access::BootstrapToken | Access::Login => {
                 let key = format!("peer:{}", peer.rsplit_once(':').map_or(peer, |(ip, _)| ip));
                 if let Err(wait) = self.token_limiter.check(&key, Instant::now()) {
                     return Admission::Refused(Refusal::RateLimited(key, wait));
                 }
-                let actor = if policy.access == Access::Device { "device" } else { "bootstrap" };
+                let actor = match policy.access {
+                    Access::Device => "device",
+                    Access::Login => "login",
+                    _ => "bootstrap",
+                };
                 return Admission::Allowed { actor: actor.into(), role: String::new(), principal: None };
             }
             Access::Token(action) => {
                 let auth = self.auth.clone();
-                match tokio::task::spawn_blocking(move || auth.authorize(authorization.as_deref(), action)).await {
+                let check = move || match credential {
+                    Credential::Header(header) => auth.authorize(header.as_deref(), action),
+                    Credential::Session(token_hash) => auth.authorize_hash(&token_hash, action),
+                };
+                match tokio::task::spawn_blocking(check).await {
                     Ok(Ok(principal)) => principal,
                     Ok(Err(error)) => return Admission::Refused(Refusal::Auth(error)),
                     Err(error) => return Admission::Refused(Refusal::Internal(error.to_string())),
@@ -316,7 +344,8 @@ where
             let peer = grpc_peer(&request);
             let authorization =
                 request.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
-            let (actor, role, established) = match gate.admit(policy, authorization, &peer).await {
+            let credential = Credential::Header(authorization);
+            let (actor, role, established) = match gate.admit(policy, credential, &peer).await {
                 Admission::Allowed { actor, role, principal } => {
                     let established = principal.is_some();
                     // The handler reads who was admitted from here (`api::principal`).
@@ -411,6 +440,7 @@ fn refusal_reason(refusal: &Refusal) -> Option<RefusalReason> {
         Refusal::Auth(AuthError::Missing | AuthError::Invalid | AuthError::Revoked { .. }) => {
             Some(RefusalReason::Unauthenticated)
         }
+        Refusal::Session(_) => Some(RefusalReason::Unauthenticated),
         Refusal::RateLimited(..) => Some(RefusalReason::RateLimited),
         _ => None,
     }
@@ -423,6 +453,8 @@ fn status_response(status: tonic::Status) -> GrpcResponse {
 fn refusal_status(refusal: Refusal) -> tonic::Status {
     match refusal {
         Refusal::Auth(error) => crate::api::auth_status(error),
+        // gRPC never reads cookies; a console session cannot be the reason.
+        Refusal::Session(error) => tonic::Status::unauthenticated(error.to_string()),
         Refusal::RateLimited(who, RetryAfter(wait)) => tonic::Status::resource_exhausted(format!(
             "{who} is over its request rate; retry in {} ms",
             wait.as_millis().max(1)
@@ -483,7 +515,9 @@ fn grpc_target(path: &str, frame: &[u8]) -> String {
 // HTTP
 
 /// axum middleware (`axum::middleware::from_fn_with_state(gate, audit::http_gate)`) around every route.
-pub async fn http_gate(State(gate): State<Gate>, request: Request, next: Next) -> Response {
+/// A request without an `Authorization` header to a route that needs a token may present a console
+/// session's cookie instead (and, to change anything, the session's CSRF token).
+pub async fn http_gate(State(gate): State<Gate>, mut request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let policy = crate::auth::http_policy(&method, &path);
@@ -495,8 +529,30 @@ pub async fn http_gate(State(gate): State<Gate>, request: Request, next: Next) -
         .unwrap_or_default();
     let authorization =
         request.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let (actor, role) = match gate.admit(policy, authorization, &peer).await {
-        Admission::Allowed { actor, role, .. } => (actor, role),
+    let console = match console_session(&gate, policy, authorization.is_some(), &method, request.headers()) {
+        Ok(console) => console,
+        Err(refusal) => {
+            if let Some(reason) = refusal_reason(&refusal) {
+                gate.refused.count("http", reason, &peer, method.as_str());
+            }
+            return http_refusal(refusal, registry);
+        }
+    };
+    let credential = match &console {
+        Some(c) => Credential::Session(c.session.token_hash.clone()),
+        None => Credential::Header(authorization),
+    };
+    let (actor, role) = match gate.admit(policy, credential, &peer).await {
+        Admission::Allowed { actor, role, principal } => {
+            // Handlers read who was admitted from here, as gRPC handlers do.
+            if let Some(principal) = principal {
+                request.extensions_mut().insert(principal);
+            }
+            if let Some(console) = console {
+                request.extensions_mut().insert(console);
+            }
+            (actor, role)
+        }
         Admission::Refused(refusal) => {
             match (refused_actor(&refusal), refusal_reason(&refusal)) {
                 (Some((actor, role)), _) if policy.mutates => {
@@ -520,6 +576,25 @@ pub async fn http_gate(State(gate): State<Gate>, request: Request, next: Next) -
         gate.auditor.record(event).await;
     }
     response
+}
+
+/// The console session a request presents by cookie, where it stands in for a token: on a route that needs
+/// one, without an `Authorization` header (which wins). A change must carry the session's CSRF token.
+fn console_session(
+    gate: &Gate,
+    policy: Policy,
+    has_authorization: bool,
+    method: &http::Method,
+    headers: &http::HeaderMap,
+) -> Result<Option<ConsoleSession>, Refusal> {
+    let needs_token = matches!(policy.access, Access::Token(_));
+    let Some(id) = crate::console::session::cookie_session(headers).filter(|_| needs_token && !has_authorization)
+    else {
+        return Ok(None);
+    };
+    let session = gate.sessions.get(&id).map_err(Refusal::Session)?;
+    crate::console::session::check_csrf(&session, method, headers).map_err(Refusal::Session)?;
+    Ok(Some(ConsoleSession { id, session }))
 }
 
 /// `("PUT /v2/{name}/manifests/{reference}", "acme/qwen:latest")`: the route's shape and what it names.
@@ -549,6 +624,10 @@ fn http_refusal(refusal: Refusal, registry: bool) -> Response {
         Refusal::Auth(error @ AuthError::Forbidden { .. }) => {
             (StatusCode::FORBIDDEN, "DENIED", error.to_string(), vec![])
         }
+        Refusal::Session(error @ SessionRefusal::Ended) => {
+            (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", error.to_string(), vec![])
+        }
+        Refusal::Session(error @ SessionRefusal::Csrf) => (StatusCode::FORBIDDEN, "DENIED", error.to_string(), vec![]),
         Refusal::Auth(AuthError::Store(error)) => {
             tracing::error!(%error, "Could not check credentials.");
             (

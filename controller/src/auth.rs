@@ -97,8 +97,14 @@ impl Authenticator {
             }
             return Ok(Principal { name, role: Role::Agent, device: true, repositories: Vec::new() });
         }
+        self.authorize_hash(&token_hash(&token), action)
+    }
+
+    /// Checks the operator token with this SHA-256 (what a console session keeps instead of the token)
+    /// allows `action`.
+    pub fn authorize_hash(&self, hash: &str, action: Action) -> Result<Principal, AuthError> {
         // Read on every request (no cache), so a revocation holds from the very next request.
-        let record = self.store.token(&hash_token(&token))?.ok_or(AuthError::Invalid)?;
+        let record = self.store.token(hash)?.ok_or(AuthError::Invalid)?;
         if record.revoked_unix_ms.is_some() {
             return Err(AuthError::Revoked { name: record.name });
         }
@@ -124,7 +130,7 @@ impl Authenticator {
             RepoPattern::parse_all(repositories, role == Role::Push).map_err(|e| TokenError::Scope(e.to_string()))?;
         let created_unix_ms = self.clock.now();
         let record = TokenRecord { name: name.to_owned(), role, created_unix_ms, revoked_unix_ms: None, repositories };
-        self.store.put_token(&hash_token(&token), &record)?;
+        self.store.put_token(&token_hash(&token), &record)?;
         Ok(token)
     }
 
@@ -235,6 +241,9 @@ pub enum Access {
     Device,
     /// A bearer token whose role allows this.
     Token(Action),
+    /// The web console's login (`POST /ui/login`): presents a token in its body, which the handler checks;
+    /// limited per peer address like Enroll, so tokens cannot be guessed quickly through it.
+    Login,
 }
 
 /// What a bearer token must allow to stand in for a device certificate ([`Access::Device`]), where
@@ -309,15 +318,22 @@ pub fn grpc_policy(path: &str) -> Option<Policy> {
     })
 }
 
-/// The HTTP side's table, by path prefix so a new route is covered the moment it exists: the probes are
-/// public; the registry reads with RegistryRead and writes with RegistryWrite; garbage collection is
+/// The HTTP side's table, by path prefix so a new route is covered the moment it exists: the probes and the
+/// console's files are public, its login is limited per peer; the registry reads with RegistryRead and writes with RegistryWrite; garbage collection is
 /// admin; every other path (the dashboard API under /api/v1/ and anything added later) needs a viewer
 /// token to read and an operator token to change anything.
 pub fn http_policy(method: &http::Method, path: &str) -> Policy {
     use Action::*;
     let reads = matches!(*method, http::Method::GET | http::Method::HEAD);
-    if reads && matches!(path, "/healthz" | "/readyz") {
+    if reads && (matches!(path, "/" | "/healthz" | "/readyz") || is_console_asset(path)) {
         return Policy { access: Access::Public, mutates: false };
+    }
+    if path == "/ui/login" {
+        // The handler audits the login under the token's name once it knows it.
+        return Policy { access: Access::Login, mutates: false };
+    }
+    if path == "/ui/logout" {
+        return read(ReadFleet);
     }
     if path == "/api/v1/registry/gc" {
         return write(ManageTokens);
@@ -335,6 +351,12 @@ pub fn http_policy(method: &http::Method, path: &str) -> Policy {
     if reads { read(ReadFleet) } else { write(WriteFleet) }
 }
 
+/// The console's own files under `/ui/` (and `/ui` itself), which the login page needs before any login;
+/// `/ui/session` is not one of them.
+fn is_console_asset(path: &str) -> bool {
+    path == "/ui" || (path.starts_with("/ui/") && path != "/ui/session")
+}
+
 fn check_token_name(name: &str) -> Result<(), TokenError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_TOKEN_NAME
@@ -346,7 +368,8 @@ fn token_id(hash: &str) -> &str {
     hash.get(..TOKEN_ID_LEN).unwrap_or(hash)
 }
 
-fn hash_token(token: &str) -> String {
+/// The SHA-256 (hex) the store keys a token by.
+pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 

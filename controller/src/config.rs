@@ -17,6 +17,8 @@ pub struct ControllerConfig {
     /// How long a command to an offline device (benchmark, calibrate, evaluate, restart-runtime, reverify)
     /// waits in the controller's queue for the device's next Hello before it is dropped.
     pub command_queue_ttl: Duration,
+    /// How long a web console login lasts (`--console-session-ttl`); the console asks for the token again.
+    pub console_session_ttl: Duration,
     pub registry: RegistryConfig,
     /// External OCI registries (CNCF distribution, zot, Harbor, a cloud registry) bundles may be rolled out
     /// from, besides the embedded one. A rollout names one by prefixing the repository with its
@@ -280,6 +282,7 @@ impl ControllerConfig {
             registry_host: None,
             heartbeat_interval: Duration::from_secs(10),
             command_queue_ttl: crate::fleet::commands::DEFAULT_TTL,
+            console_session_ttl: crate::console::DEFAULT_SESSION_TTL,
             registry: RegistryConfig::default(),
             external_registries: Vec::new(),
             pki: crate::pki::PkiConfig {

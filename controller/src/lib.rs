@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod bundles;
 pub mod config;
+pub mod console;
 pub mod enrollment;
 pub mod events;
 pub mod facts;

@@ -107,6 +107,7 @@ fn open_app(
             crate::limits::MAX_RATE_KEYS,
         )),
         refused: Arc::default(),
+        sessions: Arc::new(crate::console::session::Sessions::new(config.console_session_ttl, clock.clone())),
     };
     let registry =
         Registry::open_with_clock(&config.data_dir, store.database(), config.registry.clone(), clock.clone())
@@ -262,7 +263,7 @@ async fn grpc_server(
         .serve_with_incoming_shutdown(nodelay(TcpListenerStream::new(listener)), async move { stop.cancelled().await }))
 }
 
-/// The HTTP server: probes, the registry and the dashboard API, counted and behind the gate, over TLS
+/// The HTTP server: probes, the registry, the dashboard API and the web console, counted and behind the gate, over TLS
 /// unless `insecure_plaintext`.
 fn http_server(
     app: &App,
@@ -274,6 +275,12 @@ fn http_server(
     // With connect info, so the audit log and the per-peer limits see the client's address.
     let router = api::http::router(app.sources.registry.clone(), app.auth.clone(), app.store.clone())
         .merge(api::dashboard::router(api::dashboard::DashboardState { app: app.clone() }))
+        .merge(crate::console::router(crate::console::ConsoleState {
+            auth: app.auth.clone(),
+            sessions: gate.sessions.clone(),
+            auditor: gate.auditor.clone(),
+            secure: !insecure_plaintext,
+        }))
         .layer(axum::middleware::from_fn_with_state(app.http_counters.clone(), crate::metrics::count_registry))
         .layer(axum::middleware::from_fn_with_state(gate, crate::audit::http_gate));
     let pki = app.pki.clone();

@@ -279,6 +279,7 @@ async fn every_grpc_method_refuses_callers_without_the_right_credential() {
             ];
             match access {
                 Access::Public => failures.push(format!("{method}: public gRPC methods are not allowed")),
+                Access::Login => failures.push(format!("{method}: the console login is HTTP only")),
                 Access::Token(action) => {
                     if let Some(role) = wrong_role(action) {
                         callers.push((format!("{role:?} token"), Some(tokens.of(role))));
@@ -400,6 +401,9 @@ fn methods_in(call: &str) -> Vec<http::Method> {
 /// Fills `{param}` with a sample; the registry's wildcard gets one path per endpoint.
 fn concrete_paths(template: &str) -> Vec<String> {
     let zero = format!("sha256:{}", "0".repeat(64));
+    if template == "/ui/{*path}" {
+        return vec!["/ui/app.js".to_owned()];
+    }
     if let Some(prefix) = template.strip_suffix("{*rest}") {
         return [
             "probe/repo/manifests/latest".to_owned(),
@@ -477,6 +481,13 @@ async fn every_http_route_refuses_callers_without_the_right_credential() {
                     let status = send(Some(tokens.of(role))).await;
                     if matches!(status.as_u16(), 401 | 403) {
                         failures.push(format!("{method} {path} with {role:?} token was refused: {status}"));
+                    }
+                }
+                // The console login reads a token from its body: none is a bad request, never a session.
+                Access::Login => {
+                    let status = send(None).await;
+                    if status != reqwest::StatusCode::BAD_REQUEST {
+                        failures.push(format!("{method} {path} without a token in the body: {status}, wanted 400"));
                     }
                 }
                 other => failures.push(format!("{method} {path}: unexpected HTTP access {other:?}")),
@@ -635,6 +646,7 @@ fn needs(access: Access) -> String {
         Access::BootstrapToken => "a bootstrap token".into(),
         Access::Device => "a device certificate".into(),
         Access::Token(action) => format!("{action:?}"),
+        Access::Login => "a token in the body".into(),
     }
 }
 

@@ -86,6 +86,14 @@ impl Controller {
         request.send().await.expect("http request")
     }
 
+    async fn post(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let mut request = reqwest::Client::new().post(format!("{}{path}", self.http));
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        request.send().await.expect("http request")
+    }
+
     async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -140,6 +148,8 @@ fn concrete(route: &str) -> String {
     match route {
         "/api/v1/devices/{id}" => "/api/v1/devices/pi-1".into(),
         "/api/v1/rollouts/{id}" => "/api/v1/rollouts/ro-seeded".into(),
+        "/api/v1/rollouts/{id}/devices" => "/api/v1/rollouts/ro-seeded/devices".into(),
+        "/api/v1/rollouts/{id}/{verb}" => "/api/v1/rollouts/ro-seeded/pause".into(),
         "/api/v1/compare" => "/api/v1/compare?rollout=ro-seeded".into(),
         "/api/v1/recommend" => format!("/api/v1/recommend?bundle=sha256:{}", "0".repeat(64)),
         other => other.into(),
@@ -156,8 +166,19 @@ async fn every_documented_route_answers_viewers_and_refuses_everyone_else() {
     let routed: BTreeSet<String> = ROUTES.iter().map(|r| r.to_string()).collect();
     assert_eq!(documented, routed, "the OpenAPI document lists exactly the router's routes");
 
+    let operator = c.token(proto::Role::Operator).await;
     for route in ROUTES {
         let path = concrete(route);
+        if route.ends_with("{verb}") {
+            // A change: the gate refuses viewers; an operator reaches the verb, which a completed rollout refuses.
+            assert_eq!(c.post(&path, Some(&viewer)).await.status(), 403, "{path} for a viewer");
+            assert_eq!(c.post(&path, None).await.status(), 401, "{path} without a token");
+            let refused = c.post(&path, Some(&operator)).await;
+            assert_eq!(refused.status(), 409, "{path} on a completed rollout");
+            let body: serde_json::Value = refused.json().await.expect("error json");
+            assert!(body["error"].as_str().is_some_and(|e| e.contains("completed")), "{body}");
+            continue;
+        }
         let ok = c.get(&path, Some(&viewer)).await;
         assert_eq!(ok.status(), 200, "{path} for a viewer");
         assert_eq!(c.get(&path, None).await.status(), 401, "{path} without a token");

@@ -44,6 +44,7 @@ impl EventService for EventsApi {
             device_id: req.device_id,
             types: req.types,
             limit: req.limit as usize,
+            newest_first: req.newest_first,
         };
         Ok(Response::new(super::with_store(&self.app.store, move |store| list::list(store, query)).await?))
     }
@@ -63,6 +64,7 @@ impl EventService for EventsApi {
             device_id: req.device_id,
             types: req.types,
             limit: 0,
+            newest_first: false,
         };
         let events = watch::follow(self.app.store.clone(), query, permit.stop.clone());
         let updates = async_stream::try_stream! {

@@ -26,7 +26,8 @@ impl FleetService for FleetApi {
     ) -> Result<Response<proto::ListDevicesResponse>, Status> {
         super::principal(&request)?;
         let devices = self.app.fleet.devices(&request.get_ref().selector).map_err(super::internal)?;
-        Ok(Response::new(proto::ListDevicesResponse { devices }))
+        let total = u32::try_from(devices.len()).unwrap_or(u32::MAX);
+        Ok(Response::new(proto::ListDevicesResponse { devices, total }))
     }
 
     async fn get_device(&self, request: Request<proto::GetDeviceRequest>) -> Result<Response<proto::Device>, Status> {
@@ -225,13 +226,9 @@ impl FleetApi {
     ) -> Result<Response<proto::Rollout>, Status> {
         let principal = super::principal(&request)?;
         let req = request.into_inner();
-        // An id this controller could not have generated names no rollout.
-        let id = RolloutId::new(req.id.clone()).map_err(|_| operate_status(OperateError::NotFound(req.id.clone())))?;
-        let reason = if req.reason.is_empty() { format!("by {}", principal.name) } else { req.reason };
         let (rollouts, now) = (self.app.rollouts.clone(), self.app.clock.now());
-        let result = super::blocking(move || reconcile::operate(&rollouts, &id, verb, &reason, now)).await?;
-        let rollout = result.map_err(operate_status)?;
-        tracing::info!(rollout_id = %rollout.id, verb = verb.label(), by = %principal.name, "Rollout verb applied.");
+        let operate = move || reconcile::operate_by(&rollouts, &req.id, verb, &req.reason, &principal.name, now);
+        let rollout = super::blocking(operate).await?.map_err(operate_status)?;
         Ok(Response::new(rollout))
     }
 }

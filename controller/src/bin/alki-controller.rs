@@ -29,6 +29,9 @@ struct Args {
     /// waits for the device's return before it is dropped, e.g. `24h`, `90m`.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     command_queue_ttl: Duration,
+    /// How long a web console login (/ui/) lasts before the console asks for the token again, e.g. `8h`.
+    #[arg(long, default_value = "8h", value_parser = humantime::parse_duration)]
+    console_session_ttl: Duration,
     /// Seconds between registry garbage collections (deleting blobs no manifest references); 0 turns
     /// the schedule off (`alkictl registry gc` still runs one on request).
     #[arg(long, env = "ALKI_REGISTRY_GC_INTERVAL_SECS", default_value_t = 3600)]
@@ -119,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
     config.registry_host = args.registry_host;
     config.heartbeat_interval = Duration::from_secs(args.heartbeat_seconds.max(1));
     config.command_queue_ttl = args.command_queue_ttl;
+    config.console_session_ttl = args.console_session_ttl;
     config.registry.gc_interval = Duration::from_secs(args.registry_gc_interval_secs);
     config.registry.gc_grace = Duration::from_secs(args.registry_gc_grace_secs);
     config.insecure_plaintext = args.insecure_plaintext;

@@ -5,6 +5,7 @@
 pub mod commands;
 pub mod hub;
 pub mod labels;
+pub mod listing;
 pub mod registry_view;
 pub mod relay;
 pub mod reports;

@@ -1,7 +1,7 @@
 //! Performance and quality insight: ingesting agents' telemetry, benchmarks and quality evaluations
 //! (`evaluations`), time-bucketed rollups with retention, and the pure A/B comparison (`compare`), serving
 //! error rates (`errors`), p95 serving latency (`latency`), quality summaries (`quality`) and variant
-//! recommendation that the API, the CLI and the rollout gates share.
+//! recommendation that the API, the CLI and the rollout gates share, and serving trends over time (`trends`).
 //!
 //! Ingestion is cheap per report: a telemetry report is one transaction without fsync (the device's newest
 //! telemetry and its measurement window); rollups accumulate in memory, bounded, and are merged into the
@@ -16,6 +16,7 @@ pub mod quality;
 pub mod queries;
 pub mod recommend;
 pub mod stats;
+pub mod trends;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -138,6 +139,11 @@ impl Ingest {
         } else {
             self.rollups_dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// The rollups accumulated since the last flush (a trend's newest buckets).
+    pub fn pending_rollups(&self) -> Vec<Rollup> {
+        lock(&self.pending).values().cloned().collect()
     }
 
     /// Writes the accumulated rollups and applies the retention. On a store error the rollups are kept

@@ -1120,6 +1120,11 @@ impl Verb {
             Verb::Retry => "retry",
         }
     }
+
+    /// The verb a label names (as the JSON API's path spells it).
+    pub fn from_label(label: &str) -> Option<Verb> {
+        [Verb::Pause, Verb::Resume, Verb::Promote, Verb::Abort, Verb::Retry].into_iter().find(|v| v.label() == label)
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -349,6 +349,23 @@ pub enum OperateError {
 
 /// Applies an operator's verb: the engine decides, this persists and applies, and the reconciler is woken.
 /// Blocking (the store).
+/// An operator's verb on the rollout an API call names by id, applied for `by` (the caller's name): an id
+/// that does not parse names no rollout, and an empty reason records who applied it.
+pub fn operate_by(
+    rollouts: &Rollouts,
+    id: &str,
+    verb: engine::Verb,
+    reason: &str,
+    by: &str,
+    now: UnixMs,
+) -> Result<proto::Rollout, OperateError> {
+    let id = RolloutId::new(id).map_err(|_| OperateError::NotFound(id.to_owned()))?;
+    let reason = if reason.is_empty() { format!("by {by}") } else { reason.to_owned() };
+    let rollout = operate(rollouts, &id, verb, &reason, now)?;
+    tracing::info!(rollout_id = %rollout.id, verb = verb.label(), by, "Rollout verb applied.");
+    Ok(rollout)
+}
+
 pub fn operate(
     rollouts: &Rollouts,
     id: &RolloutId,

@@ -110,6 +110,9 @@ pub struct EventQuery {
     pub device_id: String,
     pub types: Vec<String>,
     pub limit: usize,
+    /// Read from the newest end back to `after` (a page showing the latest events first) instead of on
+    /// from `after`.
+    pub newest_first: bool,
 }
 
 impl EventQuery {
@@ -190,7 +193,8 @@ fn event_time(bytes: &[u8]) -> Option<i64> {
     Some(serde_json::from_slice::<At>(bytes).map(|a| a.unix_ms).unwrap_or(i64::MIN))
 }
 
-/// Events a device record's change means: it failed, went into a crash loop, was decommissioned.
+/// Events a device record's change means: it activated another bundle, failed, went into a crash loop, was
+/// decommissioned.
 pub(super) fn device_changes(before: Option<&proto::Device>, after: &proto::Device) -> Vec<NewEvent> {
     let id = after.id.as_str();
     let new = |kind: &str, message: String| NewEvent {
@@ -207,6 +211,12 @@ pub(super) fn device_changes(before: Option<&proto::Device>, after: &proto::Devi
         out.push(new("crash_loop", error_message()));
     } else if failed(after) && !before.is_some_and(|b| failed(b) && b.desired_generation == after.desired_generation) {
         out.push(new("failed", error_message()));
+    }
+    if let Some(running) = after.running.as_ref().filter(|r| !r.digest.is_empty())
+        && before.and_then(|b| b.running.as_ref()).is_none_or(|r| r.digest != running.digest)
+    {
+        let tag = if running.tag.is_empty() { String::new() } else { format!(":{}", running.tag) };
+        out.push(new("activated", format!("serves {}{tag} ({})", running.repository, running.digest)));
     }
     if after.decommissioned && !before.is_some_and(|b| b.decommissioned) {
         out.push(new("decommissioned", String::new()));
@@ -238,7 +248,9 @@ impl Store {
         let first = t.first()?.map(|(k, _)| k.value()).unwrap_or(0);
         let last = t.last()?.map(|(k, _)| k.value()).unwrap_or(0);
         let mut page = EventPage { events: Vec::new(), first, last, scanned_through: query.after };
-        for (scanned, entry) in t.range(query.after.saturating_add(1)..)?.enumerate() {
+        let range = t.range(query.after.saturating_add(1)..)?;
+        let entries: Box<dyn Iterator<Item = _>> = if query.newest_first { Box::new(range.rev()) } else { Box::new(range) };
+        for (scanned, entry) in entries.enumerate() {
             if page.events.len() >= query.limit || scanned >= MAX_SCAN {
                 break;
             }
@@ -368,6 +380,14 @@ mod tests {
         assert_eq!(kinds(Some(&active), &gone), ["device.decommissioned"]);
         assert!(kinds(Some(&gone), &gone).is_empty());
         assert!(kinds(None, &active).is_empty());
+        let serving = |digest: &str| proto::Device {
+            running: Some(proto::BundleRef { repository: "acme/tiny".into(), digest: digest.into(), ..Default::default() }),
+            ..active.clone()
+        };
+        assert_eq!(kinds(Some(&active), &serving("sha256:a")), ["device.activated"]);
+        assert_eq!(kinds(None, &serving("sha256:a")), ["device.activated"], "a first record serving a bundle");
+        assert!(kinds(Some(&serving("sha256:a")), &serving("sha256:a")).is_empty());
+        assert_eq!(kinds(Some(&serving("sha256:a")), &serving("sha256:b")), ["device.activated"]);
     }
 
     #[test]
@@ -398,6 +418,8 @@ mod tests {
         assert_eq!(all(EventQuery { rollout_id: "ro-1".into(), ..Default::default() }).0.len(), 1);
         assert_eq!(all(EventQuery { types: vec!["device.off".into()], ..Default::default() }).0.len(), 1);
         assert_eq!(all(EventQuery { device_id: "pi-1".into(), ..Default::default() }).0.len(), 2);
+        let newest = store.events(&EventQuery { limit: 2, newest_first: true, ..Default::default() }).expect("events");
+        assert_eq!(newest.events.iter().map(|e| e.id).collect::<Vec<_>>(), [3, 2], "the latest, newest first");
 
         let txn = store.db.begin_write().expect("txn");
         {
