@@ -84,5 +84,7 @@ curl -sS "http://127.0.0.1:$front_port/v1/chat/completions" -H 'content-type: ap
 
 if [ "${1:-}" = --exit ]; then exit 0; fi
 echo "==> running; try: ALKI_CONTROLLER=$ALKI_CONTROLLER ALKI_TOKEN_FILE=$ALKI_TOKEN_FILE ALKI_CA_FILE=$ALKI_CA_FILE $bin/alkictl devices list"
+echo "    the web console: https://127.0.0.1:$http_port/ui/ (its certificate is signed by $ALKI_CA_FILE;"
+echo "    log in with the token in $ALKI_TOKEN_FILE)"
 echo "    Ctrl-C stops everything."
 wait
