@@ -653,6 +653,10 @@ fn http_refusal(refusal: Refusal, registry: bool) -> Response {
             )
         }
     };
+    // Only registry clients are asked for Basic credentials: a browser would answer a `WWW-Authenticate:
+    // Basic` on the console's API calls with its own password dialog, stalling the console's fetch.
+    let headers: Vec<(&str, String)> =
+        headers.into_iter().filter(|(name, _)| registry || *name != "www-authenticate").collect();
     // Registry clients read the distribution spec's error body; everything else gets `{"error": ...}`.
     let body = if registry {
         serde_json::json!({"errors": [{"code": code, "message": message}]})

@@ -84,13 +84,21 @@ impl Browser {
 
     /// Waits until an element matches `css` (an attribute selector waits for a value), and returns it.
     pub async fn wait_for(&self, css: &str) -> anyhow::Result<Element> {
-        self.client
-            .wait()
-            .at_most(WAIT)
-            .every(Duration::from_millis(50))
-            .for_element(Locator::Css(css))
-            .await
-            .with_context(|| format!("waiting for {css:?} to appear"))
+        let found =
+            self.client.wait().at_most(WAIT).every(Duration::from_millis(50)).for_element(Locator::Css(css)).await;
+        match found {
+            Ok(element) => Ok(element),
+            Err(e) => Err(anyhow::Error::new(e).context(format!("waiting for {css:?}: {}", self.describe().await))),
+        }
+    }
+
+    /// Where the page is and what it shows, for a failed wait's message (and a screenshot of it).
+    async fn describe(&self) -> String {
+        let url = self.client.current_url().await.map(|u| u.to_string()).unwrap_or_default();
+        let shot = self.screenshot("failed-wait").await.map(|p| p.display().to_string()).unwrap_or_default();
+        let body = self.client.execute("return document.body ? document.body.innerText : '';", vec![]).await;
+        let body = body.ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        format!("at {url}, screenshot {shot}, page text: {:?}", body.chars().take(600).collect::<String>())
     }
 
     /// Waits until nothing matches `css`.
