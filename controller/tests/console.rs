@@ -10,9 +10,7 @@ use alki_controller::config::ControllerConfig;
 use alki_controller::store::{Keyed, Rollup, Store};
 use alki_shared::clock::{ManualClock, UnixMs};
 use alki_shared::ids::DeviceId;
-use alki_shared::proto::{
-    self, admin_service_client::AdminServiceClient, fleet_service_client::FleetServiceClient,
-};
+use alki_shared::proto::{self, admin_service_client::AdminServiceClient, fleet_service_client::FleetServiceClient};
 use reqwest::StatusCode;
 
 mod common;
@@ -82,7 +80,8 @@ impl Controller {
 
     async fn token(&self, name: &str, role: proto::Role) -> String {
         let mut fleet = FleetServiceClient::connect(self.grpc.clone()).await.expect("connect");
-        let request = self.req(proto::CreateTokenRequest { name: name.into(), role: role as i32, repositories: vec![] });
+        let request =
+            self.req(proto::CreateTokenRequest { name: name.into(), role: role as i32, repositories: vec![] });
         fleet.create_token(request).await.expect("token").into_inner().token
     }
 
@@ -148,7 +147,8 @@ fn seed(store: &Store) {
             .update_device(&DeviceId::new(id).expect("id"), |d| {
                 d.labels.insert("site".into(), "lab".into());
                 d.inventory = Some(proto::Inventory { hardware_class: class.into(), ..Default::default() });
-                d.running = (!digest.is_empty()).then(|| proto::BundleRef { digest: digest.into(), ..Default::default() });
+                d.running =
+                    (!digest.is_empty()).then(|| proto::BundleRef { digest: digest.into(), ..Default::default() });
                 d.phase = phase as i32;
             })
             .expect("device");
@@ -193,12 +193,8 @@ async fn the_consoles_files_are_public_and_locked_down() {
         assert_eq!(script.status(), StatusCode::OK);
         let kind = script.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
         assert!(kind.contains("javascript"), "{kind}");
-        let revalidated = C::client()
-            .get(format!("{}/ui/", c.http))
-            .header("if-none-match", etag)
-            .send()
-            .await
-            .expect("revalidate");
+        let revalidated =
+            C::client().get(format!("{}/ui/", c.http)).header("if-none-match", etag).send().await.expect("revalidate");
         assert_eq!(revalidated.status(), StatusCode::NOT_MODIFIED);
         assert_eq!(c.get("/ui/no-such-file.js", None).await.status(), StatusCode::NOT_FOUND);
         let root = c.get("/", None).await;
@@ -258,7 +254,8 @@ async fn a_session_stands_for_its_token_until_revoked_expired_or_logged_out() {
         assert_eq!(wrong.status(), StatusCode::FORBIDDEN, "another session's CSRF token");
         let applied = c.post(pause, Some(&operator.cookie), Some(&operator.csrf), r#"{"reason":"look"}"#).await;
         assert_eq!(applied.status(), StatusCode::CONFLICT, "the handler ran: a completed rollout cannot pause");
-        let bad_verb = c.post("/api/v1/rollouts/ro-done/explode", Some(&operator.cookie), Some(&operator.csrf), "").await;
+        let bad_verb =
+            c.post("/api/v1/rollouts/ro-done/explode", Some(&operator.cookie), Some(&operator.csrf), "").await;
         assert_eq!(bad_verb.status(), StatusCode::NOT_FOUND);
 
         // The event stream accepts the session.
@@ -333,11 +330,15 @@ async fn the_consoles_reads_answer_from_the_store() {
 
         // A device's history, newest first: its activation was recorded with its record.
         let history = json("/api/v1/events?device=pi-2&order=newest&limit=5").await;
-        let types: Vec<&str> = history["events"].as_array().expect("events").iter().filter_map(|e| e["type"].as_str()).collect();
+        let types: Vec<&str> =
+            history["events"].as_array().expect("events").iter().filter_map(|e| e["type"].as_str()).collect();
         assert_eq!(types, ["device.activated", "device.failed"], "{history}");
 
         assert_eq!(json("/api/v1/rollouts/ro-done/devices").await["devices"], serde_json::json!([]));
-        assert_eq!(c.get("/api/v1/rollouts/ro-nope/devices", Some(&admin.cookie)).await.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            c.get("/api/v1/rollouts/ro-nope/devices", Some(&admin.cookie)).await.status(),
+            StatusCode::NOT_FOUND
+        );
 
         let trends = json("/api/v1/trends").await;
         let buckets = trends["buckets"].as_array().expect("buckets");

@@ -358,7 +358,8 @@ async fn watchers_follow_a_rollout_to_its_end_and_resume_after_an_event_id() {
         .await
         .expect("list");
     let list: serde_json::Value = list.json().await.expect("json");
-    let types: Vec<&str> = list["events"].as_array().expect("events").iter().filter_map(|e| e["type"].as_str()).collect();
+    let types: Vec<&str> =
+        list["events"].as_array().expect("events").iter().filter_map(|e| e["type"].as_str()).collect();
     assert!(types.contains(&"device.online") && types.iter().all(|t| t.starts_with("device.")), "{types:?}");
 
     drop(pi);

@@ -76,17 +76,21 @@ export const device = (id) => get(`/api/v1/devices/${enc(id)}`).then(m.device);
 export const benchmarks = (device, limit = 20) => get('/api/v1/benchmarks', { device, limit }).then(field('results', m.benchmark));
 export const events = (params) => get('/api/v1/events', params).then(field('events', m.event));
 /**
- * A growing copy of the events matching params (a rollout's, a device's), oldest first. The API lists
- * oldest first from `after`, so the first call pages through to the newest, and later calls fetch only
- * what is new; at most `keep` events are kept.
+ * A growing copy of the events matching params (a rollout's, a device's), oldest first: the first call
+ * reads the newest 1,000 (the API reads back from the end of the log, however long it is), later calls only
+ * what came after; at most `keep` events are kept.
  */
 export function eventTail(params, keep = 5000) {
   let log = [];
   return async () => {
+    if (log.length === 0) {
+      log = (await events({ ...params, order: 'newest', limit: 1000 })).reverse();
+      return log;
+    }
     for (let page = 0; page < 10; page++) {
       const after = log.at(-1)?.id ?? 0;
       const batch = await events({ ...params, after, limit: 1000 });
-      log = log.concat(batch.filter((e) => e.id > (log.at(-1)?.id ?? 0))).slice(-keep);
+      log = log.concat(batch.filter((e) => e.id > after)).slice(-keep);
       if (batch.length < 1000) break;
     }
     return log;

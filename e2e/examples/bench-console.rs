@@ -45,7 +45,11 @@ fn seed(data_dir: &str, n: usize) -> anyhow::Result<()> {
             }),
             counts: Some(proto::RolloutCounts { selected: 5000, candidate: 5000, active: 5000, ..Default::default() }),
             classes: ["pi5-8g", "orin-nano", "x86-avx2"]
-                .map(|class| proto::ClassStatus { class: class.into(), tokens_per_second_ratio: 1.02, ..Default::default() })
+                .map(|class| proto::ClassStatus {
+                    class: class.into(),
+                    tokens_per_second_ratio: 1.02,
+                    ..Default::default()
+                })
                 .to_vec(),
             created_unix_ms: at,
             updated_unix_ms: at + 1_800_000,
@@ -92,7 +96,8 @@ async fn load(url: &str, token: &str, runs: usize) -> anyhow::Result<()> {
 /// The controller's CPU time so far, in clock ticks (1/100 s).
 fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default().split_whitespace().collect();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default().split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
     Ok(ticks(11) + ticks(12))
 }

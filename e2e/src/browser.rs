@@ -29,7 +29,8 @@ impl Browser {
     /// Starts chromedriver and a headless Chromium window of `width`×`height`; screenshots go to
     /// `screenshots` (created).
     pub async fn start(screenshots: &Path, width: u32, height: u32) -> anyhow::Result<Browser> {
-        let (driver_path, chromium) = (tool("ALKI_CHROMEDRIVER", "/usr/bin/chromedriver"), tool("ALKI_CHROMIUM", "/usr/bin/chromium"));
+        let (driver_path, chromium) =
+            (tool("ALKI_CHROMEDRIVER", "/usr/bin/chromedriver"), tool("ALKI_CHROMIUM", "/usr/bin/chromium"));
         anyhow::ensure!(
             driver_path.exists() && chromium.exists(),
             "the console's browser tests need Chromium and ChromeDriver: apt-get install chromium chromium-driver \

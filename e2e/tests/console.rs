@@ -77,7 +77,8 @@ impl Controller {
     }
 
     async fn token(&self, name: &str, role: proto::Role) -> String {
-        let request = self.req(proto::CreateTokenRequest { name: name.into(), role: role as i32, repositories: vec![] });
+        let request =
+            self.req(proto::CreateTokenRequest { name: name.into(), role: role as i32, repositories: vec![] });
         self.fleet().await.create_token(request).await.expect("token").into_inner().token
     }
 
@@ -203,11 +204,23 @@ async fn an_operator_watches_and_steers_a_rollout_and_a_viewer_only_watches() {
     browser.wait_for("svg#ab-chart g[data-class=\"pi5-8g\"]").await.expect("A/B chart for pi5-8g");
     browser.wait_for("svg#ab-chart g[data-class=\"orin-nano\"]").await.expect("A/B chart for orin-nano");
     browser.screenshot("rollout").await.expect("screenshot");
+    let chart = browser.wait_for("svg#ab-chart").await.expect("chart");
+    browser
+        .client
+        .execute("arguments[0].scrollIntoView();", vec![serde_json::to_value(&chart).expect("element")])
+        .await
+        .expect("scroll");
+    browser.screenshot("rollout-ab").await.expect("screenshot");
     act(&browser, "promote", "looks good").await;
     browser.wait_for("#rollout-state[data-state=\"4\"]").await.expect("completed after promote");
     assert_eq!(page_marker(&browser).await, "rollout page", "still the same page");
 
-    for (page, name) in [("#/trends", "trends"), ("#/bundles", "bundles"), ("#/devices/sim-00000", "device"), ("#/rollouts", "rollouts")] {
+    for (page, name) in [
+        ("#/trends", "trends"),
+        ("#/bundles", "bundles"),
+        ("#/devices/sim-00000", "device"),
+        ("#/rollouts", "rollouts"),
+    ] {
         browser.client.goto(&format!("{}/ui/{page}", c.http)).await.expect("navigate");
         browser.wait_for("main#main[data-ready=\"true\"]").await.expect("page rendered");
         browser.screenshot(name).await.expect("screenshot");

@@ -11,18 +11,18 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use alki_shared::eval::quality::QualityGates;
 use alki_shared::clock::UnixMs;
+use alki_shared::eval::quality::QualityGates;
 use alki_shared::ids::{DeviceId, RolloutId};
 use alki_shared::proto;
 use axum::Router;
 use axum::body::Bytes;
-use axum::{Extension, Json};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Json};
 use serde::Deserialize;
 
 use crate::app::App;
@@ -186,10 +186,7 @@ async fn summary(State(state): State<DashboardState>) -> Result<Json<listing::Fl
     Ok(Json(summary))
 }
 
-async fn device(
-    State(state): State<DashboardState>,
-    Path(id): Path<String>,
-) -> Result<Json<proto::Device>, ApiError> {
+async fn device(State(state): State<DashboardState>, Path(id): Path<String>) -> Result<Json<proto::Device>, ApiError> {
     let fleet = state.app.fleet.clone();
     let found = blocking(move || {
         let not_found = || ApiError(StatusCode::NOT_FOUND, format!("device {id:?} is not known to this controller"));
@@ -201,9 +198,7 @@ async fn device(
     Ok(Json(found))
 }
 
-async fn rollouts(
-    State(state): State<DashboardState>,
-) -> Result<Json<proto::ListRolloutsResponse>, ApiError> {
+async fn rollouts(State(state): State<DashboardState>) -> Result<Json<proto::ListRolloutsResponse>, ApiError> {
     let fleet = state.app.fleet.clone();
     let rollouts = blocking(move || fleet.store.rollouts().map_err(ApiError::internal)).await?;
     let rollouts = rollouts.into_iter().map(Keyed::into_record).collect();
@@ -511,7 +506,8 @@ async fn events_stream(
     let permit = state.app.watchers.admit().map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let events = crate::events::watch::follow(state.app.store.clone(), query, permit.stop.clone());
     let now = state.app.clock.now().as_millis();
-    let session_left = console.map(|c| Duration::from_millis(u64::try_from(c.session.expires.as_millis() - now).unwrap_or(0)));
+    let session_left =
+        console.map(|c| Duration::from_millis(u64::try_from(c.session.expires.as_millis() - now).unwrap_or(0)));
     let stream = async_stream::stream! {
         let _permit = permit;
         let mut events = std::pin::pin!(events);

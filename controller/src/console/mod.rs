@@ -71,10 +71,7 @@ fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
     assets::with_security_headers((status, body).into_response())
 }
 
-async fn whoami(
-    Extension(principal): Extension<Principal>,
-    console: Option<Extension<ConsoleSession>>,
-) -> Response {
+async fn whoami(Extension(principal): Extension<Principal>, console: Option<Extension<ConsoleSession>>) -> Response {
     let session = console.as_ref().map(|c| &c.session);
     assets::with_security_headers(Json(session_info(&principal, session)).into_response())
 }
@@ -109,12 +106,18 @@ async fn login(
         }
         Ok(Err(AuthError::Store(e))) => {
             tracing::error!(error = %e, "Could not check a console login.");
-            return json_error(StatusCode::INTERNAL_SERVER_ERROR, "could not check the token; see the controller's log");
+            return json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "could not check the token; see the controller's log",
+            );
         }
         Ok(Err(e)) => return refuse_login(&state, peer, StatusCode::UNAUTHORIZED, e.to_string()).await,
         Err(e) => {
             tracing::error!(error = %e, "A console login check failed.");
-            return json_error(StatusCode::INTERNAL_SERVER_ERROR, "could not check the token; see the controller's log");
+            return json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "could not check the token; see the controller's log",
+            );
         }
     };
     let (id, session) = state.sessions.open(crate::auth::token_hash(&token));

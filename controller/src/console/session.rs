@@ -63,8 +63,12 @@ impl Sessions {
         let id = random_hex();
         let now = self.clock.now();
         let ttl_ms = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
-        let session =
-            Session { token_hash, csrf: random_hex(), created: now, expires: UnixMs(now.as_millis().saturating_add(ttl_ms)) };
+        let session = Session {
+            token_hash,
+            csrf: random_hex(),
+            created: now,
+            expires: UnixMs(now.as_millis().saturating_add(ttl_ms)),
+        };
         let mut map = self.lock();
         map.retain(|_, s| s.expires > now);
         if map.len() >= MAX_SESSIONS

@@ -132,12 +132,11 @@ mod tests {
         assert_eq!(page(fleet.clone(), &online_a, 0, 0).1, 1);
         let nothing = DeviceFilter { bundle: "none".into(), ..Default::default() };
         assert_eq!(page(fleet.clone(), &nothing, 0, 0).0[0].id, "orin-1");
-        let other_site = DeviceFilter {
-            selector: HashMap::from([("site".to_owned(), "field".to_owned())]),
-            ..Default::default()
-        };
+        let other_site =
+            DeviceFilter { selector: HashMap::from([("site".to_owned(), "field".to_owned())]), ..Default::default() };
         assert_eq!(page(fleet.clone(), &other_site, 0, 0).1, 0);
-        let search = DeviceFilter { search: "orin".into(), phase: Some(proto::Phase::Active as i32), ..Default::default() };
+        let search =
+            DeviceFilter { search: "orin".into(), phase: Some(proto::Phase::Active as i32), ..Default::default() };
         assert_eq!(page(fleet, &search, 0, 0).1, 1);
     }
 

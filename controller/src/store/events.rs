@@ -249,7 +249,8 @@ impl Store {
         let last = t.last()?.map(|(k, _)| k.value()).unwrap_or(0);
         let mut page = EventPage { events: Vec::new(), first, last, scanned_through: query.after };
         let range = t.range(query.after.saturating_add(1)..)?;
-        let entries: Box<dyn Iterator<Item = _>> = if query.newest_first { Box::new(range.rev()) } else { Box::new(range) };
+        let entries: Box<dyn Iterator<Item = _>> =
+            if query.newest_first { Box::new(range.rev()) } else { Box::new(range) };
         for (scanned, entry) in entries.enumerate() {
             if page.events.len() >= query.limit || scanned >= MAX_SCAN {
                 break;
@@ -381,7 +382,11 @@ mod tests {
         assert!(kinds(Some(&gone), &gone).is_empty());
         assert!(kinds(None, &active).is_empty());
         let serving = |digest: &str| proto::Device {
-            running: Some(proto::BundleRef { repository: "acme/tiny".into(), digest: digest.into(), ..Default::default() }),
+            running: Some(proto::BundleRef {
+                repository: "acme/tiny".into(),
+                digest: digest.into(),
+                ..Default::default()
+            }),
             ..active.clone()
         };
         assert_eq!(kinds(Some(&active), &serving("sha256:a")), ["device.activated"]);
