@@ -48,6 +48,8 @@ pub struct App {
     pub report_counters: Arc<ReportCounters>,
     /// Calls the gate counted instead of recording them in the audit log.
     pub refused_calls: Arc<RefusedCalls>,
+    /// The web console's logins (the gate admits them; metrics count them).
+    pub console_sessions: Arc<crate::console::session::Sessions>,
     /// Which of a device's own labels rollouts select by.
     pub label_trust: Arc<LabelTrust>,
     /// How often agents send a heartbeat (told in every Welcome).
@@ -107,6 +109,9 @@ impl App {
             report_commits: reports.commits.load(Ordering::Relaxed),
             evaluations: ingest.evaluations.snapshot(),
             refused_calls: self.refused_calls.snapshot(),
+            console_sessions: self.console_sessions.len() as u64,
+            console_logins: self.console_sessions.logins.load(Ordering::Relaxed),
+            console_logins_refused: self.console_sessions.logins_refused.load(Ordering::Relaxed),
             sessions_waiting_hello: self.fleet.hub.waiting_count() as u64,
             events: EventCounts::default(),
             commands_queued: self.fleet.commands.queued.load(Ordering::Relaxed),

@@ -46,6 +46,13 @@ pub const NAMES: &[(&str, &str, &str)] = &[
         "Milliseconds from each delivered event to its receiver's 2xx, summed.",
     ),
     ("alki_webhook_pending_events", "gauge", "Events a webhook has not delivered yet (counted up to 10,000)."),
+    ("alki_console_sessions", "gauge", "Web console logins in progress (at most 10,000)."),
+    ("alki_console_logins_total", "counter", "Web console logins that opened a session."),
+    (
+        "alki_console_logins_refused_total",
+        "counter",
+        "Web console logins refused (a bad, revoked or wrong-role token).",
+    ),
     ("alki_rollout_step", "gauge", "Current step (1-based) of an active or recent rollout."),
     ("alki_rollout_steps", "gauge", "Number of steps of a rollout."),
     ("alki_rollout_percent", "gauge", "Percentage of selected devices the current step moves to B."),
@@ -190,6 +197,9 @@ pub struct Counters {
     /// (method, reason, count) of calls the gate refused without an audit entry.
     pub refused_calls: Vec<(String, &'static str, u64)>,
     pub sessions_waiting_hello: u64,
+    pub console_sessions: u64,
+    pub console_logins: u64,
+    pub console_logins_refused: u64,
     /// The offline command queue: queued, expired, delivered; and diagnostics relayed.
     pub commands_queued: u64,
     pub commands_expired: u64,
@@ -414,6 +424,9 @@ fn counter_metrics(e: &mut Exposition, c: &Counters) {
     e.add("alki_agent_reports_written_total", &[], c.reports_written as f64);
     e.add("alki_agent_report_commits_total", &[], c.report_commits as f64);
     e.add("alki_sessions_waiting_hello", &[], c.sessions_waiting_hello as f64);
+    e.add("alki_console_sessions", &[], c.console_sessions as f64);
+    e.add("alki_console_logins_total", &[], c.console_logins as f64);
+    e.add("alki_console_logins_refused_total", &[], c.console_logins_refused as f64);
     let ev = &c.events;
     e.add("alki_events_last_id", &[], ev.last_id as f64);
     e.add("alki_webhook_deliveries_total", &[], ev.delivered as f64);

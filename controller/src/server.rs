@@ -147,6 +147,7 @@ fn open_app(
         http_counters: Arc::default(),
         report_counters,
         refused_calls: gate.refused.clone(),
+        console_sessions: gate.sessions.clone(),
         label_trust: Arc::new(config.label_trust.clone()),
         heartbeat_interval: config.heartbeat_interval,
         deliveries,

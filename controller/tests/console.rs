@@ -258,9 +258,17 @@ async fn a_session_stands_for_its_token_until_revoked_expired_or_logged_out() {
             c.post("/api/v1/rollouts/ro-done/explode", Some(&operator.cookie), Some(&operator.csrf), "").await;
         assert_eq!(bad_verb.status(), StatusCode::NOT_FOUND);
 
-        // The event stream accepts the session.
-        let stream = c.get("/api/v1/events/stream", Some(&viewer.cookie)).await;
+        // The event stream accepts the session; the console asks for unnamed messages, which one EventSource
+        // listener gets whatever their type (the seeded devices' activations come first).
+        let mut stream = c.get("/api/v1/events/stream?named=false", Some(&viewer.cookie)).await;
         assert_eq!(stream.status(), StatusCode::OK);
+        let mut text = String::new();
+        while !text.contains("\n\n") {
+            let chunk = stream.chunk().await.expect("chunk").expect("the stream stays open");
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        assert!(text.contains("data: ") && text.contains("device.activated"), "{text}");
+        assert!(!text.lines().any(|l| l.starts_with("event:")), "unnamed: {text}");
         drop(stream);
 
         // A revoked token ends its sessions at once.
@@ -292,6 +300,20 @@ async fn a_session_stands_for_its_token_until_revoked_expired_or_logged_out() {
             .await
             .expect("request");
         assert_eq!(with_both.status(), StatusCode::OK);
+
+        // An operator graphs logins: three sessions opened (alice, bob, carol), two logins refused (a bad token, a push token).
+        let metrics = C::client()
+            .get(format!("{}/metrics", c.http))
+            .bearer_auth(&c.admin)
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        assert!(metrics.contains("alki_console_logins_total 3\n"), "{metrics}");
+        assert!(metrics.contains("alki_console_logins_refused_total 2\n"), "{metrics}");
+        assert!(metrics.contains("alki_console_sessions "), "{metrics}");
         c.shutdown().await;
     })
     .await;

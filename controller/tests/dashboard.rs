@@ -245,6 +245,7 @@ async fn the_grafana_dashboard_queries_only_metrics_a_real_scrape_exports() {
         activation: Duration::from_millis(10),
         sessions_per_connection: 10,
         telemetry: Some(Duration::from_millis(200)),
+        ca_pem: None,
     };
     let running = proto::BundleRef {
         repository: "acme/tiny".into(),

@@ -2,15 +2,6 @@
 import { request } from './api.js';
 import * as m from './model.js';
 
-// The stream names each message by its event type, and an EventSource only hands named messages to
-// listeners registered for that name: these are the types the controller writes (events.proto).
-const TYPES = [
-  'created', 'started', 'advanced', 'device_failed', 'class_halted', 'held', 'aborted', 'completed', 'gate',
-  'prestage_retry', 'signature_override', 'pause', 'resume', 'promote', 'abort', 'retry',
-].map((k) => `rollout.${k}`).concat([
-  'online', 'offline', 'failed', 'crash_loop', 'decommissioned', 'command_result', 'activated',
-].map((k) => `device.${k}`));
-
 const REOPEN_MS = 5000;
 let source = null;
 let lastId = 0;
@@ -44,12 +35,12 @@ export function stop() {
 }
 
 function open() {
-  source = new EventSource(`/api/v1/events/stream${lastId ? `?after=${lastId}` : ''}`);
+  // Unnamed messages: the one 'message' listener gets every event type, also ones added after this file.
+  source = new EventSource(`/api/v1/events/stream?named=false${lastId ? `&after=${lastId}` : ''}`);
   setState('connecting');
   source.addEventListener('open', () => setState('open'));
   source.addEventListener('error', failed);
   source.addEventListener('message', deliver);
-  for (const t of TYPES) source.addEventListener(t, deliver);
 }
 
 function deliver(msg) {

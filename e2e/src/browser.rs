@@ -38,6 +38,8 @@ impl Browser {
             chromium.display(),
             driver_path.display()
         );
+        // More than one rustls provider is in the tree: say which (the controller's choice, ring).
+        let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
         std::fs::create_dir_all(screenshots).with_context(|| format!("creating {}", screenshots.display()))?;
         let port = crate::harness::free_port()?;
         let driver = Command::new(&driver_path)

@@ -22,7 +22,7 @@ use alki_shared::proto::{
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// How a simulated device answers a desired state that moves it to the candidate cohort ("B").
 /// Desired states back to the baseline ("A") always succeed.
@@ -89,6 +89,17 @@ pub struct SimConfig {
     pub sessions_per_connection: usize,
     /// Serving telemetry interval; None: no telemetry (benchmarks are still reported).
     pub telemetry: Option<Duration>,
+    /// The controller's CA (PEM) when it serves TLS (an https:// address); None: plaintext.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+/// A gRPC endpoint for the controller at `address`, over TLS trusting `ca_pem` when given.
+pub fn endpoint(address: &str, ca_pem: Option<&[u8]>) -> anyhow::Result<Endpoint> {
+    let endpoint = Channel::from_shared(address.to_owned())?;
+    Ok(match ca_pem {
+        Some(pem) => endpoint.tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))?,
+        None => endpoint,
+    })
 }
 
 /// A running simulated fleet. Dropping it (or calling `stop`) ends every agent.
@@ -229,7 +240,9 @@ impl Agent {
         if let Some(c) = channels.get(&(self.slot, address.clone())) {
             return Ok(c.clone());
         }
-        let channel = Channel::from_shared(address.clone())?.connect_timeout(Duration::from_secs(5)).connect_lazy();
+        let channel = endpoint(&address, self.config.ca_pem.as_deref())?
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
         channels.insert((self.slot, address), channel.clone());
         Ok(channel)
     }

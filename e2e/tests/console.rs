@@ -15,6 +15,7 @@ use alki_shared::proto::{self, fleet_service_client::FleetServiceClient};
 use fantoccini::Locator;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
+const INJECTION: &str = "<img src=x id=injected onerror=\"window.alkiInjected=1\">";
 
 struct Controller {
     grpc: String,
@@ -153,8 +154,11 @@ async fn an_operator_watches_and_steers_a_rollout_and_a_viewer_only_watches() {
         activation: Duration::from_millis(20),
         sessions_per_connection: 50,
         telemetry: Some(Duration::from_secs(1)),
+        ca_pem: None,
     };
-    let devices = sim::devices(8, &["pi5-8g", "orin-nano"], Some(a.clone()), |_, _| Behaviour::Success);
+    let mut devices = sim::devices(8, &["pi5-8g", "orin-nano"], Some(a.clone()), |_, _| Behaviour::Success);
+    // A device's own label is text from the field: the console must show it, never run it.
+    devices[0].labels.insert("note".into(), INJECTION.into());
     let sims = SimFleet::start(config, devices);
     let row = browser.wait_for("tr[data-device-id=\"sim-00007\"]").await.expect("the last device appears");
     let online = row.find(Locator::Css("td.connected")).await.expect("connected cell");
@@ -225,6 +229,13 @@ async fn an_operator_watches_and_steers_a_rollout_and_a_viewer_only_watches() {
         browser.wait_for("main#main[data-ready=\"true\"]").await.expect("page rendered");
         browser.screenshot(name).await.expect("screenshot");
     }
+    browser.client.goto(&format!("{}/ui/#/devices/sim-00000", c.http)).await.expect("device page");
+    browser.wait_for("main#main[data-ready=\"true\"]").await.expect("rendered");
+    let shown = browser.client.find(Locator::Css("main#main")).await.expect("main").text().await.expect("text");
+    assert!(shown.contains(INJECTION), "the label is shown as text: {shown}");
+    assert_eq!(browser.count("#injected").await.expect("count"), 0, "no element was made from it");
+    let ran = browser.client.execute("return window.alkiInjected || null;", vec![]).await.expect("script");
+    assert_eq!(ran, serde_json::Value::Null, "no script ran from it");
     browser.client.set_window_size(390, 844).await.expect("phone size");
     browser.client.goto(&format!("{}/ui/#/devices", c.http)).await.expect("fleet");
     browser.wait_for("tr[data-device-id=\"sim-00000\"]").await.expect("fleet on a phone");

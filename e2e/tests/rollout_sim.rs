@@ -189,6 +189,7 @@ async fn scenario_with(n: usize, make: impl FnOnce(proto::BundleRef) -> Vec<sim:
         activation: Duration::from_millis(20),
         sessions_per_connection: 50,
         telemetry: None,
+        ca_pem: None,
     };
     let sims = SimFleet::start(config.clone(), make(a.clone()));
     let s = Scenario { controller, a, b, sims, config };

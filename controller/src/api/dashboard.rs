@@ -455,6 +455,9 @@ struct EventsQuery {
     limit: Option<usize>,
     /// `newest`: the latest events first (a history view); default `oldest`, on from `after`.
     order: Option<String>,
+    /// The stream only: `false` leaves out each message's `event:` name, so an EventSource's one `message`
+    /// listener gets every type, including types added later (the console reads it so).
+    named: Option<bool>,
 }
 
 impl EventsQuery {
@@ -502,6 +505,7 @@ async fn events_stream(
     headers: HeaderMap,
     Query(q): Query<EventsQuery>,
 ) -> Result<Sse<impl futures::Stream<Item = Result<SseEvent, std::convert::Infallible>>>, ApiError> {
+    let named = q.named.unwrap_or(true);
     let query = q.into_query(&headers)?;
     let permit = state.app.watchers.admit().map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let events = crate::events::watch::follow(state.app.store.clone(), query, permit.stop.clone());
@@ -526,7 +530,8 @@ async fn events_stream(
             match event {
                 Ok(event) => {
                     let data = serde_json::to_string(&event).unwrap_or_default();
-                    yield Ok(SseEvent::default().id(event.id.to_string()).event(event.r#type.clone()).data(data));
+                    let message = SseEvent::default().id(event.id.to_string()).data(data);
+                    yield Ok(if named { message.event(event.r#type.clone()) } else { message });
                 }
                 Err(error) => {
                     tracing::error!(%error, "Could not read the event log for a stream; ending it.");

@@ -129,6 +129,7 @@ async fn login(
 }
 
 async fn refuse_login(state: &ConsoleState, peer: String, status: StatusCode, message: impl Into<String>) -> Response {
+    state.sessions.logins_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let event = Event {
         actor: "anonymous".into(),
         protocol: "http",

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use alki_shared::clock::{SharedClock, UnixMs};
@@ -47,11 +48,20 @@ pub struct Sessions {
     map: Mutex<HashMap<String, Session>>,
     ttl: Duration,
     clock: SharedClock,
+    /// Logins that opened a session, and logins refused (counted by the login handler).
+    pub logins: AtomicU64,
+    pub logins_refused: AtomicU64,
 }
 
 impl Sessions {
     pub fn new(ttl: Duration, clock: SharedClock) -> Sessions {
-        Sessions { map: Mutex::new(HashMap::new()), ttl, clock }
+        Sessions {
+            map: Mutex::new(HashMap::new()),
+            ttl,
+            clock,
+            logins: AtomicU64::new(0),
+            logins_refused: AtomicU64::new(0),
+        }
     }
 
     pub fn ttl(&self) -> Duration {
@@ -77,6 +87,7 @@ impl Sessions {
             map.remove(&oldest);
         }
         map.insert(key(&id), session.clone());
+        self.logins.fetch_add(1, Ordering::Relaxed);
         (id, session)
     }
 

@@ -20,9 +20,12 @@ use tonic::transport::Channel;
 #[derive(Parser)]
 #[command(about = "Simulated Alki agents over real gRPC, and a rollout bench.")]
 struct Args {
-    /// The controller's gRPC address.
+    /// The controller's gRPC address (https:// with --ca-file).
     #[arg(long, default_value = "http://127.0.0.1:7070")]
     controller: String,
+    /// The controller's CA certificate (PEM), when it serves TLS (e.g. <data-dir>/pki/ca.crt).
+    #[arg(long)]
+    ca_file: Option<std::path::PathBuf>,
     /// The controller's admin token file (used to create the agents' token and, with --bench, the rollout).
     #[arg(long)]
     admin_token_file: PathBuf,
@@ -89,7 +92,11 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("reading the admin token {}", args.admin_token_file.display()))?
         .trim()
         .to_owned();
-    let channel = Channel::from_shared(args.controller.clone())?.connect().await.context("connecting")?;
+    let ca = match &args.ca_file {
+        Some(path) => Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?),
+        None => None,
+    };
+    let channel = sim::endpoint(&args.controller, ca.as_deref())?.connect().await.context("connecting")?;
     let mut fleet = FleetServiceClient::new(channel);
     let token = fleet
         .create_token(authed(
@@ -135,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
         activation: Duration::from_millis(args.activation_ms),
         sessions_per_connection: args.sessions_per_connection,
         telemetry: (args.telemetry_secs > 0).then(|| Duration::from_secs(args.telemetry_secs)),
+        ca_pem: ca.clone(),
     };
     let started = Instant::now();
     let sims = SimFleet::start(config, devices);
@@ -286,7 +294,11 @@ async fn main() -> anyhow::Result<()> {
 
 /// Times the InsightService's A/B comparison of the finished rollout (every device measured on A and B).
 async fn compare_bench(args: &Args, admin: &str, rollout: &proto::Rollout) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(args.controller.clone())?.connect().await.context("connecting")?;
+    let ca = match &args.ca_file {
+        Some(path) => Some(std::fs::read(path)?),
+        None => None,
+    };
+    let channel = sim::endpoint(&args.controller, ca.as_deref())?.connect().await.context("connecting")?;
     let mut insight = proto::insight_service_client::InsightServiceClient::new(channel);
     let mut times = Vec::new();
     let mut last = None;
