@@ -282,7 +282,7 @@ impl ControllerConfig {
             registry_host: None,
             heartbeat_interval: Duration::from_secs(10),
             command_queue_ttl: crate::fleet::commands::DEFAULT_TTL,
-            console_session_ttl: crate::console::DEFAULT_SESSION_TTL,
+            console_session_ttl: crate::console::session::DEFAULT_SESSION_TTL,
             registry: RegistryConfig::default(),
             external_registries: Vec::new(),
             pki: crate::pki::PkiConfig {

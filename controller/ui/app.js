@@ -37,13 +37,26 @@ function toLogin() {
   location.replace(`#/login?next=${encodeURIComponent(location.hash || '#/devices')}`);
 }
 
-/** Calls fn at most once per `ms`, the last call of a burst included. */
-function throttle(fn, ms) {
+/**
+ * Calls the async fn at most once per interval, the last call of a burst included. The interval is a second,
+ * or five times what the last call took when that is longer: during a large rollout thousands of events
+ * arrive, and a console must not keep the controller busy redrawing a page nobody can read that fast.
+ */
+function throttle(fn) {
   let timer = null;
   let last = 0;
+  let took = 0;
   const call = () => {
     if (timer) return;
-    timer = setTimeout(() => { timer = null; last = Date.now(); fn(); }, Math.max(0, last + ms - Date.now()));
+    const wait = Math.max(0, last + Math.max(1000, 5 * took) - Date.now());
+    timer = setTimeout(async () => {
+      const started = Date.now();
+      try { await fn(); } finally {
+        took = Date.now() - started;
+        last = Date.now();
+        timer = null;
+      }
+    }, wait);
   };
   call.cancel = () => clearTimeout(timer);
   return call;
@@ -79,7 +92,7 @@ async function show(moved = false) {
     main.focus({ preventScroll: true });
   }
   const me = { view };
-  const refresh = throttle(() => draw(me, false), 1000);
+  const refresh = throttle(() => draw(me, false));
   const unsubscribe = live.subscribe((ev) => view.wants?.(ev) && refresh());
   me.stop = () => { unsubscribe(); refresh.cancel(); };
   current = me;

@@ -397,3 +397,21 @@ pub fn write_trust_policy(root: &Path, public_key: &Path) -> anyhow::Result<Path
     std::fs::write(&path, text)?;
     Ok(path)
 }
+
+/// Waits (up to a minute) for a starting controller to write `<data-dir>/admin.token`, and returns it.
+pub async fn admin_token(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join("admin.token");
+    let wait = async {
+        loop {
+            if let Ok(t) = tokio::fs::read_to_string(&path).await
+                && !t.trim().is_empty()
+            {
+                return t.trim().to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), wait)
+        .await
+        .with_context(|| format!("{} never written", path.display()))
+}

@@ -240,9 +240,8 @@ impl Agent {
         if let Some(c) = channels.get(&(self.slot, address.clone())) {
             return Ok(c.clone());
         }
-        let channel = endpoint(&address, self.config.ca_pem.as_deref())?
-            .connect_timeout(Duration::from_secs(5))
-            .connect_lazy();
+        let channel =
+            endpoint(&address, self.config.ca_pem.as_deref())?.connect_timeout(Duration::from_secs(5)).connect_lazy();
         channels.insert((self.slot, address), channel.clone());
         Ok(channel)
     }

@@ -42,19 +42,7 @@ async fn start(session_ttl: Duration) -> Controller {
     let task = tokio::spawn(alki_controller::serve(alki_controller::Listeners { grpc, http }, config, async {
         let _ = stopped.await;
     }));
-    let token_path = dir.path().join("admin.token");
-    let admin = tokio::time::timeout(TIMEOUT, async {
-        loop {
-            if let Ok(t) = tokio::fs::read_to_string(&token_path).await
-                && !t.trim().is_empty()
-            {
-                return t.trim().to_owned();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("admin token written");
+    let admin = alki_e2e::harness::admin_token(dir.path()).await.expect("admin token written");
     Controller {
         grpc: format!("http://{grpc_addr}"),
         http: format!("http://{http_addr}"),

@@ -6,7 +6,6 @@ pub mod assets;
 pub mod session;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -21,8 +20,6 @@ use crate::audit::{Auditor, ConsoleSession, Event};
 use crate::auth::{Action, AuthError, Authenticator, Principal};
 use session::Sessions;
 
-/// How long a login lasts unless `--console-session-ttl` says otherwise: a working day.
-pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 /// Longest login body read (a token is 69 characters).
 const MAX_LOGIN_BODY: usize = 4096;
 

@@ -17,6 +17,8 @@ use sha2::{Digest as _, Sha256};
 pub const COOKIE: &str = "alki_session";
 /// The header a state-changing console request carries its session's CSRF token in.
 pub const CSRF_HEADER: &str = "x-alki-csrf";
+/// How long a login lasts unless `--console-session-ttl` says otherwise: a working day.
+pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 /// Sessions kept at most; the oldest is ended to make room.
 pub const MAX_SESSIONS: usize = 10_000;
 

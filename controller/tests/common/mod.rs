@@ -119,19 +119,7 @@ pub struct SecureController {
 
 /// Waits for a starting controller to write `<data-dir>/admin.token` and returns it.
 pub async fn admin_token(data_dir: &std::path::Path) -> String {
-    let token_path = data_dir.join("admin.token");
-    tokio::time::timeout(TEST_TIMEOUT, async {
-        loop {
-            if let Ok(t) = tokio::fs::read_to_string(&token_path).await
-                && !t.trim().is_empty()
-            {
-                return t.trim().to_owned();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("admin token written")
+    alki_e2e::harness::admin_token(data_dir).await.expect("admin token written")
 }
 
 /// A controller started on 127.0.0.1:0 with `configure`d defaults, until its stop channel fires.
