@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 const EXIT_HANDED_OVER: i32 = 75;
 
 #[derive(Parser)]
-#[command(name = "alki-agent", about = "Alki Fleet's device agent", version)]
+#[command(name = "alki-agent", about = "Alki Fleet's device agent", version = alki_shared::build::LONG_VERSION)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -90,7 +90,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Version => {
-            println!("alki-agent {}", env!("CARGO_PKG_VERSION"));
+            println!("alki-agent {}", alki_shared::build::LONG_VERSION);
             Ok(())
         }
         Command::Enroll { config, token_file } => {

@@ -396,7 +396,7 @@ async fn hello(ctx: &SessionContext) -> proto::Hello {
     let staged = ctx.staging.staged.borrow().listed(snapshot.running.as_ref());
     proto::Hello {
         device_id: ctx.device_id.to_string(),
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        agent_version: alki_shared::build::LONG_VERSION.to_owned(),
         inventory,
         labels: ctx.labels.clone().into_iter().collect(),
         running: snapshot.running,

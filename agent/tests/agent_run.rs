@@ -153,7 +153,7 @@ async fn talks_to_the_controller_and_converges() {
             unreachable!()
         };
         assert_eq!(hello.device_id, "pi-test");
-        assert_eq!(hello.agent_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(hello.agent_version, alki_shared::build::LONG_VERSION);
         assert_eq!(hello.last_applied_generation, 3);
         assert_eq!(hello.labels.get("site").map(String::as_str), Some("lab"));
         let inventory = hello.inventory.expect("inventory");

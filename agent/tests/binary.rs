@@ -118,7 +118,7 @@ fn served(port: u16) -> bool {
 fn version_prints_the_crate_version() {
     let out = Command::new(AGENT).arg("version").output().expect("run");
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("alki-agent {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("alki-agent {}", alki_shared::build::LONG_VERSION));
 }
 
 #[test]

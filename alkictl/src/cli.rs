@@ -13,7 +13,7 @@ const SHARED_OPTIONS: &str = "Connection and output options (--controller, --ca-
                               `alkictl --help`.";
 
 #[derive(Parser)]
-#[command(name = "alkictl", version, about = "Operate an Alki Fleet: bundles, devices, rollouts.")]
+#[command(name = "alkictl", version = alki_shared::build::LONG_VERSION, about = "Operate an Alki Fleet: bundles, devices, rollouts.")]
 pub struct Cli {
     #[command(flatten)]
     pub connection: Connection,

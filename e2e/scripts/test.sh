@@ -9,3 +9,11 @@ export ALKI_LLAMA_BIN_DIR
 # The end-to-end tests start the real binaries, so build them all first.
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast "$@"
+# The packages: a release build packed as .deb, installed with dpkg, checked, removed and purged. It changes the
+# machine (a system user, /etc/alki), so it runs where the suite runs as root (CI, throwaway machines).
+if [ "$(id -u)" = 0 ] && command -v dpkg >/dev/null; then
+  deploy/release/build.sh >/dev/null
+  deploy/packages/test-deb.sh dist
+else
+  echo "test.sh: the package test needs root and dpkg; skipped"
+fi

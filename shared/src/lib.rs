@@ -5,6 +5,7 @@
 //! Only this crate knows protobuf: the generated code lives in [`proto`], and the other crates convert
 //! at their edges.
 
+pub mod build;
 pub mod bundle;
 pub mod clock;
 pub mod digest;

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "alki-controller", version, about = "Alki Fleet control plane.")]
+#[command(name = "alki-controller", version = alki_shared::build::LONG_VERSION, about = "Alki Fleet control plane.")]
 struct Args {
     /// Directory for the store, blobs and the bootstrap admin token.
     #[arg(long, env = "ALKI_DATA_DIR", default_value = "/var/lib/alki-controller")]
