@@ -54,4 +54,25 @@ for gone in /etc/alki/agent.toml /etc/alki/controller.env /var/lib/alki-agent /v
   /usr/lib/systemd/system/alki-controller.service; do
   [ ! -e "$gone" ] || fail "$gone stayed after purge"
 done
+# Packages for other architectures (arm64 for Raspberry Pi and Jetson boards): their contents, and their
+# binaries run under qemu-user with the target's C library (binfmt_misc is not assumed).
+for deb in "$dist"/alki-*_arm64.deb; do
+  [ -e "$deb" ] || continue
+  [ "$(dpkg-deb -f "$deb" Architecture)" = arm64 ] || fail "$deb is not arm64"
+  root=$(mktemp -d); dpkg-deb -x "$deb" "$root"
+  for bin in "$root"/usr/bin/*; do
+    file -b "$bin" | grep -q "ARM aarch64" || fail "$bin is not an aarch64 binary: $(file -b "$bin")"
+  done
+  if command -v qemu-aarch64-static >/dev/null && [ -d /usr/aarch64-linux-gnu ]; then
+    run=(qemu-aarch64-static -L /usr/aarch64-linux-gnu)
+    case "$deb" in
+      *alki-agent_*) "${run[@]}" "$root/usr/bin/alki-agent" version | grep -q "aarch64-unknown-linux-gnu)" \
+        || fail "the arm64 agent's version under qemu" ;;
+      *) "${run[@]}" "$root/usr/bin/alkictl" --version | grep -q "aarch64-unknown-linux-gnu)" \
+        || fail "the arm64 alkictl's version under qemu" ;;
+    esac
+  fi
+  echo "test-deb: $(basename "$deb") $(stat -c %s "$deb") bytes; binaries: $(for b in "$root"/usr/bin/*; do printf '%s %s B ' "$(basename "$b")" "$(stat -c %s "$b")"; done)"
+  rm -rf "$root"
+done
 echo "test-deb: $(basename "$agent") $(stat -c %s "$agent") bytes, $(basename "$controller") $(stat -c %s "$controller") bytes: install, files, units, versions, remove and purge OK"

@@ -12,7 +12,9 @@ cargo test --workspace --no-fail-fast "$@"
 # The packages: a release build packed as .deb, installed with dpkg, checked, removed and purged. It changes the
 # machine (a system user, /etc/alki), so it runs where the suite runs as root (CI, throwaway machines).
 if [ "$(id -u)" = 0 ] && command -v dpkg >/dev/null; then
-  deploy/release/build.sh >/dev/null
+  # arm64 too when the cross linker is there (.ci/run installs it).
+  targets=""; command -v aarch64-linux-gnu-gcc >/dev/null && targets=aarch64-unknown-linux-gnu
+  TARGETS="$targets" deploy/release/build.sh >/dev/null
   deploy/packages/test-deb.sh dist
 else
   echo "test.sh: the package test needs root and dpkg; skipped"
