@@ -104,6 +104,27 @@ impl Browser {
         format!("at {url}, screenshot {shot}, page text: {:?}", body.chars().take(600).collect::<String>())
     }
 
+    /// Waits until the first element matching `css` shows exactly `text`. The element is found again on every
+    /// look: a live page redraws, and an element held across a redraw goes stale.
+    pub async fn wait_text(&self, css: &str, text: &str) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut last = String::new();
+        loop {
+            if let Ok(element) = self.client.find(Locator::Css(css)).await
+                && let Ok(now) = element.text().await
+            {
+                if now == text {
+                    return Ok(());
+                }
+                last = now;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!("{css:?} shows {last:?}, not {text:?}: {}", self.describe().await);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until nothing matches `css`.
     pub async fn wait_gone(&self, css: &str) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + WAIT;

@@ -148,13 +148,8 @@ async fn an_operator_watches_and_steers_a_rollout_and_a_viewer_only_watches() {
     // A device's own label is text from the field: the console must show it, never run it.
     devices[0].labels.insert("note".into(), INJECTION.into());
     let sims = SimFleet::start(config, devices);
-    let row = browser.wait_for("tr[data-device-id=\"sim-00007\"]").await.expect("the last device appears");
-    let online = row.find(Locator::Css("td.connected")).await.expect("connected cell");
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while online.text().await.expect("text") != "online" {
-        assert!(tokio::time::Instant::now() < deadline, "sim-00007 never shown online");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let online = "tr[data-device-id=\"sim-00007\"] td.connected";
+    browser.wait_text(online, "online").await.expect("the last device appears, online");
     assert_eq!(page_marker(&browser).await, "same page", "the fleet page updated itself");
     browser.screenshot("fleet").await.expect("screenshot");
 
