@@ -264,6 +264,7 @@ impl Bench {
         let instance = InstanceOptions {
             llama_server: bin.join("llama-server"),
             extra_args: Vec::new(),
+            launcher: Vec::new(),
             log_dir: work.join("logs"),
             health_timeout: Duration::from_secs(300),
             stop: StopPolicy::default(),

@@ -58,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
     let opts = InstanceOptions {
         llama_server: bin_dir.join("llama-server"),
         extra_args: vec![],
+        launcher: Vec::new(),
         log_dir: work.path().join("logs"),
         health_timeout: Duration::from_secs(120),
         stop: StopPolicy::default(),
@@ -132,6 +133,7 @@ fn spec(model: &Path, digest: &str) -> LaunchSpec {
         parallel_slots: 2,
         chat_template: None,
         llama_server: None,
+        runtime_platform: None,
     };
     LaunchSpec { model_path: model.to_owned(), settings, bundle_digest: digest.to_owned() }
 }

@@ -261,6 +261,12 @@ pub struct RuntimeConfig {
     /// Extra arguments appended to llama-server's command line.
     #[serde(default)]
     pub extra_args: Vec<String>,
+    /// A command llama-server is started through, its program path appended: e.g. `["numactl",
+    /// "--interleave=all"]` or `["taskset", "-c", "2-3"]` to place it on the board's cores, or
+    /// `["qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu"]` to run an arm64 build emulated. Empty: run
+    /// llama-server directly.
+    #[serde(default)]
+    pub launcher: Vec<String>,
     /// After a swap, how long the new model is watched (exit, `/health`, `/slots`); a failure within it swaps
     /// back to the previous model. 0 turns the watch off.
     #[serde(default = "default_watch_window")]
@@ -636,6 +642,13 @@ impl Config {
                 "remove it; the model, address and slots come from the bundle and the desired state",
             ));
         }
+        if self.runtime.launcher.first().is_some_and(|program| program.trim().is_empty()) {
+            return Err(invalid(
+                "runtime.launcher",
+                "starts with an empty program",
+                "name the command first, e.g. [\"numactl\", \"--interleave=all\"], or leave it out",
+            ));
+        }
         Ok(())
     }
 
@@ -898,6 +911,7 @@ llama_server = "/bin/llama-server"
             ("health_timeout_secs = 120", "health_timeout_secs = 0", "runtime.health_timeout_secs"),
             ("drain_timeout_secs = 30", "drain_timeout_secs = 99999", "runtime.drain_timeout_secs"),
             ("extra_args = []", "extra_args = [\"--port\", \"1\"]", "runtime.extra_args"),
+            ("extra_args = []", "extra_args = []\nlauncher = [\"\", \"-c\"]", "runtime.launcher"),
             ("watch_window_secs = 60", "watch_window_secs = 3601", "runtime.watch_window_secs"),
             ("gap_wait_secs = 30", "gap_wait_secs = 0", "runtime.gap_wait_secs"),
             ("memory_reserve_mib = 256", "memory_reserve_mib = 2000000", "runtime.memory_reserve_mib"),

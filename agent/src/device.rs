@@ -519,6 +519,7 @@ impl Device {
             error: None,
             serving: self.serving_ref(),
             variant_digest: String::new(),
+            runtime_platform: String::new(),
         }
     }
 
@@ -793,6 +794,7 @@ impl Device {
     fn variant_status(&self, desired: &Desired, phase: Phase, pulled: &PulledBundle) -> proto::Status {
         let mut status = self.status(desired, phase);
         status.variant_digest = pulled.variant_digest.to_string();
+        status.runtime_platform = pulled.runtime_platform.clone().unwrap_or_default();
         status
     }
 
@@ -806,6 +808,7 @@ impl Device {
         let opts = crate::runtime::InstanceOptions {
             llama_server: config.runtime.llama_server.clone(),
             extra_args: config.runtime.extra_args.clone(),
+            launcher: config.runtime.launcher.clone(),
             health_timeout: config.health_timeout(),
             ..self.instance_base.clone()
         };
@@ -1010,6 +1013,7 @@ impl Device {
             error: Some(activation_error(code, message, None)),
             serving: self.serving_ref(),
             variant_digest: deployment.variant_digest.to_string(),
+            runtime_platform: deployment.launch.runtime_platform.clone().unwrap_or_default(),
         };
         self.report(status).await;
     }

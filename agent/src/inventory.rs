@@ -7,33 +7,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use alki_shared::bundle::CPU_FEATURES;
 use alki_shared::proto;
 
-/// CPU features worth reporting (kernel names): they decide which llama.cpp kernels run.
-/// x86: AVX/AVX2/FMA/F16C paths, the AVX-512 family, VNNI and AMX. Arm: NEON (`asimd`, `neon` on 32-bit),
-/// fp16 arithmetic (`asimdhp`), dot product (`asimddp`), int8 matrix multiply (`i8mm`), SVE, bf16.
-const INTERESTING_FEATURES: [&str; 20] = [
-    "avx",
-    "avx2",
-    "avx_vnni",
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512_vnni",
-    "avx512_bf16",
-    "amx_int8",
-    "fma",
-    "f16c",
-    "neon",
-    "asimd",
-    "asimdhp",
-    "asimddp",
-    "i8mm",
-    "sve",
-    "sve2",
-    "bf16",
-    "vfpv4",
-];
 /// Sensors reported at most (a server can list hundreds of hwmon inputs).
 const MAX_SENSORS: usize = 32;
 /// Bound on reading one small system file.
@@ -50,7 +26,7 @@ pub fn collect(data_dir: &Path, labels: &BTreeMap<String, String>) -> proto::Inv
 pub fn collect_at(root: &Path, data_dir: &Path, labels: &BTreeMap<String, String>) -> proto::Inventory {
     let live = root == Path::new("/");
     let cpuinfo = read_small(&root.join("proc/cpuinfo")).unwrap_or_default();
-    let features = cpu_features(&cpuinfo);
+    let features = if live { live_cpu_features(&cpuinfo) } else { cpu_features(&cpuinfo) };
     let cpu = cpu_identity(&cpuinfo);
     let (memory_total, memory_available) = match read_small(&root.join("proc/meminfo")).and_then(|m| meminfo(&m)) {
         Some(m) => m,
@@ -143,13 +119,42 @@ fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
 // ---------------------------------------------------------------------------------------------------------
 // CPU
 
+/// This CPU's features as [`cpu_features`] names them. On arm64 they come from the kernel's hardware
+/// capabilities (what the process may use, also under emulation, where `/proc/cpuinfo` shows the host's);
+/// elsewhere from `cpuinfo`.
+pub fn live_cpu_features(cpuinfo: &str) -> Vec<String> {
+    #[cfg(target_arch = "aarch64")]
+    {
+        let _ = cpuinfo;
+        hwcap_features()
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    cpu_features(cpuinfo)
+}
+
+/// arm64 features by `/proc/cpuinfo` name from the auxiliary vector's HWCAP bits (std's detection).
+#[cfg(target_arch = "aarch64")]
+fn hwcap_features() -> Vec<String> {
+    use std::arch::is_aarch64_feature_detected as has;
+    let detected = [
+        ("asimd", has!("neon")),
+        ("asimdhp", has!("fp16")),
+        ("asimddp", has!("dotprod")),
+        ("i8mm", has!("i8mm")),
+        ("sve", has!("sve")),
+        ("sve2", has!("sve2")),
+        ("bf16", has!("bf16")),
+    ];
+    CPU_FEATURES.iter().filter(|f| detected.contains(&(**f, true))).map(|f| (*f).to_owned()).collect()
+}
+
 /// The interesting features named in /proc/cpuinfo's `flags` (x86) or `Features` (arm) line.
 pub fn cpu_features(cpuinfo: &str) -> Vec<String> {
     let Some(line) = cpuinfo.lines().find(|l| l.starts_with("flags") || l.starts_with("Features")) else {
         return Vec::new();
     };
     let listed: Vec<&str> = line.split_once(':').map(|(_, v)| v.split_whitespace().collect()).unwrap_or_default();
-    INTERESTING_FEATURES.iter().filter(|f| listed.contains(f)).map(|f| (*f).to_owned()).collect()
+    CPU_FEATURES.iter().filter(|f| listed.contains(f)).map(|f| (*f).to_owned()).collect()
 }
 
 /// CPU model and core count as /proc/cpuinfo tells them.

@@ -440,6 +440,7 @@ impl Parts {
         let instance = InstanceOptions {
             llama_server: config.runtime.llama_server.clone(),
             extra_args: config.runtime.extra_args.clone(),
+            launcher: config.runtime.launcher.clone(),
             log_dir: layout.logs(),
             health_timeout: config.health_timeout(),
             stop: StopPolicy::default(),

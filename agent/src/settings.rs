@@ -47,6 +47,10 @@ pub struct LaunchSettings {
     /// configured `runtime.llama_server`. Kept with the deployment so a restart or rollback runs the same build.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub llama_server: Option<std::path::PathBuf>,
+    /// The runtime build's platform entry `llama_server` came from, reported to the controller
+    /// (`Status.runtime_platform`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_platform: Option<String>,
 }
 
 impl LaunchSettings {
@@ -60,6 +64,7 @@ impl LaunchSettings {
             parallel_slots: pick(overrides.parallel_slots, defaults.parallel_slots).max(1),
             chat_template: defaults.chat_template.clone().filter(|t| !t.is_empty()),
             llama_server: None,
+            runtime_platform: None,
         }
     }
 

@@ -189,6 +189,7 @@ mod tests {
                 parallel_slots: 1,
                 chat_template: None,
                 llama_server: None,
+                runtime_platform: None,
             },
             generation: Generation(generation),
         }

@@ -60,6 +60,7 @@ async fn the_tiny_model_is_benchmarked_and_measured_with_the_real_llama_server()
         let opts = InstanceOptions {
             llama_server: bin_dir.join("llama-server"),
             extra_args: vec![],
+            launcher: Vec::new(),
             log_dir: dir.path().join("logs"),
             health_timeout: Duration::from_secs(120),
             stop: StopPolicy::default(),
@@ -157,6 +158,7 @@ async fn telemetry_cost() {
     let opts = InstanceOptions {
         llama_server: bin_dir.join("llama-server"),
         extra_args: vec![],
+        launcher: Vec::new(),
         log_dir: dir.path().join("logs"),
         health_timeout: Duration::from_secs(120),
         stop: StopPolicy::default(),

@@ -365,6 +365,7 @@ async fn a_run_past_the_suites_time_budget_is_killed_and_reported_out_of_time() 
         let instance = InstanceOptions {
             llama_server: bin.join("llama-server"),
             extra_args: Vec::new(),
+            launcher: Vec::new(),
             log_dir: dir.path().join("logs"),
             health_timeout: Duration::from_secs(120),
             stop: StopPolicy::default(),

@@ -149,6 +149,7 @@ fn env(s: &Setup, llama_server: PathBuf, memory_reserve: u64) -> Env {
         instance: InstanceOptions {
             llama_server,
             extra_args: Vec::new(),
+            launcher: Vec::new(),
             log_dir: data_dir.join("logs"),
             health_timeout: Duration::from_secs(10),
             stop: StopPolicy::default(),

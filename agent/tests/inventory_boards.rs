@@ -1,11 +1,15 @@
 //! The inventory read from fixture trees holding the files real boards have (Raspberry Pi 5, Jetson Orin
 //! Nano, an x86 workstation with an NVIDIA GPU): board identity, power mode, GPUs, temperatures, throttling
-//! and the derived hardware class.
+//! and the derived hardware class; and the runtime build entry each board chooses from a multi-platform build.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use alki_agent::inventory::{ThrottleSample, collect_at, read_throttle};
+use alki_agent::pull::build::{DevicePlatform, choose_platform, entry_label};
+use alki_shared::bundle::{ANNOTATION_ACCELERATOR, ANNOTATION_CPU_FEATURES};
+use alki_shared::digest::Digest;
+use alki_shared::oci::{Descriptor, ImageIndex, MEDIA_TYPE_IMAGE_MANIFEST, Platform};
 
 fn root(board: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(board)
@@ -73,4 +77,56 @@ fn x86_workstation_with_an_nvidia_gpu() {
     assert_eq!(read_throttle(&root("x86-nvidia")), ThrottleSample { events: 31, now: false });
     let labelled = BTreeMap::from([("class".to_owned(), "lab-gpu".to_owned())]);
     assert_eq!(collect_at(&root("x86-nvidia"), data.path(), &labelled).hardware_class, "lab-gpu");
+}
+
+/// One entry of a runtime build index as `alkictl runtime push --platform` writes it.
+fn build_entry(arch: &str, accelerator: &str, features: &str) -> Descriptor {
+    let mut d =
+        Descriptor::new(MEDIA_TYPE_IMAGE_MANIFEST, Digest::of(format!("{arch}{accelerator}{features}").as_bytes()), 1);
+    d.platform = Some(Platform { os: "linux".into(), architecture: arch.into(), variant: None });
+    d.annotations.insert(ANNOTATION_ACCELERATOR.into(), accelerator.into());
+    if !features.is_empty() {
+        d.annotations.insert(ANNOTATION_CPU_FEATURES.into(), features.into());
+    }
+    d
+}
+
+#[test]
+fn each_board_chooses_its_runtime_build_entry() {
+    // The release's build: arm64 baseline (Pi 4), Pi 5's dotprod/fp16 tuning, Jetson's CUDA, x86 baseline and
+    // AVX2, and an x86 CUDA build.
+    let index = ImageIndex {
+        schema_version: 2,
+        media_type: None,
+        artifact_type: None,
+        manifests: vec![
+            build_entry("arm64", "cpu", ""),
+            build_entry("arm64", "cpu", "asimddp,asimdhp"),
+            build_entry("arm64", "cuda", ""),
+            build_entry("amd64", "cpu", ""),
+            build_entry("amd64", "cpu", "avx2,fma"),
+            build_entry("amd64", "cuda", "avx2"),
+        ],
+        subject: None,
+        annotations: Default::default(),
+    };
+    let data = tempfile::tempdir().expect("tempdir");
+    let chosen = |inv: &alki_shared::proto::Inventory| {
+        choose_platform(&index, &DevicePlatform::of_inventory(inv)).map(entry_label).expect("an entry")
+    };
+    let pi5 = collect_at(&root("pi5"), data.path(), &BTreeMap::new());
+    assert_eq!(chosen(&pi5), "linux/arm64+asimddp+asimdhp");
+    // A Pi 4's Cortex-A72 lacks the dot product: the same inventory without it takes the baseline.
+    let pi4 = alki_shared::proto::Inventory { cpu_features: vec!["asimd".into()], ..pi5.clone() };
+    assert_eq!(chosen(&pi4), "linux/arm64");
+    let jetson = collect_at(&root("jetson-orin-nano"), data.path(), &BTreeMap::new());
+    assert_eq!(chosen(&jetson), "linux/arm64/cuda", "a Jetson runs the CUDA build");
+    let workstation = collect_at(&root("x86-nvidia"), data.path(), &BTreeMap::new());
+    assert_eq!(chosen(&workstation), "linux/amd64/cuda+avx2");
+    let no_gpu = alki_shared::proto::Inventory { gpus: Vec::new(), ..workstation.clone() };
+    assert_eq!(chosen(&no_gpu), "linux/amd64+avx2+fma");
+    // A Jetson given a build without CUDA takes the tuned CPU entry its Cortex-A78AE runs.
+    let cpu_only = ImageIndex { manifests: index.manifests[..2].to_vec(), ..index.clone() };
+    let platform = DevicePlatform::of_inventory(&jetson);
+    assert_eq!(choose_platform(&cpu_only, &platform).map(entry_label), Ok("linux/arm64+asimddp+asimdhp".to_owned()));
 }

@@ -34,6 +34,7 @@ async fn a_real_llama_server_handed_over_is_adopted_by_the_next_supervisor_witho
         let opts = InstanceOptions {
             llama_server: bin_dir.join("llama-server"),
             extra_args: vec![],
+            launcher: Vec::new(),
             log_dir: dir.path().join("logs"),
             health_timeout: Duration::from_secs(120),
             stop: StopPolicy::default(),

@@ -40,6 +40,7 @@ async fn real_llama_server_swaps_both_ways_under_load_without_a_failed_request()
         let opts = InstanceOptions {
             llama_server: bin_dir.join("llama-server"),
             extra_args: vec![],
+            launcher: Vec::new(),
             log_dir: dir.path().join("logs"),
             health_timeout: Duration::from_secs(120),
             stop: StopPolicy::default(),

@@ -70,6 +70,7 @@ async fn stage_build(data_dir: &Path, server: &[u8], platforms: &[(String, Strin
             os: os.clone(),
             architecture: architecture.clone(),
             variant: None,
+            cpu_features: Vec::new(),
         };
         let config_bytes = serde_json::to_vec(&config).expect("json");
         let config_digest = put(&store, &config_bytes).await;
@@ -186,7 +187,10 @@ async fn a_bundle_naming_a_build_runs_that_builds_server_and_a_crash_after_the_f
         assert!(processes_under(&builds_dir).is_empty(), "A runs on the configured llama-server");
 
         agent.desire(4, &b).await;
-        next_where(&mut agent.up, status_with(Phase::Active, 4)).await;
+        let active = next_where(&mut agent.up, status_with(Phase::Active, 4)).await;
+        let proto::agent_message::Msg::Status(active) = active else { unreachable!("status_with matched a status") };
+        let (os, arch) = here();
+        assert_eq!(active.runtime_platform, format!("{os}/{arch}"), "the device says which build entry it chose");
         until_served_by(agent.front, "model-b.gguf").await;
         let on_b = processes_under(&builds_dir);
         assert_eq!(on_b.len(), 1, "B's llama-server runs from its build: {on_b:?}");

@@ -8,8 +8,9 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use alki_shared::bundle::{
-    ANNOTATION_ACCELERATOR, ARTIFACT_TYPE_RUNTIME_BUILD, MEDIA_TYPE_RUNTIME_BUILD_CONFIG, MEDIA_TYPE_RUNTIME_BUILD_TAR,
-    RUNTIME_BUILD_SERVER, RuntimeBuildConfig, oci_architecture,
+    ANNOTATION_ACCELERATOR, ANNOTATION_CPU_FEATURES, ARTIFACT_TYPE_RUNTIME_BUILD, CPU_FEATURES,
+    MEDIA_TYPE_RUNTIME_BUILD_CONFIG, MEDIA_TYPE_RUNTIME_BUILD_TAR, RUNTIME_BUILD_SERVER, RuntimeBuildConfig,
+    oci_architecture,
 };
 use alki_shared::digest::{Digest, Hasher};
 use alki_shared::oci::{
@@ -25,19 +26,21 @@ use crate::progress::Progress;
 /// Accelerators a build may be made for.
 pub const ACCELERATORS: [&str; 2] = ["cpu", "cuda"];
 
-/// One `--platform OS/ARCH[/VARIANT][/ACCELERATOR]=DIR`.
+/// One `--platform OS/ARCH[/VARIANT][/ACCELERATOR][+FEATURE...]=DIR`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlatformBuild {
     pub os: String,
     pub architecture: String,
     pub variant: Option<String>,
     pub accelerator: String,
+    /// CPU features the build needs (`/proc/cpuinfo` names, sorted); empty for the architecture's baseline.
+    pub cpu_features: Vec<String>,
     pub dir: PathBuf,
 }
 
 impl PlatformBuild {
-    /// `linux/amd64`, `linux/arm64/cuda`, `linux/arm/v7` (a last segment `cpu` or `cuda` is the accelerator,
-    /// any other third segment the OCI platform variant).
+    /// `linux/amd64`, `linux/arm64/cuda`, `linux/arm/v7`, `linux/arm64+asimddp+asimdhp` (a last segment `cpu`
+    /// or `cuda` is the accelerator, any other third segment the OCI platform variant, `+` names features).
     pub fn label(&self) -> String {
         let mut s = format!("{}/{}", self.os, self.architecture);
         if let Some(v) = &self.variant {
@@ -48,15 +51,23 @@ impl PlatformBuild {
             s.push('/');
             s.push_str(&self.accelerator);
         }
+        for feature in &self.cpu_features {
+            s.push('+');
+            s.push_str(feature);
+        }
         s
     }
 }
 
-/// Parses `OS/ARCH[/VARIANT][/ACCELERATOR]=DIR`.
+/// Parses `OS/ARCH[/VARIANT][/ACCELERATOR][+FEATURE...]=DIR`.
 pub fn parse_platform(arg: &str) -> Result<PlatformBuild> {
-    let usage = "write --platform OS/ARCH[/VARIANT][/cpu|cuda]=DIR, e.g. linux/amd64=build/bin or \
-                 linux/arm64/cuda=jetson/bin";
+    let usage = "write --platform OS/ARCH[/VARIANT][/cpu|cuda][+FEATURE...]=DIR, e.g. linux/amd64=build/bin, \
+                 linux/arm64+asimddp+asimdhp=pi5/bin or linux/arm64/cuda=jetson/bin";
     let Some((platform, dir)) = arg.split_once('=') else { refuse!("--platform {arg:?} names no directory; {usage}") };
+    let (platform, cpu_features) = match platform.split_once('+') {
+        Some((platform, features)) => (platform, parse_features(features)?),
+        None => (platform, Vec::new()),
+    };
     let mut parts: Vec<&str> = platform.split('/').collect();
     let accelerator = match parts.last() {
         Some(last) if parts.len() > 2 && ACCELERATORS.contains(last) => {
@@ -80,8 +91,32 @@ pub fn parse_platform(arg: &str) -> Result<PlatformBuild> {
         architecture: architecture.to_string(),
         variant,
         accelerator,
+        cpu_features,
         dir: PathBuf::from(dir),
     })
+}
+
+/// `asimddp+asimdhp` → sorted, each one of the features the agent reports (a misspelt one would make a build
+/// no device ever chooses).
+fn parse_features(features: &str) -> Result<Vec<String>> {
+    let mut out: Vec<String> = features.split('+').map(str::to_owned).collect();
+    for feature in &out {
+        if !CPU_FEATURES.contains(&feature.as_str()) {
+            let hint = match feature.as_str() {
+                "dotprod" => " (dotprod is asimddp in /proc/cpuinfo)",
+                "fp16" => " (fp16 arithmetic is asimdhp in /proc/cpuinfo)",
+                _ => "",
+            };
+            refuse!(
+                "--platform names the CPU feature {feature:?}{hint}, which the agent does not report; name \
+                 features as /proc/cpuinfo does, one of: {}",
+                CPU_FEATURES.join(", ")
+            );
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// One platform's build as packed, for the table or `-o json`.
@@ -170,6 +205,7 @@ fn pack_platform(
         os: build.os.clone(),
         architecture: build.architecture.clone(),
         variant: build.variant.clone(),
+        cpu_features: build.cpu_features.clone(),
     };
     let config_bytes = serde_json::to_vec(&config)?;
     let config_desc =
@@ -177,6 +213,11 @@ fn pack_platform(
     let mut layer = Descriptor::new(MEDIA_TYPE_RUNTIME_BUILD_TAR, layer_digest.clone(), layer_size);
     let title = format!("llama-server-{}.tar", build.label().replace('/', "-"));
     layer.annotations.insert(ANNOTATION_TITLE.into(), title);
+    let mut annotations: std::collections::BTreeMap<String, String> =
+        [(ANNOTATION_ACCELERATOR.to_owned(), build.accelerator.clone())].into();
+    if !build.cpu_features.is_empty() {
+        annotations.insert(ANNOTATION_CPU_FEATURES.to_owned(), build.cpu_features.join(","));
+    }
     let manifest = ImageManifest {
         schema_version: 2,
         media_type: Some(MEDIA_TYPE_IMAGE_MANIFEST.into()),
@@ -184,7 +225,7 @@ fn pack_platform(
         config: config_desc,
         layers: vec![layer],
         subject: None,
-        annotations: [(ANNOTATION_ACCELERATOR.to_owned(), build.accelerator.clone())].into(),
+        annotations: annotations.clone(),
     };
     let bytes = serde_json::to_vec(&manifest)?;
     let mut entry = Descriptor::new(MEDIA_TYPE_IMAGE_MANIFEST, layout.write_blob(&bytes)?, bytes.len() as u64);
@@ -194,7 +235,7 @@ fn pack_platform(
         os: build.os.clone(),
         variant: build.variant.clone(),
     });
-    entry.annotations.insert(ANNOTATION_ACCELERATOR.into(), build.accelerator.clone());
+    entry.annotations.extend(annotations);
     let packed = PackedPlatform {
         platform: build.label(),
         accelerator: build.accelerator.clone(),
@@ -350,7 +391,12 @@ mod tests {
         );
         let p = parse_platform("linux/arm/v7=pi").expect("variant");
         assert_eq!((p.variant.as_deref(), p.accelerator.as_str()), (Some("v7"), "cpu"));
-        for bad in ["linux/amd64", "linux=dir", "linux/amd64=", "linux/../x=dir", "a/b/c/d/e=dir"] {
+        let p = parse_platform("linux/arm64+asimdhp+asimddp=pi5").expect("features");
+        assert_eq!(p.cpu_features, ["asimddp", "asimdhp"], "sorted");
+        assert_eq!(p.label(), "linux/arm64+asimddp+asimdhp");
+        let err = parse_platform("linux/arm64+dotprod=pi5").expect_err("not a cpuinfo name").to_string();
+        assert!(err.contains("asimddp"), "{err}");
+        for bad in ["linux/amd64", "linux=dir", "linux/amd64=", "linux/../x=dir", "a/b/c/d/e=dir", "linux/arm64+=d"] {
             let err = parse_platform(bad).expect_err(bad).to_string();
             assert!(err.contains("--platform"), "{bad}: {err}");
         }
@@ -369,15 +415,19 @@ mod tests {
         let builds = vec![
             parse_platform(&format!("linux/amd64={}", bin.display())).expect("amd64"),
             parse_platform(&format!("linux/arm64/cuda={}", bin.display())).expect("arm64"),
+            parse_platform(&format!("linux/arm64+asimddp={}", bin.display())).expect("tuned"),
         ];
         let bar = Progress::none();
         let (digest, packed) = pack(&builds, "b1", &dir.path().join("one"), "b1", &bar).expect("pack");
-        assert_eq!(packed.len(), 2);
+        assert_eq!(packed.len(), 3);
+        assert_eq!(packed[2].platform, "linux/arm64+asimddp", "same platform, other features: its own entry");
         assert_eq!(packed[0].files, 3);
         let layout = Layout::open(&dir.path().join("one")).expect("layout");
         let index: ImageIndex = serde_json::from_slice(&layout.read_blob(&digest).expect("index")).expect("json");
         assert_eq!(index.manifests[1].platform.as_ref().map(|p| p.architecture.as_str()), Some("arm64"));
         assert_eq!(index.manifests[1].annotation(ANNOTATION_ACCELERATOR), Some("cuda"));
+        assert_eq!(index.manifests[1].annotation(ANNOTATION_CPU_FEATURES), None);
+        assert_eq!(index.manifests[2].annotation(ANNOTATION_CPU_FEATURES), Some("asimddp"));
         let mut archive = tar::Archive::new(std::fs::File::open(layout.blob_path(&packed[0].layer)).expect("tar"));
         let kinds: Vec<(String, bool)> = archive
             .entries()

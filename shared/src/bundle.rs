@@ -123,6 +123,40 @@ pub const MEDIA_TYPE_RUNTIME_BUILD_CONFIG: &str = "application/vnd.alki.runtime.
 pub const MEDIA_TYPE_RUNTIME_BUILD_TAR: &str = "application/vnd.alki.runtime.build.v1.tar";
 /// `cpu` or `cuda`, on each platform entry of a runtime build index.
 pub const ANNOTATION_ACCELERATOR: &str = "ai.alki.accelerator";
+/// The CPU features a runtime build's platform entry needs (comma-separated `/proc/cpuinfo` names, e.g.
+/// `asimddp,asimdhp` for a build tuned with dotprod and fp16): a device chooses the entry it has every feature
+/// of, the most tuned first. Absent: the architecture's baseline, which every device of it runs.
+pub const ANNOTATION_CPU_FEATURES: &str = "ai.alki.cpu-features";
+/// The CPU features the agent reports and a runtime build may require, by their `/proc/cpuinfo` names (x86
+/// `flags`, arm `Features`): the ones llama.cpp's kernels are built for.
+pub const CPU_FEATURES: [&str; 20] = [
+    "avx",
+    "avx2",
+    "avx_vnni",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_int8",
+    "fma",
+    "f16c",
+    "neon",
+    "asimd",
+    "asimdhp",
+    "asimddp",
+    "i8mm",
+    "sve",
+    "sve2",
+    "bf16",
+    "vfpv4",
+];
+
+/// The comma-separated form of [`ANNOTATION_CPU_FEATURES`] as a list (empty names dropped).
+pub fn parse_cpu_features(annotation: &str) -> Vec<String> {
+    annotation.split(',').map(str::trim).filter(|f| !f.is_empty()).map(str::to_owned).collect()
+}
+
 /// The program a runtime build must hold at the top of its tar layer.
 pub const RUNTIME_BUILD_SERVER: &str = "llama-server";
 
@@ -140,6 +174,9 @@ pub struct RuntimeBuildConfig {
     pub architecture: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
+    /// The CPU features the build needs ([`ANNOTATION_CPU_FEATURES`]); empty for the baseline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_features: Vec<String>,
 }
 
 /// A runtime build reference pinned by digest: `[registry/]repository@sha256:<hex>` → (registry, repository,

@@ -63,6 +63,7 @@ async fn bench_file(
     let opts = InstanceOptions {
         llama_server: config.runtime.llama_server.clone(),
         extra_args: config.runtime.extra_args.clone(),
+        launcher: config.runtime.launcher.clone(),
         log_dir: logs.path().to_owned(),
         health_timeout: config.health_timeout(),
         stop: StopPolicy::default(),

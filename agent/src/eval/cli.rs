@@ -103,6 +103,7 @@ async fn measure(
     let instance = InstanceOptions {
         llama_server: config.runtime.llama_server.clone(),
         extra_args: config.runtime.extra_args.clone(),
+        launcher: config.runtime.launcher.clone(),
         log_dir: work.join("logs"),
         health_timeout: config.health_timeout(),
         stop: StopPolicy::default(),

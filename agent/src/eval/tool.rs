@@ -93,6 +93,7 @@ mod tests {
             parallel_slots: 1,
             chat_template: None,
             llama_server: server,
+            runtime_platform: None,
         }
     }
 

@@ -11,10 +11,12 @@
 use std::path::{Path, PathBuf};
 
 use alki_shared::bundle::{
-    ANNOTATION_ACCELERATOR, MEDIA_TYPE_RUNTIME_BUILD_CONFIG, MEDIA_TYPE_RUNTIME_BUILD_TAR, parse_runtime_build,
+    ANNOTATION_ACCELERATOR, ANNOTATION_CPU_FEATURES, MEDIA_TYPE_RUNTIME_BUILD_CONFIG, MEDIA_TYPE_RUNTIME_BUILD_TAR,
+    parse_cpu_features, parse_runtime_build,
 };
 use alki_shared::digest::Digest;
 use alki_shared::oci::{Descriptor, ImageIndex, ImageManifest, Manifest};
+use alki_shared::proto;
 
 use super::blob::{Pace, PullProgress, Reporter, check_disk, fetch_blob};
 use super::bundle::{PullOptions, PulledBundle};
@@ -32,33 +34,54 @@ pub const DIR_NAME: &str = "runtime-builds";
 /// A build's config is a small JSON document.
 const MAX_CONFIG_BYTES: u64 = 64 << 10;
 
-/// What this device runs: OCI os and architecture, and whether it has an NVIDIA GPU for a CUDA build.
+/// What this device runs: OCI os and architecture, its CPU features, and whether it has an NVIDIA GPU for a
+/// CUDA build.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DevicePlatform {
     pub os: String,
     pub architecture: String,
+    /// `/proc/cpuinfo` names ([`alki_shared::bundle::CPU_FEATURES`]).
+    pub cpu_features: Vec<String>,
     pub nvidia_gpu: bool,
 }
 
 impl DevicePlatform {
-    /// This machine: the compiled-in OS and architecture, and the GPUs the inventory finds (driver files and
-    /// the Jetson device tree; nvidia-smi is not run for this).
+    /// This machine: the compiled-in OS and architecture, the CPU features the process may use, and the GPUs
+    /// the inventory finds (driver files and the Jetson device tree; nvidia-smi is not run for this).
     pub fn detect() -> DevicePlatform {
         let board = crate::inventory::read_board(Path::new("/"), false, 0);
-        DevicePlatform { nvidia_gpu: !board.gpus.is_empty(), ..DevicePlatform::compiled() }
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        DevicePlatform {
+            nvidia_gpu: !board.gpus.is_empty(),
+            cpu_features: crate::inventory::live_cpu_features(&cpuinfo),
+            ..DevicePlatform::compiled()
+        }
     }
 
-    /// The compiled-in OS and architecture, without a GPU.
+    /// The platform an inventory describes (a device's report, or a fixture board's).
+    pub fn of_inventory(inventory: &proto::Inventory) -> DevicePlatform {
+        DevicePlatform {
+            os: std::env::consts::OS.to_owned(),
+            architecture: oci_architecture(&inventory.arch).to_owned(),
+            cpu_features: inventory.cpu_features.clone(),
+            nvidia_gpu: !inventory.gpus.is_empty(),
+        }
+    }
+
+    /// The compiled-in OS and architecture, without a GPU or features.
     fn compiled() -> DevicePlatform {
         DevicePlatform {
             os: std::env::consts::OS.to_owned(),
             architecture: oci_architecture(std::env::consts::ARCH).to_owned(),
+            cpu_features: Vec::new(),
             nvidia_gpu: false,
         }
     }
 
     fn label(&self) -> String {
-        format!("{}/{}{}", self.os, self.architecture, if self.nvidia_gpu { " with an NVIDIA GPU" } else { "" })
+        let gpu = if self.nvidia_gpu { " with an NVIDIA GPU" } else { "" };
+        let features = if self.cpu_features.is_empty() { "none".to_owned() } else { self.cpu_features.join(" ") };
+        format!("{}/{}{gpu} (CPU features: {features})", self.os, self.architecture)
     }
 }
 
@@ -69,29 +92,53 @@ fn accelerator(entry: &Descriptor) -> &str {
     entry.annotation(ANNOTATION_ACCELERATOR).unwrap_or("cpu")
 }
 
-/// `linux/arm64/cuda` for an index entry.
-fn entry_label(entry: &Descriptor) -> String {
+/// The CPU features an entry needs (none: the architecture's baseline).
+fn required_features(entry: &Descriptor) -> Vec<String> {
+    entry.annotation(ANNOTATION_CPU_FEATURES).map(parse_cpu_features).unwrap_or_default()
+}
+
+/// `linux/arm64/cuda` or `linux/arm64+asimddp+asimdhp` for an index entry, as `alkictl runtime push` names it.
+pub fn entry_label(entry: &Descriptor) -> String {
     let Some(p) = &entry.platform else { return "(no platform)".to_owned() };
     let mut s = format!("{}/{}", p.os, p.architecture);
     if let Some(v) = &p.variant {
         s = s + "/" + v;
     }
-    match accelerator(entry) {
-        "cpu" => s,
-        other => s + "/" + other,
+    if accelerator(entry) != "cpu" {
+        s = s + "/" + accelerator(entry);
     }
+    for feature in required_features(entry) {
+        s = s + "+" + &feature;
+    }
+    s
 }
 
-/// The entry of `index` this device runs: its os and architecture, CUDA when it has an NVIDIA GPU and the
-/// build has a CUDA entry, else CPU. Err: the platforms the build has, for the refusal.
+/// The entry of `index` this device runs: of its os and architecture, one whose every required CPU feature
+/// the device has; CUDA first when it has an NVIDIA GPU, else CPU; among those the most tuned (most features
+/// required), so a Pi 5 takes the dotprod/fp16 build and a Pi 4 the baseline. Err: the platforms the build
+/// has, for the refusal.
 pub fn choose_platform<'a>(index: &'a ImageIndex, device: &DevicePlatform) -> Result<&'a Descriptor, String> {
-    let matching: Vec<&Descriptor> = index
+    let runnable: Vec<(&Descriptor, usize)> = index
         .manifests
         .iter()
         .filter(|e| e.platform.as_ref().is_some_and(|p| p.os == device.os && p.architecture == device.architecture))
+        .filter_map(|e| {
+            let needs = required_features(e);
+            needs.iter().all(|f| device.cpu_features.contains(f)).then_some((e, needs.len()))
+        })
         .collect();
-    let pick = |acc: &str| matching.iter().copied().find(|e| accelerator(e) == acc);
-    let chosen = if device.nvidia_gpu { pick("cuda").or_else(|| pick("cpu")) } else { pick("cpu") };
+    let best = |acc: &str| {
+        runnable
+            .iter()
+            .filter(|(e, _)| accelerator(e) == acc)
+            // The first of equally tuned entries: the order the build was pushed in.
+            .fold(None::<(&Descriptor, usize)>, |best, &(e, n)| match best {
+                Some((_, m)) if m >= n => best,
+                _ => Some((e, n)),
+            })
+            .map(|(e, _)| e)
+    };
+    let chosen = if device.nvidia_gpu { best("cuda").or_else(|| best("cpu")) } else { best("cpu") };
     chosen.ok_or_else(|| {
         let offered: Vec<String> = index.manifests.iter().map(entry_label).collect();
         if offered.is_empty() { "no platform at all".to_owned() } else { offered.join(", ") }
@@ -130,9 +177,11 @@ pub async fn attach(
         tokio::task::spawn_blocking(DevicePlatform::detect).await.unwrap_or_else(|_| DevicePlatform::compiled());
     let pull = BuildPull { builds, build: &build, device: &device, options: &options };
     let mut attempt = WithProgress { pull: &pull, progress };
-    let server = builds.registry.from_each_endpoint(&build, &mut attempt).await.map_err(|e| e.about_build(&build))?;
-    tracing::info!(build = %build, server = %server.display(), "Runtime build ready.");
+    let (server, platform) =
+        builds.registry.from_each_endpoint(&build, &mut attempt).await.map_err(|e| e.about_build(&build))?;
+    tracing::info!(build = %build, %platform, server = %server.display(), "Runtime build ready.");
     pulled.runtime_server = Some(server);
+    pulled.runtime_platform = Some(platform);
     Ok(())
 }
 
@@ -153,17 +202,19 @@ struct WithProgress<'a, 'p> {
 }
 
 impl Attempt for WithProgress<'_, '_> {
-    type Output = PathBuf;
+    type Output = (PathBuf, String);
     fn attempt<'a>(
         &'a mut self,
         at: &'a BundleLocation,
-    ) -> impl Future<Output = Result<PathBuf, PullError>> + Send + 'a {
+    ) -> impl Future<Output = Result<(PathBuf, String), PullError>> + Send + 'a {
         self.pull.from(at, &mut *self.progress)
     }
 }
 
 /// This device's entry of a build: the platform manifest and its one tar layer.
 struct Entry {
+    /// As [`entry_label`] names it.
+    label: String,
     digest: Digest,
     manifest: ImageManifest,
     layer: Descriptor,
@@ -171,12 +222,12 @@ struct Entry {
 
 impl BuildPull<'_> {
     /// One attempt from `at` (the build with its registry replaced by a mirror or the origin): the extracted
-    /// build's `llama-server`.
+    /// build's `llama-server` and the platform entry it came from.
     async fn from(
         &self,
         at: &BundleLocation,
         progress: &mut (dyn FnMut(PullProgress) + Send),
-    ) -> Result<PathBuf, PullError> {
+    ) -> Result<(PathBuf, String), PullError> {
         let Builds { registry, store, .. } = *self.builds;
         // The signature first: nothing the build's manifests say is acted on before it verifies.
         check_signature_store_first(registry, store, at, &self.options.trust).await?;
@@ -184,7 +235,7 @@ impl BuildPull<'_> {
         self.fetch(at, &entry, progress).await?;
         store.touch(&at.digest).await;
         store.touch(&entry.digest).await;
-        self.install(&entry.layer).await
+        Ok((self.install(&entry.layer).await?, entry.label))
     }
 
     /// The index, this device's entry in it and that entry's manifest, checked to be a build's.
@@ -202,7 +253,8 @@ impl BuildPull<'_> {
             os_arch: format!("{}/{}{}", device.os, device.architecture, if device.nvidia_gpu { "/cuda" } else { "" }),
             offered,
         })?;
-        tracing::info!(build = %self.build, platform = %entry_label(entry), "Chose the runtime build's platform entry.");
+        let label = entry_label(entry);
+        tracing::info!(build = %self.build, platform = %label, "Chose the runtime build's platform entry.");
         let digest = entry.digest.clone();
         let manifest = match fetch_manifest(registry, store, at, &digest, "runtime build manifest").await? {
             Manifest::Image(m) => m,
@@ -221,7 +273,7 @@ impl BuildPull<'_> {
             return Err(PullError::NotABuild(format!("entry {} has no runtime build config", short(&digest))));
         }
         let layer = (*layer).clone();
-        Ok(Entry { digest, manifest, layer })
+        Ok(Entry { label, digest, manifest, layer })
     }
 
     /// The entry's config and tar layer into the store, each unless already stored and verified; `progress`
@@ -291,7 +343,40 @@ mod tests {
     }
 
     fn device(arch: &str, gpu: bool) -> DevicePlatform {
-        DevicePlatform { os: "linux".into(), architecture: arch.into(), nvidia_gpu: gpu }
+        DevicePlatform { os: "linux".into(), architecture: arch.into(), cpu_features: Vec::new(), nvidia_gpu: gpu }
+    }
+
+    fn tuned(mut e: Descriptor, features: &str) -> Descriptor {
+        e.digest = Digest::of(features.as_bytes());
+        e.annotations.insert(ANNOTATION_CPU_FEATURES.into(), features.into());
+        e
+    }
+
+    #[test]
+    fn the_most_tuned_entry_the_cpu_runs_wins() {
+        let idx = index(vec![
+            entry("linux", "arm64", "cpu"),
+            tuned(entry("linux", "arm64", "cpu"), "asimddp,asimdhp"),
+            tuned(entry("linux", "arm64", "cpu"), "asimddp,asimdhp,i8mm,sve"),
+            entry("linux", "arm64", "cuda"),
+        ]);
+        let with = |features: &[&str], gpu: bool| DevicePlatform {
+            cpu_features: features.iter().map(|f| (*f).to_owned()).collect(),
+            ..device("arm64", gpu)
+        };
+        let chosen = |d: DevicePlatform| choose_platform(&idx, &d).map(entry_label);
+        // Pi 4 (Cortex-A72): no dot product.
+        assert_eq!(chosen(with(&["asimd"], false)), Ok("linux/arm64".to_owned()));
+        // Pi 5 (Cortex-A76).
+        assert_eq!(chosen(with(&["asimd", "asimddp", "asimdhp"], false)), Ok("linux/arm64+asimddp+asimdhp".to_owned()));
+        // A CPU with every feature takes the most tuned.
+        let all = ["asimd", "asimddp", "asimdhp", "i8mm", "sve"];
+        assert_eq!(chosen(with(&all, false)), Ok("linux/arm64+asimddp+asimdhp+i8mm+sve".to_owned()));
+        // A GPU still takes CUDA first.
+        assert_eq!(chosen(with(&all, true)), Ok("linux/arm64/cuda".to_owned()));
+        let only_tuned = index(vec![tuned(entry("linux", "arm64", "cpu"), "asimddp")]);
+        let err = choose_platform(&only_tuned, &with(&["asimd"], false)).map(entry_label).expect_err("too old");
+        assert_eq!(err, "linux/arm64+asimddp");
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub struct PulledBundle {
     /// The extracted `llama-server` of the runtime build the runtime layer names (set when the build is
     /// attached, see [`super::Acquirer::acquire`]); None runs the configured one.
     pub runtime_server: Option<PathBuf>,
+    /// The build's platform entry that `runtime_server` came from (`linux/arm64+asimddp+asimdhp`).
+    pub runtime_platform: Option<String>,
     /// Bytes of every blob of the variant.
     pub bytes_total: u64,
     /// Bytes fetched from the registry by this pull (the rest were already stored).
@@ -91,6 +93,7 @@ impl PulledBundle {
         let defaults = self.runtime_defaults.clone().unwrap_or_default();
         let settings = LaunchSettings {
             llama_server: self.runtime_server.clone(),
+            runtime_platform: self.runtime_platform.clone(),
             ..LaunchSettings::resolve(&defaults, overrides)
         };
         Some(LaunchSpec { model_path: self.model_files.first()?.clone(), settings, bundle_digest: bundle.to_string() })
@@ -253,6 +256,7 @@ impl BundlePull<'_> {
             model_files,
             runtime_defaults,
             runtime_server: None,
+            runtime_platform: None,
             bytes_total,
             bytes_fetched,
             verified,
@@ -482,6 +486,7 @@ mod tests {
             model_files: vec![PathBuf::from("/data/bundles/v/a-00001.gguf"), PathBuf::from("/data/bundles/v/b")],
             runtime_defaults: Some(RuntimeDefaults { context_size: 4096, threads: 4, ..Default::default() }),
             runtime_server: Some(PathBuf::from("/data/runtime-builds/x/llama-server")),
+            runtime_platform: Some("linux/amd64".into()),
             bytes_total: 0,
             bytes_fetched: 0,
             verified: None,

@@ -45,6 +45,8 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 pub struct InstanceOptions {
     pub llama_server: PathBuf,
     pub extra_args: Vec<String>,
+    /// `runtime.launcher`: a command llama-server runs through (empty: none).
+    pub launcher: Vec<String>,
     /// Where `llama-server-<n>.log` files go.
     pub log_dir: PathBuf,
     /// Bound on loading the model and answering `/health` and the smoke completion.
@@ -665,7 +667,15 @@ fn llama_server_command(
     log: std::fs::File,
 ) -> Result<tokio::process::Command, StartError> {
     let log_err = log.try_clone().map_err(|source| StartError::Io { what: "log file", source })?;
-    let mut command = tokio::process::Command::new(spec.settings.program(&opts.llama_server));
+    let program = spec.settings.program(&opts.llama_server);
+    let mut command = match opts.launcher.split_first() {
+        Some((launcher, args)) => {
+            let mut command = tokio::process::Command::new(launcher);
+            command.args(args).arg(program);
+            command
+        }
+        None => tokio::process::Command::new(program),
+    };
     // A runtime build's llama-server loads the libraries packed beside it, whatever its RUNPATH says.
     if let Some(build_dir) = spec.settings.llama_server.as_ref().and_then(|p| p.parent()) {
         command.env("LD_LIBRARY_PATH", build_dir);
@@ -791,6 +801,39 @@ pub(crate) async fn log_tail(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_launcher_runs_llama_server_with_its_whole_command_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = std::fs::File::create(dir.path().join("log")).expect("log");
+        let mut opts = InstanceOptions {
+            llama_server: PathBuf::from("/opt/llama/llama-server"),
+            extra_args: vec!["--jinja".into()],
+            launcher: Vec::new(),
+            log_dir: dir.path().to_owned(),
+            health_timeout: Duration::from_secs(1),
+            stop: StopPolicy::default(),
+        };
+        let spec = LaunchSpec {
+            model_path: PathBuf::from("/m.gguf"),
+            settings: crate::settings::LaunchSettings::resolve(&Default::default(), &Default::default()),
+            bundle_digest: String::new(),
+        };
+        let line = |opts: &InstanceOptions| {
+            let log = log.try_clone().expect("log");
+            let command = llama_server_command(opts, &spec, 8081, log).expect("command");
+            let command = command.as_std();
+            let mut line = vec![command.get_program().to_string_lossy().into_owned()];
+            line.extend(command.get_args().map(|a| a.to_string_lossy().into_owned()));
+            line
+        };
+        let direct = line(&opts);
+        assert_eq!(direct[..3], ["/opt/llama/llama-server", "-m", "/m.gguf"]);
+        opts.launcher = vec!["qemu-aarch64-static".into(), "-L".into(), "/usr/aarch64-linux-gnu".into()];
+        let launched = line(&opts);
+        assert_eq!(launched[..3], ["qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu"]);
+        assert_eq!(launched[3..], direct[..], "the launcher is followed by the same command line");
+    }
 
     #[test]
     fn busy_slots_are_recognised() {

@@ -51,6 +51,7 @@ pub fn launch_settings() -> LaunchSettings {
         parallel_slots: 2,
         chat_template: None,
         llama_server: None,
+        runtime_platform: None,
     }
 }
 
@@ -62,6 +63,7 @@ pub fn options(log_dir: &Path, stop: StopPolicy) -> InstanceOptions {
     InstanceOptions {
         llama_server: fake_llama_server(),
         extra_args: vec!["--jinja".to_owned()],
+        launcher: Vec::new(),
         log_dir: log_dir.to_owned(),
         health_timeout: Duration::from_secs(15),
         stop,

@@ -468,6 +468,7 @@ fn status_change(status: proto::Status, now: UnixMs) -> (Durability, impl FnOnce
         d.running = status.serving;
         if !status.variant_digest.is_empty() && phase == Phase::Active {
             d.running_variant = status.variant_digest;
+            d.running_runtime_platform = status.runtime_platform;
         }
         if settled {
             d.applied_generation = d.applied_generation.max(status.generation);

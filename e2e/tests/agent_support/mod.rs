@@ -37,6 +37,7 @@ pub fn launch_settings() -> LaunchSettings {
         parallel_slots: 2,
         chat_template: None,
         llama_server: None,
+        runtime_platform: None,
     }
 }
 
