@@ -150,6 +150,10 @@ struct DeviceView {
     desired_generation: u64,
     rollout_id: String,
     hardware_class: String,
+    /// The device's architecture (Rust's names: `x86_64`, `aarch64`).
+    arch: String,
+    /// The runtime build platform entry it serves its bundle on (empty: its agent.toml's llama-server).
+    runtime_platform: String,
     agent_version: String,
     last_seen_unix_ms: i64,
     /// What rollouts select by: the token's and operators' labels, and the device-owned keys it reports.
@@ -182,6 +186,8 @@ impl From<&proto::Device> for DeviceView {
             desired_generation: d.desired_generation,
             rollout_id: d.rollout_id.clone(),
             hardware_class: d.inventory.as_ref().map(|i| i.hardware_class.clone()).unwrap_or_default(),
+            arch: d.inventory.as_ref().map(|i| i.arch.clone()).unwrap_or_default(),
+            runtime_platform: d.running_runtime_platform.clone(),
             agent_version: d.agent_version.clone(),
             last_seen_unix_ms: d.last_seen_unix_ms,
             labels: d.labels.clone().into_iter().collect(),

@@ -43,7 +43,7 @@ export const device = shape({
   id: '', labels: obj, inventory, connected: false, last_seen_unix_ms: 0, agent_version: '', running: bundleRef, phase: 0,
   error: shape({ code: 0, message: '', layer_digest: '' }), desired_generation: 0, applied_generation: 0, desired: bundleRef,
   rollout_id: '', cohort: '', running_variant: '', latest_benchmark: opt(benchmark), decommissioned: false,
-  latest_telemetry: opt(telemetry), staged: list(bundleRef), desired_variant: '',
+  latest_telemetry: opt(telemetry), staged: list(bundleRef), desired_variant: '', running_runtime_platform: '',
 });
 
 const classStatus = shape({

@@ -16,6 +16,15 @@ if [ "$(id -u)" = 0 ] && command -v dpkg >/dev/null; then
   targets=""; command -v aarch64-linux-gnu-gcc >/dev/null && targets=aarch64-unknown-linux-gnu
   TARGETS="$targets" deploy/release/build.sh >/dev/null
   deploy/packages/test-deb.sh dist
+  if [ -n "$targets" ]; then
+    # The arm64 device, emulated: the release arm64 agent and the arm64 llama.cpp builds (cross-compiled once,
+    # cached under ~/.cache/alki) under qemu-aarch64 against the x86 controller.
+    ALKI_ARM64_LLAMA_BASELINE="$(deploy/release/build-llama-arm64.sh baseline)"
+    ALKI_ARM64_LLAMA_A76="$(deploy/release/build-llama-arm64.sh a76)"
+    ALKI_ARM64_AGENT="$PWD/target/aarch64-unknown-linux-gnu/release/alki-agent"
+    export ALKI_ARM64_LLAMA_BASELINE ALKI_ARM64_LLAMA_A76 ALKI_ARM64_AGENT
+    cargo test -p alki-e2e --test emulated_arm64 -- --ignored --nocapture
+  fi
 else
   echo "test.sh: the package test needs root and dpkg; skipped"
 fi

@@ -42,6 +42,7 @@ function serving(d) {
     dl([
       ['Running', bundleCell(d.running)],
       ['Variant', d.running_variant ? h('span', { title: d.running_variant }, shortDigest(d.running_variant)) : null],
+      ['Runtime build', d.running_runtime_platform || null],
       ['Phase', phaseBadge(d.phase)],
       ['Desired', desiredDiffers ? bundleCell(d.desired) : null],
       ['Generation', `desired ${d.desired_generation}, applied ${d.applied_generation}`],
