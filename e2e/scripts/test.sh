@@ -6,6 +6,8 @@ cd "$(dirname "$0")/../.."
 
 ALKI_LLAMA_BIN_DIR="$(e2e/scripts/build-llama-server.sh)"
 export ALKI_LLAMA_BIN_DIR
+# The deployment files (Kubernetes manifests, Helm chart, Compose): validated offline with real helm and compose.
+deploy/kubernetes/validate.sh
 # The end-to-end tests start the real binaries, so build them all first.
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast "$@"
@@ -24,6 +26,9 @@ if [ "$(id -u)" = 0 ] && command -v dpkg >/dev/null; then
     ALKI_ARM64_AGENT="$PWD/target/aarch64-unknown-linux-gnu/release/alki-agent"
     export ALKI_ARM64_LLAMA_BASELINE ALKI_ARM64_LLAMA_A76 ALKI_ARM64_AGENT
     cargo test -p alki-e2e --test emulated_arm64 -- --ignored --nocapture
+    # The container images (amd64 + arm64, no daemon): built, pushed to a local registry, inspected, run.
+    deploy/container/build.sh dist
+    deploy/container/test-image.sh dist
   fi
 else
   echo "test.sh: the package test needs root and dpkg; skipped"
