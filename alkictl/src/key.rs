@@ -189,7 +189,7 @@ fn verify_blob(output: Output, file: &Path, key_file: &Path, signature_file: &Pa
 /// The whole file, refused unread beyond [`MAX_BLOB_BYTES`].
 fn read_blob(file: &Path) -> anyhow::Result<Vec<u8>> {
     let opened = std::fs::File::open(file)
-        .with_context(|| format!("cannot read {}; name the file to sign or verify", file.display()))?;
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}; check the path", file.display()))?;
     let size = opened.metadata().with_context(|| format!("reading {}", file.display()))?.len();
     if size > MAX_BLOB_BYTES {
         bail!(
@@ -212,9 +212,9 @@ fn read_blob(file: &Path) -> anyhow::Result<Vec<u8>> {
 /// The base64 signature in a signature file, trimmed (cosign writes none, `echo` adds a newline).
 fn read_signature(path: &Path) -> anyhow::Result<String> {
     let mut text = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(64 << 10).read_to_end(&mut text))
-        .with_context(|| format!("cannot read the signature file {}; pass the .sig that sign-blob wrote", path.display()))?;
+    std::fs::File::open(path).and_then(|f| f.take(64 << 10).read_to_end(&mut text)).map_err(|e| {
+        anyhow::anyhow!("cannot read the signature file {}: {e}; pass the .sig that sign-blob wrote", path.display())
+    })?;
     let text = String::from_utf8_lossy(&text).trim().to_owned();
     let base64 = |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=');
     if text.is_empty() || text.len() > 1024 || !text.chars().all(base64) {

@@ -304,6 +304,9 @@ fn write_tar(layout: &Layout, files: &[(PathBuf, String)], progress: &Progress) 
     builder.follow_symlinks(false);
     // Same files, same bytes: owners and times are left out so a rebuild of the same tree has the same digest.
     builder.mode(tar::HeaderMode::Deterministic);
+    // Every file as a plain entry: a linker can leave holes in a library (the arm64 cross build's did), which
+    // tar would write as a GNU sparse entry, and the agent's extractor refuses every special entry.
+    builder.sparse(false);
     for (path, rel) in files {
         builder.append_path_with_name(path, rel).doing(|| format!("adding {}", path.display()))?;
         if let Ok(meta) = std::fs::symlink_metadata(path)
@@ -441,6 +444,18 @@ mod tests {
             kinds,
             [("libllama.so".into(), true), ("libllama.so.0".into(), false), ("llama-server".into(), false)]
         );
+        // A file with a hole (as a linker may leave in a library) is packed as a plain file.
+        let holed = std::fs::File::create(bin.join("libholes.so")).expect("holed");
+        holed.set_len(1 << 20).expect("hole");
+        drop(holed);
+        let (_, holes) = pack(&builds[..1], "b1", &dir.path().join("holes"), "b1", &bar).expect("pack holes");
+        let layout = Layout::open(&dir.path().join("holes")).expect("layout");
+        let mut archive = tar::Archive::new(std::fs::File::open(layout.blob_path(&holes[0].layer)).expect("tar"));
+        for entry in archive.entries().expect("entries") {
+            let entry = entry.expect("entry");
+            assert!(!entry.header().entry_type().is_gnu_sparse(), "{:?} is sparse", entry.path());
+        }
+        std::fs::remove_file(bin.join("libholes.so")).expect("rm");
         let (again, _) = pack(&builds, "b1", &dir.path().join("two"), "b1", &bar).expect("pack again");
         assert_eq!(again, digest, "deterministic");
         let err =
