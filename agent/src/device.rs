@@ -553,10 +553,7 @@ impl Device {
                 }
                 self.state.last_applied_generation = desired.generation;
                 self.save_state().await;
-                let mut status = self.status(&desired, Phase::Active);
-                status.variant_digest =
-                    self.state.active.as_ref().map(|a| a.variant_digest.to_string()).unwrap_or_default();
-                self.report(status).await;
+                self.report(self.active_status(&desired)).await;
                 self.publish();
                 self.hooks.evaluate(&desired, self.state.active.as_ref());
             }
@@ -706,19 +703,16 @@ impl Device {
                 return Outcome::Failed { retryable: false };
             }
         }
-        let variant_digest = pulled.variant_digest.clone();
         let deployment = Deployment {
             bundle,
-            variant_digest: variant_digest.clone(),
+            variant_digest: pulled.variant_digest,
             model_files: pulled.model_files,
             overrides: desired.overrides,
             launch,
             generation: desired.generation,
         };
         self.activated(desired, deployment, restore).await;
-        let mut status = self.status(desired, Phase::Active);
-        status.variant_digest = variant_digest.to_string();
-        self.report(status).await;
+        self.report(self.active_status(desired)).await;
         self.publish();
         Outcome::Active
     }
@@ -788,6 +782,16 @@ impl Device {
             restore_active,
             restore_previous,
         });
+    }
+
+    /// ACTIVE for `desired`, naming the variant and the runtime build entry the active deployment runs on.
+    fn active_status(&self, desired: &Desired) -> proto::Status {
+        let mut status = self.status(desired, Phase::Active);
+        if let Some(active) = &self.state.active {
+            status.variant_digest = active.variant_digest.to_string();
+            status.runtime_platform = active.launch.runtime_platform.clone().unwrap_or_default();
+        }
+        status
     }
 
     /// A status of `desired` in `phase`, naming the variant pulled.

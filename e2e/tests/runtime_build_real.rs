@@ -125,10 +125,11 @@ fn a_bundle_naming_a_signed_runtime_build_is_served_by_that_build_of_real_llama_
         controller.alkictl_json(&["rollout", "create", "--bundle", "acme/tiny:v1", "--selector", "site=lab"])?;
     let rollout_id = rollout["id"].as_str().context("rollout id")?.to_owned();
     let started = std::time::Instant::now();
-    wait_for("the agent to activate the bundle on its build", Duration::from_secs(180), &procs, || {
+    let active = wait_for("the agent to activate the bundle on its build", Duration::from_secs(180), &procs, || {
         Ok(device("pi-001")?
             .filter(|d| d["phase"] == "active" && d["running"].as_str().is_some_and(|r| r.ends_with(&bundle_digest))))
     })?;
+    assert_eq!(active["runtime_platform"], platform().as_str(), "the device reports the entry it runs: {active}");
 
     eprintln!("rollout create to active on the build (pull, verify, extract, start): {:?}", started.elapsed());
     let builds = harness::agent_dir(dir.path(), "pi-001").join("data/runtime-builds");
