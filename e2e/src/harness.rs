@@ -244,6 +244,35 @@ impl Controller {
         serde_json::from_str(&out).with_context(|| format!("alkictl bundle sign printed non-JSON: {out}"))
     }
 
+    /// Packs `model` into `layout` naming the pinned `runtime_build`, pushes it as `REPOSITORY:TAG` and signs
+    /// it with `key`, as a release would; returns the bundle's digest.
+    pub fn release_on_build(
+        &self,
+        model: &Path,
+        layout: &Path,
+        reference: &str,
+        runtime_build: &str,
+        key: &SigningKey,
+    ) -> anyhow::Result<String> {
+        let tag = reference.rsplit_once(':').map(|(_, t)| t).context("REPOSITORY:TAG")?;
+        let (model, layout_str) = (model.to_str().context("UTF-8 path")?, layout.to_str().context("UTF-8 path")?);
+        let packed = self.alkictl_json(&[
+            "bundle",
+            "pack",
+            model,
+            "--out",
+            layout_str,
+            "--tag",
+            tag,
+            "--runtime-build",
+            runtime_build,
+        ])?;
+        let digest = packed["digest"].as_str().context("bundle pack prints the digest")?.to_owned();
+        self.alkictl_json(&["bundle", "push", layout_str, reference])?;
+        self.sign(reference, key)?;
+        Ok(digest)
+    }
+
     /// Starts a real `alki-agent` under `root`, labelled `site=<site>`, that enrolls with a fresh bootstrap
     /// token of this controller, runs `llama_server` (a real build: two minutes to get healthy), trusts
     /// `trust_policy` and has `runtime_extra` in its `[runtime]` section; returns it and its front port.

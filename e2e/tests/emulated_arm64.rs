@@ -116,21 +116,8 @@ fn arm64_agents_under_qemu_choose_their_build_and_serve_from_the_x86_controller(
 
     let model = dir.path().join("tiny.gguf");
     run(Command::new(binary("make-tiny-model")?).arg("--out").arg(&model).args(["--name", "alki-tiny"]))?;
-    let layout = dir.path().join("bundle");
-    let packed = controller.alkictl_json(&[
-        "bundle",
-        "pack",
-        path(&model)?,
-        "--out",
-        path(&layout)?,
-        "--tag",
-        "v1",
-        "--runtime-build",
-        &pinned,
-    ])?;
-    let bundle_digest = packed["digest"].as_str().context("digest")?.to_owned();
-    controller.alkictl_json(&["bundle", "push", path(&layout)?, "acme/tiny:v1"])?;
-    controller.sign("acme/tiny:v1", &key)?;
+    let bundle_digest =
+        controller.release_on_build(&model, &dir.path().join("bundle"), "acme/tiny:v1", &pinned, &key)?;
 
     let trust_policy = harness::write_trust_policy(dir.path(), &key.public_key)?;
     // The configured llama-server is the baseline build's: only the runtime build's entry decides what runs.

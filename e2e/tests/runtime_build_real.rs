@@ -78,21 +78,8 @@ fn a_bundle_naming_a_signed_runtime_build_is_served_by_that_build_of_real_llama_
         .args(["--runtime-build", &tag_only]));
     let refused = format!("{:#}", refused.expect_err("a tag is not a pin"));
     assert!(refused.contains("no digest") && refused.contains("alkictl runtime push"), "{refused}");
-    let layout = dir.path().join("bundle");
-    let packed = controller.alkictl_json(&[
-        "bundle",
-        "pack",
-        path(&model)?,
-        "--out",
-        path(&layout)?,
-        "--tag",
-        "v1",
-        "--runtime-build",
-        &pinned,
-    ])?;
-    let bundle_digest = packed["digest"].as_str().context("digest")?.to_owned();
-    controller.alkictl_json(&["bundle", "push", path(&layout)?, "acme/tiny:v1"])?;
-    controller.sign("acme/tiny:v1", &key)?;
+    let bundle_digest =
+        controller.release_on_build(&model, &dir.path().join("bundle"), "acme/tiny:v1", &pinned, &key)?;
 
     // The agent's own llama-server is the fake: only the build can make the real one serve.
     let bootstrap = controller.bootstrap_token(1, "lab")?;
