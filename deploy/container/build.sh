@@ -34,14 +34,15 @@ declare -A gnu=([amd64]=x86_64-linux-gnu [arm64]=aarch64-linux-gnu)
 declare -A elf_machine=([amd64]="Advanced Micro Devices X86-64" [arm64]=AArch64)
 host_arch=$(dpkg --print-architecture)
 
-# The directory holding one platform's release binaries: $ALKI_BIN_DIR_<arch> or target/<target>/release,
-# or target/release for this machine's own architecture.
-bin_dir() {
-  local arch=$1 var="ALKI_BIN_DIR_$1"
-  if [ -n "${!var:-}" ]; then echo "${!var}"
-  elif [ -x "target/${rust_target[$arch]}/release/alki-controller" ]; then echo "target/${rust_target[$arch]}/release"
-  elif [ "$arch" = "$host_arch" ]; then echo target/release
-  else fail "no $arch binaries: run TARGETS=${rust_target[$arch]} deploy/release/build.sh or set $var"; fi
+# One platform's binary: in $ALKI_BIN_DIR_<arch>, or where deploy/release/build.sh leaves it: target/<target>/<profile>
+# (target/<profile> for this machine's own architecture), the agent from the size-optimised `device` profile.
+bin_path() {
+  local arch=$1 bin=$2 var="ALKI_BIN_DIR_$1" profile=release
+  [ "$bin" = alki-agent ] && profile=device
+  if [ -n "${!var:-}" ]; then echo "${!var}/$bin"
+  elif [ -x "target/${rust_target[$arch]}/$profile/$bin" ]; then echo "target/${rust_target[$arch]}/$profile/$bin"
+  elif [ "$arch" = "$host_arch" ]; then echo "target/$profile/$bin"
+  else fail "no $arch $bin: run TARGETS=${rust_target[$arch]} deploy/release/build.sh or set $var"; fi
 }
 # Where the platform's shared libraries are read from.
 lib_dirs() {
@@ -53,9 +54,8 @@ lib_dirs() {
 # becomes org.opencontainers.image.revision (the binaries' commit, not necessarily HEAD's).
 commit=""
 for arch in amd64 arm64; do
-  dir=$(bin_dir "$arch")
   for bin in alki-controller alkictl alki-agent; do
-    f="$dir/$bin"
+    f=$(bin_path "$arch" "$bin")
     [ -x "$f" ] || fail "$f missing"
     readelf -h "$f" | grep -q "Machine:.*${elf_machine[$arch]}" || fail "$f is not a linux/$arch binary"
     said=$(grep -aoE -m1 "[0-9]+\.[0-9]+\.[0-9]+[^ ]* \(commit [0-9a-z]+, [a-z0-9_]+-[a-z0-9_-]+\)" "$f" | head -1)
@@ -101,8 +101,7 @@ copy_lib() { # arch name dest_dir
 # Fills $root with the binaries, their libraries and loader, the user, the CA bundle, /tmp and the volume.
 populate() { # arch state_dir state_mode "extra dirs" binaries...
   local arch=$1 state=$2 mode=$3 extra=$4; shift 4
-  local dir libdir="$root/lib/${gnu[$arch]}"
-  dir=$(bin_dir "$arch")
+  local libdir="$root/lib/${gnu[$arch]}"
   install -d -m 0755 "$root"/{etc/ssl/certs,usr/bin,usr/share/doc/alki-fleet,var/lib} "$libdir"
   install -d -m 1777 "$root/tmp"
   install -d -m 0755 "$root"/{proc,sys,dev}   # mount points (runtimes make them; a chroot of the tree needs them)
@@ -110,7 +109,7 @@ populate() { # arch state_dir state_mode "extra dirs" binaries...
   local d
   for d in $extra; do install -d -m 0755 "$root$d"; done
   local bin interp=""
-  for bin in "$@"; do install -m 0755 "$dir/$bin" "$root/usr/bin/$bin"; done
+  for bin in "$@"; do install -m 0755 "$(bin_path "$arch" "$bin")" "$root/usr/bin/$bin"; done
   # The loader, at the path the binaries name (PT_INTERP), a link to the multiarch directory as on Debian.
   interp=$(readelf -l "$root/usr/bin/$1" | sed -n 's/.*Requesting program interpreter: \(.*\)\]/\1/p')
   [ -n "$interp" ] || fail "$1 names no program interpreter"

@@ -23,7 +23,7 @@ if [ "$(id -u)" = 0 ] && command -v dpkg >/dev/null; then
     # cached under ~/.cache/alki) under qemu-aarch64 against the x86 controller.
     ALKI_ARM64_LLAMA_BASELINE="$(deploy/release/build-llama-arm64.sh baseline)"
     ALKI_ARM64_LLAMA_A76="$(deploy/release/build-llama-arm64.sh a76)"
-    ALKI_ARM64_AGENT="$PWD/target/aarch64-unknown-linux-gnu/release/alki-agent"
+    ALKI_ARM64_AGENT="$PWD/target/aarch64-unknown-linux-gnu/device/alki-agent"
     export ALKI_ARM64_LLAMA_BASELINE ALKI_ARM64_LLAMA_A76 ALKI_ARM64_AGENT
     cargo test -p alki-e2e --test emulated_arm64 -- --ignored --nocapture
     # The container images (amd64 + arm64, no daemon): built, pushed to a local registry, inspected, run.
