@@ -100,7 +100,7 @@ pub fn disk_space(path: &Path) -> Option<(u64, u64)> {
 }
 
 /// A small system file as text; None when absent or unreadable (most are optional by platform).
-fn read_small(path: &Path) -> Option<String> {
+pub(crate) fn read_small(path: &Path) -> Option<String> {
     use std::io::Read;
     let file = std::fs::File::open(path).ok()?;
     let mut bytes = Vec::new();

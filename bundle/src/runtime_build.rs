@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use alki_shared::bundle::{
     ANNOTATION_ACCELERATOR, ANNOTATION_CPU_FEATURES, ARTIFACT_TYPE_RUNTIME_BUILD, CPU_FEATURES,
     MEDIA_TYPE_RUNTIME_BUILD_CONFIG, MEDIA_TYPE_RUNTIME_BUILD_TAR, RUNTIME_BUILD_SERVER, RuntimeBuildConfig,
-    oci_architecture,
+    oci_architecture, runtime_platform_label,
 };
 use alki_shared::digest::{Digest, Hasher};
 use alki_shared::oci::{
@@ -42,20 +42,13 @@ impl PlatformBuild {
     /// `linux/amd64`, `linux/arm64/cuda`, `linux/arm/v7`, `linux/arm64+asimddp+asimdhp` (a last segment `cpu`
     /// or `cuda` is the accelerator, any other third segment the OCI platform variant, `+` names features).
     pub fn label(&self) -> String {
-        let mut s = format!("{}/{}", self.os, self.architecture);
-        if let Some(v) = &self.variant {
-            s.push('/');
-            s.push_str(v);
-        }
-        if self.accelerator != "cpu" {
-            s.push('/');
-            s.push_str(&self.accelerator);
-        }
-        for feature in &self.cpu_features {
-            s.push('+');
-            s.push_str(feature);
-        }
-        s
+        runtime_platform_label(
+            &self.os,
+            &self.architecture,
+            self.variant.as_deref(),
+            &self.accelerator,
+            &self.cpu_features,
+        )
     }
 }
 

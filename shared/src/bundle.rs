@@ -152,6 +152,25 @@ pub const CPU_FEATURES: [&str; 20] = [
     "vfpv4",
 ];
 
+/// How `alkictl runtime push` and the agent name a runtime build's platform entry: `linux/amd64`,
+/// `linux/arm/v7`, `linux/arm64/cuda`, `linux/arm64+asimddp+asimdhp` (accelerator `cpu` is left out).
+pub fn runtime_platform_label(
+    os: &str,
+    architecture: &str,
+    variant: Option<&str>,
+    accelerator: &str,
+    cpu_features: &[String],
+) -> String {
+    let mut label = format!("{os}/{architecture}");
+    for part in variant.into_iter().chain((accelerator != "cpu").then_some(accelerator)) {
+        label = label + "/" + part;
+    }
+    for feature in cpu_features {
+        label = label + "+" + feature;
+    }
+    label
+}
+
 /// The comma-separated form of [`ANNOTATION_CPU_FEATURES`] as a list (empty names dropped).
 pub fn parse_cpu_features(annotation: &str) -> Vec<String> {
     annotation.split(',').map(str::trim).filter(|f| !f.is_empty()).map(str::to_owned).collect()

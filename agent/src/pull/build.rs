@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use alki_shared::bundle::{
     ANNOTATION_ACCELERATOR, ANNOTATION_CPU_FEATURES, MEDIA_TYPE_RUNTIME_BUILD_CONFIG, MEDIA_TYPE_RUNTIME_BUILD_TAR,
-    parse_cpu_features, parse_runtime_build,
+    parse_cpu_features, parse_runtime_build, runtime_platform_label,
 };
 use alki_shared::digest::Digest;
 use alki_shared::oci::{Descriptor, ImageIndex, ImageManifest, Manifest};
@@ -50,7 +50,7 @@ impl DevicePlatform {
     /// the inventory finds (driver files and the Jetson device tree; nvidia-smi is not run for this).
     pub fn detect() -> DevicePlatform {
         let board = crate::inventory::read_board(Path::new("/"), false, 0);
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpuinfo = crate::inventory::read_small(Path::new("/proc/cpuinfo")).unwrap_or_default();
         DevicePlatform {
             nvidia_gpu: !board.gpus.is_empty(),
             cpu_features: crate::inventory::live_cpu_features(&cpuinfo),
@@ -100,17 +100,7 @@ fn required_features(entry: &Descriptor) -> Vec<String> {
 /// `linux/arm64/cuda` or `linux/arm64+asimddp+asimdhp` for an index entry, as `alkictl runtime push` names it.
 pub fn entry_label(entry: &Descriptor) -> String {
     let Some(p) = &entry.platform else { return "(no platform)".to_owned() };
-    let mut s = format!("{}/{}", p.os, p.architecture);
-    if let Some(v) = &p.variant {
-        s = s + "/" + v;
-    }
-    if accelerator(entry) != "cpu" {
-        s = s + "/" + accelerator(entry);
-    }
-    for feature in required_features(entry) {
-        s = s + "+" + &feature;
-    }
-    s
+    runtime_platform_label(&p.os, &p.architecture, p.variant.as_deref(), accelerator(entry), &required_features(entry))
 }
 
 /// The entry of `index` this device runs: of its os and architecture, one whose every required CPU feature
@@ -127,16 +117,9 @@ pub fn choose_platform<'a>(index: &'a ImageIndex, device: &DevicePlatform) -> Re
             needs.iter().all(|f| device.cpu_features.contains(f)).then_some((e, needs.len()))
         })
         .collect();
+    // The most tuned entry of an accelerator; among equals the first pushed (`max_by_key` keeps the last).
     let best = |acc: &str| {
-        runnable
-            .iter()
-            .filter(|(e, _)| accelerator(e) == acc)
-            // The first of equally tuned entries: the order the build was pushed in.
-            .fold(None::<(&Descriptor, usize)>, |best, &(e, n)| match best {
-                Some((_, m)) if m >= n => best,
-                _ => Some((e, n)),
-            })
-            .map(|(e, _)| e)
+        runnable.iter().filter(|(e, _)| accelerator(e) == acc).rev().max_by_key(|(_, needs)| *needs).map(|(e, _)| *e)
     };
     let chosen = if device.nvidia_gpu { best("cuda").or_else(|| best("cpu")) } else { best("cpu") };
     chosen.ok_or_else(|| {
@@ -374,6 +357,12 @@ mod tests {
         assert_eq!(chosen(with(&all, false)), Ok("linux/arm64+asimddp+asimdhp+i8mm+sve".to_owned()));
         // A GPU still takes CUDA first.
         assert_eq!(chosen(with(&all, true)), Ok("linux/arm64/cuda".to_owned()));
+        // Equally tuned entries: the first pushed.
+        let tie = index(vec![
+            tuned(entry("linux", "arm64", "cpu"), "asimdhp"),
+            tuned(entry("linux", "arm64", "cpu"), "asimddp"),
+        ]);
+        assert_eq!(choose_platform(&tie, &with(&all, false)).map(entry_label), Ok("linux/arm64+asimdhp".to_owned()));
         let only_tuned = index(vec![tuned(entry("linux", "arm64", "cpu"), "asimddp")]);
         let err = choose_platform(&only_tuned, &with(&["asimd"], false)).map(entry_label).expect_err("too old");
         assert_eq!(err, "linux/arm64+asimddp");

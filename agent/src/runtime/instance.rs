@@ -70,7 +70,11 @@ impl Default for StopPolicy {
 /// Why an instance could not be started. Any of these leaves the instance stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot run llama-server {}: {source}; check runtime.llama_server in the agent's config", program.display())]
+    #[error(
+        "cannot run llama-server ({} failed: {source}); check runtime.llama_server and runtime.launcher in the \
+         agent's config",
+        program.display()
+    )]
     Spawn { program: PathBuf, source: std::io::Error },
     #[error("cannot prepare llama-server's {what}: {source}")]
     Io { what: &'static str, source: std::io::Error },
@@ -207,7 +211,7 @@ impl Instance {
             log: log.clone(),
             role: Role::Starting,
         };
-        let (child, pid) = spawn_recorded(command, &program, pending, recorder)?;
+        let (child, pid) = spawn_recorded(command, pending, recorder)?;
         // The child is not reaped before its waiter runs, so this pidfd names it.
         let pidfd = pid.and_then(|p| pidfd_open(p).ok()).map(Arc::new);
         let (exit, waiter) = wait_for_exit(child, pid, recorder.cloned());
@@ -703,7 +707,6 @@ fn llama_server_command(
 /// still leaves a record the next agent finds the process by) and again with its pid and start time after.
 fn spawn_recorded(
     mut command: tokio::process::Command,
-    program: &Path,
     pending: ProcessRecord,
     recorder: Option<&Recorder>,
 ) -> Result<(tokio::process::Child, Option<u32>), StartError> {
@@ -715,7 +718,8 @@ fn spawn_recorded(
         if let Some(recorder) = recorder {
             recorder.remove_pending(port);
         }
-        StartError::Spawn { program: program.to_owned(), source }
+        // What failed to start: llama-server, or the launcher in front of it.
+        StartError::Spawn { program: PathBuf::from(command.as_std().get_program()), source }
     })?;
     let pid = child.id();
     if let Some(recorder) = recorder {
@@ -833,6 +837,24 @@ mod tests {
         let launched = line(&opts);
         assert_eq!(launched[..3], ["qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu"]);
         assert_eq!(launched[3..], direct[..], "the launcher is followed by the same command line");
+
+        // A launcher that is not there is named in the refusal, not llama-server.
+        opts.launcher = vec!["/nonexistent/launcher".into()];
+        let log = log.try_clone().expect("log");
+        let command = llama_server_command(&opts, &spec, 8081, log).expect("command");
+        let pending = ProcessRecord {
+            pid: 0,
+            start_time: 0,
+            exe: opts.llama_server.clone(),
+            port: 8081,
+            model_path: spec.model_path.clone(),
+            settings: spec.settings.clone(),
+            bundle_digest: String::new(),
+            log: dir.path().join("log"),
+            role: Role::Starting,
+        };
+        let refused = spawn_recorded(command, pending, None).expect_err("no such launcher").to_string();
+        assert!(refused.contains("/nonexistent/launcher") && refused.contains("runtime.launcher"), "{refused}");
     }
 
     #[test]
